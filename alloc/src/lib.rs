@@ -1,0 +1,1 @@
+//! nc-alloc: A caching allocator for GPU memory, generic over a raw memory source.

@@ -1,0 +1,1 @@
+//! nc-benches: benchmarks live in benches/; this library only holds shared helpers.

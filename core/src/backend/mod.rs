@@ -1,0 +1,1 @@
+//! The `Backend` trait: the operations the model is written against; CPU and CUDA implement it (issue 2).

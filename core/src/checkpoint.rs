@@ -1,0 +1,1 @@
+//! Checkpoints: safetensors weights with nanochat names, meta.json, optimizer state; crash-safe (issue 4).

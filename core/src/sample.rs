@@ -1,0 +1,1 @@
+//! Sampling from a model: KV-cached generation, greedy and temperature/top-k (issue 2).

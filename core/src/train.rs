@@ -1,0 +1,1 @@
+//! The training loop with nanochat semantics (issue 4).

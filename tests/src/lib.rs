@@ -1,0 +1,1 @@
+//! nc-tests: end-to-end tests live in tests/; this library holds shared fixtures helpers.

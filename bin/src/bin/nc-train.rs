@@ -4,7 +4,10 @@ use nc_core::config::{ModelConfig, PRESETS};
 
 fn main() {
     // Interim entry point until the training loop lands (issue 4): prints the presets' shapes.
-    println!("{:<6} {:>6} {:>6} {:>6} {:>16} {:>14}", "preset", "depth", "d", "heads", "params", "flops/token");
+    println!(
+        "{:<6} {:>6} {:>6} {:>6} {:>16} {:>14}",
+        "preset", "depth", "d", "heads", "params", "flops/token"
+    );
     for (name, depth) in PRESETS {
         let c = ModelConfig::from_depth(*depth).expect("presets are valid");
         println!(

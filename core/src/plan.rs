@@ -32,7 +32,12 @@ pub struct BatchPlan {
 }
 
 impl BatchPlan {
-    pub fn new(device_batch_size: usize, seq_len: usize, total_batch_size: usize, world_size: usize) -> Result<Self> {
+    pub fn new(
+        device_batch_size: usize,
+        seq_len: usize,
+        total_batch_size: usize,
+        world_size: usize,
+    ) -> Result<Self> {
         if device_batch_size == 0 || seq_len == 0 || world_size == 0 || total_batch_size == 0 {
             bail!(
                 "--device-batch-size ({device_batch_size}), --max-seq-len ({seq_len}), --world-size ({world_size}) \
@@ -72,7 +77,11 @@ pub enum Horizon {
 
 impl Horizon {
     /// From the three optional flags, in nanochat's precedence; `ratio_default` when none is given.
-    pub fn from_flags(num_iterations: Option<u64>, target_flops: Option<f64>, ratio: Option<f64>) -> Result<Self> {
+    pub fn from_flags(
+        num_iterations: Option<u64>,
+        target_flops: Option<f64>,
+        ratio: Option<f64>,
+    ) -> Result<Self> {
         if let Some(n) = num_iterations {
             return Ok(Horizon::Iterations(n));
         }
@@ -113,10 +122,26 @@ pub struct Gpu {
 
 /// Memory is the total nvidia-smi reports for each part (what an allocator can at most reach).
 pub const GPUS: &[Gpu] = &[
-    Gpu { name: "h100", mem_bytes: 81559.0 * 1048576.0, peak_bf16_flops: 989e12 },
-    Gpu { name: "h200", mem_bytes: 143771.0 * 1048576.0, peak_bf16_flops: 989e12 },
-    Gpu { name: "b200", mem_bytes: 179.0 * GIB, peak_bf16_flops: 2.25e15 },
-    Gpu { name: "a100", mem_bytes: 81920.0 * 1048576.0, peak_bf16_flops: 312e12 },
+    Gpu {
+        name: "h100",
+        mem_bytes: 81559.0 * 1048576.0,
+        peak_bf16_flops: 989e12,
+    },
+    Gpu {
+        name: "h200",
+        mem_bytes: 143771.0 * 1048576.0,
+        peak_bf16_flops: 989e12,
+    },
+    Gpu {
+        name: "b200",
+        mem_bytes: 179.0 * GIB,
+        peak_bf16_flops: 2.25e15,
+    },
+    Gpu {
+        name: "a100",
+        mem_bytes: 81920.0 * 1048576.0,
+        peak_bf16_flops: 312e12,
+    },
 ];
 
 pub fn gpu_by_name(name: &str) -> Result<Gpu> {
@@ -125,7 +150,10 @@ pub fn gpu_by_name(name: &str) -> Result<Gpu> {
         Some(g) => Ok(*g),
         None => {
             let names: Vec<&str> = GPUS.iter().map(|g| g.name).collect();
-            bail!("unknown GPU '{name}'; known: {} (or give --gpu-mem, e.g. --gpu-mem 187.5GB)", names.join(", "))
+            bail!(
+                "unknown GPU '{name}'; known: {} (or give --gpu-mem, e.g. --gpu-mem 187.5GB)",
+                names.join(", ")
+            )
         }
     }
 }
@@ -134,11 +162,17 @@ pub fn gpu_by_name(name: &str) -> Result<Gpu> {
 pub fn parse_mem_size(s: &str) -> Result<f64> {
     let t = s.trim();
     let lower = t.to_ascii_lowercase();
-    let (num, mult) = [("gib", GIB), ("gb", GB), ("mib", 1048576.0), ("mb", 1e6), ("g", GIB)]
-        .iter()
-        .find(|(u, _)| lower.ends_with(u))
-        .map(|(u, m)| (&t[..t.len() - u.len()], *m))
-        .unwrap_or((t, GIB));
+    let (num, mult) = [
+        ("gib", GIB),
+        ("gb", GB),
+        ("mib", 1048576.0),
+        ("mb", 1e6),
+        ("g", GIB),
+    ]
+    .iter()
+    .find(|(u, _)| lower.ends_with(u))
+    .map(|(u, m)| (&t[..t.len() - u.len()], *m))
+    .unwrap_or((t, GIB));
     match num.trim().parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 => Ok(v * mult),
         _ => bail!("memory size '{s}' is not a positive number with an optional unit (GiB, GB, MiB, MB), e.g. 187.5GB"),
@@ -304,7 +338,13 @@ pub fn memory_per_gpu(
     let loss_workspace = loss_workspace_bytes(model, tokens);
     // reduce-scatter lands this rank's fp32 grad shard in its own buffer; one rank needs none
     let comm_buffers = if world_size > 1 { owned * 4.0 } else { 0.0 };
-    let sum = params + grads + master_weights + optimizer_state + activations + loss_workspace + comm_buffers;
+    let sum = params
+        + grads
+        + master_weights
+        + optimizer_state
+        + activations
+        + loss_workspace
+        + comm_buffers;
     let slack = match precision {
         Precision::Bf16 => GPU_CONTEXT_BYTES + SLACK_FRACTION * sum,
         Precision::Fp32 => SLACK_FRACTION * sum,
@@ -331,7 +371,8 @@ pub fn max_device_batch(
     mem_bytes: f64,
     limit: usize,
 ) -> usize {
-    let fits = |b: usize| memory_per_gpu(model, b, world_size, precision, policy).total <= mem_bytes;
+    let fits =
+        |b: usize| memory_per_gpu(model, b, world_size, precision, policy).total <= mem_bytes;
     if !fits(1) {
         return 0;
     }
@@ -401,7 +442,8 @@ pub struct PlanRequest {
     pub batch: BatchPlan,
     pub horizon: Horizon,
     pub precision: Precision,
-    /// Name of the device (a GPU name, "custom" or "cpu") and its memory in bytes.
+    /// Name of the device (a GPU name of `GPUS`, whose peak prices the run, or "cpu") and its memory in
+    /// bytes (the named GPU's, or what --gpu-mem says).
     pub device: String,
     pub device_mem_bytes: f64,
     pub recompute: Recompute,
@@ -415,7 +457,8 @@ pub fn recompute_flops_per_token(model: &ModelConfig, policy: Recompute) -> f64 
     match policy {
         Recompute::Full => {
             let block_params = (model.num_params() - 2 * model.num_params_wte()) as f64;
-            let attn = 4.0 * (model.n_layer * model.n_head * model.head_dim * model.sequence_len) as f64;
+            let attn =
+                4.0 * (model.n_layer * model.n_head * model.head_dim * model.sequence_len) as f64;
             2.0 * block_params + attn
         }
         _ => 0.0,
@@ -434,7 +477,11 @@ impl Plan {
                 req.batch.seq_len, m.sequence_len
             )));
         }
-        let (b, w, p) = (req.batch.device_batch_size, req.batch.world_size, req.precision);
+        let (b, w, p) = (
+            req.batch.device_batch_size,
+            req.batch.world_size,
+            req.precision,
+        );
         let mem = |policy| memory_per_gpu(m, b, w, p, policy);
         let recompute = match req.recompute {
             Recompute::Auto => Recompute::CONCRETE
@@ -451,13 +498,26 @@ impl Plan {
         let total_flops = tokens as f64 * flops_per_token;
         // a batch search that stops at 4096 sequences per GPU: far past anything that fits
         let limit = 4096;
-        let max_policy = if req.recompute == Recompute::Auto { Recompute::Full } else { recompute };
+        let max_policy = if req.recompute == Recompute::Auto {
+            Recompute::Full
+        } else {
+            recompute
+        };
         let times = GPUS
             .iter()
             .map(|g| {
                 let hours = total_flops / (req.mfu * g.peak_bf16_flops * w as f64) / 3600.0;
-                let usd = if g.name == req.device { req.usd_per_gpu_hour.map(|u| u * hours * w as f64) } else { None };
-                TimeEstimate { gpu: g.name, world_size: w, hours, usd }
+                let usd = if g.name == req.device {
+                    req.usd_per_gpu_hour.map(|u| u * hours * w as f64)
+                } else {
+                    None
+                };
+                TimeEstimate {
+                    gpu: g.name,
+                    world_size: w,
+                    hours,
+                    usd,
+                }
             })
             .collect();
         Ok(Plan {
@@ -481,7 +541,14 @@ impl Plan {
             memory_without_recompute: none,
             unchunked_logits_bytes: unchunked_logits_bytes(m, req.batch.tokens_per_fwdbwd),
             max_device_batch: max_device_batch(m, w, p, max_policy, req.device_mem_bytes, limit),
-            max_device_batch_without_recompute: max_device_batch(m, w, p, Recompute::None, req.device_mem_bytes, limit),
+            max_device_batch_without_recompute: max_device_batch(
+                m,
+                w,
+                p,
+                Recompute::None,
+                req.device_mem_bytes,
+                limit,
+            ),
             recompute_flops_overhead: recompute_flops_per_token(m, recompute) / flops_per_token,
             mfu: req.mfu,
             times,
@@ -501,7 +568,12 @@ impl Plan {
             "model      depth {}  d {}  heads {} (kv {})  vocab {}  seq {}",
             m.n_layer, m.n_embd, m.n_head, m.n_kv_head, m.vocab_size, m.sequence_len
         ));
-        line(format!("params     {} ({:.3} B)   FLOPs/token {:.3e}", self.params, self.params as f64 / 1e9, self.flops_per_token));
+        line(format!(
+            "params     {} ({:.3} B)   FLOPs/token {:.3e}",
+            self.params,
+            self.params as f64 / 1e9,
+            self.flops_per_token
+        ));
         let bp = &self.batch;
         line(format!(
             "batch      {} x {} tokens per GPU x {} GPUs x {} accum = {} tokens per step",
@@ -515,11 +587,16 @@ impl Plan {
             self.total_flops
         ));
         line(format!(
-            "memory per GPU ({}, {:?} precision, recompute {}{}):",
+            "memory per GPU ({} with {:.1} GB, {:?} precision, recompute {}{}):",
             self.device,
+            self.device_mem_bytes / GB,
             self.precision,
             self.recompute.name(),
-            if self.recompute_requested == Recompute::Auto { " (auto)" } else { "" }
+            if self.recompute_requested == Recompute::Auto {
+                " (auto)"
+            } else {
+                ""
+            }
         ));
         let mm = &self.memory;
         for (name, v) in [
@@ -535,7 +612,7 @@ impl Plan {
             line(format!("  {name:<18}{}", gb(v)));
         }
         line(format!(
-            "  {:<18}{}  of {:.2} GB: {}",
+            "  {:<18}{}  of {:.1} GB: {}",
             "total",
             gb(mm.total),
             self.device_mem_bytes / GB,
@@ -545,7 +622,11 @@ impl Plan {
             "without recomputation: {} ({} of it activations): {}",
             gb(self.memory_without_recompute.total).trim(),
             gb(self.memory_without_recompute.activations).trim(),
-            if self.fits_without_recompute { "fits" } else { "does not fit" }
+            if self.fits_without_recompute {
+                "fits"
+            } else {
+                "does not fit"
+            }
         ));
         line(format!(
             "unchunked fp32 logits would add {} (the loss runs in chunks of {} tokens)",
@@ -555,16 +636,26 @@ impl Plan {
         line(format!(
             "largest device batch that fits: {} (recompute {}), {} without recomputation",
             self.max_device_batch,
-            if self.recompute_requested == Recompute::Auto { "full" } else { self.recompute.name() },
+            if self.recompute_requested == Recompute::Auto {
+                "full"
+            } else {
+                self.recompute.name()
+            },
             self.max_device_batch_without_recompute
         ));
         if self.recompute_flops_overhead > 0.0 {
-            line(format!("recomputation adds {:.0}% to the FLOPs of a step", 100.0 * self.recompute_flops_overhead));
+            line(format!(
+                "recomputation adds {:.0}% to the FLOPs of a step",
+                100.0 * self.recompute_flops_overhead
+            ));
         }
         line(format!("time at {:.0}% MFU:", 100.0 * self.mfu));
         for t in &self.times {
             let cost = t.usd.map(|u| format!("  ${u:.0}")).unwrap_or_default();
-            line(format!("  {} x {:<5} {:10.1} h{cost}", t.world_size, t.gpu, t.hours));
+            line(format!(
+                "  {} x {:<5} {:10.1} h{cost}",
+                t.world_size, t.gpu, t.hours
+            ));
         }
         s
     }
@@ -581,7 +672,7 @@ mod tests {
             batch: BatchPlan::new(dbs, 2048, total, 8).unwrap(),
             horizon: Horizon::ParamDataRatio(20.0),
             precision: Precision::Bf16,
-            device: "custom".into(),
+            device: "h100".into(),
             device_mem_bytes: 187.5 * GB,
             recompute: Recompute::Auto,
             mfu: 0.5,
@@ -617,7 +708,10 @@ mod tests {
     fn activations_without_recompute_are_about_32d_bytes_per_token_per_layer() {
         let m = ModelConfig::from_depth(38).unwrap();
         let per = activation_elems_per_token_per_layer(&m, Recompute::None) as f64 * 2.0;
-        assert!((per / (32.0 * 2432.0) - 1.0).abs() < 0.15, "{per} bytes/token/layer");
+        assert!(
+            (per / (32.0 * 2432.0) - 1.0).abs() < 0.15,
+            "{per} bytes/token/layer"
+        );
         // d38 at 48 x 2048: ~290 GB kept
         let kept = per * 38.0 * 48.0 * 2048.0;
         assert!((kept / 290e9 - 1.0).abs() < 0.15, "{kept:e}");
@@ -634,10 +728,23 @@ mod tests {
             assert!(p.fits, "d{depth}: {}", p.render());
             assert_ne!(p.recompute, Recompute::None);
             assert!(!p.fits_without_recompute, "d{depth}");
-            assert!(p.memory_without_recompute.total > 187.5 * GB + 50e9, "d{depth}: {}", p.render());
+            assert!(
+                p.memory_without_recompute.total > 187.5 * GB + 50e9,
+                "d{depth}: {}",
+                p.render()
+            );
             assert!(p.memory.total < 187.5 * GB);
             assert_eq!(p.grad_accum, 1);
-            assert!(p.max_device_batch >= dbs && p.max_device_batch_without_recompute < dbs, "d{depth}");
+            assert!(
+                p.max_device_batch >= dbs && p.max_device_batch_without_recompute < dbs,
+                "d{depth}"
+            );
+            let text = p.render();
+            assert!(
+                !text.contains("DOES NOT FIT")
+                    && text.contains("without recomputation")
+                    && text.contains("does not fit")
+            );
         }
     }
 
@@ -656,8 +763,14 @@ mod tests {
         assert!((b200 / 36.0 - 1.0).abs() < 0.02, "{b200}");
         let p = Plan::new(&user_node_request(52, 24, 393216)).unwrap();
         assert!((p.flops_per_token / 4.70e10 - 1.0).abs() < 0.005);
-        let h100 = p.times.iter().find(|t| t.gpu == "h100").unwrap().hours;
-        assert!((h100 / 485.0 - 1.0).abs() < 0.02, "{h100}");
+        let h100 = p.times.iter().find(|t| t.gpu == "h100").unwrap();
+        assert!((h100.hours / 485.0 - 1.0).abs() < 0.02, "{}", h100.hours);
+        assert_eq!(h100.usd, None);
+        let mut r = user_node_request(52, 24, 393216);
+        r.usd_per_gpu_hour = Some(2.0);
+        let p = Plan::new(&r).unwrap();
+        let h100 = p.times.iter().find(|t| t.gpu == "h100").unwrap();
+        assert_eq!(h100.usd, Some(2.0 * 8.0 * h100.hours));
     }
 
     #[test]

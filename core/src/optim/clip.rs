@@ -42,7 +42,10 @@ mod tests {
         let n = clip_grad_norm(&mut g, 1.0);
         assert_eq!(n, 5.0);
         let f = 1.0 / (5.0 + 1e-6);
-        assert!((g[0] - 3.0 * f as f32).abs() < 1e-7 && (g[1] - 4.0 * f as f32).abs() < 1e-7, "{g:?}");
+        assert!(
+            (g[0] - 3.0 * f as f32).abs() < 1e-7 && (g[1] - 4.0 * f as f32).abs() < 1e-7,
+            "{g:?}"
+        );
         let after = sum_of_squares(&g).sqrt();
         assert!((after - 1.0).abs() < 1e-5, "{after}");
     }

@@ -31,7 +31,12 @@ pub struct OptimConfig {
 
 impl Default for OptimConfig {
     fn default() -> Self {
-        OptimConfig { matrix_lr: 0.02, embedding_lr: 0.2, unembedding_lr: 0.004, adam: AdamParams::default() }
+        OptimConfig {
+            matrix_lr: 0.02,
+            embedding_lr: 0.2,
+            unembedding_lr: 0.004,
+            adam: AdamParams::default(),
+        }
     }
 }
 
@@ -50,12 +55,23 @@ pub struct Optimizer {
 }
 
 impl Optimizer {
-    pub fn new(model: &ModelConfig, config: OptimConfig, rank: usize, world_size: usize) -> Result<Self> {
+    pub fn new(
+        model: &ModelConfig,
+        config: OptimConfig,
+        rank: usize,
+        world_size: usize,
+    ) -> Result<Self> {
         if world_size == 0 || rank >= world_size {
             bail!("rank {rank} is not in a world of size {world_size}");
         }
         let layout = ShardLayout::new(model, rank, world_size);
-        let muon_shapes = || layout.segments.iter().filter(|s| s.kind == ParamKind::Matrix).map(|s| (s.rows, s.cols));
+        let muon_shapes = || {
+            layout
+                .segments
+                .iter()
+                .filter(|s| s.kind == ParamKind::Matrix)
+                .map(|s| (s.rows, s.cols))
+        };
         let ns = NsWorkspace::for_shapes(muon_shapes());
         let max_numel = muon_shapes().map(|(r, c)| r * c).max().unwrap_or(0);
         Ok(Optimizer {
@@ -106,7 +122,11 @@ impl Optimizer {
     /// One step on the owned segments: `params` and `grads` are the whole contiguous buffers (grads already
     /// synchronized and clipped). `lr_mult` is the schedule's multiplier, `momentum` Muon's mu.
     pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr_mult: f64, momentum: f32) {
-        assert_eq!(params.len(), grads.len(), "params and grads must be the same contiguous layout");
+        assert_eq!(
+            params.len(),
+            grads.len(),
+            "params and grads must be the same contiguous layout"
+        );
         let t = self.steps_taken + 1;
         for seg in &self.layout.segments {
             let lr = (self.base_lr(seg.kind) as f64 * lr_mult) as f32;
@@ -116,7 +136,17 @@ impl Optimizer {
             match seg.kind {
                 ParamKind::Matrix => {
                     let upd = &mut self.update[..seg.len];
-                    muon_update(p, g, st, upd, seg.rows, seg.cols, lr, momentum, &mut self.ns);
+                    muon_update(
+                        p,
+                        g,
+                        st,
+                        upd,
+                        seg.rows,
+                        seg.cols,
+                        lr,
+                        momentum,
+                        &mut self.ns,
+                    );
                 }
                 ParamKind::Embedding | ParamKind::Unembedding => {
                     let (m, v) = st.split_at_mut(seg.len);
@@ -137,7 +167,9 @@ mod tests {
     }
 
     fn fill(n: usize, seed: f32) -> Vec<f32> {
-        (0..n).map(|i| ((i as f32 + seed) * 0.618).sin() * 0.1).collect()
+        (0..n)
+            .map(|i| ((i as f32 + seed) * 0.618).sin() * 0.1)
+            .collect()
     }
 
     /// Sharded over 3 ranks, the union of the ranks' updates equals the single-rank update exactly.
@@ -153,8 +185,9 @@ mod tests {
             opt.step(&mut single, g, 1.0, schedule::muon_momentum(s as u64));
         }
         let world = 3;
-        let mut opts: Vec<Optimizer> =
-            (0..world).map(|r| Optimizer::new(&m, OptimConfig::default(), r, world).unwrap()).collect();
+        let mut opts: Vec<Optimizer> = (0..world)
+            .map(|r| Optimizer::new(&m, OptimConfig::default(), r, world).unwrap())
+            .collect();
         let mut shared = p0.clone();
         for (s, g) in grads.iter().enumerate() {
             // each rank writes only what it owns; the "all-gather" is sharing one buffer

@@ -17,7 +17,9 @@ pub struct LrSchedule {
 impl LrSchedule {
     /// Python's `round` (ties to even), which nanochat uses to turn ratios into step counts.
     fn steps(&self, ratio: f64) -> u64 {
-        (ratio * self.num_iterations as f64).round_ties_even().max(0.0) as u64
+        (ratio * self.num_iterations as f64)
+            .round_ties_even()
+            .max(0.0) as u64
     }
 
     pub fn warmup_iters(&self) -> u64 {
@@ -57,7 +59,12 @@ mod tests {
     use super::*;
 
     fn sched(n: u64, warmup: f64, warmdown: f64, final_frac: f64) -> LrSchedule {
-        LrSchedule { num_iterations: n, warmup_ratio: warmup, warmdown_ratio: warmdown, final_lr_frac: final_frac }
+        LrSchedule {
+            num_iterations: n,
+            warmup_ratio: warmup,
+            warmdown_ratio: warmdown,
+            final_lr_frac: final_frac,
+        }
     }
 
     #[test]

@@ -47,7 +47,10 @@ pub struct ShardLayout {
 
 impl ShardLayout {
     pub fn new(model: &ModelConfig, rank: usize, world_size: usize) -> Self {
-        assert!(world_size >= 1 && rank < world_size, "rank {rank} of world {world_size}");
+        assert!(
+            world_size >= 1 && rank < world_size,
+            "rank {rank} of world {world_size}"
+        );
         let mut segments = Vec::new();
         let mut state_len = 0;
         let mut matrix_index = 0;
@@ -77,18 +80,32 @@ impl ShardLayout {
                 segments.push(seg);
             }
         }
-        ShardLayout { rank, world_size, segments, state_len }
+        ShardLayout {
+            rank,
+            world_size,
+            segments,
+            state_len,
+        }
     }
 
     /// Optimizer-state elements of the rank that holds the most (what each GPU must reserve).
     pub fn max_state_len(model: &ModelConfig, world_size: usize) -> usize {
-        (0..world_size).map(|r| ShardLayout::new(model, r, world_size).state_len).max().unwrap_or(0)
+        (0..world_size)
+            .map(|r| ShardLayout::new(model, r, world_size).state_len)
+            .max()
+            .unwrap_or(0)
     }
 
     /// Parameter elements of the rank that owns the most (its fp32 master weights on a GPU).
     pub fn max_owned_params(model: &ModelConfig, world_size: usize) -> usize {
         (0..world_size)
-            .map(|r| ShardLayout::new(model, r, world_size).segments.iter().map(|s| s.len).sum::<usize>())
+            .map(|r| {
+                ShardLayout::new(model, r, world_size)
+                    .segments
+                    .iter()
+                    .map(|s| s.len)
+                    .sum::<usize>()
+            })
             .max()
             .unwrap_or(0)
     }
@@ -137,7 +154,10 @@ mod tests {
                 }
                 assert_eq!(off, l.state_len);
             }
-            assert!(owner.iter().all(|&o| o == 1), "world {world}: every element owned exactly once");
+            assert!(
+                owner.iter().all(|&o| o == 1),
+                "world {world}: every element owned exactly once"
+            );
         }
     }
 

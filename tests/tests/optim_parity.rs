@@ -13,14 +13,19 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 fn fixture(name: &str) -> Vec<u8> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("reference/fixtures").join(name);
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("reference/fixtures")
+        .join(name);
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
     let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
     assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
-    t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    t.data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
 }
 
 fn metadata(bytes: &[u8]) -> HashMap<String, String> {
@@ -30,8 +35,16 @@ fn metadata(bytes: &[u8]) -> HashMap<String, String> {
 
 /// max |got - want| / max |want - before|: the error relative to the size of the update itself.
 fn update_error(got: &[f32], want: &[f32], before: &[f32]) -> f64 {
-    let err = got.iter().zip(want).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0.0, f64::max);
-    let step = want.iter().zip(before).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0.0, f64::max);
+    let err = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (*a as f64 - *b as f64).abs())
+        .fold(0.0, f64::max);
+    let step = want
+        .iter()
+        .zip(before)
+        .map(|(a, b)| (*a as f64 - *b as f64).abs())
+        .fold(0.0, f64::max);
     assert!(step > 0.0, "the fixture must move the parameters");
     err / step
 }
@@ -54,7 +67,11 @@ fn muon_step_matches_reference() {
         let e = update_error(&p, &f32s(&st, &format!("{tag}.param_out")), &before);
         assert!(e < 1e-5, "{tag}: param error {e:e} of the update");
         let want_buf = f32s(&st, &format!("{tag}.buf_out"));
-        let eb = buf.iter().zip(&want_buf).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let eb = buf
+            .iter()
+            .zip(&want_buf)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
         assert!(eb < 1e-6, "{tag}: momentum error {eb:e}");
     }
 }
@@ -65,7 +82,12 @@ fn adamw_step_matches_reference() {
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let meta = metadata(&bytes);
     let get = |k: &str| -> f32 { meta[k].parse().unwrap() };
-    let h = AdamParams { beta1: get("beta1"), beta2: get("beta2"), eps: get("eps"), weight_decay: get("weight_decay") };
+    let h = AdamParams {
+        beta1: get("beta1"),
+        beta2: get("beta2"),
+        eps: get("eps"),
+        weight_decay: get("weight_decay"),
+    };
     let t: u64 = meta["step"].parse().unwrap();
     let mut p = f32s(&st, "param");
     let before = p.clone();
@@ -76,7 +98,11 @@ fn adamw_step_matches_reference() {
     for (got, name) in [(&m, "m_out"), (&v, "v_out")] {
         let want = f32s(&st, name);
         let scale = want.iter().fold(0.0f32, |a, b| a.max(b.abs()));
-        let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let err = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
         assert!(err <= 1e-6 * scale, "{name}: {err:e} of {scale:e}");
     }
 }
@@ -98,8 +124,14 @@ fn schedule_matches_reference() {
     assert_eq!(lr.len() as u64, s.num_iterations + 1);
     for (it, (l, m)) in lr.iter().zip(mom).enumerate() {
         let (l, m) = (l.as_f64().unwrap(), m.as_f64().unwrap());
-        assert!((s.lr_multiplier(it as u64) - l).abs() < 1e-12, "lr_mult[{it}]");
-        assert!((muon_momentum(it as u64) as f64 - m).abs() < 1e-7, "muon_momentum[{it}]");
+        assert!(
+            (s.lr_multiplier(it as u64) - l).abs() < 1e-12,
+            "lr_mult[{it}]"
+        );
+        assert!(
+            (muon_momentum(it as u64) as f64 - m).abs() < 1e-7,
+            "muon_momentum[{it}]"
+        );
     }
 }
 
@@ -145,14 +177,21 @@ fn five_optimizer_steps_match_reference() {
     for k in 0..5u64 {
         let mut grads = gather(&format!("grad{k}"));
         let norm = clip_grad_norm(&mut grads, 1.0);
-        assert!((norm / want_norms[k as usize] - 1.0).abs() < 1e-6, "step {k}: norm {norm}");
+        assert!(
+            (norm / want_norms[k as usize] - 1.0).abs() < 1e-6,
+            "step {k}: norm {norm}"
+        );
         let lr_mult = schedule.lr_multiplier(k);
         assert_eq!(lr_mult, want_lr[k as usize]);
         opt.step(&mut params, &grads, lr_mult, muon_momentum(k));
         let want = gather(&format!("step{k}"));
         for s in &specs {
             let e = update_error(&params[s.range()], &want[s.range()], &init[s.range()]);
-            assert!(e < 2e-5, "step {k} {}: error {e:e} of the total change", s.name);
+            assert!(
+                e < 2e-5,
+                "step {k} {}: error {e:e} of the total change",
+                s.name
+            );
         }
     }
 }

@@ -6,13 +6,20 @@
    parameter.
 3. The stored fixtures must be reproducible from their own stored float32 inputs: loss, every gradient
    and logits_last recomputed from the file match what the file holds.
+5. eval_checkpoint.py on a checkpoint made from tiny_mha (F32 and BF16) and uint16 / uint32 shards gives
+   the loss computed directly, and bad inputs give exit code 2 with a message, not a traceback.
 4. Muon's Newton-Schulz output must have singular values near 1 (the point of the iteration), and the
    5-step fixture's recorded clip coefficients must follow from its stored gradients.
 """
 
+import contextlib
+import io
+import json
 import math
 import os
+import struct
 import sys
+import tempfile
 
 import numpy as np
 
@@ -21,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import model  # noqa: E402
 import optim  # noqa: E402
 import st_io  # noqa: E402
+import eval_checkpoint  # noqa: E402
 
 import jax.numpy as jnp  # noqa: E402
 
@@ -181,11 +189,102 @@ def check_optim_fixtures():
     check(any(c < 1 for c in coefs) and any(c == 1 for c in coefs), "optim_5steps: some steps clip, some do not")
 
 
+def write_shard(path, tokens, magic, version, dtype, count=None):
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = [magic, version, len(tokens) if count is None else count]
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype=dtype).tobytes())
+
+
+def write_bf16_safetensors(path, tensors):
+    """BF16 by truncating float32 bits (what the reader must undo); hand-built header."""
+    header, blobs, off = {}, [], 0
+    for name in sorted(tensors):
+        data = (np.asarray(tensors[name], dtype="<f4").view("<u4") >> 16).astype("<u2").tobytes()
+        header[name] = {"dtype": "BF16", "shape": list(tensors[name].shape), "data_offsets": [off, off + len(data)]}
+        blobs.append(data)
+        off += len(data)
+    text = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+def run_eval(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = eval_checkpoint.main(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def check_eval_checkpoint():
+    t, meta = st_io.read(os.path.join(FIXTURES, "tiny_mha.safetensors"))
+    cfg = model.Config(2, 64, 4, 4, 16, 97, 16)
+    names = [n for n, _ in model.param_shapes(cfg)]
+    rng = np.random.default_rng(11)
+    B, T, N = 2, 8, 3
+    tokens = rng.integers(0, cfg.vocab_size, size=N * (B * T + 1) + 5)
+
+    def direct(params, stride):
+        tot = 0.0
+        for k in range(N):
+            w = tokens[k * stride : k * stride + B * T + 1]
+            tot += float(model.loss(cfg, params, jnp.asarray(w[:-1].reshape(B, T)), jnp.asarray(w[1:].reshape(B, T))))
+        return tot / N
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ck = os.path.join(tmp, "ck")
+        os.makedirs(ck)
+        st_io.write(os.path.join(ck, "model.safetensors"), {n: t[n] for n in names})
+        with open(os.path.join(ck, "meta.json"), "w") as f:
+            json.dump({"step": 5, "model_config": {k: int(meta[k]) for k in eval_checkpoint.SHAPE_KEYS}}, f)
+        s16, s32 = os.path.join(tmp, "a.bin"), os.path.join(tmp, "b.bin")
+        write_shard(s16, tokens, 20240520, 1, "<u2")
+        write_shard(s32, tokens, 20240801, 7, "<u4")
+        params = {n: jnp.asarray(t[n].astype(np.float64)) for n in names}
+        for shard in [s16, s32]:
+            for stride in [None, B * T]:
+                argv = ["--checkpoint", ck, "--shard", shard, "--batch", str(B), "--seq", str(T), "--steps", str(N)]
+                if stride:
+                    argv += ["--stride", str(stride)]
+                rc, out, _ = run_eval(argv)
+                got = json.loads(out)["val_loss"] if rc == 0 else float("nan")
+                want = direct(params, stride or B * T + 1)
+                check(abs(got - want) < 1e-12, f"eval_checkpoint {os.path.basename(shard)} stride {stride}: {got:.6f} == {want:.6f}")
+
+        # BF16 checkpoint, top-level meta keys, head_dim implied
+        ck2 = os.path.join(tmp, "ck2")
+        os.makedirs(ck2)
+        write_bf16_safetensors(os.path.join(ck2, "model.safetensors"), {n: t[n] for n in names})
+        with open(os.path.join(ck2, "meta.json"), "w") as f:
+            json.dump({k: int(meta[k]) for k in eval_checkpoint.SHAPE_KEYS}, f)
+        rc, out, _ = run_eval(["--checkpoint", ck2, "--shard", s16, "--batch", str(B), "--seq", str(T), "--steps", str(N)])
+        bf = {n: jnp.asarray(((t[n].view("<u4") >> 16) << 16).view("<f4").astype(np.float64)) for n in names}
+        got = json.loads(out)["val_loss"] if rc == 0 else float("nan")
+        want = direct(bf, B * T + 1)
+        check(abs(got - want) < 1e-12 and abs(got - direct(params, B * T + 1)) > 1e-7,
+              f"eval_checkpoint BF16 weights, top-level meta: {got:.6f} == {want:.6f}")
+
+        bad_magic, short = os.path.join(tmp, "c.bin"), os.path.join(tmp, "d.bin")
+        write_shard(bad_magic, tokens, 12345, 1, "<u2")
+        write_shard(short, tokens, 20240520, 1, "<u2", count=len(tokens) + 10)
+        for what, argv in [
+            ("bad magic", ["--checkpoint", ck, "--shard", bad_magic]),
+            ("truncated shard", ["--checkpoint", ck, "--shard", short]),
+            ("missing shard", ["--checkpoint", ck, "--shard", os.path.join(tmp, "none.bin")]),
+            ("missing checkpoint", ["--checkpoint", os.path.join(tmp, "none"), "--shard", s16]),
+            ("too many steps", ["--checkpoint", ck, "--shard", s16, "--steps", "1000"]),
+        ]:
+            rc, _, err = run_eval(argv)
+            check(rc == 2 and err.startswith("error: ") and err.count("\n") == 1, f"eval_checkpoint {what}: {err.strip()}")
+
+
 def main():
     check_forward_and_grads()
     check_model_fixture("tiny_mha.safetensors")
     check_model_fixture("tiny_gqa.safetensors")
     check_optim_fixtures()
+    check_eval_checkpoint()
     print(f"{len(failures)} failed")
     sys.exit(1 if failures else 0)
 

@@ -18,10 +18,7 @@ fn layout_is_llm_c() {
     let p = write(dir.path(), "a.bin", &[1, 2, 65535], 65536);
     let bytes = std::fs::read(&p).unwrap();
     assert_eq!(bytes.len(), 1024 + 6);
-    assert_eq!(
-        i32::from_le_bytes(bytes[0..4].try_into().unwrap()),
-        20240520
-    );
+    assert_eq!(i32::from_le_bytes(bytes[0..4].try_into().unwrap()), 20240520);
     assert_eq!(i32::from_le_bytes(bytes[4..8].try_into().unwrap()), 1);
     assert_eq!(i32::from_le_bytes(bytes[8..12].try_into().unwrap()), 3);
     assert!(bytes[12..1024].iter().all(|&b| b == 0));
@@ -29,16 +26,10 @@ fn layout_is_llm_c() {
     // Larger vocabularies use the uint32 variant.
     let p = write(dir.path(), "b.bin", &[70000, 1], 100_000);
     let bytes = std::fs::read(&p).unwrap();
-    assert_eq!(
-        i32::from_le_bytes(bytes[0..4].try_into().unwrap()),
-        20240801
-    );
+    assert_eq!(i32::from_le_bytes(bytes[0..4].try_into().unwrap()), 20240801);
     assert_eq!(i32::from_le_bytes(bytes[4..8].try_into().unwrap()), 7);
     let s = Shard::open(&p, Some(100_000)).unwrap();
-    assert_eq!(
-        (s.len(), s.token(0), s.token(1), s.token_width()),
-        (2, 70000, 1, 4)
-    );
+    assert_eq!((s.len(), s.token(0), s.token(1), s.token_width()), (2, 70000, 1, 4));
     // No temporary file is left behind.
     let names: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
@@ -51,10 +42,7 @@ fn open_err(bytes: &[u8], vocab: Option<usize>) -> String {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("bad_shard.bin");
     std::fs::write(&p, bytes).unwrap();
-    let e = Shard::open(&p, vocab)
-        .err()
-        .expect("a bad shard must not open")
-        .message;
+    let e = Shard::open(&p, vocab).err().expect("a bad shard must not open").message;
     assert!(e.contains("bad_shard.bin"), "the error names the file: {e}");
     e
 }
@@ -77,14 +65,9 @@ fn bad_shards_give_clear_errors() {
     let mut empty = good[..HEADER_BYTES].to_vec();
     empty[8..12].copy_from_slice(&0i32.to_le_bytes());
     assert!(open_err(&empty, None).contains("no tokens"));
-    assert!(
-        open_err(&good, Some(8)).contains("token 3 is 8, outside the tokenizer's vocabulary of 8")
-    );
+    assert!(open_err(&good, Some(8)).contains("token 3 is 8, outside the tokenizer's vocabulary of 8"));
     let dir = tempfile::tempdir().unwrap();
-    let missing = Shard::open(&dir.path().join("nope.bin"), None)
-        .err()
-        .unwrap()
-        .message;
+    let missing = Shard::open(&dir.path().join("nope.bin"), None).err().unwrap().message;
     assert!(
         missing.contains("nope.bin") && missing.contains("cannot open"),
         "{missing}"

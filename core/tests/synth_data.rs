@@ -1,9 +1,7 @@
 //! The embedded corpus as a ready dataset and as a data directory.
 
 use nc_core::data::synth::documents;
-use nc_core::data::{
-    list_shards, load_tokenizer, synth_dataset, write_data_dir, DataLoader, Shard, SynthConfig,
-};
+use nc_core::data::{list_shards, load_tokenizer, synth_dataset, write_data_dir, DataLoader, Shard, SynthConfig};
 
 #[test]
 fn synth_dataset_is_ready_to_train_on_and_round_trips_through_a_data_dir() {

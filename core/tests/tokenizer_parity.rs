@@ -22,8 +22,7 @@ fn read_json(name: &str) -> Value {
 }
 
 fn reference_ranks() -> Vec<Vec<u8>> {
-    parse_tiktoken_ranks(&std::fs::read_to_string(fixture("rustbpe_ranks.tiktoken")).unwrap())
-        .unwrap()
+    parse_tiktoken_ranks(&std::fs::read_to_string(fixture("rustbpe_ranks.tiktoken")).unwrap()).unwrap()
 }
 
 /// The tokenizer tiktoken used: rustbpe's ranks plus nanochat's specials.
@@ -81,11 +80,7 @@ fn encoding_matches_tiktoken_on_tricky_strings() {
     assert!(cases.as_array().unwrap().len() > 300);
     for case in cases.as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
-        assert_eq!(
-            tok.encode(text),
-            ids(&case["ordinary"]),
-            "encode_ordinary({text:?})"
-        );
+        assert_eq!(tok.encode(text), ids(&case["ordinary"]), "encode_ordinary({text:?})");
         assert_eq!(
             tok.encode_with_special(text),
             ids(&case["with_special"]),
@@ -102,18 +97,10 @@ fn decoding_matches_tiktoken_including_broken_utf8() {
     let mut replaced = 0;
     for case in cases.as_array().unwrap() {
         let expected = case["text"].as_str().unwrap();
-        assert_eq!(
-            tok.decode(&ids(&case["ids"])),
-            expected,
-            "decode({})",
-            case["ids"]
-        );
+        assert_eq!(tok.decode(&ids(&case["ids"])), expected, "decode({})", case["ids"]);
         replaced += expected.contains('\u{FFFD}') as usize;
     }
-    assert!(
-        replaced > 10,
-        "the fixture exercises invalid UTF-8 ({replaced} cases)"
-    );
+    assert!(replaced > 10, "the fixture exercises invalid UTF-8 ({replaced} cases)");
 }
 
 #[test]

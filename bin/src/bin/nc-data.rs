@@ -9,10 +9,7 @@ use nc_core::data::{synth_dataset, write_data_dir, SynthConfig};
 use nc_core::Result;
 
 #[derive(Parser)]
-#[command(
-    name = "nc-data",
-    about = "Make tokenizers and token shards for nc-train"
-)]
+#[command(name = "nc-data", about = "Make tokenizers and token shards for nc-train")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

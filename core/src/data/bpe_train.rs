@@ -24,20 +24,14 @@ use super::pretokenize::SplitPattern;
 pub type Pair = (u32, u32);
 
 /// Count the distinct pieces of all documents (in parallel over documents).
-pub fn count_pieces<'a, S: AsRef<str> + Sync>(
-    docs: &'a [S],
-    pattern: SplitPattern,
-) -> FxHashMap<&'a str, i64> {
+pub fn count_pieces<'a, S: AsRef<str> + Sync>(docs: &'a [S], pattern: SplitPattern) -> FxHashMap<&'a str, i64> {
     docs.par_iter()
-        .fold(
-            FxHashMap::default,
-            |mut counts: FxHashMap<&'a str, i64>, doc| {
-                for piece in pattern.split(doc.as_ref()) {
-                    *counts.entry(piece).or_insert(0) += 1;
-                }
-                counts
-            },
-        )
+        .fold(FxHashMap::default, |mut counts: FxHashMap<&'a str, i64>, doc| {
+            for piece in pattern.split(doc.as_ref()) {
+                *counts.entry(piece).or_insert(0) += 1;
+            }
+            counts
+        })
         .reduce(FxHashMap::default, |mut a, b| {
             let (mut big, small) = if a.len() >= b.len() {
                 (a, b)
@@ -53,29 +47,18 @@ pub fn count_pieces<'a, S: AsRef<str> + Sync>(
 
 /// Learn up to `num_merges` merges from `docs`. Returns the merged pairs in order (merge i makes id 256 + i).
 /// Fewer merges come back only when no pair is left to merge.
-pub fn train_merges<S: AsRef<str> + Sync>(
-    docs: &[S],
-    num_merges: usize,
-    pattern: SplitPattern,
-) -> Vec<Pair> {
+pub fn train_merges<S: AsRef<str> + Sync>(docs: &[S], num_merges: usize, pattern: SplitPattern) -> Vec<Pair> {
     let counts = count_pieces(docs, pattern);
     // Sort the distinct pieces so that the word order (and so everything after) is deterministic.
     let mut pieces: Vec<(&str, i64)> = counts.into_iter().collect();
     pieces.sort_unstable();
-    let words: Vec<Vec<u32>> = pieces
-        .iter()
-        .map(|(p, _)| p.bytes().map(u32::from).collect())
-        .collect();
+    let words: Vec<Vec<u32>> = pieces.iter().map(|(p, _)| p.bytes().map(u32::from).collect()).collect();
     let word_counts: Vec<i64> = pieces.iter().map(|&(_, n)| n).collect();
     train_merges_from_words(words, &word_counts, num_merges)
 }
 
 /// The merge loop over distinct words and their counts.
-pub fn train_merges_from_words(
-    mut words: Vec<Vec<u32>>,
-    word_counts: &[i64],
-    num_merges: usize,
-) -> Vec<Pair> {
+pub fn train_merges_from_words(mut words: Vec<Vec<u32>>, word_counts: &[i64], num_merges: usize) -> Vec<Pair> {
     assert_eq!(words.len(), word_counts.len());
     let mut pair_counts: FxHashMap<Pair, i64> = FxHashMap::default();
     let mut pair_words: FxHashMap<Pair, Vec<u32>> = FxHashMap::default();

@@ -118,19 +118,12 @@ impl Cursor {
 
     fn next_batch(&mut self) -> Batch {
         self.settle(); // a no-op except for a fresh or restored state
-        let first_part = (0..self.parts.len())
-            .find(|&p| self.fits(p))
-            .expect("one part fits");
-        let wrapped =
-            self.state.epoch > 0 && self.state.position == 0 && self.state.shard == first_part;
+        let first_part = (0..self.parts.len()).find(|&p| self.fits(p)).expect("one part fits");
+        let wrapped = self.state.epoch > 0 && self.state.position == 0 && self.state.shard == first_part;
         let l = self.layout;
         let bt = l.batch * l.seq_len;
         let mut window = Vec::with_capacity(bt + 1);
-        self.parts[self.state.shard].read_into(
-            self.state.position + l.rank * bt,
-            bt + 1,
-            &mut window,
-        );
+        self.parts[self.state.shard].read_into(self.state.position + l.rank * bt, bt + 1, &mut window);
         let epoch = self.state.epoch;
         self.state.position += l.tokens_per_step();
         // The state after the batch is where the next step really starts (so a saved state is settled).
@@ -159,13 +152,7 @@ pub struct DataLoader {
 
 impl DataLoader {
     /// A loader over token shards (opened and checked; tokens are not checked against a vocabulary).
-    pub fn new(
-        shard_paths: &[PathBuf],
-        rank: usize,
-        world_size: usize,
-        batch: usize,
-        seq_len: usize,
-    ) -> Result<Self> {
+    pub fn new(shard_paths: &[PathBuf], rank: usize, world_size: usize, batch: usize, seq_len: usize) -> Result<Self> {
         Self::open(shard_paths, None, rank, world_size, batch, seq_len)
     }
 
@@ -202,14 +189,7 @@ impl DataLoader {
         seq_len: usize,
     ) -> Result<Self> {
         let parts = streams.into_iter().map(TokenPart::Memory).collect();
-        Self::from_parts(
-            parts,
-            "the in-memory token stream",
-            rank,
-            world_size,
-            batch,
-            seq_len,
-        )
+        Self::from_parts(parts, "the in-memory token stream", rank, world_size, batch, seq_len)
     }
 
     fn from_parts(
@@ -289,13 +269,8 @@ impl DataLoader {
 
     /// The next batch for this rank.
     pub fn next_batch(&mut self) -> Batch {
-        let rx = self
-            .rx
-            .as_ref()
-            .expect("the loader always has a worker between calls");
-        let batch = rx
-            .recv()
-            .expect("the loader thread ends only when the loader stops it");
+        let rx = self.rx.as_ref().expect("the loader always has a worker between calls");
+        let batch = rx.recv().expect("the loader thread ends only when the loader stops it");
         self.state = batch.state_after;
         batch
     }

@@ -48,9 +48,7 @@ struct Machine<'a> {
 }
 
 fn err(pos: usize, what: impl std::fmt::Display) -> NcError {
-    NcError::new(format!(
-        "not a tiktoken Encoding pickle: {what} (at byte {pos})"
-    ))
+    NcError::new(format!("not a tiktoken Encoding pickle: {what} (at byte {pos})"))
 }
 
 impl<'a> Machine<'a> {
@@ -230,10 +228,7 @@ impl<'a> Machine<'a> {
                 0x8a => {
                     let n = self.uint(1)?;
                     if n > 8 {
-                        return Err(err(
-                            at,
-                            format!("integer of {n} bytes is too large for a rank"),
-                        ));
+                        return Err(err(at, format!("integer of {n} bytes is too large for a rank")));
                     }
                     let b = self.take(n)?;
                     let mut v: i64 = 0;
@@ -277,8 +272,7 @@ impl<'a> Machine<'a> {
                     let (Value::Str(module), Value::Str(name)) = (module, name) else {
                         return Err(err(at, "STACK_GLOBAL needs two strings"));
                     };
-                    self.stack
-                        .push(Value::Global(module.to_string(), name.to_string()));
+                    self.stack.push(Value::Global(module.to_string(), name.to_string()));
                 }
                 0x81 => {
                     let args = self.pop()?;
@@ -353,9 +347,7 @@ fn reduce(func: Value, args: Value) -> std::result::Result<Value, String> {
         return Err("REDUCE arguments are not a tuple".into());
     };
     match (module.as_str(), name.as_str(), &args[..]) {
-        ("_codecs", "encode", [Value::Str(s), Value::Str(enc)])
-            if &**enc == "latin1" || &**enc == "latin-1" =>
-        {
+        ("_codecs", "encode", [Value::Str(s), Value::Str(enc)]) if &**enc == "latin1" || &**enc == "latin-1" => {
             let mut out = Vec::with_capacity(s.len());
             for c in s.chars() {
                 if c as u32 > 255 {
@@ -421,10 +413,7 @@ pub fn load_tiktoken_pickle(data: &[u8]) -> Result<Tokenizer> {
         };
         let slot = usize::try_from(*r).ok().and_then(|r| ranks.get_mut(r));
         let Some(slot) = slot else {
-            bail!(
-                "rank {r} is outside 0..{}; ranks must be dense",
-                mergeable.len()
-            );
+            bail!("rank {r} is outside 0..{}; ranks must be dense", mergeable.len());
         };
         if slot.is_some() {
             bail!("rank {r} appears twice in mergeable_ranks");

@@ -17,9 +17,11 @@ use crate::bail;
 use crate::error::Result;
 
 /// nanochat's split pattern (numbers in runs of 1 or 2 digits).
-pub const NANOCHAT_PATTERN: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+";
+pub const NANOCHAT_PATTERN: &str =
+    r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+";
 /// GPT-4's cl100k split pattern (numbers in runs of 1 to 3 digits); also rustbpe's default.
-pub const GPT4_PATTERN: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+";
+pub const GPT4_PATTERN: &str =
+    r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+";
 
 /// The four classes the pattern distinguishes, plus `\r`/`\n` which it treats specially.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -46,9 +48,7 @@ fn class_ranges(class: &str) -> Vec<(char, char)> {
         .parse(class)
         .expect("a fixed, valid Unicode class");
     match hir.kind() {
-        HirKind::Class(Class::Unicode(cls)) => {
-            cls.ranges().iter().map(|r| (r.start(), r.end())).collect()
-        }
+        HirKind::Class(Class::Unicode(cls)) => cls.ranges().iter().map(|r| (r.start(), r.end())).collect(),
         other => panic!("{class} parsed to {other:?}, not a Unicode class"),
     }
 }
@@ -237,10 +237,7 @@ impl<'a> Pieces<'a> {
         if start + run_end == self.text.len() {
             return run_end;
         }
-        let last_char_len = rest[..run_end]
-            .chars()
-            .next_back()
-            .map_or(0, |c| c.len_utf8());
+        let last_char_len = rest[..run_end].chars().next_back().map_or(0, |c| c.len_utf8());
         if run_end - last_char_len > 0 {
             return run_end - last_char_len;
         }
@@ -316,9 +313,6 @@ mod tests {
     fn unsupported_pattern_is_an_error() {
         let err = SplitPattern::from_pattern(r"\w+").unwrap_err();
         assert!(err.message.contains("unsupported split pattern"), "{err}");
-        assert_eq!(
-            SplitPattern::from_pattern(GPT4_PATTERN).unwrap().max_digits,
-            3
-        );
+        assert_eq!(SplitPattern::from_pattern(GPT4_PATTERN).unwrap().max_digits, 3);
     }
 }

@@ -79,10 +79,7 @@ impl Shard {
     pub fn open(path: &Path, vocab_size: Option<usize>) -> Result<Shard> {
         let fail = |what: String| NcError::new(format!("token shard {}: {what}", path.display()));
         let file = File::open(path).map_err(|e| fail(format!("cannot open: {e}")))?;
-        let file_len = file
-            .metadata()
-            .map_err(|e| fail(format!("cannot stat: {e}")))?
-            .len();
+        let file_len = file.metadata().map_err(|e| fail(format!("cannot stat: {e}")))?.len();
         if file_len < HEADER_BYTES as u64 {
             return Err(fail(parse_header(&[], file_len).unwrap_err()));
         }
@@ -158,13 +155,9 @@ impl Shard {
             start + n,
             self.len
         );
-        let body =
-            &self.map[HEADER_BYTES + start * self.width..HEADER_BYTES + (start + n) * self.width];
+        let body = &self.map[HEADER_BYTES + start * self.width..HEADER_BYTES + (start + n) * self.width];
         if self.width == 2 {
-            out.extend(
-                body.chunks_exact(2)
-                    .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32),
-            );
+            out.extend(body.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32));
         } else {
             out.extend(
                 body.chunks_exact(4)
@@ -216,39 +209,24 @@ pub fn encode_shard(tokens: &[u32], width: usize) -> Result<Vec<u8>> {
 /// Write a shard: to a temporary name in the same directory, flushed to disk, then renamed into place, so
 /// a killed writer never leaves a partial shard under the real name.
 pub fn write_shard(path: &Path, tokens: &[u32], vocab_size: usize) -> Result<()> {
-    let bytes = encode_shard(tokens, token_width_for_vocab(vocab_size))
-        .map_err(|e| e.context(path.display()))?;
+    let bytes = encode_shard(tokens, token_width_for_vocab(vocab_size)).map_err(|e| e.context(path.display()))?;
     let name = path
         .file_name()
         .ok_or_else(|| NcError::new(format!("{} is not a file path", path.display())))?;
-    let tmp = path.with_file_name(format!(
-        ".{}.partial{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    let tmp = path.with_file_name(format!(".{}.partial{}", name.to_string_lossy(), std::process::id()));
     let write = || -> std::io::Result<()> {
         let mut f = File::create(&tmp)?;
         f.write_all(&bytes)?;
         f.sync_all()
     };
     write().map_err(|e| NcError::new(format!("writing {}: {e}", tmp.display())))?;
-    fs::rename(&tmp, path).map_err(|e| {
-        NcError::new(format!(
-            "renaming {} to {}: {e}",
-            tmp.display(),
-            path.display()
-        ))
-    })
+    fs::rename(&tmp, path).map_err(|e| NcError::new(format!("renaming {} to {}: {e}", tmp.display(), path.display())))
 }
 
 /// The shard files of one split in a directory: `{prefix}_*.bin`, sorted by name.
 pub fn list_shards(dir: &Path, prefix: &str) -> Result<Vec<PathBuf>> {
-    let entries = fs::read_dir(dir).map_err(|e| {
-        NcError::new(format!(
-            "cannot list shard directory {}: {e}",
-            dir.display()
-        ))
-    })?;
+    let entries =
+        fs::read_dir(dir).map_err(|e| NcError::new(format!("cannot list shard directory {}: {e}", dir.display())))?;
     let mut paths = Vec::new();
     for entry in entries {
         let path = entry?.path();

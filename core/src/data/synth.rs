@@ -40,20 +40,17 @@ impl SplitMix64 {
 }
 
 const ANIMALS: [&str; 16] = [
-    "fox", "cat", "dog", "owl", "bear", "frog", "wolf", "duck", "goat", "horse", "mouse", "tiger",
-    "whale", "sheep", "eagle", "rabbit",
+    "fox", "cat", "dog", "owl", "bear", "frog", "wolf", "duck", "goat", "horse", "mouse", "tiger", "whale", "sheep",
+    "eagle", "rabbit",
 ];
 const COLORS: [&str; 7] = ["red", "blue", "green", "brown", "white", "black", "yellow"];
 const HOMES: [&str; 6] = ["forest", "river", "barn", "mountain", "meadow", "sea"];
 const FOODS: [&str; 8] = [
     "apples", "fish", "seeds", "grass", "berries", "honey", "carrots", "bread",
 ];
-const NAMES: [&str; 10] = [
-    "Ada", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jade",
-];
+const NAMES: [&str; 10] = ["Ada", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jade"];
 const NUMBER_WORDS: [&str; 13] = [
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-    "eleven", "twelve",
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
 ];
 
 // The fixed facts: animal i has color i*3 mod 7, home i*5 mod 6, food i*7 mod 8.
@@ -73,19 +70,9 @@ fn sentence(rng: &mut SplitMix64, out: &mut String) {
     match rng.below(9) {
         0 => out.push_str(&format!("The {animal} is {}.", color_of(a))),
         1 => out.push_str(&format!("The {animal} lives in the {}.", home_of(a))),
-        2 => out.push_str(&format!(
-            "The {} {animal} eats {}.",
-            color_of(a),
-            food_of(a)
-        )),
-        3 => out.push_str(&format!(
-            "Q: What does the {animal} eat? A: {}.",
-            food_of(a)
-        )),
-        4 => out.push_str(&format!(
-            "Q: Where does the {animal} live? A: In the {}.",
-            home_of(a)
-        )),
+        2 => out.push_str(&format!("The {} {animal} eats {}.", color_of(a), food_of(a))),
+        3 => out.push_str(&format!("Q: What does the {animal} eat? A: {}.", food_of(a))),
+        4 => out.push_str(&format!("Q: Where does the {animal} live? A: In the {}.", home_of(a))),
         5 => {
             let (x, y) = (rng.below(50), rng.below(50));
             if rng.below(2) == 0 {
@@ -97,12 +84,7 @@ fn sentence(rng: &mut SplitMix64, out: &mut String) {
         }
         6 => {
             let (x, y) = (rng.below(13), rng.below(13));
-            out.push_str(&format!(
-                "{} times {} is {}.",
-                NUMBER_WORDS[x],
-                NUMBER_WORDS[y],
-                x * y
-            ));
+            out.push_str(&format!("{} times {} is {}.", NUMBER_WORDS[x], NUMBER_WORDS[y], x * y));
         }
         7 => {
             let start = rng.below(90);
@@ -190,19 +172,14 @@ pub fn synth_dataset(cfg: &SynthConfig) -> Result<SynthData> {
     let tokenizer = Tokenizer::train(&train_docs, cfg.vocab_size)?;
     let train = tokenizer.encode_batch(&train_docs, true).concat();
     let val = tokenizer.encode_batch(&val_docs, true).concat();
-    Ok(SynthData {
-        tokenizer,
-        train,
-        val,
-    })
+    Ok(SynthData { tokenizer, train, val })
 }
 
 /// Write a dataset as a data directory: `DIR/tokenizer/` and `DIR/shards/{train,val}_000000.bin`.
 pub fn write_data_dir(data: &SynthData, dir: &Path) -> Result<()> {
     save_tokenizer(&data.tokenizer, &dir.join("tokenizer"))?;
     let shards = dir.join("shards");
-    std::fs::create_dir_all(&shards)
-        .map_err(|e| crate::error::NcError::from(e).context(shards.display()))?;
+    std::fs::create_dir_all(&shards).map_err(|e| crate::error::NcError::from(e).context(shards.display()))?;
     let vocab = data.tokenizer.vocab_size();
     write_shard(&shards.join("train_000000.bin"), &data.train, vocab)?;
     write_shard(&shards.join("val_000000.bin"), &data.val, vocab)
@@ -221,21 +198,15 @@ mod tests {
         let fox = color_of(0);
         assert!(text.contains(&format!("The fox is {fox}.")));
         for c in COLORS.iter().filter(|&&c| c != fox) {
-            assert!(
-                !text.contains(&format!("The fox is {c}.")),
-                "fox stated as {c}"
-            );
+            assert!(!text.contains(&format!("The fox is {c}.")), "fox stated as {c}");
         }
         // Arithmetic is right: check every "x + y = z." sentence.
         let mut checked = 0;
         for s in text.split(". ") {
             let w: Vec<&str> = s.trim_end_matches('.').split(' ').collect();
             if w.len() == 5 && w[1] == "+" && w[3] == "=" {
-                let (x, y, z): (usize, usize, usize) = (
-                    w[0].parse().unwrap(),
-                    w[2].parse().unwrap(),
-                    w[4].parse().unwrap(),
-                );
+                let (x, y, z): (usize, usize, usize) =
+                    (w[0].parse().unwrap(), w[2].parse().unwrap(), w[4].parse().unwrap());
                 assert_eq!(x + y, z);
                 checked += 1;
             }

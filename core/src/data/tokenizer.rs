@@ -47,11 +47,7 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// Build from mergeable ranks (index = rank) and special tokens (text, id).
     /// Every single byte must be a token, ranks must be distinct, and `<|bos|>` must be among the specials.
-    pub fn from_ranks(
-        ranks: Vec<Vec<u8>>,
-        specials: Vec<(String, u32)>,
-        pattern: SplitPattern,
-    ) -> Result<Tokenizer> {
+    pub fn from_ranks(ranks: Vec<Vec<u8>>, specials: Vec<(String, u32)>, pattern: SplitPattern) -> Result<Tokenizer> {
         let num_ranks = ranks.len();
         let mut encoder: FxHashMap<Vec<u8>, u32> = FxHashMap::default();
         encoder.reserve(num_ranks);
@@ -106,9 +102,7 @@ impl Tokenizer {
         for (i, &(a, b)) in merges.iter().enumerate() {
             let id = 256 + i;
             if a as usize >= id || b as usize >= id {
-                bail!(
-                    "merge {i} ({a}, {b}) refers to a token not yet defined (ids below {id} only)"
-                );
+                bail!("merge {i} ({a}, {b}) refers to a token not yet defined (ids below {id} only)");
             }
             let mut bytes = ranks[a as usize].clone();
             bytes.extend_from_slice(&ranks[b as usize]);
@@ -127,7 +121,10 @@ impl Tokenizer {
     pub fn train<S: AsRef<str> + Sync>(docs: &[S], vocab_size: usize) -> Result<Tokenizer> {
         let min = 256 + SPECIAL_TOKENS.len();
         if vocab_size < min {
-            bail!("vocab size {vocab_size} is too small: it must hold 256 bytes and {} special tokens", SPECIAL_TOKENS.len());
+            bail!(
+                "vocab size {vocab_size} is too small: it must hold 256 bytes and {} special tokens",
+                SPECIAL_TOKENS.len()
+            );
         }
         if vocab_size > u32::MAX as usize {
             bail!("vocab size {vocab_size} does not fit in 32-bit token ids");
@@ -159,10 +156,7 @@ impl Tokenizer {
     }
 
     pub fn special_id(&self, text: &str) -> Option<u32> {
-        self.specials
-            .iter()
-            .find(|(t, _)| t == text)
-            .map(|&(_, id)| id)
+        self.specials.iter().find(|(t, _)| t == text).map(|&(_, id)| id)
     }
 
     /// Byte length of every token id (0 for special tokens), for bits per byte.

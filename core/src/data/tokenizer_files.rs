@@ -52,22 +52,16 @@ pub fn parse_tiktoken_ranks(text: &str) -> Result<Vec<Vec<u8>>> {
         };
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(b64)
-            .map_err(|e| {
-                NcError::new(format!(
-                    "line {}: bad base64 {:?}: {e}",
-                    lineno + 1,
-                    truncate(b64)
-                ))
-            })?;
-        let rank: usize = rank.parse().map_err(|_| {
-            NcError::new(format!(
-                "line {}: bad rank {:?}",
-                lineno + 1,
-                truncate(rank)
-            ))
-        })?;
+            .map_err(|e| NcError::new(format!("line {}: bad base64 {:?}: {e}", lineno + 1, truncate(b64))))?;
+        let rank: usize = rank
+            .parse()
+            .map_err(|_| NcError::new(format!("line {}: bad rank {:?}", lineno + 1, truncate(rank))))?;
         if rank != ranks.len() {
-            bail!("line {}: rank {rank} out of order; ranks must be 0, 1, 2, ... in order (expected {})", lineno + 1, ranks.len());
+            bail!(
+                "line {}: rank {rank} out of order; ranks must be 0, 1, 2, ... in order (expected {})",
+                lineno + 1,
+                ranks.len()
+            );
         }
         ranks.push(bytes);
     }
@@ -95,11 +89,7 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| NcError::new(format!("{} is not a file path", path.display())))?;
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    let tmp = path.with_file_name(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
     fs::write(&tmp, contents).map_err(|e| NcError::from(e).context(tmp.display()))?;
     fs::rename(&tmp, path).map_err(|e| NcError::from(e).context(path.display()))
 }
@@ -139,12 +129,8 @@ pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
         let p = dir.join(name);
         fs::read_to_string(&p).map_err(|e| NcError::from(e).context(p.display()))
     };
-    let meta: TokenizerMeta = serde_json::from_str(&read(META_FILE)?).map_err(|e| {
-        NcError::new(format!(
-            "{}: not a tokenizer description: {e}",
-            meta_path.display()
-        ))
-    })?;
+    let meta: TokenizerMeta = serde_json::from_str(&read(META_FILE)?)
+        .map_err(|e| NcError::new(format!("{}: not a tokenizer description: {e}", meta_path.display())))?;
     if meta.format != "nc-tokenizer" || meta.version != 1 {
         bail!(
             "{}: format {:?} version {} is not nc-tokenizer version 1",
@@ -153,21 +139,14 @@ pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
             meta.version
         );
     }
-    let pattern =
-        SplitPattern::from_pattern(&meta.pattern).map_err(|e| e.context(meta_path.display()))?;
+    let pattern = SplitPattern::from_pattern(&meta.pattern).map_err(|e| e.context(meta_path.display()))?;
     let ranks_path = dir.join(RANKS_FILE);
-    let ranks =
-        parse_tiktoken_ranks(&read(RANKS_FILE)?).map_err(|e| e.context(ranks_path.display()))?;
-    let tok = Tokenizer::from_ranks(ranks, meta.special_tokens, pattern)
-        .map_err(|e| e.context(dir.display()))?;
+    let ranks = parse_tiktoken_ranks(&read(RANKS_FILE)?).map_err(|e| e.context(ranks_path.display()))?;
+    let tok = Tokenizer::from_ranks(ranks, meta.special_tokens, pattern).map_err(|e| e.context(dir.display()))?;
     let tb_path = dir.join(TOKEN_BYTES_FILE);
     if tb_path.exists() {
-        let stored: Vec<u32> = serde_json::from_str(&read(TOKEN_BYTES_FILE)?).map_err(|e| {
-            NcError::new(format!(
-                "{}: not a list of byte lengths: {e}",
-                tb_path.display()
-            ))
-        })?;
+        let stored: Vec<u32> = serde_json::from_str(&read(TOKEN_BYTES_FILE)?)
+            .map_err(|e| NcError::new(format!("{}: not a list of byte lengths: {e}", tb_path.display())))?;
         if stored != tok.token_bytes() {
             bail!(
                 "{}: the byte lengths do not match {RANKS_FILE} and the special tokens; the directory is \

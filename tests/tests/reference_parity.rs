@@ -15,27 +15,42 @@ use std::path::PathBuf;
 const TOL: f64 = 1e-5;
 
 fn fixture(name: &str) -> Vec<u8> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("reference/fixtures").join(name);
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("reference/fixtures")
+        .join(name);
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
     let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
     assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
-    t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    t.data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
 }
 
 fn i32s(st: &SafeTensors, name: &str) -> Vec<i32> {
     let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
     assert_eq!(t.dtype(), safetensors::Dtype::I32, "{name}");
-    t.data().chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    t.data()
+        .chunks_exact(4)
+        .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
 }
 
 fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len());
-    let err: f64 = got.iter().zip(want).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum();
+    let err: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+        .sum();
     let norm: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
-    assert!(norm > 0.0, "reference tensor is all zero: the comparison would prove nothing");
+    assert!(
+        norm > 0.0,
+        "reference tensor is all zero: the comparison would prove nothing"
+    );
     (err / norm).sqrt()
 }
 
@@ -44,9 +59,17 @@ fn parity(file: &str) {
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
     let meta: HashMap<String, String> = meta.metadata().clone().unwrap_or_default();
-    let get = |k: &str| -> usize { meta[k].parse().unwrap_or_else(|e| panic!("metadata {k}: {e}")) };
+    let get = |k: &str| -> usize {
+        meta[k]
+            .parse()
+            .unwrap_or_else(|e| panic!("metadata {k}: {e}"))
+    };
     let eps: f64 = meta["rmsnorm_eps"].parse().unwrap();
-    assert_eq!(eps, nc_core::config::RMSNORM_EPS as f64, "{file}: the reference used another rmsnorm eps");
+    assert_eq!(
+        eps,
+        nc_core::config::RMSNORM_EPS as f64,
+        "{file}: the reference used another rmsnorm eps"
+    );
     let cfg = ModelConfig::new(
         get("n_layer"),
         get("n_embd"),
@@ -65,7 +88,9 @@ fn parity(file: &str) {
 
     let mut model = Gpt::new(CpuBackend::new(), cfg, b, t, Recompute::None).unwrap();
     for spec in cfg.param_specs() {
-        model.write_param(&spec.name, &f32s(&st, &spec.name)).unwrap();
+        model
+            .write_param(&spec.name, &f32s(&st, &spec.name))
+            .unwrap();
     }
     model.zero_grads();
     let inputs: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
@@ -73,7 +98,10 @@ fn parity(file: &str) {
     let want_loss = f32s(&st, "loss")[0];
     let loss_err = ((loss - want_loss) / want_loss).abs() as f64;
     println!("{file}: loss {loss} vs {want_loss} (rel {loss_err:.2e})");
-    assert!(loss_err <= TOL, "{file}: loss {loss} vs reference {want_loss}");
+    assert!(
+        loss_err <= TOL,
+        "{file}: loss {loss} vs reference {want_loss}"
+    );
 
     let mut worst = 0.0f64;
     for spec in cfg.param_specs() {
@@ -81,7 +109,11 @@ fn parity(file: &str) {
         model.read_grad(&spec.name, &mut g).unwrap();
         let e = rel_l2(&g, &f32s(&st, &format!("grad.{}", spec.name)));
         worst = worst.max(e);
-        assert!(e <= TOL, "{file}: grad of {} off by {e:.3e} (relative L2)", spec.name);
+        assert!(
+            e <= TOL,
+            "{file}: grad of {} off by {e:.3e} (relative L2)",
+            spec.name
+        );
     }
     println!("{file}: worst gradient relative L2 error {worst:.2e}");
 
@@ -98,7 +130,10 @@ fn parity(file: &str) {
         last = sampler.extend(&model, &[tok]).unwrap().to_vec();
     }
     let e = rel_l2(&last, &f32s(&st, "logits_last"));
-    assert!(e <= TOL, "{file}: token-by-token logits_last off by {e:.3e}");
+    assert!(
+        e <= TOL,
+        "{file}: token-by-token logits_last off by {e:.3e}"
+    );
 }
 
 #[test]

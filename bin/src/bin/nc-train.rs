@@ -157,9 +157,7 @@ fn model_from_flags(cli: &Cli) -> Result<ModelConfig> {
 
 fn check_common(cli: &Cli) -> Result<()> {
     if cli.json && !cli.plan {
-        return Err(NcError::new(
-            "--json only applies to --plan; add --plan or drop --json",
-        ));
+        return Err(NcError::new("--json only applies to --plan; add --plan or drop --json"));
     }
     if cli.world_size == 0 {
         return Err(NcError::new("--world-size must be at least 1"));
@@ -179,9 +177,7 @@ fn check_common(cli: &Cli) -> Result<()> {
         }
     }
     if cli.warmup_ratio + cli.warmdown_ratio > 1.0 {
-        return Err(NcError::new(
-            "--warmup-ratio plus --warmdown-ratio must not exceed 1",
-        ));
+        return Err(NcError::new("--warmup-ratio plus --warmdown-ratio must not exceed 1"));
     }
     Ok(())
 }
@@ -194,27 +190,21 @@ fn plan_from_flags(cli: &Cli) -> Result<Plan> {
         cli.total_batch_size.unwrap_or(DEFAULT_TOTAL_BATCH),
         cli.world_size,
     )?;
-    let horizon = Horizon::from_flags(
-        cli.num_iterations,
-        cli.target_flops,
-        cli.target_param_data_ratio,
-    )?;
+    let horizon = Horizon::from_flags(cli.num_iterations, cli.target_flops, cli.target_param_data_ratio)?;
     let (precision, device, mem) = if cli.backend == "cpu" {
         let mem = match &cli.gpu_mem {
             Some(s) => plan::parse_mem_size(s)?,
             None => host_memory_bytes().ok_or_else(|| {
-                NcError::new("cannot read the host memory size from /proc/meminfo; give --gpu-mem (e.g. --gpu-mem 64GiB)")
+                NcError::new(
+                    "cannot read the host memory size from /proc/meminfo; give --gpu-mem (e.g. --gpu-mem 64GiB)",
+                )
             })?,
         };
         (Precision::Fp32, "cpu".to_string(), mem)
     } else {
         let gpu = plan::gpu_by_name(cli.gpu.as_deref().unwrap_or("h100"))?;
         match &cli.gpu_mem {
-            Some(s) => (
-                Precision::Bf16,
-                gpu.name.to_string(),
-                plan::parse_mem_size(s)?,
-            ),
+            Some(s) => (Precision::Bf16, gpu.name.to_string(), plan::parse_mem_size(s)?),
             None => (Precision::Bf16, gpu.name.to_string(), gpu.mem_bytes),
         }
     };
@@ -251,8 +241,7 @@ fn run(cli: Cli) -> Result<()> {
     if cli.plan {
         let plan = plan_from_flags(&cli)?;
         if cli.json {
-            let text = serde_json::to_string(&plan)
-                .map_err(|e| NcError::new(format!("plan to JSON: {e}")))?;
+            let text = serde_json::to_string(&plan).map_err(|e| NcError::new(format!("plan to JSON: {e}")))?;
             println!("{text}");
         } else {
             print!("{}", plan.render());
@@ -260,9 +249,7 @@ fn run(cli: Cli) -> Result<()> {
         return Ok(());
     }
     model_from_flags(&cli)?;
-    Err(NcError::new(
-        "training is not wired into nc-train yet; use --plan",
-    ))
+    Err(NcError::new("training is not wired into nc-train yet; use --plan"))
 }
 
 fn main() -> ExitCode {
@@ -290,10 +277,7 @@ mod tests {
         assert_eq!(c.device_batch_size, Some(48));
         assert_eq!(c.num_iterations, Some(100));
         let c = parse(&["--device_batch_size=24", "--total_batch_size=393216"]);
-        assert_eq!(
-            (c.device_batch_size, c.total_batch_size),
-            (Some(24), Some(393216))
-        );
+        assert_eq!((c.device_batch_size, c.total_batch_size), (Some(24), Some(393216)));
     }
 
     #[test]
@@ -314,10 +298,7 @@ mod tests {
         ]);
         let p = plan_from_flags(&c).unwrap();
         let v: serde_json::Value = serde_json::to_value(&p).unwrap();
-        assert_eq!(
-            v["params"].as_u64(),
-            Some(2 * 65536 * 3328 + 12 * 52 * 3328 * 3328)
-        );
+        assert_eq!(v["params"].as_u64(), Some(2 * 65536 * 3328 + 12 * 52 * 3328 * 3328));
         let f = v["flops_per_token"].as_f64().unwrap();
         assert!((f / 4.70e10 - 1.0).abs() < 0.005);
         assert_eq!(v["grad_accum"].as_u64(), Some(1));
@@ -333,14 +314,8 @@ mod tests {
         let cases: &[(&[&str], &str)] = &[
             (&["--depth", "20", "--preset", "3b"], "not both"),
             (&["--json"], "--plan"),
-            (
-                &["--plan", "--dbs", "48", "--world-size", "8"],
-                "--total-batch-size",
-            ),
-            (
-                &["--plan", "--recompute", "some"],
-                "none, selective, full, auto",
-            ),
+            (&["--plan", "--dbs", "48", "--world-size", "8"], "--total-batch-size"),
+            (&["--plan", "--recompute", "some"], "none, selective, full, auto"),
             (&["--plan", "--gpu", "tpu"], "known"),
             (&["--plan", "--depth", "3"], "even depth"),
             (&["--backend", "metal"], "auto, cpu, cuda"),

@@ -386,19 +386,37 @@ impl<S: MemorySource> Inner<S> {
     /// removed from its pool.
     fn take_free_block(&mut self, owner: usize, kind: PoolKind, size: usize) -> Option<u32> {
         let max_split = self.config.max_split_size;
-        let fits = |e: Option<PoolEntry>| e.filter(|e| oversize_allows(e.size, size, max_split));
-        let own = fits(self.pools[owner].get(kind).best_fit(size));
+        let candidate = |pool: &Pool| {
+            pool.best_fit_index(size)
+                .filter(|&i| oversize_allows(pool.entries()[i].size, size, max_split))
+                .map(|i| (pool.entries()[i].size, i))
+        };
+        let own = candidate(self.pools[owner].get(kind));
         let any = if owner == ANY {
             None
         } else {
-            fits(self.pools[ANY].get(kind).best_fit(size))
+            candidate(self.pools[ANY].get(kind))
         };
-        let chosen = match (own, any) {
-            (Some(a), Some(b)) => Some(if b.size < a.size { b } else { a }),
-            (a, b) => a.or(b),
-        }?;
-        self.pool_remove(chosen.node);
-        Some(chosen.node)
+        // The smaller of the two fits; the stream's own block on a tie.
+        let (from, at) = match (own, any) {
+            (Some((own_size, i)), Some((any_size, j))) => {
+                if any_size < own_size {
+                    (ANY, j)
+                } else {
+                    (owner, i)
+                }
+            }
+            (Some((_, i)), None) => (owner, i),
+            (None, Some((_, j))) => (ANY, j),
+            (None, None) => return None,
+        };
+        // Removed by index: no second search on the hot path.
+        let entry = self.pools[from].get_mut(kind).remove_at(at);
+        let n = self.nodes[entry.node as usize];
+        if self.is_waiting(n.owner, n.seq) {
+            self.counters.waiting_bytes -= n.size;
+        }
+        Some(entry.node)
     }
 
     /// Mark a free block (already out of its pool) allocated, splitting off a remainder worth keeping.
@@ -712,8 +730,32 @@ impl<S: MemorySource> Inner<S> {
             .iter()
             .map(|p| p.small.len() + p.large.len())
             .sum();
-        self.counters
-            .snapshot(self.largest_free_block(), free_blocks)
+        self.counters.snapshot(
+            self.largest_free_block(),
+            free_blocks,
+            self.inactive_split_bytes(),
+        )
+    }
+
+    /// Free bytes in segments that also hold allocated blocks (a walk over all blocks: for stats only).
+    fn inactive_split_bytes(&self) -> usize {
+        let mut total = 0;
+        for sg in self.segments.iter().filter(|s| s.live) {
+            let (mut free, mut any_allocated) = (0, false);
+            let mut i = sg.first;
+            while i != NONE {
+                let n = &self.nodes[i as usize];
+                match n.state {
+                    NodeState::Free => free += n.size,
+                    _ => any_allocated = true,
+                }
+                i = n.next;
+            }
+            if any_allocated {
+                total += free;
+            }
+        }
+        total
     }
 
     fn oom_report(

@@ -45,6 +45,16 @@ impl Pool {
         self.entries.get(at).copied()
     }
 
+    /// Index of the best fit, for `remove_at`.
+    pub fn best_fit_index(&self, size: usize) -> Option<usize> {
+        let at = self.entries.partition_point(|e| e.size < size);
+        (at < self.entries.len()).then_some(at)
+    }
+
+    pub fn remove_at(&mut self, index: usize) -> PoolEntry {
+        self.entries.remove(index)
+    }
+
     pub fn largest(&self) -> Option<PoolEntry> {
         self.entries.last().copied()
     }
@@ -84,6 +94,9 @@ mod tests {
         assert_eq!(p.best_fit(3000), Some(e(4096, 3)));
         assert_eq!(p.best_fit(512), Some(e(1024, 9)));
         assert_eq!(p.best_fit(5000), None);
+        assert_eq!(p.best_fit_index(5000), None);
+        let i = p.best_fit_index(3000).unwrap();
+        assert_eq!(p.entries()[i], e(4096, 3));
         assert_eq!(p.largest(), Some(e(4096, 7)));
         assert!(p.remove(4096, 3));
         assert!(!p.remove(4096, 3));

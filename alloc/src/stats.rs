@@ -38,7 +38,12 @@ impl Counters {
         self.peak_active_bytes = self.allocated_bytes + self.waiting_bytes;
     }
 
-    pub fn snapshot(&self, largest_free_block: usize, free_blocks: usize) -> AllocatorStats {
+    pub fn snapshot(
+        &self,
+        largest_free_block: usize,
+        free_blocks: usize,
+        inactive_split_bytes: usize,
+    ) -> AllocatorStats {
         AllocatorStats {
             allocated_bytes: self.allocated_bytes,
             requested_bytes: self.requested_bytes,
@@ -59,6 +64,7 @@ impl Counters {
             live_blocks: (self.num_allocs - self.num_frees) as usize,
             free_blocks,
             largest_free_block,
+            inactive_split_bytes,
         }
     }
 }
@@ -93,6 +99,9 @@ pub struct AllocatorStats {
     pub live_blocks: usize,
     pub free_blocks: usize,
     pub largest_free_block: usize,
+    /// Free bytes in segments that also hold allocated blocks: cached memory that can neither be given
+    /// back to the device nor serve a request bigger than its holes.
+    pub inactive_split_bytes: usize,
 }
 
 impl AllocatorStats {
@@ -101,14 +110,15 @@ impl AllocatorStats {
         self.reserved_bytes - self.allocated_bytes
     }
 
-    /// 1 - largest free block / cached free bytes: 0 when the cache is one hole (or empty), near 1 when
-    /// it is shredded into pieces too small for a big request.
+    /// Share of the cache that is split: free bytes in segments that also hold allocated blocks, over all
+    /// cached free bytes. 0 when every cached byte lies in a wholly free segment (a flush could return it
+    /// all); near 1 when the cache is holes between live blocks, the state that ends in fragmentation OOMs.
     pub fn fragmentation(&self) -> f64 {
         let free = self.cached_free_bytes();
         if free == 0 {
             0.0
         } else {
-            1.0 - self.largest_free_block as f64 / free as f64
+            self.inactive_split_bytes as f64 / free as f64
         }
     }
 
@@ -116,7 +126,8 @@ impl AllocatorStats {
     pub fn summary(&self, device: &str) -> String {
         format!(
             "memory {device}: allocated {} (peak {}) | active {} (peak {}) | reserved {} (peak {})\n  \
-             cache: {} free in {} blocks, largest {}, fragmentation {:.1}% | segments {} (small {}, large {})\n  \
+             cache: {} free in {} blocks ({} in split segments, fragmentation {:.1}%), largest {} | \
+             segments {} (small {}, large {})\n  \
              allocs {} frees {} live {} | segment allocs {} frees {} | cache flushes {} | OOMs {}",
             fmt_bytes(self.allocated_bytes),
             fmt_bytes(self.peak_allocated_bytes),
@@ -126,8 +137,9 @@ impl AllocatorStats {
             fmt_bytes(self.peak_reserved_bytes),
             fmt_bytes(self.cached_free_bytes()),
             self.free_blocks,
-            fmt_bytes(self.largest_free_block),
+            fmt_bytes(self.inactive_split_bytes),
             100.0 * self.fragmentation(),
+            fmt_bytes(self.largest_free_block),
             self.segments_small + self.segments_large,
             self.segments_small,
             self.segments_large,
@@ -185,9 +197,9 @@ mod tests {
             allocated_bytes: 60 << 20,
             ..Default::default()
         };
-        assert_eq!(c.snapshot(40 << 20, 1).fragmentation(), 0.0);
-        assert!((c.snapshot(10 << 20, 4).fragmentation() - 0.75).abs() < 1e-12);
+        assert_eq!(c.snapshot(40 << 20, 1, 0).fragmentation(), 0.0);
+        assert!((c.snapshot(10 << 20, 4, 30 << 20).fragmentation() - 0.75).abs() < 1e-12);
         c.allocated_bytes = 100 << 20;
-        assert_eq!(c.snapshot(0, 0).fragmentation(), 0.0);
+        assert_eq!(c.snapshot(0, 0, 0).fragmentation(), 0.0);
     }
 }

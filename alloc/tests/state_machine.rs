@@ -134,7 +134,7 @@ fn check_invariants(alloc: &CachingAllocator<HostSource>, model: &Model) {
 
     let mut allocated_blocks = Vec::new();
     let (mut free_blocks, mut largest_free, mut waiting) = (0usize, 0usize, 0usize);
-    let (mut small, mut large, mut reserved) = (0usize, 0usize, 0usize);
+    let (mut small, mut large, mut reserved, mut split_free) = (0usize, 0usize, 0usize, 0usize);
     let mut prev_end = 0u64;
     for seg in &snap {
         assert!(seg.addr >= prev_end, "segments overlap at {:#x}", seg.addr);
@@ -169,6 +169,18 @@ fn check_invariants(alloc: &CachingAllocator<HostSource>, model: &Model) {
             "blocks of segment {:#x} do not reach its end",
             seg.addr
         );
+        if seg
+            .blocks
+            .iter()
+            .any(|b| matches!(b.state, BlockState::Allocated { .. }))
+        {
+            split_free += seg
+                .blocks
+                .iter()
+                .filter(|b| matches!(b.state, BlockState::Free { .. }))
+                .map(|b| b.size)
+                .sum::<usize>();
+        }
     }
 
     let mut held: Vec<(u64, usize, StreamId)> = model
@@ -200,6 +212,7 @@ fn check_invariants(alloc: &CachingAllocator<HostSource>, model: &Model) {
     assert_eq!(stats.live_blocks, model.live.len());
     assert_eq!(stats.free_blocks, free_blocks);
     assert_eq!(stats.largest_free_block, largest_free);
+    assert_eq!(stats.inactive_split_bytes, split_free);
     assert_eq!((stats.segments_small, stats.segments_large), (small, large));
     assert_eq!(
         stats.num_segment_allocs - stats.num_segment_frees,

@@ -67,8 +67,14 @@ pub struct ModelConfig {
 }
 
 /// The named presets of the scaling plan: (name, depth).
-pub const PRESETS: &[(&str, usize)] =
-    &[("d20", 20), ("d26", 26), ("d32", 32), ("3b", 38), ("6.6b", 50), ("7b", 52)];
+pub const PRESETS: &[(&str, usize)] = &[
+    ("d20", 20),
+    ("d26", 26),
+    ("d32", 32),
+    ("3b", 38),
+    ("6.6b", 50),
+    ("7b", 52),
+];
 
 impl ModelConfig {
     /// nanochat's depth scaling: d = 64 * depth, head_dim 128, n_head = ceil(d / 128), full MHA.
@@ -86,7 +92,15 @@ impl ModelConfig {
                 depth + 1
             );
         }
-        Self::new(depth, n_embd, n_head, n_head, HEAD_DIM, DEFAULT_VOCAB_SIZE, DEFAULT_SEQ_LEN)
+        Self::new(
+            depth,
+            n_embd,
+            n_head,
+            n_head,
+            HEAD_DIM,
+            DEFAULT_VOCAB_SIZE,
+            DEFAULT_SEQ_LEN,
+        )
     }
 
     /// A preset by name (`d20`, `d26`, `d32`, `3b`, `6.6b`, `7b`).
@@ -110,7 +124,15 @@ impl ModelConfig {
         vocab_size: usize,
         sequence_len: usize,
     ) -> Result<Self> {
-        let c = ModelConfig { n_layer, n_embd, n_head, n_kv_head, head_dim, vocab_size, sequence_len };
+        let c = ModelConfig {
+            n_layer,
+            n_embd,
+            n_head,
+            n_kv_head,
+            head_dim,
+            vocab_size,
+            sequence_len,
+        };
         c.validate()?;
         Ok(c)
     }
@@ -140,7 +162,10 @@ impl ModelConfig {
             bail!("model shape {c:?}: n_layer, n_embd, n_head and n_kv_head must all be at least 1");
         }
         if c.head_dim == 0 || c.head_dim % 2 != 0 {
-            bail!("head_dim {} must be even and positive (rotary rotates halves of each head)", c.head_dim);
+            bail!(
+                "head_dim {} must be even and positive (rotary rotates halves of each head)",
+                c.head_dim
+            );
         }
         if c.n_head * c.head_dim != c.n_embd {
             bail!(
@@ -186,7 +211,14 @@ impl ModelConfig {
         let mut specs = Vec::with_capacity(2 + 6 * self.n_layer);
         let mut offset = 0;
         let mut push = |name: String, rows: usize, cols: usize, kind: ParamKind, layer: Option<usize>| {
-            specs.push(ParamSpec { name, rows, cols, kind, offset, layer });
+            specs.push(ParamSpec {
+                name,
+                rows,
+                cols,
+                kind,
+                offset,
+                layer,
+            });
             offset += rows * cols;
         };
         push("transformer.wte.weight".into(), v, d, ParamKind::Embedding, None);

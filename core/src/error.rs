@@ -12,12 +12,16 @@ pub struct NcError {
 
 impl NcError {
     pub fn new(message: impl Into<String>) -> Self {
-        NcError { message: message.into() }
+        NcError {
+            message: message.into(),
+        }
     }
 
     /// Prefix the message with where it happened (a file, a flag), keeping the original reason.
     pub fn context(self, what: impl fmt::Display) -> Self {
-        NcError { message: format!("{what}: {}", self.message) }
+        NcError {
+            message: format!("{what}: {}", self.message),
+        }
     }
 }
 

@@ -1,20 +1,331 @@
 //! nc-train: trains a nanochat-style GPT. With no arguments, runs the embedded default on the CPU.
+//!
+//! This file only parses flags and prints; the plan, the loop and the checkpoints live in nc-core.
+//! Flag names are nanochat's, with dashes; the underscore spellings (`--num_iterations=100`) are aliases so
+//! nanochat command lines carry over.
 
-use nc_core::config::{ModelConfig, PRESETS};
+use clap::Parser;
+use nc_core::config::ModelConfig;
+use nc_core::error::{NcError, Result};
+use nc_core::plan::{self, BatchPlan, Horizon, Plan, PlanRequest, Precision, Recompute};
+use std::process::ExitCode;
 
-fn main() {
-    // Interim entry point until the training loop lands (issue 4): prints the presets' shapes.
-    println!("{:<6} {:>6} {:>6} {:>6} {:>16} {:>14}", "preset", "depth", "d", "heads", "params", "flops/token");
-    for (name, depth) in PRESETS {
-        let c = ModelConfig::from_depth(*depth).expect("presets are valid");
-        println!(
-            "{:<6} {:>6} {:>6} {:>6} {:>16} {:>14.3e}",
-            name,
-            depth,
-            c.n_embd,
-            c.n_head,
-            c.num_params(),
-            c.flops_per_token()
-        );
+#[derive(Parser, Debug)]
+#[command(
+    name = "nc-train",
+    version,
+    about = "Train a nanochat-style GPT (no arguments: a small model on the embedded corpus, on the CPU)"
+)]
+struct Cli {
+    // --- model
+    /// Number of layers; model_dim = 64 * depth, heads of 128 (default 20, or a small model on the embedded corpus).
+    #[arg(long)]
+    depth: Option<usize>,
+    /// A named model: d20, d26, d32, 3b (d38), 6.6b (d50), 7b (d52); instead of --depth.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Key/value heads (grouped-query attention); must divide the number of heads (default: all heads).
+    #[arg(long, alias = "n_kv_head")]
+    n_kv_head: Option<usize>,
+    /// Context length in tokens (default 2048).
+    #[arg(long, alias = "max_seq_len")]
+    max_seq_len: Option<usize>,
+
+    // --- batch and horizon
+    /// Sequences per GPU per forward/backward (default 32).
+    #[arg(long, visible_alias = "dbs", alias = "device_batch_size")]
+    device_batch_size: Option<usize>,
+    /// Tokens per optimizer step over all GPUs; a multiple of dbs x seq_len x world_size (default 524288).
+    #[arg(long, alias = "total_batch_size")]
+    total_batch_size: Option<usize>,
+    /// Optimizer steps to run; overrides --target-flops and --target-param-data-ratio.
+    #[arg(long, alias = "num_iterations")]
+    num_iterations: Option<u64>,
+    /// Train for this many FLOPs (e.g. 4e20); overrides --target-param-data-ratio.
+    #[arg(long, alias = "target_flops")]
+    target_flops: Option<f64>,
+    /// Train on this many tokens per parameter (default 20, Chinchilla).
+    #[arg(long, alias = "target_param_data_ratio")]
+    target_param_data_ratio: Option<f64>,
+
+    // --- optimizer
+    /// AdamW lr of the token embedding, before (d/768)^-0.5 scaling.
+    #[arg(long, alias = "embedding_lr", default_value_t = 0.2)]
+    embedding_lr: f32,
+    /// AdamW lr of lm_head, before (d/768)^-0.5 scaling.
+    #[arg(long, alias = "unembedding_lr", default_value_t = 0.004)]
+    unembedding_lr: f32,
+    /// Muon lr of the block matrices.
+    #[arg(long, alias = "matrix_lr", default_value_t = 0.02)]
+    matrix_lr: f32,
+    /// AdamW decoupled weight decay.
+    #[arg(long, alias = "weight_decay", default_value_t = 0.0)]
+    weight_decay: f32,
+    /// Clip the synchronized gradient to this global norm; 0 disables.
+    #[arg(long, alias = "grad_clip", default_value_t = 1.0)]
+    grad_clip: f64,
+    /// Fraction of steps spent warming the lr up from 0.
+    #[arg(long, alias = "warmup_ratio", default_value_t = 0.0)]
+    warmup_ratio: f64,
+    /// Fraction of steps at the end spent decaying the lr linearly.
+    #[arg(long, alias = "warmdown_ratio", default_value_t = 0.2)]
+    warmdown_ratio: f64,
+    /// lr multiplier reached at the last step.
+    #[arg(long, alias = "final_lr_frac", default_value_t = 0.0)]
+    final_lr_frac: f64,
+
+    // --- evaluation, samples, checkpoints
+    /// Evaluate validation bits per byte every this many steps (also at the first and last; 0: only those).
+    #[arg(long, alias = "eval_every")]
+    eval_every: Option<u64>,
+    /// Validation tokens per evaluation (default 20 x 524288).
+    #[arg(long, alias = "eval_tokens")]
+    eval_tokens: Option<usize>,
+    /// Print samples every this many steps (also at the end; 0: only at the end).
+    #[arg(long, alias = "sample_every")]
+    sample_every: Option<u64>,
+    /// Save a checkpoint every this many steps (always at the end and on Ctrl-C; 0: only those).
+    #[arg(long, alias = "save_every", default_value_t = 0)]
+    save_every: u64,
+    /// Name of the run, used for the default --out-dir runs/<model-tag> (default d<depth>).
+    #[arg(long, alias = "model_tag")]
+    model_tag: Option<String>,
+
+    // --- files and devices
+    /// Folder of token shards and tokenizer (from nc-data); without it, trains on the embedded corpus.
+    #[arg(long, alias = "data_dir")]
+    data_dir: Option<String>,
+    /// Where metrics.jsonl and checkpoints/ go (default runs/<model-tag>).
+    #[arg(long, alias = "out_dir")]
+    out_dir: Option<String>,
+    /// Resume from the latest complete checkpoint in --out-dir, or from the checkpoint folder given.
+    #[arg(long, num_args = 0..=1, default_missing_value = "latest")]
+    resume: Option<String>,
+    /// Compute backend: auto (CUDA when present, else CPU), cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    backend: String,
+    /// Number of ranks (GPUs) training together.
+    #[arg(long, alias = "world_size", default_value_t = 1)]
+    world_size: usize,
+    /// Seed of the initialization and of sampling.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+
+    // --- the plan
+    /// Print the memory, time and cost plan of this configuration and exit (runs nothing).
+    #[arg(long)]
+    plan: bool,
+    /// With --plan: print the plan as one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Activation recomputation: none, selective, full, or auto (the cheapest that fits).
+    #[arg(long, default_value = "auto")]
+    recompute: String,
+    /// GPU to plan for: h100, h200, b200, a100 (default h100).
+    #[arg(long)]
+    gpu: Option<String>,
+    /// Memory per GPU, in GiB or with a unit (e.g. 187.5GB); overrides the named GPU's memory.
+    #[arg(long)]
+    gpu_mem: Option<String>,
+    /// Model FLOPs utilization assumed for time estimates, in (0, 1].
+    #[arg(long, default_value_t = 0.5)]
+    mfu: f64,
+    /// Price of one GPU-hour, for the cost estimate.
+    #[arg(long)]
+    usd_per_gpu_hour: Option<f64>,
+}
+
+/// nanochat's defaults for a full-size run (SPEC.md section 5).
+const DEFAULT_DEPTH: usize = 20;
+const DEFAULT_DBS: usize = 32;
+const DEFAULT_TOTAL_BATCH: usize = 524288;
+
+fn model_from_flags(cli: &Cli) -> Result<ModelConfig> {
+    let mut model = match (&cli.preset, cli.depth) {
+        (Some(_), Some(_)) => return Err(NcError::new("give --depth or --preset, not both")),
+        (Some(p), None) => ModelConfig::preset(p)?,
+        (None, d) => ModelConfig::from_depth(d.unwrap_or(DEFAULT_DEPTH))?,
+    };
+    if let Some(kv) = cli.n_kv_head {
+        model = model.with_kv_heads(kv)?;
+    }
+    if let Some(t) = cli.max_seq_len {
+        model = model.with_sequence_len(t)?;
+    }
+    Ok(model)
+}
+
+fn check_common(cli: &Cli) -> Result<()> {
+    if cli.json && !cli.plan {
+        return Err(NcError::new("--json only applies to --plan; add --plan or drop --json"));
+    }
+    if cli.world_size == 0 {
+        return Err(NcError::new("--world-size must be at least 1"));
+    }
+    if !matches!(cli.backend.as_str(), "auto" | "cpu" | "cuda") {
+        return Err(NcError::new(format!(
+            "--backend '{}' is not one of auto, cpu, cuda",
+            cli.backend
+        )));
+    }
+    for (name, v) in [
+        ("--warmup-ratio", cli.warmup_ratio),
+        ("--warmdown-ratio", cli.warmdown_ratio),
+    ] {
+        if !(0.0..=1.0).contains(&v) {
+            return Err(NcError::new(format!("{name} {v} must be between 0 and 1")));
+        }
+    }
+    if cli.warmup_ratio + cli.warmdown_ratio > 1.0 {
+        return Err(NcError::new("--warmup-ratio plus --warmdown-ratio must not exceed 1"));
+    }
+    Ok(())
+}
+
+fn plan_from_flags(cli: &Cli) -> Result<Plan> {
+    let model = model_from_flags(cli)?;
+    let batch = BatchPlan::new(
+        cli.device_batch_size.unwrap_or(DEFAULT_DBS),
+        model.sequence_len,
+        cli.total_batch_size.unwrap_or(DEFAULT_TOTAL_BATCH),
+        cli.world_size,
+    )?;
+    let horizon = Horizon::from_flags(cli.num_iterations, cli.target_flops, cli.target_param_data_ratio)?;
+    let (precision, device, mem) = if cli.backend == "cpu" {
+        let mem = match &cli.gpu_mem {
+            Some(s) => plan::parse_mem_size(s)?,
+            None => host_memory_bytes().ok_or_else(|| {
+                NcError::new(
+                    "cannot read the host memory size from /proc/meminfo; give --gpu-mem (e.g. --gpu-mem 64GiB)",
+                )
+            })?,
+        };
+        (Precision::Fp32, "cpu".to_string(), mem)
+    } else {
+        let gpu = plan::gpu_by_name(cli.gpu.as_deref().unwrap_or("h100"))?;
+        match &cli.gpu_mem {
+            Some(s) => (Precision::Bf16, gpu.name.to_string(), plan::parse_mem_size(s)?),
+            None => (Precision::Bf16, gpu.name.to_string(), gpu.mem_bytes),
+        }
+    };
+    if let Some(u) = cli.usd_per_gpu_hour {
+        if !(u.is_finite() && u >= 0.0) {
+            return Err(NcError::new(format!(
+                "--usd-per-gpu-hour {u} must be a non-negative number"
+            )));
+        }
+    }
+    Plan::new(&PlanRequest {
+        model,
+        batch,
+        horizon,
+        precision,
+        device,
+        device_mem_bytes: mem,
+        recompute: Recompute::parse(&cli.recompute)?,
+        mfu: cli.mfu,
+        usd_per_gpu_hour: cli.usd_per_gpu_hour,
+    })
+}
+
+/// MemTotal from /proc/meminfo, in bytes.
+fn host_memory_bytes() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024.0)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    check_common(&cli)?;
+    if cli.plan {
+        let plan = plan_from_flags(&cli)?;
+        if cli.json {
+            let text = serde_json::to_string(&plan).map_err(|e| NcError::new(format!("plan to JSON: {e}")))?;
+            println!("{text}");
+        } else {
+            print!("{}", plan.render());
+        }
+        return Ok(());
+    }
+    model_from_flags(&cli)?;
+    Err(NcError::new("training is not wired into nc-train yet; use --plan"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nc-train: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("nc-train").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn dbs_alias_and_underscore_spellings() {
+        let c = parse(&["--dbs", "48", "--num_iterations=100", "--depth", "38"]);
+        assert_eq!(c.device_batch_size, Some(48));
+        assert_eq!(c.num_iterations, Some(100));
+        let c = parse(&["--device_batch_size=24", "--total_batch_size=393216"]);
+        assert_eq!((c.device_batch_size, c.total_batch_size), (Some(24), Some(393216)));
+    }
+
+    #[test]
+    fn plan_json_reports_spec_numbers() {
+        let c = parse(&[
+            "--plan",
+            "--json",
+            "--depth",
+            "52",
+            "--dbs",
+            "24",
+            "--total-batch-size",
+            "393216",
+            "--world-size",
+            "8",
+            "--gpu-mem",
+            "187.5GB",
+        ]);
+        let p = plan_from_flags(&c).unwrap();
+        let v: serde_json::Value = serde_json::to_value(&p).unwrap();
+        assert_eq!(v["params"].as_u64(), Some(2 * 65536 * 3328 + 12 * 52 * 3328 * 3328));
+        let f = v["flops_per_token"].as_f64().unwrap();
+        assert!((f / 4.70e10 - 1.0).abs() < 0.005);
+        assert_eq!(v["grad_accum"].as_u64(), Some(1));
+        assert_eq!(v["fits"].as_bool(), Some(true));
+        assert!(v["recompute"].as_str().is_some_and(|r| r != "none"));
+        for key in ["tokens", "num_iterations", "memory_bytes_per_gpu"] {
+            assert!(v[key].is_number(), "{key}");
+        }
+    }
+
+    #[test]
+    fn bad_combinations_are_one_line_errors() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--depth", "20", "--preset", "3b"], "not both"),
+            (&["--json"], "--plan"),
+            (&["--plan", "--dbs", "48", "--world-size", "8"], "--total-batch-size"),
+            (&["--plan", "--recompute", "some"], "none, selective, full, auto"),
+            (&["--plan", "--gpu", "tpu"], "known"),
+            (&["--plan", "--depth", "3"], "even depth"),
+            (&["--backend", "metal"], "auto, cpu, cuda"),
+            (&["--warmup-ratio", "0.9"], "must not exceed 1"),
+        ];
+        for (args, needle) in cases {
+            let c = parse(args);
+            let e = run(c).unwrap_err();
+            assert!(e.message.contains(needle), "{args:?}: {e}");
+            assert!(!e.message.contains('\n'), "{args:?}: one line: {e}");
+        }
     }
 }

@@ -1,0 +1,138 @@
+//! Row-major f32 matrix products for the optimizer (Muon's Newton-Schulz), through the `gemm` crate.
+//!
+//! The optimizer keeps its own small wrapper so it does not depend on a backend: on the CPU it runs on the
+//! host copies of parameters and gradients.
+
+use gemm::{gemm, Parallelism};
+
+/// A row-major matrix operand: `data` holds `rows x cols` as stored; `transposed` reads it as its transpose.
+#[derive(Clone, Copy)]
+pub struct Operand<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub transposed: bool,
+}
+
+impl<'a> Operand<'a> {
+    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Operand {
+            data,
+            rows,
+            cols,
+            transposed: false,
+        }
+    }
+    pub fn t(self) -> Self {
+        Operand {
+            transposed: !self.transposed,
+            ..self
+        }
+    }
+    /// Shape as read (after the optional transpose).
+    fn shape(&self) -> (usize, usize) {
+        if self.transposed {
+            (self.cols, self.rows)
+        } else {
+            (self.rows, self.cols)
+        }
+    }
+    /// (row stride, column stride) of the matrix as read.
+    fn strides(&self) -> (isize, isize) {
+        if self.transposed {
+            (1, self.cols as isize)
+        } else {
+            (self.cols as isize, 1)
+        }
+    }
+}
+
+/// `dst = alpha * dst + beta * lhs * rhs`, dst row-major (m x n). With `alpha == 0` dst is only written.
+pub fn matmul(dst: &mut [f32], alpha: f32, lhs: Operand, rhs: Operand, beta: f32) {
+    let (m, k) = lhs.shape();
+    let (k2, n) = rhs.shape();
+    assert_eq!(k, k2, "matmul: inner dimensions differ");
+    assert!(dst.len() >= m * n && lhs.data.len() >= lhs.rows * lhs.cols && rhs.data.len() >= rhs.rows * rhs.cols);
+    let (lrs, lcs) = lhs.strides();
+    let (rrs, rcs) = rhs.strides();
+    // SAFETY: the asserts above keep every index the strides reach inside the three slices, and dst does
+    // not alias lhs or rhs (it is a distinct &mut).
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            alpha != 0.0,
+            lhs.data.as_ptr(),
+            lcs,
+            lrs,
+            rhs.data.as_ptr(),
+            rcs,
+            rrs,
+            alpha,
+            beta,
+            false,
+            false,
+            false,
+            Parallelism::Rayon(0),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: &[f32], ar: usize, ac: usize, at: bool, b: &[f32], br: usize, bc: usize, bt: bool) -> Vec<f32> {
+        let get = |d: &[f32], r: usize, c: usize, cols: usize, t: bool| {
+            if t {
+                d[c * cols + r]
+            } else {
+                d[r * cols + c]
+            }
+        };
+        let (m, k) = if at { (ac, ar) } else { (ar, ac) };
+        let n = if bt { br } else { bc };
+        let mut out = vec![0.0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0.0f64;
+                for l in 0..k {
+                    s += get(a, i, l, ac, at) as f64 * get(b, l, j, bc, bt) as f64;
+                }
+                out[i * n + j] = s as f32;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_naive_with_transposes() {
+        let a: Vec<f32> = (0..15).map(|i| (i as f32 * 0.37).sin()).collect(); // 3 x 5
+        let b: Vec<f32> = (0..20).map(|i| (i as f32 * 0.11).cos()).collect(); // 5 x 4
+        let c: Vec<f32> = (0..12).map(|i| (i as f32 * 0.7).sin()).collect(); // 4 x 3 (b^T is 4x5)
+        let mut d = vec![0.0f32; 12];
+        matmul(&mut d, 0.0, Operand::new(&a, 3, 5), Operand::new(&b, 5, 4), 1.0);
+        let e = naive(&a, 3, 5, false, &b, 5, 4, false);
+        d.iter()
+            .zip(&e)
+            .for_each(|(x, y)| assert!((x - y).abs() < 1e-5, "{x} {y}"));
+        // a * a^T (3 x 3)
+        let mut d = vec![0.0f32; 9];
+        matmul(&mut d, 0.0, Operand::new(&a, 3, 5), Operand::new(&a, 3, 5).t(), 1.0);
+        let e = naive(&a, 3, 5, false, &a, 3, 5, true);
+        d.iter()
+            .zip(&e)
+            .for_each(|(x, y)| assert!((x - y).abs() < 1e-5, "{x} {y}"));
+        // c^T (3 x 4) * b^T (4 x 5), accumulated onto 2 * ones with beta 0.5
+        let mut d = vec![1.0f32; 15];
+        matmul(&mut d, 2.0, Operand::new(&c, 4, 3).t(), Operand::new(&b, 5, 4).t(), 0.5);
+        let e = naive(&c, 4, 3, true, &b, 5, 4, true);
+        d.iter()
+            .zip(&e)
+            .for_each(|(x, y)| assert!((x - (2.0 + 0.5 * y)).abs() < 1e-5, "{x} {y}"));
+    }
+}

@@ -1,0 +1,186 @@
+//! The optimizers against the independent JAX/numpy reference (tests/reference, fixtures committed):
+//! one Muon step, one AdamW step, the lr and momentum schedule, and five full optimizer steps (clipping,
+//! Muon and AdamW, lr scaling) on the tiny model's contiguous buffers.
+
+use nc_core::config::ModelConfig;
+use nc_core::optim::adamw::{adamw_update, AdamParams};
+use nc_core::optim::clip::clip_grad_norm;
+use nc_core::optim::muon::{muon_update, NsWorkspace};
+use nc_core::optim::schedule::{muon_momentum, LrSchedule};
+use nc_core::optim::{OptimConfig, Optimizer};
+use safetensors::SafeTensors;
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+fn fixture(name: &str) -> Vec<u8> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("reference/fixtures")
+        .join(name);
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
+    let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
+    t.data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+fn metadata(bytes: &[u8]) -> HashMap<String, String> {
+    let (_, meta) = SafeTensors::read_metadata(bytes).unwrap();
+    meta.metadata().clone().unwrap_or_default()
+}
+
+/// max |got - want| / max |want - before|: the error relative to the size of the update itself.
+fn update_error(got: &[f32], want: &[f32], before: &[f32]) -> f64 {
+    let err = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (*a as f64 - *b as f64).abs())
+        .fold(0.0, f64::max);
+    let step = want
+        .iter()
+        .zip(before)
+        .map(|(a, b)| (*a as f64 - *b as f64).abs())
+        .fold(0.0, f64::max);
+    assert!(step > 0.0, "the fixture must move the parameters");
+    err / step
+}
+
+#[test]
+fn muon_step_matches_reference() {
+    let bytes = fixture("muon_step.safetensors");
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let meta = metadata(&bytes);
+    let lr: f32 = meta["lr"].parse().unwrap();
+    let mu: f32 = meta["momentum"].parse().unwrap();
+    for (tag, rows, cols) in [("tall", 48usize, 24usize), ("wide", 24, 48)] {
+        let mut p = f32s(&st, &format!("{tag}.param"));
+        let before = p.clone();
+        let g = f32s(&st, &format!("{tag}.grad"));
+        let mut buf = f32s(&st, &format!("{tag}.buf"));
+        let mut upd = vec![0.0; rows * cols];
+        let mut ws = NsWorkspace::for_shapes([(rows, cols)].into_iter());
+        muon_update(&mut p, &g, &mut buf, &mut upd, rows, cols, lr, mu, &mut ws);
+        let e = update_error(&p, &f32s(&st, &format!("{tag}.param_out")), &before);
+        assert!(e < 1e-5, "{tag}: param error {e:e} of the update");
+        let want_buf = f32s(&st, &format!("{tag}.buf_out"));
+        let eb = buf
+            .iter()
+            .zip(&want_buf)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(eb < 1e-6, "{tag}: momentum error {eb:e}");
+    }
+}
+
+#[test]
+fn adamw_step_matches_reference() {
+    let bytes = fixture("adamw_step.safetensors");
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let meta = metadata(&bytes);
+    let get = |k: &str| -> f32 { meta[k].parse().unwrap() };
+    let h = AdamParams {
+        beta1: get("beta1"),
+        beta2: get("beta2"),
+        eps: get("eps"),
+        weight_decay: get("weight_decay"),
+    };
+    let t: u64 = meta["step"].parse().unwrap();
+    let mut p = f32s(&st, "param");
+    let before = p.clone();
+    let (mut m, mut v) = (f32s(&st, "m"), f32s(&st, "v"));
+    adamw_update(&mut p, &f32s(&st, "grad"), &mut m, &mut v, get("lr"), t, &h);
+    let e = update_error(&p, &f32s(&st, "param_out"), &before);
+    assert!(e < 1e-5, "param error {e:e} of the update");
+    for (got, name) in [(&m, "m_out"), (&v, "v_out")] {
+        let want = f32s(&st, name);
+        let scale = want.iter().fold(0.0f32, |a, b| a.max(b.abs()));
+        let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(err <= 1e-6 * scale, "{name}: {err:e} of {scale:e}");
+    }
+}
+
+#[test]
+fn schedule_matches_reference() {
+    let text = String::from_utf8(fixture("schedule.json")).unwrap();
+    let j: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let s = LrSchedule {
+        num_iterations: j["num_iterations"].as_u64().unwrap(),
+        warmup_ratio: j["warmup_ratio"].as_f64().unwrap(),
+        warmdown_ratio: j["warmdown_ratio"].as_f64().unwrap(),
+        final_lr_frac: j["final_lr_frac"].as_f64().unwrap(),
+    };
+    assert_eq!(s.warmup_iters(), j["warmup_iters"].as_u64().unwrap());
+    assert_eq!(s.warmdown_iters(), j["warmdown_iters"].as_u64().unwrap());
+    let lr = j["lr_mult"].as_array().unwrap();
+    let mom = j["muon_momentum"].as_array().unwrap();
+    assert_eq!(lr.len() as u64, s.num_iterations + 1);
+    for (it, (l, m)) in lr.iter().zip(mom).enumerate() {
+        let (l, m) = (l.as_f64().unwrap(), m.as_f64().unwrap());
+        assert!((s.lr_multiplier(it as u64) - l).abs() < 1e-12, "lr_mult[{it}]");
+        assert!(
+            (muon_momentum(it as u64) as f64 - m).abs() < 1e-7,
+            "muon_momentum[{it}]"
+        );
+    }
+}
+
+/// Five steps of the whole optimizer on the tiny model: clip the raw gradient, then Muon + AdamW.
+#[test]
+fn five_optimizer_steps_match_reference() {
+    let bytes = fixture("optim_5steps.safetensors");
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let meta = metadata(&bytes);
+    let num = |k: &str| -> usize { meta[k].parse().unwrap() };
+    let model = ModelConfig::new(
+        num("n_layer"),
+        num("n_embd"),
+        num("n_head"),
+        num("n_kv_head"),
+        num("head_dim"),
+        num("vocab_size"),
+        num("sequence_len"),
+    )
+    .unwrap();
+    let specs = model.param_specs();
+    let n = model.num_params() as usize;
+    let gather = |prefix: &str| -> Vec<f32> {
+        let mut buf = vec![0.0f32; n];
+        for s in &specs {
+            let t = f32s(&st, &format!("{prefix}.{}", s.name));
+            assert_eq!(t.len(), s.numel(), "{prefix}.{}", s.name);
+            buf[s.range()].copy_from_slice(&t);
+        }
+        buf
+    };
+    let floats = |k: &str| -> Vec<f64> { meta[k].split(',').map(|x| x.parse().unwrap()).collect() };
+    let (want_norms, want_lr) = (floats("grad_total_norm"), floats("lr_mult"));
+    let schedule = LrSchedule {
+        num_iterations: num("num_iterations") as u64,
+        warmup_ratio: meta["warmup_ratio"].parse().unwrap(),
+        warmdown_ratio: meta["warmdown_ratio"].parse().unwrap(),
+        final_lr_frac: meta["final_lr_frac"].parse().unwrap(),
+    };
+    let mut params = gather("init");
+    let init = params.clone();
+    let mut opt = Optimizer::new(&model, OptimConfig::default(), 0, 1).unwrap();
+    for k in 0..5u64 {
+        let mut grads = gather(&format!("grad{k}"));
+        let norm = clip_grad_norm(&mut grads, 1.0);
+        assert!(
+            (norm / want_norms[k as usize] - 1.0).abs() < 1e-6,
+            "step {k}: norm {norm}"
+        );
+        let lr_mult = schedule.lr_multiplier(k);
+        assert_eq!(lr_mult, want_lr[k as usize]);
+        opt.step(&mut params, &grads, lr_mult, muon_momentum(k));
+        let want = gather(&format!("step{k}"));
+        for s in &specs {
+            let e = update_error(&params[s.range()], &want[s.range()], &init[s.range()]);
+            assert!(e < 2e-5, "step {k} {}: error {e:e} of the total change", s.name);
+        }
+    }
+}

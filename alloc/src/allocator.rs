@@ -17,8 +17,7 @@ use crate::error::AllocError;
 use crate::oom::OomReport;
 use crate::pool::{Pool, PoolEntry};
 use crate::sizes::{
-    block_size_for, oversize_allows, pool_kind_for, segment_size_for, should_split,
-    AllocatorConfig, PoolKind,
+    block_size_for, oversize_allows, pool_kind_for, segment_size_for, should_split, AllocatorConfig, PoolKind,
 };
 use crate::source::{MemorySource, SourceError, StreamId};
 use crate::stats::{AllocatorStats, Counters};
@@ -283,12 +282,7 @@ impl<S: MemorySource> Inner<S> {
         match self.new_segment(segment_size, kind, owner) {
             Ok(node) => return Ok(self.hand_out(node, size, bytes, owner)),
             Err(SourceError::OutOfMemory) => {}
-            Err(error) => {
-                return Err(source_error(
-                    format!("allocating a {segment_size}-byte segment"),
-                    error,
-                ))
-            }
+            Err(error) => return Err(source_error(format!("allocating a {segment_size}-byte segment"), error)),
         }
         // The device is full: give back every unused cached segment and try once more.
         self.flush()?;
@@ -306,10 +300,7 @@ impl<S: MemorySource> Inner<S> {
                     stream,
                 ))))
             }
-            Err(error) => Err(source_error(
-                format!("allocating a {segment_size}-byte segment"),
-                error,
-            )),
+            Err(error) => Err(source_error(format!("allocating a {segment_size}-byte segment"), error)),
         }
     }
 
@@ -317,10 +308,7 @@ impl<S: MemorySource> Inner<S> {
         let idx = block.node;
         let node = self.nodes.get(idx as usize).copied();
         match node {
-            Some(n)
-                if n.state == NodeState::Allocated
-                    && n.addr == block.addr
-                    && n.size == block.size => {}
+            Some(n) if n.state == NodeState::Allocated && n.addr == block.addr && n.size == block.size => {}
             _ => panic!(
                 "free of a block this allocator did not hand out (addr {:#x})",
                 block.addr
@@ -486,9 +474,7 @@ impl<S: MemorySource> Inner<S> {
     fn merge_with_free_neighbours(&mut self, idx: u32) -> u32 {
         let n = self.nodes[idx as usize];
         let mergeable = |this: &Self, j: u32| {
-            j != NONE
-                && this.nodes[j as usize].state == NodeState::Free
-                && this.nodes[j as usize].owner == n.owner
+            j != NONE && this.nodes[j as usize].state == NodeState::Free && this.nodes[j as usize].owner == n.owner
         };
         if mergeable(self, n.prev) {
             let p = self.nodes[n.prev as usize];
@@ -522,12 +508,7 @@ impl<S: MemorySource> Inner<S> {
     }
 
     /// A new segment from the source, as one free block owned by `owner` (not in a pool).
-    fn new_segment(
-        &mut self,
-        size: usize,
-        kind: PoolKind,
-        owner: usize,
-    ) -> Result<u32, SourceError> {
+    fn new_segment(&mut self, size: usize, kind: PoolKind, owner: usize) -> Result<u32, SourceError> {
         let addr = self.source.allocate(size)?;
         let seg = match self.free_segments.pop() {
             Some(s) => s,
@@ -581,9 +562,10 @@ impl<S: MemorySource> Inner<S> {
         let mut moved = false;
         for s in 0..self.streams.len() {
             if let Some(event) = &self.streams[s].in_flight {
-                let done = self.source.event_completed(event).map_err(|e| {
-                    source_error(format!("querying an event on {}", self.streams[s].id), e)
-                })?;
+                let done = self
+                    .source
+                    .event_completed(event)
+                    .map_err(|e| source_error(format!("querying an event on {}", self.streams[s].id), e))?;
                 if done {
                     self.event_completed(s);
                     moved = true;
@@ -598,10 +580,7 @@ impl<S: MemorySource> Inner<S> {
     fn reclaim_for(&mut self, owner: usize) -> Result<bool, AllocError> {
         let moved = self.poll_events()?;
         for s in 0..self.streams.len() {
-            if s + 1 != owner
-                && self.streams[s].in_flight.is_none()
-                && !self.pools[s + 1].is_empty()
-            {
+            if s + 1 != owner && self.streams[s].in_flight.is_none() && !self.pools[s + 1].is_empty() {
                 self.record_event(s)?;
             }
         }
@@ -725,16 +704,9 @@ impl<S: MemorySource> Inner<S> {
     }
 
     fn stats(&self) -> AllocatorStats {
-        let free_blocks = self
-            .pools
-            .iter()
-            .map(|p| p.small.len() + p.large.len())
-            .sum();
-        self.counters.snapshot(
-            self.largest_free_block(),
-            free_blocks,
-            self.inactive_split_bytes(),
-        )
+        let free_blocks = self.pools.iter().map(|p| p.small.len() + p.large.len()).sum();
+        self.counters
+            .snapshot(self.largest_free_block(), free_blocks, self.inactive_split_bytes())
     }
 
     /// Free bytes in segments that also hold allocated blocks (a walk over all blocks: for stats only).
@@ -758,13 +730,7 @@ impl<S: MemorySource> Inner<S> {
         total
     }
 
-    fn oom_report(
-        &mut self,
-        bytes: usize,
-        block_size: usize,
-        segment_size: usize,
-        stream: StreamId,
-    ) -> OomReport {
+    fn oom_report(&mut self, bytes: usize, block_size: usize, segment_size: usize, stream: StreamId) -> OomReport {
         let (device_free, device_total) = match self.source.memory_info() {
             Some((f, t)) => (Some(f), Some(t)),
             None => (None, None),
@@ -832,12 +798,8 @@ impl<S: MemorySource> Inner<S> {
             let mut addr = sg.addr;
             while i != NONE {
                 let n = &self.nodes[i as usize];
-                if n.segment as usize != si || n.prev != prev || n.addr != addr || n.kind != sg.kind
-                {
-                    return Err(format!(
-                        "block {i} at {:#x}: broken link in segment {si}",
-                        n.addr
-                    ));
+                if n.segment as usize != si || n.prev != prev || n.addr != addr || n.kind != sg.kind {
+                    return Err(format!("block {i} at {:#x}: broken link in segment {si}", n.addr));
                 }
                 if n.state == NodeState::Free {
                     free_seen += 1;
@@ -847,10 +809,7 @@ impl<S: MemorySource> Inner<S> {
                         .iter()
                         .any(|e| e.node == i && e.size == n.size && e.addr == n.addr)
                     {
-                        return Err(format!(
-                            "free block {i} at {:#x} is not in its pool",
-                            n.addr
-                        ));
+                        return Err(format!("free block {i} at {:#x} is not in its pool", n.addr));
                     }
                     if prev != NONE {
                         let p = &self.nodes[prev as usize];
@@ -880,11 +839,7 @@ impl<S: MemorySource> Inner<S> {
                 ));
             }
         }
-        let in_pools: usize = self
-            .pools
-            .iter()
-            .map(|p| p.small.len() + p.large.len())
-            .sum();
+        let in_pools: usize = self.pools.iter().map(|p| p.small.len() + p.large.len()).sum();
         if in_pools != free_seen {
             return Err(format!(
                 "{in_pools} pool entries but {free_seen} free blocks in segments"

@@ -58,11 +58,10 @@ impl CudaSource {
                  (numbered from 0); check CUDA_VISIBLE_DEVICES"
             )));
         }
-        let device =
-            result::device::get(ordinal as i32).map_err(|e| no_device("cuDeviceGet", e))?;
+        let device = result::device::get(ordinal as i32).map_err(|e| no_device("cuDeviceGet", e))?;
         // SAFETY: `device` came from device::get.
-        let context = unsafe { result::primary_ctx::retain(device) }
-            .map_err(|e| no_device("retaining the context", e))?;
+        let context =
+            unsafe { result::primary_ctx::retain(device) }.map_err(|e| no_device("retaining the context", e))?;
         Ok(CudaSource {
             ordinal,
             device,
@@ -72,8 +71,7 @@ impl CudaSource {
 
     fn make_current(&self) -> Result<(), SourceError> {
         // SAFETY: the primary context is retained for as long as self lives.
-        unsafe { result::ctx::set_current(self.context) }
-            .map_err(|e| driver_error("cuCtxSetCurrent", e))
+        unsafe { result::ctx::set_current(self.context) }.map_err(|e| driver_error("cuCtxSetCurrent", e))
     }
 }
 
@@ -128,8 +126,7 @@ impl MemorySource for CudaSource {
     fn wait_event(&mut self, event: &CudaEvent) -> Result<(), SourceError> {
         self.make_current()?;
         // SAFETY: the event is live.
-        unsafe { result::event::synchronize(event.0) }
-            .map_err(|e| driver_error("cuEventSynchronize", e))
+        unsafe { result::event::synchronize(event.0) }.map_err(|e| driver_error("cuEventSynchronize", e))
     }
 
     fn destroy_event(&mut self, event: CudaEvent) {

@@ -87,11 +87,7 @@ impl HostSource {
     /// Complete the oldest pending recording on `stream` (and so everything before it on that stream,
     /// which it already is: recordings on one stream complete in order). False if none is pending.
     pub fn complete_oldest_event(&mut self, stream: StreamId) -> bool {
-        match self
-            .records
-            .iter_mut()
-            .find(|r| r.stream == stream && !r.completed)
-        {
+        match self.records.iter_mut().find(|r| r.stream == stream && !r.completed) {
             Some(r) => {
                 r.completed = true;
                 true
@@ -288,10 +284,7 @@ mod tests {
         let (x, y) = (StreamId(1), StreamId(2));
         let e1 = s.create_event().unwrap();
         let e2 = s.create_event().unwrap();
-        assert!(
-            s.event_completed(&e1).unwrap(),
-            "never recorded counts as complete"
-        );
+        assert!(s.event_completed(&e1).unwrap(), "never recorded counts as complete");
         s.record_event(&e1, x).unwrap();
         s.record_event(&e2, y).unwrap();
         assert!(!s.event_completed(&e1).unwrap());

@@ -27,11 +27,8 @@ impl Pool {
 
     /// Remove the entry for the block at (size, addr); false if it is not here.
     pub fn remove(&mut self, size: usize, addr: u64) -> bool {
-        let at = self
-            .entries
-            .partition_point(|e| (e.size, e.addr) < (size, addr));
-        if at < self.entries.len() && self.entries[at].size == size && self.entries[at].addr == addr
-        {
+        let at = self.entries.partition_point(|e| (e.size, e.addr) < (size, addr));
+        if at < self.entries.len() && self.entries[at].size == size && self.entries[at].addr == addr {
             self.entries.remove(at);
             true
         } else {

@@ -90,8 +90,7 @@ pub fn segment_size_for(block_size: usize) -> Result<usize, AllocError> {
     } else if block_size < EXACT_SEGMENT_MIN {
         Ok(LARGE_SEGMENT)
     } else {
-        round_up(block_size, EXACT_SEGMENT_ROUND)
-            .ok_or(AllocError::RequestTooLarge { bytes: block_size })
+        round_up(block_size, EXACT_SEGMENT_ROUND).ok_or(AllocError::RequestTooLarge { bytes: block_size })
     }
 }
 
@@ -149,12 +148,7 @@ mod tests {
         assert!(should_split(2 << 20, 1024, PoolKind::Small, max));
         assert!(!should_split(1024, 1024, PoolKind::Small, max));
         assert!(!should_split(20 << 20, 19 << 20, PoolKind::Large, max));
-        assert!(should_split(
-            20 << 20,
-            (19 << 20) - 512,
-            PoolKind::Large,
-            max
-        ));
+        assert!(should_split(20 << 20, (19 << 20) - 512, PoolKind::Large, max));
         assert!(!should_split(600 << 20, 2 << 20, PoolKind::Large, max));
         assert!(!oversize_allows(600 << 20, 100 << 20, max));
         assert!(oversize_allows(600 << 20, 590 << 20, max));

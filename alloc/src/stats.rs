@@ -27,9 +27,7 @@ impl Counters {
     pub fn update_peaks(&mut self) {
         self.peak_allocated_bytes = self.peak_allocated_bytes.max(self.allocated_bytes);
         self.peak_reserved_bytes = self.peak_reserved_bytes.max(self.reserved_bytes);
-        self.peak_active_bytes = self
-            .peak_active_bytes
-            .max(self.allocated_bytes + self.waiting_bytes);
+        self.peak_active_bytes = self.peak_active_bytes.max(self.allocated_bytes + self.waiting_bytes);
     }
 
     pub fn reset_peaks(&mut self) {

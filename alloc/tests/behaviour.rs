@@ -2,8 +2,8 @@
 //! out-of-memory path, oversize blocks, statistics and thread safety.
 
 use nc_alloc::{
-    AllocError, AllocatorConfig, BlockState, CachingAllocator, HostSource, MemorySource, PoolKind,
-    SourceError, StreamId,
+    AllocError, AllocatorConfig, BlockState, CachingAllocator, HostSource, MemorySource, PoolKind, SourceError,
+    StreamId,
 };
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -27,10 +27,7 @@ fn a_freed_block_is_reused_without_a_new_segment() {
     assert_eq!(b.addr(), addr, "best fit must return the freed block");
     a.free(b);
     let st = a.stats();
-    assert_eq!(
-        (st.num_allocs, st.num_frees, st.num_segment_allocs),
-        (2, 2, 1)
-    );
+    assert_eq!((st.num_allocs, st.num_frees, st.num_segment_allocs), (2, 2, 1));
     assert_eq!(a.with_source(|s| s.allocate_calls), 1);
     assert_eq!((st.reserved_bytes, st.segments_small), (2 * MIB, 1));
 }
@@ -54,13 +51,7 @@ fn blocks_split_and_free_neighbours_merge() {
     let blocks: Vec<(u64, usize, bool)> = snap[0]
         .blocks
         .iter()
-        .map(|b| {
-            (
-                b.addr - base,
-                b.size,
-                matches!(b.state, BlockState::Free { .. }),
-            )
-        })
+        .map(|b| (b.addr - base, b.size, matches!(b.state, BlockState::Free { .. })))
         .collect();
     assert_eq!(
         blocks,
@@ -72,11 +63,7 @@ fn blocks_split_and_free_neighbours_merge() {
     );
     a.free(z);
     let snap = a.snapshot();
-    assert_eq!(
-        snap[0].blocks.len(),
-        1,
-        "all free: one block spanning the segment"
-    );
+    assert_eq!(snap[0].blocks.len(), 1, "all free: one block spanning the segment");
     assert_eq!(snap[0].blocks[0].size, 2 * MIB);
     a.check_consistency().unwrap();
 }
@@ -113,10 +100,7 @@ fn another_stream_waits_for_the_event_covering_the_free() {
     );
     assert_eq!(a.stats().num_events_recorded, 1);
     let recs = a.with_source(|s| s.event_records().to_vec());
-    assert_eq!(
-        (recs.len(), recs[0].stream, recs[0].completed),
-        (1, S, false)
-    );
+    assert_eq!((recs.len(), recs[0].stream, recs[0].completed), (1, S, false));
     // S's free (merged back into its segment) is waiting on that event: counted as active.
     assert_eq!(a.stats().active_bytes, 4096 + 2 * MIB);
     a.process_events().unwrap();
@@ -179,10 +163,7 @@ fn a_full_device_flushes_the_cache_and_retries_once() {
     a.free(b);
     let big = a.allocate(30 * MIB, S).unwrap(); // 16 + 30 > 40: flush, then fits
     let st = a.stats();
-    assert_eq!(
-        (st.num_cache_flushes, st.num_ooms, st.num_segment_frees),
-        (1, 0, 1)
-    );
+    assert_eq!((st.num_cache_flushes, st.num_ooms, st.num_segment_frees), (1, 0, 1));
     assert_eq!(st.reserved_bytes, 30 * MIB);
     let err = a.allocate(30 * MIB, S).unwrap_err();
     let AllocError::OutOfMemory(report) = &err else {
@@ -227,10 +208,7 @@ fn the_oom_message_names_fragmentation_when_the_cache_has_room_but_no_hole() {
     let AllocError::OutOfMemory(report) = &err else {
         panic!("{err:?}")
     };
-    assert_eq!(
-        (report.reserved_free, report.largest_free_block),
-        (8 * MIB, 4 * MIB)
-    );
+    assert_eq!((report.reserved_free, report.largest_free_block), (8 * MIB, 4 * MIB));
     assert!(err.to_string().contains("fragmented"), "{err}");
     for b in keep {
         a.free(b);
@@ -270,13 +248,7 @@ fn oversize_blocks_are_not_shredded() {
     );
     a.free(far);
     a.free(small);
-    assert!(CachingAllocator::new(
-        HostSource::unbacked(1),
-        AllocatorConfig {
-            max_split_size: MIB
-        }
-    )
-    .is_err());
+    assert!(CachingAllocator::new(HostSource::unbacked(1), AllocatorConfig { max_split_size: MIB }).is_err());
 }
 
 #[test]
@@ -288,10 +260,7 @@ fn peaks_reset_and_summary_names_the_figures() {
     assert_eq!((st.peak_allocated_bytes, st.allocated_bytes), (30 * MIB, 0));
     a.reset_peak();
     let st = a.stats();
-    assert_eq!(
-        (st.peak_allocated_bytes, st.peak_reserved_bytes),
-        (0, 30 * MIB)
-    );
+    assert_eq!((st.peak_allocated_bytes, st.peak_reserved_bytes), (0, 30 * MIB));
     let y = a.allocate(3000, S).unwrap();
     let summary = a.summary();
     assert!(summary.lines().count() <= 4, "{summary}");
@@ -301,10 +270,7 @@ fn peaks_reset_and_summary_names_the_figures() {
         "segments 2",
         "OOMs 0",
     ] {
-        assert!(
-            summary.contains(needle),
-            "summary lacks {needle:?}:\n{summary}"
-        );
+        assert!(summary.contains(needle), "summary lacks {needle:?}:\n{summary}");
     }
     a.free(y);
 }
@@ -324,14 +290,12 @@ impl MemorySource for Watched {
     }
     fn allocate(&mut self, bytes: usize) -> Result<u64, SourceError> {
         let r = self.inner.allocate(bytes);
-        self.live_segments
-            .store(self.inner.live_segments(), Ordering::SeqCst);
+        self.live_segments.store(self.inner.live_segments(), Ordering::SeqCst);
         r
     }
     fn release(&mut self, addr: u64, bytes: usize) -> Result<(), SourceError> {
         let r = self.inner.release(addr, bytes);
-        self.live_segments
-            .store(self.inner.live_segments(), Ordering::SeqCst);
+        self.live_segments.store(self.inner.live_segments(), Ordering::SeqCst);
         r
     }
     fn memory_info(&mut self) -> Option<(usize, usize)> {
@@ -382,8 +346,7 @@ fn dropping_the_allocator_gives_every_segment_and_event_back() {
 fn threads_share_one_allocator_and_never_share_bytes() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<CachingAllocator<HostSource>>();
-    let a =
-        CachingAllocator::new(HostSource::backed(256 * MIB), AllocatorConfig::default()).unwrap();
+    let a = CachingAllocator::new(HostSource::backed(256 * MIB), AllocatorConfig::default()).unwrap();
     std::thread::scope(|scope| {
         for t in 0..4u64 {
             let a = &a;
@@ -426,9 +389,6 @@ fn threads_share_one_allocator_and_never_share_bytes() {
     a.check_consistency().unwrap();
     assert_eq!(a.stats().allocated_bytes, 0);
     a.empty_cache().unwrap();
-    assert_eq!(
-        a.with_source(|s| (s.used_bytes(), s.live_segments())),
-        (0, 0)
-    );
+    assert_eq!(a.with_source(|s| (s.used_bytes(), s.live_segments())), (0, 0));
     assert_eq!(a.with_source(|s| s.pending_events()), 0);
 }

@@ -68,8 +68,7 @@ fn one_round(a: &CachingAllocator<HostSource>, live: &mut Vec<nc_alloc::DeviceBl
 
 #[test]
 fn cached_alloc_free_pairs_make_no_heap_calls() {
-    let a =
-        CachingAllocator::new(HostSource::unbacked(1 << 34), AllocatorConfig::default()).unwrap();
+    let a = CachingAllocator::new(HostSource::unbacked(1 << 34), AllocatorConfig::default()).unwrap();
     let mut live = Vec::with_capacity(16);
     for _ in 0..3 {
         one_round(&a, &mut live);

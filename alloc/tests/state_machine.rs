@@ -15,8 +15,7 @@
 
 use nc_alloc::sizes::{block_size_for, segment_size_for};
 use nc_alloc::{
-    AllocError, AllocatorConfig, BlockState, CachingAllocator, DeviceBlock, HostSource, PoolKind,
-    StreamId,
+    AllocError, AllocatorConfig, BlockState, CachingAllocator, DeviceBlock, HostSource, PoolKind, StreamId,
 };
 use proptest::prelude::*;
 
@@ -91,13 +90,7 @@ fn overlaps(a0: u64, a1: u64, b0: u64, b1: u64) -> bool {
 impl Model {
     /// The new block [start, end) on `stream`: every byte last freed on another stream must be covered by
     /// a completed event recorded on that stream after the free. Then the range is no longer "freed".
-    fn claim(
-        &mut self,
-        start: u64,
-        end: u64,
-        stream: StreamId,
-        alloc: &CachingAllocator<HostSource>,
-    ) {
+    fn claim(&mut self, start: u64, end: u64, stream: StreamId, alloc: &CachingAllocator<HostSource>) {
         let records = alloc.with_source(|s| s.event_records().to_vec());
         let mut kept = Vec::with_capacity(self.freed.len());
         for f in self.freed.drain(..) {
@@ -146,11 +139,7 @@ fn check_invariants(alloc: &CachingAllocator<HostSource>, model: &Model) {
         }
         let mut at = seg.addr;
         for b in &seg.blocks {
-            assert_eq!(
-                b.addr, at,
-                "blocks of segment {:#x} do not tile it",
-                seg.addr
-            );
+            assert_eq!(b.addr, at, "blocks of segment {:#x} do not tile it", seg.addr);
             assert!(b.size > 0 && b.size % 512 == 0, "block size {}", b.size);
             at += b.size as u64;
             match b.state {
@@ -164,11 +153,7 @@ fn check_invariants(alloc: &CachingAllocator<HostSource>, model: &Model) {
                 }
             }
         }
-        assert_eq!(
-            at, prev_end,
-            "blocks of segment {:#x} do not reach its end",
-            seg.addr
-        );
+        assert_eq!(at, prev_end, "blocks of segment {:#x} do not reach its end", seg.addr);
         if seg
             .blocks
             .iter()
@@ -214,10 +199,7 @@ fn check_invariants(alloc: &CachingAllocator<HostSource>, model: &Model) {
     assert_eq!(stats.largest_free_block, largest_free);
     assert_eq!(stats.inactive_split_bytes, split_free);
     assert_eq!((stats.segments_small, stats.segments_large), (small, large));
-    assert_eq!(
-        stats.num_segment_allocs - stats.num_segment_frees,
-        snap.len() as u64
-    );
+    assert_eq!(stats.num_segment_allocs - stats.num_segment_frees, snap.len() as u64);
     assert!(stats.peak_allocated_bytes >= stats.allocated_bytes);
     assert!(stats.peak_reserved_bytes >= stats.reserved_bytes);
     assert!(stats.peak_active_bytes >= stats.active_bytes);
@@ -230,11 +212,7 @@ fn check_invariants(alloc: &CachingAllocator<HostSource>, model: &Model) {
 }
 
 fn run(ops: Vec<Op>, max_split_size: usize) {
-    let alloc = CachingAllocator::new(
-        HostSource::backed(CAPACITY),
-        AllocatorConfig { max_split_size },
-    )
-    .unwrap();
+    let alloc = CachingAllocator::new(HostSource::backed(CAPACITY), AllocatorConfig { max_split_size }).unwrap();
     let mut model = Model {
         live: Vec::new(),
         freed: Vec::new(),
@@ -249,12 +227,7 @@ fn run(ops: Vec<Op>, max_split_size: usize) {
                     Ok(block) => {
                         assert!(block.size() >= bytes && block.addr() % 512 == 0);
                         assert_eq!(block.stream(), stream);
-                        model.claim(
-                            block.addr(),
-                            block.addr() + block.size() as u64,
-                            stream,
-                            &alloc,
-                        );
+                        model.claim(block.addr(), block.addr() + block.size() as u64, stream, &alloc);
                         let tag = model.next_tag;
                         model.next_tag += 1;
                         alloc.with_source(|s| s.write_canary(block.addr(), block.size(), tag));
@@ -265,10 +238,7 @@ fn run(ops: Vec<Op>, max_split_size: usize) {
                         let need = segment_size_for(block_size_for(bytes).unwrap()).unwrap();
                         assert_eq!(report.segment_size, need);
                         let used = alloc.with_source(|s| s.used_bytes());
-                        assert!(
-                            used + need > CAPACITY,
-                            "OOM with room for the segment: {used} + {need}"
-                        );
+                        assert!(used + need > CAPACITY, "OOM with room for the segment: {used} + {need}");
                         assert_eq!(alloc.stats().num_ooms, ooms_before + 1);
                         // The flush gave back every segment with no allocated block.
                         for seg in alloc.snapshot() {
@@ -340,11 +310,7 @@ fn run(ops: Vec<Op>, max_split_size: usize) {
     );
     let stats = alloc.stats();
     assert_eq!(
-        (
-            stats.reserved_bytes,
-            stats.allocated_bytes,
-            stats.active_bytes
-        ),
+        (stats.reserved_bytes, stats.allocated_bytes, stats.active_bytes),
         (0, 0, 0)
     );
 }

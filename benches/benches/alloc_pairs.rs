@@ -11,8 +11,7 @@ const STREAM: StreamId = StreamId(1);
 const SIZES: [(&str, usize); 3] = [("4KiB", 4 << 10), ("256KiB", 256 << 10), ("8MiB", 8 << 20)];
 
 fn warm_allocator() -> CachingAllocator<HostSource> {
-    let a =
-        CachingAllocator::new(HostSource::unbacked(1 << 36), AllocatorConfig::default()).unwrap();
+    let a = CachingAllocator::new(HostSource::unbacked(1 << 36), AllocatorConfig::default()).unwrap();
     // Keep some live blocks around so the pools are not trivially empty.
     for bytes in [512usize, 3000, 70_000, 2 << 20, 12 << 20] {
         let b = a.allocate(bytes, STREAM).unwrap();
@@ -88,10 +87,7 @@ fn mixed(c: &mut Criterion) {
     c.bench_function("alloc_pair/cached_mixed_48_live", |b| {
         b.iter(|| {
             a.free(live.pop_front().unwrap());
-            live.push_back(
-                a.allocate(black_box(CYCLE[i % CYCLE.len()]), STREAM)
-                    .unwrap(),
-            );
+            live.push_back(a.allocate(black_box(CYCLE[i % CYCLE.len()]), STREAM).unwrap());
             i += 1;
         })
     });

@@ -89,9 +89,7 @@ fn training_trace(cfg: &ModelConfig, b: usize, t: usize) -> (Vec<usize>, Vec<Eve
         let fc = tr.alloc(rows * 4 * d * BF16);
         let act = tr.alloc(rows * 4 * d * BF16);
         let x_out = tr.alloc(rows * d * F32);
-        saved.push(vec![
-            ln1, q, k, vv, att, lse, x_attn, ln2, fc, act, residual,
-        ]);
+        saved.push(vec![ln1, q, k, vv, att, lse, x_attn, ln2, fc, act, residual]);
         residual = x_out;
     }
     // Loss: final norm, then lm_head + softcap + cross-entropy over chunks of rows.
@@ -155,17 +153,10 @@ fn training_trace(cfg: &ModelConfig, b: usize, t: usize) -> (Vec<usize>, Vec<Eve
 
 fn replay(cfg: &ModelConfig, b: usize, t: usize, steps: usize) {
     let (persistent, step) = training_trace(cfg, b, t);
-    let ids = step
-        .iter()
-        .filter(|e| matches!(e, Event::Alloc { .. }))
-        .count();
-    assert!(
-        ids > 300,
-        "trace too small to mean anything: {ids} allocations"
-    );
+    let ids = step.iter().filter(|e| matches!(e, Event::Alloc { .. })).count();
+    assert!(ids > 300, "trace too small to mean anything: {ids} allocations");
     let stream = StreamId(7);
-    let alloc =
-        CachingAllocator::new(HostSource::unbacked(80 << 30), AllocatorConfig::default()).unwrap();
+    let alloc = CachingAllocator::new(HostSource::unbacked(80 << 30), AllocatorConfig::default()).unwrap();
     let kept: Vec<_> = persistent
         .iter()
         .map(|&bytes| alloc.allocate(bytes, stream).unwrap())
@@ -177,12 +168,8 @@ fn replay(cfg: &ModelConfig, b: usize, t: usize, steps: usize) {
     for s in 0..steps {
         for e in &step {
             match *e {
-                Event::Alloc { id, bytes } => {
-                    slots[id] = Some(alloc.allocate(bytes, stream).unwrap())
-                }
-                Event::Free { id } => {
-                    alloc.free(slots[id].take().expect("trace frees a block twice"))
-                }
+                Event::Alloc { id, bytes } => slots[id] = Some(alloc.allocate(bytes, stream).unwrap()),
+                Event::Free { id } => alloc.free(slots[id].take().expect("trace frees a block twice")),
             }
         }
         let st = alloc.stats();
@@ -203,10 +190,7 @@ fn replay(cfg: &ModelConfig, b: usize, t: usize, steps: usize) {
     }
     let st = alloc.stats();
     assert_eq!(st.reserved_bytes, reserved_after_first);
-    assert_eq!(
-        (st.num_cache_flushes, st.num_ooms, st.num_segment_frees),
-        (0, 0, 0)
-    );
+    assert_eq!((st.num_cache_flushes, st.num_ooms, st.num_segment_frees), (0, 0, 0));
     assert_eq!(st.num_allocs, (persistent.len() + ids * steps) as u64);
     alloc.check_consistency().unwrap();
     eprintln!("after {steps} steps:\n{}", alloc.summary());

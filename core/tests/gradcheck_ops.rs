@@ -79,14 +79,7 @@ fn check_grad_floor(
     }
 }
 
-fn check_grad(
-    what: &str,
-    f: impl Fn(&[f64]) -> Vec<f64>,
-    x: &[f32],
-    cot: &[f64],
-    grad: &[f32],
-    rng: &mut TestRng,
-) {
+fn check_grad(what: &str, f: impl Fn(&[f64]) -> Vec<f64>, x: &[f32], cot: &[f64], grad: &[f32], rng: &mut TestRng) {
     check_grad_floor(what, f, x, cot, grad, rng, 0.0)
 }
 

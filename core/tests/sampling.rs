@@ -21,10 +21,7 @@ fn model(t: usize, seed: u64) -> Gpt<CpuBackend> {
 
 fn max_rel(a: &[f32], b: &[f32]) -> f32 {
     let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(b)
-        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
-        / scale
+    a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
 #[test]
@@ -34,9 +31,7 @@ fn cache_matches_fresh_forward_and_training_losses() {
     let mut m = model(t, 3);
     let mut rng = TestRng(4);
     let tokens: Vec<u32> = (0..t).map(|_| rng.below(37) as u32).collect();
-    let targets: Vec<i32> = (1..=t)
-        .map(|i| if i < t { tokens[i] as i32 } else { -1 })
-        .collect();
+    let targets: Vec<i32> = (1..=t).map(|i| if i < t { tokens[i] as i32 } else { -1 }).collect();
     let mut losses = vec![0.0f32; t];
     m.forward_losses(&tokens, &targets, &mut losses).unwrap();
 
@@ -75,9 +70,7 @@ fn greedy_generation_follows_argmax_and_sampling_is_seeded() {
     let m = model(24, 5);
     let mut s = Sampler::new(&m, 24).unwrap();
     let prompt = [1u32, 2, 3];
-    let out = s
-        .generate(&m, &prompt, 6, Sampling::greedy(), 0, None)
-        .unwrap();
+    let out = s.generate(&m, &prompt, 6, Sampling::greedy(), 0, None).unwrap();
     assert_eq!(out.len(), 6);
     // Each greedy token is the argmax of a fresh forward over everything before it.
     let mut seq = prompt.to_vec();
@@ -110,19 +103,13 @@ fn greedy_generation_follows_argmax_and_sampling_is_seeded() {
         .unwrap();
     assert_eq!(top1, out, "top_k 1 is greedy");
     let stop = out[2];
-    let early = s
-        .generate(&m, &prompt, 6, Sampling::greedy(), 0, Some(stop))
-        .unwrap();
+    let early = s.generate(&m, &prompt, 6, Sampling::greedy(), 0, Some(stop)).unwrap();
     assert_eq!(early, out[..=out.iter().position(|&x| x == stop).unwrap()]);
     assert!(
-        s.generate(&m, &prompt, 22, Sampling::greedy(), 0, None)
-            .is_err(),
+        s.generate(&m, &prompt, 22, Sampling::greedy(), 0, None).is_err(),
         "past max_len"
     );
-    assert!(
-        s.logits_for_last_position(&m, &[37]).is_err(),
-        "outside the vocabulary"
-    );
+    assert!(s.logits_for_last_position(&m, &[37]).is_err(), "outside the vocabulary");
     assert!(Sampler::new(&m, 25).is_err());
 }
 
@@ -158,8 +145,5 @@ fn top_k_sampling_stays_in_the_top_k_and_follows_the_distribution() {
             "token {tok}: frequency {got} vs probability {want}"
         );
     }
-    assert_eq!(
-        pick_token(&logits, Sampling::greedy(), &mut rng, &mut cand),
-        1
-    );
+    assert_eq!(pick_token(&logits, Sampling::greedy(), &mut rng, &mut cand), 1);
 }

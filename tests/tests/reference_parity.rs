@@ -41,11 +41,7 @@ fn i32s(st: &SafeTensors, name: &str) -> Vec<i32> {
 
 fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len());
-    let err: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
-        .sum();
+    let err: f64 = got.iter().zip(want).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum();
     let norm: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
     assert!(
         norm > 0.0,
@@ -59,11 +55,7 @@ fn parity(file: &str) {
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
     let meta: HashMap<String, String> = meta.metadata().clone().unwrap_or_default();
-    let get = |k: &str| -> usize {
-        meta[k]
-            .parse()
-            .unwrap_or_else(|e| panic!("metadata {k}: {e}"))
-    };
+    let get = |k: &str| -> usize { meta[k].parse().unwrap_or_else(|e| panic!("metadata {k}: {e}")) };
     let eps: f64 = meta["rmsnorm_eps"].parse().unwrap();
     assert_eq!(
         eps,
@@ -88,9 +80,7 @@ fn parity(file: &str) {
 
     let mut model = Gpt::new(CpuBackend::new(), cfg, b, t, Recompute::None).unwrap();
     for spec in cfg.param_specs() {
-        model
-            .write_param(&spec.name, &f32s(&st, &spec.name))
-            .unwrap();
+        model.write_param(&spec.name, &f32s(&st, &spec.name)).unwrap();
     }
     model.zero_grads();
     let inputs: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
@@ -98,10 +88,7 @@ fn parity(file: &str) {
     let want_loss = f32s(&st, "loss")[0];
     let loss_err = ((loss - want_loss) / want_loss).abs() as f64;
     println!("{file}: loss {loss} vs {want_loss} (rel {loss_err:.2e})");
-    assert!(
-        loss_err <= TOL,
-        "{file}: loss {loss} vs reference {want_loss}"
-    );
+    assert!(loss_err <= TOL, "{file}: loss {loss} vs reference {want_loss}");
 
     let mut worst = 0.0f64;
     for spec in cfg.param_specs() {
@@ -109,11 +96,7 @@ fn parity(file: &str) {
         model.read_grad(&spec.name, &mut g).unwrap();
         let e = rel_l2(&g, &f32s(&st, &format!("grad.{}", spec.name)));
         worst = worst.max(e);
-        assert!(
-            e <= TOL,
-            "{file}: grad of {} off by {e:.3e} (relative L2)",
-            spec.name
-        );
+        assert!(e <= TOL, "{file}: grad of {} off by {e:.3e} (relative L2)", spec.name);
     }
     println!("{file}: worst gradient relative L2 error {worst:.2e}");
 
@@ -130,10 +113,7 @@ fn parity(file: &str) {
         last = sampler.extend(&model, &[tok]).unwrap().to_vec();
     }
     let e = rel_l2(&last, &f32s(&st, "logits_last"));
-    assert!(
-        e <= TOL,
-        "{file}: token-by-token logits_last off by {e:.3e}"
-    );
+    assert!(e <= TOL, "{file}: token-by-token logits_last off by {e:.3e}");
 }
 
 #[test]

@@ -7,9 +7,11 @@
 //! - `shard`: llm.c token shards (mmap reader, atomic writer).
 //! - `loader`: the distributed, resumable, prefetching batch loader.
 //! - `prep`: reading parquet/jsonl/txt documents and writing token shards (used by `nc-data`).
+//! - `fuzz_targets`: the bodies of the fuzz targets in `fuzz/`, also run by stable tests.
 //! - `synth`: the embedded corpus and a ready in-memory dataset.
 
 pub mod bpe_train;
+pub mod fuzz_targets;
 pub mod loader;
 pub mod pickle;
 pub mod prep;

@@ -1,4 +1,4 @@
-//! The fuzz targets (nc_core::data::fuzz_targets) on stable Rust: over the seed corpus in `fuzz/corpus/`,
+//! The fuzz targets (nc_core::data::fuzz_targets) on stable Rust: over the seed corpus in `fuzz/seeds/`,
 //! over every truncation and many random mutations of each seed, and over proptest-random bytes. Plus the
 //! round trips decode(encode(s)) == s for any string.
 
@@ -23,7 +23,7 @@ const TARGETS: [(&str, Target); 6] = [
 
 fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../fuzz/corpus")
+        .join("../fuzz/seeds")
         .join(target);
     let mut out: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))

@@ -109,10 +109,7 @@ impl ModelConfig {
             Some((_, depth)) => Self::from_depth(*depth),
             None => {
                 let names: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
-                bail!(
-                    "unknown preset '{name}'; the presets are {}",
-                    names.join(", ")
-                )
+                bail!("unknown preset '{name}'; the presets are {}", names.join(", "))
             }
         }
     }
@@ -162,9 +159,7 @@ impl ModelConfig {
     pub fn validate(&self) -> Result<()> {
         let c = self;
         if c.n_layer == 0 || c.n_embd == 0 || c.n_head == 0 || c.n_kv_head == 0 {
-            bail!(
-                "model shape {c:?}: n_layer, n_embd, n_head and n_kv_head must all be at least 1"
-            );
+            bail!("model shape {c:?}: n_layer, n_embd, n_head and n_kv_head must all be at least 1");
         }
         if c.head_dim == 0 || c.head_dim % 2 != 0 {
             bail!(
@@ -215,69 +210,26 @@ impl ModelConfig {
         let v = self.vocab_size;
         let mut specs = Vec::with_capacity(2 + 6 * self.n_layer);
         let mut offset = 0;
-        let mut push =
-            |name: String, rows: usize, cols: usize, kind: ParamKind, layer: Option<usize>| {
-                specs.push(ParamSpec {
-                    name,
-                    rows,
-                    cols,
-                    kind,
-                    offset,
-                    layer,
-                });
-                offset += rows * cols;
-            };
-        push(
-            "transformer.wte.weight".into(),
-            v,
-            d,
-            ParamKind::Embedding,
-            None,
-        );
+        let mut push = |name: String, rows: usize, cols: usize, kind: ParamKind, layer: Option<usize>| {
+            specs.push(ParamSpec {
+                name,
+                rows,
+                cols,
+                kind,
+                offset,
+                layer,
+            });
+            offset += rows * cols;
+        };
+        push("transformer.wte.weight".into(), v, d, ParamKind::Embedding, None);
         for i in 0..self.n_layer {
             let p = format!("transformer.h.{i}");
-            push(
-                format!("{p}.attn.c_q.weight"),
-                qd,
-                d,
-                ParamKind::Matrix,
-                Some(i),
-            );
-            push(
-                format!("{p}.attn.c_k.weight"),
-                kvd,
-                d,
-                ParamKind::Matrix,
-                Some(i),
-            );
-            push(
-                format!("{p}.attn.c_v.weight"),
-                kvd,
-                d,
-                ParamKind::Matrix,
-                Some(i),
-            );
-            push(
-                format!("{p}.attn.c_proj.weight"),
-                d,
-                qd,
-                ParamKind::Matrix,
-                Some(i),
-            );
-            push(
-                format!("{p}.mlp.c_fc.weight"),
-                4 * d,
-                d,
-                ParamKind::Matrix,
-                Some(i),
-            );
-            push(
-                format!("{p}.mlp.c_proj.weight"),
-                d,
-                4 * d,
-                ParamKind::Matrix,
-                Some(i),
-            );
+            push(format!("{p}.attn.c_q.weight"), qd, d, ParamKind::Matrix, Some(i));
+            push(format!("{p}.attn.c_k.weight"), kvd, d, ParamKind::Matrix, Some(i));
+            push(format!("{p}.attn.c_v.weight"), kvd, d, ParamKind::Matrix, Some(i));
+            push(format!("{p}.attn.c_proj.weight"), d, qd, ParamKind::Matrix, Some(i));
+            push(format!("{p}.mlp.c_fc.weight"), 4 * d, d, ParamKind::Matrix, Some(i));
+            push(format!("{p}.mlp.c_proj.weight"), d, 4 * d, ParamKind::Matrix, Some(i));
         }
         push("lm_head.weight".into(), v, d, ParamKind::Unembedding, None);
         specs
@@ -312,10 +264,7 @@ mod tests {
     #[test]
     fn presets_match_spec_shapes() {
         let c = ModelConfig::preset("3b").unwrap();
-        assert_eq!(
-            (c.n_layer, c.n_embd, c.n_head, c.n_kv_head),
-            (38, 2432, 19, 19)
-        );
+        assert_eq!((c.n_layer, c.n_embd, c.n_head, c.n_kv_head), (38, 2432, 19, 19));
         let c = ModelConfig::preset("7b").unwrap();
         assert_eq!((c.n_layer, c.n_embd, c.n_head), (52, 3328, 26));
         let c = ModelConfig::preset("d20").unwrap();
@@ -329,49 +278,27 @@ mod tests {
             let (v, d, l) = (65536u64, c.n_embd as u64, depth as u64);
             assert_eq!(c.num_params(), 2 * v * d + 12 * l * d * d, "depth {depth}");
             let sum: usize = c.param_specs().iter().map(|p| p.numel()).sum();
-            assert_eq!(
-                sum as u64,
-                c.num_params(),
-                "depth {depth}: specs must tile the buffer"
-            );
+            assert_eq!(sum as u64, c.num_params(), "depth {depth}: specs must tile the buffer");
         }
         // d20 is nanochat's "561M" model.
-        assert_eq!(
-            ModelConfig::from_depth(20).unwrap().num_params(),
-            560_988_160
-        );
+        assert_eq!(ModelConfig::from_depth(20).unwrap().num_params(), 560_988_160);
     }
 
     #[test]
     fn flops_match_spec_section_7() {
         let f38 = ModelConfig::from_depth(38).unwrap().flops_per_token();
         let f52 = ModelConfig::from_depth(52).unwrap().flops_per_token();
-        assert!(
-            (f38 / 1.94e10 - 1.0).abs() < 0.005,
-            "d38 flops/token {f38:e}"
-        );
-        assert!(
-            (f52 / 4.70e10 - 1.0).abs() < 0.005,
-            "d52 flops/token {f52:e}"
-        );
+        assert!((f38 / 1.94e10 - 1.0).abs() < 0.005, "d38 flops/token {f38:e}");
+        assert!((f52 / 4.70e10 - 1.0).abs() < 0.005, "d52 flops/token {f52:e}");
     }
 
     #[test]
     fn gqa_params_and_validation() {
-        let c = ModelConfig::from_depth(4)
-            .unwrap()
-            .with_kv_heads(1)
-            .unwrap();
+        let c = ModelConfig::from_depth(4).unwrap().with_kv_heads(1).unwrap();
         let d = 256u64;
         let kvd = 128u64;
-        assert_eq!(
-            c.num_params(),
-            2 * 65536 * d + 4 * (10 * d * d + 2 * kvd * d)
-        );
-        assert!(ModelConfig::from_depth(4)
-            .unwrap()
-            .with_kv_heads(3)
-            .is_err());
+        assert_eq!(c.num_params(), 2 * 65536 * d + 4 * (10 * d * d + 2 * kvd * d));
+        assert!(ModelConfig::from_depth(4).unwrap().with_kv_heads(3).is_err());
     }
 
     #[test]

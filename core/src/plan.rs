@@ -32,12 +32,7 @@ pub struct BatchPlan {
 }
 
 impl BatchPlan {
-    pub fn new(
-        device_batch_size: usize,
-        seq_len: usize,
-        total_batch_size: usize,
-        world_size: usize,
-    ) -> Result<Self> {
+    pub fn new(device_batch_size: usize, seq_len: usize, total_batch_size: usize, world_size: usize) -> Result<Self> {
         if device_batch_size == 0 || seq_len == 0 || world_size == 0 || total_batch_size == 0 {
             bail!(
                 "--device-batch-size ({device_batch_size}), --max-seq-len ({seq_len}), --world-size ({world_size}) \
@@ -77,11 +72,7 @@ pub enum Horizon {
 
 impl Horizon {
     /// From the three optional flags, in nanochat's precedence; `ratio_default` when none is given.
-    pub fn from_flags(
-        num_iterations: Option<u64>,
-        target_flops: Option<f64>,
-        ratio: Option<f64>,
-    ) -> Result<Self> {
+    pub fn from_flags(num_iterations: Option<u64>, target_flops: Option<f64>, ratio: Option<f64>) -> Result<Self> {
         if let Some(n) = num_iterations {
             return Ok(Horizon::Iterations(n));
         }
@@ -162,17 +153,11 @@ pub fn gpu_by_name(name: &str) -> Result<Gpu> {
 pub fn parse_mem_size(s: &str) -> Result<f64> {
     let t = s.trim();
     let lower = t.to_ascii_lowercase();
-    let (num, mult) = [
-        ("gib", GIB),
-        ("gb", GB),
-        ("mib", 1048576.0),
-        ("mb", 1e6),
-        ("g", GIB),
-    ]
-    .iter()
-    .find(|(u, _)| lower.ends_with(u))
-    .map(|(u, m)| (&t[..t.len() - u.len()], *m))
-    .unwrap_or((t, GIB));
+    let (num, mult) = [("gib", GIB), ("gb", GB), ("mib", 1048576.0), ("mb", 1e6), ("g", GIB)]
+        .iter()
+        .find(|(u, _)| lower.ends_with(u))
+        .map(|(u, m)| (&t[..t.len() - u.len()], *m))
+        .unwrap_or((t, GIB));
     match num.trim().parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 => Ok(v * mult),
         _ => bail!("memory size '{s}' is not a positive number with an optional unit (GiB, GB, MiB, MB), e.g. 187.5GB"),
@@ -338,13 +323,7 @@ pub fn memory_per_gpu(
     let loss_workspace = loss_workspace_bytes(model, tokens);
     // reduce-scatter lands this rank's fp32 grad shard in its own buffer; one rank needs none
     let comm_buffers = if world_size > 1 { owned * 4.0 } else { 0.0 };
-    let sum = params
-        + grads
-        + master_weights
-        + optimizer_state
-        + activations
-        + loss_workspace
-        + comm_buffers;
+    let sum = params + grads + master_weights + optimizer_state + activations + loss_workspace + comm_buffers;
     let slack = match precision {
         Precision::Bf16 => GPU_CONTEXT_BYTES + SLACK_FRACTION * sum,
         Precision::Fp32 => SLACK_FRACTION * sum,
@@ -371,8 +350,7 @@ pub fn max_device_batch(
     mem_bytes: f64,
     limit: usize,
 ) -> usize {
-    let fits =
-        |b: usize| memory_per_gpu(model, b, world_size, precision, policy).total <= mem_bytes;
+    let fits = |b: usize| memory_per_gpu(model, b, world_size, precision, policy).total <= mem_bytes;
     if !fits(1) {
         return 0;
     }
@@ -457,8 +435,7 @@ pub fn recompute_flops_per_token(model: &ModelConfig, policy: Recompute) -> f64 
     match policy {
         Recompute::Full => {
             let block_params = (model.num_params() - 2 * model.num_params_wte()) as f64;
-            let attn =
-                4.0 * (model.n_layer * model.n_head * model.head_dim * model.sequence_len) as f64;
+            let attn = 4.0 * (model.n_layer * model.n_head * model.head_dim * model.sequence_len) as f64;
             2.0 * block_params + attn
         }
         _ => 0.0,
@@ -477,11 +454,7 @@ impl Plan {
                 req.batch.seq_len, m.sequence_len
             )));
         }
-        let (b, w, p) = (
-            req.batch.device_batch_size,
-            req.batch.world_size,
-            req.precision,
-        );
+        let (b, w, p) = (req.batch.device_batch_size, req.batch.world_size, req.precision);
         let mem = |policy| memory_per_gpu(m, b, w, p, policy);
         let recompute = match req.recompute {
             Recompute::Auto => Recompute::CONCRETE
@@ -541,14 +514,7 @@ impl Plan {
             memory_without_recompute: none,
             unchunked_logits_bytes: unchunked_logits_bytes(m, req.batch.tokens_per_fwdbwd),
             max_device_batch: max_device_batch(m, w, p, max_policy, req.device_mem_bytes, limit),
-            max_device_batch_without_recompute: max_device_batch(
-                m,
-                w,
-                p,
-                Recompute::None,
-                req.device_mem_bytes,
-                limit,
-            ),
+            max_device_batch_without_recompute: max_device_batch(m, w, p, Recompute::None, req.device_mem_bytes, limit),
             recompute_flops_overhead: recompute_flops_per_token(m, recompute) / flops_per_token,
             mfu: req.mfu,
             times,
@@ -652,10 +618,7 @@ impl Plan {
         line(format!("time at {:.0}% MFU:", 100.0 * self.mfu));
         for t in &self.times {
             let cost = t.usd.map(|u| format!("  ${u:.0}")).unwrap_or_default();
-            line(format!(
-                "  {} x {:<5} {:10.1} h{cost}",
-                t.world_size, t.gpu, t.hours
-            ));
+            line(format!("  {} x {:<5} {:10.1} h{cost}", t.world_size, t.gpu, t.hours));
         }
         s
     }
@@ -708,10 +671,7 @@ mod tests {
     fn activations_without_recompute_are_about_32d_bytes_per_token_per_layer() {
         let m = ModelConfig::from_depth(38).unwrap();
         let per = activation_elems_per_token_per_layer(&m, Recompute::None) as f64 * 2.0;
-        assert!(
-            (per / (32.0 * 2432.0) - 1.0).abs() < 0.15,
-            "{per} bytes/token/layer"
-        );
+        assert!((per / (32.0 * 2432.0) - 1.0).abs() < 0.15, "{per} bytes/token/layer");
         // d38 at 48 x 2048: ~290 GB kept
         let kept = per * 38.0 * 48.0 * 2048.0;
         assert!((kept / 290e9 - 1.0).abs() < 0.15, "{kept:e}");

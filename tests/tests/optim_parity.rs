@@ -98,11 +98,7 @@ fn adamw_step_matches_reference() {
     for (got, name) in [(&m, "m_out"), (&v, "v_out")] {
         let want = f32s(&st, name);
         let scale = want.iter().fold(0.0f32, |a, b| a.max(b.abs()));
-        let err = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         assert!(err <= 1e-6 * scale, "{name}: {err:e} of {scale:e}");
     }
 }
@@ -124,10 +120,7 @@ fn schedule_matches_reference() {
     assert_eq!(lr.len() as u64, s.num_iterations + 1);
     for (it, (l, m)) in lr.iter().zip(mom).enumerate() {
         let (l, m) = (l.as_f64().unwrap(), m.as_f64().unwrap());
-        assert!(
-            (s.lr_multiplier(it as u64) - l).abs() < 1e-12,
-            "lr_mult[{it}]"
-        );
+        assert!((s.lr_multiplier(it as u64) - l).abs() < 1e-12, "lr_mult[{it}]");
         assert!(
             (muon_momentum(it as u64) as f64 - m).abs() < 1e-7,
             "muon_momentum[{it}]"
@@ -187,11 +180,7 @@ fn five_optimizer_steps_match_reference() {
         let want = gather(&format!("step{k}"));
         for s in &specs {
             let e = update_error(&params[s.range()], &want[s.range()], &init[s.range()]);
-            assert!(
-                e < 2e-5,
-                "step {k} {}: error {e:e} of the total change",
-                s.name
-            );
+            assert!(e < 2e-5, "step {k} {}: error {e:e} of the total change", s.name);
         }
     }
 }

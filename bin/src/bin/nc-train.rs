@@ -175,9 +175,7 @@ fn model_from_flags(cli: &Cli) -> Result<ModelConfig> {
 
 fn check_common(cli: &Cli) -> Result<()> {
     if cli.json && !cli.plan {
-        return Err(NcError::new(
-            "--json only applies to --plan; add --plan or drop --json",
-        ));
+        return Err(NcError::new("--json only applies to --plan; add --plan or drop --json"));
     }
     if cli.world_size == 0 {
         return Err(NcError::new("--world-size must be at least 1"));
@@ -197,9 +195,7 @@ fn check_common(cli: &Cli) -> Result<()> {
         }
     }
     if cli.warmup_ratio + cli.warmdown_ratio > 1.0 {
-        return Err(NcError::new(
-            "--warmup-ratio plus --warmdown-ratio must not exceed 1",
-        ));
+        return Err(NcError::new("--warmup-ratio plus --warmdown-ratio must not exceed 1"));
     }
     Ok(())
 }
@@ -212,27 +208,21 @@ fn plan_from_flags(cli: &Cli) -> Result<Plan> {
         cli.total_batch_size.unwrap_or(DEFAULT_TOTAL_BATCH),
         cli.world_size,
     )?;
-    let horizon = Horizon::from_flags(
-        cli.num_iterations,
-        cli.target_flops,
-        cli.target_param_data_ratio,
-    )?;
+    let horizon = Horizon::from_flags(cli.num_iterations, cli.target_flops, cli.target_param_data_ratio)?;
     let (precision, device, mem) = if cli.backend == "cpu" {
         let mem = match &cli.gpu_mem {
             Some(s) => plan::parse_mem_size(s)?,
             None => host_memory_bytes().ok_or_else(|| {
-                NcError::new("cannot read the host memory size from /proc/meminfo; give --gpu-mem (e.g. --gpu-mem 64GiB)")
+                NcError::new(
+                    "cannot read the host memory size from /proc/meminfo; give --gpu-mem (e.g. --gpu-mem 64GiB)",
+                )
             })?,
         };
         (Precision::Fp32, "cpu".to_string(), mem)
     } else {
         let gpu = plan::gpu_by_name(cli.gpu.as_deref().unwrap_or("h100"))?;
         match &cli.gpu_mem {
-            Some(s) => (
-                Precision::Bf16,
-                gpu.name.to_string(),
-                plan::parse_mem_size(s)?,
-            ),
+            Some(s) => (Precision::Bf16, gpu.name.to_string(), plan::parse_mem_size(s)?),
             None => (Precision::Bf16, gpu.name.to_string(), gpu.mem_bytes),
         }
     };
@@ -290,14 +280,24 @@ fn run(cli: Cli) -> Result<()> {
 
 /// The embedded default: a model small enough to learn the embedded corpus on 2 CPU cores in minutes.
 fn embedded_model() -> Result<ModelConfig> {
-    ModelConfig::new(EMBEDDED_LAYERS, EMBEDDED_DIM, EMBEDDED_DIM / EMBEDDED_HEAD_DIM, EMBEDDED_DIM / EMBEDDED_HEAD_DIM, EMBEDDED_HEAD_DIM, 512, EMBEDDED_SEQ)
+    ModelConfig::new(
+        EMBEDDED_LAYERS,
+        EMBEDDED_DIM,
+        EMBEDDED_DIM / EMBEDDED_HEAD_DIM,
+        EMBEDDED_DIM / EMBEDDED_HEAD_DIM,
+        EMBEDDED_HEAD_DIM,
+        512,
+        EMBEDDED_SEQ,
+    )
 }
 
 /// Flags to a training configuration. Without --data-dir the defaults are the embedded run's; with it,
 /// nanochat's.
 fn train_config_from_flags(cli: &Cli) -> Result<TrainConfig> {
     if cli.backend == "cuda" {
-        return Err(NcError::new("--backend cuda: this build has no CUDA backend yet; use --backend cpu (or auto)"));
+        return Err(NcError::new(
+            "--backend cuda: this build has no CUDA backend yet; use --backend cpu (or auto)",
+        ));
     }
     let embedded = cli.data_dir.is_none();
     let model = if embedded && cli.depth.is_none() && cli.preset.is_none() {
@@ -312,16 +312,30 @@ fn train_config_from_flags(cli: &Cli) -> Result<TrainConfig> {
     } else {
         model_from_flags(cli)?
     };
-    let dbs = cli.device_batch_size.unwrap_or(if embedded { EMBEDDED_DBS } else { DEFAULT_DBS });
-    let total = cli.total_batch_size.unwrap_or(if embedded { dbs * model.sequence_len * cli.world_size } else { DEFAULT_TOTAL_BATCH });
+    let dbs = cli
+        .device_batch_size
+        .unwrap_or(if embedded { EMBEDDED_DBS } else { DEFAULT_DBS });
+    let total = cli.total_batch_size.unwrap_or(if embedded {
+        dbs * model.sequence_len * cli.world_size
+    } else {
+        DEFAULT_TOTAL_BATCH
+    });
     // checked here too so a bad batch fails before any data is read
     BatchPlan::new(dbs, model.sequence_len, total, cli.world_size)?;
-    let num_iterations = match (embedded, cli.num_iterations, cli.target_flops, cli.target_param_data_ratio) {
+    let num_iterations = match (
+        embedded,
+        cli.num_iterations,
+        cli.target_flops,
+        cli.target_param_data_ratio,
+    ) {
         (true, None, None, None) => Some(EMBEDDED_STEPS),
         (_, n, _, _) => n,
     };
     let horizon = Horizon::from_flags(num_iterations, cli.target_flops, cli.target_param_data_ratio)?;
-    let model_tag = cli.model_tag.clone().unwrap_or_else(|| if embedded { "embedded".into() } else { model.model_tag() });
+    let model_tag = cli
+        .model_tag
+        .clone()
+        .unwrap_or_else(|| if embedded { "embedded".into() } else { model.model_tag() });
     let out_dir = PathBuf::from(cli.out_dir.clone().unwrap_or_else(|| format!("runs/{model_tag}")));
     let resume = match cli.resume.as_deref() {
         None => Resume::No,
@@ -339,14 +353,21 @@ fn train_config_from_flags(cli: &Cli) -> Result<TrainConfig> {
             matrix_lr: cli.matrix_lr,
             embedding_lr: cli.embedding_lr,
             unembedding_lr: cli.unembedding_lr,
-            adam: AdamParams { weight_decay: cli.weight_decay, ..AdamParams::default() },
+            adam: AdamParams {
+                weight_decay: cli.weight_decay,
+                ..AdamParams::default()
+            },
         },
         grad_clip: cli.grad_clip,
         warmup_ratio: cli.warmup_ratio,
         warmdown_ratio: cli.warmdown_ratio,
         final_lr_frac: cli.final_lr_frac,
-        eval_every: cli.eval_every.unwrap_or(if embedded { EMBEDDED_EVAL_EVERY } else { 250 }),
-        eval_tokens: cli.eval_tokens.unwrap_or(if embedded { EMBEDDED_EVAL_TOKENS } else { 20 * 524288 }),
+        eval_every: cli
+            .eval_every
+            .unwrap_or(if embedded { EMBEDDED_EVAL_EVERY } else { 250 }),
+        eval_tokens: cli
+            .eval_tokens
+            .unwrap_or(if embedded { EMBEDDED_EVAL_TOKENS } else { 20 * 524288 }),
         sample_every: cli.sample_every.unwrap_or(if embedded { 0 } else { 2000 }),
         save_every: cli.save_every,
         sample_tokens: if embedded { 24 } else { 16 },
@@ -390,10 +411,7 @@ mod tests {
         assert_eq!(c.device_batch_size, Some(48));
         assert_eq!(c.num_iterations, Some(100));
         let c = parse(&["--device_batch_size=24", "--total_batch_size=393216"]);
-        assert_eq!(
-            (c.device_batch_size, c.total_batch_size),
-            (Some(24), Some(393216))
-        );
+        assert_eq!((c.device_batch_size, c.total_batch_size), (Some(24), Some(393216)));
     }
 
     #[test]
@@ -414,10 +432,7 @@ mod tests {
         ]);
         let p = plan_from_flags(&c).unwrap();
         let v: serde_json::Value = serde_json::to_value(&p).unwrap();
-        assert_eq!(
-            v["params"].as_u64(),
-            Some(2 * 65536 * 3328 + 12 * 52 * 3328 * 3328)
-        );
+        assert_eq!(v["params"].as_u64(), Some(2 * 65536 * 3328 + 12 * 52 * 3328 * 3328));
         let f = v["flops_per_token"].as_f64().unwrap();
         assert!((f / 4.70e10 - 1.0).abs() < 0.005);
         assert_eq!(v["grad_accum"].as_u64(), Some(1));
@@ -433,14 +448,8 @@ mod tests {
         let cases: &[(&[&str], &str)] = &[
             (&["--depth", "20", "--preset", "3b"], "not both"),
             (&["--json"], "--plan"),
-            (
-                &["--plan", "--dbs", "48", "--world-size", "8"],
-                "--total-batch-size",
-            ),
-            (
-                &["--plan", "--recompute", "some"],
-                "none, selective, full, auto",
-            ),
+            (&["--plan", "--dbs", "48", "--world-size", "8"], "--total-batch-size"),
+            (&["--plan", "--recompute", "some"], "none, selective, full, auto"),
             (&["--plan", "--gpu", "tpu"], "known"),
             (&["--plan", "--depth", "3"], "even depth"),
             (&["--backend", "metal"], "auto, cpu, cuda"),

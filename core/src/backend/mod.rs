@@ -1,1 +1,317 @@
-//! The `Backend` trait: the operations the model is written against; CPU and CUDA implement it (issue 2).
+//! The `Backend` trait: the operations the GPT is written against. CPU (here) and CUDA (later) implement it.
+//!
+//! A backend owns memory and kernels, nothing else. Buffers are backend handles (`Backend::Buf`), never
+//! host vectors, so a CUDA backend can keep them on the device in bf16 while the model code stays the same.
+//! Every op names its shapes explicitly; tensors are row-major and a "view" is a (buffer, offset, len)
+//! triple so one contiguous buffer (all parameters, all grads) can hold many named tensors.
+//!
+//! Conventions every implementation follows:
+//! - Logical element type is f32 (storage may be narrower on a GPU).
+//! - An op writes (`=`) its outputs unless a flag says it accumulates (`+=`); parameter grads are always
+//!   produced with accumulate = true (gradient accumulation over micro-steps).
+//! - Token ids live in `Backend::Ids` buffers (i32; -1 marks an ignored target).
+
+pub mod cpu;
+
+/// A read-only view of `len` elements starting at `off` in a backend buffer.
+pub struct View<'a, B: Backend + ?Sized> {
+    pub buf: &'a B::Buf,
+    pub off: usize,
+    pub len: usize,
+}
+
+/// A writable view of `len` elements starting at `off` in a backend buffer.
+pub struct ViewMut<'a, B: Backend + ?Sized> {
+    pub buf: &'a mut B::Buf,
+    pub off: usize,
+    pub len: usize,
+}
+
+impl<B: Backend + ?Sized> Clone for View<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend + ?Sized> Copy for View<'_, B> {}
+
+impl<'a, B: Backend + ?Sized> View<'a, B> {
+    /// The whole buffer.
+    pub fn all(buf: &'a B::Buf) -> Self {
+        View {
+            buf,
+            off: 0,
+            len: B::buf_len(buf),
+        }
+    }
+    /// `len` elements starting at `off` of the whole buffer.
+    pub fn at(buf: &'a B::Buf, off: usize, len: usize) -> Self {
+        assert!(
+            off + len <= B::buf_len(buf),
+            "view {off}+{len} past buffer end {}",
+            B::buf_len(buf)
+        );
+        View { buf, off, len }
+    }
+    /// A sub-view (relative to this view).
+    pub fn sub(&self, off: usize, len: usize) -> Self {
+        assert!(
+            off + len <= self.len,
+            "sub-view {off}+{len} past view end {}",
+            self.len
+        );
+        View {
+            buf: self.buf,
+            off: self.off + off,
+            len,
+        }
+    }
+}
+
+impl<'a, B: Backend + ?Sized> ViewMut<'a, B> {
+    pub fn all(buf: &'a mut B::Buf) -> Self {
+        let len = B::buf_len(buf);
+        ViewMut { buf, off: 0, len }
+    }
+    pub fn at(buf: &'a mut B::Buf, off: usize, len: usize) -> Self {
+        assert!(
+            off + len <= B::buf_len(buf),
+            "view {off}+{len} past buffer end {}",
+            B::buf_len(buf)
+        );
+        ViewMut { buf, off, len }
+    }
+    /// A shorter-lived writable sub-view (relative to this view).
+    pub fn sub(&mut self, off: usize, len: usize) -> ViewMut<'_, B> {
+        assert!(
+            off + len <= self.len,
+            "sub-view {off}+{len} past view end {}",
+            self.len
+        );
+        ViewMut {
+            buf: &mut *self.buf,
+            off: self.off + off,
+            len,
+        }
+    }
+    /// Re-borrow as read-only.
+    pub fn view(&self) -> View<'_, B> {
+        View {
+            buf: &*self.buf,
+            off: self.off,
+            len: self.len,
+        }
+    }
+}
+
+/// Shapes of one causal attention call. q is (B, Tq, H, D), k and v are (B, Tk, Hkv, D), all row-major;
+/// query row i sits at absolute position `q_pos0 + i` and sees keys 0..=q_pos0+i (Tk >= q_pos0 + Tq).
+/// Training uses Tq = Tk = T, q_pos0 = 0; KV-cached decoding uses Tq = new tokens, Tk = cache length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub tq: usize,
+    pub tk: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub q_pos0: usize,
+}
+
+impl AttnShape {
+    /// Training shape: full causal self-attention over T positions.
+    pub fn causal(
+        batch: usize,
+        t: usize,
+        n_head: usize,
+        n_kv_head: usize,
+        head_dim: usize,
+    ) -> Self {
+        AttnShape {
+            batch,
+            tq: t,
+            tk: t,
+            n_head,
+            n_kv_head,
+            head_dim,
+            q_pos0: 0,
+        }
+    }
+    pub fn q_len(&self) -> usize {
+        self.batch * self.tq * self.n_head * self.head_dim
+    }
+    pub fn kv_len(&self) -> usize {
+        self.batch * self.tk * self.n_kv_head * self.head_dim
+    }
+    /// Length of the log-sum-exp buffer: one per (batch, head, query row).
+    pub fn lse_len(&self) -> usize {
+        self.batch * self.n_head * self.tq
+    }
+}
+
+/// The operations of nanochat's GPT. Shapes are in elements; `rows x dim` means `rows` contiguous rows.
+pub trait Backend {
+    /// A buffer of f32 values (logically); the backend decides the storage.
+    type Buf;
+    /// A buffer of i32 token ids / targets.
+    type Ids;
+
+    /// A zero-filled buffer of `len` elements. Called at construction time only, never inside a step.
+    fn alloc(&self, len: usize) -> Self::Buf;
+    fn alloc_ids(&self, len: usize) -> Self::Ids;
+    fn buf_len(buf: &Self::Buf) -> usize;
+
+    /// Host -> backend copy into a view (`src.len() == dst.len`).
+    fn upload(&self, dst: ViewMut<'_, Self>, src: &[f32]);
+    /// Backend -> host copy from a view (`dst.len() == src.len`).
+    fn download(&self, src: View<'_, Self>, dst: &mut [f32]);
+    /// Host -> backend copy of ids into the first `src.len()` entries.
+    fn upload_ids(&self, dst: &mut Self::Ids, src: &[i32]);
+    /// Fill a view with a constant (used to zero grads).
+    fn fill(&self, dst: ViewMut<'_, Self>, value: f32);
+    /// dst = src (same length).
+    fn copy(&self, src: View<'_, Self>, dst: ViewMut<'_, Self>);
+
+    /// C (m x n) = op(A) op(B) [+ C if accumulate], row-major. op(A) is m x k: A is stored m x k, or k x m
+    /// when `a_t`; op(B) is k x n: B is stored k x n, or n x k when `b_t`.
+    /// A linear layer y = x W^T with W (out, in) is `matmul(N, out, in, x, false, W, true, y, false)`.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: View<'_, Self>,
+        a_t: bool,
+        b: View<'_, Self>,
+        b_t: bool,
+        c: ViewMut<'_, Self>,
+        accumulate: bool,
+    );
+
+    /// out (N x d) = wte[ids] with wte (V x d). Ids are assumed valid (< V) (the model checks them).
+    fn embedding_forward(
+        &self,
+        ids: &Self::Ids,
+        n: usize,
+        wte: View<'_, Self>,
+        d: usize,
+        out: ViewMut<'_, Self>,
+    );
+    /// dwte[ids[i]] += dout[i] for every row i (scatter-add; repeated ids add up).
+    fn embedding_backward(
+        &self,
+        ids: &Self::Ids,
+        n: usize,
+        dout: View<'_, Self>,
+        d: usize,
+        dwte: ViewMut<'_, Self>,
+    );
+
+    /// Weightless rmsnorm over rows: y = x / sqrt(mean(x^2) + eps); saves rstd = 1/sqrt(mean(x^2) + eps).
+    fn rmsnorm_forward(
+        &self,
+        x: View<'_, Self>,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+        y: ViewMut<'_, Self>,
+        rstd: ViewMut<'_, Self>,
+    );
+    /// dx = rstd * (dy - y * mean(dy * y)) from the saved output y and rstd; written, or added when
+    /// `accumulate` (the residual stream adds the norm's grad into the grad flowing past it).
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward(
+        &self,
+        y: View<'_, Self>,
+        rstd: View<'_, Self>,
+        dy: View<'_, Self>,
+        rows: usize,
+        dim: usize,
+        dx: ViewMut<'_, Self>,
+        accumulate: bool,
+    );
+
+    /// In-place rotary embedding, half-split layout, on x (B, T, heads, D): for row t (absolute position
+    /// pos0 + t), x1 = x[..D/2], x2 = x[D/2..]: (x1 cos + x2 sin, -x1 sin + x2 cos). `table` holds cos then
+    /// sin, each (max_pos, D/2), row p = angle(p, j).
+    #[allow(clippy::too_many_arguments)]
+    fn rotary_forward(
+        &self,
+        x: ViewMut<'_, Self>,
+        batch: usize,
+        t: usize,
+        heads: usize,
+        head_dim: usize,
+        pos0: usize,
+        table: View<'_, Self>,
+    );
+    /// In-place transpose rotation of a gradient (rotary is orthogonal: backward rotates by -angle).
+    #[allow(clippy::too_many_arguments)]
+    fn rotary_backward(
+        &self,
+        dx: ViewMut<'_, Self>,
+        batch: usize,
+        t: usize,
+        heads: usize,
+        head_dim: usize,
+        pos0: usize,
+        table: View<'_, Self>,
+    );
+
+    /// Causal softmax attention with GQA (see `AttnShape`), scale 1/sqrt(D). Writes out (B, Tq, H, D) and
+    /// lse (B, H, Tq), the log-sum-exp of each row's scaled scores (the backward recomputes from it).
+    /// Implementations must not hold a Tq x Tk score matrix per head (tiles with online softmax).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward(
+        &self,
+        shape: AttnShape,
+        q: View<'_, Self>,
+        k: View<'_, Self>,
+        v: View<'_, Self>,
+        out: ViewMut<'_, Self>,
+        lse: ViewMut<'_, Self>,
+    );
+    /// Backward of `attention_forward` (training shape only: Tq = Tk, q_pos0 = 0). Writes dq, dk, dv.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        shape: AttnShape,
+        q: View<'_, Self>,
+        k: View<'_, Self>,
+        v: View<'_, Self>,
+        out: View<'_, Self>,
+        lse: View<'_, Self>,
+        dout: View<'_, Self>,
+        dq: ViewMut<'_, Self>,
+        dk: ViewMut<'_, Self>,
+        dv: ViewMut<'_, Self>,
+    );
+
+    /// h = relu(u)^2, elementwise.
+    fn relu2_forward(&self, u: View<'_, Self>, h: ViewMut<'_, Self>);
+    /// In place: dh becomes du = dh * 2 relu(u).
+    fn relu2_backward(&self, u: View<'_, Self>, dh_to_du: ViewMut<'_, Self>);
+
+    /// x += y, elementwise (the residual add, where it is not fused into a matmul's accumulate).
+    fn add_inplace(&self, x: ViewMut<'_, Self>, y: View<'_, Self>);
+
+    /// One chunk of the loss, fused: logits (rows x V) hold raw lm_head outputs on entry.
+    /// z = cap * tanh(logits / cap); loss[r] = logsumexp(z_r) - z_r[target_r] (0 where target is -1).
+    /// When `grad_scale` is Some(s), logits are overwritten with d(s * sum of losses)/d(raw logits)
+    /// (zero rows for ignored targets); otherwise they hold the capped logits z (rows with a target).
+    /// `targets` are read from `target_off` on; targets must be -1 or < V (the model checks them).
+    #[allow(clippy::too_many_arguments)]
+    fn softcap_cross_entropy(
+        &self,
+        logits: ViewMut<'_, Self>,
+        rows: usize,
+        vocab: usize,
+        cap: f32,
+        targets: &Self::Ids,
+        target_off: usize,
+        losses: ViewMut<'_, Self>,
+        grad_scale: Option<f32>,
+    );
+    /// In place: z = cap * tanh(z / cap) (generation wants the capped logits themselves).
+    fn softcap(&self, logits: ViewMut<'_, Self>, cap: f32);
+}

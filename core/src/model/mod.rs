@@ -1,1 +1,229 @@
-//! The GPT, written once against the `Backend` trait: one file per layer kind (issue 2).
+//! The GPT, written once against the `Backend` trait: one file per layer kind, `gpt.rs` strings them.
+//!
+//! Forward and backward are explicit, layer by layer (SPEC.md section 2). Parameters and grads are each one
+//! contiguous buffer laid out by `ModelConfig::param_specs()`; activations live in buffers sized by
+//! `activation_layout` and allocated once when the model is built, so a step allocates nothing.
+
+pub mod attention;
+pub mod embedding;
+pub mod gpt;
+pub mod init;
+pub mod loss;
+pub mod mlp;
+pub mod norm;
+
+pub use gpt::Gpt;
+pub use init::Rng;
+
+use crate::backend::{Backend, View, ViewMut};
+use crate::config::ModelConfig;
+
+/// What the forward keeps for the backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Recompute {
+    /// Save every activation the backward reads, for every layer.
+    #[default]
+    None,
+    /// Save only each layer's input; the backward re-runs the layer's forward into one shared set.
+    Full,
+}
+
+/// Element counts (not bytes: the backend picks the dtype) of every activation buffer of a model built for
+/// `tokens = batch * seq` tokens. The model allocates exactly these; the planner (plan.rs) prices them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActivationLayout {
+    /// Elements one layer saves per token for its backward (`LayerActs`).
+    pub layer_saved_per_token: usize,
+    /// How many `LayerActs` sets exist: n_layer (Recompute::None) or 1 (Recompute::Full).
+    pub layer_sets: usize,
+    /// Per layer per token kept besides the sets: the layer input under Recompute::Full, else 0.
+    pub layer_input_per_token: usize,
+    /// Per token, outside the layers: residual stream, embedding output and its rstd, final norm output
+    /// and rstd, per-token losses, and the backward's gradient scratch.
+    pub other_per_token: usize,
+    /// Rows of one lm_head chunk; the loss workspace holds loss_chunk_rows x vocab logits.
+    pub loss_chunk_rows: usize,
+    pub loss_workspace: usize,
+    /// Everything above for `tokens` tokens.
+    pub total: usize,
+}
+
+/// The lm_head chunk: at most 2^23 logits at once (32 MiB in f32), at least one row, at most all tokens.
+pub fn loss_chunk_rows(vocab: usize, tokens: usize) -> usize {
+    ((1usize << 23) / vocab).clamp(1, tokens.max(1))
+}
+
+/// The one accounting of activation memory, shared by `Gpt::new` and the planner.
+pub fn activation_layout(
+    cfg: &ModelConfig,
+    batch: usize,
+    seq: usize,
+    policy: Recompute,
+) -> ActivationLayout {
+    let s = LayerShapes::new(cfg, batch * seq);
+    let layer_saved_per_token = s.saved_per_token();
+    let (layer_sets, layer_input_per_token) = match policy {
+        Recompute::None => (cfg.n_layer, 0),
+        Recompute::Full => (1, s.d),
+    };
+    // resid, x0 + rstd0, xf + rstdf, losses, the backward's GradScratch, and under Full the residual
+    // stream that the recomputed layer forward writes into.
+    let resid_tmp = if policy == Recompute::Full { s.d } else { 0 };
+    let other_per_token = s.d + (s.d + 1) + (s.d + 1) + 1 + grad_scratch_per_token(&s) + resid_tmp;
+    let tokens = batch * seq;
+    let loss_chunk_rows = loss_chunk_rows(cfg.vocab_size, tokens);
+    let loss_workspace = loss_chunk_rows * cfg.vocab_size;
+    let total = tokens
+        * (layer_sets * layer_saved_per_token
+            + cfg.n_layer * layer_input_per_token
+            + other_per_token)
+        + loss_workspace;
+    ActivationLayout {
+        layer_saved_per_token,
+        layer_sets,
+        layer_input_per_token,
+        other_per_token,
+        loss_chunk_rows,
+        loss_workspace,
+        total,
+    }
+}
+
+/// Widths of one layer's tensors for `n` tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerShapes {
+    pub n: usize,
+    pub d: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    /// n_head * head_dim
+    pub qd: usize,
+    /// n_kv_head * head_dim
+    pub kvd: usize,
+    /// MLP hidden width, 4d
+    pub ff: usize,
+}
+
+impl LayerShapes {
+    pub fn new(cfg: &ModelConfig, n: usize) -> Self {
+        LayerShapes {
+            n,
+            d: cfg.n_embd,
+            n_head: cfg.n_head,
+            n_kv_head: cfg.n_kv_head,
+            head_dim: cfg.head_dim,
+            qd: cfg.n_head * cfg.head_dim,
+            kvd: cfg.kv_dim(),
+            ff: 4 * cfg.n_embd,
+        }
+    }
+    /// Must match the buffers of `LayerActs::new`.
+    fn saved_per_token(&self) -> usize {
+        let (d, h, hkv) = (self.d, self.n_head, self.n_kv_head);
+        // xn1+rstd1, q+rstd_q, k+rstd_k, v, y, lse, xn2+rstd2, u, h
+        (d + 1) + (self.qd + h) + (self.kvd + hkv) + self.kvd + self.qd + h + (d + 1) + 2 * self.ff
+    }
+}
+
+/// What one layer's forward saves for its backward (Recompute::None keeps one set per layer).
+pub struct LayerActs<B: Backend> {
+    /// rmsnorm(x) entering attention, and its rstd.
+    pub xn1: B::Buf,
+    pub rstd1: B::Buf,
+    /// q and k after rotary and QK-norm (what attention read), with the QK-norm rstd per (token, head).
+    pub q: B::Buf,
+    pub rstd_q: B::Buf,
+    pub k: B::Buf,
+    pub rstd_k: B::Buf,
+    pub v: B::Buf,
+    /// Attention output (before c_proj) and its log-sum-exp per (batch, head, row).
+    pub y: B::Buf,
+    pub lse: B::Buf,
+    /// rmsnorm(x) entering the MLP, and its rstd.
+    pub xn2: B::Buf,
+    pub rstd2: B::Buf,
+    /// MLP pre-activation c_fc(xn2), and relu(u)^2.
+    pub u: B::Buf,
+    pub h: B::Buf,
+}
+
+impl<B: Backend> LayerActs<B> {
+    pub fn new(be: &B, s: &LayerShapes) -> Self {
+        let n = s.n;
+        LayerActs {
+            xn1: be.alloc(n * s.d),
+            rstd1: be.alloc(n),
+            q: be.alloc(n * s.qd),
+            rstd_q: be.alloc(n * s.n_head),
+            k: be.alloc(n * s.kvd),
+            rstd_k: be.alloc(n * s.n_kv_head),
+            v: be.alloc(n * s.kvd),
+            y: be.alloc(n * s.qd),
+            lse: be.alloc(n * s.n_head),
+            xn2: be.alloc(n * s.d),
+            rstd2: be.alloc(n),
+            u: be.alloc(n * s.ff),
+            h: be.alloc(n * s.ff),
+        }
+    }
+}
+
+/// Gradient scratch of the backward, one set for the whole model (activation grads are written, `=`).
+/// In the forward, `dq`/`dk` also hold q and k before rotary/QK-norm (they are free until the backward).
+pub struct GradScratch<B: Backend> {
+    /// Grad of the residual stream flowing down through the layers.
+    pub dresid: B::Buf,
+    /// Grad of a norm's output (d wide).
+    pub dxn: B::Buf,
+    pub dq: B::Buf,
+    pub dk: B::Buf,
+    pub dv: B::Buf,
+    /// Grad w.r.t. the attention output y, and w.r.t. q/k after rotary (before QK-norm) in turn.
+    pub dy: B::Buf,
+    pub dqn: B::Buf,
+    pub dkn: B::Buf,
+    /// Grad w.r.t. the MLP hidden (h, then u in place).
+    pub du: B::Buf,
+}
+
+impl<B: Backend> GradScratch<B> {
+    pub fn new(be: &B, s: &LayerShapes) -> Self {
+        let n = s.n;
+        GradScratch {
+            dresid: be.alloc(n * s.d),
+            dxn: be.alloc(n * s.d),
+            dq: be.alloc(n * s.qd),
+            dk: be.alloc(n * s.kvd),
+            dv: be.alloc(n * s.kvd),
+            dy: be.alloc(n * s.qd),
+            dqn: be.alloc(n * s.qd),
+            dkn: be.alloc(n * s.kvd),
+            du: be.alloc(n * s.ff),
+        }
+    }
+}
+
+/// Elements per token of `GradScratch`; must match `GradScratch::new`.
+fn grad_scratch_per_token(s: &LayerShapes) -> usize {
+    2 * s.d + s.qd + 2 * s.kvd + s.qd + s.qd + s.kvd + s.ff
+}
+
+/// Offsets (into the one parameter / grad buffer) of one block's matrices.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockParams {
+    pub c_q: usize,
+    pub c_k: usize,
+    pub c_v: usize,
+    pub attn_proj: usize,
+    pub c_fc: usize,
+    pub mlp_proj: usize,
+}
+
+/// Whole-buffer views, shorter to write.
+pub(crate) fn all<B: Backend>(b: &B::Buf) -> View<'_, B> {
+    View::all(b)
+}
+pub(crate) fn all_mut<B: Backend>(b: &mut B::Buf) -> ViewMut<'_, B> {
+    ViewMut::all(b)
+}

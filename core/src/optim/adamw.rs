@@ -29,15 +29,7 @@ pub fn adam_lr_scale(n_embd: usize) -> f32 {
 }
 
 /// One AdamW update of a slice; `t` is the 1-based count of steps this state has taken, including this one.
-pub fn adamw_update(
-    param: &mut [f32],
-    grad: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    lr: f32,
-    t: u64,
-    h: &AdamParams,
-) {
+pub fn adamw_update(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], lr: f32, t: u64, h: &AdamParams) {
     let n = param.len();
     assert!(grad.len() == n && m.len() == n && v.len() == n);
     // Bias corrections in f64: b^t for large t underflows gracefully and stays accurate.
@@ -69,10 +61,7 @@ mod tests {
         let g = [0.3f32, -2.0, 0.0];
         let (mut m, mut v) = (vec![0.0; 3], vec![0.0; 3]);
         adamw_update(&mut p, &g, &mut m, &mut v, 0.01, 1, &h);
-        assert!(
-            (p[0] - 0.99).abs() < 1e-6 && (p[1] + 0.99).abs() < 1e-6,
-            "{p:?}"
-        );
+        assert!((p[0] - 0.99).abs() < 1e-6 && (p[1] + 0.99).abs() < 1e-6, "{p:?}");
         assert_eq!(p[2], 0.5);
         assert!((m[0] - 0.2 * 0.3).abs() < 1e-7 && (v[1] - 0.05 * 4.0).abs() < 1e-6);
     }
@@ -93,8 +82,7 @@ mod tests {
         let (m1, v1) = (0.2, 0.05);
         pe = pe * (1.0 - lr * wd) - lr / (1.0 - b1) * m1 / ((v1 / (1.0 - b2)).sqrt() + 1e-10);
         let (m2, v2) = (b1 * m1 + (1.0 - b1) * -3.0, b2 * v1 + (1.0 - b2) * 9.0);
-        pe = pe * (1.0 - lr * wd)
-            - lr / (1.0 - b1 * b1) * m2 / ((v2 / (1.0 - b2 * b2)).sqrt() + 1e-10);
+        pe = pe * (1.0 - lr * wd) - lr / (1.0 - b1 * b1) * m2 / ((v2 / (1.0 - b2 * b2)).sqrt() + 1e-10);
         assert!((p[0] as f64 - pe).abs() < 1e-6, "{} vs {pe}", p[0]);
     }
 

@@ -52,11 +52,7 @@ pub fn matmul(dst: &mut [f32], alpha: f32, lhs: Operand, rhs: Operand, beta: f32
     let (m, k) = lhs.shape();
     let (k2, n) = rhs.shape();
     assert_eq!(k, k2, "matmul: inner dimensions differ");
-    assert!(
-        dst.len() >= m * n
-            && lhs.data.len() >= lhs.rows * lhs.cols
-            && rhs.data.len() >= rhs.rows * rhs.cols
-    );
+    assert!(dst.len() >= m * n && lhs.data.len() >= lhs.rows * lhs.cols && rhs.data.len() >= rhs.rows * rhs.cols);
     let (lrs, lcs) = lhs.strides();
     let (rrs, rcs) = rhs.strides();
     // SAFETY: the asserts above keep every index the strides reach inside the three slices, and dst does
@@ -90,16 +86,7 @@ pub fn matmul(dst: &mut [f32], alpha: f32, lhs: Operand, rhs: Operand, beta: f32
 mod tests {
     use super::*;
 
-    fn naive(
-        a: &[f32],
-        ar: usize,
-        ac: usize,
-        at: bool,
-        b: &[f32],
-        br: usize,
-        bc: usize,
-        bt: bool,
-    ) -> Vec<f32> {
+    fn naive(a: &[f32], ar: usize, ac: usize, at: bool, b: &[f32], br: usize, bc: usize, bt: bool) -> Vec<f32> {
         let get = |d: &[f32], r: usize, c: usize, cols: usize, t: bool| {
             if t {
                 d[c * cols + r]
@@ -128,39 +115,21 @@ mod tests {
         let b: Vec<f32> = (0..20).map(|i| (i as f32 * 0.11).cos()).collect(); // 5 x 4
         let c: Vec<f32> = (0..12).map(|i| (i as f32 * 0.7).sin()).collect(); // 4 x 3 (b^T is 4x5)
         let mut d = vec![0.0f32; 12];
-        matmul(
-            &mut d,
-            0.0,
-            Operand::new(&a, 3, 5),
-            Operand::new(&b, 5, 4),
-            1.0,
-        );
+        matmul(&mut d, 0.0, Operand::new(&a, 3, 5), Operand::new(&b, 5, 4), 1.0);
         let e = naive(&a, 3, 5, false, &b, 5, 4, false);
         d.iter()
             .zip(&e)
             .for_each(|(x, y)| assert!((x - y).abs() < 1e-5, "{x} {y}"));
         // a * a^T (3 x 3)
         let mut d = vec![0.0f32; 9];
-        matmul(
-            &mut d,
-            0.0,
-            Operand::new(&a, 3, 5),
-            Operand::new(&a, 3, 5).t(),
-            1.0,
-        );
+        matmul(&mut d, 0.0, Operand::new(&a, 3, 5), Operand::new(&a, 3, 5).t(), 1.0);
         let e = naive(&a, 3, 5, false, &a, 3, 5, true);
         d.iter()
             .zip(&e)
             .for_each(|(x, y)| assert!((x - y).abs() < 1e-5, "{x} {y}"));
         // c^T (3 x 4) * b^T (4 x 5), accumulated onto 2 * ones with beta 0.5
         let mut d = vec![1.0f32; 15];
-        matmul(
-            &mut d,
-            2.0,
-            Operand::new(&c, 4, 3).t(),
-            Operand::new(&b, 5, 4).t(),
-            0.5,
-        );
+        matmul(&mut d, 2.0, Operand::new(&c, 4, 3).t(), Operand::new(&b, 5, 4).t(), 0.5);
         let e = naive(&c, 4, 3, true, &b, 5, 4, true);
         d.iter()
             .zip(&e)

@@ -55,12 +55,7 @@ pub struct Optimizer {
 }
 
 impl Optimizer {
-    pub fn new(
-        model: &ModelConfig,
-        config: OptimConfig,
-        rank: usize,
-        world_size: usize,
-    ) -> Result<Self> {
+    pub fn new(model: &ModelConfig, config: OptimConfig, rank: usize, world_size: usize) -> Result<Self> {
         if world_size == 0 || rank >= world_size {
             bail!("rank {rank} is not in a world of size {world_size}");
         }
@@ -136,17 +131,7 @@ impl Optimizer {
             match seg.kind {
                 ParamKind::Matrix => {
                     let upd = &mut self.update[..seg.len];
-                    muon_update(
-                        p,
-                        g,
-                        st,
-                        upd,
-                        seg.rows,
-                        seg.cols,
-                        lr,
-                        momentum,
-                        &mut self.ns,
-                    );
+                    muon_update(p, g, st, upd, seg.rows, seg.cols, lr, momentum, &mut self.ns);
                 }
                 ParamKind::Embedding | ParamKind::Unembedding => {
                     let (m, v) = st.split_at_mut(seg.len);
@@ -167,9 +152,7 @@ mod tests {
     }
 
     fn fill(n: usize, seed: f32) -> Vec<f32> {
-        (0..n)
-            .map(|i| ((i as f32 + seed) * 0.618).sin() * 0.1)
-            .collect()
+        (0..n).map(|i| ((i as f32 + seed) * 0.618).sin() * 0.1).collect()
     }
 
     /// Sharded over 3 ranks, the union of the ranks' updates equals the single-rank update exactly.

@@ -52,11 +52,7 @@ pub fn newton_schulz5(g: &mut [f32], rows: usize, cols: usize, ws: &mut NsWorksp
     assert_eq!(g.len(), n_el);
     // Work on the wide orientation (m <= n) so X X^T is the small m x m Gram matrix.
     let transposed = rows > cols;
-    let (m, n) = if transposed {
-        (cols, rows)
-    } else {
-        (rows, cols)
-    };
+    let (m, n) = if transposed { (cols, rows) } else { (rows, cols) };
     assert!(
         ws.x.len() >= n_el && ws.a.len() >= m * m,
         "NsWorkspace too small for {rows}x{cols}"
@@ -71,11 +67,7 @@ pub fn newton_schulz5(g: &mut [f32], rows: usize, cols: usize, ws: &mut NsWorksp
     } else {
         x.copy_from_slice(g);
     }
-    let norm = x
-        .iter()
-        .map(|&v| (v as f64) * (v as f64))
-        .sum::<f64>()
-        .sqrt() as f32;
+    let norm = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt() as f32;
     let inv = 1.0 / (norm + NS_EPS);
     x.iter_mut().for_each(|v| *v *= inv);
 
@@ -85,30 +77,13 @@ pub fn newton_schulz5(g: &mut [f32], rows: usize, cols: usize, ws: &mut NsWorksp
     let x_next = &mut ws.x_next[..n_el];
     for _ in 0..NS_STEPS {
         // A = X X^T
-        matmul(
-            a,
-            0.0,
-            Operand::new(x, m, n),
-            Operand::new(x, m, n).t(),
-            1.0,
-        );
+        matmul(a, 0.0, Operand::new(x, m, n), Operand::new(x, m, n).t(), 1.0);
         // B = b A + c A A
-        b.iter_mut()
-            .zip(a.iter())
-            .for_each(|(bv, &av)| *bv = cb * av);
+        b.iter_mut().zip(a.iter()).for_each(|(bv, &av)| *bv = cb * av);
         matmul(b, 1.0, Operand::new(a, m, m), Operand::new(a, m, m), cc);
         // X = a X + B X
-        x_next
-            .iter_mut()
-            .zip(x.iter())
-            .for_each(|(y, &v)| *y = ca * v);
-        matmul(
-            x_next,
-            1.0,
-            Operand::new(b, m, m),
-            Operand::new(x, m, n),
-            1.0,
-        );
+        x_next.iter_mut().zip(x.iter()).for_each(|(y, &v)| *y = ca * v);
+        matmul(x_next, 1.0, Operand::new(b, m, m), Operand::new(x, m, n), 1.0);
         x.copy_from_slice(x_next);
     }
 
@@ -154,10 +129,7 @@ pub fn muon_update(
     }
     newton_schulz5(update, rows, cols, ws);
     let step = lr * shape_scale(rows, cols);
-    param
-        .iter_mut()
-        .zip(update.iter())
-        .for_each(|(p, &u)| *p -= step * u);
+    param.iter_mut().zip(update.iter()).for_each(|(p, &u)| *p -= step * u);
 }
 
 #[cfg(test)]
@@ -197,9 +169,7 @@ mod tests {
         let mut out = vec![0.0f64; rows * cols];
         for r in 0..rows {
             for c in 0..cols {
-                out[r * cols + c] = (0..k)
-                    .map(|i| u[r * rows + i] * s[i] * v[c * cols + i])
-                    .sum();
+                out[r * cols + c] = (0..k).map(|i| u[r * rows + i] * s[i] * v[c * cols + i]).sum();
             }
         }
         out
@@ -222,10 +192,7 @@ mod tests {
             let mut ws = NsWorkspace::for_shapes([(rows, cols)].into_iter());
             newton_schulz5(&mut g, rows, cols, &mut ws);
             for (i, (&got, &want)) in g.iter().zip(&expected).enumerate() {
-                assert!(
-                    (got as f64 - want).abs() < 2e-5,
-                    "{rows}x{cols} [{i}]: {got} vs {want}"
-                );
+                assert!((got as f64 - want).abs() < 2e-5, "{rows}x{cols} [{i}]: {got} vs {want}");
             }
         }
     }
@@ -257,11 +224,6 @@ mod tests {
         muon_update(&mut p, &[-2.0], &mut buf, &mut upd, 1, 1, 0.1, 0.9, &mut ws);
         assert!((buf[0] - 0.25).abs() < 1e-7);
         let p1 = ns_poly(1.0) as f32;
-        assert!(
-            (p[0] - (1.0 - 0.1 * p1)).abs() < 1e-5,
-            "{} vs {}",
-            p[0],
-            1.0 - 0.1 * p1
-        );
+        assert!((p[0] - (1.0 - 0.1 * p1)).abs() < 1e-5, "{} vs {}", p[0], 1.0 - 0.1 * p1);
     }
 }

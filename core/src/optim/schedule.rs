@@ -17,9 +17,7 @@ pub struct LrSchedule {
 impl LrSchedule {
     /// Python's `round` (ties to even), which nanochat uses to turn ratios into step counts.
     fn steps(&self, ratio: f64) -> u64 {
-        (ratio * self.num_iterations as f64)
-            .round_ties_even()
-            .max(0.0) as u64
+        (ratio * self.num_iterations as f64).round_ties_even().max(0.0) as u64
     }
 
     pub fn warmup_iters(&self) -> u64 {

@@ -1,0 +1,244 @@
+//! Ring collectives between threads of one process.
+//!
+//! Rank r sends to rank r+1 and receives from rank r-1 (mod n). A reduce-scatter takes n-1 steps: at step
+//! s rank r sends its partial sum of chunk (r - s - 1) and adds the partial it receives for chunk
+//! (r - s - 2) to its own, so chunk c makes one lap starting at rank c+1 and ends, complete, at rank c.
+//! An all-gather then passes each finished chunk once around the ring. Each link carries about
+//! 2(n-1)/n of the buffer per all-reduce, the bandwidth-optimal figure, which is why rings are used on GPUs
+//! too; here it also fixes the order of every sum, so results are deterministic and equal on all ranks.
+
+use crate::partition::Bounds;
+use crate::{Collective, CommError};
+use crossbeam_channel::{unbounded, Receiver, Sender};
+
+/// One rank's end of an in-process ring. Create all ranks with `ThreadRing::new(n)` and move each to its
+/// own thread.
+pub struct ThreadRing {
+    rank: usize,
+    world_size: usize,
+    to_next: Sender<Vec<f32>>,
+    from_prev: Receiver<Vec<f32>>,
+    /// Buffers that came back around the ring, reused for sends so steady state allocates nothing.
+    spare: Vec<Vec<f32>>,
+}
+
+impl ThreadRing {
+    /// The `n` ranks of a ring, in rank order.
+    pub fn new(world_size: usize) -> Vec<ThreadRing> {
+        assert!(world_size >= 1, "a ring has at least one rank");
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..world_size).map(|_| unbounded()).unzip();
+        // Channel r carries messages into rank r, so rank r sends on channel r+1.
+        let mut receivers: Vec<Option<Receiver<Vec<f32>>>> = receivers.into_iter().map(Some).collect();
+        (0..world_size)
+            .map(|rank| ThreadRing {
+                rank,
+                world_size,
+                to_next: senders[(rank + 1) % world_size].clone(),
+                from_prev: receivers[rank].take().expect("each receiver is taken once"),
+                spare: Vec::new(),
+            })
+            .collect()
+    }
+
+    fn check(&self, buf: &[f32], bounds: &Bounds, what: &str) -> Result<(), CommError> {
+        if bounds.world_size() != self.world_size || bounds.len() != buf.len() {
+            return Err(CommError {
+                message: format!(
+                    "rank {}: {what} called with bounds for {} ranks over {} elements, but the ring has {} \
+                     ranks and the buffer {} elements",
+                    self.rank,
+                    bounds.world_size(),
+                    bounds.len(),
+                    self.world_size,
+                    buf.len()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, data: &[f32]) -> Result<(), CommError> {
+        let mut msg = self.spare.pop().unwrap_or_default();
+        msg.clear();
+        msg.extend_from_slice(data);
+        self.to_next
+            .send(msg)
+            .map_err(|_| self.peer_gone("send to", (self.rank + 1) % self.world_size))
+    }
+
+    fn recv(&mut self, expected_len: usize) -> Result<Vec<f32>, CommError> {
+        let prev = (self.rank + self.world_size - 1) % self.world_size;
+        let msg = self
+            .from_prev
+            .recv()
+            .map_err(|_| self.peer_gone("receive from", prev))?;
+        if msg.len() != expected_len {
+            return Err(CommError {
+                message: format!(
+                    "rank {}: received {} elements from rank {prev}, expected {expected_len}; the ranks called \
+                     different collectives or passed different bounds",
+                    self.rank,
+                    msg.len()
+                ),
+            });
+        }
+        Ok(msg)
+    }
+
+    fn peer_gone(&self, what: &str, peer: usize) -> CommError {
+        CommError {
+            message: format!("rank {}: cannot {what} rank {peer}: that rank has exited", self.rank),
+        }
+    }
+
+    /// Chunk index `k` steps behind this rank, mod n.
+    fn chunk_behind(&self, k: usize) -> usize {
+        (self.rank + self.world_size * 2 - k) % self.world_size
+    }
+}
+
+impl Collective for ThreadRing {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32], bounds: &Bounds) -> Result<(), CommError> {
+        self.check(buf, bounds, "reduce_scatter_sum")?;
+        let n = self.world_size;
+        for step in 0..n.saturating_sub(1) {
+            let send_chunk = self.chunk_behind(step + 1);
+            let recv_chunk = self.chunk_behind(step + 2);
+            self.send(&buf[bounds.range(send_chunk)])?;
+            let incoming = self.recv(bounds.range(recv_chunk).len())?;
+            // The incoming partial sum comes first so every chunk is summed in ring order from its start.
+            for (mine, theirs) in buf[bounds.range(recv_chunk)].iter_mut().zip(&incoming) {
+                *mine = *theirs + *mine;
+            }
+            self.spare.push(incoming);
+        }
+        Ok(())
+    }
+
+    fn all_gather(&mut self, buf: &mut [f32], bounds: &Bounds) -> Result<(), CommError> {
+        self.check(buf, bounds, "all_gather")?;
+        let n = self.world_size;
+        for step in 0..n.saturating_sub(1) {
+            let send_chunk = self.chunk_behind(step);
+            let recv_chunk = self.chunk_behind(step + 1);
+            self.send(&buf[bounds.range(send_chunk)])?;
+            let incoming = self.recv(bounds.range(recv_chunk).len())?;
+            buf[bounds.range(recv_chunk)].copy_from_slice(&incoming);
+            self.spare.push(incoming);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::even_bounds;
+    use proptest::prelude::*;
+    use std::thread;
+
+    /// Runs `f` on every rank of a ring of `n` threads, returning each rank's result in rank order.
+    fn on_ring<T: Send + 'static>(
+        n: usize,
+        f: impl Fn(&mut ThreadRing) -> T + Send + Sync + Clone + 'static,
+    ) -> Vec<T> {
+        let handles: Vec<_> = ThreadRing::new(n)
+            .into_iter()
+            .map(|mut ring| {
+                let f = f.clone();
+                thread::spawn(move || f(&mut ring))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank thread panicked"))
+            .collect()
+    }
+
+    /// Rank r's input: distinct, exactly representable values so sums are exact in any order.
+    fn input(rank: usize, len: usize) -> Vec<f32> {
+        (0..len).map(|i| ((rank * 1000 + i) % 4093) as f32 - 2000.0).collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn all_reduce_equals_the_sum_on_every_rank(n in 1usize..6, len in 0usize..300) {
+            let results = on_ring(n, move |ring| {
+                let mut buf = input(ring.rank(), len);
+                ring.all_reduce_sum(&mut buf).unwrap();
+                buf
+            });
+            let expected: Vec<f32> = (0..len).map(|i| (0..n).map(|r| input(r, len)[i]).sum()).collect();
+            for (rank, got) in results.iter().enumerate() {
+                prop_assert_eq!(got, &expected, "rank {}", rank);
+            }
+        }
+
+        #[test]
+        fn reduce_scatter_then_gather_with_uneven_bounds(
+            n in 1usize..5, sizes in proptest::collection::vec(0usize..40, 4)
+        ) {
+            let mut offsets = vec![0];
+            for s in &sizes[..n] { offsets.push(offsets.last().unwrap() + s); }
+            let bounds = Bounds::new(offsets).unwrap();
+            let len = bounds.len();
+            let b2 = bounds.clone();
+            let results = on_ring(n, move |ring| {
+                let mut buf = input(ring.rank(), len);
+                ring.reduce_scatter_sum(&mut buf, &b2).unwrap();
+                let owned = buf[b2.range(ring.rank())].to_vec();
+                ring.all_gather(&mut buf, &b2).unwrap();
+                (owned, buf)
+            });
+            let expected: Vec<f32> = (0..len).map(|i| (0..n).map(|r| input(r, len)[i]).sum()).collect();
+            for (rank, (owned, gathered)) in results.iter().enumerate() {
+                prop_assert_eq!(&owned[..], &expected[bounds.range(rank)]);
+                prop_assert_eq!(gathered, &expected);
+            }
+        }
+    }
+
+    #[test]
+    fn float_sums_are_bit_identical_across_ranks() {
+        // Values whose sum depends on order: every rank must still end with the same bits.
+        let results = on_ring(4, |ring| {
+            let mut buf: Vec<f32> = (0..257)
+                .map(|i| 1.0 / (1.0 + (i * 7 + ring.rank() * 13) as f32))
+                .collect();
+            ring.all_reduce_sum(&mut buf).unwrap();
+            buf.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
+        });
+        for r in 1..4 {
+            assert_eq!(results[r], results[0], "rank {r} differs from rank 0");
+        }
+    }
+
+    #[test]
+    fn mismatched_bounds_are_an_error_not_a_hang() {
+        let mut rings = ThreadRing::new(1);
+        let mut buf = vec![0.0f32; 10];
+        let err = rings[0].reduce_scatter_sum(&mut buf, &even_bounds(9, 1)).unwrap_err();
+        assert!(err.message.contains("buffer 10 elements"), "{err}");
+    }
+
+    #[test]
+    fn a_departed_peer_is_an_error() {
+        let mut rings = ThreadRing::new(2);
+        let survivor = rings.remove(0);
+        drop(rings); // rank 1 exits without taking part
+        let mut survivor = survivor;
+        let mut buf = vec![1.0f32; 8];
+        let err = survivor.all_reduce_sum(&mut buf).unwrap_err();
+        assert!(err.message.contains("has exited"), "{err}");
+    }
+}

@@ -1,0 +1,276 @@
+//! The attention half of a block: x += c_proj(attn(rotary+QK-norm(q, k), v)) with q, k, v = linear(rmsnorm(x)).
+
+use super::{all, all_mut, norm, BlockParams, GradScratch, LayerActs, LayerShapes};
+use crate::backend::{AttnShape, Backend, View, ViewMut};
+
+fn shape(s: &LayerShapes, batch: usize, t: usize) -> AttnShape {
+    AttnShape::causal(batch, t, s.n_head, s.n_kv_head, s.head_dim)
+}
+
+/// Forward: reads `resid`, saves into `a`, adds the branch output into `resid`.
+/// `scr.dq` / `scr.dk` serve as scratch for q and k before rotary and QK-norm.
+#[allow(clippy::too_many_arguments)]
+pub fn forward<B: Backend>(
+    be: &B,
+    s: &LayerShapes,
+    batch: usize,
+    t: usize,
+    params: &B::Buf,
+    w: &BlockParams,
+    resid: &mut B::Buf,
+    a: &mut LayerActs<B>,
+    scr: &mut GradScratch<B>,
+    rope: &B::Buf,
+) {
+    let (n, d, qd, kvd, hd) = (s.n, s.d, s.qd, s.kvd, s.head_dim);
+    norm::forward(
+        be,
+        all(resid),
+        n,
+        d,
+        all_mut(&mut a.xn1),
+        all_mut(&mut a.rstd1),
+    );
+    be.matmul(
+        n,
+        qd,
+        d,
+        all(&a.xn1),
+        false,
+        View::at(params, w.c_q, qd * d),
+        true,
+        all_mut(&mut scr.dq),
+        false,
+    );
+    be.matmul(
+        n,
+        kvd,
+        d,
+        all(&a.xn1),
+        false,
+        View::at(params, w.c_k, kvd * d),
+        true,
+        all_mut(&mut scr.dk),
+        false,
+    );
+    be.matmul(
+        n,
+        kvd,
+        d,
+        all(&a.xn1),
+        false,
+        View::at(params, w.c_v, kvd * d),
+        true,
+        all_mut(&mut a.v),
+        false,
+    );
+    be.rotary_forward(all_mut(&mut scr.dq), batch, t, s.n_head, hd, 0, all(rope));
+    be.rotary_forward(
+        all_mut(&mut scr.dk),
+        batch,
+        t,
+        s.n_kv_head,
+        hd,
+        0,
+        all(rope),
+    );
+    // QK-norm: rmsnorm over the head dim, after rotary.
+    norm::forward(
+        be,
+        all(&scr.dq),
+        n * s.n_head,
+        hd,
+        all_mut(&mut a.q),
+        all_mut(&mut a.rstd_q),
+    );
+    norm::forward(
+        be,
+        all(&scr.dk),
+        n * s.n_kv_head,
+        hd,
+        all_mut(&mut a.k),
+        all_mut(&mut a.rstd_k),
+    );
+    be.attention_forward(
+        shape(s, batch, t),
+        all(&a.q),
+        all(&a.k),
+        all(&a.v),
+        all_mut(&mut a.y),
+        all_mut(&mut a.lse),
+    );
+    // Residual add fused into c_proj's GEMM (accumulate).
+    be.matmul(
+        n,
+        d,
+        qd,
+        all(&a.y),
+        false,
+        View::at(params, w.attn_proj, d * qd),
+        true,
+        all_mut(resid),
+        true,
+    );
+}
+
+/// Backward: `scr.dresid` holds dL/d(resid after this half); on return it holds dL/d(resid before it).
+/// Parameter grads accumulate into `grads`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<B: Backend>(
+    be: &B,
+    s: &LayerShapes,
+    batch: usize,
+    t: usize,
+    params: &B::Buf,
+    grads: &mut B::Buf,
+    w: &BlockParams,
+    a: &LayerActs<B>,
+    scr: &mut GradScratch<B>,
+    rope: &B::Buf,
+) {
+    let (n, d, qd, kvd, hd) = (s.n, s.d, s.qd, s.kvd, s.head_dim);
+    let wv = |off: usize, len: usize| View::<B>::at(params, off, len);
+    // c_proj: dy = dresid W; dW += dresid^T y.
+    be.matmul(
+        n,
+        qd,
+        d,
+        all(&scr.dresid),
+        false,
+        wv(w.attn_proj, d * qd),
+        false,
+        all_mut(&mut scr.dy),
+        false,
+    );
+    be.matmul(
+        d,
+        qd,
+        n,
+        all(&scr.dresid),
+        true,
+        all(&a.y),
+        false,
+        ViewMut::at(grads, w.attn_proj, d * qd),
+        true,
+    );
+    be.attention_backward(
+        shape(s, batch, t),
+        all(&a.q),
+        all(&a.k),
+        all(&a.v),
+        all(&a.y),
+        all(&a.lse),
+        all(&scr.dy),
+        all_mut(&mut scr.dqn),
+        all_mut(&mut scr.dkn),
+        all_mut(&mut scr.dv),
+    );
+    norm::backward(
+        be,
+        all(&a.q),
+        all(&a.rstd_q),
+        all(&scr.dqn),
+        n * s.n_head,
+        hd,
+        all_mut(&mut scr.dq),
+        false,
+    );
+    norm::backward(
+        be,
+        all(&a.k),
+        all(&a.rstd_k),
+        all(&scr.dkn),
+        n * s.n_kv_head,
+        hd,
+        all_mut(&mut scr.dk),
+        false,
+    );
+    be.rotary_backward(all_mut(&mut scr.dq), batch, t, s.n_head, hd, 0, all(rope));
+    be.rotary_backward(
+        all_mut(&mut scr.dk),
+        batch,
+        t,
+        s.n_kv_head,
+        hd,
+        0,
+        all(rope),
+    );
+    // q, k, v projections: dW += dout^T xn1; dxn = sum of dout W.
+    be.matmul(
+        qd,
+        d,
+        n,
+        all(&scr.dq),
+        true,
+        all(&a.xn1),
+        false,
+        ViewMut::at(grads, w.c_q, qd * d),
+        true,
+    );
+    be.matmul(
+        kvd,
+        d,
+        n,
+        all(&scr.dk),
+        true,
+        all(&a.xn1),
+        false,
+        ViewMut::at(grads, w.c_k, kvd * d),
+        true,
+    );
+    be.matmul(
+        kvd,
+        d,
+        n,
+        all(&scr.dv),
+        true,
+        all(&a.xn1),
+        false,
+        ViewMut::at(grads, w.c_v, kvd * d),
+        true,
+    );
+    be.matmul(
+        n,
+        d,
+        qd,
+        all(&scr.dq),
+        false,
+        wv(w.c_q, qd * d),
+        false,
+        all_mut(&mut scr.dxn),
+        false,
+    );
+    be.matmul(
+        n,
+        d,
+        kvd,
+        all(&scr.dk),
+        false,
+        wv(w.c_k, kvd * d),
+        false,
+        all_mut(&mut scr.dxn),
+        true,
+    );
+    be.matmul(
+        n,
+        d,
+        kvd,
+        all(&scr.dv),
+        false,
+        wv(w.c_v, kvd * d),
+        false,
+        all_mut(&mut scr.dxn),
+        true,
+    );
+    // The norm's grad joins the residual grad flowing past the branch.
+    norm::backward(
+        be,
+        all(&a.xn1),
+        all(&a.rstd1),
+        all(&scr.dxn),
+        n,
+        d,
+        all_mut(&mut scr.dresid),
+        true,
+    );
+}

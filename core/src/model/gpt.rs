@@ -1,0 +1,495 @@
+//! The GPT: embedding -> rmsnorm -> blocks -> rmsnorm -> chunked lm_head loss, and the reverse.
+//!
+//! Public API for the training loop:
+//! - `Gpt::new(backend, cfg, batch, seq, policy)` allocates everything once; `init(seed)`.
+//! - `forward_backward(inputs, targets, loss_scale)` -> mean loss; grads += loss_scale * d(mean loss)/dθ.
+//! - `forward_losses(inputs, targets, out)` -> per-token losses in nats (0 where the target is -1).
+//! - `zero_grads()`, `param_specs()`, `read_param` / `write_param` by name (checkpoints), and on the CPU
+//!   backend `params()`, `params_mut()`, `grads()`, `grads_mut()` as host slices.
+
+use super::{
+    activation_layout, all, all_mut, attention, embedding, init, loss, mlp, norm, ActivationLayout,
+    BlockParams, GradScratch, LayerActs, LayerShapes, Recompute,
+};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{Backend, View, ViewMut};
+use crate::bail;
+use crate::config::{ModelConfig, ParamSpec};
+use crate::error::{NcError, Result};
+
+pub struct Gpt<B: Backend> {
+    pub be: B,
+    pub cfg: ModelConfig,
+    pub batch: usize,
+    pub seq: usize,
+    pub policy: Recompute,
+    pub layout: ActivationLayout,
+    specs: Vec<ParamSpec>,
+    blocks: Vec<BlockParams>,
+    wte_off: usize,
+    lm_head_off: usize,
+    pub(crate) params: B::Buf,
+    grads: B::Buf,
+    /// Rotary cos/sin for positions 0..max(seq, cfg.sequence_len).
+    pub(crate) rope: B::Buf,
+    ids: B::Ids,
+    targets: B::Ids,
+    /// Host staging of ids/targets (validated before upload) and of per-token losses.
+    ids_host: Vec<i32>,
+    targets_host: Vec<i32>,
+    losses_host: Vec<f32>,
+    /// Embedding output before its rmsnorm, then x0 = rmsnorm(emb) and its rstd.
+    emb: B::Buf,
+    x0: B::Buf,
+    rstd0: B::Buf,
+    /// The residual stream (updated in place through the blocks).
+    resid: B::Buf,
+    /// Under Recompute::Full: each layer's input, and the stream a recomputed forward writes into.
+    layer_in: Vec<B::Buf>,
+    resid_tmp: B::Buf,
+    acts: Vec<LayerActs<B>>,
+    xf: B::Buf,
+    rstdf: B::Buf,
+    scratch: GradScratch<B>,
+    logits_ws: B::Buf,
+    losses: B::Buf,
+}
+
+impl<B: Backend> Gpt<B> {
+    /// Allocate a model for micro-batches of `batch` sequences of `seq` tokens. Params start at zero:
+    /// call `init(seed)` or write them by name.
+    pub fn new(
+        be: B,
+        cfg: ModelConfig,
+        batch: usize,
+        seq: usize,
+        policy: Recompute,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        if batch == 0 || seq == 0 {
+            bail!("micro-batch {batch} x sequence {seq}: both must be at least 1");
+        }
+        if seq > cfg.sequence_len {
+            bail!(
+                "sequence length {seq} exceeds the model's sequence_len {}",
+                cfg.sequence_len
+            );
+        }
+        let n = batch * seq;
+        let specs = cfg.param_specs();
+        let find = |name: &str| {
+            specs
+                .iter()
+                .find(|p| p.name == name)
+                .map(|p| p.offset)
+                .expect("param_specs names")
+        };
+        let blocks = (0..cfg.n_layer)
+            .map(|i| {
+                let p = format!("transformer.h.{i}");
+                BlockParams {
+                    c_q: find(&format!("{p}.attn.c_q.weight")),
+                    c_k: find(&format!("{p}.attn.c_k.weight")),
+                    c_v: find(&format!("{p}.attn.c_v.weight")),
+                    attn_proj: find(&format!("{p}.attn.c_proj.weight")),
+                    c_fc: find(&format!("{p}.mlp.c_fc.weight")),
+                    mlp_proj: find(&format!("{p}.mlp.c_proj.weight")),
+                }
+            })
+            .collect();
+        let (wte_off, lm_head_off) = (find("transformer.wte.weight"), find("lm_head.weight"));
+        let layout = activation_layout(&cfg, batch, seq, policy);
+        let s = LayerShapes::new(&cfg, n);
+        let d = cfg.n_embd;
+        let nparams = cfg.num_params() as usize;
+        let mut rope = be.alloc(2 * cfg.sequence_len * (cfg.head_dim / 2));
+        be.upload(
+            all_mut(&mut rope),
+            &init::rotary_table(cfg.sequence_len, cfg.head_dim),
+        );
+        let full = policy == Recompute::Full;
+        let model = Gpt {
+            params: be.alloc(nparams),
+            grads: be.alloc(nparams),
+            rope,
+            ids: be.alloc_ids(n),
+            targets: be.alloc_ids(n),
+            ids_host: vec![0; n],
+            targets_host: vec![0; n],
+            losses_host: vec![0.0; n],
+            emb: be.alloc(n * d),
+            x0: be.alloc(n * d),
+            rstd0: be.alloc(n),
+            resid: be.alloc(n * d),
+            layer_in: if full {
+                (0..cfg.n_layer).map(|_| be.alloc(n * d)).collect()
+            } else {
+                Vec::new()
+            },
+            resid_tmp: be.alloc(if full { n * d } else { 0 }),
+            acts: (0..layout.layer_sets)
+                .map(|_| LayerActs::new(&be, &s))
+                .collect(),
+            xf: be.alloc(n * d),
+            rstdf: be.alloc(n),
+            scratch: GradScratch::new(&be, &s),
+            logits_ws: be.alloc(layout.loss_workspace),
+            losses: be.alloc(n),
+            specs,
+            blocks,
+            wte_off,
+            lm_head_off,
+            layout,
+            be,
+            cfg,
+            batch,
+            seq,
+            policy,
+        };
+        Ok(model)
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.batch * self.seq
+    }
+
+    pub fn param_specs(&self) -> &[ParamSpec] {
+        &self.specs
+    }
+
+    /// Initialize every parameter (SPEC.md section 3), reproducibly from `seed`.
+    pub fn init(&mut self, seed: u64) {
+        let mut host = vec![0.0f32; self.cfg.num_params() as usize];
+        init::init_params(&self.specs, &mut host, seed);
+        self.be.upload(all_mut(&mut self.params), &host);
+    }
+
+    pub fn zero_grads(&mut self) {
+        self.be.fill(all_mut(&mut self.grads), 0.0);
+    }
+
+    fn spec(&self, name: &str) -> Result<&ParamSpec> {
+        self.specs.iter().find(|p| p.name == name).ok_or_else(|| {
+            NcError::new(format!(
+                "no parameter named '{name}' in a model of shape {:?}",
+                self.cfg
+            ))
+        })
+    }
+
+    /// Copy a parameter in by name; `data` is row-major (out, in), exactly `rows * cols` values.
+    pub fn write_param(&mut self, name: &str, data: &[f32]) -> Result<()> {
+        let spec = self.spec(name)?.clone();
+        if data.len() != spec.numel() {
+            bail!(
+                "parameter '{name}' has {}x{} = {} values, got {}",
+                spec.rows,
+                spec.cols,
+                spec.numel(),
+                data.len()
+            );
+        }
+        self.be.upload(
+            ViewMut::at(&mut self.params, spec.offset, spec.numel()),
+            data,
+        );
+        Ok(())
+    }
+
+    /// Copy a parameter out by name into `out` (exactly `rows * cols` values).
+    pub fn read_param(&self, name: &str, out: &mut [f32]) -> Result<()> {
+        let spec = self.spec(name)?;
+        if out.len() != spec.numel() {
+            bail!(
+                "parameter '{name}' has {} values, the output holds {}",
+                spec.numel(),
+                out.len()
+            );
+        }
+        self.be
+            .download(View::at(&self.params, spec.offset, spec.numel()), out);
+        Ok(())
+    }
+
+    /// Copy a parameter's gradient out by name.
+    pub fn read_grad(&self, name: &str, out: &mut [f32]) -> Result<()> {
+        let spec = self.spec(name)?;
+        if out.len() != spec.numel() {
+            bail!(
+                "parameter '{name}' has {} values, the output holds {}",
+                spec.numel(),
+                out.len()
+            );
+        }
+        self.be
+            .download(View::at(&self.grads, spec.offset, spec.numel()), out);
+        Ok(())
+    }
+
+    /// Check and upload one micro-batch. Outside input: every problem is an error, nothing is changed.
+    fn load_batch(&mut self, inputs: &[u32], targets: &[i32]) -> Result<usize> {
+        let (n, v) = (self.tokens(), self.cfg.vocab_size);
+        if inputs.len() != n || targets.len() != n {
+            bail!(
+                "a micro-batch needs {n} inputs and {n} targets (batch {} x seq {}), got {} and {}",
+                self.batch,
+                self.seq,
+                inputs.len(),
+                targets.len()
+            );
+        }
+        if let Some((i, &t)) = inputs.iter().enumerate().find(|(_, &t)| t as usize >= v) {
+            bail!("input token {t} at position {i} is outside the vocabulary (size {v}); is the data from another tokenizer?");
+        }
+        if let Some((i, &t)) = targets
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t < -1 || t >= v as i32)
+        {
+            bail!("target {t} at position {i} is neither -1 (ignore) nor a token id below {v}");
+        }
+        for (dst, &src) in self.ids_host.iter_mut().zip(inputs) {
+            *dst = src as i32;
+        }
+        self.targets_host.copy_from_slice(targets);
+        self.be.upload_ids(&mut self.ids, &self.ids_host);
+        self.be.upload_ids(&mut self.targets, &self.targets_host);
+        Ok(targets.iter().filter(|&&t| t >= 0).count())
+    }
+
+    /// Embedding, its rmsnorm, every block, the final rmsnorm: fills `xf` (and the saved activations).
+    fn forward_trunk(&mut self) {
+        let s = LayerShapes::new(&self.cfg, self.tokens());
+        let (be, n, d) = (&self.be, s.n, s.d);
+        embedding::forward(
+            be,
+            &self.ids,
+            n,
+            View::at(&self.params, self.wte_off, self.cfg.vocab_size * d),
+            d,
+            all_mut(&mut self.emb),
+        );
+        norm::forward(
+            be,
+            all(&self.emb),
+            n,
+            d,
+            all_mut(&mut self.x0),
+            all_mut(&mut self.rstd0),
+        );
+        be.copy(all(&self.x0), all_mut(&mut self.resid));
+        for l in 0..self.cfg.n_layer {
+            let set = match self.policy {
+                Recompute::None => l,
+                Recompute::Full => {
+                    be.copy(all(&self.resid), all_mut(&mut self.layer_in[l]));
+                    0
+                }
+            };
+            let w = &self.blocks[l];
+            let a = &mut self.acts[set];
+            attention::forward(
+                be,
+                &s,
+                self.batch,
+                self.seq,
+                &self.params,
+                w,
+                &mut self.resid,
+                a,
+                &mut self.scratch,
+                &self.rope,
+            );
+            mlp::forward(be, &s, &self.params, w, &mut self.resid, a);
+        }
+        norm::forward(
+            be,
+            all(&self.resid),
+            n,
+            d,
+            all_mut(&mut self.xf),
+            all_mut(&mut self.rstdf),
+        );
+    }
+
+    /// Backward from `scratch.dxn` = dL/d(xf) down to the embedding; parameter grads accumulate.
+    fn backward_trunk(&mut self) {
+        let s = LayerShapes::new(&self.cfg, self.tokens());
+        let (be, n, d) = (&self.be, s.n, s.d);
+        let scr = &mut self.scratch;
+        norm::backward(
+            be,
+            all(&self.xf),
+            all(&self.rstdf),
+            all(&scr.dxn),
+            n,
+            d,
+            all_mut(&mut scr.dresid),
+            false,
+        );
+        for l in (0..self.cfg.n_layer).rev() {
+            let w = &self.blocks[l];
+            let set = match self.policy {
+                Recompute::None => l,
+                Recompute::Full => {
+                    // Re-run this layer's forward from its saved input; scr.dq/dk are free scratch here.
+                    be.copy(all(&self.layer_in[l]), all_mut(&mut self.resid_tmp));
+                    let a = &mut self.acts[0];
+                    attention::forward(
+                        be,
+                        &s,
+                        self.batch,
+                        self.seq,
+                        &self.params,
+                        w,
+                        &mut self.resid_tmp,
+                        a,
+                        scr,
+                        &self.rope,
+                    );
+                    mlp::forward(be, &s, &self.params, w, &mut self.resid_tmp, a);
+                    0
+                }
+            };
+            let a = &self.acts[set];
+            mlp::backward(be, &s, &self.params, &mut self.grads, w, a, scr);
+            attention::backward(
+                be,
+                &s,
+                self.batch,
+                self.seq,
+                &self.params,
+                &mut self.grads,
+                w,
+                a,
+                scr,
+                &self.rope,
+            );
+        }
+        // x0 = rmsnorm(emb): dL/d(emb) into dxn, then scatter into wte's grad.
+        norm::backward(
+            be,
+            all(&self.x0),
+            all(&self.rstd0),
+            all(&scr.dresid),
+            n,
+            d,
+            all_mut(&mut scr.dxn),
+            false,
+        );
+        let dwte = ViewMut::at(&mut self.grads, self.wte_off, self.cfg.vocab_size * d);
+        embedding::backward(be, &self.ids, n, all(&scr.dxn), d, dwte);
+    }
+
+    /// One micro-step: returns the mean loss over targets that are not -1, and adds
+    /// `loss_scale * d(mean loss)/d(params)` into the grads (loss_scale = 1/grad_accum).
+    /// A batch whose targets are all -1 has loss 0 and adds nothing.
+    pub fn forward_backward(
+        &mut self,
+        inputs: &[u32],
+        targets: &[i32],
+        loss_scale: f32,
+    ) -> Result<f32> {
+        let counted = self.load_batch(inputs, targets)?;
+        self.forward_trunk();
+        let (n, d, v) = (self.tokens(), self.cfg.n_embd, self.cfg.vocab_size);
+        let scale = if counted == 0 {
+            0.0
+        } else {
+            loss_scale / counted as f32
+        };
+        let grad = loss::LossGrad {
+            scale,
+            grads: &mut self.grads,
+            dxf: &mut self.scratch.dxn,
+        };
+        loss::forward_backward(
+            &self.be,
+            n,
+            d,
+            v,
+            self.layout.loss_chunk_rows,
+            &self.params,
+            self.lm_head_off,
+            &self.xf,
+            &self.targets,
+            &mut self.logits_ws,
+            &mut self.losses,
+            Some(grad),
+        );
+        self.backward_trunk();
+        self.be.download(all(&self.losses), &mut self.losses_host);
+        let sum: f64 = self.losses_host.iter().map(|&l| l as f64).sum();
+        Ok(if counted == 0 {
+            0.0
+        } else {
+            (sum / counted as f64) as f32
+        })
+    }
+
+    /// Forward only: per-token losses in nats into `out` (batch * seq values, 0 where the target is -1).
+    pub fn forward_losses(
+        &mut self,
+        inputs: &[u32],
+        targets: &[i32],
+        out: &mut [f32],
+    ) -> Result<()> {
+        if out.len() != self.tokens() {
+            bail!(
+                "forward_losses: the output holds {} values, the micro-batch has {}",
+                out.len(),
+                self.tokens()
+            );
+        }
+        self.load_batch(inputs, targets)?;
+        self.forward_trunk();
+        let (n, d, v) = (self.tokens(), self.cfg.n_embd, self.cfg.vocab_size);
+        loss::forward_backward(
+            &self.be,
+            n,
+            d,
+            v,
+            self.layout.loss_chunk_rows,
+            &self.params,
+            self.lm_head_off,
+            &self.xf,
+            &self.targets,
+            &mut self.logits_ws,
+            &mut self.losses,
+            None,
+        );
+        self.be.download(all(&self.losses), out);
+        Ok(())
+    }
+
+    /// The parameter buffer (backend handle); the sampler and the CUDA path read it through the backend.
+    pub fn params_buf(&self) -> &B::Buf {
+        &self.params
+    }
+    pub fn grads_buf(&self) -> &B::Buf {
+        &self.grads
+    }
+}
+
+/// Host access on the CPU backend: the optimizers and checkpoints work on these slices directly.
+impl Gpt<CpuBackend> {
+    pub fn params(&self) -> &[f32] {
+        CpuBackend::host(&self.params)
+    }
+    pub fn params_mut(&mut self) -> &mut [f32] {
+        CpuBackend::host_mut(&mut self.params)
+    }
+    pub fn grads(&self) -> &[f32] {
+        CpuBackend::host(&self.grads)
+    }
+    pub fn grads_mut(&mut self) -> &mut [f32] {
+        CpuBackend::host_mut(&mut self.grads)
+    }
+    /// Params and grads at once (an optimizer step reads one and writes the other).
+    pub fn params_and_grads_mut(&mut self) -> (&mut [f32], &mut [f32]) {
+        (
+            CpuBackend::host_mut(&mut self.params),
+            CpuBackend::host_mut(&mut self.grads),
+        )
+    }
+}

@@ -1,0 +1,81 @@
+//! lm_head + softcap + cross-entropy, in chunks of tokens: the (tokens x vocab) logits never exist at once.
+
+use crate::backend::{Backend, View, ViewMut};
+use crate::config::LOGIT_SOFTCAP;
+
+/// What the backward of the loss writes: lm_head's grad (accumulated) and d(final norm output) (written).
+pub struct LossGrad<'a, B: Backend> {
+    /// d(loss_scale * mean loss)/d(sum of losses) = loss_scale / (number of counted targets).
+    pub scale: f32,
+    pub grads: &'a mut B::Buf,
+    pub dxf: &'a mut B::Buf,
+}
+
+/// Per-token losses (nats, 0 where the target is -1) into `losses`; with `grad`, the backward as well.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_backward<B: Backend>(
+    be: &B,
+    n: usize,
+    d: usize,
+    vocab: usize,
+    chunk_rows: usize,
+    params: &B::Buf,
+    lm_head_off: usize,
+    xf: &B::Buf,
+    targets: &B::Ids,
+    logits_ws: &mut B::Buf,
+    losses: &mut B::Buf,
+    mut grad: Option<LossGrad<'_, B>>,
+) {
+    let w = View::<B>::at(params, lm_head_off, vocab * d);
+    for c0 in (0..n).step_by(chunk_rows) {
+        let rows = chunk_rows.min(n - c0);
+        let x = View::<B>::at(xf, c0 * d, rows * d);
+        be.matmul(
+            rows,
+            vocab,
+            d,
+            x,
+            false,
+            w,
+            true,
+            ViewMut::at(logits_ws, 0, rows * vocab),
+            false,
+        );
+        be.softcap_cross_entropy(
+            ViewMut::at(logits_ws, 0, rows * vocab),
+            rows,
+            vocab,
+            LOGIT_SOFTCAP,
+            targets,
+            c0,
+            ViewMut::at(losses, c0, rows),
+            grad.as_ref().map(|g| g.scale),
+        );
+        if let Some(g) = grad.as_mut() {
+            let dlogits = View::<B>::at(logits_ws, 0, rows * vocab);
+            be.matmul(
+                rows,
+                d,
+                vocab,
+                dlogits,
+                false,
+                w,
+                false,
+                ViewMut::at(g.dxf, c0 * d, rows * d),
+                false,
+            );
+            be.matmul(
+                vocab,
+                d,
+                rows,
+                dlogits,
+                true,
+                x,
+                false,
+                ViewMut::at(g.grads, lm_head_off, vocab * d),
+                true,
+            );
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! The MLP half of a block: x += c_proj(relu(c_fc(rmsnorm(x)))^2).
+
+use super::{all, all_mut, norm, BlockParams, GradScratch, LayerActs, LayerShapes};
+use crate::backend::{Backend, View, ViewMut};
+
+pub fn forward<B: Backend>(
+    be: &B,
+    s: &LayerShapes,
+    params: &B::Buf,
+    w: &BlockParams,
+    resid: &mut B::Buf,
+    a: &mut LayerActs<B>,
+) {
+    let (n, d, ff) = (s.n, s.d, s.ff);
+    norm::forward(
+        be,
+        all(resid),
+        n,
+        d,
+        all_mut(&mut a.xn2),
+        all_mut(&mut a.rstd2),
+    );
+    be.matmul(
+        n,
+        ff,
+        d,
+        all(&a.xn2),
+        false,
+        View::at(params, w.c_fc, ff * d),
+        true,
+        all_mut(&mut a.u),
+        false,
+    );
+    be.relu2_forward(all(&a.u), all_mut(&mut a.h));
+    // Residual add fused into c_proj's GEMM (accumulate).
+    be.matmul(
+        n,
+        d,
+        ff,
+        all(&a.h),
+        false,
+        View::at(params, w.mlp_proj, d * ff),
+        true,
+        all_mut(resid),
+        true,
+    );
+}
+
+/// Backward: `scr.dresid` holds dL/d(resid after this half); on return, dL/d(resid before it).
+pub fn backward<B: Backend>(
+    be: &B,
+    s: &LayerShapes,
+    params: &B::Buf,
+    grads: &mut B::Buf,
+    w: &BlockParams,
+    a: &LayerActs<B>,
+    scr: &mut GradScratch<B>,
+) {
+    let (n, d, ff) = (s.n, s.d, s.ff);
+    // c_proj: dh = dresid W (n x ff); dW += dresid^T h.
+    be.matmul(
+        n,
+        ff,
+        d,
+        all(&scr.dresid),
+        false,
+        View::at(params, w.mlp_proj, d * ff),
+        false,
+        all_mut(&mut scr.du),
+        false,
+    );
+    be.matmul(
+        d,
+        ff,
+        n,
+        all(&scr.dresid),
+        true,
+        all(&a.h),
+        false,
+        ViewMut::at(grads, w.mlp_proj, d * ff),
+        true,
+    );
+    be.relu2_backward(all(&a.u), all_mut(&mut scr.du));
+    // c_fc: dW += du^T xn2; dxn = du W.
+    be.matmul(
+        ff,
+        d,
+        n,
+        all(&scr.du),
+        true,
+        all(&a.xn2),
+        false,
+        ViewMut::at(grads, w.c_fc, ff * d),
+        true,
+    );
+    be.matmul(
+        n,
+        d,
+        ff,
+        all(&scr.du),
+        false,
+        View::at(params, w.c_fc, ff * d),
+        false,
+        all_mut(&mut scr.dxn),
+        false,
+    );
+    norm::backward(
+        be,
+        all(&a.xn2),
+        all(&a.rstd2),
+        all(&scr.dxn),
+        n,
+        d,
+        all_mut(&mut scr.dresid),
+        true,
+    );
+}

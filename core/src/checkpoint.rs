@@ -93,11 +93,7 @@ fn sync_dir(path: &Path) -> Result<()> {
         .map_err(|e| io_err(path, e))
 }
 
-fn write_tensors(
-    path: &Path,
-    tensors: Vec<(String, TensorView)>,
-    meta: Option<HashMap<String, String>>,
-) -> Result<()> {
+fn write_tensors(path: &Path, tensors: Vec<(String, TensorView)>, meta: Option<HashMap<String, String>>) -> Result<()> {
     safetensors::tensor::serialize_to_file(tensors, meta, path)
         .map_err(|e| NcError::new(format!("{}: writing safetensors: {e}", path.display())))?;
     fs::File::open(path)
@@ -106,12 +102,7 @@ fn write_tensors(
 }
 
 /// Save a checkpoint of `step` under `out_dir`; returns its folder. `optim_states[r]` is rank r's state.
-pub fn save(
-    out_dir: &Path,
-    meta: &CheckpointMeta,
-    params: &[f32],
-    optim_states: &[&[f32]],
-) -> Result<PathBuf> {
+pub fn save(out_dir: &Path, meta: &CheckpointMeta, params: &[f32], optim_states: &[&[f32]]) -> Result<PathBuf> {
     save_with_hook(out_dir, meta, params, optim_states, &mut |_| Ok(()))
 }
 
@@ -147,12 +138,8 @@ pub fn save_with_hook(
     let model_path = tmp.join(MODEL_FILE);
     let mut views = Vec::new();
     for spec in model.param_specs() {
-        let view = TensorView::new(
-            Dtype::F32,
-            vec![spec.rows, spec.cols],
-            f32_bytes(&params[spec.range()]),
-        )
-        .map_err(|e| NcError::new(format!("checkpoint tensor {}: {e}", spec.name)))?;
+        let view = TensorView::new(Dtype::F32, vec![spec.rows, spec.cols], f32_bytes(&params[spec.range()]))
+            .map_err(|e| NcError::new(format!("checkpoint tensor {}: {e}", spec.name)))?;
         views.push((spec.name.clone(), view));
     }
     let st_meta = HashMap::from([("format".to_string(), "pt".to_string())]);
@@ -168,8 +155,7 @@ pub fn save_with_hook(
     }
 
     let meta_path = tmp.join(META_FILE);
-    let text =
-        serde_json::to_string_pretty(meta).map_err(|e| NcError::new(format!("meta.json: {e}")))?;
+    let text = serde_json::to_string_pretty(meta).map_err(|e| NcError::new(format!("meta.json: {e}")))?;
     write_synced(&meta_path, text.as_bytes())?;
     after_file(&meta_path)?;
 
@@ -233,15 +219,9 @@ pub fn load_meta(dir: &Path) -> Result<CheckpointMeta> {
         ))
     })?;
     if meta.format != FORMAT {
-        bail!(
-            "{}: format '{}' is not '{FORMAT}'",
-            path.display(),
-            meta.format
-        );
+        bail!("{}: format '{}' is not '{FORMAT}'", path.display(), meta.format);
     }
-    meta.model_config
-        .validate()
-        .map_err(|e| e.context(path.display()))?;
+    meta.model_config.validate().map_err(|e| e.context(path.display()))?;
     Ok(meta)
 }
 
@@ -257,13 +237,7 @@ fn corrupt(path: &Path, why: impl std::fmt::Display) -> NcError {
 }
 
 /// Copy an f32 tensor's bytes into `out`, checking dtype and shape.
-fn read_f32(
-    st: &SafeTensors,
-    path: &Path,
-    name: &str,
-    shape: &[usize],
-    out: &mut [f32],
-) -> Result<()> {
+fn read_f32(st: &SafeTensors, path: &Path, name: &str, shape: &[usize], out: &mut [f32]) -> Result<()> {
     let t = st
         .tensor(name)
         .map_err(|e| corrupt(path, format!("tensor {name}: {e}")))?;
@@ -297,13 +271,7 @@ pub fn load_params(dir: &Path, model: &ModelConfig, params: &mut [f32]) -> Resul
     }
     for spec in model.param_specs() {
         let range = spec.range();
-        read_f32(
-            &st,
-            &path,
-            &spec.name,
-            &[spec.rows, spec.cols],
-            &mut params[range],
-        )?;
+        read_f32(&st, &path, &spec.name, &[spec.rows, spec.cols], &mut params[range])?;
     }
     Ok(())
 }
@@ -368,23 +336,14 @@ mod tests {
         let bytes = std::fs::read(path.join(MODEL_FILE)).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
         assert_eq!(
-            st.tensor("transformer.h.1.mlp.c_fc.weight")
-                .unwrap()
-                .shape(),
+            st.tensor("transformer.h.1.mlp.c_fc.weight").unwrap().shape(),
             &[128, 32]
         );
         assert_eq!(st.tensor("lm_head.weight").unwrap().shape(), &[40, 32]);
         // meta.json carries nanochat's model_config keys
         let text = std::fs::read_to_string(path.join(META_FILE)).unwrap();
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-        for k in [
-            "n_layer",
-            "n_embd",
-            "n_head",
-            "n_kv_head",
-            "vocab_size",
-            "sequence_len",
-        ] {
+        for k in ["n_layer", "n_embd", "n_head", "n_kv_head", "vocab_size", "sequence_len"] {
             assert!(v["model_config"][k].is_u64(), "{k}");
         }
     }

@@ -13,7 +13,12 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum DataSource {
     /// The embedded corpus, made in memory (no files).
-    Embedded { vocab_size: usize, train_chars: usize, val_chars: usize, seed: u64 },
+    Embedded {
+        vocab_size: usize,
+        train_chars: usize,
+        val_chars: usize,
+        seed: u64,
+    },
     /// A data directory: `tokenizer/` and `shards/{train,val}_NNNNNN.bin`.
     Dir(PathBuf),
 }
@@ -22,7 +27,12 @@ impl DataSource {
     /// The embedded corpus at its default size.
     pub fn embedded() -> Self {
         let s = SynthConfig::default();
-        DataSource::Embedded { vocab_size: s.vocab_size, train_chars: s.train_chars, val_chars: s.val_chars, seed: s.seed }
+        DataSource::Embedded {
+            vocab_size: s.vocab_size,
+            train_chars: s.train_chars,
+            val_chars: s.val_chars,
+            seed: s.seed,
+        }
     }
 }
 
@@ -34,7 +44,12 @@ pub struct RunData {
 }
 
 /// Prompts the embedded corpus can complete (its facts and arithmetic).
-const EMBEDDED_PROMPTS: &[&str] = &["The fox is", "Q: What does the cat eat? A:", "2 + 3 =", "Counting: one, two,"];
+const EMBEDDED_PROMPTS: &[&str] = &[
+    "The fox is",
+    "Q: What does the cat eat? A:",
+    "2 + 3 =",
+    "Counting: one, two,",
+];
 /// nanochat's sample prompts for web text.
 const WEB_PROMPTS: &[&str] = &[
     "The capital of France is",
@@ -46,8 +61,18 @@ const WEB_PROMPTS: &[&str] = &[
 
 pub fn load(source: &DataSource, batch: usize, seq_len: usize, world_size: usize) -> Result<RunData> {
     match source {
-        DataSource::Embedded { vocab_size, train_chars, val_chars, seed } => {
-            let cfg = SynthConfig { vocab_size: *vocab_size, train_chars: *train_chars, val_chars: *val_chars, seed: *seed };
+        DataSource::Embedded {
+            vocab_size,
+            train_chars,
+            val_chars,
+            seed,
+        } => {
+            let cfg = SynthConfig {
+                vocab_size: *vocab_size,
+                train_chars: *train_chars,
+                val_chars: *val_chars,
+                seed: *seed,
+            };
             let d = synth_dataset(&cfg)?;
             Ok(RunData {
                 train: DataLoader::from_tokens(vec![d.train], 0, world_size, batch, seq_len)?,

@@ -13,7 +13,10 @@ pub struct MetricsWriter {
 }
 
 fn step_of(line: &str) -> Option<u64> {
-    serde_json::from_str::<serde_json::Value>(line).ok()?.get("step")?.as_u64()
+    serde_json::from_str::<serde_json::Value>(line)
+        .ok()?
+        .get("step")?
+        .as_u64()
 }
 
 impl MetricsWriter {
@@ -31,7 +34,12 @@ impl MetricsWriter {
                 .collect(),
             _ => Vec::new(),
         };
-        let file = OpenOptions::new().create(true).write(true).truncate(true).open(&path).map_err(err)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(err)?;
         let mut out = BufWriter::new(file);
         for l in kept {
             writeln!(out, "{l}").map_err(err)?;
@@ -68,7 +76,10 @@ pub fn cpu_peak_flops(threads: usize) -> (f64, String) {
         })
         .unwrap_or(3000.0);
     let peak = threads as f64 * 32.0 * mhz * 1e6;
-    let how = format!("{threads} threads x 32 f32 FLOP/cycle (AVX2 FMA) x {:.2} GHz", mhz / 1e3);
+    let how = format!(
+        "{threads} threads x 32 f32 FLOP/cycle (AVX2 FMA) x {:.2} GHz",
+        mhz / 1e3
+    );
     (peak, how)
 }
 

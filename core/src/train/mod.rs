@@ -114,7 +114,9 @@ pub struct RunSummary {
 const EMA_BETA: f64 = 0.9;
 
 fn model_of(cfg: &TrainConfig, vocab: usize) -> Result<ModelConfig> {
-    cfg.model.with_vocab_size(vocab).map_err(|e| e.context("model with the tokenizer's vocabulary"))
+    cfg.model
+        .with_vocab_size(vocab)
+        .map_err(|e| e.context("model with the tokenizer's vocabulary"))
 }
 
 /// Validation loss and bits per byte over `steps` validation batches (SPEC.md section 6).
@@ -141,8 +143,16 @@ fn evaluate(model: &mut Gpt<CpuBackend>, data: &mut RunData, steps: usize, step:
         }
     }
     let val_loss = if counted > 0 { nats / counted as f64 } else { f64::NAN };
-    let val_bpb = if bytes > 0 { bpb_nats / (std::f64::consts::LN_2 * bytes as f64) } else { f64::NAN };
-    Ok(EvalResult { step, val_loss, val_bpb })
+    let val_bpb = if bytes > 0 {
+        bpb_nats / (std::f64::consts::LN_2 * bytes as f64)
+    } else {
+        f64::NAN
+    };
+    Ok(EvalResult {
+        step,
+        val_loss,
+        val_bpb,
+    })
 }
 
 /// Greedy continuations of the data's prompts.
@@ -164,7 +174,11 @@ fn sample(model: &Gpt<CpuBackend>, data: &RunData, max_new: usize, seed: u64) ->
 }
 
 /// The checkpoint to resume from, if any, with its meta checked against this run.
-fn resume_point(cfg: &TrainConfig, model: &ModelConfig, batch: &BatchPlan) -> Result<Option<(PathBuf, CheckpointMeta)>> {
+fn resume_point(
+    cfg: &TrainConfig,
+    model: &ModelConfig,
+    batch: &BatchPlan,
+) -> Result<Option<(PathBuf, CheckpointMeta)>> {
     let dir = match &cfg.resume {
         Resume::No => return Ok(None),
         Resume::Latest => match checkpoint::latest(&cfg.out_dir)? {
@@ -176,7 +190,10 @@ fn resume_point(cfg: &TrainConfig, model: &ModelConfig, batch: &BatchPlan) -> Re
         },
         Resume::Path(p) => {
             if !p.is_dir() {
-                bail!("--resume {}: no such checkpoint folder; give a checkpoints/step_NNNNNN folder", p.display());
+                bail!(
+                    "--resume {}: no such checkpoint folder; give a checkpoints/step_NNNNNN folder",
+                    p.display()
+                );
             }
             p.clone()
         }
@@ -190,8 +207,12 @@ fn resume_point(cfg: &TrainConfig, model: &ModelConfig, batch: &BatchPlan) -> Re
             model
         );
     }
-    let saved: TrainConfig = serde_json::from_value(meta.train_config.clone())
-        .map_err(|e| NcError::new(format!("{}: train_config unreadable ({e}); the checkpoint is corrupt", dir.display())))?;
+    let saved: TrainConfig = serde_json::from_value(meta.train_config.clone()).map_err(|e| {
+        NcError::new(format!(
+            "{}: train_config unreadable ({e}); the checkpoint is corrupt",
+            dir.display()
+        ))
+    })?;
     if (saved.device_batch_size, saved.total_batch_size, saved.world_size)
         != (batch.device_batch_size, batch.total_batch_size, batch.world_size)
     {
@@ -204,7 +225,11 @@ fn resume_point(cfg: &TrainConfig, model: &ModelConfig, batch: &BatchPlan) -> Re
         );
     }
     if meta.optimizer.world_size != 1 || meta.optimizer.state_lens.len() != 1 {
-        bail!("checkpoint {}: optimizer state of {} ranks; CPU runs resume 1", dir.display(), meta.optimizer.world_size);
+        bail!(
+            "checkpoint {}: optimizer state of {} ranks; CPU runs resume 1",
+            dir.display(),
+            meta.optimizer.world_size
+        );
     }
     Ok(Some((dir, meta)))
 }
@@ -212,7 +237,10 @@ fn resume_point(cfg: &TrainConfig, model: &ModelConfig, batch: &BatchPlan) -> Re
 /// Train as `cfg` says. Returns after the last step, or early (with a checkpoint) on a stop request.
 pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
     if cfg.world_size != 1 {
-        bail!("--world-size {} needs the multi-GPU runner, which this build lacks; CPU runs use --world-size 1", cfg.world_size);
+        bail!(
+            "--world-size {} needs the multi-GPU runner, which this build lacks; CPU runs use --world-size 1",
+            cfg.world_size
+        );
     }
     let say = |s: String| {
         if cfg.verbose {
@@ -221,7 +249,12 @@ pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
     };
     let mut data = data::load(&cfg.data, cfg.device_batch_size, cfg.model.sequence_len, cfg.world_size)?;
     let model_cfg = model_of(cfg, data.tokenizer.vocab_size())?;
-    let batch = BatchPlan::new(cfg.device_batch_size, model_cfg.sequence_len, cfg.total_batch_size, cfg.world_size)?;
+    let batch = BatchPlan::new(
+        cfg.device_batch_size,
+        model_cfg.sequence_len,
+        cfg.total_batch_size,
+        cfg.world_size,
+    )?;
     let num_iterations = cfg.horizon.num_iterations(&model_cfg, batch.total_batch_size);
     let schedule = LrSchedule {
         num_iterations,
@@ -229,31 +262,57 @@ pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
         warmdown_ratio: cfg.warmdown_ratio,
         final_lr_frac: cfg.final_lr_frac,
     };
-    let policy = if cfg.recompute_full { Recompute::Full } else { Recompute::None };
-    let mut model = Gpt::new(CpuBackend::new(), model_cfg, batch.device_batch_size, model_cfg.sequence_len, policy)?;
+    let policy = if cfg.recompute_full {
+        Recompute::Full
+    } else {
+        Recompute::None
+    };
+    let mut model = Gpt::new(
+        CpuBackend::new(),
+        model_cfg,
+        batch.device_batch_size,
+        model_cfg.sequence_len,
+        policy,
+    )?;
     model.init(cfg.seed);
     let mut opt = Optimizer::new(&model_cfg, cfg.optim, 0, 1)?;
-    let mut state = LoopState { smooth_loss: 0.0, min_val_bpb: f64::INFINITY, train_seconds: 0.0 };
+    let mut state = LoopState {
+        smooth_loss: 0.0,
+        min_val_bpb: f64::INFINITY,
+        train_seconds: 0.0,
+    };
     let mut step = 0u64;
     let resumed = resume_point(cfg, &model_cfg, &batch)?;
     if let Some((dir, meta)) = &resumed {
         checkpoint::load_params(dir, &model_cfg, model.params_mut())?;
         let mut st = vec![0.0f32; opt.state().len()];
         if meta.optimizer.state_lens[0] != st.len() {
-            bail!("checkpoint {}: optimizer state size differs from this model's; it is corrupt", dir.display());
+            bail!(
+                "checkpoint {}: optimizer state size differs from this model's; it is corrupt",
+                dir.display()
+            );
         }
         checkpoint::load_optim_state(dir, 0, &mut st)?;
         opt.restore(&st, meta.optimizer.steps_taken)?;
-        let loader: LoaderState = serde_json::from_value(meta.loader_state.clone())
-            .map_err(|e| NcError::new(format!("{}: loader_state unreadable ({e}); the checkpoint is corrupt", dir.display())))?;
+        let loader: LoaderState = serde_json::from_value(meta.loader_state.clone()).map_err(|e| {
+            NcError::new(format!(
+                "{}: loader_state unreadable ({e}); the checkpoint is corrupt",
+                dir.display()
+            ))
+        })?;
         data.train.restore(loader)?;
-        state = serde_json::from_value(meta.loop_state.clone())
-            .map_err(|e| NcError::new(format!("{}: loop_state unreadable ({e}); the checkpoint is corrupt", dir.display())))?;
+        state = serde_json::from_value(meta.loop_state.clone()).map_err(|e| {
+            NcError::new(format!(
+                "{}: loop_state unreadable ({e}); the checkpoint is corrupt",
+                dir.display()
+            ))
+        })?;
         step = meta.step;
         say(format!("resumed from {} at step {step}", dir.display()));
     }
     let resume_step = resumed.as_ref().map(|(_, m)| m.step);
-    std::fs::create_dir_all(&cfg.out_dir).map_err(|e| NcError::new(format!("--out-dir {}: {e}", cfg.out_dir.display())))?;
+    std::fs::create_dir_all(&cfg.out_dir)
+        .map_err(|e| NcError::new(format!("--out-dir {}: {e}", cfg.out_dir.display())))?;
     let mut metrics = MetricsWriter::open(&cfg.out_dir, resume_step)?;
 
     let flops_per_token = model_cfg.flops_per_token();
@@ -300,7 +359,10 @@ pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
         if last_step || (cfg.eval_every > 0 && step % cfg.eval_every == 0) || step == 0 {
             let ev = evaluate(&mut model, &mut data, eval_steps, step)?;
             state.min_val_bpb = state.min_val_bpb.min(ev.val_bpb);
-            say(format!("step {step:05} | val loss {:.6} | val bpb {:.6}", ev.val_loss, ev.val_bpb));
+            say(format!(
+                "step {step:05} | val loss {:.6} | val bpb {:.6}",
+                ev.val_loss, ev.val_bpb
+            ));
             metrics.write(&serde_json::json!({"step": step, "val_loss": ev.val_loss, "val_bpb": ev.val_bpb}))?;
             summary.evals.push(ev);
         }

@@ -254,7 +254,7 @@ fn host_memory_bytes() -> Option<f64> {
     Some(kib * 1024.0)
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli) -> Result<Outcome> {
     check_common(&cli)?;
     if cli.plan {
         let plan = plan_from_flags(&cli)?;
@@ -264,18 +264,20 @@ fn run(cli: Cli) -> Result<()> {
         } else {
             print!("{}", plan.render());
         }
-        return Ok(());
+        return Ok(Outcome::Finished);
     }
     let cfg = train_config_from_flags(&cli)?;
     signal::install_handlers();
     let summary = train::train(&cfg)?;
-    if summary.stopped_early {
-        return Err(NcError::new(format!(
-            "stopped at step {} of {} (checkpoint saved); continue with the same flags plus --resume",
-            summary.final_step, summary.num_iterations
-        )));
-    }
-    Ok(())
+    Ok(if summary.stopped_early { Outcome::Stopped } else { Outcome::Finished })
+}
+
+/// How a run ended without an error.
+#[derive(Debug)]
+enum Outcome {
+    Finished,
+    /// Stopped early on request (Ctrl-C, SIGTERM, --stop-at-step), after saving a checkpoint.
+    Stopped,
 }
 
 /// The embedded default: a model small enough to learn the embedded corpus on 2 CPU cores in minutes.
@@ -389,7 +391,9 @@ fn train_config_from_flags(cli: &Cli) -> Result<TrainConfig> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Outcome::Finished) => ExitCode::SUCCESS,
+        // the shell's convention for "interrupted"; the checkpoint to resume from is saved
+        Ok(Outcome::Stopped) => ExitCode::from(130),
         Err(e) => {
             eprintln!("nc-train: error: {e}");
             ExitCode::FAILURE

@@ -6,4 +6,5 @@
 source "$(dirname "$0")/common.sh"
 build
 prepare_data 240
+GPU="${GPU:-h100}"
 plan_and_train --depth 20 --device-batch-size 32 --total-batch-size 524288 --model-tag d20 -- "$@"

@@ -117,10 +117,7 @@ impl<B: Backend> Sampler<B> {
             );
         }
         if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            bail!(
-                "token {t} is outside the vocabulary (size {})",
-                c.vocab_size
-            );
+            bail!("token {t} is outside the vocabulary (size {})", c.vocab_size);
         }
         for (dst, &t) in self.ids_host.iter_mut().zip(tokens) {
             *dst = t as i32;
@@ -131,10 +128,7 @@ impl<B: Backend> Sampler<B> {
         let (qd, kvd, ff, v) = (h * hd, hkv * hd, 4 * d, c.vocab_size);
         let specs = model.param_specs();
         let w = |name: &str| {
-            let s = specs
-                .iter()
-                .find(|s| s.name == name)
-                .expect("param_specs names");
+            let s = specs.iter().find(|s| s.name == name).expect("param_specs names");
             View::<B>::at(p, s.offset, s.numel())
         };
         be.upload_ids(&mut self.ids, &self.ids_host[..n]);
@@ -201,15 +195,7 @@ impl<B: Backend> Sampler<B> {
                 false,
             );
             be.rotary_forward(ViewMut::at(&mut self.q, 0, n * qd), 1, n, h, hd, pos0, rope);
-            be.rotary_forward(
-                ViewMut::at(&mut self.k, 0, n * kvd),
-                1,
-                n,
-                hkv,
-                hd,
-                pos0,
-                rope,
-            );
+            be.rotary_forward(ViewMut::at(&mut self.k, 0, n * kvd), 1, n, hkv, hd, pos0, rope);
             be.rmsnorm_forward(
                 View::at(&self.q, 0, n * qd),
                 n * h,
@@ -276,10 +262,7 @@ impl<B: Backend> Sampler<B> {
                 ViewMut::at(&mut self.u, 0, n * ff),
                 false,
             );
-            be.relu2_forward(
-                View::at(&self.u, 0, n * ff),
-                ViewMut::at(&mut self.hid, 0, n * ff),
-            );
+            be.relu2_forward(View::at(&self.u, 0, n * ff), ViewMut::at(&mut self.hid, 0, n * ff));
             let hid = View::<B>::at(&self.hid, 0, n * ff);
             be.matmul(
                 n,

@@ -20,11 +20,7 @@ fn tiny(kv_heads: usize) -> Case {
     Case { cfg, b: 2, t: 8 }
 }
 
-fn random_model(
-    case: &Case,
-    policy: Recompute,
-    seed: u64,
-) -> (Gpt<CpuBackend>, Vec<u32>, Vec<i32>) {
+fn random_model(case: &Case, policy: Recompute, seed: u64) -> (Gpt<CpuBackend>, Vec<u32>, Vec<i32>) {
     let mut m = Gpt::new(CpuBackend::new(), case.cfg, case.b, case.t, policy).unwrap();
     let mut rng = TestRng(seed);
     // Random non-zero weights everywhere (the real init zeroes lm_head and c_proj, hiding their grads).
@@ -32,12 +28,8 @@ fn random_model(
         *v = (rng.normal() * 0.4) as f32;
     }
     let n = case.b * case.t;
-    let inputs: Vec<u32> = (0..n)
-        .map(|_| rng.below(case.cfg.vocab_size) as u32)
-        .collect();
-    let mut targets: Vec<i32> = (0..n)
-        .map(|_| rng.below(case.cfg.vocab_size) as i32)
-        .collect();
+    let inputs: Vec<u32> = (0..n).map(|_| rng.below(case.cfg.vocab_size) as u32).collect();
+    let mut targets: Vec<i32> = (0..n).map(|_| rng.below(case.cfg.vocab_size) as i32).collect();
     targets[3] = -1;
     targets[n - 2] = -1;
     (m, inputs, targets)
@@ -145,10 +137,7 @@ fn forward_losses_match_reference_per_token() {
     let mean = out.iter().map(|&l| l as f64).sum::<f64>() / counted;
     let p64: Vec<f64> = m.params().iter().map(|&v| v as f64).collect();
     let ref_loss = model_loss(&case.cfg, &p64, case.b, case.t, &inputs, &targets);
-    assert!(
-        (mean - ref_loss).abs() <= 1e-5 * ref_loss,
-        "{mean} vs {ref_loss}"
-    );
+    assert!((mean - ref_loss).abs() <= 1e-5 * ref_loss, "{mean} vs {ref_loss}");
     for (l, t) in out.iter().zip(&targets) {
         if *t < 0 {
             assert_eq!(*l, 0.0);
@@ -162,9 +151,7 @@ fn forward_losses_match_reference_per_token() {
 fn bad_batches_are_errors() {
     let case = tiny(2);
     let (mut m, mut inputs, targets) = random_model(&case, Recompute::None, 9);
-    assert!(m
-        .forward_backward(&inputs[1..], &targets[1..], 1.0)
-        .is_err());
+    assert!(m.forward_backward(&inputs[1..], &targets[1..], 1.0).is_err());
     inputs[0] = 37;
     let e = m.forward_backward(&inputs, &targets, 1.0).unwrap_err();
     assert!(e.message.contains("vocabulary"), "{e}");

@@ -54,11 +54,7 @@ impl<'a, B: Backend + ?Sized> View<'a, B> {
     }
     /// A sub-view (relative to this view).
     pub fn sub(&self, off: usize, len: usize) -> Self {
-        assert!(
-            off + len <= self.len,
-            "sub-view {off}+{len} past view end {}",
-            self.len
-        );
+        assert!(off + len <= self.len, "sub-view {off}+{len} past view end {}", self.len);
         View {
             buf: self.buf,
             off: self.off + off,
@@ -82,11 +78,7 @@ impl<'a, B: Backend + ?Sized> ViewMut<'a, B> {
     }
     /// A shorter-lived writable sub-view (relative to this view).
     pub fn sub(&mut self, off: usize, len: usize) -> ViewMut<'_, B> {
-        assert!(
-            off + len <= self.len,
-            "sub-view {off}+{len} past view end {}",
-            self.len
-        );
+        assert!(off + len <= self.len, "sub-view {off}+{len} past view end {}", self.len);
         ViewMut {
             buf: &mut *self.buf,
             off: self.off + off,
@@ -119,13 +111,7 @@ pub struct AttnShape {
 
 impl AttnShape {
     /// Training shape: full causal self-attention over T positions.
-    pub fn causal(
-        batch: usize,
-        t: usize,
-        n_head: usize,
-        n_kv_head: usize,
-        head_dim: usize,
-    ) -> Self {
+    pub fn causal(batch: usize, t: usize, n_head: usize, n_kv_head: usize, head_dim: usize) -> Self {
         AttnShape {
             batch,
             tq: t,
@@ -189,23 +175,9 @@ pub trait Backend {
     );
 
     /// out (N x d) = wte[ids] with wte (V x d). Ids are assumed valid (< V) (the model checks them).
-    fn embedding_forward(
-        &self,
-        ids: &Self::Ids,
-        n: usize,
-        wte: View<'_, Self>,
-        d: usize,
-        out: ViewMut<'_, Self>,
-    );
+    fn embedding_forward(&self, ids: &Self::Ids, n: usize, wte: View<'_, Self>, d: usize, out: ViewMut<'_, Self>);
     /// dwte[ids[i]] += dout[i] for every row i (scatter-add; repeated ids add up).
-    fn embedding_backward(
-        &self,
-        ids: &Self::Ids,
-        n: usize,
-        dout: View<'_, Self>,
-        d: usize,
-        dwte: ViewMut<'_, Self>,
-    );
+    fn embedding_backward(&self, ids: &Self::Ids, n: usize, dout: View<'_, Self>, d: usize, dwte: ViewMut<'_, Self>);
 
     /// Weightless rmsnorm over rows: y = x / sqrt(mean(x^2) + eps); saves rstd = 1/sqrt(mean(x^2) + eps).
     fn rmsnorm_forward(

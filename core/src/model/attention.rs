@@ -23,14 +23,7 @@ pub fn forward<B: Backend>(
     rope: &B::Buf,
 ) {
     let (n, d, qd, kvd, hd) = (s.n, s.d, s.qd, s.kvd, s.head_dim);
-    norm::forward(
-        be,
-        all(resid),
-        n,
-        d,
-        all_mut(&mut a.xn1),
-        all_mut(&mut a.rstd1),
-    );
+    norm::forward(be, all(resid), n, d, all_mut(&mut a.xn1), all_mut(&mut a.rstd1));
     be.matmul(
         n,
         qd,
@@ -65,15 +58,7 @@ pub fn forward<B: Backend>(
         false,
     );
     be.rotary_forward(all_mut(&mut scr.dq), batch, t, s.n_head, hd, 0, all(rope));
-    be.rotary_forward(
-        all_mut(&mut scr.dk),
-        batch,
-        t,
-        s.n_kv_head,
-        hd,
-        0,
-        all(rope),
-    );
+    be.rotary_forward(all_mut(&mut scr.dk), batch, t, s.n_kv_head, hd, 0, all(rope));
     // QK-norm: rmsnorm over the head dim, after rotary.
     norm::forward(
         be,
@@ -186,15 +171,7 @@ pub fn backward<B: Backend>(
         false,
     );
     be.rotary_backward(all_mut(&mut scr.dq), batch, t, s.n_head, hd, 0, all(rope));
-    be.rotary_backward(
-        all_mut(&mut scr.dk),
-        batch,
-        t,
-        s.n_kv_head,
-        hd,
-        0,
-        all(rope),
-    );
+    be.rotary_backward(all_mut(&mut scr.dk), batch, t, s.n_kv_head, hd, 0, all(rope));
     // q, k, v projections: dW += dout^T xn1; dxn = sum of dout W.
     be.matmul(
         qd,

@@ -8,8 +8,8 @@
 //!   backend `params()`, `params_mut()`, `grads()`, `grads_mut()` as host slices.
 
 use super::{
-    activation_layout, all, all_mut, attention, embedding, init, loss, mlp, norm, ActivationLayout,
-    BlockParams, GradScratch, LayerActs, LayerShapes, Recompute,
+    activation_layout, all, all_mut, attention, embedding, init, loss, mlp, norm, ActivationLayout, BlockParams,
+    GradScratch, LayerActs, LayerShapes, Recompute,
 };
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, View, ViewMut};
@@ -58,13 +58,7 @@ pub struct Gpt<B: Backend> {
 impl<B: Backend> Gpt<B> {
     /// Allocate a model for micro-batches of `batch` sequences of `seq` tokens. Params start at zero:
     /// call `init(seed)` or write them by name.
-    pub fn new(
-        be: B,
-        cfg: ModelConfig,
-        batch: usize,
-        seq: usize,
-        policy: Recompute,
-    ) -> Result<Self> {
+    pub fn new(be: B, cfg: ModelConfig, batch: usize, seq: usize, policy: Recompute) -> Result<Self> {
         cfg.validate()?;
         if batch == 0 || seq == 0 {
             bail!("micro-batch {batch} x sequence {seq}: both must be at least 1");
@@ -103,10 +97,7 @@ impl<B: Backend> Gpt<B> {
         let d = cfg.n_embd;
         let nparams = cfg.num_params() as usize;
         let mut rope = be.alloc(2 * cfg.sequence_len * (cfg.head_dim / 2));
-        be.upload(
-            all_mut(&mut rope),
-            &init::rotary_table(cfg.sequence_len, cfg.head_dim),
-        );
+        be.upload(all_mut(&mut rope), &init::rotary_table(cfg.sequence_len, cfg.head_dim));
         let full = policy == Recompute::Full;
         let model = Gpt {
             params: be.alloc(nparams),
@@ -127,9 +118,7 @@ impl<B: Backend> Gpt<B> {
                 Vec::new()
             },
             resid_tmp: be.alloc(if full { n * d } else { 0 }),
-            acts: (0..layout.layer_sets)
-                .map(|_| LayerActs::new(&be, &s))
-                .collect(),
+            acts: (0..layout.layer_sets).map(|_| LayerActs::new(&be, &s)).collect(),
             xf: be.alloc(n * d),
             rstdf: be.alloc(n),
             scratch: GradScratch::new(&be, &s),
@@ -189,10 +178,8 @@ impl<B: Backend> Gpt<B> {
                 data.len()
             );
         }
-        self.be.upload(
-            ViewMut::at(&mut self.params, spec.offset, spec.numel()),
-            data,
-        );
+        self.be
+            .upload(ViewMut::at(&mut self.params, spec.offset, spec.numel()), data);
         Ok(())
     }
 
@@ -206,8 +193,7 @@ impl<B: Backend> Gpt<B> {
                 out.len()
             );
         }
-        self.be
-            .download(View::at(&self.params, spec.offset, spec.numel()), out);
+        self.be.download(View::at(&self.params, spec.offset, spec.numel()), out);
         Ok(())
     }
 
@@ -221,8 +207,7 @@ impl<B: Backend> Gpt<B> {
                 out.len()
             );
         }
-        self.be
-            .download(View::at(&self.grads, spec.offset, spec.numel()), out);
+        self.be.download(View::at(&self.grads, spec.offset, spec.numel()), out);
         Ok(())
     }
 
@@ -241,11 +226,7 @@ impl<B: Backend> Gpt<B> {
         if let Some((i, &t)) = inputs.iter().enumerate().find(|(_, &t)| t as usize >= v) {
             bail!("input token {t} at position {i} is outside the vocabulary (size {v}); is the data from another tokenizer?");
         }
-        if let Some((i, &t)) = targets
-            .iter()
-            .enumerate()
-            .find(|(_, &t)| t < -1 || t >= v as i32)
-        {
+        if let Some((i, &t)) = targets.iter().enumerate().find(|(_, &t)| t < -1 || t >= v as i32) {
             bail!("target {t} at position {i} is neither -1 (ignore) nor a token id below {v}");
         }
         for (dst, &src) in self.ids_host.iter_mut().zip(inputs) {
@@ -384,20 +365,11 @@ impl<B: Backend> Gpt<B> {
     /// One micro-step: returns the mean loss over targets that are not -1, and adds
     /// `loss_scale * d(mean loss)/d(params)` into the grads (loss_scale = 1/grad_accum).
     /// A batch whose targets are all -1 has loss 0 and adds nothing.
-    pub fn forward_backward(
-        &mut self,
-        inputs: &[u32],
-        targets: &[i32],
-        loss_scale: f32,
-    ) -> Result<f32> {
+    pub fn forward_backward(&mut self, inputs: &[u32], targets: &[i32], loss_scale: f32) -> Result<f32> {
         let counted = self.load_batch(inputs, targets)?;
         self.forward_trunk();
         let (n, d, v) = (self.tokens(), self.cfg.n_embd, self.cfg.vocab_size);
-        let scale = if counted == 0 {
-            0.0
-        } else {
-            loss_scale / counted as f32
-        };
+        let scale = if counted == 0 { 0.0 } else { loss_scale / counted as f32 };
         let grad = loss::LossGrad {
             scale,
             grads: &mut self.grads,
@@ -428,12 +400,7 @@ impl<B: Backend> Gpt<B> {
     }
 
     /// Forward only: per-token losses in nats into `out` (batch * seq values, 0 where the target is -1).
-    pub fn forward_losses(
-        &mut self,
-        inputs: &[u32],
-        targets: &[i32],
-        out: &mut [f32],
-    ) -> Result<()> {
+    pub fn forward_losses(&mut self, inputs: &[u32], targets: &[i32], out: &mut [f32]) -> Result<()> {
         if out.len() != self.tokens() {
             bail!(
                 "forward_losses: the output holds {} values, the micro-batch has {}",

@@ -12,14 +12,7 @@ pub fn forward<B: Backend>(
     a: &mut LayerActs<B>,
 ) {
     let (n, d, ff) = (s.n, s.d, s.ff);
-    norm::forward(
-        be,
-        all(resid),
-        n,
-        d,
-        all_mut(&mut a.xn2),
-        all_mut(&mut a.rstd2),
-    );
+    norm::forward(be, all(resid), n, d, all_mut(&mut a.xn2), all_mut(&mut a.rstd2));
     be.matmul(
         n,
         ff,

@@ -54,12 +54,7 @@ pub fn loss_chunk_rows(vocab: usize, tokens: usize) -> usize {
 }
 
 /// The one accounting of activation memory, shared by `Gpt::new` and the planner.
-pub fn activation_layout(
-    cfg: &ModelConfig,
-    batch: usize,
-    seq: usize,
-    policy: Recompute,
-) -> ActivationLayout {
+pub fn activation_layout(cfg: &ModelConfig, batch: usize, seq: usize, policy: Recompute) -> ActivationLayout {
     let s = LayerShapes::new(cfg, batch * seq);
     let layer_saved_per_token = s.saved_per_token();
     let (layer_sets, layer_input_per_token) = match policy {
@@ -73,10 +68,7 @@ pub fn activation_layout(
     let tokens = batch * seq;
     let loss_chunk_rows = loss_chunk_rows(cfg.vocab_size, tokens);
     let loss_workspace = loss_chunk_rows * cfg.vocab_size;
-    let total = tokens
-        * (layer_sets * layer_saved_per_token
-            + cfg.n_layer * layer_input_per_token
-            + other_per_token)
+    let total = tokens * (layer_sets * layer_saved_per_token + cfg.n_layer * layer_input_per_token + other_per_token)
         + loss_workspace;
     ActivationLayout {
         layer_saved_per_token,

@@ -37,16 +37,7 @@ pub fn rotary(x: &[f64], t: usize, heads: usize, hd: usize, pos0: usize) -> Vec<
 
 /// Causal attention with GQA, materializing the scores (fine at test sizes).
 /// q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D).
-pub fn attention(
-    q: &[f64],
-    k: &[f64],
-    v: &[f64],
-    b: usize,
-    t: usize,
-    h: usize,
-    hkv: usize,
-    d: usize,
-) -> Vec<f64> {
+pub fn attention(q: &[f64], k: &[f64], v: &[f64], b: usize, t: usize, h: usize, hkv: usize, d: usize) -> Vec<f64> {
     let mut out = vec![0.0; b * t * h * d];
     let scale = 1.0 / (d as f64).sqrt();
     for bb in 0..b {
@@ -106,26 +97,13 @@ pub fn softcap_ce(logits: &[f64], v: usize, targets: &[i32]) -> Vec<f64> {
 }
 
 /// The whole model's mean loss, in f64, from the flat parameter vector laid out by param_specs.
-pub fn model_loss(
-    cfg: &ModelConfig,
-    p: &[f64],
-    b: usize,
-    t: usize,
-    inputs: &[u32],
-    targets: &[i32],
-) -> f64 {
+pub fn model_loss(cfg: &ModelConfig, p: &[f64], b: usize, t: usize, inputs: &[u32], targets: &[i32]) -> f64 {
     let specs = cfg.param_specs();
     let get = |name: &str| {
         let s = specs.iter().find(|s| s.name == name).unwrap();
         &p[s.range()]
     };
-    let (d, h, hkv, hd, vocab) = (
-        cfg.n_embd,
-        cfg.n_head,
-        cfg.n_kv_head,
-        cfg.head_dim,
-        cfg.vocab_size,
-    );
+    let (d, h, hkv, hd, vocab) = (cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.vocab_size);
     let n = b * t;
     let wte = get("transformer.wte.weight");
     let mut x: Vec<f64> = inputs

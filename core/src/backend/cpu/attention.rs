@@ -30,22 +30,10 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 }
 
 fn check(s: &AttnShape, q: usize, k: usize, v: usize, out: usize, lse: usize) {
-    assert!(
-        s.n_head % s.n_kv_head == 0,
-        "attention: n_kv_head must divide n_head"
-    );
-    assert!(
-        s.q_pos0 + s.tq <= s.tk,
-        "attention: queries reach past the keys"
-    );
-    assert!(
-        q >= s.q_len() && out >= s.q_len(),
-        "attention: q/out views too short"
-    );
-    assert!(
-        k >= s.kv_len() && v >= s.kv_len(),
-        "attention: k/v views too short"
-    );
+    assert!(s.n_head % s.n_kv_head == 0, "attention: n_kv_head must divide n_head");
+    assert!(s.q_pos0 + s.tq <= s.tk, "attention: queries reach past the keys");
+    assert!(q >= s.q_len() && out >= s.q_len(), "attention: q/out views too short");
+    assert!(k >= s.kv_len() && v >= s.kv_len(), "attention: k/v views too short");
     assert!(lse >= s.lse_len(), "attention: lse view too short");
 }
 
@@ -63,11 +51,7 @@ pub fn forward(s: AttnShape, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], l
     let group = h / hkv;
     let scale = 1.0 / (d as f32).sqrt();
     let n_qt = tq.div_ceil(BQ);
-    let (qp, kp, vp) = (
-        q.as_ptr() as usize,
-        k.as_ptr() as usize,
-        v.as_ptr() as usize,
-    );
+    let (qp, kp, vp) = (q.as_ptr() as usize, k.as_ptr() as usize, v.as_ptr() as usize);
     let (outp, lsep) = (SendPtr(out.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
     (0..batch * h * n_qt).into_par_iter().for_each(|task| {
         let (outp, lsep) = (outp, lsep);
@@ -236,8 +220,7 @@ pub fn backward(
                         std::ptr::write_bytes(dqp.0.add(q_row(i, hh)), 0, d);
                         // D_i = rowsum(dO_i * O_i): the softmax backward's per-row correction.
                         let o = std::slice::from_raw_parts((op as *const f32).add(q_row(i, hh)), d);
-                        let g_o =
-                            std::slice::from_raw_parts((dop as *const f32).add(q_row(i, hh)), d);
+                        let g_o = std::slice::from_raw_parts((dop as *const f32).add(q_row(i, hh)), d);
                         dvec[g * t + i] = o.iter().zip(g_o).map(|(a, b)| a * b).sum();
                     }
                 }

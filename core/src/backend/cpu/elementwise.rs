@@ -31,33 +31,27 @@ pub fn embedding_backward(ids: &[i32], dout: &[f32], d: usize, dwte: &mut [f32])
 const CHUNK: usize = 1 << 14;
 
 pub fn relu2_forward(u: &[f32], h: &mut [f32]) {
-    h.par_chunks_mut(CHUNK)
-        .zip(u.par_chunks(CHUNK))
-        .for_each(|(h, u)| {
-            for (h, &u) in h.iter_mut().zip(u) {
-                let r = u.max(0.0);
-                *h = r * r;
-            }
-        });
+    h.par_chunks_mut(CHUNK).zip(u.par_chunks(CHUNK)).for_each(|(h, u)| {
+        for (h, &u) in h.iter_mut().zip(u) {
+            let r = u.max(0.0);
+            *h = r * r;
+        }
+    });
 }
 
 pub fn relu2_backward(u: &[f32], dh: &mut [f32]) {
-    dh.par_chunks_mut(CHUNK)
-        .zip(u.par_chunks(CHUNK))
-        .for_each(|(dh, u)| {
-            for (g, &u) in dh.iter_mut().zip(u) {
-                *g *= 2.0 * u.max(0.0);
-            }
-        });
+    dh.par_chunks_mut(CHUNK).zip(u.par_chunks(CHUNK)).for_each(|(dh, u)| {
+        for (g, &u) in dh.iter_mut().zip(u) {
+            *g *= 2.0 * u.max(0.0);
+        }
+    });
 }
 
 pub fn add_inplace(x: &mut [f32], y: &[f32]) {
     assert_eq!(x.len(), y.len());
-    x.par_chunks_mut(CHUNK)
-        .zip(y.par_chunks(CHUNK))
-        .for_each(|(x, y)| {
-            for (a, b) in x.iter_mut().zip(y) {
-                *a += *b;
-            }
-        });
+    x.par_chunks_mut(CHUNK).zip(y.par_chunks(CHUNK)).for_each(|(x, y)| {
+        for (a, b) in x.iter_mut().zip(y) {
+            *a += *b;
+        }
+    });
 }

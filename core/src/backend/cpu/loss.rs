@@ -26,21 +26,37 @@ pub fn softcap_cross_entropy(
                 return;
             }
             // Cap in place: z = cap * tanh(l / cap). The backward needs only z (dtanh = 1 - (z/cap)^2).
-            let mut max = f32::NEG_INFINITY;
-            for v in row.iter_mut() {
+            let (mut max, mut imax) = (f32::NEG_INFINITY, 0);
+            for (j, v) in row.iter_mut().enumerate() {
                 *v = cap * (*v / cap).tanh();
-                max = max.max(*v);
+                if *v > max {
+                    (max, imax) = (*v, j);
+                }
             }
-            let sum: f32 = row.iter().map(|&z| (z - max).exp()).sum();
-            let lse = max + sum.ln();
-            *loss = lse - row[target as usize];
+            // lse = max + ln(1 + rest) with rest the sum over all but the max: ln_1p keeps a near-zero loss
+            // (a confident, correct prediction) accurate instead of losing it to 1 + rest rounding.
+            let rest: f32 = row
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != imax)
+                .map(|(_, &z)| (z - max).exp())
+                .sum();
+            *loss = (max - row[target as usize]) + rest.ln_1p();
+            let sum = 1.0 + rest;
             match grad_scale {
                 Some(s) => {
                     let inv = 1.0 / sum;
                     for (j, v) in row.iter_mut().enumerate() {
                         let z = *v;
                         let p = (z - max).exp() * inv;
-                        let dz = if j == target as usize { p - 1.0 } else { p };
+                        // p - 1 for the target, as -rest/sum when it is the max (no cancellation near p = 1).
+                        let dz = if j != target as usize {
+                            p
+                        } else if j == imax {
+                            -rest * inv
+                        } else {
+                            p - 1.0
+                        };
                         let c = z / cap;
                         *v = s * dz * (1.0 - c * c);
                     }

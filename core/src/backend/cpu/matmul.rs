@@ -69,16 +69,8 @@ pub unsafe fn gemm_strided(
     par: Parallelism,
 ) {
     // (row stride, col stride) of op(A) and op(B).
-    let (a_rs, a_cs) = if a_t {
-        (1, m as isize)
-    } else {
-        (k as isize, 1)
-    };
-    let (b_rs, b_cs) = if b_t {
-        (1, k as isize)
-    } else {
-        (n as isize, 1)
-    };
+    let (a_rs, a_cs) = if a_t { (1, m as isize) } else { (k as isize, 1) };
+    let (b_rs, b_cs) = if b_t { (1, k as isize) } else { (n as isize, 1) };
     gemm_raw(
         m,
         n,
@@ -133,7 +125,6 @@ pub unsafe fn gemm_raw(
     }
     // gemm computes dst = alpha * dst + beta * lhs * rhs; alpha is read only when read_dst is true.
     gemm(
-        m, n, k, c, 1, c_rs, accumulate, a, a_cs, a_rs, b, b_cs, b_rs, 1.0f32, beta, false, false,
-        false, par,
+        m, n, k, c, 1, c_rs, accumulate, a, a_cs, a_rs, b, b_cs, b_rs, 1.0f32, beta, false, false, false, par,
     );
 }

@@ -96,38 +96,13 @@ impl Backend for CpuBackend {
         c: ViewMut<'_, Self>,
         accumulate: bool,
     ) {
-        matmul::matmul(
-            self.threads,
-            m,
-            n,
-            k,
-            sl(a),
-            a_t,
-            sl(b),
-            b_t,
-            sl_mut(c),
-            accumulate,
-        );
+        matmul::matmul(self.threads, m, n, k, sl(a), a_t, sl(b), b_t, sl_mut(c), accumulate);
     }
 
-    fn embedding_forward(
-        &self,
-        ids: &CpuIds,
-        n: usize,
-        wte: View<'_, Self>,
-        d: usize,
-        out: ViewMut<'_, Self>,
-    ) {
+    fn embedding_forward(&self, ids: &CpuIds, n: usize, wte: View<'_, Self>, d: usize, out: ViewMut<'_, Self>) {
         elementwise::embedding_forward(&ids.0[..n], sl(wte), d, sl_mut(out));
     }
-    fn embedding_backward(
-        &self,
-        ids: &CpuIds,
-        n: usize,
-        dout: View<'_, Self>,
-        d: usize,
-        dwte: ViewMut<'_, Self>,
-    ) {
+    fn embedding_backward(&self, ids: &CpuIds, n: usize, dout: View<'_, Self>, d: usize, dwte: ViewMut<'_, Self>) {
         elementwise::embedding_backward(&ids.0[..n], sl(dout), d, sl_mut(dwte));
     }
 
@@ -240,15 +215,7 @@ impl Backend for CpuBackend {
         grad_scale: Option<f32>,
     ) {
         let t = &targets.0[target_off..target_off + rows];
-        loss::softcap_cross_entropy(
-            sl_mut(logits),
-            rows,
-            vocab,
-            cap,
-            t,
-            sl_mut(losses),
-            grad_scale,
-        );
+        loss::softcap_cross_entropy(sl_mut(logits), rows, vocab, cap, t, sl_mut(losses), grad_scale);
     }
     fn softcap(&self, logits: ViewMut<'_, Self>, cap: f32) {
         loss::softcap(sl_mut(logits), cap);

@@ -3,14 +3,7 @@
 use super::elementwise::ROWS_PER_TASK;
 use rayon::prelude::*;
 
-pub fn rmsnorm_forward(
-    x: &[f32],
-    rows: usize,
-    dim: usize,
-    eps: f32,
-    y: &mut [f32],
-    rstd: &mut [f32],
-) {
+pub fn rmsnorm_forward(x: &[f32], rows: usize, dim: usize, eps: f32, y: &mut [f32], rstd: &mut [f32]) {
     let (x, y, rstd) = (&x[..rows * dim], &mut y[..rows * dim], &mut rstd[..rows]);
     y.par_chunks_mut(dim * ROWS_PER_TASK)
         .zip(rstd.par_chunks_mut(ROWS_PER_TASK))
@@ -40,26 +33,24 @@ pub fn rmsnorm_backward(
     accumulate: bool,
 ) {
     let dx = &mut dx[..rows * dim];
-    dx.par_chunks_mut(dim * ROWS_PER_TASK)
-        .enumerate()
-        .for_each(|(c, dx)| {
-            for (r, dx) in dx.chunks_mut(dim).enumerate() {
-                let row = c * ROWS_PER_TASK + r;
-                let y = &y[row * dim..(row + 1) * dim];
-                let dy = &dy[row * dim..(row + 1) * dim];
-                let s = rstd[row];
-                let mean_dyy = y.iter().zip(dy).map(|(a, b)| a * b).sum::<f32>() / dim as f32;
-                if accumulate {
-                    for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
-                        *dx += s * (dy - y * mean_dyy);
-                    }
-                } else {
-                    for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
-                        *dx = s * (dy - y * mean_dyy);
-                    }
+    dx.par_chunks_mut(dim * ROWS_PER_TASK).enumerate().for_each(|(c, dx)| {
+        for (r, dx) in dx.chunks_mut(dim).enumerate() {
+            let row = c * ROWS_PER_TASK + r;
+            let y = &y[row * dim..(row + 1) * dim];
+            let dy = &dy[row * dim..(row + 1) * dim];
+            let s = rstd[row];
+            let mean_dyy = y.iter().zip(dy).map(|(a, b)| a * b).sum::<f32>() / dim as f32;
+            if accumulate {
+                for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
+                    *dx += s * (dy - y * mean_dyy);
+                }
+            } else {
+                for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
+                    *dx = s * (dy - y * mean_dyy);
                 }
             }
-        });
+        }
+    });
 }
 
 /// Rotary on x (batch, t, heads, head_dim), in place; `inverse` rotates by the opposite angle (backward).

@@ -14,7 +14,12 @@ fn embedded_default_learns_and_samples() {
     let dir = tempfile::tempdir().unwrap();
     let out = nc_train().current_dir(dir.path()).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "exit {:?}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     let bpb: Vec<f64> = stdout
         .lines()
         .filter_map(|l| l.split("val bpb ").nth(1))
@@ -23,11 +28,18 @@ fn embedded_default_learns_and_samples() {
     assert!(bpb.len() >= 2, "{stdout}");
     let (first, last) = (bpb[0], *bpb.last().unwrap());
     assert!(last < 0.5 * first, "val bpb should fall clearly: {bpb:?}");
-    assert!(stdout.lines().filter(|l| l.starts_with("sample | ")).count() >= 3, "{stdout}");
+    assert!(
+        stdout.lines().filter(|l| l.starts_with("sample | ")).count() >= 3,
+        "{stdout}"
+    );
     assert!(stdout.contains("done: peak memory"), "{stdout}");
     let run = dir.path().join("runs/embedded");
     assert!(run.join("metrics.jsonl").is_file());
-    assert!(run.join("checkpoints/step_000300/COMPLETE").is_file(), "{:?}", std::fs::read_dir(run.join("checkpoints")));
+    assert!(
+        run.join("checkpoints/step_000300/COMPLETE").is_file(),
+        "{:?}",
+        std::fs::read_dir(run.join("checkpoints"))
+    );
 }
 
 /// SIGINT mid-run: the loop saves a checkpoint at the next step boundary and exits with 130; `--resume`
@@ -36,8 +48,20 @@ fn embedded_default_learns_and_samples() {
 fn sigint_saves_and_resume_continues() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("run");
-    let args = ["--num-iterations", "100000", "--eval-every", "0", "--out-dir", out_dir.to_str().unwrap()];
-    let mut child = nc_train().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let args = [
+        "--num-iterations",
+        "100000",
+        "--eval-every",
+        "0",
+        "--out-dir",
+        out_dir.to_str().unwrap(),
+    ];
+    let mut child = nc_train()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
     let mut seen = Vec::new();
@@ -55,20 +79,39 @@ fn sigint_saves_and_resume_continues() {
     let status = child.wait().unwrap();
     let text = seen.join("\n");
     assert_eq!(status.code(), Some(130), "{text}");
-    let stopped = text.lines().find(|l| l.starts_with("stopped at step ")).unwrap_or_else(|| panic!("{text}"));
-    let step: u64 = stopped["stopped at step ".len()..].split(' ').next().unwrap().parse().unwrap();
+    let stopped = text
+        .lines()
+        .find(|l| l.starts_with("stopped at step "))
+        .unwrap_or_else(|| panic!("{text}"));
+    let step: u64 = stopped["stopped at step ".len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(step >= 4, "{stopped}");
     let ckpt = out_dir.join(format!("checkpoints/step_{step:06}"));
     assert!(ckpt.join("COMPLETE").is_file(), "{text}");
 
     // resume and stop two steps later
     let stop = (step + 2).to_string();
-    let out = nc_train().args(args).args(["--resume", "--stop-at-step", &stop]).output().unwrap();
+    let out = nc_train()
+        .args(args)
+        .args(["--resume", "--stop-at-step", &stop])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(130), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains(&format!("at step {step}")), "{text}");
     assert!(text.contains(&format!("step {:05}/100000", step + 1)), "{text}");
-    assert!(out_dir.join(format!("checkpoints/step_{:06}/COMPLETE", step + 2)).is_file());
+    assert!(out_dir
+        .join(format!("checkpoints/step_{:06}/COMPLETE", step + 2))
+        .is_file());
 }
 
 #[test]

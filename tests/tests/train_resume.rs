@@ -28,7 +28,12 @@ fn tiny_config(out_dir: &Path, steps: u64) -> TrainConfig {
         save_every: 0,
         sample_tokens: 4,
         model_tag: "tiny".into(),
-        data: DataSource::Embedded { vocab_size: 300, train_chars: 60_000, val_chars: 8_000, seed: 7 },
+        data: DataSource::Embedded {
+            vocab_size: 300,
+            train_chars: 60_000,
+            val_chars: 8_000,
+            seed: 7,
+        },
         out_dir: out_dir.to_path_buf(),
         resume: Resume::No,
         seed: 42,
@@ -70,11 +75,17 @@ fn resume_is_bit_exact() {
     let want: Vec<(u64, u32)> = straight.train_losses.iter().map(|(s, l)| (*s, l.to_bits())).collect();
     assert_eq!(resumed, want, "losses of the resumed run differ from the straight run");
     // the last evaluation and the final weights and optimizer state agree exactly too
-    assert_eq!(straight.evals.last().unwrap().val_loss.to_bits(), second.evals.last().unwrap().val_loss.to_bits());
+    assert_eq!(
+        straight.evals.last().unwrap().val_loss.to_bits(),
+        second.evals.last().unwrap().val_loss.to_bits()
+    );
     let a = straight.last_checkpoint.unwrap();
     let b = second.last_checkpoint.unwrap();
     assert_eq!(read(&a.join("model.safetensors")), read(&b.join("model.safetensors")));
-    assert_eq!(read(&a.join("optim_rank0.safetensors")), read(&b.join("optim_rank0.safetensors")));
+    assert_eq!(
+        read(&a.join("optim_rank0.safetensors")),
+        read(&b.join("optim_rank0.safetensors"))
+    );
     // and training did something
     let l = &straight.train_losses;
     assert!(l.last().unwrap().1 < l[0].1 - 0.5, "loss should fall: {l:?}");
@@ -94,7 +105,11 @@ fn metrics_and_outputs() {
     assert_eq!(s.samples.len(), 4, "samples at the end");
     let text = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
     let rows: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let steps: Vec<u64> = rows.iter().filter(|r| r.get("loss").is_some()).map(|r| r["step"].as_u64().unwrap()).collect();
+    let steps: Vec<u64> = rows
+        .iter()
+        .filter(|r| r.get("loss").is_some())
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
     assert_eq!(steps, vec![0, 1, 2, 3, 4, 5]);
     for r in rows.iter().filter(|r| r.get("loss").is_some()) {
         for k in ["lr_mult", "dt_ms", "tok_per_sec", "mfu"] {
@@ -103,8 +118,11 @@ fn metrics_and_outputs() {
     }
     // evaluations at 0, 3 (eval_every), 4 (the resumed run's first step is not an eval step: 4 % 3 != 0)
     // and 6 (the end)
-    let evals: Vec<u64> =
-        rows.iter().filter(|r| r.get("val_bpb").is_some()).map(|r| r["step"].as_u64().unwrap()).collect();
+    let evals: Vec<u64> = rows
+        .iter()
+        .filter(|r| r.get("val_bpb").is_some())
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
     assert_eq!(evals, vec![0, 3, 6]);
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("checkpoints/step_000006/meta.json")).unwrap())
@@ -121,7 +139,10 @@ fn bad_input_is_a_clear_error() {
     let mut cfg = tiny_config(dir.path(), 2);
     cfg.data = DataSource::Dir(dir.path().join("nope"));
     let e = train(&cfg).unwrap_err();
-    assert!(e.message.contains("nc-data") && e.message.contains("no such directory"), "{e}");
+    assert!(
+        e.message.contains("nc-data") && e.message.contains("no such directory"),
+        "{e}"
+    );
     // resume with nothing to resume
     let mut cfg = tiny_config(dir.path(), 2);
     cfg.resume = Resume::Latest;
@@ -135,7 +156,10 @@ fn bad_input_is_a_clear_error() {
     std::fs::write(&w, &bytes[..100]).unwrap();
     cfg.resume = Resume::Latest;
     let e = train(&cfg).unwrap_err();
-    assert!(e.message.contains("corrupt") && e.message.contains("--resume PATH"), "{e}");
+    assert!(
+        e.message.contains("corrupt") && e.message.contains("--resume PATH"),
+        "{e}"
+    );
     // a checkpoint of another model
     let mut other = tiny_config(dir.path(), 2);
     other.model = ModelConfig::new(3, 32, 2, 2, 16, 512, 32).unwrap();
@@ -159,13 +183,24 @@ fn resume_skips_a_partial_save() {
     // what a crash during the save of step 3 leaves behind, and a step folder whose marker never came
     let root = checkpoint::checkpoints_dir(dir.path());
     std::fs::create_dir_all(root.join(".partial-step_000003")).unwrap();
-    std::fs::copy(done.join("model.safetensors"), root.join(".partial-step_000003/model.safetensors")).unwrap();
+    std::fs::copy(
+        done.join("model.safetensors"),
+        root.join(".partial-step_000003/model.safetensors"),
+    )
+    .unwrap();
     std::fs::create_dir_all(root.join("step_000003")).unwrap();
     std::fs::write(root.join("step_000003/model.safetensors"), b"half").unwrap();
     assert_eq!(checkpoint::latest(dir.path()).unwrap(), Some(done));
     cfg.stop_at_step = None;
     cfg.resume = Resume::Latest;
     let s = train(&cfg).unwrap();
-    assert_eq!(s.train_losses.first().unwrap().0, 2, "resumed at the complete checkpoint's step");
-    assert!(!root.join(".partial-step_000003").exists(), "the next save clears leftovers");
+    assert_eq!(
+        s.train_losses.first().unwrap().0,
+        2,
+        "resumed at the complete checkpoint's step"
+    );
+    assert!(
+        !root.join(".partial-step_000003").exists(),
+        "the next save clears leftovers"
+    );
 }

@@ -269,7 +269,11 @@ fn run(cli: Cli) -> Result<Outcome> {
     let cfg = train_config_from_flags(&cli)?;
     signal::install_handlers();
     let summary = train::train(&cfg)?;
-    Ok(if summary.stopped_early { Outcome::Stopped } else { Outcome::Finished })
+    Ok(if summary.stopped_early {
+        Outcome::Stopped
+    } else {
+        Outcome::Finished
+    })
 }
 
 /// How a run ended without an error.

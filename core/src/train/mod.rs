@@ -396,7 +396,9 @@ pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
         if last_step || stop {
             summary.stopped_early = !last_step;
             if summary.stopped_early {
-                say(format!("stopped at step {step} of {num_iterations}; continue with the same flags plus --resume"));
+                say(format!(
+                    "stopped at step {step} of {num_iterations}; continue with the same flags plus --resume"
+                ));
             }
             break;
         }

@@ -22,6 +22,7 @@ use crate::sizes::{
 use crate::source::{MemorySource, SourceError, StreamId};
 use crate::stats::{AllocatorStats, Counters};
 use parking_lot::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 const NONE: u32 = u32::MAX;
 /// Owner index of the pool every stream may take from.
@@ -105,6 +106,8 @@ pub struct DeviceBlock {
     requested: usize,
     node: u32,
     stream: StreamId,
+    /// Which allocator handed it out (a block given to the wrong allocator is caught, not merged).
+    allocator_id: u32,
 }
 
 impl DeviceBlock {
@@ -162,7 +165,11 @@ pub struct CachingAllocator<S: MemorySource> {
     inner: Mutex<Inner<S>>,
 }
 
+/// Ids of allocator instances, so each checks its blocks come back to it.
+static NEXT_ALLOCATOR_ID: AtomicU32 = AtomicU32::new(1);
+
 struct Inner<S: MemorySource> {
+    id: u32,
     source: S,
     config: AllocatorConfig,
     nodes: Vec<Node>,
@@ -181,6 +188,7 @@ impl<S: MemorySource> CachingAllocator<S> {
     pub fn new(source: S, config: AllocatorConfig) -> Result<Self, AllocError> {
         config.validate()?;
         let inner = Inner {
+            id: NEXT_ALLOCATOR_ID.fetch_add(1, Ordering::Relaxed),
             source,
             config,
             nodes: Vec::new(),
@@ -308,7 +316,11 @@ impl<S: MemorySource> Inner<S> {
         let idx = block.node;
         let node = self.nodes.get(idx as usize).copied();
         match node {
-            Some(n) if n.state == NodeState::Allocated && n.addr == block.addr && n.size == block.size => {}
+            Some(n)
+                if block.allocator_id == self.id
+                    && n.state == NodeState::Allocated
+                    && n.addr == block.addr
+                    && n.size == block.size => {}
             _ => panic!(
                 "free of a block this allocator did not hand out (addr {:#x})",
                 block.addr
@@ -448,6 +460,7 @@ impl<S: MemorySource> Inner<S> {
             requested,
             node: idx,
             stream: self.streams[owner - 1].id,
+            allocator_id: self.id,
         }
     }
 

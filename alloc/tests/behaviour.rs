@@ -392,3 +392,13 @@ fn threads_share_one_allocator_and_never_share_bytes() {
     assert_eq!(a.with_source(|s| (s.used_bytes(), s.live_segments())), (0, 0));
     assert_eq!(a.with_source(|s| s.pending_events()), 0);
 }
+
+#[test]
+#[should_panic(expected = "did not hand out")]
+fn a_block_given_to_the_wrong_allocator_is_refused() {
+    let a = unbacked(1 << 30);
+    let b = unbacked(1 << 30);
+    let x = a.allocate(4096, S).unwrap();
+    let _y = b.allocate(4096, S).unwrap(); // same address and slot in b: only the allocator id differs
+    b.free(x);
+}

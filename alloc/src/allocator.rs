@@ -22,6 +22,7 @@ use crate::sizes::{
 use crate::source::{MemorySource, SourceError, StreamId};
 use crate::stats::{AllocatorStats, Counters};
 use parking_lot::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 const NONE: u32 = u32::MAX;
 /// Owner index of the pool every stream may take from.
@@ -105,6 +106,8 @@ pub struct DeviceBlock {
     requested: usize,
     node: u32,
     stream: StreamId,
+    /// Which allocator handed it out (a block given to the wrong allocator is caught, not merged).
+    allocator_id: u32,
 }
 
 impl DeviceBlock {
@@ -162,7 +165,11 @@ pub struct CachingAllocator<S: MemorySource> {
     inner: Mutex<Inner<S>>,
 }
 
+/// Ids of allocator instances, so each checks its blocks come back to it.
+static NEXT_ALLOCATOR_ID: AtomicU32 = AtomicU32::new(1);
+
 struct Inner<S: MemorySource> {
+    id: u32,
     source: S,
     config: AllocatorConfig,
     nodes: Vec<Node>,
@@ -181,6 +188,7 @@ impl<S: MemorySource> CachingAllocator<S> {
     pub fn new(source: S, config: AllocatorConfig) -> Result<Self, AllocError> {
         config.validate()?;
         let inner = Inner {
+            id: NEXT_ALLOCATOR_ID.fetch_add(1, Ordering::Relaxed),
             source,
             config,
             nodes: Vec::new(),
@@ -308,7 +316,11 @@ impl<S: MemorySource> Inner<S> {
         let idx = block.node;
         let node = self.nodes.get(idx as usize).copied();
         match node {
-            Some(n) if n.state == NodeState::Allocated && n.addr == block.addr && n.size == block.size => {}
+            Some(n)
+                if block.allocator_id == self.id
+                    && n.state == NodeState::Allocated
+                    && n.addr == block.addr
+                    && n.size == block.size => {}
             _ => panic!(
                 "free of a block this allocator did not hand out (addr {:#x})",
                 block.addr
@@ -448,6 +460,7 @@ impl<S: MemorySource> Inner<S> {
             requested,
             node: idx,
             stream: self.streams[owner - 1].id,
+            allocator_id: self.id,
         }
     }
 
@@ -581,14 +594,15 @@ impl<S: MemorySource> Inner<S> {
         let moved = self.poll_events()?;
         for s in 0..self.streams.len() {
             if s + 1 != owner && self.streams[s].in_flight.is_none() && !self.pools[s + 1].is_empty() {
-                self.record_event(s)?;
+                self.record_event(s, false)?;
             }
         }
         Ok(moved)
     }
 
-    /// Record an event on stream slot `s` covering every free on it so far.
-    fn record_event(&mut self, s: usize) -> Result<(), AllocError> {
+    /// Record an event on stream slot `s` covering every free on it so far. `then_wait`: the host waits on
+    /// it at once (a flush), so the blocks are never held back and the active peak does not count them.
+    fn record_event(&mut self, s: usize, then_wait: bool) -> Result<(), AllocError> {
         let stream = self.streams[s].id;
         let event = match self.spare_events.pop() {
             Some(e) => e,
@@ -615,7 +629,9 @@ impl<S: MemorySource> Inner<S> {
             .sum();
         self.counters.waiting_bytes += bytes;
         self.counters.num_events_recorded += 1;
-        self.counters.update_peaks();
+        if !then_wait {
+            self.counters.update_peaks();
+        }
         Ok(())
     }
 
@@ -650,7 +666,7 @@ impl<S: MemorySource> Inner<S> {
                 self.wait_and_complete(s)?;
             }
             if !self.pools[s + 1].is_empty() {
-                self.record_event(s)?;
+                self.record_event(s, true)?;
                 self.wait_and_complete(s)?;
             }
         }

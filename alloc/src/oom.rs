@@ -58,8 +58,9 @@ impl fmt::Display for OomReport {
         write!(
             f,
             "\nWhat to do: lower the device batch size (--dbs, e.g. half of it; gradient accumulation keeps \
-             the total batch), or turn on activation recomputation (--recompute) so only layer inputs are \
-             kept for the backward pass."
+             the total batch), or recompute activations in the backward pass (--recompute selective, or \
+             --recompute full to keep only each layer's input). `nc-train --plan` with the same flags shows \
+             what fits."
         )?;
         if self.reserved_free >= self.block_size {
             write!(

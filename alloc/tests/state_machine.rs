@@ -316,7 +316,7 @@ fn run(ops: Vec<Op>, max_split_size: usize) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
 
     #[test]
     fn random_operations_keep_every_invariant(

@@ -17,9 +17,11 @@ fn loader_benches(c: &mut Criterion) {
     for (b, t) in [(8usize, 1024usize), (32, 2048)] {
         g.throughput(Throughput::Elements((b * t) as u64));
         let mut loader = DataLoader::new(std::slice::from_ref(&path), 0, 1, b, t).unwrap();
-        g.bench_with_input(BenchmarkId::new("next_batch", format!("{b}x{t}")), &(b, t), |bench, _| {
-            bench.iter(|| loader.next_batch())
-        });
+        g.bench_with_input(
+            BenchmarkId::new("next_batch", format!("{b}x{t}")),
+            &(b, t),
+            |bench, _| bench.iter(|| loader.next_batch()),
+        );
     }
     g.finish();
 }

@@ -29,7 +29,10 @@ fn bench_docs() -> Vec<String> {
 }
 
 fn pool(threads: usize) -> rayon::ThreadPool {
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a thread pool")
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("a thread pool")
 }
 
 fn tokenizer_benches(c: &mut Criterion) {
@@ -37,7 +40,11 @@ fn tokenizer_benches(c: &mut Criterion) {
     let bytes: usize = docs.iter().map(|d| d.len()).sum();
     let ranks = parse_tiktoken_ranks(&fixture("rustbpe_ranks.tiktoken")).unwrap();
     let n = ranks.len() as u32;
-    let specials = SPECIAL_TOKENS.iter().enumerate().map(|(i, s)| (s.to_string(), n + i as u32)).collect();
+    let specials = SPECIAL_TOKENS
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.to_string(), n + i as u32))
+        .collect();
     let tok = Tokenizer::from_ranks(ranks, specials, SplitPattern::NANOCHAT).unwrap();
 
     let mut g = c.benchmark_group("tokenizer");

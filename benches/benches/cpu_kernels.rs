@@ -63,6 +63,34 @@ fn matmuls(c: &mut Criterion) {
             });
         }
     }
+    // The lm_head chunk (128 rows at vocab 65536, d 256): logits = x W^T, dX = dL W, dW = dL^T x.
+    let (rows, vocab, d) = (nc_core::model::loss_chunk_rows(65536, TOKENS), 65536usize, 256usize);
+    let shapes = [
+        ("lm_head fwd x W^T", rows, vocab, d, false, true),
+        ("lm_head bwd dX = dL W", rows, d, vocab, false, false),
+        ("lm_head bwd dW = dL^T x", vocab, d, rows, true, false),
+    ];
+    for (label, m, nn, k, at, bt) in shapes {
+        let a = filled(&be, m * k, 1);
+        let b = filled(&be, k * nn, 2);
+        let mut out = be.alloc(m * nn);
+        g.throughput(Throughput::Elements(2 * (m * nn * k) as u64));
+        g.bench_function(BenchmarkId::new(label, format!("{m}x{nn}x{k}")), |bench| {
+            bench.iter(|| {
+                be.matmul(
+                    m,
+                    nn,
+                    k,
+                    View::all(&a),
+                    at,
+                    View::all(&b),
+                    bt,
+                    ViewMut::all(&mut out),
+                    false,
+                )
+            })
+        });
+    }
     g.finish();
 }
 

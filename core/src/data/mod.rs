@@ -1,1 +1,24 @@
 //! Data: tokenizer, token shards, the loader, data preparation, the embedded corpus (issue 3).
+//!
+//! - `pretokenize`: the split pattern, matched by hand.
+//! - `bpe_train`: learning merges (rustbpe's semantics).
+//! - `tokenizer`: encode/decode (tiktoken's semantics), special tokens, byte lengths for bits per byte.
+//! - `tokenizer_files`: the tokenizer directory and tiktoken's ranks format; `pickle`: nanochat's tokenizer.pkl.
+//! - `shard`: llm.c token shards (mmap reader, atomic writer).
+//! - `loader`: the distributed, resumable, prefetching batch loader.
+//! - `synth`: the embedded corpus and a ready in-memory dataset.
+
+pub mod bpe_train;
+pub mod loader;
+pub mod pickle;
+pub mod pretokenize;
+pub mod shard;
+pub mod synth;
+pub mod tokenizer;
+pub mod tokenizer_files;
+
+pub use loader::{Batch, DataLoader, LoaderState};
+pub use shard::{list_shards, write_shard, Shard};
+pub use synth::{synth_dataset, write_data_dir, SynthConfig, SynthData};
+pub use tokenizer::{Tokenizer, BOS, SPECIAL_TOKENS};
+pub use tokenizer_files::{load_tokenizer, save_tokenizer};

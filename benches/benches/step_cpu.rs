@@ -27,6 +27,8 @@ struct Stats {
 /// The CPU backend with a stopwatch around every op.
 struct Timed {
     inner: CpuBackend,
+    /// Matmuls with the vocabulary as a dimension are the lm_head's; the table reports them apart.
+    vocab: usize,
     stats: RefCell<Stats>,
 }
 

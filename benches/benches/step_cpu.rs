@@ -306,6 +306,7 @@ fn main() {
         });
     let timed = Timed {
         inner: CpuBackend::new(),
+        vocab,
         stats: RefCell::new(Stats::default()),
     };
     let mut model = Gpt::new(timed, cfg, batch, seq, Recompute::None).expect("model");

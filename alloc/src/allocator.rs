@@ -594,14 +594,15 @@ impl<S: MemorySource> Inner<S> {
         let moved = self.poll_events()?;
         for s in 0..self.streams.len() {
             if s + 1 != owner && self.streams[s].in_flight.is_none() && !self.pools[s + 1].is_empty() {
-                self.record_event(s)?;
+                self.record_event(s, false)?;
             }
         }
         Ok(moved)
     }
 
-    /// Record an event on stream slot `s` covering every free on it so far.
-    fn record_event(&mut self, s: usize) -> Result<(), AllocError> {
+    /// Record an event on stream slot `s` covering every free on it so far. `then_wait`: the host waits on
+    /// it at once (a flush), so the blocks are never held back and the active peak does not count them.
+    fn record_event(&mut self, s: usize, then_wait: bool) -> Result<(), AllocError> {
         let stream = self.streams[s].id;
         let event = match self.spare_events.pop() {
             Some(e) => e,
@@ -628,7 +629,9 @@ impl<S: MemorySource> Inner<S> {
             .sum();
         self.counters.waiting_bytes += bytes;
         self.counters.num_events_recorded += 1;
-        self.counters.update_peaks();
+        if !then_wait {
+            self.counters.update_peaks();
+        }
         Ok(())
     }
 
@@ -663,7 +666,7 @@ impl<S: MemorySource> Inner<S> {
                 self.wait_and_complete(s)?;
             }
             if !self.pools[s + 1].is_empty() {
-                self.record_event(s)?;
+                self.record_event(s, true)?;
                 self.wait_and_complete(s)?;
             }
         }

@@ -106,9 +106,14 @@ impl HostSource {
         self.records.iter().filter(|r| !r.completed).count()
     }
 
-    /// The live segment holding [addr, addr+len), or a panic: a test writing outside what it was given.
+    /// Panics unless [addr, addr+len) is whole granules inside one live segment: a test writing outside
+    /// what it was given.
     fn check_range(&self, addr: u64, len: usize) {
         assert!(self.backed, "canaries need a backed host source");
+        assert!(
+            addr % SEGMENT_ALIGN as u64 == 0 && len % SEGMENT_ALIGN == 0,
+            "canary ranges are whole 512-byte granules: {addr:#x}+{len}"
+        );
         let (&base, &size) = self
             .live
             .range(..=addr)

@@ -256,8 +256,14 @@ fn peaks_reset_and_summary_names_the_figures() {
     let a = unbacked(1 << 30);
     let x = a.allocate(30 * MIB, S).unwrap();
     a.free(x);
+    let z = a.allocate(MIB, S).unwrap();
+    a.free(z);
+    a.empty_cache().unwrap(); // waits at once: the cached bytes were never held back from anyone
     let st = a.stats();
     assert_eq!((st.peak_allocated_bytes, st.allocated_bytes), (30 * MIB, 0));
+    assert_eq!(st.peak_active_bytes, 30 * MIB, "a flush must not count as active");
+    let x = a.allocate(30 * MIB, S).unwrap();
+    a.free(x);
     a.reset_peak();
     let st = a.stats();
     assert_eq!((st.peak_allocated_bytes, st.peak_reserved_bytes), (0, 30 * MIB));

@@ -1,1 +1,426 @@
-//! Checkpoints: safetensors weights with nanochat names, meta.json, optimizer state; crash-safe (issue 4).
+//! Checkpoints: crash-safe folders with the weights under nanochat's names, the optimizer state, and meta.json.
+//!
+//! Layout of `<out_dir>/checkpoints/step_NNNNNN/`:
+//! - `model.safetensors`: every parameter as f32 under its nanochat name, shape (out, in) as PyTorch's Linear,
+//!   so nanochat users can load it with `safetensors.torch.load_file`.
+//! - `optim_rank{r}.safetensors`: rank r's optimizer state buffer (one f32 tensor `state`).
+//! - `meta.json`: model config (nanochat's keys), train config, step, loader, loop and RNG state.
+//! - `COMPLETE`: written last. A folder without it is not a checkpoint.
+//!
+//! A save writes everything into `checkpoints/.partial-step_NNNNNN/`, syncs it, writes the marker and only
+//! then renames the folder into place; a crash at any point leaves the previous checkpoints as they were,
+//! and the partial folder is ignored (and cleared by the next save).
+
+use crate::bail;
+use crate::config::ModelConfig;
+use crate::error::{NcError, Result};
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+pub const COMPLETE_MARKER: &str = "COMPLETE";
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const META_FILE: &str = "meta.json";
+pub const FORMAT: &str = "nc-checkpoint-1";
+const PARTIAL_PREFIX: &str = ".partial-";
+const REPLACED_PREFIX: &str = ".replaced-";
+
+pub fn optim_file(rank: usize) -> String {
+    format!("optim_rank{rank}.safetensors")
+}
+
+/// meta.json. The train, loader, loop and RNG parts belong to the training loop, kept here as JSON values.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    pub format: String,
+    pub step: u64,
+    /// nanochat's keys: n_layer, n_embd, n_head, n_kv_head, vocab_size, sequence_len (plus head_dim).
+    pub model_config: ModelConfig,
+    pub train_config: serde_json::Value,
+    pub loader_state: serde_json::Value,
+    pub loop_state: serde_json::Value,
+    pub rng_state: serde_json::Value,
+    pub optimizer: OptimizerMeta,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OptimizerMeta {
+    /// Optimizer steps taken (AdamW's bias correction resumes from here).
+    pub steps_taken: u64,
+    pub world_size: usize,
+    /// Elements of each rank's state buffer, rank order.
+    pub state_lens: Vec<usize>,
+}
+
+pub fn checkpoints_dir(out_dir: &Path) -> PathBuf {
+    out_dir.join("checkpoints")
+}
+
+pub fn step_dir_name(step: u64) -> String {
+    format!("step_{step:06}")
+}
+
+fn parse_step_dir(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("step_")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+fn io_err(what: &Path, e: std::io::Error) -> NcError {
+    NcError::new(format!("{}: {e}", what.display()))
+}
+
+fn f32_bytes(v: &[f32]) -> &[u8] {
+    bytemuck::cast_slice(v)
+}
+
+/// Write `bytes` to `path` and flush them to disk.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f = fs::File::create(path).map_err(|e| io_err(path, e))?;
+    f.write_all(bytes).map_err(|e| io_err(path, e))?;
+    f.sync_all().map_err(|e| io_err(path, e))
+}
+
+fn sync_dir(path: &Path) -> Result<()> {
+    fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io_err(path, e))
+}
+
+fn write_tensors(path: &Path, tensors: Vec<(String, TensorView)>, meta: Option<HashMap<String, String>>) -> Result<()> {
+    safetensors::tensor::serialize_to_file(tensors, meta, path)
+        .map_err(|e| NcError::new(format!("{}: writing safetensors: {e}", path.display())))?;
+    fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io_err(path, e))
+}
+
+/// Save a checkpoint of `step` under `out_dir`; returns its folder. `optim_states[r]` is rank r's state.
+pub fn save(out_dir: &Path, meta: &CheckpointMeta, params: &[f32], optim_states: &[&[f32]]) -> Result<PathBuf> {
+    save_with_hook(out_dir, meta, params, optim_states, &mut |_| Ok(()))
+}
+
+/// `save`, calling `after_file` after each file is written (tests use it to stop a save midway).
+pub fn save_with_hook(
+    out_dir: &Path,
+    meta: &CheckpointMeta,
+    params: &[f32],
+    optim_states: &[&[f32]],
+    after_file: &mut dyn FnMut(&Path) -> Result<()>,
+) -> Result<PathBuf> {
+    let model = &meta.model_config;
+    if params.len() as u64 != model.num_params() {
+        bail!(
+            "checkpoint: {} parameters given for a model of {}",
+            params.len(),
+            model.num_params()
+        );
+    }
+    let root = checkpoints_dir(out_dir);
+    fs::create_dir_all(&root).map_err(|e| io_err(&root, e))?;
+    // Leftovers of saves that died midway: never checkpoints, safe to clear.
+    for entry in fs::read_dir(&root).map_err(|e| io_err(&root, e))?.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.starts_with(PARTIAL_PREFIX) || name.starts_with(REPLACED_PREFIX) {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+    let name = step_dir_name(meta.step);
+    let tmp = root.join(format!("{PARTIAL_PREFIX}{name}"));
+    fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+
+    let model_path = tmp.join(MODEL_FILE);
+    let mut views = Vec::new();
+    for spec in model.param_specs() {
+        let view = TensorView::new(Dtype::F32, vec![spec.rows, spec.cols], f32_bytes(&params[spec.range()]))
+            .map_err(|e| NcError::new(format!("checkpoint tensor {}: {e}", spec.name)))?;
+        views.push((spec.name.clone(), view));
+    }
+    let st_meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    write_tensors(&model_path, views, Some(st_meta))?;
+    after_file(&model_path)?;
+
+    for (rank, state) in optim_states.iter().enumerate() {
+        let path = tmp.join(optim_file(rank));
+        let view = TensorView::new(Dtype::F32, vec![state.len()], f32_bytes(state))
+            .map_err(|e| NcError::new(format!("optimizer state: {e}")))?;
+        write_tensors(&path, vec![("state".to_string(), view)], None)?;
+        after_file(&path)?;
+    }
+
+    let meta_path = tmp.join(META_FILE);
+    let text = serde_json::to_string_pretty(meta).map_err(|e| NcError::new(format!("meta.json: {e}")))?;
+    write_synced(&meta_path, text.as_bytes())?;
+    after_file(&meta_path)?;
+
+    let marker = tmp.join(COMPLETE_MARKER);
+    write_synced(&marker, format!("{}\n", meta.step).as_bytes())?;
+    sync_dir(&tmp)?;
+
+    let dest = root.join(&name);
+    if dest.exists() {
+        // Saving the same step again (e.g. right after a resume): swap the folders, then drop the old one.
+        let old = root.join(format!("{REPLACED_PREFIX}{name}"));
+        fs::rename(&dest, &old).map_err(|e| io_err(&dest, e))?;
+        fs::rename(&tmp, &dest).map_err(|e| io_err(&tmp, e))?;
+        let _ = fs::remove_dir_all(&old);
+    } else {
+        fs::rename(&tmp, &dest).map_err(|e| io_err(&tmp, e))?;
+    }
+    sync_dir(&root)?;
+    Ok(dest)
+}
+
+/// Complete checkpoints under `out_dir`, by increasing step.
+pub fn list_complete(out_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let root = checkpoints_dir(out_dir);
+    if !root.exists() {
+        return Ok(Vec::new());
+    }
+    let mut found = Vec::new();
+    for entry in fs::read_dir(&root).map_err(|e| io_err(&root, e))?.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if let Some(step) = parse_step_dir(&name) {
+            if entry.path().join(COMPLETE_MARKER).is_file() {
+                found.push((step, entry.path()));
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// The latest complete checkpoint under `out_dir`, if any.
+pub fn latest(out_dir: &Path) -> Result<Option<PathBuf>> {
+    Ok(list_complete(out_dir)?.pop().map(|(_, p)| p))
+}
+
+/// Read and check meta.json of a checkpoint folder.
+pub fn load_meta(dir: &Path) -> Result<CheckpointMeta> {
+    if !dir.join(COMPLETE_MARKER).is_file() {
+        bail!(
+            "{} is not a complete checkpoint (no {COMPLETE_MARKER} marker: the save did not finish); resume from \
+             another one with --resume PATH",
+            dir.display()
+        );
+    }
+    let path = dir.join(META_FILE);
+    let text = fs::read_to_string(&path).map_err(|e| io_err(&path, e))?;
+    let meta: CheckpointMeta = serde_json::from_str(&text).map_err(|e| {
+        NcError::new(format!(
+            "{}: not a valid checkpoint meta.json ({e}); the checkpoint is corrupt",
+            path.display()
+        ))
+    })?;
+    if meta.format != FORMAT {
+        bail!("{}: format '{}' is not '{FORMAT}'", path.display(), meta.format);
+    }
+    meta.model_config.validate().map_err(|e| e.context(path.display()))?;
+    Ok(meta)
+}
+
+fn read_tensor_file(path: &Path) -> Result<Vec<u8>> {
+    fs::read(path).map_err(|e| io_err(path, e))
+}
+
+fn corrupt(path: &Path, why: impl std::fmt::Display) -> NcError {
+    NcError::new(format!(
+        "{}: {why}; the checkpoint is corrupt: delete its folder or resume from another with --resume PATH",
+        path.display()
+    ))
+}
+
+/// Copy an f32 tensor's bytes into `out`, checking dtype and shape.
+fn read_f32(st: &SafeTensors, path: &Path, name: &str, shape: &[usize], out: &mut [f32]) -> Result<()> {
+    let t = st
+        .tensor(name)
+        .map_err(|e| corrupt(path, format!("tensor {name}: {e}")))?;
+    if t.dtype() != Dtype::F32 || t.shape() != shape {
+        return Err(corrupt(
+            path,
+            format!(
+                "tensor {name} is {:?} {:?}, expected F32 {shape:?}",
+                t.dtype(),
+                t.shape()
+            ),
+        ));
+    }
+    for (o, b) in out.iter_mut().zip(t.data().chunks_exact(4)) {
+        *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    }
+    Ok(())
+}
+
+/// Load the weights of a checkpoint into the contiguous parameter buffer of `model`.
+pub fn load_params(dir: &Path, model: &ModelConfig, params: &mut [f32]) -> Result<()> {
+    let path = dir.join(MODEL_FILE);
+    let bytes = read_tensor_file(&path)?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(&path, e))?;
+    if params.len() as u64 != model.num_params() {
+        bail!(
+            "load_params: buffer of {} for a model of {} parameters",
+            params.len(),
+            model.num_params()
+        );
+    }
+    for spec in model.param_specs() {
+        let range = spec.range();
+        read_f32(&st, &path, &spec.name, &[spec.rows, spec.cols], &mut params[range])?;
+    }
+    Ok(())
+}
+
+/// Load rank `rank`'s optimizer state into `out` (its length must be what the meta says).
+pub fn load_optim_state(dir: &Path, rank: usize, out: &mut [f32]) -> Result<()> {
+    let path = dir.join(optim_file(rank));
+    let bytes = read_tensor_file(&path)?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(&path, e))?;
+    let len = out.len();
+    read_f32(&st, &path, "state", &[len], out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> ModelConfig {
+        ModelConfig::new(2, 32, 2, 2, 16, 40, 8).unwrap()
+    }
+
+    fn meta(step: u64) -> CheckpointMeta {
+        CheckpointMeta {
+            format: FORMAT.into(),
+            step,
+            model_config: tiny(),
+            train_config: serde_json::json!({"lr": 0.02}),
+            loader_state: serde_json::json!({"position": step * 10}),
+            loop_state: serde_json::json!({"smooth": 1.5}),
+            rng_state: serde_json::json!({"seed": 42}),
+            optimizer: OptimizerMeta {
+                steps_taken: step,
+                world_size: 1,
+                state_lens: vec![5],
+            },
+        }
+    }
+
+    fn params(seed: f32) -> Vec<f32> {
+        (0..tiny().num_params() as usize)
+            .map(|i| (i as f32 * 0.01 + seed).sin())
+            .collect()
+    }
+
+    #[test]
+    fn round_trip_with_nanochat_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = params(0.5);
+        let state = [1.0f32, 2.0, 3.0, 4.0, 5.0];
+        let path = save(dir.path(), &meta(7), &p, &[&state]).unwrap();
+        assert!(path.ends_with("checkpoints/step_000007"));
+        assert_eq!(latest(dir.path()).unwrap(), Some(path.clone()));
+        let m = load_meta(&path).unwrap();
+        assert_eq!(m, meta(7));
+        let mut q = vec![0.0f32; p.len()];
+        load_params(&path, &tiny(), &mut q).unwrap();
+        assert_eq!(p, q);
+        let mut s = [0.0f32; 5];
+        load_optim_state(&path, 0, &mut s).unwrap();
+        assert_eq!(s, state);
+        // names and (out, in) shapes as nanochat's PyTorch model has them
+        let bytes = std::fs::read(path.join(MODEL_FILE)).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(
+            st.tensor("transformer.h.1.mlp.c_fc.weight").unwrap().shape(),
+            &[128, 32]
+        );
+        assert_eq!(st.tensor("lm_head.weight").unwrap().shape(), &[40, 32]);
+        // meta.json carries nanochat's model_config keys
+        let text = std::fs::read_to_string(path.join(META_FILE)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        for k in ["n_layer", "n_embd", "n_head", "n_kv_head", "vocab_size", "sequence_len"] {
+            assert!(v["model_config"][k].is_u64(), "{k}");
+        }
+    }
+
+    /// A save that dies after writing the weights leaves the previous checkpoint the latest and intact,
+    /// and the next save clears the leftovers.
+    #[test]
+    fn crash_mid_save_keeps_the_previous_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let p1 = params(1.0);
+        let first = save(dir.path(), &meta(10), &p1, &[&[0.0; 5]]).unwrap();
+        let p2 = params(2.0);
+        let e = save_with_hook(dir.path(), &meta(20), &p2, &[&[0.0; 5]], &mut |f| {
+            if f.ends_with(MODEL_FILE) {
+                bail!("killed");
+            }
+            Ok(())
+        })
+        .unwrap_err();
+        assert_eq!(e.message, "killed");
+        assert!(dir
+            .path()
+            .join("checkpoints/.partial-step_000020/model.safetensors")
+            .exists());
+        assert_eq!(latest(dir.path()).unwrap(), Some(first.clone()));
+        let mut q = vec![0.0f32; p1.len()];
+        load_params(&first, &tiny(), &mut q).unwrap();
+        assert_eq!(q, p1);
+        // a folder with the right name but no marker is not a checkpoint either
+        std::fs::create_dir_all(dir.path().join("checkpoints/step_000030")).unwrap();
+        assert_eq!(latest(dir.path()).unwrap(), Some(first.clone()));
+        assert!(load_meta(&dir.path().join("checkpoints/step_000030"))
+            .unwrap_err()
+            .message
+            .contains("COMPLETE"));
+        // the next save clears the partial folder
+        save(dir.path(), &meta(20), &p2, &[&[0.0; 5]]).unwrap();
+        assert!(!dir.path().join("checkpoints/.partial-step_000020").exists());
+        assert_eq!(
+            list_complete(dir.path())
+                .unwrap()
+                .iter()
+                .map(|(s, _)| *s)
+                .collect::<Vec<_>>(),
+            vec![10, 20]
+        );
+    }
+
+    #[test]
+    fn saving_the_same_step_twice_replaces_it() {
+        let dir = tempfile::tempdir().unwrap();
+        save(dir.path(), &meta(5), &params(1.0), &[&[0.0; 5]]).unwrap();
+        let path = save(dir.path(), &meta(5), &params(3.0), &[&[0.0; 5]]).unwrap();
+        let mut q = vec![0.0f32; params(3.0).len()];
+        load_params(&path, &tiny(), &mut q).unwrap();
+        assert_eq!(q, params(3.0));
+    }
+
+    #[test]
+    fn corrupt_files_are_errors_naming_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = save(dir.path(), &meta(3), &params(1.0), &[&[0.0; 5]]).unwrap();
+        // truncate the weights
+        let w = path.join(MODEL_FILE);
+        let bytes = std::fs::read(&w).unwrap();
+        std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
+        let mut q = vec![0.0f32; params(1.0).len()];
+        let e = load_params(&path, &tiny(), &mut q).unwrap_err();
+        assert!(
+            e.message.contains("corrupt") && e.message.contains("--resume PATH"),
+            "{e}"
+        );
+        // garbage meta.json
+        std::fs::write(path.join(META_FILE), "{not json").unwrap();
+        assert!(load_meta(&path).unwrap_err().message.contains("corrupt"));
+        // wrong state length
+        let e = load_optim_state(&path, 0, &mut [0.0; 4]).unwrap_err();
+        assert!(e.message.contains("expected F32 [4]"), "{e}");
+    }
+}

@@ -7,7 +7,12 @@
 use clap::Parser;
 use nc_core::config::ModelConfig;
 use nc_core::error::{NcError, Result};
+use nc_core::optim::adamw::AdamParams;
+use nc_core::optim::OptimConfig;
 use nc_core::plan::{self, BatchPlan, Horizon, Plan, PlanRequest, Precision, Recompute};
+use nc_core::train::data::DataSource;
+use nc_core::train::{self, signal, Resume, TrainConfig};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
@@ -110,6 +115,9 @@ struct Cli {
     /// Seed of the initialization and of sampling.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Stop (saving a checkpoint, as on Ctrl-C) when this step is reached; continue later with --resume.
+    #[arg(long, alias = "stop_at_step")]
+    stop_at_step: Option<u64>,
 
     // --- the plan
     /// Print the memory, time and cost plan of this configuration and exit (runs nothing).
@@ -134,6 +142,16 @@ struct Cli {
     #[arg(long)]
     usd_per_gpu_hour: Option<f64>,
 }
+
+/// The embedded default run (no --data-dir): a 4-layer, 128-wide model on the embedded corpus.
+const EMBEDDED_LAYERS: usize = 4;
+const EMBEDDED_DIM: usize = 128;
+const EMBEDDED_HEAD_DIM: usize = 64;
+const EMBEDDED_SEQ: usize = 128;
+const EMBEDDED_DBS: usize = 16;
+const EMBEDDED_STEPS: u64 = 300;
+const EMBEDDED_EVAL_EVERY: u64 = 100;
+const EMBEDDED_EVAL_TOKENS: usize = 8 * 16 * 128;
 
 /// nanochat's defaults for a full-size run (SPEC.md section 5).
 const DEFAULT_DEPTH: usize = 20;
@@ -236,7 +254,7 @@ fn host_memory_bytes() -> Option<f64> {
     Some(kib * 1024.0)
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli) -> Result<Outcome> {
     check_common(&cli)?;
     if cli.plan {
         let plan = plan_from_flags(&cli)?;
@@ -246,16 +264,140 @@ fn run(cli: Cli) -> Result<()> {
         } else {
             print!("{}", plan.render());
         }
-        return Ok(());
+        return Ok(Outcome::Finished);
     }
-    model_from_flags(&cli)?;
-    Err(NcError::new("training is not wired into nc-train yet; use --plan"))
+    let cfg = train_config_from_flags(&cli)?;
+    signal::install_handlers();
+    let summary = train::train(&cfg)?;
+    Ok(if summary.stopped_early {
+        Outcome::Stopped
+    } else {
+        Outcome::Finished
+    })
+}
+
+/// How a run ended without an error.
+#[derive(Debug)]
+enum Outcome {
+    Finished,
+    /// Stopped early on request (Ctrl-C, SIGTERM, --stop-at-step), after saving a checkpoint.
+    Stopped,
+}
+
+/// The embedded default: a model small enough to learn the embedded corpus on 2 CPU cores in minutes.
+fn embedded_model() -> Result<ModelConfig> {
+    ModelConfig::new(
+        EMBEDDED_LAYERS,
+        EMBEDDED_DIM,
+        EMBEDDED_DIM / EMBEDDED_HEAD_DIM,
+        EMBEDDED_DIM / EMBEDDED_HEAD_DIM,
+        EMBEDDED_HEAD_DIM,
+        512,
+        EMBEDDED_SEQ,
+    )
+}
+
+/// Flags to a training configuration. Without --data-dir the defaults are the embedded run's; with it,
+/// nanochat's.
+fn train_config_from_flags(cli: &Cli) -> Result<TrainConfig> {
+    if cli.backend == "cuda" {
+        return Err(NcError::new(
+            "--backend cuda: this build has no CUDA backend yet; use --backend cpu (or auto)",
+        ));
+    }
+    let embedded = cli.data_dir.is_none();
+    let model = if embedded && cli.depth.is_none() && cli.preset.is_none() {
+        let mut m = embedded_model()?;
+        if let Some(kv) = cli.n_kv_head {
+            m = m.with_kv_heads(kv)?;
+        }
+        if let Some(t) = cli.max_seq_len {
+            m = m.with_sequence_len(t)?;
+        }
+        m
+    } else {
+        model_from_flags(cli)?
+    };
+    let dbs = cli
+        .device_batch_size
+        .unwrap_or(if embedded { EMBEDDED_DBS } else { DEFAULT_DBS });
+    let total = cli.total_batch_size.unwrap_or(if embedded {
+        dbs * model.sequence_len * cli.world_size
+    } else {
+        DEFAULT_TOTAL_BATCH
+    });
+    // checked here too so a bad batch fails before any data is read
+    BatchPlan::new(dbs, model.sequence_len, total, cli.world_size)?;
+    let num_iterations = match (
+        embedded,
+        cli.num_iterations,
+        cli.target_flops,
+        cli.target_param_data_ratio,
+    ) {
+        (true, None, None, None) => Some(EMBEDDED_STEPS),
+        (_, n, _, _) => n,
+    };
+    let horizon = Horizon::from_flags(num_iterations, cli.target_flops, cli.target_param_data_ratio)?;
+    let model_tag = cli
+        .model_tag
+        .clone()
+        .unwrap_or_else(|| if embedded { "embedded".into() } else { model.model_tag() });
+    let out_dir = PathBuf::from(cli.out_dir.clone().unwrap_or_else(|| format!("runs/{model_tag}")));
+    let resume = match cli.resume.as_deref() {
+        None => Resume::No,
+        Some("latest") => Resume::Latest,
+        Some(p) => Resume::Path(PathBuf::from(p)),
+    };
+    let recompute = Recompute::parse(&cli.recompute)?;
+    Ok(TrainConfig {
+        model,
+        device_batch_size: dbs,
+        total_batch_size: total,
+        world_size: cli.world_size,
+        horizon,
+        optim: OptimConfig {
+            matrix_lr: cli.matrix_lr,
+            embedding_lr: cli.embedding_lr,
+            unembedding_lr: cli.unembedding_lr,
+            adam: AdamParams {
+                weight_decay: cli.weight_decay,
+                ..AdamParams::default()
+            },
+        },
+        grad_clip: cli.grad_clip,
+        warmup_ratio: cli.warmup_ratio,
+        warmdown_ratio: cli.warmdown_ratio,
+        final_lr_frac: cli.final_lr_frac,
+        eval_every: cli
+            .eval_every
+            .unwrap_or(if embedded { EMBEDDED_EVAL_EVERY } else { 250 }),
+        eval_tokens: cli
+            .eval_tokens
+            .unwrap_or(if embedded { EMBEDDED_EVAL_TOKENS } else { 20 * 524288 }),
+        sample_every: cli.sample_every.unwrap_or(if embedded { 0 } else { 2000 }),
+        save_every: cli.save_every,
+        sample_tokens: if embedded { 24 } else { 16 },
+        model_tag,
+        data: match &cli.data_dir {
+            None => DataSource::embedded(),
+            Some(d) => DataSource::Dir(PathBuf::from(d)),
+        },
+        out_dir,
+        resume,
+        seed: cli.seed,
+        // the CPU keeps activations unless told to recompute (its memory is the host's)
+        recompute_full: matches!(recompute, Recompute::Full | Recompute::Selective),
+        stop_at_step: cli.stop_at_step,
+        verbose: true,
+    })
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Outcome::Finished) => ExitCode::SUCCESS,
+        // the shell's convention for "interrupted"; the checkpoint to resume from is saved
+        Ok(Outcome::Stopped) => ExitCode::from(130),
         Err(e) => {
             eprintln!("nc-train: error: {e}");
             ExitCode::FAILURE

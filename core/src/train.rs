@@ -1,1 +1,0 @@
-//! The training loop with nanochat semantics (issue 4).

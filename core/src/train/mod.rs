@@ -1,0 +1,461 @@
+//! The training loop with nanochat's semantics (SPEC.md section 5, issue 4).
+//!
+//! For step in 0..=N: evaluate validation loss and bits per byte at step 0, every `eval_every` and at the
+//! end; print samples every `sample_every` and at the end; save at the end, every `save_every`, and when a
+//! stop is requested (SIGINT/SIGTERM); stop at N; otherwise one optimizer step of `grad_accum` micro-steps,
+//! clipping of the (synchronized) gradient, Muon + AdamW with the scheduled lr.
+
+pub mod data;
+pub mod metrics;
+pub mod signal;
+
+use crate::backend::cpu::CpuBackend;
+use crate::bail;
+use crate::checkpoint::{self, CheckpointMeta, OptimizerMeta};
+use crate::config::ModelConfig;
+use crate::data::loader::LoaderState;
+use crate::error::{NcError, Result};
+use crate::model::{Gpt, Recompute};
+use crate::optim::clip::clip_grad_norm;
+use crate::optim::schedule::{muon_momentum, LrSchedule};
+use crate::optim::{OptimConfig, Optimizer};
+use crate::plan::{BatchPlan, Horizon};
+use crate::sample::{Sampler, Sampling};
+use data::{DataSource, RunData};
+use metrics::MetricsWriter;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Where a run resumes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Resume {
+    No,
+    /// The latest complete checkpoint in the out dir.
+    Latest,
+    Path(PathBuf),
+}
+
+/// Everything a run needs; saved in each checkpoint's meta.json.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// The model's shape; its vocab_size is replaced by the tokenizer's.
+    pub model: ModelConfig,
+    pub device_batch_size: usize,
+    pub total_batch_size: usize,
+    pub world_size: usize,
+    pub horizon: Horizon,
+    pub optim: OptimConfig,
+    /// Global-norm clip of the gradient; 0 disables.
+    pub grad_clip: f64,
+    pub warmup_ratio: f64,
+    pub warmdown_ratio: f64,
+    pub final_lr_frac: f64,
+    /// 0: evaluate only at the first and the last step.
+    pub eval_every: u64,
+    pub eval_tokens: usize,
+    /// 0: sample only at the end.
+    pub sample_every: u64,
+    /// 0: save only at the end (and on a stop request).
+    pub save_every: u64,
+    /// New tokens per sample.
+    pub sample_tokens: usize,
+    pub model_tag: String,
+    pub data: DataSource,
+    pub out_dir: PathBuf,
+    pub resume: Resume,
+    pub seed: u64,
+    /// Keep every activation (false) or only layer inputs, recomputing the rest in the backward (true).
+    pub recompute_full: bool,
+    /// Behave as if a stop were requested when the loop reaches this step (dry runs and tests).
+    pub stop_at_step: Option<u64>,
+    /// Print the log lines and samples (off in tests).
+    pub verbose: bool,
+}
+
+/// What the loop carries across steps (saved in checkpoints as `loop_state`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LoopState {
+    /// EMA of the train loss (not yet debiased).
+    pub smooth_loss: f64,
+    pub min_val_bpb: f64,
+    /// Seconds spent in optimizer steps so far.
+    pub train_seconds: f64,
+}
+
+/// One evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct EvalResult {
+    pub step: u64,
+    /// Mean nats per counted target token.
+    pub val_loss: f64,
+    pub val_bpb: f64,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub model: ModelConfig,
+    pub num_iterations: u64,
+    /// The step the loop ended at (num_iterations unless stopped early).
+    pub final_step: u64,
+    pub stopped_early: bool,
+    /// (step, mean loss of the step's micro-batches) of every step this run took.
+    pub train_losses: Vec<(u64, f32)>,
+    pub evals: Vec<EvalResult>,
+    pub samples: Vec<(String, String)>,
+    pub min_val_bpb: f64,
+    pub train_seconds: f64,
+    pub peak_rss_bytes: Option<u64>,
+    pub last_checkpoint: Option<PathBuf>,
+}
+
+/// EMA factor of the logged train loss.
+const EMA_BETA: f64 = 0.9;
+
+fn model_of(cfg: &TrainConfig, vocab: usize) -> Result<ModelConfig> {
+    cfg.model
+        .with_vocab_size(vocab)
+        .map_err(|e| e.context("model with the tokenizer's vocabulary"))
+}
+
+/// Validation loss and bits per byte over `steps` validation batches (SPEC.md section 6).
+fn evaluate(model: &mut Gpt<CpuBackend>, data: &mut RunData, steps: usize, step: u64) -> Result<EvalResult> {
+    let token_bytes = data.tokenizer.token_bytes().to_vec();
+    data.val.reset();
+    let mut losses = vec![0.0f32; model.tokens()];
+    let (mut nats, mut counted) = (0.0f64, 0u64);
+    let (mut bpb_nats, mut bytes) = (0.0f64, 0u64);
+    for _ in 0..steps {
+        let batch = data.val.next_batch();
+        model.forward_losses(&batch.inputs, &batch.targets, &mut losses)?;
+        for (&l, &t) in losses.iter().zip(&batch.targets) {
+            if t < 0 {
+                continue;
+            }
+            nats += l as f64;
+            counted += 1;
+            let b = token_bytes.get(t as usize).copied().unwrap_or(0);
+            if b > 0 {
+                bpb_nats += l as f64;
+                bytes += b as u64;
+            }
+        }
+    }
+    let val_loss = if counted > 0 { nats / counted as f64 } else { f64::NAN };
+    let val_bpb = if bytes > 0 {
+        bpb_nats / (std::f64::consts::LN_2 * bytes as f64)
+    } else {
+        f64::NAN
+    };
+    Ok(EvalResult {
+        step,
+        val_loss,
+        val_bpb,
+    })
+}
+
+/// Greedy continuations of the data's prompts.
+fn sample(model: &Gpt<CpuBackend>, data: &RunData, max_new: usize, seed: u64) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    let max_len = model.cfg.sequence_len;
+    let mut sampler = Sampler::new(model, max_len)?;
+    for prompt in data.prompts.iter() {
+        let mut ids = vec![data.tokenizer.bos_id()];
+        ids.extend(data.tokenizer.encode(prompt));
+        let room = max_len.saturating_sub(ids.len());
+        if room == 0 {
+            continue;
+        }
+        let new = sampler.generate(model, &ids, max_new.min(room), Sampling::greedy(), seed, None)?;
+        out.push((prompt.clone(), data.tokenizer.decode(&new)));
+    }
+    Ok(out)
+}
+
+/// The checkpoint to resume from, if any, with its meta checked against this run.
+fn resume_point(
+    cfg: &TrainConfig,
+    model: &ModelConfig,
+    batch: &BatchPlan,
+) -> Result<Option<(PathBuf, CheckpointMeta)>> {
+    let dir = match &cfg.resume {
+        Resume::No => return Ok(None),
+        Resume::Latest => match checkpoint::latest(&cfg.out_dir)? {
+            Some(d) => d,
+            None => bail!(
+                "--resume: no complete checkpoint in {}; start without --resume, or give --resume PATH",
+                checkpoint::checkpoints_dir(&cfg.out_dir).display()
+            ),
+        },
+        Resume::Path(p) => {
+            if !p.is_dir() {
+                bail!(
+                    "--resume {}: no such checkpoint folder; give a checkpoints/step_NNNNNN folder",
+                    p.display()
+                );
+            }
+            p.clone()
+        }
+    };
+    let meta = checkpoint::load_meta(&dir)?;
+    if meta.model_config != *model {
+        bail!(
+            "checkpoint {} holds a model {:?} but this run builds {:?}; resume with the same --depth and data",
+            dir.display(),
+            meta.model_config,
+            model
+        );
+    }
+    let saved: TrainConfig = serde_json::from_value(meta.train_config.clone()).map_err(|e| {
+        NcError::new(format!(
+            "{}: train_config unreadable ({e}); the checkpoint is corrupt",
+            dir.display()
+        ))
+    })?;
+    if (saved.device_batch_size, saved.total_batch_size, saved.world_size)
+        != (batch.device_batch_size, batch.total_batch_size, batch.world_size)
+    {
+        bail!(
+            "checkpoint {} was trained with --dbs {} --total-batch-size {} --world-size {}; resume with the same",
+            dir.display(),
+            saved.device_batch_size,
+            saved.total_batch_size,
+            saved.world_size
+        );
+    }
+    if meta.optimizer.world_size != 1 || meta.optimizer.state_lens.len() != 1 {
+        bail!(
+            "checkpoint {}: optimizer state of {} ranks; CPU runs resume 1",
+            dir.display(),
+            meta.optimizer.world_size
+        );
+    }
+    Ok(Some((dir, meta)))
+}
+
+/// Train as `cfg` says. Returns after the last step, or early (with a checkpoint) on a stop request.
+pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
+    if cfg.world_size != 1 {
+        bail!(
+            "--world-size {} needs the multi-GPU runner, which this build lacks; CPU runs use --world-size 1",
+            cfg.world_size
+        );
+    }
+    let say = |s: String| {
+        if cfg.verbose {
+            println!("{s}");
+        }
+    };
+    let mut data = data::load(&cfg.data, cfg.device_batch_size, cfg.model.sequence_len, cfg.world_size)?;
+    let model_cfg = model_of(cfg, data.tokenizer.vocab_size())?;
+    let batch = BatchPlan::new(
+        cfg.device_batch_size,
+        model_cfg.sequence_len,
+        cfg.total_batch_size,
+        cfg.world_size,
+    )?;
+    let num_iterations = cfg.horizon.num_iterations(&model_cfg, batch.total_batch_size);
+    let schedule = LrSchedule {
+        num_iterations,
+        warmup_ratio: cfg.warmup_ratio,
+        warmdown_ratio: cfg.warmdown_ratio,
+        final_lr_frac: cfg.final_lr_frac,
+    };
+    let policy = if cfg.recompute_full {
+        Recompute::Full
+    } else {
+        Recompute::None
+    };
+    let mut model = Gpt::new(
+        CpuBackend::new(),
+        model_cfg,
+        batch.device_batch_size,
+        model_cfg.sequence_len,
+        policy,
+    )?;
+    model.init(cfg.seed);
+    let mut opt = Optimizer::new(&model_cfg, cfg.optim, 0, 1)?;
+    let mut state = LoopState {
+        smooth_loss: 0.0,
+        min_val_bpb: f64::INFINITY,
+        train_seconds: 0.0,
+    };
+    let mut step = 0u64;
+    let resumed = resume_point(cfg, &model_cfg, &batch)?;
+    if let Some((dir, meta)) = &resumed {
+        checkpoint::load_params(dir, &model_cfg, model.params_mut())?;
+        let mut st = vec![0.0f32; opt.state().len()];
+        if meta.optimizer.state_lens[0] != st.len() {
+            bail!(
+                "checkpoint {}: optimizer state size differs from this model's; it is corrupt",
+                dir.display()
+            );
+        }
+        checkpoint::load_optim_state(dir, 0, &mut st)?;
+        opt.restore(&st, meta.optimizer.steps_taken)?;
+        let loader: LoaderState = serde_json::from_value(meta.loader_state.clone()).map_err(|e| {
+            NcError::new(format!(
+                "{}: loader_state unreadable ({e}); the checkpoint is corrupt",
+                dir.display()
+            ))
+        })?;
+        data.train.restore(loader)?;
+        state = serde_json::from_value(meta.loop_state.clone()).map_err(|e| {
+            NcError::new(format!(
+                "{}: loop_state unreadable ({e}); the checkpoint is corrupt",
+                dir.display()
+            ))
+        })?;
+        step = meta.step;
+        say(format!("resumed from {} at step {step}", dir.display()));
+    }
+    let resume_step = resumed.as_ref().map(|(_, m)| m.step);
+    std::fs::create_dir_all(&cfg.out_dir)
+        .map_err(|e| NcError::new(format!("--out-dir {}: {e}", cfg.out_dir.display())))?;
+    let mut metrics = MetricsWriter::open(&cfg.out_dir, resume_step)?;
+
+    let flops_per_token = model_cfg.flops_per_token();
+    let (peak, peak_how) = metrics::cpu_peak_flops(rayon::current_num_threads());
+    say(format!(
+        "model d{} (n_embd {}, {} heads, vocab {}, seq {}): {} params, {:.3e} FLOPs/token",
+        model_cfg.n_layer,
+        model_cfg.n_embd,
+        model_cfg.n_head,
+        model_cfg.vocab_size,
+        model_cfg.sequence_len,
+        model_cfg.num_params(),
+        flops_per_token
+    ));
+    say(format!(
+        "batch {} x {} x {} ranks, grad accum {}, {} tokens/step; {} steps; MFU against a CPU peak of {:.1} GFLOP/s ({peak_how})",
+        batch.device_batch_size,
+        batch.seq_len,
+        batch.world_size,
+        batch.grad_accum,
+        batch.total_batch_size,
+        num_iterations,
+        peak / 1e9
+    ));
+    let eval_steps = (cfg.eval_tokens / batch.world_tokens_per_fwdbwd).max(1);
+    let mut summary = RunSummary {
+        model: model_cfg,
+        num_iterations,
+        final_step: step,
+        stopped_early: false,
+        train_losses: Vec::new(),
+        evals: Vec::new(),
+        samples: Vec::new(),
+        min_val_bpb: state.min_val_bpb,
+        train_seconds: state.train_seconds,
+        peak_rss_bytes: None,
+        last_checkpoint: None,
+    };
+
+    loop {
+        let last_step = step == num_iterations;
+        let stop = signal::stop_requested() || cfg.stop_at_step == Some(step);
+
+        if last_step || (cfg.eval_every > 0 && step % cfg.eval_every == 0) || step == 0 {
+            let ev = evaluate(&mut model, &mut data, eval_steps, step)?;
+            state.min_val_bpb = state.min_val_bpb.min(ev.val_bpb);
+            say(format!(
+                "step {step:05} | val loss {:.6} | val bpb {:.6}",
+                ev.val_loss, ev.val_bpb
+            ));
+            metrics.write(&serde_json::json!({"step": step, "val_loss": ev.val_loss, "val_bpb": ev.val_bpb}))?;
+            summary.evals.push(ev);
+        }
+        if last_step || (cfg.sample_every > 0 && step > 0 && step % cfg.sample_every == 0) {
+            let samples = sample(&model, &data, cfg.sample_tokens, cfg.seed.wrapping_add(step))?;
+            for (p, s) in &samples {
+                say(format!("sample | {p}{s}"));
+            }
+            summary.samples = samples;
+        }
+        let periodic_save = cfg.save_every > 0 && step > 0 && step % cfg.save_every == 0 && Some(step) != resume_step;
+        if last_step || stop || periodic_save {
+            let meta = CheckpointMeta {
+                format: checkpoint::FORMAT.into(),
+                step,
+                model_config: model_cfg,
+                train_config: serde_json::to_value(cfg).map_err(|e| NcError::new(format!("train config: {e}")))?,
+                loader_state: serde_json::to_value(data.train.state()).map_err(|e| NcError::new(e.to_string()))?,
+                loop_state: serde_json::to_value(state).map_err(|e| NcError::new(e.to_string()))?,
+                rng_state: serde_json::json!({"init_seed": cfg.seed, "sample_seed": cfg.seed.wrapping_add(step)}),
+                optimizer: OptimizerMeta {
+                    steps_taken: opt.steps_taken(),
+                    world_size: 1,
+                    state_lens: vec![opt.state().len()],
+                },
+            };
+            let dir = checkpoint::save(&cfg.out_dir, &meta, model.params(), &[opt.state()])?;
+            say(format!("saved {}", dir.display()));
+            summary.last_checkpoint = Some(dir);
+        }
+        if last_step || stop {
+            summary.stopped_early = !last_step;
+            if summary.stopped_early {
+                say(format!(
+                    "stopped at step {step} of {num_iterations}; continue with the same flags plus --resume"
+                ));
+            }
+            break;
+        }
+
+        // One optimizer step.
+        let t0 = Instant::now();
+        model.zero_grads();
+        let mut loss_sum = 0.0f64;
+        for _ in 0..batch.grad_accum {
+            let b = data.train.next_batch();
+            let loss = model.forward_backward(&b.inputs, &b.targets, 1.0 / batch.grad_accum as f32)?;
+            loss_sum += loss as f64;
+        }
+        let loss = (loss_sum / batch.grad_accum as f64) as f32;
+        if !loss.is_finite() {
+            bail!("the train loss became {loss} at step {step}; lower the learning rates (e.g. --matrix-lr 0.01)");
+        }
+        let lr_mult = schedule.lr_multiplier(step);
+        let (params, grads) = model.params_and_grads_mut();
+        let grad_norm = clip_grad_norm(grads, cfg.grad_clip);
+        opt.step(params, grads, lr_mult, muon_momentum(step));
+        let dt = t0.elapsed().as_secs_f64();
+        // the first steps pay for warm-up; nanochat leaves the first 10 out of its total time
+        if step > 10 || num_iterations <= 20 {
+            state.train_seconds += dt;
+        }
+        state.smooth_loss = EMA_BETA * state.smooth_loss + (1.0 - EMA_BETA) * loss as f64;
+        let debiased = state.smooth_loss / (1.0 - EMA_BETA.powi(step as i32 + 1));
+        let tok_per_sec = batch.total_batch_size as f64 / dt;
+        let mfu = flops_per_token * batch.total_batch_size as f64 / dt / (peak * batch.world_size as f64);
+        say(format!(
+            "step {:05}/{:05} ({:5.2}%) | loss: {debiased:.6} | grad norm: {grad_norm:.4} | lrm: {lr_mult:.2} | dt: {:.2}ms | tok/sec: {:.0} | mfu: {:.2} | total time: {:.2}m",
+            step,
+            num_iterations,
+            100.0 * step as f64 / num_iterations as f64,
+            dt * 1e3,
+            tok_per_sec,
+            100.0 * mfu,
+            state.train_seconds / 60.0
+        ));
+        metrics.write(&serde_json::json!({
+            "step": step, "loss": debiased, "raw_loss": loss, "grad_norm": grad_norm, "lr_mult": lr_mult,
+            "dt_ms": dt * 1e3, "tok_per_sec": tok_per_sec, "mfu": mfu,
+        }))?;
+        summary.train_losses.push((step, loss));
+        step += 1;
+    }
+
+    summary.final_step = step;
+    summary.min_val_bpb = state.min_val_bpb;
+    summary.train_seconds = state.train_seconds;
+    summary.peak_rss_bytes = metrics::peak_rss_bytes();
+    say(format!(
+        "done: peak memory {:.1} MiB | total training time {:.2}m | min val bpb {:.6}",
+        summary.peak_rss_bytes.unwrap_or(0) as f64 / 1048576.0,
+        state.train_seconds / 60.0,
+        state.min_val_bpb
+    ));
+    Ok(summary)
+}

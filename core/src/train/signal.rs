@@ -1,0 +1,40 @@
+//! SIGINT/SIGTERM: the first one asks the loop to save a checkpoint and stop between steps; a second one
+//! exits at once (the last complete checkpoint is intact: saves are atomic).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set by the signal handler; the training loop reads it between steps.
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_sig: libc::c_int) {
+    // Only async-signal-safe work here: an atomic swap, and _exit on the second signal.
+    if STOP_REQUESTED.swap(true, Ordering::SeqCst) {
+        // SAFETY: _exit is async-signal-safe and ends the process without running destructors.
+        unsafe { libc::_exit(130) };
+    }
+}
+
+/// Install the handlers for SIGINT and SIGTERM (the binary calls this once; tests drive the flag directly).
+pub fn install_handlers() {
+    let handler = on_signal as extern "C" fn(libc::c_int);
+    // SAFETY: the handler only touches an atomic and calls _exit; installing it has no other effect.
+    unsafe {
+        libc::signal(libc::SIGINT, handler as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
+    }
+}
+
+/// Whether a stop was asked for (by a signal or by `request_stop`).
+pub fn stop_requested() -> bool {
+    STOP_REQUESTED.load(Ordering::SeqCst)
+}
+
+/// Ask the loop to save and stop at the next step boundary.
+pub fn request_stop() {
+    STOP_REQUESTED.store(true, Ordering::SeqCst);
+}
+
+/// Forget a past request (a process running several trainings in a row, as the tests do).
+pub fn clear_stop() {
+    STOP_REQUESTED.store(false, Ordering::SeqCst);
+}

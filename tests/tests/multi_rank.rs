@@ -76,7 +76,10 @@ fn two_ranks_match_one_rank_with_accumulation() {
     let err = wa.iter().zip(&wb).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
     assert!(err <= 1e-4 * scale, "final weights differ by {err} (scale {scale})");
     let (va, vb) = (one.evals.last().unwrap().val_loss, two.evals.last().unwrap().val_loss);
-    assert!((va - vb).abs() <= 1e-5 * va, "final val loss: one rank {va}, two ranks {vb}");
+    assert!(
+        (va - vb).abs() <= 1e-5 * va,
+        "final val loss: one rank {va}, two ranks {vb}"
+    );
     // each rank saved its own optimizer state
     let ck = two.last_checkpoint.unwrap();
     assert!(ck.join("optim_rank0.safetensors").is_file() && ck.join("optim_rank1.safetensors").is_file());

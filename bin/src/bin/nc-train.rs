@@ -449,6 +449,17 @@ mod tests {
         for key in ["tokens", "num_iterations", "memory_bytes_per_gpu"] {
             assert!(v[key].is_number(), "{key}");
         }
+        // `--plan --json --depth N` alone (nanochat's batch defaults, one H100): SPEC.md's counts and FLOPs
+        // (16 B/param of weights, grads, master weights and state: d38 fits an H100 with full recomputation,
+        // d52 cannot)
+        for (depth, d, flops, fits) in [(38u64, 2432u64, 1.94e10, true), (52, 3328, 4.70e10, false)] {
+            let c = parse(&["--plan", "--json", "--depth", &depth.to_string()]);
+            let v = serde_json::to_value(plan_from_flags(&c).unwrap()).unwrap();
+            assert_eq!(v["params"].as_u64(), Some(2 * 65536 * d + 12 * depth * d * d));
+            assert!((v["flops_per_token"].as_f64().unwrap() / flops - 1.0).abs() < 0.005);
+            assert_eq!(v["grad_accum"].as_u64(), Some(524288 / (32 * 2048)));
+            assert_eq!(v["fits"].as_bool(), Some(fits), "d{depth} on one H100");
+        }
     }
 
     #[test]

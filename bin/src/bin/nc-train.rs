@@ -16,7 +16,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
+// args_override_self: a flag given twice takes its last value, so scripts' extra arguments override theirs
 #[command(
+    args_override_self = true,
     name = "nc-train",
     version,
     about = "Train a nanochat-style GPT (no arguments: a small model on the embedded corpus, on the CPU)"

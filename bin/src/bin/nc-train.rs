@@ -465,6 +465,13 @@ mod tests {
     }
 
     #[test]
+    fn later_flags_override_earlier_ones() {
+        // the scripts pass their flags first and the user's after
+        let c = parse(&["--depth", "38", "--dbs", "48", "--depth", "2", "--dbs=4"]);
+        assert_eq!((c.depth, c.device_batch_size), (Some(2), Some(4)));
+    }
+
+    #[test]
     fn bad_combinations_are_one_line_errors() {
         let cases: &[(&[&str], &str)] = &[
             (&["--depth", "20", "--preset", "3b"], "not both"),

@@ -16,7 +16,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
+// args_override_self: a flag given twice takes its last value, so scripts' extra arguments override theirs
 #[command(
+    args_override_self = true,
     name = "nc-train",
     version,
     about = "Train a nanochat-style GPT (no arguments: a small model on the embedded corpus, on the CPU)"
@@ -460,6 +462,13 @@ mod tests {
             assert_eq!(v["grad_accum"].as_u64(), Some(524288 / (32 * 2048)));
             assert_eq!(v["fits"].as_bool(), Some(fits), "d{depth} on one H100");
         }
+    }
+
+    #[test]
+    fn later_flags_override_earlier_ones() {
+        // the scripts pass their flags first and the user's after
+        let c = parse(&["--depth", "38", "--dbs", "48", "--depth", "2", "--dbs=4"]);
+        assert_eq!((c.depth, c.device_batch_size), (Some(2), Some(4)));
     }
 
     #[test]

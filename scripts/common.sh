@@ -69,7 +69,7 @@ plan_and_train() {
   local mem=()
   if [ -n "${GPU:-}" ]; then mem=(--gpu "$GPU"); else mem=(--gpu-mem "${GPU_MEM:-187.5GB}"); fi
   echo "== plan"
-  "$NC_TRAIN" --plan "${flags[@]}" --world-size "$WORLD_SIZE" "${mem[@]}" "$@"
+  "$NC_TRAIN" --plan "${flags[@]}" --world-size "$WORLD_SIZE" --data-dir "$DATA_DIR" "${mem[@]}" "$@"
   echo "== training"
   "$NC_TRAIN" "${flags[@]}" --world-size "$WORLD_SIZE" --data-dir "$DATA_DIR" "$@"
 }

@@ -203,7 +203,13 @@ fn check_common(cli: &Cli) -> Result<()> {
 }
 
 fn plan_from_flags(cli: &Cli) -> Result<Plan> {
-    let model = model_from_flags(cli)?;
+    let mut model = model_from_flags(cli)?;
+    // with a data dir, plan with its tokenizer's vocabulary, as the run will
+    if let Some(dir) = &cli.data_dir {
+        let tok = nc_core::data::load_tokenizer(&PathBuf::from(dir).join("tokenizer"))
+            .map_err(|e| e.context(format!("--plan --data-dir {dir}")))?;
+        model = model.with_vocab_size(tok.vocab_size())?;
+    }
     let batch = BatchPlan::new(
         cli.device_batch_size.unwrap_or(DEFAULT_DBS),
         model.sequence_len,

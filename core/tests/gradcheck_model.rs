@@ -161,3 +161,19 @@ fn bad_batches_are_errors() {
     assert!(m.forward_backward(&inputs, &bad_t, 1.0).is_err());
     assert!(Gpt::new(CpuBackend::new(), case.cfg, 1, 9, Recompute::None).is_err());
 }
+
+#[test]
+fn activation_layout_is_what_the_model_allocates() {
+    for (kv, policy) in [
+        (2, Recompute::None),
+        (1, Recompute::None),
+        (2, Recompute::Full),
+        (1, Recompute::Full),
+    ] {
+        let cfg = ModelConfig::new(3, 32, 2, kv, 16, 37, 16).unwrap();
+        let m = Gpt::new(CpuBackend::new(), cfg, 2, 16, policy).unwrap();
+        let layout = nc_core::model::activation_layout(&cfg, 2, 16, policy);
+        assert_eq!(m.allocated_activation_elements(), layout.total, "kv {kv}, {policy:?}");
+        assert_eq!(layout.layer_sets, if policy == Recompute::Full { 1 } else { 3 });
+    }
+}

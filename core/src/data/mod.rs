@@ -6,11 +6,15 @@
 //! - `tokenizer_files`: the tokenizer directory and tiktoken's ranks format; `pickle`: nanochat's tokenizer.pkl.
 //! - `shard`: llm.c token shards (mmap reader, atomic writer).
 //! - `loader`: the distributed, resumable, prefetching batch loader.
+//! - `prep`: reading parquet/jsonl/txt documents and writing token shards (used by `nc-data`).
+//! - `fuzz_targets`: the bodies of the fuzz targets in `fuzz/`, also run by stable tests.
 //! - `synth`: the embedded corpus and a ready in-memory dataset.
 
 pub mod bpe_train;
+pub mod fuzz_targets;
 pub mod loader;
 pub mod pickle;
+pub mod prep;
 pub mod pretokenize;
 pub mod shard;
 pub mod synth;

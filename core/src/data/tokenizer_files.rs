@@ -129,29 +129,37 @@ pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
         let p = dir.join(name);
         fs::read_to_string(&p).map_err(|e| NcError::from(e).context(p.display()))
     };
-    let meta: TokenizerMeta = serde_json::from_str(&read(META_FILE)?)
-        .map_err(|e| NcError::new(format!("{}: not a tokenizer description: {e}", meta_path.display())))?;
+    let meta = read(META_FILE)?;
+    let ranks = read(RANKS_FILE)?;
+    let token_bytes = if dir.join(TOKEN_BYTES_FILE).exists() {
+        Some(read(TOKEN_BYTES_FILE)?)
+    } else {
+        None
+    };
+    tokenizer_from_texts(&meta, &ranks, token_bytes.as_deref()).map_err(|e| e.context(dir.display()))
+}
+
+/// Build a tokenizer from the contents of a directory's three files (`token_bytes` is optional).
+pub fn tokenizer_from_texts(meta: &str, ranks: &str, token_bytes: Option<&str>) -> Result<Tokenizer> {
+    let meta: TokenizerMeta = serde_json::from_str(meta)
+        .map_err(|e| NcError::new(format!("{META_FILE}: not a tokenizer description: {e}")))?;
     if meta.format != "nc-tokenizer" || meta.version != 1 {
         bail!(
-            "{}: format {:?} version {} is not nc-tokenizer version 1",
-            meta_path.display(),
+            "{META_FILE}: format {:?} version {} is not nc-tokenizer version 1",
             meta.format,
             meta.version
         );
     }
-    let pattern = SplitPattern::from_pattern(&meta.pattern).map_err(|e| e.context(meta_path.display()))?;
-    let ranks_path = dir.join(RANKS_FILE);
-    let ranks = parse_tiktoken_ranks(&read(RANKS_FILE)?).map_err(|e| e.context(ranks_path.display()))?;
-    let tok = Tokenizer::from_ranks(ranks, meta.special_tokens, pattern).map_err(|e| e.context(dir.display()))?;
-    let tb_path = dir.join(TOKEN_BYTES_FILE);
-    if tb_path.exists() {
-        let stored: Vec<u32> = serde_json::from_str(&read(TOKEN_BYTES_FILE)?)
-            .map_err(|e| NcError::new(format!("{}: not a list of byte lengths: {e}", tb_path.display())))?;
+    let pattern = SplitPattern::from_pattern(&meta.pattern).map_err(|e| e.context(META_FILE))?;
+    let ranks = parse_tiktoken_ranks(ranks).map_err(|e| e.context(RANKS_FILE))?;
+    let tok = Tokenizer::from_ranks(ranks, meta.special_tokens, pattern)?;
+    if let Some(text) = token_bytes {
+        let stored: Vec<u32> = serde_json::from_str(text)
+            .map_err(|e| NcError::new(format!("{TOKEN_BYTES_FILE}: not a list of byte lengths: {e}")))?;
         if stored != tok.token_bytes() {
             bail!(
-                "{}: the byte lengths do not match {RANKS_FILE} and the special tokens; the directory is \
-                 inconsistent, rewrite it with `nc-data`",
-                tb_path.display()
+                "{TOKEN_BYTES_FILE}: the byte lengths do not match {RANKS_FILE} and the special tokens; the \
+                 directory is inconsistent, rewrite it with `nc-data`"
             );
         }
     }

@@ -38,8 +38,7 @@ pub struct Gpt<B: Backend> {
     ids_host: Vec<i32>,
     targets_host: Vec<i32>,
     losses_host: Vec<f32>,
-    /// Embedding output before its rmsnorm, then x0 = rmsnorm(emb) and its rstd.
-    emb: B::Buf,
+    /// x0 = rmsnorm(embedding output) and its rstd (the embedding output itself passes through `resid`).
     x0: B::Buf,
     rstd0: B::Buf,
     /// The residual stream (updated in place through the blocks).
@@ -108,7 +107,6 @@ impl<B: Backend> Gpt<B> {
             ids_host: vec![0; n],
             targets_host: vec![0; n],
             losses_host: vec![0.0; n],
-            emb: be.alloc(n * d),
             x0: be.alloc(n * d),
             rstd0: be.alloc(n),
             resid: be.alloc(n * d),
@@ -248,11 +246,11 @@ impl<B: Backend> Gpt<B> {
             n,
             View::at(&self.params, self.wte_off, self.cfg.vocab_size * d),
             d,
-            all_mut(&mut self.emb),
+            all_mut(&mut self.resid),
         );
         norm::forward(
             be,
-            all(&self.emb),
+            all(&self.resid),
             n,
             d,
             all_mut(&mut self.x0),
@@ -427,6 +425,43 @@ impl<B: Backend> Gpt<B> {
         );
         self.be.download(all(&self.losses), out);
         Ok(())
+    }
+
+    /// Elements of every activation buffer this model allocated (everything but params, grads, the rotary
+    /// table and ids): must equal `activation_layout(..).total`, the figure the planner prices.
+    pub fn allocated_activation_elements(&self) -> usize {
+        let len = |b: &B::Buf| B::buf_len(b);
+        let acts: usize = self
+            .acts
+            .iter()
+            .map(|a| {
+                [
+                    &a.xn1, &a.rstd1, &a.q, &a.rstd_q, &a.k, &a.rstd_k, &a.v, &a.y, &a.lse, &a.xn2, &a.rstd2, &a.u,
+                    &a.h,
+                ]
+                .iter()
+                .map(|b| len(b))
+                .sum::<usize>()
+            })
+            .sum();
+        let s = &self.scratch;
+        let scratch: usize = [&s.dresid, &s.dxn, &s.dq, &s.dk, &s.dv, &s.dy, &s.dqn, &s.dkn, &s.du]
+            .iter()
+            .map(|b| len(b))
+            .sum();
+        let inputs: usize = self.layer_in.iter().map(len).sum();
+        let others: usize = [
+            &self.x0,
+            &self.rstd0,
+            &self.resid,
+            &self.resid_tmp,
+            &self.xf,
+            &self.rstdf,
+        ]
+        .iter()
+        .map(|b| len(b))
+        .sum();
+        acts + scratch + inputs + others + len(&self.logits_ws) + len(&self.losses)
     }
 
     /// The parameter buffer (backend handle); the sampler and the CUDA path read it through the backend.

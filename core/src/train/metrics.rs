@@ -63,8 +63,23 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// The CPU's dense f32 peak that MFU is stated against: threads x 32 FLOP/cycle (two 8-wide AVX2 FMA units)
-/// x the highest clock /proc/cpuinfo reports (3 GHz when it says nothing).
+/// f32 FLOPs per cycle per core of the widest FMA this CPU has: two FMA units of 16 lanes (AVX-512) or of
+/// 8 lanes (AVX2), x 2 FLOPs per FMA; 8 without FMA.
+fn f32_flops_per_cycle() -> (f64, &'static str) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return (64.0, "AVX-512 FMA");
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            return (32.0, "AVX2 FMA");
+        }
+    }
+    (8.0, "no wide FMA")
+}
+
+/// The CPU's dense f32 peak that MFU is stated against: threads x FLOPs per cycle of its widest FMA x the
+/// highest clock /proc/cpuinfo reports (3 GHz when it says nothing).
 pub fn cpu_peak_flops(threads: usize) -> (f64, String) {
     let mhz = fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -75,9 +90,10 @@ pub fn cpu_peak_flops(threads: usize) -> (f64, String) {
                 .reduce(f64::max)
         })
         .unwrap_or(3000.0);
-    let peak = threads as f64 * 32.0 * mhz * 1e6;
+    let (per_cycle, isa) = f32_flops_per_cycle();
+    let peak = threads as f64 * per_cycle * mhz * 1e6;
     let how = format!(
-        "{threads} threads x 32 f32 FLOP/cycle (AVX2 FMA) x {:.2} GHz",
+        "{threads} threads x {per_cycle} f32 FLOP/cycle ({isa}) x {:.2} GHz",
         mhz / 1e3
     );
     (peak, how)

@@ -1,0 +1,439 @@
+//! Whole-step CPU throughput: forward + backward of a depth-4 GPT, against the `gemm` crate's own speed
+//! on exactly the matmul shapes of that step. Prints a table; not a criterion bench (a step is ~1 s).
+//!
+//! Run: cargo bench -p nc-benches --bench step_cpu [-- --vocab V --batch B --seq T --steps N --threads N]
+//!
+//! The step runs through `Timed`, a `Backend` that forwards to the CPU backend and times every op, so the
+//! table says where the time goes. Then every matmul shape the step issued is re-run alone (same gemm,
+//! same threads): their total FLOPs over their total time is "gemm's own GFLOP/s" for this model.
+
+use nc_core::backend::cpu::{CpuBackend, CpuBuf, CpuIds};
+use nc_core::backend::{AttnShape, Backend, View, ViewMut};
+use nc_core::model::{Gpt, Recompute};
+use nc_core::ModelConfig;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+#[derive(Default)]
+struct Stats {
+    /// op name -> (time, calls, flops)
+    ops: BTreeMap<&'static str, (Duration, u64, f64)>,
+    /// (m, n, k, a_t, b_t) of every matmul of a step, in order.
+    shapes: Vec<(usize, usize, usize, bool, bool)>,
+    record_shapes: bool,
+}
+
+/// The CPU backend with a stopwatch around every op.
+struct Timed {
+    inner: CpuBackend,
+    /// Matmuls with the vocabulary as a dimension are the lm_head's; the table reports them apart.
+    vocab: usize,
+    stats: RefCell<Stats>,
+}
+
+fn v<'a>(x: View<'a, Timed>) -> View<'a, CpuBackend> {
+    View {
+        buf: x.buf,
+        off: x.off,
+        len: x.len,
+    }
+}
+fn vm<'a>(x: ViewMut<'a, Timed>) -> ViewMut<'a, CpuBackend> {
+    ViewMut {
+        buf: x.buf,
+        off: x.off,
+        len: x.len,
+    }
+}
+
+impl Timed {
+    fn time<R>(&self, name: &'static str, flops: f64, f: impl FnOnce() -> R) -> R {
+        let t0 = Instant::now();
+        let r = f();
+        let dt = t0.elapsed();
+        let mut s = self.stats.borrow_mut();
+        let e = s.ops.entry(name).or_default();
+        e.0 += dt;
+        e.1 += 1;
+        e.2 += flops;
+        r
+    }
+}
+
+/// Multiply-adds of causal attention: the T(T+1)/2 visible (query, key) pairs, D wide, per head.
+fn attn_pairs(s: &AttnShape) -> f64 {
+    (s.batch * s.n_head * s.head_dim) as f64 * (s.tq * (s.tq + 1) / 2) as f64
+}
+
+impl Backend for Timed {
+    type Buf = CpuBuf;
+    type Ids = CpuIds;
+    fn alloc(&self, len: usize) -> CpuBuf {
+        self.inner.alloc(len)
+    }
+    fn alloc_ids(&self, len: usize) -> CpuIds {
+        self.inner.alloc_ids(len)
+    }
+    fn buf_len(buf: &CpuBuf) -> usize {
+        buf.0.len()
+    }
+    fn upload(&self, dst: ViewMut<'_, Self>, src: &[f32]) {
+        self.time("upload/download", 0.0, || self.inner.upload(vm(dst), src))
+    }
+    fn download(&self, src: View<'_, Self>, dst: &mut [f32]) {
+        self.time("upload/download", 0.0, || self.inner.download(v(src), dst))
+    }
+    fn upload_ids(&self, dst: &mut CpuIds, src: &[i32]) {
+        self.time("upload/download", 0.0, || self.inner.upload_ids(dst, src))
+    }
+    fn fill(&self, dst: ViewMut<'_, Self>, value: f32) {
+        self.time("fill/copy", 0.0, || self.inner.fill(vm(dst), value))
+    }
+    fn copy(&self, src: View<'_, Self>, dst: ViewMut<'_, Self>) {
+        self.time("fill/copy", 0.0, || self.inner.copy(v(src), vm(dst)))
+    }
+    fn matmul(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: View<'_, Self>,
+        a_t: bool,
+        b: View<'_, Self>,
+        b_t: bool,
+        c: ViewMut<'_, Self>,
+        accumulate: bool,
+    ) {
+        if self.stats.borrow().record_shapes {
+            self.stats.borrow_mut().shapes.push((m, n, k, a_t, b_t));
+        }
+        let name = if [m, n, k].contains(&self.vocab) {
+            "matmul (lm_head)"
+        } else {
+            "matmul (blocks)"
+        };
+        let flops = 2.0 * (m * n * k) as f64;
+        self.time(name, flops, || {
+            self.inner.matmul(m, n, k, v(a), a_t, v(b), b_t, vm(c), accumulate)
+        })
+    }
+    fn embedding_forward(&self, ids: &CpuIds, n: usize, wte: View<'_, Self>, d: usize, out: ViewMut<'_, Self>) {
+        self.time("embedding", 0.0, || {
+            self.inner.embedding_forward(ids, n, v(wte), d, vm(out))
+        })
+    }
+    fn embedding_backward(&self, ids: &CpuIds, n: usize, dout: View<'_, Self>, d: usize, dwte: ViewMut<'_, Self>) {
+        self.time("embedding", 0.0, || {
+            self.inner.embedding_backward(ids, n, v(dout), d, vm(dwte))
+        })
+    }
+    fn rmsnorm_forward(
+        &self,
+        x: View<'_, Self>,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+        y: ViewMut<'_, Self>,
+        rstd: ViewMut<'_, Self>,
+    ) {
+        self.time("rmsnorm", 0.0, || {
+            self.inner.rmsnorm_forward(v(x), rows, dim, eps, vm(y), vm(rstd))
+        })
+    }
+    fn rmsnorm_backward(
+        &self,
+        y: View<'_, Self>,
+        rstd: View<'_, Self>,
+        dy: View<'_, Self>,
+        rows: usize,
+        dim: usize,
+        dx: ViewMut<'_, Self>,
+        accumulate: bool,
+    ) {
+        self.time("rmsnorm", 0.0, || {
+            self.inner
+                .rmsnorm_backward(v(y), v(rstd), v(dy), rows, dim, vm(dx), accumulate)
+        })
+    }
+    fn rotary_forward(
+        &self,
+        x: ViewMut<'_, Self>,
+        batch: usize,
+        t: usize,
+        heads: usize,
+        head_dim: usize,
+        pos0: usize,
+        table: View<'_, Self>,
+    ) {
+        self.time("rotary", 0.0, || {
+            self.inner
+                .rotary_forward(vm(x), batch, t, heads, head_dim, pos0, v(table))
+        })
+    }
+    fn rotary_backward(
+        &self,
+        dx: ViewMut<'_, Self>,
+        batch: usize,
+        t: usize,
+        heads: usize,
+        head_dim: usize,
+        pos0: usize,
+        table: View<'_, Self>,
+    ) {
+        self.time("rotary", 0.0, || {
+            self.inner
+                .rotary_backward(vm(dx), batch, t, heads, head_dim, pos0, v(table))
+        })
+    }
+    fn attention_forward(
+        &self,
+        shape: AttnShape,
+        q: View<'_, Self>,
+        k: View<'_, Self>,
+        vv: View<'_, Self>,
+        out: ViewMut<'_, Self>,
+        lse: ViewMut<'_, Self>,
+    ) {
+        // Two products (QK^T, PV) over the visible pairs.
+        let flops = 4.0 * attn_pairs(&shape);
+        self.time("attention fwd", flops, || {
+            self.inner.attention_forward(shape, v(q), v(k), v(vv), vm(out), vm(lse))
+        })
+    }
+    fn attention_backward(
+        &self,
+        shape: AttnShape,
+        q: View<'_, Self>,
+        k: View<'_, Self>,
+        vv: View<'_, Self>,
+        out: View<'_, Self>,
+        lse: View<'_, Self>,
+        dout: View<'_, Self>,
+        dq: ViewMut<'_, Self>,
+        dk: ViewMut<'_, Self>,
+        dv: ViewMut<'_, Self>,
+    ) {
+        // Five products: QK^T (recompute), P^T dO, dO V^T, dS K, dS^T Q.
+        let flops = 10.0 * attn_pairs(&shape);
+        self.time("attention bwd", flops, || {
+            self.inner.attention_backward(
+                shape,
+                v(q),
+                v(k),
+                v(vv),
+                v(out),
+                v(lse),
+                v(dout),
+                vm(dq),
+                vm(dk),
+                vm(dv),
+            )
+        })
+    }
+    fn relu2_forward(&self, u: View<'_, Self>, h: ViewMut<'_, Self>) {
+        self.time("relu2", 0.0, || self.inner.relu2_forward(v(u), vm(h)))
+    }
+    fn relu2_backward(&self, u: View<'_, Self>, dh: ViewMut<'_, Self>) {
+        self.time("relu2", 0.0, || self.inner.relu2_backward(v(u), vm(dh)))
+    }
+    fn add_inplace(&self, x: ViewMut<'_, Self>, y: View<'_, Self>) {
+        self.time("add", 0.0, || self.inner.add_inplace(vm(x), v(y)))
+    }
+    fn softcap_cross_entropy(
+        &self,
+        logits: ViewMut<'_, Self>,
+        rows: usize,
+        vocab: usize,
+        cap: f32,
+        targets: &CpuIds,
+        target_off: usize,
+        losses: ViewMut<'_, Self>,
+        grad_scale: Option<f32>,
+    ) {
+        self.time("softcap+cross-entropy", 0.0, || {
+            self.inner.softcap_cross_entropy(
+                vm(logits),
+                rows,
+                vocab,
+                cap,
+                targets,
+                target_off,
+                vm(losses),
+                grad_scale,
+            )
+        })
+    }
+    fn softcap(&self, logits: ViewMut<'_, Self>, cap: f32) {
+        self.time("softcap+cross-entropy", 0.0, || self.inner.softcap(vm(logits), cap))
+    }
+}
+
+fn arg(args: &[String], name: &str, default: usize) -> usize {
+    match args.iter().position(|a| a == name) {
+        Some(i) => match args.get(i + 1).and_then(|s| s.parse().ok()) {
+            Some(v) => v,
+            None => {
+                eprintln!("{name} needs a positive integer");
+                std::process::exit(2);
+            }
+        },
+        None => default,
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let vocab = arg(&args, "--vocab", 65536);
+    let batch = arg(&args, "--batch", 2);
+    let seq = arg(&args, "--seq", 512);
+    let steps = arg(&args, "--steps", 5);
+    let threads = arg(&args, "--threads", 0);
+    let depth = arg(&args, "--depth", 4);
+    if threads > 0 {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+            .expect("rayon pool");
+    }
+    let cfg = ModelConfig::from_depth(depth)
+        .and_then(|c| c.with_vocab_size(vocab))
+        .and_then(|c| c.with_sequence_len(seq))
+        .unwrap_or_else(|e| {
+            eprintln!("{e}");
+            std::process::exit(2)
+        });
+    let timed = Timed {
+        inner: CpuBackend::new(),
+        vocab,
+        stats: RefCell::new(Stats::default()),
+    };
+    let mut model = Gpt::new(timed, cfg, batch, seq, Recompute::None).expect("model");
+    model.init(42);
+    let n = batch * seq;
+    // Token ids from a fixed LCG: the step's cost does not depend on their values.
+    let mut x = 12345u64;
+    let mut next = || {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((x >> 33) % vocab as u64) as u32
+    };
+    let inputs: Vec<u32> = (0..n).map(|_| next()).collect();
+    let targets: Vec<i32> = (0..n).map(|_| next() as i32).collect();
+
+    // Warm-up step (thread pools, scratch growth, page faults), recording the matmul shapes.
+    model.be.stats.borrow_mut().record_shapes = true;
+    model.forward_backward(&inputs, &targets, 1.0).unwrap();
+    let shapes = std::mem::take(&mut model.be.stats.borrow_mut().shapes);
+    model.be.stats.borrow_mut().record_shapes = false;
+    model.be.stats.borrow_mut().ops.clear();
+
+    let mut times = Vec::new();
+    for _ in 0..steps {
+        let t0 = Instant::now();
+        model.forward_backward(&inputs, &targets, 1.0).unwrap();
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    // Best of N for both the step and gemm alone: on a shared machine the minimum is the least disturbed.
+    let step_s = times[0];
+    let median_s = times[times.len() / 2];
+    let total_s: f64 = times.iter().sum();
+
+    // gemm alone on the same shapes: each shape once per repetition, in step order.
+    let be = CpuBackend::new();
+    let maxlen = shapes
+        .iter()
+        .map(|&(m, nn, k, _, _)| (m * k).max(k * nn).max(m * nn))
+        .max()
+        .unwrap_or(0);
+    // Zero-filled inputs: gemm's speed does not depend on the values.
+    let (a, b) = (be.alloc(maxlen), be.alloc(maxlen));
+    let mut c = be.alloc(maxlen);
+    let gemm_flops: f64 = shapes.iter().map(|&(m, nn, k, _, _)| 2.0 * (m * nn * k) as f64).sum();
+    let mut gemm_s = f64::INFINITY;
+    for _ in 0..steps {
+        let t0 = Instant::now();
+        for &(m, nn, k, at, bt) in &shapes {
+            be.matmul(
+                m,
+                nn,
+                k,
+                View::at(&a, 0, m * k),
+                at,
+                View::at(&b, 0, k * nn),
+                bt,
+                ViewMut::at(&mut c, 0, m * nn),
+                false,
+            );
+        }
+        gemm_s = gemm_s.min(t0.elapsed().as_secs_f64());
+    }
+
+    let model_flops = cfg.flops_per_token() * n as f64;
+    let stats = model.be.stats.borrow();
+    let exec_flops: f64 = stats.ops.values().map(|e| e.2).sum::<f64>() / steps as f64;
+    println!("step_cpu: depth {depth} (d {}, {} heads of {}), vocab {vocab}, batch {batch} x seq {seq} = {n} tokens, {} threads, {steps} timed steps",
+        cfg.n_embd, cfg.n_head, cfg.head_dim, rayon::current_num_threads());
+    println!(
+        "params {:.1} M, model FLOPs/token (6N + 12LHDT) {:.3e}",
+        cfg.num_params() as f64 / 1e6,
+        cfg.flops_per_token()
+    );
+    println!();
+    println!("{:<34} {:>12}", "best step time (s)", format!("{step_s:.3}"));
+    println!("{:<34} {:>12}", "median step time (s)", format!("{median_s:.3}"));
+    println!("{:<34} {:>12.0}", "tokens/s (best step)", n as f64 / step_s);
+    println!(
+        "{:<34} {:>12.2}",
+        "model GFLOP/s (6N+12LHDT)",
+        model_flops / step_s / 1e9
+    );
+    println!(
+        "{:<34} {:>12.2}",
+        "executed GFLOP/s (counted)",
+        exec_flops / step_s / 1e9
+    );
+    println!(
+        "{:<34} {:>12.2}",
+        "gemm alone, same shapes, GFLOP/s",
+        gemm_flops / gemm_s / 1e9
+    );
+    println!(
+        "{:<34} {:>12.2}",
+        "model GFLOP/s / gemm GFLOP/s",
+        (model_flops / step_s) / (gemm_flops / gemm_s)
+    );
+    println!();
+    println!(
+        "{:<24} {:>9} {:>7} {:>8} {:>10}",
+        "op (per step)", "ms", "%", "calls", "GFLOP/s"
+    );
+    let mut rows: Vec<_> = stats.ops.iter().collect();
+    rows.sort_by(|x, y| y.1 .0.cmp(&x.1 .0));
+    let per_step_total = total_s / steps as f64;
+    let mut accounted = 0.0;
+    for (name, (dt, calls, flops)) in rows {
+        let s = dt.as_secs_f64() / steps as f64;
+        accounted += s;
+        let gf = if *flops > 0.0 {
+            format!("{:.2}", flops / dt.as_secs_f64() / 1e9)
+        } else {
+            "-".into()
+        };
+        println!(
+            "{:<24} {:>9.1} {:>7.1} {:>8} {:>10}",
+            name,
+            s * 1e3,
+            100.0 * s / per_step_total,
+            calls / steps as u64,
+            gf
+        );
+    }
+    let other = per_step_total - accounted;
+    println!(
+        "{:<24} {:>9.1} {:>7.1}",
+        "(outside ops)",
+        other * 1e3,
+        100.0 * other / per_step_total
+    );
+}

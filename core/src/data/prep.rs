@@ -1,0 +1,324 @@
+//! Data preparation: reading documents from files, and turning them into token shards.
+//!
+//! Inputs: `.parquet` (nanochat's FineWeb-Edu shards: a string column `text`), `.jsonl` (one JSON object
+//! per line with a string field `text`), `.txt` (the whole file is one document). The binary `nc-data`
+//! drives these with progress bars; everything here reports progress through a callback instead.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parquet::basic::Compression;
+use parquet::column::reader::ColumnReader;
+use parquet::data_type::{ByteArray, ByteArrayType};
+use parquet::file::properties::WriterProperties;
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::file::writer::SerializedFileWriter;
+use parquet::schema::parser::parse_message_type;
+
+use super::shard::write_shard;
+use super::tokenizer::Tokenizer;
+use crate::bail;
+use crate::error::{NcError, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputKind {
+    Parquet,
+    Jsonl,
+    Txt,
+}
+
+impl InputKind {
+    pub fn of(path: &Path) -> Result<InputKind> {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("parquet") => Ok(InputKind::Parquet),
+            Some("jsonl") => Ok(InputKind::Jsonl),
+            Some("txt") => Ok(InputKind::Txt),
+            _ => bail!(
+                "{}: unknown input type; use .parquet (a `text` column), .jsonl (a `text` field) or .txt",
+                path.display()
+            ),
+        }
+    }
+}
+
+/// All documents of one input file, in order.
+pub fn read_documents(path: &Path) -> Result<Vec<String>> {
+    let kind = InputKind::of(path)?;
+    let r = match kind {
+        InputKind::Parquet => read_parquet_texts(path),
+        InputKind::Jsonl => read_jsonl_texts(path),
+        InputKind::Txt => read_txt(path),
+    };
+    r.map_err(|e| e.context(path.display()))
+}
+
+fn read_txt(path: &Path) -> Result<Vec<String>> {
+    let bytes = std::fs::read(path)?;
+    match String::from_utf8(bytes) {
+        Ok(s) => Ok(vec![s]),
+        Err(e) => bail!(
+            "not UTF-8 text (first bad byte at offset {})",
+            e.utf8_error().valid_up_to()
+        ),
+    }
+}
+
+fn read_jsonl_texts(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| NcError::new(format!("cannot read as UTF-8 text: {e}")))?;
+    let mut docs = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| NcError::new(format!("line {}: not JSON: {e}", i + 1)))?;
+        match v.get("text").and_then(|t| t.as_str()) {
+            Some(t) => docs.push(t.to_string()),
+            None => bail!("line {}: no string field \"text\"", i + 1),
+        }
+    }
+    Ok(docs)
+}
+
+fn pq(e: parquet::errors::ParquetError) -> NcError {
+    NcError::new(format!("parquet: {e}"))
+}
+
+/// The `text` column of a parquet file, all row groups in order (null entries are skipped).
+pub fn read_parquet_texts(path: &Path) -> Result<Vec<String>> {
+    let file = File::open(path)?;
+    let reader = SerializedFileReader::new(file).map_err(pq)?;
+    let schema = reader.metadata().file_metadata().schema_descr();
+    let Some(col) = (0..schema.num_columns()).find(|&i| schema.column(i).path().string() == "text") else {
+        bail!("no column named `text`; nanochat's shards have one string column `text`");
+    };
+    let mut docs = Vec::new();
+    for rg in 0..reader.num_row_groups() {
+        let group = reader.get_row_group(rg).map_err(pq)?;
+        let ColumnReader::ByteArrayColumnReader(mut column) = group.get_column_reader(col).map_err(pq)? else {
+            bail!("column `text` is not a string (byte array) column");
+        };
+        let mut values: Vec<ByteArray> = Vec::new();
+        let mut defs: Vec<i16> = Vec::new();
+        loop {
+            values.clear();
+            defs.clear();
+            let (records, _, _) = column
+                .read_records(1024, Some(&mut defs), None, &mut values)
+                .map_err(pq)?;
+            if records == 0 {
+                break;
+            }
+            for v in &values {
+                match std::str::from_utf8(v.data()) {
+                    Ok(s) => docs.push(s.to_string()),
+                    Err(_) => bail!("row group {rg}: a `text` value is not UTF-8"),
+                }
+            }
+        }
+    }
+    Ok(docs)
+}
+
+/// Write documents as nanochat's shards are laid out: one optional string column `text`, row groups of
+/// `row_group_docs` documents, zstd compression. Used by the tests and to make sample inputs.
+pub fn write_parquet_texts(path: &Path, docs: &[String], row_group_docs: usize) -> Result<()> {
+    let schema = Arc::new(parse_message_type("message schema { OPTIONAL BYTE_ARRAY text (STRING); }").map_err(pq)?);
+    let props = Arc::new(
+        WriterProperties::builder()
+            .set_compression(Compression::ZSTD(Default::default()))
+            .build(),
+    );
+    let file = File::create(path)?;
+    let mut writer = SerializedFileWriter::new(file, schema, props).map_err(pq)?;
+    for group in docs.chunks(row_group_docs.max(1)) {
+        let mut rg = writer.next_row_group().map_err(pq)?;
+        while let Some(mut col) = rg.next_column().map_err(pq)? {
+            let values: Vec<ByteArray> = group.iter().map(|d| ByteArray::from(d.as_str())).collect();
+            let defs = vec![1i16; group.len()];
+            col.typed::<ByteArrayType>()
+                .write_batch(&values, Some(&defs), None)
+                .map_err(pq)?;
+            col.close().map_err(pq)?;
+        }
+        rg.close().map_err(pq)?;
+    }
+    writer.close().map_err(pq)?;
+    Ok(())
+}
+
+/// Cut a document to its first `cap` characters (Python's `doc[:cap]`, as nanochat's tokenizer training).
+pub fn cap_chars(doc: &str, cap: usize) -> &str {
+    match doc.char_indices().nth(cap) {
+        Some((i, _)) => &doc[..i],
+        None => doc,
+    }
+}
+
+/// Training text for the tokenizer: documents from `inputs` in order, each cut to `doc_cap` characters,
+/// until `max_chars` characters in all. `progress` gets the number of input files done.
+pub fn tokenizer_training_docs(
+    inputs: &[PathBuf],
+    max_chars: usize,
+    doc_cap: usize,
+    progress: &dyn Fn(usize),
+) -> Result<Vec<String>> {
+    let mut docs = Vec::new();
+    let mut total = 0usize;
+    'files: for (i, path) in inputs.iter().enumerate() {
+        for doc in read_documents(path)? {
+            let doc = cap_chars(&doc, doc_cap);
+            let n = doc.chars().count();
+            if total + n > max_chars {
+                let rest = max_chars - total;
+                if rest > 0 {
+                    docs.push(cap_chars(doc, rest).to_string());
+                }
+                break 'files;
+            }
+            total += n;
+            docs.push(doc.to_string());
+        }
+        progress(i + 1);
+    }
+    Ok(docs)
+}
+
+/// Accumulates tokens and writes `{prefix}_000000.bin`, `{prefix}_000001.bin`, ... of `shard_tokens` each.
+pub struct ShardSink {
+    dir: PathBuf,
+    prefix: String,
+    shard_tokens: usize,
+    vocab_size: usize,
+    buf: Vec<u32>,
+    pub shards_written: usize,
+    pub tokens_written: usize,
+}
+
+impl ShardSink {
+    pub fn new(dir: &Path, prefix: &str, shard_tokens: usize, vocab_size: usize) -> Result<ShardSink> {
+        if shard_tokens == 0 {
+            bail!("shard size must be at least one token");
+        }
+        std::fs::create_dir_all(dir).map_err(|e| NcError::from(e).context(dir.display()))?;
+        Ok(ShardSink {
+            dir: dir.to_path_buf(),
+            prefix: prefix.to_string(),
+            shard_tokens,
+            vocab_size,
+            buf: Vec::new(),
+            shards_written: 0,
+            tokens_written: 0,
+        })
+    }
+
+    pub fn push(&mut self, tokens: &[u32]) -> Result<()> {
+        self.buf.extend_from_slice(tokens);
+        while self.buf.len() >= self.shard_tokens {
+            let rest = self.buf.split_off(self.shard_tokens);
+            self.write_buf()?;
+            self.buf = rest;
+        }
+        Ok(())
+    }
+
+    fn write_buf(&mut self) -> Result<()> {
+        let path = self.dir.join(format!("{}_{:06}.bin", self.prefix, self.shards_written));
+        write_shard(&path, &self.buf, self.vocab_size)?;
+        self.shards_written += 1;
+        self.tokens_written += self.buf.len();
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Write what is left as a last, shorter shard.
+    pub fn finish(mut self) -> Result<(usize, usize)> {
+        if !self.buf.is_empty() {
+            self.write_buf()?;
+        }
+        Ok((self.shards_written, self.tokens_written))
+    }
+}
+
+/// Which documents are validation data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ValSplit {
+    /// The last input file (nanochat: the last parquet shard).
+    LastFile,
+    /// The last N documents of the input.
+    LastDocs(usize),
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenizeSummary {
+    pub train_docs: usize,
+    pub val_docs: usize,
+    pub train_tokens: usize,
+    pub val_tokens: usize,
+    pub bytes: usize,
+    pub train_shards: usize,
+    pub val_shards: usize,
+}
+
+/// Tokenize `inputs` (each document with `<|bos|>` first, encoded across threads) into `out/train_*.bin`
+/// and `out/val_*.bin`. `progress(bytes of text done)` is called after each file.
+pub fn tokenize_to_shards(
+    tok: &Tokenizer,
+    inputs: &[PathBuf],
+    out: &Path,
+    shard_tokens: usize,
+    split: ValSplit,
+    progress: &dyn Fn(usize),
+) -> Result<TokenizeSummary> {
+    if inputs.is_empty() {
+        bail!("no input files");
+    }
+    if split == ValSplit::LastFile && inputs.len() < 2 {
+        bail!("the last input file is used for validation, so give at least two files (or set a number of validation documents)");
+    }
+    let vocab = tok.vocab_size();
+    let mut train = ShardSink::new(out, "train", shard_tokens, vocab)?;
+    let mut val = ShardSink::new(out, "val", shard_tokens, vocab)?;
+    let mut s = TokenizeSummary::default();
+    // With LastDocs, validation documents are the last N of the whole input: hold back that many.
+    let mut held: std::collections::VecDeque<Vec<u32>> = Default::default();
+    for (i, path) in inputs.iter().enumerate() {
+        let docs = read_documents(path)?;
+        s.bytes += docs.iter().map(|d| d.len()).sum::<usize>();
+        let encoded = tok.encode_batch(&docs, true);
+        let is_val_file = split == ValSplit::LastFile && i + 1 == inputs.len();
+        for ids in encoded {
+            if is_val_file {
+                s.val_docs += 1;
+                val.push(&ids)?;
+                continue;
+            }
+            match split {
+                ValSplit::LastDocs(n) => {
+                    held.push_back(ids);
+                    if held.len() > n {
+                        let ids = held.pop_front().expect("non-empty");
+                        s.train_docs += 1;
+                        train.push(&ids)?;
+                    }
+                }
+                ValSplit::LastFile => {
+                    s.train_docs += 1;
+                    train.push(&ids)?;
+                }
+            }
+        }
+        progress(s.bytes);
+    }
+    for ids in held {
+        s.val_docs += 1;
+        val.push(&ids)?;
+    }
+    (s.train_shards, s.train_tokens) = train.finish()?;
+    (s.val_shards, s.val_tokens) = val.finish()?;
+    if s.train_tokens == 0 {
+        bail!("no training documents: every document went to validation; use fewer validation documents");
+    }
+    Ok(s)
+}

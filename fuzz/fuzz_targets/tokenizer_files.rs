@@ -1,0 +1,6 @@
+#![no_main]
+//! Fuzz target: see nc_core::data::fuzz_targets::tokenizer_files.
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| nc_core::data::fuzz_targets::tokenizer_files(data));

@@ -182,6 +182,18 @@ fn restore_continues_with_exactly_the_next_batch() {
     let other = DataLoader::new(&paths, 0, 1, 3, 5).unwrap().state();
     let err = reference.restore(other).unwrap_err();
     assert!(err.message.contains("resume with the same layout"), "{err}");
+    let mut far = reference.state();
+    far.position = usize::MAX;
+    let err = reference.restore(far).unwrap_err();
+    assert!(err.message.contains("the data changed"), "{err}");
+    far.shard = 3;
+    assert!(reference
+        .restore(far)
+        .unwrap_err()
+        .message
+        .contains("there are 3 shards"));
+    // After refused restores the loader still works.
+    assert_eq!(reference.next_batch().inputs.len(), 15);
 }
 
 #[test]

@@ -111,7 +111,7 @@ impl Cursor {
             self.state.shard += 1;
             if self.state.shard >= self.parts.len() {
                 self.state.shard = 0;
-                self.state.epoch += 1;
+                self.state.epoch = self.state.epoch.saturating_add(1);
             }
         }
         unreachable!("the loader was built with at least one part that fits a step")
@@ -297,6 +297,15 @@ impl DataLoader {
                 "the saved loader state points at shard {} but there are {} shards",
                 state.shard,
                 self.parts.len()
+            );
+        }
+        let len = self.parts[state.shard].len();
+        if state.position > len {
+            bail!(
+                "the saved loader state points at token {} of shard {}, which has {len} tokens; the data changed \
+                 since the checkpoint was saved",
+                state.position,
+                state.shard
             );
         }
         self.spawn(state);

@@ -210,6 +210,8 @@ fn validation_loader_restarts_and_errors_are_clear() {
     let err = DataLoader::new(&paths, 0, 4, 2, 8).err().unwrap().message;
     assert!(err.contains("needs 65 consecutive tokens"), "{err}");
     assert!(DataLoader::new(&[], 0, 1, 1, 1).is_err());
+    let err = DataLoader::new(&paths, 0, 1, usize::MAX / 2, 4).err().unwrap().message;
+    assert!(err.contains("too large"), "{err}");
     assert!(DataLoader::new(&paths, 2, 2, 1, 1).is_err());
     assert_eq!(list_shards(dir.path(), "train").unwrap(), paths);
     assert!(list_shards(dir.path(), "val").unwrap().is_empty());

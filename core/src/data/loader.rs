@@ -208,6 +208,13 @@ impl DataLoader {
         if batch == 0 || seq_len == 0 {
             bail!("batch size {batch} and sequence length {seq_len} must both be positive");
         }
+        let fits = world_size
+            .checked_mul(batch)
+            .and_then(|n| n.checked_mul(seq_len))
+            .is_some_and(|n| n < usize::MAX / 2);
+        if !fits {
+            bail!("{world_size} rank(s) x batch {batch} x sequence length {seq_len} tokens per step is too large");
+        }
         let layout = Layout {
             rank,
             world_size,

@@ -172,6 +172,13 @@ fn run(cli: Cli) -> Result<()> {
             let secs = t.elapsed().as_secs_f64();
             let bytes: usize = docs.iter().map(|d| d.len()).sum();
             println!("trained in {secs:.1} s ({:.1} MB/s)", bytes as f64 / 1e6 / secs);
+            if tok.vocab_size() < vocab_size {
+                println!(
+                    "note: the text has no pair left to merge after {} merges, so the vocabulary is {} rather than {vocab_size}",
+                    tok.num_ranks() - 256,
+                    tok.vocab_size()
+                );
+            }
             save_tokenizer(&tok, &out)?;
             print_tokenizer(&tok, &out);
         }

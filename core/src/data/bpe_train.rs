@@ -79,7 +79,7 @@ pub fn train_merges_from_words(mut words: Vec<Vec<u32>>, word_counts: &[i64], nu
         .map(|(&p, &c)| (c, Reverse(p)))
         .collect();
 
-    let mut merges = Vec::with_capacity(num_merges);
+    let mut merges = Vec::with_capacity(num_merges.min(1 << 20)); // the count may be far more than possible
     let mut delta: FxHashMap<Pair, i64> = FxHashMap::default();
     let mut merged = Vec::new();
     while merges.len() < num_merges {

@@ -11,6 +11,7 @@
 #   WORLD_SIZE    GPUs (default 8)
 #   GPU_MEM       memory per GPU for the plan (default 187.5GB, the scaling plan's node); or set GPU=h100|h200|b200
 #   TOKENIZER_SHARDS  parquet shards to train the tokenizer on (default 8: ~2e9 characters, as nanochat)
+#   VOCAB_SIZE    tokenizer vocabulary (default 65536)
 
 set -euo pipefail
 
@@ -19,6 +20,7 @@ PARQUET_DIR="${PARQUET_DIR:-$HOME/.cache/nanochat/base_data}"
 DATA_DIR="${DATA_DIR:-$ROOT/data/fineweb-edu}"
 WORLD_SIZE="${WORLD_SIZE:-8}"
 TOKENIZER_SHARDS="${TOKENIZER_SHARDS:-8}"
+VOCAB_SIZE="${VOCAB_SIZE:-65536}"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 
 build() {
@@ -50,7 +52,7 @@ prepare_data() {
   if [ ! -d "$DATA_DIR/tokenizer" ]; then
     local tk=$((TOKENIZER_SHARDS < n ? TOKENIZER_SHARDS : n))
     echo "== training the tokenizer on $tk parquet shards"
-    "$NC_DATA" train-tokenizer --input "${all[@]:0:$tk}" --vocab-size 65536 --out "$DATA_DIR/tokenizer"
+    "$NC_DATA" train-tokenizer --input "${all[@]:0:$tk}" --vocab-size "$VOCAB_SIZE" --out "$DATA_DIR/tokenizer"
   fi
   if [ ! -d "$DATA_DIR/shards" ]; then
     echo "== tokenizing $want training shards and $(basename "$val") for validation"
@@ -67,7 +69,7 @@ plan_and_train() {
   local mem=()
   if [ -n "${GPU:-}" ]; then mem=(--gpu "$GPU"); else mem=(--gpu-mem "${GPU_MEM:-187.5GB}"); fi
   echo "== plan"
-  "$NC_TRAIN" --plan "${flags[@]}" --world-size "$WORLD_SIZE" "${mem[@]}" "$@"
+  "$NC_TRAIN" --plan "${flags[@]}" --world-size "$WORLD_SIZE" --data-dir "$DATA_DIR" "${mem[@]}" "$@"
   echo "== training"
   "$NC_TRAIN" "${flags[@]}" --world-size "$WORLD_SIZE" --data-dir "$DATA_DIR" "$@"
 }

@@ -66,6 +66,10 @@ fn bad_shards_give_clear_errors() {
     empty[8..12].copy_from_slice(&0i32.to_le_bytes());
     assert!(open_err(&empty, None).contains("no tokens"));
     assert!(open_err(&good, Some(8)).contains("token 3 is 8, outside the tokenizer's vocabulary of 8"));
+    // A bad token far into a large shard (past the first scanning chunk) is found and located.
+    let mut big: Vec<u32> = (0..200_000u32).map(|i| i % 1000).collect();
+    big[150_001] = 1000;
+    assert!(open_err(&encode_shard(&big, 2).unwrap(), Some(1000)).contains("token 150001 is 1000"));
     let dir = tempfile::tempdir().unwrap();
     let missing = Shard::open(&dir.path().join("nope.bin"), None).err().unwrap().message;
     assert!(

@@ -16,7 +16,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
+// args_override_self: a flag given twice takes its last value, so scripts' extra arguments override theirs
 #[command(
+    args_override_self = true,
     name = "nc-train",
     version,
     about = "Train a nanochat-style GPT (no arguments: a small model on the embedded corpus, on the CPU)"
@@ -201,7 +203,13 @@ fn check_common(cli: &Cli) -> Result<()> {
 }
 
 fn plan_from_flags(cli: &Cli) -> Result<Plan> {
-    let model = model_from_flags(cli)?;
+    let mut model = model_from_flags(cli)?;
+    // with a data dir, plan with its tokenizer's vocabulary, as the run will
+    if let Some(dir) = &cli.data_dir {
+        let tok = nc_core::data::load_tokenizer(&PathBuf::from(dir).join("tokenizer"))
+            .map_err(|e| e.context(format!("--plan --data-dir {dir}")))?;
+        model = model.with_vocab_size(tok.vocab_size())?;
+    }
     let batch = BatchPlan::new(
         cli.device_batch_size.unwrap_or(DEFAULT_DBS),
         model.sequence_len,
@@ -449,6 +457,24 @@ mod tests {
         for key in ["tokens", "num_iterations", "memory_bytes_per_gpu"] {
             assert!(v[key].is_number(), "{key}");
         }
+        // `--plan --json --depth N` alone (nanochat's batch defaults, one H100): SPEC.md's counts and FLOPs
+        // (16 B/param of weights, grads, master weights and state: d38 fits an H100 with full recomputation,
+        // d52 cannot)
+        for (depth, d, flops, fits) in [(38u64, 2432u64, 1.94e10, true), (52, 3328, 4.70e10, false)] {
+            let c = parse(&["--plan", "--json", "--depth", &depth.to_string()]);
+            let v = serde_json::to_value(plan_from_flags(&c).unwrap()).unwrap();
+            assert_eq!(v["params"].as_u64(), Some(2 * 65536 * d + 12 * depth * d * d));
+            assert!((v["flops_per_token"].as_f64().unwrap() / flops - 1.0).abs() < 0.005);
+            assert_eq!(v["grad_accum"].as_u64(), Some(524288 / (32 * 2048)));
+            assert_eq!(v["fits"].as_bool(), Some(fits), "d{depth} on one H100");
+        }
+    }
+
+    #[test]
+    fn later_flags_override_earlier_ones() {
+        // the scripts pass their flags first and the user's after
+        let c = parse(&["--depth", "38", "--dbs", "48", "--depth", "2", "--dbs=4"]);
+        assert_eq!((c.depth, c.device_batch_size), (Some(2), Some(4)));
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, Receiver};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::shard::Shard;
@@ -168,8 +169,9 @@ impl DataLoader {
         if shard_paths.is_empty() {
             bail!("no token shards given to the loader; make some with `nc-data tokenize` or `nc-data synth`");
         }
+        // Opening checks every shard (and scans its tokens when a vocabulary is given): in parallel.
         let parts = shard_paths
-            .iter()
+            .par_iter()
             .map(|p| Shard::open(p, vocab_size).map(TokenPart::Shard))
             .collect::<Result<Vec<_>>>()?;
         let what = format!(

@@ -156,8 +156,9 @@ pub fn cap_chars(doc: &str, cap: usize) -> &str {
     }
 }
 
-/// Training text for the tokenizer: documents from `inputs` in order, each cut to `doc_cap` characters,
-/// until `max_chars` characters in all. `progress` gets the number of input files done.
+/// Training text for the tokenizer, as nanochat's tok_train reads it: documents from `inputs` in order,
+/// each cut to `doc_cap` characters, stopping after the document that takes the total past `max_chars`.
+/// `progress` gets the number of input files done.
 pub fn tokenizer_training_docs(
     inputs: &[PathBuf],
     max_chars: usize,
@@ -166,19 +167,14 @@ pub fn tokenizer_training_docs(
 ) -> Result<Vec<String>> {
     let mut docs = Vec::new();
     let mut total = 0usize;
-    'files: for (i, path) in inputs.iter().enumerate() {
+    for (i, path) in inputs.iter().enumerate() {
         for doc in read_documents(path)? {
             let doc = cap_chars(&doc, doc_cap);
-            let n = doc.chars().count();
-            if total + n > max_chars {
-                let rest = max_chars - total;
-                if rest > 0 {
-                    docs.push(cap_chars(doc, rest).to_string());
-                }
-                break 'files;
-            }
-            total += n;
+            total += doc.chars().count();
             docs.push(doc.to_string());
+            if total > max_chars {
+                return Ok(docs);
+            }
         }
         progress(i + 1);
     }
@@ -283,8 +279,25 @@ pub fn tokenize_to_shards(
     let mut s = TokenizeSummary::default();
     // With LastDocs, validation documents are the last N of the whole input: hold back that many.
     let mut held: std::collections::VecDeque<Vec<u32>> = Default::default();
-    for (i, path) in inputs.iter().enumerate() {
-        let docs = read_documents(path)?;
+    // A reader thread parses the next file (parquet decompression is single-threaded) while the current
+    // one is encoded on all threads.
+    let (tx, rx) = crossbeam_channel::bounded::<Result<Vec<String>>>(1);
+    let reader = std::thread::spawn({
+        let inputs = inputs.to_vec();
+        move || {
+            for path in &inputs {
+                let docs = read_documents(path);
+                let failed = docs.is_err();
+                if tx.send(docs).is_err() || failed {
+                    return;
+                }
+            }
+        }
+    });
+    for i in 0..inputs.len() {
+        let docs = rx
+            .recv()
+            .map_err(|_| NcError::new("the input reader thread stopped unexpectedly"))??;
         s.bytes += docs.iter().map(|d| d.len()).sum::<usize>();
         let encoded = tok.encode_batch(&docs, true);
         let is_val_file = split == ValSplit::LastFile && i + 1 == inputs.len();
@@ -311,6 +324,8 @@ pub fn tokenize_to_shards(
         }
         progress(s.bytes);
     }
+    drop(rx);
+    let _ = reader.join();
     for ids in held {
         s.val_docs += 1;
         val.push(&ids)?;
@@ -321,4 +336,25 @@ pub fn tokenize_to_shards(
         bail!("no training documents: every document went to validation; use fewer validation documents");
     }
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn training_docs_are_capped_and_stop_after_max_chars() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.jsonl");
+        std::fs::write(
+            &p,
+            "{\"text\": \"ééééé\"}\n{\"text\": \"abc\"}\n{\"text\": \"xyz\"}\n{\"text\": \"q\"}\n",
+        )
+        .unwrap();
+        let docs = tokenizer_training_docs(&[p.clone()], 6, 4, &|_| {}).unwrap();
+        // 4 (capped) + 3 = 7 > 6: stop after the second document, keeping it whole.
+        assert_eq!(docs, vec!["éééé".to_string(), "abc".to_string()]);
+        let docs = tokenizer_training_docs(&[p], 100, 100, &|_| {}).unwrap();
+        assert_eq!(docs.len(), 4);
+    }
 }

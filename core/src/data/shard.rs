@@ -104,19 +104,38 @@ impl Shard {
         Ok(shard)
     }
 
+    /// The first token >= `limit`, if any. Free when the token width cannot hold such a value (uint16
+    /// tokens against nanochat's 65536 vocabulary); otherwise a vectorizable max over chunks, then a search
+    /// inside the first chunk that fails.
     fn find_token_at_least(&self, limit: u64) -> Option<(usize, u64)> {
-        let body = &self.map[HEADER_BYTES..];
-        if self.width == 2 {
-            body.chunks_exact(2)
-                .map(|c| u16::from_le_bytes([c[0], c[1]]) as u64)
-                .enumerate()
-                .find(|&(_, t)| t >= limit)
+        let max_representable = if self.width == 2 {
+            u16::MAX as u64
         } else {
-            body.chunks_exact(4)
-                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u64)
-                .enumerate()
-                .find(|&(_, t)| t >= limit)
+            u32::MAX as u64
+        };
+        if limit > max_representable {
+            return None;
         }
+        const CHUNK: usize = 1 << 16;
+        (0..self.len).step_by(CHUNK).find_map(|start| {
+            let n = CHUNK.min(self.len - start);
+            let body = &self.map[HEADER_BYTES + start * self.width..HEADER_BYTES + (start + n) * self.width];
+            let max = if self.width == 2 {
+                body.chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]) as u64)
+                    .fold(0, u64::max)
+            } else {
+                body.chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u64)
+                    .fold(0, u64::max)
+            };
+            if max < limit {
+                return None;
+            }
+            (start..start + n)
+                .map(|i| (i, self.token(i) as u64))
+                .find(|&(_, t)| t >= limit)
+        })
     }
 
     pub fn path(&self) -> &Path {

@@ -59,7 +59,9 @@ const WEB_PROMPTS: &[&str] = &[
     "The planets of the solar system are:",
 ];
 
-pub fn load(source: &DataSource, batch: usize, seq_len: usize, world_size: usize) -> Result<RunData> {
+/// The data of rank `rank`: its share of each training step, and the whole validation set (rank 0 evaluates
+/// alone, so its validation loader is a one-rank loader).
+pub fn load(source: &DataSource, rank: usize, world_size: usize, batch: usize, seq_len: usize) -> Result<RunData> {
     match source {
         DataSource::Embedded {
             vocab_size,
@@ -75,8 +77,8 @@ pub fn load(source: &DataSource, batch: usize, seq_len: usize, world_size: usize
             };
             let d = synth_dataset(&cfg)?;
             Ok(RunData {
-                train: DataLoader::from_tokens(vec![d.train], 0, world_size, batch, seq_len)?,
-                val: DataLoader::from_tokens(vec![d.val], 0, world_size, batch, seq_len)?,
+                train: DataLoader::from_tokens(vec![d.train], rank, world_size, batch, seq_len)?,
+                val: DataLoader::from_tokens(vec![d.val], 0, 1, batch, seq_len)?,
                 tokenizer: d.tokenizer,
                 prompts: EMBEDDED_PROMPTS.iter().map(|s| s.to_string()).collect(),
             })
@@ -104,8 +106,8 @@ pub fn load(source: &DataSource, batch: usize, seq_len: usize, world_size: usize
             }
             let vocab = Some(tokenizer.vocab_size());
             Ok(RunData {
-                train: DataLoader::open(&train, vocab, 0, world_size, batch, seq_len)?,
-                val: DataLoader::open(&val, vocab, 0, world_size, batch, seq_len)?,
+                train: DataLoader::open(&train, vocab, rank, world_size, batch, seq_len)?,
+                val: DataLoader::open(&val, vocab, 0, 1, batch, seq_len)?,
                 tokenizer,
                 prompts: WEB_PROMPTS.iter().map(|s| s.to_string()).collect(),
             })

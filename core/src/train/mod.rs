@@ -8,6 +8,7 @@
 pub mod data;
 pub mod metrics;
 pub mod signal;
+pub mod sync;
 
 use crate::backend::cpu::CpuBackend;
 use crate::bail;
@@ -23,9 +24,11 @@ use crate::plan::{BatchPlan, Horizon};
 use crate::sample::{Sampler, Sampling};
 use data::{DataSource, RunData};
 use metrics::MetricsWriter;
+use nc_comm::ThreadRing;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Instant;
+use sync::GradSync;
 
 /// Where a run resumes from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -224,30 +227,76 @@ fn resume_point(
             saved.world_size
         );
     }
-    if meta.optimizer.world_size != 1 || meta.optimizer.state_lens.len() != 1 {
+    if meta.optimizer.world_size != batch.world_size || meta.optimizer.state_lens.len() != batch.world_size {
         bail!(
-            "checkpoint {}: optimizer state of {} ranks; CPU runs resume 1",
+            "checkpoint {}: optimizer state of {} ranks, this run has {}; it is corrupt",
             dir.display(),
-            meta.optimizer.world_size
+            meta.optimizer.state_lens.len(),
+            batch.world_size
         );
     }
     Ok(Some((dir, meta)))
 }
 
+/// What one rank of a multi-rank run shares with the others.
+struct RankLink {
+    comm: ThreadRing,
+    /// Ranks above 0 send their optimizer state to rank 0 for each checkpoint.
+    states_to_rank0: crossbeam_channel::Sender<(usize, Vec<f32>)>,
+    states_from_ranks: crossbeam_channel::Receiver<(usize, Vec<f32>)>,
+}
+
 /// Train as `cfg` says. Returns after the last step, or early (with a checkpoint) on a stop request.
+/// With `world_size` > 1 the ranks are threads of this process on the CPU, joined by a thread ring
+/// (data parallel, ZeRO-1); rank 0 evaluates, samples, logs and saves, and its summary is returned.
 pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
-    if cfg.world_size != 1 {
-        bail!(
-            "--world-size {} needs the multi-GPU runner, which this build lacks; CPU runs use --world-size 1",
-            cfg.world_size
-        );
+    if cfg.world_size <= 1 {
+        return train_rank(cfg, 0, None);
     }
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let links: Vec<RankLink> = ThreadRing::new(cfg.world_size)
+        .into_iter()
+        .map(|comm| RankLink {
+            comm,
+            states_to_rank0: tx.clone(),
+            states_from_ranks: rx.clone(),
+        })
+        .collect();
+    drop((tx, rx));
+    std::thread::scope(|scope| {
+        let mut links = links.into_iter();
+        let link0 = links.next().expect("world_size > 1");
+        let others: Vec<_> = links
+            .enumerate()
+            .map(|(i, link)| {
+                std::thread::Builder::new()
+                    .name(format!("nc-rank{}", i + 1))
+                    .spawn_scoped(scope, move || train_rank(cfg, i + 1, Some(link)))
+                    .map_err(|e| NcError::new(format!("starting rank {}: {e}", i + 1)))
+            })
+            .collect::<Result<_>>()?;
+        let first = train_rank(cfg, 0, Some(link0));
+        let mut result = first;
+        for h in others {
+            let r = h.join().map_err(|_| NcError::new("a rank thread panicked"))?;
+            // rank 0's own error says most; otherwise report the first other rank's
+            if let (Ok(_), Err(e)) = (&result, r) {
+                result = Err(e);
+            }
+        }
+        result
+    })
+}
+
+fn train_rank(cfg: &TrainConfig, rank: usize, mut link: Option<RankLink>) -> Result<RunSummary> {
+    let lead = rank == 0;
     let say = |s: String| {
-        if cfg.verbose {
+        if cfg.verbose && lead {
             println!("{s}");
         }
     };
-    let mut data = data::load(&cfg.data, cfg.device_batch_size, cfg.model.sequence_len, cfg.world_size)?;
+    let world = cfg.world_size.max(1);
+    let mut data = data::load(&cfg.data, rank, world, cfg.device_batch_size, cfg.model.sequence_len)?;
     let model_cfg = model_of(cfg, data.tokenizer.vocab_size())?;
     let batch = BatchPlan::new(
         cfg.device_batch_size,
@@ -275,7 +324,8 @@ pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
         policy,
     )?;
     model.init(cfg.seed);
-    let mut opt = Optimizer::new(&model_cfg, cfg.optim, 0, 1)?;
+    let mut opt = Optimizer::new(&model_cfg, cfg.optim, rank, world)?;
+    let grad_sync = GradSync::new(&model_cfg, rank, world);
     let mut state = LoopState {
         smooth_loss: 0.0,
         min_val_bpb: f64::INFINITY,
@@ -286,13 +336,13 @@ pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
     if let Some((dir, meta)) = &resumed {
         checkpoint::load_params(dir, &model_cfg, model.params_mut())?;
         let mut st = vec![0.0f32; opt.state().len()];
-        if meta.optimizer.state_lens[0] != st.len() {
+        if meta.optimizer.state_lens[rank] != st.len() {
             bail!(
                 "checkpoint {}: optimizer state size differs from this model's; it is corrupt",
                 dir.display()
             );
         }
-        checkpoint::load_optim_state(dir, 0, &mut st)?;
+        checkpoint::load_optim_state(dir, rank, &mut st)?;
         opt.restore(&st, meta.optimizer.steps_taken)?;
         let loader: LoaderState = serde_json::from_value(meta.loader_state.clone()).map_err(|e| {
             NcError::new(format!(
@@ -311,9 +361,13 @@ pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
         say(format!("resumed from {} at step {step}", dir.display()));
     }
     let resume_step = resumed.as_ref().map(|(_, m)| m.step);
-    std::fs::create_dir_all(&cfg.out_dir)
-        .map_err(|e| NcError::new(format!("--out-dir {}: {e}", cfg.out_dir.display())))?;
-    let mut metrics = MetricsWriter::open(&cfg.out_dir, resume_step)?;
+    let mut metrics = if lead {
+        std::fs::create_dir_all(&cfg.out_dir)
+            .map_err(|e| NcError::new(format!("--out-dir {}: {e}", cfg.out_dir.display())))?;
+        Some(MetricsWriter::open(&cfg.out_dir, resume_step)?)
+    } else {
+        None
+    };
 
     let flops_per_token = model_cfg.flops_per_token();
     let (peak, peak_how) = metrics::cpu_peak_flops(rayon::current_num_threads());
@@ -337,7 +391,8 @@ pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
         num_iterations,
         peak / 1e9
     ));
-    let eval_steps = (cfg.eval_tokens / batch.world_tokens_per_fwdbwd).max(1);
+    // rank 0 evaluates the whole eval_tokens alone
+    let eval_steps = (cfg.eval_tokens / batch.tokens_per_fwdbwd).max(1);
     let mut summary = RunSummary {
         model: model_cfg,
         num_iterations,
@@ -354,19 +409,25 @@ pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
 
     loop {
         let last_step = step == num_iterations;
-        let stop = signal::stop_requested() || cfg.stop_at_step == Some(step);
+        let mut stop = signal::stop_requested() || cfg.stop_at_step == Some(step);
+        if let Some(l) = link.as_mut() {
+            // every rank stops at the same step
+            stop = sync::any_rank(&mut l.comm, stop)?;
+        }
 
-        if last_step || (cfg.eval_every > 0 && step % cfg.eval_every == 0) || step == 0 {
+        if lead && (last_step || (cfg.eval_every > 0 && step % cfg.eval_every == 0) || step == 0) {
             let ev = evaluate(&mut model, &mut data, eval_steps, step)?;
             state.min_val_bpb = state.min_val_bpb.min(ev.val_bpb);
             say(format!(
                 "step {step:05} | val loss {:.6} | val bpb {:.6}",
                 ev.val_loss, ev.val_bpb
             ));
-            metrics.write(&serde_json::json!({"step": step, "val_loss": ev.val_loss, "val_bpb": ev.val_bpb}))?;
+            if let Some(m) = metrics.as_mut() {
+                m.write(&serde_json::json!({"step": step, "val_loss": ev.val_loss, "val_bpb": ev.val_bpb}))?;
+            }
             summary.evals.push(ev);
         }
-        if last_step || (cfg.sample_every > 0 && step > 0 && step % cfg.sample_every == 0) {
+        if lead && (last_step || (cfg.sample_every > 0 && step > 0 && step % cfg.sample_every == 0)) {
             let samples = sample(&model, &data, cfg.sample_tokens, cfg.seed.wrapping_add(step))?;
             for (p, s) in &samples {
                 say(format!("sample | {p}{s}"));
@@ -374,7 +435,25 @@ pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
             summary.samples = samples;
         }
         let periodic_save = cfg.save_every > 0 && step > 0 && step % cfg.save_every == 0 && Some(step) != resume_step;
-        if last_step || stop || periodic_save {
+        if (last_step || stop || periodic_save) && !lead {
+            if let Some(l) = link.as_ref() {
+                l.states_to_rank0
+                    .send((rank, opt.state().to_vec()))
+                    .map_err(|_| NcError::new("rank 0 is gone; see its error"))?;
+            }
+        } else if last_step || stop || periodic_save {
+            // every rank's optimizer state, in rank order
+            let mut states: Vec<Vec<f32>> = vec![Vec::new(); world];
+            if let Some(l) = link.as_ref() {
+                for _ in 1..world {
+                    let (r, st) = l
+                        .states_from_ranks
+                        .recv()
+                        .map_err(|_| NcError::new("a rank stopped before sending its optimizer state"))?;
+                    states[r] = st;
+                }
+            }
+            states[0] = opt.state().to_vec();
             let meta = CheckpointMeta {
                 format: checkpoint::FORMAT.into(),
                 step,
@@ -385,11 +464,12 @@ pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
                 rng_state: serde_json::json!({"init_seed": cfg.seed, "sample_seed": cfg.seed.wrapping_add(step)}),
                 optimizer: OptimizerMeta {
                     steps_taken: opt.steps_taken(),
-                    world_size: 1,
-                    state_lens: vec![opt.state().len()],
+                    world_size: world,
+                    state_lens: states.iter().map(|s| s.len()).collect(),
                 },
             };
-            let dir = checkpoint::save(&cfg.out_dir, &meta, model.params(), &[opt.state()])?;
+            let views: Vec<&[f32]> = states.iter().map(|s| s.as_slice()).collect();
+            let dir = checkpoint::save(&cfg.out_dir, &meta, model.params(), &views)?;
             say(format!("saved {}", dir.display()));
             summary.last_checkpoint = Some(dir);
         }
@@ -407,19 +487,30 @@ pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
         let t0 = Instant::now();
         model.zero_grads();
         let mut loss_sum = 0.0f64;
+        // the step's gradient is the mean over every micro-batch of every rank (the ranks' grads are summed)
+        let loss_scale = 1.0 / (batch.grad_accum * world) as f32;
         for _ in 0..batch.grad_accum {
             let b = data.train.next_batch();
-            let loss = model.forward_backward(&b.inputs, &b.targets, 1.0 / batch.grad_accum as f32)?;
+            let loss = model.forward_backward(&b.inputs, &b.targets, loss_scale)?;
             loss_sum += loss as f64;
         }
-        let loss = (loss_sum / batch.grad_accum as f64) as f32;
+        let mut loss = (loss_sum / batch.grad_accum as f64) as f32;
+        if let Some(l) = link.as_mut() {
+            loss = sync::mean_over_ranks(&mut l.comm, loss)?;
+        }
         if !loss.is_finite() {
             bail!("the train loss became {loss} at step {step}; lower the learning rates (e.g. --matrix-lr 0.01)");
         }
         let lr_mult = schedule.lr_multiplier(step);
         let (params, grads) = model.params_and_grads_mut();
-        let grad_norm = clip_grad_norm(grads, cfg.grad_clip);
+        let grad_norm = match link.as_mut() {
+            Some(l) => grad_sync.reduce_and_clip(&mut l.comm, grads, cfg.grad_clip)?,
+            None => clip_grad_norm(grads, cfg.grad_clip),
+        };
         opt.step(params, grads, lr_mult, muon_momentum(step));
+        if let Some(l) = link.as_mut() {
+            grad_sync.gather_params(&mut l.comm, params)?;
+        }
         let dt = t0.elapsed().as_secs_f64();
         // the first steps pay for warm-up; nanochat leaves the first 10 out of its total time
         if step > 10 || num_iterations <= 20 {
@@ -428,7 +519,8 @@ pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
         state.smooth_loss = EMA_BETA * state.smooth_loss + (1.0 - EMA_BETA) * loss as f64;
         let debiased = state.smooth_loss / (1.0 - EMA_BETA.powi(step as i32 + 1));
         let tok_per_sec = batch.total_batch_size as f64 / dt;
-        let mfu = flops_per_token * batch.total_batch_size as f64 / dt / (peak * batch.world_size as f64);
+        // CPU ranks are threads sharing one CPU, so the peak is the machine's, not per rank
+        let mfu = flops_per_token * batch.total_batch_size as f64 / dt / peak;
         say(format!(
             "step {:05}/{:05} ({:5.2}%) | loss: {debiased:.6} | grad norm: {grad_norm:.4} | lrm: {lr_mult:.2} | dt: {:.2}ms | tok/sec: {:.0} | mfu: {:.2} | total time: {:.2}m",
             step,
@@ -439,10 +531,12 @@ pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
             100.0 * mfu,
             state.train_seconds / 60.0
         ));
-        metrics.write(&serde_json::json!({
-            "step": step, "loss": debiased, "raw_loss": loss, "grad_norm": grad_norm, "lr_mult": lr_mult,
-            "dt_ms": dt * 1e3, "tok_per_sec": tok_per_sec, "mfu": mfu,
-        }))?;
+        if let Some(m) = metrics.as_mut() {
+            m.write(&serde_json::json!({
+                "step": step, "loss": debiased, "raw_loss": loss, "grad_norm": grad_norm, "lr_mult": lr_mult,
+                "dt_ms": dt * 1e3, "tok_per_sec": tok_per_sec, "mfu": mfu,
+            }))?;
+        }
         summary.train_losses.push((step, loss));
         step += 1;
     }

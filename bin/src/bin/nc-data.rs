@@ -99,13 +99,15 @@ fn bar(len: u64, template: &str) -> ProgressBar {
     pb
 }
 
-fn file_bytes(paths: &[PathBuf]) -> Result<u64> {
-    let mut total = 0;
-    for p in paths {
-        let meta = std::fs::metadata(p).map_err(|e| NcError::new(format!("{}: {e}", p.display())))?;
-        total += meta.len();
-    }
-    Ok(total)
+fn file_sizes(paths: &[PathBuf]) -> Result<Vec<u64>> {
+    paths
+        .iter()
+        .map(|p| {
+            std::fs::metadata(p)
+                .map(|m| m.len())
+                .map_err(|e| NcError::new(format!("{}: {e}", p.display())))
+        })
+        .collect()
 }
 
 fn print_tokenizer(tok: &Tokenizer, out: &Path) {
@@ -189,13 +191,14 @@ fn run(cli: Cli) -> Result<()> {
                     ValSplit::LastDocs((n / 100).max(1))
                 }
             };
-            // Progress in text bytes; the files' sizes are the estimate (parquet is compressed).
+            // Progress in input file bytes (compressed, for parquet), advanced as each file is done.
+            let sizes = file_sizes(&input)?;
             let pb = bar(
-                file_bytes(&input)?,
-                "tokenizing {bar:40} {bytes}/{total_bytes} ({bytes_per_sec}) {elapsed} eta {eta}",
+                sizes.iter().sum(),
+                "tokenizing {bar:40} {bytes}/{total_bytes} of input ({bytes_per_sec}) {elapsed} eta {eta}",
             );
-            let s = tokenize_to_shards(&tok, &input, &out, shard_tokens, split, &|done| {
-                pb.set_position(done as u64)
+            let s = tokenize_to_shards(&tok, &input, &out, shard_tokens, split, &|files_done| {
+                pb.set_position(sizes[..files_done].iter().sum())
             })?;
             pb.finish_and_clear();
             let secs = start.elapsed().as_secs_f64();

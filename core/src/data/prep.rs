@@ -258,7 +258,7 @@ pub struct TokenizeSummary {
 }
 
 /// Tokenize `inputs` (each document with `<|bos|>` first, encoded across threads) into `out/train_*.bin`
-/// and `out/val_*.bin`. `progress(bytes of text done)` is called after each file.
+/// and `out/val_*.bin`. `progress(files done)` is called after each file.
 pub fn tokenize_to_shards(
     tok: &Tokenizer,
     inputs: &[PathBuf],
@@ -322,7 +322,7 @@ pub fn tokenize_to_shards(
                 }
             }
         }
-        progress(s.bytes);
+        progress(i + 1);
     }
     drop(rx);
     let _ = reader.join();
@@ -351,7 +351,7 @@ mod tests {
             "{\"text\": \"ééééé\"}\n{\"text\": \"abc\"}\n{\"text\": \"xyz\"}\n{\"text\": \"q\"}\n",
         )
         .unwrap();
-        let docs = tokenizer_training_docs(&[p.clone()], 6, 4, &|_| {}).unwrap();
+        let docs = tokenizer_training_docs(std::slice::from_ref(&p), 6, 4, &|_| {}).unwrap();
         // 4 (capped) + 3 = 7 > 6: stop after the second document, keeping it whole.
         assert_eq!(docs, vec!["éééé".to_string(), "abc".to_string()]);
         let docs = tokenizer_training_docs(&[p], 100, 100, &|_| {}).unwrap();

@@ -168,7 +168,7 @@ pub struct SynthData {
 pub fn synth_dataset(cfg: &SynthConfig) -> Result<SynthData> {
     let train_docs = documents(cfg.seed, cfg.train_chars);
     // A different seed for validation: same distribution, different documents.
-    let val_docs = documents(cfg.seed ^ 0x5EED_0F_7A1, cfg.val_chars);
+    let val_docs = documents(cfg.seed ^ 0x0005_EED0_F7A1, cfg.val_chars);
     let tokenizer = Tokenizer::train(&train_docs, cfg.vocab_size)?;
     let train = tokenizer.encode_batch(&train_docs, true).concat();
     let val = tokenizer.encode_batch(&val_docs, true).concat();

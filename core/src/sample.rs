@@ -126,16 +126,12 @@ impl<B: Backend> Sampler<B> {
         let p = model.params_buf();
         let (d, h, hkv, hd) = (c.n_embd, c.n_head, c.n_kv_head, c.head_dim);
         let (qd, kvd, ff, v) = (h * hd, hkv * hd, 4 * d, c.vocab_size);
-        let specs = model.param_specs();
-        let w = |name: &str| {
-            let s = specs.iter().find(|s| s.name == name).expect("param_specs names");
-            View::<B>::at(p, s.offset, s.numel())
-        };
+        let w = |off: usize, len: usize| View::<B>::at(p, off, len);
         be.upload_ids(&mut self.ids, &self.ids_host[..n]);
         be.embedding_forward(
             &self.ids,
             n,
-            w("transformer.wte.weight"),
+            w(model.wte_offset(), v * d),
             d,
             ViewMut::at(&mut self.xn, 0, n * d),
         );
@@ -149,7 +145,7 @@ impl<B: Backend> Sampler<B> {
         );
         let rope = View::<B>::all(&model.rope);
         for l in 0..c.n_layer {
-            let pre = format!("transformer.h.{l}");
+            let b = model.block_params()[l];
             // Attention: new k and v land in the cache at rows pos0..pos0+n.
             be.rmsnorm_forward(
                 View::at(&self.x, 0, n * d),
@@ -166,7 +162,7 @@ impl<B: Backend> Sampler<B> {
                 d,
                 xn,
                 false,
-                w(&format!("{pre}.attn.c_q.weight")),
+                w(b.c_q, qd * d),
                 true,
                 ViewMut::at(&mut self.q, 0, n * qd),
                 false,
@@ -177,23 +173,13 @@ impl<B: Backend> Sampler<B> {
                 d,
                 xn,
                 false,
-                w(&format!("{pre}.attn.c_k.weight")),
+                w(b.c_k, kvd * d),
                 true,
                 ViewMut::at(&mut self.k, 0, n * kvd),
                 false,
             );
             let v_new = ViewMut::at(&mut self.v_cache[l], pos0 * kvd, n * kvd);
-            be.matmul(
-                n,
-                kvd,
-                d,
-                xn,
-                false,
-                w(&format!("{pre}.attn.c_v.weight")),
-                true,
-                v_new,
-                false,
-            );
+            be.matmul(n, kvd, d, xn, false, w(b.c_v, kvd * d), true, v_new, false);
             be.rotary_forward(ViewMut::at(&mut self.q, 0, n * qd), 1, n, h, hd, pos0, rope);
             be.rotary_forward(ViewMut::at(&mut self.k, 0, n * kvd), 1, n, hkv, hd, pos0, rope);
             be.rmsnorm_forward(
@@ -236,7 +222,7 @@ impl<B: Backend> Sampler<B> {
                 qd,
                 y,
                 false,
-                w(&format!("{pre}.attn.c_proj.weight")),
+                w(b.attn_proj, d * qd),
                 true,
                 ViewMut::at(&mut self.x, 0, n * d),
                 true,
@@ -257,7 +243,7 @@ impl<B: Backend> Sampler<B> {
                 d,
                 xn,
                 false,
-                w(&format!("{pre}.mlp.c_fc.weight")),
+                w(b.c_fc, ff * d),
                 true,
                 ViewMut::at(&mut self.u, 0, n * ff),
                 false,
@@ -270,7 +256,7 @@ impl<B: Backend> Sampler<B> {
                 ff,
                 hid,
                 false,
-                w(&format!("{pre}.mlp.c_proj.weight")),
+                w(b.mlp_proj, d * ff),
                 true,
                 ViewMut::at(&mut self.x, 0, n * d),
                 true,
@@ -292,7 +278,7 @@ impl<B: Backend> Sampler<B> {
             d,
             View::at(&self.xn, 0, d),
             false,
-            w("lm_head.weight"),
+            w(model.lm_head_offset(), v * d),
             true,
             ViewMut::all(&mut self.logits),
             false,

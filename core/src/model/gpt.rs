@@ -464,6 +464,17 @@ impl<B: Backend> Gpt<B> {
         acts + scratch + inputs + others + len(&self.logits_ws) + len(&self.losses)
     }
 
+    /// Offsets of each block's matrices in the parameter (and grad) buffer.
+    pub fn block_params(&self) -> &[BlockParams] {
+        &self.blocks
+    }
+    pub fn wte_offset(&self) -> usize {
+        self.wte_off
+    }
+    pub fn lm_head_offset(&self) -> usize {
+        self.lm_head_off
+    }
+
     /// The parameter buffer (backend handle); the sampler and the CUDA path read it through the backend.
     pub fn params_buf(&self) -> &B::Buf {
         &self.params

@@ -254,6 +254,12 @@ fn plan_from_flags(cli: &Cli) -> Result<Plan> {
     })
 }
 
+/// `nc-train --plan | head` closes stdout early; print! would panic there, so write and let a closed pipe go.
+fn print_ignoring_closed_pipe(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
 /// MemTotal from /proc/meminfo, in bytes.
 fn host_memory_bytes() -> Option<f64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -268,9 +274,9 @@ fn run(cli: Cli) -> Result<Outcome> {
         let plan = plan_from_flags(&cli)?;
         if cli.json {
             let text = serde_json::to_string(&plan).map_err(|e| NcError::new(format!("plan to JSON: {e}")))?;
-            println!("{text}");
+            print_ignoring_closed_pipe(&format!("{text}\n"));
         } else {
-            print!("{}", plan.render());
+            print_ignoring_closed_pipe(&plan.render());
         }
         return Ok(Outcome::Finished);
     }

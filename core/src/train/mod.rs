@@ -292,7 +292,10 @@ fn train_rank(cfg: &TrainConfig, rank: usize, mut link: Option<RankLink>) -> Res
     let lead = rank == 0;
     let say = |s: String| {
         if cfg.verbose && lead {
-            println!("{s}");
+            // A closed stdout (`nc-train | tee log` with tee gone) must not end a run: println! would panic.
+            // metrics.jsonl and the checkpoints still record everything.
+            use std::io::Write;
+            let _ = writeln!(std::io::stdout().lock(), "{s}");
         }
     };
     let world = cfg.world_size.max(1);

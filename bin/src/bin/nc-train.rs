@@ -363,6 +363,13 @@ fn train_config_from_flags(cli: &Cli) -> Result<TrainConfig> {
         Some(p) => Resume::Path(PathBuf::from(p)),
     };
     let recompute = Recompute::parse(&cli.recompute)?;
+    if recompute == Recompute::Selective {
+        // The plan prices selective recomputation, but the CPU engine has only none and full so far.
+        eprintln!(
+            "nc-train: note: the CPU engine does not implement --recompute selective yet; running with full \
+             recomputation (same gradients, more compute)"
+        );
+    }
     Ok(TrainConfig {
         model,
         device_batch_size: dbs,

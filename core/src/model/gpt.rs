@@ -164,48 +164,38 @@ impl<B: Backend> Gpt<B> {
         })
     }
 
-    /// Copy a parameter in by name; `data` is row-major (out, in), exactly `rows * cols` values.
-    pub fn write_param(&mut self, name: &str, data: &[f32]) -> Result<()> {
-        let spec = self.spec(name)?.clone();
-        if data.len() != spec.numel() {
+    /// The (offset, numel) of parameter `name`, after checking that a host slice of `len` values matches it.
+    fn spec_holding(&self, name: &str, len: usize) -> Result<(usize, usize)> {
+        let spec = self.spec(name)?;
+        if len != spec.numel() {
             bail!(
-                "parameter '{name}' has {}x{} = {} values, got {}",
+                "parameter '{name}' has {}x{} = {} values, the host slice holds {len}",
                 spec.rows,
                 spec.cols,
-                spec.numel(),
-                data.len()
+                spec.numel()
             );
         }
-        self.be
-            .upload(ViewMut::at(&mut self.params, spec.offset, spec.numel()), data);
+        Ok((spec.offset, spec.numel()))
+    }
+
+    /// Copy a parameter in by name; `data` is row-major (out, in), exactly `rows * cols` values.
+    pub fn write_param(&mut self, name: &str, data: &[f32]) -> Result<()> {
+        let (offset, numel) = self.spec_holding(name, data.len())?;
+        self.be.upload(ViewMut::at(&mut self.params, offset, numel), data);
         Ok(())
     }
 
     /// Copy a parameter out by name into `out` (exactly `rows * cols` values).
     pub fn read_param(&self, name: &str, out: &mut [f32]) -> Result<()> {
-        let spec = self.spec(name)?;
-        if out.len() != spec.numel() {
-            bail!(
-                "parameter '{name}' has {} values, the output holds {}",
-                spec.numel(),
-                out.len()
-            );
-        }
-        self.be.download(View::at(&self.params, spec.offset, spec.numel()), out);
+        let (offset, numel) = self.spec_holding(name, out.len())?;
+        self.be.download(View::at(&self.params, offset, numel), out);
         Ok(())
     }
 
     /// Copy a parameter's gradient out by name.
     pub fn read_grad(&self, name: &str, out: &mut [f32]) -> Result<()> {
-        let spec = self.spec(name)?;
-        if out.len() != spec.numel() {
-            bail!(
-                "parameter '{name}' has {} values, the output holds {}",
-                spec.numel(),
-                out.len()
-            );
-        }
-        self.be.download(View::at(&self.grads, spec.offset, spec.numel()), out);
+        let (offset, numel) = self.spec_holding(name, out.len())?;
+        self.be.download(View::at(&self.grads, offset, numel), out);
         Ok(())
     }
 

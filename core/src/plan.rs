@@ -200,7 +200,8 @@ impl Precision {
 pub enum Recompute {
     /// Keep every activation of every block.
     None,
-    /// Keep the matmul (and attention) outputs; recompute norms, rotary, QK-norm and relu^2.
+    /// Keep the matmul (and attention) outputs and the norm outputs; recompute relu^2 (the only cheap op
+    /// whose output is wider than what it is recomputed from). See `model::Recompute::Selective`.
     Selective,
     /// Keep only each block's input; recompute the whole block forward during the backward.
     Full,
@@ -232,51 +233,34 @@ impl Recompute {
 
 // ---------------------------------------------------------------------------------------------------------
 // Activation memory: priced from the model's own accounting (`model::activation_layout`), which is what
-// `Gpt::new` allocates. The engine implements none and full; selective is priced here from the same
-// per-layer buffers (see `selective_layer_elems_per_token`) for planning GPU runs.
+// `Gpt::new` allocates, for every concrete policy.
 
-/// The engine's layout for a concrete policy the engine implements (selective plans as full's buffers plus
-/// what selective keeps per layer).
-fn engine_policy(policy: Recompute) -> model::Recompute {
+/// The engine's policy for a plan policy. Auto is resolved against the device's memory before a GPU plan
+/// prices it; given here unresolved it means none (the CPU engine keeps everything in host memory).
+pub fn engine_policy(policy: Recompute) -> model::Recompute {
     match policy {
         Recompute::None | Recompute::Auto => model::Recompute::None,
-        Recompute::Selective | Recompute::Full => model::Recompute::Full,
+        Recompute::Selective => model::Recompute::Selective,
+        Recompute::Full => model::Recompute::Full,
     }
 }
 
-/// Elements per token per layer that selective recomputation keeps: everything none keeps except the
-/// outputs of the cheap elementwise ops (the two rmsnorm outputs, relu^2), plus the block input and the
-/// mid-block residual those are recomputed from.
-pub fn selective_layer_elems_per_token(model: &ModelConfig) -> usize {
-    let none = activation_layout(model, 1, 1, model::Recompute::None).layer_saved_per_token;
-    let (d, ff) = (model.n_embd, 4 * model.n_embd);
-    none - (2 * d + ff) + 2 * d
-}
-
 /// Activation elements per token per layer kept for the backward under a policy (SPEC 7's "about 32*d
-/// bytes" in bf16 for none).
+/// bytes" in bf16 for none): the saved set plus the MLP hidden for none, the saved set for selective
+/// (h is recomputed), the layer input for full.
 pub fn activation_elems_per_token_per_layer(model: &ModelConfig, policy: Recompute) -> usize {
     let l = activation_layout(model, 1, 1, engine_policy(policy));
     match policy {
-        Recompute::None | Recompute::Auto => l.layer_saved_per_token,
-        Recompute::Selective => selective_layer_elems_per_token(model),
+        Recompute::None | Recompute::Auto => l.layer_saved_per_token + l.hidden_per_token,
+        Recompute::Selective => l.layer_saved_per_token,
         Recompute::Full => l.layer_input_per_token,
     }
 }
 
 /// Activation elements of a micro-batch of `batch` sequences under a policy, without the loss workspace.
 pub fn activation_elems(model: &ModelConfig, batch: usize, policy: Recompute) -> usize {
-    let seq = model.sequence_len;
-    let l = activation_layout(model, batch, seq, engine_policy(policy));
-    let tokens = batch * seq;
-    match policy {
-        // full's one recompute set doubles as selective's scratch for the recomputed elementwise outputs
-        Recompute::Selective => {
-            l.total - l.loss_workspace + tokens * model.n_layer * selective_layer_elems_per_token(model)
-                - tokens * model.n_layer * l.layer_input_per_token
-        }
-        _ => l.total - l.loss_workspace,
-    }
+    let l = activation_layout(model, batch, model.sequence_len, engine_policy(policy));
+    l.total - l.loss_workspace
 }
 
 /// Bytes of the chunked loss workspace: fp32 logits of one chunk (their gradient overwrites them).
@@ -439,7 +423,8 @@ pub struct PlanRequest {
 }
 
 /// FLOPs per token the backward adds by re-running block forwards (full: a third of the block matmul
-/// and attention FLOPs; selective only redoes elementwise work, counted as zero).
+/// and attention FLOPs; selective only redoes relu^2, 2 * 4d FLOPs per token per layer, counted as zero
+/// against the 6N + attention of a step).
 pub fn recompute_flops_per_token(model: &ModelConfig, policy: Recompute) -> f64 {
     match policy {
         Recompute::Full => {

@@ -1,5 +1,5 @@
 //! Whole-model gradient check: the engine's backward against central finite differences of an
-//! independent f64 implementation (tests/common), on tiny configs (MHA and GQA, both recompute policies).
+//! independent f64 implementation (tests/common), on tiny configs (MHA and GQA, every recompute policy).
 
 mod common;
 
@@ -92,21 +92,37 @@ fn model_grads_match_finite_differences_full_recompute() {
 }
 
 #[test]
-fn full_recompute_gives_identical_grads() {
-    let case = tiny(1);
-    let (mut a, inputs, targets) = random_model(&case, Recompute::None, 7);
-    let (mut b, _, _) = random_model(&case, Recompute::Full, 7);
-    a.zero_grads();
-    b.zero_grads();
-    let la = a.forward_backward(&inputs, &targets, 1.0).unwrap();
-    let lb = b.forward_backward(&inputs, &targets, 1.0).unwrap();
-    assert_eq!(la, lb);
-    assert!(a.grads().iter().any(|&g| g != 0.0));
-    assert_eq!(
-        a.grads(),
-        b.grads(),
-        "recompute must not change a single bit of the grads"
-    );
+fn model_grads_match_finite_differences_selective_recompute() {
+    check(&tiny(2), Recompute::Selective, 5);
+}
+
+/// Selective and full recomputation give the grads of keeping everything, bit for bit, over two
+/// accumulated micro-batches (so a stale recompute buffer from the first call would show in the second).
+#[test]
+fn recompute_gives_identical_grads() {
+    for (kv, policy) in [
+        (1, Recompute::Full),
+        (1, Recompute::Selective),
+        (2, Recompute::Selective),
+    ] {
+        let case = tiny(kv);
+        let (mut a, inputs, targets) = random_model(&case, Recompute::None, 7);
+        let (mut b, _, _) = random_model(&case, policy, 7);
+        a.zero_grads();
+        b.zero_grads();
+        let rev: Vec<u32> = inputs.iter().rev().copied().collect();
+        for ids in [&inputs, &rev] {
+            let la = a.forward_backward(ids, &targets, 0.5).unwrap();
+            let lb = b.forward_backward(ids, &targets, 0.5).unwrap();
+            assert_eq!(la, lb, "{policy:?}");
+        }
+        assert!(a.grads().iter().any(|&g| g != 0.0));
+        assert_eq!(
+            a.grads(),
+            b.grads(),
+            "{policy:?} (kv {kv}): recompute must not change a single bit of the grads"
+        );
+    }
 }
 
 #[test]
@@ -167,6 +183,8 @@ fn activation_layout_is_what_the_model_allocates() {
     for (kv, policy) in [
         (2, Recompute::None),
         (1, Recompute::None),
+        (2, Recompute::Selective),
+        (1, Recompute::Selective),
         (2, Recompute::Full),
         (1, Recompute::Full),
     ] {
@@ -175,5 +193,6 @@ fn activation_layout_is_what_the_model_allocates() {
         let layout = nc_core::model::activation_layout(&cfg, 2, 16, policy);
         assert_eq!(m.allocated_activation_elements(), layout.total, "kv {kv}, {policy:?}");
         assert_eq!(layout.layer_sets, if policy == Recompute::Full { 1 } else { 3 });
+        assert_eq!(layout.hidden_sets, if policy == Recompute::None { 3 } else { 1 });
     }
 }

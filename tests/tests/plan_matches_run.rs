@@ -11,6 +11,7 @@ fn fp32_plan_equals_the_run_buffers() {
     let m = ModelConfig::new(3, 64, 4, 2, 16, 300, 32).unwrap();
     for (policy, engine) in [
         (Recompute::None, model::Recompute::None),
+        (Recompute::Selective, model::Recompute::Selective),
         (Recompute::Full, model::Recompute::Full),
     ] {
         let batch = 3;

@@ -37,7 +37,7 @@ fn tiny_config(out_dir: &Path, steps: u64) -> TrainConfig {
         out_dir: out_dir.to_path_buf(),
         resume: Resume::No,
         seed: 42,
-        recompute_full: false,
+        recompute: nc_core::model::Recompute::None,
         stop_at_step: None,
         verbose: false,
     }
@@ -202,5 +202,36 @@ fn resume_skips_a_partial_save() {
     assert!(
         !root.join(".partial-step_000003").exists(),
         "the next save clears leftovers"
+    );
+}
+
+/// Recomputation changes memory, never numbers: a run that keeps everything, and a run that trains its first
+/// half with full recomputation and resumes its second half with selective, log bit-identical losses.
+#[test]
+fn recompute_policies_train_identically_and_may_change_on_resume() {
+    use nc_core::model::Recompute;
+    let n = 3u64;
+    let none_dir = tempfile::tempdir().unwrap();
+    let none = train(&tiny_config(none_dir.path(), 2 * n)).unwrap();
+
+    let mixed_dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny_config(mixed_dir.path(), 2 * n);
+    cfg.recompute = Recompute::Full;
+    cfg.stop_at_step = Some(n);
+    let first = train(&cfg).unwrap();
+    assert!(first.stopped_early);
+    cfg.recompute = Recompute::Selective;
+    cfg.stop_at_step = None;
+    cfg.resume = Resume::Latest;
+    let second = train(&cfg).unwrap();
+
+    let mut mixed: Vec<(u64, u32)> = first.train_losses.iter().map(|(s, l)| (*s, l.to_bits())).collect();
+    mixed.extend(second.train_losses.iter().map(|(s, l)| (*s, l.to_bits())));
+    let want: Vec<(u64, u32)> = none.train_losses.iter().map(|(s, l)| (*s, l.to_bits())).collect();
+    assert_eq!(mixed.len() as u64, 2 * n);
+    assert_eq!(mixed, want, "full then selective recomputation changed the losses");
+    assert_eq!(
+        none.evals.last().unwrap().val_loss.to_bits(),
+        second.evals.last().unwrap().val_loss.to_bits()
     );
 }

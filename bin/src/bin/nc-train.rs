@@ -363,13 +363,6 @@ fn train_config_from_flags(cli: &Cli) -> Result<TrainConfig> {
         Some(p) => Resume::Path(PathBuf::from(p)),
     };
     let recompute = Recompute::parse(&cli.recompute)?;
-    if recompute == Recompute::Selective {
-        // The plan prices selective recomputation, but the CPU engine has only none and full so far.
-        eprintln!(
-            "nc-train: note: the CPU engine does not implement --recompute selective yet; running with full \
-             recomputation (same gradients, more compute)"
-        );
-    }
     Ok(TrainConfig {
         model,
         device_batch_size: dbs,
@@ -406,8 +399,8 @@ fn train_config_from_flags(cli: &Cli) -> Result<TrainConfig> {
         out_dir,
         resume,
         seed: cli.seed,
-        // the CPU keeps activations unless told to recompute (its memory is the host's)
-        recompute_full: matches!(recompute, Recompute::Full | Recompute::Selective),
+        // auto keeps every activation on the CPU (its memory is the host's); none/selective/full as asked
+        recompute: plan::engine_policy(recompute),
         stop_at_step: cli.stop_at_step,
         verbose: true,
     })

@@ -47,6 +47,8 @@ pub struct Gpt<B: Backend> {
     layer_in: Vec<B::Buf>,
     resid_tmp: B::Buf,
     acts: Vec<LayerActs<B>>,
+    /// MLP hidden relu(u)^2: one per layer under None, one shared under Selective and Full.
+    mlp_hidden: Vec<B::Buf>,
     xf: B::Buf,
     rstdf: B::Buf,
     scratch: GradScratch<B>,
@@ -117,6 +119,7 @@ impl<B: Backend> Gpt<B> {
             },
             resid_tmp: be.alloc(if full { n * d } else { 0 }),
             acts: (0..layout.layer_sets).map(|_| LayerActs::new(&be, &s)).collect(),
+            mlp_hidden: (0..layout.hidden_sets).map(|_| be.alloc(n * s.ff)).collect(),
             xf: be.alloc(n * d),
             rstdf: be.alloc(n),
             scratch: GradScratch::new(&be, &s),
@@ -248,11 +251,13 @@ impl<B: Backend> Gpt<B> {
         );
         be.copy(all(&self.x0), all_mut(&mut self.resid));
         for l in 0..self.cfg.n_layer {
-            let set = match self.policy {
-                Recompute::None => l,
+            // Which saved set and which MLP hidden buffer this layer writes.
+            let (set, hidden) = match self.policy {
+                Recompute::None => (l, l),
+                Recompute::Selective => (l, 0),
                 Recompute::Full => {
                     be.copy(all(&self.resid), all_mut(&mut self.layer_in[l]));
-                    0
+                    (0, 0)
                 }
             };
             let w = &self.blocks[l];
@@ -269,7 +274,15 @@ impl<B: Backend> Gpt<B> {
                 &mut self.scratch,
                 &self.rope,
             );
-            mlp::forward(be, &s, &self.params, w, &mut self.resid, a);
+            mlp::forward(
+                be,
+                &s,
+                &self.params,
+                w,
+                &mut self.resid,
+                a,
+                &mut self.mlp_hidden[hidden],
+            );
         }
         norm::forward(
             be,
@@ -298,8 +311,13 @@ impl<B: Backend> Gpt<B> {
         );
         for l in (0..self.cfg.n_layer).rev() {
             let w = &self.blocks[l];
-            let set = match self.policy {
-                Recompute::None => l,
+            let (set, hidden) = match self.policy {
+                Recompute::None => (l, l),
+                Recompute::Selective => {
+                    // The one activation selective dropped: h = relu(u)^2, from this layer's saved u.
+                    be.relu2_forward(all(&self.acts[l].u), all_mut(&mut self.mlp_hidden[0]));
+                    (l, 0)
+                }
                 Recompute::Full => {
                     // Re-run this layer's forward from its saved input; scr.dq/dk are free scratch here.
                     be.copy(all(&self.layer_in[l]), all_mut(&mut self.resid_tmp));
@@ -316,12 +334,13 @@ impl<B: Backend> Gpt<B> {
                         scr,
                         &self.rope,
                     );
-                    mlp::forward(be, &s, &self.params, w, &mut self.resid_tmp, a);
-                    0
+                    mlp::forward(be, &s, &self.params, w, &mut self.resid_tmp, a, &mut self.mlp_hidden[0]);
+                    (0, 0)
                 }
             };
             let a = &self.acts[set];
-            mlp::backward(be, &s, &self.params, &mut self.grads, w, a, scr);
+            let h = &self.mlp_hidden[hidden];
+            mlp::backward(be, &s, &self.params, &mut self.grads, w, a, h, scr);
             attention::backward(
                 be,
                 &s,
@@ -427,7 +446,6 @@ impl<B: Backend> Gpt<B> {
             .map(|a| {
                 [
                     &a.xn1, &a.rstd1, &a.q, &a.rstd_q, &a.k, &a.rstd_k, &a.v, &a.y, &a.lse, &a.xn2, &a.rstd2, &a.u,
-                    &a.h,
                 ]
                 .iter()
                 .map(|b| len(b))
@@ -440,6 +458,7 @@ impl<B: Backend> Gpt<B> {
             .map(|b| len(b))
             .sum();
         let inputs: usize = self.layer_in.iter().map(len).sum();
+        let hidden: usize = self.mlp_hidden.iter().map(len).sum();
         let others: usize = [
             &self.x0,
             &self.rstd0,
@@ -451,7 +470,7 @@ impl<B: Backend> Gpt<B> {
         .iter()
         .map(|b| len(b))
         .sum();
-        acts + scratch + inputs + others + len(&self.logits_ws) + len(&self.losses)
+        acts + hidden + scratch + inputs + others + len(&self.logits_ws) + len(&self.losses)
     }
 
     /// Offsets of each block's matrices in the parameter (and grad) buffer.

@@ -3,6 +3,7 @@
 use super::{all, all_mut, norm, BlockParams, GradScratch, LayerActs, LayerShapes};
 use crate::backend::{Backend, View, ViewMut};
 
+/// Forward: reads `resid`, saves xn2 and u into `a` and relu(u)^2 into `h`, adds the branch into `resid`.
 pub fn forward<B: Backend>(
     be: &B,
     s: &LayerShapes,
@@ -10,6 +11,7 @@ pub fn forward<B: Backend>(
     w: &BlockParams,
     resid: &mut B::Buf,
     a: &mut LayerActs<B>,
+    h: &mut B::Buf,
 ) {
     let (n, d, ff) = (s.n, s.d, s.ff);
     norm::forward(be, all(resid), n, d, all_mut(&mut a.xn2), all_mut(&mut a.rstd2));
@@ -24,13 +26,13 @@ pub fn forward<B: Backend>(
         all_mut(&mut a.u),
         false,
     );
-    be.relu2_forward(all(&a.u), all_mut(&mut a.h));
+    be.relu2_forward(all(&a.u), all_mut(h));
     // Residual add fused into c_proj's GEMM (accumulate).
     be.matmul(
         n,
         d,
         ff,
-        all(&a.h),
+        all(h),
         false,
         View::at(params, w.mlp_proj, d * ff),
         true,
@@ -40,6 +42,8 @@ pub fn forward<B: Backend>(
 }
 
 /// Backward: `scr.dresid` holds dL/d(resid after this half); on return, dL/d(resid before it).
+/// `h` must hold relu(u)^2 of this layer (saved, or recomputed under Recompute::Selective).
+#[allow(clippy::too_many_arguments)]
 pub fn backward<B: Backend>(
     be: &B,
     s: &LayerShapes,
@@ -47,6 +51,7 @@ pub fn backward<B: Backend>(
     grads: &mut B::Buf,
     w: &BlockParams,
     a: &LayerActs<B>,
+    h: &B::Buf,
     scr: &mut GradScratch<B>,
 ) {
     let (n, d, ff) = (s.n, s.d, s.ff);
@@ -68,7 +73,7 @@ pub fn backward<B: Backend>(
         n,
         all(&scr.dresid),
         true,
-        all(&a.h),
+        all(h),
         false,
         ViewMut::at(grads, w.mlp_proj, d * ff),
         true,

@@ -19,11 +19,17 @@ use crate::backend::{Backend, View, ViewMut};
 use crate::config::ModelConfig;
 
 /// What the forward keeps for the backward.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Recompute {
     /// Save every activation the backward reads, for every layer.
     #[default]
     None,
+    /// Save everything but the MLP hidden h = relu(u)^2, the widest activation (4d per token); the backward
+    /// recomputes it from the saved pre-activation u into one shared buffer. Every other cheap op (the
+    /// rmsnorms, rotary, QK-norm) reads an input as wide as its output, so recomputing it would keep as much
+    /// memory as it frees: relu^2 is the one cheap op worth recomputing. Grads are bit-identical to None.
+    Selective,
     /// Save only each layer's input; the backward re-runs the layer's forward into one shared set.
     Full,
 }
@@ -32,10 +38,14 @@ pub enum Recompute {
 /// `tokens = batch * seq` tokens. The model allocates exactly these; the planner (plan.rs) prices them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ActivationLayout {
-    /// Elements one layer saves per token for its backward (`LayerActs`).
+    /// Elements one layer saves per token for its backward (`LayerActs`, without the MLP hidden).
     pub layer_saved_per_token: usize,
-    /// How many `LayerActs` sets exist: n_layer (Recompute::None) or 1 (Recompute::Full).
+    /// How many `LayerActs` sets exist: n_layer (None, Selective) or 1 (Full).
     pub layer_sets: usize,
+    /// Elements per token of one MLP hidden buffer h = relu(u)^2 (4d).
+    pub hidden_per_token: usize,
+    /// How many MLP hidden buffers exist: n_layer (None) or 1 shared (Selective, Full).
+    pub hidden_sets: usize,
     /// Per layer per token kept besides the sets: the layer input under Recompute::Full, else 0.
     pub layer_input_per_token: usize,
     /// Per token, outside the layers: residual stream, embedding output and its rstd, final norm output
@@ -57,10 +67,12 @@ pub fn loss_chunk_rows(vocab: usize, tokens: usize) -> usize {
 pub fn activation_layout(cfg: &ModelConfig, batch: usize, seq: usize, policy: Recompute) -> ActivationLayout {
     let s = LayerShapes::new(cfg, batch * seq);
     let layer_saved_per_token = s.saved_per_token();
-    let (layer_sets, layer_input_per_token) = match policy {
-        Recompute::None => (cfg.n_layer, 0),
-        Recompute::Full => (1, s.d),
+    let (layer_sets, hidden_sets, layer_input_per_token) = match policy {
+        Recompute::None => (cfg.n_layer, cfg.n_layer, 0),
+        Recompute::Selective => (cfg.n_layer, 1, 0),
+        Recompute::Full => (1, 1, s.d),
     };
+    let hidden_per_token = s.ff;
     // resid, x0 + rstd0, xf + rstdf, losses, the backward's GradScratch, and under Full the residual
     // stream that the recomputed layer forward writes into.
     let resid_tmp = if policy == Recompute::Full { s.d } else { 0 };
@@ -68,11 +80,17 @@ pub fn activation_layout(cfg: &ModelConfig, batch: usize, seq: usize, policy: Re
     let tokens = batch * seq;
     let loss_chunk_rows = loss_chunk_rows(cfg.vocab_size, tokens);
     let loss_workspace = loss_chunk_rows * cfg.vocab_size;
-    let total = tokens * (layer_sets * layer_saved_per_token + cfg.n_layer * layer_input_per_token + other_per_token)
+    let total = tokens
+        * (layer_sets * layer_saved_per_token
+            + hidden_sets * hidden_per_token
+            + cfg.n_layer * layer_input_per_token
+            + other_per_token)
         + loss_workspace;
     ActivationLayout {
         layer_saved_per_token,
         layer_sets,
+        hidden_per_token,
+        hidden_sets,
         layer_input_per_token,
         other_per_token,
         loss_chunk_rows,
@@ -113,12 +131,13 @@ impl LayerShapes {
     /// Must match the buffers of `LayerActs::new`.
     fn saved_per_token(&self) -> usize {
         let (d, h, hkv) = (self.d, self.n_head, self.n_kv_head);
-        // xn1+rstd1, q+rstd_q, k+rstd_k, v, y, lse, xn2+rstd2, u, h
-        (d + 1) + (self.qd + h) + (self.kvd + hkv) + self.kvd + self.qd + h + (d + 1) + 2 * self.ff
+        // xn1+rstd1, q+rstd_q, k+rstd_k, v, y, lse, xn2+rstd2, u
+        (d + 1) + (self.qd + h) + (self.kvd + hkv) + self.kvd + self.qd + h + (d + 1) + self.ff
     }
 }
 
-/// What one layer's forward saves for its backward (Recompute::None keeps one set per layer).
+/// What one layer's forward saves for its backward (None and Selective keep one set per layer). The MLP
+/// hidden h = relu(u)^2 lives apart, in `Gpt::mlp_hidden`, because Selective keeps u per layer but not h.
 pub struct LayerActs<B: Backend> {
     /// rmsnorm(x) entering attention, and its rstd.
     pub xn1: B::Buf,
@@ -135,9 +154,8 @@ pub struct LayerActs<B: Backend> {
     /// rmsnorm(x) entering the MLP, and its rstd.
     pub xn2: B::Buf,
     pub rstd2: B::Buf,
-    /// MLP pre-activation c_fc(xn2), and relu(u)^2.
+    /// MLP pre-activation c_fc(xn2).
     pub u: B::Buf,
-    pub h: B::Buf,
 }
 
 impl<B: Backend> LayerActs<B> {
@@ -156,7 +174,6 @@ impl<B: Backend> LayerActs<B> {
             xn2: be.alloc(n * s.d),
             rstd2: be.alloc(n),
             u: be.alloc(n * s.ff),
-            h: be.alloc(n * s.ff),
         }
     }
 }

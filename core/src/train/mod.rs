@@ -68,8 +68,11 @@ pub struct TrainConfig {
     pub out_dir: PathBuf,
     pub resume: Resume,
     pub seed: u64,
-    /// Keep every activation (false) or only layer inputs, recomputing the rest in the backward (true).
-    pub recompute_full: bool,
+    /// What the forward keeps for the backward: everything, all but the MLP hidden, or only layer inputs.
+    /// Recompute changes no number of the run, so it may differ on resume; checkpoints written before it
+    /// existed (which say `recompute_full`) read as none.
+    #[serde(default)]
+    pub recompute: Recompute,
     /// Behave as if a stop were requested when the loop reaches this step (dry runs and tests).
     pub stop_at_step: Option<u64>,
     /// Print the log lines and samples (off in tests).
@@ -314,17 +317,12 @@ fn train_rank(cfg: &TrainConfig, rank: usize, mut link: Option<RankLink>) -> Res
         warmdown_ratio: cfg.warmdown_ratio,
         final_lr_frac: cfg.final_lr_frac,
     };
-    let policy = if cfg.recompute_full {
-        Recompute::Full
-    } else {
-        Recompute::None
-    };
     let mut model = Gpt::new(
         CpuBackend::new(),
         model_cfg,
         batch.device_batch_size,
         model_cfg.sequence_len,
-        policy,
+        cfg.recompute,
     )?;
     model.init(cfg.seed);
     let mut opt = Optimizer::new(&model_cfg, cfg.optim, rank, world)?;

@@ -1,7 +1,8 @@
 //! Whole-step CPU throughput: forward + backward of a depth-4 GPT, against the `gemm` crate's own speed
 //! on exactly the matmul shapes of that step. Prints a table; not a criterion bench (a step is ~1 s).
 //!
-//! Run: cargo bench -p nc-benches --bench step_cpu [-- --vocab V --batch B --seq T --steps N --threads N]
+//! Run: cargo bench -p nc-benches --bench step_cpu [-- --vocab V --batch B --seq T --steps N --threads N
+//!      --depth L --recompute none|selective|full]
 //!
 //! The step runs through `Timed`, a `Backend` that forwards to the CPU backend and times every op, so the
 //! table says where the time goes. Then every matmul shape the step issued is re-run alone (same gemm,
@@ -290,6 +291,20 @@ fn main() {
     let steps = arg(&args, "--steps", 5);
     let threads = arg(&args, "--threads", 0);
     let depth = arg(&args, "--depth", 4);
+    let policy = match args
+        .iter()
+        .position(|a| a == "--recompute")
+        .map(|i| args.get(i + 1).map(String::as_str))
+    {
+        None => Recompute::None,
+        Some(Some("none")) => Recompute::None,
+        Some(Some("selective")) => Recompute::Selective,
+        Some(Some("full")) => Recompute::Full,
+        Some(_) => {
+            eprintln!("--recompute needs none, selective or full");
+            std::process::exit(2);
+        }
+    };
     if threads > 0 {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -308,7 +323,7 @@ fn main() {
         vocab,
         stats: RefCell::new(Stats::default()),
     };
-    let mut model = Gpt::new(timed, cfg, batch, seq, Recompute::None).expect("model");
+    let mut model = Gpt::new(timed, cfg, batch, seq, policy).expect("model");
     model.init(42);
     let n = batch * seq;
     // Token ids from a fixed LCG: the step's cost does not depend on their values.
@@ -378,6 +393,10 @@ fn main() {
         "params {:.1} M, model FLOPs/token (6N + 12LHDT) {:.3e}",
         cfg.num_params() as f64 / 1e6,
         cfg.flops_per_token()
+    );
+    println!(
+        "recompute {policy:?}: activations {:.1} MiB (f32, as allocated)",
+        model.allocated_activation_elements() as f64 * 4.0 / (1u64 << 20) as f64
     );
     println!();
     println!("{:<34} {:>12}", "best step time (s)", format!("{step_s:.3}"));

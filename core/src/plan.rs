@@ -195,7 +195,7 @@ impl Precision {
 }
 
 /// What the forward keeps for the backward.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Recompute {
     /// Keep every activation of every block.
@@ -206,6 +206,7 @@ pub enum Recompute {
     /// Keep only each block's input; recompute the whole block forward during the backward.
     Full,
     /// The cheapest of none, selective, full that fits.
+    #[default]
     Auto,
 }
 
@@ -261,6 +262,30 @@ pub fn activation_elems_per_token_per_layer(model: &ModelConfig, policy: Recompu
 pub fn activation_elems(model: &ModelConfig, batch: usize, policy: Recompute) -> usize {
     let l = activation_layout(model, batch, model.sequence_len, engine_policy(policy));
     l.total - l.loss_workspace
+}
+
+/// The cheapest concrete policy (none, then selective, then full) under which `ranks` model replicas of
+/// `memory_per_gpu` each fit in `mem_bytes`; None when not even full recomputation fits. `ranks` is 1 on a
+/// GPU (one rank per device) and the world size for CPU ranks, which are threads sharing the host's memory.
+pub fn cheapest_policy_that_fits(
+    model: &ModelConfig,
+    device_batch_size: usize,
+    world_size: usize,
+    precision: Precision,
+    mem_bytes: f64,
+    ranks: usize,
+) -> Option<Recompute> {
+    Recompute::CONCRETE.into_iter().find(|&policy| {
+        memory_per_gpu(model, device_batch_size, world_size, precision, policy).total * ranks as f64 <= mem_bytes
+    })
+}
+
+/// Total memory of this host (Linux /proc/meminfo MemTotal), in bytes; None where it cannot be read.
+pub fn host_memory_bytes() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024.0)
 }
 
 /// Bytes of the chunked loss workspace: fp32 logits of one chunk (their gradient overwrites them).
@@ -451,10 +476,9 @@ impl Plan {
         let (b, w, p) = (req.batch.device_batch_size, req.batch.world_size, req.precision);
         let mem = |policy| memory_per_gpu(m, b, w, p, policy);
         let recompute = match req.recompute {
-            Recompute::Auto => Recompute::CONCRETE
-                .into_iter()
-                .find(|&pol| mem(pol).total <= req.device_mem_bytes)
-                .unwrap_or(Recompute::Full),
+            Recompute::Auto => {
+                cheapest_policy_that_fits(m, b, w, p, req.device_mem_bytes, 1).unwrap_or(Recompute::Full)
+            }
             other => other,
         };
         let memory = mem(recompute);
@@ -676,6 +700,35 @@ mod tests {
         assert!(kept > 250e9 && kept < 300e9, "{kept:e}");
         // fp32 logits of that micro-batch: ~26 GB
         assert!((unchunked_logits_bytes(&m, 48 * 2048) / 25.8e9 - 1.0).abs() < 0.01);
+    }
+
+    /// Auto picks none, selective or full by where the memory falls, and CPU ranks (threads) share it.
+    #[test]
+    fn cheapest_policy_follows_the_memory() {
+        let m = ModelConfig::from_depth(8).unwrap();
+        let total = |p| memory_per_gpu(&m, 4, 1, Precision::Fp32, p).total;
+        let (none, sel, full) = (
+            total(Recompute::None),
+            total(Recompute::Selective),
+            total(Recompute::Full),
+        );
+        assert!(none > sel && sel > full, "{none} {sel} {full}");
+        let pick = |mem, ranks| cheapest_policy_that_fits(&m, 4, 1, Precision::Fp32, mem, ranks);
+        assert_eq!(pick(none, 1), Some(Recompute::None));
+        assert_eq!(pick(none - 1.0, 1), Some(Recompute::Selective));
+        assert_eq!(pick(sel - 1.0, 1), Some(Recompute::Full));
+        assert_eq!(pick(full - 1.0, 1), None);
+        // two thread ranks need twice the memory for the same choice
+        assert_eq!(pick(2.0 * none - 1.0, 2), Some(Recompute::Selective));
+        assert_eq!(pick(2.0 * none, 2), Some(Recompute::None));
+        assert_eq!(
+            pick(none, 2),
+            if 2.0 * full <= none {
+                Some(Recompute::Full)
+            } else {
+                None
+            }
+        );
     }
 
     /// SPEC.md section 7 / issue 4: the user's two configurations on 8 x 187.5 GB fit with recomputation,

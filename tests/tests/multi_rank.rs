@@ -35,7 +35,7 @@ fn config(out_dir: &Path, world_size: usize, steps: u64) -> TrainConfig {
         out_dir: out_dir.to_path_buf(),
         resume: Resume::No,
         seed: 42,
-        recompute: nc_core::model::Recompute::None,
+        recompute: nc_core::plan::Recompute::None,
         stop_at_step: None,
         verbose: false,
     }

@@ -37,7 +37,7 @@ fn tiny_config(out_dir: &Path, steps: u64) -> TrainConfig {
         out_dir: out_dir.to_path_buf(),
         resume: Resume::No,
         seed: 42,
-        recompute: nc_core::model::Recompute::None,
+        recompute: nc_core::plan::Recompute::None,
         stop_at_step: None,
         verbose: false,
     }
@@ -209,7 +209,7 @@ fn resume_skips_a_partial_save() {
 /// half with full recomputation and resumes its second half with selective, log bit-identical losses.
 #[test]
 fn recompute_policies_train_identically_and_may_change_on_resume() {
-    use nc_core::model::Recompute;
+    use nc_core::plan::Recompute;
     let n = 3u64;
     let none_dir = tempfile::tempdir().unwrap();
     let none = train(&tiny_config(none_dir.path(), 2 * n)).unwrap();

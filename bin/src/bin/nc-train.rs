@@ -220,7 +220,7 @@ fn plan_from_flags(cli: &Cli) -> Result<Plan> {
     let (precision, device, mem) = if cli.backend == "cpu" {
         let mem = match &cli.gpu_mem {
             Some(s) => plan::parse_mem_size(s)?,
-            None => host_memory_bytes().ok_or_else(|| {
+            None => plan::host_memory_bytes().ok_or_else(|| {
                 NcError::new(
                     "cannot read the host memory size from /proc/meminfo; give --gpu-mem (e.g. --gpu-mem 64GiB)",
                 )
@@ -258,14 +258,6 @@ fn plan_from_flags(cli: &Cli) -> Result<Plan> {
 fn print_ignoring_closed_pipe(text: &str) {
     use std::io::Write;
     let _ = std::io::stdout().lock().write_all(text.as_bytes());
-}
-
-/// MemTotal from /proc/meminfo, in bytes.
-fn host_memory_bytes() -> Option<f64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024.0)
 }
 
 fn run(cli: Cli) -> Result<Outcome> {
@@ -399,8 +391,7 @@ fn train_config_from_flags(cli: &Cli) -> Result<TrainConfig> {
         out_dir,
         resume,
         seed: cli.seed,
-        // auto keeps every activation on the CPU (its memory is the host's); none/selective/full as asked
-        recompute: plan::engine_policy(recompute),
+        recompute,
         stop_at_step: cli.stop_at_step,
         verbose: true,
     })

@@ -16,11 +16,11 @@ use crate::checkpoint::{self, CheckpointMeta, OptimizerMeta};
 use crate::config::ModelConfig;
 use crate::data::loader::LoaderState;
 use crate::error::{NcError, Result};
-use crate::model::{Gpt, Recompute};
+use crate::model::Gpt;
 use crate::optim::clip::clip_grad_norm;
 use crate::optim::schedule::{muon_momentum, LrSchedule};
 use crate::optim::{OptimConfig, Optimizer};
-use crate::plan::{BatchPlan, Horizon};
+use crate::plan::{self, BatchPlan, Horizon, Precision};
 use crate::sample::{Sampler, Sampling};
 use data::{DataSource, RunData};
 use metrics::MetricsWriter;
@@ -68,11 +68,12 @@ pub struct TrainConfig {
     pub out_dir: PathBuf,
     pub resume: Resume,
     pub seed: u64,
-    /// What the forward keeps for the backward: everything, all but the MLP hidden, or only layer inputs.
-    /// Recompute changes no number of the run, so it may differ on resume; checkpoints written before it
-    /// existed (which say `recompute_full`) read as none.
+    /// What the forward keeps for the backward: everything (none), all but the MLP hidden (selective), only
+    /// layer inputs (full), or auto: the cheapest whose plan fits in the host's memory. Recompute changes no
+    /// number of the run, so it may differ on resume; checkpoints written before it existed (which say
+    /// `recompute_full`) read as auto.
     #[serde(default)]
-    pub recompute: Recompute,
+    pub recompute: plan::Recompute,
     /// Behave as if a stop were requested when the loop reaches this step (dry runs and tests).
     pub stop_at_step: Option<u64>,
     /// Print the log lines and samples (off in tests).
@@ -291,6 +292,37 @@ pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
     })
 }
 
+/// The concrete policy of a CPU run, and why. Auto asks the plan for the cheapest policy under which every
+/// rank's replica (all threads of this process) fits in the host's memory.
+fn resolve_recompute(asked: plan::Recompute, model: &ModelConfig, batch: &BatchPlan) -> (plan::Recompute, String) {
+    if asked != plan::Recompute::Auto {
+        return (asked, "as asked".into());
+    }
+    let Some(mem) = plan::host_memory_bytes() else {
+        return (
+            plan::Recompute::None,
+            "auto: host memory unknown, keeping every activation".into(),
+        );
+    };
+    let (b, w) = (batch.device_batch_size, batch.world_size);
+    match plan::cheapest_policy_that_fits(model, b, w, Precision::Fp32, mem, w) {
+        Some(p) => (
+            p,
+            format!(
+                "auto: the cheapest that fits in {:.1} GiB of host memory",
+                mem / plan::GIB
+            ),
+        ),
+        None => (
+            plan::Recompute::Full,
+            format!(
+                "auto: nothing fits in {:.1} GiB of host memory, even full recomputation; lower --dbs",
+                mem / plan::GIB
+            ),
+        ),
+    }
+}
+
 fn train_rank(cfg: &TrainConfig, rank: usize, mut link: Option<RankLink>) -> Result<RunSummary> {
     let lead = rank == 0;
     let say = |s: String| {
@@ -317,12 +349,13 @@ fn train_rank(cfg: &TrainConfig, rank: usize, mut link: Option<RankLink>) -> Res
         warmdown_ratio: cfg.warmdown_ratio,
         final_lr_frac: cfg.final_lr_frac,
     };
+    let (policy, policy_why) = resolve_recompute(cfg.recompute, &model_cfg, &batch);
     let mut model = Gpt::new(
         CpuBackend::new(),
         model_cfg,
         batch.device_batch_size,
         model_cfg.sequence_len,
-        cfg.recompute,
+        plan::engine_policy(policy),
     )?;
     model.init(cfg.seed);
     let mut opt = Optimizer::new(&model_cfg, cfg.optim, rank, world)?;
@@ -381,6 +414,11 @@ fn train_rank(cfg: &TrainConfig, rank: usize, mut link: Option<RankLink>) -> Res
         model_cfg.sequence_len,
         model_cfg.num_params(),
         flops_per_token
+    ));
+    say(format!(
+        "recompute {} ({policy_why}): {:.1} MiB of activations per rank",
+        policy.name(),
+        model.allocated_activation_elements() as f64 * 4.0 / (1u64 << 20) as f64
     ));
     say(format!(
         "batch {} x {} x {} ranks, grad accum {}, {} tokens/step; {} steps; MFU against a CPU peak of {:.1} GFLOP/s ({peak_how})",

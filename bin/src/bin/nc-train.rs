@@ -230,7 +230,11 @@ fn plan_from_flags(cli: &Cli) -> Result<Plan> {
     } else {
         let gpu = plan::gpu_by_name(cli.gpu.as_deref().unwrap_or("h100"))?;
         match &cli.gpu_mem {
-            Some(s) => (Precision::Bf16, gpu.name.to_string(), plan::parse_mem_size(s)?),
+            // --gpu-mem alone sizes a GPU that is not one of the named ones: do not call it an h100
+            Some(s) => {
+                let name = if cli.gpu.is_some() { gpu.name } else { "gpu" };
+                (Precision::Bf16, name.to_string(), plan::parse_mem_size(s)?)
+            }
             None => (Precision::Bf16, gpu.name.to_string(), gpu.mem_bytes),
         }
     };

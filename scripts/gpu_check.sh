@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# The project's GPU check, in two halves, because the GPU machine has CUDA and PyTorch but no Rust toolchain:
+#
+#   scripts/gpu_check.sh build   # here, with cargo: build the GPU test binaries into gpu-check/ (git-ignored)
+#   scripts/gpu_check.sh run     # there, in the repo root with gpu-check/ carried: run every GPU test and the
+#                                # PyTorch baseline; logs go to $OUT (the device tool's folder) or gpu-check/out
+#
+# `run` takes the steps to run as further arguments (default: all of them, in this order):
+#   info       nvidia-smi and nvcc versions
+#   alloc      the caching allocator on cudaMalloc and real streams (alloc/tests/cuda_smoke.rs)
+#   parity     every CUDA backend op and a whole model step against the CPU backend (tests/tests/cuda_parity.rs)
+#   sanitize   the parity tests again under compute-sanitizer memcheck (out-of-bounds and misaligned accesses)
+#   fixture    the PyTorch baseline computes the same loss as the JAX reference fixtures
+#   baseline   the PyTorch baseline step at depth 20 (dbs 32) and depth 38 (dbs 8), torch.compile'd
+# Each step has its own time limit so one hang cannot eat the machine's whole lease.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN_DIR=gpu-check
+
+build() {
+  mkdir -p "$BIN_DIR"
+  # cargo prints the test executables as JSON; keep the ones the GPU needs, stripped of debug info to travel light.
+  local exes
+  exes=$(cargo test --release --no-run --message-format=json -p nc-alloc --test cuda_smoke -p nc-tests --test cuda_parity |
+    python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("cuda_smoke", "cuda_parity"):
+        print(m["target"]["name"], m["executable"])') || {
+    echo "gpu_check build: cargo failed" >&2
+    exit 1
+  }
+  while read -r name exe; do
+    cp "$exe" "$BIN_DIR/$name"
+    strip --strip-debug "$BIN_DIR/$name" 2>/dev/null || true
+    echo "built $BIN_DIR/$name ($(du -h "$BIN_DIR/$name" | cut -f1))"
+  done <<<"$exes"
+  for name in cuda_smoke cuda_parity; do
+    [ -x "$BIN_DIR/$name" ] || { echo "gpu_check build: $name was not built" >&2; exit 1; }
+  done
+  echo "carry '$BIN_DIR' to the GPU machine and run: scripts/gpu_check.sh run"
+}
+
+# need_bin NAME: a test binary built by `build`, or a message saying how to get it.
+need_bin() {
+  [ -x "$BIN_DIR/$1" ] && return 0
+  echo "gpu_check run: $BIN_DIR/$1 is missing; run 'scripts/gpu_check.sh build' where cargo is, and carry $BIN_DIR" | tee -a "$LOG" >&2
+  FAILED+=("$1-missing")
+  return 1
+}
+
+# step NAME SECONDS COMMAND...: run one step under a time limit, log it, remember whether it passed.
+FAILED=()
+step() {
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc after $((SECONDS - t0))s" | tee -a "$LOG"
+  [ "$rc" -eq 0 ] || FAILED+=("$name")
+}
+
+run() {
+  local out=${OUT:-$BIN_DIR/out}
+  mkdir -p "$out"
+  LOG="$out/gpu_check.log"
+  : >"$LOG"
+  local steps=("$@")
+  [ ${#steps[@]} -gt 0 ] || steps=(info alloc parity sanitize fixture baseline)
+  export PYTHONUNBUFFERED=1
+  for s in "${steps[@]}"; do
+    case "$s" in
+      info)
+        step info 30 bash -c 'nvidia-smi; (nvcc --version || true); python3 -c "import torch; print(\"torch\", torch.__version__, torch.version.cuda)"'
+        ;;
+      alloc) need_bin cuda_smoke && step alloc 120 "$BIN_DIR/cuda_smoke" --nocapture ;;
+      parity) need_bin cuda_parity && step parity 300 "$BIN_DIR/cuda_parity" --nocapture --test-threads=1 ;;
+      sanitize)
+        need_bin cuda_parity &&
+          step sanitize 400 compute-sanitizer --tool memcheck --error-exitcode 1 "$BIN_DIR/cuda_parity" --test-threads=1
+        ;;
+      fixture)
+        for f in tiny_mha tiny_gqa; do
+          step "fixture-$f" 120 python3 benches/pytorch_baseline/baseline.py --check-fixture "tests/reference/fixtures/$f.safetensors"
+        done
+        ;;
+      baseline)
+        step baseline-d20 300 bash -c "python3 benches/pytorch_baseline/baseline.py --depth 20 --dbs 32 --compile | tee -a '$out/baseline.jsonl'"
+        step baseline-d38 300 bash -c "python3 benches/pytorch_baseline/baseline.py --depth 38 --dbs 8 --compile --steps 5 | tee -a '$out/baseline.jsonl'"
+        ;;
+      *)
+        echo "gpu_check run: unknown step '$s'; the steps are info alloc parity sanitize fixture baseline" >&2
+        exit 2
+        ;;
+    esac
+  done
+  if [ ${#FAILED[@]} -gt 0 ]; then
+    echo "gpu_check: FAILED: ${FAILED[*]} (log: $LOG)" | tee -a "$LOG"
+    exit 1
+  fi
+  echo "gpu_check: all steps passed (log: $LOG)" | tee -a "$LOG"
+}
+
+case "${1:-}" in
+  build) build ;;
+  run)
+    shift
+    run "$@"
+    ;;
+  *)
+    echo "usage: scripts/gpu_check.sh build | run [info alloc parity sanitize fixture baseline]" >&2
+    exit 2
+    ;;
+esac

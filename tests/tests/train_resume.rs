@@ -235,3 +235,80 @@ fn recompute_policies_train_identically_and_may_change_on_resume() {
         second.evals.last().unwrap().val_loss.to_bits()
     );
 }
+
+/// The path a GPU backend takes (buffers not host-visible: the optimizer, clipping and checkpoints go through
+/// the host mirror, by download and upload) trains bit-identically to the CPU path, and a checkpoint moves
+/// between the two: half the steps on the device path, a save, then a resume on the CPU path.
+#[test]
+fn device_path_trains_like_the_cpu_and_shares_its_checkpoints() {
+    use nc_core::backend::device_like::DeviceLikeCpu;
+    use nc_core::train::{train_on, Device};
+    let device = || Device {
+        be: DeviceLikeCpu::default(),
+        peak_flops: 1e9,
+        peak_how: "a test".into(),
+    };
+    let n = 4u64;
+    let cpu_dir = tempfile::tempdir().unwrap();
+    let cpu = train(&tiny_config(cpu_dir.path(), 2 * n)).unwrap();
+    let dev_dir = tempfile::tempdir().unwrap();
+    let dev = train_on(&tiny_config(dev_dir.path(), 2 * n), device()).unwrap();
+    let bits = |s: &nc_core::train::RunSummary| -> Vec<(u64, u32)> {
+        s.train_losses.iter().map(|(st, l)| (*st, l.to_bits())).collect()
+    };
+    assert_eq!(bits(&dev), bits(&cpu), "the device path's losses differ from the CPU's");
+    assert_eq!(
+        read(&cpu.last_checkpoint.clone().unwrap().join("model.safetensors")),
+        read(&dev.last_checkpoint.unwrap().join("model.safetensors")),
+        "the device path saved other weights"
+    );
+
+    // device path for n steps, then the CPU resumes its checkpoint
+    let mixed_dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny_config(mixed_dir.path(), 2 * n);
+    cfg.stop_at_step = Some(n);
+    let first = train_on(&cfg, device()).unwrap();
+    cfg.stop_at_step = None;
+    cfg.resume = Resume::Latest;
+    let second = train(&cfg).unwrap();
+    let mut mixed = bits(&first);
+    mixed.extend(bits(&second));
+    assert_eq!(
+        mixed,
+        bits(&cpu),
+        "a device-path checkpoint resumed on the CPU diverged"
+    );
+    // and the CPU's checkpoint resumes on the device path
+    let back_dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny_config(back_dir.path(), 2 * n);
+    cfg.stop_at_step = Some(n);
+    let first = train(&cfg).unwrap();
+    cfg.stop_at_step = None;
+    cfg.resume = Resume::Latest;
+    let second = train_on(&cfg, device()).unwrap();
+    let mut back = bits(&first);
+    back.extend(bits(&second));
+    assert_eq!(back, bits(&cpu), "a CPU checkpoint resumed on the device path diverged");
+}
+
+/// Several ranks on a device backend are refused with an error naming the fix, before anything is written.
+#[test]
+fn device_path_refuses_several_ranks() {
+    use nc_core::backend::device_like::DeviceLikeCpu;
+    use nc_core::train::{train_on, Device};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny_config(dir.path(), 2);
+    cfg.world_size = 2;
+    cfg.total_batch_size = 2 * 4 * 32;
+    let device = Device {
+        be: DeviceLikeCpu::default(),
+        peak_flops: 1e9,
+        peak_how: "a test".into(),
+    };
+    let err = train_on(&cfg, device).unwrap_err().to_string();
+    assert!(err.contains("--world-size 1"), "{err}");
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+        "nothing should be written"
+    );
+}

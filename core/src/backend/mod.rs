@@ -12,6 +12,7 @@
 //! - Token ids live in `Backend::Ids` buffers (i32; -1 marks an ignored target).
 
 pub mod cpu;
+pub mod device_like;
 
 /// A read-only view of `len` elements starting at `off` in a backend buffer.
 pub struct View<'a, B: Backend + ?Sized> {
@@ -286,4 +287,17 @@ pub trait Backend {
     );
     /// In place: z = cap * tanh(z / cap) (generation wants the capped logits themselves).
     fn softcap(&self, logits: ViewMut<'_, Self>, cap: f32);
+
+    /// The whole buffer as a host slice, where the backend keeps it in host memory (the CPU), so the
+    /// optimizers and checkpoints can work on it in place; None where it lives on a device, and callers copy
+    /// through `download` and `upload` instead.
+    fn host_slice(buf: &Self::Buf) -> Option<&[f32]> {
+        let _ = buf;
+        None
+    }
+    /// Writable form of `host_slice`.
+    fn host_slice_mut(buf: &mut Self::Buf) -> Option<&mut [f32]> {
+        let _ = buf;
+        None
+    }
 }

@@ -493,6 +493,55 @@ impl<B: Backend> Gpt<B> {
     }
 }
 
+/// Host copies of the parameters and gradients, for backends whose buffers live on a device: the training
+/// loop's optimizer, clipping, gradient sync and checkpoints work on host slices. Empty (and unused) on the
+/// CPU, where the buffers are host memory already.
+#[derive(Debug, Default)]
+pub struct HostMirror {
+    params: Vec<f32>,
+    grads: Vec<f32>,
+}
+
+/// Host access for every backend: in place on the CPU, through a `HostMirror` elsewhere.
+impl<B: Backend> Gpt<B> {
+    /// Every parameter, as one host slice in the checkpoint's layout.
+    pub fn host_params<'a>(&'a self, mirror: &'a mut HostMirror) -> &'a [f32] {
+        if let Some(p) = B::host_slice(&self.params) {
+            return p;
+        }
+        mirror.params.resize(B::buf_len(&self.params), 0.0);
+        self.be.download(View::all(&self.params), &mut mirror.params);
+        &mirror.params
+    }
+
+    /// Overwrite every parameter from a host slice (a checkpoint's).
+    pub fn set_params_from_host(&mut self, src: &[f32]) -> Result<()> {
+        let n = B::buf_len(&self.params);
+        if src.len() != n {
+            bail!("{} parameter values given for a model of {n}", src.len());
+        }
+        self.be.upload(ViewMut::all(&mut self.params), src);
+        Ok(())
+    }
+
+    /// Run `f` on the parameters and gradients as host slices: an optimizer step. On the CPU it works in
+    /// place; elsewhere both are downloaded first and the parameters uploaded after (the gradients are
+    /// zeroed before the next step, so what `f` does to them need not go back).
+    pub fn update_on_host<R>(&mut self, mirror: &mut HostMirror, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+        if let (Some(p), Some(g)) = (B::host_slice_mut(&mut self.params), B::host_slice_mut(&mut self.grads)) {
+            return f(p, g);
+        }
+        let n = B::buf_len(&self.params);
+        mirror.params.resize(n, 0.0);
+        mirror.grads.resize(n, 0.0);
+        self.be.download(View::all(&self.params), &mut mirror.params);
+        self.be.download(View::all(&self.grads), &mut mirror.grads);
+        let r = f(&mut mirror.params, &mut mirror.grads);
+        self.be.upload(ViewMut::all(&mut self.params), &mirror.params);
+        r
+    }
+}
+
 /// Host access on the CPU backend: the optimizers and checkpoints work on these slices directly.
 impl Gpt<CpuBackend> {
     pub fn params(&self) -> &[f32] {

@@ -11,12 +11,13 @@ pub mod signal;
 pub mod sync;
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
 use crate::bail;
 use crate::checkpoint::{self, CheckpointMeta, OptimizerMeta};
 use crate::config::ModelConfig;
 use crate::data::loader::LoaderState;
 use crate::error::{NcError, Result};
-use crate::model::Gpt;
+use crate::model::{Gpt, HostMirror};
 use crate::optim::clip::clip_grad_norm;
 use crate::optim::schedule::{muon_momentum, LrSchedule};
 use crate::optim::{OptimConfig, Optimizer};
@@ -127,7 +128,7 @@ fn model_of(cfg: &TrainConfig, vocab: usize) -> Result<ModelConfig> {
 }
 
 /// Validation loss and bits per byte over `steps` validation batches (SPEC.md section 6).
-fn evaluate(model: &mut Gpt<CpuBackend>, data: &mut RunData, steps: usize, step: u64) -> Result<EvalResult> {
+fn evaluate<B: Backend>(model: &mut Gpt<B>, data: &mut RunData, steps: usize, step: u64) -> Result<EvalResult> {
     let token_bytes = data.tokenizer.token_bytes().to_vec();
     data.val.reset();
     let mut losses = vec![0.0f32; model.tokens()];
@@ -163,7 +164,7 @@ fn evaluate(model: &mut Gpt<CpuBackend>, data: &mut RunData, steps: usize, step:
 }
 
 /// Greedy continuations of the data's prompts.
-fn sample(model: &Gpt<CpuBackend>, data: &RunData, max_new: usize, seed: u64) -> Result<Vec<(String, String)>> {
+fn sample<B: Backend>(model: &Gpt<B>, data: &RunData, max_new: usize, seed: u64) -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
     let max_len = model.cfg.sequence_len;
     let mut sampler = Sampler::new(model, max_len)?;
@@ -255,7 +256,7 @@ struct RankLink {
 /// (data parallel, ZeRO-1); rank 0 evaluates, samples, logs and saves, and its summary is returned.
 pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
     if cfg.world_size <= 1 {
-        return train_rank(cfg, 0, None);
+        return train_rank(cfg, 0, None, cpu_device());
     }
     let (tx, rx) = crossbeam_channel::unbounded();
     let links: Vec<RankLink> = ThreadRing::new(cfg.world_size)
@@ -275,11 +276,11 @@ pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
             .map(|(i, link)| {
                 std::thread::Builder::new()
                     .name(format!("nc-rank{}", i + 1))
-                    .spawn_scoped(scope, move || train_rank(cfg, i + 1, Some(link)))
+                    .spawn_scoped(scope, move || train_rank(cfg, i + 1, Some(link), cpu_device()))
                     .map_err(|e| NcError::new(format!("starting rank {}: {e}", i + 1)))
             })
             .collect::<Result<_>>()?;
-        let first = train_rank(cfg, 0, Some(link0));
+        let first = train_rank(cfg, 0, Some(link0), cpu_device());
         let mut result = first;
         for h in others {
             let r = h.join().map_err(|_| NcError::new("a rank thread panicked"))?;
@@ -323,7 +324,42 @@ fn resolve_recompute(asked: plan::Recompute, model: &ModelConfig, batch: &BatchP
     }
 }
 
-fn train_rank(cfg: &TrainConfig, rank: usize, mut link: Option<RankLink>) -> Result<RunSummary> {
+/// What a rank computes on: its backend, and the peak FLOP/s (with how it was found) that its MFU is
+/// measured against.
+pub struct Device<B: Backend> {
+    pub be: B,
+    pub peak_flops: f64,
+    pub peak_how: String,
+}
+
+/// Train on one rank with the given backend (a GPU's, or a test's). Several ranks are CPU threads only, for
+/// now, and go through `train`.
+pub fn train_on<B: Backend>(cfg: &TrainConfig, device: Device<B>) -> Result<RunSummary> {
+    if cfg.world_size > 1 {
+        bail!(
+            "--world-size {} runs CPU ranks only in this build; use --backend cpu, or --world-size 1",
+            cfg.world_size
+        );
+    }
+    train_rank(cfg, 0, None, device)
+}
+
+/// A CPU rank. CPU ranks are threads sharing one CPU, so the peak is the whole machine's, not per rank.
+fn cpu_device() -> Device<CpuBackend> {
+    let (peak_flops, how) = metrics::cpu_peak_flops(rayon::current_num_threads());
+    Device {
+        be: CpuBackend::new(),
+        peak_flops,
+        peak_how: format!("a CPU peak: {how}"),
+    }
+}
+
+fn train_rank<B: Backend>(
+    cfg: &TrainConfig,
+    rank: usize,
+    mut link: Option<RankLink>,
+    device: Device<B>,
+) -> Result<RunSummary> {
     let lead = rank == 0;
     let say = |s: String| {
         if cfg.verbose && lead {
@@ -350,14 +386,20 @@ fn train_rank(cfg: &TrainConfig, rank: usize, mut link: Option<RankLink>) -> Res
         final_lr_frac: cfg.final_lr_frac,
     };
     let (policy, policy_why) = resolve_recompute(cfg.recompute, &model_cfg, &batch);
+    let Device {
+        be,
+        peak_flops: peak,
+        peak_how,
+    } = device;
     let mut model = Gpt::new(
-        CpuBackend::new(),
+        be,
         model_cfg,
         batch.device_batch_size,
         model_cfg.sequence_len,
         plan::engine_policy(policy),
     )?;
     model.init(cfg.seed);
+    let mut mirror = HostMirror::default();
     let mut opt = Optimizer::new(&model_cfg, cfg.optim, rank, world)?;
     let grad_sync = GradSync::new(&model_cfg, rank, world);
     let mut state = LoopState {
@@ -368,7 +410,9 @@ fn train_rank(cfg: &TrainConfig, rank: usize, mut link: Option<RankLink>) -> Res
     let mut step = 0u64;
     let resumed = resume_point(cfg, &model_cfg, &batch)?;
     if let Some((dir, meta)) = &resumed {
-        checkpoint::load_params(dir, &model_cfg, model.params_mut())?;
+        model.update_on_host(&mut mirror, |params, _| {
+            checkpoint::load_params(dir, &model_cfg, params)
+        })?;
         let mut st = vec![0.0f32; opt.state().len()];
         if meta.optimizer.state_lens[rank] != st.len() {
             bail!(
@@ -404,7 +448,6 @@ fn train_rank(cfg: &TrainConfig, rank: usize, mut link: Option<RankLink>) -> Res
     };
 
     let flops_per_token = model_cfg.flops_per_token();
-    let (peak, peak_how) = metrics::cpu_peak_flops(rayon::current_num_threads());
     say(format!(
         "model d{} (n_embd {}, {} heads, vocab {}, seq {}): {} params, {:.3e} FLOPs/token",
         model_cfg.n_layer,
@@ -421,7 +464,7 @@ fn train_rank(cfg: &TrainConfig, rank: usize, mut link: Option<RankLink>) -> Res
         model.allocated_activation_elements() as f64 * 4.0 / (1u64 << 20) as f64
     ));
     say(format!(
-        "batch {} x {} x {} ranks, grad accum {}, {} tokens/step; {} steps; MFU against a CPU peak of {:.1} GFLOP/s ({peak_how})",
+        "batch {} x {} x {} ranks, grad accum {}, {} tokens/step; {} steps; MFU against {:.1} GFLOP/s ({peak_how})",
         batch.device_batch_size,
         batch.seq_len,
         batch.world_size,
@@ -508,7 +551,7 @@ fn train_rank(cfg: &TrainConfig, rank: usize, mut link: Option<RankLink>) -> Res
                 },
             };
             let views: Vec<&[f32]> = states.iter().map(|s| s.as_slice()).collect();
-            let dir = checkpoint::save(&cfg.out_dir, &meta, model.params(), &views)?;
+            let dir = checkpoint::save(&cfg.out_dir, &meta, model.host_params(&mut mirror), &views)?;
             say(format!("saved {}", dir.display()));
             summary.last_checkpoint = Some(dir);
         }
@@ -541,15 +584,17 @@ fn train_rank(cfg: &TrainConfig, rank: usize, mut link: Option<RankLink>) -> Res
             bail!("the train loss became {loss} at step {step}; lower the learning rates (e.g. --matrix-lr 0.01)");
         }
         let lr_mult = schedule.lr_multiplier(step);
-        let (params, grads) = model.params_and_grads_mut();
-        let grad_norm = match link.as_mut() {
-            Some(l) => grad_sync.reduce_and_clip(&mut l.comm, grads, cfg.grad_clip)?,
-            None => clip_grad_norm(grads, cfg.grad_clip),
-        };
-        opt.step(params, grads, lr_mult, muon_momentum(step));
-        if let Some(l) = link.as_mut() {
-            grad_sync.gather_params(&mut l.comm, params)?;
-        }
+        let grad_norm = model.update_on_host(&mut mirror, |params, grads| -> Result<f64> {
+            let grad_norm = match link.as_mut() {
+                Some(l) => grad_sync.reduce_and_clip(&mut l.comm, grads, cfg.grad_clip)?,
+                None => clip_grad_norm(grads, cfg.grad_clip),
+            };
+            opt.step(params, grads, lr_mult, muon_momentum(step));
+            if let Some(l) = link.as_mut() {
+                grad_sync.gather_params(&mut l.comm, params)?;
+            }
+            Ok(grad_norm)
+        })?;
         let dt = t0.elapsed().as_secs_f64();
         // the first steps pay for warm-up; nanochat leaves the first 10 out of its total time
         if step > 10 || num_iterations <= 20 {
@@ -558,7 +603,6 @@ fn train_rank(cfg: &TrainConfig, rank: usize, mut link: Option<RankLink>) -> Res
         state.smooth_loss = EMA_BETA * state.smooth_loss + (1.0 - EMA_BETA) * loss as f64;
         let debiased = state.smooth_loss / (1.0 - EMA_BETA.powi(step as i32 + 1));
         let tok_per_sec = batch.total_batch_size as f64 / dt;
-        // CPU ranks are threads sharing one CPU, so the peak is the machine's, not per rank
         let mfu = flops_per_token * batch.total_batch_size as f64 / dt / peak;
         say(format!(
             "step {:05}/{:05} ({:5.2}%) | loss: {debiased:.6} | grad norm: {grad_norm:.4} | lrm: {lr_mult:.2} | dt: {:.2}ms | tok/sec: {:.0} | mfu: {:.2} | total time: {:.2}m",

@@ -220,4 +220,11 @@ impl Backend for CpuBackend {
     fn softcap(&self, logits: ViewMut<'_, Self>, cap: f32) {
         loss::softcap(sl_mut(logits), cap);
     }
+
+    fn host_slice(buf: &CpuBuf) -> Option<&[f32]> {
+        Some(&buf.0)
+    }
+    fn host_slice_mut(buf: &mut CpuBuf) -> Option<&mut [f32]> {
+        Some(&mut buf.0)
+    }
 }

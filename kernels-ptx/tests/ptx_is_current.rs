@@ -1,0 +1,299 @@
+//! Checks on the checked-in PTX that need no CUDA toolkit: each PTX was generated from the current `.cu`
+//! (its first line carries the source's FNV-1a 64 hash), declares every kernel of the contract with the
+//! documented parameter list, targets what the driver accepts, and the launch-dimension helpers are sane.
+
+use nc_kernels::*;
+
+const REGENERATE: &str = "run kernels-ptx/build_ptx.sh (see kernels-ptx/README.md) and commit the regenerated ptx/";
+
+/// FNV-1a 64 of the bytes, the hash build_ptx.sh stamps.
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+fn source(module: &str) -> Vec<u8> {
+    let path = format!("{}/cuda/{module}.cu", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"))
+}
+
+#[test]
+fn fnv1a64_matches_known_values() {
+    assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+    assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+    assert_eq!(fnv1a64(b"foobar"), 0x85944171f73967e8);
+}
+
+#[test]
+fn every_ptx_was_generated_from_the_current_source() {
+    for (module, ptx) in MODULES {
+        let want = format!("// nc-source-fnv1a64: {:016x}", fnv1a64(&source(module)));
+        let first = ptx.lines().next().unwrap_or("");
+        assert_eq!(
+            first, want,
+            "ptx/{module}.ptx is stale or missing: cuda/{module}.cu changed since its PTX was generated; {REGENERATE}"
+        );
+    }
+}
+
+#[test]
+fn every_ptx_targets_compute_80_with_an_isa_the_driver_accepts() {
+    for (module, ptx) in MODULES {
+        let version = ptx
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(".version "))
+            .unwrap_or_else(|| panic!("ptx/{module}.ptx has no .version line; {REGENERATE}"));
+        let (major, minor) = version.trim().split_once('.').expect("version is major.minor");
+        let v: (u32, u32) = (major.parse().unwrap(), minor.parse().unwrap());
+        assert!(
+            v <= (9, 0),
+            "ptx/{module}.ptx has PTX ISA {version}; the target driver (580) takes <= 9.0 (CUDA 13.0): build with the pinned nvcc 13.0"
+        );
+        let target = ptx.lines().find_map(|l| l.trim().strip_prefix(".target "));
+        assert_eq!(
+            target.map(str::trim),
+            Some("sm_80"),
+            "ptx/{module}.ptx must target sm_80 (compute_80)"
+        );
+    }
+}
+
+/// The documented parameters of each kernel, one letter each: p = pointer (.u64), u = u64 (.u64),
+/// i = i32 (.u32), f = f32 (.f32).
+fn signature(name: &str) -> &'static str {
+    match name {
+        "nc_fill_f32" => "puf",
+        "nc_add_inplace_f32" => "ppu",
+        "nc_relu2_forward_f32" | "nc_relu2_backward_f32" => "ppu",
+        "nc_softcap_f32" => "puf",
+        "nc_embedding_forward_f32" | "nc_embedding_backward_f32" => "pppii",
+        "nc_rmsnorm_forward_f32" => "pppiif",
+        "nc_rmsnorm_backward_f32" => "ppppiii",
+        "nc_rotary_f32" => "ppiiiiiif",
+        "nc_softcap_cross_entropy_f32" => "pppiiffi",
+        "nc_attention_forward_f32" => "pppppiiiiiiif",
+        "nc_attention_backward_delta_f32" => "pppiiii",
+        "nc_attention_backward_dkdv_f32" => "ppppppppiiiiif",
+        "nc_attention_backward_dq_f32" => "pppppppiiiiif",
+        other => panic!("kernel {other} has no signature in this test: add it"),
+    }
+}
+
+/// The parameter types of entry `name` in `ptx`, as signature letters (p and u both read as p: PTX does
+/// not tell a pointer from a u64, so u is mapped to p before comparing).
+fn entry_params(ptx: &str, name: &str) -> Option<String> {
+    let head = format!(".visible .entry {name}(");
+    let start = ptx.find(&head)? + head.len();
+    let body = &ptx[start..start + ptx[start..].find(')')?];
+    Some(
+        body.lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with(".param"))
+            .map(|l| match l.split_whitespace().nth(1) {
+                Some(".u64") => 'p',
+                Some(".u32") | Some(".s32") => 'i',
+                Some(".f32") => 'f',
+                other => panic!("{name}: unexpected parameter type {other:?} in `{l}`"),
+            })
+            .collect(),
+    )
+}
+
+#[test]
+fn every_kernel_is_an_entry_of_its_module_with_the_documented_parameters() {
+    for k in ALL {
+        let (_, module_ptx) = MODULES
+            .iter()
+            .find(|(m, _)| *m == k.module)
+            .unwrap_or_else(|| panic!("{}: module {} not in MODULES", k.name, k.module));
+        assert_eq!(k.ptx, *module_ptx, "{}: its ptx is not its module's", k.name);
+        let params = entry_params(k.ptx, k.name).unwrap_or_else(|| {
+            panic!(
+                "ptx/{}.ptx has no `.visible .entry {}(`; {REGENERATE}",
+                k.module, k.name
+            )
+        });
+        let want: String = signature(k.name)
+            .chars()
+            .map(|c| if c == 'u' { 'p' } else { c })
+            .collect();
+        assert_eq!(
+            params, want,
+            "{}: PTX parameters (p pointer/u64, i i32, f f32) differ from the contract",
+            k.name
+        );
+    }
+    // Every entry of every module is in ALL (no kernel the backend would not know about).
+    for (module, ptx) in MODULES {
+        for line in ptx.lines().filter(|l| l.starts_with(".visible .entry ")) {
+            let name = line[".visible .entry ".len()..].trim_end_matches('(');
+            assert!(
+                ALL.iter().any(|k| k.name == name && k.module == module),
+                "ptx/{module}.ptx has entry {name} that ALL lacks"
+            );
+        }
+    }
+}
+
+/// Static shared memory of each entry: its own `.shared` declarations plus the module-level ones.
+fn static_shared_bytes(ptx: &str, name: &str) -> usize {
+    let size = |l: &str| -> usize {
+        let l = l.trim();
+        if !l.starts_with(".shared ") {
+            return 0;
+        }
+        let open = l.rfind('[').expect("shared array");
+        l[open + 1..l.rfind(']').unwrap()].parse::<usize>().unwrap()
+    };
+    let first_entry = ptx.find(".visible .entry ").unwrap_or(ptx.len());
+    let module_level: usize = ptx[..first_entry].lines().map(size).sum();
+    let start = ptx.find(&format!(".visible .entry {name}(")).unwrap();
+    let rest = &ptx[start + 1..];
+    let end = rest.find(".visible .entry ").unwrap_or(rest.len());
+    module_level + rest[..end].lines().map(size).sum::<usize>()
+}
+
+#[test]
+fn static_shared_memory_fits_without_an_opt_in() {
+    for k in ALL {
+        let bytes = static_shared_bytes(k.ptx, k.name);
+        assert!(bytes < 48 * 1024, "{}: {bytes} bytes of static shared memory", k.name);
+        if k.module == "attention" {
+            assert!(
+                bytes <= ATTENTION_MAX_STATIC_SHARED_BYTES as usize,
+                "{}: {bytes} bytes",
+                k.name
+            );
+        }
+    }
+    let dkdv = static_shared_bytes(ATTENTION_BACKWARD_DKDV.ptx, ATTENTION_BACKWARD_DKDV.name);
+    assert_eq!(dkdv, ATTENTION_MAX_STATIC_SHARED_BYTES as usize, "update the constant");
+}
+
+/// The value of `#define NAME <integer>` in attention.cu.
+fn define(src: &str, name: &str) -> usize {
+    let head = format!("#define {name} ");
+    let line = src
+        .lines()
+        .find(|l| l.starts_with(&head))
+        .unwrap_or_else(|| panic!("attention.cu has no `{head}<integer>`"));
+    let value = line[head.len()..].split_whitespace().next().unwrap();
+    value.parse().unwrap_or_else(|_| panic!("`{line}`: not an integer"))
+}
+
+#[test]
+fn attention_dims_constants_match_the_kernel_source() {
+    let src = String::from_utf8(source("attention")).unwrap();
+    assert_eq!(define(&src, "MAX_D"), ATTENTION_MAX_HEAD_DIM);
+    assert_eq!(define(&src, "FWD_BQ"), ATTENTION_FORWARD_ROWS);
+    assert_eq!(define(&src, "DELTA_WARPS"), ATTENTION_DELTA_ROWS);
+    assert_eq!(32 * define(&src, "DELTA_WARPS"), ATTENTION_DELTA_THREADS as usize);
+    assert_eq!(define(&src, "DKV_BK"), ATTENTION_DKDV_KEYS);
+    assert_eq!(define(&src, "DQ_BQ"), ATTENTION_DQ_ROWS);
+    for warps in ["FWD_WARPS", "DKV_WARPS", "DQ_WARPS"] {
+        assert_eq!(32 * define(&src, warps), ATTENTION_THREADS as usize, "{warps}");
+    }
+}
+
+fn sane(d: LaunchDims, what: &str) {
+    let (gx, gy, gz) = d.grid;
+    let (bx, by, bz) = d.block;
+    assert!(gx >= 1 && gy >= 1 && gz >= 1, "{what}: empty grid {:?}", d.grid);
+    assert!(
+        gx < (1 << 31) && gy <= 65535 && gz <= 65535,
+        "{what}: grid {:?} past the limits",
+        d.grid
+    );
+    assert!(
+        bx >= 32 && bx % 32 == 0 && by == 1 && bz == 1,
+        "{what}: block {:?}",
+        d.block
+    );
+    assert!(bx * by * bz <= 1024, "{what}: block {:?} over 1024 threads", d.block);
+    assert!(
+        d.shared_bytes < 48 * 1024,
+        "{what}: {} bytes of dynamic shared memory",
+        d.shared_bytes
+    );
+}
+
+#[test]
+fn launch_dims_are_sane_and_cover_every_row_and_tile() {
+    for n in [0u64, 1, 255, 256, 257, 1 << 20, 24 * 2048 * 3328 * 4, 24 * 2048 * 65536] {
+        let d = elementwise_dims(n);
+        sane(d, "elementwise");
+        assert_eq!(d.block.0, ELEMENTWISE_THREADS);
+        // Grid-stride kernels: the grid need not cover n, but it covers min(n, 2^20 blocks).
+        assert!(d.grid.0 as u64 * d.block.0 as u64 >= n.min((1 << 20) * ELEMENTWISE_THREADS as u64));
+    }
+    for rows in [1usize, 7, 24 * 2048, 24 * 2048 * 26] {
+        let d = row_dims(rows, ROW_THREADS);
+        sane(d, "rows");
+        assert_eq!(d.grid.0 as usize, rows);
+    }
+    // (batch, t or tq, n_head, n_kv_head, head_dim): tests' small shapes, decoding, the presets.
+    let shapes = [
+        (1, 1, 1, 1, 8),
+        (2, 19, 4, 2, 8),
+        (1, 40, 2, 1, 16),
+        (3, 1, 26, 26, 128),
+        (1, 7, 4, 1, 16),
+        (24, 2048, 26, 26, 128),
+        (8, 2048, 19, 19, 128),
+        (2, 2048, 8, 2, 128),
+        (1, 2049, 1, 1, 1),
+    ];
+    for (b, t, h, hkv, d) in shapes {
+        let what = format!("shape b {b} t {t} h {h} hkv {hkv} d {d}");
+        let f = attention_forward_dims(b, h, t, d);
+        sane(f, &what);
+        assert_eq!(f.block.0, ATTENTION_THREADS);
+        assert!(f.grid.0 as usize * ATTENTION_FORWARD_ROWS >= t, "{what}: forward rows");
+        assert!(
+            (f.grid.0 as usize - 1) * ATTENTION_FORWARD_ROWS < t.max(1),
+            "{what}: forward has idle tiles"
+        );
+        assert_eq!(
+            (f.grid.1 as usize, f.grid.2 as usize),
+            (h, b),
+            "{what}: forward heads/batch"
+        );
+
+        let dl = attention_delta_dims(b, h, t, d);
+        sane(dl, &what);
+        assert_eq!(dl.block.0 as usize, 32 * ATTENTION_DELTA_ROWS);
+        assert!(
+            dl.grid.0 as usize * ATTENTION_DELTA_ROWS >= b * t * h,
+            "{what}: delta rows"
+        );
+
+        let kv = attention_dkdv_dims(b, hkv, t, d);
+        sane(kv, &what);
+        assert_eq!(kv.block.0, ATTENTION_THREADS);
+        assert!(kv.grid.0 as usize * ATTENTION_DKDV_KEYS >= t, "{what}: dkdv keys");
+        assert_eq!(
+            (kv.grid.1 as usize, kv.grid.2 as usize),
+            (hkv, b),
+            "{what}: dkdv kv heads/batch"
+        );
+
+        let dq = attention_dq_dims(b, h, t, d);
+        sane(dq, &what);
+        assert_eq!(dq.block.0, ATTENTION_THREADS);
+        assert!(dq.grid.0 as usize * ATTENTION_DQ_ROWS >= t, "{what}: dq rows");
+        assert_eq!(
+            (dq.grid.1 as usize, dq.grid.2 as usize),
+            (h, b),
+            "{what}: dq heads/batch"
+        );
+    }
+}
+
+#[test]
+#[should_panic(expected = "head_dim")]
+fn attention_dims_reject_a_head_dim_over_the_maximum() {
+    attention_forward_dims(1, 1, 1, ATTENTION_MAX_HEAD_DIM + 1);
+}

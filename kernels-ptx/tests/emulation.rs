@@ -1,0 +1,27 @@
+//! Runs the kernels' CPU emulation check (`emu/run.sh`: the real `.cu` files compiled by g++ with one OS
+//! thread per CUDA thread, checked against double-precision references and numerical derivatives), so CI
+//! exercises the kernels' arithmetic without a GPU. Skipped, with a note, where g++ is missing.
+
+use std::process::Command;
+
+#[test]
+fn kernels_pass_their_cpu_emulation() {
+    let gxx = Command::new("g++").arg("--version").output();
+    if !matches!(gxx, Ok(ref o) if o.status.success()) {
+        eprintln!("no g++: the kernels' CPU emulation check was not run");
+        return;
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/emu/run.sh");
+    let out = Command::new("bash").arg(script).output().expect("running bash");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "emu/run.sh failed:\n{text}");
+    assert!(text.contains("\n0 failures"), "emu/run.sh reported failures:\n{text}");
+    // every kernel family was checked
+    for what in ["fill", "rmsnorm backward", "rotary backward", "ce grad", "embedding backward", "  dk"] {
+        assert!(text.contains(what), "emu/run.sh did not check '{what}':\n{text}");
+    }
+}

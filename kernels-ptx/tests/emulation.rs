@@ -21,7 +21,14 @@ fn kernels_pass_their_cpu_emulation() {
     assert!(out.status.success(), "emu/run.sh failed:\n{text}");
     assert!(text.contains("\n0 failures"), "emu/run.sh reported failures:\n{text}");
     // every kernel family was checked
-    for what in ["fill", "rmsnorm backward", "rotary backward", "ce grad", "embedding backward", "  dk"] {
+    for what in [
+        "fill",
+        "rmsnorm backward",
+        "rotary backward",
+        "ce grad",
+        "embedding backward",
+        "  dk",
+    ] {
         assert!(text.contains(what), "emu/run.sh did not check '{what}':\n{text}");
     }
 }

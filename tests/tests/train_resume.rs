@@ -247,6 +247,9 @@ fn device_path_trains_like_the_cpu_and_shares_its_checkpoints() {
         be: DeviceLikeCpu::default(),
         peak_flops: 1e9,
         peak_how: "a test".into(),
+        memory_bytes: None,
+        memory_name: "test memory".into(),
+        replicas_sharing_memory: 1,
     };
     let n = 4u64;
     let cpu_dir = tempfile::tempdir().unwrap();
@@ -304,6 +307,9 @@ fn device_path_refuses_several_ranks() {
         be: DeviceLikeCpu::default(),
         peak_flops: 1e9,
         peak_how: "a test".into(),
+        memory_bytes: None,
+        memory_name: "test memory".into(),
+        replicas_sharing_memory: 1,
     };
     let err = train_on(&cfg, device).unwrap_err().to_string();
     assert!(err.contains("--world-size 1"), "{err}");

@@ -256,7 +256,7 @@ struct RankLink {
 /// (data parallel, ZeRO-1); rank 0 evaluates, samples, logs and saves, and its summary is returned.
 pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
     if cfg.world_size <= 1 {
-        return train_rank(cfg, 0, None, cpu_device());
+        return train_rank(cfg, 0, None, cpu_device(cfg.world_size));
     }
     let (tx, rx) = crossbeam_channel::unbounded();
     let links: Vec<RankLink> = ThreadRing::new(cfg.world_size)
@@ -276,11 +276,13 @@ pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
             .map(|(i, link)| {
                 std::thread::Builder::new()
                     .name(format!("nc-rank{}", i + 1))
-                    .spawn_scoped(scope, move || train_rank(cfg, i + 1, Some(link), cpu_device()))
+                    .spawn_scoped(scope, move || {
+                        train_rank(cfg, i + 1, Some(link), cpu_device(cfg.world_size))
+                    })
                     .map_err(|e| NcError::new(format!("starting rank {}: {e}", i + 1)))
             })
             .collect::<Result<_>>()?;
-        let first = train_rank(cfg, 0, Some(link0), cpu_device());
+        let first = train_rank(cfg, 0, Some(link0), cpu_device(cfg.world_size));
         let mut result = first;
         for h in others {
             let r = h.join().map_err(|_| NcError::new("a rank thread panicked"))?;
@@ -293,33 +295,31 @@ pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
     })
 }
 
-/// The concrete policy of a CPU run, and why. Auto asks the plan for the cheapest policy under which every
-/// rank's replica (all threads of this process) fits in the host's memory.
-fn resolve_recompute(asked: plan::Recompute, model: &ModelConfig, batch: &BatchPlan) -> (plan::Recompute, String) {
+/// The concrete policy of a run, and why. Auto asks the plan for the cheapest policy under which every
+/// replica sharing the device's memory (all CPU ranks of this process share the host's; a GPU holds one)
+/// fits in it.
+fn resolve_recompute<B: Backend>(
+    asked: plan::Recompute,
+    model: &ModelConfig,
+    batch: &BatchPlan,
+    device: &Device<B>,
+) -> (plan::Recompute, String) {
     if asked != plan::Recompute::Auto {
         return (asked, "as asked".into());
     }
-    let Some(mem) = plan::host_memory_bytes() else {
+    let Some(mem) = device.memory_bytes else {
         return (
             plan::Recompute::None,
-            "auto: host memory unknown, keeping every activation".into(),
+            format!("auto: {} unknown, keeping every activation", device.memory_name),
         );
     };
     let (b, w) = (batch.device_batch_size, batch.world_size);
-    match plan::cheapest_policy_that_fits(model, b, w, Precision::Fp32, mem, w) {
-        Some(p) => (
-            p,
-            format!(
-                "auto: the cheapest that fits in {:.1} GiB of host memory",
-                mem / plan::GIB
-            ),
-        ),
+    let what = format!("{:.1} GiB of {}", mem / plan::GIB, device.memory_name);
+    match plan::cheapest_policy_that_fits(model, b, w, Precision::Fp32, mem, device.replicas_sharing_memory) {
+        Some(p) => (p, format!("auto: the cheapest that fits in {what}")),
         None => (
             plan::Recompute::Full,
-            format!(
-                "auto: nothing fits in {:.1} GiB of host memory, even full recomputation; lower --dbs",
-                mem / plan::GIB
-            ),
+            format!("auto: nothing fits in {what}, even full recomputation; lower --dbs"),
         ),
     }
 }
@@ -330,6 +330,11 @@ pub struct Device<B: Backend> {
     pub be: B,
     pub peak_flops: f64,
     pub peak_how: String,
+    /// The memory the run's buffers live in, for `--recompute auto` (None: unknown), and its name for logs.
+    pub memory_bytes: Option<f64>,
+    pub memory_name: String,
+    /// How many ranks' replicas share that memory (all CPU ranks share the host's; a GPU holds one).
+    pub replicas_sharing_memory: usize,
 }
 
 /// Train on one rank with the given backend (a GPU's, or a test's). Several ranks are CPU threads only, for
@@ -344,13 +349,17 @@ pub fn train_on<B: Backend>(cfg: &TrainConfig, device: Device<B>) -> Result<RunS
     train_rank(cfg, 0, None, device)
 }
 
-/// A CPU rank. CPU ranks are threads sharing one CPU, so the peak is the whole machine's, not per rank.
-fn cpu_device() -> Device<CpuBackend> {
+/// A CPU rank of `world_size`. CPU ranks are threads sharing one CPU and its memory, so the peak is the
+/// whole machine's, not per rank.
+fn cpu_device(world_size: usize) -> Device<CpuBackend> {
     let (peak_flops, how) = metrics::cpu_peak_flops(rayon::current_num_threads());
     Device {
         be: CpuBackend::new(),
         peak_flops,
         peak_how: format!("a CPU peak: {how}"),
+        memory_bytes: plan::host_memory_bytes(),
+        memory_name: "host memory".into(),
+        replicas_sharing_memory: world_size.max(1),
     }
 }
 
@@ -385,11 +394,12 @@ fn train_rank<B: Backend>(
         warmdown_ratio: cfg.warmdown_ratio,
         final_lr_frac: cfg.final_lr_frac,
     };
-    let (policy, policy_why) = resolve_recompute(cfg.recompute, &model_cfg, &batch);
+    let (policy, policy_why) = resolve_recompute(cfg.recompute, &model_cfg, &batch, &device);
     let Device {
         be,
         peak_flops: peak,
         peak_how,
+        ..
     } = device;
     let mut model = Gpt::new(
         be,

@@ -1,4 +1,4 @@
-//! The `Backend` trait: the operations the GPT is written against. CPU (here) and CUDA (later) implement it.
+//! The `Backend` trait: the operations the GPT is written against. The CPU and CUDA backends implement it.
 //!
 //! A backend owns memory and kernels, nothing else. Buffers are backend handles (`Backend::Buf`), never
 //! host vectors, so a CUDA backend can keep them on the device in bf16 while the model code stays the same.
@@ -12,6 +12,7 @@
 //! - Token ids live in `Backend::Ids` buffers (i32; -1 marks an ignored target).
 
 pub mod cpu;
+pub mod cuda;
 pub mod device_like;
 
 /// A read-only view of `len` elements starting at `off` in a backend buffer.

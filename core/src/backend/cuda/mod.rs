@@ -1,0 +1,606 @@
+//! The CUDA backend: f32 buffers in device memory, the kernels of `nc_kernels` (CUDA C compiled to PTX,
+//! loaded once through cudarc's dynamically loaded driver API) and cuBLAS for the GEMMs.
+//!
+//! Build: `CudaBackend::new(ordinal)`, which returns an `NcError` (never panics) when the machine has no
+//! driver, no such device, no cuBLAS, or a driver too old for the PTX. `device_count()` says whether there is
+//! a device at all (0 without a driver), for callers and tests that fall back to the CPU.
+//!
+//! All work goes, in order, to one stream of the backend: uploads, kernels, GEMMs, frees. Ops return as soon
+//! as their work is queued; `download` synchronizes the stream, so the host data it returns is complete.
+//!
+//! Errors inside the trait's ops: the trait's methods return nothing, and a failed launch, copy or GEMM
+//! there is an internal bug (a kernel fault, a shape the kernels do not support), never a consequence of
+//! outside input, which the model checks before it reaches a backend. So those paths panic with a message
+//! naming the op (`expect`/`panic!`), like the CPU backend's slice bounds do; a fault inside an
+//! asynchronous kernel surfaces at the next launch or at `download`. Shapes are asserted against view
+//! lengths before every launch, so no kernel is ever handed a view too short for its shape. Token ids and
+//! targets are not checked on the device: the model checks them on the host before uploading (`Backend`
+//! says ids are assumed valid).
+//!
+//! Each op's kernel and parameter order are documented on its constant in kernels-ptx/src/lib.rs; the
+//! GEMM mapping is in `blas.rs`. None of this has run on a GPU in the session that wrote it: the parity
+//! tests (`cargo test --release --test cuda_parity`) check every op against the CPU backend where a GPU is.
+
+mod blas;
+mod device;
+mod launch;
+
+pub use device::{device_count, driver_present};
+
+use super::{AttnShape, Backend, View, ViewMut};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DriverError};
+use launch::{count, int, Arg, Kernels};
+use parking_lot::Mutex;
+use std::sync::Arc;
+
+/// f32 values in device memory. `len` is the logical length; the allocation holds at least one element
+/// (the driver rejects empty allocations, and the model does ask for empty buffers).
+pub struct CudaBuf {
+    data: CudaSlice<f32>,
+    len: usize,
+}
+
+/// i32 token ids in device memory (same layout rule as `CudaBuf`).
+pub struct CudaIds {
+    data: CudaSlice<i32>,
+    len: usize,
+}
+
+impl CudaBuf {
+    fn zeros(stream: &Arc<CudaStream>, len: usize) -> Result<Self, DriverError> {
+        Ok(CudaBuf {
+            data: stream.alloc_zeros::<f32>(len.max(1))?,
+            len,
+        })
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl CudaIds {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// The CUDA backend on one device. Fields drop in order: the cuBLAS handle and modules before the stream
+/// and context they belong to.
+pub struct CudaBackend {
+    ordinal: usize,
+    blas: CudaBlas,
+    kernels: Kernels,
+    /// Attention backward's delta = rowsum(dout * out), (B, H, T): grown to the largest call, then reused.
+    attention_delta: Mutex<CudaBuf>,
+    stream: Arc<CudaStream>,
+    ctx: Arc<CudaContext>,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaBackend(cuda:{})", self.ordinal)
+    }
+}
+
+impl CudaBackend {
+    /// The device ordinal this backend runs on.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// The device's name, as the driver reports it (for logs).
+    pub fn device_name(&self) -> String {
+        self.ctx
+            .name()
+            .unwrap_or_else(|e| format!("cuda:{} ({e})", self.ordinal))
+    }
+
+    /// Wait for all queued work. Only `download` needs it inside the trait; benchmarks and tests use it
+    /// to time or to surface a kernel fault at a known point.
+    pub fn synchronize(&self) {
+        self.stream
+            .synchronize()
+            .expect("CUDA stream synchronize failed (an earlier kernel or copy faulted)");
+    }
+
+    fn elementwise(&self, kernel: nc_kernels::Kernel, n: usize, args: &[Arg]) {
+        if n > 0 {
+            self.launch(kernel, nc_kernels::elementwise_dims(n as u64), args);
+        }
+    }
+}
+
+/// `len` elements of a view, checked (the model passes views at least as long as the shapes need).
+fn need(what: &str, have: usize, want: usize) {
+    assert!(
+        have >= want,
+        "CUDA {what}: view of {have} values, the shape needs {want}"
+    );
+}
+
+impl Backend for CudaBackend {
+    type Buf = CudaBuf;
+    type Ids = CudaIds;
+
+    fn alloc(&self, len: usize) -> CudaBuf {
+        CudaBuf::zeros(&self.stream, len)
+            .unwrap_or_else(|e| panic!("CUDA alloc of {len} f32 values failed: {e} (the plan should have caught it)"))
+    }
+    fn alloc_ids(&self, len: usize) -> CudaIds {
+        let data = self
+            .stream
+            .alloc_zeros::<i32>(len.max(1))
+            .unwrap_or_else(|e| panic!("CUDA alloc of {len} ids failed: {e}"));
+        CudaIds { data, len }
+    }
+    fn buf_len(buf: &CudaBuf) -> usize {
+        buf.len
+    }
+
+    fn upload(&self, dst: ViewMut<'_, Self>, src: &[f32]) {
+        assert_eq!(src.len(), dst.len, "CUDA upload: host slice and view lengths differ");
+        assert!(dst.off + dst.len <= dst.buf.len, "CUDA upload: view past buffer end");
+        if src.is_empty() {
+            return;
+        }
+        let mut view = dst.buf.data.slice_mut(dst.off..dst.off + dst.len);
+        // From pageable memory the driver stages the copy before returning, so `src` may go at once.
+        self.stream
+            .memcpy_htod(src, &mut view)
+            .expect("CUDA upload: host-to-device copy failed");
+    }
+    fn download(&self, src: View<'_, Self>, dst: &mut [f32]) {
+        assert_eq!(dst.len(), src.len, "CUDA download: host slice and view lengths differ");
+        assert!(src.off + src.len <= src.buf.len, "CUDA download: view past buffer end");
+        if dst.is_empty() {
+            return;
+        }
+        let view = src.buf.data.slice(src.off..src.off + src.len);
+        self.stream
+            .memcpy_dtoh(&view, dst)
+            .expect("CUDA download: device-to-host copy failed");
+        // The copy is queued behind every op before it; wait so `dst` is complete when we return.
+        self.stream
+            .synchronize()
+            .expect("CUDA download: stream synchronize failed (an earlier kernel or copy faulted)");
+    }
+    fn upload_ids(&self, dst: &mut CudaIds, src: &[i32]) {
+        assert!(
+            src.len() <= dst.len,
+            "CUDA upload_ids: {} ids into a buffer of {}",
+            src.len(),
+            dst.len
+        );
+        if src.is_empty() {
+            return;
+        }
+        let mut view = dst.data.slice_mut(0..src.len());
+        self.stream
+            .memcpy_htod(src, &mut view)
+            .expect("CUDA upload_ids: host-to-device copy failed");
+    }
+    fn fill(&self, dst: ViewMut<'_, Self>, value: f32) {
+        let n = dst.len;
+        let x = self.ptr_mut(dst);
+        self.elementwise(nc_kernels::FILL, n, &[x, count(n), Arg::F32(value)]);
+    }
+    fn copy(&self, src: View<'_, Self>, dst: ViewMut<'_, Self>) {
+        assert_eq!(src.len, dst.len, "CUDA copy: source and destination lengths differ");
+        assert!(
+            src.off + src.len <= src.buf.len,
+            "CUDA copy: source view past buffer end"
+        );
+        assert!(
+            dst.off + dst.len <= dst.buf.len,
+            "CUDA copy: destination view past buffer end"
+        );
+        if src.len == 0 {
+            return;
+        }
+        let from = src.buf.data.slice(src.off..src.off + src.len);
+        let mut to = dst.buf.data.slice_mut(dst.off..dst.off + dst.len);
+        self.stream
+            .memcpy_dtod(&from, &mut to)
+            .expect("CUDA copy: device-to-device copy failed");
+    }
+
+    fn matmul(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: View<'_, Self>,
+        a_t: bool,
+        b: View<'_, Self>,
+        b_t: bool,
+        mut c: ViewMut<'_, Self>,
+        accumulate: bool,
+    ) {
+        need("matmul A", a.len, m * k);
+        need("matmul B", b.len, k * n);
+        need("matmul C", c.len, m * n);
+        if m == 0 || n == 0 {
+            return;
+        }
+        if k == 0 {
+            // An empty inner product is 0: C = 0, or C unchanged when accumulating (as on the CPU).
+            if !accumulate {
+                self.fill(c.sub(0, m * n), 0.0);
+            }
+            return;
+        }
+        let call = blas::sgemm_call(m, n, k, a_t, b_t, accumulate);
+        let (first, second, out) = (self.addr(b), self.addr(a), self.addr_mut(c));
+        // cuBLAS works in whatever context is current on this thread; make it ours.
+        self.ctx
+            .bind_to_thread()
+            .expect("CUDA matmul: binding the context failed");
+        // SAFETY: the three views were checked above to cover m x k, k x n and m x n values, which are
+        // exactly the extents `call` reads and writes.
+        unsafe { blas::run_sgemm(&self.blas, &call, first, second, out) };
+    }
+
+    fn embedding_forward(&self, ids: &CudaIds, n: usize, wte: View<'_, Self>, d: usize, out: ViewMut<'_, Self>) {
+        need("embedding_forward out", out.len, n * d);
+        if n == 0 || d == 0 {
+            return;
+        }
+        let args = [
+            self.ids_ptr(ids, 0, n),
+            self.ptr(wte),
+            self.ptr_mut(out),
+            int(n, "tokens"),
+            int(d, "d"),
+        ];
+        self.launch(nc_kernels::EMBEDDING_FORWARD, one_block_per_row(n), &args);
+    }
+    fn embedding_backward(&self, ids: &CudaIds, n: usize, dout: View<'_, Self>, d: usize, dwte: ViewMut<'_, Self>) {
+        need("embedding_backward dout", dout.len, n * d);
+        if n == 0 || d == 0 {
+            return;
+        }
+        let args = [
+            self.ids_ptr(ids, 0, n),
+            self.ptr(dout),
+            self.ptr_mut(dwte),
+            int(n, "tokens"),
+            int(d, "d"),
+        ];
+        self.launch(nc_kernels::EMBEDDING_BACKWARD, one_block_per_row(n), &args);
+    }
+
+    fn rmsnorm_forward(
+        &self,
+        x: View<'_, Self>,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+        y: ViewMut<'_, Self>,
+        rstd: ViewMut<'_, Self>,
+    ) {
+        need("rmsnorm_forward x", x.len, rows * dim);
+        need("rmsnorm_forward y", y.len, rows * dim);
+        need("rmsnorm_forward rstd", rstd.len, rows);
+        if rows == 0 {
+            return;
+        }
+        let args = [
+            self.ptr(x),
+            self.ptr_mut(y),
+            self.ptr_mut(rstd),
+            int(rows, "rows"),
+            int(dim, "dim"),
+            Arg::F32(eps),
+        ];
+        self.launch(nc_kernels::RMSNORM_FORWARD, one_block_per_row(rows), &args);
+    }
+    fn rmsnorm_backward(
+        &self,
+        y: View<'_, Self>,
+        rstd: View<'_, Self>,
+        dy: View<'_, Self>,
+        rows: usize,
+        dim: usize,
+        dx: ViewMut<'_, Self>,
+        accumulate: bool,
+    ) {
+        need("rmsnorm_backward y", y.len, rows * dim);
+        need("rmsnorm_backward rstd", rstd.len, rows);
+        need("rmsnorm_backward dy", dy.len, rows * dim);
+        need("rmsnorm_backward dx", dx.len, rows * dim);
+        if rows == 0 {
+            return;
+        }
+        let args = [
+            self.ptr(y),
+            self.ptr(rstd),
+            self.ptr(dy),
+            self.ptr_mut(dx),
+            int(rows, "rows"),
+            int(dim, "dim"),
+            Arg::I32(accumulate as i32),
+        ];
+        self.launch(nc_kernels::RMSNORM_BACKWARD, one_block_per_row(rows), &args);
+    }
+
+    fn rotary_forward(
+        &self,
+        x: ViewMut<'_, Self>,
+        batch: usize,
+        t: usize,
+        heads: usize,
+        head_dim: usize,
+        pos0: usize,
+        table: View<'_, Self>,
+    ) {
+        self.rotary(x, batch, t, heads, head_dim, pos0, table, 1.0);
+    }
+    fn rotary_backward(
+        &self,
+        dx: ViewMut<'_, Self>,
+        batch: usize,
+        t: usize,
+        heads: usize,
+        head_dim: usize,
+        pos0: usize,
+        table: View<'_, Self>,
+    ) {
+        // The transpose of a rotation is the rotation by the opposite angle: the same kernel, sin negated.
+        self.rotary(dx, batch, t, heads, head_dim, pos0, table, -1.0);
+    }
+
+    fn attention_forward(
+        &self,
+        shape: AttnShape,
+        q: View<'_, Self>,
+        k: View<'_, Self>,
+        v: View<'_, Self>,
+        out: ViewMut<'_, Self>,
+        lse: ViewMut<'_, Self>,
+    ) {
+        check_attention(&shape, q.len, k.len, v.len, out.len, lse.len);
+        if shape.batch == 0 || shape.tq == 0 || shape.n_head == 0 {
+            return;
+        }
+        let s = shape;
+        let args = [
+            self.ptr(q),
+            self.ptr(k),
+            self.ptr(v),
+            self.ptr_mut(out),
+            self.ptr_mut(lse),
+            int(s.batch, "batch"),
+            int(s.tq, "tq"),
+            int(s.tk, "tk"),
+            int(s.n_head, "n_head"),
+            int(s.n_kv_head, "n_kv_head"),
+            int(s.head_dim, "head_dim"),
+            int(s.q_pos0, "q_pos0"),
+            Arg::F32(attention_scale(s.head_dim)),
+        ];
+        let dims = nc_kernels::attention_forward_dims(s.batch, s.n_head, s.tq, s.head_dim);
+        self.launch(nc_kernels::ATTENTION_FORWARD, dims, &args);
+    }
+    fn attention_backward(
+        &self,
+        shape: AttnShape,
+        q: View<'_, Self>,
+        k: View<'_, Self>,
+        v: View<'_, Self>,
+        out: View<'_, Self>,
+        lse: View<'_, Self>,
+        dout: View<'_, Self>,
+        dq: ViewMut<'_, Self>,
+        dk: ViewMut<'_, Self>,
+        dv: ViewMut<'_, Self>,
+    ) {
+        let s = shape;
+        check_attention(&s, q.len, k.len, v.len, out.len, lse.len);
+        assert!(
+            s.tq == s.tk && s.q_pos0 == 0,
+            "attention backward supports the training shape only"
+        );
+        need("attention_backward dout", dout.len, s.q_len());
+        need("attention_backward dq", dq.len, s.q_len());
+        need("attention_backward dk", dk.len, s.kv_len());
+        need("attention_backward dv", dv.len, s.kv_len());
+        if s.batch == 0 || s.tq == 0 || s.n_head == 0 {
+            return;
+        }
+        let t = s.tq;
+        let scale = Arg::F32(attention_scale(s.head_dim));
+        let (batch, n_head, n_kv_head, head_dim) = (
+            int(s.batch, "batch"),
+            int(s.n_head, "n_head"),
+            int(s.n_kv_head, "n_kv_head"),
+            int(s.head_dim, "head_dim"),
+        );
+        let tt = int(t, "t");
+
+        // delta (B, H, T) lives in the backend's scratch, grown on first need; the lock is held until the
+        // last kernel that reads it is queued (stream order does the rest).
+        let mut delta_buf = self.attention_delta.lock();
+        if delta_buf.len < s.lse_len() {
+            // The old buffer's free is queued on the stream behind the kernels that used it.
+            *delta_buf = CudaBuf::zeros(&self.stream, s.lse_len())
+                .unwrap_or_else(|e| panic!("CUDA attention backward: allocating delta failed: {e}"));
+        }
+        let delta = self.scratch_ptr(&mut delta_buf, s.lse_len());
+        let (q, k, v, lse, dout) = (self.ptr(q), self.ptr(k), self.ptr(v), self.ptr(lse), self.ptr(dout));
+
+        let args = [self.ptr(out), dout, delta, batch, tt, n_head, head_dim];
+        let dims = nc_kernels::attention_delta_dims(s.batch, s.n_head, t, s.head_dim);
+        self.launch(nc_kernels::ATTENTION_BACKWARD_DELTA, dims, &args);
+
+        let args = [
+            q,
+            k,
+            v,
+            lse,
+            delta,
+            dout,
+            self.ptr_mut(dk),
+            self.ptr_mut(dv),
+            batch,
+            tt,
+            n_head,
+            n_kv_head,
+            head_dim,
+            scale,
+        ];
+        let dims = nc_kernels::attention_dkdv_dims(s.batch, s.n_kv_head, t, s.head_dim);
+        self.launch(nc_kernels::ATTENTION_BACKWARD_DKDV, dims, &args);
+
+        let args = [
+            q,
+            k,
+            v,
+            lse,
+            delta,
+            dout,
+            self.ptr_mut(dq),
+            batch,
+            tt,
+            n_head,
+            n_kv_head,
+            head_dim,
+            scale,
+        ];
+        let dims = nc_kernels::attention_dq_dims(s.batch, s.n_head, t, s.head_dim);
+        self.launch(nc_kernels::ATTENTION_BACKWARD_DQ, dims, &args);
+    }
+
+    fn relu2_forward(&self, u: View<'_, Self>, h: ViewMut<'_, Self>) {
+        assert_eq!(u.len, h.len, "CUDA relu2_forward: u and h lengths differ");
+        let n = h.len;
+        let args = [self.ptr(u), self.ptr_mut(h), count(n)];
+        self.elementwise(nc_kernels::RELU2_FORWARD, n, &args);
+    }
+    fn relu2_backward(&self, u: View<'_, Self>, dh_to_du: ViewMut<'_, Self>) {
+        assert_eq!(u.len, dh_to_du.len, "CUDA relu2_backward: u and dh lengths differ");
+        let n = u.len;
+        let args = [self.ptr(u), self.ptr_mut(dh_to_du), count(n)];
+        self.elementwise(nc_kernels::RELU2_BACKWARD, n, &args);
+    }
+    fn add_inplace(&self, x: ViewMut<'_, Self>, y: View<'_, Self>) {
+        assert_eq!(x.len, y.len, "CUDA add_inplace: x and y lengths differ");
+        let n = x.len;
+        let args = [self.ptr_mut(x), self.ptr(y), count(n)];
+        self.elementwise(nc_kernels::ADD_INPLACE, n, &args);
+    }
+
+    fn softcap_cross_entropy(
+        &self,
+        logits: ViewMut<'_, Self>,
+        rows: usize,
+        vocab: usize,
+        cap: f32,
+        targets: &CudaIds,
+        target_off: usize,
+        losses: ViewMut<'_, Self>,
+        grad_scale: Option<f32>,
+    ) {
+        need("softcap_cross_entropy logits", logits.len, rows * vocab);
+        need("softcap_cross_entropy losses", losses.len, rows);
+        if rows == 0 {
+            return;
+        }
+        let args = [
+            self.ptr_mut(logits),
+            self.ids_ptr(targets, target_off, rows),
+            self.ptr_mut(losses),
+            int(rows, "rows"),
+            int(vocab, "vocab"),
+            Arg::F32(cap),
+            Arg::F32(grad_scale.unwrap_or(0.0)),
+            Arg::I32(grad_scale.is_some() as i32),
+        ];
+        self.launch(nc_kernels::SOFTCAP_CROSS_ENTROPY, one_block_per_row(rows), &args);
+    }
+    fn softcap(&self, logits: ViewMut<'_, Self>, cap: f32) {
+        let n = logits.len;
+        let args = [self.ptr_mut(logits), count(n), Arg::F32(cap)];
+        self.elementwise(nc_kernels::SOFTCAP, n, &args);
+    }
+}
+
+impl CudaBackend {
+    /// Rotary in place on x (batch, t, heads, head_dim); sin_sign +1 rotates forward, -1 back.
+    #[allow(clippy::too_many_arguments)]
+    fn rotary(
+        &self,
+        x: ViewMut<'_, Self>,
+        batch: usize,
+        t: usize,
+        heads: usize,
+        head_dim: usize,
+        pos0: usize,
+        table: View<'_, Self>,
+        sin_sign: f32,
+    ) {
+        assert!(
+            head_dim >= 2 && head_dim % 2 == 0,
+            "rotary: head_dim {head_dim} must be even and positive"
+        );
+        let half = head_dim / 2;
+        // As on the CPU: the table view holds cos then sin, each (max_pos, half).
+        let max_pos = table.len / (2 * half);
+        assert!(
+            pos0 + t <= max_pos,
+            "rotary: positions up to {} but the table holds {max_pos}",
+            pos0 + t
+        );
+        let rows = batch * t;
+        need("rotary x", x.len, rows * heads * head_dim);
+        let pairs = rows * heads * half;
+        let args = [
+            self.ptr_mut(x),
+            self.ptr(table),
+            int(rows, "rows"),
+            int(t, "t"),
+            int(heads, "heads"),
+            int(head_dim, "head_dim"),
+            int(pos0, "pos0"),
+            int(max_pos, "max_pos"),
+            Arg::F32(sin_sign),
+        ];
+        self.elementwise(nc_kernels::ROTARY, pairs, &args);
+    }
+}
+
+/// Launch of the one-block-per-row kernels (embedding, rmsnorm, cross entropy).
+fn one_block_per_row(rows: usize) -> nc_kernels::LaunchDims {
+    nc_kernels::row_dims(rows, nc_kernels::ROW_THREADS)
+}
+
+/// The score scale 1/sqrt(D), computed exactly as the CPU backend does.
+fn attention_scale(head_dim: usize) -> f32 {
+    1.0 / (head_dim as f32).sqrt()
+}
+
+/// The CPU backend's checks of an attention call, plus the kernels' head_dim limit.
+fn check_attention(s: &AttnShape, q: usize, k: usize, v: usize, out: usize, lse: usize) {
+    assert!(
+        s.n_kv_head > 0 && s.n_head % s.n_kv_head == 0,
+        "attention: n_kv_head must divide n_head"
+    );
+    assert!(s.q_pos0 + s.tq <= s.tk, "attention: queries reach past the keys");
+    assert!(
+        (1..=nc_kernels::ATTENTION_MAX_HEAD_DIM).contains(&s.head_dim),
+        "attention: the CUDA kernels take 1 <= head_dim <= {}, got {}",
+        nc_kernels::ATTENTION_MAX_HEAD_DIM,
+        s.head_dim
+    );
+    need("attention q", q, s.q_len());
+    need("attention out", out, s.q_len());
+    need("attention k", k, s.kv_len());
+    need("attention v", v, s.kv_len());
+    need("attention lse", lse, s.lse_len());
+}

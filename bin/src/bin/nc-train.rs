@@ -312,7 +312,9 @@ fn embedded_model() -> Result<ModelConfig> {
 fn train_config_from_flags(cli: &Cli) -> Result<TrainConfig> {
     if cli.backend == "cuda" {
         return Err(NcError::new(
-            "--backend cuda: this build has no CUDA backend yet; use --backend cpu (or auto)",
+            "--backend cuda: the CUDA backend's ops exist (nc_core::backend::cuda, checked against the CPU \
+             by `cargo test --release --test cuda_parity` on a GPU), but the training loop does not run on it \
+             yet; use --backend cpu (or auto)",
         ));
     }
     let embedded = cli.data_dir.is_none();

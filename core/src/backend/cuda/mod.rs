@@ -83,6 +83,12 @@ pub struct CudaBackend {
     ctx: Arc<CudaContext>,
 }
 
+// The backend may be handed to another thread (one rank per thread): everything in it is thread-safe.
+const _: () = {
+    const fn send_and_sync<T: Send + Sync>() {}
+    send_and_sync::<CudaBackend>();
+};
+
 impl std::fmt::Debug for CudaBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "CudaBackend(cuda:{})", self.ordinal)
@@ -507,6 +513,7 @@ impl Backend for CudaBackend {
         losses: ViewMut<'_, Self>,
         grad_scale: Option<f32>,
     ) {
+        assert!(vocab > 0, "softcap_cross_entropy: empty vocabulary");
         need("softcap_cross_entropy logits", logits.len, rows * vocab);
         need("softcap_cross_entropy losses", losses.len, rows);
         if rows == 0 {

@@ -2,22 +2,27 @@
 //! inputs with fixed seeds, then a whole model's loss and every parameter gradient, under each recompute
 //! policy.
 //!
-//! Without a GPU (no libcuda, or no visible device) every test prints "no CUDA device: ... not run" and
+//! Without a GPU (no libcuda, or no visible device) every CUDA test prints "no CUDA device: ... not run" and
 //! passes; set NC_REQUIRE_CUDA=1 on a GPU machine to make that a failure instead. A visible device whose
-//! backend fails to start (no cuBLAS, PTX the driver cannot load) always fails.
+//! backend fails to start (no cuBLAS, PTX the driver cannot load) always fails. Two tests run everywhere:
+//! the same test bodies with the device-like CPU backend (the harness runs clean), and with a backend that
+//! rounds the way a GPU may (the tolerances admit legitimate differences).
 //!
 //! Tolerances are per element and derived from how the two implementations may round differently
 //! (u = 2^-24, the unit roundoff of f32), so a kernel that reads a wrong index or misses a term fails:
 //! - copies, fill, embedding lookup, relu^2, residual add, rows hit once by the embedding scatter-add: the
 //!   same IEEE operations in the same order on both, so bit for bit;
-//! - a scatter-add row hit r times: atomics add in any order, |error| <= r * 2u * sum of |terms|;
-//! - rotary: the GPU may fuse x1 c + x2 s into an FMA, |error| <= 4u * (|x1| + |x2|);
-//! - softcap: the CPU's branch-free tanh (3e-7 relative) against CUDA's tanhf (2 ulp), 1e-6 relative;
-//! - matmul: different blocking and FMA use, |error| <= 2e-6 sqrt(k) * sum_p |a_ip b_pj| (about 34 u sqrt(k)
-//!   of the products' magnitude; the typical rounding error of either side is below u sqrt(k) of it);
+//! - a scatter-add row hit r times: atomics add in any order; each order errs by at most r u sum|terms|,
+//!   so two differ by at most 2 r u of it (2.5 r u allowed);
+//! - rotary: the GPU may fuse x1 c + x2 s into an FMA, |error| <= 4u (|x1| + |x2|);
+//! - softcap: the CPU's branch-free tanh (3e-7 relative) against CUDA's tanhf (2 ulp) and the roundings
+//!   around them, 1.5e-6 relative;
+//! - matmul: different blocking and FMA use, |error| <= 1e-6 sqrt(k) sum_p |a_ip b_pj| (17 u sqrt(k) of the
+//!   products' magnitude; the two sides' typical difference is under u sqrt(k) of it);
 //! - rmsnorm: sums in a different order, 1e-6 sqrt(dim) relative to the terms' magnitude;
-//! - softcap cross-entropy: the capped logits differ by up to 6e-7 |z| (the two tanh), which moves a loss
-//!   by at most 2 max|dz| <= 2e-5 nats at cap 15, and a probability by the same relative amount;
+//! - softcap cross-entropy: the capped logits differ by up to 8e-7 |z| (the two tanh), which moves a loss
+//!   by at most 2 max|dz| <= 2.4e-5 nats at cap 15 (5e-5 allowed), and a probability by as much relative
+//!   (5e-5 allowed);
 //! - attention: online softmax over tiles of different sizes, 1e-4 of the output's largest magnitude;
 //! - the model: loss to 1e-5 relative, every gradient to 1e-4 of its largest magnitude.
 //!
@@ -26,7 +31,8 @@
 //! on both sides, so reading an output before writing it fails.
 
 use nc_core::backend::cpu::{CpuBackend, CpuBuf, CpuIds};
-use nc_core::backend::cuda::{self, CudaBackend, CudaBuf, CudaIds};
+use nc_core::backend::cuda::{self, CudaBackend};
+use nc_core::backend::device_like::DeviceLikeCpu;
 use nc_core::backend::{AttnShape, Backend, View, ViewMut};
 use nc_core::model::init::rotary_table;
 use nc_core::model::{Gpt, HostMirror, Recompute, Rng};
@@ -70,14 +76,14 @@ fn max_abs(x: &[f32]) -> f64 {
     x.iter().fold(0.0f64, |m, v| m.max((*v as f64).abs()))
 }
 
-/// The same host data on both backends.
-struct Pair {
+/// The same host data on both backends: the CPU reference and the device `D` under test.
+struct Pair<D: Backend> {
     cpu: CpuBuf,
-    gpu: CudaBuf,
+    gpu: D::Buf,
 }
 
-impl Pair {
-    fn new(g: &CudaBackend, data: &[f32]) -> Self {
+impl<D: Backend> Pair<D> {
+    fn new(g: &D, data: &[f32]) -> Self {
         let mut gpu = g.alloc(data.len());
         g.upload(ViewMut::all(&mut gpu), data);
         Pair {
@@ -88,26 +94,26 @@ impl Pair {
     fn cv(&self, off: usize, len: usize) -> View<'_, CpuBackend> {
         View::at(&self.cpu, off, len)
     }
-    fn gv(&self, off: usize, len: usize) -> View<'_, CudaBackend> {
+    fn gv(&self, off: usize, len: usize) -> View<'_, D> {
         View::at(&self.gpu, off, len)
     }
     fn cm(&mut self, off: usize, len: usize) -> ViewMut<'_, CpuBackend> {
         ViewMut::at(&mut self.cpu, off, len)
     }
-    fn gm(&mut self, off: usize, len: usize) -> ViewMut<'_, CudaBackend> {
+    fn gm(&mut self, off: usize, len: usize) -> ViewMut<'_, D> {
         ViewMut::at(&mut self.gpu, off, len)
     }
     fn want(&self) -> &[f32] {
         &self.cpu.0
     }
-    fn got(&self, g: &CudaBackend) -> Vec<f32> {
+    fn got(&self, g: &D) -> Vec<f32> {
         let mut v = vec![0.0; self.cpu.0.len()];
         g.download(View::all(&self.gpu), &mut v);
         v
     }
 }
 
-fn ids_pair(g: &CudaBackend, ids: &[i32]) -> (CpuIds, CudaIds) {
+fn ids_pair<D: Backend>(g: &D, ids: &[i32]) -> (CpuIds, D::Ids) {
     let mut gpu = g.alloc_ids(ids.len());
     g.upload_ids(&mut gpu, ids);
     (CpuIds(ids.to_vec()), gpu)
@@ -173,17 +179,22 @@ const NAN: f32 = f32::NAN;
 
 #[test]
 fn copies_fill_and_empty_buffers() {
-    let Some(g) = gpu() else { return };
+    if let Some(g) = gpu() {
+        copies_fill_and_empty_buffers_on(&g);
+    }
+}
+
+fn copies_fill_and_empty_buffers_on<D: Backend>(g: &D) {
     let cpu = CpuBackend::new();
     let mut rng = Rng::new(1);
     let data = randn(&mut rng, 1000, 1.0);
 
     // upload / download at an offset: only the view changes.
-    let mut p = Pair::new(&g, &data);
+    let mut p = Pair::new(g, &data);
     let part = randn(&mut rng, 300, 1.0);
     cpu.upload(p.cm(123, 300), &part);
     g.upload(p.gm(123, 300), &part);
-    exact("upload", &p.got(&g), p.want(), 123..423);
+    exact("upload", &p.got(g), p.want(), 123..423);
     let mut sub = vec![0.0; 300];
     g.download(p.gv(123, 300), &mut sub);
     assert_eq!(sub, part, "download of a view");
@@ -191,25 +202,25 @@ fn copies_fill_and_empty_buffers() {
     // fill, with a value other than zero.
     cpu.fill(p.cm(7, 501), -2.5);
     g.fill(p.gm(7, 501), -2.5);
-    exact("fill", &p.got(&g), p.want(), 7..508);
+    exact("fill", &p.got(g), p.want(), 7..508);
 
     // copy between two buffers at different offsets.
-    let src = Pair::new(&g, &data);
+    let src = Pair::new(g, &data);
     cpu.copy(src.cv(10, 333), p.cm(600, 333));
     g.copy(src.gv(10, 333), p.gm(600, 333));
-    exact("copy", &p.got(&g), p.want(), 600..933);
+    exact("copy", &p.got(g), p.want(), 600..933);
 
     // ids: upload into the first entries, read back through an op (embedding of a one-column table).
-    let (_, mut ids) = ids_pair(&g, &[0; 8]);
+    let (_, mut ids) = ids_pair(g, &[0; 8]);
     g.upload_ids(&mut ids, &[3, 1, 2]);
-    let table = Pair::new(&g, &[10.0, 11.0, 12.0, 13.0]);
-    let mut out = Pair::new(&g, &[NAN; 3]);
+    let table = Pair::new(g, &[10.0, 11.0, 12.0, 13.0]);
+    let mut out = Pair::new(g, &[NAN; 3]);
     g.embedding_forward(&ids, 3, table.gv(0, 4), 1, out.gm(0, 3));
-    assert_eq!(out.got(&g), vec![13.0, 11.0, 12.0], "upload_ids then embedding_forward");
+    assert_eq!(out.got(g), vec![13.0, 11.0, 12.0], "upload_ids then embedding_forward");
 
     // Empty buffers and views (the model allocates some) work and touch nothing.
     let mut empty = g.alloc(0);
-    assert_eq!(CudaBackend::buf_len(&empty), 0);
+    assert_eq!(D::buf_len(&empty), 0);
     g.fill(ViewMut::all(&mut empty), 1.0);
     g.upload(ViewMut::all(&mut empty), &[]);
     g.download(View::all(&empty), &mut []);
@@ -225,7 +236,7 @@ fn copies_fill_and_empty_buffers() {
         ViewMut::all(&mut empty),
         false,
     );
-    exact("empty ops", &p.got(&g), p.want(), 0..0);
+    exact("empty ops", &p.got(g), p.want(), 0..0);
     let _ = g.alloc_ids(0);
 }
 
@@ -259,7 +270,12 @@ fn product_magnitude(
 
 #[test]
 fn matmul_every_transpose_accumulate_and_offset() {
-    let Some(g) = gpu() else { return };
+    if let Some(g) = gpu() {
+        matmul_every_transpose_accumulate_and_offset_on(&g);
+    }
+}
+
+fn matmul_every_transpose_accumulate_and_offset_on<D: Backend>(g: &D) {
     let cpu = CpuBackend::new();
     let mut rng = Rng::new(2);
     for (m, n, k) in [(37, 29, 65), (1, 50, 300), (64, 96, 128), (130, 3, 1000), (3, 4, 0)] {
@@ -276,9 +292,9 @@ fn matmul_every_transpose_accumulate_and_offset() {
                     } else {
                         vec![NAN; m * n]
                     };
-                    let a = Pair::new(&g, &guarded(&mut rng, ao, &a_body, 4));
-                    let b = Pair::new(&g, &guarded(&mut rng, bo, &b_body, 6));
-                    let mut c = Pair::new(&g, &guarded(&mut rng, co, &c_body, 8));
+                    let a = Pair::new(g, &guarded(&mut rng, ao, &a_body, 4));
+                    let b = Pair::new(g, &guarded(&mut rng, bo, &b_body, 6));
+                    let mut c = Pair::new(g, &guarded(&mut rng, co, &c_body, 8));
                     cpu.matmul(
                         m,
                         n,
@@ -302,8 +318,8 @@ fn matmul_every_transpose_accumulate_and_offset() {
                         accumulate,
                     );
                     let mag = product_magnitude(m, n, k, &a_body, a_t, &b_body, b_t, accumulate.then_some(&c_body));
-                    let scale = 2e-6 * (k.max(1) as f64).sqrt();
-                    check(&what, &c.got(&g), c.want(), co..co + m * n, |i| scale * mag[i - co]);
+                    let scale = 1e-6 * (k.max(1) as f64).sqrt();
+                    check(&what, &c.got(g), c.want(), co..co + m * n, |i| scale * mag[i - co]);
                 }
             }
         }
@@ -312,7 +328,12 @@ fn matmul_every_transpose_accumulate_and_offset() {
 
 #[test]
 fn embedding_forward_and_scatter_add_with_repeated_ids() {
-    let Some(g) = gpu() else { return };
+    if let Some(g) = gpu() {
+        embedding_forward_and_scatter_add_with_repeated_ids_on(&g);
+    }
+}
+
+fn embedding_forward_and_scatter_add_with_repeated_ids_on<D: Backend>(g: &D) {
     let cpu = CpuBackend::new();
     let mut rng = Rng::new(3);
     let (vocab, d, n) = (50, 70, 300);
@@ -320,20 +341,20 @@ fn embedding_forward_and_scatter_add_with_repeated_ids() {
     let mut ids: Vec<i32> = (0..n).map(|_| (rng.next_u64() % 20) as i32).collect();
     ids[17] = 49;
     ids[250] = 49;
-    let (cids, gids) = ids_pair(&g, &ids);
+    let (cids, gids) = ids_pair(g, &ids);
     let (wo, oo) = (11, 9);
     let wte_body = randn(&mut rng, vocab * d, 1.0);
-    let wte = Pair::new(&g, &guarded(&mut rng, wo, &wte_body, 5));
+    let wte = Pair::new(g, &guarded(&mut rng, wo, &wte_body, 5));
 
-    let mut out = Pair::new(&g, &guarded(&mut rng, oo, &vec![NAN; n * d], 3));
+    let mut out = Pair::new(g, &guarded(&mut rng, oo, &vec![NAN; n * d], 3));
     cpu.embedding_forward(&cids, n, wte.cv(wo, vocab * d), d, out.cm(oo, n * d));
     g.embedding_forward(&gids, n, wte.gv(wo, vocab * d), d, out.gm(oo, n * d));
-    exact("embedding_forward", &out.got(&g), out.want(), oo..oo + n * d);
+    exact("embedding_forward", &out.got(g), out.want(), oo..oo + n * d);
 
     // Backward accumulates into a nonzero dwte.
     let dout_body = randn(&mut rng, n * d, 1.0);
-    let dout = Pair::new(&g, &guarded(&mut rng, oo, &dout_body, 3));
-    let mut dwte = Pair::new(&g, &guarded(&mut rng, wo, &wte_body, 5));
+    let dout = Pair::new(g, &guarded(&mut rng, oo, &dout_body, 3));
+    let mut dwte = Pair::new(g, &guarded(&mut rng, wo, &wte_body, 5));
     cpu.embedding_backward(&cids, n, dout.cv(oo, n * d), d, dwte.cm(wo, vocab * d));
     g.embedding_backward(&gids, n, dout.gv(oo, n * d), d, dwte.gm(wo, vocab * d));
     let mut hits = vec![0usize; vocab];
@@ -348,7 +369,7 @@ fn embedding_forward_and_scatter_add_with_repeated_ids() {
     assert!(hits.iter().any(|&h| h > 1), "the ids should repeat");
     check(
         "embedding_backward",
-        &dwte.got(&g),
+        &dwte.got(g),
         dwte.want(),
         wo..wo + vocab * d,
         |i| {
@@ -358,7 +379,7 @@ fn embedding_forward_and_scatter_add_with_repeated_ids() {
             if r <= 1 {
                 0.0
             } else {
-                r as f64 * 2.0 * U * sum_abs[e]
+                2.5 * r as f64 * U * sum_abs[e]
             }
         },
     );
@@ -366,7 +387,12 @@ fn embedding_forward_and_scatter_add_with_repeated_ids() {
 
 #[test]
 fn rmsnorm_forward_and_backward() {
-    let Some(g) = gpu() else { return };
+    if let Some(g) = gpu() {
+        rmsnorm_forward_and_backward_on(&g);
+    }
+}
+
+fn rmsnorm_forward_and_backward_on<D: Backend>(g: &D) {
     let cpu = CpuBackend::new();
     let mut rng = Rng::new(4);
     let eps = nc_core::config::RMSNORM_EPS;
@@ -374,9 +400,9 @@ fn rmsnorm_forward_and_backward() {
         let rel = 1e-6 * (dim as f64).sqrt();
         let (xo, yo, ro) = (3, 5, 2);
         let x_body = randn(&mut rng, rows * dim, 2.0);
-        let x = Pair::new(&g, &guarded(&mut rng, xo, &x_body, 4));
-        let mut y = Pair::new(&g, &guarded(&mut rng, yo, &vec![NAN; rows * dim], 4));
-        let mut rstd = Pair::new(&g, &guarded(&mut rng, ro, &vec![NAN; rows], 4));
+        let x = Pair::new(g, &guarded(&mut rng, xo, &x_body, 4));
+        let mut y = Pair::new(g, &guarded(&mut rng, yo, &vec![NAN; rows * dim], 4));
+        let mut rstd = Pair::new(g, &guarded(&mut rng, ro, &vec![NAN; rows], 4));
         cpu.rmsnorm_forward(
             x.cv(xo, rows * dim),
             rows,
@@ -395,21 +421,21 @@ fn rmsnorm_forward_and_backward() {
         );
         let what = format!("rmsnorm_forward {rows}x{dim}");
         let yw = y.want().to_vec();
-        check(&format!("{what} y"), &y.got(&g), &yw, yo..yo + rows * dim, |i| {
+        check(&format!("{what} y"), &y.got(g), &yw, yo..yo + rows * dim, |i| {
             rel * (yw[i] as f64).abs()
         });
         let rw = rstd.want().to_vec();
-        check(&format!("{what} rstd"), &rstd.got(&g), &rw, ro..ro + rows, |i| {
+        check(&format!("{what} rstd"), &rstd.got(g), &rw, ro..ro + rows, |i| {
             rel * (rw[i] as f64).abs()
         });
 
         // Backward from the CPU's y and rstd (the same inputs on both sides), written and accumulated.
-        let y_in = Pair::new(&g, &yw);
-        let r_in = Pair::new(&g, &rw);
+        let y_in = Pair::new(g, &yw);
+        let r_in = Pair::new(g, &rw);
         let y_body = &yw[yo..yo + rows * dim];
         let r_body = &rw[ro..ro + rows];
         let dy_body = randn(&mut rng, rows * dim, 1.0);
-        let dy = Pair::new(&g, &guarded(&mut rng, xo, &dy_body, 4));
+        let dy = Pair::new(g, &guarded(&mut rng, xo, &dy_body, 4));
         // The magnitude dx's rounding scales with: rstd (|dy| + |y| mean|dy y|).
         let mean_abs: Vec<f64> = (0..rows)
             .map(|r| {
@@ -425,7 +451,7 @@ fn rmsnorm_forward_and_backward() {
             } else {
                 vec![NAN; rows * dim]
             };
-            let mut dx = Pair::new(&g, &guarded(&mut rng, yo, &dx_body, 4));
+            let mut dx = Pair::new(g, &guarded(&mut rng, yo, &dx_body, 4));
             cpu.rmsnorm_backward(
                 y_in.cv(yo, rows * dim),
                 r_in.cv(ro, rows),
@@ -447,7 +473,7 @@ fn rmsnorm_forward_and_backward() {
             let dxw = dx.want().to_vec();
             check(
                 &format!("rmsnorm_backward {rows}x{dim} accumulate {accumulate}"),
-                &dx.got(&g),
+                &dx.got(g),
                 &dxw,
                 yo..yo + rows * dim,
                 |i| {
@@ -463,7 +489,12 @@ fn rmsnorm_forward_and_backward() {
 
 #[test]
 fn rotary_forward_then_backward() {
-    let Some(g) = gpu() else { return };
+    if let Some(g) = gpu() {
+        rotary_forward_then_backward_on(&g);
+    }
+}
+
+fn rotary_forward_then_backward_on<D: Backend>(g: &D) {
     let cpu = CpuBackend::new();
     let mut rng = Rng::new(5);
     for (batch, t, heads, head_dim, pos0, max_pos) in
@@ -474,7 +505,7 @@ fn rotary_forward_then_backward() {
         let half = head_dim / 2;
         let table_host = rotary_table(max_pos, head_dim);
         let to = 6;
-        let table = Pair::new(&g, &guarded(&mut rng, to, &table_host, 2));
+        let table = Pair::new(g, &guarded(&mut rng, to, &table_host, 2));
         let tv = table_host.len();
         let xo = 4;
         let x_body = randn(&mut rng, len, 1.0);
@@ -484,20 +515,20 @@ fn rotary_forward_then_backward() {
             (x[row * head_dim + j] as f64).abs() + (x[row * head_dim + j + half] as f64).abs()
         };
 
-        let mut x = Pair::new(&g, &guarded(&mut rng, xo, &x_body, 3));
+        let mut x = Pair::new(g, &guarded(&mut rng, xo, &x_body, 3));
         cpu.rotary_forward(x.cm(xo, len), batch, t, heads, head_dim, pos0, table.cv(to, tv));
         g.rotary_forward(x.gm(xo, len), batch, t, heads, head_dim, pos0, table.gv(to, tv));
         let xw = x.want().to_vec();
-        check(&format!("{what} forward"), &x.got(&g), &xw, xo..xo + len, |i| {
+        check(&format!("{what} forward"), &x.got(g), &xw, xo..xo + len, |i| {
             4.0 * U * pair_mag(&x_body, i - xo)
         });
 
         // Backward from the same input on both sides (the CPU's forward output).
         let rotated = xw[xo..xo + len].to_vec();
-        let mut dx = Pair::new(&g, &xw);
+        let mut dx = Pair::new(g, &xw);
         cpu.rotary_backward(dx.cm(xo, len), batch, t, heads, head_dim, pos0, table.cv(to, tv));
         g.rotary_backward(dx.gm(xo, len), batch, t, heads, head_dim, pos0, table.gv(to, tv));
-        let got = dx.got(&g);
+        let got = dx.got(g);
         check(&format!("{what} backward"), &got, dx.want(), xo..xo + len, |i| {
             4.0 * U * pair_mag(&rotated, i - xo)
         });
@@ -514,7 +545,12 @@ fn rotary_forward_then_backward() {
 
 #[test]
 fn relu2_add_and_softcap() {
-    let Some(g) = gpu() else { return };
+    if let Some(g) = gpu() {
+        relu2_add_and_softcap_on(&g);
+    }
+}
+
+fn relu2_add_and_softcap_on<D: Backend>(g: &D) {
     let cpu = CpuBackend::new();
     let mut rng = Rng::new(6);
     let n = 100_003; // more than one block, not a multiple of the block size
@@ -522,38 +558,43 @@ fn relu2_add_and_softcap() {
     u_body[0] = 0.0;
     u_body[1] = -0.0;
     let (uo, ho) = (5, 9);
-    let u = Pair::new(&g, &guarded(&mut rng, uo, &u_body, 3));
+    let u = Pair::new(g, &guarded(&mut rng, uo, &u_body, 3));
 
-    let mut h = Pair::new(&g, &guarded(&mut rng, ho, &vec![NAN; n], 3));
+    let mut h = Pair::new(g, &guarded(&mut rng, ho, &vec![NAN; n], 3));
     cpu.relu2_forward(u.cv(uo, n), h.cm(ho, n));
     g.relu2_forward(u.gv(uo, n), h.gm(ho, n));
-    exact("relu2_forward", &h.got(&g), h.want(), ho..ho + n);
+    exact("relu2_forward", &h.got(g), h.want(), ho..ho + n);
 
     let dh_body = randn(&mut rng, n, 1.0);
-    let mut dh = Pair::new(&g, &guarded(&mut rng, ho, &dh_body, 3));
+    let mut dh = Pair::new(g, &guarded(&mut rng, ho, &dh_body, 3));
     cpu.relu2_backward(u.cv(uo, n), dh.cm(ho, n));
     g.relu2_backward(u.gv(uo, n), dh.gm(ho, n));
-    exact("relu2_backward", &dh.got(&g), dh.want(), ho..ho + n);
+    exact("relu2_backward", &dh.got(g), dh.want(), ho..ho + n);
 
-    let mut x = Pair::new(&g, &guarded(&mut rng, ho, &dh_body, 3));
+    let mut x = Pair::new(g, &guarded(&mut rng, ho, &dh_body, 3));
     cpu.add_inplace(x.cm(ho, n), u.cv(uo, n));
     g.add_inplace(x.gm(ho, n), u.gv(uo, n));
-    exact("add_inplace", &x.got(&g), x.want(), ho..ho + n);
+    exact("add_inplace", &x.got(g), x.want(), ho..ho + n);
 
     // Softcap over raw logits of every size, from tiny (the Taylor branch on the CPU) to saturated.
     let z_body: Vec<f32> = (0..n)
         .map(|i| (rng.normal() * [0.01, 3.0, 30.0, 300.0][i % 4]) as f32)
         .collect();
-    let mut z = Pair::new(&g, &guarded(&mut rng, uo, &z_body, 3));
+    let mut z = Pair::new(g, &guarded(&mut rng, uo, &z_body, 3));
     cpu.softcap(z.cm(uo, n), 15.0);
     g.softcap(z.gm(uo, n), 15.0);
     let zw = z.want().to_vec();
-    check("softcap", &z.got(&g), &zw, uo..uo + n, |i| 1e-6 * (zw[i] as f64).abs());
+    check("softcap", &z.got(g), &zw, uo..uo + n, |i| 1.5e-6 * (zw[i] as f64).abs());
 }
 
 #[test]
 fn softcap_cross_entropy_with_and_without_grad() {
-    let Some(g) = gpu() else { return };
+    if let Some(g) = gpu() {
+        softcap_cross_entropy_with_and_without_grad_on(&g);
+    }
+}
+
+fn softcap_cross_entropy_with_and_without_grad_on<D: Backend>(g: &D) {
     let cpu = CpuBackend::new();
     let mut rng = Rng::new(7);
     let cap = 15.0f32;
@@ -566,7 +607,7 @@ fn softcap_cross_entropy_with_and_without_grad() {
         targets[target_off + 1] = -1; // ignored rows
         targets[target_off + rows - 1] = -1;
         targets[target_off + 2] = (vocab - 1) as i32;
-        let (ct, gt) = ids_pair(&g, &targets);
+        let (ct, gt) = ids_pair(g, &targets);
         let mut logits_body = randn(&mut rng, rows * vocab, 3.0);
         // A confident, right prediction: loss near zero (the log1p path) and a saturated logit.
         let t0 = targets[target_off] as usize;
@@ -576,8 +617,8 @@ fn softcap_cross_entropy_with_and_without_grad() {
         let ignored = |r: usize| targets[target_off + r] < 0;
 
         // Without a gradient: per-row losses, and the capped logits in rows with a target.
-        let mut logits = Pair::new(&g, &guarded(&mut rng, lo, &logits_body, 4));
-        let mut losses = Pair::new(&g, &guarded(&mut rng, so, &vec![NAN; rows], 4));
+        let mut logits = Pair::new(g, &guarded(&mut rng, lo, &logits_body, 4));
+        let mut losses = Pair::new(g, &guarded(&mut rng, so, &vec![NAN; rows], 4));
         let lv = rows * vocab;
         cpu.softcap_cross_entropy(
             logits.cm(lo, lv),
@@ -601,15 +642,15 @@ fn softcap_cross_entropy_with_and_without_grad() {
         );
         let what = format!("softcap_cross_entropy {rows}x{vocab}");
         let lw = losses.want().to_vec();
-        check(&format!("{what} losses"), &losses.got(&g), &lw, so..so + rows, |i| {
-            3e-5 + 1e-6 * (lw[i] as f64).abs()
+        check(&format!("{what} losses"), &losses.got(g), &lw, so..so + rows, |i| {
+            5e-5 + 1e-6 * (lw[i] as f64).abs()
         });
         for r in 0..rows {
             if ignored(r) {
-                assert_eq!(losses.got(&g)[so + r], 0.0, "{what}: ignored row {r} has a loss");
+                assert_eq!(losses.got(g)[so + r], 0.0, "{what}: ignored row {r} has a loss");
             }
         }
-        let got_z = logits.got(&g);
+        let got_z = logits.got(g);
         let want_z = logits.want().to_vec();
         for r in (0..rows).filter(|&r| !ignored(r)) {
             // Only rows with a target are specified to hold z (the CPU leaves ignored rows raw).
@@ -617,7 +658,7 @@ fn softcap_cross_entropy_with_and_without_grad() {
             for i in range {
                 let err = (got_z[i] as f64 - want_z[i] as f64).abs();
                 assert!(
-                    err <= 1e-6 * (want_z[i] as f64).abs(),
+                    err <= 1.5e-6 * (want_z[i] as f64).abs(),
                     "{what}: capped logit {i} is {} on the GPU, {} on the CPU",
                     got_z[i],
                     want_z[i]
@@ -637,8 +678,8 @@ fn softcap_cross_entropy_with_and_without_grad() {
 
         // With a gradient.
         let scale = 0.37f32;
-        let mut logits = Pair::new(&g, &guarded(&mut rng, lo, &logits_body, 4));
-        let mut losses = Pair::new(&g, &guarded(&mut rng, so, &vec![NAN; rows], 4));
+        let mut logits = Pair::new(g, &guarded(&mut rng, lo, &logits_body, 4));
+        let mut losses = Pair::new(g, &guarded(&mut rng, so, &vec![NAN; rows], 4));
         cpu.softcap_cross_entropy(
             logits.cm(lo, lv),
             rows,
@@ -661,21 +702,22 @@ fn softcap_cross_entropy_with_and_without_grad() {
         );
         check(
             &format!("{what} losses (grad)"),
-            &losses.got(&g),
-            &lw,
+            &losses.got(g),
+            losses.want(),
             so..so + rows,
-            |i| 3e-5 + 1e-6 * (lw[i] as f64).abs(),
+            |i| 5e-5 + 1e-6 * (lw[i] as f64).abs(),
         );
         let dw = logits.want().to_vec();
-        check(&format!("{what} grad"), &logits.got(&g), &dw, lo..lo + lv, |i| {
+        check(&format!("{what} grad"), &logits.got(g), &dw, lo..lo + lv, |i| {
             let e = i - lo;
             let (r, j) = (e / vocab, e % vocab);
             if ignored(r) {
                 return 0.0; // exactly zero on both
             }
-            // |s (p - onehot)| bounds the absolute part of the error; 3e-5 of the value its relative part.
+            // 5e-5 of the value: the probabilities' relative error; 4e-6 |s (p - onehot)|: the error of the
+            // factor 1 - (z/cap)^2, absolute (it cancels where z nears the cap).
             let onehot = if j as i32 == targets[target_off + r] { 1.0 } else { 0.0 };
-            3e-5 * (dw[i] as f64).abs() + 2e-6 * scale as f64 * (p[e] - onehot).abs()
+            5e-5 * (dw[i] as f64).abs() + 4e-6 * scale as f64 * (p[e] - onehot).abs()
         });
     }
 }
@@ -690,7 +732,12 @@ fn attention_inputs(rng: &mut Rng, s: &AttnShape) -> (Vec<f32>, Vec<f32>, Vec<f3
 
 #[test]
 fn attention_forward_training_and_decode_shapes() {
-    let Some(g) = gpu() else { return };
+    if let Some(g) = gpu() {
+        attention_forward_training_and_decode_shapes_on(&g);
+    }
+}
+
+fn attention_forward_training_and_decode_shapes_on<D: Backend>(g: &D) {
     let cpu = CpuBackend::new();
     let mut rng = Rng::new(8);
     let shapes = [
@@ -731,11 +778,11 @@ fn attention_forward_training_and_decode_shapes() {
         let what = format!("attention_forward {s:?}");
         let (q_body, k_body, v_body) = attention_inputs(&mut rng, &s);
         let (qo, ko, vo, oo, lo) = (3, 5, 7, 2, 4);
-        let q = Pair::new(&g, &guarded(&mut rng, qo, &q_body, 2));
-        let k = Pair::new(&g, &guarded(&mut rng, ko, &k_body, 2));
-        let v = Pair::new(&g, &guarded(&mut rng, vo, &v_body, 2));
-        let mut out = Pair::new(&g, &guarded(&mut rng, oo, &vec![NAN; s.q_len()], 2));
-        let mut lse = Pair::new(&g, &guarded(&mut rng, lo, &vec![NAN; s.lse_len()], 2));
+        let q = Pair::new(g, &guarded(&mut rng, qo, &q_body, 2));
+        let k = Pair::new(g, &guarded(&mut rng, ko, &k_body, 2));
+        let v = Pair::new(g, &guarded(&mut rng, vo, &v_body, 2));
+        let mut out = Pair::new(g, &guarded(&mut rng, oo, &vec![NAN; s.q_len()], 2));
+        let mut lse = Pair::new(g, &guarded(&mut rng, lo, &vec![NAN; s.lse_len()], 2));
         let (ql, kl, ll) = (s.q_len(), s.kv_len(), s.lse_len());
         cpu.attention_forward(
             s,
@@ -754,15 +801,20 @@ fn attention_forward_training_and_decode_shapes() {
             lse.gm(lo, ll),
         );
         let tol = rel_to_max(out.want(), oo..oo + ql, 1e-4);
-        check(&format!("{what} out"), &out.got(&g), out.want(), oo..oo + ql, |_| tol);
+        check(&format!("{what} out"), &out.got(g), out.want(), oo..oo + ql, |_| tol);
         let tol = rel_to_max(lse.want(), lo..lo + ll, 1e-4);
-        check(&format!("{what} lse"), &lse.got(&g), lse.want(), lo..lo + ll, |_| tol);
+        check(&format!("{what} lse"), &lse.got(g), lse.want(), lo..lo + ll, |_| tol);
     }
 }
 
 #[test]
 fn attention_backward_training_shapes() {
-    let Some(g) = gpu() else { return };
+    if let Some(g) = gpu() {
+        attention_backward_training_shapes_on(&g);
+    }
+}
+
+fn attention_backward_training_shapes_on<D: Backend>(g: &D) {
     let cpu = CpuBackend::new();
     let mut rng = Rng::new(9);
     for s in [
@@ -794,16 +846,16 @@ fn attention_backward_training_shapes() {
         }
         let dout_body = randn(&mut rng, ql, 1.0);
         let (qo, ko, vo, oo, lo, go) = (3, 5, 7, 2, 4, 6);
-        let q = Pair::new(&g, &guarded(&mut rng, qo, &q_body, 2));
-        let k = Pair::new(&g, &guarded(&mut rng, ko, &k_body, 2));
-        let v = Pair::new(&g, &guarded(&mut rng, vo, &v_body, 2));
-        let out = Pair::new(&g, &guarded(&mut rng, oo, &out_body, 2));
-        let lse = Pair::new(&g, &guarded(&mut rng, lo, &lse_body, 2));
-        let dout = Pair::new(&g, &guarded(&mut rng, go, &dout_body, 2));
+        let q = Pair::new(g, &guarded(&mut rng, qo, &q_body, 2));
+        let k = Pair::new(g, &guarded(&mut rng, ko, &k_body, 2));
+        let v = Pair::new(g, &guarded(&mut rng, vo, &v_body, 2));
+        let out = Pair::new(g, &guarded(&mut rng, oo, &out_body, 2));
+        let lse = Pair::new(g, &guarded(&mut rng, lo, &lse_body, 2));
+        let dout = Pair::new(g, &guarded(&mut rng, go, &dout_body, 2));
         // dq, dk, dv are written: they start as NaN.
-        let mut dq = Pair::new(&g, &guarded(&mut rng, qo, &vec![NAN; ql], 2));
-        let mut dk = Pair::new(&g, &guarded(&mut rng, ko, &vec![NAN; kl], 2));
-        let mut dv = Pair::new(&g, &guarded(&mut rng, vo, &vec![NAN; kl], 2));
+        let mut dq = Pair::new(g, &guarded(&mut rng, qo, &vec![NAN; ql], 2));
+        let mut dk = Pair::new(g, &guarded(&mut rng, ko, &vec![NAN; kl], 2));
+        let mut dv = Pair::new(g, &guarded(&mut rng, vo, &vec![NAN; kl], 2));
         cpu.attention_backward(
             s,
             q.cv(qo, ql),
@@ -830,7 +882,7 @@ fn attention_backward_training_shapes() {
         );
         for (name, p, off, len) in [("dq", &dq, qo, ql), ("dk", &dk, ko, kl), ("dv", &dv, vo, kl)] {
             let tol = rel_to_max(p.want(), off..off + len, 1e-4);
-            check(&format!("{what} {name}"), &p.got(&g), p.want(), off..off + len, |_| tol);
+            check(&format!("{what} {name}"), &p.got(g), p.want(), off..off + len, |_| tol);
         }
     }
 }
@@ -859,8 +911,7 @@ fn batches(rng: &mut Rng, cfg: &ModelConfig, tokens: usize) -> Vec<(Vec<u32>, Ve
 /// The CPU model (recompute None, the reference) and a CUDA model per policy, with the same parameters:
 /// two micro-steps of forward+backward (grads accumulate), then every loss and gradient compared, and the
 /// forward-only per-token losses.
-fn model_parity(cfg: ModelConfig, batch: usize, seq: usize) {
-    let Some(first) = gpu() else { return };
+fn model_parity_on<D: Backend>(make: &dyn Fn() -> D, cfg: ModelConfig, batch: usize, seq: usize) {
     let mut cpu = Gpt::new(CpuBackend::new(), cfg, batch, seq, Recompute::None).unwrap();
     cpu.init(11);
     // The init leaves lm_head and both c_proj at zero, which would zero most gradients: perturb every
@@ -882,12 +933,9 @@ fn model_parity(cfg: ModelConfig, batch: usize, seq: usize) {
     cpu.forward_losses(&data[0].0, &data[0].1, &mut cpu_token_losses)
         .unwrap();
 
-    let mut backend = Some(first);
     for policy in [Recompute::None, Recompute::Selective, Recompute::Full] {
         let what = format!("model {cfg:?} batch {batch} seq {seq} recompute {policy:?}");
-        let be = backend
-            .take()
-            .unwrap_or_else(|| CudaBackend::new(0).expect("CUDA backend"));
+        let be = make();
         let mut gm = Gpt::new(be, cfg, batch, seq, policy).unwrap();
         gm.set_params_from_host(&params).unwrap();
         gm.zero_grads();
@@ -920,21 +968,399 @@ fn model_parity(cfg: ModelConfig, batch: usize, seq: usize) {
             &token_losses,
             &cpu_token_losses,
             0..token_losses.len(),
-            |i| 3e-5 + 1e-5 * (cpu_token_losses[i] as f64).abs(),
+            |i| 5e-5 + 1e-5 * (cpu_token_losses[i] as f64).abs(),
         );
     }
 }
 
 #[test]
 fn model_gqa_matches_the_cpu_under_every_recompute_policy() {
-    // 2 layers, d 64, 4 heads of 16 sharing 2 kv heads, vocab 97, two sequences of 24.
-    let cfg = ModelConfig::new(2, 64, 4, 2, 16, 97, 32).unwrap();
-    model_parity(cfg, 2, 24);
+    if gpu().is_some() {
+        model_parity_on(&cuda_backend, gqa_model(), 2, 24);
+    }
+}
+
+/// 2 layers, d 64, 4 heads of 16 sharing 2 kv heads, vocab 97 (run on two sequences of 24).
+fn gqa_model() -> ModelConfig {
+    ModelConfig::new(2, 64, 4, 2, 16, 97, 32).unwrap()
 }
 
 #[test]
 fn model_mha_head_dim_128_matches_the_cpu() {
-    // Full MHA with the presets' head_dim 128, a vocabulary over one block's 256 threads.
-    let cfg = ModelConfig::new(1, 256, 2, 2, 128, 300, 40).unwrap();
-    model_parity(cfg, 1, 40);
+    if gpu().is_some() {
+        model_parity_on(&cuda_backend, mha_model(), 1, 40);
+    }
+}
+
+/// Full MHA with the presets' head_dim 128, a vocabulary over one block's 256 threads (one sequence of 40).
+fn mha_model() -> ModelConfig {
+    ModelConfig::new(1, 256, 2, 2, 128, 300, 40).unwrap()
+}
+
+fn cuda_backend() -> CudaBackend {
+    CudaBackend::new(0).expect("the CUDA backend started once in this test already")
+}
+
+/// The harness itself, on a machine without a GPU: every test body above with the device-like CPU backend
+/// (the CPU's arithmetic behind the trait, buffers not host-visible) in place of CUDA. Its results equal
+/// the reference exactly, so this proves the tests run clean (views, guards, NaN starts, the nonzero
+/// gradients the model comparison relies on) and leaves the tolerances to the GPU run.
+#[test]
+fn the_harness_runs_clean_with_a_device_like_cpu() {
+    let g = DeviceLikeCpu::default();
+    copies_fill_and_empty_buffers_on(&g);
+    matmul_every_transpose_accumulate_and_offset_on(&g);
+    embedding_forward_and_scatter_add_with_repeated_ids_on(&g);
+    rmsnorm_forward_and_backward_on(&g);
+    rotary_forward_then_backward_on(&g);
+    relu2_add_and_softcap_on(&g);
+    softcap_cross_entropy_with_and_without_grad_on(&g);
+    attention_forward_training_and_decode_shapes_on(&g);
+    attention_backward_training_shapes_on(&g);
+    model_parity_on(&DeviceLikeCpu::default, gqa_model(), 2, 24);
+    model_parity_on(&DeviceLikeCpu::default, mha_model(), 1, 40);
+}
+
+/// The comparison fails where it should: one ulp off where bits must match, a write past the view, a
+/// NaN on one side only, an error past the tolerance.
+#[test]
+fn the_comparison_catches_what_it_should() {
+    let want = vec![1.0f32, 2.0, 3.0, 4.0];
+    let caught = |got: Vec<f32>, range: Range<usize>, tol: f64| {
+        let want = want.clone();
+        std::panic::catch_unwind(move || check("probe", &got, &want, range, |_| tol)).is_err()
+    };
+    assert!(!caught(want.clone(), 0..4, 0.0));
+    assert!(caught(
+        vec![1.0, f32::from_bits(2.0f32.to_bits() + 1), 3.0, 4.0],
+        0..4,
+        0.0
+    ));
+    assert!(caught(vec![1.0, 2.0, 3.0, 4.5], 0..3, 1.0), "outside the view");
+    assert!(caught(vec![1.0, f32::NAN, 3.0, 4.0], 0..4, 1e9));
+    assert!(caught(vec![1.0, 2.0, 3.1, 4.0], 0..4, 0.05));
+    assert!(!caught(vec![1.0, 2.0, 3.04, 4.0], 0..4, 0.05));
+}
+
+/// The tolerances themselves, on a machine without a GPU: a backend that computes every op the way a GPU
+/// kernel may (other summation orders, fused multiply-adds, libm's tanh and exp, the row max instead of the
+/// cap as the softmax shift, scatter-adds in another order) must pass every comparison above. Attention and
+/// the elementwise ops that must match bit for bit keep the CPU's code.
+#[test]
+fn the_tolerances_admit_a_gpu_like_rounding() {
+    let g = OtherRounding::default();
+    matmul_every_transpose_accumulate_and_offset_on(&g);
+    embedding_forward_and_scatter_add_with_repeated_ids_on(&g);
+    rmsnorm_forward_and_backward_on(&g);
+    rotary_forward_then_backward_on(&g);
+    relu2_add_and_softcap_on(&g);
+    softcap_cross_entropy_with_and_without_grad_on(&g);
+    model_parity_on(&OtherRounding::default, gqa_model(), 2, 24);
+    model_parity_on(&OtherRounding::default, mha_model(), 1, 40);
+}
+
+/// The CPU backend with the ops whose rounding a GPU may change reimplemented the way a kernel computes
+/// them (see `the_tolerances_admit_a_gpu_like_rounding`).
+#[derive(Default)]
+struct OtherRounding(CpuBackend);
+
+fn cv<'a>(x: View<'a, OtherRounding>) -> View<'a, CpuBackend> {
+    View {
+        buf: x.buf,
+        off: x.off,
+        len: x.len,
+    }
+}
+
+fn cm<'a>(x: ViewMut<'a, OtherRounding>) -> ViewMut<'a, CpuBackend> {
+    ViewMut {
+        buf: x.buf,
+        off: x.off,
+        len: x.len,
+    }
+}
+
+fn sl(x: View<'_, OtherRounding>) -> &[f32] {
+    &x.buf.0[x.off..x.off + x.len]
+}
+
+fn sl_mut(x: ViewMut<'_, OtherRounding>) -> &mut [f32] {
+    &mut x.buf.0[x.off..x.off + x.len]
+}
+
+/// A sum in 32 lanes then a tree, the shape of a warp reduction.
+fn lane_sum(values: impl Iterator<Item = f32>) -> f32 {
+    let mut lanes = [0.0f32; 32];
+    for (i, v) in values.enumerate() {
+        lanes[i % 32] += v;
+    }
+    let mut width = 16;
+    while width > 0 {
+        for l in 0..width {
+            lanes[l] += lanes[l + width];
+        }
+        width /= 2;
+    }
+    lanes[0]
+}
+
+impl Backend for OtherRounding {
+    type Buf = CpuBuf;
+    type Ids = CpuIds;
+
+    fn alloc(&self, len: usize) -> CpuBuf {
+        self.0.alloc(len)
+    }
+    fn alloc_ids(&self, len: usize) -> CpuIds {
+        self.0.alloc_ids(len)
+    }
+    fn buf_len(buf: &CpuBuf) -> usize {
+        buf.0.len()
+    }
+    fn upload(&self, dst: ViewMut<'_, Self>, src: &[f32]) {
+        self.0.upload(cm(dst), src)
+    }
+    fn download(&self, src: View<'_, Self>, dst: &mut [f32]) {
+        self.0.download(cv(src), dst)
+    }
+    fn upload_ids(&self, dst: &mut CpuIds, src: &[i32]) {
+        self.0.upload_ids(dst, src)
+    }
+    fn fill(&self, dst: ViewMut<'_, Self>, value: f32) {
+        self.0.fill(cm(dst), value)
+    }
+    fn copy(&self, src: View<'_, Self>, dst: ViewMut<'_, Self>) {
+        self.0.copy(cv(src), cm(dst))
+    }
+
+    /// Dot products with fused multiply-adds, summed from the last term to the first.
+    fn matmul(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: View<'_, Self>,
+        a_t: bool,
+        b: View<'_, Self>,
+        b_t: bool,
+        c: ViewMut<'_, Self>,
+        accumulate: bool,
+    ) {
+        let (a, b, c) = (sl(a), sl(b), sl_mut(c));
+        for i in 0..m {
+            for j in 0..n {
+                let mut acc = 0.0f32;
+                for p in (0..k).rev() {
+                    let av = if a_t { a[p * m + i] } else { a[i * k + p] };
+                    let bv = if b_t { b[j * k + p] } else { b[p * n + j] };
+                    acc = av.mul_add(bv, acc);
+                }
+                c[i * n + j] = if accumulate { c[i * n + j] + acc } else { acc };
+            }
+        }
+    }
+
+    fn embedding_forward(&self, ids: &CpuIds, n: usize, wte: View<'_, Self>, d: usize, out: ViewMut<'_, Self>) {
+        self.0.embedding_forward(ids, n, cv(wte), d, cm(out))
+    }
+    /// The scatter-add in reverse token order.
+    fn embedding_backward(&self, ids: &CpuIds, n: usize, dout: View<'_, Self>, d: usize, dwte: ViewMut<'_, Self>) {
+        let (dout, dwte) = (sl(dout), sl_mut(dwte));
+        for i in (0..n).rev() {
+            let id = ids.0[i] as usize;
+            for c in 0..d {
+                dwte[id * d + c] += dout[i * d + c];
+            }
+        }
+    }
+
+    fn rmsnorm_forward(
+        &self,
+        x: View<'_, Self>,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+        y: ViewMut<'_, Self>,
+        rstd: ViewMut<'_, Self>,
+    ) {
+        let (x, y, rstd) = (sl(x), sl_mut(y), sl_mut(rstd));
+        for r in 0..rows {
+            let row = &x[r * dim..(r + 1) * dim];
+            let s = 1.0 / (lane_sum(row.iter().map(|v| v * v)) / dim as f32 + eps).sqrt();
+            rstd[r] = s;
+            for c in 0..dim {
+                y[r * dim + c] = row[c] * s;
+            }
+        }
+    }
+    fn rmsnorm_backward(
+        &self,
+        y: View<'_, Self>,
+        rstd: View<'_, Self>,
+        dy: View<'_, Self>,
+        rows: usize,
+        dim: usize,
+        dx: ViewMut<'_, Self>,
+        accumulate: bool,
+    ) {
+        let (y, rstd, dy, dx) = (sl(y), sl(rstd), sl(dy), sl_mut(dx));
+        for r in 0..rows {
+            let o = r * dim;
+            let mean = lane_sum((0..dim).map(|c| y[o + c] * dy[o + c])) / dim as f32;
+            for c in 0..dim {
+                let g = rstd[r] * (-y[o + c]).mul_add(mean, dy[o + c]);
+                dx[o + c] = if accumulate { dx[o + c] + g } else { g };
+            }
+        }
+    }
+
+    /// The pair's two products fused into one multiply-add each.
+    fn rotary_forward(
+        &self,
+        x: ViewMut<'_, Self>,
+        batch: usize,
+        t: usize,
+        heads: usize,
+        head_dim: usize,
+        pos0: usize,
+        table: View<'_, Self>,
+    ) {
+        other_rotary(sl_mut(x), batch, t, heads, head_dim, pos0, sl(table), 1.0);
+    }
+    fn rotary_backward(
+        &self,
+        dx: ViewMut<'_, Self>,
+        batch: usize,
+        t: usize,
+        heads: usize,
+        head_dim: usize,
+        pos0: usize,
+        table: View<'_, Self>,
+    ) {
+        other_rotary(sl_mut(dx), batch, t, heads, head_dim, pos0, sl(table), -1.0);
+    }
+
+    fn attention_forward(
+        &self,
+        shape: AttnShape,
+        q: View<'_, Self>,
+        k: View<'_, Self>,
+        v: View<'_, Self>,
+        out: ViewMut<'_, Self>,
+        lse: ViewMut<'_, Self>,
+    ) {
+        self.0.attention_forward(shape, cv(q), cv(k), cv(v), cm(out), cm(lse))
+    }
+    fn attention_backward(
+        &self,
+        shape: AttnShape,
+        q: View<'_, Self>,
+        k: View<'_, Self>,
+        v: View<'_, Self>,
+        out: View<'_, Self>,
+        lse: View<'_, Self>,
+        dout: View<'_, Self>,
+        dq: ViewMut<'_, Self>,
+        dk: ViewMut<'_, Self>,
+        dv: ViewMut<'_, Self>,
+    ) {
+        self.0.attention_backward(
+            shape,
+            cv(q),
+            cv(k),
+            cv(v),
+            cv(out),
+            cv(lse),
+            cv(dout),
+            cm(dq),
+            cm(dk),
+            cm(dv),
+        )
+    }
+    fn relu2_forward(&self, u: View<'_, Self>, h: ViewMut<'_, Self>) {
+        self.0.relu2_forward(cv(u), cm(h))
+    }
+    fn relu2_backward(&self, u: View<'_, Self>, dh_to_du: ViewMut<'_, Self>) {
+        self.0.relu2_backward(cv(u), cm(dh_to_du))
+    }
+    fn add_inplace(&self, x: ViewMut<'_, Self>, y: View<'_, Self>) {
+        self.0.add_inplace(cm(x), cv(y))
+    }
+
+    /// libm's tanh and exp, the row max as the shift, sums in warp-reduction order.
+    fn softcap_cross_entropy(
+        &self,
+        logits: ViewMut<'_, Self>,
+        rows: usize,
+        vocab: usize,
+        cap: f32,
+        targets: &CpuIds,
+        target_off: usize,
+        losses: ViewMut<'_, Self>,
+        grad_scale: Option<f32>,
+    ) {
+        let (logits, losses) = (sl_mut(logits), sl_mut(losses));
+        for r in 0..rows {
+            let x = &mut logits[r * vocab..(r + 1) * vocab];
+            let target = targets.0[target_off + r];
+            let z: Vec<f32> = x.iter().map(|l| cap * (l / cap).tanh()).collect();
+            if target < 0 {
+                losses[r] = 0.0;
+                for (x, z) in x.iter_mut().zip(&z) {
+                    *x = if grad_scale.is_some() { 0.0 } else { *z };
+                }
+                continue;
+            }
+            let t = target as usize;
+            let max = z.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+            let other = lane_sum(
+                z.iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != t)
+                    .map(|(_, v)| (v - max).exp()),
+            );
+            let e_t = (z[t] - max).exp();
+            let sum = other + e_t;
+            losses[r] = (other / e_t).ln_1p();
+            for (j, (x, z)) in x.iter_mut().zip(&z).enumerate() {
+                *x = match grad_scale {
+                    Some(s) => {
+                        let dz = if j == t { -other / sum } else { (z - max).exp() / sum };
+                        let c = z / cap;
+                        s * dz * (1.0 - c * c)
+                    }
+                    None => *z,
+                };
+            }
+        }
+    }
+    fn softcap(&self, logits: ViewMut<'_, Self>, cap: f32) {
+        for z in sl_mut(logits) {
+            *z = cap * (*z / cap).tanh();
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn other_rotary(
+    x: &mut [f32],
+    batch: usize,
+    t: usize,
+    heads: usize,
+    head_dim: usize,
+    pos0: usize,
+    table: &[f32],
+    sin_sign: f32,
+) {
+    let half = head_dim / 2;
+    let max_pos = table.len() / (2 * half);
+    for row in 0..batch * t * heads {
+        let p = pos0 + (row / heads) % t;
+        for j in 0..half {
+            let (c, s) = (table[p * half + j], sin_sign * table[max_pos * half + p * half + j]);
+            let (x1, x2) = (x[row * head_dim + j], x[row * head_dim + j + half]);
+            x[row * head_dim + j] = x1.mul_add(c, x2 * s);
+            x[row * head_dim + j + half] = (-x1).mul_add(s, x2 * c);
+        }
+    }
 }

@@ -1204,11 +1204,11 @@ impl Backend for OtherRounding {
         accumulate: bool,
     ) {
         let (y, rstd, dy, dx) = (sl(y), sl(rstd), sl(dy), sl_mut(dx));
-        for r in 0..rows {
+        for (r, s) in rstd[..rows].iter().enumerate() {
             let o = r * dim;
             let mean = lane_sum((0..dim).map(|c| y[o + c] * dy[o + c])) / dim as f32;
             for c in 0..dim {
-                let g = rstd[r] * (-y[o + c]).mul_add(mean, dy[o + c]);
+                let g = s * (-y[o + c]).mul_add(mean, dy[o + c]);
                 dx[o + c] = if accumulate { dx[o + c] + g } else { g };
             }
         }

@@ -10,9 +10,14 @@
 #   alloc      the caching allocator on cudaMalloc and real streams (alloc/tests/cuda_smoke.rs)
 #   parity     every CUDA backend op and a whole model step against the CPU backend (tests/tests/cuda_parity.rs)
 #   sanitize   the parity tests again under compute-sanitizer memcheck (out-of-bounds and misaligned accesses)
+#   train      nc-train --backend cuda on the embedded corpus, against the same run on the CPU (val loss)
+#   bench      the CUDA step benchmark (benches/benches/step_cuda.rs) at depth 20, dbs 8 and 16
 #   fixture    the PyTorch baseline computes the same loss as the JAX reference fixtures
 #   baseline   the PyTorch baseline step at depth 20 (dbs 32) and depth 38 (dbs 8), torch.compile'd
-# Each step has its own time limit so one hang cannot eat the machine's whole lease.
+# Each step has its own time limit so one hang cannot eat the machine's whole lease. A lease is short (15
+# minutes of device time, a machine start included), so split it: first `run info alloc parity train bench`
+# (the CUDA path's correctness and speed), then `run sanitize fixture baseline` if time is left.
+# Carry gpu-check/ (a few tens of MiB, stripped) with the device tool's `carry`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN_DIR=gpu-check
@@ -21,11 +26,15 @@ build() {
   mkdir -p "$BIN_DIR"
   # cargo prints the test executables as JSON; keep the ones the GPU needs, stripped of debug info to travel light.
   local exes
-  exes=$(cargo test --release --no-run --message-format=json -p nc-alloc --test cuda_smoke -p nc-tests --test cuda_parity |
+  cargo build --release -p nc-train --bin nc-train || { echo "gpu_check build: cargo failed" >&2; exit 1; }
+  cp target/release/nc-train "$BIN_DIR/nc-train"
+  strip --strip-debug "$BIN_DIR/nc-train" 2>/dev/null || true
+  exes=$( (cargo test --release --no-run --message-format=json -p nc-alloc --test cuda_smoke -p nc-tests --test cuda_parity &&
+    cargo bench --no-run --message-format=json -p nc-benches --bench step_cuda) |
     python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("cuda_smoke", "cuda_parity"):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("cuda_smoke", "cuda_parity", "step_cuda"):
         print(m["target"]["name"], m["executable"])') || {
     echo "gpu_check build: cargo failed" >&2
     exit 1
@@ -35,7 +44,7 @@ for line in sys.stdin:
     strip --strip-debug "$BIN_DIR/$name" 2>/dev/null || true
     echo "built $BIN_DIR/$name ($(du -h "$BIN_DIR/$name" | cut -f1))"
   done <<<"$exes"
-  for name in cuda_smoke cuda_parity; do
+  for name in cuda_smoke cuda_parity step_cuda nc-train; do
     [ -x "$BIN_DIR/$name" ] || { echo "gpu_check build: $name was not built" >&2; exit 1; }
   done
   echo "carry '$BIN_DIR' to the GPU machine and run: scripts/gpu_check.sh run"
@@ -68,7 +77,7 @@ run() {
   LOG="$out/gpu_check.log"
   : >"$LOG"
   local steps=("$@")
-  [ ${#steps[@]} -gt 0 ] || steps=(info alloc parity sanitize fixture baseline)
+  [ ${#steps[@]} -gt 0 ] || steps=(info alloc parity sanitize train bench fixture baseline)
   export PYTHONUNBUFFERED=1
   for s in "${steps[@]}"; do
     case "$s" in
@@ -76,10 +85,35 @@ run() {
         step info 30 bash -c 'nvidia-smi; (nvcc --version || true); python3 -c "import torch; print(\"torch\", torch.__version__, torch.version.cuda)"'
         ;;
       alloc) need_bin cuda_smoke && step alloc 120 "$BIN_DIR/cuda_smoke" --nocapture ;;
-      parity) need_bin cuda_parity && step parity 300 "$BIN_DIR/cuda_parity" --nocapture --test-threads=1 ;;
+      parity) need_bin cuda_parity && step parity 300 env NC_REQUIRE_CUDA=1 "$BIN_DIR/cuda_parity" --nocapture --test-threads=1 ;;
       sanitize)
         need_bin cuda_parity &&
-          step sanitize 400 compute-sanitizer --tool memcheck --error-exitcode 1 "$BIN_DIR/cuda_parity" --test-threads=1
+          step sanitize 400 env NC_REQUIRE_CUDA=1 compute-sanitizer --tool memcheck --error-exitcode 1 "$BIN_DIR/cuda_parity" --test-threads=1
+        ;;
+      train)
+        # 30 steps of the embedded run on each backend; the CUDA run's ops are f32 like the CPU's, so the
+        # two runs' last validation losses agree closely (cuda_parity checks each op far more tightly)
+        if need_bin nc-train; then
+          local w
+          w=$(mktemp -d)
+          step train-cpu 300 "$BIN_DIR/nc-train" --backend cpu --num-iterations 30 --eval-every 10 --out-dir "$w/cpu"
+          step train-cuda 300 "$BIN_DIR/nc-train" --backend cuda --num-iterations 30 --eval-every 10 --out-dir "$w/cuda"
+          step train-compare 10 python3 -c '
+import json, sys
+def last_val(d):
+    rows = [json.loads(l) for l in open(d + "/metrics.jsonl")]
+    return [r["val_loss"] for r in rows if "val_loss" in r][-1]
+cpu, cuda = last_val(sys.argv[1]), last_val(sys.argv[2])
+print(f"last val loss: cpu {cpu:.6f} cuda {cuda:.6f} relative difference {abs(cpu - cuda) / cpu:.2e}")
+sys.exit(0 if abs(cpu - cuda) <= 2e-3 * cpu else 1)' "$w/cpu" "$w/cuda"
+        fi
+        ;;
+      bench)
+        if need_bin step_cuda; then
+          for dbs in 8 16; do
+            step "bench-d20-dbs$dbs" 300 bash -c "'$BIN_DIR/step_cuda' --depth 20 --dbs $dbs --steps 5 | tee -a '$out/step_cuda.txt'"
+          done
+        fi
         ;;
       fixture)
         for f in tiny_mha tiny_gqa; do
@@ -91,7 +125,7 @@ run() {
         step baseline-d38 300 bash -c "python3 benches/pytorch_baseline/baseline.py --depth 38 --dbs 8 --compile --steps 5 | tee -a '$out/baseline.jsonl'"
         ;;
       *)
-        echo "gpu_check run: unknown step '$s'; the steps are info alloc parity sanitize fixture baseline" >&2
+        echo "gpu_check run: unknown step '$s'; the steps are info alloc parity sanitize train bench fixture baseline" >&2
         exit 2
         ;;
     esac
@@ -110,7 +144,7 @@ case "${1:-}" in
     run "$@"
     ;;
   *)
-    echo "usage: scripts/gpu_check.sh build | run [info alloc parity sanitize fixture baseline]" >&2
+    echo "usage: scripts/gpu_check.sh build | run [info alloc parity sanitize train bench fixture baseline]" >&2
     exit 2
     ;;
 esac

@@ -136,6 +136,12 @@ pub const GPUS: &[Gpu] = &[
     },
 ];
 
+/// The known GPU a driver's device name is (e.g. "NVIDIA H200" is the h200), if any.
+pub fn gpu_for_device_name(device_name: &str) -> Option<Gpu> {
+    let lower = device_name.to_ascii_lowercase();
+    GPUS.iter().find(|g| lower.contains(g.name)).copied()
+}
+
 pub fn gpu_by_name(name: &str) -> Result<Gpu> {
     let lower = name.to_ascii_lowercase();
     match GPUS.iter().find(|g| g.name == lower) {
@@ -700,6 +706,14 @@ mod tests {
         assert!(kept > 250e9 && kept < 300e9, "{kept:e}");
         // fp32 logits of that micro-batch: ~26 GB
         assert!((unchunked_logits_bytes(&m, 48 * 2048) / 25.8e9 - 1.0).abs() < 0.01);
+    }
+
+    #[test]
+    fn driver_names_map_to_known_gpus() {
+        assert_eq!(gpu_for_device_name("NVIDIA H200").unwrap().name, "h200");
+        assert_eq!(gpu_for_device_name("NVIDIA H100 80GB HBM3").unwrap().name, "h100");
+        assert_eq!(gpu_for_device_name("NVIDIA B200").unwrap().name, "b200");
+        assert!(gpu_for_device_name("NVIDIA GeForce RTX 4090").is_none());
     }
 
     /// Auto picks none, selective or full by where the memory falls, and CPU ranks (threads) share it.

@@ -363,6 +363,31 @@ fn cpu_device(world_size: usize) -> Device<CpuBackend> {
     }
 }
 
+/// A rank on CUDA device `ordinal`. Its MFU is measured against the GPU's dense bf16 peak, as nanochat's is,
+/// although this backend still computes in f32.
+pub fn cuda_device(ordinal: usize) -> Result<Device<crate::backend::cuda::CudaBackend>> {
+    let be = crate::backend::cuda::CudaBackend::new(ordinal)?;
+    let name = be.device_name();
+    let (peak_flops, peak_how) = match plan::gpu_for_device_name(&name) {
+        Some(g) => (
+            g.peak_bf16_flops,
+            format!("the {name}'s dense bf16 peak; this backend computes in f32"),
+        ),
+        None => (
+            plan::gpu_by_name("h100")?.peak_bf16_flops,
+            format!("an H100's dense bf16 peak: {name} is not a GPU the planner knows"),
+        ),
+    };
+    Ok(Device {
+        memory_bytes: be.memory_bytes(),
+        memory_name: format!("{name} memory"),
+        replicas_sharing_memory: 1,
+        be,
+        peak_flops,
+        peak_how,
+    })
+}
+
 fn train_rank<B: Backend>(
     cfg: &TrainConfig,
     rank: usize,

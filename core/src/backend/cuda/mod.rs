@@ -108,6 +108,12 @@ impl CudaBackend {
             .unwrap_or_else(|e| format!("cuda:{} ({e})", self.ordinal))
     }
 
+    /// The device's total memory in bytes (what `--recompute auto` plans against); None if the driver
+    /// cannot say.
+    pub fn memory_bytes(&self) -> Option<f64> {
+        self.ctx.total_mem().ok().map(|b| b as f64)
+    }
+
     /// Wait for all queued work. Only `download` needs it inside the trait; benchmarks and tests use it
     /// to time or to surface a kernel fault at a known point.
     pub fn synchronize(&self) {

@@ -120,7 +120,7 @@ pub const ROTARY: Kernel = kernel("rotary", ptx::ROTARY, "nc_rotary_f32");
 /// i32 want_grad): for row r, z = cap tanh(logits / cap); losses[r] = logsumexp(z) - z[targets[r]], or 0
 /// when targets[r] == -1. When want_grad != 0 the row of logits becomes
 /// grad_scale (softmax(z) - onehot(target)) (1 - (z/cap)^2), all zeros for an ignored target; otherwise it
-/// becomes z.
+/// becomes z (also in ignored rows, which the CPU backend leaves raw: no caller reads those rows).
 pub const SOFTCAP_CROSS_ENTROPY: Kernel = kernel("cross_entropy", ptx::CROSS_ENTROPY, "nc_softcap_cross_entropy_f32");
 
 // ---- attention.cu: causal attention with GQA over q (B, Tq, H, D), k and v (B, Tk, Hkv, D), row-major;

@@ -62,6 +62,21 @@ impl CudaBuf {
     }
 }
 
+// cudarc frees a slice (cuMemFreeAsync) without making its context current on the dropping thread; a buffer
+// dropped on a thread that never made a CUDA call would fail that free, leak it, and surface the error at
+// some later op. Binding first makes a drop anywhere safe. (The outer drop runs before the field's.)
+impl Drop for CudaBuf {
+    fn drop(&mut self) {
+        let _ = self.data.context().bind_to_thread();
+    }
+}
+
+impl Drop for CudaIds {
+    fn drop(&mut self) {
+        let _ = self.data.context().bind_to_thread();
+    }
+}
+
 impl CudaIds {
     pub fn len(&self) -> usize {
         self.len
@@ -88,6 +103,14 @@ const _: () = {
     const fn send_and_sync<T: Send + Sync>() {}
     send_and_sync::<CudaBackend>();
 };
+
+// Finish queued work before the cuBLAS handle, modules, stream and context go (in field order): teardown
+// must not depend on cublasDestroy happening to synchronize the device.
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        let _ = self.stream.synchronize();
+    }
+}
 
 impl std::fmt::Debug for CudaBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

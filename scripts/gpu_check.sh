@@ -111,7 +111,7 @@ sys.exit(0 if abs(cpu - cuda) <= 2e-3 * cpu else 1)' "$w/cpu" "$w/cuda"
       bench)
         if need_bin step_cuda; then
           for dbs in 8 16; do
-            step "bench-d20-dbs$dbs" 300 bash -c "'$BIN_DIR/step_cuda' --depth 20 --dbs $dbs --steps 5 | tee -a '$out/step_cuda.txt'"
+            step "bench-d20-dbs$dbs" 300 bash -c "set -o pipefail; NC_REQUIRE_CUDA=1 '$BIN_DIR/step_cuda' --depth 20 --dbs $dbs --steps 5 --optimizer | tee -a '$out/step_cuda.txt'"
           done
         fi
         ;;
@@ -121,8 +121,8 @@ sys.exit(0 if abs(cpu - cuda) <= 2e-3 * cpu else 1)' "$w/cpu" "$w/cuda"
         done
         ;;
       baseline)
-        step baseline-d20 300 bash -c "python3 benches/pytorch_baseline/baseline.py --depth 20 --dbs 32 --compile | tee -a '$out/baseline.jsonl'"
-        step baseline-d38 300 bash -c "python3 benches/pytorch_baseline/baseline.py --depth 38 --dbs 8 --compile --steps 5 | tee -a '$out/baseline.jsonl'"
+        step baseline-d20 300 bash -c "set -o pipefail; python3 benches/pytorch_baseline/baseline.py --depth 20 --dbs 32 --compile | tee -a '$out/baseline.jsonl'"
+        step baseline-d38 300 bash -c "set -o pipefail; python3 benches/pytorch_baseline/baseline.py --depth 38 --dbs 8 --compile --steps 5 | tee -a '$out/baseline.jsonl'"
         ;;
       *)
         echo "gpu_check run: unknown step '$s'; the steps are info alloc parity sanitize train bench fixture baseline" >&2

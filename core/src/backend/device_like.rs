@@ -196,3 +196,89 @@ impl Backend for DeviceLikeCpu {
         self.0.softcap(vm(logits), cap)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::AdamwStep;
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 16777216.0) - 0.5)
+            .collect()
+    }
+
+    fn buf<B: Backend>(be: &B, xs: &[f32]) -> B::Buf {
+        let mut b = be.alloc(xs.len());
+        be.upload(ViewMut::all(&mut b), xs);
+        b
+    }
+
+    fn host<B: Backend>(be: &B, b: &B::Buf) -> Vec<f32> {
+        let mut out = vec![0.0; B::buf_len(b)];
+        be.download(View::all(b), &mut out);
+        out
+    }
+
+    /// Runs the optimizer ops on a sub-view (offset 3) of each buffer, so the defaults' view handling is
+    /// checked too; returns every buffer afterwards and the sum of squares.
+    fn run_ops<B: Backend>(be: &B) -> (Vec<Vec<f32>>, f64) {
+        let n = 37;
+        let (mut p, g, mut m, mut v) = (
+            buf(be, &data(n + 5, 1)),
+            buf(be, &data(n + 5, 2)),
+            buf(be, &data(n + 5, 3)),
+            buf(be, &data(n + 5, 4)),
+        );
+        let mut u = buf(be, &vec![f32::NAN; n + 5]);
+        // v must be non-negative for AdamW
+        let vs: Vec<f32> = data(n + 5, 4).iter().map(|x| x * x).collect();
+        be.upload(ViewMut::all(&mut v), &vs);
+        be.muon_momentum(
+            View::at(&g, 3, n),
+            ViewMut::at(&mut m, 3, n),
+            ViewMut::at(&mut u, 3, n),
+            0.9,
+        );
+        be.axpby(0.5, View::at(&g, 3, n), -2.0, ViewMut::at(&mut p, 3, n));
+        be.axpby(3.0, View::at(&g, 3, n), 0.0, ViewMut::at(&mut u, 0, n));
+        be.scale(ViewMut::at(&mut p, 1, n), 0.25);
+        let h = AdamwStep {
+            beta1: 0.8,
+            beta2: 0.95,
+            eps: 1e-10,
+            decay: 0.999,
+            step: 0.01,
+            inv_bc2: 20.0,
+        };
+        be.adamw(
+            ViewMut::at(&mut p, 3, n),
+            View::at(&g, 3, n),
+            ViewMut::at(&mut m, 3, n),
+            ViewMut::at(&mut v, 3, n),
+            h,
+        );
+        let ss = be.sum_squares(View::at(&p, 2, n));
+        (
+            vec![host(be, &p), host(be, &g), host(be, &m), host(be, &v), host(be, &u)],
+            ss,
+        )
+    }
+
+    /// The trait's default optimizer ops (download, compute, upload) equal the CPU's in-place ones bit for bit.
+    #[test]
+    fn default_optimizer_ops_equal_the_cpus() {
+        let (cpu, cpu_ss) = run_ops(&CpuBackend::new());
+        let (dev, dev_ss) = run_ops(&DeviceLikeCpu::default());
+        assert_eq!(cpu_ss.to_bits(), dev_ss.to_bits());
+        for (i, (a, b)) in cpu.iter().zip(&dev).enumerate() {
+            let (a, b): (Vec<u32>, Vec<u32>) = (
+                a.iter().map(|x| x.to_bits()).collect(),
+                b.iter().map(|x| x.to_bits()).collect(),
+            );
+            assert_eq!(a, b, "buffer {i} differs");
+        }
+        // and the ops did something: p changed from its initial values
+        assert_ne!(cpu[0], data(42, 1));
+    }
+}

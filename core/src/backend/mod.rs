@@ -14,6 +14,9 @@
 pub mod cpu;
 pub mod cuda;
 pub mod device_like;
+pub mod optim_ops;
+
+pub use optim_ops::AdamwStep;
 
 /// A read-only view of `len` elements starting at `off` in a backend buffer.
 pub struct View<'a, B: Backend + ?Sized> {
@@ -289,6 +292,49 @@ pub trait Backend {
     /// In place: z = cap * tanh(z / cap) (generation wants the capped logits themselves).
     fn softcap(&self, logits: ViewMut<'_, Self>, cap: f32);
 
+    // ---- The optimizer's ops (Muon's momentum and Newton-Schulz, AdamW, clipping), so it can run where the
+    // parameters live. The defaults compute on downloaded copies (correct on any backend, but slow); the
+    // CPU works in place and a GPU backend launches kernels. Formulas: `optim_ops`.
+
+    /// y = a x + b y (same length); with b = 0, y = a x without reading y.
+    fn axpby(&self, a: f32, x: View<'_, Self>, b: f32, y: ViewMut<'_, Self>) {
+        let (xs, mut ys) = (download_vec(self, x), download_vec(self, y.view()));
+        optim_ops::axpby(a, &xs, b, &mut ys);
+        self.upload(y, &ys);
+    }
+    /// x *= a.
+    fn scale(&self, x: ViewMut<'_, Self>, a: f32) {
+        let mut xs = download_vec(self, x.view());
+        optim_ops::scale(&mut xs, a);
+        self.upload(x, &xs);
+    }
+    /// The sum of squares of x, accumulated in f64, on the host (so this waits for queued work).
+    fn sum_squares(&self, x: View<'_, Self>) -> f64 {
+        optim_ops::sum_squares(&download_vec(self, x))
+    }
+    /// Muon's momentum with nesterov: buf = buf + (1 - mu)(g - buf); update = g + mu (buf - g).
+    fn muon_momentum(&self, g: View<'_, Self>, buf: ViewMut<'_, Self>, update: ViewMut<'_, Self>, mu: f32) {
+        let gs = download_vec(self, g);
+        let mut bs = download_vec(self, buf.view());
+        let mut us = vec![0.0f32; update.len];
+        optim_ops::muon_momentum(&gs, &mut bs, &mut us, mu);
+        self.upload(buf, &bs);
+        self.upload(update, &us);
+    }
+    /// One AdamW step of a slice of parameters p with gradient g and moments m, v.
+    fn adamw(&self, p: ViewMut<'_, Self>, g: View<'_, Self>, m: ViewMut<'_, Self>, v: ViewMut<'_, Self>, h: AdamwStep) {
+        let gs = download_vec(self, g);
+        let (mut ps, mut ms, mut vs) = (
+            download_vec(self, p.view()),
+            download_vec(self, m.view()),
+            download_vec(self, v.view()),
+        );
+        optim_ops::adamw(&mut ps, &gs, &mut ms, &mut vs, h);
+        self.upload(p, &ps);
+        self.upload(m, &ms);
+        self.upload(v, &vs);
+    }
+
     /// The whole buffer as a host slice, where the backend keeps it in host memory (the CPU), so the
     /// optimizers and checkpoints can work on it in place; None where it lives on a device, and callers copy
     /// through `download` and `upload` instead.
@@ -301,4 +347,11 @@ pub trait Backend {
         let _ = buf;
         None
     }
+}
+
+/// A view's values copied to a new host vector (the optimizer ops' default implementations).
+fn download_vec<B: Backend + ?Sized>(be: &B, v: View<'_, B>) -> Vec<f32> {
+    let mut out = vec![0.0f32; v.len];
+    be.download(v, &mut out);
+    out
 }

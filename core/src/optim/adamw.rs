@@ -3,6 +3,8 @@
 //! PyTorch's form: p *= 1 - lr * wd; m = lerp(m, g, 1 - b1); v = lerp(v, g^2, 1 - b2);
 //! p -= (lr / (1 - b1^t)) * m / (sqrt(v / (1 - b2^t)) + eps), with t the 1-based step count.
 
+use crate::backend::optim_ops::{self, AdamwStep};
+
 /// AdamW's constants (SPEC.md section 4: betas (0.8, 0.95), eps 1e-10).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdamParams {
@@ -28,25 +30,24 @@ pub fn adam_lr_scale(n_embd: usize) -> f32 {
     (n_embd as f64 / 768.0).powf(-0.5) as f32
 }
 
-/// One AdamW update of a slice; `t` is the 1-based count of steps this state has taken, including this one.
-pub fn adamw_update(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], lr: f32, t: u64, h: &AdamParams) {
-    let n = param.len();
-    assert!(grad.len() == n && m.len() == n && v.len() == n);
-    // Bias corrections in f64: b^t for large t underflows gracefully and stays accurate.
+/// The scalars of AdamW step `t` (1-based) at learning rate `lr`. Bias corrections in f64: b^t for large t
+/// underflows gracefully and stays accurate.
+pub fn adamw_step(lr: f32, t: u64, h: &AdamParams) -> AdamwStep {
     let bc1 = 1.0 - (h.beta1 as f64).powf(t as f64);
     let bc2 = 1.0 - (h.beta2 as f64).powf(t as f64);
-    let step = (lr as f64 / bc1) as f32;
-    let inv_bc2 = (1.0 / bc2) as f32;
-    let decay = 1.0 - lr * h.weight_decay;
-    for i in 0..n {
-        let g = grad[i];
-        let mi = m[i] + (1.0 - h.beta1) * (g - m[i]);
-        let vi = v[i] + (1.0 - h.beta2) * (g * g - v[i]);
-        m[i] = mi;
-        v[i] = vi;
-        let denom = (vi * inv_bc2).sqrt() + h.eps;
-        param[i] = param[i] * decay - step * mi / denom;
+    AdamwStep {
+        beta1: h.beta1,
+        beta2: h.beta2,
+        eps: h.eps,
+        decay: 1.0 - lr * h.weight_decay,
+        step: (lr as f64 / bc1) as f32,
+        inv_bc2: (1.0 / bc2) as f32,
     }
+}
+
+/// One AdamW update of a slice; `t` is the 1-based count of steps this state has taken, including this one.
+pub fn adamw_update(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], lr: f32, t: u64, h: &AdamParams) {
+    optim_ops::adamw(param, grad, m, v, adamw_step(lr, t, h));
 }
 
 #[cfg(test)]

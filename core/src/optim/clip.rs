@@ -6,7 +6,7 @@
 /// Sum of squares of a slice, accumulated in f64 so the norm of ~1e9 elements stays accurate.
 /// Ranks that own disjoint shards add their partial sums (then all-reduce) to get the global norm.
 pub fn sum_of_squares(grads: &[f32]) -> f64 {
-    grads.iter().map(|&g| (g as f64) * (g as f64)).sum()
+    crate::backend::optim_ops::sum_squares(grads)
 }
 
 /// The factor PyTorch's `clip_grad_norm_` applies: `max_norm / (norm + 1e-6)`, capped at 1.

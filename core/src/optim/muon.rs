@@ -119,14 +119,8 @@ pub fn muon_update(
 ) {
     let n = rows * cols;
     assert!(param.len() == n && grad.len() == n && buf.len() == n && update.len() == n);
-    for i in 0..n {
-        let g = grad[i];
-        // buf = lerp(buf, g, 1 - mu)
-        let b = buf[i] + (1.0 - momentum) * (g - buf[i]);
-        buf[i] = b;
-        // nesterov: g = lerp(g, buf, mu)
-        update[i] = g + momentum * (b - g);
-    }
+    // buf = lerp(buf, g, 1 - mu); nesterov: update = lerp(g, buf, mu)
+    crate::backend::optim_ops::muon_momentum(grad, buf, update, momentum);
     newton_schulz5(update, rows, cols, ws);
     let step = lr * shape_scale(rows, cols);
     param.iter_mut().zip(update.iter()).for_each(|(p, &u)| *p -= step * u);

@@ -9,7 +9,7 @@ mod loss;
 mod matmul;
 mod norm;
 
-use super::{AttnShape, Backend, View, ViewMut};
+use super::{optim_ops, AdamwStep, AttnShape, Backend, View, ViewMut};
 
 /// f32 values in host memory.
 #[derive(Debug, Clone, Default)]
@@ -219,6 +219,22 @@ impl Backend for CpuBackend {
     }
     fn softcap(&self, logits: ViewMut<'_, Self>, cap: f32) {
         loss::softcap(sl_mut(logits), cap);
+    }
+
+    fn axpby(&self, a: f32, x: View<'_, Self>, b: f32, y: ViewMut<'_, Self>) {
+        optim_ops::axpby(a, sl(x), b, sl_mut(y));
+    }
+    fn scale(&self, x: ViewMut<'_, Self>, a: f32) {
+        optim_ops::scale(sl_mut(x), a);
+    }
+    fn sum_squares(&self, x: View<'_, Self>) -> f64 {
+        optim_ops::sum_squares(sl(x))
+    }
+    fn muon_momentum(&self, g: View<'_, Self>, buf: ViewMut<'_, Self>, update: ViewMut<'_, Self>, mu: f32) {
+        optim_ops::muon_momentum(sl(g), sl_mut(buf), sl_mut(update), mu);
+    }
+    fn adamw(&self, p: ViewMut<'_, Self>, g: View<'_, Self>, m: ViewMut<'_, Self>, v: ViewMut<'_, Self>, h: AdamwStep) {
+        optim_ops::adamw(sl_mut(p), sl(g), sl_mut(m), sl_mut(v), h);
     }
 
     fn host_slice(buf: &CpuBuf) -> Option<&[f32]> {

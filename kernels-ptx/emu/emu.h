@@ -29,6 +29,7 @@ struct BlockSync {
     std::unique_ptr<std::barrier<>> block;
     std::vector<std::unique_ptr<std::barrier<>>> warps;
     std::vector<float> xchg;
+    std::vector<double> xchg64;
 };
 inline BlockSync* g_sync;
 inline void __syncthreads() { g_sync->block->arrive_and_wait(); }
@@ -41,6 +42,20 @@ inline float __shfl_xor_sync(unsigned, float v, int off) {
     __syncwarp();
     return r;
 }
+inline double __shfl_xor_sync(unsigned, double v, int off) {
+    int lane = threadIdx.x % 32, w = threadIdx.x / 32;
+    g_sync->xchg64[threadIdx.x] = v;
+    __syncwarp();
+    double r = g_sync->xchg64[w * 32 + (lane ^ off)];
+    __syncwarp();
+    return r;
+}
+// The round-to-nearest intrinsics: one IEEE operation each (g++ in ISO C++ mode without -march contracts
+// nothing, so these are exactly what the device computes).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 template <class F, class... A>
 void launch(F f, dim3 grid, dim3 block, A... args) {
@@ -54,6 +69,7 @@ void launch(F f, dim3 grid, dim3 block, A... args) {
                 s.block = std::make_unique<std::barrier<>>(n);
                 for (unsigned w = 0; w < (n + 31) / 32; w++) s.warps.push_back(std::make_unique<std::barrier<>>(32));
                 s.xchg.resize(n);
+                s.xchg64.resize(n);
                 g_sync = &s;
                 std::vector<std::thread> ts;
                 for (unsigned t = 0; t < n; t++)

@@ -5,6 +5,7 @@
 #include "emu.h"
 #include <random>
 #include <string>
+#include <tuple>
 namespace ew {
 #include "elementwise.cu"
 }
@@ -22,6 +23,9 @@ namespace ce {
 }
 namespace att {
 #include "attention.cu"
+}
+namespace opt {
+#include "optim.cu"
 }
 
 static std::mt19937 rng(42);
@@ -191,6 +195,118 @@ static void cross_entropy() {
     }
 }
 
+// Bit for bit against the same float operations in the same order (the CPU backend's optim_ops.rs); NaN
+// matches NaN.
+static void check_bits(const char* what, const std::vector<float>& got, const std::vector<float>& want) {
+    size_t bad = 0, at = 0;
+    for (size_t i = 0; i < want.size(); i++) {
+        bool same = std::isnan(got[i]) ? std::isnan(want[i]) : got[i] == want[i] && std::signbit(got[i]) == std::signbit(want[i]);
+        if (!same && bad++ == 0) at = i;
+    }
+    if (bad) failures++;
+    printf("%-50s %s %zu of %zu differ (first at %zu: got %.9g want %.9g)\n", what, bad ? "FAIL" : "ok  ", bad, want.size(),
+           at, want.empty() ? 0.0 : got[at], want.empty() ? 0.0 : want[at]);
+}
+
+// The optimizer kernels: the elementwise ones bit for bit against float references in the CPU's order (and
+// to 1e-6 of a double reference, so the float reference is itself the formula), over n not a multiple of
+// the block with small grids (the grid-stride loop); the sum of squares per block against double sums.
+static void optim() {
+    size_t n = 1000;
+    auto x = randv(n), y0 = randv(n);
+    float a = 0.75f, b = -1.3f;
+    auto y = y0;
+    std::vector<float> wf(n);
+    std::vector<double> wd(n);
+    launch(opt::nc_axpby_f32, D(2), D(256), (const float*)x.data(), y.data(), (unsigned long long)n, a, b);
+    for (size_t i = 0; i < n; i++) wf[i] = a * x[i] + b * y0[i], wd[i] = (double)a * x[i] + (double)b * y0[i];
+    check_bits("axpby (grid-stride, 2 blocks)", y, wf);
+    check("  axpby vs double", y, wd, 1e-6);
+    for (float zero : {0.0f, -0.0f}) {
+        y.assign(n, NAN);
+        launch(opt::nc_axpby_f32, D(3), D(256), (const float*)x.data(), y.data(), (unsigned long long)n, a, zero);
+        for (size_t i = 0; i < n; i++) wf[i] = a * x[i];
+        check_bits(zero == 0.0f && !std::signbit(zero) ? "axpby b = 0 (NaN y does not survive)" : "axpby b = -0 (NaN y)", y, wf);
+    }
+    y = y0;
+    launch(opt::nc_scale_f32, D(1), D(256), y.data(), (unsigned long long)n, -0.37f);
+    for (size_t i = 0; i < n; i++) wf[i] = y0[i] * -0.37f;
+    check_bits("scale", y, wf);
+
+    // Sum of squares: every block's partial against the double sum of exactly the elements it visits
+    // (block b takes i with (i / blockDim) % grid == b), several block sizes, grids and a tail; the partials
+    // past the grid stay untouched.
+    for (auto [len, grid, threads] : {std::tuple<size_t, unsigned, unsigned>{5000, 3, 256}, {5000, 20, 256},
+                                      {1000, 4, 256}, {777, 2, 96}, {31, 1, 64}, {0, 1, 256}}) {
+        auto v = randv(len, 3);
+        std::vector<double> part(grid + 2, -1.0), want(grid + 2, -1.0);
+        for (unsigned g = 0; g < grid; g++) want[g] = 0;
+        for (size_t i = 0; i < len; i++) want[(i / threads) % grid] += (double)v[i] * v[i];
+        launch(opt::nc_sum_squares_f64, D(grid), D(threads), (const float*)v.data(), (unsigned long long)len, part.data());
+        double worst = 0, total = 0, want_total = 0;
+        for (unsigned g = 0; g < grid + 2; g++) {
+            worst = std::max(worst, std::fabs(part[g] - want[g]) / std::max(1.0, std::fabs(want[g])));
+            if (g < grid) total += part[g], want_total += want[g];
+        }
+        bool ok = worst <= 1e-13;
+        if (!ok) failures++;
+        printf("sum_squares n %-5zu grid %-2u block %-3u                 %s worst rel err %.3g (total %.17g want %.17g)\n",
+               len, grid, threads, ok ? "ok  " : "FAIL", worst, total, want_total);
+    }
+
+    // Muon's momentum, mu 0.95 and an early-warmup 0.85.
+    for (float mu : {0.95f, 0.85f}) {
+        auto g = randv(n), buf0 = randv(n, 0.5f);
+        auto buf = buf0;
+        std::vector<float> upd(n, NAN), wb(n), wu(n);
+        std::vector<double> wbd(n), wud(n);
+        launch(opt::nc_muon_momentum_f32, D(3), D(128), (const float*)g.data(), buf.data(), upd.data(), (unsigned long long)n, mu);
+        for (size_t i = 0; i < n; i++) {
+            float bb = buf0[i] + (1.0f - mu) * (g[i] - buf0[i]);
+            wb[i] = bb, wu[i] = g[i] + mu * (bb - g[i]);
+            double bd = buf0[i] + (1.0 - (double)mu) * ((double)g[i] - buf0[i]);
+            wbd[i] = bd, wud[i] = g[i] + (double)mu * (bd - g[i]);
+        }
+        check_bits(("muon momentum buf mu " + std::to_string(mu)).c_str(), buf, wb);
+        check_bits("muon momentum update", upd, wu);
+        check("  muon momentum vs double", upd, wud, 1e-6);
+        check("  muon momentum buf vs double", buf, wbd, 1e-6);
+    }
+
+    // AdamW at step 3: lr 0.004, wd 0.01, betas (0.8, 0.95), eps 1e-10; host scalars as optim_ops computes.
+    {
+        double lr = 0.004, wdc = 0.01;
+        int t = 3;
+        float beta1 = 0.8f, beta2 = 0.95f, eps = 1e-10f;
+        float decay = (float)(1.0 - lr * wdc);
+        float step = (float)(lr / (1.0 - std::pow((double)beta1, t)));
+        float inv_bc2 = (float)(1.0 / (1.0 - std::pow((double)beta2, t)));
+        auto p0 = randv(n), g = randv(n, 0.1f), m0 = randv(n, 0.05f), v0 = randv(n, 0.01f);
+        for (auto& q : v0) q = q * q;
+        g[5] = 0, m0[5] = 0, v0[5] = 0;  // a parameter with no gradient yet: 0 / (0 + eps)
+        auto p = p0, m = m0, v = v0;
+        launch(opt::nc_adamw_f32, D(2), D(256), p.data(), (const float*)g.data(), m.data(), v.data(), (unsigned long long)n, beta1,
+               beta2, eps, decay, step, inv_bc2);
+        std::vector<float> wp(n), wm(n), wv(n);
+        std::vector<double> wpd(n);
+        for (size_t i = 0; i < n; i++) {
+            float mi = m0[i] + (1.0f - beta1) * (g[i] - m0[i]);
+            float vi = v0[i] + (1.0f - beta2) * (g[i] * g[i] - v0[i]);
+            wm[i] = mi, wv[i] = vi;
+            float denom = std::sqrt(vi * inv_bc2) + eps;
+            wp[i] = p0[i] * decay - step * mi / denom;
+            double md = m0[i] + (1.0 - beta1) * ((double)g[i] - m0[i]);
+            double vd = v0[i] + (1.0 - beta2) * ((double)g[i] * g[i] - v0[i]);
+            wpd[i] = p0[i] * (1.0 - lr * wdc) - lr / (1.0 - std::pow((double)beta1, t)) * md /
+                     (std::sqrt(vd / (1.0 - std::pow((double)beta2, t))) + eps);
+        }
+        check_bits("adamw p", p, wp);
+        check_bits("adamw m", m, wm);
+        check_bits("adamw v", v, wv);
+        check("  adamw p vs double", p, wpd, 1e-6);
+    }
+}
+
 // Double-precision naive attention.
 struct Shape { int B, Tq, Tk, H, Hkv, Dh, pos0; };
 static void ref_forward(const Shape& s, const std::vector<float>& q, const std::vector<float>& k, const std::vector<float>& v,
@@ -291,6 +407,7 @@ int main(int argc, char** argv) {
     rmsnorm();
     rotary();
     cross_entropy();
+    optim();
     attention({2, 19, 19, 4, 2, 8, 0});     // GQA, partial tiles
     attention({1, 40, 40, 2, 1, 16, 0});    // two key tiles, group 2
     attention({1, 3, 50, 2, 2, 12, 47});    // KV-cache decode chunk, D not a multiple of 8

@@ -34,16 +34,18 @@ pub mod ptx {
     pub const ROTARY: &str = include_str!("../ptx/rotary.ptx");
     pub const CROSS_ENTROPY: &str = include_str!("../ptx/cross_entropy.ptx");
     pub const ATTENTION: &str = include_str!("../ptx/attention.ptx");
+    pub const OPTIM: &str = include_str!("../ptx/optim.ptx");
 }
 
 /// Every module: (name, PTX text). The CUDA backend loads each once.
-pub const MODULES: [(&str, &str); 6] = [
+pub const MODULES: [(&str, &str); 7] = [
     ("elementwise", ptx::ELEMENTWISE),
     ("embedding", ptx::EMBEDDING),
     ("rmsnorm", ptx::RMSNORM),
     ("rotary", ptx::ROTARY),
     ("cross_entropy", ptx::CROSS_ENTROPY),
     ("attention", ptx::ATTENTION),
+    ("optim", ptx::OPTIM),
 ];
 
 const fn kernel(module: &'static str, ptx: &'static str, name: &'static str) -> Kernel {
@@ -233,8 +235,46 @@ pub fn attention_dq_dims(batch: usize, n_head: usize, t: usize, head_dim: usize)
     }
 }
 
+// ---- optim.cu: the optimizer's elementwise work and reductions (Muon's momentum, Newton-Schulz's axpby and
+// norm, AdamW, clipping), the same formulas in the same order as core/src/backend/optim_ops.rs. Launch the
+// elementwise ones with `elementwise_dims(n)` (grid-stride loops).
+
+/// (const f32* x, f32* y, u64 n, f32 a, f32 b): y[i] = a x[i] + b y[i]; when b == 0, y[i] = a x[i] without
+/// reading y.
+pub const AXPBY: Kernel = kernel("optim", ptx::OPTIM, "nc_axpby_f32");
+/// (f32* x, u64 n, f32 a): x[i] *= a.
+pub const SCALE: Kernel = kernel("optim", ptx::OPTIM, "nc_scale_f32");
+/// (const f32* x, u64 n, f64* partial): block b writes partial[b] = the sum over the elements it visits
+/// (grid-stride) of (double)x^2, accumulated in f64. Launch with `sum_squares_dims(n)`; the caller adds the
+/// grid.x partials in index order (deterministic).
+pub const SUM_SQUARES: Kernel = kernel("optim", ptx::OPTIM, "nc_sum_squares_f64");
+/// (const f32* g, f32* buf, f32* update, u64 n, f32 mu): b = buf + (1 - mu)(g - buf); buf = b;
+/// update = g + mu (b - g).
+pub const MUON_MOMENTUM: Kernel = kernel("optim", ptx::OPTIM, "nc_muon_momentum_f32");
+/// (f32* p, const f32* g, f32* m, f32* v, u64 n, f32 beta1, f32 beta2, f32 eps, f32 decay, f32 step,
+/// f32 inv_bc2): mi = m + (1 - beta1)(g - m); vi = v + (1 - beta2)(g g - v); m = mi; v = vi;
+/// p = p decay - step mi / (sqrtf(vi inv_bc2) + eps).
+pub const ADAMW: Kernel = kernel("optim", ptx::OPTIM, "nc_adamw_f32");
+
+/// Threads per block of `SUM_SQUARES`, and the most blocks it is launched with (the partials buffer the
+/// caller provides holds this many f64).
+pub const SUM_SQUARES_THREADS: u32 = 256;
+pub const SUM_SQUARES_MAX_BLOCKS: u32 = 1024;
+
+/// Launch of `SUM_SQUARES` over n elements: 256 threads, up to 1024 blocks, at least 1.
+pub fn sum_squares_dims(n: u64) -> LaunchDims {
+    let blocks = n
+        .div_ceil(SUM_SQUARES_THREADS as u64)
+        .clamp(1, SUM_SQUARES_MAX_BLOCKS as u64) as u32;
+    LaunchDims {
+        grid: (blocks, 1, 1),
+        block: (SUM_SQUARES_THREADS, 1, 1),
+        shared_bytes: 0,
+    }
+}
+
 /// Every kernel, for loading and for the tests that check each entry exists in its PTX.
-pub const ALL: [Kernel; 15] = [
+pub const ALL: [Kernel; 20] = [
     FILL,
     ADD_INPLACE,
     RELU2_FORWARD,
@@ -250,4 +290,9 @@ pub const ALL: [Kernel; 15] = [
     ATTENTION_BACKWARD_DELTA,
     ATTENTION_BACKWARD_DKDV,
     ATTENTION_BACKWARD_DQ,
+    AXPBY,
+    SCALE,
+    SUM_SQUARES,
+    MUON_MOMENTUM,
+    ADAMW,
 ];

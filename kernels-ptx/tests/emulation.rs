@@ -1,6 +1,7 @@
 //! Runs the kernels' CPU emulation check (`emu/run.sh`: the real `.cu` files compiled by g++ with one OS
-//! thread per CUDA thread, checked against double-precision references and numerical derivatives), so CI
-//! exercises the kernels' arithmetic without a GPU. Skipped, with a note, where g++ is missing.
+//! thread per CUDA thread, checked against double-precision references and numerical derivatives, and the
+//! optimizer's kernels bit for bit against float references in the CPU backend's order), so CI exercises
+//! the kernels' arithmetic without a GPU. Skipped, with a note, where g++ is missing.
 
 use std::process::Command;
 
@@ -28,6 +29,11 @@ fn kernels_pass_their_cpu_emulation() {
         "ce grad",
         "embedding backward",
         "  dk",
+        "axpby b = 0",
+        "scale",
+        "sum_squares n 5000  grid 3",
+        "muon momentum update",
+        "adamw p",
     ] {
         assert!(text.contains(what), "emu/run.sh did not check '{what}':\n{text}");
     }

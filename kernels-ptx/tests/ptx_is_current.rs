@@ -78,6 +78,11 @@ fn signature(name: &str) -> &'static str {
         "nc_attention_backward_delta_f32" => "pppiiii",
         "nc_attention_backward_dkdv_f32" => "ppppppppiiiiif",
         "nc_attention_backward_dq_f32" => "pppppppiiiiif",
+        "nc_axpby_f32" => "ppuff",
+        "nc_scale_f32" => "puf",
+        "nc_sum_squares_f64" => "pup",
+        "nc_muon_momentum_f32" => "pppuf",
+        "nc_adamw_f32" => "ppppuffffff",
         other => panic!("kernel {other} has no signature in this test: add it"),
     }
 }
@@ -136,6 +141,38 @@ fn every_kernel_is_an_entry_of_its_module_with_the_documented_parameters() {
             );
         }
     }
+}
+
+/// The optimizer kernels promise the CPU's roundings bit for bit: every f32 multiply, add and divide in
+/// optim.ptx carries an explicit rounding mode (which neither nvcc nor ptxas fuses), no f32 fma appears, and
+/// nothing is approximate or flushes denormals. The f64 fma of the sum of squares is allowed: its product, the
+/// square of an f32, is exact.
+#[test]
+fn the_optimizer_kernels_round_like_the_cpu() {
+    let mut seen_rn = 0;
+    for line in ptx::OPTIM.lines().map(str::trim) {
+        let op = line.split_whitespace().next().unwrap_or("");
+        assert!(
+            !(op.starts_with("fma.") && op.ends_with(".f32")),
+            "optim.ptx fuses a multiply-add: `{line}`"
+        );
+        assert!(
+            !op.contains(".approx") && !op.contains(".ftz"),
+            "optim.ptx has an approximate or flushing op: `{line}`"
+        );
+        for base in ["mul", "add", "div"] {
+            if op == format!("{base}.f32") {
+                panic!("optim.ptx has `{line}` without a rounding mode (contractible)");
+            }
+        }
+        if op.ends_with(".rn.f32") {
+            seen_rn += 1;
+        }
+        if op.starts_with("sqrt.") {
+            assert_eq!(op, "sqrt.rn.f32", "optim.ptx: sqrtf must be correctly rounded");
+        }
+    }
+    assert!(seen_rn >= 15, "optim.ptx: only {seen_rn} .rn f32 ops; {REGENERATE}");
 }
 
 /// Static shared memory of each entry: its own `.shared` declarations plus the module-level ones.
@@ -228,6 +265,16 @@ fn launch_dims_are_sane_and_cover_every_row_and_tile() {
         assert_eq!(d.block.0, ELEMENTWISE_THREADS);
         // Grid-stride kernels: the grid need not cover n, but it covers min(n, 2^20 blocks).
         assert!(d.grid.0 as u64 * d.block.0 as u64 >= n.min((1 << 20) * ELEMENTWISE_THREADS as u64));
+    }
+    for n in [0u64, 1, 255, 256, 257, 256 * 1024, 256 * 1024 + 1, 24 * 2048 * 65536] {
+        let d = sum_squares_dims(n);
+        sane(d, "sum_squares");
+        assert_eq!(d.block.0, SUM_SQUARES_THREADS);
+        assert!(
+            d.grid.0 <= SUM_SQUARES_MAX_BLOCKS,
+            "sum_squares: more partials than the buffer holds"
+        );
+        assert!(d.grid.0 as u64 * d.block.0 as u64 >= n.min((SUM_SQUARES_MAX_BLOCKS * SUM_SQUARES_THREADS) as u64));
     }
     for rows in [1usize, 7, 24 * 2048, 24 * 2048 * 26] {
         let d = row_dims(rows, ROW_THREADS);

@@ -24,6 +24,11 @@
 //!   by at most 2 max|dz| <= 2.4e-5 nats at cap 15 (5e-5 allowed), and a probability by as much relative
 //!   (5e-5 allowed);
 //! - attention: online softmax over tiles of different sizes, 1e-4 of the output's largest magnitude;
+//! - the optimizer's axpby, scale, Muon momentum and AdamW: bit for bit (the kernels round every operation
+//!   explicitly, `__fmul_rn` and friends, so nothing is fused into an FMA, and divide and sqrt are IEEE);
+//! - sum_squares: every term x^2 is exact in f64 and nonnegative, so any order of summing n of them errs by
+//!   at most (n - 1) 2^-53 of the sum; the GPU's order (grid-stride lanes, then trees) and the CPU's
+//!   (sequential) differ by at most 2 n 2^-53 of it (6.7e-11 relative at n = 300 000);
 //! - the model: loss to 1e-5 relative, every gradient to 1e-4 of its largest magnitude.
 //!
 //! Views sit at nonzero offsets inside larger buffers, and everything outside a written view must come back
@@ -33,7 +38,7 @@
 use nc_core::backend::cpu::{CpuBackend, CpuBuf, CpuIds};
 use nc_core::backend::cuda::{self, CudaBackend};
 use nc_core::backend::device_like::DeviceLikeCpu;
-use nc_core::backend::{AttnShape, Backend, View, ViewMut};
+use nc_core::backend::{AdamwStep, AttnShape, Backend, View, ViewMut};
 use nc_core::model::init::rotary_table;
 use nc_core::model::{Gpt, HostMirror, Recompute, Rng};
 use nc_core::ModelConfig;
@@ -722,6 +727,123 @@ fn softcap_cross_entropy_with_and_without_grad_on<D: Backend>(g: &D) {
     }
 }
 
+#[test]
+fn optimizer_ops_axpby_scale_sum_squares_momentum_adamw() {
+    if let Some(g) = gpu() {
+        optimizer_ops_on(&g);
+    }
+}
+
+/// Unit roundoff of f64.
+const U64: f64 = 1.0 / (1u64 << 53) as f64;
+
+fn optimizer_ops_on<D: Backend>(g: &D) {
+    let cpu = CpuBackend::new();
+    let mut rng = Rng::new(11);
+    // Several elementwise blocks, not a multiple of 256; a size past 2^20 blocks is not needed (the
+    // grid-stride loop is the same code as elementwise.cu's); and a few elements.
+    for n in [300_001usize, 5] {
+        let (xo, yo) = (7, 13);
+        let x_body = randn(&mut rng, n, 1.0);
+        let x = Pair::new(g, &guarded(&mut rng, xo, &x_body, 5));
+        let y_body = randn(&mut rng, n, 2.0);
+
+        let mut y = Pair::new(g, &guarded(&mut rng, yo, &y_body, 5));
+        cpu.axpby(0.7, x.cv(xo, n), -1.1, y.cm(yo, n));
+        g.axpby(0.7, x.gv(xo, n), -1.1, y.gm(yo, n));
+        exact(&format!("axpby n {n}"), &y.got(g), y.want(), yo..yo + n);
+
+        // b = 0 (and -0): y = a x without reading y, so its NaNs must not come through.
+        for zero in [0.0f32, -0.0] {
+            let mut y = Pair::new(g, &guarded(&mut rng, yo, &vec![NAN; n], 5));
+            cpu.axpby(-3.0, x.cv(xo, n), zero, y.cm(yo, n));
+            g.axpby(-3.0, x.gv(xo, n), zero, y.gm(yo, n));
+            let got = y.got(g);
+            assert!(
+                got[yo..yo + n].iter().all(|v| !v.is_nan()),
+                "axpby b = {zero}: a NaN of y survived"
+            );
+            exact(&format!("axpby b = {zero} n {n}"), &got, y.want(), yo..yo + n);
+        }
+
+        let mut z = Pair::new(g, &guarded(&mut rng, yo, &y_body, 5));
+        cpu.scale(z.cm(yo, n), -0.37);
+        g.scale(z.gm(yo, n), -0.37);
+        exact(&format!("scale n {n}"), &z.got(g), z.want(), yo..yo + n);
+
+        // Muon's momentum: buf updated in place, update written (NaN before).
+        let (go, bo, uo) = (3, 11, 5);
+        let gr = Pair::new(g, &guarded(&mut rng, go, &x_body, 2));
+        let buf_body = randn(&mut rng, n, 0.5);
+        for mu in [0.95f32, 0.85] {
+            let mut buf = Pair::new(g, &guarded(&mut rng, bo, &buf_body, 2));
+            let mut upd = Pair::new(g, &guarded(&mut rng, uo, &vec![NAN; n], 2));
+            cpu.muon_momentum(gr.cv(go, n), buf.cm(bo, n), upd.cm(uo, n), mu);
+            g.muon_momentum(gr.gv(go, n), buf.gm(bo, n), upd.gm(uo, n), mu);
+            exact(
+                &format!("muon_momentum buf mu {mu} n {n}"),
+                &buf.got(g),
+                buf.want(),
+                bo..bo + n,
+            );
+            exact(
+                &format!("muon_momentum update mu {mu} n {n}"),
+                &upd.got(g),
+                upd.want(),
+                uo..uo + n,
+            );
+        }
+
+        // AdamW at step 3 (lr 0.004, weight decay 0.01, betas 0.8 and 0.95, eps 1e-10), with the host
+        // scalars computed as the optimizer does; element 0 has no gradient and no moments yet (0 / eps).
+        let (lr, wd, beta1, beta2, t) = (0.004f64, 0.01f64, 0.8f32, 0.95f32, 3);
+        let h = AdamwStep {
+            beta1,
+            beta2,
+            eps: 1e-10,
+            decay: (1.0 - lr * wd) as f32,
+            step: (lr / (1.0 - (beta1 as f64).powi(t))) as f32,
+            inv_bc2: (1.0 / (1.0 - (beta2 as f64).powi(t))) as f32,
+        };
+        let mut g_body = randn(&mut rng, n, 0.1);
+        let mut m_body = randn(&mut rng, n, 0.05);
+        let mut v_body: Vec<f32> = randn(&mut rng, n, 0.01).iter().map(|v| v * v).collect();
+        (g_body[0], m_body[0], v_body[0]) = (0.0, 0.0, 0.0);
+        let (po, gro, mo, vo) = (9, 4, 6, 2);
+        let mut p = Pair::new(g, &guarded(&mut rng, po, &x_body, 3));
+        let grad = Pair::new(g, &guarded(&mut rng, gro, &g_body, 3));
+        let mut m = Pair::new(g, &guarded(&mut rng, mo, &m_body, 3));
+        let mut v = Pair::new(g, &guarded(&mut rng, vo, &v_body, 3));
+        cpu.adamw(p.cm(po, n), grad.cv(gro, n), m.cm(mo, n), v.cm(vo, n), h);
+        g.adamw(p.gm(po, n), grad.gv(gro, n), m.gm(mo, n), v.gm(vo, n), h);
+        exact(&format!("adamw p n {n}"), &p.got(g), p.want(), po..po + n);
+        exact(&format!("adamw m n {n}"), &m.got(g), m.want(), mo..mo + n);
+        exact(&format!("adamw v n {n}"), &v.got(g), v.want(), vo..vo + n);
+    }
+
+    // sum_squares: empty, one element, partial blocks, several blocks, and past 256 x 1024 elements (every
+    // one of the 1024 blocks loops grid-stride more than once), at an offset; mixed magnitudes.
+    for n in [0usize, 1, 255, 257, 100_003, 256 * 1024 + 12_345, 3 * 256 * 1024 + 7] {
+        let off = 17;
+        let body: Vec<f32> = (0..n)
+            .map(|i| (rng.normal() * [1.0, 1e-3, 1e3][i % 3]) as f32)
+            .collect();
+        let x = Pair::new(g, &guarded(&mut rng, off, &body, 9));
+        let want = cpu.sum_squares(x.cv(off, n));
+        let got = g.sum_squares(x.gv(off, n));
+        let tol = 2.0 * n as f64 * U64 * want;
+        assert!(
+            (got - want).abs() <= tol,
+            "sum_squares n {n}: {got:e} on the GPU, {want:e} on the CPU, error {:e} > tolerance {tol:e}",
+            (got - want).abs()
+        );
+        if n == 0 {
+            assert_eq!(got, 0.0, "sum_squares of nothing");
+        }
+        exact(&format!("sum_squares n {n} leaves x"), &x.got(g), x.want(), 0..0);
+    }
+}
+
 fn attention_inputs(rng: &mut Rng, s: &AttnShape) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     (
         randn(rng, s.q_len(), 1.0),
@@ -1017,6 +1139,7 @@ fn the_harness_runs_clean_with_a_device_like_cpu() {
     softcap_cross_entropy_with_and_without_grad_on(&g);
     attention_forward_training_and_decode_shapes_on(&g);
     attention_backward_training_shapes_on(&g);
+    optimizer_ops_on(&g);
     model_parity_on(&DeviceLikeCpu::default, gqa_model(), 2, 24);
     model_parity_on(&DeviceLikeCpu::default, mha_model(), 1, 40);
 }
@@ -1044,8 +1167,9 @@ fn the_comparison_catches_what_it_should() {
 
 /// The tolerances themselves, on a machine without a GPU: a backend that computes every op the way a GPU
 /// kernel may (other summation orders, fused multiply-adds, libm's tanh and exp, the row max instead of the
-/// cap as the softmax shift, scatter-adds in another order) must pass every comparison above. Attention and
-/// the elementwise ops that must match bit for bit keep the CPU's code.
+/// cap as the softmax shift, scatter-adds in another order, the sum of squares in strided lanes and a tree)
+/// must pass every comparison above. Attention and the elementwise ops that must match bit for bit (the
+/// optimizer's among them) keep the CPU's code.
 #[test]
 fn the_tolerances_admit_a_gpu_like_rounding() {
     let g = OtherRounding::default();
@@ -1055,6 +1179,7 @@ fn the_tolerances_admit_a_gpu_like_rounding() {
     rotary_forward_then_backward_on(&g);
     relu2_add_and_softcap_on(&g);
     softcap_cross_entropy_with_and_without_grad_on(&g);
+    optimizer_ops_on(&g);
     model_parity_on(&OtherRounding::default, gqa_model(), 2, 24);
     model_parity_on(&OtherRounding::default, mha_model(), 1, 40);
 }
@@ -1338,6 +1463,22 @@ impl Backend for OtherRounding {
         for z in sl_mut(logits) {
             *z = cap * (*z / cap).tanh();
         }
+    }
+
+    /// The kernel's shape of sum: 1024 x 256 lanes, each summing its strided elements, then a pairwise tree.
+    fn sum_squares(&self, x: View<'_, Self>) -> f64 {
+        let mut lanes = vec![0.0f64; 1 << 18];
+        for (i, v) in sl(x).iter().enumerate() {
+            lanes[i % (1 << 18)] += (*v as f64) * (*v as f64);
+        }
+        let mut width = lanes.len() / 2;
+        while width > 0 {
+            for l in 0..width {
+                lanes[l] += lanes[l + width];
+            }
+            width /= 2;
+        }
+        lanes[0]
     }
 }
 

@@ -3,7 +3,7 @@
 //! libraries installed), so every failure is an `NcError` that says what is missing, never a panic.
 
 use super::launch::Kernels;
-use super::{CudaBackend, CudaBuf};
+use super::{CudaBackend, CudaBuf, CudaF64};
 use crate::error::{NcError, Result};
 use cudarc::cublas::{sys as cublas_sys, CudaBlas};
 use cudarc::driver::{result as driver, sys as driver_sys, CudaContext};
@@ -126,6 +126,9 @@ impl CudaBackend {
         }
 
         let scratch = CudaBuf::zeros(&stream, 0).map_err(|e| device_error("allocating scratch", &e))?;
+        let partials = stream
+            .alloc_zeros::<f64>(nc_kernels::SUM_SQUARES_MAX_BLOCKS as usize)
+            .map_err(|e| device_error("allocating sum_squares' partials", &e))?;
         Ok(CudaBackend {
             ordinal,
             ctx,
@@ -133,6 +136,7 @@ impl CudaBackend {
             blas,
             kernels: Kernels::new(functions),
             attention_delta: Mutex::new(scratch),
+            sum_squares_partials: Mutex::new(CudaF64 { data: partials }),
         })
     }
 }

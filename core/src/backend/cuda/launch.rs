@@ -9,13 +9,13 @@
 
 use super::{CudaBackend, CudaBuf, CudaIds};
 use crate::backend::{View, ViewMut};
-use cudarc::driver::{CudaFunction, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use nc_kernels::{Kernel, LaunchDims};
 
 /// One kernel parameter, by its C type in the contract.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Arg {
-    /// `f32*` / `const f32*` / `const i32*`: a device address.
+    /// `f32*` / `const f32*` / `const i32*` / `f64*`: a device address.
     Ptr(u64),
     /// `i32` (C `int`).
     I32(i32),
@@ -36,7 +36,7 @@ impl Kernels {
     }
 
     fn get(&self, kernel: Kernel) -> &CudaFunction {
-        // 15 entries: a linear search costs nothing next to a launch.
+        // 20 entries: a linear search costs nothing next to a launch.
         self.functions
             .iter()
             .find(|(k, _)| k.module == kernel.module && k.name == kernel.name)
@@ -109,6 +109,17 @@ impl CudaBackend {
     pub(crate) fn scratch_ptr(&self, buf: &mut CudaBuf, len: usize) -> Arg {
         assert!(len <= buf.len, "CUDA scratch of {} values used for {len}", buf.len);
         let (base, _no_event) = buf.data.device_ptr_mut(&self.stream);
+        Arg::Ptr(base)
+    }
+
+    /// The start of an f64 scratch buffer, which must hold `len` values, as a kernel's pointer.
+    pub(crate) fn f64_scratch_ptr(&self, buf: &mut CudaSlice<f64>, len: usize) -> Arg {
+        assert!(
+            len <= buf.len(),
+            "CUDA f64 scratch of {} values used for {len}",
+            buf.len()
+        );
+        let (base, _no_event) = buf.device_ptr_mut(&self.stream);
         Arg::Ptr(base)
     }
 

@@ -27,7 +27,7 @@ mod launch;
 
 pub use device::{device_count, driver_present};
 
-use super::{AttnShape, Backend, View, ViewMut};
+use super::{AdamwStep, AttnShape, Backend, View, ViewMut};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DriverError};
 use launch::{count, int, Arg, Kernels};
@@ -77,6 +77,18 @@ impl Drop for CudaIds {
     }
 }
 
+/// f64 values in device memory: the per-block partial sums of `sum_squares`. Dropped with the context
+/// bound, as `CudaBuf` is.
+struct CudaF64 {
+    data: CudaSlice<f64>,
+}
+
+impl Drop for CudaF64 {
+    fn drop(&mut self) {
+        let _ = self.data.context().bind_to_thread();
+    }
+}
+
 impl CudaIds {
     pub fn len(&self) -> usize {
         self.len
@@ -94,6 +106,9 @@ pub struct CudaBackend {
     kernels: Kernels,
     /// Attention backward's delta = rowsum(dout * out), (B, H, T): grown to the largest call, then reused.
     attention_delta: Mutex<CudaBuf>,
+    /// `sum_squares`'s per-block partials, `SUM_SQUARES_MAX_BLOCKS` of them (every launch fits); the lock is
+    /// held from the launch until they are downloaded.
+    sum_squares_partials: Mutex<CudaF64>,
     stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
 }
@@ -564,6 +579,81 @@ impl Backend for CudaBackend {
         let n = logits.len;
         let args = [self.ptr_mut(logits), count(n), Arg::F32(cap)];
         self.elementwise(nc_kernels::SOFTCAP, n, &args);
+    }
+
+    // The optimizer's ops: kernels of optim.cu, which round exactly as `optim_ops` does (bit for bit).
+
+    fn axpby(&self, a: f32, x: View<'_, Self>, b: f32, y: ViewMut<'_, Self>) {
+        assert_eq!(x.len, y.len, "CUDA axpby: x and y lengths differ");
+        let n = x.len;
+        let args = [self.ptr(x), self.ptr_mut(y), count(n), Arg::F32(a), Arg::F32(b)];
+        self.elementwise(nc_kernels::AXPBY, n, &args);
+    }
+    fn scale(&self, x: ViewMut<'_, Self>, a: f32) {
+        let n = x.len;
+        let args = [self.ptr_mut(x), count(n), Arg::F32(a)];
+        self.elementwise(nc_kernels::SCALE, n, &args);
+    }
+    /// One launch writes a partial sum per block (f64); they are downloaded (which waits for the queued
+    /// work) and added here in block order, so the result depends on n only, never on timing.
+    fn sum_squares(&self, x: View<'_, Self>) -> f64 {
+        let n = x.len;
+        if n == 0 {
+            return 0.0;
+        }
+        let dims = nc_kernels::sum_squares_dims(n as u64);
+        let blocks = dims.grid.0 as usize;
+        let mut partials = self.sum_squares_partials.lock();
+        let args = [self.ptr(x), count(n), self.f64_scratch_ptr(&mut partials.data, blocks)];
+        self.launch(nc_kernels::SUM_SQUARES, dims, &args);
+        let mut host = vec![0.0f64; blocks];
+        self.stream
+            .memcpy_dtoh(&partials.data.slice(0..blocks), &mut host)
+            .expect("CUDA sum_squares: device-to-host copy of the partials failed");
+        self.stream
+            .synchronize()
+            .expect("CUDA sum_squares: stream synchronize failed (an earlier kernel or copy faulted)");
+        let mut total = 0.0f64;
+        for p in host {
+            total += p;
+        }
+        total
+    }
+    fn muon_momentum(&self, g: View<'_, Self>, buf: ViewMut<'_, Self>, update: ViewMut<'_, Self>, mu: f32) {
+        assert!(
+            buf.len == g.len && update.len == g.len,
+            "CUDA muon_momentum: g, buf and update lengths differ"
+        );
+        let n = g.len;
+        let args = [
+            self.ptr(g),
+            self.ptr_mut(buf),
+            self.ptr_mut(update),
+            count(n),
+            Arg::F32(mu),
+        ];
+        self.elementwise(nc_kernels::MUON_MOMENTUM, n, &args);
+    }
+    fn adamw(&self, p: ViewMut<'_, Self>, g: View<'_, Self>, m: ViewMut<'_, Self>, v: ViewMut<'_, Self>, h: AdamwStep) {
+        let n = p.len;
+        assert!(
+            g.len == n && m.len == n && v.len == n,
+            "CUDA adamw: p, g, m and v lengths differ"
+        );
+        let args = [
+            self.ptr_mut(p),
+            self.ptr(g),
+            self.ptr_mut(m),
+            self.ptr_mut(v),
+            count(n),
+            Arg::F32(h.beta1),
+            Arg::F32(h.beta2),
+            Arg::F32(h.eps),
+            Arg::F32(h.decay),
+            Arg::F32(h.step),
+            Arg::F32(h.inv_bc2),
+        ];
+        self.elementwise(nc_kernels::ADAMW, n, &args);
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod adamw;
 pub mod clip;
+pub mod device;
 pub mod matmul;
 pub mod muon;
 pub mod schedule;
@@ -27,6 +28,24 @@ pub struct OptimConfig {
     /// AdamW lr for lm_head, before the (d/768)^-0.5 scaling.
     pub unembedding_lr: f32,
     pub adam: AdamParams,
+}
+
+impl OptimConfig {
+    /// The lr of a parameter kind at lr multiplier 1. `adam_scale` is AdamW's d_model scaling
+    /// (`adamw::adam_lr_scale`); Muon's lr is not scaled.
+    pub fn base_lr(&self, kind: ParamKind, adam_scale: f32) -> f32 {
+        match kind {
+            ParamKind::Matrix => self.matrix_lr,
+            ParamKind::Embedding => self.embedding_lr * adam_scale,
+            ParamKind::Unembedding => self.unembedding_lr * adam_scale,
+        }
+    }
+
+    /// The lr of a parameter kind at a step: the base lr times the schedule's multiplier, in f64 and
+    /// rounded once (the host and the device optimizers both use this, so their lrs agree to the bit).
+    pub fn scheduled_lr(&self, kind: ParamKind, adam_scale: f32, lr_mult: f64) -> f32 {
+        (self.base_lr(kind, adam_scale) as f64 * lr_mult) as f32
+    }
 }
 
 impl Default for OptimConfig {
@@ -92,14 +111,7 @@ impl Optimizer {
 
     /// Restore state saved from an optimizer of the same model, rank and world size.
     pub fn restore(&mut self, state: &[f32], steps_taken: u64) -> Result<()> {
-        if state.len() != self.state.len() {
-            bail!(
-                "optimizer state has {} values but this model and rank need {}; the checkpoint is from a \
-                 different model or world size",
-                state.len(),
-                self.state.len()
-            );
-        }
+        check_state_len(state.len(), self.state.len())?;
         self.state.copy_from_slice(state);
         self.steps_taken = steps_taken;
         Ok(())
@@ -107,11 +119,7 @@ impl Optimizer {
 
     /// The effective AdamW lr of a parameter kind at lr multiplier 1 (with the d_model scaling).
     pub fn base_lr(&self, kind: ParamKind) -> f32 {
-        match kind {
-            ParamKind::Matrix => self.config.matrix_lr,
-            ParamKind::Embedding => self.config.embedding_lr * self.adam_scale,
-            ParamKind::Unembedding => self.config.unembedding_lr * self.adam_scale,
-        }
+        self.config.base_lr(kind, self.adam_scale)
     }
 
     /// One step on the owned segments: `params` and `grads` are the whole contiguous buffers (grads already
@@ -124,7 +132,7 @@ impl Optimizer {
         );
         let t = self.steps_taken + 1;
         for seg in &self.layout.segments {
-            let lr = (self.base_lr(seg.kind) as f64 * lr_mult) as f32;
+            let lr = self.config.scheduled_lr(seg.kind, self.adam_scale, lr_mult);
             let p = &mut params[seg.range()];
             let g = &grads[seg.range()];
             let st = &mut self.state[seg.state_offset..seg.state_offset + seg.state_len()];
@@ -141,6 +149,17 @@ impl Optimizer {
         }
         self.steps_taken = t;
     }
+}
+
+/// A saved optimizer state must have exactly the size this model, rank and world size need.
+pub(crate) fn check_state_len(given: usize, needed: usize) -> Result<()> {
+    if given != needed {
+        bail!(
+            "optimizer state has {given} values but this model and rank need {needed}; the checkpoint is from a \
+             different model or world size"
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

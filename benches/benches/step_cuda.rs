@@ -1,7 +1,8 @@
 //! Whole-step GPU throughput: zero_grads + forward + backward of a GPT on the CUDA backend, timed as the
-//! host sees it, against the device's peaks. Optionally (`--optimizer`) it also times one optimizer step
-//! the way the training loop does it today: download params and grads, clip, Muon + AdamW on the host,
-//! upload the params. Prints a table and a last line of JSON; not a criterion bench (a step is ~1 s).
+//! host sees it, against the device's peaks. Optionally (`--optimizer`) it also times the optimizer step
+//! the way the training loop runs it on a device backend: the `DeviceOptimizer`'s clip (global norm, back
+//! to the host) and its Muon + AdamW step, on the device, synchronized. Prints a table and a last line of
+//! JSON; not a criterion bench (a step is ~1 s).
 //!
 //! Run:   cargo bench -p nc-benches --bench step_cuda -- --depth 20 --dbs 8
 //! Flags: --depth L (20)  --dbs B (8)  --seq T (2048)  --vocab V (65536)  --steps N (5)  --warmup N (2)
@@ -24,10 +25,10 @@
 //!   of the strict-f32 GEMMs this backend runs.
 
 use nc_core::backend::cuda::{device_count, CudaBackend};
-use nc_core::model::{Gpt, HostMirror};
-use nc_core::optim::clip::clip_grad_norm;
+use nc_core::model::Gpt;
+use nc_core::optim::device::DeviceOptimizer;
 use nc_core::optim::schedule::muon_momentum;
-use nc_core::optim::{OptimConfig, Optimizer};
+use nc_core::optim::OptimConfig;
 use nc_core::plan::{self, Precision, Recompute};
 use nc_core::ModelConfig;
 use std::time::Instant;
@@ -148,16 +149,19 @@ fn main() {
         Err(e) => skip(&format!("opening CUDA device {ordinal} for memory queries failed: {e}")),
     };
 
-    // What the planner says the device holds at f32. The optimizer state stays on the host (the
-    // host-mirror step), so the device needs params, grads, activations and the loss workspace.
+    // What the planner says the device holds at f32: params, grads, activations and the loss workspace, and
+    // with --optimizer the optimizer state too (the device optimizer keeps it there; its Newton-Schulz
+    // scratch, a few copies of the largest matrix, is not in the plan).
     let mem_plan = plan::memory_per_gpu(&cfg, dbs, 1, Precision::Fp32, policy);
-    let plan_device = mem_plan.params + mem_plan.grads + mem_plan.activations + mem_plan.loss_workspace;
+    let plan_state = if with_optimizer { mem_plan.optimizer_state } else { 0.0 };
+    let plan_device = mem_plan.params + mem_plan.grads + mem_plan.activations + mem_plan.loss_workspace + plan_state;
     let mem_backend = mem_used(&ctx);
     if let Some((used, total)) = mem_backend {
         if plan_device > total - used {
             eprintln!(
-                "step_cuda: the model needs about {:.0} MiB on the device (params, grads, activations at f32) \
-                 and {:.0} MiB are free; try --recompute selective or full, or a smaller --dbs",
+                "step_cuda: the model needs about {:.0} MiB on the device (params, grads, activations and with \
+                 --optimizer its state, at f32) and {:.0} MiB are free; try --recompute selective or full, or a \
+                 smaller --dbs",
                 plan_device / MIB,
                 (total - used) / MIB
             );
@@ -309,7 +313,11 @@ fn main() {
     println!("{:<34} {:>12.0}", "  plan f32: device total", plan_device / MIB);
     println!(
         "{:<34} {:>12.0}",
-        "  plan f32: optimizer state (host)",
+        if with_optimizer {
+            "  plan f32: optimizer state (in it)"
+        } else {
+            "  plan f32: optimizer state (not)"
+        },
         mem_plan.optimizer_state / MIB
     );
     println!();
@@ -338,74 +346,69 @@ fn main() {
     row("mean", mean_s, None);
     let (loss_first, loss_last) = (losses[0], losses[steps - 1]);
 
-    // The optimizer as nc-train runs it on a device backend today (train/mod.rs): everything crosses
-    // to the host and back. Split into its parts so the cost of the copies is visible apart from Muon.
+    // The optimizer as nc-train runs it on a device backend (train/mod.rs): the device optimizer clips and
+    // steps where the parameters live; only the gradient norm comes to the host. Clip and step are timed
+    // apart (a synchronize between them), each until the device is done.
     struct OptTimes {
-        download: f64,
         clip: f64,
         update: f64,
-        upload: f64,
         total: f64,
         grad_norm: f64,
         loss_after: f32,
     }
     let mut opt_times: Vec<OptTimes> = Vec::new();
+    let mut mem_opt = None;
     if with_optimizer {
-        let mut opt = Optimizer::new(&cfg, OptimConfig::default(), 0, 1).unwrap_or_else(|e| {
+        // built outside the timings: it allocates its state and scratch once
+        let mut opt = DeviceOptimizer::new(&model.be, &cfg, OptimConfig::default()).unwrap_or_else(|e| {
             eprintln!("step_cuda: optimizer: {e}");
             std::process::exit(1)
         });
-        let mut mirror = HostMirror::default();
+        model.be.synchronize();
+        mem_opt = mem_used(&ctx);
         for i in 0..opt_steps {
             // The grads on the device are those of the last step (each step zeroes them first).
             let t0 = Instant::now();
-            let (t_in, t_clip, t_out, grad_norm) = model.update_on_host(&mut mirror, |params, grads| {
-                let t_in = Instant::now();
-                let norm = clip_grad_norm(grads, GRAD_CLIP);
-                let t_clip = Instant::now();
-                opt.step(params, grads, 1.0, muon_momentum(i as u64));
-                (t_in, t_clip, Instant::now(), norm)
-            });
-            model.be.synchronize();
+            let (be, params, grads) = model.backend_params_grads_mut();
+            let grad_norm = opt.clip(be, grads, GRAD_CLIP);
+            be.synchronize();
+            let t_clip = Instant::now();
+            opt.step(be, params, grads, 1.0, muon_momentum(i as u64));
+            be.synchronize();
             let t_end = Instant::now();
             // A fresh gradient at the new params (untimed here): the loss after the update, which should
             // be lower than before on this same batch, and the grads the next optimizer step uses.
             let loss_after = step(&mut model);
             opt_times.push(OptTimes {
-                download: (t_in - t0).as_secs_f64(),
-                clip: (t_clip - t_in).as_secs_f64(),
-                update: (t_out - t_clip).as_secs_f64(),
-                upload: (t_end - t_out).as_secs_f64(),
+                clip: (t_clip - t0).as_secs_f64(),
+                update: (t_end - t_clip).as_secs_f64(),
                 total: (t_end - t0).as_secs_f64(),
                 grad_norm,
                 loss_after,
             });
         }
         println!();
+        println!("device optimizer step (Muon + AdamW on the device, clip {GRAD_CLIP}), ms:");
         println!(
-            "host-mirror optimizer step (Muon + AdamW on {} host threads, clip {GRAD_CLIP}), ms:",
-            rayon::current_num_threads()
-        );
-        println!(
-            "{:<6} {:>10} {:>10} {:>12} {:>10} {:>10} {:>10} {:>11}",
-            "opt", "download", "clip", "Muon+AdamW", "upload", "total", "grad norm", "loss after"
+            "{:<6} {:>10} {:>12} {:>10} {:>10} {:>11}",
+            "opt", "clip", "Muon+AdamW", "total", "grad norm", "loss after"
         );
         for (i, o) in opt_times.iter().enumerate() {
             println!(
-                "{:<6} {:>10.1} {:>10.1} {:>12.1} {:>10.1} {:>10.1} {:>10.4} {:>11.4}",
+                "{:<6} {:>10.1} {:>12.1} {:>10.1} {:>10.4} {:>11.4}",
                 i + 1,
-                o.download * 1e3,
                 o.clip * 1e3,
                 o.update * 1e3,
-                o.upload * 1e3,
                 o.total * 1e3,
                 o.grad_norm,
                 o.loss_after
             );
         }
-        if opt_times.len() > 1 {
-            println!("(the first optimizer step also allocates and first-touches the host mirror)");
-        }
+        println!(
+            "device memory after the optimizer's allocations: {} MiB (state {:.0} MiB planned)",
+            mib(mem_opt),
+            mem_plan.optimizer_state / MIB
+        );
         let opt_s = opt_times.iter().map(|o| o.total).fold(f64::INFINITY, f64::min);
         let whole = median_s + opt_s;
         println!(
@@ -425,11 +428,11 @@ fn main() {
         let first = &opt_times[0];
         serde_json::json!({
             "steps": opt_times.len(),
+            "where": "device",
             "best_ms": opt_best * 1e3,
-            "download_ms": first.download * 1e3,
             "clip_ms": first.clip * 1e3,
             "update_ms": first.update * 1e3,
-            "upload_ms": first.upload * 1e3,
+            "mem_used_after_optimizer_bytes": mem_opt.map(|m| m.0),
             "grad_norm": first.grad_norm,
             "loss_after": opt_times.last().map(|o| o.loss_after),
             "step_plus_opt_tokens_per_s": n as f64 / (median_s + opt_best),

@@ -236,13 +236,58 @@ fn recompute_policies_train_identically_and_may_change_on_resume() {
     );
 }
 
-/// The path a GPU backend takes (buffers not host-visible: the optimizer, clipping and checkpoints go through
-/// the host mirror, by download and upload) trains bit-identically to the CPU path, and a checkpoint moves
-/// between the two: half the steps on the device path, a save, then a resume on the CPU path.
+/// The largest relative difference between two runs' losses, step by step (the steps must match).
+fn loss_gap(a: &[(u64, f32)], b: &[(u64, f32)]) -> f64 {
+    assert_eq!(
+        a.iter().map(|x| x.0).collect::<Vec<_>>(),
+        b.iter().map(|x| x.0).collect::<Vec<_>>()
+    );
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| ((x.1 as f64 - y.1 as f64) / y.1 as f64).abs())
+        .fold(0.0, |m, d| if d.is_nan() { f64::INFINITY } else { m.max(d) })
+}
+
+/// The largest difference between two checkpoints' weights, relative to the largest weight.
+fn weight_gap(a: &Path, b: &Path) -> f64 {
+    let model = checkpoint::load_meta(a).unwrap().model_config;
+    let load = |d: &Path| {
+        let mut p = vec![0.0f32; model.num_params() as usize];
+        checkpoint::load_params(d, &model, &mut p).unwrap();
+        p
+    };
+    let (pa, pb) = (load(a), load(b));
+    let scale = pb.iter().fold(0.0f64, |m, &x| m.max((x as f64).abs()));
+    pa.iter()
+        .zip(&pb)
+        .map(|(x, y)| (*x as f64 - *y as f64).abs() / scale)
+        .fold(0.0, |m, d| if d.is_nan() { f64::INFINITY } else { m.max(d) })
+}
+
+/// How far the device path (DeviceLikeCpu, with the device optimizer) may drift from the CPU path (host
+/// optimizer) over the 8 steps of `device_path_trains_like_the_cpu_and_shares_its_checkpoints`. The two
+/// differ only in the rounding of Muon's Newton-Schulz products (6.5e-6 of an update at most,
+/// tests/tests/device_optimizer.rs), which training then carries along. Measured, for the device run and
+/// for both mixed runs (half on each path): every train loss equal to the bit (the difference stays below
+/// an f32 ulp of the loss, ~1e-7 relative); the final validation loss (an f64 mean) 1.7e-9, 1.8e-9 and
+/// 1.0e-8 relative; the final weights 3.5e-6, 3.5e-6 and 1.3e-6 of the largest weight (wte's AdamW, at lr
+/// ~1 in this tiny model, passes small gradient differences on at full size). The tolerances: train losses
+/// 5e-7 relative (about 5 ulps), validation loss 5e-8 (5x), weights 2e-5 (6x).
+const DEVICE_LOSS_TOL: f64 = 5e-7;
+const DEVICE_VAL_LOSS_TOL: f64 = 5e-8;
+const DEVICE_WEIGHT_TOL: f64 = 2e-5;
+
+/// The path a GPU backend takes (buffers not host-visible: the device optimizer clips and steps with the
+/// backend's ops, checkpoints go through download and upload). Its Muon updates differ from the host
+/// optimizer's by rounding (the order of Newton-Schulz's products), so it tracks the CPU path within the
+/// `DEVICE_*_TOL`s above rather than to the bit. Bit-exact still: the first loss (no update yet), and resume
+/// on the device path itself (2N straight = N, a save, N resumed: losses, evaluation, weights, optimizer
+/// state). Checkpoints move between the paths: N steps on one, a save, N resumed on the other, track the CPU
+/// run within the same tolerances.
 #[test]
 fn device_path_trains_like_the_cpu_and_shares_its_checkpoints() {
     use nc_core::backend::device_like::DeviceLikeCpu;
-    use nc_core::train::{train_on, Device};
+    use nc_core::train::{train_on, Device, RunSummary};
     let device = || Device {
         be: DeviceLikeCpu::default(),
         peak_flops: 1e9,
@@ -256,17 +301,53 @@ fn device_path_trains_like_the_cpu_and_shares_its_checkpoints() {
     let cpu = train(&tiny_config(cpu_dir.path(), 2 * n)).unwrap();
     let dev_dir = tempfile::tempdir().unwrap();
     let dev = train_on(&tiny_config(dev_dir.path(), 2 * n), device()).unwrap();
-    let bits = |s: &nc_core::train::RunSummary| -> Vec<(u64, u32)> {
-        s.train_losses.iter().map(|(st, l)| (*st, l.to_bits())).collect()
+    let bits =
+        |s: &RunSummary| -> Vec<(u64, u32)> { s.train_losses.iter().map(|(st, l)| (*st, l.to_bits())).collect() };
+    assert_eq!(bits(&dev)[0], bits(&cpu)[0], "the first loss precedes any update");
+    // a whole run against the CPU's, and a run stitched from two paths against it
+    let tracks_cpu = |what: &str, losses: &[(u64, f32)], last: &RunSummary| {
+        let gap = loss_gap(losses, &cpu.train_losses);
+        assert!(
+            gap <= DEVICE_LOSS_TOL,
+            "{what}: train losses differ by {gap:e} (relative)"
+        );
+        let val_gap = (last.evals.last().unwrap().val_loss / cpu.evals.last().unwrap().val_loss - 1.0).abs();
+        assert!(
+            val_gap <= DEVICE_VAL_LOSS_TOL,
+            "{what}: final val loss differs by {val_gap:e}"
+        );
+        let w_gap = weight_gap(
+            &last.last_checkpoint.clone().unwrap(),
+            &cpu.last_checkpoint.clone().unwrap(),
+        );
+        assert!(w_gap <= DEVICE_WEIGHT_TOL, "{what}: final weights differ by {w_gap:e}");
     };
-    assert_eq!(bits(&dev), bits(&cpu), "the device path's losses differ from the CPU's");
-    assert_eq!(
+    tracks_cpu("the device path", &dev.train_losses, &dev);
+    assert_ne!(
+        read(&dev.last_checkpoint.clone().unwrap().join("model.safetensors")),
         read(&cpu.last_checkpoint.clone().unwrap().join("model.safetensors")),
-        read(&dev.last_checkpoint.unwrap().join("model.safetensors")),
-        "the device path saved other weights"
+        "the device path should run the device optimizer, whose rounding differs"
     );
 
-    // device path for n steps, then the CPU resumes its checkpoint
+    // the device path resumes its own checkpoint bit-exactly
+    let split_dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny_config(split_dir.path(), 2 * n);
+    cfg.stop_at_step = Some(n);
+    let first = train_on(&cfg, device()).unwrap();
+    cfg.stop_at_step = None;
+    cfg.resume = Resume::Latest;
+    let second = train_on(&cfg, device()).unwrap();
+    let mut split = bits(&first);
+    split.extend(bits(&second));
+    assert_eq!(split, bits(&dev), "the device path's resume is not bit-exact");
+    let (a, b) = (dev.last_checkpoint.clone().unwrap(), second.last_checkpoint.unwrap());
+    assert_eq!(read(&a.join("model.safetensors")), read(&b.join("model.safetensors")));
+    assert_eq!(
+        read(&a.join("optim_rank0.safetensors")),
+        read(&b.join("optim_rank0.safetensors"))
+    );
+
+    // a device-path checkpoint resumed on the CPU
     let mixed_dir = tempfile::tempdir().unwrap();
     let mut cfg = tiny_config(mixed_dir.path(), 2 * n);
     cfg.stop_at_step = Some(n);
@@ -274,14 +355,12 @@ fn device_path_trains_like_the_cpu_and_shares_its_checkpoints() {
     cfg.stop_at_step = None;
     cfg.resume = Resume::Latest;
     let second = train(&cfg).unwrap();
-    let mut mixed = bits(&first);
-    mixed.extend(bits(&second));
-    assert_eq!(
-        mixed,
-        bits(&cpu),
-        "a device-path checkpoint resumed on the CPU diverged"
-    );
-    // and the CPU's checkpoint resumes on the device path
+    let mut mixed = first.train_losses.clone();
+    mixed.extend(second.train_losses.iter().copied());
+    assert_eq!(bits(&first), bits(&dev)[..n as usize]);
+    tracks_cpu("a device-path checkpoint resumed on the CPU", &mixed, &second);
+
+    // and a CPU checkpoint resumed on the device path
     let back_dir = tempfile::tempdir().unwrap();
     let mut cfg = tiny_config(back_dir.path(), 2 * n);
     cfg.stop_at_step = Some(n);
@@ -289,9 +368,10 @@ fn device_path_trains_like_the_cpu_and_shares_its_checkpoints() {
     cfg.stop_at_step = None;
     cfg.resume = Resume::Latest;
     let second = train_on(&cfg, device()).unwrap();
-    let mut back = bits(&first);
-    back.extend(bits(&second));
-    assert_eq!(back, bits(&cpu), "a CPU checkpoint resumed on the device path diverged");
+    assert_eq!(bits(&first), bits(&cpu)[..n as usize]);
+    let mut back = first.train_losses.clone();
+    back.extend(second.train_losses.iter().copied());
+    tracks_cpu("a CPU checkpoint resumed on the device path", &back, &second);
 }
 
 /// Several ranks on a device backend are refused with an error naming the fix, before anything is written.

@@ -493,13 +493,12 @@ impl<B: Backend> Gpt<B> {
     }
 }
 
-/// Host copies of the parameters and gradients, for backends whose buffers live on a device: the training
-/// loop's optimizer, clipping, gradient sync and checkpoints work on host slices. Empty (and unused) on the
-/// CPU, where the buffers are host memory already.
+/// A host copy of the parameters, for backends whose buffers live on a device: checkpoints save and load
+/// through it. Empty (and unused) on the CPU, where the buffers are host memory already. (The optimizer
+/// does not need it: on a device it runs there, `optim::device`.)
 #[derive(Debug, Default)]
 pub struct HostMirror {
     params: Vec<f32>,
-    grads: Vec<f32>,
 }
 
 /// Host access for every backend: in place on the CPU, through a `HostMirror` elsewhere.
@@ -524,21 +523,32 @@ impl<B: Backend> Gpt<B> {
         Ok(())
     }
 
-    /// Run `f` on the parameters and gradients as host slices: an optimizer step. On the CPU it works in
-    /// place; elsewhere both are downloaded first and the parameters uploaded after (the gradients are
-    /// zeroed before the next step, so what `f` does to them need not go back).
-    pub fn update_on_host<R>(&mut self, mirror: &mut HostMirror, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
-        if let (Some(p), Some(g)) = (B::host_slice_mut(&mut self.params), B::host_slice_mut(&mut self.grads)) {
-            return f(p, g);
+    /// Run `f` on the parameters as one host slice (loading a checkpoint): in place on the CPU; elsewhere
+    /// they are downloaded first and uploaded after.
+    pub fn update_params_on_host<R>(&mut self, mirror: &mut HostMirror, f: impl FnOnce(&mut [f32]) -> R) -> R {
+        if let Some(p) = B::host_slice_mut(&mut self.params) {
+            return f(p);
         }
-        let n = B::buf_len(&self.params);
-        mirror.params.resize(n, 0.0);
-        mirror.grads.resize(n, 0.0);
+        mirror.params.resize(B::buf_len(&self.params), 0.0);
         self.be.download(View::all(&self.params), &mut mirror.params);
-        self.be.download(View::all(&self.grads), &mut mirror.grads);
-        let r = f(&mut mirror.params, &mut mirror.grads);
+        let r = f(&mut mirror.params);
         self.be.upload(ViewMut::all(&mut self.params), &mirror.params);
         r
+    }
+
+    /// The parameters and gradients as host slices, where the backend keeps them in host memory (the CPU):
+    /// the host optimizer and the ranks' gradient sync work on them in place. None on a device.
+    pub fn host_params_and_grads_mut(&mut self) -> Option<(&mut [f32], &mut [f32])> {
+        match (B::host_slice_mut(&mut self.params), B::host_slice_mut(&mut self.grads)) {
+            (Some(p), Some(g)) => Some((p, g)),
+            _ => None,
+        }
+    }
+
+    /// The backend with the parameter and gradient buffers, borrowed together: what the device optimizer's
+    /// clip (writes the grads) and step (writes the params, reads the grads) take.
+    pub fn backend_params_grads_mut(&mut self) -> (&B, &mut B::Buf, &mut B::Buf) {
+        (&self.be, &mut self.params, &mut self.grads)
     }
 }
 

@@ -4,6 +4,11 @@
 //! end; print samples every `sample_every` and at the end; save at the end, every `save_every`, and when a
 //! stop is requested (SIGINT/SIGTERM); stop at N; otherwise one optimizer step of `grad_accum` micro-steps,
 //! clipping of the (synchronized) gradient, Muon + AdamW with the scheduled lr.
+//!
+//! The optimizer runs where the parameters live: on the CPU the host `Optimizer` works in place on the
+//! buffers (and several ranks sync their gradients on them); on a device backend (buffers that are not host
+//! slices) the `DeviceOptimizer` clips and steps with the backend's ops, and only its state comes to the host,
+//! for checkpoints, in the host optimizer's layout (so a checkpoint resumes on either path).
 
 pub mod data;
 pub mod metrics;
@@ -19,6 +24,7 @@ use crate::data::loader::LoaderState;
 use crate::error::{NcError, Result};
 use crate::model::{Gpt, HostMirror};
 use crate::optim::clip::clip_grad_norm;
+use crate::optim::device::DeviceOptimizer;
 use crate::optim::schedule::{muon_momentum, LrSchedule};
 use crate::optim::{OptimConfig, Optimizer};
 use crate::plan::{self, BatchPlan, Horizon, Precision};
@@ -243,6 +249,53 @@ fn resume_point(
     Ok(Some((dir, meta)))
 }
 
+/// The optimizer of a rank: the host one where the backend's buffers are host memory (the CPU, any number
+/// of ranks), the device one elsewhere (a single rank on a GPU).
+enum RankOptimizer<B: Backend> {
+    Host(Optimizer),
+    Device(DeviceOptimizer<B>),
+}
+
+impl<B: Backend> RankOptimizer<B> {
+    fn new(model: &Gpt<B>, config: OptimConfig, rank: usize, world: usize) -> Result<Self> {
+        if B::host_slice(model.params_buf()).is_some() {
+            return Ok(RankOptimizer::Host(Optimizer::new(&model.cfg, config, rank, world)?));
+        }
+        if world != 1 {
+            bail!("the device optimizer runs a single rank; --world-size {world} needs --backend cpu");
+        }
+        Ok(RankOptimizer::Device(DeviceOptimizer::new(
+            &model.be, &model.cfg, config,
+        )?))
+    }
+    /// Elements of the state in the host optimizer's layout (what a checkpoint holds for this rank).
+    fn state_len(&self) -> usize {
+        match self {
+            RankOptimizer::Host(o) => o.layout().state_len,
+            RankOptimizer::Device(o) => o.layout().state_len,
+        }
+    }
+    fn steps_taken(&self) -> u64 {
+        match self {
+            RankOptimizer::Host(o) => o.steps_taken(),
+            RankOptimizer::Device(o) => o.steps_taken(),
+        }
+    }
+    /// The state in the host optimizer's layout, for a checkpoint.
+    fn state_to_host(&self, be: &B) -> Vec<f32> {
+        match self {
+            RankOptimizer::Host(o) => o.state().to_vec(),
+            RankOptimizer::Device(o) => o.state_to_host(be),
+        }
+    }
+    fn restore(&mut self, be: &B, state: &[f32], steps_taken: u64) -> Result<()> {
+        match self {
+            RankOptimizer::Host(o) => o.restore(state, steps_taken),
+            RankOptimizer::Device(o) => o.restore(be, state, steps_taken),
+        }
+    }
+}
+
 /// What one rank of a multi-rank run shares with the others.
 struct RankLink {
     comm: ThreadRing,
@@ -434,8 +487,9 @@ fn train_rank<B: Backend>(
         plan::engine_policy(policy),
     )?;
     model.init(cfg.seed);
+    // checkpoints' host copy of the parameters, on a device backend
     let mut mirror = HostMirror::default();
-    let mut opt = Optimizer::new(&model_cfg, cfg.optim, rank, world)?;
+    let mut opt = RankOptimizer::new(&model, cfg.optim, rank, world)?;
     let grad_sync = GradSync::new(&model_cfg, rank, world);
     let mut state = LoopState {
         smooth_loss: 0.0,
@@ -445,10 +499,8 @@ fn train_rank<B: Backend>(
     let mut step = 0u64;
     let resumed = resume_point(cfg, &model_cfg, &batch)?;
     if let Some((dir, meta)) = &resumed {
-        model.update_on_host(&mut mirror, |params, _| {
-            checkpoint::load_params(dir, &model_cfg, params)
-        })?;
-        let mut st = vec![0.0f32; opt.state().len()];
+        model.update_params_on_host(&mut mirror, |params| checkpoint::load_params(dir, &model_cfg, params))?;
+        let mut st = vec![0.0f32; opt.state_len()];
         if meta.optimizer.state_lens[rank] != st.len() {
             bail!(
                 "checkpoint {}: optimizer state size differs from this model's; it is corrupt",
@@ -456,7 +508,7 @@ fn train_rank<B: Backend>(
             );
         }
         checkpoint::load_optim_state(dir, rank, &mut st)?;
-        opt.restore(&st, meta.optimizer.steps_taken)?;
+        opt.restore(&model.be, &st, meta.optimizer.steps_taken)?;
         let loader: LoaderState = serde_json::from_value(meta.loader_state.clone()).map_err(|e| {
             NcError::new(format!(
                 "{}: loader_state unreadable ({e}); the checkpoint is corrupt",
@@ -555,7 +607,7 @@ fn train_rank<B: Backend>(
         if (last_step || stop || periodic_save) && !lead {
             if let Some(l) = link.as_ref() {
                 l.states_to_rank0
-                    .send((rank, opt.state().to_vec()))
+                    .send((rank, opt.state_to_host(&model.be)))
                     .map_err(|_| NcError::new("rank 0 is gone; see its error"))?;
             }
         } else if last_step || stop || periodic_save {
@@ -570,7 +622,7 @@ fn train_rank<B: Backend>(
                     states[r] = st;
                 }
             }
-            states[0] = opt.state().to_vec();
+            states[0] = opt.state_to_host(&model.be);
             let meta = CheckpointMeta {
                 format: checkpoint::FORMAT.into(),
                 step,
@@ -619,17 +671,29 @@ fn train_rank<B: Backend>(
             bail!("the train loss became {loss} at step {step}; lower the learning rates (e.g. --matrix-lr 0.01)");
         }
         let lr_mult = schedule.lr_multiplier(step);
-        let grad_norm = model.update_on_host(&mut mirror, |params, grads| -> Result<f64> {
-            let grad_norm = match link.as_mut() {
-                Some(l) => grad_sync.reduce_and_clip(&mut l.comm, grads, cfg.grad_clip)?,
-                None => clip_grad_norm(grads, cfg.grad_clip),
-            };
-            opt.step(params, grads, lr_mult, muon_momentum(step));
-            if let Some(l) = link.as_mut() {
-                grad_sync.gather_params(&mut l.comm, params)?;
+        let grad_norm = match &mut opt {
+            RankOptimizer::Host(opt) => {
+                let (params, grads) = model
+                    .host_params_and_grads_mut()
+                    .expect("the host optimizer is chosen only for host buffers");
+                let grad_norm = match link.as_mut() {
+                    Some(l) => grad_sync.reduce_and_clip(&mut l.comm, grads, cfg.grad_clip)?,
+                    None => clip_grad_norm(grads, cfg.grad_clip),
+                };
+                opt.step(params, grads, lr_mult, muon_momentum(step));
+                if let Some(l) = link.as_mut() {
+                    grad_sync.gather_params(&mut l.comm, params)?;
+                }
+                grad_norm
             }
-            Ok(grad_norm)
-        })?;
+            RankOptimizer::Device(opt) => {
+                // a single rank: its gradient is the synchronized one
+                let (be, params, grads) = model.backend_params_grads_mut();
+                let grad_norm = opt.clip(be, grads, cfg.grad_clip);
+                opt.step(be, params, grads, lr_mult, muon_momentum(step));
+                grad_norm
+            }
+        };
         let dt = t0.elapsed().as_secs_f64();
         // the first steps pay for warm-up; nanochat leaves the first 10 out of its total time
         if step > 10 || num_iterations <= 20 {

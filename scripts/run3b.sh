@@ -2,7 +2,7 @@
 # The ~3B model of the scaling plan (seed/scaling-3b-7b.md): depth 38 (d 2432, 19 heads), 48 x 2048 tokens per
 # GPU on 8 GPUs = 786,432 tokens per step, no gradient accumulation, 20 tokens per parameter (60.3e9 tokens,
 # 76,696 steps). Our plan, not the document's: 1.94e10 FLOPs/token, ~82 h on 8 x H100 (~36 h on 8 x B200) at
-# 50% MFU, and it fits in 187.5 GB per GPU only with activation recomputation (~254 GB of activations
+# 50% MFU, and it fits in 187.5 GB per GPU only with activation recomputation (~262 GB of activations
 # without it).
 #
 # Data: 60.3e9 tokens x ~4.8 characters/token / 250e6 characters per shard = ~1,160 parquet shards -> 1,200.

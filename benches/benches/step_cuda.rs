@@ -25,6 +25,7 @@
 //!   of the strict-f32 GEMMs this backend runs.
 
 use nc_core::backend::cuda::{device_count, CudaBackend};
+use nc_core::backend::Backend;
 use nc_core::model::Gpt;
 use nc_core::optim::device::DeviceOptimizer;
 use nc_core::optim::schedule::muon_momentum;

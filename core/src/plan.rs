@@ -314,6 +314,8 @@ pub struct MemoryBreakdown {
     pub grads: f64,
     pub master_weights: f64,
     pub optimizer_state: f64,
+    /// Muon's fp32 scratch: the update, Newton-Schulz's iterates and Gram matrices of the largest matrix.
+    pub optimizer_scratch: f64,
     pub activations: f64,
     pub loss_workspace: f64,
     pub comm_buffers: f64,
@@ -343,11 +345,19 @@ pub fn memory_per_gpu(
     let grads = n * 4.0;
     let master_weights = owned * precision.master_bytes();
     let optimizer_state = state * 4.0;
+    let optimizer_scratch = ShardLayout::max_muon_scratch_elems(model, world_size) as f64 * 4.0;
     let activations = activation_elems(model, device_batch_size, policy) as f64 * act_b;
     let loss_workspace = loss_workspace_bytes(model, tokens);
     // reduce-scatter lands this rank's fp32 grad shard in its own buffer; one rank needs none
     let comm_buffers = if world_size > 1 { owned * 4.0 } else { 0.0 };
-    let sum = params + grads + master_weights + optimizer_state + activations + loss_workspace + comm_buffers;
+    let sum = params
+        + grads
+        + master_weights
+        + optimizer_state
+        + optimizer_scratch
+        + activations
+        + loss_workspace
+        + comm_buffers;
     let slack = match precision {
         Precision::Bf16 => GPU_CONTEXT_BYTES + SLACK_FRACTION * sum,
         Precision::Fp32 => SLACK_FRACTION * sum,
@@ -357,6 +367,7 @@ pub fn memory_per_gpu(
         grads,
         master_weights,
         optimizer_state,
+        optimizer_scratch,
         activations,
         loss_workspace,
         comm_buffers,
@@ -594,6 +605,7 @@ impl Plan {
             ("grads (fp32)", mm.grads),
             ("master weights", mm.master_weights),
             ("optimizer state", mm.optimizer_state),
+            ("optimizer scratch", mm.optimizer_scratch),
             ("activations", mm.activations),
             ("loss workspace", mm.loss_workspace),
             ("comm buffers", mm.comm_buffers),

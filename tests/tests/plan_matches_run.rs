@@ -3,6 +3,7 @@
 use nc_core::backend::cpu::CpuBackend;
 use nc_core::config::ModelConfig;
 use nc_core::model::{self, Gpt};
+use nc_core::optim::device::DeviceOptimizer;
 use nc_core::optim::{OptimConfig, Optimizer};
 use nc_core::plan::{memory_per_gpu, Precision, Recompute};
 
@@ -21,6 +22,10 @@ fn fp32_plan_equals_the_run_buffers() {
         assert_eq!(plan.params, (4 * gpt.params().len()) as f64);
         assert_eq!(plan.grads, (4 * gpt.grads().len()) as f64);
         assert_eq!(plan.optimizer_state, (4 * opt.state().len()) as f64);
+        // the device optimizer allocates exactly the scratch the plan prices
+        let be = CpuBackend::new();
+        let dev = DeviceOptimizer::new(&be, &m, OptimConfig::default()).unwrap();
+        assert_eq!(plan.optimizer_scratch, (4 * dev.scratch_elements()) as f64);
         assert_eq!(plan.master_weights, 0.0);
         assert_eq!(
             plan.activations + plan.loss_workspace,

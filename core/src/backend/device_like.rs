@@ -1,7 +1,7 @@
 //! A test backend that computes exactly as the CPU backend but, like a GPU backend, does not expose its
 //! buffers as host slices. It lets CI, which has no GPU, exercise every path the training loop takes for a
-//! device backend (the host mirror of params and grads, checkpoints through download and upload) and
-//! compare it bit for bit with the CPU path.
+//! device backend (the optimizer on the backend's ops, the trait's default optimizer ops, checkpoints
+//! through download and upload) and compare it with the CPU path.
 
 use super::cpu::{CpuBackend, CpuBuf, CpuIds};
 use super::{AttnShape, Backend, View, ViewMut};

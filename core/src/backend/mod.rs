@@ -335,6 +335,11 @@ pub trait Backend {
         self.upload(v, &vs);
     }
 
+    /// Wait until every op queued so far has finished (a device backend's ops return once queued; the CPU's
+    /// return when done, so its default does nothing). Timing needs it; correctness never does, since
+    /// `download` waits by itself.
+    fn synchronize(&self) {}
+
     /// The whole buffer as a host slice, where the backend keeps it in host memory (the CPU), so the
     /// optimizers and checkpoints can work on it in place; None where it lives on a device, and callers copy
     /// through `download` and `upload` instead.

@@ -40,11 +40,7 @@ pub struct MuonScratch<B: Backend> {
 impl<B: Backend> MuonScratch<B> {
     /// Room for any of the given (rows, cols) shapes.
     pub fn for_shapes(be: &B, shapes: impl Iterator<Item = (usize, usize)>) -> Self {
-        let (mut numel, mut short) = (0, 0);
-        for (r, c) in shapes {
-            numel = numel.max(r * c);
-            short = short.max(r.min(c));
-        }
+        let (numel, short) = crate::optim::muon::scratch_dims(shapes);
         MuonScratch {
             update: be.alloc(numel),
             x: be.alloc(numel),
@@ -52,6 +48,14 @@ impl<B: Backend> MuonScratch<B> {
             gram: be.alloc(short * short),
             poly: be.alloc(short * short),
         }
+    }
+
+    /// Elements allocated (the plan's "optimizer scratch" prices exactly this).
+    pub fn elements(&self) -> usize {
+        [&self.update, &self.x, &self.x_next, &self.gram, &self.poly]
+            .iter()
+            .map(|b| B::buf_len(b))
+            .sum()
     }
 
     /// The orthogonalized update of the last `newton_schulz5_on` (the first rows x cols elements).
@@ -192,6 +196,11 @@ pub struct DeviceOptimizer<B: Backend> {
 }
 
 impl<B: Backend> DeviceOptimizer<B> {
+    /// Elements of Muon's scratch this optimizer allocated.
+    pub fn scratch_elements(&self) -> usize {
+        self.scratch.elements()
+    }
+
     pub fn new(be: &B, model: &ModelConfig, config: OptimConfig) -> Result<Self> {
         model.validate()?;
         let layout = ShardLayout::new(model, 0, 1);

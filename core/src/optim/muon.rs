@@ -37,13 +37,22 @@ impl NsWorkspace {
 
     /// Sized for the given (rows, cols) shapes.
     pub fn for_shapes(shapes: impl Iterator<Item = (usize, usize)>) -> Self {
-        let (mut numel, mut short) = (0, 0);
-        for (r, c) in shapes {
-            numel = numel.max(r * c);
-            short = short.max(r.min(c));
-        }
+        let (numel, short) = scratch_dims(shapes);
         Self::new(numel, short)
     }
+}
+
+/// The largest element count and the largest shorter side among (rows, cols) matrix shapes: what Muon's
+/// scratch is sized by (the host's `NsWorkspace` and the device's `MuonScratch` alike).
+pub fn scratch_dims(shapes: impl Iterator<Item = (usize, usize)>) -> (usize, usize) {
+    shapes.fold((0, 0), |(numel, short), (r, c)| (numel.max(r * c), short.max(r.min(c))))
+}
+
+/// Elements of Muon's scratch for these shapes: three matrices (the momentum update, X, X_next) and two
+/// Gram-sized ones (A and b A + c A A), as both optimizers allocate.
+pub fn scratch_elems(shapes: impl Iterator<Item = (usize, usize)>) -> usize {
+    let (numel, short) = scratch_dims(shapes);
+    3 * numel + 2 * short * short
 }
 
 /// Orthogonalize `g` (rows x cols, row-major) in place with `NS_STEPS` quintic Newton-Schulz iterations.

@@ -96,6 +96,23 @@ impl ShardLayout {
             .unwrap_or(0)
     }
 
+    /// Elements of Muon's scratch (the update, Newton-Schulz's X and X_next, two Gram matrices) on the rank
+    /// whose owned matrices need the most: what either optimizer allocates once, at construction.
+    pub fn max_muon_scratch_elems(model: &ModelConfig, world_size: usize) -> usize {
+        (0..world_size)
+            .map(|r| {
+                let layout = ShardLayout::new(model, r, world_size);
+                let shapes = layout
+                    .segments
+                    .iter()
+                    .filter(|s| s.kind == ParamKind::Matrix)
+                    .map(|s| (s.rows, s.cols));
+                crate::optim::muon::scratch_elems(shapes)
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Parameter elements of the rank that owns the most (its fp32 master weights on a GPU).
     pub fn max_owned_params(model: &ModelConfig, world_size: usize) -> usize {
         (0..world_size)

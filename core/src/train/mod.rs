@@ -691,6 +691,8 @@ fn train_rank<B: Backend>(
                 let (be, params, grads) = model.backend_params_grads_mut();
                 let grad_norm = opt.clip(be, grads, cfg.grad_clip);
                 opt.step(be, params, grads, lr_mult, muon_momentum(step));
+                // the step is queued work: wait for it, so dt (and tok/s, MFU) is this step's own time
+                be.synchronize();
                 grad_norm
             }
         };

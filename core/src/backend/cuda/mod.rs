@@ -152,14 +152,6 @@ impl CudaBackend {
         self.ctx.total_mem().ok().map(|b| b as f64)
     }
 
-    /// Wait for all queued work. Only `download` needs it inside the trait; benchmarks and tests use it
-    /// to time or to surface a kernel fault at a known point.
-    pub fn synchronize(&self) {
-        self.stream
-            .synchronize()
-            .expect("CUDA stream synchronize failed (an earlier kernel or copy faulted)");
-    }
-
     fn elementwise(&self, kernel: nc_kernels::Kernel, n: usize, args: &[Arg]) {
         if n > 0 {
             self.launch(kernel, nc_kernels::elementwise_dims(n as u64), args);
@@ -178,6 +170,14 @@ fn need(what: &str, have: usize, want: usize) {
 impl Backend for CudaBackend {
     type Buf = CudaBuf;
     type Ids = CudaIds;
+
+    /// Wait for all queued work: the training loop times steps with it; benchmarks and tests also use it to
+    /// surface a kernel fault at a known point.
+    fn synchronize(&self) {
+        self.stream
+            .synchronize()
+            .expect("CUDA stream synchronize failed (an earlier kernel or copy faulted)");
+    }
 
     fn alloc(&self, len: usize) -> CudaBuf {
         CudaBuf::zeros(&self.stream, len)

@@ -1,4 +1,6 @@
-//! The plan prices exactly what a CPU run allocates: parameters, grads, optimizer state and activations.
+//! The plan prices exactly what a run allocates: parameters, grads, optimizer state and activations (a CPU
+//! run's buffers), and Muon's scratch (the device optimizer's buffers; the host optimizer sizes its own with
+//! the same `muon::scratch_dims`).
 
 use nc_core::backend::cpu::CpuBackend;
 use nc_core::config::ModelConfig;

@@ -122,8 +122,9 @@ pub fn newton_schulz5_on<B: Backend>(be: &B, rows: usize, cols: usize, s: &mut M
             let poly = View::at(&s.poly, 0, sq);
             let x_next = ViewMut::at(&mut s.x_next, 0, n_el);
             if tall {
-                // Y B: (rows x cols)(cols x cols)
-                be.matmul(rows, cols, cols, x, false, poly, false, x_next, false);
+                // Y B^T: (rows x cols)(cols x cols). B is symmetric in exact arithmetic, but its rounded
+                // value need not be: X' = a X + B X transposes to Y' = a Y + Y B^T, so take B^T literally.
+                be.matmul(rows, cols, cols, x, false, poly, true, x_next, false);
             } else {
                 // B X: (rows x rows)(rows x cols)
                 be.matmul(rows, cols, rows, poly, false, x, false, x_next, false);

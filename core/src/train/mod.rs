@@ -258,7 +258,7 @@ enum RankOptimizer<B: Backend> {
 
 impl<B: Backend> RankOptimizer<B> {
     fn new(model: &Gpt<B>, config: OptimConfig, rank: usize, world: usize) -> Result<Self> {
-        if B::host_slice(model.params_buf()).is_some() {
+        if B::host_slice(model.params_buf()).is_some() && B::host_slice(model.grads_buf()).is_some() {
             return Ok(RankOptimizer::Host(Optimizer::new(&model.cfg, config, rank, world)?));
         }
         if world != 1 {
@@ -639,6 +639,8 @@ fn train_rank<B: Backend>(
             };
             let views: Vec<&[f32]> = states.iter().map(|s| s.as_slice()).collect();
             let dir = checkpoint::save(&cfg.out_dir, &meta, model.host_params(&mut mirror), &views)?;
+            // a device run's host copy of the parameters is as large as the model: free it between saves
+            mirror = HostMirror::default();
             say(format!("saved {}", dir.display()));
             summary.last_checkpoint = Some(dir);
         }

@@ -121,6 +121,11 @@ fn bad_flags_are_one_line_errors() {
         (&["--data-dir", "/nonexistent/nc-data"], "no such directory"),
         (&["--dbs", "3", "--total-batch-size", "1000"], "--total-batch-size"),
         (&["--resume"], "no complete checkpoint"),
+        (
+            &["--plan", "--backend", "cpu", "--precision", "bf16"],
+            "the CPU engine is fp32",
+        ),
+        (&["--plan", "--precision", "fp16"], "not one of bf16, fp32"),
     ];
     let mut cases = cases.to_vec();
     // without a GPU, --backend cuda says what is missing and what to use instead

@@ -171,21 +171,24 @@ pub fn parse_mem_size(s: &str) -> Result<f64> {
     }
 }
 
-/// Numeric formats of the run's buffers.
+/// Numeric formats of the run's buffers, and where they live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// CPU: f32 everywhere, no separate master weights.
     Fp32,
+    /// GPU, f32 everywhere, as this build's CUDA backend runs: the CPU's buffers plus the CUDA context.
+    #[serde(rename = "fp32-gpu")]
+    Fp32Gpu,
     /// GPU: bf16 weights and activations for compute, fp32 grads, fp32 master weights and optimizer state
-    /// (both sharded over ranks, ZeRO-1).
+    /// (both sharded over ranks, ZeRO-1). The engine the design targets; not built yet.
     Bf16,
 }
 
 impl Precision {
     fn param_bytes(self) -> f64 {
         match self {
-            Precision::Fp32 => 4.0,
+            Precision::Fp32 | Precision::Fp32Gpu => 4.0,
             Precision::Bf16 => 2.0,
         }
     }
@@ -194,8 +197,16 @@ impl Precision {
     }
     fn master_bytes(self) -> f64 {
         match self {
-            Precision::Fp32 => 0.0,
+            Precision::Fp32 | Precision::Fp32Gpu => 0.0,
             Precision::Bf16 => 4.0,
+        }
+    }
+    /// What the plan's header calls it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp32Gpu => "fp32 (this build's CUDA backend)",
+            Precision::Bf16 => "bf16 (the target engine, not built yet)",
         }
     }
 }
@@ -359,7 +370,7 @@ pub fn memory_per_gpu(
         + loss_workspace
         + comm_buffers;
     let slack = match precision {
-        Precision::Bf16 => GPU_CONTEXT_BYTES + SLACK_FRACTION * sum,
+        Precision::Bf16 | Precision::Fp32Gpu => GPU_CONTEXT_BYTES + SLACK_FRACTION * sum,
         Precision::Fp32 => SLACK_FRACTION * sum,
     };
     MemoryBreakdown {
@@ -588,10 +599,10 @@ impl Plan {
             self.total_flops
         ));
         line(format!(
-            "memory per GPU ({} with {:.1} GB, {:?} precision, recompute {}{}):",
+            "memory per GPU ({} with {:.1} GB, {} precision, recompute {}{}):",
             self.device,
             self.device_mem_bytes / GB,
-            self.precision,
+            self.precision.label(),
             self.recompute.name(),
             if self.recompute_requested == Recompute::Auto {
                 " (auto)"
@@ -718,6 +729,22 @@ mod tests {
         assert!(kept > 250e9 && kept < 300e9, "{kept:e}");
         // fp32 logits of that micro-batch: ~26 GB
         assert!((unchunked_logits_bytes(&m, 48 * 2048) / 25.8e9 - 1.0).abs() < 0.01);
+    }
+
+    /// This build's CUDA backend keeps the CPU's f32 buffers, plus the CUDA context; bf16 halves the
+    /// weights and activations and adds fp32 master weights.
+    #[test]
+    fn fp32_on_a_gpu_is_the_cpus_buffers_plus_the_context() {
+        let m = ModelConfig::from_depth(8).unwrap();
+        let cpu = memory_per_gpu(&m, 4, 1, Precision::Fp32, Recompute::None);
+        let gpu = memory_per_gpu(&m, 4, 1, Precision::Fp32Gpu, Recompute::None);
+        let bf16 = memory_per_gpu(&m, 4, 1, Precision::Bf16, Recompute::None);
+        let before_slack = cpu.total - cpu.slack;
+        assert_eq!(gpu.total - gpu.slack, before_slack);
+        assert_eq!(gpu.slack - cpu.slack, GPU_CONTEXT_BYTES);
+        assert_eq!(bf16.params * 2.0, gpu.params);
+        assert_eq!(bf16.activations * 2.0, gpu.activations);
+        assert_eq!((gpu.master_weights, bf16.master_weights), (0.0, gpu.params));
     }
 
     #[test]

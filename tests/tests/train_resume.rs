@@ -295,6 +295,7 @@ fn device_path_trains_like_the_cpu_and_shares_its_checkpoints() {
         memory_bytes: None,
         memory_name: "test memory".into(),
         replicas_sharing_memory: 1,
+        precision: nc_core::plan::Precision::Fp32,
     };
     let n = 4u64;
     let cpu_dir = tempfile::tempdir().unwrap();
@@ -390,6 +391,7 @@ fn device_path_refuses_several_ranks() {
         memory_bytes: None,
         memory_name: "test memory".into(),
         replicas_sharing_memory: 1,
+        precision: nc_core::plan::Precision::Fp32,
     };
     let err = train_on(&cfg, device).unwrap_err().to_string();
     assert!(err.contains("--world-size 1"), "{err}");

@@ -138,6 +138,10 @@ struct Cli {
     /// Memory per GPU, in GiB or with a unit (e.g. 187.5GB); overrides the named GPU's memory.
     #[arg(long)]
     gpu_mem: Option<String>,
+    /// Plan precision on a GPU: bf16 (the target engine; default) or fp32 (this build's CUDA backend;
+    /// the default with --backend cuda).
+    #[arg(long)]
+    precision: Option<String>,
     /// Model FLOPs utilization assumed for time estimates, in (0, 1].
     #[arg(long, default_value_t = 0.5)]
     mfu: f64,
@@ -218,6 +222,18 @@ fn plan_from_flags(cli: &Cli) -> Result<Plan> {
         cli.world_size,
     )?;
     let horizon = Horizon::from_flags(cli.num_iterations, cli.target_flops, cli.target_param_data_ratio)?;
+    let gpu_precision = match (cli.precision.as_deref(), cli.backend.as_str()) {
+        (Some("bf16"), "cpu") => {
+            return Err(NcError::new(
+                "--precision bf16 with --backend cpu: the CPU engine is fp32; drop --precision or plan a GPU",
+            ))
+        }
+        (Some("bf16"), _) => Precision::Bf16,
+        (Some("fp32"), _) => Precision::Fp32Gpu,
+        (Some(other), _) => return Err(NcError::new(format!("--precision '{other}' is not one of bf16, fp32"))),
+        (None, "cuda") => Precision::Fp32Gpu,
+        (None, _) => Precision::Bf16,
+    };
     let (precision, device, mem) = if cli.backend == "cpu" {
         let mem = match &cli.gpu_mem {
             Some(s) => plan::parse_mem_size(s)?,
@@ -234,9 +250,9 @@ fn plan_from_flags(cli: &Cli) -> Result<Plan> {
             // --gpu-mem alone sizes a GPU that is not one of the named ones: do not call it an h100
             Some(s) => {
                 let name = if cli.gpu.is_some() { gpu.name } else { "gpu" };
-                (Precision::Bf16, name.to_string(), plan::parse_mem_size(s)?)
+                (gpu_precision, name.to_string(), plan::parse_mem_size(s)?)
             }
-            None => (Precision::Bf16, gpu.name.to_string(), gpu.mem_bytes),
+            None => (gpu_precision, gpu.name.to_string(), gpu.mem_bytes),
         }
     };
     if let Some(u) = cli.usd_per_gpu_hour {

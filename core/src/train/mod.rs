@@ -368,7 +368,7 @@ fn resolve_recompute<B: Backend>(
     };
     let (b, w) = (batch.device_batch_size, batch.world_size);
     let what = format!("{:.1} GiB of {}", mem / plan::GIB, device.memory_name);
-    match plan::cheapest_policy_that_fits(model, b, w, Precision::Fp32, mem, device.replicas_sharing_memory) {
+    match plan::cheapest_policy_that_fits(model, b, w, device.precision, mem, device.replicas_sharing_memory) {
         Some(p) => (p, format!("auto: the cheapest that fits in {what}")),
         None => (
             plan::Recompute::Full,
@@ -388,6 +388,8 @@ pub struct Device<B: Backend> {
     pub memory_name: String,
     /// How many ranks' replicas share that memory (all CPU ranks share the host's; a GPU holds one).
     pub replicas_sharing_memory: usize,
+    /// How the plan prices this device's buffers (for `--recompute auto`).
+    pub precision: Precision,
 }
 
 /// Train on one rank with the given backend (a GPU's, or a test's). Several ranks are CPU threads only, for
@@ -413,6 +415,7 @@ fn cpu_device(world_size: usize) -> Device<CpuBackend> {
         memory_bytes: plan::host_memory_bytes(),
         memory_name: "host memory".into(),
         replicas_sharing_memory: world_size.max(1),
+        precision: Precision::Fp32,
     }
 }
 
@@ -435,6 +438,7 @@ pub fn cuda_device(ordinal: usize) -> Result<Device<crate::backend::cuda::CudaBa
         memory_bytes: be.memory_bytes(),
         memory_name: format!("{name} memory"),
         replicas_sharing_memory: 1,
+        precision: Precision::Fp32Gpu,
         be,
         peak_flops,
         peak_how,

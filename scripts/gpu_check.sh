@@ -11,7 +11,7 @@
 #   parity     every CUDA backend op and a whole model step against the CPU backend (tests/tests/cuda_parity.rs)
 #   sanitize   the parity tests again under compute-sanitizer memcheck (out-of-bounds and misaligned accesses)
 #   train      nc-train --backend cuda on the embedded corpus, against the same run on the CPU (val loss)
-#   bench      the CUDA step benchmark (benches/benches/step_cuda.rs) at depth 20, dbs 8 and 16
+#   bench      the CUDA step benchmark (benches/benches/step_cuda.rs) at depth 20, dbs 8 and 16, and with TF32
 #   fixture    the PyTorch baseline computes the same loss as the JAX reference fixtures
 #   baseline   the PyTorch baseline step at depth 20 (dbs 32) and depth 38 (dbs 8), torch.compile'd
 # Each step has its own time limit so one hang cannot eat the machine's whole lease. A lease is short (15
@@ -113,6 +113,7 @@ sys.exit(0 if abs(cpu - cuda) <= 2e-3 * cpu else 1)' "$w/cpu" "$w/cuda"
           for dbs in 8 16; do
             step "bench-d20-dbs$dbs" 300 bash -c "set -o pipefail; NC_REQUIRE_CUDA=1 '$BIN_DIR/step_cuda' --depth 20 --dbs $dbs --steps 5 --optimizer | tee -a '$out/step_cuda.txt'"
           done
+          step "bench-d20-dbs16-tf32" 300 bash -c "set -o pipefail; NC_REQUIRE_CUDA=1 '$BIN_DIR/step_cuda' --depth 20 --dbs 16 --steps 5 --optimizer --tf32 | tee -a '$out/step_cuda.txt'"
         fi
         ;;
       fixture)

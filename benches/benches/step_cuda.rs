@@ -7,6 +7,7 @@
 //! Run:   cargo bench -p nc-benches --bench step_cuda -- --depth 20 --dbs 8
 //! Flags: --depth L (20)  --dbs B (8)  --seq T (2048)  --vocab V (65536)  --steps N (5)  --warmup N (2)
 //!        --recompute none|selective|full (none)  --optimizer  --opt-steps N (1)  --device N (0)
+//!        --tf32 (cuBLAS may use TF32 tensor cores for the GEMMs; default strict f32)
 //!
 //! To carry it to a GPU machine: `cargo bench -p nc-benches --bench step_cuda --no-run` builds it, and the
 //! executable lands in target/release/deps/step_cuda-* (run it with the flags above, no `--`).
@@ -112,6 +113,7 @@ fn main() {
     let warmup = arg(&args, "--warmup", 2);
     let ordinal = arg(&args, "--device", 0);
     let with_optimizer = args.iter().any(|a| a == "--optimizer");
+    let tf32 = args.iter().any(|a| a == "--tf32");
     let opt_steps = arg(&args, "--opt-steps", 1).max(1);
     let policy = match args.iter().position(|a| a == "--recompute") {
         None => Recompute::None,
@@ -141,6 +143,10 @@ fn main() {
         Ok(be) => be,
         Err(e) => skip(&format!("the CUDA backend did not start: {e}")),
     };
+    if let Err(e) = be.set_tf32(tf32) {
+        eprintln!("step_cuda: {e}");
+        std::process::exit(1);
+    }
     let backend_s = t0.elapsed().as_secs_f64();
     let device_name = be.device_name();
     // A second handle on the same (primary) context, only to ask the driver for free memory: the
@@ -151,10 +157,13 @@ fn main() {
     };
 
     // What the planner says the device holds at f32: params, grads, activations and the loss workspace, and
-    // with --optimizer the optimizer state too (the device optimizer keeps it there; its Newton-Schulz
-    // scratch, a few copies of the largest matrix, is not in the plan).
-    let mem_plan = plan::memory_per_gpu(&cfg, dbs, 1, Precision::Fp32, policy);
-    let plan_state = if with_optimizer { mem_plan.optimizer_state } else { 0.0 };
+    // with --optimizer the optimizer state and Muon's scratch too (the device optimizer keeps both there).
+    let mem_plan = plan::memory_per_gpu(&cfg, dbs, 1, Precision::Fp32Gpu, policy);
+    let plan_state = if with_optimizer {
+        mem_plan.optimizer_state + mem_plan.optimizer_scratch
+    } else {
+        0.0
+    };
     let plan_device = mem_plan.params + mem_plan.grads + mem_plan.activations + mem_plan.loss_workspace + plan_state;
     let mem_backend = mem_used(&ctx);
     if let Some((used, total)) = mem_backend {
@@ -442,6 +451,7 @@ fn main() {
     let json = serde_json::json!({
         "bench": "step_cuda",
         "device": device_name,
+        "tf32": tf32,
         "ordinal": ordinal,
         "depth": depth,
         "dbs": dbs,

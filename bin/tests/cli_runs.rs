@@ -126,6 +126,7 @@ fn bad_flags_are_one_line_errors() {
             "the CPU engine is fp32",
         ),
         (&["--plan", "--precision", "fp16"], "not one of bf16, fp32"),
+        (&["--tf32"], "needs --backend cuda"),
     ];
     let mut cases = cases.to_vec();
     // without a GPU, --backend cuda says what is missing and what to use instead

@@ -112,6 +112,10 @@ struct Cli {
     /// Compute backend: cpu, cuda (one GPU, f32, not yet verified on a GPU) or auto (the CPU, for now).
     #[arg(long, default_value = "auto")]
     backend: String,
+    /// With --backend cuda: let the GEMMs use TF32 tensor cores (faster, 10-bit mantissa inputs) instead of
+    /// strict f32.
+    #[arg(long)]
+    tf32: bool,
     /// Number of ranks (GPUs) training together.
     #[arg(long, alias = "world_size", default_value_t = 1)]
     world_size: usize,
@@ -294,6 +298,11 @@ fn run(cli: Cli) -> Result<Outcome> {
         return Ok(Outcome::Finished);
     }
     let cfg = train_config_from_flags(&cli)?;
+    if cli.tf32 && cli.backend != "cuda" {
+        return Err(NcError::new(
+            "--tf32 sets how the CUDA backend's GEMMs round; it needs --backend cuda",
+        ));
+    }
     let on_cuda = match cli.backend.as_str() {
         "cuda" => true,
         "cpu" => false,
@@ -311,7 +320,7 @@ fn run(cli: Cli) -> Result<Outcome> {
     signal::install_handlers();
     let summary = if on_cuda {
         // one GPU, f32, optimizer on the host; the device check comes before anything is written
-        train::train_on(&cfg, train::cuda_device(0)?)?
+        train::train_on(&cfg, train::cuda_device(0, cli.tf32)?)?
     } else {
         train::train(&cfg)?
     };

@@ -421,8 +421,9 @@ fn cpu_device(world_size: usize) -> Device<CpuBackend> {
 
 /// A rank on CUDA device `ordinal`. Its MFU is measured against the GPU's dense bf16 peak, as nanochat's is,
 /// although this backend still computes in f32.
-pub fn cuda_device(ordinal: usize) -> Result<Device<crate::backend::cuda::CudaBackend>> {
+pub fn cuda_device(ordinal: usize, tf32: bool) -> Result<Device<crate::backend::cuda::CudaBackend>> {
     let be = crate::backend::cuda::CudaBackend::new(ordinal)?;
+    be.set_tf32(tf32)?;
     let name = be.device_name();
     let (peak_flops, peak_how) = match plan::gpu_for_device_name(&name) {
         Some(g) => (

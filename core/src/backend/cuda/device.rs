@@ -30,6 +30,26 @@ pub fn device_count() -> usize {
 }
 
 impl CudaBackend {
+    /// Let cuBLAS round sgemm inputs to TF32 and use the tensor cores (about 8x the f32 throughput on
+    /// Hopper, with a 10-bit mantissa on the GEMM inputs: inside the precision nanochat trains at, bf16), or
+    /// go back to strict f32 (the default, which the parity tests require).
+    pub fn set_tf32(&self, on: bool) -> Result<()> {
+        let mode = if on {
+            cublas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
+        } else {
+            cublas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH
+        };
+        // SAFETY: the handle is live for as long as self.
+        unsafe { cublas_sys::cublasSetMathMode(*self.blas.handle(), mode) }
+            .result()
+            .map_err(|e| {
+                NcError::new(format!(
+                    "CUDA device {}: setting cuBLAS's math mode failed: {e}",
+                    self.ordinal
+                ))
+            })
+    }
+
     /// The backend on device `ordinal` (as numbered under CUDA_VISIBLE_DEVICES). Errors when the driver
     /// or cuBLAS library is missing, the device does not exist or is older than compute capability 8.0,
     /// or the kernels' PTX does not load (a driver older than the nvcc 13.0 that built it).

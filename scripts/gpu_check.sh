@@ -71,6 +71,27 @@ step() {
   [ "$rc" -eq 0 ] || FAILED+=("$name")
 }
 
+# cudarc opens libcublas.so / libcublas.so.13 with dlopen: put every folder that holds one (the CUDA toolkit's,
+# or the nvidia-cublas wheel of the image's PyTorch) on the library path, and say which.
+cuda_library_path() {
+  local dirs
+  dirs=$(python3 -c '
+import glob, os, site
+roots = ["/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib"]
+roots += [os.path.join(p, "nvidia") for p in site.getsitepackages()]
+found = set()
+for root in roots:
+    for f in glob.glob(os.path.join(root, "**", "libcublas.so*"), recursive=True):
+        found.add(os.path.dirname(f))
+print(":".join(sorted(found)))' 2>/dev/null)
+  if [ -n "$dirs" ]; then
+    export LD_LIBRARY_PATH="$dirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    echo "gpu_check: cuBLAS from $dirs" | tee -a "$LOG"
+  else
+    echo "gpu_check: no libcublas.so found under /usr/local/cuda or the Python nvidia wheels" | tee -a "$LOG"
+  fi
+}
+
 run() {
   local out=${OUT:-$BIN_DIR/out}
   mkdir -p "$out"
@@ -79,10 +100,11 @@ run() {
   local steps=("$@")
   [ ${#steps[@]} -gt 0 ] || steps=(info alloc parity sanitize train bench fixture baseline)
   export PYTHONUNBUFFERED=1
+  cuda_library_path
   for s in "${steps[@]}"; do
     case "$s" in
       info)
-        step info 30 bash -c 'nvidia-smi; (nvcc --version || true); python3 -c "import torch; print(\"torch\", torch.__version__, torch.version.cuda)"'
+        step info 30 bash -c 'nvidia-smi; (nvcc --version || true); (ldconfig -p | grep -E "libcuda.so|libcublas" || true); python3 -c "import torch; print(\"torch\", torch.__version__, torch.version.cuda)"'
         ;;
       alloc) need_bin cuda_smoke && step alloc 120 "$BIN_DIR/cuda_smoke" --nocapture ;;
       parity) need_bin cuda_parity && step parity 300 env NC_REQUIRE_CUDA=1 "$BIN_DIR/cuda_parity" --nocapture --test-threads=1 ;;

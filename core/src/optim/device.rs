@@ -83,11 +83,10 @@ pub fn newton_schulz5_on<B: Backend>(be: &B, rows: usize, cols: usize, s: &mut M
     // we keep Y = X^T, which is the matrix as stored (rows x cols), and rewrite each step in terms of Y:
     //   A = X X^T = Y^T Y                                        (cols x cols)
     //   B = b A + c A A                                          (a polynomial in A)
-    //   X' = a X + B X, so Y' = X'^T = a Y + X^T B^T = a Y + Y B^T = a Y + Y B
-    // The last step uses B^T = B: A = Y^T Y is symmetric, so is A A = A^T A^T = (A A)^T, and so is any sum
-    // of them. (In floating point the GEMM computes A[i][j] and A[j][i] from the same products, so A and B
-    // are symmetric to rounding at worst.) Y' is then X'^T, already in the matrix's own layout: no transpose
-    // in, none out.
+    //   X' = a X + B X, so Y' = X'^T = a Y + X^T B^T = a Y + Y B^T
+    // (B is symmetric in exact arithmetic, as A = Y^T Y is and so A A and their sums are; a GEMM's rounding
+    // need not keep it exactly so, hence the code multiplies by B^T as written.) Y' is then X'^T, already in
+    // the matrix's own layout: no transpose in, none out.
     let tall = rows > cols;
     let (ca, cb, cc) = NS_COEFFS;
     let sq = short * short;

@@ -5,6 +5,9 @@
 //! gradient without another transcendental. Writing the loss as ln(1 + other / e_target), with `other` the
 //! sum of e over every class but the target, keeps it accurate when it is near zero (a confident, right
 //! prediction) where lse - z_target would cancel.
+//!
+//! The per-row work is compiled twice, for baseline x86-64 and with AVX2 enabled (picked at run time): the
+//! same operations in the same order, so both give the same bits, the AVX2 one ~2.8x faster.
 
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -15,6 +18,21 @@ thread_local! {
 }
 
 pub fn softcap_cross_entropy(
+    logits: &mut [f32],
+    rows: usize,
+    vocab: usize,
+    cap: f32,
+    targets: &[i32],
+    losses: &mut [f32],
+    grad_scale: Option<f32>,
+) {
+    let kernel = row_kernel();
+    softcap_cross_entropy_with(kernel, logits, rows, vocab, cap, targets, losses, grad_scale);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn softcap_cross_entropy_with(
+    kernel: RowFn,
     logits: &mut [f32],
     rows: usize,
     vocab: usize,
@@ -43,29 +61,71 @@ pub fn softcap_cross_entropy(
                 if e.len() < vocab {
                     e.resize(vocab, 0.0);
                 }
-                let e = &mut e[..vocab];
-                // Pass 1: cap in place (z = cap * tanh(l / cap)) and e = exp(z - cap). Branch-free element
-                // functions, so this loop vectorizes; the sum runs in 8 lanes for the same reason.
-                for (z, ej) in row.iter_mut().zip(e.iter_mut()) {
-                    *z = cap * tanh(*z / cap);
-                    *ej = exp(*z - cap);
-                }
-                let sum = lane_sum(e);
-                let e_t = e[t];
-                let other = sum - e_t;
-                *loss = (other / e_t).ln_1p();
-                // Pass 2: d(s * loss)/d(raw logit) = s * (p - onehot) * (1 - (z/cap)^2), p = e / sum.
-                if let Some(s) = grad_scale {
-                    let inv = 1.0 / sum;
-                    for (j, (z, &ej)) in row.iter_mut().zip(e.iter()).enumerate() {
-                        // p_t - 1 = -other / sum exactly (no cancellation near p_t = 1).
-                        let dz = if j == t { -other * inv } else { ej * inv };
-                        let c = *z / cap;
-                        *z = s * dz * (1.0 - c * c);
-                    }
-                }
+                *loss = kernel(row, &mut e[..vocab], t, cap, grad_scale);
             });
         });
+}
+
+/// One row: caps `row` in place, fills `e`, returns the loss and, with a grad scale, leaves the gradient
+/// in `row`. The same body is compiled twice (baseline and AVX2 below) so both give identical bits.
+type RowFn = fn(&mut [f32], &mut [f32], usize, f32, Option<f32>) -> f32;
+
+/// The row kernel for this CPU, picked once: the AVX2 build where the CPU has it, else the baseline one.
+fn row_kernel() -> RowFn {
+    static KERNEL: std::sync::OnceLock<RowFn> = std::sync::OnceLock::new();
+    *KERNEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return row_avx2;
+        }
+        row_baseline
+    })
+}
+
+fn row_baseline(row: &mut [f32], e: &mut [f32], t: usize, cap: f32, grad_scale: Option<f32>) -> f32 {
+    row_body(row, e, t, cap, grad_scale)
+}
+
+/// The build targets baseline x86-64 (SSE2), where these loops vectorize poorly; with AVX2 enabled for this
+/// function the inlined body runs 8 lanes wide. FMA is enabled for the target but never used implicitly:
+/// Rust does not contract a * b + c, so every element sees the same IEEE operations as the baseline build.
+#[cfg(target_arch = "x86_64")]
+fn row_avx2(row: &mut [f32], e: &mut [f32], t: usize, cap: f32, grad_scale: Option<f32>) -> f32 {
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn inner(row: &mut [f32], e: &mut [f32], t: usize, cap: f32, grad_scale: Option<f32>) -> f32 {
+        row_body(row, e, t, cap, grad_scale)
+    }
+    // SAFETY: only reachable through row_kernel, which checked that this CPU has AVX2 and FMA.
+    unsafe { inner(row, e, t, cap, grad_scale) }
+}
+
+#[inline(always)]
+fn row_body(row: &mut [f32], e: &mut [f32], t: usize, cap: f32, grad_scale: Option<f32>) -> f32 {
+    let (row, e) = (&mut row[..e.len()], e);
+    // Pass 1: cap in place (z = cap * tanh(l / cap)) and e = exp(z - cap). Branch-free element functions
+    // and no early exit, so this loop vectorizes; the sum runs in 8 lanes for the same reason.
+    for (z, ej) in row.iter_mut().zip(e.iter_mut()) {
+        *z = cap * tanh(*z / cap);
+        *ej = exp(*z - cap);
+    }
+    let sum = lane_sum(e);
+    let e_t = e[t];
+    let other = sum - e_t;
+    let loss = (other / e_t).ln_1p();
+    // Pass 2: d(s * loss)/d(raw logit) = s * (p - onehot) * (1 - (z/cap)^2), p = e / sum. Every class is
+    // written as if it were not the target (a test on j per element would slow the loop), then the target.
+    if let Some(s) = grad_scale {
+        let inv = 1.0 / sum;
+        let z_t = row[t];
+        for (z, &ej) in row.iter_mut().zip(e.iter()) {
+            let c = *z / cap;
+            *z = s * (ej * inv) * (1.0 - c * c);
+        }
+        // p_t - 1 = -other / sum exactly (no cancellation near p_t = 1).
+        let c = z_t / cap;
+        row[t] = s * (-other * inv) * (1.0 - c * c);
+    }
+    loss
 }
 
 pub fn softcap(logits: &mut [f32], cap: f32) {
@@ -100,7 +160,8 @@ pub fn exp(x: f32) -> f32 {
     // Adding then subtracting 1.5 * 2^23 rounds to the nearest integer without a branch or a libm call.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 0.0);
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let k = x * std::f32::consts::LOG2_E + ROUND;
+    let n = k - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -109,7 +170,11 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5.000_000_1e-1;
     let er = p * r * r + r + 1.0;
-    er * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n from k's bits rather than `n as i32`: k = 1.5 * 2^23 + n with n in [-126, 0] has ulp 1, so its bits
+    // are ROUND's plus n. Same value, but integer adds vectorize where Rust's saturating float->int cast
+    // does not (it went lane by lane).
+    let biased = k.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127);
+    er * f32::from_bits(biased << 23)
 }
 
 /// tanh, branch-free and with no libm call (libm's tanhf dominated the loss): a Taylor polynomial near 0,
@@ -146,6 +211,79 @@ mod tests {
         assert!(worst < 2e-7, "fast exp: worst relative error {worst:e}");
         assert_eq!(super::exp(0.0), 1.0);
         assert!(super::exp(-1000.0) > 0.0 && super::exp(-1000.0) < 1e-37);
+    }
+
+    /// Rows of raw logits from a fixed LCG: spread from ~0 to ~4x the cap, so both tanh branches, the
+    /// saturated region and the clamp of exp are all hit.
+    fn random_logits(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|i| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let u = (s >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+                let scale = [0.05f32, 1.0, 10.0, 60.0][i % 4];
+                (2.0 * u - 1.0) * scale
+            })
+            .collect()
+    }
+
+    /// The AVX2 build of the row kernel against the baseline build: the same IEEE operations per element and
+    /// the same 8-lane sum order, so losses and gradients must match bit for bit (no tolerance needed).
+    /// Vocab sizes cover empty tails and tails of every length mod 8 and mod 32.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_rows_match_baseline_bit_for_bit() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            eprintln!("no AVX2+FMA on this CPU: nothing to compare");
+            return;
+        }
+        let cap = crate::config::LOGIT_SOFTCAP;
+        for (k, &vocab) in [1usize, 3, 8, 13, 31, 32, 33, 100, 257, 1000, 4099, 65536]
+            .iter()
+            .enumerate()
+        {
+            let rows = 6;
+            let raw = random_logits(rows * vocab, k as u64);
+            // Targets at both ends and in the middle; rows 1 and 4 ignored (-1).
+            let v = vocab as i32;
+            let targets = [0, -1, v / 2, v - 1, -1, (7 * v) / 9];
+            for grad in [None, Some(0.37f32)] {
+                let run = |kernel: super::RowFn| {
+                    let (mut z, mut losses) = (raw.clone(), vec![f32::NAN; rows]);
+                    super::softcap_cross_entropy_with(kernel, &mut z, rows, vocab, cap, &targets, &mut losses, grad);
+                    (z, losses)
+                };
+                let (z_base, l_base) = run(super::row_baseline);
+                let (z_avx, l_avx) = run(super::row_avx2);
+                for r in 0..rows {
+                    assert_eq!(
+                        l_avx[r].to_bits(),
+                        l_base[r].to_bits(),
+                        "loss, vocab {vocab} row {r} grad {grad:?}"
+                    );
+                }
+                for (i, (a, b)) in z_avx.iter().zip(&z_base).enumerate() {
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "logit/grad {i}, vocab {vocab} grad {grad:?}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The comparison above only means something if training uses the AVX2 kernel where the CPU has it.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn dispatch_picks_avx2_where_available() {
+        let simd = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        let picked = super::row_kernel();
+        let want: super::RowFn = if simd { super::row_avx2 } else { super::row_baseline };
+        assert!(
+            std::ptr::fn_addr_eq(picked, want),
+            "dispatcher picked the wrong kernel (avx2+fma: {simd})"
+        );
     }
 
     #[test]

@@ -5,13 +5,14 @@
 
 use nc_core::backend::cpu::CpuBackend;
 use nc_core::backend::device_like::DeviceLikeCpu;
-use nc_core::backend::{Backend, View, ViewMut};
+use nc_core::backend::Backend;
 use nc_core::config::{ModelConfig, ParamKind};
 use nc_core::model::Rng;
 use nc_core::optim::clip::clip_grad_norm;
 use nc_core::optim::device::DeviceOptimizer;
 use nc_core::optim::schedule::muon_momentum;
 use nc_core::optim::{OptimConfig, Optimizer};
+use nc_tests::{change_error, to_backend, to_host};
 
 /// Two layers, n_embd 64: the blocks hold square (64 x 64), tall (c_fc, 256 x 64) and wide (mlp c_proj,
 /// 64 x 256) matrices, so both Newton-Schulz orientations run.
@@ -21,39 +22,6 @@ fn tiny() -> ModelConfig {
 
 fn normal(n: usize, std: f64, rng: &mut Rng) -> Vec<f32> {
     (0..n).map(|_| (rng.normal() * std) as f32).collect()
-}
-
-fn to_backend<B: Backend>(be: &B, host: &[f32]) -> B::Buf {
-    let mut buf = be.alloc(host.len());
-    be.upload(ViewMut::all(&mut buf), host);
-    buf
-}
-
-fn to_host<B: Backend>(be: &B, buf: &B::Buf) -> Vec<f32> {
-    let mut out = vec![0.0f32; B::buf_len(buf)];
-    be.download(View::all(buf), &mut out);
-    out
-}
-
-/// max |got - want| / max |want - before|: the error relative to the size of the change itself (as
-/// optim_parity.rs measures against the reference).
-fn change_error(got: &[f32], want: &[f32], before: &[f32]) -> f64 {
-    // f64::max drops a NaN, so a NaN result would otherwise read as no error at all
-    if got.iter().any(|v| !v.is_finite()) {
-        return f64::INFINITY;
-    }
-    let err = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (*a as f64 - *b as f64).abs())
-        .fold(0.0, f64::max);
-    let change = want
-        .iter()
-        .zip(before)
-        .map(|(a, b)| (*a as f64 - *b as f64).abs())
-        .fold(0.0, f64::max);
-    assert!(change > 0.0, "the steps must move the parameters");
-    err / change
 }
 
 const STEPS: u64 = 6;

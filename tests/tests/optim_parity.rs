@@ -14,6 +14,7 @@ use nc_core::optim::device::{adamw_update_on, muon_update_on, DeviceOptimizer, M
 use nc_core::optim::muon::{muon_update, NsWorkspace};
 use nc_core::optim::schedule::{muon_momentum, LrSchedule};
 use nc_core::optim::{OptimConfig, Optimizer};
+use nc_tests::{change_error, to_backend, to_host};
 use safetensors::SafeTensors;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -39,26 +40,6 @@ fn metadata(bytes: &[u8]) -> HashMap<String, String> {
     meta.metadata().clone().unwrap_or_default()
 }
 
-/// max |got - want| / max |want - before|: the error relative to the size of the update itself.
-fn update_error(got: &[f32], want: &[f32], before: &[f32]) -> f64 {
-    // f64::max drops a NaN, so a NaN result would otherwise read as no error at all
-    if got.iter().any(|v| !v.is_finite()) {
-        return f64::INFINITY;
-    }
-    let err = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (*a as f64 - *b as f64).abs())
-        .fold(0.0, f64::max);
-    let step = want
-        .iter()
-        .zip(before)
-        .map(|(a, b)| (*a as f64 - *b as f64).abs())
-        .fold(0.0, f64::max);
-    assert!(step > 0.0, "the fixture must move the parameters");
-    err / step
-}
-
 #[test]
 fn muon_step_matches_reference() {
     let bytes = fixture("muon_step.safetensors");
@@ -74,7 +55,7 @@ fn muon_step_matches_reference() {
         let mut upd = vec![0.0; rows * cols];
         let mut ws = NsWorkspace::for_shapes([(rows, cols)].into_iter());
         muon_update(&mut p, &g, &mut buf, &mut upd, rows, cols, lr, mu, &mut ws);
-        let e = update_error(&p, &f32s(&st, &format!("{tag}.param_out")), &before);
+        let e = change_error(&p, &f32s(&st, &format!("{tag}.param_out")), &before);
         assert!(e < 1e-5, "{tag}: param error {e:e} of the update");
         let want_buf = f32s(&st, &format!("{tag}.buf_out"));
         let eb = buf
@@ -103,7 +84,7 @@ fn adamw_step_matches_reference() {
     let before = p.clone();
     let (mut m, mut v) = (f32s(&st, "m"), f32s(&st, "v"));
     adamw_update(&mut p, &f32s(&st, "grad"), &mut m, &mut v, get("lr"), t, &h);
-    let e = update_error(&p, &f32s(&st, "param_out"), &before);
+    let e = change_error(&p, &f32s(&st, "param_out"), &before);
     assert!(e < 1e-5, "param error {e:e} of the update");
     for (got, name) in [(&m, "m_out"), (&v, "v_out")] {
         let want = f32s(&st, name);
@@ -138,42 +119,67 @@ fn schedule_matches_reference() {
     }
 }
 
-/// Five steps of the whole optimizer on the tiny model: clip the raw gradient, then Muon + AdamW.
-#[test]
-fn five_optimizer_steps_match_reference() {
-    let bytes = fixture("optim_5steps.safetensors");
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let meta = metadata(&bytes);
-    let num = |k: &str| -> usize { meta[k].parse().unwrap() };
-    let model = ModelConfig::new(
-        num("n_layer"),
-        num("n_embd"),
-        num("n_head"),
-        num("n_kv_head"),
-        num("head_dim"),
-        num("vocab_size"),
-        num("sequence_len"),
-    )
-    .unwrap();
-    let specs = model.param_specs();
-    let n = model.num_params() as usize;
-    let gather = |prefix: &str| -> Vec<f32> {
-        let mut buf = vec![0.0f32; n];
-        for s in &specs {
+/// The five-step fixture: the tiny model, the schedule, the reference's gradient norms and lr multipliers,
+/// and each of its named buffers ("init", "grad{k}", "step{k}") gathered into the contiguous layout.
+struct FiveSteps {
+    bytes: Vec<u8>,
+    model: ModelConfig,
+    schedule: LrSchedule,
+    want_norms: Vec<f64>,
+    want_lr: Vec<f64>,
+}
+
+impl FiveSteps {
+    fn load() -> Self {
+        let bytes = fixture("optim_5steps.safetensors");
+        let meta = metadata(&bytes);
+        let num = |k: &str| -> usize { meta[k].parse().unwrap() };
+        let model = ModelConfig::new(
+            num("n_layer"),
+            num("n_embd"),
+            num("n_head"),
+            num("n_kv_head"),
+            num("head_dim"),
+            num("vocab_size"),
+            num("sequence_len"),
+        )
+        .unwrap();
+        let floats = |k: &str| -> Vec<f64> { meta[k].split(',').map(|x| x.parse().unwrap()).collect() };
+        let schedule = LrSchedule {
+            num_iterations: num("num_iterations") as u64,
+            warmup_ratio: meta["warmup_ratio"].parse().unwrap(),
+            warmdown_ratio: meta["warmdown_ratio"].parse().unwrap(),
+            final_lr_frac: meta["final_lr_frac"].parse().unwrap(),
+        };
+        FiveSteps {
+            model,
+            schedule,
+            want_norms: floats("grad_total_norm"),
+            want_lr: floats("lr_mult"),
+            bytes,
+        }
+    }
+
+    fn gather(&self, prefix: &str) -> Vec<f32> {
+        let st = SafeTensors::deserialize(&self.bytes).unwrap();
+        let mut buf = vec![0.0f32; self.model.num_params() as usize];
+        for s in &self.model.param_specs() {
             let t = f32s(&st, &format!("{prefix}.{}", s.name));
             assert_eq!(t.len(), s.numel(), "{prefix}.{}", s.name);
             buf[s.range()].copy_from_slice(&t);
         }
         buf
-    };
-    let floats = |k: &str| -> Vec<f64> { meta[k].split(',').map(|x| x.parse().unwrap()).collect() };
-    let (want_norms, want_lr) = (floats("grad_total_norm"), floats("lr_mult"));
-    let schedule = LrSchedule {
-        num_iterations: num("num_iterations") as u64,
-        warmup_ratio: meta["warmup_ratio"].parse().unwrap(),
-        warmdown_ratio: meta["warmdown_ratio"].parse().unwrap(),
-        final_lr_frac: meta["final_lr_frac"].parse().unwrap(),
-    };
+    }
+}
+
+/// Five steps of the whole optimizer on the tiny model: clip the raw gradient, then Muon + AdamW.
+#[test]
+fn five_optimizer_steps_match_reference() {
+    let fx = FiveSteps::load();
+    let (model, schedule) = (fx.model, fx.schedule);
+    let (want_norms, want_lr) = (&fx.want_norms, &fx.want_lr);
+    let specs = model.param_specs();
+    let gather = |prefix: &str| fx.gather(prefix);
     let mut params = gather("init");
     let init = params.clone();
     let mut opt = Optimizer::new(&model, OptimConfig::default(), 0, 1).unwrap();
@@ -189,22 +195,10 @@ fn five_optimizer_steps_match_reference() {
         opt.step(&mut params, &grads, lr_mult, muon_momentum(k));
         let want = gather(&format!("step{k}"));
         for s in &specs {
-            let e = update_error(&params[s.range()], &want[s.range()], &init[s.range()]);
+            let e = change_error(&params[s.range()], &want[s.range()], &init[s.range()]);
             assert!(e < 2e-5, "step {k} {}: error {e:e} of the total change", s.name);
         }
     }
-}
-
-fn to_backend<B: Backend>(be: &B, host: &[f32]) -> B::Buf {
-    let mut buf = be.alloc(host.len());
-    be.upload(ViewMut::all(&mut buf), host);
-    buf
-}
-
-fn to_host<B: Backend>(be: &B, buf: &B::Buf) -> Vec<f32> {
-    let mut out = vec![0.0f32; B::buf_len(buf)];
-    be.download(View::all(buf), &mut out);
-    out
 }
 
 fn device_muon_step_matches_reference<B: Backend>(be: B) {
@@ -230,7 +224,7 @@ fn device_muon_step_matches_reference<B: Backend>(be: B) {
             mu,
             &mut scratch,
         );
-        let e = update_error(&to_host(&be, &p), &f32s(&st, &format!("{tag}.param_out")), &before);
+        let e = change_error(&to_host(&be, &p), &f32s(&st, &format!("{tag}.param_out")), &before);
         assert!(e < 1e-5, "{tag}: param error {e:e} of the update");
         let want_buf = f32s(&st, &format!("{tag}.buf_out"));
         let eb = to_host(&be, &buf)
@@ -274,7 +268,7 @@ fn device_adamw_step_matches_reference<B: Backend>(be: B) {
         t,
         &h,
     );
-    let e = update_error(&to_host(&be, &p), &f32s(&st, "param_out"), &before);
+    let e = change_error(&to_host(&be, &p), &f32s(&st, "param_out"), &before);
     assert!(e < 1e-5, "param error {e:e} of the update");
     for (got, name) in [(to_host(&be, &m), "m_out"), (to_host(&be, &v), "v_out")] {
         let want = f32s(&st, name);
@@ -292,37 +286,11 @@ fn device_adamw_step_matches_reference_on_both_backends() {
 
 /// The five steps again with the device optimizer: its clip, then its step.
 fn device_five_optimizer_steps_match_reference<B: Backend>(be: B) {
-    let bytes = fixture("optim_5steps.safetensors");
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let meta = metadata(&bytes);
-    let num = |k: &str| -> usize { meta[k].parse().unwrap() };
-    let model = ModelConfig::new(
-        num("n_layer"),
-        num("n_embd"),
-        num("n_head"),
-        num("n_kv_head"),
-        num("head_dim"),
-        num("vocab_size"),
-        num("sequence_len"),
-    )
-    .unwrap();
+    let fx = FiveSteps::load();
+    let (model, schedule) = (fx.model, fx.schedule);
+    let (want_norms, want_lr) = (&fx.want_norms, &fx.want_lr);
     let specs = model.param_specs();
-    let n = model.num_params() as usize;
-    let gather = |prefix: &str| -> Vec<f32> {
-        let mut buf = vec![0.0f32; n];
-        for s in &specs {
-            buf[s.range()].copy_from_slice(&f32s(&st, &format!("{prefix}.{}", s.name)));
-        }
-        buf
-    };
-    let floats = |k: &str| -> Vec<f64> { meta[k].split(',').map(|x| x.parse().unwrap()).collect() };
-    let (want_norms, want_lr) = (floats("grad_total_norm"), floats("lr_mult"));
-    let schedule = LrSchedule {
-        num_iterations: num("num_iterations") as u64,
-        warmup_ratio: meta["warmup_ratio"].parse().unwrap(),
-        warmdown_ratio: meta["warmdown_ratio"].parse().unwrap(),
-        final_lr_frac: meta["final_lr_frac"].parse().unwrap(),
-    };
+    let gather = |prefix: &str| fx.gather(prefix);
     let init = gather("init");
     let mut params = to_backend(&be, &init);
     let mut opt = DeviceOptimizer::new(&be, &model, OptimConfig::default()).unwrap();
@@ -338,7 +306,7 @@ fn device_five_optimizer_steps_match_reference<B: Backend>(be: B) {
         opt.step(&be, &mut params, &grads, lr_mult, muon_momentum(k));
         let (got, want) = (to_host(&be, &params), gather(&format!("step{k}")));
         for s in &specs {
-            let e = update_error(&got[s.range()], &want[s.range()], &init[s.range()]);
+            let e = change_error(&got[s.range()], &want[s.range()], &init[s.range()]);
             assert!(e < 2e-5, "step {k} {}: error {e:e} of the total change", s.name);
         }
     }

@@ -1,13 +1,23 @@
 //! nc-comm: collectives between the ranks of a data-parallel run.
 //!
 //! `Collective` is what the training loop calls; `ThreadRing` implements it between threads of one process
-//! (the CPU backend's ranks, and the reference every device collective is checked against). The CUDA
-//! peer-to-peer ring and NCCL implement the same trait in later work.
+//! (the CPU backend's ranks, and the reference every device collective is checked against). `ShmRing`
+//! implements it between processes of one machine, after the ranks met through a `Rendezvous` (TCP).
+//! The ring's chunk/step schedule lives in `schedule`, shared by every ring transport.
 
 mod partition;
+pub mod rendezvous;
+pub mod schedule;
+mod shm_flags;
+pub mod shm_ring;
+mod shm_segment;
 mod thread_ring;
+mod wire;
 
+pub use half::bf16;
 pub use partition::{even_bounds, Bounds};
+pub use rendezvous::{PeerWatch, Rendezvous, RendezvousConfig};
+pub use shm_ring::{ShmRing, ShmRingOptions};
 pub use thread_ring::ThreadRing;
 
 use std::fmt;
@@ -48,6 +58,36 @@ pub trait Collective: Send {
         let bounds = even_bounds(buf.len(), self.world_size());
         self.reduce_scatter_sum(buf, &bounds)?;
         self.all_gather(buf, &bounds)
+    }
+
+    /// bf16 reduce-scatter with f32 accumulation: the owned range holds the f32 sum (in the same order as
+    /// `reduce_scatter_sum`) rounded once to bf16. Other elements are left as they were. This default
+    /// widens the whole buffer to f32 (a temporary of 2x the buffer's bytes) and reuses the f32 path.
+    fn reduce_scatter_sum_bf16(&mut self, buf: &mut [bf16], bounds: &Bounds) -> Result<(), CommError> {
+        let mut wide: Vec<f32> = buf.iter().map(|x| x.to_f32()).collect();
+        self.reduce_scatter_sum(&mut wide, bounds)?;
+        let mine = bounds.range(self.rank());
+        for (b, w) in buf[mine.clone()].iter_mut().zip(&wide[mine]) {
+            *b = bf16::from_f32(*w);
+        }
+        Ok(())
+    }
+
+    /// bf16 all-gather. This default goes through f32, which is exact both ways.
+    fn all_gather_bf16(&mut self, buf: &mut [bf16], bounds: &Bounds) -> Result<(), CommError> {
+        let mut wide: Vec<f32> = buf.iter().map(|x| x.to_f32()).collect();
+        self.all_gather(&mut wide, bounds)?;
+        for (b, w) in buf.iter_mut().zip(&wide) {
+            *b = bf16::from_f32(*w);
+        }
+        Ok(())
+    }
+
+    /// Every rank ends with the elementwise sum over ranks, accumulated in f32 and rounded once.
+    fn all_reduce_sum_bf16(&mut self, buf: &mut [bf16]) -> Result<(), CommError> {
+        let bounds = even_bounds(buf.len(), self.world_size());
+        self.reduce_scatter_sum_bf16(buf, &bounds)?;
+        self.all_gather_bf16(buf, &bounds)
     }
 
     /// Blocks until every rank has called it.

@@ -114,9 +114,10 @@ impl Collective for ThreadRing {
             let recv_chunk = self.chunk_behind(step + 2);
             self.send(&buf[bounds.range(send_chunk)])?;
             let incoming = self.recv(bounds.range(recv_chunk).len())?;
-            // The incoming partial sum comes first so every chunk is summed in ring order from its start.
+            // Every chunk is summed in ring order from its start (schedule::sum_order); IEEE addition is
+            // commutative, so the operand order within one addition does not matter.
             for (mine, theirs) in buf[bounds.range(recv_chunk)].iter_mut().zip(&incoming) {
-                *mine = *theirs + *mine;
+                *mine += *theirs;
             }
             self.spare.push(incoming);
         }

@@ -35,10 +35,11 @@ pub mod ptx {
     pub const CROSS_ENTROPY: &str = include_str!("../ptx/cross_entropy.ptx");
     pub const ATTENTION: &str = include_str!("../ptx/attention.ptx");
     pub const OPTIM: &str = include_str!("../ptx/optim.ptx");
+    pub const FLASH_ATTENTION: &str = include_str!("../ptx/flash_attention.ptx");
 }
 
 /// Every module: (name, PTX text). The CUDA backend loads each once.
-pub const MODULES: [(&str, &str); 7] = [
+pub const MODULES: [(&str, &str); 8] = [
     ("elementwise", ptx::ELEMENTWISE),
     ("embedding", ptx::EMBEDDING),
     ("rmsnorm", ptx::RMSNORM),
@@ -46,6 +47,7 @@ pub const MODULES: [(&str, &str); 7] = [
     ("cross_entropy", ptx::CROSS_ENTROPY),
     ("attention", ptx::ATTENTION),
     ("optim", ptx::OPTIM),
+    ("flash_attention", ptx::FLASH_ATTENTION),
 ];
 
 const fn kernel(module: &'static str, ptx: &'static str, name: &'static str) -> Kernel {
@@ -273,8 +275,63 @@ pub fn sum_squares_dims(n: u64) -> LaunchDims {
     }
 }
 
+// ---- flash_attention.cu: causal attention with GQA on tensor cores (mma.sync m16n8k16 bf16, f32 softmax and
+// accumulation), bf16 q/k/v/out/gradients, f32 lse/delta, same layouts and positions as attention.cu above.
+// One entry per head dimension (64 and 128: `flash_kernels`). Every pointer must be 16-byte aligned (rows are
+// moved in 16-byte chunks), which holds when each tensor starts at a multiple of 8 elements. Static shared
+// memory only (figures in README.md), so `shared_bytes` is 0.
+
+/// (const bf16* q, const bf16* k, const bf16* v, bf16* out, f32* lse, i32 batch, i32 tq, i32 tk, i32 n_head,
+/// i32 n_kv_head, i32 q_pos0, f32 scale): out (B, Tq, H, D) = softmax(scale q k^T) v over the causal keys,
+/// lse (B, H, Tq). Training (q_pos0 = 0, tq = tk) and KV-cache decoding (a few rows, q_pos0 > 0) alike.
+/// Launch with `flash_forward_dims`.
+pub const FLASH_FORWARD_D128: Kernel = kernel("flash_attention", ptx::FLASH_ATTENTION, "nc_flash_forward_d128_bf16");
+/// As `FLASH_FORWARD_D128` for head_dim 64.
+pub const FLASH_FORWARD_D64: Kernel = kernel("flash_attention", ptx::FLASH_ATTENTION, "nc_flash_forward_d64_bf16");
+
+/// Threads per block of every flash kernel (4 warps; `flash_attention.cu` assumes it).
+pub const FLASH_THREADS: u32 = 128;
+/// Query rows per block of the flash forward (16 per warp).
+pub const FLASH_FORWARD_ROWS: usize = 64;
+/// Keys per tile of the flash forward.
+pub const FLASH_FORWARD_KEYS: usize = 64;
+/// The head dimensions the flash kernels are built for.
+pub const FLASH_HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// The flash kernels for one head dimension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlashKernels {
+    pub forward: Kernel,
+}
+
+/// The flash kernels for `head_dim`, or None when they are not built for it (use the f32 kernels then).
+pub fn flash_kernels(head_dim: usize) -> Option<FlashKernels> {
+    match head_dim {
+        128 => Some(FlashKernels {
+            forward: FLASH_FORWARD_D128,
+        }),
+        64 => Some(FlashKernels {
+            forward: FLASH_FORWARD_D64,
+        }),
+        _ => None,
+    }
+}
+
+/// Launch of a flash forward: grid (ceil(tq / 64), n_head, batch), 128 threads, static shared memory.
+pub fn flash_forward_dims(batch: usize, n_head: usize, tq: usize) -> LaunchDims {
+    LaunchDims {
+        grid: (
+            grid_dim(tq.div_ceil(FLASH_FORWARD_ROWS), "query tiles"),
+            grid_dim(n_head, "n_head"),
+            grid_dim(batch, "batch"),
+        ),
+        block: (FLASH_THREADS, 1, 1),
+        shared_bytes: 0,
+    }
+}
+
 /// Every kernel, for loading and for the tests that check each entry exists in its PTX.
-pub const ALL: [Kernel; 20] = [
+pub const ALL: [Kernel; 22] = [
     FILL,
     ADD_INPLACE,
     RELU2_FORWARD,
@@ -295,4 +352,6 @@ pub const ALL: [Kernel; 20] = [
     SUM_SQUARES,
     MUON_MOMENTUM,
     ADAMW,
+    FLASH_FORWARD_D128,
+    FLASH_FORWARD_D64,
 ];

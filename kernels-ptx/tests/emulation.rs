@@ -34,6 +34,15 @@ fn kernels_pass_their_cpu_emulation() {
         "sum_squares n 5000  grid 3",
         "muon momentum update",
         "adamw p",
+        // the tensor-core emulation's own checks (test_tc.cpp) and the flash kernels (test_flash.cpp)
+        "mma m16n8k16 bf16, C ~ N(0,1) ",
+        "ldmatrix x4.trans, arbitrary row addresses",
+        "ldmatrix x2.trans of B row-major = mma B fragment",
+        "cp.async: deferred to wait_group",
+        "flash fwd B1 Tq100 Tk100 H2 Hkv1 D128",
+        "flash fwd B2 Tq77 Tk77 H3 Hkv1 D64",
+        "flash fwd B1 Tq1 Tk70 H4 Hkv2 D128 pos0 69",
+        "  flash lse",
     ] {
         assert!(text.contains(what), "emu/run.sh did not check '{what}':\n{text}");
     }

@@ -83,6 +83,7 @@ fn signature(name: &str) -> &'static str {
         "nc_sum_squares_f64" => "pup",
         "nc_muon_momentum_f32" => "pppuf",
         "nc_adamw_f32" => "ppppuffffff",
+        "nc_flash_forward_d128_bf16" | "nc_flash_forward_d64_bf16" => "pppppiiiiiif",
         other => panic!("kernel {other} has no signature in this test: add it"),
     }
 }
@@ -343,4 +344,41 @@ fn launch_dims_are_sane_and_cover_every_row_and_tile() {
 #[should_panic(expected = "head_dim")]
 fn attention_dims_reject_a_head_dim_over_the_maximum() {
     attention_forward_dims(1, 1, 1, ATTENTION_MAX_HEAD_DIM + 1);
+}
+
+#[test]
+fn flash_constants_match_the_kernel_source() {
+    let src = String::from_utf8(source("flash_attention")).unwrap();
+    assert_eq!(define(&src, "FLASH_THREADS"), FLASH_THREADS as usize);
+    assert_eq!(32 * define(&src, "FLASH_WARPS"), FLASH_THREADS as usize);
+    assert_eq!(define(&src, "FWD_BQ"), FLASH_FORWARD_ROWS);
+    assert_eq!(define(&src, "FWD_BK"), FLASH_FORWARD_KEYS);
+    // 16 query rows per warp: the mma tile height.
+    assert_eq!(FLASH_FORWARD_ROWS, 16 * define(&src, "FLASH_WARPS"));
+}
+
+#[test]
+fn flash_kernels_exist_for_their_head_dims_only() {
+    for d in FLASH_HEAD_DIMS {
+        let k = flash_kernels(d).unwrap_or_else(|| panic!("no flash kernels for head_dim {d}"));
+        assert!(k.forward.name.contains(&format!("_d{d}_")), "{}", k.forward.name);
+    }
+    for d in [0, 1, 8, 32, 63, 96, 127, 129, 256] {
+        assert!(flash_kernels(d).is_none(), "head_dim {d}");
+    }
+}
+
+#[test]
+fn flash_dims_are_sane_and_cover_every_row() {
+    // (batch, tq, n_head): small, decoding, d20 and d52-like training shapes.
+    for (b, tq, h) in [(1, 1, 1), (2, 19, 4), (1, 64, 2), (1, 65, 2), (32, 2048, 10), (8, 2048, 26), (3, 3, 6)] {
+        let what = format!("flash b {b} tq {tq} h {h}");
+        let f = flash_forward_dims(b, h, tq);
+        sane(f, &what);
+        assert_eq!(f.block.0, FLASH_THREADS);
+        assert_eq!(f.shared_bytes, 0, "{what}: static shared memory only");
+        assert!(f.grid.0 as usize * FLASH_FORWARD_ROWS >= tq, "{what}: rows");
+        assert!((f.grid.0 as usize - 1) * FLASH_FORWARD_ROWS < tq, "{what}: idle tiles");
+        assert_eq!((f.grid.1 as usize, f.grid.2 as usize), (h, b), "{what}");
+    }
 }

@@ -321,3 +321,375 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 3)
     if ((int)blockIdx.z >= batch) return;
     flash_forward<64>(q, k, v, out, lse, tq, tk, n_head, n_kv_head, q_pos0, scale);
 }
+
+// ---- backward ---------------------------------------------------------------------------------------------
+// Training shape only (tq = tk = t, q_pos0 = 0), as the Backend contract. Two kernels, in this order:
+//   nc_flash_backward_dq_*   dq, and delta = rowsum(dout * out) (written for the next kernel);
+//   nc_flash_backward_dkdv_* dk, dv.
+// Both recompute P = exp(scale q k^T - lse) from the saved lse (never stored), dP = dout v^T, and
+// dS = P (dP - delta); dq = scale dS k, dk = scale dS^T q, dv = P^T dout. Each output row is written once by
+// one block, with a fixed order of additions: deterministic, no atomics.
+
+// dq for 64 query rows of one (batch, head), and their delta. Grid (ceil(t / 64), n_head, batch), 128
+// threads, heaviest tiles first; static shared memory 2 * 2 * 32 * D * 2 bytes (32 KiB at D = 128).
+// The delta pre-pass is fused here: the block already reads its rows of dout, so it also reads out and forms
+// delta before its key loop (where out's read hides behind the Q/dout copy), instead of a separate pass over
+// dout. Q and dout go to registers once (as mma A fragments); key/value tiles of 32 then stream through two
+// shared stages (tile j + 1 is in flight while tile j is used). Per tile, for warp w's 16 rows:
+//   S = Q K^T, dP = dout V^T (f32); P = exp2(S scale log2 e - lse log2 e), masked on the diagonal tile;
+//   dS = P (dP - delta); dQ += dS K, dS rounded to bf16 as the A operand and K read k-major (.trans).
+template <int D>
+__device__ __forceinline__ void flash_backward_dq(const bf16* q, const bf16* k, const bf16* v, const bf16* out,
+                                                  const bf16* dout, const float* lse, float* delta, bf16* dq,
+                                                  int t, int n_head, int n_kv_head, float scale) {
+    constexpr int KSTEPS = D / 16;
+    constexpr int NT = DQ_BK / 8;  // 8-key column tiles of S and dP
+    constexpr int DT = D / 8;      // 8-column tiles of dQ
+    constexpr int STAGE = 2 * DQ_BK * D;  // K then V
+    // Two stages of K/V tiles; before the key loop the same bytes hold the Q and dout tiles (64 rows each).
+    __shared__ __align__(128) bf16 smem[2 * STAGE];
+    static_assert(2 * STAGE == 2 * DQ_BQ * D, "the Q/dout tiles alias the two K/V stages exactly");
+    __shared__ float delta_s[DQ_BQ];
+
+    int i0 = (gridDim.x - 1 - blockIdx.x) * DQ_BQ;
+    int h = blockIdx.y;
+    int b = blockIdx.z;
+    if (i0 >= t) return;
+    int kvh = h / (n_head / n_kv_head);
+    int warp = threadIdx.x >> 5;
+    int lane = threadIdx.x & 31;
+    int g = lane >> 2;
+    int tq4 = lane & 3;
+    int rows = min(DQ_BQ, t - i0);
+    size_t q_stride = (size_t)n_head * D;
+    size_t kv_stride = (size_t)n_kv_head * D;
+    size_t q_off = ((size_t)b * t + i0) * q_stride + (size_t)h * D;
+    const bf16* k_head = k + (size_t)b * t * kv_stride + (size_t)kvh * D;
+    const bf16* v_head = v + (size_t)b * t * kv_stride + (size_t)kvh * D;
+    const float* lse_h = lse + ((size_t)b * n_head + h) * t;
+
+    bf16* sQ = smem;
+    bf16* sdO = smem + DQ_BQ * D;
+    load_tile<D, DQ_BQ>(sQ, q + q_off, q_stride, rows);
+    load_tile<D, DQ_BQ>(sdO, dout + q_off, q_stride, rows);
+    cp_async_commit();
+
+    // delta: thread pair (2r, 2r + 1) takes row r, one half of the columns each, 8 bf16 per 16-byte read.
+    {
+        int r = threadIdx.x >> 1;
+        int c0 = (threadIdx.x & 1) * (D / 2);
+        float acc = 0.0f;
+        if (r < rows) {
+            const bf16* orow = out + q_off + (size_t)r * q_stride + c0;
+            const bf16* grow = dout + q_off + (size_t)r * q_stride + c0;
+            for (int c = 0; c < D / 2; c += 8) {
+                __nv_bfloat162 o8[4], g8[4];
+                memcpy(o8, orow + c, 16);
+                memcpy(g8, grow + c, 16);
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    float2 of = __bfloat1622float2(o8[e]);
+                    float2 gf = __bfloat1622float2(g8[e]);
+                    acc += of.x * gf.x + of.y * gf.y;
+                }
+            }
+        }
+        acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+        if ((threadIdx.x & 1) == 0) {
+            delta_s[r] = acc;
+            if (r < rows) delta[((size_t)b * n_head + h) * t + i0 + r] = acc;
+        }
+    }
+
+    cp_async_wait<0>();
+    __syncthreads();  // Q and dout tiles landed, delta_s written
+    uint32_t qf[KSTEPS][4], dof[KSTEPS][4];
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ks++) {
+        int row = warp * 16 + (lane & 15);
+        int chunk = 2 * ks + (lane >> 4);
+        ldmatrix_x4(qf[ks], sQ + swizzle<D>(row, chunk));
+        ldmatrix_x4(dof[ks], sdO + swizzle<D>(row, chunk));
+    }
+    // Rows g and g + 8 of the warp: lse in log2 units (+inf for rows past t, so their P is 0) and delta.
+    float lse2[2], dl[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int rr = warp * 16 + g + 8 * r;
+        lse2[r] = rr < rows ? lse_h[i0 + rr] * LOG2E : INFINITY;
+        dl[r] = delta_s[rr];
+    }
+    __syncthreads();  // every warp holds its fragments: the stages may be overwritten
+
+    float acc[DT][4];
+#pragma unroll
+    for (int n = 0; n < DT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    const float scale_log2 = scale * LOG2E;
+    int row_pos0 = i0 + warp * 16 + g;
+    int kend = i0 + rows;  // keys visible to the block's last row (exclusive)
+    int n_tiles = (kend + DQ_BK - 1) / DQ_BK;
+
+    load_tile<D, DQ_BK>(smem, k_head, kv_stride, min(DQ_BK, kend));
+    load_tile<D, DQ_BK>(smem + DQ_BK * D, v_head, kv_stride, min(DQ_BK, kend));
+    cp_async_commit();
+    for (int j = 0; j < n_tiles; j++) {
+        int j0 = j * DQ_BK;
+        if (j + 1 < n_tiles) {
+            bf16* next = smem + ((j + 1) & 1) * STAGE;
+            int nk = min(DQ_BK, kend - j0 - DQ_BK);
+            load_tile<D, DQ_BK>(next, k_head + (size_t)(j0 + DQ_BK) * kv_stride, kv_stride, nk);
+            load_tile<D, DQ_BK>(next + DQ_BK * D, v_head + (size_t)(j0 + DQ_BK) * kv_stride, kv_stride, nk);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();  // tile j has landed
+        const bf16* sK = smem + (j & 1) * STAGE;
+        const bf16* sV = sK + DQ_BK * D;
+
+        float s[NT][4], dp[NT][4];
+#pragma unroll
+        for (int n = 0; n < NT; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[n][e] = dp[n][e] = 0.0f;
+#pragma unroll
+        for (int ks = 0; ks < KSTEPS; ks++) {
+#pragma unroll
+            for (int np = 0; np < NT / 2; np++) {
+                int row = 16 * np + (lane & 7) + ((lane >> 4) << 3);
+                int chunk = 2 * ks + ((lane >> 3) & 1);
+                uint32_t kb[4], vb[4];
+                ldmatrix_x4(kb, sK + swizzle<D>(row, chunk));
+                ldmatrix_x4(vb, sV + swizzle<D>(row, chunk));
+                mma_bf16(s[2 * np], qf[ks], kb[0], kb[1]);
+                mma_bf16(s[2 * np + 1], qf[ks], kb[2], kb[3]);
+                mma_bf16(dp[2 * np], dof[ks], vb[0], vb[1]);
+                mma_bf16(dp[2 * np + 1], dof[ks], vb[2], vb[3]);
+            }
+        }
+        bool diagonal = j0 + DQ_BK - 1 > i0;
+#pragma unroll
+        for (int n = 0; n < NT; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int r = e >> 1;
+                int key = j0 + 8 * n + 2 * tq4 + (e & 1);
+                float p = exp2f(s[n][e] * scale_log2 - lse2[r]);
+                if (diagonal && key > row_pos0 + 8 * r) p = 0.0f;
+                s[n][e] = p * (dp[n][e] - dl[r]);  // dS
+            }
+
+        // dQ += dS K: dS's k-step kk is S's tiles 2kk, 2kk + 1; K's B fragments read k-major through .trans.
+#pragma unroll
+        for (int kk = 0; kk < DQ_BK / 16; kk++) {
+            uint32_t da[4];
+            accumulators_to_a(da, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+            for (int dpair = 0; dpair < DT / 2; dpair++) {
+                uint32_t kb[4];
+                ldmatrix_x4_trans(kb, sK + swizzle<D>(16 * kk + (lane & 15), 2 * dpair + (lane >> 4)));
+                mma_bf16(acc[2 * dpair], da, kb[0], kb[1]);
+                mma_bf16(acc[2 * dpair + 1], da, kb[2], kb[3]);
+            }
+        }
+        __syncthreads();  // every warp is done with this stage before tile j + 2 is copied into it
+    }
+
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int i = i0 + warp * 16 + g + 8 * r;
+        if (i >= t) continue;
+        bf16* row = dq + ((size_t)b * t + i) * q_stride + (size_t)h * D + 2 * tq4;
+#pragma unroll
+        for (int n = 0; n < DT; n++) {
+            uint32_t packed = pack_bf16(acc[n][2 * r] * scale, acc[n][2 * r + 1] * scale);
+            memcpy(row + 8 * n, &packed, 4);
+        }
+    }
+}
+
+// dk, dv for 64 keys of one (batch, kv head), summed over the group's query heads. Grid (ceil(t / 64),
+// n_kv_head, batch), 128 threads; warp w owns keys 16w..16w+15 and their dK, dV accumulators (f32, in
+// registers), and its 16 keys' K as mma A fragments (registers, loaded once). Static shared memory
+// 2 * 64 * D * 2 bytes (32 KiB at D = 128): the K and V tiles; once K is in registers, K's tile holds the two
+// stages of (Q, dout) tiles of 16 rows. For every query head of the group and every query step of 16 rows from the block's first key on
+// (rows before it see none of these keys), with step s + 1 in flight while s is used:
+//   S^T = K Q^T, dP^T = V dout^T (keys as rows, so P^T and dS^T land in the accumulator layout that the next
+//   products take as A operands); P^T = exp2(S^T scale log2 e - lse log2 e) (masked where the step crosses
+//   the diagonal), dS^T = P^T (dP^T - delta); dV += P^T dout, dK += dS^T Q (Q and dout read k-major, .trans).
+// delta comes from nc_flash_backward_dq, which must run first.
+template <int D>
+__device__ __forceinline__ void flash_backward_dkdv(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                                                    const float* lse, const float* delta, bf16* dk, bf16* dv,
+                                                    int t, int n_head, int n_kv_head, float scale) {
+    constexpr int KSTEPS = D / 16;
+    constexpr int DT = D / 8;
+    constexpr int STAGE = 2 * DKV_BQ * D;  // Q then dout
+    __shared__ __align__(128) bf16 sK[DKV_BK * D];  // K, then the two (Q, dout) stages
+    __shared__ __align__(128) bf16 sV[DKV_BK * D];
+    static_assert(2 * STAGE <= DKV_BK * D, "the two stages fit in K's tile");
+
+    int j0 = (gridDim.x - 1 - blockIdx.x) * DKV_BK;
+    int kvh = blockIdx.y;
+    int b = blockIdx.z;
+    if (j0 >= t) return;
+    int group = n_head / n_kv_head;
+    int warp = threadIdx.x >> 5;
+    int lane = threadIdx.x & 31;
+    int g = lane >> 2;
+    int tq4 = lane & 3;
+    int nk = min(DKV_BK, t - j0);
+    size_t q_stride = (size_t)n_head * D;
+    size_t kv_stride = (size_t)n_kv_head * D;
+    size_t kv_off = ((size_t)b * t + j0) * kv_stride + (size_t)kvh * D;
+
+    load_tile<D, DKV_BK>(sK, k + kv_off, kv_stride, nk);
+    load_tile<D, DKV_BK>(sV, v + kv_off, kv_stride, nk);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    uint32_t kf[KSTEPS][4];
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ks++) ldmatrix_x4(kf[ks], sK + swizzle<D>(warp * 16 + (lane & 15), 2 * ks + (lane >> 4)));
+    __syncthreads();  // every warp holds its K: sK becomes the stages
+
+    float dk_acc[DT][4], dv_acc[DT][4];
+#pragma unroll
+    for (int n = 0; n < DT; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dk_acc[n][e] = dv_acc[n][e] = 0.0f;
+    const float scale_log2 = scale * LOG2E;
+    int key_pos0 = j0 + warp * 16 + g;  // this lane's key rows: key_pos0 and key_pos0 + 8
+    int steps_per_head = (t - j0 + DKV_BQ - 1) / DKV_BQ;
+    int n_steps = group * steps_per_head;
+
+    // Step s: query head kvh * group + s / steps_per_head, rows j0 + 16 (s % steps_per_head) ...
+    auto issue = [&](int s) {
+        int h = kvh * group + s / steps_per_head;
+        int i0 = j0 + (s % steps_per_head) * DKV_BQ;
+        size_t q_off = ((size_t)b * t + i0) * q_stride + (size_t)h * D;
+        bf16* stage = sK + (s & 1) * STAGE;
+        load_tile<D, DKV_BQ>(stage, q + q_off, q_stride, min(DKV_BQ, t - i0));
+        load_tile<D, DKV_BQ>(stage + DKV_BQ * D, dout + q_off, q_stride, min(DKV_BQ, t - i0));
+        cp_async_commit();
+    };
+    issue(0);
+    for (int s = 0; s < n_steps; s++) {
+        if (s + 1 < n_steps) {
+            issue(s + 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();  // step s has landed
+        int h = kvh * group + s / steps_per_head;
+        int i0 = j0 + (s % steps_per_head) * DKV_BQ;
+        const bf16* sQ = sK + (s & 1) * STAGE;
+        const bf16* sdO = sQ + DKV_BQ * D;
+
+        // S^T and dP^T: 16 keys x 16 queries per warp (two 8-query tiles).
+        float st[2][4], dpt[2][4];
+#pragma unroll
+        for (int n = 0; n < 2; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) st[n][e] = dpt[n][e] = 0.0f;
+#pragma unroll
+        for (int ks = 0; ks < KSTEPS; ks++) {
+            int brow = (lane & 7) + ((lane >> 4) << 3);
+            int bchunk = 2 * ks + ((lane >> 3) & 1);
+            uint32_t qb[4], ob[4], va[4];
+            ldmatrix_x4(qb, sQ + swizzle<D>(brow, bchunk));
+            ldmatrix_x4(ob, sdO + swizzle<D>(brow, bchunk));
+            ldmatrix_x4(va, sV + swizzle<D>(warp * 16 + (lane & 15), 2 * ks + (lane >> 4)));
+            mma_bf16(st[0], kf[ks], qb[0], qb[1]);
+            mma_bf16(st[1], kf[ks], qb[2], qb[3]);
+            mma_bf16(dpt[0], va, ob[0], ob[1]);
+            mma_bf16(dpt[1], va, ob[2], ob[3]);
+        }
+        // The step crosses the diagonal when a key of the block lies past its first query row.
+        bool diagonal = i0 < j0 + DKV_BK - 1;
+        const float* lse_h = lse + ((size_t)b * n_head + h) * t;
+        const float* delta_h = delta + ((size_t)b * n_head + h) * t;
+#pragma unroll
+        for (int n = 0; n < 2; n++)
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                int query = i0 + 8 * n + 2 * tq4 + c;
+                bool real = query < t;
+                float l2 = real ? lse_h[query] * LOG2E : INFINITY;  // rows past t: P = 0
+                float dl = real ? delta_h[query] : 0.0f;
+#pragma unroll
+                for (int r = 0; r < 2; r++) {
+                    int e = 2 * r + c;
+                    float p = exp2f(st[n][e] * scale_log2 - l2);
+                    if (diagonal && key_pos0 + 8 * r > query) p = 0.0f;
+                    st[n][e] = p;
+                    dpt[n][e] = p * (dpt[n][e] - dl);  // dS^T
+                }
+            }
+
+        // dV += P^T dout and dK += dS^T Q: one k-step of 16 queries; B fragments k-major through .trans.
+        uint32_t pa[4], da[4];
+        accumulators_to_a(pa, st[0], st[1]);
+        accumulators_to_a(da, dpt[0], dpt[1]);
+#pragma unroll
+        for (int dpair = 0; dpair < DT / 2; dpair++) {
+            uint32_t ob[4], qb[4];
+            ldmatrix_x4_trans(ob, sdO + swizzle<D>(lane & 15, 2 * dpair + (lane >> 4)));
+            ldmatrix_x4_trans(qb, sQ + swizzle<D>(lane & 15, 2 * dpair + (lane >> 4)));
+            mma_bf16(dv_acc[2 * dpair], pa, ob[0], ob[1]);
+            mma_bf16(dv_acc[2 * dpair + 1], pa, ob[2], ob[3]);
+            mma_bf16(dk_acc[2 * dpair], da, qb[0], qb[1]);
+            mma_bf16(dk_acc[2 * dpair + 1], da, qb[2], qb[3]);
+        }
+        __syncthreads();  // every warp is done with this stage before step s + 2 is copied into it
+    }
+
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int j = key_pos0 + 8 * r;
+        if (j >= t) continue;
+        size_t off = ((size_t)b * t + j) * kv_stride + (size_t)kvh * D + 2 * tq4;
+#pragma unroll
+        for (int n = 0; n < DT; n++) {
+            uint32_t pk = pack_bf16(dk_acc[n][2 * r] * scale, dk_acc[n][2 * r + 1] * scale);
+            uint32_t pv = pack_bf16(dv_acc[n][2 * r], dv_acc[n][2 * r + 1]);
+            memcpy(dk + off + 8 * n, &pk, 4);
+            memcpy(dv + off + 8 * n, &pv, 4);
+        }
+    }
+}
+
+// (const bf16* q, const bf16* k, const bf16* v, const bf16* out, const bf16* dout, const f32* lse,
+// f32* delta, bf16* dq, i32 batch, i32 t, i32 n_head, i32 n_kv_head, f32 scale): see flash_backward_dq.
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
+    nc_flash_backward_dq_d128_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* out, const bf16* dout,
+                                   const float* lse, float* delta, bf16* dq, int batch, int t, int n_head,
+                                   int n_kv_head, float scale) {
+    if ((int)blockIdx.z >= batch) return;
+    flash_backward_dq<128>(q, k, v, out, dout, lse, delta, dq, t, n_head, n_kv_head, scale);
+}
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 3)
+    nc_flash_backward_dq_d64_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* out, const bf16* dout,
+                                  const float* lse, float* delta, bf16* dq, int batch, int t, int n_head,
+                                  int n_kv_head, float scale) {
+    if ((int)blockIdx.z >= batch) return;
+    flash_backward_dq<64>(q, k, v, out, dout, lse, delta, dq, t, n_head, n_kv_head, scale);
+}
+// (const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const f32* lse, const f32* delta,
+// bf16* dk, bf16* dv, i32 batch, i32 t, i32 n_head, i32 n_kv_head, f32 scale): see flash_backward_dkdv.
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
+    nc_flash_backward_dkdv_d128_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                                     const float* lse, const float* delta, bf16* dk, bf16* dv, int batch, int t,
+                                     int n_head, int n_kv_head, float scale) {
+    if ((int)blockIdx.z >= batch) return;
+    flash_backward_dkdv<128>(q, k, v, dout, lse, delta, dk, dv, t, n_head, n_kv_head, scale);
+}
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 3)
+    nc_flash_backward_dkdv_d64_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                                    const float* lse, const float* delta, bf16* dk, bf16* dv, int batch, int t,
+                                    int n_head, int n_kv_head, float scale) {
+    if ((int)blockIdx.z >= batch) return;
+    flash_backward_dkdv<64>(q, k, v, dout, lse, delta, dk, dv, t, n_head, n_kv_head, scale);
+}

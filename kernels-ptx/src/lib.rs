@@ -288,6 +288,33 @@ pub fn sum_squares_dims(n: u64) -> LaunchDims {
 pub const FLASH_FORWARD_D128: Kernel = kernel("flash_attention", ptx::FLASH_ATTENTION, "nc_flash_forward_d128_bf16");
 /// As `FLASH_FORWARD_D128` for head_dim 64.
 pub const FLASH_FORWARD_D64: Kernel = kernel("flash_attention", ptx::FLASH_ATTENTION, "nc_flash_forward_d64_bf16");
+/// (const bf16* q, const bf16* k, const bf16* v, const bf16* out, const bf16* dout, const f32* lse,
+/// f32* delta, bf16* dq, i32 batch, i32 t, i32 n_head, i32 n_kv_head, f32 scale): training shape (tq = tk = t,
+/// q_pos0 = 0). Writes dq (B, T, H, D) and delta (B, H, T) = rowsum(dout * out), which `FLASH_BACKWARD_DKDV_*`
+/// reads: launch this one first. Launch with `flash_dq_dims`.
+pub const FLASH_BACKWARD_DQ_D128: Kernel = kernel(
+    "flash_attention",
+    ptx::FLASH_ATTENTION,
+    "nc_flash_backward_dq_d128_bf16",
+);
+/// As `FLASH_BACKWARD_DQ_D128` for head_dim 64.
+pub const FLASH_BACKWARD_DQ_D64: Kernel =
+    kernel("flash_attention", ptx::FLASH_ATTENTION, "nc_flash_backward_dq_d64_bf16");
+/// (const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const f32* lse, const f32* delta,
+/// bf16* dk, bf16* dv, i32 batch, i32 t, i32 n_head, i32 n_kv_head, f32 scale): writes dk, dv (B, T, Hkv, D),
+/// each summed over its group's query heads inside one block (no atomics: deterministic). Launch with
+/// `flash_dkdv_dims`, after `FLASH_BACKWARD_DQ_*` (which writes delta).
+pub const FLASH_BACKWARD_DKDV_D128: Kernel = kernel(
+    "flash_attention",
+    ptx::FLASH_ATTENTION,
+    "nc_flash_backward_dkdv_d128_bf16",
+);
+/// As `FLASH_BACKWARD_DKDV_D128` for head_dim 64.
+pub const FLASH_BACKWARD_DKDV_D64: Kernel = kernel(
+    "flash_attention",
+    ptx::FLASH_ATTENTION,
+    "nc_flash_backward_dkdv_d64_bf16",
+);
 
 /// Threads per block of every flash kernel (4 warps; `flash_attention.cu` assumes it).
 pub const FLASH_THREADS: u32 = 128;
@@ -295,6 +322,14 @@ pub const FLASH_THREADS: u32 = 128;
 pub const FLASH_FORWARD_ROWS: usize = 64;
 /// Keys per tile of the flash forward.
 pub const FLASH_FORWARD_KEYS: usize = 64;
+/// Query rows per block of the flash dq kernel (16 per warp).
+pub const FLASH_DQ_ROWS: usize = 64;
+/// Keys per tile of the flash dq kernel.
+pub const FLASH_DQ_KEYS: usize = 32;
+/// Keys per block of the flash dk/dv kernel (16 per warp).
+pub const FLASH_DKDV_KEYS: usize = 64;
+/// Query rows per step of the flash dk/dv kernel.
+pub const FLASH_DKDV_ROWS: usize = 16;
 /// The head dimensions the flash kernels are built for.
 pub const FLASH_HEAD_DIMS: [usize; 2] = [64, 128];
 
@@ -302,6 +337,8 @@ pub const FLASH_HEAD_DIMS: [usize; 2] = [64, 128];
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlashKernels {
     pub forward: Kernel,
+    pub backward_dq: Kernel,
+    pub backward_dkdv: Kernel,
 }
 
 /// The flash kernels for `head_dim`, or None when they are not built for it (use the f32 kernels then).
@@ -309,9 +346,13 @@ pub fn flash_kernels(head_dim: usize) -> Option<FlashKernels> {
     match head_dim {
         128 => Some(FlashKernels {
             forward: FLASH_FORWARD_D128,
+            backward_dq: FLASH_BACKWARD_DQ_D128,
+            backward_dkdv: FLASH_BACKWARD_DKDV_D128,
         }),
         64 => Some(FlashKernels {
             forward: FLASH_FORWARD_D64,
+            backward_dq: FLASH_BACKWARD_DQ_D64,
+            backward_dkdv: FLASH_BACKWARD_DKDV_D64,
         }),
         _ => None,
     }
@@ -330,8 +371,34 @@ pub fn flash_forward_dims(batch: usize, n_head: usize, tq: usize) -> LaunchDims 
     }
 }
 
+/// Launch of a flash dq kernel: grid (ceil(t / 64), n_head, batch), 128 threads, static shared memory.
+pub fn flash_dq_dims(batch: usize, n_head: usize, t: usize) -> LaunchDims {
+    LaunchDims {
+        grid: (
+            grid_dim(t.div_ceil(FLASH_DQ_ROWS), "query tiles"),
+            grid_dim(n_head, "n_head"),
+            grid_dim(batch, "batch"),
+        ),
+        block: (FLASH_THREADS, 1, 1),
+        shared_bytes: 0,
+    }
+}
+
+/// Launch of a flash dk/dv kernel: grid (ceil(t / 64), n_kv_head, batch), 128 threads, static shared memory.
+pub fn flash_dkdv_dims(batch: usize, n_kv_head: usize, t: usize) -> LaunchDims {
+    LaunchDims {
+        grid: (
+            grid_dim(t.div_ceil(FLASH_DKDV_KEYS), "key tiles"),
+            grid_dim(n_kv_head, "n_kv_head"),
+            grid_dim(batch, "batch"),
+        ),
+        block: (FLASH_THREADS, 1, 1),
+        shared_bytes: 0,
+    }
+}
+
 /// Every kernel, for loading and for the tests that check each entry exists in its PTX.
-pub const ALL: [Kernel; 22] = [
+pub const ALL: [Kernel; 26] = [
     FILL,
     ADD_INPLACE,
     RELU2_FORWARD,
@@ -354,4 +421,8 @@ pub const ALL: [Kernel; 22] = [
     ADAMW,
     FLASH_FORWARD_D128,
     FLASH_FORWARD_D64,
+    FLASH_BACKWARD_DQ_D128,
+    FLASH_BACKWARD_DQ_D64,
+    FLASH_BACKWARD_DKDV_D128,
+    FLASH_BACKWARD_DKDV_D64,
 ];

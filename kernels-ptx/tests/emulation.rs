@@ -39,10 +39,15 @@ fn kernels_pass_their_cpu_emulation() {
         "ldmatrix x4.trans, arbitrary row addresses",
         "ldmatrix x2.trans of B row-major = mma B fragment",
         "cp.async: deferred to wait_group",
-        "flash fwd B1 Tq100 Tk100 H2 Hkv1 D128",
-        "flash fwd B2 Tq77 Tk77 H3 Hkv1 D64",
+        "flash fwd B1 Tq70 Tk70 H2 Hkv1 D128",
+        "flash fwd B2 Tq45 Tk45 H3 Hkv1 D64",
         "flash fwd B1 Tq1 Tk70 H4 Hkv2 D128 pos0 69",
+        "flash fwd B1 Tq5 Tk133 H2 Hkv1 D64 pos0 128",
         "  flash lse",
+        "  flash delta",
+        "  flash dq",
+        "  flash dk",
+        "  flash dv",
     ] {
         assert!(text.contains(what), "emu/run.sh did not check '{what}':\n{text}");
     }

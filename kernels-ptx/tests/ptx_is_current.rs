@@ -84,6 +84,8 @@ fn signature(name: &str) -> &'static str {
         "nc_muon_momentum_f32" => "pppuf",
         "nc_adamw_f32" => "ppppuffffff",
         "nc_flash_forward_d128_bf16" | "nc_flash_forward_d64_bf16" => "pppppiiiiiif",
+        "nc_flash_backward_dq_d128_bf16" | "nc_flash_backward_dq_d64_bf16" => "ppppppppiiiif",
+        "nc_flash_backward_dkdv_d128_bf16" | "nc_flash_backward_dkdv_d64_bf16" => "ppppppppiiiif",
         other => panic!("kernel {other} has no signature in this test: add it"),
     }
 }
@@ -353,15 +355,25 @@ fn flash_constants_match_the_kernel_source() {
     assert_eq!(32 * define(&src, "FLASH_WARPS"), FLASH_THREADS as usize);
     assert_eq!(define(&src, "FWD_BQ"), FLASH_FORWARD_ROWS);
     assert_eq!(define(&src, "FWD_BK"), FLASH_FORWARD_KEYS);
-    // 16 query rows per warp: the mma tile height.
+    assert_eq!(define(&src, "DQ_BQ"), FLASH_DQ_ROWS);
+    assert_eq!(define(&src, "DQ_BK"), FLASH_DQ_KEYS);
+    assert_eq!(define(&src, "DKV_BK"), FLASH_DKDV_KEYS);
+    assert_eq!(define(&src, "DKV_BQ"), FLASH_DKDV_ROWS);
+    // 16 query rows (dk/dv: keys) per warp: the mma tile height.
     assert_eq!(FLASH_FORWARD_ROWS, 16 * define(&src, "FLASH_WARPS"));
+    assert_eq!(FLASH_DQ_ROWS, 16 * define(&src, "FLASH_WARPS"));
+    assert_eq!(FLASH_DKDV_KEYS, 16 * define(&src, "FLASH_WARPS"));
 }
 
 #[test]
 fn flash_kernels_exist_for_their_head_dims_only() {
     for d in FLASH_HEAD_DIMS {
         let k = flash_kernels(d).unwrap_or_else(|| panic!("no flash kernels for head_dim {d}"));
-        assert!(k.forward.name.contains(&format!("_d{d}_")), "{}", k.forward.name);
+        for kernel in [k.forward, k.backward_dq, k.backward_dkdv] {
+            assert!(kernel.name.contains(&format!("_d{d}_")), "{}", kernel.name);
+        }
+        assert!(k.forward.name.contains("forward") && k.backward_dq.name.contains("_dq_"));
+        assert!(k.backward_dkdv.name.contains("_dkdv_"));
     }
     for d in [0, 1, 8, 32, 63, 96, 127, 129, 256] {
         assert!(flash_kernels(d).is_none(), "head_dim {d}");
@@ -371,7 +383,15 @@ fn flash_kernels_exist_for_their_head_dims_only() {
 #[test]
 fn flash_dims_are_sane_and_cover_every_row() {
     // (batch, tq, n_head): small, decoding, d20 and d52-like training shapes.
-    for (b, tq, h) in [(1, 1, 1), (2, 19, 4), (1, 64, 2), (1, 65, 2), (32, 2048, 10), (8, 2048, 26), (3, 3, 6)] {
+    for (b, tq, h) in [
+        (1, 1, 1),
+        (2, 19, 4),
+        (1, 64, 2),
+        (1, 65, 2),
+        (32, 2048, 10),
+        (8, 2048, 26),
+        (3, 3, 6),
+    ] {
         let what = format!("flash b {b} tq {tq} h {h}");
         let f = flash_forward_dims(b, h, tq);
         sane(f, &what);
@@ -380,5 +400,20 @@ fn flash_dims_are_sane_and_cover_every_row() {
         assert!(f.grid.0 as usize * FLASH_FORWARD_ROWS >= tq, "{what}: rows");
         assert!((f.grid.0 as usize - 1) * FLASH_FORWARD_ROWS < tq, "{what}: idle tiles");
         assert_eq!((f.grid.1 as usize, f.grid.2 as usize), (h, b), "{what}");
+        let dq = flash_dq_dims(b, h, tq);
+        sane(dq, &what);
+        assert_eq!(dq.shared_bytes, 0);
+        assert!(dq.grid.0 as usize * FLASH_DQ_ROWS >= tq, "{what}: dq rows");
+        assert_eq!((dq.grid.1 as usize, dq.grid.2 as usize), (h, b), "{what}");
+        let hkv = if h % 2 == 0 { h / 2 } else { h };
+        let kv = flash_dkdv_dims(b, hkv, tq);
+        sane(kv, &what);
+        assert_eq!(kv.shared_bytes, 0);
+        assert!(kv.grid.0 as usize * FLASH_DKDV_KEYS >= tq, "{what}: dkdv keys");
+        assert!(
+            (kv.grid.0 as usize - 1) * FLASH_DKDV_KEYS < tq,
+            "{what}: dkdv idle tiles"
+        );
+        assert_eq!((kv.grid.1 as usize, kv.grid.2 as usize), (hkv, b), "{what}");
     }
 }

@@ -11,7 +11,7 @@ use nc_core::config::RMSNORM_EPS;
 use proptest::prelude::*;
 
 fn buf(v: &[f32]) -> CpuBuf {
-    CpuBuf(v.to_vec())
+    CpuBuf::f32(v.to_vec())
 }
 fn rand_vec(rng: &mut TestRng, n: usize, scale: f64) -> Vec<f32> {
     (0..n).map(|_| (rng.normal() * scale) as f32).collect()

@@ -92,7 +92,7 @@ impl<D: Backend> Pair<D> {
         let mut gpu = g.alloc(data.len());
         g.upload(ViewMut::all(&mut gpu), data);
         Pair {
-            cpu: CpuBuf(data.to_vec()),
+            cpu: CpuBuf::f32(data.to_vec()),
             gpu,
         }
     }
@@ -953,8 +953,12 @@ fn attention_backward_training_shapes_on<D: Backend>(g: &D) {
         let mut out_body = vec![0.0; ql];
         let mut lse_body = vec![0.0; ll];
         {
-            let (qb, kb, vb) = (CpuBuf(q_body.clone()), CpuBuf(k_body.clone()), CpuBuf(v_body.clone()));
-            let (mut ob, mut lb) = (CpuBuf(vec![0.0; ql]), CpuBuf(vec![0.0; ll]));
+            let (qb, kb, vb) = (
+                CpuBuf::f32(q_body.clone()),
+                CpuBuf::f32(k_body.clone()),
+                CpuBuf::f32(v_body.clone()),
+            );
+            let (mut ob, mut lb) = (CpuBuf::f32(vec![0.0; ql]), CpuBuf::f32(vec![0.0; ll]));
             cpu.attention_forward(
                 s,
                 View::all(&qb),

@@ -4,7 +4,7 @@
 //! through download and upload) and compare it with the CPU path.
 
 use super::cpu::{CpuBackend, CpuBuf, CpuIds};
-use super::{AttnShape, Backend, View, ViewMut};
+use super::{AttnShape, Backend, Storage, View, ViewMut};
 
 /// The CPU backend with its host access hidden (`host_slice` keeps the trait's default, None).
 #[derive(Debug, Clone, Default)]
@@ -32,6 +32,12 @@ impl Backend for DeviceLikeCpu {
 
     fn alloc(&self, len: usize) -> CpuBuf {
         self.0.alloc(len)
+    }
+    fn alloc_as(&self, len: usize, storage: Storage) -> CpuBuf {
+        self.0.alloc_as(len, storage)
+    }
+    fn storage(buf: &CpuBuf) -> Storage {
+        CpuBackend::storage(buf)
     }
     fn alloc_ids(&self, len: usize) -> CpuIds {
         self.0.alloc_ids(len)

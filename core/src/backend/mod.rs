@@ -6,17 +6,41 @@
 //! triple so one contiguous buffer (all parameters, all grads) can hold many named tensors.
 //!
 //! Conventions every implementation follows:
-//! - Logical element type is f32 (storage may be narrower on a GPU).
+//! - Logical element type is f32; a buffer's storage (`Storage`) may be bf16. An op writing into a Bf16
+//!   buffer computes in f32 and rounds to bf16 (nearest even) on store; accumulating into one stores
+//!   round_bf16(old + new) with the sum in f32; reading one yields the exact widened value. GEMMs accumulate
+//!   in f32 whatever their inputs' storage. `upload` into a Bf16 buffer and `copy` from F32 to Bf16 round.
 //! - An op writes (`=`) its outputs unless a flag says it accumulates (`+=`); parameter grads are always
 //!   produced with accumulate = true (gradient accumulation over micro-steps).
 //! - Token ids live in `Backend::Ids` buffers (i32; -1 marks an ignored target).
 
+pub mod bf16;
 pub mod cpu;
 pub mod cuda;
 pub mod device_like;
 pub mod optim_ops;
 
 pub use optim_ops::AdamwStep;
+
+/// How a buffer stores its (logically f32) elements. Views, lengths and offsets are in elements either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Storage {
+    /// 4 bytes per element, values exactly as computed.
+    #[default]
+    F32,
+    /// 2 bytes per element: every value stored is rounded to bf16 (see `bf16::round_bf16`).
+    Bf16,
+}
+
+impl Storage {
+    /// Bytes one element takes on a device that stores it natively.
+    pub fn bytes_per_element(self) -> usize {
+        match self {
+            Storage::F32 => 4,
+            Storage::Bf16 => 2,
+        }
+    }
+}
 
 /// A read-only view of `len` elements starting at `off` in a backend buffer.
 pub struct View<'a, B: Backend + ?Sized> {
@@ -146,8 +170,19 @@ pub trait Backend {
     /// A buffer of i32 token ids / targets.
     type Ids;
 
-    /// A zero-filled buffer of `len` elements. Called at construction time only, never inside a step.
+    /// A zero-filled f32 buffer of `len` elements. Called at construction time only, never inside a step.
     fn alloc(&self, len: usize) -> Self::Buf;
+    /// A zero-filled buffer of `len` elements stored as `storage`. A backend without narrow storage keeps
+    /// f32 (this default), and `storage` then reports F32: callers that care (the plan check) ask it.
+    fn alloc_as(&self, len: usize, storage: Storage) -> Self::Buf {
+        let _ = storage;
+        self.alloc(len)
+    }
+    /// How `buf` stores its elements.
+    fn storage(buf: &Self::Buf) -> Storage {
+        let _ = buf;
+        Storage::F32
+    }
     fn alloc_ids(&self, len: usize) -> Self::Ids;
     fn buf_len(buf: &Self::Buf) -> usize;
 
@@ -347,7 +382,7 @@ pub trait Backend {
         let _ = buf;
         None
     }
-    /// Writable form of `host_slice`.
+    /// Writable form of `host_slice`; None for a Bf16 buffer (a raw slice write could not round on store).
     fn host_slice_mut(buf: &mut Self::Buf) -> Option<&mut [f32]> {
         let _ = buf;
         None

@@ -2,6 +2,12 @@
 //!
 //! It is the reference every other backend is checked against, so it favours plain, exact code; the hot
 //! paths (matmuls, attention tiles) still run multithreaded and vectorized. One file per op family.
+//!
+//! It is also the CPU twin of the bf16 engine: a buffer allocated with `Storage::Bf16` keeps f32 values that
+//! are always bf16-representable. Every op computes in f32 exactly as for an F32 buffer and then, if its
+//! destination is Bf16, rounds what it wrote (`store`), which is the device's "f32 math, round on store";
+//! an accumulating op rounds old + new, the sum taken in f32. F32 buffers are never touched by rounding, so
+//! the f32 path is bit for bit what it was.
 
 mod attention;
 mod elementwise;
@@ -9,11 +15,27 @@ mod loss;
 mod matmul;
 mod norm;
 
-use super::{optim_ops, AdamwStep, AttnShape, Backend, View, ViewMut};
+use super::bf16::round_slice_bf16;
+use super::{optim_ops, AdamwStep, AttnShape, Backend, Storage, View, ViewMut};
+use rayon::prelude::*;
 
-/// f32 values in host memory.
+/// f32 values in host memory and the storage they stand for (Bf16: every value is bf16-representable).
 #[derive(Debug, Clone, Default)]
-pub struct CpuBuf(pub Vec<f32>);
+pub struct CpuBuf(pub Vec<f32>, pub Storage);
+
+impl CpuBuf {
+    /// An F32 buffer holding `data`.
+    pub fn f32(data: Vec<f32>) -> Self {
+        CpuBuf(data, Storage::F32)
+    }
+    /// A buffer stored as `storage` holding `data` (rounded to bf16 for Bf16, as an upload would).
+    pub fn with_storage(mut data: Vec<f32>, storage: Storage) -> Self {
+        if storage == Storage::Bf16 {
+            round_slice_bf16(&mut data);
+        }
+        CpuBuf(data, storage)
+    }
+}
 
 /// i32 token ids in host memory.
 #[derive(Debug, Clone, Default)]
@@ -33,7 +55,13 @@ impl CpuBackend {
     pub fn host(buf: &CpuBuf) -> &[f32] {
         &buf.0
     }
+    /// Writable host slice of a whole F32 buffer (a Bf16 one is written through ops, which round).
     pub fn host_mut(buf: &mut CpuBuf) -> &mut [f32] {
+        assert_eq!(
+            buf.1,
+            Storage::F32,
+            "host_mut on a Bf16 buffer: writes would skip the rounding"
+        );
         &mut buf.0
     }
 }
@@ -48,6 +76,21 @@ pub(crate) fn sl_mut<'a>(v: ViewMut<'a, CpuBackend>) -> &'a mut [f32] {
     &mut v.buf.0[v.off..v.off + v.len]
 }
 
+/// The writable slice of a view, borrowed so the view can be passed to `store` afterwards.
+fn out<'a>(v: &'a mut ViewMut<'_, CpuBackend>) -> &'a mut [f32] {
+    &mut v.buf.0[v.off..v.off + v.len]
+}
+
+/// Elements per rayon task when rounding a stored range.
+const ROUND_CHUNK: usize = 1 << 14;
+
+/// Completes a store into `v`: rounds what the op wrote to bf16 if the buffer is Bf16 (nothing for F32).
+pub(crate) fn store(v: ViewMut<'_, CpuBackend>) {
+    if v.buf.1 == Storage::Bf16 {
+        sl_mut(v).par_chunks_mut(ROUND_CHUNK).for_each(round_slice_bf16);
+    }
+}
+
 /// A raw pointer that may cross threads: kernels hand disjoint, strided regions of one output to rayon
 /// tasks, which safe slices cannot express. Every use states why the regions are disjoint.
 #[derive(Clone, Copy)]
@@ -60,7 +103,13 @@ impl Backend for CpuBackend {
     type Ids = CpuIds;
 
     fn alloc(&self, len: usize) -> CpuBuf {
-        CpuBuf(vec![0.0; len])
+        CpuBuf::f32(vec![0.0; len])
+    }
+    fn alloc_as(&self, len: usize, storage: Storage) -> CpuBuf {
+        CpuBuf(vec![0.0; len], storage)
+    }
+    fn storage(buf: &CpuBuf) -> Storage {
+        buf.1
     }
     fn alloc_ids(&self, len: usize) -> CpuIds {
         CpuIds(vec![0; len])
@@ -68,8 +117,9 @@ impl Backend for CpuBackend {
     fn buf_len(buf: &CpuBuf) -> usize {
         buf.0.len()
     }
-    fn upload(&self, dst: ViewMut<'_, Self>, src: &[f32]) {
-        sl_mut(dst).copy_from_slice(src);
+    fn upload(&self, mut dst: ViewMut<'_, Self>, src: &[f32]) {
+        out(&mut dst).copy_from_slice(src);
+        store(dst);
     }
     fn download(&self, src: View<'_, Self>, dst: &mut [f32]) {
         dst.copy_from_slice(sl(src));
@@ -77,11 +127,13 @@ impl Backend for CpuBackend {
     fn upload_ids(&self, dst: &mut CpuIds, src: &[i32]) {
         dst.0[..src.len()].copy_from_slice(src);
     }
-    fn fill(&self, dst: ViewMut<'_, Self>, value: f32) {
-        sl_mut(dst).fill(value);
+    fn fill(&self, mut dst: ViewMut<'_, Self>, value: f32) {
+        out(&mut dst).fill(value);
+        store(dst);
     }
-    fn copy(&self, src: View<'_, Self>, dst: ViewMut<'_, Self>) {
-        sl_mut(dst).copy_from_slice(sl(src));
+    fn copy(&self, src: View<'_, Self>, mut dst: ViewMut<'_, Self>) {
+        out(&mut dst).copy_from_slice(sl(src));
+        store(dst);
     }
 
     fn matmul(
@@ -93,17 +145,20 @@ impl Backend for CpuBackend {
         a_t: bool,
         b: View<'_, Self>,
         b_t: bool,
-        c: ViewMut<'_, Self>,
+        mut c: ViewMut<'_, Self>,
         accumulate: bool,
     ) {
-        matmul::matmul(self.threads, m, n, k, sl(a), a_t, sl(b), b_t, sl_mut(c), accumulate);
+        matmul::matmul(self.threads, m, n, k, sl(a), a_t, sl(b), b_t, out(&mut c), accumulate);
+        store(c);
     }
 
-    fn embedding_forward(&self, ids: &CpuIds, n: usize, wte: View<'_, Self>, d: usize, out: ViewMut<'_, Self>) {
-        elementwise::embedding_forward(&ids.0[..n], sl(wte), d, sl_mut(out));
+    fn embedding_forward(&self, ids: &CpuIds, n: usize, wte: View<'_, Self>, d: usize, mut y: ViewMut<'_, Self>) {
+        elementwise::embedding_forward(&ids.0[..n], sl(wte), d, out(&mut y));
+        store(y);
     }
-    fn embedding_backward(&self, ids: &CpuIds, n: usize, dout: View<'_, Self>, d: usize, dwte: ViewMut<'_, Self>) {
-        elementwise::embedding_backward(&ids.0[..n], sl(dout), d, sl_mut(dwte));
+    fn embedding_backward(&self, ids: &CpuIds, n: usize, dout: View<'_, Self>, d: usize, mut dwte: ViewMut<'_, Self>) {
+        elementwise::embedding_backward(&ids.0[..n], sl(dout), d, out(&mut dwte));
+        store(dwte);
     }
 
     fn rmsnorm_forward(
@@ -112,10 +167,12 @@ impl Backend for CpuBackend {
         rows: usize,
         dim: usize,
         eps: f32,
-        y: ViewMut<'_, Self>,
-        rstd: ViewMut<'_, Self>,
+        mut y: ViewMut<'_, Self>,
+        mut rstd: ViewMut<'_, Self>,
     ) {
-        norm::rmsnorm_forward(sl(x), rows, dim, eps, sl_mut(y), sl_mut(rstd));
+        norm::rmsnorm_forward(sl(x), rows, dim, eps, out(&mut y), out(&mut rstd));
+        store(y);
+        store(rstd);
     }
     fn rmsnorm_backward(
         &self,
@@ -124,15 +181,16 @@ impl Backend for CpuBackend {
         dy: View<'_, Self>,
         rows: usize,
         dim: usize,
-        dx: ViewMut<'_, Self>,
+        mut dx: ViewMut<'_, Self>,
         accumulate: bool,
     ) {
-        norm::rmsnorm_backward(sl(y), sl(rstd), sl(dy), rows, dim, sl_mut(dx), accumulate);
+        norm::rmsnorm_backward(sl(y), sl(rstd), sl(dy), rows, dim, out(&mut dx), accumulate);
+        store(dx);
     }
 
     fn rotary_forward(
         &self,
-        x: ViewMut<'_, Self>,
+        mut x: ViewMut<'_, Self>,
         batch: usize,
         t: usize,
         heads: usize,
@@ -140,11 +198,12 @@ impl Backend for CpuBackend {
         pos0: usize,
         table: View<'_, Self>,
     ) {
-        norm::rotary(sl_mut(x), batch, t, heads, head_dim, pos0, sl(table), false);
+        norm::rotary(out(&mut x), batch, t, heads, head_dim, pos0, sl(table), false);
+        store(x);
     }
     fn rotary_backward(
         &self,
-        dx: ViewMut<'_, Self>,
+        mut dx: ViewMut<'_, Self>,
         batch: usize,
         t: usize,
         heads: usize,
@@ -152,7 +211,8 @@ impl Backend for CpuBackend {
         pos0: usize,
         table: View<'_, Self>,
     ) {
-        norm::rotary(sl_mut(dx), batch, t, heads, head_dim, pos0, sl(table), true);
+        norm::rotary(out(&mut dx), batch, t, heads, head_dim, pos0, sl(table), true);
+        store(dx);
     }
 
     fn attention_forward(
@@ -161,10 +221,12 @@ impl Backend for CpuBackend {
         q: View<'_, Self>,
         k: View<'_, Self>,
         v: View<'_, Self>,
-        out: ViewMut<'_, Self>,
-        lse: ViewMut<'_, Self>,
+        mut o: ViewMut<'_, Self>,
+        mut lse: ViewMut<'_, Self>,
     ) {
-        attention::forward(shape, sl(q), sl(k), sl(v), sl_mut(out), sl_mut(lse));
+        attention::forward(shape, sl(q), sl(k), sl(v), out(&mut o), out(&mut lse));
+        store(o);
+        store(lse);
     }
     fn attention_backward(
         &self,
@@ -172,75 +234,183 @@ impl Backend for CpuBackend {
         q: View<'_, Self>,
         k: View<'_, Self>,
         v: View<'_, Self>,
-        out: View<'_, Self>,
+        o: View<'_, Self>,
         lse: View<'_, Self>,
         dout: View<'_, Self>,
-        dq: ViewMut<'_, Self>,
-        dk: ViewMut<'_, Self>,
-        dv: ViewMut<'_, Self>,
+        mut dq: ViewMut<'_, Self>,
+        mut dk: ViewMut<'_, Self>,
+        mut dv: ViewMut<'_, Self>,
     ) {
         attention::backward(
             shape,
             sl(q),
             sl(k),
             sl(v),
-            sl(out),
+            sl(o),
             sl(lse),
             sl(dout),
-            sl_mut(dq),
-            sl_mut(dk),
-            sl_mut(dv),
+            out(&mut dq),
+            out(&mut dk),
+            out(&mut dv),
         );
+        store(dq);
+        store(dk);
+        store(dv);
     }
 
-    fn relu2_forward(&self, u: View<'_, Self>, h: ViewMut<'_, Self>) {
-        elementwise::relu2_forward(sl(u), sl_mut(h));
+    fn relu2_forward(&self, u: View<'_, Self>, mut h: ViewMut<'_, Self>) {
+        elementwise::relu2_forward(sl(u), out(&mut h));
+        store(h);
     }
-    fn relu2_backward(&self, u: View<'_, Self>, dh_to_du: ViewMut<'_, Self>) {
-        elementwise::relu2_backward(sl(u), sl_mut(dh_to_du));
+    fn relu2_backward(&self, u: View<'_, Self>, mut dh_to_du: ViewMut<'_, Self>) {
+        elementwise::relu2_backward(sl(u), out(&mut dh_to_du));
+        store(dh_to_du);
     }
-    fn add_inplace(&self, x: ViewMut<'_, Self>, y: View<'_, Self>) {
-        elementwise::add_inplace(sl_mut(x), sl(y));
+    fn add_inplace(&self, mut x: ViewMut<'_, Self>, y: View<'_, Self>) {
+        elementwise::add_inplace(out(&mut x), sl(y));
+        store(x);
     }
 
     fn softcap_cross_entropy(
         &self,
-        logits: ViewMut<'_, Self>,
+        mut logits: ViewMut<'_, Self>,
         rows: usize,
         vocab: usize,
         cap: f32,
         targets: &CpuIds,
         target_off: usize,
-        losses: ViewMut<'_, Self>,
+        mut losses: ViewMut<'_, Self>,
         grad_scale: Option<f32>,
     ) {
         let t = &targets.0[target_off..target_off + rows];
-        loss::softcap_cross_entropy(sl_mut(logits), rows, vocab, cap, t, sl_mut(losses), grad_scale);
+        loss::softcap_cross_entropy(out(&mut logits), rows, vocab, cap, t, out(&mut losses), grad_scale);
+        store(logits);
+        store(losses);
     }
-    fn softcap(&self, logits: ViewMut<'_, Self>, cap: f32) {
-        loss::softcap(sl_mut(logits), cap);
+    fn softcap(&self, mut logits: ViewMut<'_, Self>, cap: f32) {
+        loss::softcap(out(&mut logits), cap);
+        store(logits);
     }
 
-    fn axpby(&self, a: f32, x: View<'_, Self>, b: f32, y: ViewMut<'_, Self>) {
-        optim_ops::axpby(a, sl(x), b, sl_mut(y));
+    fn axpby(&self, a: f32, x: View<'_, Self>, b: f32, mut y: ViewMut<'_, Self>) {
+        optim_ops::axpby(a, sl(x), b, out(&mut y));
+        store(y);
     }
-    fn scale(&self, x: ViewMut<'_, Self>, a: f32) {
-        optim_ops::scale(sl_mut(x), a);
+    fn scale(&self, mut x: ViewMut<'_, Self>, a: f32) {
+        optim_ops::scale(out(&mut x), a);
+        store(x);
     }
     fn sum_squares(&self, x: View<'_, Self>) -> f64 {
         optim_ops::sum_squares(sl(x))
     }
-    fn muon_momentum(&self, g: View<'_, Self>, buf: ViewMut<'_, Self>, update: ViewMut<'_, Self>, mu: f32) {
-        optim_ops::muon_momentum(sl(g), sl_mut(buf), sl_mut(update), mu);
+    fn muon_momentum(&self, g: View<'_, Self>, mut buf: ViewMut<'_, Self>, mut update: ViewMut<'_, Self>, mu: f32) {
+        optim_ops::muon_momentum(sl(g), out(&mut buf), out(&mut update), mu);
+        store(buf);
+        store(update);
     }
-    fn adamw(&self, p: ViewMut<'_, Self>, g: View<'_, Self>, m: ViewMut<'_, Self>, v: ViewMut<'_, Self>, h: AdamwStep) {
-        optim_ops::adamw(sl_mut(p), sl(g), sl_mut(m), sl_mut(v), h);
+    fn adamw(
+        &self,
+        mut p: ViewMut<'_, Self>,
+        g: View<'_, Self>,
+        mut m: ViewMut<'_, Self>,
+        mut v: ViewMut<'_, Self>,
+        h: AdamwStep,
+    ) {
+        optim_ops::adamw(out(&mut p), sl(g), out(&mut m), out(&mut v), h);
+        store(p);
+        store(m);
+        store(v);
     }
 
     fn host_slice(buf: &CpuBuf) -> Option<&[f32]> {
         Some(&buf.0)
     }
     fn host_slice_mut(buf: &mut CpuBuf) -> Option<&mut [f32]> {
-        Some(&mut buf.0)
+        match buf.1 {
+            Storage::F32 => Some(&mut buf.0),
+            Storage::Bf16 => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::bf16::{is_bf16, round_bf16};
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 16777216.0) - 0.5)
+            .collect()
+    }
+
+    /// upload, fill and copy into a Bf16 buffer round each value; an F32 buffer keeps them exactly; copy from
+    /// Bf16 back to F32 is the exact widening.
+    #[test]
+    fn stores_into_bf16_round_and_f32_stays_exact() {
+        let be = CpuBackend::new();
+        let xs = values(100, 7);
+        let (mut f, mut h) = (be.alloc(100), be.alloc_as(100, Storage::Bf16));
+        assert_eq!(
+            (CpuBackend::storage(&f), CpuBackend::storage(&h)),
+            (Storage::F32, Storage::Bf16)
+        );
+        be.upload(ViewMut::all(&mut f), &xs);
+        be.upload(ViewMut::all(&mut h), &xs);
+        assert_eq!(f.0, xs);
+        let rounded: Vec<f32> = xs.iter().map(|&x| round_bf16(x)).collect();
+        assert_eq!(h.0, rounded);
+        assert!(xs.iter().any(|&x| !is_bf16(x)), "the test values must need rounding");
+
+        let mut h2 = be.alloc_as(100, Storage::Bf16);
+        be.copy(View::all(&f), ViewMut::all(&mut h2));
+        assert_eq!(h2.0, rounded);
+        let mut f2 = be.alloc(100);
+        be.copy(View::all(&h2), ViewMut::all(&mut f2));
+        assert_eq!(f2.0, rounded);
+
+        be.fill(ViewMut::at(&mut h2, 10, 5), 0.1);
+        assert_eq!(h2.0[10..15], [round_bf16(0.1); 5]);
+        assert_eq!(h2.0[15], rounded[15]);
+        assert!(CpuBackend::host_slice_mut(&mut h2).is_none());
+    }
+
+    /// An accumulating matmul into a Bf16 C stores round(old + A B) with the sum in f32, and only the view
+    /// written is rounded.
+    #[test]
+    fn accumulate_into_bf16_rounds_the_f32_sum() {
+        let be = CpuBackend::new();
+        let (m, n, k) = (4, 6, 5);
+        let a = CpuBuf::f32(values(m * k, 1));
+        let b = CpuBuf::f32(values(k * n, 2));
+        let old: Vec<f32> = values(m * n + 3, 3).iter().map(|&x| round_bf16(x)).collect();
+        let mut want = CpuBuf::f32(old.clone());
+        be.matmul(
+            m,
+            n,
+            k,
+            View::all(&a),
+            false,
+            View::all(&b),
+            false,
+            ViewMut::at(&mut want, 3, m * n),
+            true,
+        );
+        let mut got = CpuBuf::with_storage(old.clone(), Storage::Bf16);
+        be.matmul(
+            m,
+            n,
+            k,
+            View::all(&a),
+            false,
+            View::all(&b),
+            false,
+            ViewMut::at(&mut got, 3, m * n),
+            true,
+        );
+        let want: Vec<f32> = want.0.iter().map(|&x| round_bf16(x)).collect();
+        assert_eq!(got.0, want);
+        assert_eq!(got.0[..3], old[..3]);
+        assert!(want[3..].iter().zip(&old[3..]).all(|(w, o)| w != o));
     }
 }

@@ -149,8 +149,8 @@ mod tests {
                     let a = values(m * k, 1);
                     let b = values(k * n, 2);
                     let c0 = values(m * n, 3);
-                    let mut want = CpuBuf(c0.clone());
-                    let (abuf, bbuf) = (CpuBuf(a.clone()), CpuBuf(b.clone()));
+                    let mut want = CpuBuf::f32(c0.clone());
+                    let (abuf, bbuf) = (CpuBuf::f32(a.clone()), CpuBuf::f32(b.clone()));
                     cpu.matmul(
                         m,
                         n,

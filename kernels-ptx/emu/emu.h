@@ -12,6 +12,7 @@
 #include <thread>
 #include <vector>
 #include <cstdio>
+#include <cstring>
 using std::max;
 using std::min;
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
@@ -25,6 +26,7 @@ inline dim3 blockDim, gridDim;
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(n)
+#define __grid_constant__
 struct BlockSync {
     std::unique_ptr<std::barrier<>> block;
     std::vector<std::unique_ptr<std::barrier<>>> warps;
@@ -83,3 +85,10 @@ void launch(F f, dim3 grid, dim3 block, A... args) {
                 for (auto& t : ts) t.join();
             }
 }
+// Vector types and bit casts the bf16 kernels use (16-byte loads of 8 bf16, 8-byte stores of 4).
+struct __align__(16) uint4 { unsigned x, y, z, w; };
+struct __align__(8) uint2 { unsigned x, y; };
+inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
+inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }

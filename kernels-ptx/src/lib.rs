@@ -36,10 +36,15 @@ pub mod ptx {
     pub const ATTENTION: &str = include_str!("../ptx/attention.ptx");
     pub const OPTIM: &str = include_str!("../ptx/optim.ptx");
     pub const FLASH_ATTENTION: &str = include_str!("../ptx/flash_attention.ptx");
+    pub const RMSNORM_BF16: &str = include_str!("../ptx/rmsnorm_bf16.ptx");
+    pub const ROTARY_QKNORM: &str = include_str!("../ptx/rotary_qknorm.ptx");
+    pub const ELEMENTWISE_BF16: &str = include_str!("../ptx/elementwise_bf16.ptx");
+    pub const ADAMW_MULTI: &str = include_str!("../ptx/adamw_multi.ptx");
+    pub const NEWTON_SCHULZ: &str = include_str!("../ptx/newton_schulz.ptx");
 }
 
 /// Every module: (name, PTX text). The CUDA backend loads each once.
-pub const MODULES: [(&str, &str); 8] = [
+pub const MODULES: [(&str, &str); 13] = [
     ("elementwise", ptx::ELEMENTWISE),
     ("embedding", ptx::EMBEDDING),
     ("rmsnorm", ptx::RMSNORM),
@@ -48,6 +53,11 @@ pub const MODULES: [(&str, &str); 8] = [
     ("attention", ptx::ATTENTION),
     ("optim", ptx::OPTIM),
     ("flash_attention", ptx::FLASH_ATTENTION),
+    ("rmsnorm_bf16", ptx::RMSNORM_BF16),
+    ("rotary_qknorm", ptx::ROTARY_QKNORM),
+    ("elementwise_bf16", ptx::ELEMENTWISE_BF16),
+    ("adamw_multi", ptx::ADAMW_MULTI),
+    ("newton_schulz", ptx::NEWTON_SCHULZ),
 ];
 
 const fn kernel(module: &'static str, ptx: &'static str, name: &'static str) -> Kernel {
@@ -98,8 +108,42 @@ pub const ROW_THREADS: u32 = 256;
 /// (const i32* ids, const f32* wte, f32* out, i32 n, i32 d): out[i, :] = wte[ids[i], :].
 pub const EMBEDDING_FORWARD: Kernel = kernel("embedding", ptx::EMBEDDING, "nc_embedding_forward_f32");
 /// (const i32* ids, const f32* dout, f32* dwte, i32 n, i32 d): dwte[ids[i], :] += dout[i, :] (atomic adds,
-/// so the order of repeated ids' additions is not fixed).
+/// so the order of repeated ids' additions is not fixed). Superseded by `EMBEDDING_BACKWARD_SORTED_F32`.
 pub const EMBEDDING_BACKWARD: Kernel = kernel("embedding", ptx::EMBEDDING, "nc_embedding_backward_f32");
+/// (const i32* ids, const bf16* wte, f32* out, i32 n, i32 d): out[i, :] = wte[ids[i], :] from the bf16 working
+/// copy (exact widening). Launch with `row_dims(n, ROW_THREADS)`.
+pub const EMBEDDING_FORWARD_BF16_F32: Kernel = kernel("embedding", ptx::EMBEDDING, "nc_embedding_forward_bf16_f32");
+/// (const i32* ids, const bf16* wte, bf16* out, i32 n, i32 d): the same into a bf16 output (a copy).
+pub const EMBEDDING_FORWARD_BF16_BF16: Kernel = kernel("embedding", ptx::EMBEDDING, "nc_embedding_forward_bf16_bf16");
+/// (const i32* order, const i32* seg_start, const i32* seg_id, i32 segments, const f32* dout, f32* dwte, i32 d):
+/// the deterministic embedding backward from the step's inverse index (`EmbeddingIndex`, built on the host
+/// from the batch's ids and uploaded with them): for each segment s, with id = seg_id[s] and positions
+/// order[seg_start[s]..seg_start[s + 1]] (ascending), dwte[id, c] = ((dwte[id, c] + dout[p0, c]) + dout[p1, c])
+/// and so on, in f32: the CPU backend's order, so the same bits on every run and on both backends. No atomics;
+/// each row of dwte has one writer. Launch with `embedding_sorted_dims(segments, d)`.
+pub const EMBEDDING_BACKWARD_SORTED_F32: Kernel =
+    kernel("embedding", ptx::EMBEDDING, "nc_embedding_backward_sorted_f32");
+/// (const i32* order, const i32* seg_start, const i32* seg_id, i32 segments, const bf16* dout, f32* dwte,
+/// i32 d): the same with a bf16 dout (widened exactly), dwte f32.
+pub const EMBEDDING_BACKWARD_SORTED_BF16: Kernel =
+    kernel("embedding", ptx::EMBEDDING, "nc_embedding_backward_sorted_bf16");
+
+/// Threads per block of the sorted embedding backward.
+pub const EMBEDDING_SORTED_THREADS: u32 = 256;
+
+/// Launch of `EMBEDDING_BACKWARD_SORTED_*`: grid (segments, ceil(d / 256)), 256 threads: one column per thread,
+/// so the most frequent id's row is spread over d / 256 blocks.
+pub fn embedding_sorted_dims(segments: usize, d: usize) -> LaunchDims {
+    LaunchDims {
+        grid: (
+            grid_u32(segments, "embedding segments"),
+            grid_u32(d.div_ceil(EMBEDDING_SORTED_THREADS as usize), "embedding column tiles"),
+            1,
+        ),
+        block: (EMBEDDING_SORTED_THREADS, 1, 1),
+        shared_bytes: 0,
+    }
+}
 
 // ---- rmsnorm.cu: launch with `row_dims(rows, ROW_THREADS)`, one block per row.
 
@@ -397,8 +441,282 @@ pub fn flash_dkdv_dims(batch: usize, n_kv_head: usize, t: usize) -> LaunchDims {
     }
 }
 
+// ==== The bf16 engine's kernels (issue 10). Storage types: `bf16*` is a device pointer to `__nv_bfloat16`
+// (2 bytes, the high half of an f32). Every store into bf16 is round-to-nearest-even of the kernel's f32 result
+// (`__float2bfloat16_rn`, NaN stays NaN); every bf16 read is widened exactly; all arithmetic is f32 (statistics
+// and reductions included) unless a kernel says f64. Where a kernel has an input-type variant the entry name
+// says which (`_f32` / `_bf16`, or `dy_<type>_dx_<type>`). None of these has run on a GPU yet (unverified): the
+// CPU emulation (emu/test_bf16.cpp) checks them against f64 or bit-exact float references.
+
+/// A grid dimension as u32, at least 1 (an empty launch is well formed and does nothing).
+fn grid_u32(n: usize, what: &str) -> u32 {
+    u32::try_from(n.max(1)).unwrap_or_else(|_| panic!("launch: {what} = {n} does not fit a grid"))
+}
+
+// ---- rmsnorm_bf16.cu: weightless rmsnorm with the cast to bf16 fused. Launch with `row_dims(rows, ROW_THREADS)`
+// (one block per row; any multiple of 32 threads works). 16-byte loads when dim % 8 == 0 and the pointers are
+// 16-byte aligned, scalar otherwise.
+
+/// (const f32* x, bf16* y, f32* rstd, i32 rows, i32 dim, f32 eps): rstd[r] = 1 / sqrtf(mean(x_r^2) + eps) (f32,
+/// sum in f32), y_r = bf16(x_r rstd[r]). For the f32 residual stream.
+pub const RMSNORM_FORWARD_F32_BF16: Kernel = kernel("rmsnorm_bf16", ptx::RMSNORM_BF16, "nc_rmsnorm_forward_f32_bf16");
+/// (const bf16* x, bf16* y, f32* rstd, i32 rows, i32 dim, f32 eps): the same from a bf16 residual stream.
+pub const RMSNORM_FORWARD_BF16_BF16: Kernel = kernel("rmsnorm_bf16", ptx::RMSNORM_BF16, "nc_rmsnorm_forward_bf16_bf16");
+/// (const bf16* y, const f32* rstd, const bf16* dy, f32* dx, i32 rows, i32 dim, i32 accumulate): from the saved
+/// bf16 output y (as the CPU's rmsnorm_backward, which also works from y): g = rstd (dy - y mean(dy y)) in f32;
+/// dx = g, or dx = dx + g when accumulate != 0. The engine's choice for the residual stream's gradient (f32,
+/// accumulated: the norm's gradient adds to the one flowing past it).
+pub const RMSNORM_BACKWARD_DY_BF16_DX_F32: Kernel =
+    kernel("rmsnorm_bf16", ptx::RMSNORM_BF16, "nc_rmsnorm_backward_dy_bf16_dx_f32");
+/// As `RMSNORM_BACKWARD_DY_BF16_DX_F32` with a bf16 dx: dx = bf16(g), or bf16(dx + g) with the sum in f32.
+pub const RMSNORM_BACKWARD_DY_BF16_DX_BF16: Kernel =
+    kernel("rmsnorm_bf16", ptx::RMSNORM_BF16, "nc_rmsnorm_backward_dy_bf16_dx_bf16");
+/// As `RMSNORM_BACKWARD_DY_BF16_DX_F32` with an f32 dy (a GEMM that wrote f32).
+pub const RMSNORM_BACKWARD_DY_F32_DX_F32: Kernel =
+    kernel("rmsnorm_bf16", ptx::RMSNORM_BF16, "nc_rmsnorm_backward_dy_f32_dx_f32");
+/// As `RMSNORM_BACKWARD_DY_BF16_DX_BF16` with an f32 dy.
+pub const RMSNORM_BACKWARD_DY_F32_DX_BF16: Kernel =
+    kernel("rmsnorm_bf16", ptx::RMSNORM_BF16, "nc_rmsnorm_backward_dy_f32_dx_bf16");
+
+// ---- rotary_qknorm.cu: rotary then QK-norm (the model's order: SPEC.md, model/attention.rs), fused, each way.
+// x is (rows = batch t, heads, head_dim); row r is at position p = pos0 + r % t; table = [cos (max_pos, D/2) |
+// sin (max_pos, D/2)] f32, or null for no rotation (then these are the per-head rmsnorm alone). head_dim even,
+// <= QKNORM_MAX_HEAD_DIM. Launch with `qknorm_dims(rows * heads, head_dim)`: one warp per (row, head).
+
+/// Warps (one (row, head) each) per block of the rotary_qknorm kernels.
+pub const QKNORM_WARPS: u32 = 8;
+/// The largest head_dim the rotary_qknorm kernels take (each lane holds up to 4 pairs in registers).
+pub const QKNORM_MAX_HEAD_DIM: usize = 256;
+
+/// (const f32* x, bf16* y, f32* rstd, const f32* table, i32 rows, i32 t, i32 heads, i32 head_dim, i32 pos0,
+/// i32 max_pos, f32 eps): per (row, head): (a, b) = (x[j], x[j + D/2]) rotate to r = (a c + b s, -a s + b c)
+/// (c, s at the row's position; the CPU's rotary), kept in f32 (not rounded); rstd[r heads + h] =
+/// 1 / sqrtf(mean(r^2) + eps); y = bf16(r rstd). y is what attention reads and the backward saves.
+pub const ROTARY_QKNORM_FORWARD_F32: Kernel =
+    kernel("rotary_qknorm", ptx::ROTARY_QKNORM, "nc_rotary_qknorm_forward_f32");
+/// As `ROTARY_QKNORM_FORWARD_F32` from a bf16 x (the q/k projection GEMM writing bf16).
+pub const ROTARY_QKNORM_FORWARD_BF16: Kernel =
+    kernel("rotary_qknorm", ptx::ROTARY_QKNORM, "nc_rotary_qknorm_forward_bf16");
+/// (const bf16* y, const f32* rstd, const f32* dy, f32* dx, const f32* table, i32 rows, i32 t, i32 heads,
+/// i32 head_dim, i32 pos0, i32 max_pos): dy is the gradient of y; g = rstd (dy - y mean(dy y)) (the norm's
+/// backward from the saved y), then the transpose rotation (g1, g2) -> (g1 c + g2 (-s), -g1 (-s) + g2 c) (the
+/// CPU's rotary_backward); dx, the gradient of the projection's output, is written (not added).
+pub const ROTARY_QKNORM_BACKWARD_DY_F32_DX_F32: Kernel = kernel(
+    "rotary_qknorm",
+    ptx::ROTARY_QKNORM,
+    "nc_rotary_qknorm_backward_dy_f32_dx_f32",
+);
+/// As `ROTARY_QKNORM_BACKWARD_DY_F32_DX_F32`, dy f32, dx bf16.
+pub const ROTARY_QKNORM_BACKWARD_DY_F32_DX_BF16: Kernel = kernel(
+    "rotary_qknorm",
+    ptx::ROTARY_QKNORM,
+    "nc_rotary_qknorm_backward_dy_f32_dx_bf16",
+);
+/// As `ROTARY_QKNORM_BACKWARD_DY_F32_DX_F32`, dy bf16, dx f32.
+pub const ROTARY_QKNORM_BACKWARD_DY_BF16_DX_F32: Kernel = kernel(
+    "rotary_qknorm",
+    ptx::ROTARY_QKNORM,
+    "nc_rotary_qknorm_backward_dy_bf16_dx_f32",
+);
+/// As `ROTARY_QKNORM_BACKWARD_DY_F32_DX_F32`, dy bf16, dx bf16 (the input of the q/k weight-gradient GEMMs).
+pub const ROTARY_QKNORM_BACKWARD_DY_BF16_DX_BF16: Kernel = kernel(
+    "rotary_qknorm",
+    ptx::ROTARY_QKNORM,
+    "nc_rotary_qknorm_backward_dy_bf16_dx_bf16",
+);
+
+/// Launch of the rotary_qknorm kernels over `units` = rows * heads (row, head) pairs: QKNORM_WARPS warps per
+/// block, ceil(units / QKNORM_WARPS) blocks. Panics on an odd head_dim or one over QKNORM_MAX_HEAD_DIM.
+pub fn qknorm_dims(units: usize, head_dim: usize) -> LaunchDims {
+    assert!(
+        head_dim.is_multiple_of(2) && (2..=QKNORM_MAX_HEAD_DIM).contains(&head_dim),
+        "rotary_qknorm kernels take an even head_dim in 2..={QKNORM_MAX_HEAD_DIM}, got {head_dim}"
+    );
+    LaunchDims {
+        grid: (grid_u32(units.div_ceil(QKNORM_WARPS as usize), "qknorm blocks"), 1, 1),
+        block: (32 * QKNORM_WARPS, 1, 1),
+        shared_bytes: 0,
+    }
+}
+
+// ---- elementwise_bf16.cu: casts and relu^2 with the cast fused. Launch with `elementwise_bf16_dims(n)`
+// (8 elements per thread per step through 16-byte accesses when every pointer is 16-byte aligned; a scalar
+// tail). relu^2 is a kernel, not a cuBLASLt epilogue: no epilogue computes relu^2 or 2 relu(u) (see the .cu).
+
+/// (const f32* src, bf16* dst, u64 n): dst = bf16(src).
+pub const CAST_F32_TO_BF16: Kernel = kernel("elementwise_bf16", ptx::ELEMENTWISE_BF16, "nc_cast_f32_to_bf16");
+/// (const bf16* src, f32* dst, u64 n): dst = src widened (exact).
+pub const CAST_BF16_TO_F32: Kernel = kernel("elementwise_bf16", ptx::ELEMENTWISE_BF16, "nc_cast_bf16_to_f32");
+/// (const f32* u, bf16* h, u64 n): h = bf16(relu(u)^2) (the square of the clamped f32 value).
+pub const RELU2_FORWARD_F32_TO_BF16: Kernel = kernel(
+    "elementwise_bf16",
+    ptx::ELEMENTWISE_BF16,
+    "nc_relu2_forward_f32_to_bf16",
+);
+/// (const bf16* u, bf16* h, u64 n): the same from a bf16 u (the c_fc GEMM writing bf16, u saved for backward).
+pub const RELU2_FORWARD_BF16_TO_BF16: Kernel = kernel(
+    "elementwise_bf16",
+    ptx::ELEMENTWISE_BF16,
+    "nc_relu2_forward_bf16_to_bf16",
+);
+/// (const bf16* u, const bf16* dh, bf16* du, u64 n): du = bf16(dh (2 relu(u))), the factor formed first (the
+/// CPU's rounding order); du may be dh (in place). du is the input of the c_fc weight-gradient GEMMs.
+pub const RELU2_BACKWARD_U_BF16_DH_BF16: Kernel = kernel(
+    "elementwise_bf16",
+    ptx::ELEMENTWISE_BF16,
+    "nc_relu2_backward_u_bf16_dh_bf16",
+);
+/// (const bf16* u, const f32* dh, bf16* du, u64 n): as above with an f32 dh.
+pub const RELU2_BACKWARD_U_BF16_DH_F32: Kernel = kernel(
+    "elementwise_bf16",
+    ptx::ELEMENTWISE_BF16,
+    "nc_relu2_backward_u_bf16_dh_f32",
+);
+/// (const f32* u, const bf16* dh, bf16* du, u64 n): as above with an f32 u.
+pub const RELU2_BACKWARD_U_F32_DH_BF16: Kernel = kernel(
+    "elementwise_bf16",
+    ptx::ELEMENTWISE_BF16,
+    "nc_relu2_backward_u_f32_dh_bf16",
+);
+/// (const f32* u, const f32* dh, bf16* du, u64 n): as above with f32 u and dh.
+pub const RELU2_BACKWARD_U_F32_DH_F32: Kernel = kernel(
+    "elementwise_bf16",
+    ptx::ELEMENTWISE_BF16,
+    "nc_relu2_backward_u_f32_dh_f32",
+);
+
+/// Launch of an elementwise_bf16 kernel over n elements: `elementwise_dims(ceil(n / 8))`.
+pub fn elementwise_bf16_dims(n: u64) -> LaunchDims {
+    elementwise_dims(n.div_ceil(8))
+}
+
+// ---- adamw_multi.cu: AdamW over up to ADAMW_MAX_TENSORS tensors in one launch, the table passed by value.
+
+/// Descriptors per `ADAMW_MULTI` launch (more tensors: more launches).
+pub const ADAMW_MAX_TENSORS: usize = 16;
+
+/// One tensor of `ADAMW_MULTI` (64 bytes; `struct AdamwTensor` of adamw_multi.cu, which static_asserts the
+/// same layout). Pointers are device addresses (`CUdeviceptr`), already offset to the tensor's first element.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct AdamwTensor {
+    /// f32 master weights, updated in place.
+    pub p: u64,
+    /// f32 gradient.
+    pub g: u64,
+    /// f32 first and second moments, updated in place.
+    pub m: u64,
+    pub v: u64,
+    /// bf16 working copy, written as bf16(new p); 0 when the tensor has none.
+    pub p_bf16: u64,
+    /// Elements.
+    pub n: u64,
+    /// The group's per-step scalars, as `optim::adamw::adamw_step` computes them for the group's lr:
+    /// 1 - lr wd, lr / (1 - beta1^t), 1 / (1 - beta2^t).
+    pub decay: f32,
+    pub step: f32,
+    pub inv_bc2: f32,
+    /// Padding (ignored).
+    pub unused: f32,
+}
+
+/// The by-value kernel parameter of `ADAMW_MULTI` (1024 bytes, 8-byte aligned). Entries past `count` are
+/// ignored. cudarc: wrap it in a newtype of the launching crate with `unsafe impl DeviceRepr` and pass it as the
+/// first argument (the driver copies the 1024 bytes with the launch; nothing to upload, no device table).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct AdamwTable {
+    pub tensors: [AdamwTensor; ADAMW_MAX_TENSORS],
+}
+
+/// (AdamwTable table, i32 count, f32 beta1, f32 beta2, f32 eps): for tensors 0..count, per element, exactly
+/// `ADAMW`'s arithmetic (mi = m + (1 - beta1)(g - m); vi = v + (1 - beta2)(g g - v); m = mi; v = vi;
+/// p = p decay - step mi / (sqrtf(vi inv_bc2) + eps), each op round-to-nearest, no fma: bit for bit the CPU's
+/// optim_ops::adamw), then p_bf16 = bf16(p) when the tensor has a copy. Launch with `adamw_multi_dims`.
+pub const ADAMW_MULTI: Kernel = kernel("adamw_multi", ptx::ADAMW_MULTI, "nc_adamw_multi_f32");
+
+/// Threads per block of `ADAMW_MULTI`; each takes 4 elements per step.
+pub const ADAMW_MULTI_THREADS: u32 = 256;
+
+/// Launch of `ADAMW_MULTI` over `count` tensors, the largest of `max_n` elements: grid (min(ceil(max_n /
+/// 1024), 4096), count), 256 threads (grid-stride over each tensor; blocks past a small tensor's end idle).
+pub fn adamw_multi_dims(max_n: u64, count: usize) -> LaunchDims {
+    assert!(
+        (1..=ADAMW_MAX_TENSORS).contains(&count),
+        "adamw_multi takes 1..={ADAMW_MAX_TENSORS} tensors per launch, got {count}"
+    );
+    let blocks = max_n.div_ceil(4 * ADAMW_MULTI_THREADS as u64).clamp(1, 4096) as u32;
+    LaunchDims {
+        grid: (blocks, count as u32, 1),
+        block: (ADAMW_MULTI_THREADS, 1, 1),
+        shared_bytes: 0,
+    }
+}
+
+// ---- newton_schulz.cu: Muon's Newton-Schulz on tensor cores, the non-GEMM pieces, batched over `batch`
+// same-shape matrices of n = rows cols elements; no host read-back. One Muon update of a batch:
+//   1. momentum into G (batch, n) f32 contiguous: `MUON_MOMENTUM` per matrix (its update pointer offset b n);
+//   2. `NS_SUM_SQUARES` into partial (batch, NS_PARTS) f64;
+//   3. `NS_NORMALIZE_BF16`: X = bf16(G / (||G||_F + eps)), the norm from the partials, on the device;
+//   4. NS_STEPS iterations, GEMMs only (cuBLASLt strided-batched, bf16 A/B/D, f32 compute), the quintic's a, b,
+//      c in alpha/beta, so NO kernel runs inside the iteration (wide orientation; a tall matrix iterates
+//      Y = X^T as core/src/optim/device.rs does):
+//        A  = X X^T            alpha 1, beta 0
+//        B  = c (A A) + b A    alpha c, beta b, C = A, D = B (C != D: cuBLASLt reads C, writes D)
+//        X' = B X + a X        alpha 1, beta a, C = X, D = X' (ping-pong buffer)
+//   5. `MUON_APPLY_BF16`: p = -lr shape_scale X + p (f32 master) and the bf16 working copy.
+// Casts, if the engine needs them around this: `CAST_F32_TO_BF16` / `CAST_BF16_TO_F32`.
+
+/// Blocks per matrix of `NS_SUM_SQUARES` (the partial buffer holds batch NS_PARTS f64).
+pub const NS_PARTS: u32 = 64;
+/// Threads per block of the newton_schulz kernels.
+pub const NS_THREADS: u32 = 256;
+
+/// (const f32* g, u64 n, f64* partial): matrix b = blockIdx.y is g[b n..(b + 1) n); block (j, b) writes
+/// partial[b gridDim.x + j] = its grid-stride elements' sum of (f64)g^2 (deterministic order). Launch with
+/// `ns_sum_squares_dims(batch)`.
+pub const NS_SUM_SQUARES: Kernel = kernel("newton_schulz", ptx::NEWTON_SCHULZ, "nc_ns_sum_squares_f64");
+/// (const f32* g, u64 n, const f64* partial, i32 parts, f32 eps, bf16* x): per matrix b: total = the sum of
+/// partial[b parts..(b + 1) parts] in index order (f64); norm = (f32)sqrt(total); inv = 1 / (norm + eps) (f32,
+/// rounded ops); x[b n + i] = bf16(g[b n + i] inv). parts = NS_PARTS (the sum's grid.x). Launch with
+/// `ns_elementwise_dims(n, batch)`.
+pub const NS_NORMALIZE_BF16: Kernel = kernel("newton_schulz", ptx::NEWTON_SCHULZ, "nc_ns_normalize_bf16");
+/// (const bf16* x, u64 n, f32* p, u64 p_stride, bf16* p_bf16, u64 pb_stride, f32 a): per matrix b:
+/// P = p + b p_stride, X = x + b n: P[i] = a X[i] + P[i] (product rounded, then the sum: the CPU's
+/// axpby(a, X, 1, P)); p_bf16[b pb_stride + i] = bf16(P[i]) unless p_bf16 is null. Strides in elements (the same
+/// matrix of consecutive layers sits at a constant stride in the parameter buffer). Launch with
+/// `ns_elementwise_dims(n, batch)`.
+pub const MUON_APPLY_BF16: Kernel = kernel("newton_schulz", ptx::NEWTON_SCHULZ, "nc_muon_apply_bf16");
+
+/// Launch of `NS_SUM_SQUARES` over `batch` matrices: grid (NS_PARTS, batch), NS_THREADS threads.
+pub fn ns_sum_squares_dims(batch: usize) -> LaunchDims {
+    assert!(
+        (1..=65535).contains(&batch),
+        "newton_schulz: batch {batch} not in 1..=65535"
+    );
+    LaunchDims {
+        grid: (NS_PARTS, batch as u32, 1),
+        block: (NS_THREADS, 1, 1),
+        shared_bytes: 0,
+    }
+}
+
+/// Launch of `NS_NORMALIZE_BF16` / `MUON_APPLY_BF16` over `batch` matrices of n elements: grid
+/// (min(ceil(n / 1024), 1024), batch), NS_THREADS threads (grid-stride within each matrix).
+pub fn ns_elementwise_dims(n: u64, batch: usize) -> LaunchDims {
+    assert!(
+        (1..=65535).contains(&batch),
+        "newton_schulz: batch {batch} not in 1..=65535"
+    );
+    LaunchDims {
+        grid: (n.div_ceil(4 * NS_THREADS as u64).clamp(1, 1024) as u32, batch as u32, 1),
+        block: (NS_THREADS, 1, 1),
+        shared_bytes: 0,
+    }
+}
+
 /// Every kernel, for loading and for the tests that check each entry exists in its PTX.
-pub const ALL: [Kernel; 26] = [
+pub const ALL: [Kernel; 54] = [
     FILL,
     ADD_INPLACE,
     RELU2_FORWARD,
@@ -425,4 +743,35 @@ pub const ALL: [Kernel; 26] = [
     FLASH_BACKWARD_DQ_D64,
     FLASH_BACKWARD_DKDV_D128,
     FLASH_BACKWARD_DKDV_D64,
+    EMBEDDING_FORWARD_BF16_F32,
+    EMBEDDING_FORWARD_BF16_BF16,
+    EMBEDDING_BACKWARD_SORTED_F32,
+    EMBEDDING_BACKWARD_SORTED_BF16,
+    RMSNORM_FORWARD_F32_BF16,
+    RMSNORM_FORWARD_BF16_BF16,
+    RMSNORM_BACKWARD_DY_BF16_DX_F32,
+    RMSNORM_BACKWARD_DY_BF16_DX_BF16,
+    RMSNORM_BACKWARD_DY_F32_DX_F32,
+    RMSNORM_BACKWARD_DY_F32_DX_BF16,
+    ROTARY_QKNORM_FORWARD_F32,
+    ROTARY_QKNORM_FORWARD_BF16,
+    ROTARY_QKNORM_BACKWARD_DY_F32_DX_F32,
+    ROTARY_QKNORM_BACKWARD_DY_F32_DX_BF16,
+    ROTARY_QKNORM_BACKWARD_DY_BF16_DX_F32,
+    ROTARY_QKNORM_BACKWARD_DY_BF16_DX_BF16,
+    CAST_F32_TO_BF16,
+    CAST_BF16_TO_F32,
+    RELU2_FORWARD_F32_TO_BF16,
+    RELU2_FORWARD_BF16_TO_BF16,
+    RELU2_BACKWARD_U_BF16_DH_BF16,
+    RELU2_BACKWARD_U_BF16_DH_F32,
+    RELU2_BACKWARD_U_F32_DH_BF16,
+    RELU2_BACKWARD_U_F32_DH_F32,
+    ADAMW_MULTI,
+    NS_SUM_SQUARES,
+    NS_NORMALIZE_BF16,
+    MUON_APPLY_BF16,
 ];
+
+mod embedding_index;
+pub use embedding_index::{EmbeddingIndex, EmbeddingIndexError};

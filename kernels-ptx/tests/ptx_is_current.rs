@@ -62,7 +62,7 @@ fn every_ptx_targets_compute_80_with_an_isa_the_driver_accepts() {
 }
 
 /// The documented parameters of each kernel, one letter each: p = pointer (.u64), u = u64 (.u64),
-/// i = i32 (.u32), f = f32 (.f32).
+/// i = i32 (.u32), f = f32 (.f32), t = the by-value `AdamwTable` (`.align 8 .b8 name[1024]`).
 fn signature(name: &str) -> &'static str {
     match name {
         "nc_fill_f32" => "puf",
@@ -86,6 +86,28 @@ fn signature(name: &str) -> &'static str {
         "nc_flash_forward_d128_bf16" | "nc_flash_forward_d64_bf16" => "pppppiiiiiif",
         "nc_flash_backward_dq_d128_bf16" | "nc_flash_backward_dq_d64_bf16" => "ppppppppiiiif",
         "nc_flash_backward_dkdv_d128_bf16" | "nc_flash_backward_dkdv_d64_bf16" => "ppppppppiiiif",
+        "nc_embedding_forward_bf16_f32" | "nc_embedding_forward_bf16_bf16" => "pppii",
+        "nc_embedding_backward_sorted_f32" | "nc_embedding_backward_sorted_bf16" => "pppippi",
+        "nc_rmsnorm_forward_f32_bf16" | "nc_rmsnorm_forward_bf16_bf16" => "pppiif",
+        "nc_rmsnorm_backward_dy_bf16_dx_f32"
+        | "nc_rmsnorm_backward_dy_bf16_dx_bf16"
+        | "nc_rmsnorm_backward_dy_f32_dx_f32"
+        | "nc_rmsnorm_backward_dy_f32_dx_bf16" => "ppppiii",
+        "nc_rotary_qknorm_forward_f32" | "nc_rotary_qknorm_forward_bf16" => "ppppiiiiiif",
+        "nc_rotary_qknorm_backward_dy_f32_dx_f32"
+        | "nc_rotary_qknorm_backward_dy_f32_dx_bf16"
+        | "nc_rotary_qknorm_backward_dy_bf16_dx_f32"
+        | "nc_rotary_qknorm_backward_dy_bf16_dx_bf16" => "pppppiiiiii",
+        "nc_cast_f32_to_bf16" | "nc_cast_bf16_to_f32" => "ppu",
+        "nc_relu2_forward_f32_to_bf16" | "nc_relu2_forward_bf16_to_bf16" => "ppu",
+        "nc_relu2_backward_u_bf16_dh_bf16"
+        | "nc_relu2_backward_u_bf16_dh_f32"
+        | "nc_relu2_backward_u_f32_dh_bf16"
+        | "nc_relu2_backward_u_f32_dh_f32" => "pppu",
+        "nc_adamw_multi_f32" => "tifff",
+        "nc_ns_sum_squares_f64" => "pup",
+        "nc_ns_normalize_bf16" => "pupifp",
+        "nc_muon_apply_bf16" => "pupupuf",
         other => panic!("kernel {other} has no signature in this test: add it"),
     }
 }
@@ -104,6 +126,14 @@ fn entry_params(ptx: &str, name: &str) -> Option<String> {
                 Some(".u64") => 'p',
                 Some(".u32") | Some(".s32") => 'i',
                 Some(".f32") => 'f',
+                Some(".align") => {
+                    let want = format!("[{}]", std::mem::size_of::<AdamwTable>());
+                    assert!(
+                        l.contains(".align 8 .b8") && l.trim_end_matches(',').ends_with(&want),
+                        "{name}: a by-value parameter other than the 8-aligned {want} AdamwTable: `{l}`"
+                    );
+                    't'
+                }
                 other => panic!("{name}: unexpected parameter type {other:?} in `{l}`"),
             })
             .collect(),
@@ -185,7 +215,13 @@ fn static_shared_bytes(ptx: &str, name: &str) -> usize {
         if !l.starts_with(".shared ") {
             return 0;
         }
-        let open = l.rfind('[').expect("shared array");
+        let Some(open) = l.rfind('[') else {
+            // A scalar (nvcc turns a one-element array into one): its type's size.
+            let ty = l
+                .split_whitespace()
+                .find(|w| w.len() > 2 && w[2..].parse::<usize>().is_ok() && w.starts_with('.'));
+            return ty.map_or(8, |w| w[2..].parse::<usize>().unwrap() / 8);
+        };
         l[open + 1..l.rfind(']').unwrap()].parse::<usize>().unwrap()
     };
     let first_entry = ptx.find(".visible .entry ").unwrap_or(ptx.len());
@@ -416,4 +452,121 @@ fn flash_dims_are_sane_and_cover_every_row() {
         );
         assert_eq!((kv.grid.1 as usize, kv.grid.2 as usize), (hkv, b), "{what}");
     }
+}
+/// The bf16 engine's optimizer kernels (multi-tensor AdamW, Newton-Schulz's normalize and apply) promise the
+/// CPU's roundings as optim.ptx does: no f32 fma, every f32 multiply/add/divide with an explicit rounding mode,
+/// nothing approximate or flushing, sqrt correctly rounded.
+#[test]
+fn the_bf16_optimizer_kernels_round_like_the_cpu() {
+    for (module, text, min_rn) in [
+        ("adamw_multi", ptx::ADAMW_MULTI, 10),
+        ("newton_schulz", ptx::NEWTON_SCHULZ, 4),
+    ] {
+        let mut seen_rn = 0;
+        for line in text.lines().map(str::trim) {
+            let op = line.split_whitespace().next().unwrap_or("");
+            assert!(
+                !(op.starts_with("fma.") && op.ends_with(".f32")),
+                "{module}.ptx fuses a multiply-add: `{line}`"
+            );
+            assert!(
+                !op.contains(".approx") && !op.contains(".ftz"),
+                "{module}.ptx has an approximate or flushing op: `{line}`"
+            );
+            for base in ["mul", "add", "sub", "div"] {
+                assert!(
+                    op != format!("{base}.f32"),
+                    "{module}.ptx has `{line}` without a rounding mode (contractible)"
+                );
+            }
+            if op.ends_with(".rn.f32") {
+                seen_rn += 1;
+            }
+            if op.starts_with("sqrt.") {
+                assert!(
+                    op == "sqrt.rn.f32" || op == "sqrt.rn.f64",
+                    "{module}.ptx: sqrt must be correctly rounded"
+                );
+            }
+        }
+        assert!(
+            seen_rn >= min_rn,
+            "{module}.ptx: only {seen_rn} .rn f32 ops; {REGENERATE}"
+        );
+    }
+}
+
+#[test]
+fn the_adamw_table_has_the_kernels_layout() {
+    use std::mem::{offset_of, size_of};
+    assert_eq!(size_of::<AdamwTensor>(), 64);
+    assert_eq!(offset_of!(AdamwTensor, p_bf16), 32);
+    assert_eq!(offset_of!(AdamwTensor, n), 40);
+    assert_eq!(offset_of!(AdamwTensor, decay), 48);
+    assert_eq!(offset_of!(AdamwTensor, inv_bc2), 56);
+    assert_eq!(size_of::<AdamwTable>(), 64 * ADAMW_MAX_TENSORS);
+    let src = String::from_utf8(source("adamw_multi")).unwrap();
+    assert!(
+        src.contains(&format!("#define ADAMW_MAX_TENSORS {ADAMW_MAX_TENSORS}\n")),
+        "adamw_multi.cu's ADAMW_MAX_TENSORS differs from lib.rs"
+    );
+    assert!(
+        src.contains("sizeof(AdamwTensor) == 64"),
+        "adamw_multi.cu no longer asserts the 64-byte layout"
+    );
+}
+
+#[test]
+fn bf16_kernel_constants_match_their_sources() {
+    let qk = String::from_utf8(source("rotary_qknorm")).unwrap();
+    assert!(qk.contains(&format!("#define QKNORM_WARPS {QKNORM_WARPS}\n")));
+    assert!(qk.contains(&format!("#define QKNORM_MAX_HEAD_DIM {QKNORM_MAX_HEAD_DIM}\n")));
+    let ns = String::from_utf8(source("newton_schulz")).unwrap();
+    assert!(ns.contains(&format!("#define NS_PARTS {NS_PARTS}\n")));
+}
+
+#[test]
+fn bf16_launch_dims_are_sane_and_cover_their_work() {
+    for n in [0u64, 1, 7, 8, 9, 1 << 23, 24 * 2048 * 5120] {
+        let d = elementwise_bf16_dims(n);
+        sane(d, "elementwise_bf16");
+        assert!(d.grid.0 as u64 * d.block.0 as u64 * 8 >= n.min((1 << 20) * ELEMENTWISE_THREADS as u64 * 8));
+    }
+    for (units, hd) in [(1usize, 2usize), (30, 128), (24 * 2048 * 26, 128), (9, 256)] {
+        let d = qknorm_dims(units, hd);
+        sane(d, "qknorm");
+        assert_eq!(d.block.0, 32 * QKNORM_WARPS);
+        assert!(
+            d.grid.0 as usize * QKNORM_WARPS as usize >= units,
+            "qknorm covers every (row, head)"
+        );
+    }
+    for (segs, dim) in [(1usize, 1usize), (11, 300), (65536, 3328)] {
+        let d = embedding_sorted_dims(segs, dim);
+        sane(d, "embedding sorted");
+        assert_eq!(d.grid.0 as usize, segs);
+        assert!(
+            d.grid.1 as usize * d.block.0 as usize >= dim,
+            "every column has a thread"
+        );
+    }
+    for (n, count) in [(0u64, 1usize), (5, 16), (65536 * 3328, 2)] {
+        let d = adamw_multi_dims(n, count);
+        sane(d, "adamw multi");
+        assert_eq!(d.grid.1 as usize, count);
+    }
+    for (n, batch) in [(1u64, 1usize), (1280 * 5120, 20), (3, 65535)] {
+        let s = ns_sum_squares_dims(batch);
+        sane(s, "ns sum squares");
+        assert_eq!((s.grid.0, s.grid.1 as usize), (NS_PARTS, batch));
+        let e = ns_elementwise_dims(n, batch);
+        sane(e, "ns elementwise");
+        assert_eq!(e.grid.1 as usize, batch);
+    }
+}
+
+#[test]
+#[should_panic(expected = "head_dim")]
+fn qknorm_dims_reject_an_odd_head_dim() {
+    qknorm_dims(4, 7);
 }

@@ -5,6 +5,7 @@
 //! implements it between processes of one machine, after the ranks met through a `Rendezvous` (TCP).
 //! The ring's chunk/step schedule lives in `schedule`, shared by every ring transport.
 
+pub mod nccl;
 mod partition;
 pub mod rendezvous;
 pub mod schedule;
@@ -15,6 +16,7 @@ mod thread_ring;
 mod wire;
 
 pub use half::bf16;
+pub use nccl::{nccl_available, NcclRing};
 pub use partition::{even_bounds, Bounds};
 pub use rendezvous::{PeerWatch, Rendezvous, RendezvousConfig};
 pub use shm_ring::{ShmRing, ShmRingOptions};

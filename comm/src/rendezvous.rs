@@ -622,6 +622,117 @@ mod tests {
         list.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
+    fn config(rank: usize, world_size: usize, port: u16) -> RendezvousConfig {
+        RendezvousConfig {
+            rank,
+            world_size,
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    /// Runs `f` on every rank of a rendezvous of `n` threads, results in rank order.
+    fn on_ranks<T: Send + 'static>(
+        n: usize,
+        f: impl Fn(Result<Rendezvous, CommError>) -> T + Send + Sync + Clone + 'static,
+    ) -> Vec<T> {
+        let port = free_port();
+        let handles: Vec<_> = (0..n)
+            .map(|r| {
+                let f = f.clone();
+                thread::spawn(move || f(Rendezvous::join(&config(r, n, port), &pairs(&[("k", "v")]))))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    #[test]
+    fn all_gather_broadcast_and_barrier_between_threads() {
+        let results = on_ranks(3, |rdv| {
+            let mut rdv = rdv.unwrap();
+            let me = rdv.rank();
+            let all = rdv.all_gather_bytes(&vec![me as u8; me + 1]).unwrap();
+            let root = rdv.broadcast_bytes(format!("from {me}").as_bytes()).unwrap();
+            rdv.barrier().unwrap();
+            rdv.check_peers().unwrap();
+            (all, root)
+        });
+        for (all, root) in results {
+            assert_eq!(all, vec![vec![0u8], vec![1, 1], vec![2, 2, 2]]);
+            assert_eq!(root, b"from 0");
+        }
+    }
+
+    #[test]
+    fn different_operations_on_different_ranks_are_an_error_not_a_hang() {
+        let results = on_ranks(2, |rdv| {
+            let mut rdv = rdv.unwrap();
+            if rdv.rank() == 0 {
+                rdv.broadcast_bytes(b"x").map(|_| ())
+            } else {
+                rdv.all_gather_bytes(b"y").map(|_| ())
+            }
+        });
+        let e = results[1].clone().unwrap_err();
+        assert!(
+            e.message.contains("Broadcast") && e.message.contains("different rendezvous operations"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_rank_outside_the_world_is_refused_before_connecting() {
+        let e = Rendezvous::join(&config(3, 3, free_port()), &[]).err().unwrap();
+        assert!(e.message.contains("RANK must be below WORLD_SIZE"), "{e}");
+    }
+
+    #[test]
+    fn a_clean_exit_is_not_reported_as_a_death() {
+        let results = on_ranks(2, |rdv| {
+            let mut rdv = rdv.unwrap();
+            rdv.barrier().unwrap();
+            if rdv.rank() == 1 {
+                drop(rdv); // says Bye
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(300));
+            rdv.check_peers()
+        });
+        assert!(results[0].is_ok(), "{:?}", results[0]);
+    }
+
+    #[test]
+    fn a_connection_closed_without_bye_is_reported_as_that_ranks_death() {
+        let port = free_port();
+        let rank0 = thread::spawn(move || {
+            let rdv = Rendezvous::join(&config(0, 2, port), &[]).unwrap();
+            let start = Instant::now();
+            while rdv.check_peers().is_ok() && start.elapsed() < Duration::from_secs(5) {
+                thread::sleep(Duration::from_millis(5));
+            }
+            rdv.check_peers()
+        });
+        // A rank 1 by hand, which vanishes without the goodbye a dropped Rendezvous sends.
+        let mut s = loop {
+            match TcpStream::connect(("127.0.0.1", port)) {
+                Ok(s) => break s,
+                Err(_) => thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let mut hello = Encoder::default();
+        hello.u32(PROTOCOL_VERSION).u32(1).u32(2).u32(0);
+        write_frame(&mut s, Kind::Hello, &hello.0).unwrap();
+        assert_eq!(read_frame(&mut s).unwrap().kind, Kind::Welcome);
+        drop(s);
+        let e = rank0.join().unwrap().unwrap_err();
+        assert!(e.message.contains("rank 1 is gone"), "{e}");
+    }
+
     #[test]
     fn fingerprint_mismatch_names_the_flag_and_both_values() {
         let a = pairs(&[("--depth", "12"), ("data", "abc")]);

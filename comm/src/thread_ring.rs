@@ -1,6 +1,7 @@
 //! Ring collectives between threads of one process.
 //!
-//! Rank r sends to rank r+1 and receives from rank r-1 (mod n). A reduce-scatter takes n-1 steps: at step
+//! The steps are `schedule::step_chunks`, whole chunks at a time (no slicing: a channel message has no
+//! size limit). Rank r sends to rank r+1 and receives from rank r-1 (mod n). A reduce-scatter takes n-1 steps: at step
 //! s rank r sends its partial sum of chunk (r - s - 1) and adds the partial it receives for chunk
 //! (r - s - 2) to its own, so chunk c makes one lap starting at rank c+1 and ends, complete, at rank c.
 //! An all-gather then passes each finished chunk once around the ring. Each link carries about
@@ -8,6 +9,7 @@
 //! too; here it also fixes the order of every sum, so results are deterministic and equal on all ranks.
 
 use crate::partition::Bounds;
+use crate::schedule::{step_chunks, steps, Phase};
 use crate::{Collective, CommError};
 use crossbeam_channel::{unbounded, Receiver, Sender};
 
@@ -90,11 +92,6 @@ impl ThreadRing {
             message: format!("rank {}: cannot {what} rank {peer}: that rank has exited", self.rank),
         }
     }
-
-    /// Chunk index `k` steps behind this rank, mod n.
-    fn chunk_behind(&self, k: usize) -> usize {
-        (self.rank + self.world_size * 2 - k) % self.world_size
-    }
 }
 
 impl Collective for ThreadRing {
@@ -109,9 +106,8 @@ impl Collective for ThreadRing {
     fn reduce_scatter_sum(&mut self, buf: &mut [f32], bounds: &Bounds) -> Result<(), CommError> {
         self.check(buf, bounds, "reduce_scatter_sum")?;
         let n = self.world_size;
-        for step in 0..n.saturating_sub(1) {
-            let send_chunk = self.chunk_behind(step + 1);
-            let recv_chunk = self.chunk_behind(step + 2);
+        for step in 0..steps(n) {
+            let (send_chunk, recv_chunk) = step_chunks(Phase::ReduceScatter, n, self.rank, step);
             self.send(&buf[bounds.range(send_chunk)])?;
             let incoming = self.recv(bounds.range(recv_chunk).len())?;
             // Every chunk is summed in ring order from its start (schedule::sum_order); IEEE addition is
@@ -127,9 +123,8 @@ impl Collective for ThreadRing {
     fn all_gather(&mut self, buf: &mut [f32], bounds: &Bounds) -> Result<(), CommError> {
         self.check(buf, bounds, "all_gather")?;
         let n = self.world_size;
-        for step in 0..n.saturating_sub(1) {
-            let send_chunk = self.chunk_behind(step);
-            let recv_chunk = self.chunk_behind(step + 1);
+        for step in 0..steps(n) {
+            let (send_chunk, recv_chunk) = step_chunks(Phase::AllGather, n, self.rank, step);
             self.send(&buf[bounds.range(send_chunk)])?;
             let incoming = self.recv(bounds.range(recv_chunk).len())?;
             buf[bounds.range(recv_chunk)].copy_from_slice(&incoming);

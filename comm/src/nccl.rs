@@ -1,0 +1,314 @@
+//! Collectives over NCCL (through cudarc), for GPUs in one machine or many.
+//!
+//! UNVERIFIED: this file compiles here but has never run (no GPU, no libnccl on the machine it was written
+//! on). It is a first transport for the multi-process CUDA path, to be checked on the first GPU machine.
+//!
+//! Finding NCCL: cudarc loads `libnccl.so` (or `libnccl.so.<CUDA major>`), not the `libnccl.so.2` that the
+//! `nvidia-nccl-cu13` pip wheel ships. `nccl_available()` probes for it; `NcclRing::join` with more than
+//! one rank and no NCCL is an error that says how to provide it (see `MISSING_NCCL`).
+//!
+//! The unique id travels through the `Rendezvous` (rank 0 creates it, broadcasts its 128 bytes). cudarc's
+//! `Comm` is not `Send`; `NcclRing` is, because `Collective` requires it: NCCL allows a communicator to be
+//! used from any thread as long as no two calls overlap, which `&mut self` guarantees, and every call first
+//! makes the stream's CUDA context current on the calling thread.
+//!
+//! Two levels:
+//! - device buffers (`reduce_scatter_device`, `all_gather_device`, `all_reduce_device`, any `NcclType`,
+//!   bf16 included): what the CUDA training path uses. NCCL's own bf16 sums round at every hop and take
+//!   their own order; the f32 ones are not in `schedule::sum_order` either, but all ranks get the same bits
+//!   from a reduce-scatter + all-gather, since the owner's result is what is gathered.
+//! - `Collective` on host slices: stages through device memory. bf16 reduce-scatter uses the trait's
+//!   default (f32 sums, rounded once), as the contract asks. Chunks of unequal size are padded to the
+//!   largest, since NCCL's reduce-scatter and all-gather take equal counts per rank.
+
+use crate::partition::{even_bounds, Bounds};
+use crate::rendezvous::Rendezvous;
+use crate::{bf16, Collective, CommError};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
+use cudarc::nccl::{Comm, Id, NcclType, ReduceOp};
+use std::sync::Arc;
+
+/// What to tell a user whose NCCL cannot be loaded.
+pub const MISSING_NCCL: &str = "NCCL was not found: cudarc loads libnccl.so from the library path. Either \
+    `pip install nvidia-nccl-cu13`, then `ln -s libnccl.so.2 libnccl.so` inside its nvidia/nccl/lib folder and \
+    put that folder on LD_LIBRARY_PATH, or install NCCL with CUDA (e.g. the libnccl2 + libnccl-dev packages) \
+    so that libnccl.so is on the loader's path";
+
+/// Whether cudarc can load the NCCL library.
+pub fn nccl_available() -> bool {
+    // Only tries to dlopen the library candidates; never panics.
+    unsafe { cudarc::nccl::sys::is_culib_present() }
+}
+
+/// One rank's NCCL communicator, or nothing at world size 1 without NCCL (every collective is then the
+/// identity, which is exact for one rank).
+pub struct NcclRing {
+    rank: usize,
+    world_size: usize,
+    comm: Option<Comm>,
+    stream: Arc<CudaStream>,
+}
+
+// SAFETY: see the module comment: NCCL communicators may be used from any thread, one call at a time,
+// which `&mut self` on every collective enforces; the context is bound before each call.
+unsafe impl Send for NcclRing {}
+
+fn nccl_err(rank: usize, what: &str, e: impl std::fmt::Debug) -> CommError {
+    CommError {
+        message: format!("rank {rank}: NCCL {what} failed: {e:?}"),
+    }
+}
+
+impl NcclRing {
+    /// Every rank calls it after the rendezvous, with the stream its collectives will run on (its GPU's).
+    pub fn join(rdv: &mut Rendezvous, stream: Arc<CudaStream>) -> Result<NcclRing, CommError> {
+        let (rank, world_size) = (rdv.rank(), rdv.world_size());
+        let have_nccl = nccl_available();
+        // Every rank says whether it found NCCL, so a rank without it fails every rank, by name.
+        let found = rdv.all_gather_bytes(&[have_nccl as u8])?;
+        if world_size == 1 && !have_nccl {
+            return Ok(NcclRing {
+                rank,
+                world_size,
+                comm: None,
+                stream,
+            });
+        }
+        if let Some(r) = found.iter().position(|f| f.first() != Some(&1)) {
+            return Err(CommError {
+                message: format!("rank {rank}: rank {r} cannot run NCCL: {MISSING_NCCL}"),
+            });
+        }
+        let id_bytes = if rank == 0 {
+            let id = Id::new().map_err(|e| nccl_err(rank, "ncclGetUniqueId", e))?;
+            rdv.broadcast_bytes(&id.internal().iter().map(|&c| c as u8).collect::<Vec<u8>>())?
+        } else {
+            rdv.broadcast_bytes(&[])?
+        };
+        let internal: [std::ffi::c_char; 128] = id_bytes
+            .iter()
+            .map(|&b| b as std::ffi::c_char)
+            .collect::<Vec<_>>()
+            .try_into()
+            .map_err(|_| CommError {
+                message: format!(
+                    "rank {rank}: the NCCL unique id from rank 0 has {} bytes, not 128",
+                    id_bytes.len()
+                ),
+            })?;
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| nccl_err(rank, "binding the CUDA context", e))?;
+        let comm = Comm::from_rank(stream.clone(), rank, world_size, Id::uninit(internal))
+            .map_err(|e| nccl_err(rank, "ncclCommInitRank", e))?;
+        Ok(NcclRing {
+            rank,
+            world_size,
+            comm: Some(comm),
+            stream,
+        })
+    }
+
+    /// Whether collectives go through NCCL (false only at world size 1 without NCCL).
+    pub fn uses_nccl(&self) -> bool {
+        self.comm.is_some()
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    fn comm(&self) -> Result<Option<&Comm>, CommError> {
+        if self.comm.is_some() {
+            self.stream
+                .context()
+                .bind_to_thread()
+                .map_err(|e| nccl_err(self.rank, "binding the CUDA context", e))?;
+        }
+        Ok(self.comm.as_ref())
+    }
+
+    /// `recv` (count c) gets rank `rank`'s sum of `send[rank * c..(rank + 1) * c]`; `send` holds
+    /// world_size * c elements. Enqueued on the ring's stream.
+    pub fn reduce_scatter_device<T: NcclType + DeviceRepr>(
+        &self,
+        send: &CudaSlice<T>,
+        recv: &mut CudaSlice<T>,
+    ) -> Result<(), CommError> {
+        if send.len() != recv.len() * self.world_size {
+            return Err(CommError {
+                message: format!(
+                    "rank {}: reduce_scatter_device: send has {} elements, expected {} x {} ranks",
+                    self.rank,
+                    send.len(),
+                    recv.len(),
+                    self.world_size
+                ),
+            });
+        }
+        match self.comm()? {
+            Some(c) => c
+                .reduce_scatter(send, recv, &ReduceOp::Sum)
+                .map(|_| ())
+                .map_err(|e| nccl_err(self.rank, "reduce_scatter", e)),
+            None => self
+                .stream
+                .memcpy_dtod(send, recv)
+                .map_err(|e| nccl_err(self.rank, "copy", e)),
+        }
+    }
+
+    /// `recv` (world_size * c elements) gets every rank's `send` (c elements) in rank order.
+    pub fn all_gather_device<T: NcclType + DeviceRepr>(
+        &self,
+        send: &CudaSlice<T>,
+        recv: &mut CudaSlice<T>,
+    ) -> Result<(), CommError> {
+        if recv.len() != send.len() * self.world_size {
+            return Err(CommError {
+                message: format!(
+                    "rank {}: all_gather_device: recv has {} elements, expected {} x {} ranks",
+                    self.rank,
+                    recv.len(),
+                    send.len(),
+                    self.world_size
+                ),
+            });
+        }
+        match self.comm()? {
+            Some(c) => c
+                .all_gather(send, recv)
+                .map(|_| ())
+                .map_err(|e| nccl_err(self.rank, "all_gather", e)),
+            None => self
+                .stream
+                .memcpy_dtod(send, recv)
+                .map_err(|e| nccl_err(self.rank, "copy", e)),
+        }
+    }
+
+    /// In-place sum over ranks.
+    pub fn all_reduce_device<T: NcclType + DeviceRepr, B: DevicePtrMut<T>>(
+        &self,
+        buf: &mut B,
+    ) -> Result<(), CommError> {
+        match self.comm()? {
+            Some(c) => c
+                .all_reduce_in_place(buf, &ReduceOp::Sum)
+                .map(|_| ())
+                .map_err(|e| nccl_err(self.rank, "all_reduce", e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Host-staged reduce-scatter or all-gather with chunks padded to the largest.
+    fn staged<T: NcclType + DeviceRepr + ValidAsZeroBits + Copy + Default>(
+        &mut self,
+        buf: &mut [T],
+        bounds: &Bounds,
+        gather: bool,
+        what: &str,
+    ) -> Result<(), CommError> {
+        if bounds.world_size() != self.world_size || bounds.len() != buf.len() {
+            return Err(CommError {
+                message: format!(
+                    "rank {}: {what} called with bounds for {} ranks over {} elements, but the ring has {} ranks and \
+                     the buffer {} elements",
+                    self.rank,
+                    bounds.world_size(),
+                    bounds.len(),
+                    self.world_size,
+                    buf.len()
+                ),
+            });
+        }
+        let n = self.world_size;
+        let width = (0..n).map(|r| bounds.range(r).len()).max().unwrap_or(0);
+        if n == 1 || width == 0 {
+            return Ok(());
+        }
+        let err = |e| nccl_err(self.rank, what, e);
+        let mine = bounds.range(self.rank);
+        if gather {
+            let mut own = vec![T::default(); width];
+            own[..mine.len()].copy_from_slice(&buf[mine]);
+            let send = self.stream.clone_htod(&own).map_err(err)?;
+            let mut recv = self.stream.alloc_zeros::<T>(n * width).map_err(err)?;
+            self.all_gather_device(&send, &mut recv)?;
+            let all = self.stream.clone_dtoh(&recv).map_err(err)?;
+            unpad(&all, bounds, width, buf);
+        } else {
+            let send = self.stream.clone_htod(&pad(buf, bounds, width)).map_err(err)?;
+            let mut recv = self.stream.alloc_zeros::<T>(width).map_err(err)?;
+            self.reduce_scatter_device(&send, &mut recv)?;
+            let out = self.stream.clone_dtoh(&recv).map_err(err)?;
+            let len = mine.len();
+            buf[mine].copy_from_slice(&out[..len]);
+        }
+        Ok(())
+    }
+}
+
+/// `buf` with chunk r moved to `r * width` and the gaps zero (`width` >= every chunk's length): the
+/// equal-count layout NCCL's reduce-scatter reads.
+fn pad<T: Copy + Default>(buf: &[T], bounds: &Bounds, width: usize) -> Vec<T> {
+    let mut padded = vec![T::default(); bounds.world_size() * width];
+    for r in 0..bounds.world_size() {
+        let range = bounds.range(r);
+        padded[r * width..r * width + range.len()].copy_from_slice(&buf[range]);
+    }
+    padded
+}
+
+/// The inverse of `pad`: chunk r of `buf` from `all[r * width..]` (what NCCL's all-gather writes).
+fn unpad<T: Copy>(all: &[T], bounds: &Bounds, width: usize, buf: &mut [T]) {
+    for r in 0..bounds.world_size() {
+        let range = bounds.range(r);
+        buf[range.clone()].copy_from_slice(&all[r * width..r * width + range.len()]);
+    }
+}
+
+impl Collective for NcclRing {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32], bounds: &Bounds) -> Result<(), CommError> {
+        self.staged(buf, bounds, false, "reduce_scatter_sum")
+    }
+
+    fn all_gather(&mut self, buf: &mut [f32], bounds: &Bounds) -> Result<(), CommError> {
+        self.staged(buf, bounds, true, "all_gather")
+    }
+
+    fn all_gather_bf16(&mut self, buf: &mut [bf16], bounds: &Bounds) -> Result<(), CommError> {
+        self.staged(buf, bounds, true, "all_gather_bf16")
+    }
+
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
+        let bounds = even_bounds(buf.len(), self.world_size);
+        self.reduce_scatter_sum(buf, &bounds)?;
+        self.all_gather(buf, &bounds)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn padding_puts_chunk_r_at_r_times_width_and_back() {
+        let bounds = Bounds::new(vec![0, 3, 3, 7]).unwrap();
+        let buf: Vec<f32> = (1..=7).map(|x| x as f32).collect();
+        let padded = pad(&buf, &bounds, 4);
+        assert_eq!(padded, vec![1., 2., 3., 0., 0., 0., 0., 0., 4., 5., 6., 7.]);
+        let mut back = vec![0.0f32; 7];
+        unpad(&padded, &bounds, 4, &mut back);
+        assert_eq!(back, buf);
+    }
+}

@@ -127,6 +127,7 @@ fn bad_flags_are_one_line_errors() {
         ),
         (&["--plan", "--precision", "fp16"], "not one of bf16, fp32"),
         (&["--tf32"], "needs --backend cuda"),
+        (&["--depth", "52", "--dbs", "24"], "nc-data download"),
     ];
     let mut cases = cases.to_vec();
     // without a GPU, --backend cuda says what is missing and what to use instead

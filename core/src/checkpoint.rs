@@ -10,6 +10,12 @@
 //! A save writes everything into `checkpoints/.partial-step_NNNNNN/`, syncs it, writes the marker and only
 //! then renames the folder into place; a crash at any point leaves the previous checkpoints as they were,
 //! and the partial folder is ignored (and cleared by the next save).
+//!
+//! With several ranks the save is split in phases (`begin_save`, `write_optim_state`, `write_model_and_meta`,
+//! `finish_save`): rank 0 prepares the partial folder, every rank writes its own optimizer state into it,
+//! rank 0 writes the weights and meta.json, and, once the ranks agree that every file is in, rank 0 writes
+//! the marker and renames. Ranks in other processes (on other machines) write into the same folder, so the out
+//! dir must be one folder all of them see; `finish_save` checks that every rank's file is there.
 
 use crate::bail;
 use crate::config::ModelConfig;
@@ -114,14 +120,26 @@ pub fn save_with_hook(
     optim_states: &[&[f32]],
     after_file: &mut dyn FnMut(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
-    let model = &meta.model_config;
-    if params.len() as u64 != model.num_params() {
-        bail!(
-            "checkpoint: {} parameters given for a model of {}",
-            params.len(),
-            model.num_params()
-        );
+    let tmp = begin_save(out_dir, meta.step)?;
+    write_model(&tmp, meta, params)?;
+    after_file(&tmp.join(MODEL_FILE))?;
+    for (rank, state) in optim_states.iter().enumerate() {
+        let path = write_optim_state(&tmp, rank, state)?;
+        after_file(&path)?;
     }
+    write_meta(&tmp, meta)?;
+    after_file(&tmp.join(META_FILE))?;
+    finish_save(out_dir, meta)
+}
+
+/// The folder a save of `step` writes into before it is complete.
+pub fn partial_dir(out_dir: &Path, step: u64) -> PathBuf {
+    checkpoints_dir(out_dir).join(format!("{PARTIAL_PREFIX}{}", step_dir_name(step)))
+}
+
+/// First phase of a save (rank 0 alone): clear what saves that died midway left, and make the empty partial
+/// folder of `step`; returns it.
+pub fn begin_save(out_dir: &Path, step: u64) -> Result<PathBuf> {
     let root = checkpoints_dir(out_dir);
     fs::create_dir_all(&root).map_err(|e| io_err(&root, e))?;
     // Leftovers of saves that died midway: never checkpoints, safe to clear.
@@ -131,10 +149,26 @@ pub fn save_with_hook(
             let _ = fs::remove_dir_all(entry.path());
         }
     }
-    let name = step_dir_name(meta.step);
-    let tmp = root.join(format!("{PARTIAL_PREFIX}{name}"));
+    let tmp = partial_dir(out_dir, step);
     fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+    Ok(tmp)
+}
 
+/// Rank 0: the weights and meta.json into the partial folder.
+pub fn write_model_and_meta(partial: &Path, meta: &CheckpointMeta, params: &[f32]) -> Result<()> {
+    write_model(partial, meta, params)?;
+    write_meta(partial, meta)
+}
+
+fn write_model(tmp: &Path, meta: &CheckpointMeta, params: &[f32]) -> Result<()> {
+    let model = &meta.model_config;
+    if params.len() as u64 != model.num_params() {
+        bail!(
+            "checkpoint: {} parameters given for a model of {}",
+            params.len(),
+            model.num_params()
+        );
+    }
     let model_path = tmp.join(MODEL_FILE);
     let mut views = Vec::new();
     for spec in model.param_specs() {
@@ -143,21 +177,50 @@ pub fn save_with_hook(
         views.push((spec.name.clone(), view));
     }
     let st_meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    write_tensors(&model_path, views, Some(st_meta))?;
-    after_file(&model_path)?;
+    write_tensors(&model_path, views, Some(st_meta))
+}
 
-    for (rank, state) in optim_states.iter().enumerate() {
-        let path = tmp.join(optim_file(rank));
-        let view = TensorView::new(Dtype::F32, vec![state.len()], f32_bytes(state))
-            .map_err(|e| NcError::new(format!("optimizer state: {e}")))?;
-        write_tensors(&path, vec![("state".to_string(), view)], None)?;
-        after_file(&path)?;
-    }
-
+fn write_meta(tmp: &Path, meta: &CheckpointMeta) -> Result<()> {
     let meta_path = tmp.join(META_FILE);
     let text = serde_json::to_string_pretty(meta).map_err(|e| NcError::new(format!("meta.json: {e}")))?;
-    write_synced(&meta_path, text.as_bytes())?;
-    after_file(&meta_path)?;
+    write_synced(&meta_path, text.as_bytes())
+}
+
+/// Every rank: its optimizer state into the partial folder (synced); returns the file's path.
+pub fn write_optim_state(partial: &Path, rank: usize, state: &[f32]) -> Result<PathBuf> {
+    if !partial.is_dir() {
+        bail!(
+            "rank {rank}: the checkpoint folder {} does not exist here; with ranks on several machines the out dir \
+             must be one folder all of them share (a network filesystem)",
+            partial.display()
+        );
+    }
+    let path = partial.join(optim_file(rank));
+    let view = TensorView::new(Dtype::F32, vec![state.len()], f32_bytes(state))
+        .map_err(|e| NcError::new(format!("optimizer state: {e}")))?;
+    write_tensors(&path, vec![("state".to_string(), view)], None)?;
+    Ok(path)
+}
+
+/// Last phase (rank 0, after every rank has written its file): check that the weights, meta.json and every
+/// rank's optimizer state are in the partial folder, write the marker and rename the folder into place.
+pub fn finish_save(out_dir: &Path, meta: &CheckpointMeta) -> Result<PathBuf> {
+    let tmp = partial_dir(out_dir, meta.step);
+    let root = checkpoints_dir(out_dir);
+    let name = step_dir_name(meta.step);
+    let mut needed = vec![MODEL_FILE.to_string(), META_FILE.to_string()];
+    needed.extend((0..meta.optimizer.world_size).map(optim_file));
+    for f in &needed {
+        if !tmp.join(f).is_file() {
+            bail!(
+                "checkpoint of step {}: {} is missing from {}; every rank writes its own optimizer state there, so \
+                 with ranks on several machines the out dir must be one folder all of them share",
+                meta.step,
+                f,
+                tmp.display()
+            );
+        }
+    }
 
     let marker = tmp.join(COMPLETE_MARKER);
     write_synced(&marker, format!("{}\n", meta.step).as_bytes())?;
@@ -390,6 +453,30 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![10, 20]
         );
+    }
+
+    /// Ranks save in phases; a rank's missing file (a rank that failed, or another machine's out dir) keeps
+    /// the marker from being written.
+    #[test]
+    fn a_save_is_complete_only_with_every_ranks_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = meta(4);
+        m.optimizer.world_size = 2;
+        m.optimizer.state_lens = vec![5, 5];
+        let tmp = begin_save(dir.path(), 4).unwrap();
+        write_model_and_meta(&tmp, &m, &params(1.0)).unwrap();
+        write_optim_state(&tmp, 0, &[1.0; 5]).unwrap();
+        let e = finish_save(dir.path(), &m).unwrap_err();
+        assert!(e.message.contains("optim_rank1.safetensors"), "{e}");
+        assert_eq!(latest(dir.path()).unwrap(), None);
+        write_optim_state(&tmp, 1, &[2.0; 5]).unwrap();
+        let done = finish_save(dir.path(), &m).unwrap();
+        let mut s = [0.0f32; 5];
+        load_optim_state(&done, 1, &mut s).unwrap();
+        assert_eq!(s, [2.0; 5]);
+        // a rank whose partial folder does not exist (another machine's disk) says what the out dir must be
+        let e = write_optim_state(&dir.path().join("elsewhere"), 3, &[0.0; 5]).unwrap_err();
+        assert!(e.message.contains("share"), "{e}");
     }
 
     #[test]

@@ -76,6 +76,39 @@ pub const PRESETS: &[(&str, usize)] = &[
     ("7b", 52),
 ];
 
+/// The batch the scaling plan (SPEC.md section 7; the seed's scaling document) trains a preset with, on its
+/// node of `world_size` GPUs of `gpu_mem_gb` GB each. At another world size the total stays and gradient
+/// accumulation makes up the difference.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PresetBatch {
+    pub device_batch_size: usize,
+    pub total_batch_size: usize,
+    pub world_size: usize,
+    /// Memory per GPU of the plan's node, in GB (10^9 bytes): 1.5 TB over 8 GPUs.
+    pub gpu_mem_gb: f64,
+}
+
+/// The presets that carry the scaling plan's batch: (name, device batch size, total batch size). All at 8
+/// GPUs of 187.5 GB, 2048-token sequences: 48 x 2048 x 8 = 786,432 and 24 x 2048 x 8 = 393,216 (gradient
+/// accumulation 1 on the node).
+const PRESET_BATCHES: &[(&str, usize, usize)] = &[("3b", 48, 786_432), ("6.6b", 24, 393_216), ("7b", 24, 393_216)];
+const PRESET_NODE_GPUS: usize = 8;
+const PRESET_NODE_GPU_MEM_GB: f64 = 187.5;
+
+/// The scaling plan's batch for a preset that has one (3b, 6.6b, 7b); None for the d* presets, which take
+/// nanochat's defaults.
+pub fn preset_batch(name: &str) -> Option<PresetBatch> {
+    PRESET_BATCHES
+        .iter()
+        .find(|(n, _, _)| *n == name)
+        .map(|&(_, dbs, total)| PresetBatch {
+            device_batch_size: dbs,
+            total_batch_size: total,
+            world_size: PRESET_NODE_GPUS,
+            gpu_mem_gb: PRESET_NODE_GPU_MEM_GB,
+        })
+}
+
 impl ModelConfig {
     /// nanochat's depth scaling: d = 64 * depth, head_dim 128, n_head = ceil(d / 128), full MHA.
     pub fn from_depth(depth: usize) -> Result<Self> {
@@ -269,6 +302,22 @@ mod tests {
         assert_eq!((c.n_layer, c.n_embd, c.n_head), (52, 3328, 26));
         let c = ModelConfig::preset("d20").unwrap();
         assert_eq!((c.n_layer, c.n_embd, c.n_head), (20, 1280, 10));
+    }
+
+    #[test]
+    fn preset_batches_are_the_scaling_plans() {
+        // the seed's numbers: dbs x 2048 x 8 GPUs, gradient accumulation 1 on its node
+        for (name, dbs, total) in [("3b", 48, 786_432), ("6.6b", 24, 393_216), ("7b", 24, 393_216)] {
+            let b = preset_batch(name).unwrap();
+            assert_eq!(
+                (b.device_batch_size, b.total_batch_size, b.world_size),
+                (dbs, total, 8),
+                "{name}"
+            );
+            let seq = ModelConfig::preset(name).unwrap().sequence_len;
+            assert_eq!(b.device_batch_size * seq * b.world_size, b.total_batch_size, "{name}");
+        }
+        assert!(preset_batch("d20").is_none());
     }
 
     #[test]

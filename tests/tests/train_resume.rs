@@ -171,6 +171,39 @@ fn bad_input_is_a_clear_error() {
     assert!(train(&cfg).unwrap_err().message.contains("--total-batch-size"));
 }
 
+/// --eval-tokens beyond the validation split evaluates one pass (and says so) instead of looping it: the
+/// result equals asking for exactly one pass, while 2.5 passes asked of a looping loader would weight part
+/// of the split twice.
+#[test]
+fn eval_tokens_beyond_the_split_evaluate_one_pass() {
+    let run = |eval_tokens: usize| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = tiny_config(dir.path(), 1);
+        cfg.eval_tokens = eval_tokens;
+        train(&cfg).unwrap()
+    };
+    let tokens_per_batch = 4 * 32;
+    let probe = run(tokens_per_batch);
+    assert!(!probe.eval_capped && probe.eval_batches == 1);
+    // one pass, counted on the validation loader itself: batches until it wraps
+    let cfg = tiny_config(Path::new("unused"), 1);
+    let mut val = nc_core::train::data::load(&cfg.data, 0, 1, 4, 32).unwrap().val;
+    let one_pass = (0..).take_while(|_| val.next_batch().epoch == 0).count();
+    assert!((3..1000).contains(&one_pass), "the split holds {one_pass} batches");
+    let huge = run(1 << 20);
+    assert!(huge.eval_capped && huge.eval_batches == one_pass);
+    let exact = run(one_pass * tokens_per_batch);
+    assert!(!exact.eval_capped && exact.eval_batches == one_pass);
+    let two_and_a_half = run((5 * one_pass / 2) * tokens_per_batch);
+    assert!(two_and_a_half.eval_capped && two_and_a_half.eval_batches == one_pass);
+    for s in [&huge, &two_and_a_half] {
+        assert_eq!(
+            s.evals.last().unwrap().val_loss.to_bits(),
+            exact.evals.last().unwrap().val_loss.to_bits()
+        );
+    }
+}
+
 /// A save that died midway (a partial folder without its marker) is ignored: resume takes the last
 /// complete checkpoint.
 #[test]

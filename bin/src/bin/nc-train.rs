@@ -6,7 +6,7 @@
 
 use clap::Parser;
 use nc_core::backend::cuda;
-use nc_core::config::ModelConfig;
+use nc_core::config::{self, ModelConfig, PresetBatch};
 use nc_core::error::{NcError, Result};
 use nc_core::optim::adamw::AdamParams;
 use nc_core::optim::OptimConfig;
@@ -29,7 +29,9 @@ struct Cli {
     /// Number of layers; model_dim = 64 * depth, heads of 128 (default 20, or a small model on the embedded corpus).
     #[arg(long)]
     depth: Option<usize>,
-    /// A named model: d20, d26, d32, 3b (d38), 6.6b (d50), 7b (d52); instead of --depth.
+    /// A named model: d20, d26, d32, 3b (d38), 6.6b (d50), 7b (d52); instead of --depth. 3b, 6.6b and 7b also
+    /// set the scaling plan's batch (3b: --dbs 48 --total-batch-size 786432; 6.6b, 7b: 24 and 393216) and, for
+    /// --plan, its node (8 GPUs of 187.5 GB); flags given explicitly override them.
     #[arg(long)]
     preset: Option<String>,
     /// Key/value heads (grouped-query attention); must divide the number of heads (default: all heads).
@@ -116,9 +118,9 @@ struct Cli {
     /// strict f32.
     #[arg(long)]
     tf32: bool,
-    /// Number of ranks (GPUs) training together.
-    #[arg(long, alias = "world_size", default_value_t = 1)]
-    world_size: usize,
+    /// Number of ranks (GPUs) training together (default 1; with --plan and a 3b/6.6b/7b preset, 8).
+    #[arg(long, alias = "world_size")]
+    world_size: Option<usize>,
     /// Seed of the initialization and of sampling.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -169,6 +171,27 @@ const DEFAULT_DEPTH: usize = 20;
 const DEFAULT_DBS: usize = 32;
 const DEFAULT_TOTAL_BATCH: usize = 524288;
 
+/// Without --data-dir, models larger than this are refused: the embedded corpus (about 0.5M tokens) is for the
+/// small default, and a model of this size would only memorize it.
+const EMBEDDED_MAX_PARAMS: u64 = 100_000_000;
+
+/// The scaling plan's batch of the --preset given, if it has one (3b, 6.6b, 7b).
+fn preset_batch(cli: &Cli) -> Option<PresetBatch> {
+    cli.preset.as_deref().and_then(config::preset_batch)
+}
+
+/// --dbs, or the preset's, or `default`.
+fn device_batch_size(cli: &Cli, default: usize) -> usize {
+    cli.device_batch_size
+        .or(preset_batch(cli).map(|b| b.device_batch_size))
+        .unwrap_or(default)
+}
+
+/// --total-batch-size, or the preset's.
+fn total_batch_size(cli: &Cli) -> Option<usize> {
+    cli.total_batch_size.or(preset_batch(cli).map(|b| b.total_batch_size))
+}
+
 fn model_from_flags(cli: &Cli) -> Result<ModelConfig> {
     let mut model = match (&cli.preset, cli.depth) {
         (Some(_), Some(_)) => return Err(NcError::new("give --depth or --preset, not both")),
@@ -188,7 +211,7 @@ fn check_common(cli: &Cli) -> Result<()> {
     if cli.json && !cli.plan {
         return Err(NcError::new("--json only applies to --plan; add --plan or drop --json"));
     }
-    if cli.world_size == 0 {
+    if cli.world_size == Some(0) {
         return Err(NcError::new("--world-size must be at least 1"));
     }
     if !matches!(cli.backend.as_str(), "auto" | "cpu" | "cuda") {
@@ -219,11 +242,13 @@ fn plan_from_flags(cli: &Cli) -> Result<Plan> {
             .map_err(|e| e.context(format!("--plan --data-dir {dir}")))?;
         model = model.with_vocab_size(tok.vocab_size())?;
     }
+    // a preset of the scaling plan is planned on the plan's node unless told otherwise
+    let node = preset_batch(cli);
     let batch = BatchPlan::new(
-        cli.device_batch_size.unwrap_or(DEFAULT_DBS),
+        device_batch_size(cli, DEFAULT_DBS),
         model.sequence_len,
-        cli.total_batch_size.unwrap_or(DEFAULT_TOTAL_BATCH),
-        cli.world_size,
+        total_batch_size(cli).unwrap_or(DEFAULT_TOTAL_BATCH),
+        cli.world_size.or(node.map(|b| b.world_size)).unwrap_or(1),
     )?;
     let horizon = Horizon::from_flags(cli.num_iterations, cli.target_flops, cli.target_param_data_ratio)?;
     let gpu_precision = match (cli.precision.as_deref(), cli.backend.as_str()) {
@@ -250,7 +275,11 @@ fn plan_from_flags(cli: &Cli) -> Result<Plan> {
         (Precision::Fp32, "cpu".to_string(), mem)
     } else {
         let gpu = plan::gpu_by_name(cli.gpu.as_deref().unwrap_or("h100"))?;
-        match &cli.gpu_mem {
+        let node_mem = match (node, &cli.gpu) {
+            (Some(b), None) => Some(format!("{}GB", b.gpu_mem_gb)),
+            _ => None,
+        };
+        match cli.gpu_mem.as_ref().or(node_mem.as_ref()) {
             // --gpu-mem alone sizes a GPU that is not one of the named ones: do not call it an h100
             Some(s) => {
                 let name = if cli.gpu.is_some() { gpu.name } else { "gpu" };
@@ -368,16 +397,25 @@ fn train_config_from_flags(cli: &Cli) -> Result<TrainConfig> {
     } else {
         model_from_flags(cli)?
     };
-    let dbs = cli
-        .device_batch_size
-        .unwrap_or(if embedded { EMBEDDED_DBS } else { DEFAULT_DBS });
-    let total = cli.total_batch_size.unwrap_or(if embedded {
-        dbs * model.sequence_len * cli.world_size
+    if embedded && model.num_params() > EMBEDDED_MAX_PARAMS {
+        return Err(NcError::new(format!(
+            "a d{} model ({:.2}B parameters) with no --data-dir would train on the embedded corpus, which is for the \
+             small default model only; prepare real data (nc-data download, then nc-data train-tokenizer and nc-data \
+             tokenize; see README, Data) and pass --data-dir DATA (for a smoke test without downloads: nc-data synth \
+             --out DATA)",
+            model.n_layer,
+            model.num_params() as f64 / 1e9
+        )));
+    }
+    let world_size = cli.world_size.unwrap_or(1);
+    let dbs = device_batch_size(cli, if embedded { EMBEDDED_DBS } else { DEFAULT_DBS });
+    let total = total_batch_size(cli).unwrap_or(if embedded {
+        dbs * model.sequence_len * world_size
     } else {
         DEFAULT_TOTAL_BATCH
     });
     // checked here too so a bad batch fails before any data is read
-    BatchPlan::new(dbs, model.sequence_len, total, cli.world_size)?;
+    BatchPlan::new(dbs, model.sequence_len, total, world_size)?;
     let num_iterations = match (
         embedded,
         cli.num_iterations,
@@ -403,7 +441,7 @@ fn train_config_from_flags(cli: &Cli) -> Result<TrainConfig> {
         model,
         device_batch_size: dbs,
         total_batch_size: total,
-        world_size: cli.world_size,
+        world_size,
         horizon,
         optim: OptimConfig {
             matrix_lr: cli.matrix_lr,
@@ -509,6 +547,52 @@ mod tests {
             assert_eq!(v["grad_accum"].as_u64(), Some(524288 / (32 * 2048)));
             assert_eq!(v["fits"].as_bool(), Some(fits), "d{depth} on one H100");
         }
+    }
+
+    /// `--preset 7b --plan` answers the seed's question: its batch on its node (8 GPUs of 187.5 GB), gradient
+    /// accumulation 1; explicit flags override the preset's.
+    #[test]
+    fn presets_carry_the_scaling_plans_batch() {
+        let plan = |args: &[&str]| serde_json::to_value(plan_from_flags(&parse(args)).unwrap()).unwrap();
+        for (name, dbs, total) in [("3b", 48u64, 786_432u64), ("6.6b", 24, 393_216), ("7b", 24, 393_216)] {
+            let v = plan(&["--plan", "--json", "--preset", name]);
+            assert_eq!(v["batch"]["device_batch_size"].as_u64(), Some(dbs), "{name}");
+            assert_eq!(v["batch"]["total_batch_size"].as_u64(), Some(total), "{name}");
+            assert_eq!(v["batch"]["world_size"].as_u64(), Some(8), "{name}");
+            assert_eq!(v["grad_accum"].as_u64(), Some(1), "{name}");
+            assert_eq!(v["device_mem_bytes"].as_f64(), Some(187.5e9), "{name}");
+        }
+        // explicit flags win: a smaller device batch doubles the accumulation, a named GPU its memory
+        let v = plan(&["--plan", "--json", "--preset", "7b", "--dbs", "12", "--gpu", "h100"]);
+        assert_eq!(v["grad_accum"].as_u64(), Some(2));
+        assert_eq!(v["batch"]["total_batch_size"].as_u64(), Some(393_216));
+        assert_eq!(v["device"].as_str(), Some("h100"));
+        let v = plan(&["--plan", "--json", "--preset", "3b", "--world-size", "2"]);
+        assert_eq!(v["grad_accum"].as_u64(), Some(4));
+        // the d* presets keep nanochat's defaults, on one GPU
+        let v = plan(&["--plan", "--json", "--preset", "d20"]);
+        assert_eq!(v["batch"]["device_batch_size"].as_u64(), Some(32));
+        assert_eq!(v["batch"]["world_size"].as_u64(), Some(1));
+        // a training run takes the preset's batch at its own world size
+        let c = parse(&["--preset", "3b", "--data-dir", "/nonexistent"]);
+        let t = train_config_from_flags(&c).unwrap();
+        assert_eq!(
+            (t.device_batch_size, t.total_batch_size, t.world_size),
+            (48, 786_432, 1)
+        );
+    }
+
+    /// A big model without --data-dir is refused with the way to real data; small ones still run embedded.
+    #[test]
+    fn a_big_model_without_data_is_refused() {
+        let e = train_config_from_flags(&parse(&["--depth", "52", "--dbs", "24"])).unwrap_err();
+        assert!(
+            e.message.contains("embedded corpus") && e.message.contains("nc-data download"),
+            "{e}"
+        );
+        assert!(!e.message.contains('\n'));
+        assert!(train_config_from_flags(&parse(&["--depth", "4"])).is_ok());
+        assert!(train_config_from_flags(&parse(&["--depth", "52", "--data-dir", "/data"])).is_ok());
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //! last shard it wraps to the first and the epoch count goes up (the batch says so).
 //!
 //! The position (`LoaderState`) is the same on every rank and small; `restore` continues with exactly the
-//! batch that would have come next. Batches are produced by a background thread into a bounded crossbeam
+//! batch that would have come next. The position is the whole run's, not a rank's: each rank's window is
+//! derived from it, so a run resumed at another world size (`LoaderState::for_layout`) re-splits the same
+//! stream among its ranks. Batches are produced by a background thread into a bounded crossbeam
 //! channel, so the training loop does not wait on page faults of the mmap'd shards.
 
 use std::path::PathBuf;
@@ -35,6 +37,23 @@ pub struct LoaderState {
     pub epoch: u64,
     /// `world_size * B * T` of the run that saved this state; restoring into another layout is an error.
     pub tokens_per_step: usize,
+}
+
+impl LoaderState {
+    /// This position for a run whose loader steps are `tokens_per_step` tokens (another world size or device
+    /// batch, resuming a checkpoint). What is kept: the next step starts at the very token the saved run
+    /// would have read next, and the ranks' windows tile the stream from there in rank order, so within the
+    /// epoch no token before the position is read again and none after it is skipped, except the tail of a
+    /// shard too short for a whole step, which the loader always skips (shorter than one step of the new
+    /// layout, so it may differ from the tail the old layout would have skipped). An optimizer step of a fixed
+    /// total batch covers the same consecutive tokens at any world size (its micro-steps follow each other in
+    /// the stream), away from those tails.
+    pub fn for_layout(self, tokens_per_step: usize) -> LoaderState {
+        LoaderState {
+            tokens_per_step,
+            ..self
+        }
+    }
 }
 
 /// One rank's batch: row-major `B x T`.
@@ -329,6 +348,13 @@ impl DataLoader {
         self.parts.iter().map(|p| p.len()).sum()
     }
 
+    /// Loader steps in one pass over the data (each part serves steps from its start while a whole step and
+    /// the final target fit).
+    pub fn steps_per_epoch(&self) -> usize {
+        let step = self.layout.tokens_per_step();
+        self.parts.iter().map(|p| p.len().saturating_sub(1) / step).sum()
+    }
+
     /// Parts too small to hold one step; they are skipped.
     pub fn skipped_parts(&self) -> usize {
         let step = self.layout.tokens_per_step();
@@ -372,5 +398,44 @@ mod tests {
         let b = c.next_batch();
         assert_eq!(b.inputs, (0..8).collect::<Vec<u32>>());
         assert_eq!(b.epoch, 0);
+    }
+
+    /// steps_per_epoch counts exactly the batches before the loader wraps.
+    #[test]
+    fn steps_per_epoch_is_one_pass() {
+        for (lens, batch) in [(vec![5usize, 20, 17], 2usize), (vec![9, 8], 2), (vec![100], 3)] {
+            let streams: Vec<Vec<u32>> = lens.iter().map(|&n| (0..n as u32).collect()).collect();
+            let mut l = DataLoader::from_tokens(streams, 0, 1, batch, 4).unwrap();
+            let n = l.steps_per_epoch();
+            for i in 0..n {
+                assert_eq!(l.next_batch().epoch, 0, "{lens:?}: batch {i}");
+            }
+            let b = l.next_batch();
+            assert!(b.epoch == 1 && b.wrapped, "{lens:?}: batch {n} starts the next pass");
+        }
+    }
+
+    /// A state restored at another world size continues at the saved token: two ranks' windows of the next
+    /// step are the one-rank loader's next two batches.
+    #[test]
+    fn a_state_resplits_to_another_world_size() {
+        let tokens: Vec<u32> = (0..400).collect();
+        let mut one = DataLoader::from_tokens(vec![tokens.clone()], 0, 1, 2, 4).unwrap();
+        for _ in 0..3 {
+            one.next_batch();
+        }
+        let saved = one.state();
+        let mut two: Vec<DataLoader> = (0..2)
+            .map(|r| DataLoader::from_tokens(vec![tokens.clone()], r, 2, 2, 4).unwrap())
+            .collect();
+        for l in &mut two {
+            assert!(l.restore(saved).is_err(), "a changed layout needs for_layout");
+            l.restore(saved.for_layout(16)).unwrap();
+        }
+        for _ in 0..2 {
+            let want: Vec<u32> = [one.next_batch().inputs, one.next_batch().inputs].concat();
+            let got: Vec<u32> = [two[0].next_batch().inputs, two[1].next_batch().inputs].concat();
+            assert_eq!(got, want);
+        }
     }
 }

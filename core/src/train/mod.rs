@@ -12,6 +12,7 @@
 
 pub mod data;
 pub mod metrics;
+pub mod reshard;
 pub mod signal;
 pub mod sync;
 
@@ -26,12 +27,13 @@ use crate::model::{Gpt, HostMirror};
 use crate::optim::clip::clip_grad_norm;
 use crate::optim::device::DeviceOptimizer;
 use crate::optim::schedule::{muon_momentum, LrSchedule};
+use crate::optim::shard::ShardLayout;
 use crate::optim::{OptimConfig, Optimizer};
 use crate::plan::{self, BatchPlan, Horizon, Precision};
 use crate::sample::{Sampler, Sampling};
 use data::{DataSource, RunData};
 use metrics::MetricsWriter;
-use nc_comm::ThreadRing;
+use nc_comm::{Collective, ThreadRing};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -122,6 +124,11 @@ pub struct RunSummary {
     pub train_seconds: f64,
     pub peak_rss_bytes: Option<u64>,
     pub last_checkpoint: Option<PathBuf>,
+    /// Validation batches per evaluation: what --eval-tokens asks for, or one pass over the validation split
+    /// when that asks for more.
+    pub eval_batches: usize,
+    /// Whether --eval-tokens asked for more than the validation split holds (and one pass was evaluated).
+    pub eval_capped: bool,
 }
 
 /// EMA factor of the logged train loss.
@@ -227,26 +234,38 @@ fn resume_point(
             dir.display()
         ))
     })?;
-    if (saved.device_batch_size, saved.total_batch_size, saved.world_size)
-        != (batch.device_batch_size, batch.total_batch_size, batch.world_size)
-    {
+    // the world size and the device batch may change (the optimizer state is re-sharded, the loader's position
+    // re-split); the tokens of an optimizer step may not, or the run would follow another curve
+    if saved.total_batch_size != batch.total_batch_size {
         bail!(
-            "checkpoint {} was trained with --dbs {} --total-batch-size {} --world-size {}; resume with the same",
+            "checkpoint {} was trained with --total-batch-size {}; resume with the same (--world-size and --dbs may \
+             change)",
             dir.display(),
-            saved.device_batch_size,
-            saved.total_batch_size,
+            saved.total_batch_size
+        );
+    }
+    let old_world = meta.optimizer.world_size;
+    let lens_ok = (0..old_world)
+        .all(|r| meta.optimizer.state_lens.get(r) == Some(&ShardLayout::new(model, r, old_world).state_len));
+    if old_world == 0 || old_world != saved.world_size || meta.optimizer.state_lens.len() != old_world || !lens_ok {
+        bail!(
+            "checkpoint {}: its optimizer state ({} ranks, sizes {:?}) does not match the {} ranks it was trained \
+             with on this model; it is corrupt",
+            dir.display(),
+            meta.optimizer.state_lens.len(),
+            meta.optimizer.state_lens,
             saved.world_size
         );
     }
-    if meta.optimizer.world_size != batch.world_size || meta.optimizer.state_lens.len() != batch.world_size {
-        bail!(
-            "checkpoint {}: optimizer state of {} ranks, this run has {}; it is corrupt",
-            dir.display(),
-            meta.optimizer.state_lens.len(),
-            batch.world_size
-        );
-    }
     Ok(Some((dir, meta)))
+}
+
+/// The device batch size a checkpoint was trained with (0 if its train config does not say).
+fn saved_dbs(meta: &CheckpointMeta) -> u64 {
+    meta.train_config
+        .get("device_batch_size")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0)
 }
 
 /// The optimizer of a rank: the host one where the backend's buffers are host memory (the CPU, any number
@@ -296,46 +315,32 @@ impl<B: Backend> RankOptimizer<B> {
     }
 }
 
-/// What one rank of a multi-rank run shares with the others.
-struct RankLink {
-    comm: ThreadRing,
-    /// Ranks above 0 send their optimizer state to rank 0 for each checkpoint.
-    states_to_rank0: crossbeam_channel::Sender<(usize, Vec<f32>)>,
-    states_from_ranks: crossbeam_channel::Receiver<(usize, Vec<f32>)>,
-}
-
 /// Train as `cfg` says. Returns after the last step, or early (with a checkpoint) on a stop request.
 /// With `world_size` > 1 the ranks are threads of this process on the CPU, joined by a thread ring
-/// (data parallel, ZeRO-1); rank 0 evaluates, samples, logs and saves, and its summary is returned.
+/// (data parallel, ZeRO-1); rank 0 evaluates, samples, logs and saves, and its summary is returned. This is
+/// the tests' fixture: `nc-train` runs one process per rank (`launch`), each through `train_as_rank`.
 pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
     if cfg.world_size <= 1 {
-        return train_rank(cfg, 0, None, cpu_device(cfg.world_size));
+        return train_rank(cfg, 0, None, cpu_device(cfg.world_size, cfg.world_size));
     }
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let links: Vec<RankLink> = ThreadRing::new(cfg.world_size)
-        .into_iter()
-        .map(|comm| RankLink {
-            comm,
-            states_to_rank0: tx.clone(),
-            states_from_ranks: rx.clone(),
-        })
-        .collect();
-    drop((tx, rx));
+    let rings = ThreadRing::new(cfg.world_size);
     std::thread::scope(|scope| {
-        let mut links = links.into_iter();
-        let link0 = links.next().expect("world_size > 1");
-        let others: Vec<_> = links
+        let mut rings = rings.into_iter();
+        let ring0 = rings.next().expect("world_size > 1");
+        let others: Vec<_> = rings
             .enumerate()
-            .map(|(i, link)| {
+            .map(|(i, ring)| {
                 std::thread::Builder::new()
                     .name(format!("nc-rank{}", i + 1))
                     .spawn_scoped(scope, move || {
-                        train_rank(cfg, i + 1, Some(link), cpu_device(cfg.world_size))
+                        let comm: Box<dyn Collective> = Box::new(ring);
+                        train_rank(cfg, i + 1, Some(comm), cpu_device(cfg.world_size, cfg.world_size))
                     })
                     .map_err(|e| NcError::new(format!("starting rank {}: {e}", i + 1)))
             })
             .collect::<Result<_>>()?;
-        let first = train_rank(cfg, 0, Some(link0), cpu_device(cfg.world_size));
+        let comm0: Box<dyn Collective> = Box::new(ring0);
+        let first = train_rank(cfg, 0, Some(comm0), cpu_device(cfg.world_size, cfg.world_size));
         let mut result = first;
         for h in others {
             let r = h.join().map_err(|_| NcError::new("a rank thread panicked"))?;
@@ -404,9 +409,37 @@ pub fn train_on<B: Backend>(cfg: &TrainConfig, device: Device<B>) -> Result<RunS
     train_rank(cfg, 0, None, device)
 }
 
-/// A CPU rank of `world_size`. CPU ranks are threads sharing one CPU and its memory, so the peak is the
-/// whole machine's, not per rank.
-fn cpu_device(world_size: usize) -> Device<CpuBackend> {
+/// Train as rank `rank` of `cfg.world_size`, one rank of several processes (or machines) joined by `comm`
+/// (None: a single rank). Every rank logs nothing but rank 0, saves its own optimizer state, and stops at the
+/// step the ranks agree on.
+pub fn train_as_rank<B: Backend>(
+    cfg: &TrainConfig,
+    rank: usize,
+    comm: Option<Box<dyn Collective>>,
+    device: Device<B>,
+) -> Result<RunSummary> {
+    if let Some(c) = &comm {
+        if (c.rank(), c.world_size()) != (rank, cfg.world_size) {
+            bail!(
+                "rank {rank} of {} was given a collective of rank {} of {}",
+                cfg.world_size,
+                c.rank(),
+                c.world_size()
+            );
+        }
+    } else if cfg.world_size > 1 {
+        bail!(
+            "rank {rank} of {} has no collective to reach the others",
+            cfg.world_size
+        );
+    }
+    train_rank(cfg, rank, comm, device)
+}
+
+/// A CPU rank of `world_size`, `sharing` of which run on this machine: the peak FLOP/s are of this rank's
+/// rayon threads (threads of one process share them: the whole machine's), and the ranks' replicas share the
+/// host's memory.
+pub fn cpu_device(world_size: usize, sharing: usize) -> Device<CpuBackend> {
     let (peak_flops, how) = metrics::cpu_peak_flops(rayon::current_num_threads());
     Device {
         be: CpuBackend::new(),
@@ -414,7 +447,7 @@ fn cpu_device(world_size: usize) -> Device<CpuBackend> {
         peak_how: format!("a CPU peak: {how}"),
         memory_bytes: plan::host_memory_bytes(),
         memory_name: "host memory".into(),
-        replicas_sharing_memory: world_size.max(1),
+        replicas_sharing_memory: sharing.clamp(1, world_size.max(1)),
         precision: Precision::Fp32,
     }
 }
@@ -449,7 +482,7 @@ pub fn cuda_device(ordinal: usize, tf32: bool) -> Result<Device<crate::backend::
 fn train_rank<B: Backend>(
     cfg: &TrainConfig,
     rank: usize,
-    mut link: Option<RankLink>,
+    mut comm: Option<Box<dyn Collective>>,
     device: Device<B>,
 ) -> Result<RunSummary> {
     let lead = rank == 0;
@@ -505,14 +538,19 @@ fn train_rank<B: Backend>(
     let resumed = resume_point(cfg, &model_cfg, &batch)?;
     if let Some((dir, meta)) = &resumed {
         model.update_params_on_host(&mut mirror, |params| checkpoint::load_params(dir, &model_cfg, params))?;
-        let mut st = vec![0.0f32; opt.state_len()];
-        if meta.optimizer.state_lens[rank] != st.len() {
-            bail!(
-                "checkpoint {}: optimizer state size differs from this model's; it is corrupt",
-                dir.display()
-            );
-        }
-        checkpoint::load_optim_state(dir, rank, &mut st)?;
+        let old_world = meta.optimizer.world_size;
+        let st = if old_world == world {
+            let mut st = vec![0.0f32; opt.state_len()];
+            checkpoint::load_optim_state(dir, rank, &mut st)?;
+            st
+        } else {
+            // the state of what this rank owns now, from the saved ranks that owned it
+            reshard::reshard_state(&model_cfg, old_world, rank, world, &mut |r| {
+                let mut st = vec![0.0f32; meta.optimizer.state_lens[r]];
+                checkpoint::load_optim_state(dir, r, &mut st)?;
+                Ok(st)
+            })?
+        };
         opt.restore(&model.be, &st, meta.optimizer.steps_taken)?;
         let loader: LoaderState = serde_json::from_value(meta.loader_state.clone()).map_err(|e| {
             NcError::new(format!(
@@ -520,7 +558,10 @@ fn train_rank<B: Backend>(
                 dir.display()
             ))
         })?;
-        data.train.restore(loader)?;
+        // another world size or device batch: the same position, split among this run's ranks
+        let tokens_per_step = world * batch.tokens_per_fwdbwd;
+        let resplit = loader.tokens_per_step != tokens_per_step;
+        data.train.restore(loader.for_layout(tokens_per_step))?;
         state = serde_json::from_value(meta.loop_state.clone()).map_err(|e| {
             NcError::new(format!(
                 "{}: loop_state unreadable ({e}); the checkpoint is corrupt",
@@ -529,6 +570,13 @@ fn train_rank<B: Backend>(
         })?;
         step = meta.step;
         say(format!("resumed from {} at step {step}", dir.display()));
+        if old_world != world || resplit {
+            say(format!(
+                "the checkpoint was saved by {old_world} rank(s) with --dbs {}: optimizer state re-sharded for \
+                 {world}, the data position re-split",
+                saved_dbs(meta)
+            ));
+        }
     }
     let resume_step = resumed.as_ref().map(|(_, m)| m.step);
     let mut metrics = if lead {
@@ -565,8 +613,20 @@ fn train_rank<B: Backend>(
         num_iterations,
         peak / 1e9
     ));
-    // rank 0 evaluates the whole eval_tokens alone
-    let eval_steps = (cfg.eval_tokens / batch.tokens_per_fwdbwd).max(1);
+    // rank 0 evaluates the whole eval_tokens alone, and never more than one pass over the validation split
+    let asked_eval_steps = (cfg.eval_tokens / batch.tokens_per_fwdbwd).max(1);
+    let one_pass = data.val.steps_per_epoch();
+    let eval_steps = asked_eval_steps.min(one_pass);
+    if eval_steps < asked_eval_steps {
+        say(format!(
+            "eval: --eval-tokens {} is more than the validation split holds ({} batches of {} tokens, {} tokens); \
+             each evaluation covers it once",
+            cfg.eval_tokens,
+            one_pass,
+            batch.tokens_per_fwdbwd,
+            one_pass * batch.tokens_per_fwdbwd
+        ));
+    }
     let mut summary = RunSummary {
         model: model_cfg,
         num_iterations,
@@ -579,14 +639,16 @@ fn train_rank<B: Backend>(
         train_seconds: state.train_seconds,
         peak_rss_bytes: None,
         last_checkpoint: None,
+        eval_batches: eval_steps,
+        eval_capped: eval_steps < asked_eval_steps,
     };
 
     loop {
         let last_step = step == num_iterations;
         let mut stop = signal::stop_requested() || cfg.stop_at_step == Some(step);
-        if let Some(l) = link.as_mut() {
-            // every rank stops at the same step
-            stop = sync::any_rank(&mut l.comm, stop)?;
+        if let Some(c) = comm.as_mut() {
+            // every rank stops at the same step (a signal reaches the ranks at different moments)
+            stop = sync::any_rank(c.as_mut(), stop)?;
         }
 
         if lead && (last_step || (cfg.eval_every > 0 && step % cfg.eval_every == 0) || step == 0) {
@@ -609,25 +671,7 @@ fn train_rank<B: Backend>(
             summary.samples = samples;
         }
         let periodic_save = cfg.save_every > 0 && step > 0 && step % cfg.save_every == 0 && Some(step) != resume_step;
-        if (last_step || stop || periodic_save) && !lead {
-            if let Some(l) = link.as_ref() {
-                l.states_to_rank0
-                    .send((rank, opt.state_to_host(&model.be)))
-                    .map_err(|_| NcError::new("rank 0 is gone; see its error"))?;
-            }
-        } else if last_step || stop || periodic_save {
-            // every rank's optimizer state, in rank order
-            let mut states: Vec<Vec<f32>> = vec![Vec::new(); world];
-            if let Some(l) = link.as_ref() {
-                for _ in 1..world {
-                    let (r, st) = l
-                        .states_from_ranks
-                        .recv()
-                        .map_err(|_| NcError::new("a rank stopped before sending its optimizer state"))?;
-                    states[r] = st;
-                }
-            }
-            states[0] = opt.state_to_host(&model.be);
+        if last_step || stop || periodic_save {
             let meta = CheckpointMeta {
                 format: checkpoint::FORMAT.into(),
                 step,
@@ -639,15 +683,30 @@ fn train_rank<B: Backend>(
                 optimizer: OptimizerMeta {
                     steps_taken: opt.steps_taken(),
                     world_size: world,
-                    state_lens: states.iter().map(|s| s.len()).collect(),
+                    state_lens: (0..world)
+                        .map(|r| ShardLayout::new(&model_cfg, r, world).state_len)
+                        .collect(),
                 },
             };
-            let views: Vec<&[f32]> = states.iter().map(|s| s.as_slice()).collect();
-            let dir = checkpoint::save(&cfg.out_dir, &meta, model.host_params(&mut mirror), &views)?;
+            let params = if lead {
+                Some(model.host_params(&mut mirror))
+            } else {
+                None
+            };
+            let saved = save_checkpoint(
+                cfg,
+                rank,
+                comm.as_deref_mut(),
+                &meta,
+                params,
+                &opt.state_to_host(&model.be),
+            )?;
             // a device run's host copy of the parameters is as large as the model: free it between saves
             mirror = HostMirror::default();
-            say(format!("saved {}", dir.display()));
-            summary.last_checkpoint = Some(dir);
+            if let Some(dir) = saved {
+                say(format!("saved {}", dir.display()));
+                summary.last_checkpoint = Some(dir);
+            }
         }
         if last_step || stop {
             summary.stopped_early = !last_step;
@@ -671,8 +730,8 @@ fn train_rank<B: Backend>(
             loss_sum += loss as f64;
         }
         let mut loss = (loss_sum / batch.grad_accum as f64) as f32;
-        if let Some(l) = link.as_mut() {
-            loss = sync::mean_over_ranks(&mut l.comm, loss)?;
+        if let Some(c) = comm.as_mut() {
+            loss = sync::mean_over_ranks(c.as_mut(), loss)?;
         }
         if !loss.is_finite() {
             bail!("the train loss became {loss} at step {step}; lower the learning rates (e.g. --matrix-lr 0.01)");
@@ -683,13 +742,13 @@ fn train_rank<B: Backend>(
                 let (params, grads) = model
                     .host_params_and_grads_mut()
                     .expect("the host optimizer is chosen only for host buffers");
-                let grad_norm = match link.as_mut() {
-                    Some(l) => grad_sync.reduce_and_clip(&mut l.comm, grads, cfg.grad_clip)?,
+                let grad_norm = match comm.as_mut() {
+                    Some(c) => grad_sync.reduce_and_clip(c.as_mut(), grads, cfg.grad_clip)?,
                     None => clip_grad_norm(grads, cfg.grad_clip),
                 };
                 opt.step(params, grads, lr_mult, muon_momentum(step));
-                if let Some(l) = link.as_mut() {
-                    grad_sync.gather_params(&mut l.comm, params)?;
+                if let Some(c) = comm.as_mut() {
+                    grad_sync.gather_params(c.as_mut(), params)?;
                 }
                 grad_norm
             }
@@ -743,4 +802,55 @@ fn train_rank<B: Backend>(
         state.min_val_bpb
     ));
     Ok(summary)
+}
+
+/// Save a checkpoint with every rank writing its own optimizer state (`checkpoint`'s phases): rank 0 makes the
+/// partial folder, each rank writes its file, rank 0 the weights and meta.json, and once the ranks agree that
+/// all succeeded rank 0 marks it complete. A rank whose write fails makes every rank fail the save (and the
+/// partial folder is never marked). Returns the checkpoint's folder on rank 0.
+fn save_checkpoint(
+    cfg: &TrainConfig,
+    rank: usize,
+    mut comm: Option<&mut (dyn Collective + 'static)>,
+    meta: &CheckpointMeta,
+    params: Option<&[f32]>,
+    optim_state: &[f32],
+) -> Result<Option<PathBuf>> {
+    let lead = rank == 0;
+    // each phase ends with the ranks agreeing whether any of them failed
+    let agree = |failed: bool, comm: &mut Option<&mut (dyn Collective + 'static)>| -> Result<bool> {
+        match comm.as_deref_mut() {
+            Some(c) => sync::any_rank(c, failed),
+            None => Ok(failed),
+        }
+    };
+    let begun = if lead {
+        checkpoint::begin_save(&cfg.out_dir, meta.step).map(Some)
+    } else {
+        Ok(None)
+    };
+    if agree(begun.is_err(), &mut comm)? {
+        begun?;
+        bail!(
+            "rank {rank}: rank 0 could not start the checkpoint of step {}; see its error",
+            meta.step
+        );
+    }
+    let partial = checkpoint::partial_dir(&cfg.out_dir, meta.step);
+    let mut written = checkpoint::write_optim_state(&partial, rank, optim_state).map(|_| ());
+    if let (true, Ok(())) = (lead, &written) {
+        let params = params.expect("rank 0 passes the parameters");
+        written = checkpoint::write_model_and_meta(&partial, meta, params);
+    }
+    if agree(written.is_err(), &mut comm)? {
+        written?;
+        bail!(
+            "rank {rank}: another rank could not write its part of the checkpoint of step {}; see its error",
+            meta.step
+        );
+    }
+    if lead {
+        return checkpoint::finish_save(&cfg.out_dir, meta).map(Some);
+    }
+    Ok(None)
 }

@@ -14,6 +14,8 @@
 #   bench      the CUDA step benchmark (benches/benches/step_cuda.rs) at depth 20, dbs 8 and 16, and with TF32
 #   fixture    the PyTorch baseline computes the same loss as the JAX reference fixtures
 #   baseline   the PyTorch baseline step at depth 20 (dbs 32) and depth 38 (dbs 8), torch.compile'd
+#   attention  the bf16 flash attention kernels: parity with the CPU backend (tests/tests/cuda_flash.rs), then
+#              their TFLOP/s (benches/benches/attention_cuda.rs) beside PyTorch SDPA's (benches/attention_sdpa.py)
 # Each step has its own time limit so one hang cannot eat the machine's whole lease. A lease is short (15
 # minutes of device time, a machine start included), so split it: first `run info alloc parity train bench`
 # (the CUDA path's correctness and speed), then `run sanitize fixture baseline` if time is left.
@@ -29,12 +31,12 @@ build() {
   cargo build --release -p nc-train --bin nc-train || { echo "gpu_check build: cargo failed" >&2; exit 1; }
   cp target/release/nc-train "$BIN_DIR/nc-train"
   strip --strip-debug "$BIN_DIR/nc-train" 2>/dev/null || true
-  exes=$( (cargo test --release --no-run --message-format=json -p nc-alloc --test cuda_smoke -p nc-tests --test cuda_parity &&
-    cargo bench --no-run --message-format=json -p nc-benches --bench step_cuda) |
+  exes=$( (cargo test --release --no-run --message-format=json -p nc-alloc --test cuda_smoke -p nc-tests --test cuda_parity -p nc-tests --test cuda_flash &&
+    cargo bench --no-run --message-format=json -p nc-benches --bench step_cuda --bench attention_cuda) |
     python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("cuda_smoke", "cuda_parity", "step_cuda"):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("cuda_smoke", "cuda_parity", "step_cuda", "cuda_flash", "attention_cuda"):
         print(m["target"]["name"], m["executable"])') || {
     echo "gpu_check build: cargo failed" >&2
     exit 1
@@ -44,7 +46,7 @@ for line in sys.stdin:
     strip --strip-debug "$BIN_DIR/$name" 2>/dev/null || true
     echo "built $BIN_DIR/$name ($(du -h "$BIN_DIR/$name" | cut -f1))"
   done <<<"$exes"
-  for name in cuda_smoke cuda_parity step_cuda nc-train; do
+  for name in cuda_smoke cuda_parity step_cuda cuda_flash attention_cuda nc-train; do
     [ -x "$BIN_DIR/$name" ] || { echo "gpu_check build: $name was not built" >&2; exit 1; }
   done
   echo "carry '$BIN_DIR' to the GPU machine and run: scripts/gpu_check.sh run"
@@ -98,7 +100,7 @@ run() {
   LOG="$out/gpu_check.log"
   : >"$LOG"
   local steps=("$@")
-  [ ${#steps[@]} -gt 0 ] || steps=(info alloc parity sanitize train bench fixture baseline)
+  [ ${#steps[@]} -gt 0 ] || steps=(info alloc parity sanitize train bench fixture baseline attention)
   export PYTHONUNBUFFERED=1
   cuda_library_path
   for s in "${steps[@]}"; do
@@ -147,8 +149,14 @@ sys.exit(0 if abs(cpu - cuda) <= 2e-3 * cpu else 1)' "$w/cpu" "$w/cuda"
         step baseline-d20 300 bash -c "set -o pipefail; python3 benches/pytorch_baseline/baseline.py --depth 20 --dbs 32 --compile | tee -a '$out/baseline.jsonl'"
         step baseline-d38 300 bash -c "set -o pipefail; python3 benches/pytorch_baseline/baseline.py --depth 38 --dbs 8 --compile --steps 5 | tee -a '$out/baseline.jsonl'"
         ;;
+      attention)
+        need_bin cuda_flash && step attention-parity 120 env NC_REQUIRE_CUDA=1 "$BIN_DIR/cuda_flash" --nocapture
+        need_bin attention_cuda &&
+          step attention-bench 240 bash -c "set -o pipefail; NC_REQUIRE_CUDA=1 '$BIN_DIR/attention_cuda' | tee -a '$out/attention.txt'"
+        step attention-sdpa 120 bash -c "set -o pipefail; python3 benches/attention_sdpa.py | tee -a '$out/attention.txt'"
+        ;;
       *)
-        echo "gpu_check run: unknown step '$s'; the steps are info alloc parity sanitize train bench fixture baseline" >&2
+        echo "gpu_check run: unknown step '$s'; the steps are info alloc parity sanitize train bench fixture baseline attention" >&2
         exit 2
         ;;
     esac
@@ -167,7 +175,7 @@ case "${1:-}" in
     run "$@"
     ;;
   *)
-    echo "usage: scripts/gpu_check.sh build | run [info alloc parity sanitize train bench fixture baseline]" >&2
+    echo "usage: scripts/gpu_check.sh build | run [info alloc parity sanitize train bench fixture baseline attention]" >&2
     exit 2
     ;;
 esac

@@ -23,9 +23,11 @@
 
 mod blas;
 mod device;
+mod flash;
 mod launch;
 
 pub use device::{device_count, driver_present};
+pub use flash::{flash_backward_launches, flash_forward_launch, FlashBackwardPtrs, FlashForwardPtrs, FlashLaunch};
 
 use super::{AdamwStep, AttnShape, Backend, View, ViewMut};
 use cudarc::cublas::CudaBlas;

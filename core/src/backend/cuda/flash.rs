@@ -68,7 +68,7 @@ fn check_shape(s: &AttnShape) -> Result<()> {
             s.head_dim
         )));
     }
-    if s.n_kv_head == 0 || s.n_head % s.n_kv_head != 0 {
+    if s.n_kv_head == 0 || !s.n_head.is_multiple_of(s.n_kv_head) {
         return Err(NcError::new(format!(
             "flash attention: n_kv_head {} must divide n_head {}",
             s.n_kv_head, s.n_head
@@ -129,7 +129,7 @@ pub fn flash_backward_launches(s: &AttnShape) -> Result<[FlashLaunch; 2]> {
 /// The kernels move rows in 16-byte chunks: every tensor must start 16-byte aligned.
 fn check_aligned(ptrs: &[(&str, u64)]) -> Result<()> {
     for &(what, p) in ptrs {
-        if p % 16 != 0 {
+        if !p.is_multiple_of(16) {
             return Err(NcError::new(format!(
                 "flash attention: {what} at device address {p:#x} is not 16-byte aligned (a bf16 view must start \
                  at a multiple of 8 elements)"

@@ -53,6 +53,9 @@ pub struct ShmRing {
     next_recv: u64,
     /// Set by the first failed collective; later calls fail at once (the ring's counters are out of step).
     broken: Option<CommError>,
+    /// f32 copy of a bf16 buffer during a bf16 reduce-scatter, kept between calls: a fresh one each call
+    /// costs a page fault per 4 KiB, which at large sizes took longer than the ring itself.
+    wide: Vec<f32>,
 }
 
 /// Describes a slice for the receiver's check: which collective, element size, where it belongs.
@@ -151,6 +154,7 @@ impl ShmRing {
             next_send: 0,
             next_recv: 0,
             broken: None,
+            wide: Vec::new(),
         })
     }
 
@@ -326,6 +330,29 @@ impl Collective for ShmRing {
 
     fn all_gather(&mut self, buf: &mut [f32], bounds: &Bounds) -> Result<(), CommError> {
         self.run(Phase::AllGather, buf, bounds, "all_gather", copy::<f32>)
+    }
+
+    /// Widens into the kept f32 buffer, reduces in f32 (f32 partial sums travel), rounds the owned range
+    /// once: the trait's default without its allocation.
+    fn reduce_scatter_sum_bf16(&mut self, buf: &mut [bf16], bounds: &Bounds) -> Result<(), CommError> {
+        let mut wide = std::mem::take(&mut self.wide);
+        wide.clear();
+        wide.extend(buf.iter().map(|x| x.to_f32()));
+        let result = self.run(
+            Phase::ReduceScatter,
+            &mut wide,
+            bounds,
+            "reduce_scatter_sum_bf16",
+            add_f32,
+        );
+        if result.is_ok() {
+            let mine = bounds.range(self.rank);
+            for (b, w) in buf[mine.clone()].iter_mut().zip(&wide[mine]) {
+                *b = bf16::from_f32(*w);
+            }
+        }
+        self.wide = wide;
+        result
     }
 
     /// bf16 moves as bf16: half the bytes of the f32 default.

@@ -123,9 +123,14 @@ fn bad_flags_are_one_line_errors() {
         (&["--resume"], "no complete checkpoint"),
         (
             &["--plan", "--backend", "cpu", "--precision", "bf16"],
-            "the CPU engine is fp32",
+            "prices the host's f32 buffers",
         ),
         (&["--plan", "--precision", "fp16"], "not one of bf16, fp32"),
+        (&["--precision", "fp16"], "not one of fp32, bf16"),
+        (
+            &["--backend", "cuda", "--precision", "bf16"],
+            "CUDA bf16 engine is not built yet",
+        ),
         (&["--tf32"], "needs --backend cuda"),
         (&["--depth", "52", "--dbs", "24"], "nc-data download"),
     ];

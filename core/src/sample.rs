@@ -123,7 +123,7 @@ impl<B: Backend> Sampler<B> {
             *dst = t as i32;
         }
         let be = &model.be;
-        let p = model.params_buf();
+        let p = model.weights_buf();
         let (d, h, hkv, hd) = (c.n_embd, c.n_head, c.n_kv_head, c.head_dim);
         let (qd, kvd, ff, v) = (h * hd, hkv * hd, 4 * d, c.vocab_size);
         let w = |off: usize, len: usize| View::<B>::at(p, off, len);

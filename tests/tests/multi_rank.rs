@@ -36,6 +36,7 @@ fn config(out_dir: &Path, world_size: usize, steps: u64) -> TrainConfig {
         resume: Resume::No,
         seed: 42,
         recompute: nc_core::plan::Recompute::None,
+        precision: nc_core::plan::Precision::Fp32,
         stop_at_step: None,
         verbose: false,
     }

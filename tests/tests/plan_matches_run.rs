@@ -36,3 +36,36 @@ fn fp32_plan_equals_the_run_buffers() {
         );
     }
 }
+
+/// The bf16 plan prices what the CPU twin allocates under `--precision bf16`, each buffer at the bytes its
+/// storage tag says a device stores (bf16: 2 per element, though the twin holds f32s): activations and
+/// loss workspace, the bf16 working weights and the f32 master. Exact here; the contract asks within 5%.
+#[test]
+fn bf16_plan_equals_the_twins_buffers() {
+    let m = ModelConfig::new(3, 64, 4, 2, 16, 300, 32).unwrap();
+    for (policy, engine) in [
+        (Recompute::None, model::Recompute::None),
+        (Recompute::Selective, model::Recompute::Selective),
+        (Recompute::Full, model::Recompute::Full),
+    ] {
+        let batch = 3;
+        let gpt = Gpt::with_precision(CpuBackend::new(), m, batch, m.sequence_len, engine, Precision::Bf16).unwrap();
+        let plan = memory_per_gpu(&m, batch, 1, Precision::Bf16, policy);
+        let twin = gpt.allocated_activation_bytes() as f64;
+        let priced = plan.activations + plan.loss_workspace;
+        assert!(
+            (priced / twin - 1.0).abs() <= 0.05,
+            "{policy:?}: plan {priced} vs twin {twin}"
+        );
+        assert_eq!(priced, twin, "{policy:?}");
+        // and bf16 really is cheaper than the f32 buffers (not everything priced at 4 bytes)
+        assert!(
+            twin < 0.9 * (4 * gpt.allocated_activation_elements()) as f64,
+            "{policy:?}"
+        );
+        let (master, working) = gpt.allocated_weight_bytes();
+        assert_eq!(plan.params, working as f64);
+        assert_eq!(plan.master_weights, master as f64);
+        assert_eq!(plan.grads, (4 * gpt.grads().len()) as f64);
+    }
+}

@@ -38,6 +38,7 @@ fn tiny_config(out_dir: &Path, steps: u64) -> TrainConfig {
         resume: Resume::No,
         seed: 42,
         recompute: nc_core::plan::Recompute::None,
+        precision: nc_core::plan::Precision::Fp32,
         stop_at_step: None,
         verbose: false,
     }

@@ -144,8 +144,9 @@ struct Cli {
     /// Memory per GPU, in GiB or with a unit (e.g. 187.5GB); overrides the named GPU's memory.
     #[arg(long)]
     gpu_mem: Option<String>,
-    /// Plan precision on a GPU: bf16 (the target engine; default) or fp32 (this build's CUDA backend;
-    /// the default with --backend cuda).
+    /// Training precision: fp32 (default) or bf16 (f32 master weights, bf16 working weights and
+    /// activations; on --backend cpu the CPU twin of the bf16 engine). With --plan, the precision planned
+    /// on a GPU: bf16 (default) or fp32 (the default with --backend cuda).
     #[arg(long)]
     precision: Option<String>,
     /// Model FLOPs utilization assumed for time estimates, in (0, 1].
@@ -254,7 +255,7 @@ fn plan_from_flags(cli: &Cli) -> Result<Plan> {
     let gpu_precision = match (cli.precision.as_deref(), cli.backend.as_str()) {
         (Some("bf16"), "cpu") => {
             return Err(NcError::new(
-                "--precision bf16 with --backend cpu: the CPU engine is fp32; drop --precision or plan a GPU",
+                "--plan with --backend cpu prices the host's f32 buffers; drop --precision, or plan a GPU (no --backend cpu)",
             ))
         }
         (Some("bf16"), _) => Precision::Bf16,
@@ -330,6 +331,12 @@ fn run(cli: Cli) -> Result<Outcome> {
     if cli.tf32 && cli.backend != "cuda" {
         return Err(NcError::new(
             "--tf32 sets how the CUDA backend's GEMMs round; it needs --backend cuda",
+        ));
+    }
+    if cfg.precision == Precision::Bf16 && cli.backend == "cuda" {
+        return Err(NcError::new(
+            "--precision bf16 with --backend cuda: the CUDA bf16 engine is not built yet; use --backend cpu \
+             (the CPU twin) or --precision fp32",
         ));
     }
     let on_cuda = match cli.backend.as_str() {
@@ -474,6 +481,10 @@ fn train_config_from_flags(cli: &Cli) -> Result<TrainConfig> {
         resume,
         seed: cli.seed,
         recompute,
+        precision: match cli.precision.as_deref() {
+            None => Precision::Fp32,
+            Some(s) => Precision::parse(s)?,
+        },
         stop_at_step: cli.stop_at_step,
         verbose: true,
     })

@@ -1,6 +1,6 @@
 //! The attention half of a block: x += c_proj(attn(rotary+QK-norm(q, k), v)) with q, k, v = linear(rmsnorm(x)).
 
-use super::{all, all_mut, norm, BlockParams, GradScratch, LayerActs, LayerShapes};
+use super::{all, all_mut, gemm_input, norm, BlockParams, GradScratch, LayerActs, LayerShapes};
 use crate::backend::{AttnShape, Backend, View, ViewMut};
 
 fn shape(s: &LayerShapes, batch: usize, t: usize) -> AttnShape {
@@ -115,12 +115,14 @@ pub fn backward<B: Backend>(
 ) {
     let (n, d, qd, kvd, hd) = (s.n, s.d, s.qd, s.kvd, s.head_dim);
     let wv = |off: usize, len: usize| View::<B>::at(params, off, len);
+    scr.cast_dresid(be);
+    let dres = gemm_input::<B>(&scr.dresid, &scr.dresid_cast);
     // c_proj: dy = dresid W; dW += dresid^T y.
     be.matmul(
         n,
         qd,
         d,
-        all(&scr.dresid),
+        all(dres),
         false,
         wv(w.attn_proj, d * qd),
         false,
@@ -131,7 +133,7 @@ pub fn backward<B: Backend>(
         d,
         qd,
         n,
-        all(&scr.dresid),
+        all(dres),
         true,
         all(&a.y),
         false,

@@ -1,21 +1,24 @@
 //! The GPT: embedding -> rmsnorm -> blocks -> rmsnorm -> chunked lm_head loss, and the reverse.
 //!
 //! Public API for the training loop:
-//! - `Gpt::new(backend, cfg, batch, seq, policy)` allocates everything once; `init(seed)`.
+//! - `Gpt::new(backend, cfg, batch, seq, policy)` allocates everything once (f32), `Gpt::with_precision`
+//!   with a precision (bf16: f32 master weights, a bf16 working copy, bf16 activations; `Storages`);
+//!   `init(seed)`.
 //! - `forward_backward(inputs, targets, loss_scale)` -> mean loss; grads += loss_scale * d(mean loss)/dθ.
 //! - `forward_losses(inputs, targets, out)` -> per-token losses in nats (0 where the target is -1).
 //! - `zero_grads()`, `param_specs()`, `read_param` / `write_param` by name (checkpoints), and on the CPU
 //!   backend `params()`, `params_mut()`, `grads()`, `grads_mut()` as host slices.
 
 use super::{
-    activation_layout, all, all_mut, attention, embedding, init, loss, mlp, norm, ActivationLayout, BlockParams,
-    GradScratch, LayerActs, LayerShapes, Recompute,
+    activation_layout_for, all, all_mut, attention, embedding, gemm_input, init, loss, mlp, norm, ActivationLayout,
+    BlockParams, GradScratch, LayerActs, LayerShapes, Recompute, Storages,
 };
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, View, ViewMut};
 use crate::bail;
 use crate::config::{ModelConfig, ParamSpec};
 use crate::error::{NcError, Result};
+use crate::plan::Precision;
 
 pub struct Gpt<B: Backend> {
     pub be: B,
@@ -23,12 +26,20 @@ pub struct Gpt<B: Backend> {
     pub batch: usize,
     pub seq: usize,
     pub policy: Recompute,
+    pub precision: Precision,
+    /// Which buffers are bf16 (from `precision`).
+    pub storages: Storages,
     pub layout: ActivationLayout,
     specs: Vec<ParamSpec>,
     blocks: Vec<BlockParams>,
     wte_off: usize,
     lm_head_off: usize,
+    /// The master weights (f32; what the optimizer updates and checkpoints hold).
     pub(crate) params: B::Buf,
+    /// With casts (bf16): the working copy every GEMM and the embedding lookup read; empty otherwise.
+    working: B::Buf,
+    /// The master changed since `working` was made from it (refreshed before the next forward).
+    working_stale: bool,
     grads: B::Buf,
     /// Rotary cos/sin for positions 0..max(seq, cfg.sequence_len).
     pub(crate) rope: B::Buf,
@@ -53,6 +64,8 @@ pub struct Gpt<B: Backend> {
     rstdf: B::Buf,
     scratch: GradScratch<B>,
     logits_ws: B::Buf,
+    /// With casts: the bf16 copy of the logits chunk's gradient the lm_head backward GEMMs read.
+    dlogits_cast: B::Buf,
     losses: B::Buf,
 }
 
@@ -60,6 +73,19 @@ impl<B: Backend> Gpt<B> {
     /// Allocate a model for micro-batches of `batch` sequences of `seq` tokens. Params start at zero:
     /// call `init(seed)` or write them by name.
     pub fn new(be: B, cfg: ModelConfig, batch: usize, seq: usize, policy: Recompute) -> Result<Self> {
+        Self::with_precision(be, cfg, batch, seq, policy, Precision::Fp32)
+    }
+
+    /// `new` with a precision: Fp32 / Fp32Gpu allocate everything f32 (exactly `new`); Bf16 stores as
+    /// `Storages::for_precision` says.
+    pub fn with_precision(
+        be: B,
+        cfg: ModelConfig,
+        batch: usize,
+        seq: usize,
+        policy: Recompute,
+        precision: Precision,
+    ) -> Result<Self> {
         cfg.validate()?;
         if batch == 0 || seq == 0 {
             bail!("micro-batch {batch} x sequence {seq}: both must be at least 1");
@@ -93,15 +119,19 @@ impl<B: Backend> Gpt<B> {
             })
             .collect();
         let (wte_off, lm_head_off) = (find("transformer.wte.weight"), find("lm_head.weight"));
-        let layout = activation_layout(&cfg, batch, seq, policy);
+        let layout = activation_layout_for(&cfg, batch, seq, policy, precision);
+        let st = Storages::for_precision(precision);
         let s = LayerShapes::new(&cfg, n);
         let d = cfg.n_embd;
         let nparams = cfg.num_params() as usize;
         let mut rope = be.alloc(2 * cfg.sequence_len * (cfg.head_dim / 2));
         be.upload(all_mut(&mut rope), &init::rotary_table(cfg.sequence_len, cfg.head_dim));
         let full = policy == Recompute::Full;
+        let casts = st.has_casts();
         let model = Gpt {
             params: be.alloc(nparams),
+            working: be.alloc_as(if casts { nparams } else { 0 }, st.weights),
+            working_stale: true,
             grads: be.alloc(nparams),
             rope,
             ids: be.alloc_ids(n),
@@ -109,22 +139,32 @@ impl<B: Backend> Gpt<B> {
             ids_host: vec![0; n],
             targets_host: vec![0; n],
             losses_host: vec![0.0; n],
-            x0: be.alloc(n * d),
-            rstd0: be.alloc(n),
-            resid: be.alloc(n * d),
+            x0: be.alloc_as(n * d, st.saved),
+            rstd0: be.alloc_as(n, st.stats),
+            resid: be.alloc_as(n * d, st.stream),
             layer_in: if full {
-                (0..cfg.n_layer).map(|_| be.alloc(n * d)).collect()
+                (0..cfg.n_layer).map(|_| be.alloc_as(n * d, st.stream)).collect()
             } else {
                 Vec::new()
             },
-            resid_tmp: be.alloc(if full { n * d } else { 0 }),
-            acts: (0..layout.layer_sets).map(|_| LayerActs::new(&be, &s)).collect(),
-            mlp_hidden: (0..layout.hidden_sets).map(|_| be.alloc(n * s.ff)).collect(),
-            xf: be.alloc(n * d),
-            rstdf: be.alloc(n),
-            scratch: GradScratch::new(&be, &s),
-            logits_ws: be.alloc(layout.loss_workspace),
-            losses: be.alloc(n),
+            resid_tmp: be.alloc_as(if full { n * d } else { 0 }, st.stream),
+            acts: (0..layout.layer_sets).map(|_| LayerActs::new(&be, &s, &st)).collect(),
+            mlp_hidden: (0..layout.hidden_sets)
+                .map(|_| be.alloc_as(n * s.ff, st.saved))
+                .collect(),
+            xf: be.alloc_as(n * d, st.saved),
+            rstdf: be.alloc_as(n, st.stats),
+            scratch: GradScratch::new(&be, &s, &st),
+            logits_ws: be.alloc_as(layout.loss_chunk_rows * cfg.vocab_size, st.stats),
+            dlogits_cast: be.alloc_as(
+                if casts {
+                    layout.loss_chunk_rows * cfg.vocab_size
+                } else {
+                    0
+                },
+                st.grad_scratch,
+            ),
+            losses: be.alloc_as(n, st.stats),
             specs,
             blocks,
             wte_off,
@@ -135,6 +175,8 @@ impl<B: Backend> Gpt<B> {
             batch,
             seq,
             policy,
+            precision,
+            storages: st,
         };
         Ok(model)
     }
@@ -152,6 +194,27 @@ impl<B: Backend> Gpt<B> {
         let mut host = vec![0.0f32; self.cfg.num_params() as usize];
         init::init_params(&self.specs, &mut host, seed);
         self.be.upload(all_mut(&mut self.params), &host);
+        self.working_stale = true;
+    }
+
+    /// Make the working copy from the master (the cast to bf16), if the master changed since it was made.
+    /// Every forward does this first; the training loop calls it right after each optimizer step, where
+    /// the device engine's optimizer will write both instead. Nothing to do without casts.
+    pub fn refresh_weights(&mut self) {
+        if self.working_stale && B::buf_len(&self.working) > 0 {
+            self.be.copy(all(&self.params), all_mut(&mut self.working));
+        }
+        self.working_stale = false;
+    }
+
+    /// What every GEMM and the embedding lookup read: the working copy with casts, else the master.
+    /// The working copy must be current (`refresh_weights` after changing the master).
+    pub fn weights_buf(&self) -> &B::Buf {
+        assert!(
+            !self.working_stale || B::buf_len(&self.working) == 0,
+            "the bf16 working weights are older than the master: call refresh_weights first"
+        );
+        gemm_input::<B>(&self.params, &self.working)
     }
 
     pub fn zero_grads(&mut self) {
@@ -185,6 +248,7 @@ impl<B: Backend> Gpt<B> {
     pub fn write_param(&mut self, name: &str, data: &[f32]) -> Result<()> {
         let (offset, numel) = self.spec_holding(name, data.len())?;
         self.be.upload(ViewMut::at(&mut self.params, offset, numel), data);
+        self.working_stale = true;
         Ok(())
     }
 
@@ -231,13 +295,15 @@ impl<B: Backend> Gpt<B> {
 
     /// Embedding, its rmsnorm, every block, the final rmsnorm: fills `xf` (and the saved activations).
     fn forward_trunk(&mut self) {
+        self.refresh_weights();
         let s = LayerShapes::new(&self.cfg, self.tokens());
         let (be, n, d) = (&self.be, s.n, s.d);
+        let weights = gemm_input::<B>(&self.params, &self.working);
         embedding::forward(
             be,
             &self.ids,
             n,
-            View::at(&self.params, self.wte_off, self.cfg.vocab_size * d),
+            View::at(weights, self.wte_off, self.cfg.vocab_size * d),
             d,
             all_mut(&mut self.resid),
         );
@@ -267,22 +333,14 @@ impl<B: Backend> Gpt<B> {
                 &s,
                 self.batch,
                 self.seq,
-                &self.params,
+                weights,
                 w,
                 &mut self.resid,
                 a,
                 &mut self.scratch,
                 &self.rope,
             );
-            mlp::forward(
-                be,
-                &s,
-                &self.params,
-                w,
-                &mut self.resid,
-                a,
-                &mut self.mlp_hidden[hidden],
-            );
+            mlp::forward(be, &s, weights, w, &mut self.resid, a, &mut self.mlp_hidden[hidden]);
         }
         norm::forward(
             be,
@@ -298,6 +356,7 @@ impl<B: Backend> Gpt<B> {
     fn backward_trunk(&mut self) {
         let s = LayerShapes::new(&self.cfg, self.tokens());
         let (be, n, d) = (&self.be, s.n, s.d);
+        let weights = gemm_input::<B>(&self.params, &self.working);
         let scr = &mut self.scratch;
         norm::backward(
             be,
@@ -327,26 +386,26 @@ impl<B: Backend> Gpt<B> {
                         &s,
                         self.batch,
                         self.seq,
-                        &self.params,
+                        weights,
                         w,
                         &mut self.resid_tmp,
                         a,
                         scr,
                         &self.rope,
                     );
-                    mlp::forward(be, &s, &self.params, w, &mut self.resid_tmp, a, &mut self.mlp_hidden[0]);
+                    mlp::forward(be, &s, weights, w, &mut self.resid_tmp, a, &mut self.mlp_hidden[0]);
                     (0, 0)
                 }
             };
             let a = &self.acts[set];
             let h = &self.mlp_hidden[hidden];
-            mlp::backward(be, &s, &self.params, &mut self.grads, w, a, h, scr);
+            mlp::backward(be, &s, weights, &mut self.grads, w, a, h, scr);
             attention::backward(
                 be,
                 &s,
                 self.batch,
                 self.seq,
-                &self.params,
+                weights,
                 &mut self.grads,
                 w,
                 a,
@@ -382,17 +441,19 @@ impl<B: Backend> Gpt<B> {
             grads: &mut self.grads,
             dxf: &mut self.scratch.dxn,
         };
+        let weights = gemm_input::<B>(&self.params, &self.working);
         loss::forward_backward(
             &self.be,
             n,
             d,
             v,
             self.layout.loss_chunk_rows,
-            &self.params,
+            weights,
             self.lm_head_off,
             &self.xf,
             &self.targets,
             &mut self.logits_ws,
+            &mut self.dlogits_cast,
             &mut self.losses,
             Some(grad),
         );
@@ -418,17 +479,19 @@ impl<B: Backend> Gpt<B> {
         self.load_batch(inputs, targets)?;
         self.forward_trunk();
         let (n, d, v) = (self.tokens(), self.cfg.n_embd, self.cfg.vocab_size);
+        let weights = gemm_input::<B>(&self.params, &self.working);
         loss::forward_backward(
             &self.be,
             n,
             d,
             v,
             self.layout.loss_chunk_rows,
-            &self.params,
+            weights,
             self.lm_head_off,
             &self.xf,
             &self.targets,
             &mut self.logits_ws,
+            &mut self.dlogits_cast,
             &mut self.losses,
             None,
         );
@@ -436,41 +499,88 @@ impl<B: Backend> Gpt<B> {
         Ok(())
     }
 
-    /// Elements of every activation buffer this model allocated (everything but params, grads, the rotary
-    /// table and ids): must equal `activation_layout(..).total`, the figure the planner prices.
-    pub fn allocated_activation_elements(&self) -> usize {
-        let len = |b: &B::Buf| B::buf_len(b);
-        let acts: usize = self
-            .acts
-            .iter()
-            .map(|a| {
-                [
-                    &a.xn1, &a.rstd1, &a.q, &a.rstd_q, &a.k, &a.rstd_k, &a.v, &a.y, &a.lse, &a.xn2, &a.rstd2, &a.u,
-                ]
-                .iter()
-                .map(|b| len(b))
-                .sum::<usize>()
-            })
-            .sum();
-        let s = &self.scratch;
-        let scratch: usize = [&s.dresid, &s.dxn, &s.dq, &s.dk, &s.dv, &s.dy, &s.dqn, &s.dkn, &s.du]
-            .iter()
-            .map(|b| len(b))
-            .sum();
-        let inputs: usize = self.layer_in.iter().map(len).sum();
-        let hidden: usize = self.mlp_hidden.iter().map(len).sum();
-        let others: usize = [
+    /// Every activation buffer this model allocated (everything but params, the working copy, grads, the
+    /// rotary table and ids), the loss workspace last two.
+    fn activation_buffers(&self) -> Vec<&B::Buf> {
+        let mut bufs: Vec<&B::Buf> = Vec::new();
+        for a in &self.acts {
+            bufs.extend(a.buffers());
+        }
+        bufs.extend(self.scratch.buffers());
+        bufs.extend(self.layer_in.iter());
+        bufs.extend(self.mlp_hidden.iter());
+        bufs.extend([
             &self.x0,
             &self.rstd0,
             &self.resid,
             &self.resid_tmp,
             &self.xf,
             &self.rstdf,
-        ]
-        .iter()
-        .map(|b| len(b))
-        .sum();
-        acts + hidden + scratch + inputs + others + len(&self.logits_ws) + len(&self.losses)
+            &self.losses,
+            &self.logits_ws,
+            &self.dlogits_cast,
+        ]);
+        bufs
+    }
+
+    /// Elements of every activation buffer: must equal `activation_layout(..).total`, which the planner
+    /// prices.
+    pub fn allocated_activation_elements(&self) -> usize {
+        self.activation_buffers().into_iter().map(|b| B::buf_len(b)).sum()
+    }
+
+    /// Bytes of every activation buffer as its storage tag says a device stores it (bf16: 2 per element,
+    /// even where the CPU twin holds it as an f32): what the plan's activations + loss workspace price.
+    pub fn allocated_activation_bytes(&self) -> usize {
+        self.activation_buffers()
+            .into_iter()
+            .map(|b| B::buf_len(b) * B::storage(b).bytes_per_element())
+            .sum()
+    }
+
+    /// Bytes of the master weights and of the working copy, as stored.
+    pub fn allocated_weight_bytes(&self) -> (usize, usize) {
+        let bytes = |b: &B::Buf| B::buf_len(b) * B::storage(b).bytes_per_element();
+        (bytes(&self.params), bytes(&self.working))
+    }
+
+    /// Storage of each named activation buffer of layer set 0 and the model-wide ones, for tests that pin
+    /// the precision scheme.
+    pub fn activation_storages(&self) -> Vec<(&'static str, crate::backend::Storage)> {
+        let a = &self.acts[0];
+        let sc = &self.scratch;
+        let named: [(&'static str, &B::Buf); 29] = [
+            ("xn1", &a.xn1),
+            ("rstd1", &a.rstd1),
+            ("q", &a.q),
+            ("rstd_q", &a.rstd_q),
+            ("k", &a.k),
+            ("rstd_k", &a.rstd_k),
+            ("v", &a.v),
+            ("y", &a.y),
+            ("lse", &a.lse),
+            ("xn2", &a.xn2),
+            ("rstd2", &a.rstd2),
+            ("u", &a.u),
+            ("h", &self.mlp_hidden[0]),
+            ("x0", &self.x0),
+            ("rstd0", &self.rstd0),
+            ("resid", &self.resid),
+            ("xf", &self.xf),
+            ("rstdf", &self.rstdf),
+            ("losses", &self.losses),
+            ("logits", &self.logits_ws),
+            ("dresid", &sc.dresid),
+            ("dxn", &sc.dxn),
+            ("dq", &sc.dq),
+            ("dk", &sc.dk),
+            ("dv", &sc.dv),
+            ("dy", &sc.dy),
+            ("du", &sc.du),
+            ("master", &self.params),
+            ("grads", &self.grads),
+        ];
+        named.iter().map(|(n, b)| (*n, B::storage(b))).collect()
     }
 
     /// Offsets of each block's matrices in the parameter (and grad) buffer.
@@ -519,6 +629,7 @@ impl<B: Backend> Gpt<B> {
         if src.len() != n {
             bail!("{} parameter values given for a model of {n}", src.len());
         }
+        self.working_stale = true;
         self.be.upload(ViewMut::all(&mut self.params), src);
         Ok(())
     }
@@ -526,6 +637,7 @@ impl<B: Backend> Gpt<B> {
     /// Run `f` on the parameters as one host slice (loading a checkpoint): in place on the CPU; elsewhere
     /// they are downloaded first and uploaded after.
     pub fn update_params_on_host<R>(&mut self, mirror: &mut HostMirror, f: impl FnOnce(&mut [f32]) -> R) -> R {
+        self.working_stale = true;
         if let Some(p) = B::host_slice_mut(&mut self.params) {
             return f(p);
         }
@@ -539,6 +651,7 @@ impl<B: Backend> Gpt<B> {
     /// The parameters and gradients as host slices, where the backend keeps them in host memory (the CPU):
     /// the host optimizer and the ranks' gradient sync work on them in place. None on a device.
     pub fn host_params_and_grads_mut(&mut self) -> Option<(&mut [f32], &mut [f32])> {
+        self.working_stale = true;
         match (B::host_slice_mut(&mut self.params), B::host_slice_mut(&mut self.grads)) {
             (Some(p), Some(g)) => Some((p, g)),
             _ => None,
@@ -548,6 +661,7 @@ impl<B: Backend> Gpt<B> {
     /// The backend with the parameter and gradient buffers, borrowed together: what the device optimizer's
     /// clip (writes the grads) and step (writes the params, reads the grads) take.
     pub fn backend_params_grads_mut(&mut self) -> (&B, &mut B::Buf, &mut B::Buf) {
+        self.working_stale = true;
         (&self.be, &mut self.params, &mut self.grads)
     }
 }
@@ -558,6 +672,7 @@ impl Gpt<CpuBackend> {
         CpuBackend::host(&self.params)
     }
     pub fn params_mut(&mut self) -> &mut [f32] {
+        self.working_stale = true;
         CpuBackend::host_mut(&mut self.params)
     }
     pub fn grads(&self) -> &[f32] {
@@ -568,6 +683,7 @@ impl Gpt<CpuBackend> {
     }
     /// Params and grads at once (an optimizer step reads one and writes the other).
     pub fn params_and_grads_mut(&mut self) -> (&mut [f32], &mut [f32]) {
+        self.working_stale = true;
         (
             CpuBackend::host_mut(&mut self.params),
             CpuBackend::host_mut(&mut self.grads),

@@ -1,5 +1,6 @@
 //! lm_head + softcap + cross-entropy, in chunks of tokens: the (tokens x vocab) logits never exist at once.
 
+use super::gemm_input;
 use crate::backend::{Backend, View, ViewMut};
 use crate::config::LOGIT_SOFTCAP;
 
@@ -12,6 +13,8 @@ pub struct LossGrad<'a, B: Backend> {
 }
 
 /// Per-token losses (nats, 0 where the target is -1) into `losses`; with `grad`, the backward as well.
+/// `params` is what the GEMMs read (the bf16 working copy under bf16); the logits chunk is f32 and
+/// `dlogits_cast` (empty without casts) the GEMM-input copy of its gradient.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_backward<B: Backend>(
     be: &B,
@@ -24,6 +27,7 @@ pub fn forward_backward<B: Backend>(
     xf: &B::Buf,
     targets: &B::Ids,
     logits_ws: &mut B::Buf,
+    dlogits_cast: &mut B::Buf,
     losses: &mut B::Buf,
     mut grad: Option<LossGrad<'_, B>>,
 ) {
@@ -53,7 +57,14 @@ pub fn forward_backward<B: Backend>(
             grad.as_ref().map(|g| g.scale),
         );
         if let Some(g) = grad.as_mut() {
-            let dlogits = View::<B>::at(logits_ws, 0, rows * vocab);
+            // With casts (bf16), the f32 gradient is rounded into its own buffer for the two GEMMs.
+            if B::buf_len(dlogits_cast) > 0 {
+                be.copy(
+                    View::at(logits_ws, 0, rows * vocab),
+                    ViewMut::at(dlogits_cast, 0, rows * vocab),
+                );
+            }
+            let dlogits = View::<B>::at(gemm_input::<B>(logits_ws, dlogits_cast), 0, rows * vocab);
             be.matmul(
                 rows,
                 d,

@@ -1,6 +1,6 @@
 //! The MLP half of a block: x += c_proj(relu(c_fc(rmsnorm(x)))^2).
 
-use super::{all, all_mut, norm, BlockParams, GradScratch, LayerActs, LayerShapes};
+use super::{all, all_mut, gemm_input, norm, BlockParams, GradScratch, LayerActs, LayerShapes};
 use crate::backend::{Backend, View, ViewMut};
 
 /// Forward: reads `resid`, saves xn2 and u into `a` and relu(u)^2 into `h`, adds the branch into `resid`.
@@ -55,12 +55,14 @@ pub fn backward<B: Backend>(
     scr: &mut GradScratch<B>,
 ) {
     let (n, d, ff) = (s.n, s.d, s.ff);
+    scr.cast_dresid(be);
+    let dres = gemm_input::<B>(&scr.dresid, &scr.dresid_cast);
     // c_proj: dh = dresid W (n x ff); dW += dresid^T h.
     be.matmul(
         n,
         ff,
         d,
-        all(&scr.dresid),
+        all(dres),
         false,
         View::at(params, w.mlp_proj, d * ff),
         false,
@@ -71,7 +73,7 @@ pub fn backward<B: Backend>(
         d,
         ff,
         n,
-        all(&scr.dresid),
+        all(dres),
         true,
         all(h),
         false,

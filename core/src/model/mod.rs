@@ -15,8 +15,9 @@ pub mod norm;
 pub use gpt::{Gpt, HostMirror};
 pub use init::Rng;
 
-use crate::backend::{Backend, View, ViewMut};
+use crate::backend::{Backend, Storage, View, ViewMut};
 use crate::config::ModelConfig;
+use crate::plan::Precision;
 
 /// What the forward keeps for the backward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -34,8 +35,49 @@ pub enum Recompute {
     Full,
 }
 
-/// Element counts (not bytes: the backend picks the dtype) of every activation buffer of a model built for
-/// `tokens = batch * seq` tokens. The model allocates exactly these; the planner (plan.rs) prices them.
+/// How each kind of buffer is stored under a precision: the ONE place that decides which buffers are bf16
+/// (ARCHITECTURE.md "Precision scheme" gives the reasons). `Gpt::new` allocates by it, `activation_layout`
+/// counts by it and the planner prices by it. Under Fp32 and Fp32Gpu everything is F32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Storages {
+    /// The working copy of the weights that every GEMM and the embedding lookup read (Bf16: a copy of the
+    /// f32 master, refreshed after each optimizer step; F32: no copy, they read the master itself).
+    pub weights: Storage,
+    /// Activations that GEMMs or attention read: norm outputs (x0, xn1, xn2, xf), q, k, v, the attention
+    /// output y, the MLP pre-activation u and hidden h.
+    pub saved: Storage,
+    /// Activation-gradient scratch (`GradScratch` but dresid) and the GEMM-input casts of dresid and of the
+    /// logits' gradient.
+    pub grad_scratch: Storage,
+    /// The residual stream and its gradient (running sums over every layer), and the layer inputs kept
+    /// under Recompute::Full (copies of the stream, so a recomputed layer sees exactly its input): F32.
+    pub stream: Storage,
+    /// Norm rstd, attention log-sum-exp, the logits chunk and per-token losses: F32.
+    pub stats: Storage,
+}
+
+impl Storages {
+    pub fn for_precision(precision: Precision) -> Self {
+        let narrow = match precision {
+            Precision::Fp32 | Precision::Fp32Gpu => Storage::F32,
+            Precision::Bf16 => Storage::Bf16,
+        };
+        Storages {
+            weights: narrow,
+            saved: narrow,
+            grad_scratch: narrow,
+            stream: Storage::F32,
+            stats: Storage::F32,
+        }
+    }
+    /// Whether the model keeps a separate working copy of the weights and GEMM-input casts.
+    pub fn has_casts(&self) -> bool {
+        self.weights == Storage::Bf16
+    }
+}
+
+/// Element counts of every activation buffer of a model built for `tokens = batch * seq` tokens, and their
+/// bytes as stored (`Storages`). The model allocates exactly these; the planner (plan.rs) prices them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ActivationLayout {
     /// Elements one layer saves per token for its backward (`LayerActs`, without the MLP hidden).
@@ -53,9 +95,13 @@ pub struct ActivationLayout {
     pub other_per_token: usize,
     /// Rows of one lm_head chunk; the loss workspace holds loss_chunk_rows x vocab logits.
     pub loss_chunk_rows: usize,
+    /// The logits chunk (F32) and, with casts, its bf16 gradient copy: elements.
     pub loss_workspace: usize,
     /// Everything above for `tokens` tokens.
     pub total: usize,
+    /// Bytes of all activations but the loss workspace, and of the loss workspace, as stored.
+    pub activation_bytes: usize,
+    pub loss_workspace_bytes: usize,
 }
 
 /// The lm_head chunk: at most 2^23 logits at once (32 MiB in f32), at least one row, at most all tokens.
@@ -63,8 +109,21 @@ pub fn loss_chunk_rows(vocab: usize, tokens: usize) -> usize {
     ((1usize << 23) / vocab).clamp(1, tokens.max(1))
 }
 
-/// The one accounting of activation memory, shared by `Gpt::new` and the planner.
+/// The one accounting of activation memory under f32 storage (the CPU's), shared with the planner.
 pub fn activation_layout(cfg: &ModelConfig, batch: usize, seq: usize, policy: Recompute) -> ActivationLayout {
+    activation_layout_for(cfg, batch, seq, policy, Precision::Fp32)
+}
+
+/// The one accounting of activation memory, shared by `Gpt::new` and the planner: elements per buffer
+/// kind, and bytes as `Storages::for_precision(precision)` stores them.
+pub fn activation_layout_for(
+    cfg: &ModelConfig,
+    batch: usize,
+    seq: usize,
+    policy: Recompute,
+    precision: Precision,
+) -> ActivationLayout {
+    let st = Storages::for_precision(precision);
     let s = LayerShapes::new(cfg, batch * seq);
     let layer_saved_per_token = s.saved_per_token();
     let (layer_sets, hidden_sets, layer_input_per_token) = match policy {
@@ -73,19 +132,38 @@ pub fn activation_layout(cfg: &ModelConfig, batch: usize, seq: usize, policy: Re
         Recompute::Full => (1, 1, s.d),
     };
     let hidden_per_token = s.ff;
-    // resid, x0 + rstd0, xf + rstdf, losses, the backward's GradScratch, and under Full the residual
-    // stream that the recomputed layer forward writes into.
+    // resid, x0 + rstd0, xf + rstdf, losses, the backward's GradScratch (and the bf16 cast of dresid when
+    // there are casts), and under Full the residual stream that the recomputed layer forward writes into.
     let resid_tmp = if policy == Recompute::Full { s.d } else { 0 };
-    let other_per_token = s.d + (s.d + 1) + (s.d + 1) + 1 + grad_scratch_per_token(&s) + resid_tmp;
+    let dresid_cast = if st.has_casts() { s.d } else { 0 };
+    let other_per_token = s.d + (s.d + 1) + (s.d + 1) + 1 + grad_scratch_per_token(&s) + dresid_cast + resid_tmp;
     let tokens = batch * seq;
     let loss_chunk_rows = loss_chunk_rows(cfg.vocab_size, tokens);
-    let loss_workspace = loss_chunk_rows * cfg.vocab_size;
+    let logits = loss_chunk_rows * cfg.vocab_size;
+    let dlogits_cast = if st.has_casts() { logits } else { 0 };
+    let loss_workspace = logits + dlogits_cast;
     let total = tokens
         * (layer_sets * layer_saved_per_token
             + hidden_sets * hidden_per_token
             + cfg.n_layer * layer_input_per_token
             + other_per_token)
         + loss_workspace;
+
+    // Bytes, by storage class (per token, then times tokens).
+    let b = |st: Storage| st.bytes_per_element();
+    let (h, hkv) = (s.n_head, s.n_kv_head);
+    let layer_saved_bytes = b(st.saved) * (2 * s.d + 2 * s.qd + 2 * s.kvd + s.ff) + b(st.stats) * (2 + 2 * h + hkv);
+    let scratch = grad_scratch_per_token(&s) - s.d;
+    let other_bytes = b(st.stream) * (2 * s.d + resid_tmp)
+        + b(st.saved) * 2 * s.d
+        + b(st.stats) * 3
+        + b(st.grad_scratch) * (scratch + dresid_cast);
+    let activation_bytes = tokens
+        * (layer_sets * layer_saved_bytes
+            + hidden_sets * hidden_per_token * b(st.saved)
+            + cfg.n_layer * layer_input_per_token * b(st.stream)
+            + other_bytes);
+    let loss_workspace_bytes = logits * b(st.stats) + dlogits_cast * b(st.grad_scratch);
     ActivationLayout {
         layer_saved_per_token,
         layer_sets,
@@ -96,6 +174,8 @@ pub fn activation_layout(cfg: &ModelConfig, batch: usize, seq: usize, policy: Re
         loss_chunk_rows,
         loss_workspace,
         total,
+        activation_bytes,
+        loss_workspace_bytes,
     }
 }
 
@@ -159,22 +239,40 @@ pub struct LayerActs<B: Backend> {
 }
 
 impl<B: Backend> LayerActs<B> {
-    pub fn new(be: &B, s: &LayerShapes) -> Self {
+    pub fn new(be: &B, s: &LayerShapes, st: &Storages) -> Self {
         let n = s.n;
+        let (saved, stats) = (st.saved, st.stats);
         LayerActs {
-            xn1: be.alloc(n * s.d),
-            rstd1: be.alloc(n),
-            q: be.alloc(n * s.qd),
-            rstd_q: be.alloc(n * s.n_head),
-            k: be.alloc(n * s.kvd),
-            rstd_k: be.alloc(n * s.n_kv_head),
-            v: be.alloc(n * s.kvd),
-            y: be.alloc(n * s.qd),
-            lse: be.alloc(n * s.n_head),
-            xn2: be.alloc(n * s.d),
-            rstd2: be.alloc(n),
-            u: be.alloc(n * s.ff),
+            xn1: be.alloc_as(n * s.d, saved),
+            rstd1: be.alloc_as(n, stats),
+            q: be.alloc_as(n * s.qd, saved),
+            rstd_q: be.alloc_as(n * s.n_head, stats),
+            k: be.alloc_as(n * s.kvd, saved),
+            rstd_k: be.alloc_as(n * s.n_kv_head, stats),
+            v: be.alloc_as(n * s.kvd, saved),
+            y: be.alloc_as(n * s.qd, saved),
+            lse: be.alloc_as(n * s.n_head, stats),
+            xn2: be.alloc_as(n * s.d, saved),
+            rstd2: be.alloc_as(n, stats),
+            u: be.alloc_as(n * s.ff, saved),
         }
+    }
+    /// Every buffer, for the allocation accounting.
+    pub fn buffers(&self) -> [&B::Buf; 12] {
+        [
+            &self.xn1,
+            &self.rstd1,
+            &self.q,
+            &self.rstd_q,
+            &self.k,
+            &self.rstd_k,
+            &self.v,
+            &self.y,
+            &self.lse,
+            &self.xn2,
+            &self.rstd2,
+            &self.u,
+        ]
     }
 }
 
@@ -194,22 +292,57 @@ pub struct GradScratch<B: Backend> {
     pub dkn: B::Buf,
     /// Grad w.r.t. the MLP hidden (h, then u in place).
     pub du: B::Buf,
+    /// With casts (bf16): dresid cast to the GEMM-input storage, made where a branch's backward starts
+    /// (its two c_proj GEMMs read it). Empty without casts: the GEMMs read dresid itself.
+    pub dresid_cast: B::Buf,
 }
 
 impl<B: Backend> GradScratch<B> {
-    pub fn new(be: &B, s: &LayerShapes) -> Self {
+    pub fn new(be: &B, s: &LayerShapes, st: &Storages) -> Self {
         let n = s.n;
+        let g = st.grad_scratch;
         GradScratch {
-            dresid: be.alloc(n * s.d),
-            dxn: be.alloc(n * s.d),
-            dq: be.alloc(n * s.qd),
-            dk: be.alloc(n * s.kvd),
-            dv: be.alloc(n * s.kvd),
-            dy: be.alloc(n * s.qd),
-            dqn: be.alloc(n * s.qd),
-            dkn: be.alloc(n * s.kvd),
-            du: be.alloc(n * s.ff),
+            dresid: be.alloc_as(n * s.d, st.stream),
+            dxn: be.alloc_as(n * s.d, g),
+            dq: be.alloc_as(n * s.qd, g),
+            dk: be.alloc_as(n * s.kvd, g),
+            dv: be.alloc_as(n * s.kvd, g),
+            dy: be.alloc_as(n * s.qd, g),
+            dqn: be.alloc_as(n * s.qd, g),
+            dkn: be.alloc_as(n * s.kvd, g),
+            du: be.alloc_as(n * s.ff, g),
+            dresid_cast: be.alloc_as(if st.has_casts() { n * s.d } else { 0 }, g),
         }
+    }
+    /// Every buffer, for the allocation accounting.
+    pub fn buffers(&self) -> [&B::Buf; 10] {
+        [
+            &self.dresid,
+            &self.dxn,
+            &self.dq,
+            &self.dk,
+            &self.dv,
+            &self.dy,
+            &self.dqn,
+            &self.dkn,
+            &self.du,
+            &self.dresid_cast,
+        ]
+    }
+    /// Where a branch's backward starts: with casts, round dresid into `dresid_cast` for the GEMMs.
+    pub fn cast_dresid(&mut self, be: &B) {
+        if B::buf_len(&self.dresid_cast) > 0 {
+            be.copy(all(&self.dresid), all_mut(&mut self.dresid_cast));
+        }
+    }
+}
+
+/// What a GEMM reads for a value that has a cast: the cast where there is one (non-empty), else the value.
+pub(crate) fn gemm_input<'a, B: Backend>(value: &'a B::Buf, cast: &'a B::Buf) -> &'a B::Buf {
+    if B::buf_len(cast) > 0 {
+        cast
+    } else {
+        value
     }
 }
 

@@ -83,6 +83,11 @@ pub struct TrainConfig {
     /// `recompute_full`) read as auto.
     #[serde(default)]
     pub recompute: plan::Recompute,
+    /// Numeric format of the model's buffers: fp32 (everything f32) or bf16 (f32 master weights, grads and
+    /// optimizer state; bf16 working weights and activations: `model::Storages`). Checkpoints hold the f32
+    /// master either way, so a run may resume in the other precision; older checkpoints read as fp32.
+    #[serde(default)]
+    pub precision: Precision,
     /// Behave as if a stop were requested when the loop reaches this step (dry runs and tests).
     pub stop_at_step: Option<u64>,
     /// Print the log lines and samples (off in tests).
@@ -517,12 +522,13 @@ fn train_rank<B: Backend>(
         peak_how,
         ..
     } = device;
-    let mut model = Gpt::new(
+    let mut model = Gpt::with_precision(
         be,
         model_cfg,
         batch.device_batch_size,
         model_cfg.sequence_len,
         plan::engine_policy(policy),
+        cfg.precision,
     )?;
     model.init(cfg.seed);
     // checkpoints' host copy of the parameters, on a device backend
@@ -599,9 +605,10 @@ fn train_rank<B: Backend>(
         flops_per_token
     ));
     say(format!(
-        "recompute {} ({policy_why}): {:.1} MiB of activations per rank",
+        "recompute {} ({policy_why}): {:.1} MiB of activations per rank (precision {}, as a device stores them)",
         policy.name(),
-        model.allocated_activation_elements() as f64 * 4.0 / (1u64 << 20) as f64
+        model.allocated_activation_bytes() as f64 / (1u64 << 20) as f64,
+        cfg.precision.label()
     ));
     say(format!(
         "batch {} x {} x {} ranks, grad accum {}, {} tokens/step; {} steps; MFU against {:.1} GFLOP/s ({peak_how})",
@@ -762,6 +769,8 @@ fn train_rank<B: Backend>(
                 grad_norm
             }
         };
+        // the bf16 working copy of the weights follows the master (nothing to do in fp32)
+        model.refresh_weights();
         let dt = t0.elapsed().as_secs_f64();
         // the first steps pay for warm-up; nanochat leaves the first 10 out of its total time
         if step > 10 || num_iterations <= 20 {

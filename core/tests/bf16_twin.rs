@@ -1,0 +1,428 @@
+//! The CPU twin of the bf16 engine (`Precision::Bf16` on the CPU backend):
+//! - which buffer is stored how (the precision scheme of ARCHITECTURE.md), pinned by name;
+//! - its ops against the f64 references of tests/common with bf16-rounded expectations;
+//! - its forward against an independent bf16 reference forward written here (f64 math, rounded to bf16 at
+//!   each point where the engine stores bf16), which pins the forward's rounding points: the twin must be
+//!   much closer to this reference than to the same reference with any one rounding point left out.
+
+mod common;
+
+use common::TestRng;
+use nc_core::backend::bf16::{is_bf16, round_bf16};
+use nc_core::backend::cpu::{CpuBackend, CpuBuf};
+use nc_core::backend::{AttnShape, Backend, Storage, View, ViewMut};
+use nc_core::config::{RMSNORM_EPS, ROPE_BASE};
+use nc_core::model::{Gpt, Recompute};
+use nc_core::plan::Precision;
+use nc_core::ModelConfig;
+
+fn rand_vec(rng: &mut TestRng, n: usize, scale: f64) -> Vec<f32> {
+    (0..n).map(|_| (rng.normal() * scale) as f32).collect()
+}
+fn to64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// One bf16 unit in the last place at the magnitude of `x`.
+fn bf16_ulp(x: f64) -> f64 {
+    let e = (x.abs().max(1e-30)).log2().floor();
+    2f64.powf(e - 7.0)
+}
+
+/// A bf16 output: every value is bf16, equals the f32 op's result rounded (bit for bit), and is within one
+/// bf16 ulp of the f64 reference rounded to bf16 (f32 vs f64 arithmetic can tip a value over a midpoint).
+fn assert_bf16_output(what: &str, got: &[f32], f32_result: &[f32], reference: &[f64]) {
+    assert_eq!(got.len(), reference.len(), "{what}: length");
+    let scale = reference.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    for (i, ((&g, &f), &r)) in got.iter().zip(f32_result).zip(reference).enumerate() {
+        assert!(is_bf16(g), "{what}[{i}] = {g} is not a bf16 value");
+        assert_eq!(
+            g.to_bits(),
+            round_bf16(f).to_bits(),
+            "{what}[{i}]: not the f32 result rounded"
+        );
+        let want = round_bf16(r as f32) as f64;
+        assert!(
+            (g as f64 - want).abs() <= bf16_ulp(r) + 1e-6 * scale,
+            "{what}[{i}]: {g} vs reference {r} (rounded {want})"
+        );
+    }
+}
+
+/// Runs `op` writing into a buffer of `storage` holding `init`, and returns what it holds afterwards.
+fn run_into(storage: Storage, init: &[f32], op: impl FnOnce(&CpuBackend, &mut CpuBuf)) -> Vec<f32> {
+    let be = CpuBackend::new();
+    let mut out = CpuBuf::with_storage(init.to_vec(), storage);
+    op(&be, &mut out);
+    out.0
+}
+
+#[test]
+fn ops_into_bf16_match_rounded_references() {
+    let mut rng = TestRng(7);
+    // matmul y = x W^T (a linear layer), bf16 inputs as the engine feeds it, f32 accumulation
+    let (n, din, dout) = (9, 40, 23);
+    let x: Vec<f32> = rand_vec(&mut rng, n * din, 1.0)
+        .iter()
+        .map(|&v| round_bf16(v))
+        .collect();
+    let w: Vec<f32> = rand_vec(&mut rng, dout * din, 0.3)
+        .iter()
+        .map(|&v| round_bf16(v))
+        .collect();
+    let (xb, wb) = (CpuBuf::f32(x.clone()), CpuBuf::f32(w.clone()));
+    let mm = |st: Storage| {
+        run_into(st, &vec![0.0; n * dout], |be, o| {
+            be.matmul(
+                n,
+                dout,
+                din,
+                View::all(&xb),
+                false,
+                View::all(&wb),
+                true,
+                ViewMut::all(o),
+                false,
+            )
+        })
+    };
+    let reference = common::linear(&to64(&x), &to64(&w), n, din, dout);
+    assert_bf16_output("linear", &mm(Storage::Bf16), &mm(Storage::F32), &reference);
+
+    // rmsnorm: y bf16, rstd stays f32 in its own buffer
+    let (rows, dim) = (7, 48);
+    let xs = rand_vec(&mut rng, rows * dim, 2.0);
+    let xb = CpuBuf::f32(xs.clone());
+    let norm = |st: Storage| {
+        run_into(st, &vec![0.0; rows * dim], |be, y| {
+            let mut rstd = be.alloc(rows);
+            be.rmsnorm_forward(
+                View::all(&xb),
+                rows,
+                dim,
+                RMSNORM_EPS,
+                ViewMut::all(y),
+                ViewMut::all(&mut rstd),
+            );
+        })
+    };
+    assert_bf16_output(
+        "rmsnorm",
+        &norm(Storage::Bf16),
+        &norm(Storage::F32),
+        &common::rmsnorm(&to64(&xs), dim),
+    );
+
+    // rotary in place on a bf16 buffer (as on the q/k projections)
+    let (batch, t, heads, hd) = (2, 5, 3, 8);
+    let q: Vec<f32> = rand_vec(&mut rng, batch * t * heads * hd, 1.0)
+        .iter()
+        .map(|&v| round_bf16(v))
+        .collect();
+    let table = rotary_table(t, hd);
+    let tb = CpuBuf::f32(table);
+    let rot = |st: Storage| {
+        run_into(st, &q, |be, x| {
+            be.rotary_forward(ViewMut::all(x), batch, t, heads, hd, 0, View::all(&tb))
+        })
+    };
+    assert_bf16_output(
+        "rotary",
+        &rot(Storage::Bf16),
+        &rot(Storage::F32),
+        &common::rotary(&to64(&q), t, heads, hd, 0),
+    );
+
+    // attention output bf16 (lse f32)
+    let s = AttnShape::causal(2, 11, 4, 2, 8);
+    let qa: Vec<f32> = rand_vec(&mut rng, s.q_len(), 1.0)
+        .iter()
+        .map(|&v| round_bf16(v))
+        .collect();
+    let ka: Vec<f32> = rand_vec(&mut rng, s.kv_len(), 1.0)
+        .iter()
+        .map(|&v| round_bf16(v))
+        .collect();
+    let va: Vec<f32> = rand_vec(&mut rng, s.kv_len(), 1.0)
+        .iter()
+        .map(|&v| round_bf16(v))
+        .collect();
+    let (qb, kb, vb) = (
+        CpuBuf::f32(qa.clone()),
+        CpuBuf::f32(ka.clone()),
+        CpuBuf::f32(va.clone()),
+    );
+    let att = |st: Storage| {
+        run_into(st, &vec![0.0; s.q_len()], |be, o| {
+            let mut lse = be.alloc(s.lse_len());
+            be.attention_forward(
+                s,
+                View::all(&qb),
+                View::all(&kb),
+                View::all(&vb),
+                ViewMut::all(o),
+                ViewMut::all(&mut lse),
+            );
+        })
+    };
+    let reference = common::attention(&to64(&qa), &to64(&ka), &to64(&va), 2, 11, 4, 2, 8);
+    assert_bf16_output("attention", &att(Storage::Bf16), &att(Storage::F32), &reference);
+
+    // relu^2
+    let u: Vec<f32> = rand_vec(&mut rng, 300, 2.0).iter().map(|&v| round_bf16(v)).collect();
+    let ub = CpuBuf::f32(u.clone());
+    let relu2 = |st: Storage| {
+        run_into(st, &vec![0.0; 300], |be, h| {
+            be.relu2_forward(View::all(&ub), ViewMut::all(h))
+        })
+    };
+    let reference: Vec<f64> = u.iter().map(|&v| (v.max(0.0) as f64).powi(2)).collect();
+    assert_bf16_output("relu2", &relu2(Storage::Bf16), &relu2(Storage::F32), &reference);
+
+    // accumulating rmsnorm backward into a bf16 dx: round(old + new), the sum in f32
+    let old: Vec<f32> = rand_vec(&mut rng, rows * dim, 1.0)
+        .iter()
+        .map(|&v| round_bf16(v))
+        .collect();
+    let dy = CpuBuf::f32(rand_vec(&mut rng, rows * dim, 1.0));
+    let (mut yb, mut rb) = (CpuBackend::new().alloc(rows * dim), CpuBackend::new().alloc(rows));
+    CpuBackend::new().rmsnorm_forward(
+        View::all(&xb),
+        rows,
+        dim,
+        RMSNORM_EPS,
+        ViewMut::all(&mut yb),
+        ViewMut::all(&mut rb),
+    );
+    let back = |st: Storage| {
+        run_into(st, &old, |be, dx| {
+            be.rmsnorm_backward(
+                View::all(&yb),
+                View::all(&rb),
+                View::all(&dy),
+                rows,
+                dim,
+                ViewMut::all(dx),
+                true,
+            )
+        })
+    };
+    let (b16, b32) = (back(Storage::Bf16), back(Storage::F32));
+    for (i, (&g, &f)) in b16.iter().zip(&b32).enumerate() {
+        assert_eq!(
+            g.to_bits(),
+            round_bf16(f).to_bits(),
+            "rmsnorm backward accumulate [{i}]"
+        );
+    }
+}
+
+/// cos then sin, (max_pos, hd/2) each, as the model's table (angles in f64, stored f32).
+fn rotary_table(max_pos: usize, hd: usize) -> Vec<f32> {
+    let half = hd / 2;
+    let ang = |p: usize, j: usize| p as f64 / ROPE_BASE.powf(2.0 * j as f64 / hd as f64);
+    let mut t = Vec::with_capacity(2 * max_pos * half);
+    t.extend((0..max_pos).flat_map(|p| (0..half).map(move |j| ang(p, j).cos() as f32)));
+    t.extend((0..max_pos).flat_map(|p| (0..half).map(move |j| ang(p, j).sin() as f32)));
+    t
+}
+
+fn small_cfg() -> ModelConfig {
+    // 2 layers, d 64, 4 heads of 16 (GQA 2 kv heads), vocab 97, T 16
+    ModelConfig::new(2, 64, 4, 2, 16, 97, 16).unwrap()
+}
+
+/// Every buffer's storage under bf16, by name: the precision scheme of ARCHITECTURE.md.
+#[test]
+fn bf16_storage_of_every_buffer_is_the_documented_scheme() {
+    let cfg = small_cfg();
+    let m = Gpt::with_precision(CpuBackend::new(), cfg, 2, 16, Recompute::None, Precision::Bf16).unwrap();
+    let f32_names = [
+        "rstd1", "rstd_q", "rstd_k", "lse", "rstd2", "rstd0", "resid", "rstdf", "losses", "logits", "dresid", "master",
+        "grads",
+    ];
+    for (name, st) in m.activation_storages() {
+        let want = if f32_names.contains(&name) {
+            Storage::F32
+        } else {
+            Storage::Bf16
+        };
+        assert_eq!(st, want, "{name}");
+    }
+    let (master, working) = m.allocated_weight_bytes();
+    assert_eq!(master, 4 * cfg.num_params() as usize);
+    assert_eq!(working, 2 * cfg.num_params() as usize);
+    // and fp32 is all f32, with no working copy
+    let m = Gpt::with_precision(CpuBackend::new(), cfg, 2, 16, Recompute::None, Precision::Fp32).unwrap();
+    assert!(m.activation_storages().iter().all(|(_, st)| *st == Storage::F32));
+    assert_eq!(m.allocated_weight_bytes().1, 0);
+}
+
+/// Random non-zero weights (the real init zeroes lm_head and the c_proj's, which would hide half the model).
+fn random_params(cfg: &ModelConfig, rng: &mut TestRng) -> Vec<f32> {
+    let mut p = vec![0.0f32; cfg.num_params() as usize];
+    for s in cfg.param_specs() {
+        let std = if s.name.contains("wte") {
+            1.0
+        } else {
+            1.0 / (s.cols as f64).sqrt()
+        };
+        for v in &mut p[s.range()] {
+            *v = (rng.normal() * std) as f32;
+        }
+    }
+    p
+}
+
+/// The rounding points of the bf16 forward, by name (each is where the engine stores a bf16 activation or
+/// reads the bf16 working copy of a weight).
+const POINTS: [&str; 13] = [
+    "weights", "x0", "xn1", "q_proj", "k_proj", "v", "q_rot", "k_rot", "q_norm", "k_norm", "y", "xn2_u_h", "xf",
+];
+
+/// The bf16 forward in f64, written from the precision scheme: values rounded to bf16 at every point but
+/// `skip`; the residual stream, norm statistics, logits and loss in full precision. Per-token losses.
+fn reference_losses(
+    cfg: &ModelConfig,
+    p: &[f32],
+    b: usize,
+    t: usize,
+    inputs: &[u32],
+    targets: &[i32],
+    skip: &str,
+) -> Vec<f64> {
+    let r = |point: &str, v: Vec<f64>| -> Vec<f64> {
+        if point == skip {
+            v
+        } else {
+            v.into_iter().map(|x| round_bf16(x as f32) as f64).collect()
+        }
+    };
+    // "xn2_u_h" covers the MLP's three stores: leaving any one out is checked as leaving the group out
+    let p = r("weights", to64(p));
+    let specs = cfg.param_specs();
+    let get = |name: &str| &p[specs.iter().find(|s| s.name == name).unwrap().range()];
+    let (d, h, hkv, hd, vocab) = (cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.vocab_size);
+    let n = b * t;
+    let wte = get("transformer.wte.weight");
+    let emb: Vec<f64> = inputs
+        .iter()
+        .flat_map(|&i| wte[i as usize * d..][..d].to_vec())
+        .collect();
+    let mut x = r("x0", common::rmsnorm(&emb, d));
+    for l in 0..cfg.n_layer {
+        let w = |m: &str| get(&format!("transformer.h.{l}.{m}.weight"));
+        let xn = r("xn1", common::rmsnorm(&x, d));
+        let q = r("q_proj", common::linear(&xn, w("attn.c_q"), n, d, h * hd));
+        let k = r("k_proj", common::linear(&xn, w("attn.c_k"), n, d, hkv * hd));
+        let v = r("v", common::linear(&xn, w("attn.c_v"), n, d, hkv * hd));
+        let q = r("q_rot", common::rotary(&q, t, h, hd, 0));
+        let k = r("k_rot", common::rotary(&k, t, hkv, hd, 0));
+        let q = r("q_norm", common::rmsnorm(&q, hd));
+        let k = r("k_norm", common::rmsnorm(&k, hd));
+        let y = r("y", common::attention(&q, &k, &v, b, t, h, hkv, hd));
+        let o = common::linear(&y, w("attn.c_proj"), n, h * hd, d);
+        x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+        let xn = r("xn2_u_h", common::rmsnorm(&x, d));
+        let u = r("xn2_u_h", common::linear(&xn, w("mlp.c_fc"), n, d, 4 * d));
+        let hh = r("xn2_u_h", u.iter().map(|&u| u.max(0.0) * u.max(0.0)).collect());
+        let o = common::linear(&hh, w("mlp.c_proj"), n, 4 * d, d);
+        x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+    }
+    let xf = r("xf", common::rmsnorm(&x, d));
+    let logits = common::linear(&xf, get("lm_head.weight"), n, d, vocab);
+    common::softcap_ce(&logits, vocab, targets)
+}
+
+fn distance(a: &[f32], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| (x as f64 - y).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// The twin's per-token losses are far closer to the bf16 reference than to the reference with any one
+/// rounding point left out (so a point the twin skips, or one it adds, shows), and also differ from the
+/// f32 model's (the rounding is real).
+#[test]
+fn twin_forward_has_exactly_the_reference_rounding_points() {
+    let cfg = small_cfg();
+    let (b, t) = (2, 16);
+    let mut rng = TestRng(11);
+    let params = random_params(&cfg, &mut rng);
+    let n = b * t;
+    let inputs: Vec<u32> = (0..n).map(|_| rng.below(cfg.vocab_size) as u32).collect();
+    let mut targets: Vec<i32> = (0..n).map(|_| rng.below(cfg.vocab_size) as i32).collect();
+    targets[5] = -1;
+
+    let losses = |precision: Precision| {
+        let mut m = Gpt::with_precision(CpuBackend::new(), cfg, b, t, Recompute::None, precision).unwrap();
+        m.params_mut().copy_from_slice(&params);
+        let mut out = vec![0.0f32; n];
+        m.forward_losses(&inputs, &targets, &mut out).unwrap();
+        out
+    };
+    let (twin, fp32) = (losses(Precision::Bf16), losses(Precision::Fp32));
+    let full = reference_losses(&cfg, &params, b, t, &inputs, &targets, "");
+    let near = distance(&twin, &full);
+    let to_fp32 = distance(&fp32, &full);
+    eprintln!("twin vs bf16 reference: {near:.3e}; f32 model vs bf16 reference: {to_fp32:.3e}");
+    assert!(
+        near * 10.0 < to_fp32,
+        "the twin is not close to the bf16 reference: {near:e} vs {to_fp32:e}"
+    );
+    for skip in POINTS {
+        let without = reference_losses(&cfg, &params, b, t, &inputs, &targets, skip);
+        let far = distance(&twin, &without);
+        eprintln!("  without {skip:8}: {far:.3e}");
+        assert!(
+            near * 4.0 < far,
+            "leaving out '{skip}' is not distinguishable: {near:e} vs {far:e}"
+        );
+    }
+}
+
+/// Grads stay f32 (accumulated in f32, not rounded): after a bf16 forward/backward they hold values no
+/// bf16 can, and they track the f32 model's grads to bf16-level accuracy.
+#[test]
+fn twin_grads_are_f32_and_close_to_the_f32_models() {
+    let cfg = small_cfg();
+    let (b, t) = (2, 16);
+    let mut rng = TestRng(5);
+    let params = random_params(&cfg, &mut rng);
+    let n = b * t;
+    let inputs: Vec<u32> = (0..n).map(|_| rng.below(cfg.vocab_size) as u32).collect();
+    let targets: Vec<i32> = (0..n).map(|_| rng.below(cfg.vocab_size) as i32).collect();
+    let grads = |precision: Precision| {
+        let mut m = Gpt::with_precision(CpuBackend::new(), cfg, b, t, Recompute::Selective, precision).unwrap();
+        m.params_mut().copy_from_slice(&params);
+        m.zero_grads();
+        m.forward_backward(&inputs, &targets, 1.0).unwrap();
+        m.grads().to_vec()
+    };
+    let (g16, g32) = (grads(Precision::Bf16), grads(Precision::Fp32));
+    let not_bf16 = g16.iter().filter(|&&g| !is_bf16(g)).count();
+    assert!(
+        not_bf16 > g16.len() / 2,
+        "only {not_bf16} of {} grads are not bf16 values",
+        g16.len()
+    );
+    for s in cfg.param_specs() {
+        let (a, c) = (&g16[s.range()], &g32[s.range()]);
+        let diff = a
+            .iter()
+            .zip(c)
+            .map(|(x, y)| ((x - y) as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let norm = c.iter().map(|&y| (y as f64).powi(2)).sum::<f64>().sqrt();
+        // bf16 keeps 8 significant bits: relative errors of a few 2^-8 after a whole model, not more
+        assert!(
+            diff <= 0.05 * norm,
+            "{}: |g_bf16 - g_f32| = {diff:e}, |g_f32| = {norm:e}",
+            s.name
+        );
+        assert!(diff > 0.0, "{}: bf16 grads equal the f32 ones", s.name);
+    }
+}

@@ -530,7 +530,7 @@ __device__ __forceinline__ void flash_backward_dkdv(const bf16* q, const bf16* k
     __shared__ __align__(128) bf16 sV[DKV_BK * D];
     static_assert(2 * STAGE <= DKV_BK * D, "the two stages fit in K's tile");
 
-    int j0 = (gridDim.x - 1 - blockIdx.x) * DKV_BK;
+    int j0 = blockIdx.x * DKV_BK;  // key tile 0 sees every query row: the heaviest blocks come first
     int kvh = blockIdx.y;
     int b = blockIdx.z;
     if (j0 >= t) return;

@@ -109,7 +109,16 @@ run() {
         step info 30 bash -c 'nvidia-smi; (nvcc --version || true); (ldconfig -p | grep -E "libcuda.so|libcublas" || true); python3 -c "import torch; print(\"torch\", torch.__version__, torch.version.cuda)"'
         ;;
       alloc) need_bin cuda_smoke && step alloc 120 "$BIN_DIR/cuda_smoke" --nocapture ;;
-      parity) need_bin cuda_parity && step parity 300 env NC_REQUIRE_CUDA=1 "$BIN_DIR/cuda_parity" --nocapture --test-threads=1 ;;
+      parity)
+        # One process per test (--exact): a kernel fault poisons its CUDA context for good, so a faulting
+        # test must not fail every test after it in the same process.
+        if need_bin cuda_parity; then
+          local t
+          for t in $("$BIN_DIR/cuda_parity" --list 2>/dev/null | sed -n 's/: test$//p'); do
+            step "parity:$t" 120 env NC_REQUIRE_CUDA=1 "$BIN_DIR/cuda_parity" --exact "$t" --nocapture
+          done
+        fi
+        ;;
       sanitize)
         need_bin cuda_parity &&
           step sanitize 400 env NC_REQUIRE_CUDA=1 compute-sanitizer --tool memcheck --error-exitcode 1 "$BIN_DIR/cuda_parity" --test-threads=1

@@ -893,8 +893,17 @@ impl<S: MemorySource> Drop for Inner<S> {
         for event in std::mem::take(&mut self.spare_events) {
             self.source.destroy_event(event);
         }
+        // A failed release is reported, not swallowed: it means the driver kept memory this process
+        // believes it gave back (or the context is gone), which the person reading the log should know.
         for sg in self.segments.iter().filter(|s| s.live) {
-            let _ = self.source.release(sg.addr, sg.size);
+            if let Err(e) = self.source.release(sg.addr, sg.size) {
+                eprintln!(
+                    "warning: {}: giving back a {} segment at {:#x} failed: {e}",
+                    self.source.name(),
+                    crate::stats::fmt_bytes(sg.size),
+                    sg.addr
+                );
+            }
         }
     }
 }

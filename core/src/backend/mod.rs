@@ -163,6 +163,22 @@ impl AttnShape {
     }
 }
 
+/// A device allocator's sizes at the end of a run (`Backend::memory_report`): what `nc-train` prints and
+/// writes to metrics.jsonl. Peaks are since the backend started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryReport {
+    /// The device, as the allocator names it ("cuda:0").
+    pub device: String,
+    /// The most bytes held from the driver at once (what the device had to have free).
+    pub peak_reserved_bytes: u64,
+    /// The most bytes in live buffers at once.
+    pub peak_allocated_bytes: u64,
+    pub reserved_bytes: u64,
+    pub allocated_bytes: u64,
+    /// The allocator's few-line summary, for logs.
+    pub summary: String,
+}
+
 /// The operations of nanochat's GPT. Shapes are in elements; `rows x dim` means `rows` contiguous rows.
 pub trait Backend {
     /// A buffer of f32 values (logically); the backend decides the storage.
@@ -347,6 +363,24 @@ pub trait Backend {
     fn sum_squares(&self, x: View<'_, Self>) -> f64 {
         optim_ops::sum_squares(&download_vec(self, x))
     }
+    /// Newton-Schulz's normalization without a host round trip: writes s = 1 / (||x||_F + eps) into the
+    /// one-element view `inv`, on the backend. The arithmetic is the host's: the sum of squares as
+    /// `sum_squares` computes it (f64), its square root in f64 rounded to f32, then the add and the divide
+    /// in f32. The default goes through `sum_squares` (so on a device it waits for the queued work: a
+    /// device backend overrides it with kernels; the CPU's is already in place).
+    fn inverse_norm_into(&self, x: View<'_, Self>, eps: f32, inv: ViewMut<'_, Self>) {
+        assert_eq!(inv.len, 1, "inverse_norm_into: inv must be one element");
+        let norm = self.sum_squares(x).sqrt() as f32;
+        self.upload(inv, &[1.0 / (norm + eps)]);
+    }
+    /// y = s x, where s is the value in the one-element view `s` (left on the backend, so nothing waits).
+    /// Rounds as `axpby(s, x, 0, y)` does. The default reads s back (a device backend overrides it).
+    fn scale_by_scalar(&self, x: View<'_, Self>, s: View<'_, Self>, y: ViewMut<'_, Self>) {
+        assert_eq!(s.len, 1, "scale_by_scalar: s must be one element");
+        let mut value = [0.0f32];
+        self.download(s, &mut value);
+        self.axpby(value[0], x, 0.0, y);
+    }
     /// Muon's momentum with nesterov: buf = buf + (1 - mu)(g - buf); update = g + mu (buf - g).
     fn muon_momentum(&self, g: View<'_, Self>, buf: ViewMut<'_, Self>, update: ViewMut<'_, Self>, mu: f32) {
         let gs = download_vec(self, g);
@@ -368,6 +402,11 @@ pub trait Backend {
         self.upload(p, &ps);
         self.upload(m, &ms);
         self.upload(v, &vs);
+    }
+
+    /// The device allocator's sizes and peaks; None where memory is the host's (the CPU backend).
+    fn memory_report(&self) -> Option<MemoryReport> {
+        None
     }
 
     /// Wait until every op queued so far has finished (a device backend's ops return once queued; the CPU's

@@ -35,6 +35,9 @@ pub struct MuonScratch<B: Backend> {
     /// The Gram matrix A = X X^T and B = b A + c A A, both (short side) x (short side).
     gram: B::Buf,
     poly: B::Buf,
+    /// 1 / (||G||_F + eps), computed and used on the backend (one element; the plan's scratch figure leaves
+    /// these 4 bytes out).
+    inv_norm: B::Buf,
 }
 
 impl<B: Backend> MuonScratch<B> {
@@ -47,10 +50,11 @@ impl<B: Backend> MuonScratch<B> {
             x_next: be.alloc(numel),
             gram: be.alloc(short * short),
             poly: be.alloc(short * short),
+            inv_norm: be.alloc(1),
         }
     }
 
-    /// Elements allocated (the plan's "optimizer scratch" prices exactly this).
+    /// Elements allocated (the plan's "optimizer scratch" prices exactly this), less the one-element norm.
     pub fn elements(&self) -> usize {
         [&self.update, &self.x, &self.x_next, &self.gram, &self.poly]
             .iter()
@@ -73,10 +77,14 @@ pub fn newton_schulz5_on<B: Backend>(be: &B, rows: usize, cols: usize, s: &mut M
         B::buf_len(&s.x) >= n_el && B::buf_len(&s.gram) >= short * short,
         "MuonScratch too small for {rows}x{cols}"
     );
-    // X = G / (||G||_F + eps); the norm in f64 (on the host: `sum_squares` waits for the queued work).
-    let norm = be.sum_squares(View::at(&s.update, 0, n_el)).sqrt() as f32;
-    let inv = 1.0 / (norm + NS_EPS);
-    be.axpby(inv, View::at(&s.update, 0, n_el), 0.0, ViewMut::at(&mut s.x, 0, n_el));
+    // X = G / (||G||_F + eps), the norm's sum in f64. Computed and applied on the backend: reading it back
+    // here would make the host wait for every queued kernel once per matrix (dozens of times a step).
+    be.inverse_norm_into(View::at(&s.update, 0, n_el), NS_EPS, ViewMut::all(&mut s.inv_norm));
+    be.scale_by_scalar(
+        View::at(&s.update, 0, n_el),
+        View::all(&s.inv_norm),
+        ViewMut::at(&mut s.x, 0, n_el),
+    );
 
     // The iteration works on the wide orientation, X (short x long), so the Gram matrix is the small one.
     // A wide matrix (rows <= cols) is X itself. A tall one (rows > cols) would be transposed first; instead
@@ -246,8 +254,9 @@ impl<B: Backend> DeviceOptimizer<B> {
 
     /// Clip the whole gradient to global norm `max_norm` in place; returns the norm before clipping.
     /// `max_norm <= 0` disables clipping. The same semantics and arithmetic as `clip::clip_grad_norm`: the
-    /// norm comes back to the host (one sync per step), and the gradient is scaled only when the factor is
-    /// below 1.
+    /// norm comes back to the host, and the gradient is scaled only when the factor is below 1. This is the
+    /// optimizer step's one host read-back (the log wants the norm anyway); `step` reads nothing back
+    /// (tests/tests/optimizer_syncs.rs counts).
     pub fn clip(&self, be: &B, grads: &mut B::Buf, max_norm: f64) -> f64 {
         let norm = be.sum_squares(View::all(grads)).sqrt();
         if max_norm > 0.0 {

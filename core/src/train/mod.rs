@@ -810,6 +810,15 @@ fn train_rank<B: Backend>(
         state.train_seconds / 60.0,
         state.min_val_bpb
     ));
+    if let Some(r) = model.be.memory_report() {
+        say(r.summary.clone());
+        if let Some(m) = metrics.as_mut() {
+            m.write(&serde_json::json!({
+                "device": r.device, "peak_reserved_bytes": r.peak_reserved_bytes,
+                "peak_allocated_bytes": r.peak_allocated_bytes,
+            }))?;
+        }
+    }
     Ok(summary)
 }
 

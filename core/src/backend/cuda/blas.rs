@@ -13,7 +13,9 @@
 //! TF32 tensor cores for sgemm, so results agree with the CPU GEMM to f32 rounding. beta = 1 accumulates
 //! into C; beta = 0 overwrites it without reading it (stale NaNs in C do not leak, as on the CPU).
 
-use cudarc::cublas::{result as cublas_result, sys::cublasOperation_t, CudaBlas};
+use super::libs::{check, check_major, Cublas};
+use crate::error::Result;
+use cudarc::cublas::sys::{cublasHandle_t, cublasMath_t, cublasOperation_t};
 
 /// The arguments of one `cublasSgemm` call (besides the pointers and alpha = 1).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -65,31 +67,92 @@ pub(crate) fn sgemm_call(m: usize, n: usize, k: usize, a_t: bool, b_t: bool, acc
     }
 }
 
-/// Run `call` on raw device addresses: `first` is the row-major B, `second` the row-major A, `c` the
-/// row-major C, each already offset to its view.
-///
-/// # Safety
-/// The addresses must be valid on the handle's stream for the extents `call` implies (the caller asserts
-/// each view's length against m, n, k).
-pub(crate) unsafe fn run_sgemm(blas: &CudaBlas, call: &SgemmCall, first: u64, second: u64, c: u64) {
-    let alpha = 1.0f32;
-    cublas_result::sgemm(
-        *blas.handle(),
-        call.op_first,
-        call.op_second,
-        call.m,
-        call.n,
-        call.k,
-        &alpha,
-        first as *const f32,
-        call.ld_first,
-        second as *const f32,
-        call.ld_second,
-        &call.beta,
-        c as *mut f32,
-        call.ldc,
-    )
-    .unwrap_or_else(|e| panic!("CUDA matmul: cublasSgemm {}x{}x{} failed: {e}", call.n, call.m, call.k));
+/// The cuBLAS library and one handle on the backend's stream, for the strict-f32 GEMMs.
+pub(crate) struct Sgemm {
+    handle: cublasHandle_t,
+    lib: Cublas,
+}
+
+// SAFETY: cuBLAS handles may be used from any thread (cuBLAS is thread-safe with a shared handle as long as
+// the stream and workspace are not changed concurrently, and they are set once, here, before sharing).
+unsafe impl Send for Sgemm {}
+unsafe impl Sync for Sgemm {}
+
+impl Sgemm {
+    /// Open cuBLAS (versioned soname first, see `libs.rs`), check it is CUDA 13's, create a handle on
+    /// `stream` in strict f32 (CUBLAS_DEFAULT_MATH never rounds sgemm inputs to TF32). The caller has made
+    /// the backend's context current.
+    pub(crate) fn new(stream: *mut std::ffi::c_void) -> Result<Self> {
+        let lib = Cublas::load()?;
+        let mut handle: cublasHandle_t = std::ptr::null_mut();
+        // SAFETY: `handle` is a valid out-pointer.
+        check(unsafe { (lib.create)(&mut handle) }, "cublasCreate")?;
+        let sgemm = Sgemm { handle, lib };
+        let mut version = 0;
+        // SAFETY: the handle is live.
+        check(
+            unsafe { (sgemm.lib.get_version)(sgemm.handle, &mut version) },
+            "cublasGetVersion",
+        )?;
+        check_major(&sgemm.lib.file, version.max(0) as usize)?;
+        // SAFETY: the handle is live and the stream belongs to the current context.
+        check(
+            unsafe { (sgemm.lib.set_stream)(sgemm.handle, stream as _) },
+            "cublasSetStream",
+        )?;
+        sgemm.set_tf32(false)?;
+        Ok(sgemm)
+    }
+
+    /// TF32 tensor-core math for sgemm (`on`), or strict f32 (the default).
+    pub(crate) fn set_tf32(&self, on: bool) -> Result<()> {
+        let mode = if on {
+            cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
+        } else {
+            cublasMath_t::CUBLAS_DEFAULT_MATH
+        };
+        // SAFETY: the handle is live.
+        check(
+            unsafe { (self.lib.set_math_mode)(self.handle, mode) },
+            "cublasSetMathMode",
+        )
+    }
+
+    /// Run `call` on raw device addresses: `first` is the row-major B, `second` the row-major A, `c` the
+    /// row-major C, each already offset to its view.
+    ///
+    /// # Safety
+    /// The addresses must be valid f32 storage on the handle's stream for the extents `call` implies (the
+    /// caller asserts each view's length against m, n, k).
+    pub(crate) unsafe fn run(&self, call: &SgemmCall, first: u64, second: u64, c: u64) -> Result<()> {
+        let alpha = 1.0f32;
+        let status = (self.lib.sgemm)(
+            self.handle,
+            call.op_first,
+            call.op_second,
+            call.m,
+            call.n,
+            call.k,
+            &alpha,
+            first as *const f32,
+            call.ld_first,
+            second as *const f32,
+            call.ld_second,
+            &call.beta,
+            c as *mut f32,
+            call.ldc,
+        );
+        check(status, &format!("cublasSgemm {}x{}x{}", call.n, call.m, call.k))
+    }
+}
+
+impl Drop for Sgemm {
+    fn drop(&mut self) {
+        // SAFETY: the handle is live and dropped once.
+        if let Err(e) = check(unsafe { (self.lib.destroy)(self.handle) }, "cublasDestroy") {
+            eprintln!("warning: CUDA backend teardown: {e}");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -2,12 +2,14 @@
 //! load every PTX module and kernel once. Everything here depends on the machine (driver, devices, the
 //! libraries installed), so every failure is an `NcError` that says what is missing, never a panic.
 
+use super::blas::Sgemm;
 use super::launch::Kernels;
-use super::{CudaBackend, CudaBuf, CudaF64};
+use super::memory::DeviceMemory;
+use super::{CudaBackend, CudaBuf, ENGINE_KERNELS, ENGINE_MODULES};
 use crate::error::{NcError, Result};
-use cudarc::cublas::{sys as cublas_sys, CudaBlas};
 use cudarc::driver::{result as driver, sys as driver_sys, CudaContext};
 use cudarc::nvrtc::Ptx;
+use nc_alloc::{CudaSource, StreamId};
 use parking_lot::Mutex;
 
 /// The first compute capability the PTX targets (nvcc `compute_80`); older devices cannot JIT it.
@@ -34,20 +36,9 @@ impl CudaBackend {
     /// Hopper, with a 10-bit mantissa on the GEMM inputs: inside the precision nanochat trains at, bf16), or
     /// go back to strict f32 (the default, which the parity tests require).
     pub fn set_tf32(&self, on: bool) -> Result<()> {
-        let mode = if on {
-            cublas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
-        } else {
-            cublas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH
-        };
-        // SAFETY: the handle is live for as long as self.
-        unsafe { cublas_sys::cublasSetMathMode(*self.blas.handle(), mode) }
-            .result()
-            .map_err(|e| {
-                NcError::new(format!(
-                    "CUDA device {}: setting cuBLAS's math mode failed: {e}",
-                    self.ordinal
-                ))
-            })
+        self.blas
+            .set_tf32(on)
+            .map_err(|e| NcError::new(format!("CUDA device {}: {e}", self.ordinal)))
     }
 
     /// The backend on device `ordinal` (as numbered under CUDA_VISIBLE_DEVICES). Errors when the driver
@@ -95,22 +86,19 @@ impl CudaBackend {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(|e| device_error("creating a stream", &e))?;
 
-        // SAFETY: only tries to open the shared library.
-        if !unsafe { cublas_sys::is_culib_present() } {
-            return Err(NcError::new(
-                "the cuBLAS library (libcublas.so.13) was not found: install the CUDA 13 runtime libraries \
-                 or put them on LD_LIBRARY_PATH",
-            ));
-        }
-        let blas = CudaBlas::new(stream.clone()).map_err(|e| device_error("creating the cuBLAS handle", &e))?;
-        // Strict f32: the default math mode never rounds sgemm inputs to TF32 (parity with the CPU GEMM).
-        // SAFETY: the handle is live.
-        unsafe { cublas_sys::cublasSetMathMode(*blas.handle(), cublas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH) }
-            .result()
-            .map_err(|e| device_error("setting cuBLAS's math mode", &e))?;
+        // cuBLAS by its CUDA 13 soname first (libs.rs); its calls use the current context.
+        ctx.bind_to_thread()
+            .map_err(|e| device_error("making the context current", &e))?;
+        let blas = Sgemm::new(stream.cu_stream() as *mut std::ffi::c_void)
+            .map_err(|e| NcError::new(format!("CUDA device {ordinal}: {e}")))?;
+        let memory = DeviceMemory::new(
+            CudaSource::new(ordinal).map_err(|e| NcError::new(e.to_string()))?,
+            StreamId(stream.cu_stream() as u64),
+            format!("cuda:{ordinal}"),
+        )?;
 
-        let mut modules = Vec::with_capacity(nc_kernels::MODULES.len());
-        for (name, ptx) in nc_kernels::MODULES {
+        let mut modules = Vec::with_capacity(nc_kernels::MODULES.len() + ENGINE_MODULES.len());
+        for (name, ptx) in nc_kernels::MODULES.into_iter().chain(ENGINE_MODULES) {
             if ptx.trim().is_empty() {
                 return Err(NcError::new(format!(
                     "the PTX of kernel module '{name}' is empty: rebuild kernels-ptx/ptx with build_ptx.sh"
@@ -124,8 +112,8 @@ impl CudaBackend {
             })?;
             modules.push((name, module));
         }
-        let mut functions = Vec::with_capacity(nc_kernels::ALL.len());
-        for kernel in nc_kernels::ALL {
+        let mut functions = Vec::with_capacity(nc_kernels::ALL.len() + ENGINE_KERNELS.len());
+        for kernel in nc_kernels::ALL.into_iter().chain(ENGINE_KERNELS) {
             let module = modules
                 .iter()
                 .find(|(name, _)| *name == kernel.module)
@@ -145,18 +133,21 @@ impl CudaBackend {
             functions.push((kernel, function));
         }
 
-        let scratch = CudaBuf::zeros(&stream, 0).map_err(|e| device_error("allocating scratch", &e))?;
-        let partials = stream
-            .alloc_zeros::<f64>(nc_kernels::SUM_SQUARES_MAX_BLOCKS as usize)
-            .map_err(|e| device_error("allocating sum_squares' partials", &e))?;
+        let partials = memory.block(
+            nc_kernels::SUM_SQUARES_MAX_BLOCKS as usize,
+            std::mem::size_of::<f64>(),
+            "sum_squares' partials",
+        )?;
+        let scratch = memory.block(0, std::mem::size_of::<f32>(), "attention scratch")?;
         Ok(CudaBackend {
             ordinal,
             ctx,
             stream,
             blas,
             kernels: Kernels::new(functions),
-            attention_delta: Mutex::new(scratch),
-            sum_squares_partials: Mutex::new(CudaF64 { data: partials }),
+            attention_delta: Mutex::new(CudaBuf { mem: scratch, len: 0 }),
+            sum_squares_partials: Mutex::new(partials),
+            memory,
         })
     }
 }

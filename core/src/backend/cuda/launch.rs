@@ -3,13 +3,13 @@
 //!
 //! Parameters go through `Arg`, one variant per C type of the contract (`f32*`, `int`, `unsigned long
 //! long`, `float`), so each call site reads like the kernel's signature. Pointers are raw device addresses
-//! already offset by the view's `off`: every buffer lives on the backend's one stream, so stream order alone
-//! keeps a kernel from running before the copy that fills its input or after the free of its buffer (cudarc
-//! frees on the allocating stream), and cudarc's per-buffer events are not needed (they are turned off).
+//! already offset by the view's `off`: every buffer is a block of the backend's caching allocator used on
+//! the backend's one stream, so stream order alone keeps a kernel from running before the copy that fills
+//! its input or after its block is handed to a later request (memory.rs).
 
-use super::{CudaBackend, CudaBuf, CudaIds};
+use super::{CudaBackend, CudaBuf, CudaIds, F32_BYTES, I32_BYTES};
 use crate::backend::{View, ViewMut};
-use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 use nc_kernels::{Kernel, LaunchDims};
 
 /// One kernel parameter, by its C type in the contract.
@@ -58,9 +58,6 @@ pub(crate) fn count(value: usize) -> Arg {
     Arg::U64(value as u64)
 }
 
-const F32_BYTES: u64 = std::mem::size_of::<f32>() as u64;
-const I32_BYTES: u64 = std::mem::size_of::<i32>() as u64;
-
 impl CudaBackend {
     /// Device address of a read-only view's first element.
     pub(crate) fn addr(&self, v: View<'_, Self>) -> u64 {
@@ -71,21 +68,12 @@ impl CudaBackend {
             v.len,
             v.buf.len
         );
-        let (base, _no_event) = v.buf.data.device_ptr(&self.stream);
-        base + v.off as u64 * F32_BYTES
+        v.buf.mem.addr() + (v.off * F32_BYTES) as u64
     }
 
     /// Device address of a writable view's first element.
     pub(crate) fn addr_mut(&self, v: ViewMut<'_, Self>) -> u64 {
-        assert!(
-            v.off + v.len <= v.buf.len,
-            "CUDA view {}+{} past buffer end {}",
-            v.off,
-            v.len,
-            v.buf.len
-        );
-        let (base, _no_event) = v.buf.data.device_ptr_mut(&self.stream);
-        base + v.off as u64 * F32_BYTES
+        self.addr(v.view())
     }
 
     /// A read-only view as a kernel's pointer parameter.
@@ -101,26 +89,13 @@ impl CudaBackend {
     /// Entry `off` of an ids buffer, which must hold `len` entries from there, as a kernel's pointer.
     pub(crate) fn ids_ptr(&self, ids: &CudaIds, off: usize, len: usize) -> Arg {
         assert!(off + len <= ids.len, "CUDA ids {off}+{len} past buffer end {}", ids.len);
-        let (base, _no_event) = ids.data.device_ptr(&self.stream);
-        Arg::Ptr(base + off as u64 * I32_BYTES)
+        Arg::Ptr(ids.mem.addr() + (off * I32_BYTES) as u64)
     }
 
     /// The start of a scratch buffer, which must hold `len` values, as a kernel's pointer.
     pub(crate) fn scratch_ptr(&self, buf: &mut CudaBuf, len: usize) -> Arg {
         assert!(len <= buf.len, "CUDA scratch of {} values used for {len}", buf.len);
-        let (base, _no_event) = buf.data.device_ptr_mut(&self.stream);
-        Arg::Ptr(base)
-    }
-
-    /// The start of an f64 scratch buffer, which must hold `len` values, as a kernel's pointer.
-    pub(crate) fn f64_scratch_ptr(&self, buf: &mut CudaSlice<f64>, len: usize) -> Arg {
-        assert!(
-            len <= buf.len(),
-            "CUDA f64 scratch of {} values used for {len}",
-            buf.len()
-        );
-        let (base, _no_event) = buf.device_ptr_mut(&self.stream);
-        Arg::Ptr(base)
+        Arg::Ptr(buf.mem.addr())
     }
 
     /// Launch `kernel` on the backend's stream with `args` in the contract's order. Asynchronous: a fault

@@ -1,5 +1,7 @@
-//! The CUDA backend: f32 buffers in device memory, the kernels of `nc_kernels` (CUDA C compiled to PTX,
-//! loaded once through cudarc's dynamically loaded driver API) and cuBLAS for the GEMMs.
+//! The CUDA backend: f32 buffers in device memory (every one a block of nc-alloc's caching allocator,
+//! `memory.rs`), the kernels of `nc_kernels` (CUDA C compiled to PTX, loaded once through cudarc's
+//! dynamically loaded driver API) plus the engine's own (`kernels/`), and cuBLAS for the GEMMs (opened by
+//! its CUDA 13 soname, `libs.rs`; cuBLASLt for bf16 in `blas_lt.rs`).
 //!
 //! Build: `CudaBackend::new(ordinal)`, which returns an `NcError` (never panics) when the machine has no
 //! driver, no such device, no cuBLAS, or a driver too old for the PTX. `device_count()` says whether there is
@@ -22,72 +24,45 @@
 //! tests (`cargo test --release --test cuda_parity`) check every op against the CPU backend where a GPU is.
 
 mod blas;
+mod blas_lt;
 mod device;
 mod flash;
 mod launch;
+mod libs;
+mod memory;
 
 pub use device::{device_count, driver_present};
 pub use flash::{flash_backward_launches, flash_forward_launch, FlashBackwardPtrs, FlashForwardPtrs, FlashLaunch};
 
-use super::{AdamwStep, AttnShape, Backend, View, ViewMut};
-use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DriverError};
+use super::{AdamwStep, AttnShape, Backend, MemoryReport, View, ViewMut};
+use blas::Sgemm;
+use cudarc::driver::{result as driver, CudaContext, CudaStream};
 use launch::{count, int, Arg, Kernels};
+use memory::{Block, DeviceMemory};
+use nc_alloc::CudaSource;
 use parking_lot::Mutex;
 use std::sync::Arc;
 
-/// f32 values in device memory. `len` is the logical length; the allocation holds at least one element
-/// (the driver rejects empty allocations, and the model does ask for empty buffers).
+/// f32 values in device memory: a block of the backend's caching allocator. `len` is the logical length;
+/// the block holds at least one element (so an empty buffer still has a distinct address, and the model
+/// does ask for empty buffers).
 pub struct CudaBuf {
-    data: CudaSlice<f32>,
+    mem: Block<CudaSource>,
     len: usize,
 }
 
 /// i32 token ids in device memory (same layout rule as `CudaBuf`).
 pub struct CudaIds {
-    data: CudaSlice<i32>,
+    mem: Block<CudaSource>,
     len: usize,
 }
 
 impl CudaBuf {
-    fn zeros(stream: &Arc<CudaStream>, len: usize) -> Result<Self, DriverError> {
-        Ok(CudaBuf {
-            data: stream.alloc_zeros::<f32>(len.max(1))?,
-            len,
-        })
-    }
     pub fn len(&self) -> usize {
         self.len
     }
     pub fn is_empty(&self) -> bool {
         self.len == 0
-    }
-}
-
-// cudarc frees a slice (cuMemFreeAsync) without making its context current on the dropping thread; a buffer
-// dropped on a thread that never made a CUDA call would fail that free, leak it, and surface the error at
-// some later op. Binding first makes a drop anywhere safe. (The outer drop runs before the field's.)
-impl Drop for CudaBuf {
-    fn drop(&mut self) {
-        let _ = self.data.context().bind_to_thread();
-    }
-}
-
-impl Drop for CudaIds {
-    fn drop(&mut self) {
-        let _ = self.data.context().bind_to_thread();
-    }
-}
-
-/// f64 values in device memory: the per-block partial sums of `sum_squares`. Dropped with the context
-/// bound, as `CudaBuf` is.
-struct CudaF64 {
-    data: CudaSlice<f64>,
-}
-
-impl Drop for CudaF64 {
-    fn drop(&mut self) {
-        let _ = self.data.context().bind_to_thread();
     }
 }
 
@@ -100,17 +75,42 @@ impl CudaIds {
     }
 }
 
+/// The engine's own kernels (`kernels/*.cu`, PTX built by `kernels/build.sh` and checked in), loaded with
+/// the model's kernels of nc_kernels.
+const NS_NORM_PTX: &str = include_str!("kernels/ns_norm.ptx");
+const ENGINE_MODULES: [(&str, &str); 1] = [("ns_norm", NS_NORM_PTX)];
+/// (const f64* partials, i32 blocks, f32 eps, f32* inv); one block of one thread.
+const INVERSE_NORM: nc_kernels::Kernel = nc_kernels::Kernel {
+    module: "ns_norm",
+    ptx: NS_NORM_PTX,
+    name: "nc_inverse_norm_f32",
+};
+/// (const f32* x, const f32* s, f32* y, u64 n); `elementwise_dims(n)`.
+const SCALE_BY_SCALAR: nc_kernels::Kernel = nc_kernels::Kernel {
+    module: "ns_norm",
+    ptx: NS_NORM_PTX,
+    name: "nc_scale_by_scalar_f32",
+};
+const ENGINE_KERNELS: [nc_kernels::Kernel; 2] = [INVERSE_NORM, SCALE_BY_SCALAR];
+
+const F32_BYTES: usize = std::mem::size_of::<f32>();
+const I32_BYTES: usize = std::mem::size_of::<i32>();
+const F64_BYTES: usize = std::mem::size_of::<f64>();
+
 /// The CUDA backend on one device. Fields drop in order: the cuBLAS handle and modules before the stream
 /// and context they belong to.
 pub struct CudaBackend {
     ordinal: usize,
-    blas: CudaBlas,
+    blas: Sgemm,
     kernels: Kernels,
     /// Attention backward's delta = rowsum(dout * out), (B, H, T): grown to the largest call, then reused.
     attention_delta: Mutex<CudaBuf>,
     /// `sum_squares`'s per-block partials, `SUM_SQUARES_MAX_BLOCKS` of them (every launch fits); the lock is
     /// held from the launch until they are downloaded.
-    sum_squares_partials: Mutex<CudaF64>,
+    sum_squares_partials: Mutex<Block<CudaSource>>,
+    /// The caching allocator every buffer above and every `CudaBuf` comes from (buffers hold it too, so it
+    /// outlives the backend while any of them lives).
+    memory: Arc<DeviceMemory<CudaSource>>,
     stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
 }
@@ -154,6 +154,32 @@ impl CudaBackend {
         self.ctx.total_mem().ok().map(|b| b as f64)
     }
 
+    /// Make the backend's context current on the calling thread (raw driver and cuBLAS calls use whatever
+    /// context is current; the rank's thread may not have made any CUDA call yet).
+    fn bind(&self) {
+        self.ctx
+            .bind_to_thread()
+            .expect("CUDA: making the backend's context current failed");
+    }
+
+    /// A zero-filled block of `elems` elements of `elem_bytes`, from the caching allocator (which hands out
+    /// uninitialized memory; the memset is queued on the stream like every other op).
+    fn zeroed_block(&self, elems: usize, elem_bytes: usize, what: &str) -> crate::error::Result<Block<CudaSource>> {
+        let block = self.memory.block(elems, elem_bytes, what)?;
+        self.bind();
+        // SAFETY: the block holds at least requested() bytes.
+        unsafe { driver::memset_d8_async(block.addr(), 0, block.requested(), self.stream.cu_stream()) }.map_err(
+            |e| crate::error::NcError::new(format!("CUDA device {}: zeroing {what} failed: {e}", self.ordinal)),
+        )?;
+        Ok(block)
+    }
+
+    /// A zero-filled f32 buffer, or the allocator's out-of-memory report as an error.
+    pub fn try_alloc(&self, len: usize) -> crate::error::Result<CudaBuf> {
+        let mem = self.zeroed_block(len, F32_BYTES, "an f32 buffer")?;
+        Ok(CudaBuf { mem, len })
+    }
+
     fn elementwise(&self, kernel: nc_kernels::Kernel, n: usize, args: &[Arg]) {
         if n > 0 {
             self.launch(kernel, nc_kernels::elementwise_dims(n as u64), args);
@@ -182,41 +208,43 @@ impl Backend for CudaBackend {
     }
 
     fn alloc(&self, len: usize) -> CudaBuf {
-        CudaBuf::zeros(&self.stream, len)
-            .unwrap_or_else(|e| panic!("CUDA alloc of {len} f32 values failed: {e} (the plan should have caught it)"))
+        self.try_alloc(len)
+            .unwrap_or_else(|e| panic!("{e}\n(the plan should have caught this before the model was built)"))
     }
     fn alloc_ids(&self, len: usize) -> CudaIds {
-        let data = self
-            .stream
-            .alloc_zeros::<i32>(len.max(1))
-            .unwrap_or_else(|e| panic!("CUDA alloc of {len} ids failed: {e}"));
-        CudaIds { data, len }
+        let mem = self
+            .zeroed_block(len, I32_BYTES, "token ids")
+            .unwrap_or_else(|e| panic!("{e}"));
+        CudaIds { mem, len }
     }
     fn buf_len(buf: &CudaBuf) -> usize {
         buf.len
     }
+    fn memory_report(&self) -> Option<MemoryReport> {
+        Some(self.memory.report())
+    }
 
     fn upload(&self, dst: ViewMut<'_, Self>, src: &[f32]) {
         assert_eq!(src.len(), dst.len, "CUDA upload: host slice and view lengths differ");
-        assert!(dst.off + dst.len <= dst.buf.len, "CUDA upload: view past buffer end");
         if src.is_empty() {
             return;
         }
-        let mut view = dst.buf.data.slice_mut(dst.off..dst.off + dst.len);
-        // From pageable memory the driver stages the copy before returning, so `src` may go at once.
-        self.stream
-            .memcpy_htod(src, &mut view)
+        let to = self.addr_mut(dst);
+        self.bind();
+        // SAFETY: `to` covers src.len() f32s (addr_mut checked the view). From pageable memory the driver
+        // stages the copy before returning, so `src` may go at once.
+        unsafe { driver::memcpy_htod_async(to, src, self.stream.cu_stream()) }
             .expect("CUDA upload: host-to-device copy failed");
     }
     fn download(&self, src: View<'_, Self>, dst: &mut [f32]) {
         assert_eq!(dst.len(), src.len, "CUDA download: host slice and view lengths differ");
-        assert!(src.off + src.len <= src.buf.len, "CUDA download: view past buffer end");
         if dst.is_empty() {
             return;
         }
-        let view = src.buf.data.slice(src.off..src.off + src.len);
-        self.stream
-            .memcpy_dtoh(&view, dst)
+        let from = self.addr(src);
+        self.bind();
+        // SAFETY: `from` covers dst.len() f32s; the stream is synchronized below before `dst` is read.
+        unsafe { driver::memcpy_dtoh_async(dst, from, self.stream.cu_stream()) }
             .expect("CUDA download: device-to-host copy failed");
         // The copy is queued behind every op before it; wait so `dst` is complete when we return.
         self.stream
@@ -233,9 +261,9 @@ impl Backend for CudaBackend {
         if src.is_empty() {
             return;
         }
-        let mut view = dst.data.slice_mut(0..src.len());
-        self.stream
-            .memcpy_htod(src, &mut view)
+        self.bind();
+        // SAFETY: the block holds dst.len >= src.len() ids.
+        unsafe { driver::memcpy_htod_async(dst.mem.addr(), src, self.stream.cu_stream()) }
             .expect("CUDA upload_ids: host-to-device copy failed");
     }
     fn fill(&self, dst: ViewMut<'_, Self>, value: f32) {
@@ -245,21 +273,14 @@ impl Backend for CudaBackend {
     }
     fn copy(&self, src: View<'_, Self>, dst: ViewMut<'_, Self>) {
         assert_eq!(src.len, dst.len, "CUDA copy: source and destination lengths differ");
-        assert!(
-            src.off + src.len <= src.buf.len,
-            "CUDA copy: source view past buffer end"
-        );
-        assert!(
-            dst.off + dst.len <= dst.buf.len,
-            "CUDA copy: destination view past buffer end"
-        );
         if src.len == 0 {
             return;
         }
-        let from = src.buf.data.slice(src.off..src.off + src.len);
-        let mut to = dst.buf.data.slice_mut(dst.off..dst.off + dst.len);
-        self.stream
-            .memcpy_dtod(&from, &mut to)
+        let bytes = src.len * F32_BYTES;
+        let (from, to) = (self.addr(src), self.addr_mut(dst));
+        self.bind();
+        // SAFETY: both views were checked to lie inside their buffers.
+        unsafe { driver::memcpy_dtod_async(to, from, bytes, self.stream.cu_stream()) }
             .expect("CUDA copy: device-to-device copy failed");
     }
 
@@ -291,12 +312,10 @@ impl Backend for CudaBackend {
         let call = blas::sgemm_call(m, n, k, a_t, b_t, accumulate);
         let (first, second, out) = (self.addr(b), self.addr(a), self.addr_mut(c));
         // cuBLAS works in whatever context is current on this thread; make it ours.
-        self.ctx
-            .bind_to_thread()
-            .expect("CUDA matmul: binding the context failed");
+        self.bind();
         // SAFETY: the three views were checked above to cover m x k, k x n and m x n values, which are
         // exactly the extents `call` reads and writes.
-        unsafe { blas::run_sgemm(&self.blas, &call, first, second, out) };
+        unsafe { self.blas.run(&call, first, second, out) }.unwrap_or_else(|e| panic!("CUDA matmul: {e}"));
     }
 
     fn embedding_forward(&self, ids: &CudaIds, n: usize, wte: View<'_, Self>, d: usize, out: ViewMut<'_, Self>) {
@@ -481,8 +500,9 @@ impl Backend for CudaBackend {
         let mut delta_buf = self.attention_delta.lock();
         if delta_buf.len < s.lse_len() {
             // The old buffer's free is queued on the stream behind the kernels that used it.
-            *delta_buf = CudaBuf::zeros(&self.stream, s.lse_len())
-                .unwrap_or_else(|e| panic!("CUDA attention backward: allocating delta failed: {e}"));
+            *delta_buf = self
+                .try_alloc(s.lse_len())
+                .unwrap_or_else(|e| panic!("CUDA attention backward: {e}"));
         }
         let delta = self.scratch_ptr(&mut delta_buf, s.lse_len());
         let (q, k, v, lse, dout) = (self.ptr(q), self.ptr(k), self.ptr(v), self.ptr(lse), self.ptr(dout));
@@ -605,12 +625,17 @@ impl Backend for CudaBackend {
         }
         let dims = nc_kernels::sum_squares_dims(n as u64);
         let blocks = dims.grid.0 as usize;
-        let mut partials = self.sum_squares_partials.lock();
-        let args = [self.ptr(x), count(n), self.f64_scratch_ptr(&mut partials.data, blocks)];
+        let partials = self.sum_squares_partials.lock();
+        assert!(
+            blocks * F64_BYTES <= partials.requested(),
+            "sum_squares: more blocks than partials"
+        );
+        let args = [self.ptr(x), count(n), Arg::Ptr(partials.addr())];
         self.launch(nc_kernels::SUM_SQUARES, dims, &args);
         let mut host = vec![0.0f64; blocks];
-        self.stream
-            .memcpy_dtoh(&partials.data.slice(0..blocks), &mut host)
+        self.bind();
+        // SAFETY: the partials block holds `blocks` f64s; the stream is synchronized before `host` is read.
+        unsafe { driver::memcpy_dtoh_async(&mut host, partials.addr(), self.stream.cu_stream()) }
             .expect("CUDA sum_squares: device-to-host copy of the partials failed");
         self.stream
             .synchronize()
@@ -620,6 +645,36 @@ impl Backend for CudaBackend {
             total += p;
         }
         total
+    }
+    /// The partials of `sum_squares`, then one thread adds them in block order and writes the inverse
+    /// norm: the same arithmetic as `sum_squares` followed by the host's f32 formula, with no wait.
+    fn inverse_norm_into(&self, x: View<'_, Self>, eps: f32, inv: ViewMut<'_, Self>) {
+        assert_eq!(inv.len, 1, "CUDA inverse_norm_into: inv must be one element");
+        let n = x.len;
+        let dims = nc_kernels::sum_squares_dims(n.max(1) as u64);
+        let blocks = dims.grid.0 as usize;
+        // The lock only orders host threads' use of the partials; stream order does the rest.
+        let partials = self.sum_squares_partials.lock();
+        assert!(
+            blocks * F64_BYTES <= partials.requested(),
+            "sum_squares: more blocks than partials"
+        );
+        let args = [self.ptr(x), count(n), Arg::Ptr(partials.addr())];
+        self.launch(nc_kernels::SUM_SQUARES, dims, &args);
+        let args = [
+            Arg::Ptr(partials.addr()),
+            int(blocks, "blocks"),
+            Arg::F32(eps),
+            self.ptr_mut(inv),
+        ];
+        self.launch(INVERSE_NORM, one_block_per_row(1), &args);
+    }
+    fn scale_by_scalar(&self, x: View<'_, Self>, s: View<'_, Self>, y: ViewMut<'_, Self>) {
+        assert_eq!(s.len, 1, "CUDA scale_by_scalar: s must be one element");
+        assert_eq!(x.len, y.len, "CUDA scale_by_scalar: x and y lengths differ");
+        let n = x.len;
+        let args = [self.ptr(x), self.ptr(s), self.ptr_mut(y), count(n)];
+        self.elementwise(SCALE_BY_SCALAR, n, &args);
     }
     fn muon_momentum(&self, g: View<'_, Self>, buf: ViewMut<'_, Self>, update: ViewMut<'_, Self>, mu: f32) {
         assert!(

@@ -561,10 +561,10 @@ mod tests {
                         let mut want = c0.clone();
                         for i in 0..batch {
                             let (ab, bb) = (
-                                CpuBuf(a[i * sa..i * sa + m * k].to_vec()),
-                                CpuBuf(b[i * sb..i * sb + k * n].to_vec()),
+                                CpuBuf::f32(a[i * sa..i * sa + m * k].to_vec()),
+                                CpuBuf::f32(b[i * sb..i * sb + k * n].to_vec()),
                             );
-                            let mut prod = CpuBuf(vec![0.0; m * n]);
+                            let mut prod = CpuBuf::f32(vec![0.0; m * n]);
                             cpu.matmul(
                                 m,
                                 n,

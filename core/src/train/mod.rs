@@ -671,6 +671,8 @@ fn train_rank<B: Backend>(
             summary.evals.push(ev);
         }
         if lead && (last_step || (cfg.sample_every > 0 && step > 0 && step % cfg.sample_every == 0)) {
+            // the sampler reads the working weights: current after a step, not yet after loading a checkpoint
+            model.refresh_weights();
             let samples = sample(&model, &data, cfg.sample_tokens, cfg.seed.wrapping_add(step))?;
             for (p, s) in &samples {
                 say(format!("sample | {p}{s}"));

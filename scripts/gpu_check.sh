@@ -11,6 +11,7 @@
 #   parity     every CUDA backend op and a whole model step against the CPU backend (tests/tests/cuda_parity.rs)
 #   sanitize   the parity tests again under compute-sanitizer memcheck (out-of-bounds and misaligned accesses)
 #   train      nc-train --backend cuda on the embedded corpus, against the same run on the CPU (val loss)
+#   launch     the supervised multi-process path at world size 1: supervisor, worker, rendezvous, NCCL init
 #   bench      the CUDA step benchmark (benches/benches/step_cuda.rs) at depth 20, dbs 8 and 16, and with TF32
 #   fixture    the PyTorch baseline computes the same loss as the JAX reference fixtures
 #   baseline   the PyTorch baseline step at depth 20 (dbs 32) and depth 38 (dbs 8), torch.compile'd
@@ -100,7 +101,7 @@ run() {
   LOG="$out/gpu_check.log"
   : >"$LOG"
   local steps=("$@")
-  [ ${#steps[@]} -gt 0 ] || steps=(info alloc parity sanitize train bench fixture baseline attention)
+  [ ${#steps[@]} -gt 0 ] || steps=(info alloc parity sanitize train launch bench fixture baseline attention)
   export PYTHONUNBUFFERED=1
   cuda_library_path
   for s in "${steps[@]}"; do
@@ -139,6 +140,15 @@ def last_val(d):
 cpu, cuda = last_val(sys.argv[1]), last_val(sys.argv[2])
 print(f"last val loss: cpu {cpu:.6f} cuda {cuda:.6f} relative difference {abs(cpu - cuda) / cpu:.2e}")
 sys.exit(0 if abs(cpu - cuda) <= 2e-3 * cpu else 1)' "$w/cpu" "$w/cuda"
+        fi
+        ;;
+      launch)
+        # one worker process started by the supervisor on GPU 0 (NCCL refuses two ranks on one GPU): the launch
+        # code, the rendezvous and NCCL's init run on the GPU, then 5 steps and a checkpoint
+        if need_bin nc-train; then
+          local lw
+          lw=$(mktemp -d)
+          step launch 300 bash -c "set -o pipefail; '$BIN_DIR/nc-train' --backend cuda --nproc-per-node 1 --num-iterations 5 --eval-every 0 --out-dir '$lw' | tee '$lw/log' && grep -q 'launch: rank 0 of 1 on GPU 0' '$lw/log' && test -f '$lw/checkpoints/step_000005/optim_rank0.safetensors'"
         fi
         ;;
       bench)

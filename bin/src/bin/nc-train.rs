@@ -12,6 +12,8 @@ use nc_core::optim::adamw::AdamParams;
 use nc_core::optim::OptimConfig;
 use nc_core::plan::{self, BatchPlan, Horizon, Plan, PlanRequest, Precision, Recompute};
 use nc_core::train::data::DataSource;
+use nc_core::train::launch::{self, Collective, WorkerEnv};
+use nc_core::train::supervise::{self, SupervisorConfig};
 use nc_core::train::{self, signal, Resume, TrainConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -118,9 +120,15 @@ struct Cli {
     /// strict f32.
     #[arg(long)]
     tf32: bool,
-    /// Number of ranks (GPUs) training together (default 1; with --plan and a 3b/6.6b/7b preset, 8).
+    /// Number of ranks (GPUs) training together (default 1; with --plan and a 3b/6.6b/7b preset, 8). Above 1,
+    /// nc-train starts one process per rank on this machine and supervises them; under a launcher (torchrun,
+    /// srun) WORLD_SIZE says it.
     #[arg(long, alias = "world_size")]
     world_size: Option<usize>,
+    /// Ranks to start on this machine, one process each (also at 1: the multi-process path with one rank);
+    /// the same as --world-size on one machine.
+    #[arg(long, alias = "nproc_per_node")]
+    nproc_per_node: Option<usize>,
     /// Seed of the initialization and of sampling.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -212,8 +220,8 @@ fn check_common(cli: &Cli) -> Result<()> {
     if cli.json && !cli.plan {
         return Err(NcError::new("--json only applies to --plan; add --plan or drop --json"));
     }
-    if cli.world_size == Some(0) {
-        return Err(NcError::new("--world-size must be at least 1"));
+    if cli.world_size == Some(0) || cli.nproc_per_node == Some(0) {
+        return Err(NcError::new("--world-size and --nproc-per-node must be at least 1"));
     }
     if !matches!(cli.backend.as_str(), "auto" | "cpu" | "cuda") {
         return Err(NcError::new(format!(
@@ -327,32 +335,37 @@ fn run(cli: Cli) -> Result<Outcome> {
         }
         return Ok(Outcome::Finished);
     }
-    let cfg = train_config_from_flags(&cli)?;
-    if cli.tf32 && cli.backend != "cuda" {
-        return Err(NcError::new(
-            "--tf32 sets how the CUDA backend's GEMMs round; it needs --backend cuda",
-        ));
-    }
-    if cfg.precision == Precision::Bf16 && cli.backend == "cuda" {
-        return Err(NcError::new(
-            "--precision bf16 with --backend cuda: the CUDA bf16 engine is not built yet; use --backend cpu \
-             (the CPU twin) or --precision fp32",
-        ));
-    }
-    let on_cuda = match cli.backend.as_str() {
-        "cuda" => true,
-        "cpu" => false,
-        // auto stays on the CPU until the CUDA path has passed its GPU check (scripts/gpu_check.sh)
-        _ => {
-            if cuda::device_count() > 0 {
-                eprintln!(
-                    "nc-train: a CUDA device is visible, but --backend auto trains on the CPU until the CUDA \
-                     path has passed its GPU check; --backend cuda trains on the GPU"
-                );
+    if let Some(env) = WorkerEnv::from_env()? {
+        let rank = env.rank;
+        return run_worker(cli, env).map_err(|e| {
+            if e.message.starts_with("rank ") {
+                e
+            } else {
+                e.context(format!("rank {rank}"))
             }
-            false
+        });
+    }
+    // checked before any process starts, so a bad flag is one error, not one per rank
+    let cfg = train_config_from_flags(&cli)?;
+    let on_cuda = backend_is_cuda(&cli, &cfg)?;
+    if let Some(n) = processes_to_start(&cli)? {
+        if on_cuda && n > 1 {
+            return Err(NcError::new(format!(
+                "--backend cuda with {n} ranks: the multi-GPU training step (ZeRO-1 on the device over NCCL) is not \
+                 built yet; train on one GPU (--nproc-per-node 1) or on the CPU (--backend cpu)"
+            )));
         }
-    };
+        let exe = std::env::current_exe()
+            .map_err(|e| NcError::new(format!("finding nc-train's own executable to start the ranks: {e}")))?;
+        let code = supervise::supervise(&SupervisorConfig {
+            nprocs: n,
+            cpu: !on_cuda,
+            exe,
+            args: std::env::args_os().skip(1).collect(),
+            grace: supervise::GRACE,
+        })?;
+        return Ok(Outcome::Code(code));
+    }
     signal::install_handlers();
     let summary = if on_cuda {
         // one GPU, f32, optimizer on the host; the device check comes before anything is written
@@ -367,12 +380,129 @@ fn run(cli: Cli) -> Result<Outcome> {
     })
 }
 
+/// Whether to train on the GPU (--backend cuda) or the CPU; --tf32 only with cuda, bf16 only on the CPU twin.
+fn backend_is_cuda(cli: &Cli, cfg: &TrainConfig) -> Result<bool> {
+    if cli.tf32 && cli.backend != "cuda" {
+        return Err(NcError::new(
+            "--tf32 sets how the CUDA backend's GEMMs round; it needs --backend cuda",
+        ));
+    }
+    if cfg.precision == Precision::Bf16 && cli.backend == "cuda" {
+        return Err(NcError::new(
+            "--precision bf16 with --backend cuda: the CUDA bf16 engine is not built yet; use --backend cpu \
+             (the CPU twin) or --precision fp32",
+        ));
+    }
+    Ok(match cli.backend.as_str() {
+        "cuda" => true,
+        "cpu" => false,
+        // auto stays on the CPU until the CUDA path has passed its GPU check (scripts/gpu_check.sh)
+        _ => {
+            if cuda::device_count() > 0 {
+                eprintln!(
+                    "nc-train: a CUDA device is visible, but --backend auto trains on the CPU until the CUDA \
+                     path has passed its GPU check; --backend cuda trains on the GPU"
+                );
+            }
+            false
+        }
+    })
+}
+
+/// How many worker processes this nc-train (not started by a launcher) supervises: --nproc-per-node N (even
+/// 1), or --world-size N above 1; None to train in this process.
+fn processes_to_start(cli: &Cli) -> Result<Option<usize>> {
+    match (cli.world_size, cli.nproc_per_node) {
+        (Some(w), Some(n)) if w != n => Err(NcError::new(format!(
+            "--world-size {w} with --nproc-per-node {n}: nc-train starts ranks on this machine only, so they must \
+             agree; for several machines start nc-train under torchrun or srun (see README)"
+        ))),
+        (_, Some(n)) => Ok(Some(n)),
+        (Some(w), None) if w > 1 => Ok(Some(w)),
+        _ => Ok(None),
+    }
+}
+
+/// One rank started by a launcher (this binary's supervisor, torchrun, an srun wrapper): its world comes from
+/// the environment; it meets the others at the rendezvous, checking that all run the same job, joins their
+/// collective and trains its share.
+fn run_worker(mut cli: Cli, env: WorkerEnv) -> Result<Outcome> {
+    if let Some(w) = cli.world_size {
+        if w != env.world_size {
+            return Err(NcError::new(format!(
+                "WORLD_SIZE={} (from the launcher) and --world-size {w} differ; drop --world-size, the launcher's \
+                 wins",
+                env.world_size
+            )));
+        }
+    }
+    if let Some(n) = cli.nproc_per_node {
+        if n != env.local_world_size {
+            return Err(NcError::new(format!(
+                "LOCAL_WORLD_SIZE={} (from the launcher) and --nproc-per-node {n} differ; drop --nproc-per-node",
+                env.local_world_size
+            )));
+        }
+    }
+    cli.world_size = Some(env.world_size);
+    let mut cfg = train_config_from_flags(&cli)?;
+    cfg.verbose = env.rank == 0;
+    let on_cuda = backend_is_cuda(&cli, &cfg)?;
+    signal::install_handlers();
+    let fingerprint = launch::fingerprint(&cfg, if on_cuda { "cuda" } else { "cpu" })?;
+    let mut rdv = launch::rendezvous(&env, &fingerprint)?;
+    let summary = if on_cuda {
+        if env.world_size > 1 {
+            return Err(NcError::new(format!(
+                "WORLD_SIZE={} with --backend cuda: the multi-GPU training step (ZeRO-1 on the device over NCCL) is \
+                 not built yet; run one rank (--nproc-per-node 1), or --backend cpu",
+                env.world_size
+            )));
+        }
+        // one rank: NCCL is initialized all the same (when found), so a one-GPU machine checks the whole
+        // launch path; the training step needs no collective
+        let nccl = launch::join_nccl(&env, &mut rdv)?;
+        if env.rank == 0 {
+            println!(
+                "launch: rank {} of {} on GPU {}; NCCL {}",
+                env.rank,
+                env.world_size,
+                env.local_rank,
+                if nccl.uses_nccl() {
+                    "communicator initialized"
+                } else {
+                    "not found (not needed for one rank)"
+                }
+            );
+        }
+        let device = train::cuda_device(env.local_rank, cli.tf32)?;
+        let s = train::train_as_rank(&cfg, env.rank, None, device)?;
+        drop((nccl, rdv));
+        s
+    } else {
+        let comm: Option<Box<dyn Collective>> = if env.world_size > 1 {
+            Some(Box::new(launch::join_cpu_ring(&env, rdv)?))
+        } else {
+            None
+        };
+        let device = train::cpu_device(env.world_size, env.local_world_size);
+        train::train_as_rank(&cfg, env.rank, comm, device)?
+    };
+    Ok(if summary.stopped_early {
+        Outcome::Stopped
+    } else {
+        Outcome::Finished
+    })
+}
+
 /// How a run ended without an error.
 #[derive(Debug)]
 enum Outcome {
     Finished,
     /// Stopped early on request (Ctrl-C, SIGTERM, --stop-at-step), after saving a checkpoint.
     Stopped,
+    /// The supervisor's workers ended: the first failure's exit code (0 if none failed).
+    Code(i32),
 }
 
 /// The embedded default: a model small enough to learn the embedded corpus on 2 CPU cores in minutes.
@@ -496,6 +626,7 @@ fn main() -> ExitCode {
         Ok(Outcome::Finished) => ExitCode::SUCCESS,
         // the shell's convention for "interrupted"; the checkpoint to resume from is saved
         Ok(Outcome::Stopped) => ExitCode::from(130),
+        Ok(Outcome::Code(c)) => ExitCode::from(c.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("nc-train: error: {e}");
             ExitCode::FAILURE

@@ -11,9 +11,11 @@
 //! for checkpoints, in the host optimizer's layout (so a checkpoint resumes on either path).
 
 pub mod data;
+pub mod launch;
 pub mod metrics;
 pub mod reshard;
 pub mod signal;
+pub mod supervise;
 pub mod sync;
 
 use crate::backend::cpu::CpuBackend;

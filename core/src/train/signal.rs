@@ -1,7 +1,7 @@
 //! SIGINT/SIGTERM: the first one asks the loop to save a checkpoint and stop between steps; a second one
 //! exits at once (the last complete checkpoint is intact: saves are atomic).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Set by the signal handler; the training loop reads it between steps.
 static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
@@ -37,4 +37,26 @@ pub fn request_stop() {
 /// Forget a past request (a process running several trainings in a row, as the tests do).
 pub fn clear_stop() {
     STOP_REQUESTED.store(false, Ordering::SeqCst);
+}
+
+/// Signals the supervisor received (it forwards each to its workers, and never stops by itself).
+static SUPERVISOR_SIGNALS: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn on_supervisor_signal(_sig: libc::c_int) {
+    SUPERVISOR_SIGNALS.fetch_add(1, Ordering::SeqCst);
+}
+
+/// The supervisor's SIGINT/SIGTERM handlers: count, for `signals_received`.
+pub fn install_supervisor_handlers() {
+    let handler = on_supervisor_signal as extern "C" fn(libc::c_int);
+    // SAFETY: the handler only touches an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, handler as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
+    }
+}
+
+/// How many SIGINT/SIGTERM the supervisor has received so far.
+pub fn signals_received() -> usize {
+    SUPERVISOR_SIGNALS.load(Ordering::SeqCst)
 }

@@ -1,0 +1,407 @@
+//! nc-train with one process per rank, as users run it: `--world-size 2` (the supervisor starting two
+//! workers), ranks started by hand with the torchrun variables (an outside launcher), resume at the same and
+//! at another world size, a worker killed with SIGKILL, SIGTERM to the supervisor, ranks that disagree.
+//!
+//! Tolerance of process ranks against one process: the two compute the same step from the same tokens, but
+//! two ranks sum their micro-batches' gradients in the ring after the backward while one rank accumulates
+//! them in one buffer during it, so the weights differ in the last bits (tests/tests/multi_rank.rs measured
+//! 3.2e-6 of the largest weight after 6 steps) and the losses, rounded to f32, agree to the bit over these
+//! runs. LOSS_TOL allows 1e-6 relative (about 10 f32 ulps) so a different but legitimate rounding passes while
+//! a wrong token, step or state does not (those move the loss by 1e-3 or more).
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const LOSS_TOL: f64 = 1e-6;
+
+fn nc_train() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_nc-train"));
+    // a test process may itself run under a launcher's variables: the ranks here set their own
+    for v in [
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    ] {
+        c.env_remove(v);
+    }
+    c
+}
+
+/// A 2-layer, 128-wide model on 32-token sequences: 4 sequences per rank per micro-step, 256 tokens per
+/// step (one micro-step of two ranks, or two of one rank).
+fn args(out: &Path, steps: u64) -> Vec<String> {
+    [
+        "--depth",
+        "2",
+        "--max-seq-len",
+        "32",
+        "--dbs",
+        "4",
+        "--total-batch-size",
+        "256",
+        "--eval-every",
+        "0",
+        "--eval-tokens",
+        "128",
+        "--num-iterations",
+        &steps.to_string(),
+        "--backend",
+        "cpu",
+        "--out-dir",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
+    out
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// (step, raw_loss) of metrics.jsonl, in file order.
+fn losses(out_dir: &Path) -> Vec<(u64, f64)> {
+    let t = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
+    t.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("raw_loss").is_some())
+        .map(|v| (v["step"].as_u64().unwrap(), v["raw_loss"].as_f64().unwrap()))
+        .collect()
+}
+
+fn gap(a: &[(u64, f64)], b: &[(u64, f64)]) -> f64 {
+    assert_eq!(
+        a.iter().map(|x| x.0).collect::<Vec<_>>(),
+        b.iter().map(|x| x.0).collect::<Vec<_>>()
+    );
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| ((x.1 - y.1) / y.1).abs())
+        .fold(0.0, |m, d| if d.is_nan() { f64::INFINITY } else { m.max(d) })
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Rank `rank` of `world` started by hand, as torchrun would.
+fn by_hand(rank: usize, world: usize, port: u16, args: &[String]) -> Command {
+    let mut c = nc_train();
+    c.args(args)
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("LOCAL_RANK", rank.to_string())
+        .env("LOCAL_WORLD_SIZE", world.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .env("NC_RENDEZVOUS_TIMEOUT", "30");
+    c
+}
+
+fn checkpoint_files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Two processes (the supervisor's workers) train as one process accumulating two micro-batches; the
+/// checkpoint holds each rank's optimizer state; only rank 0 logs.
+#[test]
+fn two_processes_match_one_with_accumulation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let out = run(nc_train().args(args(&one, 6)));
+    assert!(out.status.success(), "{}", text(&out));
+    let out = run(nc_train().args(args(&two, 6)).args(["--world-size", "2"]));
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // one log: rank 0's
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("step 00002/")).count(),
+        1,
+        "{}",
+        text(&out)
+    );
+    assert!(stdout.contains("x 2 ranks, grad accum 1"), "{}", text(&out));
+    let (a, b) = (losses(&one), losses(&two));
+    assert_eq!(a.len(), 6);
+    let g = gap(&b, &a);
+    assert!(g <= LOSS_TOL, "two processes vs one: {g:e}\n{a:?}\n{b:?}");
+    assert!(
+        a.last().unwrap().1 < a[0].1 - 0.3,
+        "training should make progress: {a:?}"
+    );
+    let files = checkpoint_files(&two.join("checkpoints/step_000006"));
+    assert_eq!(
+        files,
+        [
+            "COMPLETE",
+            "meta.json",
+            "model.safetensors",
+            "optim_rank0.safetensors",
+            "optim_rank1.safetensors"
+        ]
+    );
+}
+
+/// Stop at step 3 and resume: bit-exact at the same world size; at another world size (2 -> 1 and 1 -> 2)
+/// the curve continues within LOSS_TOL. The stop ends every worker and the supervisor with 130.
+#[test]
+fn processes_resume_at_the_same_and_at_another_world_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let world = |w: usize| -> Vec<String> { vec!["--world-size".into(), w.to_string()] };
+    let straight = dir.path().join("straight");
+    let out = run(nc_train().args(args(&straight, 6)).args(world(2)));
+    assert!(out.status.success(), "{}", text(&out));
+    let want = losses(&straight);
+    for (from, to) in [(2usize, 2usize), (2, 1), (1, 2)] {
+        let d = dir.path().join(format!("{from}to{to}"));
+        let out = run(nc_train()
+            .args(args(&d, 6))
+            .args(world(from))
+            .args(["--stop-at-step", "3"]));
+        assert_eq!(out.status.code(), Some(130), "{}", text(&out));
+        assert!(d.join("checkpoints/step_000003/COMPLETE").is_file());
+        let out = run(nc_train().args(args(&d, 6)).args(world(to)).arg("--resume"));
+        assert!(out.status.success(), "{from} -> {to}: {}", text(&out));
+        let got = losses(&d);
+        if from == to {
+            let bits = |v: &[(u64, f64)]| v.iter().map(|(s, l)| (*s, l.to_bits())).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{from} -> {to}");
+        } else {
+            assert!(
+                String::from_utf8_lossy(&out.stdout).contains("re-sharded"),
+                "{}",
+                text(&out)
+            );
+            let g = gap(&got, &want);
+            assert!(g <= LOSS_TOL, "{from} -> {to}: {g:e}\n{got:?}\n{want:?}");
+        }
+    }
+}
+
+/// The pids of the supervisor's children and their RANK.
+fn workers_of(supervisor: u32) -> Vec<(u32, usize)> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // the fields after the command's closing parenthesis: state, ppid, ...
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let ppid: u32 = after.split(' ').nth(1).unwrap().parse().unwrap();
+        if ppid != supervisor {
+            continue;
+        }
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let rank = env
+            .split(|&b| b == 0)
+            .filter_map(|kv| std::str::from_utf8(kv).ok()?.strip_prefix("RANK="))
+            .next()
+            .and_then(|r| r.parse().ok());
+        if let Some(r) = rank {
+            found.push((pid, r));
+        }
+    }
+    found
+}
+
+/// Start the supervisor with two workers training for long; return it once rank 0 logged step 3, with the
+/// lines seen and the rest of stdout.
+fn start_long_run(out: &Path) -> (Child, Vec<String>, std::io::Lines<BufReader<std::process::ChildStdout>>) {
+    let mut child = nc_train()
+        .args(args(out, 100_000))
+        .args(["--world-size", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let go = line.starts_with("step 00003/");
+        seen.push(line);
+        if go {
+            break;
+        }
+    }
+    (child, seen, lines)
+}
+
+/// Wait for a child at most `limit`; None if it is still running then (and it is killed).
+fn wait_at_most(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if let Some(st) = child.try_wait().unwrap() {
+            return Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    None
+}
+
+/// SIGKILL of one worker: the other worker and the supervisor exit non-zero within 60 s, naming it.
+#[test]
+fn a_killed_worker_stops_the_run_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut sup, seen, _rest) = start_long_run(dir.path());
+    let workers = workers_of(sup.id());
+    assert_eq!(workers.len(), 2, "{workers:?}\n{seen:?}");
+    let (victim, _) = *workers.iter().find(|(_, r)| *r == 1).unwrap();
+    let (survivor, _) = *workers.iter().find(|(_, r)| *r == 0).unwrap();
+    let t0 = Instant::now();
+    // SAFETY: killing a process this test started (through the supervisor).
+    assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
+    let status = wait_at_most(&mut sup, Duration::from_secs(60)).expect("the supervisor exits within 60 s");
+    let took = t0.elapsed();
+    let mut stderr = String::new();
+    sup.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert_eq!(status.code(), Some(137), "the first failure's code (SIGKILL)\n{stderr}");
+    assert!(
+        stderr.contains(&format!("rank 1 (pid {victim}) was killed by signal 9")),
+        "{stderr}"
+    );
+    // rank 0 failed by itself (its collective named the dead rank), before the supervisor's grace ran out
+    let rank0_line = stderr
+        .lines()
+        .find(|l| l.contains("rank 0") && l.contains("error"))
+        .unwrap_or_else(|| panic!("rank 0 reports an error\n{stderr}"));
+    assert!(rank0_line.contains("rank 1"), "{rank0_line}");
+    assert!(
+        !stderr.contains("killing it"),
+        "rank 0 should not need the supervisor's kill\n{stderr}"
+    );
+    assert!(!Path::new(&format!("/proc/{survivor}")).exists() || took < Duration::from_secs(60));
+    eprintln!("the run ended {took:?} after the kill");
+}
+
+/// SIGTERM to the supervisor: every worker saves the same step's checkpoint and exits; the supervisor exits
+/// with 130, and --resume continues from that step.
+#[test]
+fn sigterm_to_the_supervisor_saves_every_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut sup, _seen, rest) = start_long_run(dir.path());
+    // SAFETY: signalling a process this test started.
+    assert_eq!(unsafe { libc::kill(sup.id() as i32, libc::SIGTERM) }, 0);
+    let status = wait_at_most(&mut sup, Duration::from_secs(60)).expect("the run stops");
+    let stdout: Vec<String> = rest.map(|l| l.unwrap()).collect();
+    let mut stderr = String::new();
+    sup.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert_eq!(status.code(), Some(130), "{stdout:?}\n{stderr}");
+    let stopped = stdout
+        .iter()
+        .find(|l| l.starts_with("stopped at step "))
+        .unwrap_or_else(|| panic!("{stdout:?}\n{stderr}"));
+    let step: u64 = stopped["stopped at step ".len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let ck: PathBuf = dir.path().join(format!("checkpoints/step_{step:06}"));
+    let files = checkpoint_files(&ck);
+    assert!(
+        files.contains(&"COMPLETE".to_string()) && files.contains(&"optim_rank1.safetensors".to_string()),
+        "{files:?}"
+    );
+    let out = run(nc_train()
+        .args(args(dir.path(), step + 1))
+        .args(["--world-size", "2", "--resume"]));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("at step {step}")),
+        "{}",
+        text(&out)
+    );
+}
+
+/// Ranks started by hand with the torchrun variables on 127.0.0.1 (an outside launcher) train together,
+/// and equal the supervisor's run.
+#[test]
+fn ranks_started_by_hand_with_torchrun_variables() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = args(&dir.path().join("hand"), 4);
+    let port = free_port();
+    let children: Vec<Child> = (0..2)
+        .map(|r| {
+            by_hand(r, 2, port, &a)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    for o in &outs {
+        assert!(o.status.success(), "{}", text(o));
+    }
+    assert!(outs[1].stdout.is_empty(), "rank 1 logs nothing: {}", text(&outs[1]));
+    let sup = dir.path().join("sup");
+    let out = run(nc_train().args(args(&sup, 4)).args(["--world-size", "2"]));
+    assert!(out.status.success(), "{}", text(&out));
+    let bits = |v: Vec<(u64, f64)>| v.iter().map(|(s, l)| (*s, l.to_bits())).collect::<Vec<_>>();
+    assert_eq!(bits(losses(&dir.path().join("hand"))), bits(losses(&sup)));
+    // WORLD_SIZE from the launcher wins over the flag; a conflicting one is an error naming both
+    let out = run(by_hand(0, 2, free_port(), &a).args(["--world-size", "3"]));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("WORLD_SIZE=2") && err.contains("--world-size 3"), "{err}");
+}
+
+/// Ranks started with different flags refuse to start, every one with an error naming the flag.
+#[test]
+fn ranks_with_different_flags_refuse_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = args(&dir.path().join("x"), 4);
+    let port = free_port();
+    let children: Vec<Child> = (0..2)
+        .map(|r| {
+            by_hand(r, 2, port, &a)
+                .args(["--seed", &(r + 1).to_string()])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let t0 = Instant::now();
+    for c in children {
+        let o = c.wait_with_output().unwrap();
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("--seed"), "{err}");
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(25),
+        "refused at the rendezvous, not by a timeout"
+    );
+    assert!(!dir.path().join("x/checkpoints").exists(), "nothing trained");
+}

@@ -61,8 +61,7 @@ fn args(out: &Path, steps: u64) -> Vec<String> {
 }
 
 fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap();
-    out
+    cmd.output().unwrap()
 }
 
 fn text(out: &Output) -> String {

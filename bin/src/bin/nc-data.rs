@@ -1,5 +1,8 @@
 //! nc-data: make the data nc-train reads (argument parsing and printing; the work is in nc_core::data).
 //!
+//! - `nc-data download -n N [--out DIR]`: nanochat's FineWeb-Edu parquet shards (resumable; see
+//!   nc_core::data::download), the input of `train-tokenizer` and `tokenize`.
+//!
 //! A data directory `DATA` holds `DATA/tokenizer/` and `DATA/shards/{train,val}_NNNNNN.bin`:
 //! - `nc-data synth --out DATA`: the embedded generated corpus, tokenizer included.
 //! - `nc-data train-tokenizer --input PATH... --vocab-size N --out DATA/tokenizer`
@@ -9,10 +12,16 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use nc_core::data::download::{
+    default_out_dir, download_shards, resolve_base_url, shard_name, DownloadConfig, Outcome, Progress, BASE_URL_ENV,
+    MAX_SHARD,
+};
+use nc_core::data::download_retry::RetryPolicy;
 use nc_core::data::prep::{tokenize_to_shards, tokenizer_training_docs, ValSplit};
 use nc_core::data::tokenizer_files::{format_tiktoken_ranks, write_atomic};
 use nc_core::data::{load_tokenizer, save_tokenizer, synth_dataset, write_data_dir, SynthConfig, Tokenizer};
@@ -30,6 +39,33 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Download nanochat's pretraining data: FineWeb-Edu parquet shards shard_00000.parquet ..
+    /// shard_{N-1}.parquet (~100 MB each, 1,823 in all). Files already complete are skipped, so re-running
+    /// resumes; each file is renamed into place only once complete and readable as parquet. As in nanochat,
+    /// the last file downloaded serves as validation (`tokenize` holds out the last input file), so -n is the
+    /// training shards wanted + 1.
+    #[command(after_help = DOWNLOAD_AFTER_HELP)]
+    Download {
+        /// Shards to download: shard_00000 .. shard_{N-1} (at most 1823).
+        #[arg(short = 'n', long = "num-files")]
+        num_files: usize,
+        /// Files downloaded at once.
+        #[arg(short = 'w', long, default_value_t = 4)]
+        workers: usize,
+        /// Destination folder. Default: nanochat's, $NANOCHAT_BASE_DIR/base_data or ~/.cache/nanochat/base_data.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// URL of the folder holding the shards (default: $NC_DATA_BASE_URL, else nanochat's Hugging Face dataset).
+        #[arg(long)]
+        base_url: Option<String>,
+        /// Attempts per file before it counts as failed (HTTP 5xx/429, resets, truncated bodies are retried;
+        /// a 404 is not).
+        #[arg(long, default_value_t = RetryPolicy::default().attempts)]
+        retries: u32,
+        /// Wait after the first failed attempt, doubling after each further one (capped at 60 s).
+        #[arg(long, default_value_t = RetryPolicy::default().base_delay.as_millis() as u64)]
+        retry_delay_ms: u64,
+    },
     /// Write the embedded generated corpus as a data directory (tokenizer + train/val shards).
     Synth {
         /// The data directory to write.
@@ -92,6 +128,111 @@ enum Command {
     },
 }
 
+const DOWNLOAD_AFTER_HELP: &str = "\
+The dataset is karpathy/fineweb-edu-100b-shuffle, as nanochat's nanochat/dataset.py downloads it. The base URL
+can be replaced by --base-url or the NC_DATA_BASE_URL environment variable (a mirror, a local server).
+Exit status: 0 when every requested shard is on disk and complete, 1 otherwise (the failed files are listed,
+one line each; run the command again to fetch what is missing).";
+
+/// The download progress bar: files done out of N, bytes received and the rate in its message.
+struct DownloadBar {
+    pb: ProgressBar,
+    bytes: AtomicI64,
+    start: Instant,
+}
+
+impl Progress for DownloadBar {
+    fn bytes(&self, delta: i64) {
+        let total = self.bytes.fetch_add(delta, Ordering::Relaxed) + delta;
+        let secs = self.start.elapsed().as_secs_f64().max(1e-3);
+        self.pb.set_message(format!(
+            "{:.1} MB received ({:.1} MB/s)",
+            total as f64 / 1e6,
+            total as f64 / 1e6 / secs
+        ));
+    }
+    fn file_done(&self, _name: &str, _outcome: &Outcome) {
+        self.pb.inc(1);
+    }
+    fn note(&self, line: &str) {
+        // A hidden bar (output not a terminal: a script's log) drops println, and retries belong in logs.
+        if self.pb.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            self.pb.println(line);
+        }
+    }
+}
+
+fn download(
+    num_files: usize,
+    workers: usize,
+    out: Option<PathBuf>,
+    base_url: Option<String>,
+    retries: u32,
+    retry_delay_ms: u64,
+) -> Result<()> {
+    let out = match out {
+        Some(o) => o,
+        None => default_out_dir()?,
+    };
+    let base_url = resolve_base_url(base_url.as_deref())?;
+    let mut cfg = DownloadConfig::new(num_files, out, base_url);
+    cfg.workers = workers;
+    cfg.retry.attempts = retries;
+    cfg.retry.base_delay = Duration::from_millis(retry_delay_ms);
+    if (1..=MAX_SHARD + 1).contains(&num_files) {
+        println!(
+            "downloading {num_files} shards ({} .. {}) from {} into {} with {workers} workers; \
+             the last, {}, is the validation shard",
+            shard_name(0),
+            shard_name(num_files - 1),
+            cfg.base_url,
+            cfg.out.display(),
+            shard_name(num_files - 1)
+        );
+    }
+    let progress = DownloadBar {
+        pb: bar(num_files as u64, "{bar:40} {pos}/{len} files, {msg} {elapsed}"),
+        bytes: AtomicI64::new(0),
+        start: Instant::now(),
+    };
+    let summary = download_shards(&cfg, &progress)?;
+    progress.pb.finish_and_clear();
+    if summary.stale_temps_removed > 0 {
+        println!(
+            "removed {} unfinished .tmp files of an earlier run",
+            summary.stale_temps_removed
+        );
+    }
+    let failures = summary.failures();
+    let mut line = format!(
+        "fetched {} ({:.1} MB), skipped {} (already complete), failed {}",
+        summary.fetched(),
+        summary.fetched_bytes() as f64 / 1e6,
+        summary.skipped(),
+        failures.len()
+    );
+    if summary.not_started() > 0 {
+        line += &format!(
+            ", not started {} (stopped at the permanent failure)",
+            summary.not_started()
+        );
+    }
+    println!("{line}; {:.1} s", progress.start.elapsed().as_secs_f64());
+    for f in &failures {
+        eprintln!("failed: {f}");
+    }
+    if !summary.all_complete() {
+        return Err(NcError::new(format!(
+            "{} of {num_files} shards are not on disk; run the same command again to fetch them \
+             (complete files are kept; {BASE_URL_ENV} or --base-url point at another server)",
+            failures.len() + summary.not_started()
+        )));
+    }
+    Ok(())
+}
+
 fn bar(len: u64, template: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
     pb.set_style(ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()));
@@ -130,6 +271,14 @@ fn run(cli: Cli) -> Result<()> {
     }
     let start = Instant::now();
     match cli.command {
+        Command::Download {
+            num_files,
+            workers,
+            out,
+            base_url,
+            retries,
+            retry_delay_ms,
+        } => download(num_files, workers, out, base_url, retries, retry_delay_ms)?,
         Command::Synth {
             out,
             vocab_size,

@@ -9,8 +9,13 @@
 //! - `prep`: reading parquet/jsonl/txt documents and writing token shards (used by `nc-data`).
 //! - `fuzz_targets`: the bodies of the fuzz targets in `fuzz/`, also run by stable tests.
 //! - `synth`: the embedded corpus and a ready in-memory dataset.
+//! - `download`: fetching nanochat's FineWeb-Edu parquet shards (`nc-data download`); `download_retry`: when to try
+//!   again; `download_file`: temporary name, fsync, parquet check, rename.
 
 pub mod bpe_train;
+pub mod download;
+pub mod download_file;
+pub mod download_retry;
 pub mod fuzz_targets;
 pub mod loader;
 pub mod pickle;

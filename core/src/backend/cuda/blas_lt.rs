@@ -19,8 +19,6 @@
 //!
 //! Unverified: nothing here has run on a GPU (the session that wrote it had none).
 
-#![allow(dead_code)] // called by matmul for bf16 buffers once CudaBuf carries its storage (next change)
-
 use super::libs::{check, CublasLt, Status};
 use super::memory::Block;
 use crate::error::{NcError, Result};
@@ -182,8 +180,9 @@ pub(crate) trait Planner {
 
 /// Plans by key, made on first use and kept.
 pub(crate) struct PlanCache<P: Planner> {
-    planner: P,
+    /// Plans first, so they are destroyed before the planner's handle.
     plans: HashMap<GemmKey, P::Plan>,
+    planner: P,
     /// Calls that found their plan cached / had to plan (for tests and the end-of-run summary).
     pub hits: u64,
     pub misses: u64,
@@ -213,6 +212,7 @@ impl<P: Planner> PlanCache<P> {
         Ok((&self.planner, &self.plans[key]))
     }
 
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.plans.len()
     }
@@ -337,6 +337,15 @@ impl LtPlanner {
     }
 }
 
+/// Open cuBLASLt (CUDA 13 soname first, version checked) and take its workspace from the allocator.
+pub(crate) fn load_with_workspace(
+    memory: &std::sync::Arc<super::memory::DeviceMemory<CudaSource>>,
+) -> Result<LtPlanner> {
+    let lib = CublasLt::load()?;
+    let workspace = memory.block(WORKSPACE_BYTES, 1, "the cuBLASLt workspace")?;
+    LtPlanner::new(lib, workspace)
+}
+
 impl Drop for LtPlanner {
     fn drop(&mut self) {
         // SAFETY: created in new, destroyed once (plans are dropped before the planner: see PlanCache).
@@ -453,7 +462,8 @@ impl Planner for LtPlanner {
         result?;
         if found < 1 {
             return Err(NcError::new(format!(
-                "cuBLASLt has no algorithm for the GEMM {key:?} (within a {} workspace)",
+                "cuBLASLt ({}) has no algorithm for the GEMM {key:?} (within a {} workspace)",
+                lib.file,
                 nc_alloc::fmt_bytes(WORKSPACE_BYTES)
             )));
         }

@@ -145,8 +145,13 @@ impl CudaBackend {
             stream,
             blas,
             kernels: Kernels::new(functions),
-            attention_delta: Mutex::new(CudaBuf { mem: scratch, len: 0 }),
+            attention_delta: Mutex::new(CudaBuf {
+                mem: scratch,
+                len: 0,
+                storage: crate::backend::Storage::F32,
+            }),
             sum_squares_partials: Mutex::new(partials),
+            lt: Mutex::new(None),
             memory,
         })
     }

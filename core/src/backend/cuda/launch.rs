@@ -7,8 +7,8 @@
 //! the backend's one stream, so stream order alone keeps a kernel from running before the copy that fills
 //! its input or after its block is handed to a later request (memory.rs).
 
-use super::{CudaBackend, CudaBuf, CudaIds, F32_BYTES, I32_BYTES};
-use crate::backend::{View, ViewMut};
+use super::{CudaBackend, CudaBuf, CudaIds, I32_BYTES};
+use crate::backend::{Storage, View, ViewMut};
 use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 use nc_kernels::{Kernel, LaunchDims};
 
@@ -59,8 +59,8 @@ pub(crate) fn count(value: usize) -> Arg {
 }
 
 impl CudaBackend {
-    /// Device address of a read-only view's first element.
-    pub(crate) fn addr(&self, v: View<'_, Self>) -> u64 {
+    /// Device address of a view's first element, whatever its storage (offsets are in elements).
+    pub(crate) fn addr_any(&self, v: View<'_, Self>) -> u64 {
         assert!(
             v.off + v.len <= v.buf.len,
             "CUDA view {}+{} past buffer end {}",
@@ -68,10 +68,20 @@ impl CudaBackend {
             v.len,
             v.buf.len
         );
-        v.buf.mem.addr() + (v.off * F32_BYTES) as u64
+        v.buf.mem.addr() + (v.off * v.buf.storage.bytes_per_element()) as u64
     }
 
-    /// Device address of a writable view's first element.
+    /// Device address of an F32 view's first element, for the f32 kernels and sgemm. A Bf16 buffer handed
+    /// to an op that has no bf16 path yet stops here with the op's name rather than being read as f32.
+    pub(crate) fn addr(&self, v: View<'_, Self>) -> u64 {
+        assert!(
+            v.buf.storage == Storage::F32,
+            "CUDA backend: this op has no bf16 path yet (a Bf16 buffer reached an f32 kernel; issue 10 item 4)"
+        );
+        self.addr_any(v)
+    }
+
+    /// Device address of a writable F32 view's first element.
     pub(crate) fn addr_mut(&self, v: ViewMut<'_, Self>) -> u64 {
         self.addr(v.view())
     }

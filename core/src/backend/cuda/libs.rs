@@ -132,18 +132,15 @@ impl Cublas {
     }
 }
 
-#[allow(dead_code)]
 type LtHandle = lt::cublasLtHandle_t;
 type Desc = lt::cublasLtMatmulDesc_t;
 type Layout = lt::cublasLtMatrixLayout_t;
 type Pref = lt::cublasLtMatmulPreference_t;
 
 /// The cuBLASLt entry points of the bf16 GEMM path (`blas_lt.rs`).
-#[allow(dead_code)] // wired in by blas_lt.rs, which lands next
 pub(crate) struct CublasLt {
     pub create: unsafe extern "C" fn(*mut LtHandle) -> Status,
     pub destroy: unsafe extern "C" fn(LtHandle) -> Status,
-    pub get_version: unsafe extern "C" fn() -> usize,
     pub desc_create: unsafe extern "C" fn(*mut Desc, lt::cublasComputeType_t, lt::cudaDataType_t) -> Status,
     pub desc_destroy: unsafe extern "C" fn(Desc) -> Status,
     pub desc_set: unsafe extern "C" fn(Desc, lt::cublasLtMatmulDescAttributes_t, *const c_void, usize) -> Status,
@@ -189,7 +186,6 @@ pub(crate) struct CublasLt {
     _lib: Library,
 }
 
-#[allow(dead_code)] // wired in by blas_lt.rs (bf16 matmul), which lands next
 impl CublasLt {
     pub(crate) fn load() -> Result<Self> {
         let (lib, file) = open("cublasLt")?;
@@ -200,7 +196,6 @@ impl CublasLt {
         Ok(CublasLt {
             create: symbol(&lib, f, "cublasLtCreate")?,
             destroy: symbol(&lib, f, "cublasLtDestroy")?,
-            get_version: lib_version,
             desc_create: symbol(&lib, f, "cublasLtMatmulDescCreate")?,
             desc_destroy: symbol(&lib, f, "cublasLtMatmulDescDestroy")?,
             desc_set: symbol(&lib, f, "cublasLtMatmulDescSetAttribute")?,

@@ -34,7 +34,7 @@ mod memory;
 pub use device::{device_count, driver_present};
 pub use flash::{flash_backward_launches, flash_forward_launch, FlashBackwardPtrs, FlashForwardPtrs, FlashLaunch};
 
-use super::{AdamwStep, AttnShape, Backend, MemoryReport, View, ViewMut};
+use super::{bf16, AdamwStep, AttnShape, Backend, MemoryReport, Storage, View, ViewMut};
 use blas::Sgemm;
 use cudarc::driver::{result as driver, CudaContext, CudaStream};
 use launch::{count, int, Arg, Kernels};
@@ -49,6 +49,8 @@ use std::sync::Arc;
 pub struct CudaBuf {
     mem: Block<CudaSource>,
     len: usize,
+    /// F32 (4 bytes an element) or Bf16 (2 bytes, the bf16 contract of `Backend`).
+    storage: Storage,
 }
 
 /// i32 token ids in device memory (same layout rule as `CudaBuf`).
@@ -93,7 +95,6 @@ const SCALE_BY_SCALAR: nc_kernels::Kernel = nc_kernels::Kernel {
 };
 const ENGINE_KERNELS: [nc_kernels::Kernel; 2] = [INVERSE_NORM, SCALE_BY_SCALAR];
 
-const F32_BYTES: usize = std::mem::size_of::<f32>();
 const I32_BYTES: usize = std::mem::size_of::<i32>();
 const F64_BYTES: usize = std::mem::size_of::<f64>();
 
@@ -108,6 +109,9 @@ pub struct CudaBackend {
     /// `sum_squares`'s per-block partials, `SUM_SQUARES_MAX_BLOCKS` of them (every launch fits); the lock is
     /// held from the launch until they are downloaded.
     sum_squares_partials: Mutex<Block<CudaSource>>,
+    /// cuBLASLt (the GEMMs with a Bf16 operand): planned per shape and cached; opened, with its workspace
+    /// taken from the allocator, at the first such GEMM, so strict-f32 runs never load it.
+    lt: Mutex<Option<blas_lt::PlanCache<blas_lt::LtPlanner>>>,
     /// The caching allocator every buffer above and every `CudaBuf` comes from (buffers hold it too, so it
     /// outlives the backend while any of them lives).
     memory: Arc<DeviceMemory<CudaSource>>,
@@ -176,8 +180,80 @@ impl CudaBackend {
 
     /// A zero-filled f32 buffer, or the allocator's out-of-memory report as an error.
     pub fn try_alloc(&self, len: usize) -> crate::error::Result<CudaBuf> {
-        let mem = self.zeroed_block(len, F32_BYTES, "an f32 buffer")?;
-        Ok(CudaBuf { mem, len })
+        self.try_alloc_as(len, Storage::F32)
+    }
+
+    /// A zero-filled buffer stored as `storage`, or the allocator's out-of-memory report as an error.
+    pub fn try_alloc_as(&self, len: usize, storage: Storage) -> crate::error::Result<CudaBuf> {
+        let what = match storage {
+            Storage::F32 => "an f32 buffer",
+            Storage::Bf16 => "a bf16 buffer",
+        };
+        let mem = self.zeroed_block(len, storage.bytes_per_element(), what)?;
+        Ok(CudaBuf { mem, len, storage })
+    }
+
+    /// `Backend::matmul` with a Bf16 operand, on cuBLASLt: f32 accumulation, the output rounded to bf16
+    /// when C is Bf16, beta = 1 to accumulate. Inputs must be both Bf16 (cuBLASLt has no mixed-input
+    /// kernel); a mixed call stops with a message (the model does not make one under the bf16 layout).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_lt(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: View<'_, Self>,
+        a_t: bool,
+        b: View<'_, Self>,
+        b_t: bool,
+        c: ViewMut<'_, Self>,
+        accumulate: bool,
+    ) {
+        let elem = |s: Storage| match s {
+            Storage::F32 => blas_lt::Elem::F32,
+            Storage::Bf16 => blas_lt::Elem::Bf16,
+        };
+        let (pa, pb, pc) = (self.addr_any(a), self.addr_any(b), self.addr_any(c.view()));
+        let key = blas_lt::GemmKey {
+            m,
+            n,
+            k,
+            a_t,
+            b_t,
+            a: elem(a.buf.storage),
+            b: elem(b.buf.storage),
+            c: elem(c.buf.storage),
+            accumulate,
+            batch: 1,
+            stride_a: 0,
+            stride_b: 0,
+            stride_c: 0,
+            align_a: blas_lt::alignment(pa),
+            align_b: blas_lt::alignment(pb),
+            align_c: blas_lt::alignment(pc),
+        };
+        self.bind();
+        let mut lt = self.lt.lock();
+        if lt.is_none() {
+            let planner = blas_lt::load_with_workspace(&self.memory)
+                .unwrap_or_else(|e| panic!("CUDA device {}: {e}", self.ordinal));
+            *lt = Some(blas_lt::PlanCache::new(planner));
+        }
+        let cache = lt.as_mut().expect("initialized above");
+        let (planner, plan) = cache
+            .get(&key)
+            .unwrap_or_else(|e| panic!("CUDA matmul {m}x{n}x{k}: {e}"));
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        // SAFETY: the views were checked (by `need` in matmul and addr_any) to hold the key's extents in
+        // their storages, which are the key's element types.
+        unsafe { planner.run(plan, 1.0, pa, pb, beta, pc, self.stream.cu_stream() as *mut _) }
+            .unwrap_or_else(|e| panic!("CUDA matmul {m}x{n}x{k}: {e}"));
+    }
+
+    /// One of the cast kernels over n elements from `from` to `to` (raw addresses of checked views).
+    fn cast(&self, kernel: nc_kernels::Kernel, from: u64, to: u64, n: usize) {
+        let args = [Arg::Ptr(from), Arg::Ptr(to), count(n)];
+        self.launch(kernel, nc_kernels::elementwise_bf16_dims(n as u64), &args);
     }
 
     fn elementwise(&self, kernel: nc_kernels::Kernel, n: usize, args: &[Arg]) {
@@ -220,6 +296,13 @@ impl Backend for CudaBackend {
     fn buf_len(buf: &CudaBuf) -> usize {
         buf.len
     }
+    fn alloc_as(&self, len: usize, storage: Storage) -> CudaBuf {
+        self.try_alloc_as(len, storage)
+            .unwrap_or_else(|e| panic!("{e}\n(the plan should have caught this before the model was built)"))
+    }
+    fn storage(buf: &CudaBuf) -> Storage {
+        buf.storage
+    }
     fn memory_report(&self) -> Option<MemoryReport> {
         Some(self.memory.report())
     }
@@ -229,27 +312,44 @@ impl Backend for CudaBackend {
         if src.is_empty() {
             return;
         }
-        let to = self.addr_mut(dst);
+        let storage = dst.buf.storage;
+        let to = self.addr_any(dst.view());
         self.bind();
-        // SAFETY: `to` covers src.len() f32s (addr_mut checked the view). From pageable memory the driver
-        // stages the copy before returning, so `src` may go at once.
-        unsafe { driver::memcpy_htod_async(to, src, self.stream.cu_stream()) }
-            .expect("CUDA upload: host-to-device copy failed");
+        // SAFETY: `to` covers src.len() elements of the buffer's storage (addr_any checked the view). From
+        // pageable memory the driver stages the copy before returning, so the host data may go at once.
+        let copied = match storage {
+            Storage::F32 => unsafe { driver::memcpy_htod_async(to, src, self.stream.cu_stream()) },
+            Storage::Bf16 => {
+                // Rounded on the host, as the contract says an upload into a Bf16 buffer rounds.
+                let bits: Vec<u16> = src.iter().map(|&x| bf16::bf16_bits(x)).collect();
+                unsafe { driver::memcpy_htod_async(to, &bits, self.stream.cu_stream()) }
+            }
+        };
+        copied.expect("CUDA upload: host-to-device copy failed");
     }
     fn download(&self, src: View<'_, Self>, dst: &mut [f32]) {
         assert_eq!(dst.len(), src.len, "CUDA download: host slice and view lengths differ");
         if dst.is_empty() {
             return;
         }
-        let from = self.addr(src);
+        let storage = src.buf.storage;
+        let from = self.addr_any(src);
         self.bind();
-        // SAFETY: `from` covers dst.len() f32s; the stream is synchronized below before `dst` is read.
-        unsafe { driver::memcpy_dtoh_async(dst, from, self.stream.cu_stream()) }
-            .expect("CUDA download: device-to-host copy failed");
+        let mut bits = vec![0u16; if storage == Storage::Bf16 { dst.len() } else { 0 }];
+        // SAFETY: `from` covers dst.len() elements; the stream is synchronized below before they are read.
+        let copied = match storage {
+            Storage::F32 => unsafe { driver::memcpy_dtoh_async(dst, from, self.stream.cu_stream()) },
+            Storage::Bf16 => unsafe { driver::memcpy_dtoh_async(&mut bits, from, self.stream.cu_stream()) },
+        };
+        copied.expect("CUDA download: device-to-host copy failed");
         // The copy is queued behind every op before it; wait so `dst` is complete when we return.
         self.stream
             .synchronize()
             .expect("CUDA download: stream synchronize failed (an earlier kernel or copy faulted)");
+        // Reading a Bf16 buffer yields the exact widened values.
+        for (d, b) in dst.iter_mut().zip(&bits) {
+            *d = bf16::bf16_to_f32(*b);
+        }
     }
     fn upload_ids(&self, dst: &mut CudaIds, src: &[i32]) {
         assert!(
@@ -276,12 +376,20 @@ impl Backend for CudaBackend {
         if src.len == 0 {
             return;
         }
-        let bytes = src.len * F32_BYTES;
-        let (from, to) = (self.addr(src), self.addr_mut(dst));
-        self.bind();
-        // SAFETY: both views were checked to lie inside their buffers.
-        unsafe { driver::memcpy_dtod_async(to, from, bytes, self.stream.cu_stream()) }
-            .expect("CUDA copy: device-to-device copy failed");
+        let n = src.len;
+        let (from_storage, to_storage) = (src.buf.storage, dst.buf.storage);
+        let (from, to) = (self.addr_any(src), self.addr_any(dst.view()));
+        match (from_storage, to_storage) {
+            (a, b) if a == b => {
+                self.bind();
+                // SAFETY: both views were checked to lie inside their buffers.
+                unsafe { driver::memcpy_dtod_async(to, from, n * a.bytes_per_element(), self.stream.cu_stream()) }
+                    .expect("CUDA copy: device-to-device copy failed");
+            }
+            // F32 -> Bf16 is the cast (rounds to nearest even); Bf16 -> F32 widens exactly.
+            (Storage::F32, _) => self.cast(nc_kernels::CAST_F32_TO_BF16, from, to, n),
+            (Storage::Bf16, _) => self.cast(nc_kernels::CAST_BF16_TO_F32, from, to, n),
+        }
     }
 
     fn matmul(
@@ -308,6 +416,10 @@ impl Backend for CudaBackend {
                 self.fill(c.sub(0, m * n), 0.0);
             }
             return;
+        }
+        let storages = (a.buf.storage, b.buf.storage, c.buf.storage);
+        if storages != (Storage::F32, Storage::F32, Storage::F32) {
+            return self.matmul_lt(m, n, k, a, a_t, b, b_t, c, accumulate);
         }
         let call = blas::sgemm_call(m, n, k, a_t, b_t, accumulate);
         let (first, second, out) = (self.addr(b), self.addr(a), self.addr_mut(c));

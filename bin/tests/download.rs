@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nc_core::data::download::{download_shards, shard_name, DownloadConfig, Outcome, Quiet, Summary};
+use nc_core::data::download_file::{lock_folder, LOCK_FILE};
 use nc_core::data::download_retry::RetryPolicy;
 use nc_core::data::list_shards;
 use nc_core::data::prep::write_parquet_texts;
@@ -44,11 +45,12 @@ fn fast_config(n: usize, out: &Path, server: &TestServer) -> DownloadConfig {
     cfg
 }
 
-/// Every file in `dir` (names only, sorted).
+/// Every file in `dir` (names only, sorted) but the download's lock file.
 fn listing(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n != LOCK_FILE)
         .collect();
     names.sort();
     names
@@ -391,6 +393,43 @@ fn ctrl_c_mid_file_leaves_no_final_file_and_the_next_run_completes_it() {
         [shard_name(0)],
         "the killed run's temporary file is still there"
     );
+}
+
+#[test]
+fn a_second_download_into_the_same_folder_stops_at_once() {
+    let shards = make_shards(1, 9);
+    let server = TestServer::start(&shards);
+    let dir = tempfile::tempdir().unwrap();
+    let held = lock_folder(dir.path()).unwrap();
+    let (ok, text) = nc_data(
+        &[
+            "download",
+            "-n",
+            "1",
+            "--out",
+            s(dir.path()),
+            "--base-url",
+            &server.base_url,
+        ],
+        &[],
+    );
+    assert!(!ok && text.contains("another nc-data download is writing to"), "{text}");
+    assert!(server.gets().is_empty());
+    drop(held);
+    let (ok, text) = nc_data(
+        &[
+            "download",
+            "-n",
+            "1",
+            "--out",
+            s(dir.path()),
+            "--base-url",
+            &server.base_url,
+        ],
+        &[],
+    );
+    assert!(ok, "{text}");
+    assert_exact(dir.path(), &shards);
 }
 
 // An Outcome is what the summary line counts; keep the variants the tests rely on in view.

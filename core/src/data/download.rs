@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::download_file::{commit, is_complete, remove_stale_temps, temp_path, CommitError};
+use super::download_file::{commit, is_complete, lock_folder, remove_stale_temps, temp_path, CommitError};
 use super::download_retry::{classify_status, sleep_unless_stopped, Failure, RetryPolicy};
 use crate::error::{NcError, Result};
 
@@ -207,6 +207,8 @@ impl Summary {
 pub fn download_shards(cfg: &DownloadConfig, progress: &dyn Progress) -> Result<Summary> {
     cfg.check()?;
     fs::create_dir_all(&cfg.out).map_err(|e| NcError::from(e).context(cfg.out.display()))?;
+    // Held until this function returns; before the stale-temp cleanup, which must not touch a live run's files.
+    let _lock = lock_folder(&cfg.out).map_err(NcError::new)?;
     let stale_temps_removed = remove_stale_temps(&cfg.out).map_err(|e| NcError::from(e).context(cfg.out.display()))?;
     let agent = make_agent(cfg);
 

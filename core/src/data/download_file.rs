@@ -48,6 +48,33 @@ pub fn remove_stale_temps(dir: &Path) -> std::io::Result<usize> {
     Ok(removed)
 }
 
+/// The file in the destination folder that one `nc-data download` at a time holds locked.
+pub const LOCK_FILE: &str = ".nc-data-download.lock";
+
+/// Take the folder's download lock (an advisory `flock`, released when the returned file is dropped or the
+/// process dies, however it dies). Two downloads into one folder would write the same temporary names, so
+/// the second one stops with an error instead. The lock file is left in place: removing it could let a
+/// third run lock a new file while a second still holds the old one.
+pub fn lock_folder(dir: &Path) -> Result<File, String> {
+    use std::os::unix::io::AsRawFd;
+    let path = dir.join(LOCK_FILE);
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    // SAFETY: flock on a descriptor this function owns for as long as `file` lives.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(format!(
+            "another nc-data download is writing to {} (it holds {}); wait for it to finish or use another --out",
+            dir.display(),
+            path.display()
+        ));
+    }
+    Ok(file)
+}
+
 /// Make the fully written temporary file `temp` (still open as `file`) the shard `dest`: flush it to disk,
 /// check that it parses as parquet, rename it, and flush the folder so the rename itself survives a crash.
 /// On a failed check the temporary file is removed and the error says why (the caller retries).
@@ -107,6 +134,16 @@ mod tests {
             .collect();
         left.sort();
         assert_eq!(left, ["notes.tmp", "shard_00002.parquet"]);
+    }
+
+    #[test]
+    fn a_folder_is_locked_by_one_download_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock_folder(dir.path()).unwrap();
+        let err = lock_folder(dir.path()).unwrap_err();
+        assert!(err.contains("another nc-data download"), "{err}");
+        drop(held);
+        assert!(lock_folder(dir.path()).is_ok());
     }
 
     #[test]

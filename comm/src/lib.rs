@@ -6,6 +6,7 @@
 //! The ring's chunk/step schedule lives in `schedule`, shared by every ring transport.
 
 pub mod nccl;
+pub mod p2p_plan;
 mod partition;
 pub mod rendezvous;
 pub mod schedule;

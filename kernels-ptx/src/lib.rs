@@ -774,4 +774,5 @@ pub const ALL: [Kernel; 54] = [
 ];
 
 mod embedding_index;
+pub mod p2p;
 pub use embedding_index::{EmbeddingIndex, EmbeddingIndexError};

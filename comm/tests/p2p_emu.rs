@@ -1,0 +1,180 @@
+//! The GPU peer-to-peer ring's kernels (kernels-ptx/cuda/p2p_ring.cu) run on the CPU: g++ compiles them with
+//! kernels-ptx/emu/p2p_emu.cpp (every rank's blocks as concurrent threads over shared host memory, with a
+//! memory model that publishes unreleased stores late), and this test feeds it the plan tables
+//! `nc_comm::p2p_plan` builds from `schedule::ring_plan`, the tables the GPU gets. The program checks every
+//! result bit for bit against host reductions (ring: `schedule::sum_order`; one-shot: rank order), and that
+//! each planted bug (a skipped slice, releases that do not order the data, flags reused across launches)
+//! makes a check fail. Skipped, with a note, where g++ is missing.
+
+use nc_comm::p2p_plan::{encode, one_shot_region_bytes, slice_elems};
+use nc_comm::schedule::Phase;
+use nc_comm::{even_bounds, Bounds};
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+struct Case {
+    label: String,
+    kind: &'static str,
+    dtype: &'static str,
+    bounds: Bounds,
+    offset: usize,
+    blocks: usize,
+    threads: usize,
+    slots: usize,
+    slot_bytes: usize,
+    plant: &'static str,
+    iterations: usize,
+}
+
+fn write_case(out: &mut String, c: &Case) {
+    let n = c.bounds.world_size();
+    let elem = if c.dtype == "f32" { 4 } else { 2 };
+    let region = one_shot_region_bytes(c.bounds.len(), elem, c.blocks).div_ceil(16) * 16;
+    writeln!(
+        out,
+        "case {} {} {} {n} {} {} {} {} {} {} {region} {} {}",
+        c.label,
+        c.kind,
+        c.dtype,
+        c.bounds.len(),
+        c.offset,
+        c.blocks,
+        c.threads,
+        c.slots,
+        c.slot_bytes,
+        c.plant,
+        c.iterations
+    )
+    .unwrap();
+    let offsets: Vec<String> = (0..n).map(|r| c.bounds.range(r).start.to_string()).collect();
+    writeln!(out, "{} {}", offsets.join(" "), c.bounds.len()).unwrap();
+    let phase = match c.kind {
+        "rs" => Phase::ReduceScatter,
+        "ag" => Phase::AllGather,
+        _ => return,
+    };
+    let slice = slice_elems(phase, elem, c.blocks, c.slot_bytes);
+    for rank in 0..n {
+        let table = encode(phase, &c.bounds, rank, slice);
+        let words: Vec<String> = table.iter().map(u64::to_string).collect();
+        writeln!(out, "{} {}", table.len() / 2, words.join(" ")).unwrap();
+    }
+}
+
+fn cases() -> Vec<Case> {
+    let mut all = Vec::new();
+    let uneven = |n: usize| {
+        let mut offsets = vec![0];
+        for r in 0..n {
+            offsets.push(offsets[r] + 37 + 23 * ((r * 5) % 7));
+        }
+        Bounds::new(offsets).unwrap()
+    };
+    let mut add = |kind, dtype, bounds: Bounds, offset, blocks, threads, slots, slot_bytes, plant| {
+        let label = format!(
+            "{kind} {dtype} n{} len{} off{offset} blocks{blocks} slots{slots} slot{slot_bytes} {}",
+            bounds.world_size(),
+            bounds.len(),
+            if plant == "none" {
+                String::new()
+            } else {
+                format!("planted:{plant}")
+            }
+        );
+        all.push(Case {
+            label: label.trim().replace(' ', "_"),
+            kind,
+            dtype,
+            bounds,
+            offset,
+            blocks,
+            threads,
+            slots,
+            slot_bytes,
+            plant,
+            iterations: 2,
+        });
+    };
+    for kind in ["rs", "ag", "os"] {
+        for dtype in ["f32", "bf16"] {
+            for n in [1, 3, 8] {
+                add(kind, dtype, even_bounds(64 * n + 8, n), 0, 2, 32, 2, 64, "none");
+            }
+            for n in [2, 5] {
+                add(kind, dtype, uneven(n), 1, 3, 32, 3, 96, "none");
+            }
+            // One slot: every send waits for the previous slice's consumption.
+            add(kind, dtype, uneven(4), 0, 1, 32, 1, 32, "none");
+        }
+    }
+    // Planted bugs: each must make a check fail.
+    add("rs", "f32", even_bounds(300, 3), 0, 2, 32, 2, 64, "no_release");
+    add("ag", "bf16", even_bounds(300, 3), 0, 2, 32, 2, 64, "no_release");
+    add("os", "f32", even_bounds(300, 3), 0, 2, 32, 2, 64, "no_release");
+    add("rs", "f32", even_bounds(300, 3), 0, 2, 32, 2, 64, "reused_flag");
+    add("ag", "f32", even_bounds(300, 3), 0, 2, 32, 2, 64, "reused_flag");
+    add("os", "bf16", even_bounds(300, 3), 0, 2, 32, 2, 64, "reused_flag");
+    add("rs", "bf16", even_bounds(300, 4), 0, 2, 32, 2, 64, "skipped_chunk");
+    add("ag", "f32", even_bounds(300, 4), 0, 2, 32, 2, 64, "skipped_chunk");
+    all
+}
+
+#[test]
+fn p2p_kernels_match_host_reductions_in_the_cpu_emulation() {
+    let gxx = Command::new("g++").arg("--version").output();
+    if !matches!(gxx, Ok(ref o) if o.status.success()) {
+        eprintln!("no g++: the peer-to-peer kernels' CPU emulation was not run");
+        return;
+    }
+    let kernels = concat!(env!("CARGO_MANIFEST_DIR"), "/../kernels-ptx");
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("p2p_emu");
+    let build = Command::new("g++")
+        .args(["-std=c++20", "-O1", "-ffp-contract=off", "-pthread"])
+        .arg(format!("-I{kernels}/emu/shim"))
+        .arg(format!("-I{kernels}/emu"))
+        .arg(format!("-I{kernels}/cuda"))
+        .arg(format!("{kernels}/emu/p2p_emu.cpp"))
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .expect("running g++");
+    assert!(
+        build.status.success(),
+        "g++ failed on emu/p2p_emu.cpp:\n{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    let cases = cases();
+    let mut input = String::new();
+    for c in &cases {
+        write_case(&mut input, c);
+    }
+    let mut child = Command::new(&exe)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "the emulation reported failures:\n{text}");
+    assert!(text.contains(&format!("{} cases\n0 failures", cases.len())), "{text}");
+    for c in &cases {
+        let line = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(c.label.as_str()))
+            .unwrap_or_else(|| panic!("no result for {}:\n{text}", c.label));
+        let want = if c.plant == "none" {
+            " ok "
+        } else {
+            "planted bug caught"
+        };
+        assert!(line.contains(want), "{line}");
+    }
+}

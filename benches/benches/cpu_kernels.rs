@@ -63,7 +63,7 @@ fn matmuls(c: &mut Criterion) {
             });
         }
     }
-    // The lm_head chunk (128 rows at vocab 65536, d 256): logits = x W^T, dX = dL W, dW = dL^T x.
+    // The lm_head chunk (1024 rows at vocab 65536, d 256: `LossChunks`): logits = x W^T, dX = dL W, dW = dL^T x.
     let (rows, vocab, d) = (nc_core::model::loss_chunk_rows(65536, TOKENS), 65536usize, 256usize);
     let shapes = [
         ("lm_head fwd x W^T", rows, vocab, d, false, true),
@@ -187,7 +187,7 @@ fn rmsnorm(c: &mut Criterion) {
 }
 
 /// One chunk of the chunked loss as the model runs it: logits = x W^T, softcap + CE (+ grad), dX = dL W,
-/// dW += dL^T x. Rows per chunk as the model picks them for vocab 65536 (2^23 / V = 128).
+/// dW += dL^T x. Rows per chunk as the model picks them for vocab 65536 (`LossChunks`: 1024).
 fn loss_chunk(c: &mut Criterion) {
     let be = CpuBackend::new();
     let mut g = c.benchmark_group("cpu_loss_chunk");

@@ -660,7 +660,7 @@ impl Plan {
             }
         ));
         line(format!(
-            "unchunked fp32 logits would add {} (the loss runs in chunks of {} tokens)",
+            "unchunked fp32 logits would add {} (the loss runs in chunks of at most {} tokens)",
             gb(self.unchunked_logits_bytes).trim(),
             model::loss_chunk_rows(self.model.vocab_size, self.batch.tokens_per_fwdbwd)
         ));

@@ -69,3 +69,35 @@ fn bf16_plan_equals_the_twins_buffers() {
         assert_eq!(plan.grads, (4 * gpt.grads().len()) as f64);
     }
 }
+
+/// With a vocabulary big enough that the loss runs in several chunks of >= 1024 tokens (vocab 16384, 5 x 500 =
+/// 2500 tokens: two chunks of 1250), the plan's loss workspace is the largest chunk's logits (f32) and, under
+/// bf16, its bf16 gradient copy: exactly what the model allocates.
+#[test]
+fn multi_chunk_loss_workspace_is_priced_as_allocated() {
+    let m = ModelConfig::new(1, 16, 2, 1, 8, 16384, 500).unwrap();
+    let batch = 5;
+    assert_eq!(model::LossChunks::new(m.vocab_size, batch * 500).count, 2);
+    for (precision, dlogits_bytes) in [(Precision::Fp32, 0), (Precision::Bf16, 2)] {
+        let gpt = Gpt::with_precision(
+            CpuBackend::new(),
+            m,
+            batch,
+            m.sequence_len,
+            model::Recompute::None,
+            precision,
+        )
+        .unwrap();
+        let plan = memory_per_gpu(&m, batch, 1, precision, Recompute::None);
+        assert_eq!(
+            plan.activations + plan.loss_workspace,
+            gpt.allocated_activation_bytes() as f64,
+            "{precision:?}"
+        );
+        assert_eq!(
+            plan.loss_workspace,
+            (1250 * 16384 * (4 + dlogits_bytes)) as f64,
+            "{precision:?}"
+        );
+    }
+}

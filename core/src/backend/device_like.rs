@@ -6,9 +6,40 @@
 use super::cpu::{CpuBackend, CpuBuf, CpuIds};
 use super::{AttnShape, Backend, Storage, View, ViewMut};
 
-/// The CPU backend with its host access hidden (`host_slice` keeps the trait's default, None).
+/// The CPU backend with its host access hidden (`host_slice` keeps the trait's default, None). The second
+/// field, when set, records the shape of every GEMM and cross-entropy launch (tests that pin launch shapes).
 #[derive(Debug, Clone, Default)]
-pub struct DeviceLikeCpu(pub CpuBackend);
+pub struct DeviceLikeCpu(pub CpuBackend, pub Option<LaunchLog>);
+
+/// A shared record of launches, in call order.
+pub type LaunchLog = std::sync::Arc<std::sync::Mutex<Vec<Launch>>>;
+
+/// One recorded launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Launch {
+    /// C (m x n) (+)= A (m x k) B (k x n).
+    Matmul {
+        m: usize,
+        n: usize,
+        k: usize,
+        accumulate: bool,
+    },
+    /// One `softcap_cross_entropy` over `rows` rows of `vocab` logits.
+    CrossEntropy { rows: usize, vocab: usize },
+}
+
+impl DeviceLikeCpu {
+    /// A DeviceLikeCpu that records its launches into the returned log.
+    pub fn recording() -> (Self, LaunchLog) {
+        let log = LaunchLog::default();
+        (DeviceLikeCpu(CpuBackend::new(), Some(log.clone())), log)
+    }
+    fn record(&self, launch: Launch) {
+        if let Some(log) = &self.1 {
+            log.lock().expect("launch log").push(launch);
+        }
+    }
+}
 
 fn v<'a>(x: View<'a, DeviceLikeCpu>) -> View<'a, CpuBackend> {
     View {
@@ -73,6 +104,7 @@ impl Backend for DeviceLikeCpu {
         c: ViewMut<'_, Self>,
         accumulate: bool,
     ) {
+        self.record(Launch::Matmul { m, n, k, accumulate });
         self.0.matmul(m, n, k, v(a), a_t, v(b), b_t, vm(c), accumulate)
     }
     fn embedding_forward(&self, ids: &CpuIds, n: usize, wte: View<'_, Self>, d: usize, out: ViewMut<'_, Self>) {
@@ -187,6 +219,7 @@ impl Backend for DeviceLikeCpu {
         losses: ViewMut<'_, Self>,
         grad_scale: Option<f32>,
     ) {
+        self.record(Launch::CrossEntropy { rows, vocab });
         self.0.softcap_cross_entropy(
             vm(logits),
             rows,

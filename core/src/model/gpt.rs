@@ -11,7 +11,7 @@
 
 use super::{
     activation_layout_for, all, all_mut, attention, embedding, gemm_input, init, loss, mlp, norm, ActivationLayout,
-    BlockParams, GradScratch, LayerActs, LayerShapes, Recompute, Storages,
+    BlockParams, GradScratch, LayerActs, LayerShapes, LossChunks, Recompute, Storages,
 };
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, View, ViewMut};
@@ -447,7 +447,7 @@ impl<B: Backend> Gpt<B> {
             n,
             d,
             v,
-            self.layout.loss_chunk_rows,
+            LossChunks::new(v, n),
             weights,
             self.lm_head_off,
             &self.xf,
@@ -485,7 +485,7 @@ impl<B: Backend> Gpt<B> {
             n,
             d,
             v,
-            self.layout.loss_chunk_rows,
+            LossChunks::new(v, n),
             weights,
             self.lm_head_off,
             &self.xf,

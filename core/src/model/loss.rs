@@ -1,6 +1,10 @@
 //! lm_head + softcap + cross-entropy, in chunks of tokens: the (tokens x vocab) logits never exist at once.
+//! The chunks are `LossChunks`: at least 1024 tokens each when the micro-batch has that many, so the lm_head
+//! weight-gradient GEMM (whose K is the chunk's rows) accumulates over >= 1024 tokens per call, the dxf GEMM
+//! has K = vocab, the logits and dxf GEMMs have M >= 1024, and the cross-entropy runs on >= 1024 rows per
+//! launch. (The logits GEMM's K is d, the model width, which no chunking changes.)
 
-use super::gemm_input;
+use super::{gemm_input, LossChunks};
 use crate::backend::{Backend, View, ViewMut};
 use crate::config::LOGIT_SOFTCAP;
 
@@ -21,7 +25,7 @@ pub fn forward_backward<B: Backend>(
     n: usize,
     d: usize,
     vocab: usize,
-    chunk_rows: usize,
+    chunks: LossChunks,
     params: &B::Buf,
     lm_head_off: usize,
     xf: &B::Buf,
@@ -32,8 +36,8 @@ pub fn forward_backward<B: Backend>(
     mut grad: Option<LossGrad<'_, B>>,
 ) {
     let w = View::<B>::at(params, lm_head_off, vocab * d);
-    for c0 in (0..n).step_by(chunk_rows) {
-        let rows = chunk_rows.min(n - c0);
+    assert_eq!(chunks.tokens, n, "the loss chunks are for another micro-batch");
+    for (c0, rows) in chunks.iter() {
         let x = View::<B>::at(xf, c0 * d, rows * d);
         be.matmul(
             rows,

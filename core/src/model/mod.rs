@@ -93,7 +93,7 @@ pub struct ActivationLayout {
     /// Per token, outside the layers: residual stream, embedding output and its rstd, final norm output
     /// and rstd, per-token losses, and the backward's gradient scratch.
     pub other_per_token: usize,
-    /// Rows of one lm_head chunk; the loss workspace holds loss_chunk_rows x vocab logits.
+    /// Rows of the largest lm_head chunk (`LossChunks`); the loss workspace holds loss_chunk_rows x vocab logits.
     pub loss_chunk_rows: usize,
     /// The logits chunk (F32) and, with casts, its bf16 gradient copy: elements.
     pub loss_workspace: usize,
@@ -104,9 +104,60 @@ pub struct ActivationLayout {
     pub loss_workspace_bytes: usize,
 }
 
-/// The lm_head chunk: at most 2^23 logits at once (32 MiB in f32), at least one row, at most all tokens.
+/// Fewest tokens in one lm_head chunk, when the micro-batch has that many: it is the K of the lm_head
+/// weight-gradient GEMM (dW += dlogits^T x, accumulated once per chunk, so a small K re-reads and re-writes
+/// the whole vocab x d gradient for little work) and the rows of one cross-entropy launch (one block per row
+/// on a GPU: 1024 blocks are several waves on any card).
+pub const LOSS_MIN_CHUNK_ROWS: usize = 1024;
+/// Where the vocabulary is small, chunks grow until their logits reach 2^23 values (32 MiB in f32).
+pub const LOSS_CHUNK_LOGITS: usize = 1 << 23;
+
+/// How the loss splits a micro-batch of `tokens` into lm_head chunks: the ONE rule, used by the loss (`loss.rs`),
+/// the model's allocation and the planner.
+///
+/// The target chunk is `min(tokens, max(LOSS_MIN_CHUNK_ROWS, LOSS_CHUNK_LOGITS / vocab))` rows; the tokens are
+/// cut into `count = tokens / target` chunks (at least 1) of as-equal-as-possible sizes (floor or ceil of
+/// tokens / count), so every chunk has at least `target` rows: K >= 1024 for every GEMM of the loss path
+/// whenever the micro-batch has 1024 tokens, also when tokens is not a multiple of the target (no short tail
+/// chunk). The workspace holds the largest chunk, `rows = ceil(tokens / count)` (< 2 x target; exactly the
+/// target when it divides tokens): `rows x vocab` f32 logits and, with casts, a bf16 copy of their gradient,
+/// which the memory plan prices (`activation_layout_for`). For vocab 65536 (nanochat's) that is 1024 rows,
+/// 256 MiB of f32 logits + 128 MiB of bf16 gradient, instead of a full (B*T) x vocab array.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LossChunks {
+    pub tokens: usize,
+    pub count: usize,
+}
+
+impl LossChunks {
+    pub fn new(vocab: usize, tokens: usize) -> Self {
+        let target = (LOSS_CHUNK_LOGITS / vocab.max(1))
+            .max(LOSS_MIN_CHUNK_ROWS)
+            .min(tokens)
+            .max(1);
+        LossChunks {
+            tokens,
+            count: (tokens / target).max(1),
+        }
+    }
+    /// (first token, rows) of chunk `i` (0 <= i < count).
+    pub fn chunk(&self, i: usize) -> (usize, usize) {
+        let start = i * self.tokens / self.count;
+        (start, (i + 1) * self.tokens / self.count - start)
+    }
+    /// Every chunk in order: together they cover 0..tokens once.
+    pub fn iter(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (0..self.count).map(|i| self.chunk(i))
+    }
+    /// Rows of the largest chunk: what the logits workspace holds.
+    pub fn max_rows(&self) -> usize {
+        self.tokens.div_ceil(self.count).max(1)
+    }
+}
+
+/// Rows of the loss workspace for a micro-batch of `tokens` (the largest chunk of `LossChunks`).
 pub fn loss_chunk_rows(vocab: usize, tokens: usize) -> usize {
-    ((1usize << 23) / vocab).clamp(1, tokens.max(1))
+    LossChunks::new(vocab, tokens).max_rows()
 }
 
 /// The one accounting of activation memory under f32 storage (the CPU's), shared with the planner.

@@ -375,7 +375,7 @@ pub fn memory_per_gpu(
     let grads = n * 4.0;
     let master_weights = owned * precision.master_bytes();
     let optimizer_state = state * 4.0;
-    let optimizer_scratch = ShardLayout::max_muon_scratch_elems(model, world_size) as f64 * 4.0;
+    let optimizer_scratch = crate::optim::device::muon_scratch_bytes(model, world_size, precision) as f64;
     let (activations, loss_workspace) = activation_bytes(model, device_batch_size, policy, precision);
     // reduce-scatter lands this rank's fp32 grad shard in its own buffer; one rank needs none
     let comm_buffers = if world_size > 1 { owned * 4.0 } else { 0.0 };

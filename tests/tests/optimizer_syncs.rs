@@ -6,14 +6,16 @@
 //! One optimizer step as the training loop runs it on a device (clip, then step) must make exactly one:
 //! the clip's gradient norm, which the log wants anyway. Newton-Schulz's per-matrix norm stays on the
 //! backend (`inverse_norm_into` and `scale_by_scalar`); reading it back instead costs one wait per matrix,
-//! which this test counts and refuses.
+//! which this test counts and refuses. The same holds on the bf16 path (`Precision::Bf16`: batched bf16
+//! Newton-Schulz, Muon's apply and the multi-tensor AdamW writing the working copy).
 
 use nc_core::backend::cpu::{CpuBackend, CpuBuf, CpuIds};
-use nc_core::backend::{AdamwStep, AttnShape, Backend, View, ViewMut};
+use nc_core::backend::{AdamwPiece, AdamwStep, AttnShape, Backend, NsBatch, Storage, View, ViewMut};
 use nc_core::config::{ModelConfig, ParamKind};
 use nc_core::model::Rng;
-use nc_core::optim::device::DeviceOptimizer;
+use nc_core::optim::device::{DeviceOptimizer, DeviceOptions};
 use nc_core::optim::OptimConfig;
+use nc_core::plan::Precision;
 use nc_tests::{to_backend, to_host};
 use std::cell::Cell;
 
@@ -48,6 +50,12 @@ impl Backend for Counting {
 
     fn alloc(&self, len: usize) -> CpuBuf {
         self.cpu.alloc(len)
+    }
+    fn alloc_as(&self, len: usize, storage: Storage) -> CpuBuf {
+        self.cpu.alloc_as(len, storage)
+    }
+    fn storage(buf: &CpuBuf) -> Storage {
+        CpuBackend::storage(buf)
     }
     fn alloc_ids(&self, len: usize) -> CpuIds {
         self.cpu.alloc_ids(len)
@@ -110,6 +118,33 @@ impl Backend for Counting {
     }
     fn adamw(&self, p: ViewMut<'_, Self>, g: View<'_, Self>, m: ViewMut<'_, Self>, w: ViewMut<'_, Self>, h: AdamwStep) {
         self.cpu.adamw(vm(p), v(g), vm(m), vm(w), h)
+    }
+    fn newton_schulz_bf16(
+        &self,
+        ns: &NsBatch,
+        g: View<'_, Self>,
+        x: ViewMut<'_, Self>,
+        x_tmp: ViewMut<'_, Self>,
+        gram: ViewMut<'_, Self>,
+        poly: ViewMut<'_, Self>,
+        norms: ViewMut<'_, Self>,
+    ) {
+        self.cpu
+            .newton_schulz_bf16(ns, v(g), vm(x), vm(x_tmp), vm(gram), vm(poly), vm(norms))
+    }
+    fn muon_apply(&self, x: View<'_, Self>, a: f32, p: ViewMut<'_, Self>, p_bf16: Option<ViewMut<'_, Self>>) {
+        self.cpu.muon_apply(v(x), a, vm(p), p_bf16.map(vm))
+    }
+    fn adamw_multi(
+        &self,
+        p: &mut CpuBuf,
+        g: &CpuBuf,
+        m: &mut CpuBuf,
+        w: &mut CpuBuf,
+        working: Option<&mut CpuBuf>,
+        pieces: &[AdamwPiece],
+    ) {
+        self.cpu.adamw_multi(p, g, m, w, working, pieces)
     }
 
     fn embedding_forward(&self, _: &CpuIds, _: usize, _: View<'_, Self>, _: usize, _: ViewMut<'_, Self>) {
@@ -267,5 +302,56 @@ fn one_optimizer_step_waits_for_the_device_once() {
             got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
             "step {step}: params differ"
         );
+    }
+}
+
+/// The bf16 path (batched Newton-Schulz, apply and multi-tensor AdamW writing the working copy) waits once too.
+#[test]
+fn one_bf16_optimizer_step_waits_for_the_device_once() {
+    let model = tiny();
+    let n = model.num_params() as usize;
+    let mut rng = Rng::new(6);
+    let p0: Vec<f32> = (0..n).map(|_| (rng.normal() * 0.1) as f32).collect();
+    let be = Counting::default();
+    let cpu = CpuBackend::new();
+    let opts = DeviceOptions {
+        precision: Precision::Bf16,
+        ..DeviceOptions::default()
+    };
+    let mut params = to_backend(&be, &p0);
+    let mut cpu_params = to_backend(&cpu, &p0);
+    let mut working = be.alloc_as(n, Storage::Bf16);
+    let mut cpu_working = cpu.alloc_as(n, Storage::Bf16);
+    let mut opt = DeviceOptimizer::with_options(&be, &model, OptimConfig::default(), opts).unwrap();
+    let mut cpu_opt = DeviceOptimizer::with_options(&cpu, &model, OptimConfig::default(), opts).unwrap();
+    assert!(
+        opt.ns_groups().iter().any(|g| g.members.len() > 1),
+        "the model should have batched Newton-Schulz calls"
+    );
+    for step in 0..3 {
+        let g: Vec<f32> = (0..n).map(|_| (rng.normal() * 0.05) as f32).collect();
+        let mut grads = to_backend(&be, &g);
+        let mut cpu_grads = to_backend(&cpu, &g);
+        be.waits.set(0);
+        let norm = opt.clip(&be, &mut grads, 1.0);
+        opt.step_writing(&be, &mut params, &grads, Some(&mut working), 1.0, 0.9);
+        assert_eq!(
+            be.waits.get(),
+            1,
+            "step {step}: the bf16 optimizer step waited for the device {} times (1 allowed: the gradient norm)",
+            be.waits.get()
+        );
+        let cpu_norm = cpu_opt.clip(&cpu, &mut cpu_grads, 1.0);
+        cpu_opt.step_writing(&cpu, &mut cpu_params, &cpu_grads, Some(&mut cpu_working), 1.0, 0.9);
+        assert_eq!(norm.to_bits(), cpu_norm.to_bits());
+        for (what, got, want) in [
+            ("params", to_host(&be, &params), to_host(&cpu, &cpu_params)),
+            ("working copy", to_host(&be, &working), to_host(&cpu, &cpu_working)),
+        ] {
+            assert!(
+                got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "step {step}: {what} differ"
+            );
+        }
     }
 }

@@ -5,7 +5,7 @@
 use nc_core::backend::cpu::CpuBackend;
 use nc_core::config::ModelConfig;
 use nc_core::model::{self, Gpt};
-use nc_core::optim::device::DeviceOptimizer;
+use nc_core::optim::device::{DeviceOptimizer, DeviceOptions};
 use nc_core::optim::{OptimConfig, Optimizer};
 use nc_core::plan::{memory_per_gpu, Precision, Recompute};
 
@@ -67,6 +67,14 @@ fn bf16_plan_equals_the_twins_buffers() {
         assert_eq!(plan.params, working as f64);
         assert_eq!(plan.master_weights, master as f64);
         assert_eq!(plan.grads, (4 * gpt.grads().len()) as f64);
+        // the device optimizer's bf16 path: f32 updates and norms, bf16 iterates and Gram matrices
+        let opts = DeviceOptions {
+            precision: Precision::Bf16,
+            ..DeviceOptions::default()
+        };
+        let dev = DeviceOptimizer::with_options(&gpt.be, &m, OptimConfig::default(), opts).unwrap();
+        assert_eq!(plan.optimizer_scratch, dev.scratch_bytes() as f64);
+        assert!(dev.scratch_bytes() > 0);
     }
 }
 

@@ -18,9 +18,24 @@ pub mod bf16;
 pub mod cpu;
 pub mod cuda;
 pub mod device_like;
+pub mod ns_bf16;
 pub mod optim_ops;
 
+pub use ns_bf16::NsBatch;
 pub use optim_ops::AdamwStep;
+
+/// One tensor of a multi-tensor AdamW (`Backend::adamw_multi`): where it sits in the parameter buffer (its
+/// gradient sits at the same offset of the gradient buffer), in the moment buffers (m and v share offsets)
+/// and in the bf16 working copy, and its step's scalars.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamwPiece {
+    pub p_off: usize,
+    pub m_off: usize,
+    /// Offset in the working copy (used when one is given).
+    pub working_off: usize,
+    pub len: usize,
+    pub step: AdamwStep,
+}
 
 /// How a buffer stores its (logically f32) elements. Views, lengths and offsets are in elements either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -402,6 +417,75 @@ pub trait Backend {
         self.upload(p, &ps);
         self.upload(m, &ms);
         self.upload(v, &vs);
+    }
+
+    /// Muon's Newton-Schulz in bf16 over a batch of same-shape matrices (`ns_bf16` says where it rounds):
+    /// `g` holds `ns.batch` f32 matrices back to back (the momentum updates), `x` receives the orthogonalized
+    /// updates (`ns.batch` matrices, bf16 values). `x_tmp` (like x), `gram` and `poly` (`ns.batch` Gram
+    /// matrices each) are the iteration's scratch and `norms` (`NS_NORM_SCRATCH_PER_MATRIX` per matrix) the
+    /// norms' partial sums; a device stores x, x_tmp, gram and poly as Bf16. Nothing comes back to the host.
+    /// The default computes on downloaded copies with the host twin (the CPU's twin; slow on a device, which
+    /// overrides it with strided-batched GEMMs).
+    #[allow(clippy::too_many_arguments)]
+    fn newton_schulz_bf16(
+        &self,
+        ns: &NsBatch,
+        g: View<'_, Self>,
+        x: ViewMut<'_, Self>,
+        x_tmp: ViewMut<'_, Self>,
+        gram: ViewMut<'_, Self>,
+        poly: ViewMut<'_, Self>,
+        norms: ViewMut<'_, Self>,
+    ) {
+        let _ = (x_tmp, gram, poly, norms);
+        let gs = download_vec(self, g);
+        let mut xs = vec![0.0f32; x.len];
+        ns_bf16::newton_schulz_bf16(ns, &gs, &mut xs);
+        self.upload(x, &xs);
+    }
+    /// Muon's apply: p = a x + p (as `axpby(a, x, 1, p)` rounds), then, given a working copy, p_bf16 = bf16(p).
+    /// `x` may be stored as Bf16 (the batched Newton-Schulz's output).
+    fn muon_apply(&self, x: View<'_, Self>, a: f32, p: ViewMut<'_, Self>, p_bf16: Option<ViewMut<'_, Self>>) {
+        let p_buf = p.buf;
+        let (off, len) = (p.off, p.len);
+        self.axpby(
+            a,
+            x,
+            1.0,
+            ViewMut {
+                buf: &mut *p_buf,
+                off,
+                len,
+            },
+        );
+        if let Some(w) = p_bf16 {
+            self.copy(View { buf: &*p_buf, off, len }, w);
+        }
+    }
+    /// AdamW over many tensors at once (one launch on a device): for each piece, exactly `adamw` on
+    /// p[p_off..], g[p_off..], m[m_off..], v[m_off..], then, given a working copy, working[working_off..] =
+    /// bf16(new p).
+    fn adamw_multi(
+        &self,
+        p: &mut Self::Buf,
+        g: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        mut working: Option<&mut Self::Buf>,
+        pieces: &[AdamwPiece],
+    ) {
+        for t in pieces {
+            self.adamw(
+                ViewMut::at(p, t.p_off, t.len),
+                View::at(g, t.p_off, t.len),
+                ViewMut::at(m, t.m_off, t.len),
+                ViewMut::at(v, t.m_off, t.len),
+                t.step,
+            );
+            if let Some(w) = working.as_deref_mut() {
+                self.copy(View::at(p, t.p_off, t.len), ViewMut::at(w, t.working_off, t.len));
+            }
+        }
     }
 
     /// The device allocator's sizes and peaks; None where memory is the host's (the CPU backend).

@@ -664,6 +664,25 @@ impl<B: Backend> Gpt<B> {
         self.working_stale = true;
         (&self.be, &mut self.params, &mut self.grads)
     }
+
+    /// `backend_params_grads_mut` plus the bf16 working copy (None without casts), for an optimizer that
+    /// writes the copy itself (`DeviceOptimizer::step_writing`). The copy counts as stale until the caller
+    /// says it was rewritten whole (`working_written`).
+    pub fn backend_params_grads_working_mut(&mut self) -> (&B, &mut B::Buf, &mut B::Buf, Option<&mut B::Buf>) {
+        self.working_stale = true;
+        let working = if B::buf_len(&self.working) > 0 {
+            Some(&mut self.working)
+        } else {
+            None
+        };
+        (&self.be, &mut self.params, &mut self.grads, working)
+    }
+
+    /// The optimizer rewrote every element of the working copy from the new master (bf16(p), the same value
+    /// `refresh_weights`' cast stores), so it is current: no cast pass before the next forward.
+    pub fn working_written(&mut self) {
+        self.working_stale = false;
+    }
 }
 
 /// Host access on the CPU backend: the optimizers and checkpoints work on these slices directly.

@@ -2,27 +2,39 @@
 //! only, so a GPU backend updates its parameters on the device instead of shipping every parameter and
 //! gradient to the host and back each step.
 //!
-//! Same algorithm, same segments and the same lrs as the host `Optimizer` (SPEC.md section 4), for a single
-//! rank (world size 1; several ranks are CPU threads and keep the host optimizer). The arithmetic differs
-//! from the host's only in the order of Newton-Schulz's matrix products (the backend's GEMM instead of the
-//! host's, no explicit transposes), so Muon's updates agree to rounding, not to the bit; momentum, AdamW and
-//! clipping compute the same formulas in the same order (`backend::optim_ops`).
+//! Same algorithm, same segments and the same lrs as the host `Optimizer` (SPEC.md section 4), over the
+//! segments one rank owns (`DeviceOptions::rank` / `world_size`, `ShardLayout`: ZeRO-1 calls it per rank;
+//! the training loop runs it at world size 1). Two paths:
+//! - f32 (`Precision::Fp32`, `Fp32Gpu`): per matrix, Newton-Schulz in f32 through the backend's GEMM. It
+//!   differs from the host's only in the order of Newton-Schulz's matrix products (no explicit transposes),
+//!   so Muon's updates agree to rounding, not to the bit; momentum, AdamW and clipping compute the same
+//!   formulas in the same order (`backend::optim_ops`).
+//! - bf16 (`Precision::Bf16`, the engine's): the Muon matrices grouped by shape (`ns_groups`), each group's
+//!   Newton-Schulz one batched bf16 call (`Backend::newton_schulz_bf16`: strided-batched GEMMs on a device,
+//!   norms on the device, rounding as `backend::ns_bf16` says), Muon's apply and one multi-tensor AdamW
+//!   writing the f32 master and, given one, the bf16 working copy (`step_writing`).
+//!
+//! Neither reads anything back: the step's one host wait is the clip's gradient norm
+//! (tests/tests/optimizer_syncs.rs counts).
 //!
 //! State: the host optimizer keeps one flat buffer (per segment: Muon momentum, or AdamW m then v), which
 //! checkpoints hold as is. Here the same values live in three device buffers, because the trait's `adamw`
 //! takes m and v as two writable views and one buffer cannot be borrowed mutably twice: `momentum` (every
 //! matrix's Muon momentum), `adam_m` and `adam_v` (the moments of wte and lm_head), each back to back in
 //! canonical order. `state_to_host` and `restore` translate to and from the host layout, so checkpoints
-//! move freely between the two optimizers.
+//! move freely between the two optimizers (and the two paths).
 
 use super::adamw::{adam_lr_scale, adamw_step, AdamParams};
 use super::clip::clip_factor;
 use super::muon::{shape_scale, NS_COEFFS, NS_EPS, NS_STEPS};
-use super::shard::ShardLayout;
+use super::shard::{Segment, ShardLayout};
 use super::{check_state_len, OptimConfig};
-use crate::backend::{Backend, View, ViewMut};
+use crate::backend::ns_bf16::NS_NORM_SCRATCH_PER_MATRIX;
+use crate::backend::{AdamwPiece, Backend, NsBatch, Storage, View, ViewMut};
+use crate::bail;
 use crate::config::{ModelConfig, ParamKind};
 use crate::error::Result;
+use crate::plan::Precision;
 
 /// Scratch for one Muon update on a backend, allocated once for the largest matrix (nothing is allocated
 /// per step).
@@ -184,14 +196,133 @@ pub fn adamw_update_on<B: Backend>(
     be.adamw(param, grad, m, v, adamw_step(lr, t, h));
 }
 
-/// Muon + AdamW for a single rank, with all state and scratch on the backend.
+/// Matrix elements one batched Newton-Schulz call takes at most (a batch of same-shape matrices is split
+/// into calls of about equal size under this): bounds the bf16 path's scratch (the batch's f32 momentum
+/// updates, two bf16 iterates: 8 bytes an element, 512 MiB at this cap) whatever the model's depth.
+pub const NS_BATCH_MAX_ELEMS: usize = 1 << 26;
+
+/// What a `DeviceOptimizer` is built for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeviceOptions {
+    /// `Bf16`: Newton-Schulz in bf16 batched over same-shape matrices, and multi-tensor AdamW, both writing
+    /// the bf16 working copy when given one. `Fp32` / `Fp32Gpu`: today's f32 path, bit for bit.
+    pub precision: Precision,
+    /// The rank and world size whose segments (`ShardLayout`) this optimizer owns and updates.
+    pub rank: usize,
+    pub world_size: usize,
+    /// See `NS_BATCH_MAX_ELEMS` (tests lower it to force several calls per shape).
+    pub ns_batch_max_elems: usize,
+}
+
+impl Default for DeviceOptions {
+    fn default() -> Self {
+        DeviceOptions {
+            precision: Precision::Fp32,
+            rank: 0,
+            world_size: 1,
+            ns_batch_max_elems: NS_BATCH_MAX_ELEMS,
+        }
+    }
+}
+
+/// One batched Newton-Schulz call: same-shape Muon matrices (indices into the layout's segments, in
+/// canonical order).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NsGroup {
+    pub rows: usize,
+    pub cols: usize,
+    pub members: Vec<usize>,
+}
+
+/// The rank's Muon matrices grouped by shape (first appearance order), each group split into calls of at
+/// most `max_elems` elements (at least one matrix each), of about equal size.
+pub fn ns_groups(segments: &[Segment], max_elems: usize) -> Vec<NsGroup> {
+    let mut by_shape: Vec<NsGroup> = Vec::new();
+    for (i, seg) in segments.iter().enumerate() {
+        if seg.kind != ParamKind::Matrix {
+            continue;
+        }
+        match by_shape.iter_mut().find(|g| (g.rows, g.cols) == (seg.rows, seg.cols)) {
+            Some(g) => g.members.push(i),
+            None => by_shape.push(NsGroup {
+                rows: seg.rows,
+                cols: seg.cols,
+                members: vec![i],
+            }),
+        }
+    }
+    let mut calls = Vec::new();
+    for g in by_shape {
+        let per_call = (max_elems / (g.rows * g.cols).max(1)).max(1);
+        let n_calls = g.members.len().div_ceil(per_call);
+        let size = g.members.len().div_ceil(n_calls);
+        for chunk in g.members.chunks(size) {
+            calls.push(NsGroup {
+                rows: g.rows,
+                cols: g.cols,
+                members: chunk.to_vec(),
+            });
+        }
+    }
+    calls
+}
+
+/// The bf16 path's scratch, sized once for the largest call (nothing is allocated per step).
+struct Bf16Scratch<B: Backend> {
+    groups: Vec<NsGroup>,
+    /// The call's momentum updates, (batch, rows x cols) f32, back to back.
+    g: B::Buf,
+    /// The iterate and its ping-pong partner (Bf16).
+    x: B::Buf,
+    x_tmp: B::Buf,
+    /// A and b A + c A A per matrix (Bf16).
+    gram: B::Buf,
+    poly: B::Buf,
+    /// The norms' partial sums (f32 elements holding f64s on a device).
+    norms: B::Buf,
+}
+
+/// Elements of each bf16-path scratch buffer for these calls: (g, x, x_tmp, gram, poly, norms).
+fn bf16_scratch_lens(groups: &[NsGroup]) -> [usize; 6] {
+    let numel = groups
+        .iter()
+        .map(|g| g.members.len() * g.rows * g.cols)
+        .max()
+        .unwrap_or(0);
+    let gram = groups
+        .iter()
+        .map(|g| g.members.len() * g.rows.min(g.cols).pow(2))
+        .max()
+        .unwrap_or(0);
+    let batch = groups.iter().map(|g| g.members.len()).max().unwrap_or(0);
+    [numel, numel, numel, gram, gram, batch * NS_NORM_SCRATCH_PER_MATRIX]
+}
+
+/// Bytes of Muon scratch a device optimizer allocates on the rank that needs the most, at these options'
+/// precision (what the plan prices as "optimizer scratch"): the f32 path's five buffers, or the bf16 path's
+/// f32 updates and norms and bf16 iterates and Gram matrices.
+pub fn muon_scratch_bytes(model: &ModelConfig, world_size: usize, precision: Precision) -> usize {
+    match precision {
+        Precision::Fp32 | Precision::Fp32Gpu => 4 * ShardLayout::max_muon_scratch_elems(model, world_size),
+        Precision::Bf16 => (0..world_size)
+            .map(|r| {
+                let layout = ShardLayout::new(model, r, world_size);
+                let [g, x, xt, gram, poly, norms] = bf16_scratch_lens(&ns_groups(&layout.segments, NS_BATCH_MAX_ELEMS));
+                4 * (g + norms) + 2 * (x + xt + gram + poly)
+            })
+            .max()
+            .unwrap_or(0),
+    }
+}
+
+/// Muon + AdamW over the segments one rank owns, with all state and scratch on the backend.
 pub struct DeviceOptimizer<B: Backend> {
     pub config: OptimConfig,
-    /// Rank 0 of 1: every parameter, in canonical order (the host optimizer's segments and state layout).
+    /// The rank's segments in canonical order (the host optimizer's segments and state layout).
     layout: ShardLayout,
-    /// Every matrix's Muon momentum, back to back.
+    /// Every owned matrix's Muon momentum, back to back.
     momentum: B::Buf,
-    /// AdamW's first and second moments of wte and lm_head, back to back.
+    /// AdamW's first and second moments of the owned wte and lm_head rows, back to back.
     adam_m: B::Buf,
     adam_v: B::Buf,
     /// Per segment of `layout`: where its state starts in `momentum` (Muon) or in `adam_m` and `adam_v`
@@ -200,18 +331,42 @@ pub struct DeviceOptimizer<B: Backend> {
     /// Optimizer steps taken so far (AdamW's bias correction uses steps_taken + 1).
     steps_taken: u64,
     adam_scale: f32,
+    /// The f32 path's scratch (empty on the bf16 path).
     scratch: MuonScratch<B>,
+    /// The bf16 path's calls and scratch (None on the f32 path).
+    bf16: Option<Bf16Scratch<B>>,
 }
 
 impl<B: Backend> DeviceOptimizer<B> {
-    /// Elements of Muon's scratch this optimizer allocated.
+    /// Elements of Muon's scratch this optimizer allocated (the f32 path's).
     pub fn scratch_elements(&self) -> usize {
         self.scratch.elements()
     }
 
+    /// Bytes of Muon scratch this optimizer allocated, each buffer at its storage's size on a device.
+    pub fn scratch_bytes(&self) -> usize {
+        let bytes = |b: &B::Buf| B::buf_len(b) * B::storage(b).bytes_per_element();
+        let f32_path = 4 * self.scratch.elements();
+        let bf16_path = self.bf16.as_ref().map_or(0, |s| {
+            [&s.g, &s.x, &s.x_tmp, &s.gram, &s.poly, &s.norms]
+                .iter()
+                .map(|b| bytes(b))
+                .sum()
+        });
+        f32_path + bf16_path
+    }
+
+    /// Rank 0 of 1, the f32 path (today's optimizer).
     pub fn new(be: &B, model: &ModelConfig, config: OptimConfig) -> Result<Self> {
+        Self::with_options(be, model, config, DeviceOptions::default())
+    }
+
+    pub fn with_options(be: &B, model: &ModelConfig, config: OptimConfig, opts: DeviceOptions) -> Result<Self> {
         model.validate()?;
-        let layout = ShardLayout::new(model, 0, 1);
+        if opts.world_size == 0 || opts.rank >= opts.world_size {
+            bail!("rank {} is not in a world of size {}", opts.rank, opts.world_size);
+        }
+        let layout = ShardLayout::new(model, opts.rank, opts.world_size);
         let (mut muon_len, mut adam_len) = (0, 0);
         let device_offsets = layout
             .segments
@@ -226,12 +381,30 @@ impl<B: Backend> DeviceOptimizer<B> {
                 off
             })
             .collect();
-        let muon_shapes = layout
-            .segments
-            .iter()
-            .filter(|s| s.kind == ParamKind::Matrix)
-            .map(|s| (s.rows, s.cols));
-        let scratch = MuonScratch::for_shapes(be, muon_shapes);
+        let muon_shapes = || {
+            layout
+                .segments
+                .iter()
+                .filter(|s| s.kind == ParamKind::Matrix)
+                .map(|s| (s.rows, s.cols))
+        };
+        let (scratch, bf16) = match opts.precision {
+            Precision::Fp32 | Precision::Fp32Gpu => (MuonScratch::for_shapes(be, muon_shapes()), None),
+            Precision::Bf16 => {
+                let groups = ns_groups(&layout.segments, opts.ns_batch_max_elems);
+                let [g, x, x_tmp, gram, poly, norms] = bf16_scratch_lens(&groups);
+                let bf16 = Bf16Scratch {
+                    groups,
+                    g: be.alloc(g),
+                    x: be.alloc_as(x, Storage::Bf16),
+                    x_tmp: be.alloc_as(x_tmp, Storage::Bf16),
+                    gram: be.alloc_as(gram, Storage::Bf16),
+                    poly: be.alloc_as(poly, Storage::Bf16),
+                    norms: be.alloc(norms),
+                };
+                (MuonScratch::for_shapes(be, std::iter::empty()), Some(bf16))
+            }
+        };
         Ok(DeviceOptimizer {
             config,
             momentum: be.alloc(muon_len),
@@ -241,6 +414,7 @@ impl<B: Backend> DeviceOptimizer<B> {
             steps_taken: 0,
             adam_scale: adam_lr_scale(model.n_embd),
             scratch,
+            bf16,
             layout,
         })
     }
@@ -250,6 +424,15 @@ impl<B: Backend> DeviceOptimizer<B> {
     }
     pub fn steps_taken(&self) -> u64 {
         self.steps_taken
+    }
+    /// The bf16 path's batched Newton-Schulz calls (empty on the f32 path).
+    pub fn ns_groups(&self) -> &[NsGroup] {
+        self.bf16.as_ref().map_or(&[], |s| &s.groups)
+    }
+    /// Whether this optimizer updates every parameter (world size 1): then a step given the working copy
+    /// rewrites all of it, and the model's copy is current without `refresh_weights`.
+    pub fn owns_everything(&self) -> bool {
+        self.layout.world_size == 1
     }
 
     /// Clip the whole gradient to global norm `max_norm` in place; returns the norm before clipping.
@@ -268,15 +451,44 @@ impl<B: Backend> DeviceOptimizer<B> {
         norm
     }
 
-    /// One step on every parameter: `params` and `grads` are the model's whole contiguous buffers (grads
+    /// One step on every owned segment: `params` and `grads` are the model's whole contiguous buffers (grads
     /// already clipped). `lr_mult` is the schedule's multiplier, `momentum` Muon's mu.
     pub fn step(&mut self, be: &B, params: &mut B::Buf, grads: &B::Buf, lr_mult: f64, momentum: f32) {
+        self.step_writing(be, params, grads, None, lr_mult, momentum);
+    }
+
+    /// `step`, and given the model's bf16 working copy (the parameters' layout), every owned segment of it
+    /// rewritten as bf16(new master) by the update kernels themselves: no separate cast pass. With
+    /// `owns_everything` the whole copy is then current (the caller clears the model's stale flag, as
+    /// `Gpt::working_written` does); otherwise the ranks gather it as they gather the master.
+    pub fn step_writing(
+        &mut self,
+        be: &B,
+        params: &mut B::Buf,
+        grads: &B::Buf,
+        mut working: Option<&mut B::Buf>,
+        lr_mult: f64,
+        momentum: f32,
+    ) {
         assert_eq!(
             B::buf_len(params),
             B::buf_len(grads),
             "params and grads must be the same contiguous layout"
         );
+        if let Some(w) = working.as_deref() {
+            assert_eq!(
+                B::buf_len(w),
+                B::buf_len(params),
+                "the working copy has the parameters' layout"
+            );
+        }
         let t = self.steps_taken + 1;
+        if self.bf16.is_some() {
+            self.muon_bf16(be, params, grads, working.as_deref_mut(), lr_mult, momentum);
+            self.adamw_all(be, params, grads, working, lr_mult, t);
+            self.steps_taken = t;
+            return;
+        }
         for (seg, &off) in self.layout.segments.iter().zip(&self.device_offsets) {
             let lr = self.config.scheduled_lr(seg.kind, self.adam_scale, lr_mult);
             let p = ViewMut::at(params, seg.start, seg.len);
@@ -292,11 +504,99 @@ impl<B: Backend> DeviceOptimizer<B> {
                     adamw_update_on(be, p, g, m, v, lr, t, &self.config.adam);
                 }
             }
+            if let Some(w) = working.as_deref_mut() {
+                be.copy(View::at(params, seg.start, seg.len), ViewMut::at(w, seg.start, seg.len));
+            }
         }
         self.steps_taken = t;
     }
 
-    /// The state in the host `Optimizer`'s layout for rank 0 of 1 (what checkpoints hold).
+    /// Muon on the bf16 path: per call, every member's momentum into the call's update buffer, one batched
+    /// Newton-Schulz, then each member's apply (master and working copy).
+    fn muon_bf16(
+        &mut self,
+        be: &B,
+        params: &mut B::Buf,
+        grads: &B::Buf,
+        mut working: Option<&mut B::Buf>,
+        lr_mult: f64,
+        momentum: f32,
+    ) {
+        let s = self.bf16.as_mut().expect("the bf16 path has its scratch");
+        let lr = self.config.scheduled_lr(ParamKind::Matrix, self.adam_scale, lr_mult);
+        for group in &s.groups {
+            let n = group.rows * group.cols;
+            let batch = group.members.len();
+            for (b, &i) in group.members.iter().enumerate() {
+                let (seg, off) = (&self.layout.segments[i], self.device_offsets[i]);
+                be.muon_momentum(
+                    View::at(grads, seg.start, n),
+                    ViewMut::at(&mut self.momentum, off, n),
+                    ViewMut::at(&mut s.g, b * n, n),
+                    momentum,
+                );
+            }
+            let ns = NsBatch {
+                batch,
+                rows: group.rows,
+                cols: group.cols,
+                coeffs: NS_COEFFS,
+                steps: NS_STEPS,
+                eps: NS_EPS,
+            };
+            let sq = batch * ns.gram_numel();
+            be.newton_schulz_bf16(
+                &ns,
+                View::at(&s.g, 0, batch * n),
+                ViewMut::at(&mut s.x, 0, batch * n),
+                ViewMut::at(&mut s.x_tmp, 0, batch * n),
+                ViewMut::at(&mut s.gram, 0, sq),
+                ViewMut::at(&mut s.poly, 0, sq),
+                ViewMut::at(&mut s.norms, 0, batch * NS_NORM_SCRATCH_PER_MATRIX),
+            );
+            let a = -(lr * shape_scale(group.rows, group.cols));
+            for (b, &i) in group.members.iter().enumerate() {
+                let seg = &self.layout.segments[i];
+                let w = working.as_deref_mut().map(|w| ViewMut::at(w, seg.start, n));
+                be.muon_apply(View::at(&s.x, b * n, n), a, ViewMut::at(params, seg.start, n), w);
+            }
+        }
+    }
+
+    /// Every owned AdamW segment in one `adamw_multi` call (one launch on a device).
+    fn adamw_all(
+        &mut self,
+        be: &B,
+        params: &mut B::Buf,
+        grads: &B::Buf,
+        working: Option<&mut B::Buf>,
+        lr_mult: f64,
+        t: u64,
+    ) {
+        let pieces: Vec<AdamwPiece> = self
+            .layout
+            .segments
+            .iter()
+            .zip(&self.device_offsets)
+            .filter(|(seg, _)| seg.kind != ParamKind::Matrix)
+            .map(|(seg, &off)| AdamwPiece {
+                p_off: seg.start,
+                m_off: off,
+                working_off: seg.start,
+                len: seg.len,
+                step: adamw_step(
+                    self.config.scheduled_lr(seg.kind, self.adam_scale, lr_mult),
+                    t,
+                    &self.config.adam,
+                ),
+            })
+            .collect();
+        if !pieces.is_empty() {
+            be.adamw_multi(params, grads, &mut self.adam_m, &mut self.adam_v, working, &pieces);
+        }
+    }
+
+    /// The state in the host `Optimizer`'s layout for this rank (what checkpoints hold).
     pub fn state_to_host(&self, be: &B) -> Vec<f32> {
         let mut host = vec![0.0f32; self.layout.state_len];
         for (seg, &off) in self.layout.segments.iter().zip(&self.device_offsets) {
@@ -312,8 +612,8 @@ impl<B: Backend> DeviceOptimizer<B> {
         host
     }
 
-    /// Restore state in the host layout (a checkpoint's, or `state_to_host`'s) of the same model at world
-    /// size 1.
+    /// Restore state in the host layout (a checkpoint's, or `state_to_host`'s) of the same model, rank and
+    /// world size.
     pub fn restore(&mut self, be: &B, state: &[f32], steps_taken: u64) -> Result<()> {
         check_state_len(state.len(), self.layout.state_len)?;
         for (seg, &off) in self.layout.segments.iter().zip(&self.device_offsets) {

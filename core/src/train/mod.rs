@@ -27,7 +27,7 @@ use crate::data::loader::LoaderState;
 use crate::error::{NcError, Result};
 use crate::model::{Gpt, HostMirror};
 use crate::optim::clip::clip_grad_norm;
-use crate::optim::device::DeviceOptimizer;
+use crate::optim::device::{DeviceOptimizer, DeviceOptions};
 use crate::optim::schedule::{muon_momentum, LrSchedule};
 use crate::optim::shard::ShardLayout;
 use crate::optim::{OptimConfig, Optimizer};
@@ -290,8 +290,13 @@ impl<B: Backend> RankOptimizer<B> {
         if world != 1 {
             bail!("the device optimizer runs a single rank; --world-size {world} needs --backend cpu");
         }
-        Ok(RankOptimizer::Device(DeviceOptimizer::new(
-            &model.be, &model.cfg, config,
+        // bf16: batched bf16 Newton-Schulz and multi-tensor AdamW writing the working copy (optim::device)
+        let opts = DeviceOptions {
+            precision: model.precision,
+            ..DeviceOptions::default()
+        };
+        Ok(RankOptimizer::Device(DeviceOptimizer::with_options(
+            &model.be, &model.cfg, config, opts,
         )?))
     }
     /// Elements of the state in the host optimizer's layout (what a checkpoint holds for this rank).
@@ -765,11 +770,16 @@ fn train_rank<B: Backend>(
             }
             RankOptimizer::Device(opt) => {
                 // a single rank: its gradient is the synchronized one
-                let (be, params, grads) = model.backend_params_grads_mut();
+                let (be, params, grads, working) = model.backend_params_grads_working_mut();
+                let wrote_working = working.is_some() && opt.owns_everything();
                 let grad_norm = opt.clip(be, grads, cfg.grad_clip);
-                opt.step(be, params, grads, lr_mult, muon_momentum(step));
+                opt.step_writing(be, params, grads, working, lr_mult, muon_momentum(step));
                 // the step is queued work: wait for it, so dt (and tok/s, MFU) is this step's own time
                 be.synchronize();
+                if wrote_working {
+                    // the update kernels wrote the bf16 copy: refresh_weights below has nothing to cast
+                    model.working_written();
+                }
                 grad_norm
             }
         };

@@ -315,6 +315,26 @@ impl LtPlanner {
         c: u64,
         stream: *mut c_void,
     ) -> Result<()> {
+        self.run_cd(plan, alpha, a, b, beta, c, c, stream)
+    }
+
+    /// `run` with C read from one address and D written to another (same layout): D = alpha op(A) op(B) +
+    /// beta C. Newton-Schulz folds its polynomial into these (optim_bf16.rs).
+    ///
+    /// # Safety
+    /// As `run`, for C and D both.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn run_cd(
+        &self,
+        plan: &LtPlan,
+        alpha: f32,
+        a: u64,
+        b: u64,
+        beta: f32,
+        c: u64,
+        d: u64,
+        stream: *mut c_void,
+    ) -> Result<()> {
         let status = (self.lib.matmul)(
             self.handle,
             plan.desc,
@@ -326,7 +346,7 @@ impl LtPlanner {
             &beta as *const f32 as _,
             c as *const c_void,
             plan.c,
-            c as *mut c_void,
+            d as *mut c_void,
             plan.c,
             &plan.algo,
             self.workspace.addr() as *mut c_void,

@@ -35,7 +35,7 @@ impl Kernels {
         Kernels { functions }
     }
 
-    fn get(&self, kernel: Kernel) -> &CudaFunction {
+    pub(super) fn get(&self, kernel: Kernel) -> &CudaFunction {
         // 20 entries: a linear search costs nothing next to a launch.
         self.functions
             .iter()

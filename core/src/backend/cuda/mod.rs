@@ -30,6 +30,7 @@ mod flash;
 mod launch;
 mod libs;
 mod memory;
+mod optim_bf16;
 
 pub use device::{device_count, driver_present};
 pub use flash::{flash_backward_launches, flash_forward_launch, FlashBackwardPtrs, FlashForwardPtrs, FlashLaunch};
@@ -802,6 +803,33 @@ impl Backend for CudaBackend {
             Arg::F32(mu),
         ];
         self.elementwise(nc_kernels::MUON_MOMENTUM, n, &args);
+    }
+    // The bf16 optimizer ops: optim_bf16.rs.
+    fn newton_schulz_bf16(
+        &self,
+        ns: &super::NsBatch,
+        g: View<'_, Self>,
+        x: ViewMut<'_, Self>,
+        x_tmp: ViewMut<'_, Self>,
+        gram: ViewMut<'_, Self>,
+        poly: ViewMut<'_, Self>,
+        norms: ViewMut<'_, Self>,
+    ) {
+        self.newton_schulz_bf16_device(ns, g, x, x_tmp, gram, poly, norms)
+    }
+    fn muon_apply(&self, x: View<'_, Self>, a: f32, p: ViewMut<'_, Self>, p_bf16: Option<ViewMut<'_, Self>>) {
+        self.muon_apply_device(x, a, p, p_bf16)
+    }
+    fn adamw_multi(
+        &self,
+        p: &mut CudaBuf,
+        g: &CudaBuf,
+        m: &mut CudaBuf,
+        v: &mut CudaBuf,
+        working: Option<&mut CudaBuf>,
+        pieces: &[super::AdamwPiece],
+    ) {
+        self.adamw_multi_device(p, g, m, v, working, pieces)
     }
     fn adamw(&self, p: ViewMut<'_, Self>, g: View<'_, Self>, m: ViewMut<'_, Self>, v: ViewMut<'_, Self>, h: AdamwStep) {
         let n = p.len;

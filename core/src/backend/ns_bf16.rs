@@ -197,12 +197,13 @@ mod tests {
     /// The epilogue's rounding point: the f32 sum first, one rounding to bf16 after.
     #[test]
     fn epilogue_rounds_once_after_the_f32_sum() {
-        // 1 + 2^-9 + 2^-9: rounding each term would give 1 (ties to even), the sum first gives 1 + 2^-8.
-        let acc = [1.0f32 + 2f32.powi(-9)];
+        // bf16's ulp at 1 is 2^-7. acc = 1 + 3 2^-10 alone rounds to 1; acc + 2^-9 = 1 + 5 2^-10 is past the
+        // midpoint 1 + 2^-8, so the sum rounded once is 1 + 2^-7 (rounding acc first would give 1 again).
+        let acc = [1.0f32 + 3.0 * 2f32.powi(-10)];
         let c = [2f32.powi(-9)];
         let mut d = [0.0f32];
         epilogue(&acc, 1.0, Some((1.0, &c)), &mut d);
-        assert_eq!(d[0], 1.0 + 2f32.powi(-8));
+        assert_eq!(d[0], 1.0 + 2f32.powi(-7));
         epilogue(&acc, 1.0, None, &mut d);
         assert_eq!(d[0], 1.0);
     }

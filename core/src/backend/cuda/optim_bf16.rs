@@ -156,7 +156,7 @@ impl CudaBackend {
         let (gram_addr, poly_addr) = (self.addr_any(gram.view()), self.addr_any(poly.view()));
 
         // 1-2. X = bf16(G / (||G|| + eps)), into the buffer the last iteration's ping-pong ends in `x` from.
-        let (mut cur, mut other) = if ns.steps.is_multiple_of(2) {
+        let (cur, other) = if ns.steps.is_multiple_of(2) {
             (x_addr, tmp_addr)
         } else {
             (tmp_addr, x_addr)
@@ -179,6 +179,51 @@ impl CudaBackend {
         self.launch(nc_kernels::NS_NORMALIZE_BF16, dims, &norm_args);
 
         // 3. The iteration: GEMMs only.
+        let last = self.ns_iterations(ns, cur, other, gram_addr, poly_addr);
+        debug_assert_eq!(last, x_addr, "the last iteration lands in x");
+    }
+
+    /// Newton-Schulz's iterations alone (the GEMMs, no norm): `ns.steps` iterations from the bf16 iterate in
+    /// `x`, ping-ponging with `x_tmp`. For benchmarks (benches/benches/ns_bf16.rs times the whole
+    /// `newton_schulz_bf16` against this, its GEMMs alone); returns nothing useful to a caller otherwise.
+    pub fn newton_schulz_gemms_bf16(
+        &self,
+        ns: &NsBatch,
+        x: ViewMut<'_, Self>,
+        x_tmp: ViewMut<'_, Self>,
+        gram: ViewMut<'_, Self>,
+        poly: ViewMut<'_, Self>,
+    ) {
+        let (n_el, sq, batch) = (ns.numel(), ns.gram_numel(), ns.batch);
+        for (what, have, want) in [
+            ("x", x.len, batch * n_el),
+            ("x_tmp", x_tmp.len, batch * n_el),
+            ("gram", gram.len, batch * sq),
+            ("poly", poly.len, batch * sq),
+        ] {
+            super::need(&format!("newton_schulz_gemms_bf16 {what}"), have, want);
+        }
+        for s in [x.buf.storage, x_tmp.buf.storage, gram.buf.storage, poly.buf.storage] {
+            assert!(
+                s == Storage::Bf16,
+                "CUDA newton_schulz_gemms_bf16: every buffer must be Bf16"
+            );
+        }
+        if batch > 0 && n_el > 0 {
+            let (x_addr, tmp_addr) = (self.addr_any(x.view()), self.addr_any(x_tmp.view()));
+            self.ns_iterations(
+                ns,
+                x_addr,
+                tmp_addr,
+                self.addr_any(gram.view()),
+                self.addr_any(poly.view()),
+            );
+        }
+    }
+
+    /// The iterations from the iterate at `cur` (the other at `other`); returns where the last one landed.
+    fn ns_iterations(&self, ns: &NsBatch, mut cur: u64, mut other: u64, gram_addr: u64, poly_addr: u64) -> u64 {
+        let (n_el, sq, batch) = (ns.numel(), ns.gram_numel(), ns.batch);
         let (rows, cols, short) = (ns.rows, ns.cols, ns.short());
         let (ca, cb, cc) = ns.coeffs;
         let gram_op = Operand {
@@ -257,7 +302,7 @@ impl CudaBackend {
             }
             std::mem::swap(&mut cur, &mut other);
         }
-        debug_assert_eq!(cur, x_addr, "the last iteration lands in x");
+        cur
     }
 
     /// `Backend::muon_apply`: `MUON_APPLY_BF16` (p = a x + p in f32, then the working copy) for a Bf16 x and

@@ -47,6 +47,19 @@ struct Operand {
     stride: usize,
 }
 
+/// The alignment every matrix of a batch has: the first one's, and what the stride between them keeps of
+/// it (an odd element count would misalign every other bf16 matrix).
+fn batch_alignment(op: Operand, batch: usize) -> u32 {
+    let first = blas_lt::alignment(op.addr);
+    if batch > 1 {
+        first.min(blas_lt::alignment(
+            (op.stride * Storage::Bf16.bytes_per_element()) as u64,
+        ))
+    } else {
+        first
+    }
+}
+
 impl CudaBackend {
     /// D = alpha op(A) op(B) + beta C over `batch` matrices, all bf16, f32 compute, on cuBLASLt with the
     /// backend's plan cache. C is read only when beta != 0 (it may be D itself, or another buffer).
@@ -78,9 +91,9 @@ impl CudaBackend {
             stride_a: a.stride,
             stride_b: b.stride,
             stride_c: c.stride,
-            align_a: blas_lt::alignment(a.addr),
-            align_b: blas_lt::alignment(b.addr),
-            align_c: blas_lt::alignment(c.addr).min(blas_lt::alignment(d)),
+            align_a: batch_alignment(a, batch),
+            align_b: batch_alignment(b, batch),
+            align_c: batch_alignment(c, batch).min(batch_alignment(Operand { addr: d, ..c }, batch)),
         };
         self.bind();
         let mut lt = self.lt.lock();

@@ -67,6 +67,9 @@ impl Backend for DeviceLikeCpu {
     fn alloc_as(&self, len: usize, storage: Storage) -> CpuBuf {
         self.0.alloc_as(len, storage)
     }
+    fn try_alloc_as(&self, len: usize, storage: Storage) -> crate::error::Result<CpuBuf> {
+        self.0.try_alloc_as(len, storage)
+    }
     fn storage(buf: &CpuBuf) -> Storage {
         CpuBackend::storage(buf)
     }
@@ -161,6 +164,38 @@ impl Backend for DeviceLikeCpu {
     ) {
         self.0
             .rotary_backward(vm(dx), batch, t, heads, head_dim, pos0, v(table))
+    }
+    fn rotary_qknorm_forward(
+        &self,
+        x: ViewMut<'_, Self>,
+        batch: usize,
+        t: usize,
+        heads: usize,
+        head_dim: usize,
+        pos0: usize,
+        table: View<'_, Self>,
+        eps: f32,
+        y: ViewMut<'_, Self>,
+        rstd: ViewMut<'_, Self>,
+    ) {
+        self.0
+            .rotary_qknorm_forward(vm(x), batch, t, heads, head_dim, pos0, v(table), eps, vm(y), vm(rstd))
+    }
+    fn rotary_qknorm_backward(
+        &self,
+        y: View<'_, Self>,
+        rstd: View<'_, Self>,
+        dy: View<'_, Self>,
+        batch: usize,
+        t: usize,
+        heads: usize,
+        head_dim: usize,
+        pos0: usize,
+        table: View<'_, Self>,
+        dx: ViewMut<'_, Self>,
+    ) {
+        self.0
+            .rotary_qknorm_backward(v(y), v(rstd), v(dy), batch, t, heads, head_dim, pos0, v(table), vm(dx))
     }
     fn attention_forward(
         &self,

@@ -209,6 +209,12 @@ pub trait Backend {
         let _ = storage;
         self.alloc(len)
     }
+    /// `alloc_as`, or an error carrying the allocator's out-of-memory report where memory can run out (a
+    /// device). Model construction allocates through this, so a model that does not fit is an `NcError`, not
+    /// a panic. The default cannot fail (host memory: an allocation failure aborts the process anyway).
+    fn try_alloc_as(&self, len: usize, storage: Storage) -> crate::error::Result<Self::Buf> {
+        Ok(self.alloc_as(len, storage))
+    }
     /// How `buf` stores its elements.
     fn storage(buf: &Self::Buf) -> Storage {
         let _ = buf;
@@ -300,6 +306,51 @@ pub trait Backend {
         pos0: usize,
         table: View<'_, Self>,
     );
+
+    /// Rotary then QK-norm, fused: y = rmsnorm(rotary(x)) over each head (rows = batch t heads of
+    /// `head_dim`), rstd per (row, head). x (B, T, heads, D) is the projection's output and serves as scratch:
+    /// its contents afterwards are unspecified (the default rotates it in place). The rotated value is an
+    /// intermediate: a backend with narrow storage keeps it in f32 and rounds only y (the CUDA kernel and the
+    /// CPU twin do); the default, two calls, rounds it into x when x is Bf16.
+    #[allow(clippy::too_many_arguments)]
+    fn rotary_qknorm_forward(
+        &self,
+        mut x: ViewMut<'_, Self>,
+        batch: usize,
+        t: usize,
+        heads: usize,
+        head_dim: usize,
+        pos0: usize,
+        table: View<'_, Self>,
+        eps: f32,
+        y: ViewMut<'_, Self>,
+        rstd: ViewMut<'_, Self>,
+    ) {
+        let len = x.len;
+        self.rotary_forward(x.sub(0, len), batch, t, heads, head_dim, pos0, table);
+        self.rmsnorm_forward(x.view(), batch * t * heads, head_dim, eps, y, rstd);
+    }
+    /// Backward of `rotary_qknorm_forward` from its saved y and rstd: dx (written, not added) = the
+    /// transpose rotation of the norm's input gradient. That gradient is an intermediate too (f32 on a
+    /// backend with narrow storage; the default, two calls, rounds it into dx when dx is Bf16).
+    #[allow(clippy::too_many_arguments)]
+    fn rotary_qknorm_backward(
+        &self,
+        y: View<'_, Self>,
+        rstd: View<'_, Self>,
+        dy: View<'_, Self>,
+        batch: usize,
+        t: usize,
+        heads: usize,
+        head_dim: usize,
+        pos0: usize,
+        table: View<'_, Self>,
+        mut dx: ViewMut<'_, Self>,
+    ) {
+        let len = dx.len;
+        self.rmsnorm_backward(y, rstd, dy, batch * t * heads, head_dim, dx.sub(0, len), false);
+        self.rotary_backward(dx, batch, t, heads, head_dim, pos0, table);
+    }
 
     /// Causal softmax attention with GQA (see `AttnShape`), scale 1/sqrt(D). Writes out (B, Tq, H, D) and
     /// lse (B, H, Tq), the log-sum-exp of each row's scaled scores (the backward recomputes from it).

@@ -2,6 +2,7 @@
 
 use super::{all, all_mut, gemm_input, norm, BlockParams, GradScratch, LayerActs, LayerShapes};
 use crate::backend::{AttnShape, Backend, View, ViewMut};
+use crate::config::RMSNORM_EPS;
 
 fn shape(s: &LayerShapes, batch: usize, t: usize) -> AttnShape {
     AttnShape::causal(batch, t, s.n_head, s.n_kv_head, s.head_dim)
@@ -57,22 +58,28 @@ pub fn forward<B: Backend>(
         all_mut(&mut a.v),
         false,
     );
-    be.rotary_forward(all_mut(&mut scr.dq), batch, t, s.n_head, hd, 0, all(rope));
-    be.rotary_forward(all_mut(&mut scr.dk), batch, t, s.n_kv_head, hd, 0, all(rope));
-    // QK-norm: rmsnorm over the head dim, after rotary.
-    norm::forward(
-        be,
-        all(&scr.dq),
-        n * s.n_head,
+    // Rotary, then QK-norm (rmsnorm over the head dim), as one fused op: the rotated value is not stored.
+    be.rotary_qknorm_forward(
+        all_mut(&mut scr.dq),
+        batch,
+        t,
+        s.n_head,
         hd,
+        0,
+        all(rope),
+        RMSNORM_EPS,
         all_mut(&mut a.q),
         all_mut(&mut a.rstd_q),
     );
-    norm::forward(
-        be,
-        all(&scr.dk),
-        n * s.n_kv_head,
+    be.rotary_qknorm_forward(
+        all_mut(&mut scr.dk),
+        batch,
+        t,
+        s.n_kv_head,
         hd,
+        0,
+        all(rope),
+        RMSNORM_EPS,
         all_mut(&mut a.k),
         all_mut(&mut a.rstd_k),
     );
@@ -152,28 +159,31 @@ pub fn backward<B: Backend>(
         all_mut(&mut scr.dkn),
         all_mut(&mut scr.dv),
     );
-    norm::backward(
-        be,
+    // Through QK-norm and rotary (fused, the mirror of the forward): dq, dk are the projections' grads.
+    be.rotary_qknorm_backward(
         all(&a.q),
         all(&a.rstd_q),
         all(&scr.dqn),
-        n * s.n_head,
+        batch,
+        t,
+        s.n_head,
         hd,
+        0,
+        all(rope),
         all_mut(&mut scr.dq),
-        false,
     );
-    norm::backward(
-        be,
+    be.rotary_qknorm_backward(
         all(&a.k),
         all(&a.rstd_k),
         all(&scr.dkn),
-        n * s.n_kv_head,
+        batch,
+        t,
+        s.n_kv_head,
         hd,
+        0,
+        all(rope),
         all_mut(&mut scr.dk),
-        false,
     );
-    be.rotary_backward(all_mut(&mut scr.dq), batch, t, s.n_head, hd, 0, all(rope));
-    be.rotary_backward(all_mut(&mut scr.dk), batch, t, s.n_kv_head, hd, 0, all(rope));
     // q, k, v projections: dW += dout^T xn1; dxn = sum of dout W.
     be.matmul(
         qd,

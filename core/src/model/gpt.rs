@@ -14,7 +14,7 @@ use super::{
     BlockParams, GradScratch, LayerActs, LayerShapes, LossChunks, Recompute, Storages,
 };
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{Backend, View, ViewMut};
+use crate::backend::{Backend, Storage, View, ViewMut};
 use crate::bail;
 use crate::config::{ModelConfig, ParamSpec};
 use crate::error::{NcError, Result};
@@ -124,47 +124,53 @@ impl<B: Backend> Gpt<B> {
         let s = LayerShapes::new(&cfg, n);
         let d = cfg.n_embd;
         let nparams = cfg.num_params() as usize;
-        let mut rope = be.alloc(2 * cfg.sequence_len * (cfg.head_dim / 2));
+        // Every buffer through try_alloc_as: a model that does not fit is an error with the allocator's report.
+        let alloc = |len: usize, storage: Storage| be.try_alloc_as(len, storage);
+        let mut rope = alloc(2 * cfg.sequence_len * (cfg.head_dim / 2), Storage::F32)?;
         be.upload(all_mut(&mut rope), &init::rotary_table(cfg.sequence_len, cfg.head_dim));
         let full = policy == Recompute::Full;
         let casts = st.has_casts();
         let model = Gpt {
-            params: be.alloc(nparams),
-            working: be.alloc_as(if casts { nparams } else { 0 }, st.weights),
+            params: alloc(nparams, Storage::F32)?,
+            working: alloc(if casts { nparams } else { 0 }, st.weights)?,
             working_stale: true,
-            grads: be.alloc(nparams),
+            grads: alloc(nparams, Storage::F32)?,
             rope,
             ids: be.alloc_ids(n),
             targets: be.alloc_ids(n),
             ids_host: vec![0; n],
             targets_host: vec![0; n],
             losses_host: vec![0.0; n],
-            x0: be.alloc_as(n * d, st.saved),
-            rstd0: be.alloc_as(n, st.stats),
-            resid: be.alloc_as(n * d, st.stream),
+            x0: alloc(n * d, st.saved)?,
+            rstd0: alloc(n, st.stats)?,
+            resid: alloc(n * d, st.stream)?,
             layer_in: if full {
-                (0..cfg.n_layer).map(|_| be.alloc_as(n * d, st.stream)).collect()
+                (0..cfg.n_layer)
+                    .map(|_| alloc(n * d, st.stream))
+                    .collect::<Result<_>>()?
             } else {
                 Vec::new()
             },
-            resid_tmp: be.alloc_as(if full { n * d } else { 0 }, st.stream),
-            acts: (0..layout.layer_sets).map(|_| LayerActs::new(&be, &s, &st)).collect(),
+            resid_tmp: alloc(if full { n * d } else { 0 }, st.stream)?,
+            acts: (0..layout.layer_sets)
+                .map(|_| LayerActs::new(&be, &s, &st))
+                .collect::<Result<_>>()?,
             mlp_hidden: (0..layout.hidden_sets)
-                .map(|_| be.alloc_as(n * s.ff, st.saved))
-                .collect(),
-            xf: be.alloc_as(n * d, st.saved),
-            rstdf: be.alloc_as(n, st.stats),
-            scratch: GradScratch::new(&be, &s, &st),
-            logits_ws: be.alloc_as(layout.loss_chunk_rows * cfg.vocab_size, st.stats),
-            dlogits_cast: be.alloc_as(
+                .map(|_| alloc(n * s.ff, st.saved))
+                .collect::<Result<_>>()?,
+            xf: alloc(n * d, st.saved)?,
+            rstdf: alloc(n, st.stats)?,
+            scratch: GradScratch::new(&be, &s, &st)?,
+            logits_ws: alloc(layout.loss_chunk_rows * cfg.vocab_size, st.stats)?,
+            dlogits_cast: alloc(
                 if casts {
                     layout.loss_chunk_rows * cfg.vocab_size
                 } else {
                     0
                 },
                 st.grad_scratch,
-            ),
-            losses: be.alloc_as(n, st.stats),
+            )?,
+            losses: alloc(n, st.stats)?,
             specs,
             blocks,
             wte_off,

@@ -290,23 +290,24 @@ pub struct LayerActs<B: Backend> {
 }
 
 impl<B: Backend> LayerActs<B> {
-    pub fn new(be: &B, s: &LayerShapes, st: &Storages) -> Self {
+    /// Allocates one set; a backend out of memory is an error carrying its report.
+    pub fn new(be: &B, s: &LayerShapes, st: &Storages) -> crate::error::Result<Self> {
         let n = s.n;
         let (saved, stats) = (st.saved, st.stats);
-        LayerActs {
-            xn1: be.alloc_as(n * s.d, saved),
-            rstd1: be.alloc_as(n, stats),
-            q: be.alloc_as(n * s.qd, saved),
-            rstd_q: be.alloc_as(n * s.n_head, stats),
-            k: be.alloc_as(n * s.kvd, saved),
-            rstd_k: be.alloc_as(n * s.n_kv_head, stats),
-            v: be.alloc_as(n * s.kvd, saved),
-            y: be.alloc_as(n * s.qd, saved),
-            lse: be.alloc_as(n * s.n_head, stats),
-            xn2: be.alloc_as(n * s.d, saved),
-            rstd2: be.alloc_as(n, stats),
-            u: be.alloc_as(n * s.ff, saved),
-        }
+        Ok(LayerActs {
+            xn1: be.try_alloc_as(n * s.d, saved)?,
+            rstd1: be.try_alloc_as(n, stats)?,
+            q: be.try_alloc_as(n * s.qd, saved)?,
+            rstd_q: be.try_alloc_as(n * s.n_head, stats)?,
+            k: be.try_alloc_as(n * s.kvd, saved)?,
+            rstd_k: be.try_alloc_as(n * s.n_kv_head, stats)?,
+            v: be.try_alloc_as(n * s.kvd, saved)?,
+            y: be.try_alloc_as(n * s.qd, saved)?,
+            lse: be.try_alloc_as(n * s.n_head, stats)?,
+            xn2: be.try_alloc_as(n * s.d, saved)?,
+            rstd2: be.try_alloc_as(n, stats)?,
+            u: be.try_alloc_as(n * s.ff, saved)?,
+        })
     }
     /// Every buffer, for the allocation accounting.
     pub fn buffers(&self) -> [&B::Buf; 12] {
@@ -349,21 +350,22 @@ pub struct GradScratch<B: Backend> {
 }
 
 impl<B: Backend> GradScratch<B> {
-    pub fn new(be: &B, s: &LayerShapes, st: &Storages) -> Self {
+    /// Allocates the set; a backend out of memory is an error carrying its report.
+    pub fn new(be: &B, s: &LayerShapes, st: &Storages) -> crate::error::Result<Self> {
         let n = s.n;
         let g = st.grad_scratch;
-        GradScratch {
-            dresid: be.alloc_as(n * s.d, st.stream),
-            dxn: be.alloc_as(n * s.d, g),
-            dq: be.alloc_as(n * s.qd, g),
-            dk: be.alloc_as(n * s.kvd, g),
-            dv: be.alloc_as(n * s.kvd, g),
-            dy: be.alloc_as(n * s.qd, g),
-            dqn: be.alloc_as(n * s.qd, g),
-            dkn: be.alloc_as(n * s.kvd, g),
-            du: be.alloc_as(n * s.ff, g),
-            dresid_cast: be.alloc_as(if st.has_casts() { n * s.d } else { 0 }, g),
-        }
+        Ok(GradScratch {
+            dresid: be.try_alloc_as(n * s.d, st.stream)?,
+            dxn: be.try_alloc_as(n * s.d, g)?,
+            dq: be.try_alloc_as(n * s.qd, g)?,
+            dk: be.try_alloc_as(n * s.kvd, g)?,
+            dv: be.try_alloc_as(n * s.kvd, g)?,
+            dy: be.try_alloc_as(n * s.qd, g)?,
+            dqn: be.try_alloc_as(n * s.qd, g)?,
+            dkn: be.try_alloc_as(n * s.kvd, g)?,
+            du: be.try_alloc_as(n * s.ff, g)?,
+            dresid_cast: be.try_alloc_as(if st.has_casts() { n * s.d } else { 0 }, g)?,
+        })
     }
     /// Every buffer, for the allocation accounting.
     pub fn buffers(&self) -> [&B::Buf; 10] {

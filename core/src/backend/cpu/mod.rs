@@ -215,6 +215,61 @@ impl Backend for CpuBackend {
         store(dx);
     }
 
+    /// The twin of the CUDA kernel (rotary_qknorm.cu): the rotated value stays f32 between the two steps and
+    /// only y rounds. With an F32 x this is the trait's two calls exactly (x rotated in place, nothing rounds).
+    fn rotary_qknorm_forward(
+        &self,
+        mut x: ViewMut<'_, Self>,
+        batch: usize,
+        t: usize,
+        heads: usize,
+        head_dim: usize,
+        pos0: usize,
+        table: View<'_, Self>,
+        eps: f32,
+        mut y: ViewMut<'_, Self>,
+        mut rstd: ViewMut<'_, Self>,
+    ) {
+        let rows = batch * t * heads;
+        let rotated_copy;
+        let rotated: &[f32] = match x.buf.1 {
+            Storage::F32 => {
+                norm::rotary(out(&mut x), batch, t, heads, head_dim, pos0, sl(table), false);
+                sl(x.view())
+            }
+            // A Bf16 x must keep bf16 values, so the f32 rotation goes to a temporary.
+            Storage::Bf16 => {
+                let mut r = sl(x.view()).to_vec();
+                norm::rotary(&mut r, batch, t, heads, head_dim, pos0, sl(table), false);
+                rotated_copy = r;
+                &rotated_copy
+            }
+        };
+        norm::rmsnorm_forward(rotated, rows, head_dim, eps, out(&mut y), out(&mut rstd));
+        store(y);
+        store(rstd);
+    }
+    /// The twin of the CUDA kernel: the norm's input gradient stays f32 through the transpose rotation and dx
+    /// rounds once. With an F32 dx this is the trait's two calls exactly.
+    fn rotary_qknorm_backward(
+        &self,
+        y: View<'_, Self>,
+        rstd: View<'_, Self>,
+        dy: View<'_, Self>,
+        batch: usize,
+        t: usize,
+        heads: usize,
+        head_dim: usize,
+        pos0: usize,
+        table: View<'_, Self>,
+        mut dx: ViewMut<'_, Self>,
+    ) {
+        let g = out(&mut dx);
+        norm::rmsnorm_backward(sl(y), sl(rstd), sl(dy), batch * t * heads, head_dim, g, false);
+        norm::rotary(g, batch, t, heads, head_dim, pos0, sl(table), true);
+        store(dx);
+    }
+
     fn attention_forward(
         &self,
         shape: AttnShape,

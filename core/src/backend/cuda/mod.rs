@@ -30,6 +30,7 @@ mod flash;
 mod launch;
 mod libs;
 mod memory;
+mod ops_bf16;
 mod optim_bf16;
 
 pub use device::{device_count, driver_present};
@@ -54,10 +55,12 @@ pub struct CudaBuf {
     storage: Storage,
 }
 
-/// i32 token ids in device memory (same layout rule as `CudaBuf`).
+/// i32 token ids in device memory (same layout rule as `CudaBuf`), and the host copy of what was uploaded,
+/// from which the deterministic embedding backward builds its inverse index (ops_bf16.rs).
 pub struct CudaIds {
     mem: Block<CudaSource>,
     len: usize,
+    host: Vec<i32>,
 }
 
 impl CudaBuf {
@@ -181,17 +184,7 @@ impl CudaBackend {
 
     /// A zero-filled f32 buffer, or the allocator's out-of-memory report as an error.
     pub fn try_alloc(&self, len: usize) -> crate::error::Result<CudaBuf> {
-        self.try_alloc_as(len, Storage::F32)
-    }
-
-    /// A zero-filled buffer stored as `storage`, or the allocator's out-of-memory report as an error.
-    pub fn try_alloc_as(&self, len: usize, storage: Storage) -> crate::error::Result<CudaBuf> {
-        let what = match storage {
-            Storage::F32 => "an f32 buffer",
-            Storage::Bf16 => "a bf16 buffer",
-        };
-        let mem = self.zeroed_block(len, storage.bytes_per_element(), what)?;
-        Ok(CudaBuf { mem, len, storage })
+        Backend::try_alloc_as(self, len, Storage::F32)
     }
 
     /// `Backend::matmul` with a Bf16 operand, on cuBLASLt: f32 accumulation, the output rounded to bf16
@@ -292,7 +285,11 @@ impl Backend for CudaBackend {
         let mem = self
             .zeroed_block(len, I32_BYTES, "token ids")
             .unwrap_or_else(|e| panic!("{e}"));
-        CudaIds { mem, len }
+        CudaIds {
+            mem,
+            len,
+            host: vec![0; len],
+        }
     }
     fn buf_len(buf: &CudaBuf) -> usize {
         buf.len
@@ -300,6 +297,15 @@ impl Backend for CudaBackend {
     fn alloc_as(&self, len: usize, storage: Storage) -> CudaBuf {
         self.try_alloc_as(len, storage)
             .unwrap_or_else(|e| panic!("{e}\n(the plan should have caught this before the model was built)"))
+    }
+    /// A zero-filled buffer stored as `storage`, or the caching allocator's out-of-memory report as an error.
+    fn try_alloc_as(&self, len: usize, storage: Storage) -> crate::error::Result<CudaBuf> {
+        let what = match storage {
+            Storage::F32 => "an f32 buffer",
+            Storage::Bf16 => "a bf16 buffer",
+        };
+        let mem = self.zeroed_block(len, storage.bytes_per_element(), what)?;
+        Ok(CudaBuf { mem, len, storage })
     }
     fn storage(buf: &CudaBuf) -> Storage {
         buf.storage
@@ -366,8 +372,12 @@ impl Backend for CudaBackend {
         // SAFETY: the block holds dst.len >= src.len() ids.
         unsafe { driver::memcpy_htod_async(dst.mem.addr(), src, self.stream.cu_stream()) }
             .expect("CUDA upload_ids: host-to-device copy failed");
+        dst.host[..src.len()].copy_from_slice(src);
     }
     fn fill(&self, dst: ViewMut<'_, Self>, value: f32) {
+        if dst.buf.storage == Storage::Bf16 {
+            return self.fill_bf16(dst, value);
+        }
         let n = dst.len;
         let x = self.ptr_mut(dst);
         self.elementwise(nc_kernels::FILL, n, &[x, count(n), Arg::F32(value)]);
@@ -418,9 +428,11 @@ impl Backend for CudaBackend {
             }
             return;
         }
-        let storages = (a.buf.storage, b.buf.storage, c.buf.storage);
-        if storages != (Storage::F32, Storage::F32, Storage::F32) {
-            return self.matmul_lt(m, n, k, a, a_t, b, b_t, c, accumulate);
+        match (a.buf.storage, b.buf.storage, c.buf.storage) {
+            (Storage::F32, Storage::F32, Storage::F32) => {}
+            (Storage::Bf16, Storage::Bf16, _) => return self.matmul_lt(m, n, k, a, a_t, b, b_t, c, accumulate),
+            // cuBLASLt has no mixed-input kernel: the bf16 layout never makes one (ops_bf16.rs).
+            _ => return self.matmul_widened(m, n, k, a, a_t, b, b_t, c, accumulate),
         }
         let call = blas::sgemm_call(m, n, k, a_t, b_t, accumulate);
         let (first, second, out) = (self.addr(b), self.addr(a), self.addr_mut(c));
@@ -436,6 +448,9 @@ impl Backend for CudaBackend {
         if n == 0 || d == 0 {
             return;
         }
+        if wte.buf.storage == Storage::Bf16 || out.buf.storage == Storage::Bf16 {
+            return self.embedding_forward_bf16(ids, n, wte, d, out);
+        }
         let args = [
             self.ids_ptr(ids, 0, n),
             self.ptr(wte),
@@ -450,14 +465,8 @@ impl Backend for CudaBackend {
         if n == 0 || d == 0 {
             return;
         }
-        let args = [
-            self.ids_ptr(ids, 0, n),
-            self.ptr(dout),
-            self.ptr_mut(dwte),
-            int(n, "tokens"),
-            int(d, "d"),
-        ];
-        self.launch(nc_kernels::EMBEDDING_BACKWARD, one_block_per_row(n), &args);
+        // Deterministic on every storage (no float atomics): the sorted kernels, in the CPU's order.
+        self.embedding_backward_sorted(ids, n, dout, d, dwte);
     }
 
     fn rmsnorm_forward(
@@ -474,6 +483,9 @@ impl Backend for CudaBackend {
         need("rmsnorm_forward rstd", rstd.len, rows);
         if rows == 0 {
             return;
+        }
+        if [x.buf.storage, y.buf.storage, rstd.buf.storage].contains(&Storage::Bf16) {
+            return self.rmsnorm_forward_bf16(x, rows, dim, eps, y, rstd);
         }
         let args = [
             self.ptr(x),
@@ -502,6 +514,9 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return;
         }
+        if [y.buf.storage, rstd.buf.storage, dy.buf.storage, dx.buf.storage].contains(&Storage::Bf16) {
+            return self.rmsnorm_backward_bf16(y, rstd, dy, rows, dim, dx, accumulate);
+        }
         let args = [
             self.ptr(y),
             self.ptr(rstd),
@@ -524,6 +539,9 @@ impl Backend for CudaBackend {
         pos0: usize,
         table: View<'_, Self>,
     ) {
+        if x.buf.storage == Storage::Bf16 {
+            return self.rotary_widened(x, batch, t, heads, head_dim, pos0, table, 1.0);
+        }
         self.rotary(x, batch, t, heads, head_dim, pos0, table, 1.0);
     }
     fn rotary_backward(
@@ -537,7 +555,53 @@ impl Backend for CudaBackend {
         table: View<'_, Self>,
     ) {
         // The transpose of a rotation is the rotation by the opposite angle: the same kernel, sin negated.
+        if dx.buf.storage == Storage::Bf16 {
+            return self.rotary_widened(dx, batch, t, heads, head_dim, pos0, table, -1.0);
+        }
         self.rotary(dx, batch, t, heads, head_dim, pos0, table, -1.0);
+    }
+
+    /// The fused kernel (rotary_qknorm.cu) when y is bf16 (the rotated value stays f32: the CPU twin's
+    /// rounding points); otherwise the two ops, as the trait's default (the strict f32 path, unchanged).
+    fn rotary_qknorm_forward(
+        &self,
+        x: ViewMut<'_, Self>,
+        batch: usize,
+        t: usize,
+        heads: usize,
+        head_dim: usize,
+        pos0: usize,
+        table: View<'_, Self>,
+        eps: f32,
+        mut y: ViewMut<'_, Self>,
+        mut rstd: ViewMut<'_, Self>,
+    ) {
+        let (yl, rl) = (y.len, rstd.len);
+        let (y_sub, rstd_sub) = (y.sub(0, yl), rstd.sub(0, rl));
+        if self.rotary_qknorm_forward_fused(x.view(), batch, t, heads, head_dim, pos0, table, eps, y_sub, rstd_sub) {
+            return;
+        }
+        self.rotary_qknorm_two_ops(x, batch, t, heads, head_dim, pos0, table, eps, y, rstd)
+    }
+    fn rotary_qknorm_backward(
+        &self,
+        y: View<'_, Self>,
+        rstd: View<'_, Self>,
+        dy: View<'_, Self>,
+        batch: usize,
+        t: usize,
+        heads: usize,
+        head_dim: usize,
+        pos0: usize,
+        table: View<'_, Self>,
+        mut dx: ViewMut<'_, Self>,
+    ) {
+        let len = dx.len;
+        if self.rotary_qknorm_backward_fused(y, rstd, dy, batch, t, heads, head_dim, pos0, table, dx.sub(0, len)) {
+            return;
+        }
+        self.rmsnorm_backward(y, rstd, dy, batch * t * heads, head_dim, dx.sub(0, len), false);
+        self.rotary_backward(dx, batch, t, heads, head_dim, pos0, table);
     }
 
     fn attention_forward(
@@ -552,6 +616,16 @@ impl Backend for CudaBackend {
         check_attention(&shape, q.len, k.len, v.len, out.len, lse.len);
         if shape.batch == 0 || shape.tq == 0 || shape.n_head == 0 {
             return;
+        }
+        let storages = [
+            q.buf.storage,
+            k.buf.storage,
+            v.buf.storage,
+            out.buf.storage,
+            lse.buf.storage,
+        ];
+        if storages.contains(&Storage::Bf16) {
+            return self.attention_forward_bf16(shape, q, k, v, out, lse);
         }
         let s = shape;
         let args = [
@@ -597,6 +671,10 @@ impl Backend for CudaBackend {
         need("attention_backward dv", dv.len, s.kv_len());
         if s.batch == 0 || s.tq == 0 || s.n_head == 0 {
             return;
+        }
+        let storages = [q, k, v, out, lse, dout].map(|x| x.buf.storage);
+        if storages.contains(&Storage::Bf16) || [&dq, &dk, &dv].iter().any(|x| x.buf.storage == Storage::Bf16) {
+            return self.attention_backward_bf16(s, q, k, v, out, lse, dout, dq, dk, dv);
         }
         let t = s.tq;
         let scale = Arg::F32(attention_scale(s.head_dim));
@@ -664,18 +742,27 @@ impl Backend for CudaBackend {
 
     fn relu2_forward(&self, u: View<'_, Self>, h: ViewMut<'_, Self>) {
         assert_eq!(u.len, h.len, "CUDA relu2_forward: u and h lengths differ");
+        if u.buf.storage == Storage::Bf16 || h.buf.storage == Storage::Bf16 {
+            return self.relu2_forward_bf16(u, h);
+        }
         let n = h.len;
         let args = [self.ptr(u), self.ptr_mut(h), count(n)];
         self.elementwise(nc_kernels::RELU2_FORWARD, n, &args);
     }
     fn relu2_backward(&self, u: View<'_, Self>, dh_to_du: ViewMut<'_, Self>) {
         assert_eq!(u.len, dh_to_du.len, "CUDA relu2_backward: u and dh lengths differ");
+        if u.buf.storage == Storage::Bf16 || dh_to_du.buf.storage == Storage::Bf16 {
+            return self.relu2_backward_bf16(u, dh_to_du);
+        }
         let n = u.len;
         let args = [self.ptr(u), self.ptr_mut(dh_to_du), count(n)];
         self.elementwise(nc_kernels::RELU2_BACKWARD, n, &args);
     }
     fn add_inplace(&self, x: ViewMut<'_, Self>, y: View<'_, Self>) {
         assert_eq!(x.len, y.len, "CUDA add_inplace: x and y lengths differ");
+        if x.buf.storage == Storage::Bf16 || y.buf.storage == Storage::Bf16 {
+            return self.add_inplace_widened(x, y);
+        }
         let n = x.len;
         let args = [self.ptr_mut(x), self.ptr(y), count(n)];
         self.elementwise(nc_kernels::ADD_INPLACE, n, &args);
@@ -693,6 +780,11 @@ impl Backend for CudaBackend {
         grad_scale: Option<f32>,
     ) {
         assert!(vocab > 0, "softcap_cross_entropy: empty vocabulary");
+        // The bf16 layout keeps the logits chunk and the losses f32 (the loss in full precision).
+        self.f32_only(
+            "softcap_cross_entropy",
+            &[("logits", logits.buf.storage), ("losses", losses.buf.storage)],
+        );
         need("softcap_cross_entropy logits", logits.len, rows * vocab);
         need("softcap_cross_entropy losses", losses.len, rows);
         if rows == 0 {
@@ -711,6 +803,9 @@ impl Backend for CudaBackend {
         self.launch(nc_kernels::SOFTCAP_CROSS_ENTROPY, one_block_per_row(rows), &args);
     }
     fn softcap(&self, logits: ViewMut<'_, Self>, cap: f32) {
+        if logits.buf.storage == Storage::Bf16 {
+            return self.softcap_widened(logits, cap);
+        }
         let n = logits.len;
         let args = [self.ptr_mut(logits), count(n), Arg::F32(cap)];
         self.elementwise(nc_kernels::SOFTCAP, n, &args);
@@ -720,11 +815,13 @@ impl Backend for CudaBackend {
 
     fn axpby(&self, a: f32, x: View<'_, Self>, b: f32, y: ViewMut<'_, Self>) {
         assert_eq!(x.len, y.len, "CUDA axpby: x and y lengths differ");
+        self.f32_only("axpby", &[("x", x.buf.storage), ("y", y.buf.storage)]);
         let n = x.len;
         let args = [self.ptr(x), self.ptr_mut(y), count(n), Arg::F32(a), Arg::F32(b)];
         self.elementwise(nc_kernels::AXPBY, n, &args);
     }
     fn scale(&self, x: ViewMut<'_, Self>, a: f32) {
+        self.f32_only("scale", &[("x", x.buf.storage)]);
         let n = x.len;
         let args = [self.ptr_mut(x), count(n), Arg::F32(a)];
         self.elementwise(nc_kernels::SCALE, n, &args);
@@ -732,6 +829,7 @@ impl Backend for CudaBackend {
     /// One launch writes a partial sum per block (f64); they are downloaded (which waits for the queued
     /// work) and added here in block order, so the result depends on n only, never on timing.
     fn sum_squares(&self, x: View<'_, Self>) -> f64 {
+        self.f32_only("sum_squares", &[("x", x.buf.storage)]);
         let n = x.len;
         if n == 0 {
             return 0.0;
@@ -763,6 +861,7 @@ impl Backend for CudaBackend {
     /// norm: the same arithmetic as `sum_squares` followed by the host's f32 formula, with no wait.
     fn inverse_norm_into(&self, x: View<'_, Self>, eps: f32, inv: ViewMut<'_, Self>) {
         assert_eq!(inv.len, 1, "CUDA inverse_norm_into: inv must be one element");
+        self.f32_only("inverse_norm_into", &[("x", x.buf.storage), ("inv", inv.buf.storage)]);
         let n = x.len;
         let dims = nc_kernels::sum_squares_dims(n.max(1) as u64);
         let blocks = dims.grid.0 as usize;
@@ -785,6 +884,10 @@ impl Backend for CudaBackend {
     fn scale_by_scalar(&self, x: View<'_, Self>, s: View<'_, Self>, y: ViewMut<'_, Self>) {
         assert_eq!(s.len, 1, "CUDA scale_by_scalar: s must be one element");
         assert_eq!(x.len, y.len, "CUDA scale_by_scalar: x and y lengths differ");
+        self.f32_only(
+            "scale_by_scalar",
+            &[("x", x.buf.storage), ("s", s.buf.storage), ("y", y.buf.storage)],
+        );
         let n = x.len;
         let args = [self.ptr(x), self.ptr(s), self.ptr_mut(y), count(n)];
         self.elementwise(SCALE_BY_SCALAR, n, &args);
@@ -793,6 +896,14 @@ impl Backend for CudaBackend {
         assert!(
             buf.len == g.len && update.len == g.len,
             "CUDA muon_momentum: g, buf and update lengths differ"
+        );
+        self.f32_only(
+            "muon_momentum",
+            &[
+                ("g", g.buf.storage),
+                ("buf", buf.buf.storage),
+                ("update", update.buf.storage),
+            ],
         );
         let n = g.len;
         let args = [
@@ -837,6 +948,15 @@ impl Backend for CudaBackend {
             g.len == n && m.len == n && v.len == n,
             "CUDA adamw: p, g, m and v lengths differ"
         );
+        self.f32_only(
+            "adamw",
+            &[
+                ("p", p.buf.storage),
+                ("g", g.buf.storage),
+                ("m", m.buf.storage),
+                ("v", v.buf.storage),
+            ],
+        );
         let args = [
             self.ptr_mut(p),
             self.ptr(g),
@@ -855,6 +975,27 @@ impl Backend for CudaBackend {
 }
 
 impl CudaBackend {
+    /// Rotary in place on x, then the per-head rmsnorm of the rotated x: the trait's default
+    /// `rotary_qknorm_forward` (the strict f32 path's exact sequence).
+    #[allow(clippy::too_many_arguments)]
+    fn rotary_qknorm_two_ops(
+        &self,
+        mut x: ViewMut<'_, Self>,
+        batch: usize,
+        t: usize,
+        heads: usize,
+        head_dim: usize,
+        pos0: usize,
+        table: View<'_, Self>,
+        eps: f32,
+        y: ViewMut<'_, Self>,
+        rstd: ViewMut<'_, Self>,
+    ) {
+        let len = x.len;
+        self.rotary_forward(x.sub(0, len), batch, t, heads, head_dim, pos0, table);
+        self.rmsnorm_forward(x.view(), batch * t * heads, head_dim, eps, y, rstd);
+    }
+
     /// Rotary in place on x (batch, t, heads, head_dim); sin_sign +1 rotates forward, -1 back.
     #[allow(clippy::too_many_arguments)]
     fn rotary(
@@ -869,7 +1010,7 @@ impl CudaBackend {
         sin_sign: f32,
     ) {
         assert!(
-            head_dim >= 2 && head_dim % 2 == 0,
+            head_dim >= 2 && head_dim.is_multiple_of(2),
             "rotary: head_dim {head_dim} must be even and positive"
         );
         let half = head_dim / 2;
@@ -911,7 +1052,7 @@ fn attention_scale(head_dim: usize) -> f32 {
 /// The CPU backend's checks of an attention call, plus the kernels' head_dim limit.
 fn check_attention(s: &AttnShape, q: usize, k: usize, v: usize, out: usize, lse: usize) {
     assert!(
-        s.n_kv_head > 0 && s.n_head % s.n_kv_head == 0,
+        s.n_kv_head > 0 && s.n_head.is_multiple_of(s.n_kv_head),
         "attention: n_kv_head must divide n_head"
     );
     assert!(s.q_pos0 + s.tq <= s.tk, "attention: queries reach past the keys");

@@ -8,7 +8,8 @@
 # `run` takes the steps to run as further arguments (default: all of them, in this order):
 #   info       nvidia-smi and nvcc versions
 #   alloc      the caching allocator on cudaMalloc and real streams (alloc/tests/cuda_smoke.rs)
-#   parity     every CUDA backend op and a whole model step against the CPU backend (tests/tests/cuda_parity.rs)
+#   parity     every CUDA backend op and a whole model step against the CPU backend (tests/tests/cuda_parity.rs),
+#              and the bf16 engine op by op and a whole step against its CPU twin (tests/tests/cuda_bf16_parity.rs)
 #   sanitize   the parity tests again under compute-sanitizer memcheck (out-of-bounds and misaligned accesses)
 #   train      nc-train --backend cuda on the embedded corpus, against the same run on the CPU (val loss)
 #   launch     the supervised multi-process path at world size 1: supervisor, worker, rendezvous, NCCL init
@@ -32,12 +33,12 @@ build() {
   cargo build --release -p nc-train --bin nc-train || { echo "gpu_check build: cargo failed" >&2; exit 1; }
   cp target/release/nc-train "$BIN_DIR/nc-train"
   strip --strip-debug "$BIN_DIR/nc-train" 2>/dev/null || true
-  exes=$( (cargo test --release --no-run --message-format=json -p nc-alloc --test cuda_smoke -p nc-tests --test cuda_parity -p nc-tests --test cuda_flash &&
+  exes=$( (cargo test --release --no-run --message-format=json -p nc-alloc --test cuda_smoke -p nc-tests --test cuda_parity -p nc-tests --test cuda_flash -p nc-tests --test cuda_bf16_parity &&
     cargo bench --no-run --message-format=json -p nc-benches --bench step_cuda --bench attention_cuda) |
     python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("cuda_smoke", "cuda_parity", "step_cuda", "cuda_flash", "attention_cuda"):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("cuda_smoke", "cuda_parity", "step_cuda", "cuda_flash", "attention_cuda", "cuda_bf16_parity"):
         print(m["target"]["name"], m["executable"])') || {
     echo "gpu_check build: cargo failed" >&2
     exit 1
@@ -47,7 +48,7 @@ for line in sys.stdin:
     strip --strip-debug "$BIN_DIR/$name" 2>/dev/null || true
     echo "built $BIN_DIR/$name ($(du -h "$BIN_DIR/$name" | cut -f1))"
   done <<<"$exes"
-  for name in cuda_smoke cuda_parity step_cuda cuda_flash attention_cuda nc-train; do
+  for name in cuda_smoke cuda_parity step_cuda cuda_flash attention_cuda cuda_bf16_parity nc-train; do
     [ -x "$BIN_DIR/$name" ] || { echo "gpu_check build: $name was not built" >&2; exit 1; }
   done
   echo "carry '$BIN_DIR' to the GPU machine and run: scripts/gpu_check.sh run"
@@ -119,6 +120,13 @@ run() {
             step "parity:$t" 120 env NC_REQUIRE_CUDA=1 "$BIN_DIR/cuda_parity" --exact "$t" --nocapture
           done
         fi
+        # the bf16 engine against its CPU twin, one process per test likewise
+        if need_bin cuda_bf16_parity; then
+          local t16
+          for t16 in $("$BIN_DIR/cuda_bf16_parity" --list 2>/dev/null | sed -n 's/: test$//p'); do
+            step "parity-bf16:$t16" 120 env NC_REQUIRE_CUDA=1 "$BIN_DIR/cuda_bf16_parity" --exact "$t16" --nocapture
+          done
+        fi
         ;;
       sanitize)
         need_bin cuda_parity &&
@@ -157,6 +165,8 @@ sys.exit(0 if abs(cpu - cuda) <= 2e-3 * cpu else 1)' "$w/cpu" "$w/cuda"
             step "bench-d20-dbs$dbs" 300 bash -c "set -o pipefail; NC_REQUIRE_CUDA=1 '$BIN_DIR/step_cuda' --depth 20 --dbs $dbs --steps 5 --optimizer | tee -a '$out/step_cuda.txt'"
           done
           step "bench-d20-dbs16-tf32" 300 bash -c "set -o pipefail; NC_REQUIRE_CUDA=1 '$BIN_DIR/step_cuda' --depth 20 --dbs 16 --steps 5 --optimizer --tf32 | tee -a '$out/step_cuda.txt'"
+          # the bf16 engine (cuBLASLt bf16 GEMMs, fused bf16 kernels, flash attention)
+          step "bench-d20-dbs16-bf16" 300 bash -c "set -o pipefail; NC_REQUIRE_CUDA=1 '$BIN_DIR/step_cuda' --depth 20 --dbs 16 --steps 5 --optimizer --precision bf16 | tee -a '$out/step_cuda.txt'"
         fi
         ;;
       fixture)

@@ -8,6 +8,8 @@
 //! Flags: --depth L (20)  --dbs B (8)  --seq T (2048)  --vocab V (65536)  --steps N (5)  --warmup N (2)
 //!        --recompute none|selective|full (none)  --optimizer  --opt-steps N (1)  --device N (0)
 //!        --tf32 (cuBLAS may use TF32 tensor cores for the GEMMs; default strict f32)
+//!        --precision fp32|bf16 (fp32: the strict f32 engine; bf16: f32 master weights, bf16 working copy and
+//!        activations, cuBLASLt bf16 GEMMs, the fused bf16 kernels and flash attention: `Storages`)
 //!
 //! To carry it to a GPU machine: `cargo bench -p nc-benches --bench step_cuda --no-run` builds it, and the
 //! executable lands in target/release/deps/step_cuda-* (run it with the flags above, no `--`).
@@ -20,8 +22,8 @@
 //!   section 1, the count nanochat's MFU uses) times the tokens of a step. Recomputation is not counted:
 //!   it is work the model does not need, so a policy that recomputes shows a lower MFU.
 //! - bf16 MFU divides by the dense bf16 tensor-core peak `nc_core::plan` prices runs with (989 TFLOP/s for
-//!   H100 and H200, nanochat's figure). The backend computes in strict f32 today (cuBLAS sgemm, no TF32),
-//!   so that MFU is what a bf16 engine would be judged by, not what this one can reach.
+//!   H100 and H200, nanochat's figure): the figure a `--precision bf16` step is judged by. Under fp32 the
+//!   backend computes in strict f32 (cuBLAS sgemm, no TF32), so there it is only a reference.
 //! - f32 MFU divides by the non-tensor-core FP32 peak in NVIDIA's datasheets (see `F32_PEAKS`): the ceiling
 //!   of the strict-f32 GEMMs this backend runs.
 
@@ -114,6 +116,18 @@ fn main() {
     let ordinal = arg(&args, "--device", 0);
     let with_optimizer = args.iter().any(|a| a == "--optimizer");
     let tf32 = args.iter().any(|a| a == "--tf32");
+    let precision = match args.iter().position(|a| a == "--precision") {
+        None => Precision::Fp32Gpu,
+        Some(i) => match args.get(i + 1).map(String::as_str) {
+            Some("fp32") => Precision::Fp32Gpu,
+            Some("bf16") => Precision::Bf16,
+            _ => {
+                eprintln!("--precision needs fp32 or bf16");
+                std::process::exit(2);
+            }
+        },
+    };
+    let prec_name = if precision == Precision::Bf16 { "bf16" } else { "fp32" };
     let opt_steps = arg(&args, "--opt-steps", 1).max(1);
     let policy = match args.iter().position(|a| a == "--recompute") {
         None => Recompute::None,
@@ -156,9 +170,10 @@ fn main() {
         Err(e) => skip(&format!("opening CUDA device {ordinal} for memory queries failed: {e}")),
     };
 
-    // What the planner says the device holds at f32: params, grads, activations and the loss workspace, and
-    // with --optimizer the optimizer state and Muon's scratch too (the device optimizer keeps both there).
-    let mem_plan = plan::memory_per_gpu(&cfg, dbs, 1, Precision::Fp32Gpu, policy);
+    // What the planner says the device holds at this precision: params (with the bf16 working copy), grads,
+    // activations and the loss workspace, and with --optimizer the optimizer state and Muon's scratch too (the
+    // device optimizer keeps both there).
+    let mem_plan = plan::memory_per_gpu(&cfg, dbs, 1, precision, policy);
     let plan_state = if with_optimizer {
         mem_plan.optimizer_state + mem_plan.optimizer_scratch
     } else {
@@ -170,8 +185,8 @@ fn main() {
         if plan_device > total - used {
             eprintln!(
                 "step_cuda: the model needs about {:.0} MiB on the device (params, grads, activations and with \
-                 --optimizer its state, at f32) and {:.0} MiB are free; try --recompute selective or full, or a \
-                 smaller --dbs",
+                 --optimizer its state, at {prec_name}) and {:.0} MiB are free; try --recompute selective or full, \
+                 or a smaller --dbs",
                 plan_device / MIB,
                 (total - used) / MIB
             );
@@ -180,7 +195,7 @@ fn main() {
     }
 
     let t0 = Instant::now();
-    let mut model = match Gpt::new(be, cfg, dbs, seq, plan::engine_policy(policy)) {
+    let mut model = match Gpt::with_precision(be, cfg, dbs, seq, plan::engine_policy(policy), precision) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("step_cuda: {e}");
@@ -250,7 +265,8 @@ fn main() {
 
     println!(
         "step_cuda: {device_name} (cuda:{ordinal}), depth {depth} (d {}, {} heads of {}), vocab {vocab}, \
-         batch {dbs} x seq {seq} = {n} tokens, recompute {}, {warmup} warm-up + {steps} timed steps",
+         batch {dbs} x seq {seq} = {n} tokens, recompute {}, precision {prec_name}, {warmup} warm-up + {steps} \
+         timed steps",
         cfg.n_embd,
         cfg.n_head,
         cfg.head_dim,
@@ -305,28 +321,30 @@ fn main() {
         "  model build (measured delta)",
         delta.map_or("-".into(), |d| format!("{:.0}", d / MIB))
     );
-    let alloc_params = 2.0 * cfg.num_params() as f64 * 4.0;
-    let alloc_acts = model.allocated_activation_elements() as f64 * 4.0;
+    // As stored: f32 master and grads, the bf16 working copy under bf16, activations by their storages.
+    let (master_bytes, working_bytes) = model.allocated_weight_bytes();
+    let alloc_params = (2 * master_bytes + working_bytes) as f64;
+    let alloc_acts = model.allocated_activation_bytes() as f64;
     println!(
         "{:<34} {:>12.0}",
         "  model's buffers, as allocated",
         (alloc_params + alloc_acts) / MIB
     );
-    println!("{:<34} {:>12.0}", "  plan f32: params", mem_plan.params / MIB);
-    println!("{:<34} {:>12.0}", "  plan f32: grads", mem_plan.grads / MIB);
-    println!("{:<34} {:>12.0}", "  plan f32: activations", mem_plan.activations / MIB);
+    println!("{:<34} {:>12.0}", "  plan: params", mem_plan.params / MIB);
+    println!("{:<34} {:>12.0}", "  plan: grads", mem_plan.grads / MIB);
+    println!("{:<34} {:>12.0}", "  plan: activations", mem_plan.activations / MIB);
     println!(
         "{:<34} {:>12.0}",
-        "  plan f32: loss workspace",
+        "  plan: loss workspace",
         mem_plan.loss_workspace / MIB
     );
-    println!("{:<34} {:>12.0}", "  plan f32: device total", plan_device / MIB);
+    println!("{:<34} {:>12.0}", "  plan: device total", plan_device / MIB);
     println!(
         "{:<34} {:>12.0}",
         if with_optimizer {
-            "  plan f32: optimizer state (in it)"
+            "  plan: optimizer state (in it)"
         } else {
-            "  plan f32: optimizer state (not)"
+            "  plan: optimizer state (not)"
         },
         mem_plan.optimizer_state / MIB
     );
@@ -452,6 +470,7 @@ fn main() {
         "bench": "step_cuda",
         "device": device_name,
         "tf32": tf32,
+        "precision": prec_name,
         "ordinal": ordinal,
         "depth": depth,
         "dbs": dbs,
@@ -479,7 +498,7 @@ fn main() {
         "mem_used_after_backend_bytes": mem_backend.map(|m| m.0),
         "mem_used_after_model_bytes": mem_model.map(|m| m.0),
         "mem_used_after_steps_bytes": mem_steps.map(|m| m.0),
-        "plan_f32_device_bytes": plan_device,
+        "plan_device_bytes": plan_device,
         "model_allocated_bytes": alloc_params + alloc_acts,
         "backend_start_s": backend_s,
         "optimizer": opt_json,

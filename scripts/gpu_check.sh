@@ -12,7 +12,8 @@
 #              and the bf16 engine op by op and a whole step against its CPU twin (tests/tests/cuda_bf16_parity.rs)
 #   sanitize   the parity tests again under compute-sanitizer memcheck (out-of-bounds and misaligned accesses)
 #   train      nc-train --backend cuda on the embedded corpus, against the same run on the CPU (val loss)
-#   launch     the supervised multi-process path at world size 1: supervisor, worker, rendezvous, NCCL init
+#   launch     the supervised multi-process path at world size 1: supervisor, worker, rendezvous, NCCL init,
+#              the device ZeRO-1 exchange (bucket hooks, NCCL on a communication stream, events)
 #   bench      the CUDA step benchmark (benches/benches/step_cuda.rs) at depth 20, dbs 8 and 16, and with TF32
 #   fixture    the PyTorch baseline computes the same loss as the JAX reference fixtures
 #   baseline   the PyTorch baseline step at depth 20 (dbs 32) and depth 38 (dbs 8), torch.compile'd
@@ -152,11 +153,13 @@ sys.exit(0 if abs(cpu - cuda) <= 2e-3 * cpu else 1)' "$w/cpu" "$w/cuda"
         ;;
       launch)
         # one worker process started by the supervisor on GPU 0 (NCCL refuses two ranks on one GPU): the launch
-        # code, the rendezvous and NCCL's init run on the GPU, then 5 steps and a checkpoint
+        # code, the rendezvous and NCCL's init run on the GPU, then 5 steps through the device ZeRO-1 exchange
+        # (bucket hooks, NCCL on a communication stream; a step fails unless every bucket was reduced) and a
+        # checkpoint
         if need_bin nc-train; then
           local lw
           lw=$(mktemp -d)
-          step launch 300 bash -c "set -o pipefail; '$BIN_DIR/nc-train' --backend cuda --nproc-per-node 1 --num-iterations 5 --eval-every 0 --out-dir '$lw' | tee '$lw/log' && grep -q 'launch: rank 0 of 1 on GPU 0' '$lw/log' && test -f '$lw/checkpoints/step_000005/optim_rank0.safetensors'"
+          step launch 300 bash -c "set -o pipefail; '$BIN_DIR/nc-train' --backend cuda --nproc-per-node 1 --num-iterations 5 --eval-every 0 --out-dir '$lw' | tee '$lw/log' && grep -q 'launch: rank 0 of 1 on GPU 0' '$lw/log' && grep -q 'zero1: 1 rank(s)' '$lw/log' && test -f '$lw/checkpoints/step_000005/optim_rank0.safetensors'"
         fi
         ;;
       bench)

@@ -20,13 +20,32 @@
 //! - `Collective` on host slices: stages through device memory. bf16 reduce-scatter uses the trait's
 //!   default (f32 sums, rounded once), as the contract asks. Chunks of unequal size are padded to the
 //!   largest, since NCCL's reduce-scatter and all-gather take equal counts per rank.
+//! - raw device addresses (`reduce_in_place_f32`, `broadcast_in_place_f32`, `group_start`/`group_end`): what
+//!   the device ZeRO-1 exchange (nc-core `train::zero1_nccl`) queues on this ring's stream, on buffers of the
+//!   engine's own allocator (not cudarc slices).
+//!
+//! The communicator is held raw (`ncclComm_t`), not as cudarc's `Comm`, because aborting it from another
+//! thread needs the handle: with more than one rank, `join` starts a watchdog thread that checks the
+//! rendezvous's `PeerWatch` every `WATCHDOG_PERIOD`; when a peer's process is gone it calls `ncclCommAbort`
+//! (which makes this rank's queued and blocked NCCL work return) and exits the process with
+//! `EXIT_PEER_GONE`, naming the dead rank on stderr. Without it a rank blocked in a collective whose peer
+//! died would wait forever (NCCL itself has no timeout). Dropping the ring stops the watchdog before the
+//! communicator is destroyed.
 
 use crate::partition::{even_bounds, Bounds};
+use crate::rendezvous::PeerWatch;
 use crate::rendezvous::Rendezvous;
 use crate::{bf16, Collective, CommError};
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
-use cudarc::nccl::{Comm, Id, NcclType, ReduceOp};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
+use cudarc::nccl::{result, sys, NcclType};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+
+/// How often the watchdog looks at the rendezvous's peer watch.
+pub const WATCHDOG_PERIOD: Duration = Duration::from_millis(500);
+/// The exit code of a rank whose watchdog aborted NCCL because a peer died.
+pub const EXIT_PEER_GONE: i32 = 75;
 
 /// What to tell a user whose NCCL cannot be loaded.
 pub const MISSING_NCCL: &str = "NCCL was not found: cudarc loads libnccl.so from the library path. Either \
@@ -45,13 +64,91 @@ pub fn nccl_available() -> bool {
 pub struct NcclRing {
     rank: usize,
     world_size: usize,
-    comm: Option<Comm>,
+    comm: Option<RawComm>,
     stream: Arc<CudaStream>,
+    watchdog: Option<Watchdog>,
+}
+
+/// An NCCL communicator handle; destroyed on drop (unless the watchdog aborted it).
+struct RawComm {
+    comm: sys::ncclComm_t,
+    /// Set by the watchdog before it aborts the communicator: nothing may use or destroy it after.
+    aborted: Arc<AtomicBool>,
+}
+
+impl Drop for RawComm {
+    fn drop(&mut self) {
+        if !self.aborted.load(Ordering::Acquire) {
+            // SAFETY: the handle came from ncclCommInitRank and is destroyed once, here.
+            let _ = unsafe { result::comm_destroy(self.comm) };
+        }
+    }
+}
+
+/// The handle, to move into the watchdog thread.
+struct SendComm(sys::ncclComm_t);
+// SAFETY: ncclCommAbort is documented as callable from another thread while the communicator is in use.
+unsafe impl Send for SendComm {}
+
+/// The thread that aborts NCCL when a peer dies; stopped (and joined) on drop.
+struct Watchdog {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Watchdog {
+    fn start(rank: usize, watch: PeerWatch, comm: SendComm, aborted: Arc<AtomicBool>) -> Result<Watchdog, CommError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_seen = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("nc-nccl-watchdog{rank}"))
+            .spawn(move || {
+                let comm = comm;
+                while !stop_seen.load(Ordering::Acquire) {
+                    if let Err(e) = watch.check() {
+                        aborted.store(true, Ordering::Release);
+                        eprintln!(
+                            "rank {rank}: {e}; aborting NCCL (ncclCommAbort) so no collective waits forever on it, \
+                             and exiting with code {EXIT_PEER_GONE}"
+                        );
+                        // SAFETY: the handle is live (the ring joins this thread before destroying it) and
+                        // `aborted` keeps the ring from destroying it afterwards.
+                        let _ = unsafe { result::comm_abort(comm.0) };
+                        std::process::exit(EXIT_PEER_GONE);
+                    }
+                    std::thread::sleep(WATCHDOG_PERIOD);
+                }
+            })
+            .map_err(|e| CommError {
+                message: format!("rank {rank}: starting the NCCL watchdog thread: {e}"),
+            })?;
+        Ok(Watchdog {
+            stop,
+            thread: Some(thread),
+        })
+    }
 }
 
 // SAFETY: see the module comment: NCCL communicators may be used from any thread, one call at a time,
 // which `&mut self` on every collective enforces; the context is bound before each call.
 unsafe impl Send for NcclRing {}
+
+impl Drop for NcclRing {
+    fn drop(&mut self) {
+        // the watchdog first: it must never abort a communicator that is being destroyed
+        self.watchdog = None;
+        let _ = self.stream.synchronize();
+    }
+}
 
 fn nccl_err(rank: usize, what: &str, e: impl std::fmt::Debug) -> CommError {
     CommError {
@@ -72,6 +169,7 @@ impl NcclRing {
                 world_size,
                 comm: None,
                 stream,
+                watchdog: None,
             });
         }
         if let Some(r) = found.iter().position(|f| f.first() != Some(&1)) {
@@ -80,8 +178,8 @@ impl NcclRing {
             });
         }
         let id_bytes = if rank == 0 {
-            let id = Id::new().map_err(|e| nccl_err(rank, "ncclGetUniqueId", e))?;
-            rdv.broadcast_bytes(&id.internal().iter().map(|&c| c as u8).collect::<Vec<u8>>())?
+            let id = result::get_uniqueid().map_err(|e| nccl_err(rank, "ncclGetUniqueId", e))?;
+            rdv.broadcast_bytes(&id.internal.iter().map(|&c| c as u8).collect::<Vec<u8>>())?
         } else {
             rdv.broadcast_bytes(&[])?
         };
@@ -100,13 +198,30 @@ impl NcclRing {
             .context()
             .bind_to_thread()
             .map_err(|e| nccl_err(rank, "binding the CUDA context", e))?;
-        let comm = Comm::from_rank(stream.clone(), rank, world_size, Id::uninit(internal))
+        let mut handle = std::mem::MaybeUninit::uninit();
+        // SAFETY: `handle` is written by NCCL on success; the id is rank 0's, 128 bytes.
+        let comm = unsafe {
+            result::comm_init_rank(
+                handle.as_mut_ptr(),
+                world_size as i32,
+                sys::ncclUniqueId { internal },
+                rank as i32,
+            )
             .map_err(|e| nccl_err(rank, "ncclCommInitRank", e))?;
+            handle.assume_init()
+        };
+        let aborted = Arc::new(AtomicBool::new(false));
+        let watchdog = if world_size > 1 {
+            Some(Watchdog::start(rank, rdv.watch(), SendComm(comm), aborted.clone())?)
+        } else {
+            None
+        };
         Ok(NcclRing {
             rank,
             world_size,
-            comm: Some(comm),
+            comm: Some(RawComm { comm, aborted }),
             stream,
+            watchdog,
         })
     }
 
@@ -119,14 +234,88 @@ impl NcclRing {
         &self.stream
     }
 
-    fn comm(&self) -> Result<Option<&Comm>, CommError> {
-        if self.comm.is_some() {
-            self.stream
-                .context()
-                .bind_to_thread()
-                .map_err(|e| nccl_err(self.rank, "binding the CUDA context", e))?;
+    /// The raw handle (context bound to this thread), None without NCCL; an error once the watchdog
+    /// aborted it.
+    fn comm(&self) -> Result<Option<sys::ncclComm_t>, CommError> {
+        let Some(c) = &self.comm else {
+            return Ok(None);
+        };
+        if c.aborted.load(Ordering::Acquire) {
+            return Err(CommError {
+                message: format!("rank {}: NCCL was aborted because a peer died", self.rank),
+            });
         }
-        Ok(self.comm.as_ref())
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| nccl_err(self.rank, "binding the CUDA context", e))?;
+        Ok(Some(c.comm))
+    }
+
+    fn raw_stream(&self) -> sys::cudaStream_t {
+        self.stream.cu_stream() as sys::cudaStream_t
+    }
+
+    /// Start an NCCL group: the calls up to `group_end` are launched together (one kernel per group).
+    pub fn group_start(&self) -> Result<(), CommError> {
+        if self.comm()?.is_some() {
+            result::group_start().map_err(|e| nccl_err(self.rank, "ncclGroupStart", e))?;
+        }
+        Ok(())
+    }
+
+    pub fn group_end(&self) -> Result<(), CommError> {
+        if self.comm()?.is_some() {
+            result::group_end().map_err(|e| nccl_err(self.rank, "ncclGroupEnd", e))?;
+        }
+        Ok(())
+    }
+
+    /// Sum `count` f32 at device address `addr` over the ranks into rank `root`'s copy, in place (queued on
+    /// this ring's stream; non-root ranks' values are left as they were). The identity without NCCL.
+    ///
+    /// # Safety
+    /// `addr` must hold `count` f32 in this ring's context and stay allocated, and not be written by other
+    /// streams, until the work queued on this ring's stream now has run.
+    pub unsafe fn reduce_in_place_f32(&self, addr: u64, count: usize, root: usize) -> Result<(), CommError> {
+        let Some(comm) = self.comm()? else {
+            return Ok(());
+        };
+        let p = addr as *mut std::ffi::c_void;
+        result::reduce(
+            p as *const _,
+            p,
+            count,
+            sys::ncclDataType_t::ncclFloat32,
+            sys::ncclRedOp_t::ncclSum,
+            root as i32,
+            comm,
+            self.raw_stream(),
+        )
+        .map(|_| ())
+        .map_err(|e| nccl_err(self.rank, "ncclReduce", e))
+    }
+
+    /// Rank `root`'s `count` f32 at `addr` to every rank's `addr`, in place (queued on this ring's stream).
+    ///
+    /// # Safety
+    /// As `reduce_in_place_f32`.
+    pub unsafe fn broadcast_in_place_f32(&self, addr: u64, count: usize, root: usize) -> Result<(), CommError> {
+        let Some(comm) = self.comm()? else {
+            return Ok(());
+        };
+        let p = addr as *mut std::ffi::c_void;
+        result::broadcast(
+            p as *const _,
+            p,
+            count,
+            sys::ncclDataType_t::ncclFloat32,
+            root as i32,
+            comm,
+            self.raw_stream(),
+        )
+        .map(|_| ())
+        .map_err(|e| nccl_err(self.rank, "ncclBroadcast", e))
     }
 
     /// `recv` (count c) gets rank `rank`'s sum of `send[rank * c..(rank + 1) * c]`; `send` holds
@@ -148,10 +337,25 @@ impl NcclRing {
             });
         }
         match self.comm()? {
-            Some(c) => c
-                .reduce_scatter(send, recv, &ReduceOp::Sum)
+            Some(c) => {
+                let count = recv.len();
+                let (src, _src_done) = send.device_ptr(&self.stream);
+                let (dst, _dst_done) = recv.device_ptr_mut(&self.stream);
+                // SAFETY: both slices live on this ring's stream for at least the counts given.
+                unsafe {
+                    result::reduce_scatter(
+                        src as *const _,
+                        dst as *mut _,
+                        count,
+                        T::as_nccl_type(),
+                        sys::ncclRedOp_t::ncclSum,
+                        c,
+                        self.raw_stream(),
+                    )
+                }
                 .map(|_| ())
-                .map_err(|e| nccl_err(self.rank, "reduce_scatter", e)),
+                .map_err(|e| nccl_err(self.rank, "reduce_scatter", e))
+            }
             None => self
                 .stream
                 .memcpy_dtod(send, recv)
@@ -177,10 +381,24 @@ impl NcclRing {
             });
         }
         match self.comm()? {
-            Some(c) => c
-                .all_gather(send, recv)
+            Some(c) => {
+                let count = send.len();
+                let (src, _src_done) = send.device_ptr(&self.stream);
+                let (dst, _dst_done) = recv.device_ptr_mut(&self.stream);
+                // SAFETY: both slices live on this ring's stream for at least the counts given.
+                unsafe {
+                    result::all_gather(
+                        src as *const _,
+                        dst as *mut _,
+                        count,
+                        T::as_nccl_type(),
+                        c,
+                        self.raw_stream(),
+                    )
+                }
                 .map(|_| ())
-                .map_err(|e| nccl_err(self.rank, "all_gather", e)),
+                .map_err(|e| nccl_err(self.rank, "all_gather", e))
+            }
             None => self
                 .stream
                 .memcpy_dtod(send, recv)
@@ -194,10 +412,24 @@ impl NcclRing {
         buf: &mut B,
     ) -> Result<(), CommError> {
         match self.comm()? {
-            Some(c) => c
-                .all_reduce_in_place(buf, &ReduceOp::Sum)
+            Some(c) => {
+                let count = buf.len();
+                let (ptr, _done) = buf.device_ptr_mut(&self.stream);
+                // SAFETY: the buffer lives on this ring's stream for `count` elements.
+                unsafe {
+                    result::all_reduce(
+                        ptr as *const _,
+                        ptr as *mut _,
+                        count,
+                        T::as_nccl_type(),
+                        sys::ncclRedOp_t::ncclSum,
+                        c,
+                        self.raw_stream(),
+                    )
+                }
                 .map(|_| ())
-                .map_err(|e| nccl_err(self.rank, "all_reduce", e)),
+                .map_err(|e| nccl_err(self.rank, "all_reduce", e))
+            }
             None => Ok(()),
         }
     }

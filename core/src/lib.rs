@@ -8,6 +8,7 @@ pub mod error;
 pub mod model;
 pub mod optim;
 pub mod plan;
+pub mod plan_comm;
 pub mod sample;
 pub mod train;
 

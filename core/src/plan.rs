@@ -377,8 +377,14 @@ pub fn memory_per_gpu(
     let optimizer_state = state * 4.0;
     let optimizer_scratch = crate::optim::device::muon_scratch_bytes(model, world_size, precision) as f64;
     let (activations, loss_workspace) = activation_bytes(model, device_batch_size, policy, precision);
-    // reduce-scatter lands this rank's fp32 grad shard in its own buffer; one rank needs none
-    let comm_buffers = if world_size > 1 { owned * 4.0 } else { 0.0 };
+    // the ZeRO-1 exchange runs in place on the grads and the master weights (`plan_comm`): no bucket buffer,
+    // but every rank keeps the f32 master parts the others own (where the master is separate from the
+    // params, only the owned part is counted above); one rank needs none
+    let comm_buffers = if world_size > 1 && precision.master_bytes() > 0.0 {
+        (n - owned) * precision.master_bytes()
+    } else {
+        0.0
+    };
     let sum = params
         + grads
         + master_weights
@@ -475,6 +481,8 @@ pub struct Plan {
     pub recompute_flops_overhead: f64,
     pub mfu: f64,
     pub times: Vec<TimeEstimate>,
+    /// What the data-parallel exchange moves each step (None for one GPU).
+    pub comm: Option<crate::plan_comm::CommPlan>,
 }
 
 /// Inputs of a plan.
@@ -582,6 +590,7 @@ impl Plan {
             recompute_flops_overhead: recompute_flops_per_token(m, recompute) / flops_per_token,
             mfu: req.mfu,
             times,
+            comm: crate::plan_comm::CommPlan::new(m, w, &req.device),
         })
     }
 
@@ -680,6 +689,13 @@ impl Plan {
                 100.0 * self.recompute_flops_overhead
             ));
         }
+        if let Some(c) = &self.comm {
+            s.push_str(&c.render());
+        }
+        let mut line = |t: String| {
+            s.push_str(&t);
+            s.push('\n');
+        };
         line(format!("time at {:.0}% MFU:", 100.0 * self.mfu));
         for t in &self.times {
             let cost = t.usd.map(|u| format!("  ${u:.0}")).unwrap_or_default();

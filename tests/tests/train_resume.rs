@@ -409,9 +409,10 @@ fn device_path_trains_like_the_cpu_and_shares_its_checkpoints() {
     tracks_cpu("a CPU checkpoint resumed on the device path", &back, &second);
 }
 
-/// Several ranks on a device backend are refused with an error naming the fix, before anything is written.
+/// Several ranks on a device backend in one process are refused with an error naming the fix (one process
+/// per GPU), before anything is written.
 #[test]
-fn device_path_refuses_several_ranks() {
+fn device_path_refuses_several_ranks_in_one_process() {
     use nc_core::backend::device_like::DeviceLikeCpu;
     use nc_core::train::{train_on, Device};
     let dir = tempfile::tempdir().unwrap();
@@ -428,9 +429,84 @@ fn device_path_refuses_several_ranks() {
         precision: nc_core::plan::Precision::Fp32,
     };
     let err = train_on(&cfg, device).unwrap_err().to_string();
-    assert!(err.contains("--world-size 1"), "{err}");
+    assert!(err.contains("--nproc-per-node 2"), "{err}");
     assert!(
         std::fs::read_dir(dir.path()).unwrap().next().is_none(),
         "nothing should be written"
     );
+}
+
+/// The device ZeRO-1 path without a GPU: two `DeviceLikeCpu` ranks (buffers not host-visible, so each
+/// rank's sharded device optimizer steps what it owns with the backend's ops), their buckets reduced from
+/// the backward's hook through a host-staged thread ring (`StagedRanks`, the twin of the NCCL exchange),
+/// against the CPU's two thread ranks (host optimizer). The same drift as one device rank against one CPU
+/// rank is allowed (`DEVICE_*_TOL`: only Newton-Schulz's rounding differs); the first loss is bit-equal.
+/// One rank with a collective (what the GPU check's `launch` step runs) is checked the same way.
+#[test]
+fn device_zero1_ranks_train_like_the_cpu_ranks() {
+    use nc_core::backend::device_like::DeviceLikeCpu;
+    use nc_core::train::zero1::{RankCollective, StagedRanks};
+    use nc_core::train::{train_as_rank, Device, RunSummary};
+    let device = || Device {
+        be: DeviceLikeCpu::default(),
+        peak_flops: 1e9,
+        peak_how: "a test".into(),
+        memory_bytes: None,
+        memory_name: "test memory".into(),
+        replicas_sharing_memory: 1,
+        precision: nc_core::plan::Precision::Fp32,
+    };
+    let steps = 6u64;
+    for world in [2usize, 1] {
+        let cpu_dir = tempfile::tempdir().unwrap();
+        let mut cfg = tiny_config(cpu_dir.path(), steps);
+        cfg.world_size = world;
+        let cpu = train(&cfg).unwrap();
+        let dev_dir = tempfile::tempdir().unwrap();
+        let mut dcfg = cfg.clone();
+        dcfg.out_dir = dev_dir.path().to_path_buf();
+        let rings = nc_comm::ThreadRing::new(world);
+        let runs: Vec<RunSummary> = std::thread::scope(|scope| {
+            let handles: Vec<_> = rings
+                .into_iter()
+                .enumerate()
+                .map(|(rank, ring)| {
+                    let dcfg = &dcfg;
+                    scope.spawn(move || {
+                        let comm: Box<dyn RankCollective<DeviceLikeCpu>> = Box::new(StagedRanks::new(Box::new(ring)));
+                        train_as_rank(dcfg, rank, Some(comm), device()).unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let dev = &runs[0];
+        assert_eq!(dev.train_losses.len(), steps as usize);
+        assert_eq!(
+            dev.train_losses[0].1.to_bits(),
+            cpu.train_losses[0].1.to_bits(),
+            "world {world}: the first loss precedes any update"
+        );
+        let gap = loss_gap(&dev.train_losses, &cpu.train_losses);
+        assert!(gap <= DEVICE_LOSS_TOL, "world {world}: train losses differ by {gap:e}");
+        let w_gap = weight_gap(
+            &dev.last_checkpoint.clone().unwrap(),
+            &cpu.last_checkpoint.clone().unwrap(),
+        );
+        assert!(
+            w_gap <= DEVICE_WEIGHT_TOL,
+            "world {world}: final weights differ by {w_gap:e}"
+        );
+        let last = cpu.train_losses.last().unwrap().1;
+        assert!(last < cpu.train_losses[0].1, "world {world}: the run learns");
+        // every rank saved its own optimizer state
+        for r in 0..world {
+            assert!(dev
+                .last_checkpoint
+                .clone()
+                .unwrap()
+                .join(format!("optim_rank{r}.safetensors"))
+                .is_file());
+        }
+    }
 }

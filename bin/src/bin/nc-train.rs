@@ -12,8 +12,10 @@ use nc_core::optim::adamw::AdamParams;
 use nc_core::optim::OptimConfig;
 use nc_core::plan::{self, BatchPlan, Horizon, Plan, PlanRequest, Precision, Recompute};
 use nc_core::train::data::DataSource;
-use nc_core::train::launch::{self, Collective, WorkerEnv};
+use nc_core::train::launch::{self, WorkerEnv};
 use nc_core::train::supervise::{self, SupervisorConfig};
+use nc_core::train::zero1::{HostRanks, RankCollective};
+use nc_core::train::zero1_nccl::NcclExchange;
 use nc_core::train::{self, signal, Resume, TrainConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -349,11 +351,9 @@ fn run(cli: Cli) -> Result<Outcome> {
     let cfg = train_config_from_flags(&cli)?;
     let on_cuda = backend_is_cuda(&cli, &cfg)?;
     if let Some(n) = processes_to_start(&cli)? {
-        if on_cuda && n > 1 {
-            return Err(NcError::new(format!(
-                "--backend cuda with {n} ranks: the multi-GPU training step (ZeRO-1 on the device over NCCL) is not \
-                 built yet; train on one GPU (--nproc-per-node 1) or on the CPU (--backend cpu)"
-            )));
+        if on_cuda {
+            // one process per GPU: NCCL refuses two ranks on one GPU, so say it before starting any
+            launch::check_gpus_for_ranks(n, cuda::device_count())?;
         }
         let exe = std::env::current_exe()
             .map_err(|e| NcError::new(format!("finding nc-train's own executable to start the ranks: {e}")))?;
@@ -452,16 +452,12 @@ fn run_worker(mut cli: Cli, env: WorkerEnv) -> Result<Outcome> {
     let fingerprint = launch::fingerprint(&cfg, if on_cuda { "cuda" } else { "cpu" })?;
     let mut rdv = launch::rendezvous(&env, &fingerprint)?;
     let summary = if on_cuda {
-        if env.world_size > 1 {
-            return Err(NcError::new(format!(
-                "WORLD_SIZE={} with --backend cuda: the multi-GPU training step (ZeRO-1 on the device over NCCL) is \
-                 not built yet; run one rank (--nproc-per-node 1), or --backend cpu",
-                env.world_size
-            )));
-        }
-        // one rank: NCCL is initialized all the same (when found), so a one-GPU machine checks the whole
-        // launch path; the training step needs no collective
-        let nccl = launch::join_nccl(&env, &mut rdv)?;
+        // GPU LOCAL_RANK, then NCCL on a communication stream of it; the device ZeRO-1 exchange runs at every
+        // world size (one rank too: a one-GPU machine checks launch, NCCL init, the bucket hooks and the
+        // communication stream). UNVERIFIED: not yet run on a GPU.
+        launch::check_gpus_for_ranks(env.local_world_size, cuda::device_count())?;
+        let device = train::cuda_device(env.local_rank, cli.tf32)?;
+        let nccl = launch::join_nccl(&env, &mut rdv, &device.be)?;
         if env.rank == 0 {
             println!(
                 "launch: rank {} of {} on GPU {}; NCCL {}",
@@ -475,13 +471,14 @@ fn run_worker(mut cli: Cli, env: WorkerEnv) -> Result<Outcome> {
                 }
             );
         }
-        let device = train::cuda_device(env.local_rank, cli.tf32)?;
-        let s = train::train_as_rank(&cfg, env.rank, None, device)?;
-        drop((nccl, rdv));
+        let comm: Box<dyn RankCollective<cuda::CudaBackend>> = Box::new(NcclExchange::new(nccl));
+        // the exchange (and its NCCL watchdog) ends inside, before the rendezvous says goodbye here
+        let s = train::train_as_rank(&cfg, env.rank, Some(comm), device)?;
+        drop(rdv);
         s
     } else {
-        let comm: Option<Box<dyn Collective>> = if env.world_size > 1 {
-            Some(Box::new(launch::join_cpu_ring(&env, rdv)?))
+        let comm: Option<Box<dyn RankCollective<nc_core::backend::cpu::CpuBackend>>> = if env.world_size > 1 {
+            Some(Box::new(HostRanks::new(Box::new(launch::join_cpu_ring(&env, rdv)?))))
         } else {
             None
         };

@@ -20,6 +20,20 @@ use crate::config::{ModelConfig, ParamSpec};
 use crate::error::{NcError, Result};
 use crate::plan::Precision;
 
+/// Which parameter grads the backward has just made final for the current micro-step, in the order it
+/// makes them: lm_head (the loss), then the blocks from the last to the first, then wte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GradsReady {
+    LmHead,
+    Layer(usize),
+    Wte,
+}
+
+/// What `forward_backward_hooked` calls each time some grads are final: the backend and the whole grad
+/// buffer, so a data-parallel rank can start reducing them (on a device: queue it on another stream) while
+/// the rest of the backward runs. The hook must not write grads other than the ones just made ready.
+pub type GradHook<'a, B> = &'a mut dyn FnMut(&B, &mut <B as Backend>::Buf, GradsReady);
+
 pub struct Gpt<B: Backend> {
     pub be: B,
     pub cfg: ModelConfig,
@@ -359,7 +373,7 @@ impl<B: Backend> Gpt<B> {
     }
 
     /// Backward from `scratch.dxn` = dL/d(xf) down to the embedding; parameter grads accumulate.
-    fn backward_trunk(&mut self) {
+    fn backward_trunk(&mut self, hook: GradHook<'_, B>) {
         let s = LayerShapes::new(&self.cfg, self.tokens());
         let (be, n, d) = (&self.be, s.n, s.d);
         let weights = gemm_input::<B>(&self.params, &self.working);
@@ -418,6 +432,8 @@ impl<B: Backend> Gpt<B> {
                 scr,
                 &self.rope,
             );
+            // every grad of layer l is written by its own mlp and attention backward, and by nothing after
+            hook(be, &mut self.grads, GradsReady::Layer(l));
         }
         // x0 = rmsnorm(emb): dL/d(emb) into dxn, then scatter into wte's grad.
         norm::backward(
@@ -432,12 +448,24 @@ impl<B: Backend> Gpt<B> {
         );
         let dwte = ViewMut::at(&mut self.grads, self.wte_off, self.cfg.vocab_size * d);
         embedding::backward(be, &self.ids, n, all(&scr.dxn), d, dwte);
+        hook(be, &mut self.grads, GradsReady::Wte);
     }
 
     /// One micro-step: returns the mean loss over targets that are not -1, and adds
     /// `loss_scale * d(mean loss)/d(params)` into the grads (loss_scale = 1/grad_accum).
     /// A batch whose targets are all -1 has loss 0 and adds nothing.
     pub fn forward_backward(&mut self, inputs: &[u32], targets: &[i32], loss_scale: f32) -> Result<f32> {
+        self.forward_backward_hooked(inputs, targets, loss_scale, &mut |_, _, _| {})
+    }
+
+    /// `forward_backward`, calling `hook` as each group of grads becomes final (`GradsReady`).
+    pub fn forward_backward_hooked(
+        &mut self,
+        inputs: &[u32],
+        targets: &[i32],
+        loss_scale: f32,
+        hook: GradHook<'_, B>,
+    ) -> Result<f32> {
         let counted = self.load_batch(inputs, targets)?;
         self.forward_trunk();
         let (n, d, v) = (self.tokens(), self.cfg.n_embd, self.cfg.vocab_size);
@@ -463,7 +491,8 @@ impl<B: Backend> Gpt<B> {
             &mut self.losses,
             Some(grad),
         );
-        self.backward_trunk();
+        hook(&self.be, &mut self.grads, GradsReady::LmHead);
+        self.backward_trunk(hook);
         self.be.download(all(&self.losses), &mut self.losses_host);
         let sum: f64 = self.losses_host.iter().map(|&l| l as f64).sum();
         Ok(if counted == 0 {

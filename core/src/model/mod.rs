@@ -12,7 +12,7 @@ pub mod loss;
 pub mod mlp;
 pub mod norm;
 
-pub use gpt::{Gpt, HostMirror};
+pub use gpt::{Gpt, GradHook, GradsReady, HostMirror};
 pub use init::Rng;
 
 use crate::backend::{Backend, Storage, View, ViewMut};

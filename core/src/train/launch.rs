@@ -290,20 +290,38 @@ pub fn join_cpu_ring(env: &WorkerEnv, mut rdv: Rendezvous) -> Result<ProcessRing
     Ok(ProcessRing { ring, _rendezvous: rdv })
 }
 
-/// The CUDA ranks' collective: NCCL on a stream of GPU `LOCAL_RANK` (its primary context, which the backend
-/// shares), the unique id through the rendezvous. At world size 1 it still creates a one-rank communicator
-/// when NCCL is found (so a one-GPU machine checks launch, rendezvous and NCCL init), and is the identity
-/// without it. UNVERIFIED: not yet run on a GPU.
-pub fn join_nccl(env: &WorkerEnv, rdv: &mut Rendezvous) -> Result<nc_comm::NcclRing> {
-    let ctx = cudarc::driver::CudaContext::new(env.local_rank).map_err(|e| {
-        NcError::new(format!(
-            "rank {}: GPU {} (LOCAL_RANK) for NCCL: {e:?}",
-            env.rank, env.local_rank
-        ))
-    })?;
-    let stream = ctx
-        .new_stream()
-        .map_err(|e| NcError::new(format!("rank {}: a stream for NCCL: {e:?}", env.rank)))?;
+/// One process per GPU: `ranks` on this machine need as many visible GPUs (NCCL refuses two ranks on one
+/// GPU, with an error that does not say so). Checked before any rank touches NCCL.
+pub fn check_gpus_for_ranks(ranks: usize, visible_gpus: usize) -> Result<()> {
+    if visible_gpus == 0 {
+        bail!(
+            "--backend cuda: no CUDA device is visible (driver missing, or CUDA_VISIBLE_DEVICES empty); check \
+             nvidia-smi, or use --backend cpu"
+        );
+    }
+    if ranks > visible_gpus {
+        bail!(
+            "{ranks} ranks on this machine but only {visible_gpus} GPU(s) visible: each rank needs its own GPU \
+             (NCCL cannot put two ranks of one communicator on one GPU); start at most {visible_gpus} per machine \
+             (--nproc-per-node {visible_gpus}, or torchrun's), or make more GPUs visible (CUDA_VISIBLE_DEVICES)"
+        );
+    }
+    Ok(())
+}
+
+/// The CUDA ranks' collective: NCCL on a communication stream of the rank's backend (GPU `LOCAL_RANK`; a
+/// stream of its own, in the same context), the unique id through the rendezvous. More than one rank
+/// without libnccl is an error on every rank naming the rank that lacks it and how to provide it
+/// (`nc_comm::nccl::MISSING_NCCL`). At world size 1 it still creates a one-rank communicator when NCCL is
+/// found (so a one-GPU machine checks launch, rendezvous and NCCL init), and is the identity without it.
+/// UNVERIFIED: not yet run on a GPU.
+pub fn join_nccl(
+    env: &WorkerEnv,
+    rdv: &mut Rendezvous,
+    be: &crate::backend::cuda::CudaBackend,
+) -> Result<nc_comm::NcclRing> {
+    let stream =
+        crate::train::zero1_nccl::NcclExchange::comm_stream(be).map_err(|e| e.context(format!("rank {}", env.rank)))?;
     nc_comm::NcclRing::join(rdv, stream).map_err(|e| comm_error(env, e))
 }
 
@@ -380,6 +398,17 @@ mod tests {
             let e = env_of(vars).unwrap_err();
             assert!(e.message.contains(needle), "{vars:?}: {e}");
         }
+    }
+
+    #[test]
+    fn more_ranks_than_gpus_is_refused_before_nccl() {
+        assert!(check_gpus_for_ranks(8, 8).is_ok());
+        assert!(check_gpus_for_ranks(1, 8).is_ok());
+        let e = check_gpus_for_ranks(2, 1).unwrap_err();
+        assert!(e.message.contains("2 ranks on this machine but only 1 GPU"), "{e}");
+        assert!(e.message.contains("--nproc-per-node 1"), "{e}");
+        let e = check_gpus_for_ranks(1, 0).unwrap_err();
+        assert!(e.message.contains("no CUDA device"), "{e}");
     }
 
     #[test]

@@ -6,10 +6,14 @@
 //! clipping of the (synchronized) gradient, Muon + AdamW with the scheduled lr.
 //!
 //! The optimizer runs where the parameters live: on the CPU the host `Optimizer` works in place on the
-//! buffers (and several ranks sync their gradients on them); on a device backend (buffers that are not host
-//! slices) the `DeviceOptimizer` clips and steps with the backend's ops, and only its state comes to the host,
-//! for checkpoints, in the host optimizer's layout (so a checkpoint resumes on either path).
+//! buffers; on a device backend (buffers that are not host slices) the `DeviceOptimizer` clips and steps with
+//! the backend's ops, and only its state comes to the host, for checkpoints, in the host optimizer's layout
+//! (so a checkpoint resumes on either path). Several ranks (or one rank given a collective) exchange their
+//! gradients with ZeRO-1 (`zero1`): each bucket of grads is reduced into its owners from the backward's hook
+//! (on a GPU: NCCL on a communication stream, `zero1_nccl`), each rank's optimizer updates what it owns, and
+//! the owners' weights are gathered.
 
+pub mod buckets;
 pub mod data;
 pub mod launch;
 pub mod metrics;
@@ -17,6 +21,8 @@ pub mod reshard;
 pub mod signal;
 pub mod supervise;
 pub mod sync;
+pub mod zero1;
+pub mod zero1_nccl;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
@@ -39,7 +45,7 @@ use nc_comm::{Collective, ThreadRing};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Instant;
-use sync::GradSync;
+use zero1::{HostRanks, RankCollective, Zero1};
 
 /// Where a run resumes from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -275,8 +281,8 @@ fn saved_dbs(meta: &CheckpointMeta) -> u64 {
         .unwrap_or(0)
 }
 
-/// The optimizer of a rank: the host one where the backend's buffers are host memory (the CPU, any number
-/// of ranks), the device one elsewhere (a single rank on a GPU).
+/// The optimizer of a rank: the host one where the backend's buffers are host memory (the CPU), the device
+/// one elsewhere (a GPU); either updates only what the rank owns (`optim::shard`).
 enum RankOptimizer<B: Backend> {
     Host(Optimizer),
     Device(DeviceOptimizer<B>),
@@ -287,12 +293,12 @@ impl<B: Backend> RankOptimizer<B> {
         if B::host_slice(model.params_buf()).is_some() && B::host_slice(model.grads_buf()).is_some() {
             return Ok(RankOptimizer::Host(Optimizer::new(&model.cfg, config, rank, world)?));
         }
-        if world != 1 {
-            bail!("the device optimizer runs a single rank; --world-size {world} needs --backend cpu");
-        }
-        // bf16: batched bf16 Newton-Schulz and multi-tensor AdamW writing the working copy (optim::device)
+        // bf16: batched bf16 Newton-Schulz and multi-tensor AdamW writing the working copy (optim::device);
+        // the rank's own segments only (ZeRO-1)
         let opts = DeviceOptions {
             precision: model.precision,
+            rank,
+            world_size: world,
             ..DeviceOptions::default()
         };
         Ok(RankOptimizer::Device(DeviceOptimizer::with_options(
@@ -345,13 +351,13 @@ pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
                 std::thread::Builder::new()
                     .name(format!("nc-rank{}", i + 1))
                     .spawn_scoped(scope, move || {
-                        let comm: Box<dyn Collective> = Box::new(ring);
+                        let comm: Box<dyn RankCollective<CpuBackend>> = Box::new(HostRanks::new(Box::new(ring)));
                         train_rank(cfg, i + 1, Some(comm), cpu_device(cfg.world_size, cfg.world_size))
                     })
                     .map_err(|e| NcError::new(format!("starting rank {}: {e}", i + 1)))
             })
             .collect::<Result<_>>()?;
-        let comm0: Box<dyn Collective> = Box::new(ring0);
+        let comm0: Box<dyn RankCollective<CpuBackend>> = Box::new(HostRanks::new(Box::new(ring0)));
         let first = train_rank(cfg, 0, Some(comm0), cpu_device(cfg.world_size, cfg.world_size));
         let mut result = first;
         for h in others {
@@ -409,12 +415,14 @@ pub struct Device<B: Backend> {
     pub precision: Precision,
 }
 
-/// Train on one rank with the given backend (a GPU's, or a test's). Several ranks are CPU threads only, for
-/// now, and go through `train`.
+/// Train on one rank with the given backend (a GPU's, or a test's), without a collective. Several ranks are
+/// processes (`train_as_rank`), or CPU threads of one process (`train`, the tests' fixture).
 pub fn train_on<B: Backend>(cfg: &TrainConfig, device: Device<B>) -> Result<RunSummary> {
     if cfg.world_size > 1 {
         bail!(
-            "--world-size {} runs CPU ranks only in this build; use --backend cpu, or --world-size 1",
+            "--world-size {} on a device runs one process per GPU: start them with nc-train --nproc-per-node {} \
+             (or torchrun), not in this process",
+            cfg.world_size,
             cfg.world_size
         );
     }
@@ -422,12 +430,13 @@ pub fn train_on<B: Backend>(cfg: &TrainConfig, device: Device<B>) -> Result<RunS
 }
 
 /// Train as rank `rank` of `cfg.world_size`, one rank of several processes (or machines) joined by `comm`
-/// (None: a single rank). Every rank logs nothing but rank 0, saves its own optimizer state, and stops at the
-/// step the ranks agree on.
+/// (None: a single rank; a collective may be given at world size 1 too, which runs the ZeRO-1 exchange with
+/// one rank). Every rank logs nothing but rank 0, saves its own optimizer state, and stops at the step the
+/// ranks agree on.
 pub fn train_as_rank<B: Backend>(
     cfg: &TrainConfig,
     rank: usize,
-    comm: Option<Box<dyn Collective>>,
+    comm: Option<Box<dyn RankCollective<B>>>,
     device: Device<B>,
 ) -> Result<RunSummary> {
     if let Some(c) = &comm {
@@ -494,7 +503,7 @@ pub fn cuda_device(ordinal: usize, tf32: bool) -> Result<Device<crate::backend::
 fn train_rank<B: Backend>(
     cfg: &TrainConfig,
     rank: usize,
-    mut comm: Option<Box<dyn Collective>>,
+    comm: Option<Box<dyn RankCollective<B>>>,
     device: Device<B>,
 ) -> Result<RunSummary> {
     let lead = rank == 0;
@@ -541,7 +550,8 @@ fn train_rank<B: Backend>(
     // checkpoints' host copy of the parameters, on a device backend
     let mut mirror = HostMirror::default();
     let mut opt = RankOptimizer::new(&model, cfg.optim, rank, world)?;
-    let grad_sync = GradSync::new(&model_cfg, rank, world);
+    // the gradient exchange: buckets reduced from the backward's hook (`zero1`)
+    let mut zero1 = comm.map(|c| Zero1::new(&model_cfg, c));
     let mut state = LoopState {
         smooth_loss: 0.0,
         min_val_bpb: f64::INFINITY,
@@ -590,6 +600,13 @@ fn train_rank<B: Backend>(
                 saved_dbs(meta)
             ));
         }
+    }
+    if let Some(z) = &zero1 {
+        say(format!(
+            "zero1: {} rank(s); {} gradient buckets, each reduced into its owners as the backward finishes it",
+            z.world_size(),
+            z.buckets()
+        ));
     }
     let resume_step = resumed.as_ref().map(|(_, m)| m.step);
     let mut metrics = if lead {
@@ -660,9 +677,9 @@ fn train_rank<B: Backend>(
     loop {
         let last_step = step == num_iterations;
         let mut stop = signal::stop_requested() || cfg.stop_at_step == Some(step);
-        if let Some(c) = comm.as_mut() {
+        if let Some(z) = zero1.as_mut() {
             // every rank stops at the same step (a signal reaches the ranks at different moments)
-            stop = sync::any_rank(c.as_mut(), stop)?;
+            stop = sync::any_rank(z.host(), stop)?;
         }
 
         if lead && (last_step || (cfg.eval_every > 0 && step % cfg.eval_every == 0) || step == 0) {
@@ -712,7 +729,7 @@ fn train_rank<B: Backend>(
             let saved = save_checkpoint(
                 cfg,
                 rank,
-                comm.as_deref_mut(),
+                zero1.as_mut().map(|z| z.host()),
                 &meta,
                 params,
                 &opt.state_to_host(&model.be),
@@ -740,35 +757,57 @@ fn train_rank<B: Backend>(
         let mut loss_sum = 0.0f64;
         // the step's gradient is the mean over every micro-batch of every rank (the ranks' grads are summed)
         let loss_scale = 1.0 / (batch.grad_accum * world) as f32;
-        for _ in 0..batch.grad_accum {
+        for micro in 0..batch.grad_accum {
             let b = data.train.next_batch();
-            let loss = model.forward_backward(&b.inputs, &b.targets, loss_scale)?;
+            let loss = match zero1.as_mut() {
+                // the last micro-batch's backward reduces each bucket as it finishes it (the earlier ones
+                // only accumulate)
+                Some(z) if micro + 1 == batch.grad_accum => {
+                    z.begin_reduce();
+                    let mut hook = |be: &B, g: &mut B::Buf, ready| z.grads_ready(be, g, ready);
+                    model.forward_backward_hooked(&b.inputs, &b.targets, loss_scale, &mut hook)?
+                }
+                _ => model.forward_backward(&b.inputs, &b.targets, loss_scale)?,
+            };
             loss_sum += loss as f64;
         }
         let mut loss = (loss_sum / batch.grad_accum as f64) as f32;
-        if let Some(c) = comm.as_mut() {
-            loss = sync::mean_over_ranks(c.as_mut(), loss)?;
+        if let Some(z) = zero1.as_mut() {
+            loss = sync::mean_over_ranks(z.host(), loss)?;
         }
         if !loss.is_finite() {
             bail!("the train loss became {loss} at step {step}; lower the learning rates (e.g. --matrix-lr 0.01)");
         }
         let lr_mult = schedule.lr_multiplier(step);
-        let grad_norm = match &mut opt {
-            RankOptimizer::Host(opt) => {
+        let grad_norm = match (&mut opt, zero1.as_mut()) {
+            (opt, Some(z)) => {
+                // ZeRO-1: the owned parts of the summed gradient, clipped; this rank's update; the gather
+                let (be, params, grads) = model.backend_params_grads_mut();
+                let grad_norm = z.finish_reduce_and_clip(be, grads, cfg.grad_clip)?;
+                match opt {
+                    RankOptimizer::Host(opt) => {
+                        let (p, g) = match (B::host_slice_mut(params), B::host_slice(grads)) {
+                            (Some(p), Some(g)) => (p, g),
+                            _ => bail!("the host optimizer needs host buffers"),
+                        };
+                        opt.step(p, g, lr_mult, muon_momentum(step));
+                    }
+                    RankOptimizer::Device(opt) => opt.step(be, params, grads, lr_mult, muon_momentum(step)),
+                }
+                z.gather_params(be, params)?;
+                // queued work on a device: wait for it, so dt is this step's own time (nothing on the CPU)
+                be.synchronize();
+                grad_norm
+            }
+            (RankOptimizer::Host(opt), None) => {
                 let (params, grads) = model
                     .host_params_and_grads_mut()
                     .expect("the host optimizer is chosen only for host buffers");
-                let grad_norm = match comm.as_mut() {
-                    Some(c) => grad_sync.reduce_and_clip(c.as_mut(), grads, cfg.grad_clip)?,
-                    None => clip_grad_norm(grads, cfg.grad_clip),
-                };
+                let grad_norm = clip_grad_norm(grads, cfg.grad_clip);
                 opt.step(params, grads, lr_mult, muon_momentum(step));
-                if let Some(c) = comm.as_mut() {
-                    grad_sync.gather_params(c.as_mut(), params)?;
-                }
                 grad_norm
             }
-            RankOptimizer::Device(opt) => {
+            (RankOptimizer::Device(opt), None) => {
                 // a single rank: its gradient is the synchronized one
                 let (be, params, grads, working) = model.backend_params_grads_working_mut();
                 let wrote_working = working.is_some() && opt.owns_everything();

@@ -4,26 +4,23 @@
 //! parameters are all-gathered. Collectives run per parameter tensor, with bounds that give each rank
 //! exactly its part of that tensor.
 
-use crate::config::{ModelConfig, ParamKind};
+use crate::config::ModelConfig;
 use crate::error::{NcError, Result};
 use crate::optim::clip::{clip_factor, sum_of_squares};
-use crate::optim::shard::{row_slice, ShardLayout};
-use nc_comm::{Bounds, Collective};
+use crate::optim::shard::ShardLayout;
+use crate::train::buckets::{tensor_splits, TensorSplit};
+use nc_comm::Collective;
 use std::ops::Range;
 
-/// One parameter tensor and how it is split among ranks.
-struct TensorSplit {
-    range: Range<usize>,
-    bounds: Bounds,
-}
-
+/// The non-bucketed exchange: every tensor reduced after the whole backward. The training loop runs the
+/// bucketed one (`zero1`), which must give the same bits; this stays as the reference it is tested against.
 pub struct GradSync {
     splits: Vec<TensorSplit>,
     /// Element ranges (in the whole buffer) this rank owns.
     owned: Vec<Range<usize>>,
 }
 
-fn comm_err(e: nc_comm::CommError) -> NcError {
+pub(crate) fn comm_err(e: nc_comm::CommError) -> NcError {
     NcError::new(format!(
         "collective failed: {e} (another rank stopped with an error; see its message)"
     ))
@@ -31,27 +28,7 @@ fn comm_err(e: nc_comm::CommError) -> NcError {
 
 impl GradSync {
     pub fn new(model: &ModelConfig, rank: usize, world_size: usize) -> Self {
-        let mut splits = Vec::new();
-        let mut matrix_index = 0;
-        for spec in model.param_specs() {
-            let n = spec.numel();
-            let offsets: Vec<usize> = match spec.kind {
-                // the owner (round-robin, as ShardLayout) gets the whole matrix, the others nothing
-                ParamKind::Matrix => {
-                    let owner = matrix_index % world_size;
-                    matrix_index += 1;
-                    (0..=world_size).map(|k| if k <= owner { 0 } else { n }).collect()
-                }
-                ParamKind::Embedding | ParamKind::Unembedding => std::iter::once(0)
-                    .chain((0..world_size).map(|r| row_slice(spec.rows, r, world_size).1 * spec.cols))
-                    .collect(),
-            };
-            let bounds = Bounds::new(offsets).expect("offsets from 0, non-decreasing, ending at numel");
-            splits.push(TensorSplit {
-                range: spec.range(),
-                bounds,
-            });
-        }
+        let splits = tensor_splits(model, world_size);
         let owned = ShardLayout::new(model, rank, world_size)
             .segments
             .iter()

@@ -67,6 +67,14 @@ impl CudaBuf {
     pub fn len(&self) -> usize {
         self.len
     }
+    /// The device address of the first element (for collectives that take raw addresses, e.g. NCCL's).
+    pub fn device_addr(&self) -> u64 {
+        self.mem.addr()
+    }
+    /// How the elements are stored (F32: 4 bytes each, Bf16: 2).
+    pub fn storage_kind(&self) -> Storage {
+        self.storage
+    }
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -147,6 +155,12 @@ impl CudaBackend {
     /// The device ordinal this backend runs on.
     pub fn ordinal(&self) -> usize {
         self.ordinal
+    }
+
+    /// The stream every op of this backend is queued on (a collective on another stream orders itself
+    /// after this one's work with events).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
     }
 
     /// The device's name, as the driver reports it (for logs).

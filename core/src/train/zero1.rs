@@ -1,0 +1,461 @@
+//! ZeRO-1 data parallelism driven by the backward, for any backend: each bucket's gradient (`buckets`) is
+//! summed over the ranks into its owners' parts as soon as the backward has made it final, while the rest of
+//! the backward runs; then the owned parts are clipped by the global norm, each rank's optimizer updates
+//! what it owns, and the owners' parameters go to every rank.
+//!
+//! The transport is a `RankCollective`: on host buffers (the CPU backend) the thread or shared-memory ring
+//! (`HostRanks`: each bucket's reduction runs on the spot, between two layers' backward: the CPU twin of the
+//! device's overlap, with the very same bucket schedule and ownership); on GPUs NCCL on a communication
+//! stream (`zero1_nccl`: queued behind an event of the compute stream, no host wait, so it overlaps the
+//! backward of the layers below); `StagedRanks` runs a host ring for buffers that are not host slices (the
+//! device path's twin in tests, on `DeviceLikeCpu`).
+//!
+//! Numerics: every tensor is reduced by the same transport call with the same bounds as the non-bucketed
+//! exchange (`sync::GradSync`), only earlier, and reductions are elementwise in a fixed rank order, so the
+//! two give the same bits (tested below with thread ranks). The norm is summed over the owned parts in
+//! canonical order with the backend's `sum_squares` (on the CPU: `clip::sum_of_squares`, as GradSync).
+
+use crate::backend::{Backend, View, ViewMut};
+use crate::bail;
+use crate::config::ModelConfig;
+use crate::error::{NcError, Result};
+use crate::model::GradsReady;
+use crate::optim::clip::clip_factor;
+use crate::optim::shard::ShardLayout;
+use crate::train::buckets::{backward_buckets, tensor_splits, Bucket, TensorSplit};
+use crate::train::sync::comm_err;
+use nc_comm::Collective;
+use std::ops::Range;
+
+/// The collectives a data-parallel rank needs on its backend's buffers.
+pub trait RankCollective<B: Backend>: Send {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// Sum each tensor over the ranks into the part its owner holds (`TensorSplit::parts`); what other
+    /// ranks hold of it afterwards is unspecified. On a device this is queued behind the work already
+    /// queued on the compute stream and returns at once.
+    fn reduce_to_owners(&mut self, be: &B, grads: &mut B::Buf, tensors: &[&TensorSplit]) -> Result<()>;
+    /// Every rank gets each owner's part of each tensor (queued behind the compute stream's work).
+    fn gather_from_owners(&mut self, be: &B, params: &mut B::Buf, tensors: &[TensorSplit]) -> Result<()>;
+    /// Make the compute work queued from now on wait for every collective queued so far (a device: an event
+    /// the compute stream waits on; nothing to do where collectives run on the spot).
+    fn join_compute(&mut self, be: &B) -> Result<()>;
+    /// Collectives on host values: the loss, the norm, stop flags, checkpoint phases.
+    fn host(&mut self) -> &mut (dyn Collective + 'static);
+}
+
+/// A ring on host memory (thread ranks, processes over /dev/shm) for a backend whose buffers are host
+/// slices: every reduction runs at once, between two layers of the backward.
+pub struct HostRanks {
+    ring: Box<dyn Collective>,
+}
+
+impl HostRanks {
+    pub fn new(ring: Box<dyn Collective>) -> Self {
+        HostRanks { ring }
+    }
+}
+
+fn host_buffer<B: Backend>(buf: &mut B::Buf) -> Result<&mut [f32]> {
+    B::host_slice_mut(buf).ok_or_else(|| {
+        NcError::new("a host ring reduces host buffers only; a device backend needs its own collective (NCCL)")
+    })
+}
+
+impl<B: Backend> RankCollective<B> for HostRanks {
+    fn rank(&self) -> usize {
+        self.ring.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.ring.world_size()
+    }
+    fn reduce_to_owners(&mut self, _be: &B, grads: &mut B::Buf, tensors: &[&TensorSplit]) -> Result<()> {
+        let g = host_buffer::<B>(grads)?;
+        for t in tensors {
+            self.ring
+                .reduce_scatter_sum(&mut g[t.range.clone()], &t.bounds)
+                .map_err(comm_err)?;
+        }
+        Ok(())
+    }
+    fn gather_from_owners(&mut self, _be: &B, params: &mut B::Buf, tensors: &[TensorSplit]) -> Result<()> {
+        let p = host_buffer::<B>(params)?;
+        for t in tensors {
+            self.ring
+                .all_gather(&mut p[t.range.clone()], &t.bounds)
+                .map_err(comm_err)?;
+        }
+        Ok(())
+    }
+    fn join_compute(&mut self, _be: &B) -> Result<()> {
+        Ok(())
+    }
+    fn host(&mut self) -> &mut (dyn Collective + 'static) {
+        self.ring.as_mut()
+    }
+}
+
+/// A host ring for a backend whose buffers are not host slices: each tensor is downloaded, exchanged on the
+/// host and uploaded again (for a reduction only the owned part goes back). Two copies a tensor, so not for
+/// GPUs (they use NCCL, `zero1_nccl`): the CPU twin of the device path, which lets CI run the device
+/// optimizer's ZeRO-1 on `DeviceLikeCpu` ranks. Sums are the ring's, so the same bits as `HostRanks`.
+pub struct StagedRanks {
+    ring: Box<dyn Collective>,
+    staging: Vec<f32>,
+}
+
+impl StagedRanks {
+    pub fn new(ring: Box<dyn Collective>) -> Self {
+        StagedRanks {
+            ring,
+            staging: Vec::new(),
+        }
+    }
+}
+
+impl<B: Backend> RankCollective<B> for StagedRanks {
+    fn rank(&self) -> usize {
+        self.ring.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.ring.world_size()
+    }
+    fn reduce_to_owners(&mut self, be: &B, grads: &mut B::Buf, tensors: &[&TensorSplit]) -> Result<()> {
+        let rank = self.ring.rank();
+        for t in tensors {
+            let (start, len) = (t.range.start, t.range.len());
+            self.staging.resize(len, 0.0);
+            be.download(View::at(grads, start, len), &mut self.staging);
+            self.ring
+                .reduce_scatter_sum(&mut self.staging, &t.bounds)
+                .map_err(comm_err)?;
+            let mine = t.bounds.range(rank);
+            be.upload(ViewMut::at(grads, start + mine.start, mine.len()), &self.staging[mine]);
+        }
+        Ok(())
+    }
+    fn gather_from_owners(&mut self, be: &B, params: &mut B::Buf, tensors: &[TensorSplit]) -> Result<()> {
+        for t in tensors {
+            let (start, len) = (t.range.start, t.range.len());
+            self.staging.resize(len, 0.0);
+            be.download(View::at(params, start, len), &mut self.staging);
+            self.ring.all_gather(&mut self.staging, &t.bounds).map_err(comm_err)?;
+            be.upload(ViewMut::at(params, start, len), &self.staging);
+        }
+        Ok(())
+    }
+    fn join_compute(&mut self, _be: &B) -> Result<()> {
+        Ok(())
+    }
+    fn host(&mut self) -> &mut (dyn Collective + 'static) {
+        self.ring.as_mut()
+    }
+}
+
+/// One rank's ZeRO-1 exchange: the bucket schedule, what this rank owns, and the transport.
+pub struct Zero1<B: Backend> {
+    comm: Box<dyn RankCollective<B>>,
+    splits: Vec<TensorSplit>,
+    buckets: Vec<Bucket>,
+    /// Element ranges this rank owns, in canonical order (the optimizer's segments).
+    owned: Vec<Range<usize>>,
+    /// The next bucket the backward should make ready this step.
+    next_bucket: usize,
+    /// The first failure inside the backward's hook (returned by `finish_reduce_and_clip`).
+    failed: Option<NcError>,
+}
+
+impl<B: Backend> Zero1<B> {
+    pub fn new(model: &ModelConfig, comm: Box<dyn RankCollective<B>>) -> Self {
+        let (rank, world) = (comm.rank(), comm.world_size());
+        Zero1 {
+            splits: tensor_splits(model, world),
+            buckets: backward_buckets(model),
+            owned: ShardLayout::new(model, rank, world)
+                .segments
+                .iter()
+                .map(|s| s.range())
+                .collect(),
+            comm,
+            next_bucket: 0,
+            failed: None,
+        }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+    pub fn world_size(&self) -> usize {
+        self.comm.world_size()
+    }
+    pub fn host(&mut self) -> &mut (dyn Collective + 'static) {
+        self.comm.host()
+    }
+    /// How many gradient buckets a step reduces.
+    pub fn buckets(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// Before the step's last micro-batch (the only one whose backward reduces: earlier ones accumulate).
+    pub fn begin_reduce(&mut self) {
+        self.next_bucket = 0;
+        self.failed = None;
+    }
+
+    /// The backward's hook: start reducing the bucket `ready` names. Buckets must come in schedule order;
+    /// after a failure the rest are skipped (the error comes back from `finish_reduce_and_clip`).
+    pub fn grads_ready(&mut self, be: &B, grads: &mut B::Buf, ready: GradsReady) {
+        if self.failed.is_some() {
+            return;
+        }
+        let Some(bucket) = self.buckets.get(self.next_bucket) else {
+            self.failed = Some(NcError::new(format!(
+                "zero1: the backward reported {ready:?} after every bucket was reduced"
+            )));
+            return;
+        };
+        if bucket.ready != ready {
+            self.failed = Some(NcError::new(format!(
+                "zero1: the backward reported {ready:?} where the bucket schedule expects {:?}",
+                bucket.ready
+            )));
+            return;
+        }
+        let tensors: Vec<&TensorSplit> = bucket.tensors.iter().map(|&t| &self.splits[t]).collect();
+        if let Err(e) = self.comm.reduce_to_owners(be, grads, &tensors) {
+            self.failed = Some(e);
+        }
+        self.next_bucket += 1;
+    }
+
+    /// After the backward: wait (on the device: make the compute stream wait) for every bucket, then clip the
+    /// owned parts by the global norm of the summed gradient (the same factor on every rank) and return it.
+    pub fn finish_reduce_and_clip(&mut self, be: &B, grads: &mut B::Buf, max_norm: f64) -> Result<f64> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
+        if self.next_bucket != self.buckets.len() {
+            bail!(
+                "zero1: the backward made {} of {} gradient buckets ready",
+                self.next_bucket,
+                self.buckets.len()
+            );
+        }
+        self.comm.join_compute(be)?;
+        let own: f64 = self
+            .owned
+            .iter()
+            .map(|r| be.sum_squares(View::at(grads, r.start, r.len())))
+            .sum();
+        let mut total = [own as f32];
+        self.comm.host().all_reduce_sum(&mut total).map_err(comm_err)?;
+        let norm = (total[0] as f64).sqrt();
+        if max_norm > 0.0 {
+            let f = clip_factor(norm, max_norm);
+            if f < 1.0 {
+                for r in &self.owned {
+                    be.scale(ViewMut::at(grads, r.start, r.len()), f);
+                }
+            }
+        }
+        Ok(norm)
+    }
+
+    /// After this rank's optimizer updated what it owns: every rank gets every owner's parameters, and the
+    /// compute work queued next waits for them.
+    pub fn gather_params(&mut self, be: &B, params: &mut B::Buf) -> Result<()> {
+        self.comm.gather_from_owners(be, params, &self.splits)?;
+        self.comm.join_compute(be)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::model::{Gpt, Recompute};
+    use crate::optim::schedule::muon_momentum;
+    use crate::optim::{OptimConfig, Optimizer};
+    use crate::train::sync::GradSync;
+    use nc_comm::ThreadRing;
+
+    fn tiny() -> ModelConfig {
+        ModelConfig::new(3, 32, 2, 2, 16, 64, 8).unwrap()
+    }
+
+    /// A micro-batch of rank `rank` at micro-step `k` of step `step` (every rank sees other tokens).
+    fn batch(cfg: &ModelConfig, n: usize, rank: usize, step: usize, k: usize) -> (Vec<u32>, Vec<i32>) {
+        let seed = (rank * 1000 + step * 10 + k) as u64;
+        let mut rng = crate::model::Rng::new(seed);
+        let toks: Vec<u32> = (0..=n)
+            .map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32)
+            .collect();
+        (toks[..n].to_vec(), toks[1..].iter().map(|&t| t as i32).collect())
+    }
+
+    /// How a rank exchanges its gradient.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Exchange {
+        /// `Zero1`, each bucket reduced from the backward's hook.
+        Bucketed,
+        /// `GradSync`: everything after the backward.
+        Whole,
+    }
+
+    /// Train `steps` steps of `accum` micro-batches on `world` thread ranks; rank 0's step losses and final
+    /// parameters.
+    fn run(world: usize, steps: usize, accum: usize, how: Exchange) -> (Vec<f32>, Vec<f32>) {
+        let cfg = tiny();
+        let (b, t) = (2, cfg.sequence_len);
+        let rings = ThreadRing::new(world);
+        let results: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = rings
+                .into_iter()
+                .enumerate()
+                .map(|(rank, ring)| {
+                    scope.spawn(move || {
+                        let mut model = Gpt::new(CpuBackend::new(), cfg, b, t, Recompute::None).unwrap();
+                        model.init(7);
+                        let mut opt = Optimizer::new(&cfg, OptimConfig::default(), rank, world).unwrap();
+                        let mut zero1 = Zero1::<CpuBackend>::new(&cfg, Box::new(HostRanks::new(Box::new(ring))));
+                        let sync = GradSync::new(&cfg, rank, world);
+                        let mut losses = Vec::new();
+                        for step in 0..steps {
+                            model.zero_grads();
+                            let mut sum = 0.0f32;
+                            let scale = 1.0 / (accum * world) as f32;
+                            for k in 0..accum {
+                                let (x, y) = batch(&cfg, b * t, rank, step, k);
+                                sum += if how == Exchange::Bucketed && k + 1 == accum {
+                                    zero1.begin_reduce();
+                                    model
+                                        .forward_backward_hooked(&x, &y, scale, &mut |be, g, r| {
+                                            zero1.grads_ready(be, g, r)
+                                        })
+                                        .unwrap()
+                                } else {
+                                    model.forward_backward(&x, &y, scale).unwrap()
+                                };
+                            }
+                            losses.push(sum);
+                            let (be, params, grads) = model.backend_params_grads_mut();
+                            match how {
+                                Exchange::Bucketed => {
+                                    zero1.finish_reduce_and_clip(be, grads, 1.0).unwrap();
+                                }
+                                Exchange::Whole => {
+                                    let g = CpuBackend::host_mut(grads);
+                                    sync.reduce_and_clip(zero1.host(), g, 1.0).unwrap();
+                                }
+                            }
+                            let (p, g) = (CpuBackend::host_mut(params), CpuBackend::host(grads));
+                            opt.step(p, g, 1.0, muon_momentum(step as u64));
+                            match how {
+                                Exchange::Bucketed => zero1.gather_params(be, params).unwrap(),
+                                Exchange::Whole => {
+                                    sync.gather_params(zero1.host(), CpuBackend::host_mut(params)).unwrap()
+                                }
+                            }
+                        }
+                        (losses, model.params().to_vec())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for r in 1..world {
+            assert_eq!(
+                results[r].1, results[0].1,
+                "rank {r} ends with other parameters than rank 0"
+            );
+        }
+        results.into_iter().next().unwrap()
+    }
+
+    /// The bucketed exchange (reductions interleaved with the backward) gives the same bits as reducing
+    /// everything after it: same calls, same bounds, same sum order, only earlier.
+    #[test]
+    fn bucketed_reduction_equals_the_whole_gradient_exchange_bit_for_bit() {
+        for world in [2usize, 3] {
+            let bucketed = run(world, 3, 2, Exchange::Bucketed);
+            let whole = run(world, 3, 2, Exchange::Whole);
+            assert_eq!(bucketed.0, whole.0, "world {world}: losses");
+            assert_eq!(bucketed.1, whole.1, "world {world}: parameters");
+            assert!(
+                bucketed.0[2] < bucketed.0[0],
+                "world {world}: the runs learn ({:?})",
+                bucketed.0
+            );
+        }
+    }
+
+    /// When the hook says a bucket is ready, its grads are final: a snapshot taken then equals the grads at
+    /// the end of the backward, and buckets not yet reported are still untouched (zero).
+    #[test]
+    fn the_hook_fires_when_each_bucket_is_final_and_in_schedule_order() {
+        let cfg = tiny();
+        let mut model = Gpt::new(CpuBackend::new(), cfg, 2, cfg.sequence_len, Recompute::None).unwrap();
+        // not `init`: its zero lm_head and projections would leave most grads zero
+        let mut rng = crate::model::Rng::new(3);
+        model
+            .params_mut()
+            .iter_mut()
+            .for_each(|p| *p = 0.1 * rng.normal() as f32);
+        model.zero_grads();
+        let buckets = backward_buckets(&cfg);
+        let splits = tensor_splits(&cfg, 1);
+        let (x, y) = batch(&cfg, 2 * cfg.sequence_len, 0, 0, 0);
+        let mut seen: Vec<(GradsReady, Vec<f32>, bool)> = Vec::new();
+        model
+            .forward_backward_hooked(&x, &y, 1.0, &mut |_be, g, ready| {
+                let g = CpuBackend::host(g);
+                let i = seen.len();
+                let snap = buckets[i]
+                    .tensors
+                    .iter()
+                    .flat_map(|&t| g[splits[t].range.clone()].to_vec())
+                    .collect();
+                let later_untouched = buckets[i + 1..]
+                    .iter()
+                    .flat_map(|b| b.tensors.iter())
+                    .all(|&t| g[splits[t].range.clone()].iter().all(|&v| v == 0.0));
+                seen.push((ready, snap, later_untouched));
+            })
+            .unwrap();
+        let order: Vec<GradsReady> = seen.iter().map(|s| s.0).collect();
+        let expected: Vec<GradsReady> = buckets.iter().map(|b| b.ready).collect();
+        assert_eq!(order, expected);
+        let g = model.grads();
+        for (i, (ready, snap, later_untouched)) in seen.iter().enumerate() {
+            let fin: Vec<f32> = buckets[i]
+                .tensors
+                .iter()
+                .flat_map(|&t| g[splits[t].range.clone()].to_vec())
+                .collect();
+            assert_eq!(
+                snap, &fin,
+                "{ready:?}: grads changed after the hook said they were final"
+            );
+            assert!(snap.iter().any(|&v| v != 0.0), "{ready:?}: no gradient at all");
+            assert!(later_untouched, "{ready:?}: a later bucket already had grads");
+        }
+    }
+
+    #[test]
+    fn a_bucket_out_of_order_is_an_error_not_a_wrong_sum() {
+        let cfg = tiny();
+        let rings = ThreadRing::new(1);
+        let ring = rings.into_iter().next().unwrap();
+        let mut z = Zero1::<CpuBackend>::new(&cfg, Box::new(HostRanks::new(Box::new(ring))));
+        let be = CpuBackend::new();
+        let mut g = be.alloc(cfg.num_params() as usize);
+        z.begin_reduce();
+        z.grads_ready(&be, &mut g, GradsReady::Layer(0));
+        let e = z.finish_reduce_and_clip(&be, &mut g, 0.0).unwrap_err();
+        assert!(e.message.contains("expects LmHead"), "{e}");
+        z.begin_reduce();
+        z.grads_ready(&be, &mut g, GradsReady::LmHead);
+        let e = z.finish_reduce_and_clip(&be, &mut g, 0.0).unwrap_err();
+        assert!(e.message.contains("1 of 5"), "{e}");
+    }
+}

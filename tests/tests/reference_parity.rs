@@ -102,7 +102,7 @@ fn parity(file: &str) {
 
     let prompt: Vec<u32> = i32s(&st, "prompt").iter().map(|&i| i as u32).collect();
     let mut sampler = Sampler::new(&model, t).unwrap();
-    let logits = sampler.logits_for_last_position(&model, &prompt).unwrap();
+    let logits = sampler.logits_for_last_position(&mut model, &prompt).unwrap();
     let e = rel_l2(&logits, &f32s(&st, "logits_last"));
     println!("{file}: logits_last relative L2 error {e:.2e}");
     assert!(e <= TOL, "{file}: logits_last off by {e:.3e}");
@@ -110,7 +110,7 @@ fn parity(file: &str) {
     sampler.reset();
     let mut last = Vec::new();
     for &tok in &prompt {
-        last = sampler.extend(&model, &[tok]).unwrap().to_vec();
+        last = sampler.extend(&mut model, &[tok]).unwrap().to_vec();
     }
     let e = rel_l2(&last, &f32s(&st, "logits_last"));
     assert!(e <= TOL, "{file}: token-by-token logits_last off by {e:.3e}");

@@ -1,6 +1,7 @@
 //! The attention half of a block: x += c_proj(attn(rotary+QK-norm(q, k), v)) with q, k, v = linear(rmsnorm(x)).
 
-use super::{all, all_mut, gemm_input, norm, BlockParams, GradScratch, LayerActs, LayerShapes};
+use super::kv_cache::KvLayer;
+use super::{all, all_mut, gemm_input, head, head_mut, norm, BlockParams, GradScratch, LayerActs, LayerShapes};
 use crate::backend::{AttnShape, Backend, View, ViewMut};
 use crate::config::RMSNORM_EPS;
 
@@ -8,8 +9,12 @@ fn shape(s: &LayerShapes, batch: usize, t: usize) -> AttnShape {
     AttnShape::causal(batch, t, s.n_head, s.n_kv_head, s.head_dim)
 }
 
-/// Forward: reads `resid`, saves into `a`, adds the branch output into `resid`.
-/// `scr.dq` / `scr.dk` serve as scratch for q and k before rotary and QK-norm.
+/// Forward over `s.n` = batch x t tokens: reads `resid`, saves into `a`, adds the branch output into `resid`.
+/// `scr.dq` / `scr.dk` serve as scratch for q and k before rotary and QK-norm. Only the first `s.n` tokens'
+/// rows of each buffer are touched, so a forward over fewer tokens than the buffers hold (decoding) runs on
+/// them too. With `kv` (one sequence, batch 1), the new tokens sit at positions kv.pos0.., their k and v are
+/// written into the cache at those rows and attention reads every cached row (the KV-cached decode); without,
+/// positions start at 0 and attention reads this call's k and v (training, evaluation).
 #[allow(clippy::too_many_arguments)]
 pub fn forward<B: Backend>(
     be: &B,
@@ -22,85 +27,108 @@ pub fn forward<B: Backend>(
     a: &mut LayerActs<B>,
     scr: &mut GradScratch<B>,
     rope: &B::Buf,
+    kv: Option<KvLayer<'_, B>>,
 ) {
     let (n, d, qd, kvd, hd) = (s.n, s.d, s.qd, s.kvd, s.head_dim);
-    norm::forward(be, all(resid), n, d, all_mut(&mut a.xn1), all_mut(&mut a.rstd1));
+    let (h, hkv) = (s.n_head, s.n_kv_head);
+    let pos0 = kv.as_ref().map_or(0, |c| c.pos0);
+    norm::forward(
+        be,
+        head(resid, n * d),
+        n,
+        d,
+        head_mut(&mut a.xn1, n * d),
+        head_mut(&mut a.rstd1, n),
+    );
+    let xn1 = head::<B>(&a.xn1, n * d);
     be.matmul(
         n,
         qd,
         d,
-        all(&a.xn1),
+        xn1,
         false,
         View::at(params, w.c_q, qd * d),
         true,
-        all_mut(&mut scr.dq),
+        head_mut(&mut scr.dq, n * qd),
         false,
     );
     be.matmul(
         n,
         kvd,
         d,
-        all(&a.xn1),
+        xn1,
         false,
         View::at(params, w.c_k, kvd * d),
         true,
-        all_mut(&mut scr.dk),
+        head_mut(&mut scr.dk, n * kvd),
         false,
     );
     be.matmul(
         n,
         kvd,
         d,
-        all(&a.xn1),
+        xn1,
         false,
         View::at(params, w.c_v, kvd * d),
         true,
-        all_mut(&mut a.v),
+        head_mut(&mut a.v, n * kvd),
         false,
     );
     // Rotary, then QK-norm (rmsnorm over the head dim), as one fused op: the rotated value is not stored.
     be.rotary_qknorm_forward(
-        all_mut(&mut scr.dq),
+        head_mut(&mut scr.dq, n * qd),
         batch,
         t,
-        s.n_head,
+        h,
         hd,
-        0,
+        pos0,
         all(rope),
         RMSNORM_EPS,
-        all_mut(&mut a.q),
-        all_mut(&mut a.rstd_q),
+        head_mut(&mut a.q, n * qd),
+        head_mut(&mut a.rstd_q, n * h),
     );
     be.rotary_qknorm_forward(
-        all_mut(&mut scr.dk),
+        head_mut(&mut scr.dk, n * kvd),
         batch,
         t,
-        s.n_kv_head,
+        hkv,
         hd,
-        0,
+        pos0,
         all(rope),
         RMSNORM_EPS,
-        all_mut(&mut a.k),
-        all_mut(&mut a.rstd_k),
+        head_mut(&mut a.k, n * kvd),
+        head_mut(&mut a.rstd_k, n * hkv),
     );
-    be.attention_forward(
-        shape(s, batch, t),
-        all(&a.q),
-        all(&a.k),
-        all(&a.v),
-        all_mut(&mut a.y),
-        all_mut(&mut a.lse),
+    let (q, y, lse) = (
+        head(&a.q, n * qd),
+        head_mut(&mut a.y, n * qd),
+        head_mut(&mut a.lse, n * h),
     );
+    match kv {
+        None => be.attention_forward(shape(s, batch, t), q, head(&a.k, n * kvd), head(&a.v, n * kvd), y, lse),
+        Some(c) => {
+            assert_eq!(batch, 1, "a KV cache holds one sequence");
+            be.copy(head(&a.k, n * kvd), ViewMut::at(&mut *c.k, pos0 * kvd, n * kvd));
+            be.copy(head(&a.v, n * kvd), ViewMut::at(&mut *c.v, pos0 * kvd, n * kvd));
+            let cached = (pos0 + t) * kvd;
+            let shape = AttnShape {
+                tk: pos0 + t,
+                q_pos0: pos0,
+                ..shape(s, 1, t)
+            };
+            be.attention_forward(shape, q, head(&*c.k, cached), head(&*c.v, cached), y, lse);
+        }
+    }
     // Residual add fused into c_proj's GEMM (accumulate).
     be.matmul(
         n,
         d,
         qd,
-        all(&a.y),
+        head(&a.y, n * qd),
         false,
         View::at(params, w.attn_proj, d * qd),
         true,
-        all_mut(resid),
+        head_mut(resid, n * d),
         true,
     );
 }

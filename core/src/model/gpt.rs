@@ -10,13 +10,13 @@
 //!   backend `params()`, `params_mut()`, `grads()`, `grads_mut()` as host slices.
 
 use super::{
-    activation_layout_for, all, all_mut, attention, embedding, gemm_input, init, loss, mlp, norm, ActivationLayout,
-    BlockParams, GradScratch, LayerActs, LayerShapes, LossChunks, Recompute, Storages,
+    activation_layout_for, all, all_mut, attention, embedding, gemm_input, head, head_mut, init, loss, mlp, norm,
+    ActivationLayout, BlockParams, GradScratch, KvCache, LayerActs, LayerShapes, LossChunks, Recompute, Storages,
 };
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, Storage, View, ViewMut};
 use crate::bail;
-use crate::config::{ModelConfig, ParamSpec};
+use crate::config::{ModelConfig, ParamSpec, LOGIT_SOFTCAP};
 use crate::error::{NcError, Result};
 use crate::plan::Precision;
 
@@ -313,10 +313,13 @@ impl<B: Backend> Gpt<B> {
         Ok(targets.iter().filter(|&&t| t >= 0).count())
     }
 
-    /// Embedding, its rmsnorm, every block, the final rmsnorm: fills `xf` (and the saved activations).
-    fn forward_trunk(&mut self) {
+    /// Embedding, its rmsnorm, every block, the final rmsnorm over `batch` x `t` tokens (the ids uploaded
+    /// last; at most `tokens()`): fills the head of `xf` (and of the saved activations). The one forward of
+    /// training, evaluation and decoding: with `kv` (batch 1) the tokens continue the cached sequence and every
+    /// layer's attention appends to and reads from the cache (the caller advances it).
+    fn forward_trunk(&mut self, batch: usize, t: usize, mut kv: Option<&mut KvCache<B>>) {
         self.refresh_weights();
-        let s = LayerShapes::new(&self.cfg, self.tokens());
+        let s = LayerShapes::new(&self.cfg, batch * t);
         let (be, n, d) = (&self.be, s.n, s.d);
         let weights = gemm_input::<B>(&self.params, &self.working);
         embedding::forward(
@@ -325,24 +328,24 @@ impl<B: Backend> Gpt<B> {
             n,
             View::at(weights, self.wte_off, self.cfg.vocab_size * d),
             d,
-            all_mut(&mut self.resid),
+            head_mut(&mut self.resid, n * d),
         );
         norm::forward(
             be,
-            all(&self.resid),
+            head(&self.resid, n * d),
             n,
             d,
-            all_mut(&mut self.x0),
-            all_mut(&mut self.rstd0),
+            head_mut(&mut self.x0, n * d),
+            head_mut(&mut self.rstd0, n),
         );
-        be.copy(all(&self.x0), all_mut(&mut self.resid));
+        be.copy(head(&self.x0, n * d), head_mut(&mut self.resid, n * d));
         for l in 0..self.cfg.n_layer {
             // Which saved set and which MLP hidden buffer this layer writes.
             let (set, hidden) = match self.policy {
                 Recompute::None => (l, l),
                 Recompute::Selective => (l, 0),
                 Recompute::Full => {
-                    be.copy(all(&self.resid), all_mut(&mut self.layer_in[l]));
+                    be.copy(head(&self.resid, n * d), head_mut(&mut self.layer_in[l], n * d));
                     (0, 0)
                 }
             };
@@ -351,25 +354,101 @@ impl<B: Backend> Gpt<B> {
             attention::forward(
                 be,
                 &s,
-                self.batch,
-                self.seq,
+                batch,
+                t,
                 weights,
                 w,
                 &mut self.resid,
                 a,
                 &mut self.scratch,
                 &self.rope,
+                kv.as_deref_mut().map(|c| c.layer(l)),
             );
             mlp::forward(be, &s, weights, w, &mut self.resid, a, &mut self.mlp_hidden[hidden]);
         }
         norm::forward(
             be,
-            all(&self.resid),
+            head(&self.resid, n * d),
             n,
             d,
-            all_mut(&mut self.xf),
-            all_mut(&mut self.rstdf),
+            head_mut(&mut self.xf, n * d),
+            head_mut(&mut self.rstdf, n),
         );
+    }
+
+    /// The softcapped logits of rows r0..r0+rows of `xf` (rows at most the loss workspace's) into `out`.
+    fn logits_of_rows(&mut self, r0: usize, rows: usize, out: &mut [f32]) {
+        let (d, v) = (self.cfg.n_embd, self.cfg.vocab_size);
+        let weights = gemm_input::<B>(&self.params, &self.working);
+        let x = View::at(&self.xf, r0 * d, rows * d);
+        let w = View::at(weights, self.lm_head_off, v * d);
+        let logits = ViewMut::at(&mut self.logits_ws, 0, rows * v);
+        self.be.matmul(rows, v, d, x, false, w, true, logits, false);
+        self.be
+            .softcap(ViewMut::at(&mut self.logits_ws, 0, rows * v), LOGIT_SOFTCAP);
+        self.be.download(View::at(&self.logits_ws, 0, rows * v), out);
+    }
+
+    /// Forward only: the softcapped logits at every position into `out` (batch * seq * vocab values, row-major
+    /// by token), computed chunk by chunk (`LossChunks`: the device never holds them all). For tests and tools.
+    pub fn forward_logits(&mut self, inputs: &[u32], out: &mut [f32]) -> Result<()> {
+        let (n, v) = (self.tokens(), self.cfg.vocab_size);
+        if out.len() != n * v {
+            bail!(
+                "forward_logits: the output holds {} values, {n} tokens x vocab {v} need {}",
+                out.len(),
+                n * v
+            );
+        }
+        self.load_batch(inputs, &vec![-1; n])?;
+        self.forward_trunk(self.batch, self.seq, None);
+        for (c0, rows) in LossChunks::new(v, n).iter() {
+            self.logits_of_rows(c0, rows, &mut out[c0 * v..(c0 + rows) * v]);
+        }
+        Ok(())
+    }
+
+    /// KV-cached decoding through the model's own forward: feeds `tokens` (one sequence, continuing what `kv`
+    /// holds), appends their keys and values to `kv`, and writes the softcapped logits at the last of them
+    /// into `logits` (vocab values). A feed longer than the model's buffers (`tokens()`) runs in pieces.
+    /// Outside input: every problem is an error, and then nothing (the cache included) has changed.
+    pub fn decode(&mut self, kv: &mut KvCache<B>, tokens: &[u32], logits: &mut [f32]) -> Result<()> {
+        let c = self.cfg;
+        if tokens.is_empty() {
+            bail!("decoding needs at least one token to feed the model");
+        }
+        if kv.n_layer() != c.n_layer || kv.kv_dim() != c.kv_dim() || kv.max_len() > c.sequence_len {
+            bail!("this KV cache was made for another model; make one with KvCache::new(model, max_len)");
+        }
+        if kv.len() + tokens.len() > kv.max_len() {
+            bail!(
+                "sequence of {} tokens exceeds the KV cache's max_len {}",
+                kv.len() + tokens.len(),
+                kv.max_len()
+            );
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            bail!("token {t} is outside the vocabulary (size {})", c.vocab_size);
+        }
+        if logits.len() != c.vocab_size {
+            bail!(
+                "decode: the logits output holds {} values, the vocabulary {}",
+                logits.len(),
+                c.vocab_size
+            );
+        }
+        let mut last = 0;
+        for piece in tokens.chunks(self.tokens()) {
+            for (dst, &t) in self.ids_host.iter_mut().zip(piece) {
+                *dst = t as i32;
+            }
+            self.be.upload_ids(&mut self.ids, &self.ids_host[..piece.len()]);
+            self.forward_trunk(1, piece.len(), Some(&mut *kv));
+            kv.advance(piece.len());
+            last = piece.len() - 1;
+        }
+        self.logits_of_rows(last, 1, logits);
+        Ok(())
     }
 
     /// Backward from `scratch.dxn` = dL/d(xf) down to the embedding; parameter grads accumulate.
@@ -412,6 +491,7 @@ impl<B: Backend> Gpt<B> {
                         a,
                         scr,
                         &self.rope,
+                        None,
                     );
                     mlp::forward(be, &s, weights, w, &mut self.resid_tmp, a, &mut self.mlp_hidden[0]);
                     (0, 0)
@@ -467,7 +547,7 @@ impl<B: Backend> Gpt<B> {
         hook: GradHook<'_, B>,
     ) -> Result<f32> {
         let counted = self.load_batch(inputs, targets)?;
-        self.forward_trunk();
+        self.forward_trunk(self.batch, self.seq, None);
         let (n, d, v) = (self.tokens(), self.cfg.n_embd, self.cfg.vocab_size);
         let scale = if counted == 0 { 0.0 } else { loss_scale / counted as f32 };
         let grad = loss::LossGrad {
@@ -512,7 +592,7 @@ impl<B: Backend> Gpt<B> {
             );
         }
         self.load_batch(inputs, targets)?;
-        self.forward_trunk();
+        self.forward_trunk(self.batch, self.seq, None);
         let (n, d, v) = (self.tokens(), self.cfg.n_embd, self.cfg.vocab_size);
         let weights = gemm_input::<B>(&self.params, &self.working);
         loss::forward_backward(

@@ -1,9 +1,10 @@
 //! The MLP half of a block: x += c_proj(relu(c_fc(rmsnorm(x)))^2).
 
-use super::{all, all_mut, gemm_input, norm, BlockParams, GradScratch, LayerActs, LayerShapes};
+use super::{all, all_mut, gemm_input, head, head_mut, norm, BlockParams, GradScratch, LayerActs, LayerShapes};
 use crate::backend::{Backend, View, ViewMut};
 
-/// Forward: reads `resid`, saves xn2 and u into `a` and relu(u)^2 into `h`, adds the branch into `resid`.
+/// Forward over `s.n` tokens (the first rows of each buffer): reads `resid`, saves xn2 and u into `a` and
+/// relu(u)^2 into `h`, adds the branch into `resid`.
 pub fn forward<B: Backend>(
     be: &B,
     s: &LayerShapes,
@@ -14,29 +15,36 @@ pub fn forward<B: Backend>(
     h: &mut B::Buf,
 ) {
     let (n, d, ff) = (s.n, s.d, s.ff);
-    norm::forward(be, all(resid), n, d, all_mut(&mut a.xn2), all_mut(&mut a.rstd2));
+    norm::forward(
+        be,
+        head(resid, n * d),
+        n,
+        d,
+        head_mut(&mut a.xn2, n * d),
+        head_mut(&mut a.rstd2, n),
+    );
     be.matmul(
         n,
         ff,
         d,
-        all(&a.xn2),
+        head(&a.xn2, n * d),
         false,
         View::at(params, w.c_fc, ff * d),
         true,
-        all_mut(&mut a.u),
+        head_mut(&mut a.u, n * ff),
         false,
     );
-    be.relu2_forward(all(&a.u), all_mut(h));
+    be.relu2_forward(head(&a.u, n * ff), head_mut(h, n * ff));
     // Residual add fused into c_proj's GEMM (accumulate).
     be.matmul(
         n,
         d,
         ff,
-        all(h),
+        head(h, n * ff),
         false,
         View::at(params, w.mlp_proj, d * ff),
         true,
-        all_mut(resid),
+        head_mut(resid, n * d),
         true,
     );
 }

@@ -8,12 +8,14 @@ pub mod attention;
 pub mod embedding;
 pub mod gpt;
 pub mod init;
+pub mod kv_cache;
 pub mod loss;
 pub mod mlp;
 pub mod norm;
 
 pub use gpt::{Gpt, GradHook, GradsReady, HostMirror};
 pub use init::Rng;
+pub use kv_cache::KvCache;
 
 use crate::backend::{Backend, Storage, View, ViewMut};
 use crate::config::ModelConfig;
@@ -421,4 +423,13 @@ pub(crate) fn all<B: Backend>(b: &B::Buf) -> View<'_, B> {
 }
 pub(crate) fn all_mut<B: Backend>(b: &mut B::Buf) -> ViewMut<'_, B> {
     ViewMut::all(b)
+}
+
+/// The first `len` elements of a buffer: a forward over fewer tokens than the buffers were sized for (KV-cached
+/// decoding feeds a prompt or one token through the training buffers) reads and writes only their head.
+pub(crate) fn head<B: Backend>(b: &B::Buf, len: usize) -> View<'_, B> {
+    View::at(b, 0, len)
+}
+pub(crate) fn head_mut<B: Backend>(b: &mut B::Buf, len: usize) -> ViewMut<'_, B> {
+    ViewMut::at(b, 0, len)
 }

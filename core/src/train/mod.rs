@@ -190,7 +190,7 @@ fn evaluate<B: Backend>(model: &mut Gpt<B>, data: &mut RunData, steps: usize, st
 }
 
 /// Greedy continuations of the data's prompts.
-fn sample<B: Backend>(model: &Gpt<B>, data: &RunData, max_new: usize, seed: u64) -> Result<Vec<(String, String)>> {
+fn sample<B: Backend>(model: &mut Gpt<B>, data: &RunData, max_new: usize, seed: u64) -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
     let max_len = model.cfg.sequence_len;
     let mut sampler = Sampler::new(model, max_len)?;
@@ -697,7 +697,7 @@ fn train_rank<B: Backend>(
         if lead && (last_step || (cfg.sample_every > 0 && step > 0 && step % cfg.sample_every == 0)) {
             // the sampler reads the working weights: current after a step, not yet after loading a checkpoint
             model.refresh_weights();
-            let samples = sample(&model, &data, cfg.sample_tokens, cfg.seed.wrapping_add(step))?;
+            let samples = sample(&mut model, &data, cfg.sample_tokens, cfg.seed.wrapping_add(step))?;
             for (p, s) in &samples {
                 say(format!("sample | {p}{s}"));
             }

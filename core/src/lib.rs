@@ -10,8 +10,6 @@ pub mod optim;
 pub mod plan;
 pub mod plan_comm;
 pub mod sample;
-#[doc(hidden)]
-pub mod sample_legacy;
 pub mod train;
 
 pub use config::ModelConfig;

@@ -6,6 +6,7 @@
 //! The ring's chunk/step schedule lives in `schedule`, shared by every ring transport.
 
 pub mod nccl;
+pub mod p2p;
 pub mod p2p_plan;
 mod partition;
 pub mod rendezvous;
@@ -18,6 +19,7 @@ mod wire;
 
 pub use half::bf16;
 pub use nccl::{nccl_available, NcclRing};
+pub use p2p::{p2p_support, P2pOptions, P2pRing};
 pub use partition::{even_bounds, Bounds};
 pub use rendezvous::{PeerWatch, Rendezvous, RendezvousConfig};
 pub use shm_ring::{ShmRing, ShmRingOptions};

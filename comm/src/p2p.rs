@@ -1,0 +1,822 @@
+//! The peer-to-peer ring: nc's own reduce-scatter, all-gather and all-reduce between the GPUs of one node,
+//! over CUDA IPC (kernels-ptx/cuda/p2p_ring.cu).
+//!
+//! UNVERIFIED: compiled here, never run on a GPU (the kernels ran only in the CPU emulation,
+//! comm/tests/p2p_emu.rs). To be checked with scripts/gpu_check.sh's `p2p` step.
+//!
+//! Each rank allocates with cuMemAlloc (not the stream-ordered pool, which IPC cannot export) a data area
+//! (ring slots, then a one-shot area) and a signal area (flags, zeroed), exports both with
+//! cuIpcGetMemHandle, exchanges the handles through the rendezvous and opens every peer's with
+//! cuIpcOpenMemHandle. Before that every rank checks, for every peer, that its GPU is visible here and that
+//! cuDeviceCanAccessPeer says yes (or that it is the same GPU: IPC between processes on one device works,
+//! which is how the ring is tested on a one-GPU machine); every rank learns every rank's verdict, so all
+//! agree on whether the ring can run (`p2p_support`).
+//!
+//! The ring kernels run the plan tables `p2p_plan` encodes from `schedule::ring_plan` (uploaded once per
+//! distinct bounds and cached), with this rank's sequence numbers carried from launch to launch (the
+//! flags are epochs over the ring's life, never reset). Everything is enqueued on the ring's stream; order
+//! it after the producer with `wait_for` and before the consumer with the consumer stream's `join`.
+//! A wait that times out (a dead or stuck peer) ends the kernel with a code in this rank's error word;
+//! `check` (and every host-slice collective) reads it and names the peer.
+//!
+//! Sums: reduce-scatter sums chunk c over ranks c+1, ..., c (the shared-memory ring's order) in f32, bf16
+//! rounded once by the owner; the one-shot all-reduce (messages up to `P2pOptions::one_shot_bytes`) sums in
+//! rank order 0..n-1. Both give the same bits on every rank; they differ from each other in the last bits.
+
+use crate::p2p_plan::{counts, encode, last_step, one_shot_region_bytes, slice_elems};
+use crate::partition::{even_bounds, Bounds};
+use crate::rendezvous::Rendezvous;
+use crate::schedule::Phase;
+use crate::{bf16, Collective, CommError};
+use cudarc::driver::sys;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
+};
+use nc_kernels::p2p as k;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Sizes of the ring. Every rank must pass the same.
+#[derive(Debug, Clone, Copy)]
+pub struct P2pOptions {
+    /// Blocks (channels) per launch, 1..=16. 8: enough 512-thread blocks to stream a link, few enough to
+    /// leave the SMs to the backward pass the collective overlaps.
+    pub blocks: usize,
+    /// Slots per block: how many slices a rank may run ahead of the next.
+    pub slots: usize,
+    /// Bytes of one slot (a multiple of 256): one block's part of a slice.
+    pub slot_bytes: usize,
+    /// Largest all-reduce (bytes) that takes the one-shot path; larger ones run reduce-scatter + all-gather.
+    pub one_shot_bytes: usize,
+    /// Longest a kernel waits on a peer before it gives up.
+    pub timeout: Duration,
+}
+
+impl Default for P2pOptions {
+    /// 8 blocks x 4 slots x 128 KiB = 4 MiB of slots a rank; one-shot up to 256 KiB (a target until measured:
+    /// below it the ring's 2(n-1) steps of latency cost more than reading every peer once).
+    fn default() -> Self {
+        P2pOptions {
+            blocks: 8,
+            slots: 4,
+            slot_bytes: 128 << 10,
+            one_shot_bytes: 256 << 10,
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The element types the kernels move.
+pub trait P2pElem: DeviceRepr + ValidAsZeroBits + Copy + Default + Unpin {
+    const BYTES: usize;
+    const IS_BF16: bool;
+}
+impl P2pElem for f32 {
+    const BYTES: usize = 4;
+    const IS_BF16: bool = false;
+}
+impl P2pElem for bf16 {
+    const BYTES: usize = 2;
+    const IS_BF16: bool = true;
+}
+
+fn cu(rank: usize, what: &str, r: sys::CUresult) -> Result<(), CommError> {
+    r.result().map_err(|e| CommError {
+        message: format!("rank {rank}: {what} failed: {e:?}"),
+    })
+}
+
+/// Device memory from cuMemAlloc (exportable through IPC), freed on drop.
+struct DeviceAlloc {
+    ptr: sys::CUdeviceptr,
+    ctx: Arc<CudaContext>,
+}
+
+impl DeviceAlloc {
+    fn zeroed(ctx: &Arc<CudaContext>, rank: usize, bytes: usize, what: &str) -> Result<DeviceAlloc, CommError> {
+        let mut ptr = 0;
+        cu(rank, &format!("cuMemAlloc of {bytes} bytes for the {what}"), unsafe {
+            sys::cuMemAlloc_v2(&mut ptr, bytes)
+        })?;
+        let alloc = DeviceAlloc { ptr, ctx: ctx.clone() };
+        cu(rank, "cuMemsetD8", unsafe { sys::cuMemsetD8_v2(ptr, 0, bytes) })?;
+        Ok(alloc)
+    }
+}
+
+impl Drop for DeviceAlloc {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        unsafe {
+            let _ = sys::cuMemFree_v2(self.ptr);
+        }
+    }
+}
+
+/// A peer's buffer opened through IPC, closed on drop.
+struct PeerMapping {
+    ptr: sys::CUdeviceptr,
+}
+
+impl Drop for PeerMapping {
+    fn drop(&mut self) {
+        unsafe {
+            let _ = sys::cuIpcCloseMemHandle(self.ptr);
+        }
+    }
+}
+
+/// This rank's verdict on P2P with every peer: None if it can read every peer's memory, else why not.
+fn local_verdict(rank: usize, ctx: &Arc<CudaContext>, bus_ids: &[Vec<u8>]) -> Option<String> {
+    let me = ctx.cu_device();
+    for (peer, id) in bus_ids.iter().enumerate() {
+        if peer == rank {
+            continue;
+        }
+        let mut c_id = id.clone();
+        c_id.push(0);
+        let mut dev = 0;
+        let name = String::from_utf8_lossy(id).into_owned();
+        if unsafe { sys::cuDeviceGetByPCIBusId(&mut dev, c_id.as_ptr() as *const std::ffi::c_char) }
+            .result()
+            .is_err()
+        {
+            return Some(format!(
+                "rank {peer}'s GPU (PCI {name}) is not visible to rank {rank} (CUDA_VISIBLE_DEVICES hides it?)"
+            ));
+        }
+        if dev == me {
+            continue; // the same GPU: IPC between processes works without peer access
+        }
+        let mut can = 0;
+        if unsafe { sys::cuDeviceCanAccessPeer(&mut can, me, dev) }
+            .result()
+            .is_err()
+            || can == 0
+        {
+            return Some(format!(
+                "cuDeviceCanAccessPeer says rank {rank}'s GPU cannot read rank {peer}'s (PCI {name})"
+            ));
+        }
+    }
+    None
+}
+
+/// Whether the ring can run among these ranks, agreed by all: Ok(None) if every pair can reach each other,
+/// Ok(Some(why not)) otherwise (the same answer on every rank), Err if the exchange itself failed. Every
+/// rank must call it (it goes through the rendezvous), with the context of its GPU.
+pub fn p2p_support(rdv: &mut Rendezvous, ctx: &Arc<CudaContext>) -> Result<Option<String>, CommError> {
+    let rank = rdv.rank();
+    ctx.bind_to_thread().map_err(|e| CommError {
+        message: format!("rank {rank}: binding the CUDA context: {e:?}"),
+    })?;
+    let mut id = [0 as std::ffi::c_char; 64];
+    let bus = unsafe { sys::cuDeviceGetPCIBusId(id.as_mut_ptr(), id.len() as i32, ctx.cu_device()) };
+    let mine: Vec<u8> = if bus.result().is_ok() {
+        id.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect()
+    } else {
+        Vec::new()
+    };
+    let bus_ids = rdv.all_gather_bytes(&mine)?;
+    let verdict = if let Some(r) = bus_ids.iter().position(|b| b.is_empty()) {
+        Some(format!("rank {r} could not read its GPU's PCI bus id"))
+    } else {
+        local_verdict(rank, ctx, &bus_ids)
+    };
+    let verdicts = rdv.all_gather_bytes(verdict.as_deref().unwrap_or("").as_bytes())?;
+    Ok(verdicts
+        .iter()
+        .find(|v| !v.is_empty())
+        .map(|v| String::from_utf8_lossy(v).into_owned()))
+}
+
+/// Bytes of one block's one-shot region: the largest one-shot message split over the blocks, rounded up to
+/// the kernel's parts (and to 16 bytes, so every region starts aligned).
+fn region_bytes(opts: &P2pOptions) -> usize {
+    one_shot_region_bytes(opts.one_shot_bytes.div_ceil(2), 2, opts.blocks)
+        .max(one_shot_region_bytes(opts.one_shot_bytes.div_ceil(4), 4, opts.blocks))
+        .div_ceil(16)
+        * 16
+}
+
+/// Whether `len` elements of `elem_bytes` take the one-shot path under `opts` (and fit its regions).
+pub fn one_shot_fits(opts: &P2pOptions, len: usize, elem_bytes: usize) -> bool {
+    len * elem_bytes <= opts.one_shot_bytes && one_shot_region_bytes(len, elem_bytes, opts.blocks) <= region_bytes(opts)
+}
+
+/// The kernels of `nc_kernels::p2p`, loaded once per ring.
+struct Kernels {
+    rs_f32: CudaFunction,
+    rs_bf16: CudaFunction,
+    ag: CudaFunction,
+    one_shot_f32: CudaFunction,
+    one_shot_bf16: CudaFunction,
+}
+
+/// A cached plan table: the device copy and how many sends / receives it holds.
+struct Plan {
+    table: CudaSlice<u64>,
+    sends: u64,
+    recvs: u64,
+}
+
+/// One rank's end of the GPU peer-to-peer ring.
+pub struct P2pRing {
+    rank: usize,
+    world_size: usize,
+    opts: P2pOptions,
+    stream: Arc<CudaStream>,
+    kernels: Kernels,
+    // Field order is drop order: peers' mappings close before our own memory goes.
+    _peer_maps: Vec<PeerMapping>,
+    data: Vec<sys::CUdeviceptr>,
+    signal: Vec<sys::CUdeviceptr>,
+    /// One-shot area and signal area pointers of every rank, for the one-shot kernel.
+    peers_table: CudaSlice<u64>,
+    _own_data: DeviceAlloc,
+    _own_signal: DeviceAlloc,
+    send_seq: u64,
+    recv_seq: u64,
+    epoch: u64,
+    plans: HashMap<(u8, usize, Vec<usize>), Plan>,
+    /// f32 partial sums of a bf16 reduce-scatter (grown on demand, kept).
+    work: Option<CudaSlice<f32>>,
+    /// Device copies of host buffers for the `Collective` methods (grown on demand, kept).
+    stage_f32: Option<CudaSlice<f32>>,
+    stage_bf16: Option<CudaSlice<bf16>>,
+    broken: Option<CommError>,
+}
+
+// SAFETY: the raw device pointers are plain addresses; every call binds the stream's context first, and
+// `&mut self` keeps calls from overlapping.
+unsafe impl Send for P2pRing {}
+
+impl P2pRing {
+    /// Every rank calls it after the rendezvous, with the stream its collectives will run on. Fails on every
+    /// rank, with the same reason, when some pair of GPUs cannot reach each other (see `p2p_support`).
+    pub fn join(rdv: &mut Rendezvous, stream: Arc<CudaStream>, opts: P2pOptions) -> Result<P2pRing, CommError> {
+        let (rank, world_size) = (rdv.rank(), rdv.world_size());
+        let fail = |m: String| CommError {
+            message: format!("rank {rank}: {m}"),
+        };
+        if !(1..=k::MAX_BLOCKS as usize).contains(&opts.blocks)
+            || opts.slots == 0
+            || opts.slot_bytes == 0
+            || !opts.slot_bytes.is_multiple_of(256)
+            || opts.slot_bytes >= 1 << 32
+        {
+            return Err(fail(format!(
+                "P2P ring options need 1..={} blocks, >= 1 slot and slot_bytes a positive multiple of 256 below 4 GiB; got {opts:?}",
+                k::MAX_BLOCKS
+            )));
+        }
+        let ctx = stream.context().clone();
+        if let Some(why) = p2p_support(rdv, &ctx)? {
+            return Err(fail(format!("the peer-to-peer ring cannot run: {why}")));
+        }
+        let slots_bytes = opts.blocks * opts.slots * opts.slot_bytes;
+        let region = Self::region_bytes(&opts);
+        // Set up this rank's side; report success or the error to everyone before anyone goes on.
+        let local = (|| -> Result<(DeviceAlloc, DeviceAlloc, Vec<u8>, Kernels), CommError> {
+            ctx.bind_to_thread()
+                .map_err(|e| fail(format!("binding the CUDA context: {e:?}")))?;
+            let data = DeviceAlloc::zeroed(&ctx, rank, slots_bytes + opts.blocks * region, "ring's data area")?;
+            let signal = DeviceAlloc::zeroed(&ctx, rank, k::SIGNAL_U64S * 8, "ring's signal area")?;
+            let mut handles = Vec::with_capacity(128);
+            for alloc in [&data, &signal] {
+                let mut h = std::mem::MaybeUninit::<sys::CUipcMemHandle>::zeroed();
+                cu(rank, "cuIpcGetMemHandle", unsafe {
+                    sys::cuIpcGetMemHandle(h.as_mut_ptr(), alloc.ptr)
+                })?;
+                let h = unsafe { h.assume_init() };
+                handles.extend(h.reserved.iter().map(|&c| c as u8));
+            }
+            let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(k::PTX)).map_err(|e| {
+                fail(format!(
+                    "loading the p2p_ring PTX (nvcc 13.0; an older driver cannot JIT it): {e:?}"
+                ))
+            })?;
+            let f = |kernel: nc_kernels::Kernel| {
+                module
+                    .load_function(kernel.name)
+                    .map_err(|e| fail(format!("finding kernel {}: {e:?}", kernel.name)))
+            };
+            let kernels = Kernels {
+                rs_f32: f(k::REDUCE_SCATTER_F32)?,
+                rs_bf16: f(k::REDUCE_SCATTER_BF16)?,
+                ag: f(k::ALL_GATHER)?,
+                one_shot_f32: f(k::ONE_SHOT_F32)?,
+                one_shot_bf16: f(k::ONE_SHOT_BF16)?,
+            };
+            Ok((data, signal, handles, kernels))
+        })();
+        let news = match &local {
+            Ok((_, _, handles, _)) => [b"ok:".as_slice(), handles].concat(),
+            Err(e) => [b"no:".as_slice(), e.message.as_bytes()].concat(),
+        };
+        let all = rdv.all_gather_bytes(&news)?;
+        if let Some((r, bad)) = all
+            .iter()
+            .enumerate()
+            .find(|(_, n)| !n.starts_with(b"ok:") || n.len() != 3 + 128)
+        {
+            return Err(fail(format!(
+                "rank {r} could not set up its side of the peer-to-peer ring: {}",
+                String::from_utf8_lossy(bad.get(3..).unwrap_or(&[]))
+            )));
+        }
+        let (own_data, own_signal, _, kernels) = local?;
+        // Open every peer's areas (the one-shot reads all of them; the ring only its neighbours').
+        let mut maps = Vec::new();
+        let mut data = vec![0; world_size];
+        let mut signal = vec![0; world_size];
+        let opened = (|| -> Result<(), CommError> {
+            for (r, news) in all.iter().enumerate() {
+                if r == rank {
+                    data[r] = own_data.ptr;
+                    signal[r] = own_signal.ptr;
+                    continue;
+                }
+                for (i, slot) in [&mut data[r], &mut signal[r]].into_iter().enumerate() {
+                    let mut h = sys::CUipcMemHandle { reserved: [0; 64] };
+                    for (d, s) in h.reserved.iter_mut().zip(&news[3 + 64 * i..3 + 64 * (i + 1)]) {
+                        *d = *s as std::ffi::c_char;
+                    }
+                    let mut ptr = 0;
+                    cu(rank, &format!("cuIpcOpenMemHandle of rank {r}'s area"), unsafe {
+                        sys::cuIpcOpenMemHandle_v2(
+                            &mut ptr,
+                            h,
+                            sys::CUipcMem_flags_enum::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
+                        )
+                    })?;
+                    maps.push(PeerMapping { ptr });
+                    *slot = ptr;
+                }
+            }
+            Ok(())
+        })();
+        let statuses = rdv.all_gather_bytes(opened.as_ref().err().map(|e| e.message.as_bytes()).unwrap_or(b""))?;
+        if let Some((r, why)) = statuses.iter().enumerate().find(|(_, s)| !s.is_empty()) {
+            return Err(fail(format!(
+                "rank {r} could not open its peers' buffers: {}",
+                String::from_utf8_lossy(why)
+            )));
+        }
+        let table: Vec<u64> = data
+            .iter()
+            .map(|&d| d + slots_bytes as u64)
+            .chain(signal.iter().copied())
+            .collect();
+        let peers_table = stream
+            .clone_htod(&table)
+            .map_err(|e| fail(format!("uploading the peer table: {e:?}")))?;
+        Ok(P2pRing {
+            rank,
+            world_size,
+            opts,
+            stream,
+            kernels,
+            _peer_maps: maps,
+            data,
+            signal,
+            peers_table,
+            _own_data: own_data,
+            _own_signal: own_signal,
+            send_seq: 0,
+            recv_seq: 0,
+            epoch: 1,
+            plans: HashMap::new(),
+            work: None,
+            stage_f32: None,
+            stage_bf16: None,
+            broken: None,
+        })
+    }
+
+    fn region_bytes(opts: &P2pOptions) -> usize {
+        region_bytes(opts)
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn options(&self) -> &P2pOptions {
+        &self.opts
+    }
+
+    /// Orders the ring's next collectives after everything enqueued so far on `producer` (an event).
+    pub fn wait_for(&self, producer: &CudaStream) -> Result<(), CommError> {
+        self.stream
+            .join(producer)
+            .map_err(|e| self.err(format!("waiting for the producer stream: {e:?}")))
+    }
+
+    fn err(&self, m: String) -> CommError {
+        CommError {
+            message: format!("rank {}: {m}", self.rank),
+        }
+    }
+
+    fn usable(&self, what: &str) -> Result<(), CommError> {
+        match &self.broken {
+            Some(e) => Err(self.err(format!(
+                "{what} on a peer-to-peer ring that already failed: {}",
+                e.message
+            ))),
+            None => self
+                .stream
+                .context()
+                .bind_to_thread()
+                .map_err(|e| self.err(format!("binding the CUDA context: {e:?}"))),
+        }
+    }
+
+    /// Waits for the ring's stream and reads this rank's error word: Err naming the peer a kernel gave up
+    /// on. A failed ring stays failed (its epochs are out of step with the peers').
+    pub fn check(&mut self) -> Result<(), CommError> {
+        self.usable("check")?;
+        self.stream
+            .synchronize()
+            .map_err(|e| self.err(format!("the ring's stream failed: {e:?}")))?;
+        let mut word = 0u64;
+        cu(self.rank, "reading the error word", unsafe {
+            sys::cuMemcpyDtoH_v2(
+                &mut word as *mut u64 as *mut std::ffi::c_void,
+                self.signal[self.rank] + (k::ERROR_WORD * 8) as u64,
+                8,
+            )
+        })?;
+        if word != 0 {
+            let flag = ["SENT", "CONSUMED", "POSTED", "DONE"]
+                .get((word & 0xff) as usize)
+                .unwrap_or(&"?");
+            let e = self.err(format!(
+                "a peer-to-peer kernel waited {:?} for rank {}'s {flag} flag and gave up (is that rank alive, and did \
+                 every rank call the same collectives?)",
+                self.opts.timeout,
+                (word >> 8) & 0xffff
+            ));
+            self.broken = Some(e.clone());
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn check_bounds(&self, len: usize, bounds: &Bounds, what: &str) -> Result<(), CommError> {
+        if bounds.world_size() != self.world_size || bounds.len() != len {
+            return Err(self.err(format!(
+                "{what} called with bounds for {} ranks over {} elements, but the ring has {} ranks and the buffer {len} \
+                 elements",
+                bounds.world_size(),
+                bounds.len(),
+                self.world_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// The cached device table for (phase, element size, bounds).
+    fn plan(&mut self, phase: Phase, elem: usize, bounds: &Bounds) -> Result<(u64, u64, u64), CommError> {
+        let offsets: Vec<usize> = (0..self.world_size)
+            .map(|r| bounds.range(r).start)
+            .chain([bounds.len()])
+            .collect();
+        let key = (phase as u8, elem, offsets);
+        if !self.plans.contains_key(&key) {
+            let slice = slice_elems(phase, elem, self.opts.blocks, self.opts.slot_bytes);
+            let table = encode(phase, bounds, self.rank, slice);
+            let (sends, recvs) = counts(&table);
+            // An empty table (one rank) still gets a device buffer, so the pointer is valid.
+            let upload = if table.is_empty() { vec![0u64; 2] } else { table };
+            let table = self
+                .stream
+                .clone_htod(&upload)
+                .map_err(|e| self.err(format!("uploading a plan table: {e:?}")))?;
+            self.plans.insert(key.clone(), Plan { table, sends, recvs });
+        }
+        let plan = &self.plans[&key];
+        let (ptr, _sync) = plan.table.device_ptr(&self.stream);
+        Ok((ptr, plan.sends, plan.recvs))
+    }
+
+    fn ring_args(&self) -> [u64; 5] {
+        let next = (self.rank + 1) % self.world_size;
+        let prev = (self.rank + self.world_size - 1) % self.world_size;
+        [
+            self.data[self.rank],
+            self.data[prev],
+            self.signal[self.rank],
+            self.signal[prev],
+            self.signal[next],
+        ]
+    }
+
+    fn launch_config(&self) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (self.opts.blocks as u32, 1, 1),
+            block_dim: (k::THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// Ring reduce-scatter of `buf` in place, enqueued on the ring's stream: afterwards `buf[bounds.range(rank)]`
+    /// holds the sum over ranks (f32 accumulation; bf16 rounded once). f32: other elements hold partial sums;
+    /// bf16: other elements are untouched.
+    pub fn reduce_scatter_device<T: P2pElem>(
+        &mut self,
+        buf: &mut CudaSlice<T>,
+        bounds: &Bounds,
+    ) -> Result<(), CommError> {
+        self.usable("reduce_scatter_device")?;
+        self.check_bounds(buf.len(), bounds, "reduce_scatter_device")?;
+        let (plan, sends, recvs) = self.plan(Phase::ReduceScatter, T::BYTES, bounds)?;
+        if sends + recvs == 0 {
+            return Ok(());
+        }
+        if T::IS_BF16 && self.work.as_ref().is_none_or(|w| w.len() < buf.len()) {
+            self.work = Some(
+                self.stream
+                    .alloc_zeros::<f32>(buf.len())
+                    .map_err(|e| self.err(format!("allocating the f32 partials: {e:?}")))?,
+            );
+        }
+        let [my_data, prev_data, my_signal, prev_signal, next_signal] = self.ring_args();
+        let n_ops = ((sends + recvs) as i32, last_step(self.world_size) as i32);
+        let (slots, slot_bytes) = (self.opts.slots as i32, self.opts.slot_bytes as u64);
+        let (prev, next) = (
+            ((self.rank + self.world_size - 1) % self.world_size) as i32,
+            ((self.rank + 1) % self.world_size) as i32,
+        );
+        let timeout = self.opts.timeout.as_nanos().min(u64::MAX as u128) as u64;
+        let (seq_s, seq_r) = (self.send_seq, self.recv_seq);
+        let cfg = self.launch_config();
+        let stream = self.stream.clone();
+        let (buf_ptr, _sync) = buf.device_ptr_mut(&stream);
+        let work_ptr = match &mut self.work {
+            Some(w) if T::IS_BF16 => w.device_ptr_mut(&stream).0,
+            _ => buf_ptr,
+        };
+        let f = if T::IS_BF16 {
+            &self.kernels.rs_bf16
+        } else {
+            &self.kernels.rs_f32
+        };
+        let mut b = stream.launch_builder(f);
+        b.arg(&plan)
+            .arg(&n_ops.0)
+            .arg(&n_ops.1)
+            .arg(&buf_ptr)
+            .arg(&work_ptr)
+            .arg(&buf_ptr);
+        b.arg(&my_data)
+            .arg(&prev_data)
+            .arg(&my_signal)
+            .arg(&prev_signal)
+            .arg(&next_signal);
+        b.arg(&seq_s)
+            .arg(&seq_r)
+            .arg(&slots)
+            .arg(&slot_bytes)
+            .arg(&prev)
+            .arg(&next)
+            .arg(&timeout);
+        // SAFETY: the arguments follow nc_kernels::p2p's documented list; buf and work cover buf.len()
+        // elements, the plan's ranges lie within bounds.len() == buf.len(); peers' areas were opened at join.
+        unsafe { b.launch(cfg) }.map_err(|e| self.err(format!("launching the reduce-scatter kernel: {e:?}")))?;
+        self.send_seq += sends;
+        self.recv_seq += recvs;
+        Ok(())
+    }
+
+    /// Ring all-gather of `buf` in place, enqueued on the ring's stream: afterwards every rank's
+    /// `buf[bounds.range(r)]` is rank r's.
+    pub fn all_gather_device<T: P2pElem>(&mut self, buf: &mut CudaSlice<T>, bounds: &Bounds) -> Result<(), CommError> {
+        self.usable("all_gather_device")?;
+        self.check_bounds(buf.len(), bounds, "all_gather_device")?;
+        let (plan, sends, recvs) = self.plan(Phase::AllGather, T::BYTES, bounds)?;
+        if sends + recvs == 0 {
+            return Ok(());
+        }
+        let [my_data, prev_data, my_signal, prev_signal, next_signal] = self.ring_args();
+        let n_ops = (sends + recvs) as i32;
+        let elem = T::BYTES as i32;
+        let (slots, slot_bytes) = (self.opts.slots as i32, self.opts.slot_bytes as u64);
+        let (prev, next) = (
+            ((self.rank + self.world_size - 1) % self.world_size) as i32,
+            ((self.rank + 1) % self.world_size) as i32,
+        );
+        let timeout = self.opts.timeout.as_nanos().min(u64::MAX as u128) as u64;
+        let (seq_s, seq_r) = (self.send_seq, self.recv_seq);
+        let cfg = self.launch_config();
+        let stream = self.stream.clone();
+        let (buf_ptr, _sync) = buf.device_ptr_mut(&stream);
+        let mut b = stream.launch_builder(&self.kernels.ag);
+        b.arg(&plan).arg(&n_ops).arg(&buf_ptr).arg(&elem);
+        b.arg(&my_data)
+            .arg(&prev_data)
+            .arg(&my_signal)
+            .arg(&prev_signal)
+            .arg(&next_signal);
+        b.arg(&seq_s)
+            .arg(&seq_r)
+            .arg(&slots)
+            .arg(&slot_bytes)
+            .arg(&prev)
+            .arg(&next)
+            .arg(&timeout);
+        // SAFETY: as for reduce_scatter_device.
+        unsafe { b.launch(cfg) }.map_err(|e| self.err(format!("launching the all-gather kernel: {e:?}")))?;
+        self.send_seq += sends;
+        self.recv_seq += recvs;
+        Ok(())
+    }
+
+    /// Whether an all-reduce of `len` elements of `elem_bytes` takes the one-shot path.
+    pub fn uses_one_shot(&self, len: usize, elem_bytes: usize) -> bool {
+        one_shot_fits(&self.opts, len, elem_bytes)
+    }
+
+    /// One-shot all-reduce (every rank reads every rank's copy, sums in rank order), enqueued on the ring's
+    /// stream. Err if `buf` is larger than the one-shot area (`uses_one_shot`).
+    pub fn one_shot_device<T: P2pElem>(&mut self, buf: &mut CudaSlice<T>) -> Result<(), CommError> {
+        self.usable("one_shot_device")?;
+        if !self.uses_one_shot(buf.len(), T::BYTES) {
+            return Err(self.err(format!(
+                "one_shot_device: {} elements of {} bytes exceed the one-shot area ({} bytes)",
+                buf.len(),
+                T::BYTES,
+                self.opts.one_shot_bytes
+            )));
+        }
+        let n = buf.len() as u64;
+        let (ranks, rank) = (self.world_size as i32, self.rank as i32);
+        let (epoch, region) = (self.epoch, Self::region_bytes(&self.opts) as u64);
+        let timeout = self.opts.timeout.as_nanos().min(u64::MAX as u128) as u64;
+        let cfg = self.launch_config();
+        let stream = self.stream.clone();
+        let (peers, _s1) = self.peers_table.device_ptr(&stream);
+        let (buf_ptr, _s2) = buf.device_ptr_mut(&stream);
+        let f = if T::IS_BF16 {
+            &self.kernels.one_shot_bf16
+        } else {
+            &self.kernels.one_shot_f32
+        };
+        let mut b = stream.launch_builder(f);
+        b.arg(&buf_ptr).arg(&buf_ptr).arg(&n).arg(&peers).arg(&ranks).arg(&rank);
+        b.arg(&epoch).arg(&region).arg(&timeout);
+        // SAFETY: the argument list is nc_kernels::p2p's; n fits every rank's one-shot regions (checked above,
+        // and every rank has the same options).
+        unsafe { b.launch(cfg) }.map_err(|e| self.err(format!("launching the one-shot kernel: {e:?}")))?;
+        self.epoch += 1;
+        Ok(())
+    }
+
+    /// All-reduce in place: one-shot up to `one_shot_bytes`, reduce-scatter + all-gather above.
+    pub fn all_reduce_device<T: P2pElem>(&mut self, buf: &mut CudaSlice<T>) -> Result<(), CommError> {
+        if self.uses_one_shot(buf.len(), T::BYTES) {
+            self.one_shot_device(buf)
+        } else {
+            let bounds = even_bounds(buf.len(), self.world_size);
+            self.reduce_scatter_device(buf, &bounds)?;
+            self.all_gather_device(buf, &bounds)
+        }
+    }
+
+    /// Copies a host buffer to the kept staging buffer of its type, runs `op` on it, copies it back and
+    /// checks the error word.
+    fn staged<T: P2pElem>(
+        &mut self,
+        host: &mut [T],
+        what: &str,
+        pick: fn(&mut P2pRing) -> &mut Option<CudaSlice<T>>,
+        op: impl FnOnce(&mut P2pRing, &mut CudaSlice<T>) -> Result<(), CommError>,
+    ) -> Result<(), CommError> {
+        self.usable(what)?;
+        if host.is_empty() {
+            return Ok(());
+        }
+        let stream = self.stream.clone();
+        let mut stage = match pick(self).take() {
+            Some(s) if s.len() == host.len() => s,
+            _ => stream
+                .alloc_zeros::<T>(host.len())
+                .map_err(|e| self.err(format!("{what}: allocating a staging buffer: {e:?}")))?,
+        };
+        let result = (|| {
+            stream
+                .memcpy_htod(host, &mut stage)
+                .map_err(|e| self.err(format!("{what}: copy to the device: {e:?}")))?;
+            op(self, &mut stage)?;
+            stream
+                .memcpy_dtoh(&stage, host)
+                .map_err(|e| self.err(format!("{what}: copy to the host: {e:?}")))?;
+            self.check()
+        })();
+        *pick(self) = Some(stage);
+        result
+    }
+}
+
+impl Collective for P2pRing {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32], bounds: &Bounds) -> Result<(), CommError> {
+        self.check_bounds(buf.len(), bounds, "reduce_scatter_sum")?;
+        self.staged(
+            buf,
+            "reduce_scatter_sum",
+            |r| &mut r.stage_f32,
+            |r, s| r.reduce_scatter_device(s, bounds),
+        )
+    }
+
+    fn all_gather(&mut self, buf: &mut [f32], bounds: &Bounds) -> Result<(), CommError> {
+        self.check_bounds(buf.len(), bounds, "all_gather")?;
+        self.staged(
+            buf,
+            "all_gather",
+            |r| &mut r.stage_f32,
+            |r, s| r.all_gather_device(s, bounds),
+        )
+    }
+
+    fn reduce_scatter_sum_bf16(&mut self, buf: &mut [bf16], bounds: &Bounds) -> Result<(), CommError> {
+        self.check_bounds(buf.len(), bounds, "reduce_scatter_sum_bf16")?;
+        self.staged(
+            buf,
+            "reduce_scatter_sum_bf16",
+            |r| &mut r.stage_bf16,
+            |r, s| r.reduce_scatter_device(s, bounds),
+        )
+    }
+
+    fn all_gather_bf16(&mut self, buf: &mut [bf16], bounds: &Bounds) -> Result<(), CommError> {
+        self.check_bounds(buf.len(), bounds, "all_gather_bf16")?;
+        self.staged(
+            buf,
+            "all_gather_bf16",
+            |r| &mut r.stage_bf16,
+            |r, s| r.all_gather_device(s, bounds),
+        )
+    }
+
+    /// One-shot below `one_shot_bytes` (rank-order sum), ring above (the trait's order).
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
+        self.staged(
+            buf,
+            "all_reduce_sum",
+            |r| &mut r.stage_f32,
+            |r, s| r.all_reduce_device(s),
+        )
+    }
+
+    fn all_reduce_sum_bf16(&mut self, buf: &mut [bf16]) -> Result<(), CommError> {
+        self.staged(
+            buf,
+            "all_reduce_sum_bf16",
+            |r| &mut r.stage_bf16,
+            |r, s| r.all_reduce_device(s),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_message_up_to_the_threshold_fits_the_one_shot_regions() {
+        for blocks in [1, 3, 8, 16] {
+            for one_shot_bytes in [0, 1, 100, 4096, 256 << 10, (256 << 10) + 6] {
+                let opts = P2pOptions {
+                    blocks,
+                    one_shot_bytes,
+                    ..P2pOptions::default()
+                };
+                for elem in [2, 4] {
+                    let most = one_shot_bytes / elem;
+                    for len in [0, most / 2, most.saturating_sub(1), most] {
+                        assert!(
+                            one_shot_fits(&opts, len, elem),
+                            "{blocks} {one_shot_bytes} {elem} {len}"
+                        );
+                        // The kernel's parts of `len` elements fit one block's region.
+                        assert!(one_shot_region_bytes(len, elem, blocks) <= region_bytes(&opts));
+                    }
+                    assert!(!one_shot_fits(&opts, most + 1, elem));
+                }
+                assert_eq!(region_bytes(&opts) % 16, 0);
+            }
+        }
+    }
+}

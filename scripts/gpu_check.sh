@@ -17,6 +17,7 @@
 #   bench      the CUDA step benchmark (benches/benches/step_cuda.rs) at depth 20, dbs 8 and 16, and with TF32
 #   fixture    the PyTorch baseline computes the same loss as the JAX reference fixtures
 #   baseline   the PyTorch baseline step at depth 20 (dbs 32) and depth 38 (dbs 8), torch.compile'd
+#   p2p        the CUDA IPC peer-to-peer ring (nc-p2p-bench): 2 and 4 processes on the GPU(s), bit-exact vs host sums, then ring vs NCCL
 #   attention  the bf16 flash attention kernels: parity with the CPU backend (tests/tests/cuda_flash.rs), then
 #              their TFLOP/s (benches/benches/attention_cuda.rs) beside PyTorch SDPA's (benches/attention_sdpa.py)
 # Each step has its own time limit so one hang cannot eat the machine's whole lease. A lease is short (15
@@ -33,6 +34,7 @@ build() {
   local exes
   cargo build --release -p nc-train --bin nc-train || { echo "gpu_check build: cargo failed" >&2; exit 1; }
   cp target/release/nc-train "$BIN_DIR/nc-train"
+  cargo build --release -p nc-comm --bin nc-p2p-bench && cp target/release/nc-p2p-bench "$BIN_DIR/nc-p2p-bench"
   strip --strip-debug "$BIN_DIR/nc-train" 2>/dev/null || true
   exes=$( (cargo test --release --no-run --message-format=json -p nc-alloc --test cuda_smoke -p nc-tests --test cuda_parity -p nc-tests --test cuda_flash -p nc-tests --test cuda_bf16_parity &&
     cargo bench --no-run --message-format=json -p nc-benches --bench step_cuda --bench attention_cuda) |
@@ -186,6 +188,19 @@ sys.exit(0 if abs(cpu - cuda) <= 2e-3 * cpu else 1)' "$w/cpu" "$w/cuda"
         need_bin attention_cuda &&
           step attention-bench 240 bash -c "set -o pipefail; NC_REQUIRE_CUDA=1 '$BIN_DIR/attention_cuda' | tee -a '$out/attention.txt'"
         step attention-sdpa 120 bash -c "set -o pipefail; python3 benches/attention_sdpa.py | tee -a '$out/attention.txt'"
+        ;;
+      p2p)
+        # the peer-to-peer ring with processes sharing the GPU(s): every result bit for bit against host sums,
+        # then its nccl-tests-style table beside NCCL's (NCCL only with a GPU per rank; on one GPU the times
+        # are of time-sliced processes, not NVLink)
+        if need_bin nc-p2p-bench; then
+          step p2p-check-2 180 "$BIN_DIR/nc-p2p-bench" --nproc 2 --check-only --timeout-s 60
+          step p2p-check-4 240 "$BIN_DIR/nc-p2p-bench" --nproc 4 --check-only --timeout-s 60
+          local g
+          g=$(nvidia-smi -L 2>/dev/null | wc -l)
+          [ "$g" -ge 2 ] || g=2  # one GPU: two processes share it (NCCL's columns are then skipped)
+          step p2p-bench 300 bash -c "set -o pipefail; '$BIN_DIR/nc-p2p-bench' --nproc $g --max-bytes 64M --timeout-s 60 | tee -a '$out/p2p.txt'"
+        fi
         ;;
       *)
         echo "gpu_check run: unknown step '$s'; the steps are info alloc parity sanitize train bench fixture baseline attention" >&2

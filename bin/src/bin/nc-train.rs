@@ -16,7 +16,7 @@ use nc_core::train::launch::{self, WorkerEnv};
 use nc_core::train::supervise::{self, SupervisorConfig};
 use nc_core::train::zero1::{HostRanks, RankCollective};
 use nc_core::train::zero1_nccl::NcclExchange;
-use nc_core::train::{self, signal, Resume, TrainConfig};
+use nc_core::train::{self, signal, transport, Resume, TrainConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -131,6 +131,11 @@ struct Cli {
     /// the same as --world-size on one machine.
     #[arg(long, alias = "nproc_per_node")]
     nproc_per_node: Option<usize>,
+    /// Collectives between ranks: auto (CUDA: nc's peer-to-peer ring inside one node when every pair of GPUs
+    /// can reach each other, NCCL across nodes or without P2P; CPU: the shared-memory ring), ring (the P2P
+    /// ring or an error saying why not) or nccl. One line at start-up says which and why.
+    #[arg(long, default_value = "auto")]
+    comm: String,
     /// Seed of the initialization and of sampling.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -222,6 +227,7 @@ fn check_common(cli: &Cli) -> Result<()> {
     if cli.json && !cli.plan {
         return Err(NcError::new("--json only applies to --plan; add --plan or drop --json"));
     }
+    transport::CommFlag::parse(&cli.comm)?;
     if cli.world_size == Some(0) || cli.nproc_per_node == Some(0) {
         return Err(NcError::new("--world-size and --nproc-per-node must be at least 1"));
     }
@@ -449,12 +455,20 @@ fn run_worker(mut cli: Cli, env: WorkerEnv) -> Result<Outcome> {
     cfg.verbose = env.rank == 0;
     let on_cuda = backend_is_cuda(&cli, &cfg)?;
     signal::install_handlers();
-    let fingerprint = launch::fingerprint(&cfg, if on_cuda { "cuda" } else { "cpu" })?;
+    let comm_flag = transport::CommFlag::parse(&cli.comm)?;
+    let mut fingerprint = launch::fingerprint(&cfg, if on_cuda { "cuda" } else { "cpu" })?;
+    fingerprint.push(("--comm".into(), cli.comm.clone()));
     let mut rdv = launch::rendezvous(&env, &fingerprint)?;
     let summary = if on_cuda {
         // GPU LOCAL_RANK, then NCCL on a communication stream of it; the device ZeRO-1 exchange runs at every
         // world size (one rank too: a one-GPU machine checks launch, NCCL init, the bucket hooks and the
         // communication stream). UNVERIFIED: not yet run on a GPU.
+        if comm_flag == transport::CommFlag::Ring {
+            return Err(NcError::new(
+                "--comm ring with --backend cuda: the device ZeRO-1 exchange runs over NCCL for now (the peer-to-peer \
+                 ring, nc_comm::P2pRing, is not wired into it yet); use --comm auto or nccl",
+            ));
+        }
         launch::check_gpus_for_ranks(env.local_world_size, cuda::device_count())?;
         let device = train::cuda_device(env.local_rank, cli.tf32)?;
         let nccl = launch::join_nccl(&env, &mut rdv, &device.be)?;
@@ -478,6 +492,12 @@ fn run_worker(mut cli: Cli, env: WorkerEnv) -> Result<Outcome> {
         s
     } else {
         let comm: Option<Box<dyn RankCollective<nc_core::backend::cpu::CpuBackend>>> = if env.world_size > 1 {
+            let at = transport::Placement {
+                on_cuda: false,
+                world_size: env.world_size,
+                local_world_size: env.local_world_size,
+            };
+            transport::choose_transport(comm_flag, at, 0, &mut || Ok(None), env.rank == 0)?;
             Some(Box::new(HostRanks::new(Box::new(launch::join_cpu_ring(&env, rdv)?))))
         } else {
             None

@@ -21,6 +21,7 @@ pub mod reshard;
 pub mod signal;
 pub mod supervise;
 pub mod sync;
+pub mod transport;
 pub mod zero1;
 pub mod zero1_nccl;
 

@@ -721,6 +721,14 @@ impl P2pRing {
     }
 }
 
+impl Drop for P2pRing {
+    /// This rank's kernels may still run: let them finish before its memory and mappings go. (Peers may
+    /// still read this rank's last slices; call a collective `barrier` on every rank before dropping.)
+    fn drop(&mut self) {
+        let _ = self.stream.synchronize();
+    }
+}
+
 impl Collective for P2pRing {
     fn rank(&self) -> usize {
         self.rank

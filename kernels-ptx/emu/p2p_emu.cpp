@@ -127,7 +127,7 @@ static bool run_case(Case& c) {
         auto before = store;
         std::vector<std::vector<float>> work(n, std::vector<float>(c.len + 8));
         int last_step = n - 2;
-        launch_ranks(n, c.blocks, c.threads, it == 1 ? 0 : -1, 40, [&](int r) {
+        launch_ranks(n, c.blocks, c.threads, it == 1 ? 0 : -1, c.plant == "none" ? 20 : 100, [&](int r) {
             T* buf = store[r].data() + c.offset;
             int prev = (r + n - 1) % n, next = (r + 1) % n;
             const auto& plan = c.plans[r];

@@ -8,7 +8,7 @@
 // (`flag_release`) writes all of them to memory before the flag. So a flag raised without a release, a
 // release before the barrier, or a reader that trusts a flag of an earlier epoch reads stale data: the
 // emulation publishes late whatever was not released. Planting a bug: `g_plant_no_release` turns every
-// release into a relaxed store whose data lands a few milliseconds after the flag.
+// release into a relaxed store whose data lands only 50 ms after the kernel ends.
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -108,9 +108,8 @@ inline int __syncthreads_or(int pred) {
 
 inline void flag_release(unsigned long long* flag, unsigned long long value) {
     if (g_plant_no_release.load()) {
+        // A relaxed store: the flag goes out now, the data only when the kernel ends (launch_ranks).
         std::atomic_ref<unsigned long long>(*flag).store(value);
-        std::this_thread::sleep_for(std::chrono::milliseconds(3));
-        flush_stores();
         return;
     }
     flush_stores();
@@ -152,7 +151,10 @@ inline void launch_ranks(int ranks, unsigned blocks, unsigned threads, int late_
                     t_pending.clear();
                     if (r == late_rank) std::this_thread::sleep_for(std::chrono::milliseconds(late_ms));
                     body(r);
-                    flush_stores();  // the end of a kernel makes everything visible
+                    // The end of a kernel makes everything visible; with the planted bug, late enough that a
+                    // reader trusting the unreleased flag reads before the data lands.
+                    if (g_plant_no_release.load()) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+                    flush_stores();
                     blk->bar->arrive_and_drop();
                 });
         }

@@ -185,7 +185,13 @@ pub fn join_p2p(rank: usize, local_rank: usize, rdv: &mut nc_comm::Rendezvous) -
     let stream = ctx
         .new_stream()
         .map_err(|e| NcError::new(format!("rank {rank}: a stream for the P2P ring: {e:?}")))?;
-    nc_comm::P2pRing::join(rdv, stream, nc_comm::P2pOptions::default()).map_err(|e| NcError::new(e.message))
+    // A kernel waits on a peer as long as a collective may (rank 0 evaluates and saves while the others
+    // wait in the next collective); a dead peer is found only by this timeout, inside the kernel.
+    let opts = nc_comm::P2pOptions {
+        timeout: std::time::Duration::from_secs(1800),
+        ..nc_comm::P2pOptions::default()
+    };
+    nc_comm::P2pRing::join(rdv, stream, opts).map_err(|e| NcError::new(e.message))
 }
 
 #[cfg(test)]

@@ -51,6 +51,9 @@ pub fn remove_stale_temps(dir: &Path) -> std::io::Result<usize> {
 /// The file in the destination folder that one `nc-data download` at a time holds locked.
 pub const LOCK_FILE: &str = ".nc-data-download.lock";
 
+/// How long a busy lock is retried before another download is assumed to hold it.
+const LOCK_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Take the folder's download lock (an advisory `flock`, released when the returned file is dropped or the
 /// process dies, however it dies). Two downloads into one folder would write the same temporary names, so
 /// the second one stops with an error instead. The lock file is left in place: removing it could let a
@@ -64,8 +67,16 @@ pub fn lock_folder(dir: &Path) -> Result<File, String> {
         .write(true)
         .open(&path)
         .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    // A lock can outlive its holder by a moment: a process forked (by any thread of the holder) before the
+    // holder dropped its file keeps the shared descriptor until its exec closes it. So a busy lock is retried
+    // for a short grace period before the folder is declared busy; a real second download holds it far longer.
+    let deadline = std::time::Instant::now() + LOCK_GRACE;
     // SAFETY: flock on a descriptor this function owns for as long as `file` lives.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            continue;
+        }
         return Err(format!(
             "another nc-data download is writing to {} (it holds {}); wait for it to finish or use another --out",
             dir.display(),

@@ -143,6 +143,10 @@ pub struct RunSummary {
     pub eval_batches: usize,
     /// Whether --eval-tokens asked for more than the validation split holds (and one pass was evaluated).
     pub eval_capped: bool,
+    /// Activation bytes (loss workspace included) the model allocated, as a device stores them, and what the
+    /// plan priced them at when choosing the recompute policy (`--recompute auto`): the two must agree.
+    pub activation_bytes_allocated: usize,
+    pub activation_bytes_priced: f64,
 }
 
 /// EMA factor of the logged train loss.
@@ -374,12 +378,13 @@ pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
 
 /// The concrete policy of a run, and why. Auto asks the plan for the cheapest policy under which every
 /// replica sharing the device's memory (all CPU ranks of this process share the host's; a GPU holds one)
-/// fits in it.
+/// fits in it, its buffers priced at `priced` (`priced_precision`).
 fn resolve_recompute<B: Backend>(
     asked: plan::Recompute,
     model: &ModelConfig,
     batch: &BatchPlan,
     device: &Device<B>,
+    priced: Precision,
 ) -> (plan::Recompute, String) {
     if asked != plan::Recompute::Auto {
         return (asked, "as asked".into());
@@ -392,12 +397,22 @@ fn resolve_recompute<B: Backend>(
     };
     let (b, w) = (batch.device_batch_size, batch.world_size);
     let what = format!("{:.1} GiB of {}", mem / plan::GIB, device.memory_name);
-    match plan::cheapest_policy_that_fits(model, b, w, device.precision, mem, device.replicas_sharing_memory) {
+    match plan::cheapest_policy_that_fits(model, b, w, priced, mem, device.replicas_sharing_memory) {
         Some(p) => (p, format!("auto: the cheapest that fits in {what}")),
         None => (
             plan::Recompute::Full,
             format!("auto: nothing fits in {what}, even full recomputation; lower --dbs"),
         ),
+    }
+}
+
+/// How the plan prices a run's buffers: as the run allocates them. A bf16 run stores bf16 working weights and
+/// activations on any backend (the CPU twin allocates the engine's layout, `model::Storages`); an fp32 run as
+/// the device's f32 path (the host's, or a GPU's with its context).
+pub fn priced_precision(run: Precision, device: Precision) -> Precision {
+    match run {
+        Precision::Bf16 => Precision::Bf16,
+        Precision::Fp32 | Precision::Fp32Gpu => device,
     }
 }
 
@@ -412,7 +427,8 @@ pub struct Device<B: Backend> {
     pub memory_name: String,
     /// How many ranks' replicas share that memory (all CPU ranks share the host's; a GPU holds one).
     pub replicas_sharing_memory: usize,
-    /// How the plan prices this device's buffers (for `--recompute auto`).
+    /// How the plan prices this device's f32 buffers (for `--recompute auto`; a bf16 run is priced as bf16
+    /// whatever this says: `priced_precision`).
     pub precision: Precision,
 }
 
@@ -532,7 +548,8 @@ fn train_rank<B: Backend>(
         warmdown_ratio: cfg.warmdown_ratio,
         final_lr_frac: cfg.final_lr_frac,
     };
-    let (policy, policy_why) = resolve_recompute(cfg.recompute, &model_cfg, &batch, &device);
+    let priced = priced_precision(cfg.precision, device.precision);
+    let (policy, policy_why) = resolve_recompute(cfg.recompute, &model_cfg, &batch, &device, priced);
     let Device {
         be,
         peak_flops: peak,
@@ -673,6 +690,11 @@ fn train_rank<B: Backend>(
         last_checkpoint: None,
         eval_batches: eval_steps,
         eval_capped: eval_steps < asked_eval_steps,
+        activation_bytes_allocated: model.allocated_activation_bytes(),
+        activation_bytes_priced: {
+            let (acts, loss_ws) = plan::activation_bytes(&model_cfg, batch.device_batch_size, policy, priced);
+            acts + loss_ws
+        },
     };
 
     loop {

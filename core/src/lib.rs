@@ -6,6 +6,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod model;
+pub mod nvtx;
 pub mod optim;
 pub mod plan;
 pub mod plan_comm;

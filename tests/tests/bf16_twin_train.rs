@@ -39,6 +39,7 @@ fn run(out_dir: &Path, precision: Precision) -> RunSummary {
         recompute: Recompute::None,
         precision,
         stop_at_step: None,
+        profile_steps: None,
         verbose: false,
     };
     train(&cfg).unwrap()

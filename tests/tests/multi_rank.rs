@@ -38,6 +38,7 @@ fn config(out_dir: &Path, world_size: usize, steps: u64) -> TrainConfig {
         recompute: nc_core::plan::Recompute::None,
         precision: nc_core::plan::Precision::Fp32,
         stop_at_step: None,
+        profile_steps: None,
         verbose: false,
     }
 }

@@ -147,6 +147,7 @@ fn recompute_auto_prices_what_the_run_allocates() {
             recompute: Recompute::Auto,
             precision,
             stop_at_step: None,
+            profile_steps: None,
             verbose: false,
         };
         let run = train(&cfg).unwrap();

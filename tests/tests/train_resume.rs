@@ -40,6 +40,7 @@ fn tiny_config(out_dir: &Path, steps: u64) -> TrainConfig {
         recompute: nc_core::plan::Recompute::None,
         precision: nc_core::plan::Precision::Fp32,
         stop_at_step: None,
+        profile_steps: None,
         verbose: false,
     }
 }

@@ -142,6 +142,11 @@ struct Cli {
     /// Stop (saving a checkpoint, as on Ctrl-C) when this step is reached; continue later with --resume.
     #[arg(long, alias = "stop_at_step")]
     stop_at_step: Option<u64>,
+    /// Profile steps A to B (inclusive) only: the CUDA profiler's capture starts before step A and stops after
+    /// step B (run under `nsys profile --capture-range=cudaProfilerApi`; scripts/profile.sh). Needs --backend
+    /// cuda.
+    #[arg(long, alias = "profile_steps", value_name = "A:B")]
+    profile_steps: Option<String>,
 
     // --- the plan
     /// Print the memory, time and cost plan of this configuration and exit (runs nothing).
@@ -393,6 +398,11 @@ fn backend_is_cuda(cli: &Cli, cfg: &TrainConfig) -> Result<bool> {
             "--tf32 sets how the CUDA backend's GEMMs round; it needs --backend cuda",
         ));
     }
+    if cfg.profile_steps.is_some() && cli.backend != "cuda" {
+        return Err(NcError::new(
+            "--profile-steps starts and stops the CUDA profiler's capture; it needs --backend cuda",
+        ));
+    }
     if cfg.precision == Precision::Bf16 && cli.backend == "cuda" {
         return Err(NcError::new(
             "--precision bf16 with --backend cuda: the CUDA bf16 engine is not built yet; use --backend cpu \
@@ -633,8 +643,28 @@ fn train_config_from_flags(cli: &Cli) -> Result<TrainConfig> {
             Some(s) => Precision::parse(s)?,
         },
         stop_at_step: cli.stop_at_step,
+        profile_steps: cli.profile_steps.as_deref().map(parse_profile_steps).transpose()?,
         verbose: true,
     })
+}
+
+/// `--profile-steps A:B`: the first and last step to capture, A <= B.
+fn parse_profile_steps(s: &str) -> Result<(u64, u64)> {
+    let bad = || {
+        NcError::new(format!(
+            "--profile-steps '{s}' is not A:B with step numbers A <= B (e.g. --profile-steps 10:12 captures steps \
+             10, 11 and 12)"
+        ))
+    };
+    let (a, b) = s.split_once(':').ok_or_else(bad)?;
+    let (a, b): (u64, u64) = (
+        a.trim().parse().map_err(|_| bad())?,
+        b.trim().parse().map_err(|_| bad())?,
+    );
+    if a > b {
+        return Err(bad());
+    }
+    Ok((a, b))
 }
 
 fn main() -> ExitCode {
@@ -657,6 +687,24 @@ mod tests {
 
     fn parse(args: &[&str]) -> Cli {
         Cli::try_parse_from(std::iter::once("nc-train").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn profile_steps_parse_or_say_what_is_wrong() {
+        assert_eq!(parse_profile_steps("10:12").unwrap(), (10, 12));
+        assert_eq!(parse_profile_steps("5:5").unwrap(), (5, 5));
+        for bad in ["12:10", "10", "a:b", "10:", ":3", "-1:2"] {
+            let e = parse_profile_steps(bad).unwrap_err().to_string();
+            assert!(e.contains("A <= B"), "{bad}: {e}");
+        }
+        // the CUDA profiler only: refused on the CPU before anything runs
+        let c = parse(&["--backend", "cpu", "--profile-steps", "1:2"]);
+        let cfg = train_config_from_flags(&c).unwrap();
+        assert_eq!(cfg.profile_steps, Some((1, 2)));
+        assert!(backend_is_cuda(&c, &cfg)
+            .unwrap_err()
+            .to_string()
+            .contains("--backend cuda"));
     }
 
     #[test]

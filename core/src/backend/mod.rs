@@ -549,6 +549,13 @@ pub trait Backend {
     /// `download` waits by itself.
     fn synchronize(&self) {}
 
+    /// Start (`true`) or stop (`false`) a profiler's capture, for `nc-train --profile-steps` (nsys
+    /// `--capture-range=cudaProfilerApi`). Backends no such profiler captures have nothing to do.
+    fn profiler_capture(&self, on: bool) -> crate::Result<()> {
+        let _ = on;
+        Ok(())
+    }
+
     /// The whole buffer as a host slice, where the backend keeps it in host memory (the CPU), so the
     /// optimizers and checkpoints can work on it in place; None where it lives on a device, and callers copy
     /// through `download` and `upload` instead.

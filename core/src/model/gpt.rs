@@ -18,6 +18,7 @@ use crate::backend::{Backend, Storage, View, ViewMut};
 use crate::bail;
 use crate::config::{ModelConfig, ParamSpec, LOGIT_SOFTCAP};
 use crate::error::{NcError, Result};
+use crate::nvtx;
 use crate::plan::Precision;
 
 /// Which parameter grads the backward has just made final for the current micro-step, in the order it
@@ -340,6 +341,7 @@ impl<B: Backend> Gpt<B> {
         );
         be.copy(head(&self.x0, n * d), head_mut(&mut self.resid, n * d));
         for l in 0..self.cfg.n_layer {
+            let _r = nvtx::range_with(|| format!("layer {l} fwd"));
             // Which saved set and which MLP hidden buffer this layer writes.
             let (set, hidden) = match self.policy {
                 Recompute::None => (l, l),
@@ -468,6 +470,7 @@ impl<B: Backend> Gpt<B> {
             false,
         );
         for l in (0..self.cfg.n_layer).rev() {
+            let _r = nvtx::range_with(|| format!("layer {l} bwd"));
             let w = &self.blocks[l];
             let (set, hidden) = match self.policy {
                 Recompute::None => (l, l),
@@ -547,7 +550,10 @@ impl<B: Backend> Gpt<B> {
         hook: GradHook<'_, B>,
     ) -> Result<f32> {
         let counted = self.load_batch(inputs, targets)?;
+        let fwd = nvtx::range("forward");
         self.forward_trunk(self.batch, self.seq, None);
+        drop(fwd);
+        let loss_range = nvtx::range("loss");
         let (n, d, v) = (self.tokens(), self.cfg.n_embd, self.cfg.vocab_size);
         let scale = if counted == 0 { 0.0 } else { loss_scale / counted as f32 };
         let grad = loss::LossGrad {
@@ -571,8 +577,11 @@ impl<B: Backend> Gpt<B> {
             &mut self.losses,
             Some(grad),
         );
+        drop(loss_range);
         hook(&self.be, &mut self.grads, GradsReady::LmHead);
+        let bwd = nvtx::range("backward");
         self.backward_trunk(hook);
+        drop(bwd);
         self.be.download(all(&self.losses), &mut self.losses_host);
         let sum: f64 = self.losses_host.iter().map(|&l| l as f64).sum();
         Ok(if counted == 0 {

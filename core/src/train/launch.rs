@@ -322,6 +322,7 @@ pub fn join_nccl(
 ) -> Result<nc_comm::NcclRing> {
     let stream =
         crate::train::zero1_nccl::NcclExchange::comm_stream(be).map_err(|e| e.context(format!("rank {}", env.rank)))?;
+    crate::nvtx::name_cuda_stream(stream.cu_stream() as *mut std::ffi::c_void, "nc nccl");
     nc_comm::NcclRing::join(rdv, stream).map_err(|e| comm_error(env, e))
 }
 

@@ -33,6 +33,7 @@ use crate::config::ModelConfig;
 use crate::data::loader::LoaderState;
 use crate::error::{NcError, Result};
 use crate::model::{Gpt, HostMirror};
+use crate::nvtx;
 use crate::optim::clip::clip_grad_norm;
 use crate::optim::device::{DeviceOptimizer, DeviceOptions};
 use crate::optim::schedule::{muon_momentum, LrSchedule};
@@ -99,6 +100,10 @@ pub struct TrainConfig {
     pub precision: Precision,
     /// Behave as if a stop were requested when the loop reaches this step (dry runs and tests).
     pub stop_at_step: Option<u64>,
+    /// Steps first..=last to capture with a profiler (`--profile-steps A:B`): the backend's capture starts
+    /// before step A and stops after step B (`Backend::profiler_capture`; scripts/profile.sh).
+    #[serde(default)]
+    pub profile_steps: Option<(u64, u64)>,
     /// Print the log lines and samples (off in tests).
     pub verbose: bool,
 }
@@ -706,6 +711,7 @@ fn train_rank<B: Backend>(
         }
 
         if lead && (last_step || (cfg.eval_every > 0 && step % cfg.eval_every == 0) || step == 0) {
+            let _r = nvtx::range("eval");
             let ev = evaluate(&mut model, &mut data, eval_steps, step)?;
             state.min_val_bpb = state.min_val_bpb.min(ev.val_bpb);
             say(format!(
@@ -728,6 +734,7 @@ fn train_rank<B: Backend>(
         }
         let periodic_save = cfg.save_every > 0 && step > 0 && step % cfg.save_every == 0 && Some(step) != resume_step;
         if last_step || stop || periodic_save {
+            let _r = nvtx::range("checkpoint");
             let meta = CheckpointMeta {
                 format: checkpoint::FORMAT.into(),
                 step,
@@ -775,12 +782,17 @@ fn train_rank<B: Backend>(
         }
 
         // One optimizer step.
+        if cfg.profile_steps.is_some_and(|(first, _)| first == step) {
+            model.be.profiler_capture(true)?;
+        }
+        let step_range = nvtx::range("step");
         let t0 = Instant::now();
         model.zero_grads();
         let mut loss_sum = 0.0f64;
         // the step's gradient is the mean over every micro-batch of every rank (the ranks' grads are summed)
         let loss_scale = 1.0 / (batch.grad_accum * world) as f32;
         for micro in 0..batch.grad_accum {
+            let _r = nvtx::range("micro-step");
             let b = data.train.next_batch();
             let loss = match zero1.as_mut() {
                 // the last micro-batch's backward reduces each bucket as it finishes it (the earlier ones
@@ -796,17 +808,21 @@ fn train_rank<B: Backend>(
         }
         let mut loss = (loss_sum / batch.grad_accum as f64) as f32;
         if let Some(z) = zero1.as_mut() {
+            let _r = nvtx::range("comm: mean loss");
             loss = sync::mean_over_ranks(z.host(), loss)?;
         }
         if !loss.is_finite() {
             bail!("the train loss became {loss} at step {step}; lower the learning rates (e.g. --matrix-lr 0.01)");
         }
         let lr_mult = schedule.lr_multiplier(step);
+        let optimizer_range = nvtx::range("optimizer");
         let grad_norm = match (&mut opt, zero1.as_mut()) {
             (opt, Some(z)) => {
                 // ZeRO-1: the owned parts of the summed gradient, clipped; this rank's update; the gather
                 let (be, params, grads) = model.backend_params_grads_mut();
+                let reduce_range = nvtx::range("comm: reduce grads");
                 let grad_norm = z.finish_reduce_and_clip(be, grads, cfg.grad_clip)?;
+                drop(reduce_range);
                 match opt {
                     RankOptimizer::Host(opt) => {
                         let (p, g) = match (B::host_slice_mut(params), B::host_slice(grads)) {
@@ -817,7 +833,9 @@ fn train_rank<B: Backend>(
                     }
                     RankOptimizer::Device(opt) => opt.step(be, params, grads, lr_mult, muon_momentum(step)),
                 }
+                let gather_range = nvtx::range("comm: gather params");
                 z.gather_params(be, params)?;
+                drop(gather_range);
                 // queued work on a device: wait for it, so dt is this step's own time (nothing on the CPU)
                 be.synchronize();
                 grad_norm
@@ -847,6 +865,8 @@ fn train_rank<B: Backend>(
         };
         // the bf16 working copy of the weights follows the master (nothing to do in fp32)
         model.refresh_weights();
+        drop(optimizer_range);
+        drop(step_range);
         let dt = t0.elapsed().as_secs_f64();
         // the first steps pay for warm-up; nanochat leaves the first 10 out of its total time
         if step > 10 || num_iterations <= 20 {
@@ -873,6 +893,10 @@ fn train_rank<B: Backend>(
             }))?;
         }
         summary.train_losses.push((step, loss));
+        if cfg.profile_steps.is_some_and(|(_, last)| last == step) {
+            model.be.synchronize();
+            model.be.profiler_capture(false)?;
+        }
         step += 1;
     }
 

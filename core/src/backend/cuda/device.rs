@@ -85,6 +85,7 @@ impl CudaBackend {
         // before the first allocation, which is the point where cudarc decides whether a buffer gets events.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(|e| device_error("creating a stream", &e))?;
+        crate::nvtx::name_cuda_stream(stream.cu_stream() as *mut std::ffi::c_void, "nc compute");
 
         // cuBLAS by its CUDA 13 soname first (libs.rs); its calls use the current context.
         ctx.bind_to_thread()

@@ -328,6 +328,20 @@ impl Backend for CudaBackend {
         Some(self.memory.report())
     }
 
+    // cuProfilerStart/Stop act on the current context: make it this thread's first. Unverified on a GPU.
+    fn profiler_capture(&self, on: bool) -> crate::Result<()> {
+        use crate::error::NcError;
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| NcError::new(format!("CUDA device {}: making the context current: {e}", self.ordinal)))?;
+        let r = if on {
+            cudarc::driver::profiler_start()
+        } else {
+            cudarc::driver::profiler_stop()
+        };
+        r.map_err(|e| NcError::new(format!("cuProfiler{}: {e}", if on { "Start" } else { "Stop" })))
+    }
+
     fn upload(&self, dst: ViewMut<'_, Self>, src: &[f32]) {
         assert_eq!(src.len(), dst.len, "CUDA upload: host slice and view lengths differ");
         if src.is_empty() {

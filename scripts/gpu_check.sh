@@ -2,31 +2,70 @@
 # The project's GPU check, in two halves, because the GPU machine has CUDA and PyTorch but no Rust toolchain:
 #
 #   scripts/gpu_check.sh build   # here, with cargo: build the GPU test binaries into gpu-check/ (git-ignored)
-#   scripts/gpu_check.sh run     # there, in the repo root with gpu-check/ carried: run every GPU test and the
-#                                # PyTorch baseline; logs go to $OUT (the device tool's folder) or gpu-check/out
+#   scripts/gpu_check.sh run     # there, in the repo root with gpu-check/ carried: the default steps (below);
+#                                # logs go to $OUT (the device tool's folder) or gpu-check/out
+#   scripts/gpu_check.sh run STEP...   # the named steps instead (`run rest`: every step the default leaves out)
+#   scripts/gpu_check.sh plan    # print each step's time limit and the default run's total (no GPU needed)
 #
-# `run` takes the steps to run as further arguments (default: all of them, in this order):
-#   info       nvidia-smi and nvcc versions
-#   alloc      the caching allocator on cudaMalloc and real streams (alloc/tests/cuda_smoke.rs)
+# Planned for one lease: 15 minutes of device time, the machine's start (1-2 minutes) included, at most 10
+# minutes a call:
+#   call 1 (device tool timeout_s 540): `run` with no arguments: the most valuable ~8 minutes, the default steps
+#          info alloc parity train bench, whose limits sum to at most 480 s (`plan` prints them; a test keeps it so)
+#   call 2 (the ~4-5 minutes left): `run STEP...` with whichever of the rest matter most after call 1, their limits
+#          summing to what is left (e.g. `run baseline`, or `run attention fixture`); then give the machine back.
+#
+# The steps (each has a time limit: LIMIT below; a step of several parts shares its limit among them):
+#   info       nvidia-smi and nvcc versions                                                      [default]
+#   alloc      the caching allocator on cudaMalloc and real streams (alloc/tests/cuda_smoke.rs)  [default]
 #   parity     every CUDA backend op and a whole model step against the CPU backend (tests/tests/cuda_parity.rs),
-#              and the bf16 engine op by op and a whole step against its CPU twin (tests/tests/cuda_bf16_parity.rs)
+#              and the bf16 engine op by op and a whole step against its CPU twin (tests/tests/cuda_bf16_parity.rs),
+#              one process per test                                                              [default]
+#   train      a short run of nc-train --precision bf16 on the CUDA engine against the same run on its CPU twin
+#              (--backend cpu --precision bf16): the first loss and the last validation loss    [default]
+#   bench      the d20 bf16 step benchmark (benches/benches/step_cuda.rs --precision bf16)       [default]
 #   sanitize   the parity tests again under compute-sanitizer memcheck (out-of-bounds and misaligned accesses)
-#   train      nc-train --backend cuda on the embedded corpus, against the same run on the CPU (val loss)
+#   train-f32  the f32 CUDA path against the f32 CPU run (the strict-f32 debugging path)
 #   launch     the supervised multi-process path at world size 1: supervisor, worker, rendezvous, NCCL init,
 #              the device ZeRO-1 exchange (bucket hooks, NCCL on a communication stream, events)
-#   bench      the CUDA step benchmark (benches/benches/step_cuda.rs) at depth 20, dbs 8 and 16, and with TF32
+#   bench-f32  the f32 step benchmark at depth 20, dbs 8 and 16, and with TF32
 #   fixture    the PyTorch baseline computes the same loss as the JAX reference fixtures
-#   baseline   the PyTorch baseline step at depth 20 (dbs 32) and depth 38 (dbs 8), torch.compile'd
-#   p2p        the CUDA IPC peer-to-peer ring (nc-p2p-bench): 2 and 4 processes on the GPU(s), bit-exact vs host sums, then ring vs NCCL
+#   baseline   the nanochat-faithful PyTorch baseline step (torch.compile'd model and Newton-Schulz) at depth 20
+#              (dbs 32) and depth 38 (dbs 8)
+#   p2p        the CUDA IPC peer-to-peer ring (nc-p2p-bench): 2 and 4 processes on the GPU(s), bit-exact vs host
+#              sums, then ring vs NCCL
 #   attention  the bf16 flash attention kernels: parity with the CPU backend (tests/tests/cuda_flash.rs), then
 #              their TFLOP/s (benches/benches/attention_cuda.rs) beside PyTorch SDPA's (benches/attention_sdpa.py)
-# Each step has its own time limit so one hang cannot eat the machine's whole lease. A lease is short (15
-# minutes of device time, a machine start included), so split it: first `run info alloc parity train bench`
-# (the CUDA path's correctness and speed), then `run sanitize fixture baseline` if time is left.
+# Adding a step: one LIMIT entry, one line above, one arm in `run`'s case (and DEFAULT_STEPS only if the default
+# run still sums to <= 480 s).
 # Carry gpu-check/ (a few tens of MiB, stripped) with the device tool's `carry`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN_DIR=gpu-check
+
+# Seconds each step may take in all (its parts share it). The default run's must sum to <= DEFAULT_BUDGET.
+DEFAULT_STEPS=(info alloc parity train bench)
+DEFAULT_BUDGET=480
+declare -A LIMIT=(
+  [info]=15 [alloc]=40 [parity]=150 [train]=120 [bench]=150
+  [sanitize]=400 [train-f32]=300 [launch]=300 [bench-f32]=400 [fixture]=120 [baseline]=420 [attention]=360 [p2p]=420
+)
+# every step `run` knows, in the order `run rest` runs the non-default ones
+ALL_STEPS=(info alloc parity train bench sanitize train-f32 launch bench-f32 fixture baseline attention p2p)
+
+plan() {
+  local s total=0
+  echo "default run (scripts/gpu_check.sh run), limits in seconds:"
+  for s in "${DEFAULT_STEPS[@]}"; do
+    printf 'default %-10s %4d\n' "$s" "${LIMIT[$s]}"
+    total=$((total + LIMIT[$s]))
+  done
+  printf 'default-total %d of %d\n' "$total" "$DEFAULT_BUDGET"
+  echo "the rest (a second call: scripts/gpu_check.sh run STEP...):"
+  for s in "${ALL_STEPS[@]}"; do
+    [[ " ${DEFAULT_STEPS[*]} " == *" $s "* ]] || printf 'other %-10s %4d\n' "$s" "${LIMIT[$s]}"
+  done
+  [ "$total" -le "$DEFAULT_BUDGET" ] || { echo "gpu_check plan: the default run's limits exceed $DEFAULT_BUDGET s" >&2; exit 1; }
+}
 
 build() {
   mkdir -p "$BIN_DIR"
@@ -65,11 +104,27 @@ need_bin() {
   return 1
 }
 
-# step NAME SECONDS COMMAND...: run one step under a time limit, log it, remember whether it passed.
+# group NAME: the parts that follow share LIMIT[NAME] seconds from now.
+GROUP_END=0
+GROUP=""
+group() {
+  GROUP=$1
+  GROUP_END=$((SECONDS + LIMIT[$1]))
+}
+
+# step NAME SECONDS COMMAND...: run one part under a time limit (SECONDS, cut to what its group has left), log
+# it, remember whether it passed. A part its group has no time left for fails as skipped.
 FAILED=()
 step() {
   local name=$1 limit=$2
   shift 2
+  local left=$((GROUP_END - SECONDS))
+  [ "$limit" -le "$left" ] || limit=$left
+  if [ "$limit" -le 0 ]; then
+    echo "== $name: skipped, step '$GROUP' used its ${LIMIT[$GROUP]}s" | tee -a "$LOG"
+    FAILED+=("$name-skipped")
+    return
+  fi
   echo "== $name (limit ${limit}s): $*" | tee -a "$LOG"
   local t0=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
@@ -104,30 +159,44 @@ run() {
   mkdir -p "$out"
   LOG="$out/gpu_check.log"
   : >"$LOG"
-  local steps=("$@")
-  [ ${#steps[@]} -gt 0 ] || steps=(info alloc parity sanitize train launch bench fixture baseline attention)
+  local steps=() s
+  [ $# -gt 0 ] || set -- "${DEFAULT_STEPS[@]}"
+  # every name checked (and `rest` expanded) before anything runs
+  for s in "$@"; do
+    if [ "$s" = rest ]; then
+      for r in "${ALL_STEPS[@]}"; do
+        [[ " ${DEFAULT_STEPS[*]} " == *" $r "* ]] || steps+=("$r")
+      done
+    elif [ -n "${LIMIT[$s]:-}" ]; then
+      steps+=("$s")
+    else
+      echo "gpu_check run: unknown step '$s'; the steps are ${ALL_STEPS[*]} (or rest)" >&2
+      exit 2
+    fi
+  done
   export PYTHONUNBUFFERED=1
   cuda_library_path
   for s in "${steps[@]}"; do
+    group "$s"
     case "$s" in
       info)
-        step info 30 bash -c 'nvidia-smi; (nvcc --version || true); (ldconfig -p | grep -E "libcuda.so|libcublas" || true); python3 -c "import torch; print(\"torch\", torch.__version__, torch.version.cuda)"'
+        step info 15 bash -c 'nvidia-smi; (nvcc --version || true); (ldconfig -p | grep -E "libcuda.so|libcublas" || true); python3 -c "import torch; print(\"torch\", torch.__version__, torch.version.cuda)"'
         ;;
-      alloc) need_bin cuda_smoke && step alloc 120 "$BIN_DIR/cuda_smoke" --nocapture ;;
+      alloc) need_bin cuda_smoke && step alloc 40 "$BIN_DIR/cuda_smoke" --nocapture ;;
       parity)
         # One process per test (--exact): a kernel fault poisons its CUDA context for good, so a faulting
-        # test must not fail every test after it in the same process.
+        # test must not fail every test after it in the same process. The tests share the step's limit.
         if need_bin cuda_parity; then
           local t
           for t in $("$BIN_DIR/cuda_parity" --list 2>/dev/null | sed -n 's/: test$//p'); do
-            step "parity:$t" 120 env NC_REQUIRE_CUDA=1 "$BIN_DIR/cuda_parity" --exact "$t" --nocapture
+            step "parity:$t" 60 env NC_REQUIRE_CUDA=1 "$BIN_DIR/cuda_parity" --exact "$t" --nocapture
           done
         fi
         # the bf16 engine against its CPU twin, one process per test likewise
         if need_bin cuda_bf16_parity; then
           local t16
           for t16 in $("$BIN_DIR/cuda_bf16_parity" --list 2>/dev/null | sed -n 's/: test$//p'); do
-            step "parity-bf16:$t16" 120 env NC_REQUIRE_CUDA=1 "$BIN_DIR/cuda_bf16_parity" --exact "$t16" --nocapture
+            step "parity-bf16:$t16" 60 env NC_REQUIRE_CUDA=1 "$BIN_DIR/cuda_bf16_parity" --exact "$t16" --nocapture
           done
         fi
         ;;
@@ -136,13 +205,35 @@ run() {
           step sanitize 400 env NC_REQUIRE_CUDA=1 compute-sanitizer --tool memcheck --error-exitcode 1 "$BIN_DIR/cuda_parity" --test-threads=1
         ;;
       train)
+        # 20 steps of the embedded run on the bf16 CUDA engine and on its CPU twin, which rounds to bf16 where the
+        # engine stores bf16: their first train losses (one forward, no update yet) and last validation losses
+        # must agree. The tolerances are first guesses (never measured on a GPU): tighten them once measured.
+        if need_bin nc-train; then
+          local tw
+          tw=$(mktemp -d)
+          step train-twin 70 "$BIN_DIR/nc-train" --backend cpu --precision bf16 --num-iterations 20 --eval-every 10 --out-dir "$tw/twin"
+          step train-cuda-bf16 40 "$BIN_DIR/nc-train" --backend cuda --precision bf16 --num-iterations 20 --eval-every 10 --out-dir "$tw/cuda"
+          step train-compare 10 python3 -c '
+import json, sys
+def run(d):
+    rows = [json.loads(l) for l in open(d + "/metrics.jsonl")]
+    first = [r["raw_loss"] for r in rows if "raw_loss" in r][0]
+    return first, [r["val_loss"] for r in rows if "val_loss" in r][-1]
+(tf, tv), (cf, cv) = run(sys.argv[1]), run(sys.argv[2])
+df, dv = abs(tf - cf) / tf, abs(tv - cv) / tv
+print(f"first train loss: twin {tf:.6f} cuda {cf:.6f} (relative {df:.2e}, limit 2e-3)")
+print(f"last val loss:    twin {tv:.6f} cuda {cv:.6f} (relative {dv:.2e}, limit 5e-3)")
+sys.exit(0 if df <= 2e-3 and dv <= 5e-3 else 1)' "$tw/twin" "$tw/cuda"
+        fi
+        ;;
+      train-f32)
         # 30 steps of the embedded run on each backend; the CUDA run's ops are f32 like the CPU's, so the
         # two runs' last validation losses agree closely (cuda_parity checks each op far more tightly)
         if need_bin nc-train; then
           local w
           w=$(mktemp -d)
-          step train-cpu 300 "$BIN_DIR/nc-train" --backend cpu --num-iterations 30 --eval-every 10 --out-dir "$w/cpu"
-          step train-cuda 300 "$BIN_DIR/nc-train" --backend cuda --num-iterations 30 --eval-every 10 --out-dir "$w/cuda"
+          step train-cpu 140 "$BIN_DIR/nc-train" --backend cpu --num-iterations 30 --eval-every 10 --out-dir "$w/cpu"
+          step train-cuda 140 "$BIN_DIR/nc-train" --backend cuda --num-iterations 30 --eval-every 10 --out-dir "$w/cuda"
           step train-compare 10 python3 -c '
 import json, sys
 def last_val(d):
@@ -165,28 +256,31 @@ sys.exit(0 if abs(cpu - cuda) <= 2e-3 * cpu else 1)' "$w/cpu" "$w/cuda"
         fi
         ;;
       bench)
+        # nanochat's d20 step on the bf16 engine (its MFU is the number the issue asks for)
+        need_bin step_cuda &&
+          step bench-d20-bf16 150 bash -c "set -o pipefail; NC_REQUIRE_CUDA=1 '$BIN_DIR/step_cuda' --depth 20 --dbs 16 --steps 5 --optimizer --precision bf16 | tee -a '$out/step_cuda.txt'"
+        ;;
+      bench-f32)
         if need_bin step_cuda; then
           for dbs in 8 16; do
-            step "bench-d20-dbs$dbs" 300 bash -c "set -o pipefail; NC_REQUIRE_CUDA=1 '$BIN_DIR/step_cuda' --depth 20 --dbs $dbs --steps 5 --optimizer | tee -a '$out/step_cuda.txt'"
+            step "bench-d20-dbs$dbs" 130 bash -c "set -o pipefail; NC_REQUIRE_CUDA=1 '$BIN_DIR/step_cuda' --depth 20 --dbs $dbs --steps 5 --optimizer | tee -a '$out/step_cuda.txt'"
           done
-          step "bench-d20-dbs16-tf32" 300 bash -c "set -o pipefail; NC_REQUIRE_CUDA=1 '$BIN_DIR/step_cuda' --depth 20 --dbs 16 --steps 5 --optimizer --tf32 | tee -a '$out/step_cuda.txt'"
-          # the bf16 engine (cuBLASLt bf16 GEMMs, fused bf16 kernels, flash attention)
-          step "bench-d20-dbs16-bf16" 300 bash -c "set -o pipefail; NC_REQUIRE_CUDA=1 '$BIN_DIR/step_cuda' --depth 20 --dbs 16 --steps 5 --optimizer --precision bf16 | tee -a '$out/step_cuda.txt'"
+          step "bench-d20-dbs16-tf32" 130 bash -c "set -o pipefail; NC_REQUIRE_CUDA=1 '$BIN_DIR/step_cuda' --depth 20 --dbs 16 --steps 5 --optimizer --tf32 | tee -a '$out/step_cuda.txt'"
         fi
         ;;
       fixture)
         for f in tiny_mha tiny_gqa; do
-          step "fixture-$f" 120 python3 benches/pytorch_baseline/baseline.py --check-fixture "tests/reference/fixtures/$f.safetensors"
+          step "fixture-$f" 60 python3 benches/pytorch_baseline/baseline.py --check-fixture "tests/reference/fixtures/$f.safetensors"
         done
         ;;
       baseline)
-        step baseline-d20 300 bash -c "set -o pipefail; python3 benches/pytorch_baseline/baseline.py --depth 20 --dbs 32 --compile | tee -a '$out/baseline.jsonl'"
-        step baseline-d38 300 bash -c "set -o pipefail; python3 benches/pytorch_baseline/baseline.py --depth 38 --dbs 8 --compile --steps 5 | tee -a '$out/baseline.jsonl'"
+        step baseline-d20 240 bash -c "set -o pipefail; python3 benches/pytorch_baseline/baseline.py --depth 20 --dbs 32 | tee -a '$out/baseline.jsonl'"
+        step baseline-d38 180 bash -c "set -o pipefail; python3 benches/pytorch_baseline/baseline.py --depth 38 --dbs 8 --steps 5 | tee -a '$out/baseline.jsonl'"
         ;;
       attention)
-        need_bin cuda_flash && step attention-parity 120 env NC_REQUIRE_CUDA=1 "$BIN_DIR/cuda_flash" --nocapture
+        need_bin cuda_flash && step attention-parity 60 env NC_REQUIRE_CUDA=1 "$BIN_DIR/cuda_flash" --nocapture
         need_bin attention_cuda &&
-          step attention-bench 240 bash -c "set -o pipefail; NC_REQUIRE_CUDA=1 '$BIN_DIR/attention_cuda' | tee -a '$out/attention.txt'"
+          step attention-bench 180 bash -c "set -o pipefail; NC_REQUIRE_CUDA=1 '$BIN_DIR/attention_cuda' | tee -a '$out/attention.txt'"
         step attention-sdpa 120 bash -c "set -o pipefail; python3 benches/attention_sdpa.py | tee -a '$out/attention.txt'"
         ;;
       p2p)
@@ -194,17 +288,13 @@ sys.exit(0 if abs(cpu - cuda) <= 2e-3 * cpu else 1)' "$w/cpu" "$w/cuda"
         # then its nccl-tests-style table beside NCCL's (NCCL only with a GPU per rank; on one GPU the times
         # are of time-sliced processes, not NVLink)
         if need_bin nc-p2p-bench; then
-          step p2p-check-2 180 "$BIN_DIR/nc-p2p-bench" --nproc 2 --check-only --timeout-s 60
-          step p2p-check-4 240 "$BIN_DIR/nc-p2p-bench" --nproc 4 --check-only --timeout-s 60
+          step p2p-check-2 120 "$BIN_DIR/nc-p2p-bench" --nproc 2 --check-only --timeout-s 60
+          step p2p-check-4 150 "$BIN_DIR/nc-p2p-bench" --nproc 4 --check-only --timeout-s 60
           local g
           g=$(nvidia-smi -L 2>/dev/null | wc -l)
           [ "$g" -ge 2 ] || g=2  # one GPU: two processes share it (NCCL's columns are then skipped)
-          step p2p-bench 300 bash -c "set -o pipefail; '$BIN_DIR/nc-p2p-bench' --nproc $g --max-bytes 64M --timeout-s 60 | tee -a '$out/p2p.txt'"
+          step p2p-bench 150 bash -c "set -o pipefail; '$BIN_DIR/nc-p2p-bench' --nproc $g --max-bytes 64M --timeout-s 60 | tee -a '$out/p2p.txt'"
         fi
-        ;;
-      *)
-        echo "gpu_check run: unknown step '$s'; the steps are info alloc parity sanitize train bench fixture baseline attention" >&2
-        exit 2
         ;;
     esac
   done
@@ -217,12 +307,13 @@ sys.exit(0 if abs(cpu - cuda) <= 2e-3 * cpu else 1)' "$w/cpu" "$w/cuda"
 
 case "${1:-}" in
   build) build ;;
+  plan) plan ;;
   run)
     shift
     run "$@"
     ;;
   *)
-    echo "usage: scripts/gpu_check.sh build | run [info alloc parity sanitize train bench fixture baseline attention]" >&2
+    echo "usage: scripts/gpu_check.sh build | plan | run [STEP... | rest] (steps: ${ALL_STEPS[*]})" >&2
     exit 2
     ;;
 esac

@@ -1,15 +1,19 @@
 """The baseline nc must beat: one nanochat training step in PyTorch, timed on one GPU.
 
 Same model and optimizers as SPEC.md (rotary half-split, QK-norm, ReLU^2, untied embeddings, softcap 15,
-Muon with Newton-Schulz 5 in bf16 for block matrices, AdamW for wte and lm_head), bf16 autocast with fp32
-master weights as nanochat does, FlashAttention through scaled_dot_product_attention, optional
-torch.compile. Random tokens (no data pipeline: this times the step, not the loader).
+Muon with Newton-Schulz 5 in bf16 for block matrices, AdamW for wte and lm_head), and run as nanochat runs them,
+so the ratio nc reports is against the real thing: the model torch.compile'd (dynamic=False), Muon's
+Newton-Schulz function torch.compile'd by itself (nanochat's muon.py decorates it with @torch.compile), its
+iterations in bf16, Muon's parameters grouped by size with Nesterov momentum, fused AdamW, bf16 autocast with
+fp32 master weights except the embedding (nanochat keeps wte and the rotary tables in bf16 on a GPU), TF32 for
+the fp32 matmuls left, FlashAttention through scaled_dot_product_attention. Random tokens (no data pipeline:
+this times the step, not the loader). --no-compile runs it eagerly (debugging only; not the baseline).
 
-    python benches/pytorch_baseline/baseline.py --depth 20 --dbs 32 --compile      # on a GPU
-    python benches/pytorch_baseline/baseline.py --sweep --compile                  # depth 20 and up until OOM
+    python benches/pytorch_baseline/baseline.py --depth 20 --dbs 32                # on a GPU
+    python benches/pytorch_baseline/baseline.py --sweep                            # depth 20 and up until OOM
     python benches/pytorch_baseline/baseline.py --check-fixture tests/reference/fixtures/tiny_gqa.safetensors
-    python benches/pytorch_baseline/baseline.py --device cpu --depth 2 --dbs 2 --seq-len 64 --vocab 512 \
-        --steps 3 --warmup 1                                                        # smoke test, any machine
+    python benches/pytorch_baseline/baseline.py --device cpu --no-compile --depth 2 --dbs 2 --seq-len 64 \
+        --vocab 512 --steps 3 --warmup 1                                            # smoke test, any machine
 
 Prints one JSON object per configuration: tokens/s, MFU against the GPU's dense bf16 peak (SPEC.md 5 and 8),
 peak memory, and the loss (which must fall over the timed steps on a fixed batch, a check that the step works).
@@ -123,14 +127,16 @@ class GPT(nn.Module):
         return dense + 12 * self.depth * self.n_head * self.head_dim * self.seq_len
 
 
-def newton_schulz5(g):
+def newton_schulz5(g, steps=5):
+    """Orthogonalize g: the quintic Newton-Schulz iteration, in bf16, as nanochat's muon.py
+    (zeropower_via_newtonschulz5). `Muon` calls it through torch.compile, as nanochat's decorator does."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.bfloat16()
-    tall = x.size(-2) > x.size(-1)
+    tall = g.size(-2) > g.size(-1)
     if tall:
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(5):
+    for _ in range(steps):
         A = x @ x.mT
         B = b * A + c * A @ A
         x = a * x + B @ x
@@ -138,22 +144,31 @@ def newton_schulz5(g):
 
 
 class Muon(torch.optim.Optimizer):
-    def __init__(self, params, lr=0.02, momentum=0.95):
-        super().__init__(params, dict(lr=lr, momentum=momentum))
+    """nanochat's single-GPU Muon: parameters grouped by size, Nesterov momentum on the gradient, the
+    orthogonalized update scaled by sqrt(max(1, rows / cols)). `compile` wraps Newton-Schulz in torch.compile
+    (nanochat: @torch.compile on the function, so each matrix shape compiles once, then runs the fused code)."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, compile=True):
+        params = list(params)
+        groups = [dict(params=[p for p in params if p.numel() == n]) for n in sorted({p.numel() for p in params})]
+        super().__init__(groups, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+        self.orthogonalize = torch.compile(newton_schulz5) if compile else newton_schulz5
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
             mu = group["momentum"]
             for p in group["params"]:
+                g = p.grad
                 state = self.state[p]
-                if "buf" not in state:
-                    state["buf"] = torch.zeros_like(p)
-                buf = state["buf"]
-                buf.lerp_(p.grad, 1 - mu)
-                g = p.grad.lerp(buf, mu)
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(g)
+                buf = state["momentum_buffer"]
+                buf.lerp_(g, 1 - mu)
+                g = g.lerp_(buf, mu) if group["nesterov"] else buf
+                g = self.orthogonalize(g, steps=group["ns_steps"])
                 scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-                p.add_(newton_schulz5(g).to(p.dtype), alpha=-group["lr"] * scale)
+                p.add_(g.to(p.dtype), alpha=-group["lr"] * scale)
 
 
 def check_fixture(path):
@@ -190,6 +205,12 @@ def run(args, depth, dbs):
     device = torch.device(args.device)
     torch.manual_seed(42)
     model = GPT(depth, args.vocab, args.seq_len, args.n_kv_head).to(device)
+    if device.type == "cuda":
+        # nanochat: the embedding and the rotary tables in bf16 on a GPU (its optimizer tolerates it; it saves
+        # memory and traffic), the other weights fp32 masters under bf16 autocast; fp32 matmuls in TF32
+        model.wte.to(dtype=torch.bfloat16)
+        model.cos, model.sin = model.cos.bfloat16(), model.sin.bfloat16()
+        torch.set_float32_matmul_precision("high")
     dmodel_scale = (model.d / 768) ** -0.5
     matrices = [p for b in model.blocks for p in b.parameters()]
     adam = torch.optim.AdamW(
@@ -197,8 +218,8 @@ def run(args, depth, dbs):
          dict(params=[model.lm_head.weight], lr=0.004 * dmodel_scale)],
         betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, fused=device.type == "cuda",
     )
-    muon = Muon(matrices, lr=0.02, momentum=0.95)
-    step_fn = torch.compile(model) if args.compile else model
+    muon = Muon(matrices, lr=0.02, momentum=0.95, compile=args.compile)
+    step_fn = torch.compile(model, dynamic=False) if args.compile else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     gen = torch.Generator(device="cpu").manual_seed(0)
     batch = torch.randint(0, args.vocab, (dbs, args.seq_len + 1), generator=gen).to(device)
@@ -252,7 +273,9 @@ def main():
     ap.add_argument("--n-kv-head", type=int, default=None)
     ap.add_argument("--steps", type=int, default=10, help="timed steps")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model, as nanochat does")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="torch.compile the model and Newton-Schulz, as nanochat does (default; --no-compile: eager,"
+                         " for debugging only)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--sweep", action="store_true",
                     help="depth 20, then 26, 32, 38, 44, 52 with the largest dbs in 32,16,8,4,2,1 that fits")

@@ -1,0 +1,147 @@
+//! The shell scripts parse (`bash -n`), and what can be checked of them without a GPU is: gpu_check.sh's default
+//! run fits its 480 s share of a 15-minute lease and rejects an unknown step before running anything;
+//! profile.sh builds the nsys commands around `nc-train --profile-steps` and turns `nsys stats`' kernel table
+//! into its top-N list (with a stand-in nsys).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.current_dir(root()).output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn every_script_parses() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir(root().join("scripts")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "sh") {
+            let out = run(Command::new("bash").arg("-n").arg(&path));
+            assert!(out.status.success(), "{}: {}", path.display(), text(&out.stderr));
+            checked += 1;
+        }
+    }
+    assert!(checked >= 3, "found only {checked} scripts");
+}
+
+#[test]
+fn gpu_check_default_run_fits_its_share_of_a_lease() {
+    let out = run(Command::new("bash").args(["scripts/gpu_check.sh", "plan"]));
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    let mut steps = Vec::new();
+    let mut sum = 0u64;
+    let mut total = None;
+    for line in stdout.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["default", step, secs] => {
+                let secs: u64 = secs.parse().unwrap();
+                assert!(secs > 0, "{line}");
+                steps.push(step.to_string());
+                sum += secs;
+            }
+            ["default-total", t, "of", budget] => total = Some((t.parse::<u64>().unwrap(), budget.to_string())),
+            _ => {}
+        }
+    }
+    // the issue's default run: the most valuable ~8 minutes
+    assert_eq!(steps, ["info", "alloc", "parity", "train", "bench"], "{stdout}");
+    assert!(sum <= 480, "the default steps' limits sum to {sum} s, more than 480:\n{stdout}");
+    assert_eq!(total, Some((sum, "480".to_string())), "{stdout}");
+}
+
+#[test]
+fn gpu_check_refuses_an_unknown_step_before_running_anything() {
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = run(Command::new("bash")
+        .args(["scripts/gpu_check.sh", "run", "info", "no-such-step"])
+        .env("OUT", out_dir.path()));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("unknown step 'no-such-step'"));
+    // `info` (listed first) did not run
+    let log = std::fs::read_to_string(out_dir.path().join("gpu_check.log")).unwrap_or_default();
+    assert!(!log.contains("== info"), "{log}");
+}
+
+#[test]
+fn profile_dry_run_prints_the_nsys_commands() {
+    let out = run(Command::new("bash").args([
+        "scripts/profile.sh",
+        "--dry-run",
+        "--steps",
+        "3:4",
+        "--",
+        "--backend",
+        "cuda",
+        "--depth",
+        "4",
+    ]));
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    let profile = stdout.lines().find(|l| l.contains(" profile ")).expect(&stdout);
+    for part in ["--capture-range=cudaProfilerApi", "nc-train --profile-steps 3:4 --backend cuda --depth 4"] {
+        assert!(profile.contains(part), "{part} missing: {profile}");
+    }
+    assert!(stdout.contains("stats --report cuda_gpu_kern_sum"), "{stdout}");
+    assert!(stdout.contains("stats --report nvtx_sum"), "{stdout}");
+    // a backwards range is refused
+    let bad = run(Command::new("bash").args(["scripts/profile.sh", "--dry-run", "--steps", "4:3", "--", "x"]));
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(text(&bad.stderr).contains("A <= B"));
+}
+
+#[test]
+fn profile_lists_the_top_kernels_from_nsys_stats() {
+    let dir = tempfile::tempdir().unwrap();
+    // a stand-in nsys: `profile` does nothing, `stats` prints a kernel table as nsys 2024+ does (notes first)
+    let nsys = dir.path().join("nsys");
+    std::fs::write(
+        &nsys,
+        r#"#!/usr/bin/env bash
+[ "$1" = profile ] && exit 0
+case "$*" in
+  *cuda_gpu_kern_sum*) cat <<'CSV'
+Processing [report.sqlite] with [cuda_gpu_kern_sum.py]...
+
+"Time (%)","Total Time (ns)","Instances","Avg (ns)","Med (ns)","Min (ns)","Max (ns)","StdDev (ns)","Name"
+"61.5","1234567","40","30864.2","30000","29000","40000","100.0","gemm_bf16_big"
+"20.1","400000","10","40000.0","40000","39000","41000","10.0","flash_fwd"
+"5.0","100000","100","1000.0","1000","900","1100","1.0","rmsnorm_fwd"
+CSV
+  ;;
+  *) echo "nvtx table" ;;
+esac
+"#,
+    )
+    .unwrap();
+    let chmod = Command::new("chmod").arg("+x").arg(&nsys).status().unwrap();
+    assert!(chmod.success());
+    let out = run(Command::new("bash")
+        .args(["scripts/profile.sh", "--top", "2", "--out"])
+        .arg(dir.path().join("prof"))
+        .args(["--", "--backend", "cuda"])
+        .env("NSYS", &nsys)
+        .env("NC_TRAIN", "/bin/true"));
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    let rows: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.contains("avg us"))
+        .skip(1)
+        .take_while(|l| !l.starts_with('('))
+        .collect();
+    assert_eq!(rows.len(), 2, "{stdout}");
+    let first: Vec<&str> = rows[0].split_whitespace().collect();
+    assert_eq!(first, ["61.5", "1.235", "40", "30.9", "gemm_bf16_big"], "{stdout}");
+    assert!(rows[1].ends_with("flash_fwd"), "{stdout}");
+    assert!(stdout.contains("(3 kernels in all)"), "{stdout}");
+}

@@ -55,7 +55,10 @@ fn gpu_check_default_run_fits_its_share_of_a_lease() {
     }
     // the default run: the most valuable ~8 minutes
     assert_eq!(steps, ["info", "alloc", "parity", "train", "bench"], "{stdout}");
-    assert!(sum <= 480, "the default steps' limits sum to {sum} s, more than 480:\n{stdout}");
+    assert!(
+        sum <= 480,
+        "the default steps' limits sum to {sum} s, more than 480:\n{stdout}"
+    );
     assert_eq!(total, Some((sum, "480".to_string())), "{stdout}");
 }
 
@@ -88,7 +91,10 @@ fn profile_dry_run_prints_the_nsys_commands() {
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
     let profile = stdout.lines().find(|l| l.contains(" profile ")).expect(&stdout);
-    for part in ["--capture-range=cudaProfilerApi", "nc-train --profile-steps 3:4 --backend cuda --depth 4"] {
+    for part in [
+        "--capture-range=cudaProfilerApi",
+        "nc-train --profile-steps 3:4 --backend cuda --depth 4",
+    ] {
         assert!(profile.contains(part), "{part} missing: {profile}");
     }
     assert!(stdout.contains("stats --report cuda_gpu_kern_sum"), "{stdout}");

@@ -115,7 +115,8 @@ struct Cli {
     /// Resume from the latest complete checkpoint in --out-dir, or from the checkpoint folder given.
     #[arg(long, num_args = 0..=1, default_missing_value = "latest")]
     resume: Option<String>,
-    /// Compute backend: cpu, cuda (one GPU, f32, not yet verified on a GPU) or auto (the CPU, for now).
+    /// Compute backend: cpu, cuda (GPUs, f32 or the bf16 engine per --precision; not yet verified on a GPU) or
+    /// auto (the CPU, for now).
     #[arg(long, default_value = "auto")]
     backend: String,
     /// With --backend cuda: let the GEMMs use TF32 tensor cores (faster, 10-bit mantissa inputs) instead of
@@ -379,8 +380,9 @@ fn run(cli: Cli) -> Result<Outcome> {
     }
     signal::install_handlers();
     let summary = if on_cuda {
-        // one GPU, f32, optimizer on the host; the device check comes before anything is written
-        train::train_on(&cfg, train::cuda_device(0, cli.tf32)?)?
+        // one GPU in --precision's scheme (bf16 engine, or strict f32); the device check comes before anything
+        // is written
+        train::train_on(&cfg, train::cuda_device(0, cli.tf32, cfg.precision)?)?
     } else {
         train::train(&cfg)?
     };
@@ -391,7 +393,8 @@ fn run(cli: Cli) -> Result<Outcome> {
     })
 }
 
-/// Whether to train on the GPU (--backend cuda) or the CPU; --tf32 only with cuda, bf16 only on the CPU twin.
+/// Whether to train on the GPU (--backend cuda) or the CPU; --tf32 and --profile-steps only with cuda. Either
+/// backend takes either precision (bf16 on the CPU is the twin of the CUDA bf16 engine).
 fn backend_is_cuda(cli: &Cli, cfg: &TrainConfig) -> Result<bool> {
     if cli.tf32 && cli.backend != "cuda" {
         return Err(NcError::new(
@@ -401,12 +404,6 @@ fn backend_is_cuda(cli: &Cli, cfg: &TrainConfig) -> Result<bool> {
     if cfg.profile_steps.is_some() && cli.backend != "cuda" {
         return Err(NcError::new(
             "--profile-steps starts and stops the CUDA profiler's capture; it needs --backend cuda",
-        ));
-    }
-    if cfg.precision == Precision::Bf16 && cli.backend == "cuda" {
-        return Err(NcError::new(
-            "--precision bf16 with --backend cuda: the CUDA bf16 engine is not built yet; use --backend cpu \
-             (the CPU twin) or --precision fp32",
         ));
     }
     Ok(match cli.backend.as_str() {
@@ -480,7 +477,7 @@ fn run_worker(mut cli: Cli, env: WorkerEnv) -> Result<Outcome> {
             ));
         }
         launch::check_gpus_for_ranks(env.local_world_size, cuda::device_count())?;
-        let device = train::cuda_device(env.local_rank, cli.tf32)?;
+        let device = train::cuda_device(env.local_rank, cli.tf32, cfg.precision)?;
         let nccl = launch::join_nccl(&env, &mut rdv, &device.be)?;
         if env.rank == 0 {
             println!(

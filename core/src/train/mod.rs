@@ -495,17 +495,23 @@ pub fn cpu_device(world_size: usize, sharing: usize) -> Device<CpuBackend> {
     }
 }
 
-/// A rank on CUDA device `ordinal`. Its MFU is measured against the GPU's dense bf16 peak, as nanochat's is,
-/// although this backend still computes in f32.
-pub fn cuda_device(ordinal: usize, tf32: bool) -> Result<Device<crate::backend::cuda::CudaBackend>> {
+/// A rank on CUDA device `ordinal`, training in `precision` (the model's storage comes from the run's config;
+/// this says how `--recompute auto` prices the device's buffers and what the MFU is measured against). Its MFU
+/// is measured against the GPU's dense bf16 peak, as nanochat's is, even on the strict f32 path.
+pub fn cuda_device(
+    ordinal: usize,
+    tf32: bool,
+    precision: Precision,
+) -> Result<Device<crate::backend::cuda::CudaBackend>> {
     let be = crate::backend::cuda::CudaBackend::new(ordinal)?;
     be.set_tf32(tf32)?;
     let name = be.device_name();
+    let computes = match precision {
+        Precision::Bf16 => "this run's GEMMs take bf16 inputs",
+        Precision::Fp32 | Precision::Fp32Gpu => "this run computes in f32",
+    };
     let (peak_flops, peak_how) = match plan::gpu_for_device_name(&name) {
-        Some(g) => (
-            g.peak_bf16_flops,
-            format!("the {name}'s dense bf16 peak; this backend computes in f32"),
-        ),
+        Some(g) => (g.peak_bf16_flops, format!("the {name}'s dense bf16 peak; {computes}")),
         None => (
             plan::gpu_by_name("h100")?.peak_bf16_flops,
             format!("an H100's dense bf16 peak: {name} is not a GPU the planner knows"),
@@ -515,7 +521,11 @@ pub fn cuda_device(ordinal: usize, tf32: bool) -> Result<Device<crate::backend::
         memory_bytes: be.memory_bytes(),
         memory_name: format!("{name} memory"),
         replicas_sharing_memory: 1,
-        precision: Precision::Fp32Gpu,
+        // bf16: the engine's layout (bf16 working weights and activations); fp32: the strict f32 path
+        precision: match precision {
+            Precision::Bf16 => Precision::Bf16,
+            Precision::Fp32 | Precision::Fp32Gpu => Precision::Fp32Gpu,
+        },
         be,
         peak_flops,
         peak_how,

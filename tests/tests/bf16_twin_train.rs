@@ -1,6 +1,7 @@
 //! `--precision bf16` on the CPU backend (the twin of the bf16 engine) trains: a short run on a tiny model
 //! learns, its losses differ from the f32 run's (the rounding is real) and its final validation bpb is
-//! within 2% of the f32 run's. The 500-step depth-4 comparison is in BENCHMARKS.md.
+//! within 2% of the f32 run's. The 500-step depth-4 comparison is in BENCHMARKS.md. And the twin's optimizer
+//! is the engine's: it steps bit for bit as the device path does.
 
 use nc_core::config::ModelConfig;
 use nc_core::optim::OptimConfig;
@@ -9,13 +10,13 @@ use nc_core::train::data::DataSource;
 use nc_core::train::{train, Resume, RunSummary, TrainConfig};
 use std::path::Path;
 
-fn run(out_dir: &Path, precision: Precision) -> RunSummary {
-    let cfg = TrainConfig {
+fn config(out_dir: &Path, precision: Precision, steps: u64) -> TrainConfig {
+    TrainConfig {
         model: ModelConfig::new(2, 64, 2, 2, 32, 512, 32).unwrap(),
         device_batch_size: 4,
         total_batch_size: 2 * 4 * 32,
         world_size: 1,
-        horizon: Horizon::Iterations(40),
+        horizon: Horizon::Iterations(steps),
         optim: OptimConfig::default(),
         grad_clip: 1.0,
         warmup_ratio: 0.0,
@@ -41,8 +42,11 @@ fn run(out_dir: &Path, precision: Precision) -> RunSummary {
         stop_at_step: None,
         profile_steps: None,
         verbose: false,
-    };
-    train(&cfg).unwrap()
+    }
+}
+
+fn run(out_dir: &Path, precision: Precision) -> RunSummary {
+    train(&config(out_dir, precision, 40)).unwrap()
 }
 
 #[test]
@@ -66,4 +70,41 @@ fn bf16_twin_learns_like_f32_but_not_identically() {
         differing >= f32_run.train_losses.len() - 1,
         "only {differing} step losses differ"
     );
+}
+
+/// The twin's optimizer is the bf16 engine's (`optim::device`: Muon's Newton-Schulz batched over same-shape
+/// matrices in bf16, `backend::ns_bf16`, and the multi-tensor updates writing the bf16 working copy): a bf16
+/// run on the CPU backend (host buffers) and on `DeviceLikeCpu` (the CPU with its buffers hidden, so the
+/// training loop takes the path a GPU takes) agree to the bit: every train loss, the final weights and the
+/// optimizer state. A twin whose Muon ran the host optimizer's f32 Newton-Schulz differs within four steps
+/// (planted: the third loss differed).
+#[test]
+fn bf16_twin_steps_as_the_device_path_does() {
+    use nc_core::backend::device_like::DeviceLikeCpu;
+    use nc_core::train::{train_on, Device};
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 4;
+    let twin = train(&config(&dir.path().join("twin"), Precision::Bf16, steps)).unwrap();
+    let device = Device {
+        be: DeviceLikeCpu::default(),
+        peak_flops: 1e9,
+        peak_how: "a test".into(),
+        memory_bytes: None,
+        memory_name: "test memory".into(),
+        replicas_sharing_memory: 1,
+        precision: Precision::Bf16,
+    };
+    let dev = train_on(&config(&dir.path().join("device"), Precision::Bf16, steps), device).unwrap();
+    let bits =
+        |s: &RunSummary| -> Vec<(u64, u32)> { s.train_losses.iter().map(|(st, l)| (*st, l.to_bits())).collect() };
+    assert_eq!(bits(&twin).len(), steps as usize);
+    assert_eq!(bits(&twin), bits(&dev), "train losses");
+    let (a, b) = (twin.last_checkpoint.unwrap(), dev.last_checkpoint.unwrap());
+    for file in ["model.safetensors", "optim_rank0.safetensors"] {
+        let read = |d: &Path| std::fs::read(d.join(file)).unwrap();
+        assert!(
+            read(&a) == read(&b),
+            "{file} differs between the twin and the device path"
+        );
+    }
 }

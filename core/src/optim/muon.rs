@@ -5,7 +5,8 @@
 //!   X = g, transposed if out > in; X /= ||X||_F + 1e-7
 //!   5 x { A = X X^T; B = b A + c A A; X = a X + B X }              (quintic Newton-Schulz)
 //!   p -= lr * max(1, out / in)^0.5 * X^(T if transposed)
-//! The CPU runs Newton-Schulz in f32 (the GPU in bf16).
+//! This host optimizer runs Newton-Schulz in f32 (the CPU's fp32 runs); a bf16 run, on any backend (the CPU
+//! twin included), takes `optim::device`'s batched bf16 Newton-Schulz.
 
 use super::matmul::{matmul, Operand};
 

@@ -291,8 +291,10 @@ fn saved_dbs(meta: &CheckpointMeta) -> u64 {
         .unwrap_or(0)
 }
 
-/// The optimizer of a rank: the host one where the backend's buffers are host memory (the CPU), the device
-/// one elsewhere (a GPU); either updates only what the rank owns (`optim::shard`).
+/// The optimizer of a rank: the host one where the backend's buffers are host memory (the CPU) and the run is
+/// f32, the device one elsewhere (a GPU; and every bf16 run, so the CPU twin runs the engine's optimizer path:
+/// batched bf16 Newton-Schulz, `backend::ns_bf16`, and the multi-tensor updates, rounding where the device
+/// does); either updates only what the rank owns (`optim::shard`).
 enum RankOptimizer<B: Backend> {
     Host(Optimizer),
     Device(DeviceOptimizer<B>),
@@ -300,11 +302,12 @@ enum RankOptimizer<B: Backend> {
 
 impl<B: Backend> RankOptimizer<B> {
     fn new(model: &Gpt<B>, config: OptimConfig, rank: usize, world: usize) -> Result<Self> {
-        if B::host_slice(model.params_buf()).is_some() && B::host_slice(model.grads_buf()).is_some() {
+        let host_buffers = B::host_slice(model.params_buf()).is_some() && B::host_slice(model.grads_buf()).is_some();
+        if host_buffers && model.precision != Precision::Bf16 {
             return Ok(RankOptimizer::Host(Optimizer::new(&model.cfg, config, rank, world)?));
         }
-        // bf16: batched bf16 Newton-Schulz and multi-tensor AdamW writing the working copy (optim::device);
-        // the rank's own segments only (ZeRO-1)
+        // bf16 (on any backend): batched bf16 Newton-Schulz and multi-tensor AdamW writing the working copy
+        // (optim::device); the rank's own segments only (ZeRO-1)
         let opts = DeviceOptions {
             precision: model.precision,
             rank,

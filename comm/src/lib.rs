@@ -8,6 +8,7 @@
 pub mod nccl;
 pub mod p2p;
 pub mod p2p_plan;
+pub mod p2p_twin;
 mod partition;
 pub mod rendezvous;
 pub mod schedule;
@@ -20,6 +21,8 @@ mod wire;
 pub use half::bf16;
 pub use nccl::{nccl_available, NcclRing};
 pub use p2p::{p2p_support, P2pOptions, P2pRing};
+pub use p2p_plan::Piece;
+pub use p2p_twin::P2pTwin;
 pub use partition::{even_bounds, Bounds};
 pub use rendezvous::{PeerWatch, Rendezvous, RendezvousConfig};
 pub use shm_ring::{ShmRing, ShmRingOptions};

@@ -23,7 +23,7 @@
 //! rounded once by the owner; the one-shot all-reduce (messages up to `P2pOptions::one_shot_bytes`) sums in
 //! rank order 0..n-1. Both give the same bits on every rank; they differ from each other in the last bits.
 
-use crate::p2p_plan::{counts, encode, last_step, one_shot_region_bytes, slice_elems};
+use crate::p2p_plan::{counts, encode_pieces, last_step, one_shot_region_bytes, pieces_span, slice_elems, Piece};
 use crate::partition::{even_bounds, Bounds};
 use crate::rendezvous::Rendezvous;
 use crate::schedule::Phase;
@@ -55,8 +55,9 @@ pub struct P2pOptions {
 }
 
 impl Default for P2pOptions {
-    /// 8 blocks x 4 slots x 128 KiB = 4 MiB of slots a rank; one-shot up to 256 KiB (a target until measured:
-    /// below it the ring's 2(n-1) steps of latency cost more than reading every peer once).
+    /// 8 blocks x 4 slots x 128 KiB = 4 MiB of slots a rank; one-shot up to 256 KiB (a guess until measured:
+    /// below it the ring's 2(n-1) steps of latency should cost more than reading every peer once;
+    /// `nc-p2p-bench` prints the measured crossover, and `NC_P2P_ONE_SHOT_BYTES` overrides it).
     fn default() -> Self {
         P2pOptions {
             blocks: 8,
@@ -65,6 +66,57 @@ impl Default for P2pOptions {
             one_shot_bytes: 256 << 10,
             timeout: Duration::from_secs(60),
         }
+    }
+}
+
+/// The environment variable that overrides `P2pOptions::one_shot_bytes` (bytes, or with a K/M suffix for
+/// KiB/MiB): set it to the crossover `nc-p2p-bench` measures on the machine. Every rank must see the same
+/// value (`P2pRing::join` refuses ranks whose options differ).
+pub const ONE_SHOT_ENV: &str = "NC_P2P_ONE_SHOT_BYTES";
+
+/// The largest one-shot threshold accepted: the one-shot area is this big on every rank.
+pub const MAX_ONE_SHOT_BYTES: usize = 64 << 20;
+
+/// Parses a one-shot threshold: "262144", "256K", "1M" (K = KiB, M = MiB); 0 turns the one-shot path off.
+pub fn parse_one_shot_bytes(value: &str) -> Result<usize, String> {
+    let v = value.trim();
+    let (digits, mult) = match v.chars().last() {
+        Some('K') | Some('k') => (&v[..v.len() - 1], 1usize << 10),
+        Some('M') | Some('m') => (&v[..v.len() - 1], 1 << 20),
+        _ => (v, 1),
+    };
+    digits
+        .parse::<usize>()
+        .ok()
+        .and_then(|d| d.checked_mul(mult))
+        .filter(|&b| b <= MAX_ONE_SHOT_BYTES)
+        .ok_or_else(|| {
+            format!(
+                "{ONE_SHOT_ENV}={value:?}: expected a byte count up to {} MiB, like 262144, 256K or 1M (0 turns the \
+                 one-shot all-reduce off)",
+                MAX_ONE_SHOT_BYTES >> 20
+            )
+        })
+}
+
+impl P2pOptions {
+    /// These options with `one_shot_bytes` from `NC_P2P_ONE_SHOT_BYTES` when it is set.
+    pub fn with_env_overrides(self) -> Result<P2pOptions, CommError> {
+        match std::env::var(ONE_SHOT_ENV) {
+            Err(_) => Ok(self),
+            Ok(v) => Ok(P2pOptions {
+                one_shot_bytes: parse_one_shot_bytes(&v).map_err(|message| CommError { message })?,
+                ..self
+            }),
+        }
+    }
+
+    /// What every rank must agree on (all but the timeout), as text for the rendezvous.
+    fn agreed(&self) -> String {
+        format!(
+            "blocks {} slots {} slot_bytes {} one_shot_bytes {}",
+            self.blocks, self.slots, self.slot_bytes, self.one_shot_bytes
+        )
     }
 }
 
@@ -240,6 +292,7 @@ pub struct P2pRing {
     send_seq: u64,
     recv_seq: u64,
     epoch: u64,
+    /// Keyed by (phase, element size, every piece's start and bounds offsets).
     plans: HashMap<(u8, usize, Vec<usize>), Plan>,
     /// f32 partial sums of a bf16 reduce-scatter (grown on demand, kept).
     work: Option<CudaSlice<f32>>,
@@ -247,6 +300,8 @@ pub struct P2pRing {
     stage_f32: Option<CudaSlice<f32>>,
     stage_bf16: Option<CudaSlice<bf16>>,
     broken: Option<CommError>,
+    /// Exits the process when a peer's process dies (with more than one rank); stopped first on drop.
+    watchdog: Option<Watchdog>,
 }
 
 // SAFETY: the raw device pointers are plain addresses; every call binds the stream's context first, and
@@ -270,6 +325,26 @@ impl P2pRing {
             return Err(fail(format!(
                 "P2P ring options need 1..={} blocks, >= 1 slot and slot_bytes a positive multiple of 256 below 4 GiB; got {opts:?}",
                 k::MAX_BLOCKS
+            )));
+        }
+        if opts.one_shot_bytes > MAX_ONE_SHOT_BYTES {
+            return Err(fail(format!(
+                "a one-shot threshold of {} bytes is above the largest accepted, {MAX_ONE_SHOT_BYTES}",
+                opts.one_shot_bytes
+            )));
+        }
+        // Ranks with other sizes would run other plans and wait on each other until the timeout.
+        let theirs = rdv.all_gather_bytes(opts.agreed().as_bytes())?;
+        if let Some((r, other)) = theirs
+            .iter()
+            .enumerate()
+            .find(|(_, o)| o.as_slice() != opts.agreed().as_bytes())
+        {
+            return Err(fail(format!(
+                "rank {r} runs the peer-to-peer ring with other options ({}) than rank {rank} ({}); every rank must \
+                 see the same {ONE_SHOT_ENV}",
+                String::from_utf8_lossy(other),
+                opts.agreed()
             )));
         }
         let ctx = stream.context().clone();
@@ -373,6 +448,11 @@ impl P2pRing {
         let peers_table = stream
             .clone_htod(&table)
             .map_err(|e| fail(format!("uploading the peer table: {e:?}")))?;
+        let watchdog = if world_size > 1 {
+            Some(Watchdog::start(rank, rdv.watch())?)
+        } else {
+            None
+        };
         Ok(P2pRing {
             rank,
             world_size,
@@ -393,6 +473,7 @@ impl P2pRing {
             stage_f32: None,
             stage_bf16: None,
             broken: None,
+            watchdog,
         })
     }
 
@@ -479,16 +560,18 @@ impl P2pRing {
         Ok(())
     }
 
-    /// The cached device table for (phase, element size, bounds).
-    fn plan(&mut self, phase: Phase, elem: usize, bounds: &Bounds) -> Result<(u64, u64, u64), CommError> {
-        let offsets: Vec<usize> = (0..self.world_size)
-            .map(|r| bounds.range(r).start)
-            .chain([bounds.len()])
-            .collect();
-        let key = (phase as u8, elem, offsets);
+    /// The cached device table for (phase, element size, pieces).
+    fn plan(&mut self, phase: Phase, elem: usize, pieces: &[Piece]) -> Result<(u64, u64, u64), CommError> {
+        let mut shape = Vec::with_capacity(pieces.len() * (self.world_size + 2));
+        for p in pieces {
+            shape.push(p.start);
+            shape.extend((0..self.world_size).map(|r| p.bounds.range(r).start));
+            shape.push(p.bounds.len());
+        }
+        let key = (phase as u8, elem, shape);
         if !self.plans.contains_key(&key) {
             let slice = slice_elems(phase, elem, self.opts.blocks, self.opts.slot_bytes);
-            let table = encode(phase, bounds, self.rank, slice);
+            let table = encode_pieces(phase, pieces, self.rank, slice);
             let (sends, recvs) = counts(&table);
             // An empty table (one rank) still gets a device buffer, so the pointer is valid.
             let upload = if table.is_empty() { vec![0u64; 2] } else { table };
@@ -501,6 +584,17 @@ impl P2pRing {
         let plan = &self.plans[&key];
         let (ptr, _sync) = plan.table.device_ptr(&self.stream);
         Ok((ptr, plan.sends, plan.recvs))
+    }
+
+    /// Checks `pieces` against a span of `span_len` elements: their span, or the error.
+    fn check_pieces(&self, span_len: usize, pieces: &[Piece], what: &str) -> Result<(), CommError> {
+        let end = pieces_span(pieces, self.world_size).map_err(|m| self.err(format!("{what}: {m}")))?;
+        if end > span_len {
+            return Err(self.err(format!(
+                "{what}: the pieces reach element {end} of a span of {span_len} elements"
+            )));
+        }
+        Ok(())
     }
 
     fn ring_args(&self) -> [u64; 5] {
@@ -531,16 +625,63 @@ impl P2pRing {
         buf: &mut CudaSlice<T>,
         bounds: &Bounds,
     ) -> Result<(), CommError> {
-        self.usable("reduce_scatter_device")?;
         self.check_bounds(buf.len(), bounds, "reduce_scatter_device")?;
-        let (plan, sends, recvs) = self.plan(Phase::ReduceScatter, T::BYTES, bounds)?;
+        let stream = self.stream.clone();
+        let len = buf.len();
+        let (ptr, _sync) = buf.device_ptr_mut(&stream);
+        let whole = [Piece {
+            start: 0,
+            bounds: bounds.clone(),
+        }];
+        // SAFETY: `ptr` addresses `len` elements of T of the ring's context; `_sync` records the use of `buf`
+        // on the ring's stream when it drops, after the launch.
+        unsafe { self.reduce_scatter_pieces::<T>(ptr, len, &whole) }
+    }
+
+    /// Ring all-gather of `buf` in place, enqueued on the ring's stream: afterwards every rank's
+    /// `buf[bounds.range(r)]` is rank r's.
+    pub fn all_gather_device<T: P2pElem>(&mut self, buf: &mut CudaSlice<T>, bounds: &Bounds) -> Result<(), CommError> {
+        self.check_bounds(buf.len(), bounds, "all_gather_device")?;
+        let stream = self.stream.clone();
+        let len = buf.len();
+        let (ptr, _sync) = buf.device_ptr_mut(&stream);
+        let whole = [Piece {
+            start: 0,
+            bounds: bounds.clone(),
+        }];
+        // SAFETY: as in reduce_scatter_device.
+        unsafe { self.all_gather_pieces::<T>(ptr, len, &whole) }
+    }
+
+    /// Ring reduce-scatter of several tensors of one span of device memory, one launch for all of them,
+    /// enqueued on the ring's stream: afterwards each piece's `bounds.range(rank)` (elements from `base +
+    /// piece.start`) holds the sum over ranks (f32 accumulation; bf16 rounded once). f32: the rest of each
+    /// piece holds partial sums; bf16: it is untouched. Elements of the span outside every piece are not
+    /// touched. Every rank must pass the same pieces (their bounds, and starts relative to its own span).
+    ///
+    /// # Safety
+    /// `base` is the device address of `span_len` elements of T in the ring's CUDA context, which stay
+    /// allocated, and which no other stream touches, until the ring's stream has passed this call (order
+    /// the consumer after it with an event: `stream().join`-style, or `check`).
+    pub unsafe fn reduce_scatter_pieces<T: P2pElem>(
+        &mut self,
+        base: u64,
+        span_len: usize,
+        pieces: &[Piece],
+    ) -> Result<(), CommError> {
+        self.usable("reduce_scatter_pieces")?;
+        self.check_pieces(span_len, pieces, "reduce_scatter_pieces")?;
+        let (plan, sends, recvs) = self.plan(Phase::ReduceScatter, T::BYTES, pieces)?;
         if sends + recvs == 0 {
             return Ok(());
         }
-        if T::IS_BF16 && self.work.as_ref().is_none_or(|w| w.len() < buf.len()) {
+        // bf16 partials live in an f32 scratch indexed like the span: as long as the last piece's end.
+        let scratch = pieces.last().map_or(0, Piece::end);
+        if T::IS_BF16 && self.work.as_ref().is_none_or(|w| w.len() < scratch) {
+            self.work = None; // free the old one first
             self.work = Some(
                 self.stream
-                    .alloc_zeros::<f32>(buf.len())
+                    .alloc_zeros::<f32>(scratch)
                     .map_err(|e| self.err(format!("allocating the f32 partials: {e:?}")))?,
             );
         }
@@ -555,10 +696,9 @@ impl P2pRing {
         let (seq_s, seq_r) = (self.send_seq, self.recv_seq);
         let cfg = self.launch_config();
         let stream = self.stream.clone();
-        let (buf_ptr, _sync) = buf.device_ptr_mut(&stream);
         let work_ptr = match &mut self.work {
             Some(w) if T::IS_BF16 => w.device_ptr_mut(&stream).0,
-            _ => buf_ptr,
+            _ => base,
         };
         let f = if T::IS_BF16 {
             &self.kernels.rs_bf16
@@ -569,9 +709,9 @@ impl P2pRing {
         b.arg(&plan)
             .arg(&n_ops.0)
             .arg(&n_ops.1)
-            .arg(&buf_ptr)
+            .arg(&base)
             .arg(&work_ptr)
-            .arg(&buf_ptr);
+            .arg(&base);
         b.arg(&my_data)
             .arg(&prev_data)
             .arg(&my_signal)
@@ -584,20 +724,30 @@ impl P2pRing {
             .arg(&prev)
             .arg(&next)
             .arg(&timeout);
-        // SAFETY: the arguments follow nc_kernels::p2p's documented list; buf and work cover buf.len()
-        // elements, the plan's ranges lie within bounds.len() == buf.len(); peers' areas were opened at join.
+        // SAFETY: the arguments follow nc_kernels::p2p's documented list; the plan's ranges lie within the
+        // pieces, which lie within the caller's span (checked) and the f32 scratch (sized to the last piece's
+        // end); peers' areas were opened at join.
         unsafe { b.launch(cfg) }.map_err(|e| self.err(format!("launching the reduce-scatter kernel: {e:?}")))?;
         self.send_seq += sends;
         self.recv_seq += recvs;
         Ok(())
     }
 
-    /// Ring all-gather of `buf` in place, enqueued on the ring's stream: afterwards every rank's
-    /// `buf[bounds.range(r)]` is rank r's.
-    pub fn all_gather_device<T: P2pElem>(&mut self, buf: &mut CudaSlice<T>, bounds: &Bounds) -> Result<(), CommError> {
-        self.usable("all_gather_device")?;
-        self.check_bounds(buf.len(), bounds, "all_gather_device")?;
-        let (plan, sends, recvs) = self.plan(Phase::AllGather, T::BYTES, bounds)?;
+    /// Ring all-gather of several tensors of one span of device memory, one launch for all of them, enqueued
+    /// on the ring's stream: afterwards every rank's `bounds.range(r)` of each piece is rank r's. Elements
+    /// outside every piece are not touched.
+    ///
+    /// # Safety
+    /// As for `reduce_scatter_pieces`.
+    pub unsafe fn all_gather_pieces<T: P2pElem>(
+        &mut self,
+        base: u64,
+        span_len: usize,
+        pieces: &[Piece],
+    ) -> Result<(), CommError> {
+        self.usable("all_gather_pieces")?;
+        self.check_pieces(span_len, pieces, "all_gather_pieces")?;
+        let (plan, sends, recvs) = self.plan(Phase::AllGather, T::BYTES, pieces)?;
         if sends + recvs == 0 {
             return Ok(());
         }
@@ -613,9 +763,8 @@ impl P2pRing {
         let (seq_s, seq_r) = (self.send_seq, self.recv_seq);
         let cfg = self.launch_config();
         let stream = self.stream.clone();
-        let (buf_ptr, _sync) = buf.device_ptr_mut(&stream);
         let mut b = stream.launch_builder(&self.kernels.ag);
-        b.arg(&plan).arg(&n_ops).arg(&buf_ptr).arg(&elem);
+        b.arg(&plan).arg(&n_ops).arg(&base).arg(&elem);
         b.arg(&my_data)
             .arg(&prev_data)
             .arg(&my_signal)
@@ -628,7 +777,7 @@ impl P2pRing {
             .arg(&prev)
             .arg(&next)
             .arg(&timeout);
-        // SAFETY: as for reduce_scatter_device.
+        // SAFETY: as for reduce_scatter_pieces.
         unsafe { b.launch(cfg) }.map_err(|e| self.err(format!("launching the all-gather kernel: {e:?}")))?;
         self.send_seq += sends;
         self.recv_seq += recvs;
@@ -721,11 +870,103 @@ impl P2pRing {
     }
 }
 
+impl P2pRing {
+    /// Reads a u64 flag of some rank's signal area (this rank's or a peer's mapping).
+    fn read_flag(&self, signal: sys::CUdeviceptr, block: usize, which: usize) -> Option<u64> {
+        let at = signal + ((block * k::FLAGS_PER_BLOCK + which) * k::FLAG_STRIDE * 8) as u64;
+        let mut word = 0u64;
+        // SAFETY: `at` lies in a signal area of SIGNAL_U64S u64s, mapped in this context.
+        let r = unsafe { sys::cuMemcpyDtoH_v2(&mut word as *mut u64 as *mut std::ffi::c_void, at, 8) };
+        r.result().ok().map(|_| word)
+    }
+
+    /// Before this rank's areas go: waits (up to `DRAIN_TIMEOUT`) until the next rank has consumed every
+    /// slice this rank sent and every peer has read this rank's last one-shot post, so no peer reads freed
+    /// memory. A peer that is gone or stuck ends the wait at the deadline (it reads nothing any more, or its
+    /// own kernel times out).
+    fn drain(&self) {
+        if self.world_size < 2 || self.broken.is_some() {
+            return;
+        }
+        const CONSUMED: usize = 1;
+        const DONE: usize = 3;
+        let next = (self.rank + 1) % self.world_size;
+        let deadline = std::time::Instant::now() + DRAIN_TIMEOUT;
+        let settled = |ring: &P2pRing| {
+            (0..ring.opts.blocks).all(|b| {
+                ring.read_flag(ring.signal[next], b, CONSUMED)
+                    .is_none_or(|v| v >= ring.send_seq)
+                    && (0..ring.world_size).filter(|&p| p != ring.rank).all(|p| {
+                        ring.read_flag(ring.signal[p], b, DONE)
+                            .is_none_or(|v| v + 1 >= ring.epoch)
+                    })
+            })
+        };
+        while !settled(self) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// How long a dropped ring waits for its peers to finish reading its memory.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Drop for P2pRing {
-    /// This rank's kernels may still run: let them finish before its memory and mappings go. (Peers may
-    /// still read this rank's last slices; call a collective `barrier` on every rank before dropping.)
+    /// The watchdog first (a peer exiting normally after this is no death); then this rank's kernels finish
+    /// and its peers finish reading its slots and one-shot region (`drain`) before its memory and the
+    /// mappings go.
     fn drop(&mut self) {
-        let _ = self.stream.synchronize();
+        self.watchdog = None;
+        if self.stream.synchronize().is_ok() && self.stream.context().bind_to_thread().is_ok() {
+            self.drain();
+        }
+    }
+}
+
+/// Exits the process (code `nccl::EXIT_PEER_GONE`, naming the rank) when the rendezvous reports a peer's
+/// process gone: a kernel waiting on a dead peer would otherwise spin until its timeout (minutes: it must
+/// outlast rank 0's evaluations and checkpoints). Checked every `nccl::WATCHDOG_PERIOD`.
+struct Watchdog {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    fn start(rank: usize, watch: crate::rendezvous::PeerWatch) -> Result<Watchdog, CommError> {
+        use std::sync::atomic::Ordering;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop_seen = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("nc-p2p-watchdog{rank}"))
+            .spawn(move || {
+                while !stop_seen.load(Ordering::Acquire) {
+                    if let Err(e) = watch.check() {
+                        eprintln!(
+                            "rank {rank}: {e}; the peer-to-peer ring's kernels would wait for it until their timeout, \
+                             so exiting with code {}",
+                            crate::nccl::EXIT_PEER_GONE
+                        );
+                        std::process::exit(crate::nccl::EXIT_PEER_GONE);
+                    }
+                    std::thread::sleep(crate::nccl::WATCHDOG_PERIOD);
+                }
+            })
+            .map_err(|e| CommError {
+                message: format!("rank {rank}: starting the peer-to-peer ring's watchdog thread: {e}"),
+            })?;
+        Ok(Watchdog {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 

@@ -42,6 +42,62 @@ pub fn encode(phase: Phase, bounds: &Bounds, rank: usize, slice_elems: usize) ->
     table
 }
 
+/// One tensor of a bucket: `bounds` splits the elements `start..start + bounds.len()` of the bucket's span
+/// (element offsets from the span's first element) among the ranks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    pub start: usize,
+    pub bounds: Bounds,
+}
+
+impl Piece {
+    pub fn end(&self) -> usize {
+        self.start + self.bounds.len()
+    }
+}
+
+/// Elements a list of pieces spans (the end of the last), or why the list is unusable: the pieces must lie
+/// in increasing order without overlapping (a bf16 reduce-scatter keeps every piece's partial sums in one
+/// f32 scratch indexed like the span) and have bounds for `world_size` ranks.
+pub fn pieces_span(pieces: &[Piece], world_size: usize) -> Result<usize, String> {
+    let mut end = 0;
+    for (i, p) in pieces.iter().enumerate() {
+        if p.bounds.world_size() != world_size {
+            return Err(format!(
+                "piece {i} has bounds for {} ranks, the ring has {world_size}",
+                p.bounds.world_size()
+            ));
+        }
+        if p.start < end {
+            return Err(format!(
+                "piece {i} starts at element {} inside the previous piece (which ends at {end}): pieces must be in \
+                 increasing order without overlap",
+                p.start
+            ));
+        }
+        end = p.end();
+    }
+    Ok(end)
+}
+
+/// The table of one launch over several tensors: each piece's `encode`d operations, shifted to its start,
+/// concatenated in piece order. A launch over this table does exactly what one launch per piece (in that
+/// order, sequence numbers carried from one to the next) would: the kernels' operations are independent
+/// entries, a rank's k-th send pairs with the next rank's k-th receive in both, and each block's flags and
+/// slots only ever see the same sequence of operations. What one launch saves is the per-launch latency and
+/// the wait for the slowest block between tensors.
+pub fn encode_pieces(phase: Phase, pieces: &[Piece], rank: usize, slice_elems: usize) -> Vec<u64> {
+    let mut table = Vec::new();
+    for p in pieces {
+        let ops = encode(phase, &p.bounds, rank, slice_elems);
+        for op in ops.chunks(2) {
+            table.push(op[0] + p.start as u64);
+            table.push(op[1]);
+        }
+    }
+    table
+}
+
 /// (sends, receives) in a table: how far a launch advances the rank's two sequence numbers.
 pub fn counts(table: &[u64]) -> (u64, u64) {
     let recvs = table.chunks(2).filter(|op| op[1] & OP_RECV != 0).count() as u64;
@@ -91,6 +147,44 @@ mod tests {
                 assert_eq!(counts(&table), (sends, plan.len() as u64 - sends));
             }
         }
+    }
+
+    /// A bucket's table is its tensors' tables shifted to their starts, in order (what one launch per
+    /// tensor would run, sequence numbers carried over).
+    #[test]
+    fn a_bucket_table_is_its_pieces_tables_shifted_and_concatenated() {
+        let pieces = [
+            Piece {
+                start: 4,
+                bounds: Bounds::new(vec![0, 5, 5, 17]).unwrap(),
+            },
+            Piece {
+                start: 30,
+                bounds: even_bounds(10, 3),
+            },
+        ];
+        assert_eq!(pieces_span(&pieces, 3), Ok(40));
+        for phase in [Phase::ReduceScatter, Phase::AllGather] {
+            for rank in 0..3 {
+                let table = encode_pieces(phase, &pieces, rank, 4);
+                let mut want = Vec::new();
+                for p in &pieces {
+                    for op in encode(phase, &p.bounds, rank, 4).chunks(2) {
+                        want.extend([op[0] + p.start as u64, op[1]]);
+                    }
+                }
+                assert_eq!(table, want);
+                let (a, b) = (
+                    encode(phase, &pieces[0].bounds, rank, 4),
+                    encode(phase, &pieces[1].bounds, rank, 4),
+                );
+                assert_eq!(table.len(), a.len() + b.len());
+                assert!(table[a.len()..].chunks(2).all(|op| op[0] >= 30 && op[0] < 40));
+            }
+        }
+        let overlapping = [pieces[1].clone(), pieces[0].clone()];
+        assert!(pieces_span(&overlapping, 3).unwrap_err().contains("without overlap"));
+        assert!(pieces_span(&pieces, 2).unwrap_err().contains("bounds for 3 ranks"));
     }
 
     #[test]

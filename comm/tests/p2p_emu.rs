@@ -178,3 +178,16 @@ fn p2p_kernels_match_host_reductions_in_the_cpu_emulation() {
         assert!(line.contains(want), "{line}");
     }
 }
+
+/// The emulation checks the ring's sums against the order c+1, c+2, ..., c (hard-coded in p2p_emu.cpp);
+/// that must be the order every other ring sums in (`schedule::sum_order`: ThreadRing, ShmRing, the host
+/// twin), or the kernels would be checked against another order than the one the CPU twin reproduces.
+#[test]
+fn the_emulations_ring_order_is_the_shared_sum_order() {
+    for n in 1..=8 {
+        for c in 0..n {
+            let emu: Vec<usize> = (1..=n).map(|k| (c + k) % n).collect();
+            assert_eq!(nc_comm::schedule::sum_order(n, c).collect::<Vec<_>>(), emu, "n {n} chunk {c}");
+        }
+    }
+}

@@ -16,6 +16,7 @@ use nc_core::train::launch::{self, WorkerEnv};
 use nc_core::train::supervise::{self, SupervisorConfig};
 use nc_core::train::zero1::{HostRanks, RankCollective};
 use nc_core::train::zero1_nccl::NcclExchange;
+use nc_core::train::zero1_p2p::P2pExchange;
 use nc_core::train::{self, signal, transport, Resume, TrainConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -364,8 +365,9 @@ fn run(cli: Cli) -> Result<Outcome> {
     let on_cuda = backend_is_cuda(&cli, &cfg)?;
     if let Some(n) = processes_to_start(&cli)? {
         if on_cuda {
-            // one process per GPU: NCCL refuses two ranks on one GPU, so say it before starting any
-            launch::check_gpus_for_ranks(n, cuda::device_count())?;
+            // one process per GPU (NCCL refuses two ranks on one GPU), except that --comm ring may share GPUs:
+            // said before starting any
+            transport::gpu_for_rank(transport::CommFlag::parse(&cli.comm)?, 0, n, cuda::device_count())?;
         }
         let exe = std::env::current_exe()
             .map_err(|e| NcError::new(format!("finding nc-train's own executable to start the ranks: {e}")))?;
@@ -467,32 +469,63 @@ fn run_worker(mut cli: Cli, env: WorkerEnv) -> Result<Outcome> {
     fingerprint.push(("--comm".into(), cli.comm.clone()));
     let mut rdv = launch::rendezvous(&env, &fingerprint)?;
     let summary = if on_cuda {
-        // GPU LOCAL_RANK, then NCCL on a communication stream of it; the device ZeRO-1 exchange runs at every
-        // world size (one rank too: a one-GPU machine checks launch, NCCL init, the bucket hooks and the
-        // communication stream). UNVERIFIED: not yet run on a GPU.
-        if comm_flag == transport::CommFlag::Ring {
-            return Err(NcError::new(
-                "--comm ring with --backend cuda: the device ZeRO-1 exchange runs over NCCL for now (the peer-to-peer \
-                 ring, nc_comm::P2pRing, is not wired into it yet); use --comm auto or nccl",
-            ));
+        // The transport (`--comm`, `transport::choose_transport`: the peer-to-peer ring inside a node, NCCL
+        // across nodes or at --comm nccl, NCCL's one-rank communicator at world size 1, so a one-GPU machine
+        // checks launch and NCCL init), then GPU LOCAL_RANK (shared over the ring with --comm ring and more ranks
+        // than GPUs) and the device ZeRO-1 exchange on a communication stream of it. UNVERIFIED: not yet run on
+        // a GPU.
+        let gpus = cuda::device_count();
+        let (gpu, sharing) = transport::gpu_for_rank(comm_flag, env.local_rank, env.local_world_size, gpus)?;
+        let p2p_opts = transport::p2p_options()?;
+        let at = transport::Placement {
+            on_cuda: true,
+            world_size: env.world_size,
+            local_world_size: env.local_world_size,
+        };
+        let choice = transport::choose_transport(
+            comm_flag,
+            at,
+            p2p_opts.one_shot_bytes,
+            &mut || transport::probe_p2p(env.rank, gpu, &mut rdv),
+            env.rank == 0,
+        )?;
+        if choice.transport != transport::Transport::P2pRing {
+            // NCCL: one rank a GPU (gpu_for_rank allowed sharing for --comm ring only)
+            launch::check_gpus_for_ranks(env.local_world_size, gpus)?;
         }
-        launch::check_gpus_for_ranks(env.local_world_size, cuda::device_count())?;
-        let device = train::cuda_device(env.local_rank, cli.tf32, cfg.precision)?;
-        let nccl = launch::join_nccl(&env, &mut rdv, &device.be)?;
-        if env.rank == 0 {
-            println!(
-                "launch: rank {} of {} on GPU {}; NCCL {}",
-                env.rank,
-                env.world_size,
-                env.local_rank,
-                if nccl.uses_nccl() {
-                    "communicator initialized"
-                } else {
-                    "not found (not needed for one rank)"
-                }
-            );
+        let mut device = train::cuda_device(gpu, cli.tf32, cfg.precision)?;
+        if sharing.is_some() {
+            // the memory plan gives each rank its share of the GPU
+            device.replicas_sharing_memory = env.local_world_size.div_ceil(gpus);
         }
-        let comm: Box<dyn RankCollective<cuda::CudaBackend>> = Box::new(NcclExchange::new(nccl));
+        let comm: Box<dyn RankCollective<cuda::CudaBackend>> = if choice.transport == transport::Transport::P2pRing {
+            if let (Some(line), 0) = (&sharing, env.rank) {
+                println!("launch: {line}");
+            }
+            let ring = transport::join_p2p(env.rank, &device.be, &mut rdv, p2p_opts)?;
+            if env.rank == 0 {
+                println!(
+                    "launch: rank {} of {} on GPU {gpu}; peer-to-peer ring joined (one-shot up to {} bytes)",
+                    env.rank, env.world_size, p2p_opts.one_shot_bytes
+                );
+            }
+            Box::new(P2pExchange::on_gpu(ring))
+        } else {
+            let nccl = launch::join_nccl(&env, &mut rdv, &device.be)?;
+            if env.rank == 0 {
+                println!(
+                    "launch: rank {} of {} on GPU {gpu}; NCCL {}",
+                    env.rank,
+                    env.world_size,
+                    if nccl.uses_nccl() {
+                        "communicator initialized"
+                    } else {
+                        "not found (not needed for one rank)"
+                    }
+                );
+            }
+            Box::new(NcclExchange::new(nccl))
+        };
         // the exchange (and its NCCL watchdog) ends inside, before the rendezvous says goodbye here
         let s = train::train_as_rank(&cfg, env.rank, Some(comm), device)?;
         drop(rdv);

@@ -18,12 +18,25 @@
 //! several after warm-up, rank 0's), algbw = bytes / time, busbw = algbw x 2(n-1)/n (all-reduce) or
 //! (n-1)/n (reduce-scatter, all-gather), as nccl-tests reports them.
 //!
-//! Flags: --nproc N (default 2), --min-bytes B, --max-bytes B (suffixes K, M, G), --check-only,
-//! --timeout-s S (a peer wait, default 60).
+//! Crossover (rank 0 prints, after the table): the all-reduce timed both ways on one ring whose one-shot
+//! area holds --crossover-max bytes (default 4M; 0 skips it), sizes doubling from 1 KiB: one-shot against
+//! reduce-scatter + all-gather, f32 and bf16, and the largest size up to which the one-shot was faster at
+//! every size: the value for NC_P2P_ONE_SHOT_BYTES (the ring's threshold, a guess of 256 KiB until measured).
+//!
+//! The checks also run a "bucket": three tensors with gaps between them in one span of a buffer, each with
+//! its own bounds, in one launch (`reduce_scatter_pieces` / `all_gather_pieces` on raw addresses, as the
+//! ZeRO-1 exchange calls them): owned parts = the ring-order sums, elements outside the pieces untouched.
+//!
+//! Flags: --nproc N (default 2), --min-bytes B, --max-bytes B, --crossover-max B (suffixes K, M, G),
+//! --check-only, --timeout-s S (a peer wait, default 60). The ring's one-shot threshold is the default or
+//! NC_P2P_ONE_SHOT_BYTES.
 
+use cudarc::driver::DevicePtrMut;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use nc_comm::schedule::sum_order;
-use nc_comm::{bf16, even_bounds, nccl_available, Bounds, NcclRing, P2pOptions, P2pRing, Rendezvous, RendezvousConfig};
+use nc_comm::{
+    bf16, even_bounds, nccl_available, Bounds, NcclRing, P2pOptions, P2pRing, Piece, Rendezvous, RendezvousConfig,
+};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +47,7 @@ struct Args {
     max_bytes: usize,
     check_only: bool,
     timeout: Duration,
+    crossover_max: usize,
 }
 
 fn parse_bytes(flag: &str, v: &str) -> Result<usize, String> {
@@ -58,6 +72,7 @@ fn parse_args() -> Result<Args, String> {
         max_bytes: 1 << 30,
         check_only: false,
         timeout: Duration::from_secs(60),
+        crossover_max: 4 << 20,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -73,6 +88,20 @@ fn parse_args() -> Result<Args, String> {
             }
             "--min-bytes" => a.min_bytes = parse_bytes("--min-bytes", &value()?)?,
             "--max-bytes" => a.max_bytes = parse_bytes("--max-bytes", &value()?)?,
+            "--crossover-max" => {
+                let v = value()?;
+                a.crossover_max = if v == "0" {
+                    0
+                } else {
+                    parse_bytes("--crossover-max", &v)?
+                };
+                if a.crossover_max > nc_comm::p2p::MAX_ONE_SHOT_BYTES {
+                    return Err(format!(
+                        "--crossover-max {v}: at most {} MiB (the largest one-shot area)",
+                        nc_comm::p2p::MAX_ONE_SHOT_BYTES >> 20
+                    ));
+                }
+            }
             "--check-only" => a.check_only = true,
             "--timeout-s" => {
                 let v = value()?;
@@ -338,6 +367,7 @@ impl Rank {
                 |i| T::from_f32(input(owner(i), i)),
             );
         }
+        self.check_bucket::<T>(slice)?;
         let len = 2 * threshold + 9;
         let bounds = even_bounds(len, n);
         let mut buf = self.upload(&inputs::<T>(self.rank, len))?;
@@ -350,6 +380,84 @@ impl Rank {
             0..len,
             |i| ring_order(owner(i), i),
         );
+        Ok(())
+    }
+}
+
+impl Rank {
+    /// Three tensors of one span with gaps between them (a matrix owned whole by the last rank, an uneven
+    /// split, an even one), one launch each way on raw addresses: the ZeRO-1 exchange's calls.
+    fn check_bucket<T: Elem>(&mut self, slice: usize) -> Result<(), String> {
+        let n = self.n;
+        let whole_to_last: Vec<usize> = (0..=n).map(|k| if k < n { 0 } else { slice + 3 }).collect();
+        let pieces = vec![
+            Piece {
+                start: 5,
+                bounds: Bounds::new(whole_to_last).expect("non-decreasing"),
+            },
+            Piece {
+                start: slice + 19,
+                bounds: uneven(2 * slice + 7, n),
+            },
+            Piece {
+                start: 3 * slice + 40,
+                bounds: even_bounds(slice / 2 + 1, n),
+            },
+        ];
+        let span = pieces[2].end() + 11;
+        let inside = |i: usize| pieces.iter().find(|p| (p.start..p.end()).contains(&i));
+        let owner_of = |p: &Piece, i: usize| (0..n).find(|&c| p.bounds.range(c).contains(&(i - p.start))).unwrap();
+        for gather in [false, true] {
+            let mut buf = self.upload(&inputs::<T>(self.rank, span))?;
+            let stream = self.stream.clone();
+            let (ptr, sync) = buf.device_ptr_mut(&stream);
+            // SAFETY: `ptr` addresses the `span` elements of `buf`, alive until after the download below
+            // (which waits for the ring's stream); `sync` records the use on the stream.
+            let r = unsafe {
+                if gather {
+                    self.ring.all_gather_pieces::<T>(ptr, span, &pieces)
+                } else {
+                    self.ring.reduce_scatter_pieces::<T>(ptr, span, &pieces)
+                }
+            };
+            drop(sync);
+            r.map_err(|e| e.message)?;
+            let got = self.download(&buf)?;
+            let me = self.rank;
+            let what = if gather { "all-gather" } else { "reduce-scatter" };
+            let ring_order = |c: usize, i: usize| {
+                let mut order = sum_order(n, c);
+                let first = T::from_f32(input(order.next().unwrap(), i)).to_f32();
+                T::from_f32(order.fold(first, |a, r| a + T::from_f32(input(r, i)).to_f32()))
+            };
+            // checked: the elements outside the pieces, and each piece's owned (reduce) or every (gather) part
+            let checked: Vec<usize> = (0..span)
+                .filter(|&i| match inside(i) {
+                    None => true,
+                    Some(p) => gather || owner_of(p, i) == me,
+                })
+                .collect();
+            let want = |i: usize| match inside(i) {
+                None => T::from_f32(input(me, i)),
+                Some(p) if gather => T::from_f32(input(owner_of(p, i), i)),
+                Some(_) => ring_order(me, i),
+            };
+            let bad = checked.iter().copied().find(|&i| got[i].bits() != want(i).bits());
+            let label = format!("bucket {what} {} n{n} span {span} (3 pieces, one launch)", T::NAME);
+            match bad {
+                None if self.rank == 0 => println!("check {label:<58} ok"),
+                None => {}
+                Some(i) => {
+                    self.failures += 1;
+                    println!(
+                        "check {label:<58} FAIL on rank {}: element {i} is {:?}, want {:?}",
+                        self.rank,
+                        got[i],
+                        want(i)
+                    );
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -389,8 +497,19 @@ fn rank_main(args: &Args) -> Result<(), String> {
     let opts = P2pOptions {
         timeout: args.timeout,
         ..P2pOptions::default()
-    };
+    }
+    .with_env_overrides()
+    .map_err(|e| e.message)?;
     let ring = P2pRing::join(&mut rdv, stream.clone(), opts).map_err(|e| e.message)?;
+    if rank == 0 {
+        println!(
+            "ring: {} blocks x {} slots x {} KiB; one-shot all-reduce up to {} bytes",
+            opts.blocks,
+            opts.slots,
+            opts.slot_bytes >> 10,
+            opts.one_shot_bytes
+        );
+    }
     let mut me = Rank {
         rank,
         n,
@@ -443,6 +562,7 @@ fn rank_main(args: &Args) -> Result<(), String> {
         me,
         rdv,
         nccl,
+        crossover: None,
         n,
         ranks_share_gpu: gpus < n,
     };
@@ -451,13 +571,46 @@ fn rank_main(args: &Args) -> Result<(), String> {
     if rank == 0 {
         println!("(GB/s = 1e9 bytes/s; rank 0's mean time per call; bus bandwidth as nccl-tests defines it)");
     }
+    if args.crossover_max > 0 && n > 1 {
+        // a second ring whose one-shot area holds the largest size timed
+        let xopts = P2pOptions {
+            one_shot_bytes: args.crossover_max,
+            ..opts
+        };
+        bench.crossover = Some(P2pRing::join(&mut bench.rdv, stream.clone(), xopts).map_err(|e| e.message)?);
+        let f = bench.crossover_sizes::<f32>(args)?;
+        let b = bench.crossover_sizes::<bf16>(args)?;
+        if rank == 0 {
+            let say = |t: &str, c: Option<usize>| match c {
+                Some(c) if c >= args.crossover_max => {
+                    format!("{t}: one-shot faster at every size tried (up to {c} bytes): raise --crossover-max")
+                }
+                Some(c) => format!("{t}: one-shot faster up to {c} bytes, the ring from {}", 2 * c),
+                None => format!("{t}: the ring is faster from the smallest size tried"),
+            };
+            println!("crossover {}", say("f32", f));
+            println!("crossover {}", say("bf16", b));
+            let both = f.unwrap_or(0).min(b.unwrap_or(0));
+            println!(
+                "crossover: suggested NC_P2P_ONE_SHOT_BYTES={both} (the smaller of the two; {} ranks{})",
+                n,
+                if gpus < n {
+                    ", sharing GPUs: not NVLink's figure"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
     Ok(())
 }
 
 struct Bench {
     me: Rank,
-    rdv: Rendezvous,
+    // the rings before the rendezvous: they drain on drop while peers are still connected
+    crossover: Option<P2pRing>,
     nccl: Option<NcclRing>,
+    rdv: Rendezvous,
     n: usize,
     ranks_share_gpu: bool,
 }
@@ -467,6 +620,10 @@ enum Op {
     AllReduce,
     ReduceScatter,
     AllGather,
+    /// The crossover ring's one-shot all-reduce.
+    OneShot,
+    /// The crossover ring's reduce-scatter + all-gather all-reduce.
+    RingAllReduce,
 }
 
 impl Bench {
@@ -501,6 +658,7 @@ impl Bench {
                         Op::AllReduce => "all_reduce",
                         Op::ReduceScatter => "reduce_scatter",
                         Op::AllGather => "all_gather",
+                        Op::OneShot | Op::RingAllReduce => unreachable!("the table times the three collectives"),
                     };
                     println!(
                         "{size:>12} {count:>11} {:>5} {name:>15} | {} | {}",
@@ -541,8 +699,53 @@ impl Bench {
         let secs = started.elapsed().as_secs_f64() / iters as f64;
         if !nccl {
             self.me.ring.check().map_err(|e| e.message)?;
+            if let Some(x) = self.crossover.as_mut() {
+                x.check().map_err(|e| e.message)?;
+            }
         }
         Ok(secs)
+    }
+
+    /// Times the crossover ring's all-reduce one-shot and as a ring from 1 KiB to --crossover-max, doubling
+    /// (rank 0 prints each size); returns the largest size up to which the one-shot was faster at every size
+    /// (None if the ring won at the first).
+    fn crossover_sizes<T: Elem>(&mut self, args: &Args) -> Result<Option<usize>, String> {
+        let elem = std::mem::size_of::<T>();
+        let mut bytes = 1usize << 10;
+        let mut last_win = None;
+        let mut lost = false;
+        if self.me.rank == 0 {
+            println!(
+                "{:>12} {:>5} {:>14} {:>14}  faster",
+                "size(B)", "type", "one-shot(us)", "ring(us)"
+            );
+        }
+        while bytes <= args.crossover_max {
+            let count = bytes / elem;
+            let one_shot = self.time::<T>(Op::OneShot, count, false)?;
+            let ring = self.time::<T>(Op::RingAllReduce, count, false)?;
+            // rank 0's times decide, so every rank agrees (they only print on rank 0 anyway)
+            let decided = self
+                .rdv
+                .broadcast_bytes(&[u8::from(one_shot < ring)])
+                .map_err(|e| e.message)?;
+            let one_shot_wins = decided.first() == Some(&1);
+            if one_shot_wins && !lost {
+                last_win = Some(bytes);
+            }
+            lost |= !one_shot_wins;
+            if self.me.rank == 0 {
+                println!(
+                    "{bytes:>12} {:>5} {:>14.2} {:>14.2}  {}",
+                    T::NAME,
+                    one_shot * 1e6,
+                    ring * 1e6,
+                    if one_shot_wins { "one-shot" } else { "ring" }
+                );
+            }
+            bytes *= 2;
+        }
+        Ok(last_win)
     }
 
     /// One call of `op` on the ring or NCCL (reduce-scatter from `buf` into `part`, all-gather from `part`
@@ -563,6 +766,17 @@ impl Bench {
             (true, Op::ReduceScatter, Some(c)) => c.reduce_scatter_device(buf, part),
             (true, Op::AllGather, Some(c)) => c.all_gather_device(part, buf),
             (true, _, None) => return Err("NCCL is not joined".into()),
+            (_, Op::OneShot, _) | (_, Op::RingAllReduce, _) => {
+                let Some(x) = self.crossover.as_mut() else {
+                    return Err("the crossover ring is not joined".into());
+                };
+                if op == Op::OneShot {
+                    x.one_shot_device(buf)
+                } else {
+                    x.reduce_scatter_device(buf, bounds)
+                        .and_then(|_| x.all_gather_device(buf, bounds))
+                }
+            }
         };
         r.map_err(|e| e.message)
     }

@@ -24,6 +24,7 @@ pub mod sync;
 pub mod transport;
 pub mod zero1;
 pub mod zero1_nccl;
+pub mod zero1_p2p;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;

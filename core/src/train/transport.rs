@@ -8,6 +8,9 @@
 //!   (an error naming what is missing), `nccl` on NCCL.
 //! - One rank: no collective.
 //!
+//! The P2P ring carries the device ZeRO-1 exchange (`zero1_p2p::P2pExchange`). With `--comm ring`, ranks may
+//! share GPUs (`gpu_for_rank`): how a one-GPU machine checks the ring's correctness; NCCL keeps one rank a GPU.
+//!
 //! The P2P ring is UNVERIFIED (never run on a GPU); `auto` picks it all the same inside a node, since that
 //! is the design, and `--comm nccl` is the way around it until scripts/gpu_check.sh's `p2p` step has passed.
 
@@ -163,34 +166,70 @@ fn decide(
     }
 }
 
-/// The P2P verdict of this run's ranks (`nc_comm::p2p_support` on GPU `local_rank`'s primary context):
-/// every rank calls it, as `choose_transport`'s probe.
-pub fn probe_p2p(rank: usize, local_rank: usize, rdv: &mut nc_comm::Rendezvous) -> Result<Option<String>> {
-    let ctx = cudarc::driver::CudaContext::new(local_rank).map_err(|e| {
-        NcError::new(format!(
-            "rank {rank}: GPU {local_rank} (LOCAL_RANK) for the P2P probe: {e:?}"
-        ))
-    })?;
-    nc_comm::p2p_support(rdv, &ctx).map_err(|e| NcError::new(e.message))
+/// The GPU local rank `local_rank` of `local_world_size` trains on, with `gpus` visible: GPU `local_rank`,
+/// one rank a GPU, as NCCL needs (more ranks than GPUs is refused, saying so). With `--comm ring` ranks may
+/// share GPUs (local rank i on GPU i mod gpus): CUDA IPC between processes on one GPU works, so a one-GPU
+/// machine can run the peer-to-peer ring with several ranks; the second value is then the line to print
+/// (it checks correctness, not NVLink speed).
+pub fn gpu_for_rank(
+    flag: CommFlag,
+    local_rank: usize,
+    local_world_size: usize,
+    gpus: usize,
+) -> Result<(usize, Option<String>)> {
+    if flag != CommFlag::Ring || gpus == 0 || local_world_size <= gpus {
+        crate::train::launch::check_gpus_for_ranks(local_world_size, gpus).map_err(|e| {
+            if gpus > 0 {
+                NcError::new(format!(
+                    "{}; or, to check correctness on fewer GPUs, --comm ring: ranks share GPUs over the peer-to-peer \
+                     ring",
+                    e.message
+                ))
+            } else {
+                e
+            }
+        })?;
+        return Ok((local_rank, None));
+    }
+    Ok((
+        local_rank % gpus,
+        Some(format!(
+            "{local_world_size} ranks share {gpus} GPU(s) (local rank i on GPU i mod {gpus}) over the peer-to-peer \
+             ring: this checks correctness, not NVLink speed"
+        )),
+    ))
 }
 
-/// Joins the peer-to-peer ring on a new stream of GPU `local_rank` (its primary context, which the backend
-/// shares). UNVERIFIED: not yet run on a GPU.
-pub fn join_p2p(rank: usize, local_rank: usize, rdv: &mut nc_comm::Rendezvous) -> Result<nc_comm::P2pRing> {
-    let ctx = cudarc::driver::CudaContext::new(local_rank).map_err(|e| {
-        NcError::new(format!(
-            "rank {rank}: GPU {local_rank} (LOCAL_RANK) for the P2P ring: {e:?}"
-        ))
-    })?;
-    let stream = ctx
-        .new_stream()
-        .map_err(|e| NcError::new(format!("rank {rank}: a stream for the P2P ring: {e:?}")))?;
-    // A kernel waits on a peer as long as a collective may (rank 0 evaluates and saves while the others
-    // wait in the next collective); a dead peer is found only by this timeout, inside the kernel.
+/// The P2P ring's options for this run: the defaults, the one-shot threshold from `NC_P2P_ONE_SHOT_BYTES`
+/// if set, and a kernel wait as long as a collective may take (rank 0 evaluates and saves while the others
+/// wait in the next collective; a dead peer is found by the watchdog, not this timeout).
+pub fn p2p_options() -> Result<nc_comm::P2pOptions> {
     let opts = nc_comm::P2pOptions {
         timeout: std::time::Duration::from_secs(1800),
         ..nc_comm::P2pOptions::default()
     };
+    opts.with_env_overrides().map_err(|e| NcError::new(e.message))
+}
+
+/// The P2P verdict of this run's ranks (`nc_comm::p2p_support` on GPU `gpu`'s primary context): every rank
+/// calls it, as `choose_transport`'s probe.
+pub fn probe_p2p(rank: usize, gpu: usize, rdv: &mut nc_comm::Rendezvous) -> Result<Option<String>> {
+    let ctx = cudarc::driver::CudaContext::new(gpu)
+        .map_err(|e| NcError::new(format!("rank {rank}: GPU {gpu} for the P2P probe: {e:?}")))?;
+    nc_comm::p2p_support(rdv, &ctx).map_err(|e| NcError::new(e.message))
+}
+
+/// Joins the peer-to-peer ring on a new stream in the backend's context (its own communication stream, so
+/// the ring's kernels overlap the compute stream's backward). UNVERIFIED: not yet run on a GPU.
+pub fn join_p2p(
+    rank: usize,
+    be: &crate::backend::cuda::CudaBackend,
+    rdv: &mut nc_comm::Rendezvous,
+    opts: nc_comm::P2pOptions,
+) -> Result<nc_comm::P2pRing> {
+    let stream =
+        crate::train::zero1_nccl::NcclExchange::comm_stream(be).map_err(|e| e.context(format!("rank {rank}")))?;
+    crate::nvtx::name_cuda_stream(stream.cu_stream() as *mut std::ffi::c_void, "nc p2p ring");
     nc_comm::P2pRing::join(rdv, stream, opts).map_err(|e| NcError::new(e.message))
 }
 
@@ -294,6 +333,22 @@ mod tests {
         assert!(c.reason.contains("several nodes"), "{}", c.reason);
         let e = choose_transport(CommFlag::Ring, TWO_NODES, 1, &mut no_probe, false).unwrap_err();
         assert!(e.to_string().contains("inside one node"), "{e}");
+    }
+
+    #[test]
+    fn ranks_share_gpus_only_over_the_ring() {
+        assert_eq!(gpu_for_rank(CommFlag::Auto, 3, 8, 8).unwrap(), (3, None));
+        assert_eq!(gpu_for_rank(CommFlag::Ring, 3, 8, 8).unwrap(), (3, None));
+        let (gpu, line) = gpu_for_rank(CommFlag::Ring, 3, 4, 1).unwrap();
+        assert_eq!(gpu, 0);
+        assert!(line.unwrap().contains("not NVLink speed"));
+        assert_eq!(gpu_for_rank(CommFlag::Ring, 5, 6, 4).unwrap().0, 1);
+        for flag in [CommFlag::Auto, CommFlag::Nccl] {
+            let e = gpu_for_rank(flag, 1, 2, 1).unwrap_err().to_string();
+            assert!(e.contains("only 1 GPU(s) visible") && e.contains("--comm ring"), "{e}");
+        }
+        let e = gpu_for_rank(CommFlag::Ring, 0, 2, 0).unwrap_err().to_string();
+        assert!(e.contains("no CUDA device"), "{e}");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! Public API for the training loop:
 //! - `Gpt::new(backend, cfg, batch, seq, policy)` allocates everything once (f32), `Gpt::with_precision`
 //!   with a precision (bf16: f32 master weights, a bf16 working copy, bf16 activations; `Storages`);
-//!   `init(seed)`.
+//!   `init(seed)`. `Gpt::with_sharded_master` (bf16, ZeRO-1) keeps the f32 master of one rank's pieces only
+//!   (`MasterMap`); the working copy stays whole.
 //! - `forward_backward(inputs, targets, loss_scale)` -> mean loss; grads += loss_scale * d(mean loss)/dθ.
 //! - `forward_losses(inputs, targets, out)` -> per-token losses in nats (0 where the target is -1).
 //! - `zero_grads()`, `param_specs()`, `read_param` / `write_param` by name (checkpoints), and on the CPU
@@ -11,7 +12,8 @@
 
 use super::{
     activation_layout_for, all, all_mut, attention, embedding, gemm_input, head, head_mut, init, loss, mlp, norm,
-    ActivationLayout, BlockParams, GradScratch, KvCache, LayerActs, LayerShapes, LossChunks, Recompute, Storages,
+    ActivationLayout, BlockParams, GradScratch, KvCache, LayerActs, LayerShapes, LossChunks, MasterMap, Recompute,
+    Storages,
 };
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, Storage, View, ViewMut};
@@ -49,8 +51,11 @@ pub struct Gpt<B: Backend> {
     blocks: Vec<BlockParams>,
     wte_off: usize,
     lm_head_off: usize,
-    /// The master weights (f32; what the optimizer updates and checkpoints hold).
+    /// The master weights (f32; what the optimizer updates and checkpoints hold): every parameter in the
+    /// parameter layout, or with a sharded master only this rank's pieces, packed as `master` says.
     pub(crate) params: B::Buf,
+    /// Where `params`' elements sit in the parameter layout.
+    master: MasterMap,
     /// With casts (bf16): the working copy every GEMM and the embedding lookup read; empty otherwise.
     working: B::Buf,
     /// The master changed since `working` was made from it (refreshed before the next forward).
@@ -101,6 +106,48 @@ impl<B: Backend> Gpt<B> {
         policy: Recompute,
         precision: Precision,
     ) -> Result<Self> {
+        Self::build(be, cfg, batch, seq, policy, precision, MasterMap::full(&cfg))
+    }
+
+    /// `with_precision` (Bf16 only) for rank `rank` of `world_size` under ZeRO-1: the f32 master holds only
+    /// the pieces this rank updates (`MasterMap::owned`), the bf16 working copy every parameter. The
+    /// optimizer updates the owned master and writes its pieces of the working copy; the other pieces of the
+    /// working copy come from their owners (`train::zero1`); checkpoints gather the master tensor by tensor.
+    /// fp32 keeps the whole master on every rank (its GEMMs read the master itself).
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_sharded_master(
+        be: B,
+        cfg: ModelConfig,
+        batch: usize,
+        seq: usize,
+        policy: Recompute,
+        precision: Precision,
+        rank: usize,
+        world_size: usize,
+    ) -> Result<Self> {
+        if !Storages::for_precision(precision).has_casts() {
+            bail!(
+                "a sharded master needs bf16 working weights (--precision bf16); {} reads the master itself",
+                precision.label()
+            );
+        }
+        if world_size == 0 || rank >= world_size {
+            bail!("rank {rank} is not in a world of size {world_size}");
+        }
+        cfg.validate()?;
+        let master = MasterMap::owned(&cfg, rank, world_size);
+        Self::build(be, cfg, batch, seq, policy, precision, master)
+    }
+
+    fn build(
+        be: B,
+        cfg: ModelConfig,
+        batch: usize,
+        seq: usize,
+        policy: Recompute,
+        precision: Precision,
+        master: MasterMap,
+    ) -> Result<Self> {
         cfg.validate()?;
         if batch == 0 || seq == 0 {
             bail!("micro-batch {batch} x sequence {seq}: both must be at least 1");
@@ -146,7 +193,8 @@ impl<B: Backend> Gpt<B> {
         let full = policy == Recompute::Full;
         let casts = st.has_casts();
         let model = Gpt {
-            params: alloc(nparams, Storage::F32)?,
+            params: alloc(master.len(), Storage::F32)?,
+            master,
             working: alloc(if casts { nparams } else { 0 }, st.weights)?,
             working_stale: true,
             grads: alloc(nparams, Storage::F32)?,
@@ -214,16 +262,44 @@ impl<B: Backend> Gpt<B> {
     pub fn init(&mut self, seed: u64) {
         let mut host = vec![0.0f32; self.cfg.num_params() as usize];
         init::init_params(&self.specs, &mut host, seed);
-        self.be.upload(all_mut(&mut self.params), &host);
-        self.working_stale = true;
+        self.load_from_host(&host);
+    }
+
+    /// Every parameter from a host slice in the parameter layout: the master's pieces, and with a sharded
+    /// master the whole working copy too (rounded by the upload, the same rounding as `refresh_weights`'
+    /// cast), since no rank could cast the pieces it holds no master of.
+    fn load_from_host(&mut self, host: &[f32]) {
+        if !self.master.is_sharded() {
+            self.be.upload(all_mut(&mut self.params), host);
+            self.working_stale = true;
+            return;
+        }
+        for p in self.master.pieces() {
+            self.be
+                .upload(ViewMut::at(&mut self.params, p.at, p.len), &host[p.range()]);
+        }
+        self.be.upload(all_mut(&mut self.working), host);
+        self.working_stale = false;
+    }
+
+    /// Where the master's elements sit in the parameter layout (all of them, or this rank's pieces).
+    pub fn master_map(&self) -> &MasterMap {
+        &self.master
     }
 
     /// Make the working copy from the master (the cast to bf16), if the master changed since it was made.
     /// Every forward does this first; the training loop calls it right after each optimizer step, where
-    /// the device engine's optimizer will write both instead. Nothing to do without casts.
+    /// the device engine's optimizer will write both instead. Nothing to do without casts. With a sharded
+    /// master only the owned pieces are cast: the others are the owners' to send (`train::zero1`), which
+    /// the training loop gathers right after (and then calls `working_written`).
     pub fn refresh_weights(&mut self) {
         if self.working_stale && B::buf_len(&self.working) > 0 {
-            self.be.copy(all(&self.params), all_mut(&mut self.working));
+            for p in self.master.pieces() {
+                self.be.copy(
+                    View::at(&self.params, p.at, p.len),
+                    ViewMut::at(&mut self.working, p.start, p.len),
+                );
+            }
         }
         self.working_stale = false;
     }
@@ -265,18 +341,31 @@ impl<B: Backend> Gpt<B> {
         Ok((spec.offset, spec.numel()))
     }
 
-    /// Copy a parameter in by name; `data` is row-major (out, in), exactly `rows * cols` values.
+    /// Copy a parameter in by name; `data` is row-major (out, in), exactly `rows * cols` values. With a
+    /// sharded master: the owned part of its master, and all of its working copy.
     pub fn write_param(&mut self, name: &str, data: &[f32]) -> Result<()> {
         let (offset, numel) = self.spec_holding(name, data.len())?;
-        self.be.upload(ViewMut::at(&mut self.params, offset, numel), data);
-        self.working_stale = true;
+        if !self.master.is_sharded() {
+            self.be.upload(ViewMut::at(&mut self.params, offset, numel), data);
+            self.working_stale = true;
+            return Ok(());
+        }
+        for (r, at) in self.master.overlaps(offset..offset + numel) {
+            let src = &data[r.start - offset..r.end - offset];
+            self.be.upload(ViewMut::at(&mut self.params, at, r.len()), src);
+        }
+        self.be.upload(ViewMut::at(&mut self.working, offset, numel), data);
         Ok(())
     }
 
-    /// Copy a parameter out by name into `out` (exactly `rows * cols` values).
+    /// Copy a parameter's master out by name into `out` (exactly `rows * cols` values). A sharded master
+    /// holds only this rank's pieces: another rank's parameter is an error (checkpoints gather it).
     pub fn read_param(&self, name: &str, out: &mut [f32]) -> Result<()> {
         let (offset, numel) = self.spec_holding(name, out.len())?;
-        self.be.download(View::at(&self.params, offset, numel), out);
+        let Some(at) = self.master.locate(offset..offset + numel) else {
+            bail!("parameter '{name}' is not all in this rank's sharded master; gather it from its owners");
+        };
+        self.be.download(View::at(&self.params, at, numel), out);
         Ok(())
     }
 
@@ -737,8 +826,13 @@ pub struct HostMirror {
 
 /// Host access for every backend: in place on the CPU, through a `HostMirror` elsewhere.
 impl<B: Backend> Gpt<B> {
-    /// Every parameter, as one host slice in the checkpoint's layout.
+    /// Every parameter, as one host slice in the checkpoint's layout. Not for a sharded master, which holds
+    /// only this rank's pieces (a checkpoint gathers them: `train::zero1::Zero1::gather_master`).
     pub fn host_params<'a>(&'a self, mirror: &'a mut HostMirror) -> &'a [f32] {
+        assert!(
+            !self.master.is_sharded(),
+            "host_params of a sharded master: gather it from the ranks (Zero1::gather_master)"
+        );
         if let Some(p) = B::host_slice(&self.params) {
             return p;
         }
@@ -747,20 +841,35 @@ impl<B: Backend> Gpt<B> {
         &mirror.params
     }
 
-    /// Overwrite every parameter from a host slice (a checkpoint's).
+    /// Overwrite every parameter from a host slice in the parameter layout (a checkpoint's). A sharded
+    /// master keeps its own pieces of it (and the working copy all of it).
     pub fn set_params_from_host(&mut self, src: &[f32]) -> Result<()> {
-        let n = B::buf_len(&self.params);
+        let n = self.master.params();
         if src.len() != n {
             bail!("{} parameter values given for a model of {n}", src.len());
         }
-        self.working_stale = true;
-        self.be.upload(ViewMut::all(&mut self.params), src);
+        self.load_from_host(src);
         Ok(())
     }
 
-    /// Run `f` on the parameters as one host slice (loading a checkpoint): in place on the CPU; elsewhere
-    /// they are downloaded first and uploaded after.
+    /// Run `f` on the parameters as one host slice in the parameter layout (loading a checkpoint): in place
+    /// on the CPU; elsewhere they are downloaded first and uploaded after. With a sharded master `f` sees
+    /// the owned pieces' master and the working copy's (bf16) values elsewhere; afterwards the master keeps
+    /// its pieces of what `f` left and the working copy all of it.
     pub fn update_params_on_host<R>(&mut self, mirror: &mut HostMirror, f: impl FnOnce(&mut [f32]) -> R) -> R {
+        if self.master.is_sharded() {
+            mirror.params.resize(self.master.params(), 0.0);
+            self.be.download(View::all(&self.working), &mut mirror.params);
+            for p in self.master.pieces() {
+                self.be
+                    .download(View::at(&self.params, p.at, p.len), &mut mirror.params[p.range()]);
+            }
+            let r = f(&mut mirror.params);
+            let host = std::mem::take(&mut mirror.params);
+            self.load_from_host(&host);
+            mirror.params = host;
+            return r;
+        }
         self.working_stale = true;
         if let Some(p) = B::host_slice_mut(&mut self.params) {
             return f(p);
@@ -773,7 +882,8 @@ impl<B: Backend> Gpt<B> {
     }
 
     /// The parameters and gradients as host slices, where the backend keeps them in host memory (the CPU):
-    /// the host optimizer and the ranks' gradient sync work on them in place. None on a device.
+    /// the host optimizer and the ranks' gradient sync work on them in place. None on a device. The
+    /// parameters are the master as stored: with a sharded master only this rank's pieces (`master_map`).
     pub fn host_params_and_grads_mut(&mut self) -> Option<(&mut [f32], &mut [f32])> {
         self.working_stale = true;
         match (B::host_slice_mut(&mut self.params), B::host_slice_mut(&mut self.grads)) {
@@ -783,7 +893,8 @@ impl<B: Backend> Gpt<B> {
     }
 
     /// The backend with the parameter and gradient buffers, borrowed together: what the device optimizer's
-    /// clip (writes the grads) and step (writes the params, reads the grads) take.
+    /// clip (writes the grads) and step (writes the params, reads the grads) take. The parameters are the
+    /// master as stored (packed when sharded: `master_map`).
     pub fn backend_params_grads_mut(&mut self) -> (&B, &mut B::Buf, &mut B::Buf) {
         self.working_stale = true;
         (&self.be, &mut self.params, &mut self.grads)
@@ -803,13 +914,16 @@ impl<B: Backend> Gpt<B> {
     }
 
     /// The optimizer rewrote every element of the working copy from the new master (bf16(p), the same value
-    /// `refresh_weights`' cast stores), so it is current: no cast pass before the next forward.
+    /// `refresh_weights`' cast stores), so it is current: no cast pass before the next forward. With a
+    /// sharded master: the owned pieces were written (by the optimizer or `refresh_weights`) and every
+    /// other piece gathered from its owner.
     pub fn working_written(&mut self) {
         self.working_stale = false;
     }
 }
 
-/// Host access on the CPU backend: the optimizers and checkpoints work on these slices directly.
+/// Host access on the CPU backend: the optimizers and checkpoints work on these slices directly. The params
+/// are the master as stored (with a sharded master only this rank's pieces, packed: `master_map`).
 impl Gpt<CpuBackend> {
     pub fn params(&self) -> &[f32] {
         CpuBackend::host(&self.params)

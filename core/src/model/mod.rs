@@ -10,12 +10,14 @@ pub mod gpt;
 pub mod init;
 pub mod kv_cache;
 pub mod loss;
+pub mod master;
 pub mod mlp;
 pub mod norm;
 
 pub use gpt::{Gpt, GradHook, GradsReady, HostMirror};
 pub use init::Rng;
 pub use kv_cache::KvCache;
+pub use master::{MasterMap, MasterPiece};
 
 use crate::backend::{Backend, Storage, View, ViewMut};
 use crate::config::ModelConfig;

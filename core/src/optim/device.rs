@@ -328,6 +328,12 @@ pub struct DeviceOptimizer<B: Backend> {
     /// Per segment of `layout`: where its state starts in `momentum` (Muon) or in `adam_m` and `adam_v`
     /// (AdamW).
     device_offsets: Vec<usize>,
+    /// Per segment: where its parameters start in the `params` a step takes (the segment's own offset, or
+    /// in a packed master `ShardLayout::packed_offsets`), and that buffer's length; the grads' length.
+    param_at: Vec<usize>,
+    params_len: usize,
+    grads_len: usize,
+    packed: bool,
     /// Optimizer steps taken so far (AdamW's bias correction uses steps_taken + 1).
     steps_taken: u64,
     adam_scale: f32,
@@ -407,6 +413,10 @@ impl<B: Backend> DeviceOptimizer<B> {
         };
         Ok(DeviceOptimizer {
             config,
+            param_at: layout.segments.iter().map(|s| s.start).collect(),
+            params_len: model.num_params() as usize,
+            grads_len: model.num_params() as usize,
+            packed: false,
             momentum: be.alloc(muon_len),
             adam_m: be.alloc(adam_len),
             adam_v: be.alloc(adam_len),
@@ -417,6 +427,17 @@ impl<B: Backend> DeviceOptimizer<B> {
             bf16,
             layout,
         })
+    }
+
+    /// This optimizer, stepping a packed master (ZeRO-1 with a sharded master, `model::MasterMap::owned`):
+    /// a step's `params` holds only the rank's segments, back to back in canonical order; the grads and the
+    /// working copy keep the whole parameter layout. Same kernels on the same values, other offsets (AdamW
+    /// then runs per segment, `adamw` and a cast, since `adamw_multi` reads params and grads at one offset).
+    pub fn packed(mut self) -> Self {
+        self.param_at = self.layout.packed_offsets();
+        self.params_len = self.layout.segments.iter().map(|s| s.len).sum();
+        self.packed = true;
+        self
     }
 
     pub fn layout(&self) -> &ShardLayout {
@@ -472,13 +493,18 @@ impl<B: Backend> DeviceOptimizer<B> {
     ) {
         assert_eq!(
             B::buf_len(params),
+            self.params_len,
+            "params must be the whole parameter layout (or the packed master, after `packed`)"
+        );
+        assert_eq!(
             B::buf_len(grads),
-            "params and grads must be the same contiguous layout"
+            self.grads_len,
+            "grads must be the whole parameter layout"
         );
         if let Some(w) = working.as_deref() {
             assert_eq!(
                 B::buf_len(w),
-                B::buf_len(params),
+                self.grads_len,
                 "the working copy has the parameters' layout"
             );
         }
@@ -489,9 +515,15 @@ impl<B: Backend> DeviceOptimizer<B> {
             self.steps_taken = t;
             return;
         }
-        for (seg, &off) in self.layout.segments.iter().zip(&self.device_offsets) {
+        for ((seg, &off), &at) in self
+            .layout
+            .segments
+            .iter()
+            .zip(&self.device_offsets)
+            .zip(&self.param_at)
+        {
             let lr = self.config.scheduled_lr(seg.kind, self.adam_scale, lr_mult);
-            let p = ViewMut::at(params, seg.start, seg.len);
+            let p = ViewMut::at(params, at, seg.len);
             let g = View::at(grads, seg.start, seg.len);
             match seg.kind {
                 ParamKind::Matrix => {
@@ -505,7 +537,7 @@ impl<B: Backend> DeviceOptimizer<B> {
                 }
             }
             if let Some(w) = working.as_deref_mut() {
-                be.copy(View::at(params, seg.start, seg.len), ViewMut::at(w, seg.start, seg.len));
+                be.copy(View::at(params, at, seg.len), ViewMut::at(w, seg.start, seg.len));
             }
         }
         self.steps_taken = t;
@@ -558,7 +590,7 @@ impl<B: Backend> DeviceOptimizer<B> {
             for (b, &i) in group.members.iter().enumerate() {
                 let seg = &self.layout.segments[i];
                 let w = working.as_deref_mut().map(|w| ViewMut::at(w, seg.start, n));
-                be.muon_apply(View::at(&s.x, b * n, n), a, ViewMut::at(params, seg.start, n), w);
+                be.muon_apply(View::at(&s.x, b * n, n), a, ViewMut::at(params, self.param_at[i], n), w);
             }
         }
     }
@@ -573,6 +605,10 @@ impl<B: Backend> DeviceOptimizer<B> {
         lr_mult: f64,
         t: u64,
     ) {
+        if self.packed {
+            self.adamw_packed(be, params, grads, working, lr_mult, t);
+            return;
+        }
         let pieces: Vec<AdamwPiece> = self
             .layout
             .segments
@@ -593,6 +629,44 @@ impl<B: Backend> DeviceOptimizer<B> {
             .collect();
         if !pieces.is_empty() {
             be.adamw_multi(params, grads, &mut self.adam_m, &mut self.adam_v, working, &pieces);
+        }
+    }
+
+    /// `adamw_all` on a packed master: each owned AdamW segment with `adamw` (the per-tensor form of the same
+    /// update, `Backend::adamw_multi`'s contract), then its working copy cast from the new master.
+    fn adamw_packed(
+        &mut self,
+        be: &B,
+        params: &mut B::Buf,
+        grads: &B::Buf,
+        mut working: Option<&mut B::Buf>,
+        lr_mult: f64,
+        t: u64,
+    ) {
+        for ((seg, &off), &at) in self
+            .layout
+            .segments
+            .iter()
+            .zip(&self.device_offsets)
+            .zip(&self.param_at)
+        {
+            if seg.kind == ParamKind::Matrix {
+                continue;
+            }
+            let lr = self.config.scheduled_lr(seg.kind, self.adam_scale, lr_mult);
+            adamw_update_on(
+                be,
+                ViewMut::at(params, at, seg.len),
+                View::at(grads, seg.start, seg.len),
+                ViewMut::at(&mut self.adam_m, off, seg.len),
+                ViewMut::at(&mut self.adam_v, off, seg.len),
+                lr,
+                t,
+                &self.config.adam,
+            );
+            if let Some(w) = working.as_deref_mut() {
+                be.copy(View::at(params, at, seg.len), ViewMut::at(w, seg.start, seg.len));
+            }
         }
     }
 

@@ -88,6 +88,19 @@ impl ShardLayout {
         }
     }
 
+    /// Where each segment's parameters sit in a packed master (ZeRO-1 with a sharded master: the rank's
+    /// segments back to back in canonical order, `model::MasterMap::owned`), one offset per segment.
+    pub fn packed_offsets(&self) -> Vec<usize> {
+        self.segments
+            .iter()
+            .scan(0, |at, s| {
+                let here = *at;
+                *at += s.len;
+                Some(here)
+            })
+            .collect()
+    }
+
     /// Optimizer-state elements of the rank that holds the most (what each GPU must reserve).
     pub fn max_state_len(model: &ModelConfig, world_size: usize) -> usize {
         (0..world_size)

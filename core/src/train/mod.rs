@@ -33,7 +33,7 @@ use crate::checkpoint::{self, CheckpointMeta, OptimizerMeta};
 use crate::config::ModelConfig;
 use crate::data::loader::LoaderState;
 use crate::error::{NcError, Result};
-use crate::model::{Gpt, HostMirror};
+use crate::model::{self, Gpt, HostMirror};
 use crate::nvtx;
 use crate::optim::clip::clip_grad_norm;
 use crate::optim::device::{DeviceOptimizer, DeviceOptions};
@@ -315,9 +315,10 @@ impl<B: Backend> RankOptimizer<B> {
             world_size: world,
             ..DeviceOptions::default()
         };
-        Ok(RankOptimizer::Device(DeviceOptimizer::with_options(
-            &model.be, &model.cfg, config, opts,
-        )?))
+        let opt = DeviceOptimizer::with_options(&model.be, &model.cfg, config, opts)?;
+        // a sharded master (bf16 ZeRO-1) holds the rank's segments packed (`model::MasterMap`)
+        let packed = model.master_map().is_sharded();
+        Ok(RankOptimizer::Device(if packed { opt.packed() } else { opt }))
     }
     /// Elements of the state in the host optimizer's layout (what a checkpoint holds for this rank).
     fn state_len(&self) -> usize {
@@ -352,8 +353,27 @@ impl<B: Backend> RankOptimizer<B> {
 /// (data parallel, ZeRO-1); rank 0 evaluates, samples, logs and saves, and its summary is returned. This is
 /// the tests' fixture: `nc-train` runs one process per rank (`launch`), each through `train_as_rank`.
 pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
+    train_threads(cfg, MasterSharding::Owned)
+}
+
+/// `train` with every rank keeping the whole f32 master and the ranks gathering it (ZeRO-1 as it was before
+/// bf16 runs sharded their master): the reference tests hold the sharded master to, bit for bit.
+pub fn train_with_full_master(cfg: &TrainConfig) -> Result<RunSummary> {
+    train_threads(cfg, MasterSharding::Full)
+}
+
+/// Which f32 master weights a rank of a bf16 ZeRO-1 run keeps (fp32 and single ranks keep all of them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MasterSharding {
+    /// Only what it owns (`Gpt::with_sharded_master`); the bf16 working copy is gathered. What runs use.
+    Owned,
+    /// All of it, and the f32 master is gathered (`train_with_full_master`, for tests).
+    Full,
+}
+
+fn train_threads(cfg: &TrainConfig, sharding: MasterSharding) -> Result<RunSummary> {
     if cfg.world_size <= 1 {
-        return train_rank(cfg, 0, None, cpu_device(cfg.world_size, cfg.world_size));
+        return train_rank(cfg, 0, None, cpu_device(cfg.world_size, cfg.world_size), sharding);
     }
     let rings = ThreadRing::new(cfg.world_size);
     std::thread::scope(|scope| {
@@ -366,13 +386,20 @@ pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
                     .name(format!("nc-rank{}", i + 1))
                     .spawn_scoped(scope, move || {
                         let comm: Box<dyn RankCollective<CpuBackend>> = Box::new(HostRanks::new(Box::new(ring)));
-                        train_rank(cfg, i + 1, Some(comm), cpu_device(cfg.world_size, cfg.world_size))
+                        let device = cpu_device(cfg.world_size, cfg.world_size);
+                        train_rank(cfg, i + 1, Some(comm), device, sharding)
                     })
                     .map_err(|e| NcError::new(format!("starting rank {}: {e}", i + 1)))
             })
             .collect::<Result<_>>()?;
         let comm0: Box<dyn RankCollective<CpuBackend>> = Box::new(HostRanks::new(Box::new(ring0)));
-        let first = train_rank(cfg, 0, Some(comm0), cpu_device(cfg.world_size, cfg.world_size));
+        let first = train_rank(
+            cfg,
+            0,
+            Some(comm0),
+            cpu_device(cfg.world_size, cfg.world_size),
+            sharding,
+        );
         let mut result = first;
         for h in others {
             let r = h.join().map_err(|_| NcError::new("a rank thread panicked"))?;
@@ -452,7 +479,7 @@ pub fn train_on<B: Backend>(cfg: &TrainConfig, device: Device<B>) -> Result<RunS
             cfg.world_size
         );
     }
-    train_rank(cfg, 0, None, device)
+    train_rank(cfg, 0, None, device, MasterSharding::Owned)
 }
 
 /// Train as rank `rank` of `cfg.world_size`, one rank of several processes (or machines) joined by `comm`
@@ -480,7 +507,7 @@ pub fn train_as_rank<B: Backend>(
             cfg.world_size
         );
     }
-    train_rank(cfg, rank, comm, device)
+    train_rank(cfg, rank, comm, device, MasterSharding::Owned)
 }
 
 /// A CPU rank of `world_size`, `sharing` of which run on this machine: the peak FLOP/s are of this rank's
@@ -541,6 +568,7 @@ fn train_rank<B: Backend>(
     rank: usize,
     comm: Option<Box<dyn RankCollective<B>>>,
     device: Device<B>,
+    sharding: MasterSharding,
 ) -> Result<RunSummary> {
     let lead = rank == 0;
     let say = |s: String| {
@@ -575,15 +603,23 @@ fn train_rank<B: Backend>(
         peak_how,
         ..
     } = device;
-    let mut model = Gpt::with_precision(
-        be,
-        model_cfg,
+    // ZeRO-1 with bf16 working weights: this rank keeps the f32 master of what it owns only (`zero1`)
+    let shard_master = comm.is_some()
+        && sharding == MasterSharding::Owned
+        && model::Storages::for_precision(cfg.precision).has_casts();
+    let (dbs, seq, engine_policy) = (
         batch.device_batch_size,
         model_cfg.sequence_len,
         plan::engine_policy(policy),
-        cfg.precision,
-    )?;
+    );
+    let mut model = if shard_master {
+        Gpt::with_sharded_master(be, model_cfg, dbs, seq, engine_policy, cfg.precision, rank, world)?
+    } else {
+        Gpt::with_precision(be, model_cfg, dbs, seq, engine_policy, cfg.precision)?
+    };
     model.init(cfg.seed);
+    // where this rank's master pieces sit in the parameter layout (all of it unless sharded)
+    let master_map = model.master_map().clone();
     // checkpoints' host copy of the parameters, on a device backend
     let mut mirror = HostMirror::default();
     let mut opt = RankOptimizer::new(&model, cfg.optim, rank, world)?;
@@ -765,10 +801,19 @@ fn train_rank<B: Backend>(
                         .collect(),
                 },
             };
-            let params = if lead {
-                Some(model.host_params(&mut mirror))
-            } else {
-                None
+            // a sharded master is gathered tensor by tensor into rank 0's host copy (the others hold one
+            // tensor at a time); otherwise rank 0 reads its own
+            let mut gathered: Option<Vec<f32>> = None;
+            if let (true, Some(z)) = (master_map.is_sharded(), zero1.as_mut()) {
+                let _r = nvtx::range("comm: gather master");
+                let mut full = lead.then(|| vec![0.0f32; master_map.params()]);
+                z.gather_master(&model.be, model.params_buf(), &master_map, full.as_deref_mut())?;
+                gathered = full;
+            }
+            let params = match (&gathered, lead) {
+                (Some(full), _) => Some(full.as_slice()),
+                (None, true) => Some(model.host_params(&mut mirror)),
+                (None, false) => None,
             };
             let saved = save_checkpoint(
                 cfg,
@@ -778,6 +823,7 @@ fn train_rank<B: Backend>(
                 params,
                 &opt.state_to_host(&model.be),
             )?;
+            drop(gathered);
             // a device run's host copy of the parameters is as large as the model: free it between saves
             mirror = HostMirror::default();
             if let Some(dir) = saved {
@@ -832,12 +878,18 @@ fn train_rank<B: Backend>(
         let optimizer_range = nvtx::range("optimizer");
         let grad_norm = match (&mut opt, zero1.as_mut()) {
             (opt, Some(z)) => {
-                // ZeRO-1: the owned parts of the summed gradient, clipped; this rank's update; the gather
-                let (be, params, grads) = model.backend_params_grads_mut();
+                // ZeRO-1: the owned parts of the summed gradient, clipped; this rank's update; the gather (of
+                // the bf16 working copy when the master is sharded, else of the f32 master)
+                let (be, params, grads, working) = model.backend_params_grads_working_mut();
                 let reduce_range = nvtx::range("comm: reduce grads");
                 let grad_norm = z.finish_reduce_and_clip(be, grads, cfg.grad_clip)?;
                 drop(reduce_range);
+                let mut working = if shard_master { working } else { None };
                 match opt {
+                    // bf16 runs (the only ones with a sharded master) step with the device optimizer
+                    RankOptimizer::Host(_) if working.is_some() => {
+                        bail!("a sharded master is stepped by the device optimizer (a bf16 run), not the host one")
+                    }
                     RankOptimizer::Host(opt) => {
                         let (p, g) = match (B::host_slice_mut(params), B::host_slice(grads)) {
                             (Some(p), Some(g)) => (p, g),
@@ -845,13 +897,24 @@ fn train_rank<B: Backend>(
                         };
                         opt.step(p, g, lr_mult, muon_momentum(step));
                     }
-                    RankOptimizer::Device(opt) => opt.step(be, params, grads, lr_mult, muon_momentum(step)),
+                    RankOptimizer::Device(opt) => {
+                        let w = working.as_deref_mut();
+                        opt.step_writing(be, params, grads, w, lr_mult, muon_momentum(step))
+                    }
                 }
-                let gather_range = nvtx::range("comm: gather params");
-                z.gather_params(be, params)?;
+                let gather_range = nvtx::range("comm: gather weights");
+                // the optimizer wrote the owned pieces of the working copy; the owners send the others
+                match working {
+                    Some(working) => z.gather_params(be, working)?,
+                    None => z.gather_params(be, params)?,
+                }
                 drop(gather_range);
                 // queued work on a device: wait for it, so dt is this step's own time (nothing on the CPU)
                 be.synchronize();
+                if shard_master {
+                    // owned pieces written, the rest gathered: refresh_weights below has nothing to cast
+                    model.working_written();
+                }
                 grad_norm
             }
             (RankOptimizer::Host(opt), None) => {

@@ -10,21 +10,29 @@
 //! backward of the layers below); `StagedRanks` runs a host ring for buffers that are not host slices (the
 //! device path's twin in tests, on `DeviceLikeCpu`).
 //!
+//! What is gathered: with bf16 working weights (`--precision bf16`) each rank keeps the f32 master of only
+//! what it owns (`model::MasterMap`, `Gpt::with_sharded_master`); its optimizer updates that master and
+//! writes the bf16 working copy of those pieces, and the ranks all-gather the bf16 working copy (half the
+//! bytes of the f32 master). That is exact, not an approximation: a rank that received the f32 master used
+//! to round it to bf16 itself, the same rounding of the same value the owner now does before sending. fp32
+//! (the strict path, whose GEMMs read the master) keeps the whole master on every rank and gathers it. A
+//! checkpoint gathers the f32 master over the host collective, tensor by tensor (`gather_master`).
+//!
 //! Numerics: every tensor is reduced by the same transport call with the same bounds as the non-bucketed
 //! exchange (`sync::GradSync`), only earlier, and reductions are elementwise in a fixed rank order, so the
 //! two give the same bits (tested below with thread ranks). The norm is summed over the owned parts in
 //! canonical order with the backend's `sum_squares` (on the CPU: `clip::sum_of_squares`, as GradSync).
 
-use crate::backend::{Backend, View, ViewMut};
+use crate::backend::{Backend, Storage, View, ViewMut};
 use crate::bail;
 use crate::config::ModelConfig;
 use crate::error::{NcError, Result};
-use crate::model::GradsReady;
+use crate::model::{GradsReady, MasterMap};
 use crate::optim::clip::clip_factor;
 use crate::optim::shard::ShardLayout;
 use crate::train::buckets::{backward_buckets, tensor_splits, Bucket, TensorSplit};
 use crate::train::sync::comm_err;
-use nc_comm::Collective;
+use nc_comm::{bf16, Collective};
 use std::ops::Range;
 
 /// The collectives a data-parallel rank needs on its backend's buffers.
@@ -35,8 +43,11 @@ pub trait RankCollective<B: Backend>: Send {
     /// ranks hold of it afterwards is unspecified. On a device this is queued behind the work already
     /// queued on the compute stream and returns at once.
     fn reduce_to_owners(&mut self, be: &B, grads: &mut B::Buf, tensors: &[&TensorSplit]) -> Result<()>;
-    /// Every rank gets each owner's part of each tensor (queued behind the compute stream's work).
-    fn gather_from_owners(&mut self, be: &B, params: &mut B::Buf, tensors: &[TensorSplit]) -> Result<()>;
+    /// Every rank gets each owner's part of each tensor of `weights` (queued behind the compute stream's
+    /// work). `weights` is what the forward reads, in the parameter layout: the f32 master (fp32 runs) or the
+    /// bf16 working copy (bf16 runs, whose master is sharded); an implementation moves the buffer's own
+    /// storage (`Backend::storage`: 4 or 2 bytes an element) and must accept both.
+    fn gather_from_owners(&mut self, be: &B, weights: &mut B::Buf, tensors: &[TensorSplit]) -> Result<()>;
     /// Make the compute work queued from now on wait for every collective queued so far (a device: an event
     /// the compute stream waits on; nothing to do where collectives run on the spot).
     fn join_compute(&mut self, be: &B) -> Result<()>;
@@ -78,8 +89,12 @@ impl<B: Backend> RankCollective<B> for HostRanks {
         }
         Ok(())
     }
-    fn gather_from_owners(&mut self, _be: &B, params: &mut B::Buf, tensors: &[TensorSplit]) -> Result<()> {
-        let p = host_buffer::<B>(params)?;
+    fn gather_from_owners(&mut self, be: &B, weights: &mut B::Buf, tensors: &[TensorSplit]) -> Result<()> {
+        if B::storage(weights) == Storage::Bf16 {
+            // a bf16 working copy is written through ops only (they round): through a bf16 staging copy
+            return gather_staged(self.ring.as_mut(), be, weights, tensors, &mut Vec::new());
+        }
+        let p = host_buffer::<B>(weights)?;
         for t in tensors {
             self.ring
                 .all_gather(&mut p[t.range.clone()], &t.bounds)
@@ -134,15 +149,8 @@ impl<B: Backend> RankCollective<B> for StagedRanks {
         }
         Ok(())
     }
-    fn gather_from_owners(&mut self, be: &B, params: &mut B::Buf, tensors: &[TensorSplit]) -> Result<()> {
-        for t in tensors {
-            let (start, len) = (t.range.start, t.range.len());
-            self.staging.resize(len, 0.0);
-            be.download(View::at(params, start, len), &mut self.staging);
-            self.ring.all_gather(&mut self.staging, &t.bounds).map_err(comm_err)?;
-            be.upload(ViewMut::at(params, start, len), &self.staging);
-        }
-        Ok(())
+    fn gather_from_owners(&mut self, be: &B, weights: &mut B::Buf, tensors: &[TensorSplit]) -> Result<()> {
+        gather_staged(self.ring.as_mut(), be, weights, tensors, &mut self.staging)
     }
     fn join_compute(&mut self, _be: &B) -> Result<()> {
         Ok(())
@@ -150,6 +158,37 @@ impl<B: Backend> RankCollective<B> for StagedRanks {
     fn host(&mut self) -> &mut (dyn Collective + 'static) {
         self.ring.as_mut()
     }
+}
+
+/// `gather_from_owners` through host staging, one tensor at a time: download, all-gather in the buffer's own
+/// storage (a Bf16 buffer's values are bf16 already, so the bf16 ring moves them exactly, 2 bytes each),
+/// upload (exact: the values are representable).
+fn gather_staged<B: Backend>(
+    ring: &mut dyn Collective,
+    be: &B,
+    weights: &mut B::Buf,
+    tensors: &[TensorSplit],
+    staging: &mut Vec<f32>,
+) -> Result<()> {
+    let narrow = B::storage(weights) == Storage::Bf16;
+    let mut narrow_staging: Vec<bf16> = Vec::new();
+    for t in tensors {
+        let (start, len) = (t.range.start, t.range.len());
+        staging.resize(len, 0.0);
+        be.download(View::at(weights, start, len), staging);
+        if narrow {
+            narrow_staging.clear();
+            narrow_staging.extend(staging.iter().map(|&x| bf16::from_f32(x)));
+            ring.all_gather_bf16(&mut narrow_staging, &t.bounds).map_err(comm_err)?;
+            for (dst, src) in staging.iter_mut().zip(&narrow_staging) {
+                *dst = src.to_f32();
+            }
+        } else {
+            ring.all_gather(staging, &t.bounds).map_err(comm_err)?;
+        }
+        be.upload(ViewMut::at(weights, start, len), staging);
+    }
+    Ok(())
 }
 
 /// One rank's ZeRO-1 exchange: the bucket schedule, what this rank owns, and the transport.
@@ -261,11 +300,46 @@ impl<B: Backend> Zero1<B> {
         Ok(norm)
     }
 
-    /// After this rank's optimizer updated what it owns: every rank gets every owner's parameters, and the
-    /// compute work queued next waits for them.
-    pub fn gather_params(&mut self, be: &B, params: &mut B::Buf) -> Result<()> {
-        self.comm.gather_from_owners(be, params, &self.splits)?;
+    /// After this rank's optimizer updated what it owns: every rank gets every owner's part of `weights`
+    /// (what the forward reads: the f32 master under fp32, the bf16 working copy under bf16), and the compute
+    /// work queued next waits for them.
+    pub fn gather_params(&mut self, be: &B, weights: &mut B::Buf) -> Result<()> {
+        self.comm.gather_from_owners(be, weights, &self.splits)?;
         self.comm.join_compute(be)
+    }
+
+    /// The f32 master of every tensor from the ranks that own its parts, over the host collective, one tensor
+    /// at a time (a checkpoint of a sharded master, `map` saying where this rank's pieces sit in `master`).
+    /// `into`, the whole parameter layout, receives every tensor on the rank that writes the checkpoint; the
+    /// others pass None and hold one tensor's staging at a time. Every rank must call it.
+    pub fn gather_master(
+        &mut self,
+        be: &B,
+        master: &B::Buf,
+        map: &MasterMap,
+        mut into: Option<&mut [f32]>,
+    ) -> Result<()> {
+        let rank = self.comm.rank();
+        let mut staging = Vec::new();
+        for t in &self.splits {
+            let buf: &mut [f32] = match into.as_deref_mut() {
+                Some(full) => &mut full[t.range.clone()],
+                None => {
+                    staging.resize(t.range.len(), 0.0);
+                    &mut staging
+                }
+            };
+            let mine = t.bounds.range(rank);
+            if !mine.is_empty() {
+                let part = t.range.start + mine.start..t.range.start + mine.end;
+                let at = map
+                    .locate(part.clone())
+                    .expect("a rank's master holds every part it owns (the splits are its ShardLayout)");
+                be.download(View::at(master, at, part.len()), &mut buf[mine]);
+            }
+            self.comm.host().all_gather(buf, &t.bounds).map_err(comm_err)?;
+        }
+        Ok(())
     }
 }
 
@@ -385,6 +459,116 @@ mod tests {
                 bucketed.0[2] < bucketed.0[0],
                 "world {world}: the runs learn ({:?})",
                 bucketed.0
+            );
+        }
+    }
+
+    /// The device path's twin: ranks on `DeviceLikeCpu` (buffers that are not host slices) with the device
+    /// optimizer's bf16 path and `StagedRanks`, `steps` steps of one micro-batch. `sharded`: each rank keeps
+    /// the master of what it owns (`Gpt::with_sharded_master`), its packed optimizer writes the working copy
+    /// of those pieces and the bf16 working copy is gathered; else every rank keeps the whole master, which
+    /// is gathered and cast. Rank 0's losses, working copy and the whole f32 master (gathered when sharded).
+    fn run_device_twin(world: usize, steps: usize, sharded: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        use crate::backend::device_like::DeviceLikeCpu;
+        use crate::optim::device::{DeviceOptimizer, DeviceOptions};
+        use crate::plan::Precision;
+        let cfg = tiny();
+        let (b, t) = (2, cfg.sequence_len);
+        let n = cfg.num_params() as usize;
+        let rings = ThreadRing::new(world);
+        let results: Vec<_> = std::thread::scope(|scope| {
+            let handles: Vec<_> = rings
+                .into_iter()
+                .enumerate()
+                .map(|(rank, ring)| {
+                    scope.spawn(move || {
+                        let be = DeviceLikeCpu::default();
+                        let policy = Recompute::None;
+                        let mut model = if sharded {
+                            Gpt::with_sharded_master(be, cfg, b, t, policy, Precision::Bf16, rank, world)
+                        } else {
+                            Gpt::with_precision(be, cfg, b, t, policy, Precision::Bf16)
+                        }
+                        .unwrap();
+                        model.init(7);
+                        let opts = DeviceOptions {
+                            precision: Precision::Bf16,
+                            rank,
+                            world_size: world,
+                            ..DeviceOptions::default()
+                        };
+                        let opt = DeviceOptimizer::with_options(&model.be, &cfg, OptimConfig::default(), opts).unwrap();
+                        let mut opt = if sharded { opt.packed() } else { opt };
+                        let comm = Box::new(StagedRanks::new(Box::new(ring)));
+                        let mut zero1 = Zero1::<DeviceLikeCpu>::new(&cfg, comm);
+                        let mut losses = Vec::new();
+                        for step in 0..steps {
+                            model.zero_grads();
+                            // the same micro-batch every step: learnable in 3 steps
+                            let (x, y) = batch(&cfg, b * t, rank, 0, 0);
+                            zero1.begin_reduce();
+                            let mut hook = |be: &DeviceLikeCpu, g: &mut _, r| zero1.grads_ready(be, g, r);
+                            let loss = model.forward_backward_hooked(&x, &y, 1.0 / world as f32, &mut hook);
+                            losses.push(loss.unwrap());
+                            let mu = muon_momentum(step as u64);
+                            let (be, params, grads, working) = model.backend_params_grads_working_mut();
+                            zero1.finish_reduce_and_clip(be, grads, 1.0).unwrap();
+                            if sharded {
+                                let working = working.unwrap();
+                                opt.step_writing(be, params, grads, Some(&mut *working), 1.0, mu);
+                                zero1.gather_params(be, working).unwrap();
+                                model.working_written();
+                            } else {
+                                opt.step(be, params, grads, 1.0, mu);
+                                zero1.gather_params(be, params).unwrap();
+                                model.refresh_weights();
+                            }
+                        }
+                        let mut master = vec![0.0f32; n];
+                        if sharded {
+                            let map = model.master_map().clone();
+                            zero1
+                                .gather_master(&model.be, model.params_buf(), &map, Some(&mut master))
+                                .unwrap();
+                        } else {
+                            model.be.download(View::all(model.params_buf()), &mut master);
+                        }
+                        let mut working = vec![0.0f32; n];
+                        model.be.download(View::all(model.weights_buf()), &mut working);
+                        (losses, working, master)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for r in 1..world {
+            assert_eq!(
+                results[r].1, results[0].1,
+                "rank {r}: another working copy than rank 0's"
+            );
+            assert_eq!(results[r].2, results[0].2, "rank {r}: another master than rank 0's");
+        }
+        results.into_iter().next().unwrap()
+    }
+
+    /// On the device path's twin, a sharded master (bf16 working copy gathered) gives the same bits as the
+    /// whole master gathered and cast: losses, working copy and master.
+    #[test]
+    fn device_twin_sharded_master_equals_the_full_master_bit_for_bit() {
+        for world in [2usize, 3] {
+            let sharded = run_device_twin(world, 3, true);
+            let full = run_device_twin(world, 3, false);
+            assert_eq!(sharded.0, full.0, "world {world}: losses");
+            assert!(
+                sharded.0[2] < sharded.0[0],
+                "world {world}: it learns ({:?})",
+                sharded.0
+            );
+            assert!(sharded.1 == full.1, "world {world}: working copies differ");
+            assert!(sharded.2 == full.2, "world {world}: masters differ");
+            assert_ne!(
+                sharded.1, sharded.2,
+                "world {world}: the working copy is bf16, the master f32"
             );
         }
     }

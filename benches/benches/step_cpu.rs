@@ -8,7 +8,7 @@
 //! table says where the time goes. Then every matmul shape the step issued is re-run alone (same gemm,
 //! same threads): their total FLOPs over their total time is "gemm's own GFLOP/s" for this model.
 
-use nc_core::backend::cpu::{CpuBackend, CpuBuf, CpuIds};
+use nc_core::backend::cpu::{CpuBackend, CpuIds};
 use nc_core::backend::{AttnShape, Backend, View, ViewMut};
 use nc_core::model::{Gpt, Recompute};
 use nc_core::ModelConfig;
@@ -33,21 +33,6 @@ struct Timed {
     stats: RefCell<Stats>,
 }
 
-fn v<'a>(x: View<'a, Timed>) -> View<'a, CpuBackend> {
-    View {
-        buf: x.buf,
-        off: x.off,
-        len: x.len,
-    }
-}
-fn vm<'a>(x: ViewMut<'a, Timed>) -> ViewMut<'a, CpuBackend> {
-    ViewMut {
-        buf: x.buf,
-        off: x.off,
-        len: x.len,
-    }
-}
-
 impl Timed {
     fn time<R>(&self, name: &'static str, flops: f64, f: impl FnOnce() -> R) -> R {
         let t0 = Instant::now();
@@ -67,43 +52,38 @@ fn attn_pairs(s: &AttnShape) -> f64 {
     (s.batch * s.n_head * s.head_dim) as f64 * (s.tq * (s.tq + 1) / 2) as f64
 }
 
-impl Backend for Timed {
-    type Buf = CpuBuf;
-    type Ids = CpuIds;
-    fn alloc(&self, len: usize) -> CpuBuf {
-        self.inner.alloc(len)
+/// Every op the model's step calls is timed by name; the rest (allocation, the optimizer's ops) go to the CPU
+/// backend untimed (`Delegate` forwards them).
+impl nc_core::backend::delegate::Delegate for Timed {
+    type Inner = CpuBackend;
+    fn inner(&self) -> &CpuBackend {
+        &self.inner
     }
-    fn alloc_ids(&self, len: usize) -> CpuIds {
-        self.inner.alloc_ids(len)
+    fn upload(&self, dst: ViewMut<'_, CpuBackend>, src: &[f32]) {
+        self.time("upload/download", 0.0, || self.inner.upload(dst, src))
     }
-    fn buf_len(buf: &CpuBuf) -> usize {
-        buf.0.len()
-    }
-    fn upload(&self, dst: ViewMut<'_, Self>, src: &[f32]) {
-        self.time("upload/download", 0.0, || self.inner.upload(vm(dst), src))
-    }
-    fn download(&self, src: View<'_, Self>, dst: &mut [f32]) {
-        self.time("upload/download", 0.0, || self.inner.download(v(src), dst))
+    fn download(&self, src: View<'_, CpuBackend>, dst: &mut [f32]) {
+        self.time("upload/download", 0.0, || self.inner.download(src, dst))
     }
     fn upload_ids(&self, dst: &mut CpuIds, src: &[i32]) {
         self.time("upload/download", 0.0, || self.inner.upload_ids(dst, src))
     }
-    fn fill(&self, dst: ViewMut<'_, Self>, value: f32) {
-        self.time("fill/copy", 0.0, || self.inner.fill(vm(dst), value))
+    fn fill(&self, dst: ViewMut<'_, CpuBackend>, value: f32) {
+        self.time("fill/copy", 0.0, || self.inner.fill(dst, value))
     }
-    fn copy(&self, src: View<'_, Self>, dst: ViewMut<'_, Self>) {
-        self.time("fill/copy", 0.0, || self.inner.copy(v(src), vm(dst)))
+    fn copy(&self, src: View<'_, CpuBackend>, dst: ViewMut<'_, CpuBackend>) {
+        self.time("fill/copy", 0.0, || self.inner.copy(src, dst))
     }
     fn matmul(
         &self,
         m: usize,
         n: usize,
         k: usize,
-        a: View<'_, Self>,
+        a: View<'_, CpuBackend>,
         a_t: bool,
-        b: View<'_, Self>,
+        b: View<'_, CpuBackend>,
         b_t: bool,
-        c: ViewMut<'_, Self>,
+        c: ViewMut<'_, CpuBackend>,
         accumulate: bool,
     ) {
         if self.stats.borrow().record_shapes {
@@ -116,157 +96,184 @@ impl Backend for Timed {
         };
         let flops = 2.0 * (m * n * k) as f64;
         self.time(name, flops, || {
-            self.inner.matmul(m, n, k, v(a), a_t, v(b), b_t, vm(c), accumulate)
+            self.inner.matmul(m, n, k, a, a_t, b, b_t, c, accumulate)
         })
     }
-    fn embedding_forward(&self, ids: &CpuIds, n: usize, wte: View<'_, Self>, d: usize, out: ViewMut<'_, Self>) {
-        self.time("embedding", 0.0, || {
-            self.inner.embedding_forward(ids, n, v(wte), d, vm(out))
-        })
+    fn embedding_forward(
+        &self,
+        ids: &CpuIds,
+        n: usize,
+        wte: View<'_, CpuBackend>,
+        d: usize,
+        out: ViewMut<'_, CpuBackend>,
+    ) {
+        self.time("embedding", 0.0, || self.inner.embedding_forward(ids, n, wte, d, out))
     }
-    fn embedding_backward(&self, ids: &CpuIds, n: usize, dout: View<'_, Self>, d: usize, dwte: ViewMut<'_, Self>) {
+    fn embedding_backward(
+        &self,
+        ids: &CpuIds,
+        n: usize,
+        dout: View<'_, CpuBackend>,
+        d: usize,
+        dwte: ViewMut<'_, CpuBackend>,
+    ) {
         self.time("embedding", 0.0, || {
-            self.inner.embedding_backward(ids, n, v(dout), d, vm(dwte))
+            self.inner.embedding_backward(ids, n, dout, d, dwte)
         })
     }
     fn rmsnorm_forward(
         &self,
-        x: View<'_, Self>,
+        x: View<'_, CpuBackend>,
         rows: usize,
         dim: usize,
         eps: f32,
-        y: ViewMut<'_, Self>,
-        rstd: ViewMut<'_, Self>,
+        y: ViewMut<'_, CpuBackend>,
+        rstd: ViewMut<'_, CpuBackend>,
     ) {
         self.time("rmsnorm", 0.0, || {
-            self.inner.rmsnorm_forward(v(x), rows, dim, eps, vm(y), vm(rstd))
+            self.inner.rmsnorm_forward(x, rows, dim, eps, y, rstd)
         })
     }
     fn rmsnorm_backward(
         &self,
-        y: View<'_, Self>,
-        rstd: View<'_, Self>,
-        dy: View<'_, Self>,
+        y: View<'_, CpuBackend>,
+        rstd: View<'_, CpuBackend>,
+        dy: View<'_, CpuBackend>,
         rows: usize,
         dim: usize,
-        dx: ViewMut<'_, Self>,
+        dx: ViewMut<'_, CpuBackend>,
         accumulate: bool,
     ) {
         self.time("rmsnorm", 0.0, || {
-            self.inner
-                .rmsnorm_backward(v(y), v(rstd), v(dy), rows, dim, vm(dx), accumulate)
+            self.inner.rmsnorm_backward(y, rstd, dy, rows, dim, dx, accumulate)
         })
     }
     fn rotary_forward(
         &self,
-        x: ViewMut<'_, Self>,
+        x: ViewMut<'_, CpuBackend>,
         batch: usize,
         t: usize,
         heads: usize,
         head_dim: usize,
         pos0: usize,
-        table: View<'_, Self>,
+        table: View<'_, CpuBackend>,
     ) {
         self.time("rotary", 0.0, || {
-            self.inner
-                .rotary_forward(vm(x), batch, t, heads, head_dim, pos0, v(table))
+            self.inner.rotary_forward(x, batch, t, heads, head_dim, pos0, table)
         })
     }
     fn rotary_backward(
         &self,
-        dx: ViewMut<'_, Self>,
+        dx: ViewMut<'_, CpuBackend>,
         batch: usize,
         t: usize,
         heads: usize,
         head_dim: usize,
         pos0: usize,
-        table: View<'_, Self>,
+        table: View<'_, CpuBackend>,
     ) {
         self.time("rotary", 0.0, || {
-            self.inner
-                .rotary_backward(vm(dx), batch, t, heads, head_dim, pos0, v(table))
+            self.inner.rotary_backward(dx, batch, t, heads, head_dim, pos0, table)
         })
     }
     fn attention_forward(
         &self,
         shape: AttnShape,
-        q: View<'_, Self>,
-        k: View<'_, Self>,
-        vv: View<'_, Self>,
-        out: ViewMut<'_, Self>,
-        lse: ViewMut<'_, Self>,
+        q: View<'_, CpuBackend>,
+        k: View<'_, CpuBackend>,
+        vv: View<'_, CpuBackend>,
+        out: ViewMut<'_, CpuBackend>,
+        lse: ViewMut<'_, CpuBackend>,
     ) {
         // Two products (QK^T, PV) over the visible pairs.
         let flops = 4.0 * attn_pairs(&shape);
         self.time("attention fwd", flops, || {
-            self.inner.attention_forward(shape, v(q), v(k), v(vv), vm(out), vm(lse))
+            self.inner.attention_forward(shape, q, k, vv, out, lse)
         })
     }
     fn attention_backward(
         &self,
         shape: AttnShape,
-        q: View<'_, Self>,
-        k: View<'_, Self>,
-        vv: View<'_, Self>,
-        out: View<'_, Self>,
-        lse: View<'_, Self>,
-        dout: View<'_, Self>,
-        dq: ViewMut<'_, Self>,
-        dk: ViewMut<'_, Self>,
-        dv: ViewMut<'_, Self>,
+        q: View<'_, CpuBackend>,
+        k: View<'_, CpuBackend>,
+        vv: View<'_, CpuBackend>,
+        out: View<'_, CpuBackend>,
+        lse: View<'_, CpuBackend>,
+        dout: View<'_, CpuBackend>,
+        dq: ViewMut<'_, CpuBackend>,
+        dk: ViewMut<'_, CpuBackend>,
+        dv: ViewMut<'_, CpuBackend>,
     ) {
         // Five products: QK^T (recompute), P^T dO, dO V^T, dS K, dS^T Q.
         let flops = 10.0 * attn_pairs(&shape);
         self.time("attention bwd", flops, || {
-            self.inner.attention_backward(
-                shape,
-                v(q),
-                v(k),
-                v(vv),
-                v(out),
-                v(lse),
-                v(dout),
-                vm(dq),
-                vm(dk),
-                vm(dv),
-            )
+            self.inner
+                .attention_backward(shape, q, k, vv, out, lse, dout, dq, dk, dv)
         })
     }
-    fn relu2_forward(&self, u: View<'_, Self>, h: ViewMut<'_, Self>) {
-        self.time("relu2", 0.0, || self.inner.relu2_forward(v(u), vm(h)))
+    fn relu2_forward(&self, u: View<'_, CpuBackend>, h: ViewMut<'_, CpuBackend>) {
+        self.time("relu2", 0.0, || self.inner.relu2_forward(u, h))
     }
-    fn relu2_backward(&self, u: View<'_, Self>, dh: ViewMut<'_, Self>) {
-        self.time("relu2", 0.0, || self.inner.relu2_backward(v(u), vm(dh)))
+    fn relu2_backward(&self, u: View<'_, CpuBackend>, dh: ViewMut<'_, CpuBackend>) {
+        self.time("relu2", 0.0, || self.inner.relu2_backward(u, dh))
     }
-    fn add_inplace(&self, x: ViewMut<'_, Self>, y: View<'_, Self>) {
-        self.time("add", 0.0, || self.inner.add_inplace(vm(x), v(y)))
+    fn add_inplace(&self, x: ViewMut<'_, CpuBackend>, y: View<'_, CpuBackend>) {
+        self.time("add", 0.0, || self.inner.add_inplace(x, y))
     }
     fn softcap_cross_entropy(
         &self,
-        logits: ViewMut<'_, Self>,
+        logits: ViewMut<'_, CpuBackend>,
         rows: usize,
         vocab: usize,
         cap: f32,
         targets: &CpuIds,
         target_off: usize,
-        losses: ViewMut<'_, Self>,
+        losses: ViewMut<'_, CpuBackend>,
         grad_scale: Option<f32>,
     ) {
         self.time("softcap+cross-entropy", 0.0, || {
-            self.inner.softcap_cross_entropy(
-                vm(logits),
-                rows,
-                vocab,
-                cap,
-                targets,
-                target_off,
-                vm(losses),
-                grad_scale,
-            )
+            self.inner
+                .softcap_cross_entropy(logits, rows, vocab, cap, targets, target_off, losses, grad_scale)
         })
     }
-    fn softcap(&self, logits: ViewMut<'_, Self>, cap: f32) {
-        self.time("softcap+cross-entropy", 0.0, || self.inner.softcap(vm(logits), cap))
+    fn softcap(&self, logits: ViewMut<'_, CpuBackend>, cap: f32) {
+        self.time("softcap+cross-entropy", 0.0, || self.inner.softcap(logits, cap))
+    }
+    fn rotary_qknorm_forward(
+        &self,
+        x: ViewMut<'_, CpuBackend>,
+        batch: usize,
+        t: usize,
+        heads: usize,
+        head_dim: usize,
+        pos0: usize,
+        table: View<'_, CpuBackend>,
+        eps: f32,
+        y: ViewMut<'_, CpuBackend>,
+        rstd: ViewMut<'_, CpuBackend>,
+    ) {
+        self.time("rotary+qk-norm", 0.0, || {
+            self.inner
+                .rotary_qknorm_forward(x, batch, t, heads, head_dim, pos0, table, eps, y, rstd)
+        })
+    }
+    fn rotary_qknorm_backward(
+        &self,
+        y: View<'_, CpuBackend>,
+        rstd: View<'_, CpuBackend>,
+        dy: View<'_, CpuBackend>,
+        batch: usize,
+        t: usize,
+        heads: usize,
+        head_dim: usize,
+        pos0: usize,
+        table: View<'_, CpuBackend>,
+        dx: ViewMut<'_, CpuBackend>,
+    ) {
+        self.time("rotary+qk-norm", 0.0, || {
+            self.inner
+                .rotary_qknorm_backward(y, rstd, dy, batch, t, heads, head_dim, pos0, table, dx)
+        })
     }
 }
 

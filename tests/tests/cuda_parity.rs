@@ -38,7 +38,7 @@
 use nc_core::backend::cpu::{CpuBackend, CpuBuf, CpuIds};
 use nc_core::backend::cuda::{self, CudaBackend};
 use nc_core::backend::device_like::DeviceLikeCpu;
-use nc_core::backend::{AdamwStep, AttnShape, Backend, View, ViewMut};
+use nc_core::backend::{AdamwStep, AttnShape, Backend, Storage, View, ViewMut};
 use nc_core::model::init::rotary_table;
 use nc_core::model::{Gpt, HostMirror, Recompute, Rng};
 use nc_core::ModelConfig;
@@ -1285,27 +1285,11 @@ fn the_tolerances_admit_a_gpu_like_rounding() {
 #[derive(Default)]
 struct OtherRounding(CpuBackend);
 
-fn cv<'a>(x: View<'a, OtherRounding>) -> View<'a, CpuBackend> {
-    View {
-        buf: x.buf,
-        off: x.off,
-        len: x.len,
-    }
-}
-
-fn cm<'a>(x: ViewMut<'a, OtherRounding>) -> ViewMut<'a, CpuBackend> {
-    ViewMut {
-        buf: x.buf,
-        off: x.off,
-        len: x.len,
-    }
-}
-
-fn sl(x: View<'_, OtherRounding>) -> &[f32] {
+fn sl(x: View<'_, CpuBackend>) -> &[f32] {
     &x.buf.0[x.off..x.off + x.len]
 }
 
-fn sl_mut(x: ViewMut<'_, OtherRounding>) -> &mut [f32] {
+fn sl_mut(x: ViewMut<'_, CpuBackend>) -> &mut [f32] {
     &mut x.buf.0[x.off..x.off + x.len]
 }
 
@@ -1325,33 +1309,25 @@ fn lane_sum(values: impl Iterator<Item = f32>) -> f32 {
     lanes[0]
 }
 
-impl Backend for OtherRounding {
-    type Buf = CpuBuf;
-    type Ids = CpuIds;
-
-    fn alloc(&self, len: usize) -> CpuBuf {
+/// The ops a GPU may round differently are reimplemented; the rest go to the CPU backend (`Delegate`). It has
+/// no narrow storage (its ops write f32 values: every buffer is F32, as the trait's default `alloc_as` keeps
+/// them) and no host slices (the model and the optimizer take the device path).
+impl nc_core::backend::delegate::Delegate for OtherRounding {
+    type Inner = CpuBackend;
+    fn inner(&self) -> &CpuBackend {
+        &self.0
+    }
+    fn alloc_as(&self, len: usize, _: Storage) -> CpuBuf {
         self.0.alloc(len)
     }
-    fn alloc_ids(&self, len: usize) -> CpuIds {
-        self.0.alloc_ids(len)
+    fn try_alloc_as(&self, len: usize, _: Storage) -> nc_core::Result<CpuBuf> {
+        Ok(self.0.alloc(len))
     }
-    fn buf_len(buf: &CpuBuf) -> usize {
-        buf.0.len()
+    fn host_slice(_: &CpuBuf) -> Option<&[f32]> {
+        None
     }
-    fn upload(&self, dst: ViewMut<'_, Self>, src: &[f32]) {
-        self.0.upload(cm(dst), src)
-    }
-    fn download(&self, src: View<'_, Self>, dst: &mut [f32]) {
-        self.0.download(cv(src), dst)
-    }
-    fn upload_ids(&self, dst: &mut CpuIds, src: &[i32]) {
-        self.0.upload_ids(dst, src)
-    }
-    fn fill(&self, dst: ViewMut<'_, Self>, value: f32) {
-        self.0.fill(cm(dst), value)
-    }
-    fn copy(&self, src: View<'_, Self>, dst: ViewMut<'_, Self>) {
-        self.0.copy(cv(src), cm(dst))
+    fn host_slice_mut(_: &mut CpuBuf) -> Option<&mut [f32]> {
+        None
     }
 
     /// Dot products with fused multiply-adds, summed from the last term to the first.
@@ -1360,11 +1336,11 @@ impl Backend for OtherRounding {
         m: usize,
         n: usize,
         k: usize,
-        a: View<'_, Self>,
+        a: View<'_, CpuBackend>,
         a_t: bool,
-        b: View<'_, Self>,
+        b: View<'_, CpuBackend>,
         b_t: bool,
-        c: ViewMut<'_, Self>,
+        c: ViewMut<'_, CpuBackend>,
         accumulate: bool,
     ) {
         let (a, b, c) = (sl(a), sl(b), sl_mut(c));
@@ -1380,12 +1356,15 @@ impl Backend for OtherRounding {
             }
         }
     }
-
-    fn embedding_forward(&self, ids: &CpuIds, n: usize, wte: View<'_, Self>, d: usize, out: ViewMut<'_, Self>) {
-        self.0.embedding_forward(ids, n, cv(wte), d, cm(out))
-    }
     /// The scatter-add in reverse token order.
-    fn embedding_backward(&self, ids: &CpuIds, n: usize, dout: View<'_, Self>, d: usize, dwte: ViewMut<'_, Self>) {
+    fn embedding_backward(
+        &self,
+        ids: &CpuIds,
+        n: usize,
+        dout: View<'_, CpuBackend>,
+        d: usize,
+        dwte: ViewMut<'_, CpuBackend>,
+    ) {
         let (dout, dwte) = (sl(dout), sl_mut(dwte));
         for i in (0..n).rev() {
             let id = ids.0[i] as usize;
@@ -1394,15 +1373,14 @@ impl Backend for OtherRounding {
             }
         }
     }
-
     fn rmsnorm_forward(
         &self,
-        x: View<'_, Self>,
+        x: View<'_, CpuBackend>,
         rows: usize,
         dim: usize,
         eps: f32,
-        y: ViewMut<'_, Self>,
-        rstd: ViewMut<'_, Self>,
+        y: ViewMut<'_, CpuBackend>,
+        rstd: ViewMut<'_, CpuBackend>,
     ) {
         let (x, y, rstd) = (sl(x), sl_mut(y), sl_mut(rstd));
         for r in 0..rows {
@@ -1416,12 +1394,12 @@ impl Backend for OtherRounding {
     }
     fn rmsnorm_backward(
         &self,
-        y: View<'_, Self>,
-        rstd: View<'_, Self>,
-        dy: View<'_, Self>,
+        y: View<'_, CpuBackend>,
+        rstd: View<'_, CpuBackend>,
+        dy: View<'_, CpuBackend>,
         rows: usize,
         dim: usize,
-        dx: ViewMut<'_, Self>,
+        dx: ViewMut<'_, CpuBackend>,
         accumulate: bool,
     ) {
         let (y, rstd, dy, dx) = (sl(y), sl(rstd), sl(dy), sl_mut(dx));
@@ -1434,90 +1412,41 @@ impl Backend for OtherRounding {
             }
         }
     }
-
     /// The pair's two products fused into one multiply-add each.
     fn rotary_forward(
         &self,
-        x: ViewMut<'_, Self>,
+        x: ViewMut<'_, CpuBackend>,
         batch: usize,
         t: usize,
         heads: usize,
         head_dim: usize,
         pos0: usize,
-        table: View<'_, Self>,
+        table: View<'_, CpuBackend>,
     ) {
         other_rotary(sl_mut(x), batch, t, heads, head_dim, pos0, sl(table), 1.0);
     }
     fn rotary_backward(
         &self,
-        dx: ViewMut<'_, Self>,
+        dx: ViewMut<'_, CpuBackend>,
         batch: usize,
         t: usize,
         heads: usize,
         head_dim: usize,
         pos0: usize,
-        table: View<'_, Self>,
+        table: View<'_, CpuBackend>,
     ) {
         other_rotary(sl_mut(dx), batch, t, heads, head_dim, pos0, sl(table), -1.0);
     }
-
-    fn attention_forward(
-        &self,
-        shape: AttnShape,
-        q: View<'_, Self>,
-        k: View<'_, Self>,
-        v: View<'_, Self>,
-        out: ViewMut<'_, Self>,
-        lse: ViewMut<'_, Self>,
-    ) {
-        self.0.attention_forward(shape, cv(q), cv(k), cv(v), cm(out), cm(lse))
-    }
-    fn attention_backward(
-        &self,
-        shape: AttnShape,
-        q: View<'_, Self>,
-        k: View<'_, Self>,
-        v: View<'_, Self>,
-        out: View<'_, Self>,
-        lse: View<'_, Self>,
-        dout: View<'_, Self>,
-        dq: ViewMut<'_, Self>,
-        dk: ViewMut<'_, Self>,
-        dv: ViewMut<'_, Self>,
-    ) {
-        self.0.attention_backward(
-            shape,
-            cv(q),
-            cv(k),
-            cv(v),
-            cv(out),
-            cv(lse),
-            cv(dout),
-            cm(dq),
-            cm(dk),
-            cm(dv),
-        )
-    }
-    fn relu2_forward(&self, u: View<'_, Self>, h: ViewMut<'_, Self>) {
-        self.0.relu2_forward(cv(u), cm(h))
-    }
-    fn relu2_backward(&self, u: View<'_, Self>, dh_to_du: ViewMut<'_, Self>) {
-        self.0.relu2_backward(cv(u), cm(dh_to_du))
-    }
-    fn add_inplace(&self, x: ViewMut<'_, Self>, y: View<'_, Self>) {
-        self.0.add_inplace(cm(x), cv(y))
-    }
-
     /// libm's tanh and exp, the row max as the shift, sums in warp-reduction order.
     fn softcap_cross_entropy(
         &self,
-        logits: ViewMut<'_, Self>,
+        logits: ViewMut<'_, CpuBackend>,
         rows: usize,
         vocab: usize,
         cap: f32,
         targets: &CpuIds,
         target_off: usize,
-        losses: ViewMut<'_, Self>,
+        losses: ViewMut<'_, CpuBackend>,
         grad_scale: Option<f32>,
     ) {
         let (logits, losses) = (sl_mut(logits), sl_mut(losses));
@@ -1555,14 +1484,13 @@ impl Backend for OtherRounding {
             }
         }
     }
-    fn softcap(&self, logits: ViewMut<'_, Self>, cap: f32) {
+    fn softcap(&self, logits: ViewMut<'_, CpuBackend>, cap: f32) {
         for z in sl_mut(logits) {
             *z = cap * (*z / cap).tanh();
         }
     }
-
     /// The kernel's shape of sum: 1024 x 256 lanes, each summing its strided elements, then a pairwise tree.
-    fn sum_squares(&self, x: View<'_, Self>) -> f64 {
+    fn sum_squares(&self, x: View<'_, CpuBackend>) -> f64 {
         let mut lanes = vec![0.0f64; 1 << 18];
         for (i, v) in sl(x).iter().enumerate() {
             lanes[i % (1 << 18)] += (*v as f64) * (*v as f64);
@@ -1575,6 +1503,64 @@ impl Backend for OtherRounding {
             width /= 2;
         }
         lanes[0]
+    }
+    /// This backend's own rotary, then its own rmsnorm (the trait's default two calls; the CPU's fused op
+    /// would skip both).
+    fn rotary_qknorm_forward(
+        &self,
+        x: ViewMut<'_, CpuBackend>,
+        batch: usize,
+        t: usize,
+        heads: usize,
+        head_dim: usize,
+        pos0: usize,
+        table: View<'_, CpuBackend>,
+        eps: f32,
+        y: ViewMut<'_, CpuBackend>,
+        rstd: ViewMut<'_, CpuBackend>,
+    ) {
+        use nc_core::backend::delegate::{outer_view as ov, outer_view_mut as om};
+        nc_core::backend::rotary_qknorm_forward_unfused(
+            self,
+            om::<Self>(x),
+            batch,
+            t,
+            heads,
+            head_dim,
+            pos0,
+            ov::<Self>(table),
+            eps,
+            om::<Self>(y),
+            om::<Self>(rstd),
+        )
+    }
+    fn rotary_qknorm_backward(
+        &self,
+        y: View<'_, CpuBackend>,
+        rstd: View<'_, CpuBackend>,
+        dy: View<'_, CpuBackend>,
+        batch: usize,
+        t: usize,
+        heads: usize,
+        head_dim: usize,
+        pos0: usize,
+        table: View<'_, CpuBackend>,
+        dx: ViewMut<'_, CpuBackend>,
+    ) {
+        use nc_core::backend::delegate::{outer_view as ov, outer_view_mut as om};
+        nc_core::backend::rotary_qknorm_backward_unfused(
+            self,
+            ov::<Self>(y),
+            ov::<Self>(rstd),
+            ov::<Self>(dy),
+            batch,
+            t,
+            heads,
+            head_dim,
+            pos0,
+            ov::<Self>(table),
+            om::<Self>(dx),
+        )
     }
 }
 

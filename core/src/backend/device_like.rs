@@ -4,9 +4,9 @@
 //! through download and upload) and compare it with the CPU path.
 
 use super::cpu::{CpuBackend, CpuBuf, CpuIds};
-use super::{AttnShape, Backend, Storage, View, ViewMut};
+use super::{Backend, View, ViewMut};
 
-/// The CPU backend with its host access hidden (`host_slice` keeps the trait's default, None). The second
+/// The CPU backend with its host access hidden (`host_slice` answers None, as a device's does). The second
 /// field, when set, records the shape of every GEMM and cross-entropy launch (tests that pin launch shapes).
 #[derive(Debug, Clone, Default)]
 pub struct DeviceLikeCpu(pub CpuBackend, pub Option<LaunchLog>);
@@ -41,233 +41,48 @@ impl DeviceLikeCpu {
     }
 }
 
-fn v<'a>(x: View<'a, DeviceLikeCpu>) -> View<'a, CpuBackend> {
-    View {
-        buf: x.buf,
-        off: x.off,
-        len: x.len,
+/// Everything goes to the CPU backend but the host slices (hidden: the trait's answer for a device, None) and
+/// the launches it records (`delegate` forwards the rest, the fused and optimizer ops included).
+impl super::delegate::Delegate for DeviceLikeCpu {
+    type Inner = CpuBackend;
+    fn inner(&self) -> &CpuBackend {
+        &self.0
     }
-}
-
-fn vm<'a>(x: ViewMut<'a, DeviceLikeCpu>) -> ViewMut<'a, CpuBackend> {
-    ViewMut {
-        buf: x.buf,
-        off: x.off,
-        len: x.len,
+    fn host_slice(_: &CpuBuf) -> Option<&[f32]> {
+        None
     }
-}
-
-impl Backend for DeviceLikeCpu {
-    type Buf = CpuBuf;
-    type Ids = CpuIds;
-
-    fn alloc(&self, len: usize) -> CpuBuf {
-        self.0.alloc(len)
+    fn host_slice_mut(_: &mut CpuBuf) -> Option<&mut [f32]> {
+        None
     }
-    fn alloc_as(&self, len: usize, storage: Storage) -> CpuBuf {
-        self.0.alloc_as(len, storage)
-    }
-    fn try_alloc_as(&self, len: usize, storage: Storage) -> crate::error::Result<CpuBuf> {
-        self.0.try_alloc_as(len, storage)
-    }
-    fn storage(buf: &CpuBuf) -> Storage {
-        CpuBackend::storage(buf)
-    }
-    fn alloc_ids(&self, len: usize) -> CpuIds {
-        self.0.alloc_ids(len)
-    }
-    fn buf_len(buf: &CpuBuf) -> usize {
-        CpuBackend::buf_len(buf)
-    }
-    fn upload(&self, dst: ViewMut<'_, Self>, src: &[f32]) {
-        self.0.upload(vm(dst), src)
-    }
-    fn download(&self, src: View<'_, Self>, dst: &mut [f32]) {
-        self.0.download(v(src), dst)
-    }
-    fn upload_ids(&self, dst: &mut CpuIds, src: &[i32]) {
-        self.0.upload_ids(dst, src)
-    }
-    fn fill(&self, dst: ViewMut<'_, Self>, value: f32) {
-        self.0.fill(vm(dst), value)
-    }
-    fn copy(&self, src: View<'_, Self>, dst: ViewMut<'_, Self>) {
-        self.0.copy(v(src), vm(dst))
-    }
-    #[allow(clippy::too_many_arguments)]
     fn matmul(
         &self,
         m: usize,
         n: usize,
         k: usize,
-        a: View<'_, Self>,
+        a: View<'_, CpuBackend>,
         a_t: bool,
-        b: View<'_, Self>,
+        b: View<'_, CpuBackend>,
         b_t: bool,
-        c: ViewMut<'_, Self>,
+        c: ViewMut<'_, CpuBackend>,
         accumulate: bool,
     ) {
         self.record(Launch::Matmul { m, n, k, accumulate });
-        self.0.matmul(m, n, k, v(a), a_t, v(b), b_t, vm(c), accumulate)
-    }
-    fn embedding_forward(&self, ids: &CpuIds, n: usize, wte: View<'_, Self>, d: usize, out: ViewMut<'_, Self>) {
-        self.0.embedding_forward(ids, n, v(wte), d, vm(out))
-    }
-    fn embedding_backward(&self, ids: &CpuIds, n: usize, dout: View<'_, Self>, d: usize, dwte: ViewMut<'_, Self>) {
-        self.0.embedding_backward(ids, n, v(dout), d, vm(dwte))
-    }
-    fn rmsnorm_forward(
-        &self,
-        x: View<'_, Self>,
-        rows: usize,
-        dim: usize,
-        eps: f32,
-        y: ViewMut<'_, Self>,
-        rstd: ViewMut<'_, Self>,
-    ) {
-        self.0.rmsnorm_forward(v(x), rows, dim, eps, vm(y), vm(rstd))
-    }
-    fn rmsnorm_backward(
-        &self,
-        y: View<'_, Self>,
-        rstd: View<'_, Self>,
-        dy: View<'_, Self>,
-        rows: usize,
-        dim: usize,
-        dx: ViewMut<'_, Self>,
-        accumulate: bool,
-    ) {
-        self.0
-            .rmsnorm_backward(v(y), v(rstd), v(dy), rows, dim, vm(dx), accumulate)
-    }
-    fn rotary_forward(
-        &self,
-        x: ViewMut<'_, Self>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
-        table: View<'_, Self>,
-    ) {
-        self.0.rotary_forward(vm(x), batch, t, heads, head_dim, pos0, v(table))
-    }
-    fn rotary_backward(
-        &self,
-        dx: ViewMut<'_, Self>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
-        table: View<'_, Self>,
-    ) {
-        self.0
-            .rotary_backward(vm(dx), batch, t, heads, head_dim, pos0, v(table))
-    }
-    fn rotary_qknorm_forward(
-        &self,
-        x: ViewMut<'_, Self>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
-        table: View<'_, Self>,
-        eps: f32,
-        y: ViewMut<'_, Self>,
-        rstd: ViewMut<'_, Self>,
-    ) {
-        self.0
-            .rotary_qknorm_forward(vm(x), batch, t, heads, head_dim, pos0, v(table), eps, vm(y), vm(rstd))
-    }
-    fn rotary_qknorm_backward(
-        &self,
-        y: View<'_, Self>,
-        rstd: View<'_, Self>,
-        dy: View<'_, Self>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
-        table: View<'_, Self>,
-        dx: ViewMut<'_, Self>,
-    ) {
-        self.0
-            .rotary_qknorm_backward(v(y), v(rstd), v(dy), batch, t, heads, head_dim, pos0, v(table), vm(dx))
-    }
-    fn attention_forward(
-        &self,
-        shape: AttnShape,
-        q: View<'_, Self>,
-        k: View<'_, Self>,
-        val: View<'_, Self>,
-        out: ViewMut<'_, Self>,
-        lse: ViewMut<'_, Self>,
-    ) {
-        self.0.attention_forward(shape, v(q), v(k), v(val), vm(out), vm(lse))
-    }
-    fn attention_backward(
-        &self,
-        shape: AttnShape,
-        q: View<'_, Self>,
-        k: View<'_, Self>,
-        val: View<'_, Self>,
-        out: View<'_, Self>,
-        lse: View<'_, Self>,
-        dout: View<'_, Self>,
-        dq: ViewMut<'_, Self>,
-        dk: ViewMut<'_, Self>,
-        dv: ViewMut<'_, Self>,
-    ) {
-        self.0.attention_backward(
-            shape,
-            v(q),
-            v(k),
-            v(val),
-            v(out),
-            v(lse),
-            v(dout),
-            vm(dq),
-            vm(dk),
-            vm(dv),
-        )
-    }
-    fn relu2_forward(&self, u: View<'_, Self>, h: ViewMut<'_, Self>) {
-        self.0.relu2_forward(v(u), vm(h))
-    }
-    fn relu2_backward(&self, u: View<'_, Self>, dh_to_du: ViewMut<'_, Self>) {
-        self.0.relu2_backward(v(u), vm(dh_to_du))
-    }
-    fn add_inplace(&self, x: ViewMut<'_, Self>, y: View<'_, Self>) {
-        self.0.add_inplace(vm(x), v(y))
+        self.0.matmul(m, n, k, a, a_t, b, b_t, c, accumulate)
     }
     fn softcap_cross_entropy(
         &self,
-        logits: ViewMut<'_, Self>,
+        logits: ViewMut<'_, CpuBackend>,
         rows: usize,
         vocab: usize,
         cap: f32,
         targets: &CpuIds,
         target_off: usize,
-        losses: ViewMut<'_, Self>,
+        losses: ViewMut<'_, CpuBackend>,
         grad_scale: Option<f32>,
     ) {
         self.record(Launch::CrossEntropy { rows, vocab });
-        self.0.softcap_cross_entropy(
-            vm(logits),
-            rows,
-            vocab,
-            cap,
-            targets,
-            target_off,
-            vm(losses),
-            grad_scale,
-        )
-    }
-    fn softcap(&self, logits: ViewMut<'_, Self>, cap: f32) {
-        self.0.softcap(vm(logits), cap)
+        self.0
+            .softcap_cross_entropy(logits, rows, vocab, cap, targets, target_off, losses, grad_scale)
     }
 }
 

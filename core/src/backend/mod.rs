@@ -17,6 +17,7 @@
 pub mod bf16;
 pub mod cpu;
 pub mod cuda;
+pub mod delegate;
 pub mod device_like;
 pub mod ns_bf16;
 pub mod optim_ops;
@@ -315,7 +316,7 @@ pub trait Backend {
     #[allow(clippy::too_many_arguments)]
     fn rotary_qknorm_forward(
         &self,
-        mut x: ViewMut<'_, Self>,
+        x: ViewMut<'_, Self>,
         batch: usize,
         t: usize,
         heads: usize,
@@ -326,9 +327,7 @@ pub trait Backend {
         y: ViewMut<'_, Self>,
         rstd: ViewMut<'_, Self>,
     ) {
-        let len = x.len;
-        self.rotary_forward(x.sub(0, len), batch, t, heads, head_dim, pos0, table);
-        self.rmsnorm_forward(x.view(), batch * t * heads, head_dim, eps, y, rstd);
+        rotary_qknorm_forward_unfused(self, x, batch, t, heads, head_dim, pos0, table, eps, y, rstd)
     }
     /// Backward of `rotary_qknorm_forward` from its saved y and rstd: dx (written, not added) = the
     /// transpose rotation of the norm's input gradient. That gradient is an intermediate too (f32 on a
@@ -345,11 +344,9 @@ pub trait Backend {
         head_dim: usize,
         pos0: usize,
         table: View<'_, Self>,
-        mut dx: ViewMut<'_, Self>,
+        dx: ViewMut<'_, Self>,
     ) {
-        let len = dx.len;
-        self.rmsnorm_backward(y, rstd, dy, batch * t * heads, head_dim, dx.sub(0, len), false);
-        self.rotary_backward(dx, batch, t, heads, head_dim, pos0, table);
+        rotary_qknorm_backward_unfused(self, y, rstd, dy, batch, t, heads, head_dim, pos0, table, dx)
     }
 
     /// Causal softmax attention with GQA (see `AttnShape`), scale 1/sqrt(D). Writes out (B, Tq, H, D) and
@@ -568,6 +565,49 @@ pub trait Backend {
         let _ = buf;
         None
     }
+}
+
+/// `Backend::rotary_qknorm_forward`'s default, two calls: rotary in place on x, then the per-head rmsnorm of
+/// the rotated x (which rounds into x first when x is Bf16). A backend whose own rotary and rmsnorm are what
+/// it wants composed (a test's differently-rounding CPU) calls this from its override.
+#[allow(clippy::too_many_arguments)]
+pub fn rotary_qknorm_forward_unfused<B: Backend + ?Sized>(
+    be: &B,
+    mut x: ViewMut<'_, B>,
+    batch: usize,
+    t: usize,
+    heads: usize,
+    head_dim: usize,
+    pos0: usize,
+    table: View<'_, B>,
+    eps: f32,
+    y: ViewMut<'_, B>,
+    rstd: ViewMut<'_, B>,
+) {
+    let len = x.len;
+    be.rotary_forward(x.sub(0, len), batch, t, heads, head_dim, pos0, table);
+    be.rmsnorm_forward(x.view(), batch * t * heads, head_dim, eps, y, rstd);
+}
+
+/// `Backend::rotary_qknorm_backward`'s default, two calls: the norm's backward into dx, then the transpose
+/// rotation of dx in place.
+#[allow(clippy::too_many_arguments)]
+pub fn rotary_qknorm_backward_unfused<B: Backend + ?Sized>(
+    be: &B,
+    y: View<'_, B>,
+    rstd: View<'_, B>,
+    dy: View<'_, B>,
+    batch: usize,
+    t: usize,
+    heads: usize,
+    head_dim: usize,
+    pos0: usize,
+    table: View<'_, B>,
+    mut dx: ViewMut<'_, B>,
+) {
+    let len = dx.len;
+    be.rmsnorm_backward(y, rstd, dy, batch * t * heads, head_dim, dx.sub(0, len), false);
+    be.rotary_backward(dx, batch, t, heads, head_dim, pos0, table);
 }
 
 /// A view's values copied to a new host vector (the optimizer ops' default implementations).

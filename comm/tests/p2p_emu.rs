@@ -187,7 +187,11 @@ fn the_emulations_ring_order_is_the_shared_sum_order() {
     for n in 1..=8 {
         for c in 0..n {
             let emu: Vec<usize> = (1..=n).map(|k| (c + k) % n).collect();
-            assert_eq!(nc_comm::schedule::sum_order(n, c).collect::<Vec<_>>(), emu, "n {n} chunk {c}");
+            assert_eq!(
+                nc_comm::schedule::sum_order(n, c).collect::<Vec<_>>(),
+                emu,
+                "n {n} chunk {c}"
+            );
         }
     }
 }

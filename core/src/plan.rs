@@ -377,14 +377,10 @@ pub fn memory_per_gpu(
     let optimizer_state = state * 4.0;
     let optimizer_scratch = crate::optim::device::muon_scratch_bytes(model, world_size, precision) as f64;
     let (activations, loss_workspace) = activation_bytes(model, device_batch_size, policy, precision);
-    // the ZeRO-1 exchange runs in place on the grads and the master weights (`plan_comm`): no bucket buffer,
-    // but every rank keeps the f32 master parts the others own (where the master is separate from the
-    // params, only the owned part is counted above); one rank needs none
-    let comm_buffers = if world_size > 1 && precision.master_bytes() > 0.0 {
-        (n - owned) * precision.master_bytes()
-    } else {
-        0.0
-    };
+    // the ZeRO-1 exchange runs in place on the grads and on the weights the forward reads (`plan_comm`), and
+    // a bf16 rank keeps the f32 master of its own pieces only (`model::MasterMap`, counted above): nothing
+    // more to hold
+    let comm_buffers = 0.0;
     let sum = params
         + grads
         + master_weights
@@ -590,7 +586,7 @@ impl Plan {
             recompute_flops_overhead: recompute_flops_per_token(m, recompute) / flops_per_token,
             mfu: req.mfu,
             times,
-            comm: crate::plan_comm::CommPlan::new(m, w, &req.device),
+            comm: crate::plan_comm::CommPlan::new(m, w, &req.device, p),
         })
     }
 

@@ -3,12 +3,13 @@
 //! bandwidth per GPU kind.
 //!
 //! The exchange as built: each rank's f32 grads are summed into their owners (a block matrix's one owner,
-//! wte's and lm_head's row slices: `optim::shard`), then the owners' f32 master weights go to every rank.
-//! Rank r sends, in the reduction, every part it does not own: 4 (N - O_r) bytes of a model of N
-//! parameters of which it owns O_r; and receives as much in the gather. With balanced ownership
-//! O_r = N / n, this is the ring factor (n - 1) / n of a reduce-scatter and an all-gather of the whole
-//! gradient and weights. The plan prices the busiest rank (the one owning least), since every rank waits
-//! for it.
+//! wte's and lm_head's row slices: `optim::shard`), then the owners' weights go to every rank: under bf16 the
+//! bf16 working copy (each rank keeps the f32 master of its own pieces only, `model::MasterMap`), under fp32
+//! the f32 master. Rank r sends, in the reduction, every part it does not own: 4 (N - O_r) bytes of a model
+//! of N parameters of which it owns O_r; and receives w (N - O_r) in the gather, w = 2 (bf16) or 4 (fp32)
+//! bytes an element. With balanced ownership O_r = N / n, this is the ring factor (n - 1) / n of a
+//! reduce-scatter and an all-gather of the whole gradient and weights. The plan prices the busiest rank (the
+//! one owning least), since every rank waits for it.
 //!
 //! Time: bytes / busbw, where busbw is the bus bandwidth as nccl-tests report it (busbw = algbw x
 //! (n-1)/n for reduce-scatter and all-gather, so one rank's (n-1)/n S bytes take S (n-1)/n / busbw).
@@ -16,13 +17,14 @@
 //! backward; the last bucket and the gather are exposed (the gather is not yet overlapped with the next
 //! forward).
 //!
-//! Buffers: the exchange runs in place on the model's grad and master-weight buffers, so it needs no bucket
-//! buffer (NCCL's own staging, NCCL_BUFFSIZE per channel, is in the plan's per-process context allowance).
-//! The gathered weights are the f32 master parts other ranks own, which every rank keeps (4 (N - O_r)
-//! bytes): where the plan counts only the owned master (bf16), that is the comm buffer it adds.
+//! Buffers: the exchange runs in place on the model's grads and on the weights the forward reads (the bf16
+//! working copy, or the fp32 master), so it needs no buffer of its own (NCCL's staging, NCCL_BUFFSIZE per
+//! channel, is in the plan's per-process context allowance). A bf16 rank holds no f32 master of what others
+//! own: the plan's master weights are the owned part only, as allocated.
 
 use crate::config::{ModelConfig, ParamKind};
 use crate::optim::shard::ShardLayout;
+use crate::plan::Precision;
 use serde::Serialize;
 
 /// An assumed bus bandwidth of one kind of GPU's interconnect inside one node.
@@ -69,8 +71,16 @@ pub fn interconnect_for(gpu: &str) -> Interconnect {
         .unwrap_or(INTERCONNECTS[0])
 }
 
-/// Bytes of an element of the exchanged buffers: f32 grads and f32 master weights.
+/// Bytes of an element of the reduced grads (f32).
 pub const EXCHANGE_BYTES: f64 = 4.0;
+
+/// Bytes of an element of the gathered weights: the bf16 working copy, or the fp32 master.
+pub fn gather_element_bytes(precision: Precision) -> f64 {
+    match precision {
+        Precision::Bf16 => 2.0,
+        Precision::Fp32 | Precision::Fp32Gpu => 4.0,
+    }
+}
 
 /// The communication of one optimizer step on the busiest rank.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -81,14 +91,15 @@ pub struct CommPlan {
     /// Parameters that rank owns, and the model's total.
     pub owned_params: u64,
     pub params: u64,
-    /// Bytes it sends in the gradient reduction, and receives in the weight gather.
+    /// Bytes it sends in the gradient reduction (f32), and receives in the weight gather (bf16 or f32).
     pub reduce_bytes: f64,
     pub gather_bytes: f64,
+    /// What the gather moves: "bf16" (the working copy) or "f32" (the master).
+    pub gathered: &'static str,
     /// (n - 1) / n: what (reduce_bytes / (4 N)) would be with perfectly balanced ownership.
     pub ring_factor: f64,
-    /// Extra memory per GPU: bucket buffers (none: in place) and the gathered master weights.
-    pub bucket_buffer_bytes: f64,
-    pub gathered_weight_bytes: f64,
+    /// Extra memory per GPU for the exchange: none (in place on the grads and the weights).
+    pub buffer_bytes: f64,
     pub interconnect: Interconnect,
     /// reduce + gather at busbw.
     pub seconds: f64,
@@ -97,8 +108,9 @@ pub struct CommPlan {
 }
 
 impl CommPlan {
-    /// The exchange of `model` among `world_size` ranks on `gpu` (None at world size 1: nothing moves).
-    pub fn new(model: &ModelConfig, world_size: usize, gpu: &str) -> Option<CommPlan> {
+    /// The exchange of `model` among `world_size` ranks on `gpu` at `precision` (None at world size 1:
+    /// nothing moves).
+    pub fn new(model: &ModelConfig, world_size: usize, gpu: &str, precision: Precision) -> Option<CommPlan> {
         if world_size <= 1 {
             return None;
         }
@@ -115,23 +127,25 @@ impl CommPlan {
             .expect("world_size > 1");
         let owned_params = owned(busiest_rank, &|_| true);
         let params = model.num_params();
-        let moved = (params - owned_params) as f64 * EXCHANGE_BYTES;
+        let not_owned = (params - owned_params) as f64;
+        let reduce_bytes = not_owned * EXCHANGE_BYTES;
+        let gather_bytes = not_owned * gather_element_bytes(precision);
         let wte = model.num_params_wte();
-        let wte_moved = (wte - owned(busiest_rank, &|k| k == ParamKind::Embedding)) as f64 * EXCHANGE_BYTES;
+        let wte_reduced = (wte - owned(busiest_rank, &|k| k == ParamKind::Embedding)) as f64 * EXCHANGE_BYTES;
         let interconnect = interconnect_for(gpu);
         Some(CommPlan {
             world_size,
             busiest_rank,
             owned_params,
             params,
-            reduce_bytes: moved,
-            gather_bytes: moved,
+            reduce_bytes,
+            gather_bytes,
+            gathered: if precision == Precision::Bf16 { "bf16" } else { "f32" },
             ring_factor: (world_size - 1) as f64 / world_size as f64,
-            bucket_buffer_bytes: 0.0,
-            gathered_weight_bytes: moved,
+            buffer_bytes: 0.0,
             interconnect,
-            seconds: 2.0 * moved / interconnect.busbw,
-            exposed_seconds: (wte_moved + moved) / interconnect.busbw,
+            seconds: (reduce_bytes + gather_bytes) / interconnect.busbw,
+            exposed_seconds: (wte_reduced + gather_bytes) / interconnect.busbw,
         })
     }
 
@@ -140,9 +154,9 @@ impl CommPlan {
         let gb = |b: f64| b / crate::plan::GB;
         format!(
             "communication per step (ZeRO-1, {} ranks; the busiest is rank {}, owning {} of {} params):\n  \
-             grads reduced (f32)   {:8.2} GB sent per rank ({:.3} of the model; ring factor (n-1)/n = {:.3})\n  \
-             weights gathered (f32){:8.2} GB received per rank\n  \
-             buffers on that rank: buckets {:.2} GB (in place on the grads), gathered master weights {:.2} GB\n  \
+             grads reduced (f32)    {:8.2} GB sent per rank ({:.3} of the model; ring factor (n-1)/n = {:.3})\n  \
+             weights gathered ({}){:8.2} GB received per rank\n  \
+             buffers: {:.2} GB (in place on the grads and the weights the forward reads)\n  \
              at {:.0} GB/s busbw per GPU ({}): {:.1} ms a step, {:.1} ms of it not overlapped with the backward\n",
             self.world_size,
             self.busiest_rank,
@@ -151,9 +165,9 @@ impl CommPlan {
             gb(self.reduce_bytes),
             self.reduce_bytes / (EXCHANGE_BYTES * self.params as f64),
             self.ring_factor,
+            self.gathered,
             gb(self.gather_bytes),
-            gb(self.bucket_buffer_bytes),
-            gb(self.gathered_weight_bytes),
+            gb(self.buffer_bytes),
             self.interconnect.busbw / 1e9,
             self.interconnect.source,
             1e3 * self.seconds,
@@ -188,18 +202,28 @@ mod tests {
             *o += 2 * if r < 7 { 13 * 64 } else { 9 * 64 };
         }
         assert_eq!(owned, [9856, 9856, 22144, 22144, 18048, 18048, 5760, 5248]);
-        let p = CommPlan::new(&m, 8, "h100").unwrap();
+        // fp32: f32 grads reduced, the f32 master gathered
+        let p = CommPlan::new(&m, 8, "h100", Precision::Fp32Gpu).unwrap();
         assert_eq!(p.busiest_rank, 7);
         assert_eq!(p.owned_params, 5248);
         assert_eq!(p.reduce_bytes, 4.0 * (111_104 - 5248) as f64);
+        assert_eq!(p.reduce_bytes, 423_424.0);
         assert_eq!(p.gather_bytes, p.reduce_bytes);
         assert_eq!(p.ring_factor, 0.875);
-        assert_eq!(p.gathered_weight_bytes, 423_424.0);
-        let wte_moved = 4.0 * (100 * 64 - 9 * 64) as f64;
+        assert_eq!(p.buffer_bytes, 0.0);
+        let wte_reduced = 4.0 * (100 * 64 - 9 * 64) as f64;
         assert!((p.seconds - 2.0 * 423_424.0 / 360e9).abs() < 1e-15);
-        assert!((p.exposed_seconds - (423_424.0 + wte_moved) / 360e9).abs() < 1e-15);
+        assert!((p.exposed_seconds - (423_424.0 + wte_reduced) / 360e9).abs() < 1e-15);
         assert!(p.render().contains("rank 7"), "{}", p.render());
-        assert!(CommPlan::new(&m, 1, "h100").is_none());
+        assert!(p.render().contains("weights gathered (f32)"), "{}", p.render());
+        // bf16: the same reduction, the bf16 working copy gathered (half the bytes)
+        let b = CommPlan::new(&m, 8, "h100", Precision::Bf16).unwrap();
+        assert_eq!(b.reduce_bytes, 423_424.0);
+        assert_eq!(b.gather_bytes, 2.0 * (111_104 - 5248) as f64);
+        assert!((b.seconds - (423_424.0 + 211_712.0) / 360e9).abs() < 1e-15);
+        assert!((b.exposed_seconds - (211_712.0 + wte_reduced) / 360e9).abs() < 1e-15);
+        assert!(b.render().contains("weights gathered (bf16)"), "{}", b.render());
+        assert!(CommPlan::new(&m, 1, "h100", Precision::Bf16).is_none());
     }
 
     /// Balanced ownership (4 ranks: three matrices of 4096 + 16384 + 4096 each, 25-row slices) moves exactly
@@ -207,7 +231,7 @@ mod tests {
     #[test]
     fn balanced_ownership_moves_the_ring_factor() {
         let m = ModelConfig::new(2, 64, 2, 2, 32, 100, 16).unwrap();
-        let p = CommPlan::new(&m, 4, "b200").unwrap();
+        let p = CommPlan::new(&m, 4, "b200", Precision::Bf16).unwrap();
         assert_eq!(p.owned_params, 24_576 + 2 * 25 * 64);
         assert_eq!(p.reduce_bytes, 0.75 * 4.0 * 111_104.0);
         assert_eq!(p.interconnect.busbw, 720e9);

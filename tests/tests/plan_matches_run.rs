@@ -80,6 +80,66 @@ fn bf16_plan_equals_the_twins_buffers() {
     }
 }
 
+/// bf16 ZeRO-1 on 3 ranks: each rank's twin allocates the f32 master of what it owns only
+/// (`Gpt::with_sharded_master`) and its optimizer state and scratch for its own segments; the plan prices the
+/// rank that needs the most of each, and no exchange buffer (the gather lands in the working copy). The master
+/// is priced exactly; the whole of params, grads, master, state and scratch within 5% of the largest rank's.
+#[test]
+fn bf16_plan_prices_each_ranks_sharded_master() {
+    let m = ModelConfig::new(3, 64, 4, 2, 16, 300, 32).unwrap();
+    let (batch, world) = (3, 3);
+    let plan = memory_per_gpu(&m, batch, world, Precision::Bf16, Recompute::None);
+    assert_eq!(plan.comm_buffers, 0.0);
+    let n = m.num_params() as usize;
+    let (mut master_max, mut state_max, mut scratch_max, mut total_max) = (0usize, 0usize, 0usize, 0usize);
+    let mut masters = 0;
+    for rank in 0..world {
+        let gpt = Gpt::with_sharded_master(
+            CpuBackend::new(),
+            m,
+            batch,
+            m.sequence_len,
+            model::Recompute::None,
+            Precision::Bf16,
+            rank,
+            world,
+        )
+        .unwrap();
+        let (master, working) = gpt.allocated_weight_bytes();
+        assert_eq!(plan.params, working as f64, "rank {rank}: the working copy is whole");
+        assert_eq!(plan.grads, (4 * gpt.grads().len()) as f64);
+        assert!(
+            master < 4 * n / 2,
+            "rank {rank}: a master of {master} bytes is not sharded"
+        );
+        let opts = DeviceOptions {
+            precision: Precision::Bf16,
+            rank,
+            world_size: world,
+            ..DeviceOptions::default()
+        };
+        let dev = DeviceOptimizer::with_options(&gpt.be, &m, OptimConfig::default(), opts)
+            .unwrap()
+            .packed();
+        let state = 4 * dev.layout().state_len;
+        let scratch = dev.scratch_bytes();
+        masters += master;
+        master_max = master_max.max(master);
+        state_max = state_max.max(state);
+        scratch_max = scratch_max.max(scratch);
+        total_max = total_max.max(working + 4 * gpt.grads().len() + master + state + scratch);
+    }
+    assert_eq!(masters, 4 * n, "the ranks' masters hold every parameter once");
+    assert_eq!(plan.master_weights, master_max as f64);
+    assert_eq!(plan.optimizer_state, state_max as f64);
+    assert_eq!(plan.optimizer_scratch, scratch_max as f64);
+    let priced = plan.params + plan.grads + plan.master_weights + plan.optimizer_state + plan.optimizer_scratch;
+    assert!(
+        (priced / total_max as f64 - 1.0).abs() <= 0.05,
+        "plan {priced} vs the largest rank's {total_max}"
+    );
+}
+
 /// With a vocabulary big enough that the loss runs in several chunks of >= 1024 tokens (vocab 16384, 5 x 500 =
 /// 2500 tokens: two chunks of 1250), the plan's loss workspace is the largest chunk's logits (f32) and, under
 /// bf16, its bf16 gradient copy: exactly what the model allocates.

@@ -9,7 +9,9 @@
 //! the compute stream goes on with the next layers' backward at once. `join_compute` makes the compute
 //! stream wait for the communication stream (an event) before the clip reads the owned grads. The gather
 //! is the mirror image: the communication stream waits for the optimizer's work, one group of in-place
-//! `ncclBroadcast`s from each owner, and the compute stream waits before the next forward reads them.
+//! `ncclBroadcast`s from each owner, and the compute stream waits before the next forward reads them. What
+//! is broadcast is the buffer the forward reads: under bf16 the working copy (bf16, 2 bytes an element; each
+//! rank holds the f32 master of its own pieces only, `model::MasterMap`), under fp32 the f32 master.
 //!
 //! Why reduces and broadcasts and not ncclReduceScatter/ncclAllGather: those take equal counts per rank,
 //! and ownership is whole matrices of unequal sizes (Muon needs each matrix on one rank). A group of reduces
@@ -17,7 +19,8 @@
 //! its own, S - O_r bytes of a bucket of S bytes of which it owns O_r (the ring factor (n-1)/n when ownership
 //! is balanced). The plan prices exactly that (`plan_comm`).
 //!
-//! Memory: in place on the model's grad and parameter buffers, so no bucket buffer beyond NCCL's own.
+//! Memory: in place on the model's grad buffer and on the weights the forward reads, so no bucket buffer beyond
+//! NCCL's own.
 
 use crate::backend::cuda::{CudaBackend, CudaBuf};
 use crate::backend::Storage;
@@ -65,17 +68,15 @@ impl NcclExchange {
             .map_err(|e| driver_error("ordering the communication stream after the compute stream", e))
     }
 
-    /// One NCCL group over every owned part of `tensors` of `buf` (f32), each part queued with `op(addr,
-    /// count, owner)`.
+    /// One NCCL group over every owned part of `tensors` of `buf`, each part queued with `op(addr, count,
+    /// owner)`; addresses step by the buffer's element size (`Storage`).
     fn grouped(
         &self,
         buf: &CudaBuf,
         tensors: &[&TensorSplit],
         op: impl Fn(&NcclRing, u64, usize, usize) -> std::result::Result<(), CommError>,
     ) -> Result<()> {
-        if buf.storage_kind() != Storage::F32 {
-            bail!("zero1 on the device exchanges f32 grads and master weights; this buffer is bf16");
-        }
+        let element = buf.storage_kind().bytes_per_element();
         let base = buf.device_addr();
         self.ring.group_start().map_err(nccl_error)?;
         let mut first_error = None;
@@ -89,7 +90,7 @@ impl NcclExchange {
                 break;
             }
             for (owner, part) in t.parts() {
-                let addr = base + (part.start * std::mem::size_of::<f32>()) as u64;
+                let addr = base + (part.start * element) as u64;
                 if let Err(e) = op(&self.ring, addr, part.len(), owner) {
                     first_error = Some(nccl_error(e));
                     break;
@@ -114,6 +115,9 @@ impl RankCollective<CudaBackend> for NcclExchange {
     }
 
     fn reduce_to_owners(&mut self, be: &CudaBackend, grads: &mut CudaBuf, tensors: &[&TensorSplit]) -> Result<()> {
+        if grads.storage_kind() != Storage::F32 {
+            bail!("zero1 on the device reduces f32 grads; this buffer is bf16");
+        }
         self.comm_waits_for_compute(be)?;
         // SAFETY: the grads buffer lives as long as the model; the compute stream touches these grads again
         // only after `join_compute` (the clip), which waits for this stream.
@@ -122,14 +126,20 @@ impl RankCollective<CudaBackend> for NcclExchange {
         })
     }
 
-    fn gather_from_owners(&mut self, be: &CudaBackend, params: &mut CudaBuf, tensors: &[TensorSplit]) -> Result<()> {
+    fn gather_from_owners(&mut self, be: &CudaBackend, weights: &mut CudaBuf, tensors: &[TensorSplit]) -> Result<()> {
         self.comm_waits_for_compute(be)?;
         let all: Vec<&TensorSplit> = tensors.iter().collect();
-        // SAFETY: the parameter buffer lives as long as the model; the compute stream reads it again only
-        // after `join_compute`, which `Zero1::gather_params` calls right after this.
-        self.grouped(params, &all, |ring, addr, n, owner| unsafe {
-            ring.broadcast_in_place_f32(addr, n, owner)
-        })
+        // SAFETY: the weight buffer lives as long as the model; the compute stream reads it again only after
+        // `join_compute`, which `Zero1::gather_params` calls right after this. Each broadcast's element type
+        // is the buffer's storage, which `grouped` steps addresses by.
+        match weights.storage_kind() {
+            Storage::Bf16 => self.grouped(weights, &all, |ring, addr, n, owner| unsafe {
+                ring.broadcast_in_place_bf16(addr, n, owner)
+            }),
+            Storage::F32 => self.grouped(weights, &all, |ring, addr, n, owner| unsafe {
+                ring.broadcast_in_place_f32(addr, n, owner)
+            }),
+        }
     }
 
     fn join_compute(&mut self, be: &CudaBackend) -> Result<()> {

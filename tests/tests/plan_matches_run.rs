@@ -1,8 +1,10 @@
 //! The plan prices exactly what a run allocates: parameters, grads, optimizer state and activations (a CPU
 //! run's buffers), and Muon's scratch (the device optimizer's buffers; the host optimizer sizes its own with
-//! the same `muon::scratch_dims`).
+//! the same `muon::scratch_dims`); and, at bf16, within 5% of what the twin allocates through nc-alloc's
+//! caching allocator over a host source.
 
 use nc_core::backend::cpu::CpuBackend;
+use nc_core::backend::{Backend, Storage};
 use nc_core::config::ModelConfig;
 use nc_core::model::{self, Gpt};
 use nc_core::optim::device::{DeviceOptimizer, DeviceOptions};
@@ -216,5 +218,87 @@ fn recompute_auto_prices_what_the_run_allocates() {
             run.activation_bytes_priced, run.activation_bytes_allocated as f64,
             "{precision:?}: auto priced the activations unlike the run allocated them"
         );
+    }
+}
+
+/// The CPU backend whose every allocation is also made through nc-alloc's caching allocator over a host
+/// source, sized as the CUDA backend sizes its blocks (`elements.max(1) x bytes per element`, by storage):
+/// what the engine would allocate on a device, allocator rounding included.
+struct ThroughAllocator {
+    cpu: CpuBackend,
+    alloc: nc_alloc::CachingAllocator<nc_alloc::HostSource>,
+    blocks: std::cell::RefCell<Vec<nc_alloc::DeviceBlock>>,
+}
+
+impl nc_core::backend::delegate::Delegate for ThroughAllocator {
+    type Inner = CpuBackend;
+    fn inner(&self) -> &CpuBackend {
+        &self.cpu
+    }
+    fn alloc(&self, len: usize) -> nc_core::backend::cpu::CpuBuf {
+        Backend::alloc_as(self, len, Storage::F32)
+    }
+    fn alloc_as(&self, len: usize, storage: Storage) -> nc_core::backend::cpu::CpuBuf {
+        let bytes = len.max(1) * storage.bytes_per_element();
+        let block = self.alloc.allocate(bytes, nc_alloc::StreamId(7)).expect("room");
+        self.blocks.borrow_mut().push(block);
+        self.cpu.alloc_as(len, storage)
+    }
+    fn try_alloc_as(&self, len: usize, storage: Storage) -> nc_core::Result<nc_core::backend::cpu::CpuBuf> {
+        Ok(Backend::alloc_as(self, len, storage))
+    }
+}
+
+/// The bf16 plan's total (weights, master, grads, optimizer state and scratch, activations, loss workspace)
+/// against what the twin's model and its bf16 optimizer (the optimizer a bf16 run builds) allocate through the
+/// caching allocator: within 5%, the contract, and the allocator's bytes (block rounding included)
+/// are what a GPU run's report prints.
+#[test]
+fn bf16_plan_equals_what_the_twin_allocates_through_the_caching_allocator() {
+    let m = ModelConfig::new(4, 256, 2, 2, 128, 4096, 256).unwrap();
+    let batch = 4;
+    for (policy, engine) in [
+        (Recompute::None, model::Recompute::None),
+        (Recompute::Full, model::Recompute::Full),
+    ] {
+        let be = ThroughAllocator {
+            cpu: CpuBackend::new(),
+            alloc: nc_alloc::CachingAllocator::new(nc_alloc::HostSource::unbacked(64 << 30), Default::default())
+                .unwrap(),
+            blocks: Default::default(),
+        };
+        let gpt = Gpt::with_precision(be, m, batch, m.sequence_len, engine, Precision::Bf16).unwrap();
+        let opts = DeviceOptions {
+            precision: Precision::Bf16,
+            ..DeviceOptions::default()
+        };
+        let opt = DeviceOptimizer::with_options(&gpt.be, &m, OptimConfig::default(), opts).unwrap();
+        let plan = memory_per_gpu(&m, batch, 1, Precision::Bf16, policy);
+        let priced = plan.params
+            + plan.master_weights
+            + plan.grads
+            + plan.optimizer_state
+            + plan.optimizer_scratch
+            + plan.activations
+            + plan.loss_workspace;
+        let stats = gpt.be.alloc.stats();
+        let allocated = stats.allocated_bytes as f64;
+        eprintln!(
+            "{policy:?}: plan {:.2} MiB, allocated {:.2} MiB ({} blocks), reserved {:.2} MiB",
+            priced / (1 << 20) as f64,
+            allocated / (1 << 20) as f64,
+            stats.live_blocks,
+            stats.reserved_bytes as f64 / (1 << 20) as f64
+        );
+        assert!(
+            (allocated / priced - 1.0).abs() <= 0.05,
+            "{policy:?}: the plan prices {priced} bytes, the twin allocated {allocated} through the allocator"
+        );
+        // the blocks are the model's and the optimizer's, every one (nothing allocated around the backend)
+        assert_eq!(stats.live_blocks, gpt.be.blocks.borrow().len());
+        assert!(opt.scratch_bytes() > 0);
+        // and bf16 is priced, not f32: the f32 plan of the same model is far off
+        let f32_plan = memory_per_gpu(&m, batch, 1, Precision::Fp32Gpu, policy);
+        assert!(f32_plan.params + f32_plan.activations > 1.3 * (plan.params + plan.activations));
     }
 }

@@ -248,11 +248,13 @@ sys.exit(0 if abs(cpu - cuda) <= 2e-3 * cpu else 1)' "$w/cpu" "$w/cuda"
         # one worker process started by the supervisor on GPU 0 (NCCL refuses two ranks on one GPU): the launch
         # code, the rendezvous and NCCL's init run on the GPU, then 5 steps through the device ZeRO-1 exchange
         # (bucket hooks, NCCL on a communication stream; a step fails unless every bucket was reduced) and a
-        # checkpoint
+        # checkpoint; then the same under bf16, whose rank keeps a sharded (here: whole) f32 master and gathers the
+        # bf16 working copy with bf16 broadcasts, and saves the master gathered tensor by tensor
         if need_bin nc-train; then
-          local lw
+          local lw lb
           lw=$(mktemp -d)
-          step launch 300 bash -c "set -o pipefail; '$BIN_DIR/nc-train' --backend cuda --nproc-per-node 1 --num-iterations 5 --eval-every 0 --out-dir '$lw' | tee '$lw/log' && grep -q 'launch: rank 0 of 1 on GPU 0' '$lw/log' && grep -q 'zero1: 1 rank(s)' '$lw/log' && test -f '$lw/checkpoints/step_000005/optim_rank0.safetensors'"
+          lb=$(mktemp -d)
+          step launch 300 bash -c "set -o pipefail; '$BIN_DIR/nc-train' --backend cuda --nproc-per-node 1 --num-iterations 5 --eval-every 0 --out-dir '$lw' | tee '$lw/log' && grep -q 'launch: rank 0 of 1 on GPU 0' '$lw/log' && grep -q 'zero1: 1 rank(s)' '$lw/log' && test -f '$lw/checkpoints/step_000005/optim_rank0.safetensors' && '$BIN_DIR/nc-train' --backend cuda --precision bf16 --nproc-per-node 1 --num-iterations 5 --eval-every 0 --out-dir '$lb' | tee '$lb/log' && grep -q 'keeps the f32 master of the' '$lb/log' && test -f '$lb/checkpoints/step_000005/model.safetensors'"
         fi
         ;;
       bench)

@@ -680,6 +680,14 @@ fn train_rank<B: Backend>(
             z.world_size(),
             z.buckets()
         ));
+        if master_map.is_sharded() {
+            say(format!(
+                "zero1: rank 0 keeps the f32 master of the {} of {} parameters it owns; the bf16 working weights \
+                 are gathered",
+                master_map.len(),
+                master_map.params()
+            ));
+        }
     }
     let resume_step = resumed.as_ref().map(|(_, m)| m.step);
     let mut metrics = if lead {

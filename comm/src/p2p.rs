@@ -120,6 +120,29 @@ impl P2pOptions {
     }
 }
 
+/// Every rank's options (all but the timeout) against rank 0's, through the rendezvous: ranks with other
+/// sizes would run other plans and wait on each other until the timeout. Err (on every rank) naming a rank
+/// that differs.
+pub fn agree_on_options(rdv: &mut Rendezvous, opts: &P2pOptions) -> Result<(), CommError> {
+    let rank = rdv.rank();
+    let theirs = rdv.all_gather_bytes(opts.agreed().as_bytes())?;
+    match theirs
+        .iter()
+        .enumerate()
+        .find(|(_, o)| o.as_slice() != theirs[0].as_slice())
+    {
+        None => Ok(()),
+        Some((r, other)) => Err(CommError {
+            message: format!(
+                "rank {rank}: rank {r} runs the peer-to-peer ring with other options ({}) than rank 0 ({}); every \
+                 rank must see the same {ONE_SHOT_ENV}",
+                String::from_utf8_lossy(other),
+                String::from_utf8_lossy(&theirs[0])
+            ),
+        }),
+    }
+}
+
 /// The element types the kernels move.
 pub trait P2pElem: DeviceRepr + ValidAsZeroBits + Copy + Default + Unpin {
     const BYTES: usize;
@@ -333,20 +356,7 @@ impl P2pRing {
                 opts.one_shot_bytes
             )));
         }
-        // Ranks with other sizes would run other plans and wait on each other until the timeout.
-        let theirs = rdv.all_gather_bytes(opts.agreed().as_bytes())?;
-        if let Some((r, other)) = theirs
-            .iter()
-            .enumerate()
-            .find(|(_, o)| o.as_slice() != opts.agreed().as_bytes())
-        {
-            return Err(fail(format!(
-                "rank {r} runs the peer-to-peer ring with other options ({}) than rank {rank} ({}); every rank must \
-                 see the same {ONE_SHOT_ENV}",
-                String::from_utf8_lossy(other),
-                opts.agreed()
-            )));
-        }
+        agree_on_options(rdv, &opts)?;
         let ctx = stream.context().clone();
         if let Some(why) = p2p_support(rdv, &ctx)? {
             return Err(fail(format!("the peer-to-peer ring cannot run: {why}")));
@@ -1042,6 +1052,66 @@ impl Collective for P2pRing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_one_shot_threshold_parses_and_refuses_nonsense() {
+        assert_eq!(parse_one_shot_bytes("262144"), Ok(262144));
+        assert_eq!(parse_one_shot_bytes("256K"), Ok(256 << 10));
+        assert_eq!(parse_one_shot_bytes(" 1m "), Ok(1 << 20));
+        assert_eq!(parse_one_shot_bytes("0"), Ok(0));
+        assert_eq!(parse_one_shot_bytes("64M"), Ok(MAX_ONE_SHOT_BYTES));
+        for bad in ["", "-1", "1.5M", "65M", "lots", "1G"] {
+            let e = parse_one_shot_bytes(bad).unwrap_err();
+            assert!(e.contains(ONE_SHOT_ENV) && e.contains("256K"), "{bad}: {e}");
+        }
+    }
+
+    /// Ranks that disagree on the ring's sizes (a different NC_P2P_ONE_SHOT_BYTES) all fail, naming the odd
+    /// rank, instead of running plans that never pair up; the timeout may differ.
+    #[test]
+    fn ranks_must_agree_on_the_options() {
+        use crate::rendezvous::RendezvousConfig;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let results: Vec<Result<(), CommError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..3)
+                .map(|rank| {
+                    s.spawn(move || {
+                        let cfg = RendezvousConfig {
+                            rank,
+                            world_size: 3,
+                            master_addr: "127.0.0.1".into(),
+                            master_port: port,
+                            timeout: Duration::from_secs(20),
+                        };
+                        let mut rdv = Rendezvous::join(&cfg, &[]).unwrap();
+                        let mut opts = P2pOptions {
+                            timeout: Duration::from_secs(rank as u64 + 1),
+                            ..P2pOptions::default()
+                        };
+                        agree_on_options(&mut rdv, &opts)?;
+                        if rank == 2 {
+                            opts.one_shot_bytes = 1 << 20;
+                        }
+                        agree_on_options(&mut rdv, &opts)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (rank, r) in results.iter().enumerate() {
+            let e = r.as_ref().unwrap_err();
+            assert!(
+                e.message
+                    .contains("rank 2 runs the peer-to-peer ring with other options")
+                    && e.message.contains("one_shot_bytes 1048576"),
+                "rank {rank}: {e}"
+            );
+        }
+    }
 
     #[test]
     fn every_message_up_to_the_threshold_fits_the_one_shot_regions() {

@@ -17,8 +17,9 @@
 //! - `join_compute`: the compute stream waits for the communication stream (an event).
 //! - `host()`: the ring's own host collectives (the loss, the norm, stop flags).
 //!
-//! Bytes: a tensor owned whole by one rank travels the ring once (each rank sends it once, on to the next,
-//! adding its term), as NCCL's ring reduce does; a row-split tensor is a plain ring reduce-scatter. Sums are
+//! Bytes: a tensor owned whole by one rank travels the ring once (every rank but its owner sends it on with
+//! its term added), so a rank sends exactly the parts it does not own, what `plan_comm` prices for NCCL's
+//! reduces; a row-split tensor is a plain ring reduce-scatter. Sums are
 //! the ring's (`schedule::sum_order`), the order of the thread and shared-memory rings, so the CPU twin and
 //! the device give the same bits for the exchange. In place on the model's buffers; a bf16 reduce-scatter
 //! keeps its f32 partials in one scratch of the largest bucket (the ring's `work`).

@@ -1,0 +1,151 @@
+//! The whole training loop over the peer-to-peer ring's exchange, on the CPU: `DeviceLikeCpu` ranks (buffers
+//! not host-visible, the device optimizer, as on a GPU) whose ZeRO-1 runs through `zero1_p2p::RingExchange`
+//! over `TwinRing` (the P2P ring's host twin: the plan tables the GPU kernels get, their arithmetic, and the
+//! ring's own host collectives for the loss, the norm, evaluation and checkpoints), against the same ranks
+//! over `StagedRanks` (the thread ring). What `--comm ring` on CUDA runs, minus the kernels.
+//!
+//! Bit for bit: at world size 2 everything (losses, evaluations, saved weights); at world size 3 the saved
+//! weights, with clipping off, since the P2P ring's host all-reduce of one float (the loss, the norm) sums
+//! one-shot in rank order 0, 1, 2 where the thread ring sums 1, 2, 0: reported losses may then differ in
+//! their last bit (bounded here), and a clip factor would too.
+
+use nc_comm::{P2pOptions, P2pTwin, ThreadRing};
+use nc_core::backend::device_like::DeviceLikeCpu;
+use nc_core::config::ModelConfig;
+use nc_core::optim::OptimConfig;
+use nc_core::plan::{Horizon, Precision, Recompute};
+use nc_core::train::data::DataSource;
+use nc_core::train::zero1::{RankCollective, StagedRanks};
+use nc_core::train::zero1_p2p::{RingExchange, TwinRing};
+use nc_core::train::{train_as_rank, Device, Resume, RunSummary, TrainConfig};
+use std::path::Path;
+
+fn config(out_dir: &Path, world_size: usize, precision: Precision, grad_clip: f64) -> TrainConfig {
+    TrainConfig {
+        model: ModelConfig::new(2, 32, 2, 2, 16, 512, 32).unwrap(),
+        device_batch_size: 2,
+        total_batch_size: 2 * 2 * 32 * world_size,
+        world_size,
+        horizon: Horizon::Iterations(5),
+        optim: OptimConfig::default(),
+        grad_clip,
+        warmup_ratio: 0.0,
+        warmdown_ratio: 0.2,
+        final_lr_frac: 0.0,
+        eval_every: 4,
+        eval_tokens: 2 * 2 * 32 * world_size,
+        sample_every: 0,
+        save_every: 0,
+        sample_tokens: 4,
+        model_tag: "p2p".into(),
+        data: DataSource::Embedded {
+            vocab_size: 300,
+            train_chars: 60_000,
+            val_chars: 8_000,
+            seed: 7,
+        },
+        out_dir: out_dir.to_path_buf(),
+        resume: Resume::No,
+        seed: 42,
+        recompute: Recompute::None,
+        precision,
+        stop_at_step: None,
+        profile_steps: None,
+        verbose: false,
+    }
+}
+
+fn device(precision: Precision) -> Device<DeviceLikeCpu> {
+    Device {
+        be: DeviceLikeCpu::default(),
+        peak_flops: 1e9,
+        peak_how: "a test".into(),
+        memory_bytes: None,
+        memory_name: "test memory".into(),
+        replicas_sharing_memory: 1,
+        precision,
+    }
+}
+
+/// Slices of 128 f32 partials: every matrix of the model takes several slices (and every bucket several
+/// tensors), so the tables pipeline as on the GPU; one-shot all-reduce up to 64 bytes (the loss and norm).
+fn opts() -> P2pOptions {
+    P2pOptions {
+        blocks: 2,
+        slots: 2,
+        slot_bytes: 256,
+        one_shot_bytes: 64,
+        timeout: std::time::Duration::from_secs(120),
+    }
+}
+
+/// Rank 0's summary of a run of `cfg.world_size` thread ranks, each with the collective `comm(rank)` gives.
+fn run(cfg: &TrainConfig, comms: Vec<Box<dyn RankCollective<DeviceLikeCpu>>>) -> RunSummary {
+    let runs: Vec<RunSummary> = std::thread::scope(|scope| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(rank, comm)| {
+                scope.spawn(move || train_as_rank(cfg, rank, Some(comm), device(cfg.precision)).unwrap())
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    runs.into_iter().next().unwrap()
+}
+
+fn staged(world: usize) -> Vec<Box<dyn RankCollective<DeviceLikeCpu>>> {
+    ThreadRing::new(world)
+        .into_iter()
+        .map(|r| Box::new(StagedRanks::new(Box::new(r))) as Box<dyn RankCollective<DeviceLikeCpu>>)
+        .collect()
+}
+
+fn p2p(world: usize) -> Vec<Box<dyn RankCollective<DeviceLikeCpu>>> {
+    P2pTwin::new(world, opts())
+        .into_iter()
+        .map(|r| Box::new(RingExchange::new(TwinRing::new(r))) as Box<dyn RankCollective<DeviceLikeCpu>>)
+        .collect()
+}
+
+fn model_file(s: &RunSummary) -> Vec<u8> {
+    let dir = s.last_checkpoint.clone().expect("a final checkpoint");
+    let file = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("model")))
+        .unwrap_or_else(|| panic!("no model file in {}", dir.display()));
+    std::fs::read(file).unwrap()
+}
+
+fn bits(losses: &[(u64, f32)]) -> Vec<(u64, u32)> {
+    losses.iter().map(|&(s, l)| (s, l.to_bits())).collect()
+}
+
+#[test]
+fn training_over_the_p2p_twin_equals_the_thread_ring() {
+    for precision in [Precision::Fp32, Precision::Bf16] {
+        for (world, clip) in [(2usize, 1.0), (3, 0.0)] {
+            let what = format!("{precision:?} world {world} clip {clip}");
+            let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let thread = run(&config(a.path(), world, precision, clip), staged(world));
+            let ring = run(&config(b.path(), world, precision, clip), p2p(world));
+            assert!(
+                model_file(&ring) == model_file(&thread),
+                "{what}: the saved weights differ"
+            );
+            assert_eq!(ring.train_losses.len(), 5, "{what}");
+            if world == 2 {
+                assert_eq!(bits(&ring.train_losses), bits(&thread.train_losses), "{what}: losses");
+                let evals = |s: &RunSummary| s.evals.iter().map(|e| e.val_loss.to_bits()).collect::<Vec<_>>();
+                assert_eq!(evals(&ring), evals(&thread), "{what}: evaluations");
+            } else {
+                for (x, y) in ring.train_losses.iter().zip(&thread.train_losses) {
+                    assert!(((x.1 - y.1) / y.1).abs() < 1e-6, "{what}: losses {x:?} and {y:?}");
+                }
+            }
+            let (first, last) = (thread.train_losses[0].1, thread.train_losses[4].1);
+            assert!(last < first, "{what}: the run learns ({first} -> {last})");
+        }
+    }
+}

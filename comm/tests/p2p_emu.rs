@@ -4,9 +4,11 @@
 //! `nc_comm::p2p_plan` builds from `schedule::ring_plan`, the tables the GPU gets. The program checks every
 //! result bit for bit against host reductions (ring: `schedule::sum_order`; one-shot: rank order), and that
 //! each planted bug (a skipped slice, releases that do not order the data, flags reused across launches)
-//! makes a check fail. Skipped, with a note, where g++ is missing.
+//! makes a check fail. Bucket cases run one table over several tensors of a span (`encode_pieces`, what the
+//! ZeRO-1 exchange launches), checked against each element's owner. Skipped, with a note, where g++ is
+//! missing.
 
-use nc_comm::p2p_plan::{encode, one_shot_region_bytes, slice_elems};
+use nc_comm::p2p_plan::{encode, encode_pieces, one_shot_region_bytes, slice_elems, Piece};
 use nc_comm::schedule::Phase;
 use nc_comm::{even_bounds, Bounds};
 use std::fmt::Write as _;
@@ -19,6 +21,8 @@ struct Case {
     dtype: &'static str,
     bounds: Bounds,
     offset: usize,
+    /// Bucket cases: the tensors of the span (`bounds` then only sizes the span).
+    pieces: Vec<Piece>,
     blocks: usize,
     threads: usize,
     slots: usize,
@@ -31,11 +35,13 @@ fn write_case(out: &mut String, c: &Case) {
     let n = c.bounds.world_size();
     let elem = if c.dtype == "f32" { 4 } else { 2 };
     let region = one_shot_region_bytes(c.bounds.len(), elem, c.blocks).div_ceil(16) * 16;
+    let bucket = !c.pieces.is_empty();
     writeln!(
         out,
-        "case {} {} {} {n} {} {} {} {} {} {} {region} {} {}",
+        "case {} {}{} {} {n} {} {} {} {} {} {} {region} {} {}",
         c.label,
         c.kind,
+        if bucket { "b" } else { "" },
         c.dtype,
         c.bounds.len(),
         c.offset,
@@ -56,9 +62,27 @@ fn write_case(out: &mut String, c: &Case) {
     };
     let slice = slice_elems(phase, elem, c.blocks, c.slot_bytes);
     for rank in 0..n {
-        let table = encode(phase, &c.bounds, rank, slice);
+        let table = if bucket {
+            encode_pieces(phase, &c.pieces, rank, slice)
+        } else {
+            encode(phase, &c.bounds, rank, slice)
+        };
         let words: Vec<String> = table.iter().map(u64::to_string).collect();
         writeln!(out, "{} {}", table.len() / 2, words.join(" ")).unwrap();
+    }
+    if bucket {
+        let owners: Vec<String> = (0..c.bounds.len())
+            .map(|i| {
+                c.pieces
+                    .iter()
+                    .find(|p| (p.start..p.end()).contains(&i))
+                    .map_or(-1, |p| {
+                        (0..n).find(|&r| p.bounds.range(r).contains(&(i - p.start))).unwrap() as i64
+                    })
+                    .to_string()
+            })
+            .collect();
+        writeln!(out, "{}", owners.join(" ")).unwrap();
     }
 }
 
@@ -88,6 +112,7 @@ fn cases() -> Vec<Case> {
             dtype,
             bounds,
             offset,
+            pieces: Vec::new(),
             blocks,
             threads,
             slots,
@@ -108,6 +133,44 @@ fn cases() -> Vec<Case> {
             add(kind, dtype, uneven(4), 0, 1, 32, 1, 32, "none");
         }
     }
+    // Buckets: three tensors of one span with gaps, one table (a matrix owned whole by one rank, an uneven
+    // split, an even one), as the ZeRO-1 exchange launches them.
+    let mut buckets = Vec::new();
+    for kind in ["rs", "ag"] {
+        for dtype in ["f32", "bf16"] {
+            for n in [2usize, 3] {
+                let pieces = vec![
+                    Piece {
+                        start: 3,
+                        bounds: Bounds::new((0..=n).map(|k| if k < n { 0 } else { 150 }).collect()).unwrap(),
+                    },
+                    Piece {
+                        start: 160,
+                        bounds: uneven(n),
+                    },
+                    Piece {
+                        start: 160 + uneven(n).len() + 5,
+                        bounds: even_bounds(70, n),
+                    },
+                ];
+                let span = pieces[2].end() + 4;
+                buckets.push(Case {
+                    label: format!("bucket_{kind}_{dtype}_n{n}_span{span}"),
+                    kind,
+                    dtype,
+                    bounds: even_bounds(span, n),
+                    offset: 0,
+                    pieces,
+                    blocks: 2,
+                    threads: 32,
+                    slots: 2,
+                    slot_bytes: 64,
+                    plant: "none",
+                    iterations: 2,
+                });
+            }
+        }
+    }
     // Planted bugs: each must make a check fail.
     add("rs", "f32", even_bounds(300, 3), 0, 2, 32, 2, 64, "no_release");
     add("ag", "bf16", even_bounds(300, 3), 0, 2, 32, 2, 64, "no_release");
@@ -117,6 +180,7 @@ fn cases() -> Vec<Case> {
     add("os", "bf16", even_bounds(300, 3), 0, 2, 32, 2, 64, "reused_flag");
     add("rs", "bf16", even_bounds(300, 4), 0, 2, 32, 2, 64, "skipped_chunk");
     add("ag", "f32", even_bounds(300, 4), 0, 2, 32, 2, 64, "skipped_chunk");
+    all.extend(buckets);
     all
 }
 

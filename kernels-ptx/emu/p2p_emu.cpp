@@ -9,6 +9,9 @@
 //        <region_bytes> <none|no_release|reused_flag|skipped_chunk> <iterations>
 //   <ranks + 1 bounds offsets>
 //   per rank: <ops> then 2 x ops u64 (the plan table; none for os)
+//   for the bucket kinds rsb / agb (reduce-scatter / all-gather of several tensors of one span in one table,
+//   as `p2p_plan::encode_pieces` builds it): then <len> owners, one per element (-1: in no tensor, never
+//   touched); the bounds line is then unused
 // Checks, every iteration with fresh data (the flags and epochs carry over, as on the GPU):
 // - rs: each rank's own chunk is the f32 sum over ranks c+1, c+2, ..., c (schedule::sum_order), bit for bit
 //   (bf16: that sum rounded once; the other elements of a bf16 buffer are untouched);
@@ -40,6 +43,8 @@ struct Case {
     int slots = 0;
     std::vector<u64> bounds;
     std::vector<std::vector<u64>> plans;
+    // bucket kinds: each element's owner (-1 outside every tensor)
+    std::vector<long long> owner;
 };
 
 static bool read_case(Case& c) {
@@ -61,6 +66,11 @@ static bool read_case(Case& c) {
             plan.resize(2 * ops);
             for (auto& w : plan) std::cin >> w;
         }
+    if (c.kind == "rsb" || c.kind == "agb") {
+        c.owner.resize(c.len);
+        for (auto& o : c.owner) std::cin >> o;
+        c.kind.pop_back();  // run as rs / ag, check against the owners
+    }
     if (!std::cin) {
         fprintf(stderr, "malformed case %s\n", c.label.c_str());
         exit(2);
@@ -177,10 +187,14 @@ static bool run_case(Case& c) {
         for (int r = 0; r < n && all_ok; r++) {
             for (u64 i = 0; i < c.len && all_ok; i++) {
                 int chunk = 0;
-                while (!(i >= c.bounds[chunk] && i < c.bounds[chunk + 1])) chunk++;
+                if (!c.owner.empty()) chunk = (int)c.owner[i];
+                else
+                    while (!(i >= c.bounds[chunk] && i < c.bounds[chunk + 1])) chunk++;
                 float want;
                 bool check = true;
-                if (c.kind == "rs") {
+                if (chunk < 0) {
+                    want = value[r][i];  // in no tensor of the bucket: untouched
+                } else if (c.kind == "rs") {
                     if (chunk == r) {
                         want = value[(chunk + 1) % n][i];
                         for (int kk = 2; kk <= n; kk++) want = want + value[(chunk + kk) % n][i];

@@ -404,3 +404,25 @@ fn ranks_with_different_flags_refuse_to_start() {
     );
     assert!(!dir.path().join("x/checkpoints").exists(), "nothing trained");
 }
+
+/// A malformed NC_P2P_ONE_SHOT_BYTES (the peer-to-peer ring's one-shot threshold) is one error from the
+/// supervisor, before any worker starts or any GPU is needed, naming the variable; no panic.
+#[test]
+fn a_bad_one_shot_threshold_is_refused_before_any_rank_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = args(dir.path(), 2);
+    let backend = a.iter().position(|x| x == "cpu").unwrap();
+    a[backend] = "cuda".into();
+    let out = run(nc_train()
+        .args(&a)
+        .args(["--world-size", "2", "--comm", "ring"])
+        .env("NC_P2P_ONE_SHOT_BYTES", "lots"));
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("NC_P2P_ONE_SHOT_BYTES=\"lots\"") && err.contains("256K"),
+        "{}",
+        text(&out)
+    );
+    assert!(!err.contains("panicked") && !err.contains("rank 0"), "{}", text(&out));
+}

@@ -135,7 +135,9 @@ struct Cli {
     nproc_per_node: Option<usize>,
     /// Collectives between ranks: auto (CUDA: nc's peer-to-peer ring inside one node when every pair of GPUs
     /// can reach each other, NCCL across nodes or without P2P; CPU: the shared-memory ring), ring (the P2P
-    /// ring or an error saying why not) or nccl. One line at start-up says which and why.
+    /// ring or an error saying why not; it also lets ranks share GPUs, local rank i on GPU i mod GPUs, to check
+    /// correctness on fewer GPUs) or nccl (one rank a GPU). One line at start-up says which and why. The P2P
+    /// ring's one-shot threshold: NC_P2P_ONE_SHOT_BYTES (see README).
     #[arg(long, default_value = "auto")]
     comm: String,
     /// Seed of the initialization and of sampling.
@@ -367,6 +369,7 @@ fn run(cli: Cli) -> Result<Outcome> {
         if on_cuda {
             // one process per GPU (NCCL refuses two ranks on one GPU), except that --comm ring may share GPUs:
             // said before starting any
+            transport::p2p_options()?; // a bad NC_P2P_ONE_SHOT_BYTES is one error here, not one per rank
             transport::gpu_for_rank(transport::CommFlag::parse(&cli.comm)?, 0, n, cuda::device_count())?;
         }
         let exe = std::env::current_exe()

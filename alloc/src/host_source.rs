@@ -111,7 +111,7 @@ impl HostSource {
     fn check_range(&self, addr: u64, len: usize) {
         assert!(self.backed, "canaries need a backed host source");
         assert!(
-            addr % SEGMENT_ALIGN as u64 == 0 && len % SEGMENT_ALIGN == 0,
+            addr.is_multiple_of(SEGMENT_ALIGN as u64) && len.is_multiple_of(SEGMENT_ALIGN),
             "canary ranges are whole 512-byte granules: {addr:#x}+{len}"
         );
         let (&base, &size) = self
@@ -162,7 +162,7 @@ impl MemorySource for HostSource {
 
     fn allocate(&mut self, bytes: usize) -> Result<u64, SourceError> {
         self.allocate_calls += 1;
-        if bytes == 0 || bytes % SEGMENT_ALIGN != 0 {
+        if bytes == 0 || !bytes.is_multiple_of(SEGMENT_ALIGN) {
             return Err(SourceError::Failed(format!(
                 "segment size {bytes} is not a positive multiple of 512"
             )));

@@ -364,7 +364,7 @@ fn threads_share_one_allocator_and_never_share_bytes() {
                     seed ^= seed << 13;
                     seed ^= seed >> 7;
                     seed ^= seed << 17;
-                    if live.len() < 8 && seed % 3 != 0 {
+                    if live.len() < 8 && !seed.is_multiple_of(3) {
                         let bytes = (seed % (3 * MIB as u64)) as usize + 1;
                         let b = a.allocate(bytes, stream).unwrap();
                         let tag = (t << 32) | i;

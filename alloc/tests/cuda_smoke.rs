@@ -24,7 +24,7 @@ fn cuda_source_serves_the_allocator_on_a_gpu() {
     };
     let a = CachingAllocator::new(source, AllocatorConfig::default()).unwrap();
     let (free, total) = a
-        .with_source(|s| nc_alloc::MemorySource::memory_info(s))
+        .with_source(nc_alloc::MemorySource::memory_info)
         .expect("cuMemGetInfo");
     assert!(free <= total && total > 0);
 

@@ -27,7 +27,7 @@ fn run(config: AllocatorConfig) -> AllocatorStats {
         // 2^(9 + 19u) bytes for u uniform in [0, 1): as many 1 KiB requests as 100 MiB ones.
         let exponent = 9.0 + (r % 1_000_000) as f64 / 1_000_000.0 * 19.0;
         let bytes = 2f64.powf(exponent) as usize;
-        if live_bytes + bytes <= LIVE_CAP && (live.is_empty() || r % 2 == 0) {
+        if live_bytes + bytes <= LIVE_CAP && (live.is_empty() || r.is_multiple_of(2)) {
             match a.allocate(bytes, S) {
                 Ok(b) => {
                     live_bytes += b.size();

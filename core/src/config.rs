@@ -194,7 +194,7 @@ impl ModelConfig {
         if c.n_layer == 0 || c.n_embd == 0 || c.n_head == 0 || c.n_kv_head == 0 {
             bail!("model shape {c:?}: n_layer, n_embd, n_head and n_kv_head must all be at least 1");
         }
-        if c.head_dim == 0 || c.head_dim % 2 != 0 {
+        if c.head_dim == 0 || !c.head_dim.is_multiple_of(2) {
             bail!(
                 "head_dim {} must be even and positive (rotary rotates halves of each head)",
                 c.head_dim
@@ -209,7 +209,7 @@ impl ModelConfig {
                 c.n_embd
             );
         }
-        if c.n_head % c.n_kv_head != 0 {
+        if !c.n_head.is_multiple_of(c.n_kv_head) {
             bail!(
                 "n_kv_head {} must divide n_head {} (each kv head serves n_head/n_kv_head query heads)",
                 c.n_kv_head,

@@ -42,7 +42,7 @@ impl BatchPlan {
         }
         let tokens_per_fwdbwd = device_batch_size * seq_len;
         let world_tokens = tokens_per_fwdbwd * world_size;
-        if total_batch_size % world_tokens != 0 {
+        if !total_batch_size.is_multiple_of(world_tokens) {
             let lower = (total_batch_size / world_tokens).max(1) * world_tokens;
             bail!(
                 "--total-batch-size {total_batch_size} is not a multiple of device_batch_size x max_seq_len x \

@@ -129,7 +129,7 @@ impl<'a> Machine<'a> {
     }
 
     fn set_items(&mut self, items: Vec<Value>) -> Result<()> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(err(self.pos, "odd number of items for a dict"));
         }
         let pos = self.pos;

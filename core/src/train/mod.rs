@@ -768,7 +768,7 @@ fn train_rank<B: Backend>(
             stop = sync::any_rank(z.host(), stop)?;
         }
 
-        if lead && (last_step || (cfg.eval_every > 0 && step % cfg.eval_every == 0) || step == 0) {
+        if lead && (last_step || (cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every)) || step == 0) {
             let _r = nvtx::range("eval");
             let ev = evaluate(&mut model, &mut data, eval_steps, step)?;
             state.min_val_bpb = state.min_val_bpb.min(ev.val_bpb);
@@ -781,7 +781,7 @@ fn train_rank<B: Backend>(
             }
             summary.evals.push(ev);
         }
-        if lead && (last_step || (cfg.sample_every > 0 && step > 0 && step % cfg.sample_every == 0)) {
+        if lead && (last_step || (cfg.sample_every > 0 && step > 0 && step.is_multiple_of(cfg.sample_every))) {
             // the sampler reads the working weights: current after a step, not yet after loading a checkpoint
             model.refresh_weights();
             let samples = sample(&mut model, &data, cfg.sample_tokens, cfg.seed.wrapping_add(step))?;
@@ -790,7 +790,8 @@ fn train_rank<B: Backend>(
             }
             summary.samples = samples;
         }
-        let periodic_save = cfg.save_every > 0 && step > 0 && step % cfg.save_every == 0 && Some(step) != resume_step;
+        let periodic_save =
+            cfg.save_every > 0 && step > 0 && step.is_multiple_of(cfg.save_every) && Some(step) != resume_step;
         if last_step || stop || periodic_save {
             let _r = nvtx::range("checkpoint");
             let meta = CheckpointMeta {

@@ -30,7 +30,10 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 }
 
 fn check(s: &AttnShape, q: usize, k: usize, v: usize, out: usize, lse: usize) {
-    assert!(s.n_head % s.n_kv_head == 0, "attention: n_kv_head must divide n_head");
+    assert!(
+        s.n_head.is_multiple_of(s.n_kv_head),
+        "attention: n_kv_head must divide n_head"
+    );
     assert!(s.q_pos0 + s.tq <= s.tk, "attention: queries reach past the keys");
     assert!(q >= s.q_len() && out >= s.q_len(), "attention: q/out views too short");
     assert!(k >= s.kv_len() && v >= s.kv_len(), "attention: k/v views too short");

@@ -14,7 +14,9 @@ mod common;
 use common::TestRng;
 use nc_core::backend::bf16::{is_bf16, round_bf16};
 use nc_core::backend::cpu::{CpuBackend, CpuBuf};
-use nc_core::backend::{Backend, Storage, View, ViewMut};
+use nc_core::backend::{
+    rotary_qknorm_backward_unfused, rotary_qknorm_forward_unfused, Backend, Storage, View, ViewMut,
+};
 use nc_core::config::RMSNORM_EPS;
 use nc_core::model::init::rotary_table;
 
@@ -217,7 +219,8 @@ fn fused_forward_rounds_only_the_normalized_output() {
         // The old two ops round the rotated value into the bf16 scratch first: the check must see it.
         let mut x = inp.x.clone();
         let (mut y2, mut rstd2) = (be.alloc_as(c.len(), Storage::Bf16), be.alloc(c.units()));
-        be.rotary_forward(
+        rotary_qknorm_forward_unfused(
+            &be,
             ViewMut::all(&mut x),
             c.batch,
             c.t,
@@ -225,11 +228,6 @@ fn fused_forward_rounds_only_the_normalized_output() {
             c.hd,
             c.pos0,
             View::all(&inp.table),
-        );
-        be.rmsnorm_forward(
-            View::all(&x),
-            c.units(),
-            c.hd,
             RMSNORM_EPS,
             ViewMut::all(&mut y2),
             ViewMut::all(&mut rstd2),
@@ -262,23 +260,18 @@ fn fused_backward_rounds_only_the_projection_gradient() {
 
         // The old two ops round g into the bf16 dx before rotating it.
         let mut dx2 = be.alloc_as(c.len(), Storage::Bf16);
-        be.rmsnorm_backward(
+        rotary_qknorm_backward_unfused(
+            &be,
             View::all(&y),
             View::all(&rstd),
             View::all(&inp.dy),
-            c.units(),
-            c.hd,
-            ViewMut::all(&mut dx2),
-            false,
-        );
-        be.rotary_backward(
-            ViewMut::all(&mut dx2),
             c.batch,
             c.t,
             c.heads,
             c.hd,
             c.pos0,
             View::all(&inp.table),
+            ViewMut::all(&mut dx2),
         );
         assert_detects_double_rounding(&format!("case {i} two-op backward"), &dx2.0, &want);
     }
@@ -310,7 +303,8 @@ fn on_f32_buffers_the_fused_op_is_the_two_ops_exactly() {
     );
     let mut x2 = CpuBuf::f32(x0);
     let (mut y2, mut rstd2) = (be.alloc(c.len()), be.alloc(c.units()));
-    be.rotary_forward(
+    rotary_qknorm_forward_unfused(
+        &be,
         ViewMut::all(&mut x2),
         c.batch,
         c.t,
@@ -318,11 +312,6 @@ fn on_f32_buffers_the_fused_op_is_the_two_ops_exactly() {
         c.hd,
         c.pos0,
         View::all(&table),
-    );
-    be.rmsnorm_forward(
-        View::all(&x2),
-        c.units(),
-        c.hd,
         RMSNORM_EPS,
         ViewMut::all(&mut y2),
         ViewMut::all(&mut rstd2),
@@ -344,23 +333,18 @@ fn on_f32_buffers_the_fused_op_is_the_two_ops_exactly() {
         View::all(&table),
         ViewMut::all(&mut dx),
     );
-    be.rmsnorm_backward(
+    rotary_qknorm_backward_unfused(
+        &be,
         View::all(&y),
         View::all(&rstd),
         View::all(&dy),
-        c.units(),
-        c.hd,
-        ViewMut::all(&mut dx2),
-        false,
-    );
-    be.rotary_backward(
-        ViewMut::all(&mut dx2),
         c.batch,
         c.t,
         c.heads,
         c.hd,
         c.pos0,
         View::all(&table),
+        ViewMut::all(&mut dx2),
     );
     assert_eq!(bits(&dx.0), bits(&dx2.0));
 }

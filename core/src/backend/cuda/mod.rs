@@ -609,7 +609,7 @@ impl Backend for CudaBackend {
         if self.rotary_qknorm_forward_fused(x.view(), batch, t, heads, head_dim, pos0, table, eps, y_sub, rstd_sub) {
             return;
         }
-        self.rotary_qknorm_two_ops(x, batch, t, heads, head_dim, pos0, table, eps, y, rstd)
+        super::rotary_qknorm_forward_unfused(self, x, batch, t, heads, head_dim, pos0, table, eps, y, rstd)
     }
     fn rotary_qknorm_backward(
         &self,
@@ -628,8 +628,7 @@ impl Backend for CudaBackend {
         if self.rotary_qknorm_backward_fused(y, rstd, dy, batch, t, heads, head_dim, pos0, table, dx.sub(0, len)) {
             return;
         }
-        self.rmsnorm_backward(y, rstd, dy, batch * t * heads, head_dim, dx.sub(0, len), false);
-        self.rotary_backward(dx, batch, t, heads, head_dim, pos0, table);
+        super::rotary_qknorm_backward_unfused(self, y, rstd, dy, batch, t, heads, head_dim, pos0, table, dx)
     }
 
     fn attention_forward(
@@ -1003,27 +1002,6 @@ impl Backend for CudaBackend {
 }
 
 impl CudaBackend {
-    /// Rotary in place on x, then the per-head rmsnorm of the rotated x: the trait's default
-    /// `rotary_qknorm_forward` (the strict f32 path's exact sequence).
-    #[allow(clippy::too_many_arguments)]
-    fn rotary_qknorm_two_ops(
-        &self,
-        mut x: ViewMut<'_, Self>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
-        table: View<'_, Self>,
-        eps: f32,
-        y: ViewMut<'_, Self>,
-        rstd: ViewMut<'_, Self>,
-    ) {
-        let len = x.len;
-        self.rotary_forward(x.sub(0, len), batch, t, heads, head_dim, pos0, table);
-        self.rmsnorm_forward(x.view(), batch * t * heads, head_dim, eps, y, rstd);
-    }
-
     /// Rotary in place on x (batch, t, heads, head_dim); sin_sign +1 rotates forward, -1 back.
     #[allow(clippy::too_many_arguments)]
     fn rotary(

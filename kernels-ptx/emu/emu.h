@@ -1,57 +1,467 @@
-// A CPU emulation of the CUDA subset the kernels use: one OS thread per CUDA thread, blocks in sequence,
-// __syncthreads / __syncwarp as barriers, shuffles through a per-warp exchange array.
+// A CPU emulation of the CUDA subset the kernels of ../cuda use, fast enough to run nc's real kernels in a
+// simulated GPU: the threads of a block are fibers (emu_fiber.h) that switch only at barriers
+// (__syncthreads, __syncwarp, shuffles and emu_tc.h's warp-wide tensor-core operations), so a thread that
+// meets no barrier runs start to finish with no switch; the blocks of a launch run on a small pool of OS
+// threads (NC_SIM_THREADS, default the core count; the launching thread is one of them).
+//
+// The launch API (used by the tests here and by the simulated driver, sim/driver/):
+//   launch(kernel, grid, block, args...)              kernel(args...) on every thread of every block; returns
+//                                                     when the whole grid has run.
+//   launch_named(name, kernel, grid, block, args...)  the same, with the name race reports give the kernel.
+//   launch_params(name, kernel, grid, block, params)  the same, with the arguments unpacked from a
+//                                                     cuLaunchKernel-style `void** params` (params[i] points
+//                                                     at argument i, of the type kernel's i-th parameter has).
+// Concurrent launches from several OS threads (one per simulated stream) are allowed: each caller runs
+// blocks of its own launch and the pool's workers take blocks from the oldest launch.
+//
+// Shared memory: `__shared__` is `static thread_local`, so every OS thread of the pool (and every launching
+// thread) has its own copy and a block owns it while it runs. Shared memory is not cleared between blocks
+// (nor is it on the device); the race mode (emu_race.h) reports a read of bytes the block did not write.
+// Per-block state (blockIdx, blockDim, gridDim, the warp exchange arrays) is per OS thread as well, and the
+// scheduler sets threadIdx before every switch to a fiber.
+//
+// Race mode: emu_race.h (in progress; the hooks are in place).
+//
+// cp.async (emu_tc.h) lands each 16-byte copy at a random legal time between its issue and the wait_group
+// that covers it: at one of the issuing thread's later barriers, or at the wait.
 #pragma once
 #include <algorithm>
 #include <atomic>
-#include <barrier>
 #include <cmath>
-#include <math.h>
+#include <condition_variable>
 #include <cstddef>
-#include <functional>
-#include <memory>
-#include <thread>
-#include <vector>
+#include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <dlfcn.h>
+#include <math.h>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "emu_fiber.h"
+
 using std::max;
 using std::min;
-struct dim3 { unsigned x = 1, y = 1, z = 1; };
-struct float4 { float x, y, z, w; };
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+};
+struct float4 {
+    float x, y, z, w;
+};
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
-inline thread_local dim3 threadIdx, blockIdx;
-inline dim3 blockDim, gridDim;
+inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 #define __global__
 #define __device__
 #define __forceinline__ inline
-#define __shared__ static
+#define __shared__ static thread_local
 #define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(n)
 #define __grid_constant__
-struct BlockSync {
-    std::unique_ptr<std::barrier<>> block;
-    std::vector<std::unique_ptr<std::barrier<>>> warps;
+
+// Functions of the emulator that code compiled with -fsanitize=thread calls must not be instrumented
+// themselves (their own accesses are not the kernel's, and the hooks would recurse).
+#define EMU_RT __attribute__((no_sanitize_thread))
+
+// ---- per-thread and per-block state -------------------------------------------------------------------------
+// One 16-byte cp.async copy in flight (emu_tc.h): issued into commit group `group`; lands after `delay` more
+// barriers of the issuing thread (UINT32_MAX: at the wait that completes its group).
+struct EmuCopy {
+    void* dst;
+    const void* src;  // nullptr: zero fill
+    uint64_t group;
+    uint32_t delay;
+    bool landed;
+};
+
+struct EmuThread {
+    enum State : uint8_t { READY, WAIT_BLOCK, WAIT_WARP, DONE };
+    EmuContext ctx;
+    EmuStack* stack = nullptr;  // taken when the thread first runs, given back when it ends
+    dim3 idx;
+    unsigned linear = 0;
+    State state = READY;
+    bool started = false;
+    unsigned tc_ops = 0;              // warp-collective tensor-core operations issued (emu_tc.h's slot parity)
+    std::vector<EmuCopy> copies;      // cp.async copies issued and not yet completed by a wait
+    uint64_t open_group = 0;          // the group cp.async copies join until the next commit
+    uint64_t waited_group = 0;        // groups < waited_group are complete
+};
+
+// The operands a warp's lanes exchange for one tensor-core operation (emu_tc.h), two alternating per warp.
+struct EmuTcSlot {
+    uint32_t a[32][4];
+    uint32_t b[32][2];
+    const void* addr[32];
+};
+
+struct EmuRaceBlock;  // emu_race.h
+
+struct EmuBlock {
+    void (*call)(void*) = nullptr;  // runs the kernel with its arguments
+    void* call_ctx = nullptr;
+    const char* kernel_name = nullptr;
+    unsigned n = 0, n_warps = 0;
+    std::vector<EmuThread> threads;
+    std::vector<unsigned> ready;  // ring of runnable thread indices
+    unsigned ready_head = 0, ready_count = 0;
+    unsigned live = 0, block_arrived = 0;
+    uint64_t block_syncs = 0;  // __syncthreads completed in this block: the barrier interval of a report
+    std::vector<unsigned> warp_live, warp_arrived;
     std::vector<float> xchg;
     std::vector<double> xchg64;
+    std::vector<EmuTcSlot> tc;  // [warp * 2 + parity]
+    uint64_t rng = 0;
+    bool shuffle = false;  // race mode: released threads run in a random order
+    EmuThread* cur = nullptr;
+    EmuContext scheduler;
+    std::vector<std::unique_ptr<EmuStack>> free_stacks;
+    EmuRaceBlock* race = nullptr;
 };
-inline BlockSync* g_sync;
-inline void __syncthreads() { g_sync->block->arrive_and_wait(); }
-inline void __syncwarp(unsigned = 0xffffffffu) { g_sync->warps[threadIdx.x / 32]->arrive_and_wait(); }
-inline float __shfl_xor_sync(unsigned, float v, int off) {
-    int lane = threadIdx.x % 32, w = threadIdx.x / 32;
-    g_sync->xchg[threadIdx.x] = v;
-    __syncwarp();
-    float r = g_sync->xchg[w * 32 + (lane ^ off)];
-    __syncwarp();
+inline thread_local EmuBlock* emu_block = nullptr;  // the block this OS thread is running
+
+EMU_RT inline uint64_t emu_rand(EmuBlock& b) {  // splitmix64
+    uint64_t z = (b.rng += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+[[noreturn]] inline void emu_fatal(const char* what) {
+    std::fprintf(stderr, "emu: %s\n", what);
+    std::abort();
+}
+
+#include "emu_race.h"
+
+// ---- scheduling -------------------------------------------------------------------------------------------
+EMU_RT inline void emu_make_ready(EmuBlock& b, unsigned t) {
+    b.threads[t].state = EmuThread::READY;
+    b.ready[(b.ready_head + b.ready_count++) % b.n] = t;
+}
+// Makes the threads in `state` among [first, end) ready, in index order or (race mode) a random rotation and
+// direction of it, so that the order between barriers changes from interval to interval.
+EMU_RT inline void emu_release(EmuBlock& b, EmuThread::State state, unsigned first, unsigned end) {
+    unsigned count = end - first, start = 0, step = 1;
+    if (b.shuffle && count > 1) {
+        start = unsigned(emu_rand(b) % count);
+        step = (emu_rand(b) & 1) ? 1 : count - 1;
+    }
+    for (unsigned i = 0, j = start; i < count; i++, j = (j + step) % count)
+        if (b.threads[first + j].state == state) emu_make_ready(b, first + j);
+}
+EMU_RT inline void emu_release_block(EmuBlock& b) {
+    b.block_arrived = 0;
+    b.block_syncs++;
+    std::fill(b.warp_arrived.begin(), b.warp_arrived.end(), 0u);
+    emu_race_block_barrier(b);
+    emu_release(b, EmuThread::WAIT_BLOCK, 0, b.n);
+}
+EMU_RT inline void emu_release_warp(EmuBlock& b, unsigned w) {
+    b.warp_arrived[w] = 0;
+    emu_race_warp_barrier(b, w);
+    emu_release(b, EmuThread::WAIT_WARP, w * 32, std::min(b.n, w * 32 + 32));
+}
+
+EMU_RT inline void emu_cp_land(EmuCopy& c) {
+    if (c.landed) return;
+    if (c.src)
+        std::memcpy(c.dst, c.src, 16);
+    else
+        std::memset(c.dst, 0, 16);
+    c.landed = true;
+}
+// Before a thread gives the CPU away: the cp.async copies whose random delay has run out land now.
+EMU_RT inline void emu_cp_tick(EmuThread& th) {
+    for (EmuCopy& c : th.copies) {
+        if (c.landed || c.delay == UINT32_MAX) continue;
+        if (c.delay == 0)
+            emu_cp_land(c);
+        else
+            c.delay--;
+    }
+}
+
+// Gives the CPU back to the block's scheduler; returns when the thread has been released.
+EMU_RT inline void emu_yield(EmuBlock& b, EmuThread& th) { emu_context_switch(th.ctx, b.scheduler); }
+
+EMU_RT inline void emu_arrive_block() {
+    EmuBlock& b = *emu_block;
+    EmuThread& th = *b.cur;
+    emu_cp_tick(th);
+    th.state = EmuThread::WAIT_BLOCK;
+    if (++b.block_arrived == b.live) emu_release_block(b);
+    emu_yield(b, th);
+}
+EMU_RT inline void emu_arrive_warp() {
+    EmuBlock& b = *emu_block;
+    EmuThread& th = *b.cur;
+    emu_cp_tick(th);
+    unsigned w = th.linear / 32;
+    th.state = EmuThread::WAIT_WARP;
+    if (++b.warp_arrived[w] == b.warp_live[w]) emu_release_warp(b, w);
+    emu_yield(b, th);
+}
+
+// A thread that has returned from the kernel: the barriers it no longer takes part in may now be complete.
+EMU_RT inline void emu_thread_exit(EmuBlock& b, EmuThread& th) {
+    unsigned w = th.linear / 32;
+    th.state = EmuThread::DONE;
+    b.live--;
+    b.warp_live[w]--;
+    if (b.block_arrived > 0 && b.block_arrived == b.live) emu_release_block(b);
+    if (b.warp_arrived[w] > 0 && b.warp_arrived[w] == b.warp_live[w]) emu_release_warp(b, w);
+}
+
+EMU_RT inline void emu_fiber_entry() {
+    EmuBlock& b = *emu_block;
+    b.call(b.call_ctx);
+    EmuThread& th = *b.cur;
+    emu_thread_exit(b, th);
+    emu_yield(b, th);
+    emu_fatal("a finished thread was resumed");
+}
+
+inline void __syncthreads() { emu_arrive_block(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu_arrive_warp(); }
+template <class T>
+EMU_RT inline T emu_shfl_xor(std::vector<T>& xchg, T v, int off) {
+    unsigned t = emu_block->cur->linear;
+    xchg[t] = v;
+    emu_arrive_warp();
+    T r = xchg[(t & ~31u) + ((t & 31u) ^ unsigned(off & 31))];
+    emu_arrive_warp();
     return r;
 }
-inline double __shfl_xor_sync(unsigned, double v, int off) {
-    int lane = threadIdx.x % 32, w = threadIdx.x / 32;
-    g_sync->xchg64[threadIdx.x] = v;
-    __syncwarp();
-    double r = g_sync->xchg64[w * 32 + (lane ^ off)];
-    __syncwarp();
-    return r;
+inline float __shfl_xor_sync(unsigned, float v, int off) { return emu_shfl_xor(emu_block->xchg, v, off); }
+inline double __shfl_xor_sync(unsigned, double v, int off) { return emu_shfl_xor(emu_block->xchg64, v, off); }
+
+// Runs every thread of block `bi` to its end on the calling OS thread.
+EMU_RT inline void emu_run_block(EmuBlock& b, dim3 bi, dim3 block) {
+    blockIdx = bi;
+    b.live = b.n;
+    b.block_arrived = 0;
+    b.block_syncs = 0;
+    b.ready_head = 0;
+    b.ready_count = 0;
+    for (unsigned w = 0; w < b.n_warps; w++) {
+        b.warp_live[w] = std::min(32u, b.n - 32 * w);
+        b.warp_arrived[w] = 0;
+    }
+    for (unsigned t = 0; t < b.n; t++) {
+        EmuThread& th = b.threads[t];
+        th.idx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+        th.linear = t;
+        th.started = false;
+        th.tc_ops = 0;
+        th.copies.clear();
+        th.open_group = th.waited_group = 0;
+        th.state = EmuThread::WAIT_BLOCK;
+    }
+    emu_race_block_start(b);
+    emu_release(b, EmuThread::WAIT_BLOCK, 0, b.n);
+    while (b.ready_count > 0) {
+        unsigned t = b.ready[b.ready_head];
+        b.ready_head = (b.ready_head + 1) % b.n;
+        b.ready_count--;
+        EmuThread& th = b.threads[t];
+        if (!th.started) {
+            if (b.free_stacks.empty()) b.free_stacks.push_back(std::make_unique<EmuStack>());
+            th.stack = b.free_stacks.back().release();
+            b.free_stacks.pop_back();
+            emu_context_make(th.ctx, th.stack->lo(), th.stack->size(), emu_fiber_entry);
+            th.started = true;
+        }
+        b.cur = &th;
+        threadIdx = th.idx;
+        emu_context_switch(b.scheduler, th.ctx);
+        if (th.state == EmuThread::DONE) {
+            b.free_stacks.emplace_back(th.stack);
+            th.stack = nullptr;
+        }
+    }
+    if (b.live != 0) {
+        unsigned at_block = 0, at_warp = 0;
+        for (const EmuThread& th : b.threads) {
+            at_block += th.state == EmuThread::WAIT_BLOCK;
+            at_warp += th.state == EmuThread::WAIT_WARP;
+        }
+        std::fprintf(stderr,
+                     "emu: kernel %s block (%u,%u,%u) deadlocked: %u threads wait at __syncthreads, %u at a warp "
+                     "barrier (__syncwarp, a shuffle or a tensor-core op), %u have returned\n",
+                     b.kernel_name, bi.x, bi.y, bi.z, at_block, at_warp, b.n - b.live);
+        std::abort();
+    }
+    emu_race_block_end(b);
 }
+
+// ---- the pool and launches -----------------------------------------------------------------------------------
+struct EmuJob {
+    void (*call)(void*);
+    void* call_ctx;
+    const char* name;
+    dim3 grid, block;
+    unsigned total = 0, next = 0, done = 0;  // blocks: in the grid, handed out, finished (under the pool's lock)
+    uint64_t seed = 0;
+};
+
+// Parses a whole number in [lo, hi] from environment variable `var`; unset gives `fallback`, anything else
+// a message naming the variable and the fallback used.
+inline long emu_env_number(const char* var, long lo, long hi, long fallback) {
+    const char* s = std::getenv(var);
+    if (!s || !*s) return fallback;
+    char* end = nullptr;
+    long v = std::strtol(s, &end, 10);
+    if (*end != '\0' || v < lo || v > hi) {
+        std::fprintf(stderr, "emu: %s=%s is not a whole number in %ld..%ld; using %ld\n", var, s, lo, hi, fallback);
+        return fallback;
+    }
+    return v;
+}
+
+struct EmuPool {
+    std::mutex m;
+    std::condition_variable work, finished;
+    std::vector<EmuJob*> jobs;  // launches with blocks not yet handed out, oldest first
+    unsigned threads = 1;       // OS threads running blocks, the launching thread included
+    std::atomic<uint64_t> launches{0};
+};
+
+// This OS thread's block state, reused from block to block (its fiber stacks included).
+EMU_RT inline EmuBlock& emu_this_block() {
+    static thread_local EmuBlock block;
+    return block;
+}
+
+// Takes the next block of `job` (the lock held); false when all are handed out.
+inline bool emu_take_block(EmuPool& pool, EmuJob& job, unsigned& index) {
+    if (job.next >= job.total) return false;
+    index = job.next++;
+    if (job.next == job.total) pool.jobs.erase(std::find(pool.jobs.begin(), pool.jobs.end(), &job));
+    return true;
+}
+
+EMU_RT inline void emu_run_job_block(EmuJob& job, unsigned index) {
+    EmuBlock& b = emu_this_block();
+    unsigned n = job.block.x * job.block.y * job.block.z;
+    if (b.n != n || b.threads.size() < n) {
+        b.n = n;
+        b.n_warps = (n + 31) / 32;
+        b.threads.resize(n);
+        b.ready.assign(n, 0);
+        b.warp_live.assign(b.n_warps, 0);
+        b.warp_arrived.assign(b.n_warps, 0);
+        b.xchg.assign(b.n_warps * 32, 0.0f);
+        b.xchg64.assign(b.n_warps * 32, 0.0);
+        b.tc.resize(b.n_warps * 2);
+    }
+    b.call = job.call;
+    b.call_ctx = job.call_ctx;
+    b.kernel_name = job.name;
+    b.rng = job.seed ^ (0x2545f4914f6cdd1dull * (index + 1));
+    b.shuffle = emu_race_enabled();
+    dim3 bi{index % job.grid.x, (index / job.grid.x) % job.grid.y, index / (job.grid.x * job.grid.y)};
+    blockDim = job.block;
+    gridDim = job.grid;
+    emu_block = &b;
+    emu_run_block(b, bi, job.block);
+    emu_block = nullptr;
+}
+
+inline void emu_worker_main(EmuPool* pool) {
+    std::unique_lock<std::mutex> lock(pool->m);
+    for (;;) {
+        pool->work.wait(lock, [&] { return !pool->jobs.empty(); });
+        EmuJob& job = *pool->jobs.front();
+        unsigned index;
+        if (!emu_take_block(*pool, job, index)) continue;
+        lock.unlock();
+        emu_run_job_block(job, index);
+        lock.lock();
+        if (++job.done == job.total) pool->finished.notify_all();
+    }
+}
+
+inline EmuPool& emu_pool() {
+    static EmuPool* pool = [] {
+        auto* p = new EmuPool;  // never destroyed: its workers may outlive static destruction
+        unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+        p->threads = (unsigned)emu_env_number("NC_SIM_THREADS", 1, 256, cores);
+        for (unsigned i = 1; i < p->threads; i++) std::thread(emu_worker_main, p).detach();
+        return p;
+    }();
+    return *pool;
+}
+
+// Runs call(call_ctx) as every thread of every block of the grid; returns when all have finished.
+inline void emu_launch(const char* name, void (*call)(void*), void* call_ctx, dim3 grid, dim3 block) {
+    unsigned n = block.x * block.y * block.z;
+    if (n == 0 || n > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0) {
+        std::fprintf(stderr, "emu: kernel %s launched with grid (%u,%u,%u) block (%u,%u,%u): the block must have "
+                             "1..1024 threads and the grid at least one block\n",
+                     name, grid.x, grid.y, grid.z, block.x, block.y, block.z);
+        std::abort();
+    }
+    EmuPool& pool = emu_pool();
+    EmuJob job;
+    job.call = call;
+    job.call_ctx = call_ctx;
+    job.name = name;
+    job.grid = grid;
+    job.block = block;
+    job.total = grid.x * grid.y * grid.z;
+    job.seed = emu_race_seed() + 0x9e3779b97f4a7c15ull * pool.launches.fetch_add(1);
+    emu_race_launch_start(job.name);
+    std::unique_lock<std::mutex> lock(pool.m);
+    pool.jobs.push_back(&job);
+    pool.work.notify_all();
+    unsigned index;
+    while (emu_take_block(pool, job, index)) {
+        lock.unlock();
+        emu_run_job_block(job, index);
+        lock.lock();
+        job.done++;
+    }
+    pool.finished.wait(lock, [&] { return job.done == job.total; });
+}
+
+// The name race reports and errors give a kernel launched without one: its symbol where the dynamic
+// symbol table has it (link with -rdynamic), else its address.
+inline const char* emu_kernel_name(const void* fn) {
+    static thread_local char buf[64];
+    Dl_info info;
+    if (fn && dladdr(fn, &info) && info.dli_sname) return info.dli_sname;
+    std::snprintf(buf, sizeof buf, "kernel@%p", fn);
+    return buf;
+}
+
+template <class F, class... A>
+void launch_named(const char* name, F f, dim3 grid, dim3 block, A... args) {
+    auto run = [&] { f(args...); };  // every thread calls the kernel with its own copies of the arguments
+    using Run = decltype(run);
+    emu_launch(name, [](void* r) { (*static_cast<Run*>(r))(); }, &run, grid, block);
+}
+template <class F, class... A>
+void launch(F f, dim3 grid, dim3 block, A... args) {
+    const void* fn = nullptr;
+    if constexpr (std::is_pointer_v<F>) fn = reinterpret_cast<const void*>(f);
+    launch_named(emu_kernel_name(fn), f, grid, block, args...);
+}
+template <class... P, size_t... I>
+void emu_launch_params(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, void** params,
+                       std::index_sequence<I...>) {
+    launch_named(name, kernel, grid, block, *static_cast<std::remove_cv_t<P>*>(params[I])...);
+}
+template <class... P>
+void launch_params(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, void** params) {
+    emu_launch_params(name, kernel, grid, block, params, std::index_sequence_for<P...>{});
+}
+
 // The round-to-nearest intrinsics: one IEEE operation each (g++ in ISO C++ mode without -march contracts
 // nothing, so these are exactly what the device computes).
 inline float __fmul_rn(float a, float b) { return a * b; }
@@ -59,32 +469,6 @@ inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
-template <class F, class... A>
-void launch(F f, dim3 grid, dim3 block, A... args) {
-    gridDim = grid;
-    blockDim = block;
-    unsigned n = block.x * block.y * block.z;
-    for (unsigned z = 0; z < grid.z; z++)
-        for (unsigned y = 0; y < grid.y; y++)
-            for (unsigned x = 0; x < grid.x; x++) {
-                BlockSync s;
-                s.block = std::make_unique<std::barrier<>>(n);
-                for (unsigned w = 0; w < (n + 31) / 32; w++) s.warps.push_back(std::make_unique<std::barrier<>>(32));
-                s.xchg.resize(n);
-                s.xchg64.resize(n);
-                g_sync = &s;
-                std::vector<std::thread> ts;
-                for (unsigned t = 0; t < n; t++)
-                    ts.emplace_back([&, t] {
-                        threadIdx = {t, 0, 0};
-                        blockIdx = {x, y, z};
-                        f(args...);
-                        s.block->arrive_and_drop();
-                        s.warps[t / 32]->arrive_and_drop();
-                    });
-                for (auto& t : ts) t.join();
-            }
-}
 // Vector types and bit casts the bf16 kernels use (16-byte loads of 8 bf16, 8-byte stores of 4).
 struct __align__(16) uint4 { unsigned x, y, z, w; };
 struct __align__(8) uint2 { unsigned x, y; };

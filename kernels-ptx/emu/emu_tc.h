@@ -1,5 +1,5 @@
 // Emulation of the warp-level tensor-core instructions the bf16 kernels use (flash_attention.cu), on top of
-// emu.h's one-OS-thread-per-CUDA-thread model:
+// emu.h's fibers (one per CUDA thread, switching at barriers):
 //   mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32   (emu_mma_m16n8k16_bf16)
 //   ldmatrix.sync.aligned.m8n8.{x1,x2,x4}[.trans].shared.b16 (emu_ldmatrix)
 //   cp.async.cg.shared.global [16 bytes, zero fill] + cp.async.commit_group / wait_group N
@@ -36,10 +36,10 @@
 //            with the bits past a fixed width dropped (truncation), then one normalisation. A device result may
 //            therefore differ from this model by a few f32 ulps of the largest addend. The kernel checks use
 //            tolerances set by bf16 roundings (2^-8 relative), five orders of magnitude above that.
-// cp.async is emulated as what it promises, not as an immediate copy: the 16-byte copies of a thread are
-// held back and performed when that thread's wait_group lets their group complete, so a kernel that reads
-// shared memory before waiting (or before the __syncthreads after the wait) reads stale data here as it may
-// on the device.
+// cp.async is emulated as what it promises, not as an immediate copy: each 16-byte copy lands at a random
+// legal time between its issue and the wait_group that completes its group (see emu_cp_async_16 below), so a
+// kernel that reads shared memory before waiting (or before the __syncthreads after the wait) reads stale
+// data here as it may on the device.
 #pragma once
 #include "emu.h"
 #include <cuda_bf16.h>
@@ -48,17 +48,10 @@
 #include <cstring>
 #include <deque>
 
-// -- per-warp exchange of operands, two alternating slots -----------------------------------------------------
-struct EmuTcSlot {
-    uint32_t a[32][4];
-    uint32_t b[32][2];
-    const void* addr[32];
-};
-inline EmuTcSlot emu_tc_exchange[32][2];  // [warp][slot]: up to 1024 threads; blocks run one at a time
-inline thread_local unsigned emu_tc_ops = 0;
-
-inline EmuTcSlot& emu_tc_slot() {
-    return emu_tc_exchange[threadIdx.x / 32][emu_tc_ops++ & 1];
+// -- per-warp exchange of operands, two alternating slots (emu.h's EmuTcSlot, per block) -----------------------
+EMU_RT inline EmuTcSlot& emu_tc_slot() {
+    EmuThread& th = *emu_block->cur;
+    return emu_block->tc[(th.linear / 32) * 2 + (th.tc_ops++ & 1)];
 }
 
 inline float emu_bf16_lo(uint32_t w) { return __bfloat162float(__nv_bfloat16{uint16_t(w & 0xffffu)}); }
@@ -123,34 +116,39 @@ inline void emu_ldmatrix(uint32_t* r, int n_mat, bool trans, const void* row_add
     }
 }
 
-// -- cp.async: per-thread queues of 16-byte copies, performed when their group is waited for ------------------
-struct EmuCopy {
-    void* dst;
-    const void* src;  // nullptr: zero fill (src-size 0)
-};
-inline thread_local std::vector<EmuCopy> emu_cp_open;               // issued since the last commit
-inline thread_local std::deque<std::vector<EmuCopy>> emu_cp_groups;  // committed, oldest first
-
-inline void emu_cp_async_16(void* dst_shared, const void* src_global, bool valid) {
+// -- cp.async: per-thread lists of 16-byte copies in flight (emu.h's EmuCopy) ---------------------------------
+// Each copy gets a random landing time when it is issued: with probability 1/2 at the wait_group that
+// completes its group, otherwise after 0..15 more barriers of the issuing thread (emu.h's emu_cp_tick). Both
+// are legal on the device, so a kernel that reads a tile before waiting for it, or copies into a buffer other
+// warps still read, reads wrong data here; the race mode (emu_race.h) also reports the read itself.
+EMU_RT inline void emu_cp_async_16(void* dst_shared, const void* src_global, bool valid) {
     assert((reinterpret_cast<uintptr_t>(dst_shared) & 15) == 0 && "cp.async destination not 16-byte aligned");
     assert((!valid || (reinterpret_cast<uintptr_t>(src_global) & 15) == 0) && "cp.async source not 16-byte aligned");
-    emu_cp_open.push_back({dst_shared, valid ? src_global : nullptr});
+    EmuThread& th = *emu_block->cur;
+    uint64_t r = emu_rand(*emu_block);
+    uint32_t delay = (r & 1) ? UINT32_MAX : uint32_t((r >> 1) % 16);
+    th.copies.push_back({dst_shared, valid ? src_global : nullptr, th.open_group, delay, false});
+    emu_race_cp_issue(*emu_block, th, dst_shared);
 }
-inline void emu_cp_async_commit() {
-    emu_cp_groups.push_back(std::move(emu_cp_open));
-    emu_cp_open.clear();
-}
-// Completes the oldest committed groups until at most `pending` remain in flight.
-inline void emu_cp_async_wait(int pending) {
-    while ((int)emu_cp_groups.size() > pending) {
-        for (const EmuCopy& c : emu_cp_groups.front()) {
-            if (c.src)
-                std::memcpy(c.dst, c.src, 16);
-            else
-                std::memset(c.dst, 0, 16);
+EMU_RT inline void emu_cp_async_commit() { emu_block->cur->open_group++; }
+// Completes the oldest committed groups until at most `pending` remain in flight: their copies that have not
+// landed yet land now.
+EMU_RT inline void emu_cp_async_wait(int pending) {
+    EmuThread& th = *emu_block->cur;
+    if ((uint64_t)pending >= th.open_group) return;
+    uint64_t complete = th.open_group - (uint64_t)pending;  // groups < complete are done after this wait
+    if (complete <= th.waited_group) return;
+    th.waited_group = complete;
+    size_t kept = 0;
+    for (EmuCopy& c : th.copies) {
+        if (c.group < complete) {
+            emu_cp_land(c);
+            emu_race_cp_complete(*emu_block, th, c.dst);
+        } else {
+            th.copies[kept++] = c;
         }
-        emu_cp_groups.pop_front();
     }
+    th.copies.resize(kept);
 }
-// A thread that exits with copies still queued would leave shared memory unwritten on the device too; the
-// emulator drops them (threads start with empty queues: thread_local state dies with the thread).
+// A thread that ends with copies in flight: the emulator drops them (they never land), so a kernel that
+// relies on them reads stale shared memory.

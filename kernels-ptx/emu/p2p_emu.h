@@ -1,7 +1,7 @@
-// The CUDA subset cuda/p2p_ring.cu uses, on the CPU, with every rank's blocks running AT ONCE (emu.h runs
-// blocks one after another, which a ring cannot do: rank r's block waits on rank r-1's). One OS thread per
-// CUDA thread; __syncthreads is a barrier of the block's threads; a rank's "device memory" is host memory
-// its peers read directly, as they would through CUDA IPC.
+// The CUDA subset cuda/p2p_ring.cu uses, on the CPU, with every rank's blocks running AT ONCE (emu.h cannot:
+// its threads are fibers that switch only at barriers, and rank r's block spins on rank r-1's flags). One OS
+// thread per CUDA thread; __syncthreads is a barrier of the block's threads; a rank's "device memory" is host
+// memory its peers read directly, as they would through CUDA IPC.
 //
 // A weak memory model, just enough to catch a broken protocol: a slot store (`publish`) is held back in the
 // storing thread's buffer; a barrier hands the block's buffered stores to the block; a release

@@ -2,23 +2,36 @@
 # Builds and runs the CPU emulation checks of the kernels: every emu/test*.cpp is its own program (see
 # test.cpp). Needs g++ with C++20; no CUDA. shim/ stands in for CUDA's headers (<cuda_bf16.h>).
 # -ffp-contract=off: no fused multiply-adds, so the optimizer kernels can be checked bit for bit.
-# Each program prints "N failures" last and exits non-zero on a failure; this script prints the total as
-# "\n<total> failures" and fails if any program failed.
+# -rdynamic: race reports name kernels by their symbol (emu.h's emu_kernel_name).
+# The programs build and run in parallel (each compile + run is one background job); their outputs are
+# printed in a fixed order afterwards. Each program prints "N failures" last and exits non-zero on a
+# failure; this script prints the total as "\n<total> failures" and fails if any program failed.
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
-status=0
-for src in "$here"/test*.cpp; do
+build_and_run() {
+    local src="$1" name
     name="$(basename "$src" .cpp)"
-    echo "== $name"
-    if ! g++ -std=c++20 -O1 -ffp-contract=off -pthread -I"$here/shim" -I"$here" -I"$here/../cuda" "$src" \
-        -o "$out/$name"; then
-        echo "$name: compile failed"
-        status=1
-        continue
+    if ! g++ -std=c++20 -O1 -ffp-contract=off -pthread -rdynamic -I"$here/shim" -I"$here" -I"$here/../cuda" \
+        "$src" -o "$out/$name" >"$out/$name.log" 2>&1; then
+        echo "$name: compile failed" >>"$out/$name.log"
+        return 1
     fi
-    "$out/$name" || { echo "$name: FAILED"; status=1; }
+    "$out/$name" >>"$out/$name.log" 2>&1 || { echo "$name: FAILED" >>"$out/$name.log"; return 1; }
+}
+pids=()
+names=()
+for src in "$here"/test*.cpp; do
+    build_and_run "$src" &
+    pids+=($!)
+    names+=("$(basename "$src" .cpp)")
+done
+status=0
+for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" || status=1
+    echo "== ${names[$i]}"
+    cat "$out/${names[$i]}.log"
 done
 if [[ $status -ne 0 ]]; then
     echo

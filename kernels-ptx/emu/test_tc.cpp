@@ -75,7 +75,9 @@ static void check_mma(const char* what, float c_scale) {
 }
 
 // ---- ldmatrix ------------------------------------------------------------------------------------------------
-__shared__ __align__(16) uint16_t tile[WARPS][32][64];  // rows of 128 bytes: 8 chunks of 8 bf16
+// The host fills these "shared" arrays and reads them back, so they are plain statics: emu.h's __shared__ is
+// one copy per OS thread of its pool, which the host thread does not see.
+static __align__(16) uint16_t tile[WARPS][32][64];  // rows of 128 bytes: 8 chunks of 8 bf16
 static uint32_t L_got[WARPS][32][4];
 static int l_row[WARPS][32], l_chunk[WARPS][32];  // the row address each lane passes
 static int l_n, l_trans;
@@ -180,7 +182,7 @@ static void check_ldmatrix_feeds_mma() {
 }
 
 // ---- cp.async ------------------------------------------------------------------------------------------------
-__shared__ __align__(16) uint16_t cp_dst[128][8];
+static __align__(16) uint16_t cp_dst[128][8];  // a plain static, as tile above
 static __align__(16) uint16_t cp_src[128][8];
 static int cp_bad = 0;
 static void cp_async_kernel() {

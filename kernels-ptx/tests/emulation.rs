@@ -1,5 +1,5 @@
-//! Runs the kernels' CPU emulation check (`emu/run.sh`: the real `.cu` files compiled by g++ with one OS
-//! thread per CUDA thread, checked against double-precision references and numerical derivatives, and the
+//! Runs the kernels' CPU emulation check (`emu/run.sh`: the real `.cu` files compiled by g++ against emu.h,
+//! each CUDA thread a fiber, checked against double-precision references and numerical derivatives, and the
 //! optimizer's kernels bit for bit against float references in the CPU backend's order), so CI exercises
 //! the kernels' arithmetic without a GPU. Skipped, with a note, where g++ is missing.
 

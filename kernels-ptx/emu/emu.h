@@ -20,7 +20,12 @@
 // Per-block state (blockIdx, blockDim, gridDim, the warp exchange arrays) is per OS thread as well, and the
 // scheduler sets threadIdx before every switch to a fiber.
 //
-// Race mode: emu_race.h (in progress; the hooks are in place).
+// Race mode (NC_SIM_RACE=1, or emu_race_enable(true)), see emu_race.h: for code compiled with
+// -fsanitize=thread (and linked without libtsan: emu_race.h defines the hooks), a shared-memory access that
+// races with another thread's in the same barrier interval is reported with the kernel, block, interval,
+// threads and shared variable, as is a read of a cp.async destination before its wait_group; threads
+// between barriers run in a shuffled order. emu_race_reports() counts the reports so far; a caller that
+// wants a race to fail a launch compares it before and after.
 //
 // cp.async (emu_tc.h) lands each 16-byte copy at a random legal time between its issue and the wait_group
 // that covers it: at one of the issuing thread's later barriers, or at the wait.
@@ -67,6 +72,8 @@ inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 // Functions of the emulator that code compiled with -fsanitize=thread calls must not be instrumented
 // themselves (their own accesses are not the kernel's, and the hooks would recurse).
 #define EMU_RT __attribute__((no_sanitize_thread))
+// The same for a test's host-side reference code, which the hooks would only slow down.
+#define EMU_HOST_ONLY __attribute__((no_sanitize_thread))
 
 // ---- per-thread and per-block state -------------------------------------------------------------------------
 // One 16-byte cp.async copy in flight (emu_tc.h): issued into commit group `group`; lands after `delay` more
@@ -91,6 +98,7 @@ struct EmuThread {
     std::vector<EmuCopy> copies;      // cp.async copies issued and not yet completed by a wait
     uint64_t open_group = 0;          // the group cp.async copies join until the next commit
     uint64_t waited_group = 0;        // groups < waited_group are complete
+    unsigned syncthreads_calls = 0, syncwarp_calls = 0, cp_wait_calls = 0;  // for emu_race.h's planted bugs
 };
 
 // The operands a warp's lanes exchange for one tensor-core operation (emu_tc.h), two alternating per warp.
@@ -113,10 +121,12 @@ struct EmuBlock {
     unsigned live = 0, block_arrived = 0;
     uint64_t block_syncs = 0;  // __syncthreads completed in this block: the barrier interval of a report
     std::vector<unsigned> warp_live, warp_arrived;
+    std::vector<uint8_t> warp_orders;  // the warp barrier under way is a __syncwarp (orders memory; emu_race.h)
     std::vector<float> xchg;
     std::vector<double> xchg64;
     std::vector<EmuTcSlot> tc;  // [warp * 2 + parity]
     uint64_t rng = 0;
+    uint64_t launch_id = 0;
     bool shuffle = false;  // race mode: released threads run in a random order
     EmuThread* cur = nullptr;
     EmuContext scheduler;
@@ -135,6 +145,20 @@ EMU_RT inline uint64_t emu_rand(EmuBlock& b) {  // splitmix64
 [[noreturn]] inline void emu_fatal(const char* what) {
     std::fprintf(stderr, "emu: %s\n", what);
     std::abort();
+}
+
+// Parses a whole number in [lo, hi] from environment variable `var`; unset gives `fallback`, anything else
+// a message naming the variable and the fallback used.
+inline long emu_env_number(const char* var, long lo, long hi, long fallback) {
+    const char* s = std::getenv(var);
+    if (!s || !*s) return fallback;
+    char* end = nullptr;
+    long v = std::strtol(s, &end, 10);
+    if (*end != '\0' || v < lo || v > hi) {
+        std::fprintf(stderr, "emu: %s=%s is not a whole number in %ld..%ld; using %ld\n", var, s, lo, hi, fallback);
+        return fallback;
+    }
+    return v;
 }
 
 #include "emu_race.h"
@@ -164,7 +188,7 @@ EMU_RT inline void emu_release_block(EmuBlock& b) {
 }
 EMU_RT inline void emu_release_warp(EmuBlock& b, unsigned w) {
     b.warp_arrived[w] = 0;
-    emu_race_warp_barrier(b, w);
+    if (b.warp_orders[w]) emu_race_warp_barrier(b, w);
     emu_release(b, EmuThread::WAIT_WARP, w * 32, std::min(b.n, w * 32 + 32));
 }
 
@@ -178,12 +202,13 @@ EMU_RT inline void emu_cp_land(EmuCopy& c) {
 }
 // Before a thread gives the CPU away: the cp.async copies whose random delay has run out land now.
 EMU_RT inline void emu_cp_tick(EmuThread& th) {
-    for (EmuCopy& c : th.copies) {
-        if (c.landed || c.delay == UINT32_MAX) continue;
-        if (c.delay == 0)
-            emu_cp_land(c);
+    EmuCopy* c = th.copies.data();
+    for (size_t i = 0, n = th.copies.size(); i < n; i++) {
+        if (c[i].landed || c[i].delay == UINT32_MAX) continue;
+        if (c[i].delay == 0)
+            emu_cp_land(c[i]);
         else
-            c.delay--;
+            c[i].delay--;
     }
 }
 
@@ -198,12 +223,15 @@ EMU_RT inline void emu_arrive_block() {
     if (++b.block_arrived == b.live) emu_release_block(b);
     emu_yield(b, th);
 }
-EMU_RT inline void emu_arrive_warp() {
+// A warp-wide barrier: a __syncwarp (orders_memory) or the synchronisation inside a shuffle or a tensor-core
+// operation, which makes the lanes wait for each other but does not order their memory accesses.
+EMU_RT inline void emu_arrive_warp(bool orders_memory) {
     EmuBlock& b = *emu_block;
     EmuThread& th = *b.cur;
     emu_cp_tick(th);
     unsigned w = th.linear / 32;
     th.state = EmuThread::WAIT_WARP;
+    b.warp_orders[w] = orders_memory;
     if (++b.warp_arrived[w] == b.warp_live[w]) emu_release_warp(b, w);
     emu_yield(b, th);
 }
@@ -227,19 +255,25 @@ EMU_RT inline void emu_fiber_entry() {
     emu_fatal("a finished thread was resumed");
 }
 
-inline void __syncthreads() { emu_arrive_block(); }
-inline void __syncwarp(unsigned = 0xffffffffu) { emu_arrive_warp(); }
+// The n-th call of a thread does nothing when a test plants that bug (emu_race.h).
+EMU_RT inline bool emu_planted_skip(unsigned& calls, int plant) { return plant >= 0 && calls++ == (unsigned)plant; }
+EMU_RT inline void __syncthreads() {
+    if (!emu_planted_skip(emu_block->cur->syncthreads_calls, emu_plant_skip_syncthreads)) emu_arrive_block();
+}
+EMU_RT inline void __syncwarp(unsigned = 0xffffffffu) {
+    if (!emu_planted_skip(emu_block->cur->syncwarp_calls, emu_plant_skip_syncwarp)) emu_arrive_warp(true);
+}
 template <class T>
 EMU_RT inline T emu_shfl_xor(std::vector<T>& xchg, T v, int off) {
     unsigned t = emu_block->cur->linear;
     xchg[t] = v;
-    emu_arrive_warp();
+    emu_arrive_warp(false);
     T r = xchg[(t & ~31u) + ((t & 31u) ^ unsigned(off & 31))];
-    emu_arrive_warp();
+    emu_arrive_warp(false);
     return r;
 }
-inline float __shfl_xor_sync(unsigned, float v, int off) { return emu_shfl_xor(emu_block->xchg, v, off); }
-inline double __shfl_xor_sync(unsigned, double v, int off) { return emu_shfl_xor(emu_block->xchg64, v, off); }
+EMU_RT inline float __shfl_xor_sync(unsigned, float v, int off) { return emu_shfl_xor(emu_block->xchg, v, off); }
+EMU_RT inline double __shfl_xor_sync(unsigned, double v, int off) { return emu_shfl_xor(emu_block->xchg64, v, off); }
 
 // Runs every thread of block `bi` to its end on the calling OS thread.
 EMU_RT inline void emu_run_block(EmuBlock& b, dim3 bi, dim3 block) {
@@ -261,6 +295,7 @@ EMU_RT inline void emu_run_block(EmuBlock& b, dim3 bi, dim3 block) {
         th.tc_ops = 0;
         th.copies.clear();
         th.open_group = th.waited_group = 0;
+        th.syncthreads_calls = th.syncwarp_calls = th.cp_wait_calls = 0;
         th.state = EmuThread::WAIT_BLOCK;
     }
     emu_race_block_start(b);
@@ -279,7 +314,9 @@ EMU_RT inline void emu_run_block(EmuBlock& b, dim3 bi, dim3 block) {
         }
         b.cur = &th;
         threadIdx = th.idx;
+        emu_race_active = b.race;  // the fiber's accesses are checked, the scheduler's are not
         emu_context_switch(b.scheduler, th.ctx);
+        emu_race_active = nullptr;
         if (th.state == EmuThread::DONE) {
             b.free_stacks.emplace_back(th.stack);
             th.stack = nullptr;
@@ -308,21 +345,8 @@ struct EmuJob {
     dim3 grid, block;
     unsigned total = 0, next = 0, done = 0;  // blocks: in the grid, handed out, finished (under the pool's lock)
     uint64_t seed = 0;
+    uint64_t id = 0;  // the process's launch count at this launch
 };
-
-// Parses a whole number in [lo, hi] from environment variable `var`; unset gives `fallback`, anything else
-// a message naming the variable and the fallback used.
-inline long emu_env_number(const char* var, long lo, long hi, long fallback) {
-    const char* s = std::getenv(var);
-    if (!s || !*s) return fallback;
-    char* end = nullptr;
-    long v = std::strtol(s, &end, 10);
-    if (*end != '\0' || v < lo || v > hi) {
-        std::fprintf(stderr, "emu: %s=%s is not a whole number in %ld..%ld; using %ld\n", var, s, lo, hi, fallback);
-        return fallback;
-    }
-    return v;
-}
 
 struct EmuPool {
     std::mutex m;
@@ -356,6 +380,7 @@ EMU_RT inline void emu_run_job_block(EmuJob& job, unsigned index) {
         b.ready.assign(n, 0);
         b.warp_live.assign(b.n_warps, 0);
         b.warp_arrived.assign(b.n_warps, 0);
+        b.warp_orders.assign(b.n_warps, 0);
         b.xchg.assign(b.n_warps * 32, 0.0f);
         b.xchg64.assign(b.n_warps * 32, 0.0);
         b.tc.resize(b.n_warps * 2);
@@ -364,6 +389,7 @@ EMU_RT inline void emu_run_job_block(EmuJob& job, unsigned index) {
     b.call_ctx = job.call_ctx;
     b.kernel_name = job.name;
     b.rng = job.seed ^ (0x2545f4914f6cdd1dull * (index + 1));
+    b.launch_id = job.id;
     b.shuffle = emu_race_enabled();
     dim3 bi{index % job.grid.x, (index / job.grid.x) % job.grid.y, index / (job.grid.x * job.grid.y)};
     blockDim = job.block;
@@ -415,8 +441,8 @@ inline void emu_launch(const char* name, void (*call)(void*), void* call_ctx, di
     job.grid = grid;
     job.block = block;
     job.total = grid.x * grid.y * grid.z;
-    job.seed = emu_race_seed() + 0x9e3779b97f4a7c15ull * pool.launches.fetch_add(1);
-    emu_race_launch_start(job.name);
+    job.id = pool.launches.fetch_add(1) + 1;
+    job.seed = emu_race_seed() + 0x9e3779b97f4a7c15ull * job.id;
     std::unique_lock<std::mutex> lock(pool.m);
     pool.jobs.push_back(&job);
     pool.work.notify_all();
@@ -433,9 +459,16 @@ inline void emu_launch(const char* name, void (*call)(void*), void* call_ctx, di
 // The name race reports and errors give a kernel launched without one: its symbol where the dynamic
 // symbol table has it (link with -rdynamic), else its address.
 inline const char* emu_kernel_name(const void* fn) {
-    static thread_local char buf[64];
+    static thread_local char buf[256];
     Dl_info info;
-    if (fn && dladdr(fn, &info) && info.dli_sname) return info.dli_sname;
+    if (fn && dladdr(fn, &info) && info.dli_sname) {
+        int status = 0;
+        char* pretty = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &status);
+        if (status != 0 || !pretty) return info.dli_sname;
+        std::snprintf(buf, sizeof buf, "%s", pretty);
+        std::free(pretty);
+        return buf;
+    }
     std::snprintf(buf, sizeof buf, "kernel@%p", fn);
     return buf;
 }

@@ -54,31 +54,38 @@ EMU_RT inline EmuTcSlot& emu_tc_slot() {
     return emu_block->tc[(th.linear / 32) * 2 + (th.tc_ops++ & 1)];
 }
 
-inline float emu_bf16_lo(uint32_t w) { return __bfloat162float(__nv_bfloat16{uint16_t(w & 0xffffu)}); }
-inline float emu_bf16_hi(uint32_t w) { return __bfloat162float(__nv_bfloat16{uint16_t(w >> 16)}); }
-inline float emu_bf16_half(uint32_t w, int half) { return half ? emu_bf16_hi(w) : emu_bf16_lo(w); }
+// bf16 -> f32 is exact: the 16 bits are the top half of the f32.
+EMU_RT inline float emu_bf16_bits(uint32_t bits16) {
+    uint32_t u = bits16 << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+EMU_RT inline float emu_bf16_lo(uint32_t w) { return emu_bf16_bits(w & 0xffffu); }
+EMU_RT inline float emu_bf16_hi(uint32_t w) { return emu_bf16_bits(w >> 16); }
+EMU_RT inline float emu_bf16_half(uint32_t w, int half) { return half ? emu_bf16_hi(w) : emu_bf16_lo(w); }
 
 // Element A[row][k] of the A operand held by the warp, as the ISA distributes it (the inverse of the table
 // above: row r sits with group r % 8, register bit 0 = (r >= 8), bit 1 = (k >= 8), lane (r % 8) * 4 + (k % 8) / 2,
 // half k % 2).
-inline float emu_a_element(const EmuTcSlot& s, int row, int k) {
+EMU_RT inline float emu_a_element(const EmuTcSlot& s, int row, int k) {
     int lane = (row % 8) * 4 + (k % 8) / 2;
     int reg = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
     return emu_bf16_half(s.a[lane][reg], k % 2);
 }
 // Element B[k][n] of the B operand: column n sits with group n, register k >= 8, lane n * 4 + (k % 8) / 2.
-inline float emu_b_element(const EmuTcSlot& s, int k, int n) {
+EMU_RT inline float emu_b_element(const EmuTcSlot& s, int k, int n) {
     int lane = n * 4 + (k % 8) / 2;
     return emu_bf16_half(s.b[lane][k >= 8 ? 1 : 0], k % 2);
 }
 
 // d = A B + c for one m16n8k16 tile; every lane of the warp calls it with its own fragments.
-inline void emu_mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
+EMU_RT inline void emu_mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
     EmuTcSlot& s = emu_tc_slot();
     int lane = threadIdx.x % 32;
     for (int i = 0; i < 4; i++) s.a[lane][i] = a[i];
     for (int i = 0; i < 2; i++) s.b[lane][i] = b[i];
-    __syncwarp();
+    emu_arrive_warp(false);
     int g = lane >> 2, t = lane & 3;
     float out[4];
     for (int i = 0; i < 4; i++) {
@@ -93,11 +100,12 @@ inline void emu_mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_
 
 // ldmatrix .x<n_mat> (1, 2 or 4) [.trans]: `row_addr` is this lane's row address (16-byte aligned shared
 // memory), r[0..n_mat) receive the fragments.
-inline void emu_ldmatrix(uint32_t* r, int n_mat, bool trans, const void* row_addr) {
+EMU_RT inline void emu_ldmatrix(uint32_t* r, int n_mat, bool trans, const void* row_addr) {
     EmuTcSlot& s = emu_tc_slot();
     int lane = threadIdx.x % 32;
     s.addr[lane] = row_addr;
-    __syncwarp();
+    if (lane < 8 * n_mat) emu_race_ldmatrix_row(row_addr);
+    emu_arrive_warp(false);
     for (int m = 0; m < n_mat; m++)
         for (int j = 0; j < 8; j++)
             assert((reinterpret_cast<uintptr_t>(s.addr[8 * m + j]) & 15) == 0 && "ldmatrix row address not 16-byte aligned");
@@ -135,17 +143,19 @@ EMU_RT inline void emu_cp_async_commit() { emu_block->cur->open_group++; }
 // landed yet land now.
 EMU_RT inline void emu_cp_async_wait(int pending) {
     EmuThread& th = *emu_block->cur;
+    if (emu_planted_skip(th.cp_wait_calls, emu_plant_skip_cp_wait)) return;
     if ((uint64_t)pending >= th.open_group) return;
     uint64_t complete = th.open_group - (uint64_t)pending;  // groups < complete are done after this wait
     if (complete <= th.waited_group) return;
     th.waited_group = complete;
-    size_t kept = 0;
-    for (EmuCopy& c : th.copies) {
-        if (c.group < complete) {
-            emu_cp_land(c);
-            emu_race_cp_complete(*emu_block, th, c.dst);
+    EmuCopy* c = th.copies.data();
+    size_t n = th.copies.size(), kept = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (c[i].group < complete) {
+            emu_cp_land(c[i]);
+            emu_race_cp_complete(*emu_block, th, c[i].dst);
         } else {
-            th.copies[kept++] = c;
+            c[kept++] = c[i];
         }
     }
     th.copies.resize(kept);

@@ -3,6 +3,10 @@
 # test.cpp). Needs g++ with C++20; no CUDA. shim/ stands in for CUDA's headers (<cuda_bf16.h>).
 # -ffp-contract=off: no fused multiply-adds, so the optimizer kernels can be checked bit for bit.
 # -rdynamic: race reports name kernels by their symbol (emu.h's emu_kernel_name).
+# Race mode: every program is compiled with -fsanitize=thread, which makes g++ call a hook before each load
+# and store, linked WITHOUT libtsan (emu_race.h defines the hooks), and run with NC_SIM_RACE=1: a
+# shared-memory race or a cp.async read before its wait in any kernel is reported and fails the program
+# (see emu_race.h; test_race.cpp checks the checker on planted bugs).
 # The programs build and run in parallel (each compile + run is one background job); their outputs are
 # printed in a fixed order afterwards. Each program prints "N failures" last and exits non-zero on a
 # failure; this script prints the total as "\n<total> failures" and fails if any program failed.
@@ -13,12 +17,13 @@ trap 'rm -rf "$out"' EXIT
 build_and_run() {
     local src="$1" name
     name="$(basename "$src" .cpp)"
-    if ! g++ -std=c++20 -O1 -ffp-contract=off -pthread -rdynamic -I"$here/shim" -I"$here" -I"$here/../cuda" \
-        "$src" -o "$out/$name" >"$out/$name.log" 2>&1; then
+    local flags=(-std=c++20 -O1 -ffp-contract=off -pthread -I"$here/shim" -I"$here" -I"$here/../cuda")
+    if ! g++ "${flags[@]}" -fsanitize=thread --param=tsan-instrument-func-entry-exit=0 -c "$src" -o "$out/$name.o" \
+        >"$out/$name.log" 2>&1 || ! g++ -pthread -rdynamic "$out/$name.o" -o "$out/$name" >>"$out/$name.log" 2>&1; then
         echo "$name: compile failed" >>"$out/$name.log"
         return 1
     fi
-    "$out/$name" >>"$out/$name.log" 2>&1 || { echo "$name: FAILED" >>"$out/$name.log"; return 1; }
+    NC_SIM_RACE=1 "$out/$name" >>"$out/$name.log" 2>&1 || { echo "$name: FAILED" >>"$out/$name.log"; return 1; }
 }
 pids=()
 names=()

@@ -639,6 +639,7 @@ int main() {
     embedding();
     adamw_multi();
     newton_schulz();
+    failures += emu_race_summary();  // run.sh runs every program in race mode
     printf("%d failures\n", failures);
     return failures != 0;
 }

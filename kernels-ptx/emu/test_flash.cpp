@@ -75,7 +75,7 @@ static size_t li(const Shape& s, int b, int h, int i) { return ((size_t)b * s.H 
 struct Ref {
     std::vector<double> out, lse, pv_abs;
 };
-static Ref reference(const Shape& s, const Tensor& q, const Tensor& k, const Tensor& v) {
+EMU_HOST_ONLY static Ref reference(const Shape& s, const Tensor& q, const Tensor& k, const Tensor& v) {
     Ref r;
     r.out.assign((size_t)s.B * s.Tq * s.H * s.D, 0);
     r.pv_abs.assign(r.out.size(), 0);
@@ -222,6 +222,7 @@ int main(int argc, char** argv) {
     attention({1, 1, 70, 4, 2, 128, 69});    // KV-cache decode: one row at position 69
     attention({1, 5, 133, 2, 1, 64, 128});   // decode chunk: 5 rows from position 128, keys in 3 tiles
     attention({1, 64, 130, 1, 1, 128, 66});  // 64 rows from 66: the diagonal crosses two key tiles
+    failures += emu_race_summary();  // run.sh runs every program in race mode
     printf("%d failures\n", failures);
     return failures != 0;
 }

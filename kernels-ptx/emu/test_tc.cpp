@@ -232,6 +232,7 @@ int main() {
     check_ldmatrix_feeds_mma();
     check_cp_async();
     check_shfl();
+    failures += emu_race_summary();  // run.sh runs every program in race mode
     printf("%d failures\n", failures);
     return failures != 0;
 }

@@ -1,7 +1,8 @@
 //! Runs the kernels' CPU emulation check (`emu/run.sh`: the real `.cu` files compiled by g++ against emu.h,
 //! each CUDA thread a fiber, checked against double-precision references and numerical derivatives, and the
-//! optimizer's kernels bit for bit against float references in the CPU backend's order), so CI exercises
-//! the kernels' arithmetic without a GPU. Skipped, with a note, where g++ is missing.
+//! optimizer's kernels bit for bit against float references in the CPU backend's order, every program in race
+//! mode: a shared-memory race or an early cp.async read fails it), so CI exercises the kernels' arithmetic and
+//! barrier placement without a GPU. Skipped, with a note, where g++ is missing.
 
 use std::process::Command;
 
@@ -75,7 +76,27 @@ fn kernels_pass_their_cpu_emulation() {
         "ns normalized matrix 0 has norm 1",
         "ns muon apply p (strided)",
         "ns muon apply without a copy",
+        // the race checker's planted bugs (emu/test_race.cpp), each reported
+        "planted: reverse without __syncthreads                     ok",
+        "planted: overwrite before the others read                  ok",
+        "planted: read of unwritten shared memory                   ok",
+        "planted: cp.async tile read before the wait                ok",
+        "cp.async read before the wait gives stale data             ok",
+        "planted: cross entropy without block_max's first barrier   ok",
+        "planted: rmsnorm forward without block_sum's first barrier ok",
+        "planted: f32 attention forward without its first __syncwarp ok",
+        "planted: flash forward without the barrier after Q/K land  ok",
+        "planted: flash forward reading Q/K before their wait       ok",
     ] {
         assert!(text.contains(what), "emu/run.sh did not check '{what}':\n{text}");
     }
+    // race mode (emu_race.h) on, with the shared-memory accesses instrumented, in each of the four programs
+    // that check kernels, and no race reported
+    let race_clean = "race check                                                 ok   0 reports (race mode on, shared \
+                      accesses instrumented)";
+    assert_eq!(
+        text.matches(race_clean).count(),
+        4,
+        "emu/run.sh: not every program ran race-clean:\n{text}"
+    );
 }

@@ -274,6 +274,9 @@ impl<S: MemorySource> CachingAllocator<S> {
 
 impl<S: MemorySource> Inner<S> {
     fn allocate(&mut self, bytes: usize, stream: StreamId) -> Result<DeviceBlock, AllocError> {
+        if !self.config.caching {
+            return self.allocate_uncached(bytes, stream);
+        }
         let size = block_size_for(bytes)?;
         let kind = pool_kind_for(size);
         let owner = self.owner_of(stream);
@@ -312,6 +315,68 @@ impl<S: MemorySource> Inner<S> {
         }
     }
 
+    /// No-caching mode: a segment of exactly the requested bytes (at least 1), so the source's memory
+    /// checks see where the tensor ends. Nothing is cached, so there is nothing to flush before failing.
+    fn allocate_uncached(&mut self, bytes: usize, stream: StreamId) -> Result<DeviceBlock, AllocError> {
+        let size = bytes.max(1);
+        let kind = pool_kind_for(size);
+        let owner = self.owner_of(stream);
+        match self.new_segment(size, kind, owner) {
+            // The block is the whole segment: hand_out never splits a block of exactly the size asked for.
+            Ok(node) => Ok(self.hand_out(node, size, bytes, owner)),
+            Err(SourceError::OutOfMemory) => {
+                self.counters.num_ooms += 1;
+                Err(AllocError::OutOfMemory(Box::new(
+                    self.oom_report(bytes, size, size, stream),
+                )))
+            }
+            Err(error) => Err(source_error(format!("allocating {size} bytes (no caching)"), error)),
+        }
+    }
+
+    /// No-caching mode: wait (on the host) until `stream` has run everything queued before this free, then
+    /// give the block's segment back to the source, so work queued after the free that still touches it is
+    /// a use after free the memory checker reports. `free` cannot return an error; a driver failure here
+    /// (the context is already broken) is reported on stderr.
+    fn free_uncached(&mut self, idx: u32, stream: StreamId) {
+        let n = self.nodes[idx as usize];
+        let sg = self.segments[n.segment as usize];
+        debug_assert!(
+            sg.addr == n.addr && sg.size == n.size,
+            "an uncached block is its whole segment"
+        );
+        let slot = self.owner_of(stream) - 1;
+        let waited = self
+            .record_event(slot, true)
+            .and_then(|()| self.wait_and_complete(slot));
+        let released = waited.and_then(|()| {
+            self.source
+                .release(sg.addr, sg.size)
+                .map_err(|e| source_error(format!("giving back {} bytes (no caching)", sg.size), e))
+        });
+        if let Err(e) = released {
+            eprintln!(
+                "warning: {}: freeing the block at {:#x} ({} bytes) failed, its memory stays with the driver: {e}",
+                self.source.name(),
+                sg.addr,
+                sg.size
+            );
+        }
+        self.drop_node(idx);
+        self.segments[n.segment as usize].live = false;
+        self.free_segments.push(n.segment);
+        let c = &mut self.counters;
+        c.allocated_bytes -= n.size;
+        c.requested_bytes -= n.requested;
+        c.num_frees += 1;
+        c.reserved_bytes -= sg.size;
+        c.num_segment_frees += 1;
+        match sg.kind {
+            PoolKind::Small => c.segments_small -= 1,
+            PoolKind::Large => c.segments_large -= 1,
+        }
+    }
+
     fn free(&mut self, block: DeviceBlock, stream: StreamId) {
         let idx = block.node;
         let node = self.nodes.get(idx as usize).copied();
@@ -325,6 +390,9 @@ impl<S: MemorySource> Inner<S> {
                 "free of a block this allocator did not hand out (addr {:#x})",
                 block.addr
             ),
+        }
+        if !self.config.caching {
+            return self.free_uncached(idx, stream);
         }
         let owner = self.owner_of(stream);
         let n = &mut self.nodes[idx as usize];
@@ -721,8 +789,12 @@ impl<S: MemorySource> Inner<S> {
 
     fn stats(&self) -> AllocatorStats {
         let free_blocks = self.pools.iter().map(|p| p.small.len() + p.large.len()).sum();
-        self.counters
-            .snapshot(self.largest_free_block(), free_blocks, self.inactive_split_bytes())
+        self.counters.snapshot(
+            self.config.caching,
+            self.largest_free_block(),
+            free_blocks,
+            self.inactive_split_bytes(),
+        )
     }
 
     /// Free bytes in segments that also hold allocated blocks (a walk over all blocks: for stats only).
@@ -753,6 +825,7 @@ impl<S: MemorySource> Inner<S> {
         };
         let c = &self.counters;
         OomReport {
+            caching: self.config.caching,
             device: self.source.name(),
             stream,
             requested: bytes,

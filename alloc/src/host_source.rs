@@ -79,6 +79,19 @@ impl HostSource {
         self.live.len()
     }
 
+    /// The live segment (address, size) that holds `addr`, or None: the lookup a memory checker makes for
+    /// each access (tests use it to ask what such a checker could see).
+    pub fn segment_containing(&self, addr: u64) -> Option<(u64, usize)> {
+        let (&base, &size) = self.live.range(..=addr).next_back()?;
+        (addr < base + size as u64).then_some((base, size))
+    }
+
+    /// Whether [addr, addr + len) lies inside one live segment: what a memory checker accepts.
+    pub fn range_is_live(&self, addr: u64, len: usize) -> bool {
+        self.segment_containing(addr)
+            .is_some_and(|(base, size)| addr + len as u64 <= base + size as u64)
+    }
+
     /// Every recording of every event so far, in order.
     pub fn event_records(&self) -> &[EventRecord] {
         &self.records
@@ -162,10 +175,9 @@ impl MemorySource for HostSource {
 
     fn allocate(&mut self, bytes: usize) -> Result<u64, SourceError> {
         self.allocate_calls += 1;
-        if bytes == 0 || !bytes.is_multiple_of(SEGMENT_ALIGN) {
-            return Err(SourceError::Failed(format!(
-                "segment size {bytes} is not a positive multiple of 512"
-            )));
+        // Any positive size, as cuMemAlloc takes: the no-caching mode asks for exactly what a tensor needs.
+        if bytes == 0 {
+            return Err(SourceError::Failed("a segment of 0 bytes was asked for".into()));
         }
         if self.used + bytes > self.capacity {
             return Err(SourceError::OutOfMemory);
@@ -179,7 +191,8 @@ impl MemorySource for HostSource {
             p as u64
         } else {
             let a = self.next_unbacked;
-            self.next_unbacked += bytes as u64;
+            // The next segment starts on the next 512-byte boundary, as every segment does.
+            self.next_unbacked += bytes.next_multiple_of(SEGMENT_ALIGN) as u64;
             a
         };
         self.used += bytes;

@@ -4,12 +4,14 @@
 //! host memory), carves them into 512-byte-granular blocks, and caches freed blocks for reuse, so the
 //! training loop never calls cuMemAlloc after its first step. Blocks freed on a stream are reused by
 //! that stream at once and by other streams after an event covering the free has completed.
-//! Design notes: ARCHITECTURE.md, section "Allocator".
+//! `NC_NO_ALLOC_CACHE=1` turns the caching off (`no_cache`): every block its own source allocation, for memory
+//! checkers. Design notes: ARCHITECTURE.md, section "Allocator".
 
 pub mod allocator;
 pub mod cuda_source;
 pub mod error;
 pub mod host_source;
+pub mod no_cache;
 pub mod oom;
 pub mod pool;
 pub mod sizes;
@@ -20,6 +22,7 @@ pub use allocator::{BlockSnapshot, BlockState, CachingAllocator, DeviceBlock, Se
 pub use cuda_source::CudaSource;
 pub use error::AllocError;
 pub use host_source::HostSource;
+pub use no_cache::{config_from_env, NO_CACHE_ENV};
 pub use oom::OomReport;
 pub use sizes::{AllocatorConfig, PoolKind};
 pub use source::{MemorySource, SourceError, StreamId};

@@ -7,6 +7,8 @@ use std::fmt;
 /// Everything known when an allocation failed after the cache was freed and the allocation retried.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OomReport {
+    /// false in the no-caching mode (`NC_NO_ALLOC_CACHE=1`): nothing was cached, so nothing was flushed.
+    pub caching: bool,
     pub device: String,
     pub stream: StreamId,
     /// Bytes asked for.
@@ -46,15 +48,24 @@ impl fmt::Display for OomReport {
             )?,
             _ => write!(f, " The device's free and total memory are unknown.")?,
         }
-        write!(
-            f,
-            " This process has {} allocated and {} reserved, of which {} is cached but free (largest free \
-             block {}); unused cached segments were already given back and the allocation retried.",
-            fmt_bytes(self.allocated),
-            fmt_bytes(self.reserved),
-            fmt_bytes(self.reserved_free),
-            fmt_bytes(self.largest_free_block)
-        )?;
+        if self.caching {
+            write!(
+                f,
+                " This process has {} allocated and {} reserved, of which {} is cached but free (largest free \
+                 block {}); unused cached segments were already given back and the allocation retried.",
+                fmt_bytes(self.allocated),
+                fmt_bytes(self.reserved),
+                fmt_bytes(self.reserved_free),
+                fmt_bytes(self.largest_free_block)
+            )?;
+        } else {
+            write!(
+                f,
+                " This process has {} allocated; caching is off (NC_NO_ALLOC_CACHE=1: one driver allocation per \
+                 block, a debugging mode), so nothing was cached to give back.",
+                fmt_bytes(self.allocated)
+            )?;
+        }
         write!(
             f,
             "\nWhat to do: lower the device batch size (--dbs, e.g. half of it; gradient accumulation keeps \
@@ -62,7 +73,7 @@ impl fmt::Display for OomReport {
              --recompute full to keep only each layer's input). `nc-train --plan` with the same flags shows \
              what fits."
         )?;
-        if self.reserved_free >= self.block_size {
+        if self.caching && self.reserved_free >= self.block_size {
             write!(
                 f,
                 " The cache holds enough free bytes but no hole big enough: memory is fragmented; a smaller \

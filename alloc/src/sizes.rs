@@ -34,6 +34,11 @@ pub struct AllocatorConfig {
     /// size. Without this, a small request that happens to best-fit a freed multi-GiB block shreds it, and
     /// the next big request finds no hole: the classic late-run fragmentation OOM.
     pub max_split_size: usize,
+    /// true (the default): cache freed blocks in segments for reuse. false: the debug mode that
+    /// `NC_NO_ALLOC_CACHE=1` turns on (`crate::no_cache`): every block is its own source allocation of exactly
+    /// the requested bytes, given back to the source when freed, so a memory checker sees each tensor's
+    /// bounds and a use after free.
+    pub caching: bool,
 }
 
 /// Default `max_split_size`: 64 MiB. Blocks this big are whole segments that are never split, so once
@@ -47,6 +52,7 @@ impl Default for AllocatorConfig {
     fn default() -> Self {
         AllocatorConfig {
             max_split_size: DEFAULT_MAX_SPLIT_SIZE,
+            caching: true,
         }
     }
 }
@@ -158,7 +164,8 @@ mod tests {
         assert!(!oversize_allows(600 << 20, 579 << 20, max));
         assert!(oversize_allows(500 << 20, 2 << 20, max));
         assert!(AllocatorConfig {
-            max_split_size: 20 << 20
+            max_split_size: 20 << 20,
+            ..AllocatorConfig::default()
         }
         .validate()
         .is_err());

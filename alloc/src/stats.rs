@@ -38,11 +38,13 @@ impl Counters {
 
     pub fn snapshot(
         &self,
+        caching: bool,
         largest_free_block: usize,
         free_blocks: usize,
         inactive_split_bytes: usize,
     ) -> AllocatorStats {
         AllocatorStats {
+            caching,
             allocated_bytes: self.allocated_bytes,
             requested_bytes: self.requested_bytes,
             reserved_bytes: self.reserved_bytes,
@@ -70,7 +72,12 @@ impl Counters {
 /// A snapshot of the allocator's statistics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AllocatorStats {
-    /// Bytes in allocated blocks (rounded sizes).
+    /// false in the no-caching mode (`NC_NO_ALLOC_CACHE=1`). There every block is one source allocation of
+    /// exactly the requested bytes, given back when freed: reserved equals allocated at all times (so its
+    /// peak is the allocated peak, below what the caching allocator reserves), block sizes are the requests
+    /// (not rounded to 512), a segment is counted per block, and nothing is cached, waiting or fragmented.
+    pub caching: bool,
+    /// Bytes in allocated blocks (rounded sizes; the exact requests without caching).
     pub allocated_bytes: usize,
     /// Bytes callers asked for (before rounding).
     pub requested_bytes: usize,
@@ -122,8 +129,13 @@ impl AllocatorStats {
 
     /// Three lines for a training log.
     pub fn summary(&self, device: &str) -> String {
+        let mode = if self.caching {
+            ""
+        } else {
+            " [no caching (NC_NO_ALLOC_CACHE=1): one driver allocation per block]"
+        };
         format!(
-            "memory {device}: allocated {} (peak {}) | active {} (peak {}) | reserved {} (peak {})\n  \
+            "memory {device}{mode}: allocated {} (peak {}) | active {} (peak {}) | reserved {} (peak {})\n  \
              cache: {} free in {} blocks ({} in split segments, fragmentation {:.1}%), largest {} | \
              segments {} (small {}, large {})\n  \
              allocs {} frees {} live {} | segment allocs {} frees {} | cache flushes {} | OOMs {}",
@@ -195,9 +207,9 @@ mod tests {
             allocated_bytes: 60 << 20,
             ..Default::default()
         };
-        assert_eq!(c.snapshot(40 << 20, 1, 0).fragmentation(), 0.0);
-        assert!((c.snapshot(10 << 20, 4, 30 << 20).fragmentation() - 0.75).abs() < 1e-12);
+        assert_eq!(c.snapshot(true, 40 << 20, 1, 0).fragmentation(), 0.0);
+        assert!((c.snapshot(true, 10 << 20, 4, 30 << 20).fragmentation() - 0.75).abs() < 1e-12);
         c.allocated_bytes = 100 << 20;
-        assert_eq!(c.snapshot(0, 0, 0).fragmentation(), 0.0);
+        assert_eq!(c.snapshot(true, 0, 0, 0).fragmentation(), 0.0);
     }
 }

@@ -221,6 +221,7 @@ fn oversize_blocks_are_not_shredded() {
         HostSource::unbacked(1 << 30),
         AllocatorConfig {
             max_split_size: 64 * MIB,
+            ..AllocatorConfig::default()
         },
     )
     .unwrap();
@@ -248,7 +249,14 @@ fn oversize_blocks_are_not_shredded() {
     );
     a.free(far);
     a.free(small);
-    assert!(CachingAllocator::new(HostSource::unbacked(1), AllocatorConfig { max_split_size: MIB }).is_err());
+    assert!(CachingAllocator::new(
+        HostSource::unbacked(1),
+        AllocatorConfig {
+            max_split_size: MIB,
+            ..AllocatorConfig::default()
+        }
+    )
+    .is_err());
 }
 
 #[test]

@@ -70,6 +70,7 @@ fn a_device_80_percent_full_never_ooms_with_the_split_limit() {
 
     let without_limit = run(AllocatorConfig {
         max_split_size: usize::MAX,
+        ..AllocatorConfig::default()
     });
     assert!(
         without_limit.num_ooms > 0,

@@ -212,7 +212,14 @@ fn check_invariants(alloc: &CachingAllocator<HostSource>, model: &Model) {
 }
 
 fn run(ops: Vec<Op>, max_split_size: usize) {
-    let alloc = CachingAllocator::new(HostSource::backed(CAPACITY), AllocatorConfig { max_split_size }).unwrap();
+    let alloc = CachingAllocator::new(
+        HostSource::backed(CAPACITY),
+        AllocatorConfig {
+            max_split_size,
+            ..AllocatorConfig::default()
+        },
+    )
+    .unwrap();
     let mut model = Model {
         live: Vec::new(),
         freed: Vec::new(),

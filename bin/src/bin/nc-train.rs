@@ -27,7 +27,10 @@ use std::process::ExitCode;
     args_override_self = true,
     name = "nc-train",
     version,
-    about = "Train a nanochat-style GPT (no arguments: a small model on the embedded corpus, on the CPU)"
+    about = "Train a nanochat-style GPT (no arguments: a small model on the embedded corpus, on the CPU)",
+    after_help = "Environment:\n  NC_NO_ALLOC_CACHE=1  --backend cuda: every tensor its own driver allocation, freed at once \
+                  (no caching), so compute-sanitizer or the simulated GPU see each tensor's bounds; slower, for \
+                  debugging (docs/no-alloc-cache.md)"
 )]
 struct Cli {
     // --- model

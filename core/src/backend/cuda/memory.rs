@@ -54,9 +54,15 @@ pub(crate) fn buffer_bytes(elems: usize, elem_bytes: usize) -> Option<usize> {
 }
 
 impl<S: MemorySource> DeviceMemory<S> {
-    /// An allocator over `source` for work on `stream`; `device` names it in messages ("cuda:0").
+    /// An allocator over `source` for work on `stream`; `device` names it in messages ("cuda:0"). Caching
+    /// unless `NC_NO_ALLOC_CACHE=1` (a bad value is an error saying what to set).
     pub(crate) fn new(source: S, stream: StreamId, device: String) -> Result<Arc<Self>> {
-        let alloc = CachingAllocator::new(source, AllocatorConfig::default())
+        let config = nc_alloc::config_from_env().map_err(|e| NcError::new(format!("{device}: {e}")))?;
+        Self::with_config(source, stream, device, config)
+    }
+
+    fn with_config(source: S, stream: StreamId, device: String, config: AllocatorConfig) -> Result<Arc<Self>> {
+        let alloc = CachingAllocator::new(source, config)
             .map_err(|e| NcError::new(format!("{device}: starting the caching allocator failed: {e}")))?;
         Ok(Arc::new(DeviceMemory { alloc, stream, device }))
     }
@@ -106,7 +112,8 @@ mod tests {
     use nc_alloc::HostSource;
 
     fn memory(capacity: usize) -> Arc<DeviceMemory<HostSource>> {
-        DeviceMemory::new(HostSource::unbacked(capacity), StreamId(7), "host:0".into()).unwrap()
+        let config = AllocatorConfig::default();
+        DeviceMemory::with_config(HostSource::unbacked(capacity), StreamId(7), "host:0".into(), config).unwrap()
     }
 
     #[test]

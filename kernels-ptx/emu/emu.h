@@ -86,15 +86,22 @@ struct EmuCopy {
     bool landed;
 };
 
-struct EmuThread {
-    enum State : uint8_t { READY, WAIT_BLOCK, WAIT_WARP, DONE };
+// A fiber: a stack and a saved context. It runs CUDA threads one after another (emu_fiber_main) until one of
+// them blocks at a barrier; that thread keeps the fiber until it ends, and a fresh fiber starts the next
+// thread. So a kernel with no barrier runs a whole block on one fiber without a single switch.
+struct EmuFiber {
     EmuContext ctx;
-    EmuStack* stack = nullptr;  // taken when the thread first runs, given back when it ends
+    EmuStack stack;
+};
+
+struct EmuThread {
+    enum State : uint8_t { NOT_STARTED, RUNNING, READY, WAIT_BLOCK, WAIT_WARP, DONE };
+    EmuFiber* fiber = nullptr;  // the fiber running this thread, from its start to its end
     dim3 idx;
     unsigned linear = 0;
-    State state = READY;
-    bool started = false;
+    State state = NOT_STARTED;
     unsigned tc_ops = 0;              // warp-collective tensor-core operations issued (emu_tc.h's slot parity)
+    unsigned shfl_ops = 0;            // shuffles issued (the exchange buffer's parity)
     std::vector<EmuCopy> copies;      // cp.async copies issued and not yet completed by a wait
     uint64_t open_group = 0;          // the group cp.async copies join until the next commit
     uint64_t waited_group = 0;        // groups < waited_group are complete
@@ -106,6 +113,9 @@ struct EmuTcSlot {
     uint32_t a[32][4];
     uint32_t b[32][2];
     const void* addr[32];
+    bool decoded;      // af and bt hold this operation's A and B (the first lane past the barrier fills them)
+    float af[16][16];  // A[row][k]
+    float bt[8][16];   // B[k][n], stored as [n][k]
 };
 
 struct EmuRaceBlock;  // emu_race.h
@@ -122,15 +132,18 @@ struct EmuBlock {
     uint64_t block_syncs = 0;  // __syncthreads completed in this block: the barrier interval of a report
     std::vector<unsigned> warp_live, warp_arrived;
     std::vector<uint8_t> warp_orders;  // the warp barrier under way is a __syncwarp (orders memory; emu_race.h)
-    std::vector<float> xchg;
+    std::vector<float> xchg;     // [parity][thread]: shuffles alternate between two buffers
     std::vector<double> xchg64;
     std::vector<EmuTcSlot> tc;  // [warp * 2 + parity]
     uint64_t rng = 0;
     uint64_t launch_id = 0;
-    bool shuffle = false;  // race mode: released threads run in a random order
+    bool shuffle = false;  // race mode: threads start, and run after a barrier, in a random order
+    unsigned next_start = 0, start_first = 0, start_step = 1;  // threads start in order first + i step (mod n)
     EmuThread* cur = nullptr;
     EmuContext scheduler;
-    std::vector<std::unique_ptr<EmuStack>> free_stacks;
+    std::vector<std::unique_ptr<EmuFiber>> free_fibers;
+    EmuFiber* fresh = nullptr;  // a fiber about to run emu_fiber_main for the first time
+    EmuFiber* dead = nullptr;   // a fiber that has run out of threads, for the scheduler to take back
     EmuRaceBlock* race = nullptr;
 };
 inline thread_local EmuBlock* emu_block = nullptr;  // the block this OS thread is running
@@ -212,8 +225,38 @@ EMU_RT inline void emu_cp_tick(EmuThread& th) {
     }
 }
 
-// Gives the CPU back to the block's scheduler; returns when the thread has been released.
-EMU_RT inline void emu_yield(EmuBlock& b, EmuThread& th) { emu_context_switch(th.ctx, b.scheduler); }
+// The fiber to run next, with b.cur and threadIdx set for its thread: a released thread's fiber, else a
+// fresh fiber for the next thread not started yet; null when neither exists.
+EMU_RT inline void emu_fiber_main();
+EMU_RT inline EmuFiber* emu_next_fiber(EmuBlock& b) {
+    if (b.ready_count > 0) {
+        EmuThread& th = b.threads[b.ready[b.ready_head]];
+        b.ready_head = (b.ready_head + 1) % b.n;
+        b.ready_count--;
+        th.state = EmuThread::RUNNING;
+        b.cur = &th;
+        threadIdx = th.idx;
+        return th.fiber;
+    }
+    if (b.next_start < b.n) {
+        if (b.free_fibers.empty()) b.free_fibers.push_back(std::make_unique<EmuFiber>());
+        EmuFiber* f = b.free_fibers.back().release();
+        b.free_fibers.pop_back();
+        emu_context_make(f->ctx, f->stack.lo(), f->stack.size(), emu_fiber_main);
+        b.fresh = f;
+        return f;
+    }
+    return nullptr;
+}
+
+// A thread at a barrier gives the CPU to the next runnable fiber (itself, when its own arrival released it
+// first; the scheduler when nothing can run); returns when the thread has been released and picked.
+EMU_RT inline void emu_yield(EmuBlock& b, EmuThread& th) {
+    EmuFiber* me = th.fiber;
+    EmuFiber* next = emu_next_fiber(b);
+    if (next == me) return;
+    emu_context_switch(me->ctx, next ? next->ctx : b.scheduler);
+}
 
 EMU_RT inline void emu_arrive_block() {
     EmuBlock& b = *emu_block;
@@ -240,19 +283,38 @@ EMU_RT inline void emu_arrive_warp(bool orders_memory) {
 EMU_RT inline void emu_thread_exit(EmuBlock& b, EmuThread& th) {
     unsigned w = th.linear / 32;
     th.state = EmuThread::DONE;
+    th.fiber = nullptr;
     b.live--;
     b.warp_live[w]--;
     if (b.block_arrived > 0 && b.block_arrived == b.live) emu_release_block(b);
     if (b.warp_arrived[w] > 0 && b.warp_arrived[w] == b.warp_live[w]) emu_release_warp(b, w);
 }
 
-EMU_RT inline void emu_fiber_entry() {
+// The body of every fiber: starts threads in turn and runs each until it returns; a thread that blocks at a
+// barrier keeps this fiber (the call below returns only when that thread ends). When no thread is left to
+// start, the fiber hands itself to the scheduler to be reused.
+EMU_RT inline void emu_fiber_main() {
     EmuBlock& b = *emu_block;
-    b.call(b.call_ctx);
-    EmuThread& th = *b.cur;
-    emu_thread_exit(b, th);
-    emu_yield(b, th);
-    emu_fatal("a finished thread was resumed");
+    EmuFiber* me = b.fresh;
+    while (b.next_start < b.n) {
+        unsigned t = (b.start_first + (uint64_t)b.next_start++ * b.start_step) % b.n;
+        EmuThread& th = b.threads[t];
+        th.fiber = me;
+        th.linear = t;
+        th.idx = {t % blockDim.x, (t / blockDim.x) % blockDim.y, t / (blockDim.x * blockDim.y)};
+        th.state = EmuThread::RUNNING;
+        th.tc_ops = th.shfl_ops = 0;
+        th.copies.clear();
+        th.open_group = th.waited_group = 0;
+        th.syncthreads_calls = th.syncwarp_calls = th.cp_wait_calls = 0;
+        b.cur = &th;
+        threadIdx = th.idx;
+        b.call(b.call_ctx);
+        emu_thread_exit(b, b.threads[t]);
+    }
+    b.dead = me;
+    emu_context_switch(me->ctx, b.scheduler);
+    emu_fatal("a finished fiber was resumed");
 }
 
 // The n-th call of a thread does nothing when a test plants that bug (emu_race.h).
@@ -263,70 +325,57 @@ EMU_RT inline void __syncthreads() {
 EMU_RT inline void __syncwarp(unsigned = 0xffffffffu) {
     if (!emu_planted_skip(emu_block->cur->syncwarp_calls, emu_plant_skip_syncwarp)) emu_arrive_warp(true);
 }
+// One warp barrier per shuffle: the lanes write this shuffle's buffer (of two, alternating), meet, and read
+// their partner's value. A lane writes the same buffer again only two shuffles later, after the barrier of
+// the shuffle between, which every lane reaches only once it has read this one.
 template <class T>
 EMU_RT inline T emu_shfl_xor(std::vector<T>& xchg, T v, int off) {
-    unsigned t = emu_block->cur->linear;
-    xchg[t] = v;
+    EmuThread& th = *emu_block->cur;
+    unsigned t = th.linear;
+    T* buf = xchg.data() + (th.shfl_ops++ & 1) * (xchg.size() / 2);
+    buf[t] = v;
     emu_arrive_warp(false);
-    T r = xchg[(t & ~31u) + ((t & 31u) ^ unsigned(off & 31))];
-    emu_arrive_warp(false);
-    return r;
+    return buf[(t & ~31u) + ((t & 31u) ^ unsigned(off & 31))];
 }
 EMU_RT inline float __shfl_xor_sync(unsigned, float v, int off) { return emu_shfl_xor(emu_block->xchg, v, off); }
 EMU_RT inline double __shfl_xor_sync(unsigned, double v, int off) { return emu_shfl_xor(emu_block->xchg64, v, off); }
 
 // Runs every thread of block `bi` to its end on the calling OS thread.
-EMU_RT inline void emu_run_block(EmuBlock& b, dim3 bi, dim3 block) {
+EMU_RT inline void emu_run_block(EmuBlock& b, dim3 bi) {
     blockIdx = bi;
     b.live = b.n;
     b.block_arrived = 0;
     b.block_syncs = 0;
     b.ready_head = 0;
     b.ready_count = 0;
+    b.next_start = 0;
+    b.start_first = 0;
+    b.start_step = 1;
+    if (b.shuffle && b.n > 1) {  // a random rotation and direction of the thread order
+        b.start_first = unsigned(emu_rand(b) % b.n);
+        b.start_step = (emu_rand(b) & 1) ? 1 : b.n - 1;
+    }
     for (unsigned w = 0; w < b.n_warps; w++) {
         b.warp_live[w] = std::min(32u, b.n - 32 * w);
         b.warp_arrived[w] = 0;
     }
-    for (unsigned t = 0; t < b.n; t++) {
-        EmuThread& th = b.threads[t];
-        th.idx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
-        th.linear = t;
-        th.started = false;
-        th.tc_ops = 0;
-        th.copies.clear();
-        th.open_group = th.waited_group = 0;
-        th.syncthreads_calls = th.syncwarp_calls = th.cp_wait_calls = 0;
-        th.state = EmuThread::WAIT_BLOCK;
-    }
+    for (unsigned t = 0; t < b.n; t++) b.threads[t].state = EmuThread::NOT_STARTED;
+    b.cur = nullptr;
     emu_race_block_start(b);
-    emu_release(b, EmuThread::WAIT_BLOCK, 0, b.n);
-    while (b.ready_count > 0) {
-        unsigned t = b.ready[b.ready_head];
-        b.ready_head = (b.ready_head + 1) % b.n;
-        b.ready_count--;
-        EmuThread& th = b.threads[t];
-        if (!th.started) {
-            if (b.free_stacks.empty()) b.free_stacks.push_back(std::make_unique<EmuStack>());
-            th.stack = b.free_stacks.back().release();
-            b.free_stacks.pop_back();
-            emu_context_make(th.ctx, th.stack->lo(), th.stack->size(), emu_fiber_entry);
-            th.started = true;
-        }
-        b.cur = &th;
-        threadIdx = th.idx;
-        emu_race_active = b.race;  // the fiber's accesses are checked, the scheduler's are not
-        emu_context_switch(b.scheduler, th.ctx);
+    while (EmuFiber* f = emu_next_fiber(b)) {
+        emu_race_active = b.race;  // the fibers' accesses are checked, the scheduler's are not
+        emu_context_switch(b.scheduler, f->ctx);
         emu_race_active = nullptr;
-        if (th.state == EmuThread::DONE) {
-            b.free_stacks.emplace_back(th.stack);
-            th.stack = nullptr;
+        if (b.dead) {
+            b.free_fibers.emplace_back(b.dead);
+            b.dead = nullptr;
         }
     }
     if (b.live != 0) {
         unsigned at_block = 0, at_warp = 0;
-        for (const EmuThread& th : b.threads) {
-            at_block += th.state == EmuThread::WAIT_BLOCK;
-            at_warp += th.state == EmuThread::WAIT_WARP;
+        for (unsigned t = 0; t < b.n; t++) {
+            at_block += b.threads[t].state == EmuThread::WAIT_BLOCK;
+            at_warp += b.threads[t].state == EmuThread::WAIT_WARP;
         }
         std::fprintf(stderr,
                      "emu: kernel %s block (%u,%u,%u) deadlocked: %u threads wait at __syncthreads, %u at a warp "
@@ -381,8 +430,8 @@ EMU_RT inline void emu_run_job_block(EmuJob& job, unsigned index) {
         b.warp_live.assign(b.n_warps, 0);
         b.warp_arrived.assign(b.n_warps, 0);
         b.warp_orders.assign(b.n_warps, 0);
-        b.xchg.assign(b.n_warps * 32, 0.0f);
-        b.xchg64.assign(b.n_warps * 32, 0.0);
+        b.xchg.assign(2 * b.n_warps * 32, 0.0f);
+        b.xchg64.assign(2 * b.n_warps * 32, 0.0);
         b.tc.resize(b.n_warps * 2);
     }
     b.call = job.call;
@@ -395,7 +444,7 @@ EMU_RT inline void emu_run_job_block(EmuJob& job, unsigned index) {
     blockDim = job.block;
     gridDim = job.grid;
     emu_block = &b;
-    emu_run_block(b, bi, job.block);
+    emu_run_block(b, bi);
     emu_block = nullptr;
 }
 

@@ -264,6 +264,8 @@ EMU_RT __attribute__((noinline)) inline void emu_race_report(EmuRaceBlock& r, Em
 
 // ---- the check of one access ------------------------------------------------------------------------------------
 EMU_RT __attribute__((noinline)) inline void emu_race_check(EmuRaceBlock& r, size_t off, size_t n, bool write) {
+    // the emulator's own thread_locals (the running thread may not be set yet when it touches them)
+    if (r.cells[off].ignore || !r.b->cur) return;
     unsigned me = r.b->cur->linear, w = me / 32;
     uint32_t eb = r.block_epoch, ew = r.warp_epoch[w];
     if (off + n > r.size) n = r.size - off;

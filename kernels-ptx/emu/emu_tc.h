@@ -85,14 +85,22 @@ EMU_RT inline void emu_mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const 
     int lane = threadIdx.x % 32;
     for (int i = 0; i < 4; i++) s.a[lane][i] = a[i];
     for (int i = 0; i < 2; i++) s.b[lane][i] = b[i];
+    s.decoded = false;
     emu_arrive_warp(false);
+    if (!s.decoded) {  // the warp's operands as matrices, once per operation rather than once per lane
+        for (int row = 0; row < 16; row++)
+            for (int k = 0; k < 16; k++) s.af[row][k] = emu_a_element(s, row, k);
+        for (int n = 0; n < 8; n++)
+            for (int k = 0; k < 16; k++) s.bt[n][k] = emu_b_element(s, k, n);
+        s.decoded = true;
+    }
     int g = lane >> 2, t = lane & 3;
     float out[4];
     for (int i = 0; i < 4; i++) {
         int row = g + (i >= 2 ? 8 : 0);
         int col = 2 * t + (i & 1);
         double sum = c[i];
-        for (int k = 0; k < 16; k++) sum += (double)emu_a_element(s, row, k) * (double)emu_b_element(s, k, col);
+        for (int k = 0; k < 16; k++) sum += (double)s.af[row][k] * (double)s.bt[col][k];
         out[i] = (float)sum;  // one round to nearest even
     }
     for (int i = 0; i < 4; i++) d[i] = out[i];  // after reading c: d may alias c

@@ -76,6 +76,11 @@ fn kernels_pass_their_cpu_emulation() {
         "ns normalized matrix 0 has norm 1",
         "ns muon apply p (strided)",
         "ns muon apply without a copy",
+        // the launch machinery (emu/test_launch.cpp)
+        "3-D grid and block: each thread once, indices and dims     ok",
+        "launch_params: pointers, u64, f64, struct by value, u8     ok",
+        "threads returning early leave the barriers                 ok",
+        "3 OS threads launching at once, 20 launches each           ok",
         // the race checker's planted bugs (emu/test_race.cpp), each reported
         "planted: reverse without __syncthreads                     ok",
         "planted: overwrite before the others read                  ok",
@@ -90,13 +95,13 @@ fn kernels_pass_their_cpu_emulation() {
     ] {
         assert!(text.contains(what), "emu/run.sh did not check '{what}':\n{text}");
     }
-    // race mode (emu_race.h) on, with the shared-memory accesses instrumented, in each of the four programs
-    // that check kernels, and no race reported
+    // race mode (emu_race.h) on, with the shared-memory accesses instrumented, in each of the five programs
+    // that check kernels or launches, and no race reported
     let race_clean = "race check                                                 ok   0 reports (race mode on, shared \
                       accesses instrumented)";
     assert_eq!(
         text.matches(race_clean).count(),
-        4,
+        5,
         "emu/run.sh: not every program ran race-clean:\n{text}"
     );
 }

@@ -1,0 +1,132 @@
+// Checks emu.h's launch machinery itself, which the kernel tests only use: every (block, thread) of a 3-D
+// launch runs once with the right blockIdx / threadIdx / blockDim / gridDim; launch_params unpacks a
+// cuLaunchKernel-style argument array by the kernel's parameter types (the simulated driver's path);
+// threads that return early drop out of the barriers the others still meet; launches from several OS
+// threads at once (the driver's streams) each get their own results. Built and run by run.sh.
+#include "emu.h"
+#include <string>
+#include <thread>
+
+static int failures = 0;
+static void report(const char* what, long bad, long total) {
+    if (bad) failures++;
+    std::printf("%-58s %s %ld of %ld wrong\n", what, bad ? "FAIL" : "ok  ", bad, total);
+}
+
+// ---- indices of a 3-D launch ---------------------------------------------------------------------------------
+struct Seen {
+    unsigned count, tx, ty, tz, bx, by, bz, dim_ok;
+};
+extern "C" __global__ void launch_indices(Seen* seen) {
+    unsigned b = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+    unsigned t = (threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
+    Seen& s = seen[b * blockDim.x * blockDim.y * blockDim.z + t];
+    s.count++;
+    s.tx = threadIdx.x, s.ty = threadIdx.y, s.tz = threadIdx.z;
+    s.bx = blockIdx.x, s.by = blockIdx.y, s.bz = blockIdx.z;
+    s.dim_ok = blockDim.x == 8 && blockDim.y == 4 && blockDim.z == 2 && gridDim.x == 3 && gridDim.y == 2 && gridDim.z == 2;
+    __syncthreads();  // a barrier across the three dimensions of the block
+}
+static void indices() {
+    const unsigned blocks = 3 * 2 * 2, threads = 8 * 4 * 2;
+    std::vector<Seen> seen(blocks * threads, Seen{});
+    launch(launch_indices, dim3{3, 2, 2}, dim3{8, 4, 2}, seen.data());
+    long bad = 0;
+    for (unsigned b = 0; b < blocks; b++)
+        for (unsigned t = 0; t < threads; t++) {
+            const Seen& s = seen[b * threads + t];
+            bool ok = s.count == 1 && s.tx == t % 8 && s.ty == (t / 8) % 4 && s.tz == t / 32 && s.bx == b % 3 &&
+                      s.by == (b / 3) % 2 && s.bz == b / 6 && s.dim_ok;
+            bad += !ok;
+        }
+    report("3-D grid and block: each thread once, indices and dims", bad, blocks * threads);
+}
+
+// ---- launch_params ------------------------------------------------------------------------------------------
+struct Table {
+    float scale[4];
+    int offset;
+};
+extern "C" __global__ void launch_unpacked(float* out, const int* in, unsigned long long n, double add,
+                                           const __grid_constant__ Table table, unsigned char flag) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = (float)(in[i] * table.scale[i % 4] + table.offset + add) + (flag == 7 ? 0.5f : 0.0f);
+}
+static void params() {
+    unsigned long long n = 300;
+    std::vector<float> out(n, -1.0f);
+    std::vector<int> in(n);
+    for (unsigned long long i = 0; i < n; i++) in[i] = int(i) - 100;
+    float* out_p = out.data();
+    const int* in_p = in.data();
+    double add = 0.25;
+    Table table{{1.0f, -2.0f, 3.0f, 0.5f}, 1000};
+    unsigned char flag = 7;
+    void* args[] = {&out_p, &in_p, &n, &add, &table, &flag};
+    launch_params("launch_unpacked", launch_unpacked, dim3{3}, dim3{128}, args);
+    long bad = 0;
+    for (unsigned long long i = 0; i < n; i++)
+        bad += out[i] != (float)(in[i] * table.scale[i % 4] + table.offset + add) + 0.5f;
+    report("launch_params: pointers, u64, f64, struct by value, u8", bad, (long)n);
+}
+
+// ---- threads that return before a barrier ----------------------------------------------------------------------
+// Threads >= 40 return at once; the others meet at two barriers (the returned ones no longer count, as on the
+// device) and read each other's values through shared memory.
+extern "C" __global__ void launch_early_exit(float* out) {
+    __shared__ float s[40];
+    int t = threadIdx.x;
+    if (t >= 40) return;
+    s[t] = (float)t;
+    __syncthreads();
+    float v = s[39 - t];
+    __syncthreads();
+    out[blockIdx.x * 40 + t] = v;
+}
+static void early_exit() {
+    std::vector<float> out(2 * 40, -1.0f);
+    launch(launch_early_exit, dim3{2}, dim3{128}, out.data());
+    long bad = 0;
+    for (int b = 0; b < 2; b++)
+        for (int t = 0; t < 40; t++) bad += out[b * 40 + t] != (float)(39 - t);
+    report("threads returning early leave the barriers", bad, 80);
+}
+
+// ---- launches from several OS threads at once ------------------------------------------------------------------
+extern "C" __global__ void launch_reverse(const float* in, float* out, int n) {
+    __shared__ float tile[256];
+    int base = blockIdx.x * 256, t = threadIdx.x;
+    tile[t] = base + t < n ? in[base + t] : 0.0f;
+    __syncthreads();
+    if (base + 255 - t < n) out[base + 255 - t] = tile[t];
+}
+static void concurrent() {
+    const int callers = 3, n = 256 * 20, rounds = 20;
+    std::vector<std::vector<float>> in(callers, std::vector<float>(n)), out(callers, std::vector<float>(n));
+    for (int c = 0; c < callers; c++)
+        for (int i = 0; i < n; i++) in[c][i] = float(c * 100000 + i);
+    std::vector<long> bad(callers, 0);
+    std::vector<std::thread> ts;
+    for (int c = 0; c < callers; c++)
+        ts.emplace_back([&, c] {
+            for (int r = 0; r < rounds; r++) {
+                std::fill(out[c].begin(), out[c].end(), -1.0f);
+                launch(launch_reverse, dim3{n / 256}, dim3{256}, (const float*)in[c].data(), out[c].data(), n);
+                for (int i = 0; i < n; i++) bad[c] += out[c][i] != in[c][(i / 256) * 256 + 255 - i % 256];
+            }
+        });
+    for (auto& t : ts) t.join();
+    long total = 0;
+    for (long b : bad) total += b;
+    report("3 OS threads launching at once, 20 launches each", total, (long)callers * n * rounds);
+}
+
+int main() {
+    indices();
+    params();
+    early_exit();
+    concurrent();
+    failures += emu_race_summary();  // run.sh runs every program in race mode
+    std::printf("%d failures\n", failures);
+    return failures != 0;
+}

@@ -1,0 +1,60 @@
+// The simulated machine's shape, from the environment: NC_SIM_DEVICES (default 1), NC_SIM_MEM (bytes per
+// device, default 4G; K, M, G suffixes are powers of 1024), NC_SIM_RACE=1 (race mode), NC_SIM_TRACE=FILE.
+#include "state.h"
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+
+namespace sim {
+
+static Config g_config;
+
+const Config& config() { return g_config; }
+
+// "4G", "512M", "1048576": bytes; false on anything else.
+static bool parse_size(const char* text, size_t& out) {
+    char* end = nullptr;
+    errno = 0;
+    unsigned long long value = std::strtoull(text, &end, 10);
+    if (end == text || errno != 0 || text[0] == '-') return false;
+    unsigned long long scale = 1;
+    if (*end == 'K' || *end == 'k') scale = 1ull << 10, end++;
+    else if (*end == 'M' || *end == 'm') scale = 1ull << 20, end++;
+    else if (*end == 'G' || *end == 'g') scale = 1ull << 30, end++;
+    if (*end != '\0' || value == 0 || value > (1ull << 50) / scale) return false;
+    out = value * scale;
+    return true;
+}
+
+bool load_config(Config& out) {
+    Config c;
+    if (const char* d = std::getenv("NC_SIM_DEVICES"); d && *d) {
+        char* end = nullptr;
+        long n = std::strtol(d, &end, 10);
+        if (*end != '\0' || n < 1 || n > 16) {
+            say("NC_SIM_DEVICES='%s' is not a device count: give a number from 1 to 16 (default 1)", d);
+            return false;
+        }
+        c.devices = int(n);
+    }
+    if (const char* m = std::getenv("NC_SIM_MEM"); m && *m) {
+        if (!parse_size(m, c.mem_bytes) || c.mem_bytes < (1u << 20)) {
+            say("NC_SIM_MEM='%s' is not a memory size: give bytes per device, at least 1M, optionally with a "
+                "K, M or G suffix (e.g. 4G, the default)", m);
+            return false;
+        }
+    }
+    if (const char* r = std::getenv("NC_SIM_RACE"); r && *r) {
+        if (std::strcmp(r, "1") != 0 && std::strcmp(r, "0") != 0) {
+            say("NC_SIM_RACE='%s': set it to 1 (race mode) or 0 / unset (off)", r);
+            return false;
+        }
+        c.race = r[0] == '1';
+    }
+    if (const char* t = std::getenv("NC_SIM_TRACE"); t && *t) c.trace_path = t;
+    g_config = c;
+    out = c;
+    return true;
+}
+
+}  // namespace sim

@@ -1,0 +1,47 @@
+// Binds the emulated kernels (kernels-ptx/cuda/*.cu compiled by g++ against kernels-ptx/emu/emu.h) to the
+// driver. scripts/sim.sh generates one translation unit per module: the .cu included in a namespace of its own,
+// then NCSIM_MODULE(name, source hash, NCSIM_KERNEL(namespace, entry)...) for every .entry of the module's
+// PTX. Each kernel's launcher takes cuLaunchKernel's parameter pointers and calls emu.h's launch() with the
+// values read as the C++ parameter types, which it learns from the kernel's own signature (template
+// deduction); the same types give the parameter sizes the driver checks against the PTX's .param list, and
+// which pointer parameters are reads (const T*) and which writes (T*).
+#pragma once
+#include "state.h"
+#include <type_traits>
+#include <utility>
+
+namespace sim {
+
+template <class T>
+constexpr ParamKind param_kind() {
+    if constexpr (std::is_pointer_v<T>)
+        return std::is_const_v<std::remove_pointer_t<T>> ? ParamKind::ReadPtr : ParamKind::WritePtr;
+    else
+        return ParamKind::Value;
+}
+
+template <auto F>
+struct KernelBinding;
+
+template <class... A, void (*F)(A...)>
+struct KernelBinding<F> {
+    static int run(const char* name, void** params, const unsigned grid[3], const unsigned block[3]) {
+        uint64_t races = emu_race_reports();
+        // The one place the driver calls the emulator.
+        launch_params(name, F, dim3{grid[0], grid[1], grid[2]}, dim3{block[0], block[1], block[2]}, params);
+        return int(emu_race_reports() - races);
+    }
+    static RegisteredKernel make(const char* name) {
+        return RegisteredKernel{name, {ParamInfo{sizeof(A), param_kind<std::remove_cv_t<A>>(), std::is_integral_v<std::remove_cv_t<A>>,
+                                                 std::is_signed_v<std::remove_cv_t<A>>}...}, &run};
+    }
+};
+
+// The kernel the calling OS thread is running a block of, for the fault handler (nullptr: none).
+inline const char* emu_running_kernel() { return emu_block ? emu_block->kernel_name : nullptr; }
+
+}  // namespace sim
+
+#define NCSIM_KERNEL(ns, entry) ::sim::KernelBinding<&ns::entry>::make(#entry)
+#define NCSIM_MODULE(module, hash, ...) \
+    static const bool ncsim_module_registered = ::sim::register_module(#module, hash, {__VA_ARGS__}, &::sim::emu_running_kernel);

@@ -1,0 +1,262 @@
+//! The simulated CUDA driver (sim/driver, docs/simulated-gpu.md): each of its checks catches the bug it exists
+//! for. Every test builds the simulator (scripts/sim.sh --build, once; needs g++) and runs a small program
+//! (src/bin/nc-sim-probe.rs) against it in a child process, twice: correct, and with the bug planted. The
+//! correct run must pass cleanly, the planted one must be caught (an error code, a report naming the kernel or
+//! call, or results that differ from the CPU's), so each check is shown to fail on its bug.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Builds target/sim once per test binary; a machine without g++ fails here with the build's own message.
+fn built() {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    let r = BUILT.get_or_init(|| {
+        let out = Command::new(root().join("scripts/sim.sh"))
+            .arg("--build")
+            .output()
+            .map_err(|e| format!("running scripts/sim.sh: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "scripts/sim.sh --build failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    });
+    if let Err(e) = r {
+        panic!("{e}");
+    }
+}
+
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs nc-sim-probe SCENARIO [planted] against the simulator with `env` (and no NC_SIM_* from outside).
+fn probe(scenario: &str, planted: bool, env: &[(&str, &str)]) -> Run {
+    built();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nc-sim-probe"));
+    cmd.arg(scenario);
+    if planted {
+        cmd.arg("planted");
+    }
+    for var in ["NC_SIM_DEVICES", "NC_SIM_MEM", "NC_SIM_RACE", "NC_SIM_TRACE"] {
+        cmd.env_remove(var);
+    }
+    let lib = root().join("target/sim");
+    let path = match std::env::var("LD_LIBRARY_PATH") {
+        Ok(p) if !p.is_empty() => format!("{}:{p}", lib.display()),
+        _ => lib.display().to_string(),
+    };
+    cmd.env("LD_LIBRARY_PATH", path).envs(env.iter().copied());
+    let Output { status, stdout, stderr } = cmd.output().expect("running nc-sim-probe");
+    Run {
+        code: status.code(),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    }
+}
+
+fn show(r: &Run) -> String {
+    format!("exit {:?}\nstdout:\n{}\nstderr:\n{}", r.code, r.stdout, r.stderr)
+}
+
+/// The correct variant ran to the end with `line` on stdout and nothing from the simulator on stderr.
+fn clean(r: &Run, line: &str) {
+    assert!(
+        r.code == Some(0) && r.stdout.contains(line) && !r.stderr.contains("nc-sim:"),
+        "{}",
+        show(r)
+    );
+}
+
+/// The planted variant was stopped by a device fault report (exit status 1) containing every one of `words`.
+fn stopped(r: &Run, words: &[&str]) {
+    assert_eq!(r.code, Some(1), "{}", show(r));
+    assert!(r.stderr.contains("nc-sim: DEVICE FAULT"), "{}", show(r));
+    for w in words {
+        assert!(r.stderr.contains(w), "missing '{w}' in the report:\n{}", show(r));
+    }
+}
+
+#[test]
+fn every_entry_of_every_ptx_has_an_emulated_kernel_and_the_p2p_module_is_refused() {
+    let r = probe("modules", false, &[]);
+    assert!(
+        r.code == Some(0) && r.stdout.contains("loaded 13 modules, 54 entries"),
+        "{}",
+        show(&r)
+    );
+    // The only simulator message is the refusal of the P2P ring, naming an entry that has no emulated kernel.
+    assert!(
+        r.stdout.contains("p2p_ring refused: CUDA_ERROR_NO_BINARY_FOR_GPU"),
+        "{}",
+        show(&r)
+    );
+    assert_eq!(r.stderr.matches("nc-sim:").count(), 1, "{}", show(&r));
+    assert!(
+        r.stderr.contains("nc_p2p_reduce_scatter_f32 has no emulated kernel"),
+        "{}",
+        show(&r)
+    );
+}
+
+#[test]
+fn a_launch_argument_of_the_wrong_width_is_refused() {
+    clean(&probe("wrong-width", false, &[]), "fill correct: true");
+    // A u32 where the kernel reads a u64: the high half comes from the neighbouring float.
+    let r = probe("wrong-width", true, &[]);
+    assert!(
+        r.stdout.contains("launch error: CUDA_ERROR_INVALID_VALUE"),
+        "{}",
+        show(&r)
+    );
+    assert!(
+        r.stderr.contains("nc_fill_f32") && r.stderr.contains("parameter 1"),
+        "{}",
+        show(&r)
+    );
+    // The packed-buffer launch path knows the size: 16 bytes where the PTX's parameters take 20.
+    clean(&probe("wrong-width-extra", false, &[]), "fill correct: true");
+    let r = probe("wrong-width-extra", true, &[]);
+    assert!(
+        r.stdout.contains("launch error: CUDA_ERROR_INVALID_VALUE"),
+        "{}",
+        show(&r)
+    );
+    assert!(
+        r.stderr.contains("nc_fill_f32") && r.stderr.contains("16 bytes"),
+        "{}",
+        show(&r)
+    );
+}
+
+#[test]
+fn a_grid_one_block_short_leaves_poison_that_differs_from_the_cpu() {
+    let full = probe("grid", false, &[]);
+    clean(&full, "launched");
+    let err = |r: &Run| -> f64 {
+        let line = r
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("max abs error vs CPU: "))
+            .expect("error line");
+        line.trim_start_matches("max abs error vs CPU: ")
+            .parse()
+            .expect("a number")
+    };
+    assert!(err(&full) < 1e-6, "{}", show(&full));
+    // The last row is never written: it keeps the allocation's NaN poison.
+    let short = probe("grid", true, &[]);
+    assert!(err(&short).is_infinite(), "{}", show(&short));
+}
+
+#[test]
+fn a_kernel_reading_one_element_past_its_buffer_faults_with_the_kernel_and_allocation() {
+    clean(&probe("past-end", false, &[]), "sum ok: true");
+    let r = probe("past-end", true, &[]);
+    stopped(
+        &r,
+        &["nc_add_inplace_f32", "live 4096 bytes", "offset 4096, past its end"],
+    );
+}
+
+#[test]
+fn a_kernel_writing_past_the_end_into_the_alignment_slack_is_reported() {
+    clean(&probe("write-past-end", false, &[]), "fill ok: true");
+    let r = probe("write-past-end", true, &[]);
+    stopped(
+        &r,
+        &["nc_fill_f32 wrote past the end", "byte 4000 of a 4000-byte allocation"],
+    );
+}
+
+#[test]
+fn a_read_of_unwritten_memory_shows_as_nan() {
+    clean(&probe("unwritten", false, &[]), "nan results: 0");
+    let r = probe("unwritten", true, &[]);
+    assert!(
+        r.code == Some(0) && r.stdout.contains("nan results: 256"),
+        "{}",
+        show(&r)
+    );
+}
+
+#[test]
+fn a_use_after_free_and_an_out_of_bounds_copy_are_stopped() {
+    clean(&probe("use-after-free", false, &[]), "sum ok: true");
+    stopped(
+        &probe("use-after-free", true, &[]),
+        &["nc_add_inplace_f32", "FREED 1024 bytes"],
+    );
+    clean(&probe("copy-bounds", false, &[]), "upload done");
+    stopped(
+        &probe("copy-bounds", true, &[]),
+        &["cuMemcpyHtoD", "+4004 bytes", "live 4000 bytes"],
+    );
+}
+
+#[test]
+fn a_missing_stream_wait_is_reported_as_a_race_in_race_mode() {
+    let race = [("NC_SIM_RACE", "1")];
+    clean(&probe("race", false, &race), "z correct: true");
+    let r = probe("race", true, &race);
+    stopped(
+        &r,
+        &[
+            "RACE",
+            "written by \"kernel nc_fill_f32",
+            "read by \"kernel nc_add_inplace_f32",
+        ],
+    );
+}
+
+#[test]
+fn a_ptx_whose_stamp_differs_from_the_emulated_source_is_refused() {
+    clean(&probe("stamp", false, &[]), "module loaded");
+    let r = probe("stamp", true, &[]);
+    assert!(
+        r.stdout.contains("load error: CUDA_ERROR_INVALID_IMAGE"),
+        "{}",
+        show(&r)
+    );
+    assert!(
+        r.stderr.contains("module 'elementwise'") && r.stderr.contains("disagree"),
+        "{}",
+        show(&r)
+    );
+}
+
+#[test]
+fn memory_is_what_nc_sim_mem_says_and_more_is_out_of_memory() {
+    let mem = [("NC_SIM_MEM", "64M")];
+    let r = probe("oom", false, &mem);
+    clean(&r, "second allocation ok");
+    assert!(r.stdout.contains("total 67108864 free 67108864") && r.stdout.contains("free after 48 MiB: 16777216"));
+    let r = probe("oom", true, &mem);
+    assert!(
+        r.stdout.contains("second alloc error: CUDA_ERROR_OUT_OF_MEMORY"),
+        "{}",
+        show(&r)
+    );
+    // A bad setting is an error that says what to write instead, not a crash.
+    let r = probe("oom", false, &[("NC_SIM_MEM", "lots")]);
+    assert!(
+        r.stdout.contains("init error: CUDA_ERROR_INVALID_VALUE"),
+        "{}",
+        show(&r)
+    );
+    assert!(
+        r.stderr.contains("NC_SIM_MEM='lots'") && r.stderr.contains("4G"),
+        "{}",
+        show(&r)
+    );
+}

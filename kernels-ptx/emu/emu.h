@@ -27,6 +27,18 @@
 // between barriers run in a shuffled order. emu_race_reports() counts the reports so far; a caller that
 // wants a race to fail a launch compares it before and after.
 //
+// Access check (emu_set_access_check(fn), emu_race.h): for code compiled with -fsanitize=thread, fn(addr,
+// bytes, is_write, kernel) sees every access a kernel makes outside shared memory and its own stack (its
+// global memory, cp.async's reads included), on the thread running it: the hook for a bounds checker.
+//
+// For the simulated driver: compile the kernels' translation units with
+//   g++ -std=c++20 -O1 -ffp-contract=off -fPIC -I kernels-ptx/emu/shim -I kernels-ptx/emu \
+//       -fsanitize=thread --param=tsan-instrument-func-entry-exit=0 -c ...
+// and link WITHOUT -fsanitize (no libtsan): the hooks come from emu_race.h. Without -fsanitize=thread the
+// kernels run a little faster, and race mode and the access check see nothing (emu_race_instrumented()
+// says which). Shared memory is thread_local, so in a dlopen'ed library a kernel finds its shared arrays
+// through __tls_get_addr (general-dynamic TLS; not measured there, bench.cpp measures an executable).
+//
 // cp.async (emu_tc.h) lands each 16-byte copy at a random legal time between its issue and the wait_group
 // that covers it: at one of the issuing thread's later barriers, or at the wait.
 #pragma once
@@ -144,7 +156,8 @@ struct EmuBlock {
     std::vector<std::unique_ptr<EmuFiber>> free_fibers;
     EmuFiber* fresh = nullptr;  // a fiber about to run emu_fiber_main for the first time
     EmuFiber* dead = nullptr;   // a fiber that has run out of threads, for the scheduler to take back
-    EmuRaceBlock* race = nullptr;
+    EmuRaceBlock* race = nullptr;   // set in race mode (emu_race.h)
+    EmuRaceBlock* hooks = nullptr;  // set in race mode or with an access check: what the hooks consult
 };
 inline thread_local EmuBlock* emu_block = nullptr;  // the block this OS thread is running
 
@@ -309,7 +322,9 @@ EMU_RT inline void emu_fiber_main() {
         th.syncthreads_calls = th.syncwarp_calls = th.cp_wait_calls = 0;
         b.cur = &th;
         threadIdx = th.idx;
+        emu_race_active = b.hooks;  // the kernel's accesses are checked (emu_race.h), the emulator's are not
         b.call(b.call_ctx);
+        emu_race_active = nullptr;
         emu_thread_exit(b, b.threads[t]);
     }
     b.dead = me;
@@ -320,9 +335,11 @@ EMU_RT inline void emu_fiber_main() {
 // The n-th call of a thread does nothing when a test plants that bug (emu_race.h).
 EMU_RT inline bool emu_planted_skip(unsigned& calls, int plant) { return plant >= 0 && calls++ == (unsigned)plant; }
 EMU_RT inline void __syncthreads() {
+    EmuHooksOff off;
     if (!emu_planted_skip(emu_block->cur->syncthreads_calls, emu_plant_skip_syncthreads)) emu_arrive_block();
 }
 EMU_RT inline void __syncwarp(unsigned = 0xffffffffu) {
+    EmuHooksOff off;
     if (!emu_planted_skip(emu_block->cur->syncwarp_calls, emu_plant_skip_syncwarp)) emu_arrive_warp(true);
 }
 // One warp barrier per shuffle: the lanes write this shuffle's buffer (of two, alternating), meet, and read
@@ -330,6 +347,7 @@ EMU_RT inline void __syncwarp(unsigned = 0xffffffffu) {
 // the shuffle between, which every lane reaches only once it has read this one.
 template <class T>
 EMU_RT inline T emu_shfl_xor(std::vector<T>& xchg, T v, int off) {
+    EmuHooksOff hooks_off;
     EmuThread& th = *emu_block->cur;
     unsigned t = th.linear;
     T* buf = xchg.data() + (th.shfl_ops++ & 1) * (xchg.size() / 2);
@@ -363,9 +381,7 @@ EMU_RT inline void emu_run_block(EmuBlock& b, dim3 bi) {
     b.cur = nullptr;
     emu_race_block_start(b);
     while (EmuFiber* f = emu_next_fiber(b)) {
-        emu_race_active = b.race;  // the fibers' accesses are checked, the scheduler's are not
         emu_context_switch(b.scheduler, f->ctx);
-        emu_race_active = nullptr;
         if (b.dead) {
             b.free_fibers.emplace_back(b.dead);
             b.dead = nullptr;
@@ -524,7 +540,9 @@ inline const char* emu_kernel_name(const void* fn) {
 
 template <class F, class... A>
 void launch_named(const char* name, F f, dim3 grid, dim3 block, A... args) {
-    auto run = [&] { f(args...); };  // every thread calls the kernel with its own copies of the arguments
+    // Every thread calls the kernel with its own copies of the arguments. Not instrumented: reading the
+    // captured arguments on the launching thread's stack is not the kernel's access.
+    auto run = [&]() EMU_RT { f(args...); };
     using Run = decltype(run);
     emu_launch(name, [](void* r) { (*static_cast<Run*>(r))(); }, &run, grid, block);
 }

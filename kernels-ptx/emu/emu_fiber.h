@@ -10,6 +10,9 @@
 #include <cstdlib>
 #include <sys/mman.h>
 
+// Not instrumented when compiled with -fsanitize=thread (emu_race.h's hooks call into these).
+#define EMU_FIBER_RT __attribute__((no_sanitize_thread))
+
 #if defined(__x86_64__) && !defined(NC_EMU_UCONTEXT)
 // emu_fiber_switch(save, to): pushes rbp rbx r12-r15, stores rsp in *save, loads rsp = to, pops the same six
 // registers from there and returns into whatever the new stack's return slot holds. MXCSR and the x87
@@ -45,7 +48,7 @@ struct EmuContext {
     void* sp = nullptr;
 };
 // Prepares `ctx` so that switching to it calls entry() on the stack [lo, lo + size). entry must never return.
-inline void emu_context_make(EmuContext& ctx, char* lo, size_t size, void (*entry)()) {
+EMU_FIBER_RT inline void emu_context_make(EmuContext& ctx, char* lo, size_t size, void (*entry)()) {
     uintptr_t top = (reinterpret_cast<uintptr_t>(lo) + size) & ~uintptr_t(15);
     void** p = reinterpret_cast<void**>(top);
     *--p = nullptr;                             // entry's own return address: it never returns
@@ -53,20 +56,20 @@ inline void emu_context_make(EmuContext& ctx, char* lo, size_t size, void (*entr
     for (int i = 0; i < 6; i++) *--p = nullptr;  // as after a call; the six saved registers start as zero
     ctx.sp = p;
 }
-inline void emu_context_switch(EmuContext& from, EmuContext& to) { emu_fiber_switch(&from.sp, to.sp); }
+EMU_FIBER_RT inline void emu_context_switch(EmuContext& from, EmuContext& to) { emu_fiber_switch(&from.sp, to.sp); }
 #else
 #include <ucontext.h>
 struct EmuContext {
     ucontext_t uc;
 };
-inline void emu_context_make(EmuContext& ctx, char* lo, size_t size, void (*entry)()) {
+EMU_FIBER_RT inline void emu_context_make(EmuContext& ctx, char* lo, size_t size, void (*entry)()) {
     getcontext(&ctx.uc);
     ctx.uc.uc_stack.ss_sp = lo;
     ctx.uc.uc_stack.ss_size = size;
     ctx.uc.uc_link = nullptr;
     makecontext(&ctx.uc, entry, 0);
 }
-inline void emu_context_switch(EmuContext& from, EmuContext& to) { swapcontext(&from.uc, &to.uc); }
+EMU_FIBER_RT inline void emu_context_switch(EmuContext& from, EmuContext& to) { swapcontext(&from.uc, &to.uc); }
 #endif
 
 // One fiber stack: reserved, not committed (pages appear as the fiber touches them), with a guard page below
@@ -87,6 +90,6 @@ struct EmuStack {
     EmuStack(const EmuStack&) = delete;
     EmuStack& operator=(const EmuStack&) = delete;
     ~EmuStack() { munmap(base, SIZE); }
-    char* lo() const { return base + GUARD; }
-    size_t size() const { return SIZE - GUARD; }
+    EMU_FIBER_RT char* lo() const { return base + GUARD; }
+    EMU_FIBER_RT size_t size() const { return SIZE - GUARD; }
 };

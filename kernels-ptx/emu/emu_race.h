@@ -73,7 +73,17 @@ struct EmuRaceCell {
     uint8_t ignore = 0;   // the emulator's own thread_local bytes
 };
 
+// A check of every other access a kernel makes (global memory, as far as the kernel knows: not shared memory,
+// not the thread's own stack), for a checker such as the simulated driver's bounds check: called as
+// check(addr, bytes, is_write, kernel name) from the thread running the kernel, for code compiled with
+// -fsanitize=thread, race mode or not. Null (the default): no check.
+using EmuAccessCheck = void (*)(const void* addr, size_t bytes, int is_write, const char* kernel);
+inline std::atomic<EmuAccessCheck> emu_access_check{nullptr};
+inline void emu_set_access_check(EmuAccessCheck check) { emu_access_check.store(check); }
+
 struct EmuRaceBlock {
+    bool race_on = false;            // the block runs in race mode (b.race is set)
+    EmuAccessCheck check = nullptr;  // emu_access_check when the block started
     uintptr_t lo = 0;  // this OS thread's thread_local block of the module: [lo, lo + size)
     size_t size = 0;
     EmuRaceCell* cells = nullptr;
@@ -86,7 +96,15 @@ struct EmuRaceBlock {
     uint64_t launch = 0;
     const char* module = nullptr;
 };
-inline thread_local EmuRaceBlock* emu_race_active = nullptr;  // set while a fiber of a block in race mode runs
+// Set only while kernel code runs (emu.h's emu_fiber_main sets it around the kernel call; every emulator
+// function a kernel calls turns it off with EmuHooksOff), so the hooks see the kernel's own accesses, not the
+// emulator's (its std::vector code is instrumented too).
+inline thread_local EmuRaceBlock* emu_race_active = nullptr;
+struct EmuHooksOff {
+    EmuRaceBlock* saved;
+    EMU_RT EmuHooksOff() : saved(emu_race_active) { emu_race_active = nullptr; }
+    EMU_RT ~EmuHooksOff() { emu_race_active = saved; }
+};
 inline thread_local char emu_race_anchor = 0;                 // locates this module's thread_local block
 
 struct EmuTlsFind {
@@ -307,12 +325,32 @@ EMU_RT __attribute__((noinline)) inline void emu_race_check(EmuRaceBlock& r, siz
     }
 }
 
+// An access outside shared memory: to the access check unless it is on the running thread's stack.
+EMU_RT __attribute__((noinline)) inline void emu_check_outside(EmuRaceBlock& r, const void* p, size_t n, bool write) {
+    EmuThread* th = r.b->cur;
+    if (!th || !th->fiber) return;
+    uintptr_t off = reinterpret_cast<uintptr_t>(p) - reinterpret_cast<uintptr_t>(th->fiber->stack.base);
+    if (off < EmuStack::SIZE) return;
+    EmuHooksOff hooks_off;  // the check's own accesses are not the kernel's
+    r.check(p, n, write, r.b->kernel_name);
+}
+
 EMU_RT inline void emu_race_access(const void* p, size_t n, bool write) {
     EmuRaceBlock* r = emu_race_active;
     if (!r) return;
     uintptr_t off = reinterpret_cast<uintptr_t>(p) - r->lo;
-    if (off >= r->size) return;
-    emu_race_check(*r, off, n, write);
+    if (off < r->size) {
+        if (r->race_on) emu_race_check(*r, off, n, write);
+    } else if (r->check) {
+        emu_check_outside(*r, p, n, write);
+    }
+}
+// Atomics do not race with each other: only the access check sees them.
+EMU_RT inline void emu_atomic_access(const volatile void* p, size_t n) {
+    EmuRaceBlock* r = emu_race_active;
+    if (!r || !r->check) return;
+    const void* a = const_cast<const void*>(p);
+    if (reinterpret_cast<uintptr_t>(a) - r->lo >= r->size) emu_check_outside(*r, a, n, true);
 }
 
 // ---- the scheduler's calls (emu.h, emu_tc.h) ---------------------------------------------------------------
@@ -328,15 +366,21 @@ EMU_RT inline uint32_t emu_race_next(EmuRaceBlock& r) {
     return ++r.gen;
 }
 EMU_RT inline void emu_race_block_start(EmuBlock& b) {
-    b.race = nullptr;
-    if (!emu_race_enabled()) return;
+    b.race = b.hooks = nullptr;
+    bool race_on = emu_race_enabled();
+    EmuAccessCheck check = emu_access_check.load(std::memory_order_relaxed);
+    if (!race_on && !check) return;
     EmuRaceBlock* r = emu_race_shadow(b);
     if (!r) return;
+    r->race_on = race_on;
+    r->check = check;
+    r->b = &b;
+    b.hooks = r;
+    if (!race_on) return;
     if (r->launch != b.launch_id) {
         for (unsigned& p : r->printed) p = 0;
         r->launch = b.launch_id;
     }
-    r->b = &b;
     uint32_t e = emu_race_next(*r);
     r->block_first = r->block_epoch = e;
     for (uint32_t& we : r->warp_epoch) we = e;
@@ -351,7 +395,7 @@ EMU_RT inline void emu_race_block_end(EmuBlock& b) {
                 for (size_t i = 0; i < 16 && off + i < b.race->size; i++) b.race->cells[off + i].pending = 0;
             }
     emu_race_active = nullptr;
-    b.race = nullptr;
+    b.race = b.hooks = nullptr;
 }
 EMU_RT inline void emu_race_block_barrier(EmuBlock& b) {
     if (!b.race) return;
@@ -363,9 +407,16 @@ EMU_RT inline void emu_race_warp_barrier(EmuBlock& b, unsigned w) {
     if (b.race) b.race->warp_epoch[w] = emu_race_next(*b.race);
 }
 // ldmatrix reads 16 bytes at each participating lane's row address: the reads are that lane's.
-EMU_RT inline void emu_race_ldmatrix_row(const void* row) { emu_race_access(row, 16, false); }
-// A cp.async of 16 bytes into `dst`: in flight until the issuing thread's wait_group completes it.
-EMU_RT inline void emu_race_cp_issue(EmuBlock& b, EmuThread& th, void* dst) {
+EMU_RT inline void emu_race_ldmatrix_row(EmuBlock& b, const void* row) {
+    EmuRaceBlock* r = b.race;
+    if (!r) return;
+    uintptr_t off = reinterpret_cast<uintptr_t>(row) - r->lo;
+    if (off < r->size) emu_race_check(*r, off, 16, false);
+}
+// A cp.async of 16 bytes into `dst`: in flight until the issuing thread's wait_group completes it. Its read of
+// global memory (`src`, null for a zero fill) goes to the access check: the copy is the kernel's access.
+EMU_RT inline void emu_race_cp_issue(EmuBlock& b, EmuThread& th, void* dst, const void* src) {
+    if (src && b.hooks && b.hooks->check) emu_check_outside(*b.hooks, src, 16, false);
     EmuRaceBlock* r = b.race;
     if (!r) return;
     uintptr_t off = reinterpret_cast<uintptr_t>(dst) - r->lo;
@@ -422,24 +473,42 @@ EMU_TSAN void __tsan_func_entry(void*) {}
 EMU_TSAN void __tsan_func_exit() {}
 EMU_TSAN void __tsan_vptr_update(void**, void*) {}
 EMU_TSAN void __tsan_vptr_read(void**) {}
-// Atomics: performed as sequentially consistent operations (stronger than asked), not race-checked.
+// Atomics: performed as sequentially consistent operations (stronger than asked); not race-checked (atomics
+// do not race), but seen by the access check.
+#define EMU_TSAN_RMW(bits, T, op)                                                                                \
+    EMU_TSAN T __tsan_atomic##bits##_##op(volatile T* a, T v, int) {                                            \
+        emu_atomic_access(a, sizeof(T));                                                                          \
+        return __atomic_##op(a, v, __ATOMIC_SEQ_CST);                                                             \
+    }
 #define EMU_TSAN_ATOMIC(bits, T)                                                                                  \
-    EMU_TSAN T __tsan_atomic##bits##_load(const volatile T* a, int) { return __atomic_load_n(a, __ATOMIC_SEQ_CST); } \
-    EMU_TSAN void __tsan_atomic##bits##_store(volatile T* a, T v, int) { __atomic_store_n(a, v, __ATOMIC_SEQ_CST); } \
-    EMU_TSAN T __tsan_atomic##bits##_exchange(volatile T* a, T v, int) { return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST); } \
-    EMU_TSAN T __tsan_atomic##bits##_fetch_add(volatile T* a, T v, int) { return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST); } \
-    EMU_TSAN T __tsan_atomic##bits##_fetch_sub(volatile T* a, T v, int) { return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST); } \
-    EMU_TSAN T __tsan_atomic##bits##_fetch_and(volatile T* a, T v, int) { return __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST); } \
-    EMU_TSAN T __tsan_atomic##bits##_fetch_or(volatile T* a, T v, int) { return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST); } \
-    EMU_TSAN T __tsan_atomic##bits##_fetch_xor(volatile T* a, T v, int) { return __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST); } \
-    EMU_TSAN T __tsan_atomic##bits##_fetch_nand(volatile T* a, T v, int) { return __atomic_fetch_nand(a, v, __ATOMIC_SEQ_CST); } \
+    EMU_TSAN T __tsan_atomic##bits##_load(const volatile T* a, int) {                                            \
+        emu_atomic_access(a, sizeof(T));                                                                          \
+        return __atomic_load_n(a, __ATOMIC_SEQ_CST);                                                              \
+    }                                                                                                             \
+    EMU_TSAN void __tsan_atomic##bits##_store(volatile T* a, T v, int) {                                         \
+        emu_atomic_access(a, sizeof(T));                                                                          \
+        __atomic_store_n(a, v, __ATOMIC_SEQ_CST);                                                                 \
+    }                                                                                                             \
+    EMU_TSAN T __tsan_atomic##bits##_exchange(volatile T* a, T v, int) {                                         \
+        emu_atomic_access(a, sizeof(T));                                                                          \
+        return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST);                                                       \
+    }                                                                                                             \
+    EMU_TSAN_RMW(bits, T, fetch_add)                                                                              \
+    EMU_TSAN_RMW(bits, T, fetch_sub)                                                                              \
+    EMU_TSAN_RMW(bits, T, fetch_and)                                                                              \
+    EMU_TSAN_RMW(bits, T, fetch_or)                                                                               \
+    EMU_TSAN_RMW(bits, T, fetch_xor)                                                                              \
+    EMU_TSAN_RMW(bits, T, fetch_nand)                                                                             \
     EMU_TSAN int __tsan_atomic##bits##_compare_exchange_strong(volatile T* a, T* c, T v, int, int) {             \
+        emu_atomic_access(a, sizeof(T));                                                                          \
         return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                  \
     }                                                                                                             \
     EMU_TSAN int __tsan_atomic##bits##_compare_exchange_weak(volatile T* a, T* c, T v, int, int) {               \
+        emu_atomic_access(a, sizeof(T));                                                                          \
         return __atomic_compare_exchange_n(a, c, v, true, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                   \
     }                                                                                                             \
     EMU_TSAN T __tsan_atomic##bits##_compare_exchange_val(volatile T* a, T c, T v, int, int) {                   \
+        emu_atomic_access(a, sizeof(T));                                                                          \
         __atomic_compare_exchange_n(a, &c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                        \
         return c;                                                                                                 \
     }

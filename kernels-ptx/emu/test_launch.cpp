@@ -2,8 +2,15 @@
 // launch runs once with the right blockIdx / threadIdx / blockDim / gridDim; launch_params unpacks a
 // cuLaunchKernel-style argument array by the kernel's parameter types (the simulated driver's path);
 // threads that return early drop out of the barriers the others still meet; launches from several OS
-// threads at once (the driver's streams) each get their own results. Built and run by run.sh.
+// threads at once (the driver's streams) each get their own results; the access check (emu_race.h) sees
+// every global access of a kernel and nothing else. Built and run by run.sh.
 #include "emu.h"
+#include "emu_tc.h"
+#define NC_EMU 1
+namespace fa {
+#include "flash_attention.cu"
+}
+#include <mutex>
 #include <string>
 #include <thread>
 
@@ -121,11 +128,108 @@ static void concurrent() {
     report("3 OS threads launching at once, 20 launches each", total, (long)callers * n * rounds);
 }
 
+// ---- the access check (emu_set_access_check) -----------------------------------------------------------------
+// Sums each block's slice of `in` into out[block]; with `past_end` the last block reads one element more.
+extern "C" __global__ void launch_sum(const float* in, float* out, int n, int past_end) {
+    __shared__ float partial[64];
+    int per = n / gridDim.x, first = blockIdx.x * per, t = threadIdx.x;
+    int end = first + per + (past_end && blockIdx.x == gridDim.x - 1 ? 1 : 0);
+    float acc = 0.0f;
+    for (int i = first + t; i < end; i += 64) acc += in[i];
+    partial[t] = acc;
+    __syncthreads();
+    if (t == 0) {
+        float sum = 0.0f;
+        for (int k = 0; k < 64; k++) sum += partial[k];
+        out[blockIdx.x] = sum;
+    }
+}
+struct Seen2 {
+    std::mutex m;
+    const char *in_lo, *in_hi, *out_lo, *out_hi;
+    long in_reads = 0, out_writes = 0, other = 0;
+    std::string other_kernel;
+    const char* other_addr = nullptr;
+};
+static Seen2 g_seen;
+static void record(const void* addr, size_t bytes, int is_write, const char* kernel) {
+    auto* p = static_cast<const char*>(addr);
+    std::lock_guard<std::mutex> lock(g_seen.m);
+    if (!is_write && p >= g_seen.in_lo && p + bytes <= g_seen.in_hi)
+        g_seen.in_reads++;
+    else if (is_write && p >= g_seen.out_lo && p + bytes <= g_seen.out_hi)
+        g_seen.out_writes++;
+    else
+        g_seen.other++, g_seen.other_kernel = kernel, g_seen.other_addr = p;
+}
+static void access_check() {
+    const int n = 1000, blocks = 4;
+    std::vector<float> buf(n + 1, 1.0f), out(blocks);  // buf[n] exists, so the planted read stays harmless
+    for (int past_end : {0, 1}) {
+        g_seen.in_lo = (const char*)buf.data(), g_seen.in_hi = (const char*)(buf.data() + n);
+        g_seen.out_lo = (const char*)out.data(), g_seen.out_hi = (const char*)(out.data() + blocks);
+        g_seen.in_reads = g_seen.out_writes = g_seen.other = 0;
+        emu_set_access_check(record);
+        launch(launch_sum, dim3{blocks}, dim3{64}, (const float*)buf.data(), out.data(), n, past_end);
+        emu_set_access_check(nullptr);
+        bool ok = g_seen.in_reads == n && g_seen.out_writes == blocks &&
+                  (past_end ? g_seen.other == 1 && g_seen.other_kernel == "launch_sum" &&
+                                  g_seen.other_addr == (const char*)(buf.data() + n)
+                            : g_seen.other == 0);
+        if (!ok) failures++;
+        std::printf("%-58s %s %ld reads in, %ld writes out, %ld elsewhere\n",
+                    past_end ? "access check sees the planted read past the end" : "access check: every global access, no other",
+                    ok ? "ok  " : "FAIL", g_seen.in_reads, g_seen.out_writes, g_seen.other);
+    }
+}
+
+// A real kernel with cp.async, ldmatrix and mma: every access the access check sees lies in one of the
+// buffers the launch passed (cp.async's global reads included), so a driver's bounds check has no false alarm.
+struct Ranges {
+    std::mutex m;
+    std::vector<std::pair<const char*, const char*>> ok;
+    long inside = 0, outside = 0;
+};
+static Ranges g_ranges;
+static void in_ranges(const void* addr, size_t bytes, int, const char*) {
+    auto* p = static_cast<const char*>(addr);
+    std::lock_guard<std::mutex> lock(g_ranges.m);
+    bool in = false;
+    for (auto& r : g_ranges.ok) in = in || (p >= r.first && p + bytes <= r.second);
+    (in ? g_ranges.inside : g_ranges.outside)++;
+}
+static void access_check_flash() {
+    const int T = 70, H = 2, D = 64;
+    std::vector<__nv_bfloat16> q((size_t)T * H * D), k(q.size()), v(q.size()), o(q.size());
+    for (size_t i = 0; i < q.size(); i++) q[i] = k[i] = v[i] = __float2bfloat16_rn(float(i % 17) / 17.0f);
+    std::vector<float> lse((size_t)H * T);
+    auto range = [](const auto& vec) {
+        return std::make_pair((const char*)vec.data(), (const char*)(vec.data() + vec.size()));
+    };
+    g_ranges.ok = {range(q), range(k), range(v), range(o), range(lse)};
+    emu_set_access_check(in_ranges);
+    launch(fa::nc_flash_forward_d64_bf16, dim3{(T + 63) / 64, (unsigned)H, 1}, dim3{FLASH_THREADS},
+           (const __nv_bfloat16*)q.data(), (const __nv_bfloat16*)k.data(), (const __nv_bfloat16*)v.data(), o.data(),
+           lse.data(), 1, T, T, H, H, 0, 0.125f);
+    emu_set_access_check(nullptr);
+    bool ok = g_ranges.inside > 0 && g_ranges.outside == 0;
+    if (!ok) failures++;
+    std::printf("%-58s %s %ld in the launch's buffers, %ld elsewhere\n", "access check on flash forward (cp.async reads)",
+                ok ? "ok  " : "FAIL", g_ranges.inside, g_ranges.outside);
+}
+
 int main() {
     indices();
     params();
     early_exit();
     concurrent();
+    if (emu_race_instrumented()) {
+        access_check();
+        access_check_flash();
+    } else {
+        failures++;
+        std::printf("access check needs -fsanitize=thread (see run.sh): FAIL\n");
+    }
     failures += emu_race_summary();  // run.sh runs every program in race mode
     std::printf("%d failures\n", failures);
     return failures != 0;

@@ -81,6 +81,9 @@ fn kernels_pass_their_cpu_emulation() {
         "launch_params: pointers, u64, f64, struct by value, u8     ok",
         "threads returning early leave the barriers                 ok",
         "3 OS threads launching at once, 20 launches each           ok",
+        "access check: every global access, no other                ok",
+        "access check sees the planted read past the end            ok",
+        "access check on flash forward (cp.async reads)             ok",
         // the race checker's planted bugs (emu/test_race.cpp), each reported
         "planted: reverse without __syncthreads                     ok",
         "planted: overwrite before the others read                  ok",

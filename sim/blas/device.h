@@ -1,0 +1,119 @@
+// How the simulated cuBLAS / cuBLASLt reach the simulated device: the ncsim_* functions of the already-loaded
+// simulated driver (sim/include/ncsim.h), found with dlsym(RTLD_DEFAULT, ...) on first use, and `submit`,
+// which checks, declares, traces and queues one GEMM on a stream, as a kernel launch would be queued.
+// Header-only: each library compiles its own copy.
+#pragma once
+#include <dlfcn.h>
+
+#include <cinttypes>
+#include <cstdarg>
+#include <cstdio>
+#include <mutex>
+
+#include "blas_api.h"
+#include "gemm.h"
+#include "ncsim.h"
+
+namespace {
+
+// One line on stderr naming the library, the call and what is wrong (every refusal prints one).
+__attribute__((format(printf, 3, 4))) int refuse(int status, const char* call, const char* fmt, ...) {
+    static const char* names[] = {"SUCCESS", "NOT_INITIALIZED", "?", "ALLOC_FAILED", "?", "?", "?",
+                                  "INVALID_VALUE", "ARCH_MISMATCH", "?", "?", "MAPPING_ERROR", "?",
+                                  "EXECUTION_FAILED", "INTERNAL_ERROR", "NOT_SUPPORTED"};
+    char what[512];
+    va_list args;
+    va_start(args, fmt);
+    vsnprintf(what, sizeof what, fmt, args);
+    va_end(args);
+    const char* name = status >= 0 && status <= 15 ? names[status] : "?";
+    fprintf(stderr, "nc simulated cuBLAS: %s: %s (CUBLAS_STATUS_%s)\n", call, what, name);
+    return status;
+}
+
+struct Ncsim {
+    int (*check_range)(const void*, size_t, int, const char*) = nullptr;
+    int (*enqueue)(void*, void (*)(void*), void*, const char*) = nullptr;
+    void (*declare_access)(const void*, size_t, int) = nullptr;
+    void (*trace)(const char*, const char*) = nullptr;
+    int (*current_device)(void) = nullptr;
+};
+
+// The driver's functions, or null (with one stderr line) when the loaded libcuda.so.1 is not the simulated
+// one: these libraries only run on the simulated device.
+const Ncsim* ncsim(const char* call) {
+    static Ncsim functions;
+    static bool found = false;
+    static std::once_flag once;
+    std::call_once(once, [] {
+        functions.check_range = reinterpret_cast<decltype(functions.check_range)>(
+            dlsym(RTLD_DEFAULT, "ncsim_check_range"));
+        functions.enqueue = reinterpret_cast<decltype(functions.enqueue)>(dlsym(RTLD_DEFAULT, "ncsim_enqueue"));
+        functions.declare_access = reinterpret_cast<decltype(functions.declare_access)>(
+            dlsym(RTLD_DEFAULT, "ncsim_declare_access"));
+        functions.trace = reinterpret_cast<decltype(functions.trace)>(dlsym(RTLD_DEFAULT, "ncsim_trace"));
+        functions.current_device = reinterpret_cast<decltype(functions.current_device)>(
+            dlsym(RTLD_DEFAULT, "ncsim_current_device"));
+        found = functions.check_range && functions.enqueue && functions.declare_access && functions.trace &&
+                functions.current_device;
+    });
+    if (!found) {
+        refuse(CUBLAS_STATUS_NOT_INITIALIZED, call,
+               "the simulated cuBLAS needs the simulated driver (ncsim_* not found in the loaded libcuda.so.1); "
+               "run through scripts/sim.sh, or put NVIDIA's cuBLAS on LD_LIBRARY_PATH for a real GPU");
+        return nullptr;
+    }
+    return &functions;
+}
+
+// Bytes spanned by `batch` column-major matrices of rows x cols (rows, cols >= 1) with leading dimension ld
+// and batch stride `stride` (elements), from the first byte of the first to the last byte of the last; 0
+// when that is larger than any device memory (so the caller refuses it instead of overflowing).
+size_t span_bytes(int64_t rows, int64_t cols, int64_t ld, int64_t batch, int64_t stride, Elem type) {
+    unsigned __int128 elements = (unsigned __int128)(cols - 1) * (unsigned __int128)ld + (unsigned __int128)rows +
+                                 (unsigned __int128)(batch - 1) * (unsigned __int128)stride;
+    unsigned __int128 bytes = elements * elem_bytes(type);
+    if (bytes > ((unsigned __int128)1 << 48)) return 0;
+    return size_t(bytes);
+}
+
+// One device range a GEMM touches: checked against the live allocations (the driver ends the run on a
+// violation, as compute-sanitizer would), then declared for the race checker.
+struct Access {
+    const void* ptr;
+    size_t bytes;
+    int is_write;
+    const char* what;  // e.g. "cublasLtMatmul A"
+};
+
+void run_and_free(void* ctx) {
+    Gemm* g = static_cast<Gemm*>(ctx);
+    run_gemm(*g);
+    delete g;
+}
+
+// Checks the accesses, traces the GEMM, and queues it on `stream` (it runs later, on the stream's worker).
+// `call` names the entry point (a string literal: the driver may keep it for its messages).
+int submit(const Ncsim& sim, const char* call, const Gemm& g, const Access* accesses, int count, void* stream) {
+    for (int i = 0; i < count; i++) {
+        if (sim.check_range(accesses[i].ptr, accesses[i].bytes, accesses[i].is_write, accesses[i].what) != 0)
+            return refuse(CUBLAS_STATUS_EXECUTION_FAILED, call, "%s: %zu bytes at %p are not device memory",
+                          accesses[i].what, accesses[i].bytes, accesses[i].ptr);
+    }
+    char detail[160];
+    snprintf(detail, sizeof detail, "%s m=%" PRId64 " n=%" PRId64 " k=%" PRId64 " batch=%" PRId64 " op=%c%c out=%s",
+             g.tf32 ? "tf32" : elem_name(g.a.type), g.m, g.n, g.k, g.batch, g.a.trans ? 'T' : 'N',
+             g.b.trans ? 'T' : 'N', elem_name(g.d_type));
+    sim.trace("gemm", detail);
+    for (int i = 0; i < count; i++) sim.declare_access(accesses[i].ptr, accesses[i].bytes, accesses[i].is_write);
+    Gemm* work = new Gemm(g);
+    int result = sim.enqueue(stream, run_and_free, work, call);
+    if (result != 0) {
+        delete work;
+        return refuse(CUBLAS_STATUS_EXECUTION_FAILED, call, "the driver refused to queue the GEMM on stream %p (CUresult %d)",
+                      stream, result);
+    }
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+}  // namespace

@@ -1,5 +1,5 @@
 // How the simulated cuBLAS / cuBLASLt reach the simulated device: the ncsim_* functions of the already-loaded
-// simulated driver (sim/include/ncsim.h), found with dlsym(RTLD_DEFAULT, ...) on first use, and `submit`,
+// simulated driver (sim/include/ncsim.h), found on first use, and `submit`,
 // which checks, declares, traces and queues one GEMM on a stream, as a kernel launch would be queued.
 // Header-only: each library compiles its own copy.
 #pragma once
@@ -39,6 +39,16 @@ struct Ncsim {
     int (*current_device)(void) = nullptr;
 };
 
+// One ncsim_* function: from the global scope (a process linked against the driver, or one that opened it
+// with RTLD_GLOBAL, as the tests open their fake), else from the already-loaded libcuda.so.1 itself. cudarc
+// opens the driver with dlopen's default RTLD_LOCAL, so in nc its symbols are not in the global scope, and
+// dlsym(RTLD_DEFAULT, ...) alone does not find them; RTLD_NOLOAD returns the loaded copy and never loads one.
+void* ncsim_symbol(const char* name) {
+    if (void* f = dlsym(RTLD_DEFAULT, name)) return f;
+    static void* driver = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_NOLOAD);
+    return driver ? dlsym(driver, name) : nullptr;
+}
+
 // The driver's functions, or null (with one stderr line) when the loaded libcuda.so.1 is not the simulated
 // one: these libraries only run on the simulated device.
 const Ncsim* ncsim(const char* call) {
@@ -46,14 +56,14 @@ const Ncsim* ncsim(const char* call) {
     static bool found = false;
     static std::once_flag once;
     std::call_once(once, [] {
-        functions.check_range = reinterpret_cast<decltype(functions.check_range)>(
-            dlsym(RTLD_DEFAULT, "ncsim_check_range"));
-        functions.enqueue = reinterpret_cast<decltype(functions.enqueue)>(dlsym(RTLD_DEFAULT, "ncsim_enqueue"));
-        functions.declare_access = reinterpret_cast<decltype(functions.declare_access)>(
-            dlsym(RTLD_DEFAULT, "ncsim_declare_access"));
-        functions.trace = reinterpret_cast<decltype(functions.trace)>(dlsym(RTLD_DEFAULT, "ncsim_trace"));
-        functions.current_device = reinterpret_cast<decltype(functions.current_device)>(
-            dlsym(RTLD_DEFAULT, "ncsim_current_device"));
+        functions.check_range =
+            reinterpret_cast<decltype(functions.check_range)>(ncsim_symbol("ncsim_check_range"));
+        functions.enqueue = reinterpret_cast<decltype(functions.enqueue)>(ncsim_symbol("ncsim_enqueue"));
+        functions.declare_access =
+            reinterpret_cast<decltype(functions.declare_access)>(ncsim_symbol("ncsim_declare_access"));
+        functions.trace = reinterpret_cast<decltype(functions.trace)>(ncsim_symbol("ncsim_trace"));
+        functions.current_device =
+            reinterpret_cast<decltype(functions.current_device)>(ncsim_symbol("ncsim_current_device"));
         found = functions.check_range && functions.enqueue && functions.declare_access && functions.trace &&
                 functions.current_device;
     });

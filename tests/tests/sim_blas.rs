@@ -1,6 +1,7 @@
 //! The simulated cuBLAS and cuBLASLt (sim/blas/, issue 19 item 5), built with g++ as scripts/sim.sh builds
 //! them and run on a fake of the simulated driver's ncsim_* functions (sim/blas/tests/fake_ncsim.cpp: host
-//! memory poisoned with NaN, range checks, work queued until a sync), so they are tested without the driver.
+//! memory poisoned with NaN, range checks, work queued until a sync; built as libcuda.so.1), so they are
+//! tested without the driver.
 //!
 //! - `the_simulated_libraries_match_their_references`: sim/blas/tests/blas_check.cpp, which checks every GEMM
 //!   bit for bit against the documented accumulation order and within the f32 error bound of an f64
@@ -8,7 +9,8 @@
 //!   NaN poison, C == D and C != D, bf16/f32 outputs, TF32 math), bf16 round-to-nearest-even cases worked out
 //!   by hand, the declared accesses, asynchrony and trace line of a GEMM, device pointer mode (alpha and beta
 //!   read when the stream runs), and the statuses and stderr lines of refused arguments.
-//! - `nc_row_major_matmul_on_the_simulated_libraries_equals_the_cpu_backend`: nc's row-major `matmul`
+//! - `nc_row_major_matmul_on_the_simulated_libraries_equals_the_cpu_backend`: the fake driver opened
+//!   RTLD_LOCAL as cudarc opens libcuda.so.1, then nc's row-major `matmul`
 //!   mapped onto the column-major libraries the way core/src/backend/cuda/blas.rs (`sgemm_call`) and
 //!   blas_lt.rs (`lt_call`) map it (restated below: those are private to nc-core), compared with the CPU
 //!   backend's `matmul`, the contract the CUDA backend must meet. Integer inputs make every sum exact, so the
@@ -16,7 +18,7 @@
 //!
 //! Cost: four g++ compiles (a few seconds; in parallel) and well under a second of checks.
 
-use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
+use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 use nc_core::backend::cpu::{CpuBackend, CpuBuf};
 use nc_core::backend::{Backend, Storage, View, ViewMut};
 use std::ffi::{c_int, c_void};
@@ -53,8 +55,10 @@ fn built() -> Option<&'static Path> {
             let mut jobs = vec![
                 library("cublas.cpp", "libcublas.so.13"),
                 library("cublaslt.cpp", "libcublasLt.so.13"),
-                library("tests/fake_ncsim.cpp", "libncsim_fake.so"),
+                // Named and sonamed as the driver, so the libraries find it as they find the simulated one.
+                library("tests/fake_ncsim.cpp", "libcuda.so.1"),
             ];
+            jobs[2].arg("-Wl,-soname,libcuda.so.1");
             let children: Vec<_> = jobs
                 .iter_mut()
                 .map(|c| (format!("{c:?}"), c.spawn().unwrap()))
@@ -67,7 +71,7 @@ fn built() -> Option<&'static Path> {
                 .args(["-std=c++20", "-O2", "-ffp-contract=off", "-Wall"])
                 .arg(sim.join("blas/tests/blas_check.cpp"))
                 .arg(format!("-L{}", out.display()))
-                .args(["-l:libncsim_fake.so", "-l:libcublas.so.13", "-l:libcublasLt.so.13"])
+                .args(["-l:libcuda.so.1", "-l:libcublas.so.13", "-l:libcublasLt.so.13"])
                 .arg(format!("-Wl,-rpath,{}", out.display()))
                 .arg("-o")
                 .arg(out.join("blas_check"))
@@ -163,10 +167,11 @@ struct Libs {
 }
 
 fn load(dir: &Path) -> Libs {
-    // SAFETY: the fake and the two libraries have no load-time preconditions; the fake goes first and global,
-    // so the libraries' dlsym(RTLD_DEFAULT, "ncsim_...") finds it as it would find the simulated driver.
+    // SAFETY: the fake driver and the two libraries have no load-time preconditions. The fake goes first and
+    // local, as cudarc opens libcuda.so.1 (dlopen's default RTLD_LOCAL): its ncsim_* symbols are then not in
+    // the global scope, and the libraries must find them in the loaded driver itself.
     unsafe {
-        let fake = Library::open(Some(dir.join("libncsim_fake.so")), RTLD_NOW | RTLD_GLOBAL).unwrap();
+        let fake = Library::open(Some(dir.join("libcuda.so.1")), RTLD_NOW | RTLD_LOCAL).unwrap();
         let lt = Library::open(Some(dir.join("libcublasLt.so.13")), RTLD_NOW).unwrap();
         let blas = Library::open(Some(dir.join("libcublas.so.13")), RTLD_NOW).unwrap();
         macro_rules! sym {

@@ -3,8 +3,8 @@
 // bytes, NaN in f32 and bf16, as the driver poisons fresh allocations); ncsim_check_range checks a range lies
 // in one live fake allocation (and, unlike the driver, returns 1 instead of ending the process, so a test can
 // see it); ncsim_enqueue queues work per stream and runs nothing until fake_sync(), so a test sees whether a
-// library call really returned before its GEMM ran. Built as libncsim_fake.so; the libraries find it with
-// dlsym(RTLD_DEFAULT, ...) as they find the driver.
+// library call really returned before its GEMM ran. Built as libcuda.so.1 (with that soname), so the
+// libraries find it as they find the simulated driver (sim/blas/device.h, ncsim_symbol).
 #pragma once
 #include <cstddef>
 

@@ -21,11 +21,17 @@
 // Speed: operands are packed into f32 panels (8-row slivers of op(A), 6-column slivers of op(B)), and an
 // 8 x 6 register-blocked kernel written with GCC vector extensions (SSE2 on baseline x86-64, NEON on arm64)
 // runs over them; the per-element accumulation order above is kept exactly (the vector lanes are different
-// output elements, never different p).
+// output elements, never different p). Large GEMMs split their column panels over a few threads
+// (NC_SIM_BLAS_THREADS, default the hardware threads up to 8): each element is still one thread's sum in the
+// order above, so results do not depend on the thread count.
 #pragma once
 // The order and rounding above must not change with the target's FMA support.
 #pragma GCC optimize("fp-contract=off")
 #include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <thread>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -193,41 +199,34 @@ const void* offset(const void* base, Elem type, int64_t elements) {
     return static_cast<const char*>(base) + elements * int64_t(elem_bytes(type));
 }
 
-// One matrix of the batch.
-void run_one(const Gemm& g, int64_t bi, float alpha, float beta, std::vector<float>& a_pack,
-             std::vector<float>& b_pack) {
-    const void* a_base = g.a.ptr ? offset(g.a.ptr, g.a.type, bi * g.a.stride) : nullptr;
-    const void* b_base = g.b.ptr ? offset(g.b.ptr, g.b.type, bi * g.b.stride) : nullptr;
+// Columns [j0, j0 + NC) of matrix `bi` of the batch (alpha != 0, k > 0), with this thread's packing panels.
+void run_panel(const Gemm& g, int64_t bi, int64_t j0, float alpha, float beta) {
+    thread_local std::vector<float> a_pack, b_pack;  // reused across calls on this thread
+    const void* a_base = offset(g.a.ptr, g.a.type, bi * g.a.stride);
+    const void* b_base = offset(g.b.ptr, g.b.type, bi * g.b.stride);
     const void* c_base = beta != 0.0f ? offset(g.c, g.c_type, bi * g.stride_c) : nullptr;
     void* d_base = const_cast<void*>(offset(g.d, g.d_type, bi * g.stride_d));
-    if (alpha == 0.0f || g.k == 0) {
-        for (int64_t j = 0; j < g.n; j++)
-            for (int64_t i = 0; i < g.m; i++) finish(g, c_base, d_base, i, j, 0.0f, 0.0f, beta);
-        return;
-    }
     const int64_t k = g.k;
     float acc[MR * NR];
-    for (int64_t j0 = 0; j0 < g.n; j0 += NC) {
-        int64_t cols = std::min(NC, g.n - j0);
-        int64_t b_slivers = (cols + NR - 1) / NR;
-        b_pack.resize(size_t(b_slivers * k * NR));
-        pack_b(g.b, b_base, j0, cols, k, g.tf32, b_pack.data());
-        for (int64_t i0 = 0; i0 < g.m; i0 += MC) {
-            int64_t rows = std::min(MC, g.m - i0);
-            int64_t a_slivers = (rows + MR - 1) / MR;
-            a_pack.resize(size_t(a_slivers * k * MR));
-            pack_a(g.a, a_base, i0, rows, k, g.tf32, a_pack.data());
-            for (int64_t sb = 0; sb < b_slivers; sb++) {
-                for (int64_t sa = 0; sa < a_slivers; sa++) {
-                    kernel_8x6(k, a_pack.data() + sa * k * MR, b_pack.data() + sb * k * NR, acc);
-                    for (int jj = 0; jj < NR; jj++) {
-                        int64_t j = j0 + sb * NR + jj;
-                        if (j >= j0 + cols) break;
-                        for (int ii = 0; ii < MR; ii++) {
-                            int64_t i = i0 + sa * MR + ii;
-                            if (i >= i0 + rows) break;
-                            finish(g, c_base, d_base, i, j, acc[jj * MR + ii], alpha, beta);
-                        }
+    int64_t cols = std::min(NC, g.n - j0);
+    int64_t b_slivers = (cols + NR - 1) / NR;
+    b_pack.resize(size_t(b_slivers * k * NR));
+    pack_b(g.b, b_base, j0, cols, k, g.tf32, b_pack.data());
+    for (int64_t i0 = 0; i0 < g.m; i0 += MC) {
+        int64_t rows = std::min(MC, g.m - i0);
+        int64_t a_slivers = (rows + MR - 1) / MR;
+        a_pack.resize(size_t(a_slivers * k * MR));
+        pack_a(g.a, a_base, i0, rows, k, g.tf32, a_pack.data());
+        for (int64_t sb = 0; sb < b_slivers; sb++) {
+            for (int64_t sa = 0; sa < a_slivers; sa++) {
+                kernel_8x6(k, a_pack.data() + sa * k * MR, b_pack.data() + sb * k * NR, acc);
+                for (int jj = 0; jj < NR; jj++) {
+                    int64_t j = j0 + sb * NR + jj;
+                    if (j >= j0 + cols) break;
+                    for (int ii = 0; ii < MR; ii++) {
+                        int64_t i = i0 + sa * MR + ii;
+                        if (i >= i0 + rows) break;
+                        finish(g, c_base, d_base, i, j, acc[jj * MR + ii], alpha, beta);
                     }
                 }
             }
@@ -235,13 +234,54 @@ void run_one(const Gemm& g, int64_t bi, float alpha, float beta, std::vector<flo
     }
 }
 
-// The whole (batched) GEMM, on the calling thread.
+// Threads one GEMM may use: NC_SIM_BLAS_THREADS, else the machine's hardware threads (at most 8). Each output
+// element is computed by one thread in the fixed order above, so the thread count never changes a result.
+int gemm_threads() {
+    static const int threads = [] {
+        int hardware = int(std::min(8u, std::max(1u, std::thread::hardware_concurrency())));
+        const char* text = std::getenv("NC_SIM_BLAS_THREADS");
+        if (!text || !*text) return hardware;
+        char* end = nullptr;
+        long v = std::strtol(text, &end, 10);
+        if (*end != '\0' || v < 1 || v > 256) {
+            std::fprintf(stderr, "nc simulated cuBLAS: NC_SIM_BLAS_THREADS=%s is not a thread count from 1 to 256; "
+                                 "using %d\n", text, hardware);
+            return hardware;
+        }
+        return int(v);
+    }();
+    return threads;
+}
+
+// GEMMs with fewer multiply-adds than this run on the stream's worker alone (a thread start costs more).
+constexpr int64_t PARALLEL_MIN_MACS = int64_t(1) << 22;
+
+// The whole (batched) GEMM: the stream's worker thread, helped by up to gemm_threads() - 1 more, each taking
+// the next (batch matrix, column panel) until none is left.
 void run_gemm(const Gemm& g) {
     float alpha = g.alpha_device ? *g.alpha_device : g.alpha;
     float beta = g.beta_device ? *g.beta_device : g.beta;
-    // Panels reused across calls on this (stream worker) thread.
-    thread_local std::vector<float> a_pack, b_pack;
-    for (int64_t bi = 0; bi < g.batch; bi++) run_one(g, bi, alpha, beta, a_pack, b_pack);
+    if (alpha == 0.0f || g.k == 0) {
+        // D = beta C (or 0): neither A nor B is read.
+        for (int64_t bi = 0; bi < g.batch; bi++) {
+            const void* c_base = beta != 0.0f ? offset(g.c, g.c_type, bi * g.stride_c) : nullptr;
+            void* d_base = const_cast<void*>(offset(g.d, g.d_type, bi * g.stride_d));
+            for (int64_t j = 0; j < g.n; j++)
+                for (int64_t i = 0; i < g.m; i++) finish(g, c_base, d_base, i, j, 0.0f, 0.0f, beta);
+        }
+        return;
+    }
+    const int64_t panels = (g.n + NC - 1) / NC, items = g.batch * panels;
+    std::atomic<int64_t> next{0};
+    auto work = [&] {
+        for (int64_t item = next++; item < items; item = next++) run_panel(g, item / panels, (item % panels) * NC, alpha, beta);
+    };
+    int64_t helpers = 0;
+    if (g.m * g.n * g.k * g.batch >= PARALLEL_MIN_MACS) helpers = std::min<int64_t>(gemm_threads(), items) - 1;
+    std::vector<std::thread> threads;
+    for (int64_t t = 0; t < helpers; t++) threads.emplace_back(work);
+    work();
+    for (std::thread& t : threads) t.join();
 }
 
 }  // namespace

@@ -86,7 +86,11 @@ fn built() -> Option<&'static Path> {
 #[test]
 fn the_simulated_libraries_match_their_references() {
     let Some(dir) = built() else { return };
-    let output = Command::new(dir.join("blas_check")).output().unwrap();
+    // Three GEMM threads whatever the machine, so the large shape is split and must still match to the bit.
+    let output = Command::new(dir.join("blas_check"))
+        .env("NC_SIM_BLAS_THREADS", "3")
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -96,7 +100,7 @@ fn the_simulated_libraries_match_their_references() {
     // The summary line, with enough checks that none of the loops was skipped.
     let last = stdout.lines().last().unwrap_or("");
     let checks: usize = last.split(' ').next().unwrap().parse().unwrap();
-    assert!(last.ends_with("checks, 0 failed") && checks > 400_000, "{stdout}");
+    assert!(last.ends_with("checks, 0 failed") && checks > 1_800_000, "{stdout}");
 }
 
 // ---- nc's mapping on the simulated libraries, through their C API ----

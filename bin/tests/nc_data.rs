@@ -5,6 +5,7 @@ use std::process::Command;
 
 use nc_core::data::prep::{read_documents, write_parquet_texts};
 use nc_core::data::synth::documents;
+use nc_core::data::txt_docs::TxtDocs;
 use nc_core::data::{list_shards, load_tokenizer, Shard};
 use parquet::file::reader::{FileReader, SerializedFileReader};
 
@@ -56,7 +57,7 @@ fn parquet_in_nanochat_layout_to_tokenizer_and_shards() {
             .unwrap(),
         "ZSTD"
     );
-    assert_eq!(read_documents(&files[0]).unwrap(), a);
+    assert_eq!(read_documents(&files[0], TxtDocs::Paragraph).unwrap(), a);
 
     let tokdir = dir.path().join("data/tokenizer");
     let shards = dir.path().join("data/shards");
@@ -168,6 +169,7 @@ fn jsonl_and_txt_inputs_and_clear_errors() {
     // Errors name the file and the problem, and exit non-zero.
     let bad = dir.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"text\": \"ok\"}\n{\"body\": 1}\n").unwrap();
+    let fresh = dir.path().join("tok2");
     let (ok, out) = nc_data(&[
         "train-tokenizer",
         "--input",
@@ -175,18 +177,19 @@ fn jsonl_and_txt_inputs_and_clear_errors() {
         "--vocab-size",
         "300",
         "--out",
-        s(&tokdir),
+        s(&fresh),
     ]);
     assert!(
         !ok && out.contains("bad.jsonl") && out.contains("line 2: no string field \"text\""),
         "{out}"
     );
+    std::fs::write(dir.path().join("x.csv"), "a,b").unwrap();
     let (ok, out) = nc_data(&[
         "train-tokenizer",
         "--input",
         s(&dir.path().join("x.csv")),
         "--out",
-        s(&tokdir),
+        s(&fresh),
     ]);
     assert!(!ok && out.contains("unknown input type"), "{out}");
     let notpq = dir.path().join("fake.parquet");
@@ -211,4 +214,187 @@ fn jsonl_and_txt_inputs_and_clear_errors() {
         s(&shards),
     ]);
     assert!(!ok && out.contains("nc-data train-tokenizer"), "{out}");
+}
+
+fn with_bos(docs: &[String]) -> String {
+    docs.iter().map(|d| format!("<|bos|>{d}")).collect()
+}
+
+fn decode_split(tokdir: &Path, shards: &Path, prefix: &str) -> String {
+    let tok = load_tokenizer(tokdir).unwrap();
+    tok.decode(&all_tokens(&list_shards(shards, prefix).unwrap(), tok.vocab_size()))
+}
+
+#[test]
+fn one_multi_paragraph_txt_file_becomes_a_training_and_a_validation_split() {
+    let dir = tempfile::tempdir().unwrap();
+    // Documents of one or more lines each, separated by blank lines.
+    let docs = documents(7, 80_000);
+    let book = dir.path().join("book.txt");
+    std::fs::write(&book, docs.join("\n\n") + "\n").unwrap();
+    let tokdir = dir.path().join("tok");
+    let cap = 200;
+    let cuts: Vec<usize> = docs.iter().map(|d| d.chars().count().saturating_sub(cap)).collect();
+    let docs_cut = cuts.iter().filter(|&&c| c > 0).count();
+    assert!(docs_cut > 0 && docs_cut < docs.len());
+    let (ok, out) = nc_data(&[
+        "train-tokenizer",
+        "--input",
+        s(&book),
+        "--vocab-size",
+        "300",
+        "--doc-cap",
+        "200",
+        "--out",
+        s(&tokdir),
+    ]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            "read {} documents from 1 files (paragraph for .txt)",
+            docs.len()
+        )),
+        "{out}"
+    );
+    let cut_line = format!(
+        "--doc-cap 200 cut {docs_cut} documents, leaving out {} characters",
+        cuts.iter().sum::<usize>()
+    );
+    assert!(out.contains(&cut_line), "{cut_line}\n{out}");
+
+    let shards = dir.path().join("shards");
+    let (ok, out) = nc_data(&[
+        "tokenize",
+        "--input",
+        s(&book),
+        "--tokenizer",
+        s(&tokdir),
+        "--out",
+        s(&shards),
+    ]);
+    assert!(ok, "{out}");
+    // The default split of one input: its last 1% of documents.
+    let n_val = (docs.len() / 100).max(1);
+    let (train, val) = docs.split_at(docs.len() - n_val);
+    assert!(
+        out.contains(&format!("documents: {} train, {n_val} val", train.len())),
+        "{out}"
+    );
+    assert_eq!(decode_split(&tokdir, &shards, "train"), with_bos(train));
+    assert_eq!(decode_split(&tokdir, &shards, "val"), with_bos(val));
+}
+
+#[test]
+fn folders_empty_inputs_and_used_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A folder: its .txt files sorted (a then b; b, the last, is validation), not its subfolder or notes.
+    let corpus = d.join("corpus");
+    std::fs::create_dir_all(corpus.join("sub")).unwrap();
+    let (a, b) = (documents(21, 30_000), documents(22, 5_000));
+    std::fs::write(corpus.join("b.txt"), b.join("\n\n")).unwrap();
+    std::fs::write(corpus.join("a.txt"), a.join("\n\n")).unwrap();
+    std::fs::write(corpus.join("sub/c.txt"), "not read").unwrap();
+    std::fs::write(corpus.join("notes.md"), "not read").unwrap();
+    let tokdir = d.join("tok");
+    let (ok, out) = nc_data(&[
+        "train-tokenizer",
+        "--input",
+        s(&corpus),
+        "--vocab-size",
+        "300",
+        "--out",
+        s(&tokdir),
+    ]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("2 input files (skipped 1 other files and 1 subfolders"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("read {} documents from 2 files", a.len() + b.len())),
+        "{out}"
+    );
+    let shards = d.join("shards");
+    let tokenize = |tok: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "tokenize",
+            "--input",
+            s(&corpus),
+            "--tokenizer",
+            s(tok),
+            "--out",
+            s(&shards),
+        ];
+        args.extend_from_slice(extra);
+        nc_data(&args)
+    };
+    let (ok, out) = tokenize(&tokdir, &[]);
+    assert!(ok, "{out}");
+    assert_eq!(decode_split(&tokdir, &shards, "train"), with_bos(&a));
+    assert_eq!(decode_split(&tokdir, &shards, "val"), with_bos(&b));
+    // Again with the same tokenizer and split: replaced, saying so.
+    let (ok, out) = tokenize(&tokdir, &[]);
+    assert!(ok && out.contains("(same tokenizer and split)"), "{out}");
+    // Another tokenizer: refused, then replaced with --replace.
+    let tok2 = d.join("tok2");
+    let (ok, out) = nc_data(&[
+        "train-tokenizer",
+        "--input",
+        s(&corpus),
+        "--vocab-size",
+        "290",
+        "--out",
+        s(&tok2),
+    ]);
+    assert!(ok, "{out}");
+    let (ok, out) = tokenize(&tok2, &[]);
+    assert!(
+        !ok && out.contains("another tokenizer") && out.contains("--replace"),
+        "{out}"
+    );
+    assert_eq!(decode_split(&tokdir, &shards, "val"), with_bos(&b));
+    let (ok, out) = tokenize(&tok2, &["--replace"]);
+    assert!(ok, "{out}");
+    assert_eq!(decode_split(&tok2, &shards, "val"), with_bos(&b));
+    // A tokenizer is not overwritten without --replace.
+    let (ok, out) = nc_data(&[
+        "train-tokenizer",
+        "--input",
+        s(&corpus),
+        "--vocab-size",
+        "280",
+        "--out",
+        s(&tok2),
+    ]);
+    assert!(!ok && out.contains("holds a tokenizer already"), "{out}");
+    assert_eq!(load_tokenizer(&tok2).unwrap().vocab_size(), 290);
+
+    // An input with no characters is an error naming it, and writes nothing.
+    let empty = d.join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let blank = d.join("blank.txt");
+    std::fs::write(&blank, "\n  \n\n").unwrap();
+    let none = d.join("none");
+    let (ok, out) = nc_data(&[
+        "train-tokenizer",
+        "--input",
+        s(&empty),
+        "--vocab-size",
+        "300",
+        "--out",
+        s(&none),
+    ]);
+    assert!(!ok && out.contains("empty.txt: no text in it"), "{out}");
+    let (ok, out) = nc_data(&[
+        "tokenize",
+        "--input",
+        s(&blank),
+        "--tokenizer",
+        s(&tokdir),
+        "--out",
+        s(&none),
+    ]);
+    assert!(!ok && out.contains("blank.txt: no text in it"), "{out}");
+    assert!(!none.exists());
 }

@@ -26,7 +26,7 @@ fn synth_dataset_is_ready_to_train_on_and_round_trips_through_a_data_dir() {
     assert_eq!(again.tokenizer.ranks(), tok.ranks());
 
     let dir = tempfile::tempdir().unwrap();
-    write_data_dir(&data, dir.path()).unwrap();
+    write_data_dir(&data, dir.path(), false).unwrap();
     let loaded = load_tokenizer(&dir.path().join("tokenizer")).unwrap();
     assert_eq!(loaded.ranks(), tok.ranks());
     let shards = dir.path().join("shards");

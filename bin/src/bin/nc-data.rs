@@ -6,7 +6,10 @@
 //! A data directory `DATA` holds `DATA/tokenizer/` and `DATA/shards/{train,val}_NNNNNN.bin`:
 //! - `nc-data synth --out DATA`: the embedded generated corpus, tokenizer included.
 //! - `nc-data train-tokenizer --input PATH... --vocab-size N --out DATA/tokenizer`
-//! - `nc-data tokenize --input PATH... --tokenizer DATA/tokenizer --out DATA/shards`
+//! - `nc-data tokenize --input PATH... --tokenizer DATA/tokenizer --out DATA/shards` (a new set swapped in whole)
+//!
+//! An input PATH is a file (.parquet, .jsonl, .txt) or a folder of them; `--txt-docs` says where a .txt
+//! document ends.
 //! - `nc-data export-tiktoken --tokenizer DIR --out FILE`: the ranks in tiktoken's format (also for
 //!   nanochat's tokenizer.pkl).
 
@@ -22,8 +25,10 @@ use nc_core::data::download::{
     MAX_SHARD,
 };
 use nc_core::data::download_retry::RetryPolicy;
-use nc_core::data::prep::{tokenize_to_shards, tokenizer_training_docs, ValSplit};
-use nc_core::data::tokenizer_files::{format_tiktoken_ranks, write_atomic};
+use nc_core::data::inputs::expand_inputs;
+use nc_core::data::prep::{tokenize_to_shards, tokenizer_training_docs, TokenizeOptions, ValSplit};
+use nc_core::data::tokenizer_files::{format_tiktoken_ranks, write_atomic, META_FILE, PICKLE_FILE};
+use nc_core::data::txt_docs::TxtDocs;
 use nc_core::data::{load_tokenizer, save_tokenizer, synth_dataset, write_data_dir, SynthConfig, Tokenizer};
 use nc_core::{NcError, Result};
 
@@ -82,29 +87,47 @@ enum Command {
         val_chars: usize,
         #[arg(long, default_value_t = SynthConfig::default().seed)]
         seed: u64,
+        /// Replace shards of another tokenizer already in OUT/shards (without it they are refused).
+        #[arg(long)]
+        replace: bool,
     },
     /// Train a BPE tokenizer (nanochat's: GPT-4 style split, 9 special tokens) on text files.
     TrainTokenizer {
-        /// Input files: .parquet (column `text`), .jsonl (field `text`), .txt (one document each).
+        /// Input files: .parquet (column `text`), .jsonl (field `text`), .txt (see --txt-docs); a folder means
+        /// its files of those types, sorted by name (not its subfolders).
         #[arg(long, num_args = 1.., required = true)]
         input: Vec<PathBuf>,
+        /// Where a .txt document ends: paragraph (at blank lines), line (every line) or file (the whole file).
+        #[arg(long, default_value = "paragraph")]
+        txt_docs: String,
         /// Vocabulary size, including the 256 bytes and the 9 special tokens.
         #[arg(long, default_value_t = 65536)]
         vocab_size: usize,
         /// Stop reading after this many characters of text.
         #[arg(long, default_value_t = 2_000_000_000)]
         max_chars: usize,
-        /// Cut each document to this many characters.
+        /// Cut each document to this many characters (nanochat's tok_train does; the summary says what it cut).
         #[arg(long, default_value_t = 10_000)]
         doc_cap: usize,
         /// The tokenizer directory to write (e.g. DATA/tokenizer).
         #[arg(long)]
         out: PathBuf,
+        /// Overwrite a tokenizer already in --out (shards made with it no longer decode right).
+        #[arg(long)]
+        replace: bool,
     },
     /// Tokenize documents into token shards (each document starts with <|bos|>).
+    ///
+    /// The shards are written into a temporary folder beside --out and swapped in only when complete, so --out
+    /// holds the old set or the new one, never a mix. A set made with the same tokenizer and split is replaced;
+    /// shards of another tokenizer or split (or without a tokenize.json record) need --replace.
     Tokenize {
+        /// Input files or folders, as for train-tokenizer.
         #[arg(long, num_args = 1.., required = true)]
         input: Vec<PathBuf>,
+        /// Where a .txt document ends: paragraph (at blank lines), line (every line) or file (the whole file).
+        #[arg(long, default_value = "paragraph")]
+        txt_docs: String,
         /// The tokenizer directory (ours, or one holding nanochat's tokenizer.pkl).
         #[arg(long)]
         tokenizer: PathBuf,
@@ -118,6 +141,9 @@ enum Command {
         /// several (nanochat's rule for parquet shards), else the last 1% of the documents.
         #[arg(long)]
         val_docs: Option<usize>,
+        /// Replace shards of another tokenizer or split (or unrecorded ones) in --out.
+        #[arg(long)]
+        replace: bool,
     },
     /// Write a tokenizer's mergeable ranks in tiktoken's format (base64 token, rank).
     ExportTiktoken {
@@ -251,6 +277,79 @@ fn file_sizes(paths: &[PathBuf]) -> Result<Vec<u64>> {
         .collect()
 }
 
+/// The input files behind `--input` (folders expanded), saying what each folder gave.
+fn input_files(input: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let expanded = expand_inputs(input)?;
+    for note in &expanded.notes {
+        println!("input {note}");
+    }
+    Ok(expanded.files)
+}
+
+/// Refuse to overwrite a tokenizer unless told to: shards made with it would silently stop matching.
+fn check_tokenizer_out(out: &Path, replace: bool) -> Result<()> {
+    let holds = [META_FILE, PICKLE_FILE].iter().any(|f| out.join(f).exists());
+    if holds && !replace {
+        return Err(NcError::new(format!(
+            "{} holds a tokenizer already (token shards made with it would no longer decode right); give --replace \
+             to overwrite it, or another --out",
+            out.display()
+        )));
+    }
+    Ok(())
+}
+
+fn train_tokenizer(
+    input: &[PathBuf],
+    txt: TxtDocs,
+    vocab_size: usize,
+    max_chars: usize,
+    doc_cap: usize,
+    out: &Path,
+) -> Result<()> {
+    let input = input_files(input)?;
+    let pb = bar(input.len() as u64, "reading {bar:40} {pos}/{len} files {elapsed}");
+    let text = tokenizer_training_docs(&input, txt, max_chars, doc_cap, &|done| pb.set_position(done as u64))?;
+    pb.finish_and_clear();
+    println!(
+        "read {} documents from {} files ({} for .txt): {} characters",
+        text.docs.len(),
+        input.len(),
+        txt.name(),
+        text.chars
+    );
+    println!(
+        "--doc-cap {doc_cap} cut {} documents, leaving out {} characters{}",
+        text.docs_cut,
+        text.chars_cut,
+        if text.chars_cut > 0 {
+            " (raise --doc-cap to keep them)"
+        } else {
+            ""
+        }
+    );
+    if text.stopped_at_max_chars {
+        println!("stopped reading at --max-chars {max_chars}: later documents are not used");
+    }
+    let spinner = bar(0, "{spinner} learning merges {elapsed}");
+    let t = Instant::now();
+    let tok = Tokenizer::train(&text.docs, vocab_size)?;
+    spinner.finish_and_clear();
+    let secs = t.elapsed().as_secs_f64();
+    let bytes: usize = text.docs.iter().map(|d| d.len()).sum();
+    println!("trained in {secs:.1} s ({:.1} MB/s)", bytes as f64 / 1e6 / secs);
+    if tok.vocab_size() < vocab_size {
+        println!(
+            "note: the text has no pair left to merge after {} merges, so the vocabulary is {} rather than {vocab_size}",
+            tok.num_ranks() - 256,
+            tok.vocab_size()
+        );
+    }
+    save_tokenizer(&tok, out)?;
+    print_tokenizer(&tok, out);
+    Ok(())
+}
+
 fn print_tokenizer(tok: &Tokenizer, out: &Path) {
     println!(
         "tokenizer: {} tokens ({} mergeable + {} special), bos id {}, written to {}",
@@ -285,6 +384,7 @@ fn run(cli: Cli) -> Result<()> {
             train_chars,
             val_chars,
             seed,
+            replace,
         } => {
             let cfg = SynthConfig {
                 vocab_size,
@@ -293,7 +393,7 @@ fn run(cli: Cli) -> Result<()> {
                 seed,
             };
             let data = synth_dataset(&cfg)?;
-            write_data_dir(&data, &out)?;
+            write_data_dir(&data, &out, replace)?;
             print_tokenizer(&data.tokenizer, &out.join("tokenizer"));
             println!(
                 "shards: train {} tokens, val {} tokens in {}",
@@ -304,48 +404,35 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::TrainTokenizer {
             input,
+            txt_docs,
             vocab_size,
             max_chars,
             doc_cap,
             out,
+            replace,
         } => {
-            let pb = bar(input.len() as u64, "reading {bar:40} {pos}/{len} files {elapsed}");
-            let docs = tokenizer_training_docs(&input, max_chars, doc_cap, &|done| pb.set_position(done as u64))?;
-            pb.finish_and_clear();
-            let chars: usize = docs.iter().map(|d| d.chars().count()).sum();
-            println!("training on {} documents, {chars} characters", docs.len());
-            let spinner = bar(0, "{spinner} learning merges {elapsed}");
-            let t = Instant::now();
-            let tok = Tokenizer::train(&docs, vocab_size)?;
-            spinner.finish_and_clear();
-            let secs = t.elapsed().as_secs_f64();
-            let bytes: usize = docs.iter().map(|d| d.len()).sum();
-            println!("trained in {secs:.1} s ({:.1} MB/s)", bytes as f64 / 1e6 / secs);
-            if tok.vocab_size() < vocab_size {
-                println!(
-                    "note: the text has no pair left to merge after {} merges, so the vocabulary is {} rather than {vocab_size}",
-                    tok.num_ranks() - 256,
-                    tok.vocab_size()
-                );
-            }
-            save_tokenizer(&tok, &out)?;
-            print_tokenizer(&tok, &out);
+            let txt = TxtDocs::parse(&txt_docs)?;
+            check_tokenizer_out(&out, replace)?;
+            train_tokenizer(&input, txt, vocab_size, max_chars, doc_cap, &out)?;
         }
         Command::Tokenize {
             input,
+            txt_docs,
             tokenizer,
             out,
             shard_tokens,
             val_docs,
+            replace,
         } => {
+            let txt = TxtDocs::parse(&txt_docs)?;
             let tok = load_tokenizer(&tokenizer)?;
-            let split = match val_docs {
-                Some(n) => ValSplit::LastDocs(n),
-                None if input.len() > 1 => ValSplit::LastFile,
-                None => {
-                    let n = nc_core::data::prep::read_documents(&input[0])?.len();
-                    ValSplit::LastDocs((n / 100).max(1))
-                }
+            let input = input_files(&input)?;
+            let split = ValSplit::choose(&input, txt, val_docs)?;
+            let opts = TokenizeOptions {
+                shard_tokens,
+                split,
+                txt,
+                replace,
             };
             // Progress in input file bytes (compressed, for parquet), advanced as each file is done.
             let sizes = file_sizes(&input)?;
@@ -353,16 +440,20 @@ fn run(cli: Cli) -> Result<()> {
                 sizes.iter().sum(),
                 "tokenizing {bar:40} {bytes}/{total_bytes} of input ({bytes_per_sec}) {elapsed} eta {eta}",
             );
-            let s = tokenize_to_shards(&tok, &input, &out, shard_tokens, split, &|files_done| {
+            let (s, replaced) = tokenize_to_shards(&tok, &input, &out, opts, &|files_done| {
                 pb.set_position(sizes[..files_done].iter().sum())
             })?;
             pb.finish_and_clear();
+            if let Some(line) = replaced {
+                println!("{line}");
+            }
             let secs = start.elapsed().as_secs_f64();
             println!(
-                "documents: {} train, {} val; tokens: {} train, {} val; text: {} bytes ({:.2} bytes/token); \
-                 shards: {} train, {} val in {}; {secs:.1} s ({:.1} MB/s)",
+                "documents: {} train, {} val (validation: {}); tokens: {} train, {} val; text: {} bytes ({:.2} \
+                 bytes/token); shards: {} train, {} val in {}; {secs:.1} s ({:.1} MB/s)",
                 s.train_docs,
                 s.val_docs,
+                split.describe(&input),
                 s.train_tokens,
                 s.val_tokens,
                 s.bytes,

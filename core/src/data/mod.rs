@@ -6,7 +6,9 @@
 //! - `tokenizer_files`: the tokenizer directory and tiktoken's ranks format; `pickle`: nanochat's tokenizer.pkl.
 //! - `shard`: llm.c token shards (mmap reader, atomic writer).
 //! - `loader`: the distributed, resumable, prefetching batch loader.
-//! - `prep`: reading parquet/jsonl/txt documents and writing token shards (used by `nc-data`).
+//! - `prep`: reading parquet/jsonl/txt documents and writing token shards (used by `nc-data`); `inputs`: folders
+//!   as inputs; `txt_docs`: where a plain-text document ends; `shard_set`: a shard folder written as a whole
+//!   (temporary folder, swap, `tokenize.json` record).
 //! - `fuzz_targets`: the bodies of the fuzz targets in `fuzz/`, also run by stable tests.
 //! - `synth`: the embedded corpus and a ready in-memory dataset.
 //! - `download`: fetching nanochat's FineWeb-Edu parquet shards (`nc-data download`); `download_retry`: when to try
@@ -17,14 +19,17 @@ pub mod download;
 pub mod download_file;
 pub mod download_retry;
 pub mod fuzz_targets;
+pub mod inputs;
 pub mod loader;
 pub mod pickle;
 pub mod prep;
 pub mod pretokenize;
 pub mod shard;
+pub mod shard_set;
 pub mod synth;
 pub mod tokenizer;
 pub mod tokenizer_files;
+pub mod txt_docs;
 
 pub use loader::{Batch, DataLoader, LoaderState};
 pub use shard::{list_shards, write_shard, Shard};

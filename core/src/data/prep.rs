@@ -1,8 +1,10 @@
 //! Data preparation: reading documents from files, and turning them into token shards.
 //!
 //! Inputs: `.parquet` (nanochat's FineWeb-Edu shards: a string column `text`), `.jsonl` (one JSON object
-//! per line with a string field `text`), `.txt` (the whole file is one document). The binary `nc-data`
-//! drives these with progress bars; everything here reports progress through a callback instead.
+//! per line with a string field `text`), `.txt` (documents split as `TxtDocs` says: at blank lines by default).
+//! Folders given as inputs are expanded by `inputs::expand_inputs`. Token shards are written as a whole set
+//! (`shard_set`): into a temporary folder, swapped in when complete. The binary `nc-data` drives these with
+//! progress bars; everything here reports progress through a callback instead.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -17,7 +19,9 @@ use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::parser::parse_message_type;
 
 use super::shard::write_shard;
+use super::shard_set::{tokenizer_fingerprint, NewShardSet, SetIdentity, ShardManifest};
 use super::tokenizer::Tokenizer;
+use super::txt_docs::{split_text, TxtDocs};
 use crate::bail;
 use crate::error::{NcError, Result};
 
@@ -42,21 +46,30 @@ impl InputKind {
     }
 }
 
-/// All documents of one input file, in order.
-pub fn read_documents(path: &Path) -> Result<Vec<String>> {
+/// All documents of one input file, in order (`txt` says how a `.txt` file is cut into documents). A file
+/// with no text in it (no document holds a character) is an error: it is a mistake, not a dataset.
+pub fn read_documents(path: &Path, txt: TxtDocs) -> Result<Vec<String>> {
     let kind = InputKind::of(path)?;
     let r = match kind {
         InputKind::Parquet => read_parquet_texts(path),
         InputKind::Jsonl => read_jsonl_texts(path),
-        InputKind::Txt => read_txt(path),
+        InputKind::Txt => read_txt(path, txt),
     };
-    r.map_err(|e| e.context(path.display()))
+    let docs = r.map_err(|e| e.context(path.display()))?;
+    if docs.iter().all(|d| d.is_empty()) {
+        bail!(
+            "{}: no text in it ({} documents, 0 characters); remove it from --input",
+            path.display(),
+            docs.len()
+        );
+    }
+    Ok(docs)
 }
 
-fn read_txt(path: &Path) -> Result<Vec<String>> {
+fn read_txt(path: &Path, txt: TxtDocs) -> Result<Vec<String>> {
     let bytes = std::fs::read(path)?;
     match String::from_utf8(bytes) {
-        Ok(s) => Ok(vec![s]),
+        Ok(s) => Ok(split_text(&s, txt)),
         Err(e) => bail!(
             "not UTF-8 text (first bad byte at offset {})",
             e.utf8_error().valid_up_to()
@@ -156,29 +169,52 @@ pub fn cap_chars(doc: &str, cap: usize) -> &str {
     }
 }
 
+/// The tokenizer's training text and what reading it left out.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TrainingText {
+    /// The documents read, each cut to the cap.
+    pub docs: Vec<String>,
+    /// Characters kept (after the cap).
+    pub chars: usize,
+    /// Documents longer than the cap, and the characters the cap cut from them.
+    pub docs_cut: usize,
+    pub chars_cut: usize,
+    /// Whether reading stopped at `max_chars` before the end of the inputs.
+    pub stopped_at_max_chars: bool,
+}
+
 /// Training text for the tokenizer, as nanochat's tok_train reads it: documents from `inputs` in order,
 /// each cut to `doc_cap` characters, stopping after the document that takes the total past `max_chars`.
-/// `progress` gets the number of input files done.
+/// `progress` gets the number of input files done. Inputs with no characters at all are an error.
 pub fn tokenizer_training_docs(
     inputs: &[PathBuf],
+    txt: TxtDocs,
     max_chars: usize,
     doc_cap: usize,
     progress: &dyn Fn(usize),
-) -> Result<Vec<String>> {
-    let mut docs = Vec::new();
-    let mut total = 0usize;
-    for (i, path) in inputs.iter().enumerate() {
-        for doc in read_documents(path)? {
-            let doc = cap_chars(&doc, doc_cap);
-            total += doc.chars().count();
-            docs.push(doc.to_string());
-            if total > max_chars {
-                return Ok(docs);
+) -> Result<TrainingText> {
+    let mut t = TrainingText::default();
+    'files: for (i, path) in inputs.iter().enumerate() {
+        for doc in read_documents(path, txt)? {
+            let kept = cap_chars(&doc, doc_cap);
+            let kept_chars = kept.chars().count();
+            if kept.len() < doc.len() {
+                t.docs_cut += 1;
+                t.chars_cut += doc[kept.len()..].chars().count();
+            }
+            t.chars += kept_chars;
+            t.docs.push(kept.to_string());
+            if t.chars > max_chars {
+                t.stopped_at_max_chars = true;
+                break 'files;
             }
         }
         progress(i + 1);
     }
-    Ok(docs)
+    if t.chars == 0 {
+        bail!("the inputs hold no text (0 characters): nothing to train a tokenizer on");
+    }
+    Ok(t)
 }
 
 /// Accumulates tokens and writes `{prefix}_000000.bin`, `{prefix}_000001.bin`, ... of `shard_tokens` each.
@@ -246,6 +282,47 @@ pub enum ValSplit {
     LastDocs(usize),
 }
 
+impl ValSplit {
+    /// The default: the last file when there are several (nanochat's rule for parquet shards), else the last
+    /// 1% of the one file's documents (at least one). `val_docs` overrides it.
+    pub fn choose(inputs: &[PathBuf], txt: TxtDocs, val_docs: Option<usize>) -> Result<ValSplit> {
+        Ok(match val_docs {
+            Some(n) => ValSplit::LastDocs(n),
+            None if inputs.len() > 1 => ValSplit::LastFile,
+            None => {
+                let Some(first) = inputs.first() else {
+                    bail!("no input files")
+                };
+                ValSplit::LastDocs((read_documents(first, txt)?.len() / 100).max(1))
+            }
+        })
+    }
+
+    /// How a shard set's record names the split (two sets with the same text split alike).
+    pub fn describe(self, inputs: &[PathBuf]) -> String {
+        match self {
+            ValSplit::LastFile => {
+                let last = inputs
+                    .last()
+                    .and_then(|p| p.file_name())
+                    .map(|n| n.to_string_lossy().into_owned());
+                format!("the last input file ({})", last.unwrap_or_default())
+            }
+            ValSplit::LastDocs(n) => format!("the last {n} documents"),
+        }
+    }
+}
+
+/// How `tokenize_to_shards` splits and writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenizeOptions {
+    pub shard_tokens: usize,
+    pub split: ValSplit,
+    pub txt: TxtDocs,
+    /// Replace a target holding another tokenizer's or split's shards (or shards with no record).
+    pub replace: bool,
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TokenizeSummary {
     pub train_docs: usize,
@@ -257,25 +334,54 @@ pub struct TokenizeSummary {
     pub val_shards: usize,
 }
 
-/// Tokenize `inputs` (each document with `<|bos|>` first, encoded across threads) into `out/train_*.bin`
-/// and `out/val_*.bin`. `progress(files done)` is called after each file.
+/// Tokenize `inputs` (each document with `<|bos|>` first, encoded across threads) into a new set of
+/// `out/train_*.bin` and `out/val_*.bin`, swapped in for what `out` held only once complete (`shard_set`).
+/// `progress(files done)` is called after each file. Returns the summary and, if `out` held a set, a line
+/// saying what was replaced.
 pub fn tokenize_to_shards(
     tok: &Tokenizer,
     inputs: &[PathBuf],
     out: &Path,
-    shard_tokens: usize,
-    split: ValSplit,
+    opts: TokenizeOptions,
     progress: &dyn Fn(usize),
-) -> Result<TokenizeSummary> {
+) -> Result<(TokenizeSummary, Option<String>)> {
+    let split = opts.split;
     if inputs.is_empty() {
         bail!("no input files");
     }
     if split == ValSplit::LastFile && inputs.len() < 2 {
         bail!("the last input file is used for validation, so give at least two files (or set a number of validation documents)");
     }
+    let identity = SetIdentity {
+        tokenizer: tokenizer_fingerprint(tok),
+        vocab_size: tok.vocab_size(),
+        split: split.describe(inputs),
+    };
+    let set = NewShardSet::begin(out, &identity, opts.replace)?;
+    let s = write_shards(tok, inputs, set.dir(), opts, progress)?;
+    let mut manifest = ShardManifest::new(identity);
+    manifest.txt_docs = opts.txt.name().into();
+    manifest.shard_tokens = opts.shard_tokens;
+    manifest.inputs = inputs.iter().map(|p| p.display().to_string()).collect();
+    (manifest.train_shards, manifest.val_shards) = (s.train_shards, s.val_shards);
+    (manifest.train_tokens, manifest.val_tokens) = (s.train_tokens, s.val_tokens);
+    let replacing = set.replacing.clone();
+    set.commit(&manifest)?;
+    Ok((s, replacing))
+}
+
+/// The shards of `inputs` into the folder `dir`.
+fn write_shards(
+    tok: &Tokenizer,
+    inputs: &[PathBuf],
+    dir: &Path,
+    opts: TokenizeOptions,
+    progress: &dyn Fn(usize),
+) -> Result<TokenizeSummary> {
+    let (split, txt) = (opts.split, opts.txt);
     let vocab = tok.vocab_size();
-    let mut train = ShardSink::new(out, "train", shard_tokens, vocab)?;
-    let mut val = ShardSink::new(out, "val", shard_tokens, vocab)?;
+    let mut train = ShardSink::new(dir, "train", opts.shard_tokens, vocab)?;
+    let mut val = ShardSink::new(dir, "val", opts.shard_tokens, vocab)?;
     let mut s = TokenizeSummary::default();
     // With LastDocs, validation documents are the last N of the whole input: hold back that many.
     let mut held: std::collections::VecDeque<Vec<u32>> = Default::default();
@@ -286,7 +392,7 @@ pub fn tokenize_to_shards(
         let inputs = inputs.to_vec();
         move || {
             for path in &inputs {
-                let docs = read_documents(path);
+                let docs = read_documents(path, txt);
                 let failed = docs.is_err();
                 if tx.send(docs).is_err() || failed {
                     return;
@@ -333,7 +439,11 @@ pub fn tokenize_to_shards(
     (s.train_shards, s.train_tokens) = train.finish()?;
     (s.val_shards, s.val_tokens) = val.finish()?;
     if s.train_tokens == 0 {
-        bail!("no training documents: every document went to validation; use fewer validation documents");
+        bail!(
+            "no training documents: all {} documents went to validation; use fewer validation documents (--val-docs), \
+             more text, or smaller documents (--txt-docs paragraph or line for .txt files)",
+            s.val_docs
+        );
     }
     Ok(s)
 }
@@ -351,10 +461,23 @@ mod tests {
             "{\"text\": \"ééééé\"}\n{\"text\": \"abc\"}\n{\"text\": \"xyz\"}\n{\"text\": \"q\"}\n",
         )
         .unwrap();
-        let docs = tokenizer_training_docs(std::slice::from_ref(&p), 6, 4, &|_| {}).unwrap();
+        let t = tokenizer_training_docs(std::slice::from_ref(&p), TxtDocs::File, 6, 4, &|_| {}).unwrap();
         // 4 (capped) + 3 = 7 > 6: stop after the second document, keeping it whole.
-        assert_eq!(docs, vec!["éééé".to_string(), "abc".to_string()]);
-        let docs = tokenizer_training_docs(&[p], 100, 100, &|_| {}).unwrap();
-        assert_eq!(docs.len(), 4);
+        assert_eq!(t.docs, vec!["éééé".to_string(), "abc".to_string()]);
+        assert_eq!(
+            (t.chars, t.docs_cut, t.chars_cut, t.stopped_at_max_chars),
+            (7, 1, 1, true)
+        );
+        let t = tokenizer_training_docs(std::slice::from_ref(&p), TxtDocs::File, 100, 2, &|_| {}).unwrap();
+        assert_eq!(t.docs.len(), 4);
+        // ééééé -> 3 cut, abc -> 1, xyz -> 1, q -> none.
+        assert_eq!(
+            (t.chars, t.docs_cut, t.chars_cut, t.stopped_at_max_chars),
+            (7, 3, 5, false)
+        );
+        let empty = dir.path().join("e.txt");
+        std::fs::write(&empty, "\n \n").unwrap();
+        let err = tokenizer_training_docs(&[empty], TxtDocs::Paragraph, 100, 100, &|_| {}).unwrap_err();
+        assert!(err.to_string().contains("e.txt: no text in it"), "{err}");
     }
 }

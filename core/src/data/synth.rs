@@ -9,6 +9,7 @@
 use std::path::Path;
 
 use super::shard::write_shard;
+use super::shard_set::{tokenizer_fingerprint, NewShardSet, SetIdentity, ShardManifest};
 use super::tokenizer::Tokenizer;
 use super::tokenizer_files::save_tokenizer;
 use crate::error::Result;
@@ -175,14 +176,24 @@ pub fn synth_dataset(cfg: &SynthConfig) -> Result<SynthData> {
     Ok(SynthData { tokenizer, train, val })
 }
 
-/// Write a dataset as a data directory: `DIR/tokenizer/` and `DIR/shards/{train,val}_000000.bin`.
-pub fn write_data_dir(data: &SynthData, dir: &Path) -> Result<()> {
-    save_tokenizer(&data.tokenizer, &dir.join("tokenizer"))?;
-    let shards = dir.join("shards");
-    std::fs::create_dir_all(&shards).map_err(|e| crate::error::NcError::from(e).context(shards.display()))?;
+/// Write a dataset as a data directory: `DIR/tokenizer/` and `DIR/shards/{train,val}_000000.bin`. The shards
+/// are a set swapped in whole (`shard_set`): shards of another tokenizer already there are refused unless
+/// `replace`, and never left beside the new ones.
+pub fn write_data_dir(data: &SynthData, dir: &Path, replace: bool) -> Result<()> {
+    let identity = SetIdentity {
+        tokenizer: tokenizer_fingerprint(&data.tokenizer),
+        vocab_size: data.tokenizer.vocab_size(),
+        split: "generated validation documents (nc-data synth)".into(),
+    };
+    let set = NewShardSet::begin(&dir.join("shards"), &identity, replace)?;
     let vocab = data.tokenizer.vocab_size();
-    write_shard(&shards.join("train_000000.bin"), &data.train, vocab)?;
-    write_shard(&shards.join("val_000000.bin"), &data.val, vocab)
+    write_shard(&set.dir().join("train_000000.bin"), &data.train, vocab)?;
+    write_shard(&set.dir().join("val_000000.bin"), &data.val, vocab)?;
+    let mut manifest = ShardManifest::new(identity);
+    (manifest.train_shards, manifest.val_shards) = (1, 1);
+    (manifest.train_tokens, manifest.val_tokens) = (data.train.len(), data.val.len());
+    save_tokenizer(&data.tokenizer, &dir.join("tokenizer"))?;
+    set.commit(&manifest)
 }
 
 #[cfg(test)]

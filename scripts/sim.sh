@@ -93,8 +93,12 @@ build() {
                 for e in $entries; do echo "    , NCSIM_KERNEL(ncsim_$module, $e)"; done
                 echo ")"
             } > "$gen"
+            # -fsanitize=thread makes g++ call a hook before every load and store of the kernel; kernels-ptx/emu
+            # defines the hooks (no libtsan is linked): the driver's bounds check sees every global access, race
+            # mode every shared one (emu.h says how to compile). -O1 as emu.h advises.
             compile "$gen" "$out/obj/kernels_$module.o" -I"$kernels/emu/shim" -I"$kernels/emu" -I"$kernels/cuda" \
-                -I"$driver" -Wno-sign-compare -Wno-unknown-pragmas
+                -I"$driver" -Wno-sign-compare -Wno-unknown-pragmas -Wno-comment -O1 -fsanitize=thread \
+                --param=tsan-instrument-func-entry-exit=0
         fi
         objects+=("$out/obj/kernels_$module.o")
     done

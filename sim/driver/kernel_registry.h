@@ -43,5 +43,9 @@ inline const char* emu_running_kernel() { return emu_block ? emu_block->kernel_n
 }  // namespace sim
 
 #define NCSIM_KERNEL(ns, entry) ::sim::KernelBinding<&ns::entry>::make(#entry)
-#define NCSIM_MODULE(module, hash, ...) \
-    static const bool ncsim_module_registered = ::sim::register_module(#module, hash, {__VA_ARGS__}, &::sim::emu_running_kernel);
+// Registers the module's kernels, and the driver's bounds check as the emulator's access check (the kernels are
+// compiled with -fsanitize=thread, so the emulator sees each of their global accesses: emu.h).
+#define NCSIM_MODULE(module, hash, ...)                                                                       \
+    static const bool ncsim_module_registered =                                                              \
+        (emu_set_access_check(&::sim::kernel_access_check),                                                  \
+         ::sim::register_module(#module, hash, {__VA_ARGS__}, &::sim::emu_running_kernel));

@@ -38,6 +38,7 @@ static size_t g_capacity = 0;
 static std::map<uint64_t, Allocation> g_live;   // by start
 static std::map<uint64_t, Allocation> g_freed;  // by start; until the range is handed out again
 static std::map<uintptr_t, size_t> g_pinned;    // pinned host memory: start -> bytes
+static std::atomic<uint64_t> g_frees{0};         // counts frees: invalidates the access check's caches
 
 static size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
@@ -128,6 +129,7 @@ static CUresult release(uint64_t ptr, const char* entry) {
     madvise(lo, pages, MADV_DONTNEED);
     mprotect(lo, pages, PROT_NONE);
     a.live = false;
+    g_frees.fetch_add(1);
     g_freed[a.start] = a;
     // Remember a bounded number of freed ranges (for reports and reuse): the lowest addresses are the oldest
     // until the region wraps around.
@@ -197,6 +199,31 @@ void check_tail(uint64_t ptr, const char* kernel) {
             fault("kernel %s wrote past the end of an allocation: byte %zu of a %zu-byte allocation at 0x%llx "
                   "(device %d) changed",
                   kernel, i, a.size, (unsigned long long)a.start, a.device);
+}
+
+// Called for every global access of every kernel: a per-thread cache of the last allocation hit answers almost
+// all of them without the lock (a free anywhere empties every cache).
+void kernel_access_check(const void* addr, size_t bytes, int is_write, const char* kernel) {
+    struct Hit {
+        uint64_t lo = 0, hi = 0, frees = ~0ull;
+    };
+    static thread_local Hit hit;
+    uint64_t p = uint64_t(addr), frees = g_frees.load(std::memory_order_acquire);
+    if (p >= hit.lo && p + bytes <= hit.hi && hit.frees == frees) return;
+    std::lock_guard<std::mutex> lock(g_mem);
+    auto it = g_live.upper_bound(p);
+    if (it != g_live.begin()) {
+        const Allocation& a = std::prev(it)->second;
+        if (p >= a.start && p + bytes <= a.start + a.size) {
+            hit = {a.start, a.start + a.size, frees};
+            return;
+        }
+    }
+    char near[512] = "no device allocation is near it";
+    Allocation a;
+    if (lookup(p, a)) describe(a, p, near, sizeof near);
+    fault("kernel %s %s %zu bytes at 0x%llx, outside every live device allocation; %s", kernel ? kernel : "?",
+          is_write ? "writes" : "reads", bytes, (unsigned long long)p, near);
 }
 
 bool is_pinned_host(const void* p, size_t bytes) {

@@ -69,6 +69,9 @@ bool is_pinned_host(const void* p, size_t bytes);
 // 256-byte aligned, the guard page 4096) must still hold the poison; a change means the kernel wrote past the end.
 void check_tail(uint64_t ptr_in_allocation, const char* kernel);
 void install_fault_handler();
+// The emulator's access check (emu_set_access_check): every global-memory access a kernel makes must lie inside
+// one live allocation; otherwise the run stops with the kernel, the address and the nearest allocation.
+void kernel_access_check(const void* addr, size_t bytes, int is_write, const char* kernel);
 // The operation a thread is running, for the fault handler: set by stream workers and around kernels.
 void set_running(const char* what);
 const char* running();

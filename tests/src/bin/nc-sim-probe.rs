@@ -200,16 +200,22 @@ fn grid(planted: bool) {
 }
 
 /// nc_add_inplace_f32(x, y, n) with y one element shorter than n: planted, the kernel reads y[n - 1], the first
-/// byte past a 4096-byte allocation.
-fn past_end(planted: bool) {
+/// bytes past y: on the guard page when y is 4096 bytes (n = 1025), in the slack before it when y is 4000 bytes
+/// (n = 1001).
+fn past_end(planted: bool, n: usize) {
     let f = function(elementwise(), "nc_add_inplace_f32");
-    let n = 1025usize;
     let x = alloc_f32(n);
     let y = alloc_f32(n - 1);
     upload(x, &vec![1.0; n]);
     upload(y, &vec![2.0; n - 1]);
     let count = if planted { n as u64 } else { (n - 1) as u64 };
-    launch(f, 5, 256, std::ptr::null_mut(), &mut [arg(&x), arg(&y), arg(&count)]);
+    launch(
+        f,
+        n.div_ceil(256) as u32,
+        256,
+        std::ptr::null_mut(),
+        &mut [arg(&x), arg(&y), arg(&count)],
+    );
     println!("sum ok: {}", download(x, n - 1).iter().all(|&v| v == 3.0));
 }
 
@@ -334,7 +340,8 @@ fn main() {
         "wrong-width" => wrong_width(planted),
         "wrong-width-extra" => wrong_width_extra(planted),
         "grid" => grid(planted),
-        "past-end" => past_end(planted),
+        "past-end" => past_end(planted, 1025),
+        "past-end-slack" => past_end(planted, 1001),
         "write-past-end" => write_past_end(planted),
         "unwritten" => unwritten(planted),
         "race" => race(planted),

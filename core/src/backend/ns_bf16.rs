@@ -58,9 +58,14 @@ impl NsBatch {
 /// f32 elements of `norms` scratch a device needs per matrix (64 f64 partial sums of squares).
 pub const NS_NORM_SCRATCH_PER_MATRIX: usize = 128;
 
-/// A GEMM's epilogue into a bf16 destination: d = bf16(alpha acc + beta c) in f32; with beta 0 (c None),
-/// d = bf16(alpha acc).
-fn epilogue(acc: &[f32], alpha: f32, beta_c: Option<(f32, &[f32])>, d: &mut [f32]) {
+super::cpu::isa::isa_dispatched! {
+    /// A GEMM's epilogue into a bf16 destination: d = bf16(alpha acc + beta c) in f32; with beta 0 (c None),
+    /// d = bf16(alpha acc). The copy for this process's vector level; the same bits in every copy.
+    fn epilogue / epilogue_at(acc: &[f32], alpha: f32, beta_c: Option<(f32, &[f32])>, d: &mut [f32]) => epilogue_body
+}
+
+#[inline(always)]
+fn epilogue_body(acc: &[f32], alpha: f32, beta_c: Option<(f32, &[f32])>, d: &mut [f32]) {
     match beta_c {
         None => d.iter_mut().zip(acc).for_each(|(d, &a)| *d = round_bf16(alpha * a)),
         Some((beta, c)) => d
@@ -206,6 +211,26 @@ mod tests {
         assert_eq!(d[0], 1.0 + 2f32.powi(-7));
         epilogue(&acc, 1.0, None, &mut d);
         assert_eq!(d[0], 1.0);
+    }
+
+    /// The epilogue's copies (baseline, AVX2, AVX-512) store the same bits, with and without the beta term.
+    #[test]
+    fn epilogue_agrees_across_levels() {
+        use crate::backend::cpu::isa::{assert_same_bits, levels_here, test_values};
+        let (acc, c) = (test_values(1031, 1), test_values(1031, 2));
+        let mut first: Option<(Vec<f32>, Vec<f32>)> = None;
+        for level in levels_here() {
+            let (mut d1, mut d2) = (vec![0.0; acc.len()], vec![0.0; acc.len()]);
+            epilogue_at(level, &acc, -4.775, Some((2.0315, &c)), &mut d1);
+            epilogue_at(level, &acc, 1.0, None, &mut d2);
+            match &first {
+                None => first = Some((d1, d2)),
+                Some((w1, w2)) => {
+                    assert_same_bits(&format!("epilogue with beta, {level:?}"), &d1, w1);
+                    assert_same_bits(&format!("epilogue without beta, {level:?}"), &d2, w2);
+                }
+            }
+        }
     }
 
     #[test]

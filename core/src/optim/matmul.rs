@@ -3,7 +3,8 @@
 //! The optimizer keeps its own small wrapper so it does not depend on a backend: on the CPU it runs on the
 //! host copies of parameters and gradients.
 
-use gemm::{gemm, Parallelism};
+use crate::backend::cpu::matmul::gemm_f32;
+use gemm::Parallelism;
 
 /// A row-major matrix operand: `data` holds `rows x cols` as stored; `transposed` reads it as its transpose.
 #[derive(Clone, Copy)]
@@ -58,7 +59,7 @@ pub fn matmul(dst: &mut [f32], alpha: f32, lhs: Operand, rhs: Operand, beta: f32
     // SAFETY: the asserts above keep every index the strides reach inside the three slices, and dst does
     // not alias lhs or rhs (it is a distinct &mut).
     unsafe {
-        gemm(
+        gemm_f32(
             m,
             n,
             k,
@@ -74,9 +75,6 @@ pub fn matmul(dst: &mut [f32], alpha: f32, lhs: Operand, rhs: Operand, beta: f32
             rrs,
             alpha,
             beta,
-            false,
-            false,
-            false,
             Parallelism::Rayon(0),
         );
     }

@@ -4,6 +4,8 @@
 //! the log-sum-exp of each query row; the backward recomputes the probabilities tile by tile from it.
 //! Tile products run through `gemm` on the calling thread; parallelism is across tiles/heads.
 
+use super::isa::isa_dispatched;
+use super::loss::{exp, lane_sum};
 use super::matmul::gemm_raw;
 use super::SendPtr;
 use crate::backend::AttnShape;
@@ -38,6 +40,65 @@ fn check(s: &AttnShape, q: usize, k: usize, v: usize, out: usize, lse: usize) {
     assert!(q >= s.q_len() && out >= s.q_len(), "attention: q/out views too short");
     assert!(k >= s.kv_len() && v >= s.kv_len(), "attention: k/v views too short");
     assert!(lse >= s.lse_len(), "attention: lse view too short");
+}
+
+isa_dispatched! {
+    /// One query row of a forward tile, in place: the first `visible` scores scaled, the rest masked. Returns
+    /// the new running max (of `m_old` and the visible scores) and the sum of the row's exp(score - max),
+    /// which the row now holds (masked columns 0).
+    fn softmax_row / softmax_row_at(row: &mut [f32], visible: usize, scale: f32, m_old: f32) -> (f32, f32)
+        => softmax_row_body
+}
+
+/// The visible part goes through the branch-free exp of the loss (its argument is <= 0 here), which
+/// vectorizes, unlike libm's expf; max and sum run in independent lanes for the same reason.
+#[inline(always)]
+fn softmax_row_body(row: &mut [f32], visible: usize, scale: f32, m_old: f32) -> (f32, f32) {
+    let (seen, hidden) = row.split_at_mut(visible);
+    seen.iter_mut().for_each(|x| *x *= scale);
+    let mx = lane_max(seen).max(m_old);
+    seen.iter_mut().for_each(|x| *x = exp(*x - mx));
+    hidden.fill(0.0);
+    (mx, lane_sum(seen))
+}
+
+isa_dispatched! {
+    /// One query row of a backward tile, in place: scores to probabilities exp(scale s - lse) for the first
+    /// `visible` columns, 0 for the masked rest.
+    fn probs_row / probs_row_at(row: &mut [f32], visible: usize, scale: f32, lse: f32) => probs_row_body
+}
+
+#[inline(always)]
+fn probs_row_body(row: &mut [f32], visible: usize, scale: f32, lse: f32) {
+    let (seen, hidden) = row.split_at_mut(visible);
+    // scale s <= lse up to rounding; exp clamps a rounding excess above 0 to exp(0) = 1.
+    seen.iter_mut().for_each(|x| *x = exp(*x * scale - lse));
+    hidden.fill(0.0);
+}
+
+isa_dispatched! {
+    /// dS = P (dP - D) for one row (`ds` holds dP on entry).
+    fn ds_row / ds_row_at(p: &[f32], ds: &mut [f32], d: f32) => ds_row_body
+}
+
+#[inline(always)]
+fn ds_row_body(p: &[f32], ds: &mut [f32], d: f32) {
+    ds.iter_mut().zip(p).for_each(|(x, &p)| *x = p * (*x - d));
+}
+
+/// Max of `x` (-inf when empty) in 16 independent lanes, so it vectorizes; max is exact, so the lanes do not
+/// change the result.
+#[inline(always)]
+fn lane_max(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = l.max(v);
+        }
+    }
+    lanes.iter().fold(tail, |a, &b| a.max(b))
 }
 
 pub fn forward(s: AttnShape, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], lse: &mut [f32]) {
@@ -101,24 +162,12 @@ pub fn forward(s: AttnShape, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], l
                         none,
                     );
                     for r in 0..bq {
-                        let last_key = q_pos0 + i0 + r;
+                        // Keys j0.. of this tile the row may see (causal): up to and including its own position.
+                        let visible = (q_pos0 + i0 + r + 1).saturating_sub(j0).min(bk);
                         let row = &mut sc[r * BK..r * BK + bk];
-                        let mut mx = m[r];
-                        for (c, x) in row.iter_mut().enumerate() {
-                            if j0 + c > last_key {
-                                *x = f32::NEG_INFINITY;
-                            } else {
-                                *x *= scale;
-                                mx = mx.max(*x);
-                            }
-                        }
+                        let (mx, sum) = softmax_row(row, visible, scale, m[r]);
                         // Every row sees key 0 in the first tile, so mx is finite here.
                         let corr = (m[r] - mx).exp();
-                        let mut sum = 0.0;
-                        for x in row.iter_mut() {
-                            *x = (*x - mx).exp();
-                            sum += *x;
-                        }
                         l[r] = l[r] * corr + sum;
                         m[r] = mx;
                         for a in &mut acc[r * d..(r + 1) * d] {
@@ -260,15 +309,8 @@ pub fn backward(
                                 none,
                             );
                             for r in 0..bq {
-                                let lse_r = *lse_h.add(i0 + r);
-                                for c in 0..bk {
-                                    let x = &mut p[r * BK + c];
-                                    *x = if j0 + c > i0 + r {
-                                        0.0
-                                    } else {
-                                        (*x * scale - lse_r).exp()
-                                    };
-                                }
+                                let visible = (i0 + r + 1).saturating_sub(j0).min(bk);
+                                probs_row(&mut p[r * BK..r * BK + bk], visible, scale, *lse_h.add(i0 + r));
                             }
                             // dV_j += P^T dO_i
                             gemm_raw(
@@ -307,9 +349,7 @@ pub fn backward(
                             // dS = P * (dP - D_i); the score scale is folded into the two products below.
                             for r in 0..bq {
                                 let di = dvec[g * t + i0 + r];
-                                for c in 0..bk {
-                                    ds[r * BK + c] = p[r * BK + c] * (ds[r * BK + c] - di);
-                                }
+                                ds_row(&p[r * BK..r * BK + bk], &mut ds[r * BK..r * BK + bk], di);
                             }
                             // dQ_i += scale * dS K_j ; dK_j += scale * dS^T Q_i
                             gemm_raw(
@@ -350,4 +390,77 @@ pub fn backward(
             }
         });
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::isa::{assert_same_bits, levels_here, test_values};
+
+    /// The row kernels' copies (baseline, AVX2, AVX-512) give the same bits for every visible count of a
+    /// full and a tail tile (tails of every length mod 8 and 16), and the forward row's result is the
+    /// softmax numerator it claims to be: masked columns exactly 0, the max of the visible scores and the old
+    /// max, and exp(score - max) within the fast exp's 2e-7 of f64.
+    #[test]
+    fn row_kernels_agree_across_levels_and_compute_the_softmax() {
+        let levels = levels_here();
+        let scale = 0.088;
+        for bk in [BK, 41] {
+            for visible in [0, 1, 7, 8, 15, 16, 17, 33, bk - 1, bk] {
+                let scores = test_values(bk, visible as u64 + 7 * bk as u64);
+                let dp = test_values(bk, 99 + visible as u64);
+                for m_old in [f32::NEG_INFINITY, 0.5, 4.0] {
+                    let mut first: Option<(Vec<f32>, (f32, f32))> = None;
+                    for &level in &levels {
+                        let mut row = scores.clone();
+                        let (mx, sum) = softmax_row_at(level, &mut row, visible, scale, m_old);
+                        match &first {
+                            None => first = Some((row.clone(), (mx, sum))),
+                            Some((r0, (mx0, sum0))) => {
+                                assert_same_bits(&format!("softmax_row {level:?} bk {bk} visible {visible}"), &row, r0);
+                                assert_eq!((mx.to_bits(), sum.to_bits()), (mx0.to_bits(), sum0.to_bits()));
+                            }
+                        }
+                        if visible == 0 && m_old == f32::NEG_INFINITY {
+                            continue;
+                        }
+                        let want_max = scores[..visible].iter().map(|&x| x * scale).fold(m_old, f32::max);
+                        assert_eq!(mx, want_max, "max, visible {visible}");
+                        let mut want_sum = 0.0f64;
+                        for c in 0..bk {
+                            if c >= visible {
+                                assert_eq!(row[c].to_bits(), 0, "masked column {c} of {visible}");
+                                continue;
+                            }
+                            let want = ((scores[c] * scale - mx) as f64).exp();
+                            want_sum += want;
+                            assert!(
+                                (row[c] as f64 - want).abs() <= 2e-7 * want,
+                                "column {c}: {} vs {want}",
+                                row[c]
+                            );
+                        }
+                        assert!(
+                            (sum as f64 - want_sum).abs() <= 1e-6 * want_sum,
+                            "sum {sum} vs {want_sum}"
+                        );
+                    }
+                    let mut first_p: Option<(Vec<f32>, Vec<f32>)> = None;
+                    for &level in &levels {
+                        let mut p = scores.clone();
+                        probs_row_at(level, &mut p, visible, scale, 3.0);
+                        let mut ds = dp.clone();
+                        ds_row_at(level, &p, &mut ds, 0.25);
+                        match &first_p {
+                            None => first_p = Some((p, ds)),
+                            Some((p0, ds0)) => {
+                                assert_same_bits(&format!("probs_row {level:?} visible {visible}"), &p, p0);
+                                assert_same_bits(&format!("ds_row {level:?} visible {visible}"), &ds, ds0);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

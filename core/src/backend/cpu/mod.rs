@@ -11,8 +11,9 @@
 
 mod attention;
 mod elementwise;
+pub mod isa;
 mod loss;
-mod matmul;
+pub(crate) mod matmul;
 mod norm;
 
 use super::bf16::round_slice_bf16;

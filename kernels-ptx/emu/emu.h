@@ -31,9 +31,8 @@
 // bytes, is_write, kernel) sees every access a kernel makes outside shared memory and its own stack (its
 // global memory, cp.async's reads included), on the thread running it: the hook for a bounds checker.
 //
-// For the simulated driver: compile the kernels' translation units with
-//   g++ -std=c++20 -O1 -ffp-contract=off -fPIC -I kernels-ptx/emu/shim -I kernels-ptx/emu \
-//       -fsanitize=thread --param=tsan-instrument-func-entry-exit=0 -c ...
+// For the simulated driver: compile the kernels' translation units with (besides the usual flags)
+//   -fsanitize=thread --param=tsan-instrument-func-entry-exit=0
 // and link WITHOUT -fsanitize (no libtsan): the hooks come from emu_race.h. Without -fsanitize=thread the
 // kernels run a little faster, and race mode and the access check see nothing (emu_race_instrumented()
 // says which). Shared memory is thread_local, so in a dlopen'ed library a kernel finds its shared arrays

@@ -2,7 +2,7 @@
 # Builds and runs the CPU emulation checks of the kernels: every emu/test*.cpp is its own program (see
 # test.cpp). Needs g++ with C++20; no CUDA. shim/ stands in for CUDA's headers (<cuda_bf16.h>).
 # -ffp-contract=off: no fused multiply-adds, so the optimizer kernels can be checked bit for bit.
-# -rdynamic: race reports name kernels by their symbol (emu.h's emu_kernel_name).
+# -rdynamic: race reports name kernels by their symbol (emu.h's emu_kernel_name); -ldl: dladdr before glibc 2.34.
 # Race mode: every program is compiled with -fsanitize=thread, which makes g++ call a hook before each load
 # and store, linked WITHOUT libtsan (emu_race.h defines the hooks), and run with NC_SIM_RACE=1: a
 # shared-memory race or a cp.async read before its wait in any kernel is reported and fails the program
@@ -19,7 +19,7 @@ build_and_run() {
     name="$(basename "$src" .cpp)"
     local flags=(-std=c++20 -O1 -ffp-contract=off -pthread -I"$here/shim" -I"$here" -I"$here/../cuda")
     if ! g++ "${flags[@]}" -fsanitize=thread --param=tsan-instrument-func-entry-exit=0 -c "$src" -o "$out/$name.o" \
-        >"$out/$name.log" 2>&1 || ! g++ -pthread -rdynamic "$out/$name.o" -o "$out/$name" >>"$out/$name.log" 2>&1; then
+        >"$out/$name.log" 2>&1 || ! g++ -pthread -rdynamic "$out/$name.o" -o "$out/$name" -ldl >>"$out/$name.log" 2>&1; then
         echo "$name: compile failed" >>"$out/$name.log"
         return 1
     fi

@@ -32,6 +32,9 @@ PARQUET_DIR="${PARQUET_DIR:-${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}/base_dat
 DOWNLOAD="${DOWNLOAD:-1}"
 DATA_DIR="${DATA_DIR:-$ROOT/data/fineweb-edu}"
 WORLD_SIZE="${WORLD_SIZE:-8}"
+# Not exported: nc-train reads WORLD_SIZE from its environment as a launcher's (torchrun's) variable and would
+# take itself for one rank of a launched job; the scripts pass it as --world-size instead.
+export -n WORLD_SIZE
 TOKENIZER_SHARDS="${TOKENIZER_SHARDS:-8}"
 VOCAB_SIZE="${VOCAB_SIZE:-65536}"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"

@@ -170,6 +170,9 @@ fn make_sandbox(dir: &Path) -> String {
     let target = dir.join("target");
     std::fs::create_dir_all(target.join("release")).unwrap();
     let real_target = real_bins.parent().unwrap();
+    // target/sim (scripts/sim.sh's build of the simulated GPU) is shared with the real one, so it is built once
+    // for every page and test that needs it, not once per sandbox.
+    std::fs::create_dir_all(real_target.join("sim")).unwrap();
     for entry in std::fs::read_dir(real_target).unwrap() {
         let entry = entry.unwrap();
         if entry.file_name() != "release" {
@@ -222,6 +225,7 @@ fn run_markdown(name: &str, markdown: &str, server: &TestServer) -> Result<usize
     let dir = tempfile::tempdir().unwrap();
     let path = make_sandbox(dir.path());
     for block in &blocks {
+        let start = std::time::Instant::now();
         let mut cmd = Command::new("bash");
         if block.parse_only {
             cmd.arg("-n").arg("-c").arg(&block.text);
@@ -250,13 +254,19 @@ fn run_markdown(name: &str, markdown: &str, server: &TestServer) -> Result<usize
             }
             return Err(msg);
         }
+        // What each block costs the test suite (`--nocapture` shows it), to keep the documented commands cheap.
+        eprintln!(
+            "docs test: {name}:{}: {:.1} s",
+            block.line,
+            start.elapsed().as_secs_f64()
+        );
     }
     Ok(blocks.len())
 }
 
-/// Every docs/*.md, sorted (README.md joins when it is rewritten to the convention, issue 21).
+/// README.md and every docs/*.md, sorted.
 fn documentation_files() -> Vec<PathBuf> {
-    let mut files = vec![];
+    let mut files = vec![root().join("README.md")];
     let mut docs: Vec<PathBuf> = std::fs::read_dir(root().join("docs"))
         .map(|d| d.map(|e| e.unwrap().path()).collect())
         .unwrap_or_default();
@@ -271,8 +281,13 @@ fn every_documented_command_runs() {
     let server = TestServer::start(&served_shards());
     let mut failures = Vec::new();
     let mut ran = 0;
+    // NC_DOCS_ONLY=NAME runs only the files whose path contains NAME (while writing one page).
+    let only = std::env::var("NC_DOCS_ONLY").unwrap_or_default();
     for file in documentation_files() {
         let name = file.strip_prefix(root()).unwrap().display().to_string();
+        if !name.contains(&only) {
+            continue;
+        }
         let text = std::fs::read_to_string(&file).unwrap();
         match run_markdown(&name, &text, &server) {
             Ok(n) => ran += n,

@@ -10,6 +10,7 @@ pub mod nvtx;
 pub mod optim;
 pub mod plan;
 pub mod plan_comm;
+pub mod precision;
 pub mod sample;
 pub mod train;
 

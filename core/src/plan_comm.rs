@@ -24,7 +24,7 @@
 
 use crate::config::{ModelConfig, ParamKind};
 use crate::optim::shard::ShardLayout;
-use crate::plan::Precision;
+use crate::precision::Precision;
 use serde::Serialize;
 
 /// An assumed bus bandwidth of one kind of GPU's interconnect inside one node.
@@ -151,7 +151,7 @@ impl CommPlan {
 
     /// The lines `--plan` prints.
     pub fn render(&self) -> String {
-        let gb = |b: f64| b / crate::plan::GB;
+        let gb = |b: f64| b / crate::precision::GB;
         format!(
             "communication per step (ZeRO-1, {} ranks; the busiest is rank {}, owning {} of {} params):\n  \
              grads reduced (f32)    {:8.2} GB sent per rank ({:.3} of the model; ring factor (n-1)/n = {:.3})\n  \

@@ -21,7 +21,7 @@ use crate::bail;
 use crate::config::{ModelConfig, ParamSpec, LOGIT_SOFTCAP};
 use crate::error::{NcError, Result};
 use crate::nvtx;
-use crate::plan::Precision;
+use crate::precision::Precision;
 
 /// Which parameter grads the backward has just made final for the current micro-step, in the order it
 /// makes them: lm_head (the loss), then the blocks from the last to the first, then wte.

@@ -21,7 +21,7 @@ pub use master::{MasterMap, MasterPiece};
 
 use crate::backend::{Backend, Storage, View, ViewMut};
 use crate::config::ModelConfig;
-use crate::plan::Precision;
+use crate::precision::Precision;
 
 /// What the forward keeps for the backward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]

@@ -34,7 +34,7 @@ use crate::backend::{AdamwPiece, Backend, NsBatch, Storage, View, ViewMut};
 use crate::bail;
 use crate::config::{ModelConfig, ParamKind};
 use crate::error::Result;
-use crate::plan::Precision;
+use crate::precision::Precision;
 
 /// Scratch for one Muon update on a backend, allocated once for the largest matrix (nothing is allocated
 /// per step).

@@ -144,189 +144,22 @@ impl<'a> Machine<'a> {
         Ok(())
     }
 
+    /// Runs the opcodes until STOP; each family of opcodes is one method below.
     fn run(mut self) -> Result<Value> {
         loop {
             let at = self.pos;
             let op = self.take(1)?[0];
             match op {
-                0x80 => {
-                    let proto = self.take(1)?[0];
-                    if !(2..=5).contains(&proto) {
-                        return Err(err(
-                            at,
-                            format!("pickle protocol {proto}; tiktoken Encodings use 2 to 5"),
-                        ));
+                0x80 | 0x95 | b'.' => {
+                    if let Some(value) = self.frame(at, op)? {
+                        return Ok(value);
                     }
                 }
-                0x95 => {
-                    self.take(8)?; // FRAME: a length hint only.
-                }
-                b'.' => {
-                    let v = self.pop()?;
-                    if !self.stack.is_empty() || !self.marks.is_empty() {
-                        return Err(err(at, "STOP with more than one value on the stack"));
-                    }
-                    return Ok(v);
-                }
-                b'(' => self.marks.push(self.stack.len()),
-                b'}' => self.stack.push(Value::Dict(Default::default())),
-                b')' => self.stack.push(Value::Tuple(Rc::from(Vec::new()))),
-                b']' => self.stack.push(Value::List(Default::default())),
-                b'N' => self.stack.push(Value::None),
-                0x88 => self.stack.push(Value::Bool),
-                0x89 => self.stack.push(Value::Bool),
-                b't' => {
-                    let items = self.pop_mark()?;
-                    self.stack.push(Value::Tuple(Rc::from(items)));
-                }
-                0x85..=0x87 => {
-                    let n = (op - 0x84) as usize;
-                    let mut items = Vec::with_capacity(n);
-                    for _ in 0..n {
-                        items.push(self.pop()?);
-                    }
-                    items.reverse();
-                    self.stack.push(Value::Tuple(Rc::from(items)));
-                }
-                0x8c => {
-                    let n = self.uint(1)?;
-                    let v = self.text(n)?;
-                    self.stack.push(v);
-                }
-                b'X' => {
-                    let n = self.uint(4)?;
-                    let v = self.text(n)?;
-                    self.stack.push(v);
-                }
-                0x8d => {
-                    let n = self.uint(8)?;
-                    let v = self.text(n)?;
-                    self.stack.push(v);
-                }
-                b'C' | b'B' | 0x8e => {
-                    let width = match op {
-                        b'C' => 1,
-                        b'B' => 4,
-                        _ => 8,
-                    };
-                    let n = self.uint(width)?;
-                    let b = self.take(n)?;
-                    self.stack.push(Value::Bytes(Rc::from(b)));
-                }
-                b'K' => {
-                    let v = self.uint(1)? as i64;
-                    self.stack.push(Value::Int(v));
-                }
-                b'M' => {
-                    let v = self.uint(2)? as i64;
-                    self.stack.push(Value::Int(v));
-                }
-                b'J' => {
-                    let v = self.uint(4)? as u32 as i32 as i64;
-                    self.stack.push(Value::Int(v));
-                }
-                0x8a => {
-                    let n = self.uint(1)?;
-                    if n > 8 {
-                        return Err(err(at, format!("integer of {n} bytes is too large for a rank")));
-                    }
-                    let b = self.take(n)?;
-                    let mut v: i64 = 0;
-                    for (i, &x) in b.iter().enumerate() {
-                        v |= (x as i64) << (8 * i);
-                    }
-                    // Sign-extend from the top byte.
-                    if n > 0 && n < 8 && b[n as usize - 1] & 0x80 != 0 {
-                        v -= 1i64 << (8 * n);
-                    }
-                    self.stack.push(Value::Int(v));
-                }
-                0x94 => {
-                    let key = self.memo.len() as u32;
-                    self.memo_put(key)?;
-                }
-                b'q' => {
-                    let key = self.uint(1)? as u32;
-                    self.memo_put(key)?;
-                }
-                b'r' => {
-                    let key = self.uint(4)? as u32;
-                    self.memo_put(key)?;
-                }
-                b'h' => {
-                    let key = self.uint(1)? as u32;
-                    self.memo_get(key)?;
-                }
-                b'j' => {
-                    let key = self.uint(4)? as u32;
-                    self.memo_get(key)?;
-                }
-                b'c' => {
-                    let module = self.line()?;
-                    let name = self.line()?;
-                    self.stack.push(Value::Global(module, name));
-                }
-                0x93 => {
-                    let name = self.pop()?;
-                    let module = self.pop()?;
-                    let (Value::Str(module), Value::Str(name)) = (module, name) else {
-                        return Err(err(at, "STACK_GLOBAL needs two strings"));
-                    };
-                    self.stack.push(Value::Global(module.to_string(), name.to_string()));
-                }
-                0x81 => {
-                    let args = self.pop()?;
-                    let class = self.pop()?;
-                    let Value::Global(m, n) = class else {
-                        return Err(err(at, "NEWOBJ of something not a class"));
-                    };
-                    if !matches!(&args, Value::Tuple(a) if a.is_empty()) {
-                        return Err(err(at, format!("NEWOBJ of {m}.{n} with arguments")));
-                    }
-                    self.stack.push(Value::Object {
-                        class: (m, n),
-                        state: None,
-                    });
-                }
-                b'R' => {
-                    let args = self.pop()?;
-                    let func = self.pop()?;
-                    let v = reduce(func, args).map_err(|what| err(at, what))?;
-                    self.stack.push(v);
-                }
-                b'b' => {
-                    let state = self.pop()?;
-                    let Value::Object { state: slot, .. } = self.top_mut()? else {
-                        return Err(err(at, "BUILD on something not an object"));
-                    };
-                    if slot.is_some() {
-                        return Err(err(at, "BUILD twice on one object"));
-                    }
-                    *slot = Some(Box::new(state));
-                }
-                b's' => {
-                    let v = self.pop()?;
-                    let k = self.pop()?;
-                    self.set_items(vec![k, v])?;
-                }
-                b'u' => {
-                    let items = self.pop_mark()?;
-                    self.set_items(items)?;
-                }
-                b'a' => {
-                    let v = self.pop()?;
-                    let Value::List(l) = self.top_mut()? else {
-                        return Err(err(at, "APPEND on something not a list"));
-                    };
-                    l.borrow_mut().push(v);
-                }
-                b'e' => {
-                    let items = self.pop_mark()?;
-                    let Value::List(l) = self.top_mut()? else {
-                        return Err(err(at, "APPENDS on something not a list"));
-                    };
-                    l.borrow_mut().extend(items);
-                }
+                b'(' | b'}' | b')' | b']' | b'N' | 0x88 | 0x89 | b't' | 0x85..=0x87 => self.structure(op)?,
+                0x8c | b'X' | 0x8d | b'C' | b'B' | 0x8e | b'K' | b'M' | b'J' | 0x8a => self.scalar(at, op)?,
+                0x94 | b'q' | b'r' | b'h' | b'j' => self.memo(op)?,
+                b'c' | 0x93 | 0x81 | b'R' | b'b' => self.object(at, op)?,
+                b's' | b'u' | b'a' | b'e' => self.fill(at, op)?,
                 other => {
                     return Err(err(
                         at,
@@ -335,6 +168,232 @@ impl<'a> Machine<'a> {
                 }
             }
         }
+    }
+
+    /// Protocol, frame and stop: `Some(value)` at STOP, the one value the pickle holds.
+    fn frame(&mut self, at: usize, op: u8) -> Result<Option<Value>> {
+        match op {
+            0x80 => {
+                let proto = self.take(1)?[0];
+                if !(2..=5).contains(&proto) {
+                    return Err(err(
+                        at,
+                        format!("pickle protocol {proto}; tiktoken Encodings use 2 to 5"),
+                    ));
+                }
+            }
+            0x95 => {
+                self.take(8)?; // FRAME: a length hint only.
+            }
+            b'.' => {
+                let v = self.pop()?;
+                if !self.stack.is_empty() || !self.marks.is_empty() {
+                    return Err(err(at, "STOP with more than one value on the stack"));
+                }
+                return Ok(Some(v));
+            }
+            _ => unreachable!("opcode 0x{op:02x} is not one of frame's"),
+        }
+        Ok(None)
+    }
+
+    /// Marks, empty containers, constants and tuples.
+    fn structure(&mut self, op: u8) -> Result<()> {
+        match op {
+            b'(' => self.marks.push(self.stack.len()),
+            b'}' => self.stack.push(Value::Dict(Default::default())),
+            b')' => self.stack.push(Value::Tuple(Rc::from(Vec::new()))),
+            b']' => self.stack.push(Value::List(Default::default())),
+            b'N' => self.stack.push(Value::None),
+            0x88 => self.stack.push(Value::Bool),
+            0x89 => self.stack.push(Value::Bool),
+            b't' => {
+                let items = self.pop_mark()?;
+                self.stack.push(Value::Tuple(Rc::from(items)));
+            }
+            0x85..=0x87 => {
+                let n = (op - 0x84) as usize;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(self.pop()?);
+                }
+                items.reverse();
+                self.stack.push(Value::Tuple(Rc::from(items)));
+            }
+            _ => unreachable!("opcode 0x{op:02x} is not one of structure's"),
+        }
+        Ok(())
+    }
+
+    /// Strings, bytes and integers read from the opcode's argument.
+    fn scalar(&mut self, at: usize, op: u8) -> Result<()> {
+        match op {
+            0x8c => {
+                let n = self.uint(1)?;
+                let v = self.text(n)?;
+                self.stack.push(v);
+            }
+            b'X' => {
+                let n = self.uint(4)?;
+                let v = self.text(n)?;
+                self.stack.push(v);
+            }
+            0x8d => {
+                let n = self.uint(8)?;
+                let v = self.text(n)?;
+                self.stack.push(v);
+            }
+            b'C' | b'B' | 0x8e => {
+                let width = match op {
+                    b'C' => 1,
+                    b'B' => 4,
+                    _ => 8,
+                };
+                let n = self.uint(width)?;
+                let b = self.take(n)?;
+                self.stack.push(Value::Bytes(Rc::from(b)));
+            }
+            b'K' => {
+                let v = self.uint(1)? as i64;
+                self.stack.push(Value::Int(v));
+            }
+            b'M' => {
+                let v = self.uint(2)? as i64;
+                self.stack.push(Value::Int(v));
+            }
+            b'J' => {
+                let v = self.uint(4)? as u32 as i32 as i64;
+                self.stack.push(Value::Int(v));
+            }
+            0x8a => {
+                let n = self.uint(1)?;
+                if n > 8 {
+                    return Err(err(at, format!("integer of {n} bytes is too large for a rank")));
+                }
+                let b = self.take(n)?;
+                let mut v: i64 = 0;
+                for (i, &x) in b.iter().enumerate() {
+                    v |= (x as i64) << (8 * i);
+                }
+                // Sign-extend from the top byte.
+                if n > 0 && n < 8 && b[n as usize - 1] & 0x80 != 0 {
+                    v -= 1i64 << (8 * n);
+                }
+                self.stack.push(Value::Int(v));
+            }
+            _ => unreachable!("opcode 0x{op:02x} is not one of scalar's"),
+        }
+        Ok(())
+    }
+
+    /// The memo: stored and fetched values.
+    fn memo(&mut self, op: u8) -> Result<()> {
+        match op {
+            0x94 => {
+                let key = self.memo.len() as u32;
+                self.memo_put(key)?;
+            }
+            b'q' => {
+                let key = self.uint(1)? as u32;
+                self.memo_put(key)?;
+            }
+            b'r' => {
+                let key = self.uint(4)? as u32;
+                self.memo_put(key)?;
+            }
+            b'h' => {
+                let key = self.uint(1)? as u32;
+                self.memo_get(key)?;
+            }
+            b'j' => {
+                let key = self.uint(4)? as u32;
+                self.memo_get(key)?;
+            }
+            _ => unreachable!("opcode 0x{op:02x} is not one of memo's"),
+        }
+        Ok(())
+    }
+
+    /// Globals and the objects made from them (only the calls `reduce` allows).
+    fn object(&mut self, at: usize, op: u8) -> Result<()> {
+        match op {
+            b'c' => {
+                let module = self.line()?;
+                let name = self.line()?;
+                self.stack.push(Value::Global(module, name));
+            }
+            0x93 => {
+                let name = self.pop()?;
+                let module = self.pop()?;
+                let (Value::Str(module), Value::Str(name)) = (module, name) else {
+                    return Err(err(at, "STACK_GLOBAL needs two strings"));
+                };
+                self.stack.push(Value::Global(module.to_string(), name.to_string()));
+            }
+            0x81 => {
+                let args = self.pop()?;
+                let class = self.pop()?;
+                let Value::Global(m, n) = class else {
+                    return Err(err(at, "NEWOBJ of something not a class"));
+                };
+                if !matches!(&args, Value::Tuple(a) if a.is_empty()) {
+                    return Err(err(at, format!("NEWOBJ of {m}.{n} with arguments")));
+                }
+                self.stack.push(Value::Object {
+                    class: (m, n),
+                    state: None,
+                });
+            }
+            b'R' => {
+                let args = self.pop()?;
+                let func = self.pop()?;
+                let v = reduce(func, args).map_err(|what| err(at, what))?;
+                self.stack.push(v);
+            }
+            b'b' => {
+                let state = self.pop()?;
+                let Value::Object { state: slot, .. } = self.top_mut()? else {
+                    return Err(err(at, "BUILD on something not an object"));
+                };
+                if slot.is_some() {
+                    return Err(err(at, "BUILD twice on one object"));
+                }
+                *slot = Some(Box::new(state));
+            }
+            _ => unreachable!("opcode 0x{op:02x} is not one of object's"),
+        }
+        Ok(())
+    }
+
+    /// Items set into dicts and appended to lists.
+    fn fill(&mut self, at: usize, op: u8) -> Result<()> {
+        match op {
+            b's' => {
+                let v = self.pop()?;
+                let k = self.pop()?;
+                self.set_items(vec![k, v])?;
+            }
+            b'u' => {
+                let items = self.pop_mark()?;
+                self.set_items(items)?;
+            }
+            b'a' => {
+                let v = self.pop()?;
+                let Value::List(l) = self.top_mut()? else {
+                    return Err(err(at, "APPEND on something not a list"));
+                };
+                l.borrow_mut().push(v);
+            }
+            b'e' => {
+                let items = self.pop_mark()?;
+                let Value::List(l) = self.top_mut()? else {
+                    return Err(err(at, "APPENDS on something not a list"));
+                };
+                l.borrow_mut().extend(items);
+            }
+            _ => unreachable!("opcode 0x{op:02x} is not one of fill's"),
+        }
+        Ok(())
     }
 }
 

@@ -74,13 +74,13 @@ fn text(out: &Output) -> String {
     )
 }
 
-/// (step, raw_loss) of metrics.jsonl, in file order.
+/// (step, raw_loss) of metrics.jsonl, the last record of each step (a resumed run logs again what a stopped
+/// one logged after its checkpoint), by step.
 fn losses(out_dir: &Path) -> Vec<(u64, f64)> {
     let t = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
-    t.lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v.get("raw_loss").is_some())
-        .map(|v| (v["step"].as_u64().unwrap(), v["raw_loss"].as_f64().unwrap()))
+    nc_core::train::metrics::last_per_step(&t, "raw_loss")
+        .into_iter()
+        .map(|(step, v)| (step, v["raw_loss"].as_f64().unwrap()))
         .collect()
 }
 
@@ -165,6 +165,51 @@ fn two_processes_match_one_with_accumulation() {
             "optim_rank1.safetensors"
         ]
     );
+}
+
+/// MFU x dt (seconds) of every step record of metrics.jsonl, the last record of each step: the model FLOPs of
+/// the step over the peak FLOP/s the MFU is stated against, which depend on the work and the machine, not on
+/// how long the step took.
+fn mfu_seconds(out_dir: &Path) -> Vec<(u64, f64)> {
+    let t = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
+    nc_core::train::metrics::last_per_step(&t, "mfu")
+        .into_iter()
+        .map(|(step, v)| (step, v["mfu"].as_f64().unwrap() * v["dt_ms"].as_f64().unwrap() / 1e3))
+        .collect()
+}
+
+/// MFU is the model FLOPs of all ranks over the peak of all ranks (nanochat's definition): two and three
+/// processes doing one process's work (the same 384 tokens per step: grad accum 6, 3 and 2) state the MFU one
+/// process would at the same step time. MFU x dt is compared (it does not depend on timing); the ranks of one
+/// machine share its cores, so their peaks add up to the one process's. Before the fix, world size W read W
+/// times one process's.
+#[test]
+fn mfu_of_several_processes_is_the_one_process_mfu() {
+    let dir = tempfile::tempdir().unwrap();
+    let same_work = ["--dbs", "2", "--total-batch-size", "384"];
+    let mut got = Vec::new();
+    for world in [1usize, 2, 3] {
+        let d = dir.path().join(format!("w{world}"));
+        let out = run(nc_train()
+            .args(args(&d, 2))
+            .args(same_work)
+            .args(["--world-size", &world.to_string()]));
+        assert!(out.status.success(), "{}", text(&out));
+        let q = mfu_seconds(&d);
+        assert_eq!(q.iter().map(|x| x.0).collect::<Vec<_>>(), [0, 1], "world {world}");
+        got.push((world, q));
+    }
+    let one = got[0].1[0].1;
+    assert!(one > 0.0 && one.is_finite(), "{got:?}");
+    for (world, q) in &got {
+        for (step, v) in q {
+            // the same f64 products; rounding of dt_ms is all that may differ
+            assert!(
+                ((v - one) / one).abs() < 1e-9,
+                "world {world} step {step}: MFU x dt {v:e} vs one process's {one:e}\n{got:?}"
+            );
+        }
+    }
 }
 
 /// Stop at step 3 and resume: bit-exact at the same world size; at another world size (2 -> 1 and 1 -> 2)

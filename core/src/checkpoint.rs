@@ -4,26 +4,30 @@
 //! - `model.safetensors`: every parameter as f32 under its nanochat name, shape (out, in) as PyTorch's Linear,
 //!   so nanochat users can load it with `safetensors.torch.load_file`.
 //! - `optim_rank{r}.safetensors`: rank r's optimizer state buffer (one f32 tensor `state`).
-//! - `meta.json`: model config (nanochat's keys), train config, step, loader, loop and RNG state.
-//! - `COMPLETE`: written last. A folder without it is not a checkpoint.
+//! - `meta.json`: model config (nanochat's keys), train config, step, loader, loop and RNG state, and the
+//!   length and xxh64 checksum of the weights and of every optimizer file (`files`).
+//! - `COMPLETE`: written last, holding meta.json's length and checksum and a check of itself
+//!   (`checkpoint_sums`). A folder without it is not a checkpoint. Loading verifies every file it reads and
+//!   refuses a mismatch naming the file; `verify` checks a whole checkpoint.
 //!
 //! A save writes everything into `checkpoints/.partial-step_NNNNNN/`, syncs it, writes the marker and only
 //! then renames the folder into place; a crash at any point leaves the previous checkpoints as they were,
 //! and the partial folder is ignored (and cleared by the next save).
 //!
 //! With several ranks the save is split in phases (`begin_save`, `write_optim_state`, `write_model_and_meta`,
-//! `finish_save`): rank 0 prepares the partial folder, every rank writes its own optimizer state into it,
-//! rank 0 writes the weights and meta.json, and, once the ranks agree that every file is in, rank 0 writes
-//! the marker and renames. Ranks in other processes (on other machines) write into the same folder, so the out
+//! `finish_save`): rank 0 prepares the partial folder, every rank writes its own optimizer state into it
+//! (and its checksum beside it), rank 0 writes the weights, and, once the ranks agree that every file is in,
+//! rank 0 writes meta.json with every file's checksum, then the marker, and renames. Ranks in other processes (on other machines) write into the same folder, so the out
 //! dir must be one folder all of them see; `finish_save` checks that every rank's file is there.
 
 use crate::bail;
+use crate::checkpoint_sums::{self, FileSum, Marker};
 use crate::config::ModelConfig;
 use crate::error::{NcError, Result};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -50,6 +54,19 @@ pub struct CheckpointMeta {
     pub loop_state: serde_json::Value,
     pub rng_state: serde_json::Value,
     pub optimizer: OptimizerMeta,
+    /// Length and xxh64 of the weights and of every optimizer file, by file name: filled in by `finish_save`
+    /// (a saver leaves it empty); empty in checkpoints written before nc recorded checksums.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub files: BTreeMap<String, FileSum>,
+}
+
+/// What `verify` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Integrity {
+    /// Every file's length and checksum are as recorded.
+    Verified,
+    /// Written before nc recorded checksums: nothing to verify against (loaded with a note).
+    Unrecorded,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -121,14 +138,12 @@ pub fn save_with_hook(
     after_file: &mut dyn FnMut(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
     let tmp = begin_save(out_dir, meta.step)?;
-    write_model(&tmp, meta, params)?;
+    write_model_file(&tmp, meta, params)?;
     after_file(&tmp.join(MODEL_FILE))?;
     for (rank, state) in optim_states.iter().enumerate() {
         let path = write_optim_state(&tmp, rank, state)?;
         after_file(&path)?;
     }
-    write_meta(&tmp, meta)?;
-    after_file(&tmp.join(META_FILE))?;
     finish_save(out_dir, meta)
 }
 
@@ -154,13 +169,8 @@ pub fn begin_save(out_dir: &Path, step: u64) -> Result<PathBuf> {
     Ok(tmp)
 }
 
-/// Rank 0: the weights and meta.json into the partial folder.
-pub fn write_model_and_meta(partial: &Path, meta: &CheckpointMeta, params: &[f32]) -> Result<()> {
-    write_model(partial, meta, params)?;
-    write_meta(partial, meta)
-}
-
-fn write_model(tmp: &Path, meta: &CheckpointMeta, params: &[f32]) -> Result<()> {
+/// Rank 0: the weights into the partial folder, and their checksum beside them (for meta.json).
+pub fn write_model_file(tmp: &Path, meta: &CheckpointMeta, params: &[f32]) -> Result<()> {
     let model = &meta.model_config;
     if params.len() as u64 != model.num_params() {
         bail!(
@@ -177,16 +187,20 @@ fn write_model(tmp: &Path, meta: &CheckpointMeta, params: &[f32]) -> Result<()> 
         views.push((spec.name.clone(), view));
     }
     let st_meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    write_tensors(&model_path, views, Some(st_meta))
+    write_tensors(&model_path, views, Some(st_meta))?;
+    checkpoint_sums::write_sidecar(tmp, MODEL_FILE).map(|_| ())
 }
 
-fn write_meta(tmp: &Path, meta: &CheckpointMeta) -> Result<()> {
+/// meta.json with the files' checksums; returns its own (for the marker).
+fn write_meta(tmp: &Path, meta: &CheckpointMeta) -> Result<FileSum> {
     let meta_path = tmp.join(META_FILE);
     let text = serde_json::to_string_pretty(meta).map_err(|e| NcError::new(format!("meta.json: {e}")))?;
-    write_synced(&meta_path, text.as_bytes())
+    write_synced(&meta_path, text.as_bytes())?;
+    Ok(FileSum::of_bytes(text.as_bytes()))
 }
 
-/// Every rank: its optimizer state into the partial folder (synced); returns the file's path.
+/// Every rank: its optimizer state into the partial folder (synced), and its checksum beside it; returns the
+/// file's path.
 pub fn write_optim_state(partial: &Path, rank: usize, state: &[f32]) -> Result<PathBuf> {
     if !partial.is_dir() {
         bail!(
@@ -199,18 +213,24 @@ pub fn write_optim_state(partial: &Path, rank: usize, state: &[f32]) -> Result<P
     let view = TensorView::new(Dtype::F32, vec![state.len()], f32_bytes(state))
         .map_err(|e| NcError::new(format!("optimizer state: {e}")))?;
     write_tensors(&path, vec![("state".to_string(), view)], None)?;
+    checkpoint_sums::write_sidecar(partial, &optim_file(rank))?;
     Ok(path)
 }
 
-/// Last phase (rank 0, after every rank has written its file): check that the weights, meta.json and every
-/// rank's optimizer state are in the partial folder, write the marker and rename the folder into place.
+/// Last phase (rank 0, after every rank has written its file): check that the weights and every rank's
+/// optimizer state are in the partial folder with their checksums, write meta.json with those (the sidecars
+/// removed), then the marker with meta.json's checksum, and rename the folder into place.
 pub fn finish_save(out_dir: &Path, meta: &CheckpointMeta) -> Result<PathBuf> {
     let tmp = partial_dir(out_dir, meta.step);
     let root = checkpoints_dir(out_dir);
     let name = step_dir_name(meta.step);
-    let mut needed = vec![MODEL_FILE.to_string(), META_FILE.to_string()];
+    let mut needed = vec![MODEL_FILE.to_string()];
     needed.extend((0..meta.optimizer.world_size).map(optim_file));
-    for f in &needed {
+    let with_sums: Vec<String> = needed
+        .iter()
+        .flat_map(|f| [f.clone(), checkpoint_sums::sidecar_name(f)])
+        .collect();
+    for f in &with_sums {
         if !tmp.join(f).is_file() {
             bail!(
                 "checkpoint of step {}: {} is missing from {}; every rank writes its own optimizer state there, so \
@@ -222,8 +242,18 @@ pub fn finish_save(out_dir: &Path, meta: &CheckpointMeta) -> Result<PathBuf> {
         }
     }
 
+    let mut meta = meta.clone();
+    meta.files = needed
+        .iter()
+        .map(|f| Ok((f.clone(), checkpoint_sums::read_sidecar(&tmp, f)?)))
+        .collect::<Result<_>>()?;
+    let meta_sum = write_meta(&tmp, &meta)?;
+    for f in &needed {
+        let sidecar = tmp.join(checkpoint_sums::sidecar_name(f));
+        fs::remove_file(&sidecar).map_err(|e| io_err(&sidecar, e))?;
+    }
     let marker = tmp.join(COMPLETE_MARKER);
-    write_synced(&marker, format!("{}\n", meta.step).as_bytes())?;
+    write_synced(&marker, checkpoint_sums::marker_text(meta.step, &meta_sum).as_bytes())?;
     sync_dir(&tmp)?;
 
     let dest = root.join(&name);
@@ -264,17 +294,24 @@ pub fn latest(out_dir: &Path) -> Result<Option<PathBuf>> {
     Ok(list_complete(out_dir)?.pop().map(|(_, p)| p))
 }
 
-/// Read and check meta.json of a checkpoint folder.
+/// Read and check meta.json of a checkpoint folder: against the checksum the marker holds, then its contents.
 pub fn load_meta(dir: &Path) -> Result<CheckpointMeta> {
-    if !dir.join(COMPLETE_MARKER).is_file() {
+    let marker_path = dir.join(COMPLETE_MARKER);
+    if !marker_path.is_file() {
         bail!(
             "{} is not a complete checkpoint (no {COMPLETE_MARKER} marker: the save did not finish); resume from \
              another one with --resume PATH",
             dir.display()
         );
     }
+    let marker_bytes = fs::read(&marker_path).map_err(|e| io_err(&marker_path, e))?;
+    let marker = checkpoint_sums::parse_marker(&marker_path, &marker_bytes)?;
     let path = dir.join(META_FILE);
-    let text = fs::read_to_string(&path).map_err(|e| io_err(&path, e))?;
+    let bytes = fs::read(&path).map_err(|e| io_err(&path, e))?;
+    if let Marker::Summed { meta: sum, .. } = &marker {
+        sum.check(&path, &FileSum::of_bytes(&bytes))?;
+    }
+    let text = String::from_utf8(bytes).map_err(|_| corrupt(&path, "not UTF-8 text"))?;
     let meta: CheckpointMeta = serde_json::from_str(&text).map_err(|e| {
         NcError::new(format!(
             "{}: not a valid checkpoint meta.json ({e}); the checkpoint is corrupt",
@@ -285,7 +322,64 @@ pub fn load_meta(dir: &Path) -> Result<CheckpointMeta> {
         bail!("{}: format '{}' is not '{FORMAT}'", path.display(), meta.format);
     }
     meta.model_config.validate().map_err(|e| e.context(path.display()))?;
+    match (&marker, meta.files.is_empty()) {
+        (Marker::Summed { step, .. }, false) if *step == meta.step => {}
+        (Marker::Unsummed, true) => {}
+        _ => {
+            return Err(corrupt(
+                &marker_path,
+                "the marker and meta.json disagree about the step or the checksums",
+            ))
+        }
+    }
     Ok(meta)
+}
+
+/// The files a checkpoint of `meta` holds besides meta.json and the marker.
+fn data_files(meta: &CheckpointMeta) -> Vec<String> {
+    let mut files = vec![MODEL_FILE.to_string()];
+    files.extend((0..meta.optimizer.world_size).map(optim_file));
+    files
+}
+
+/// The recorded sum of `file` (None: a checkpoint from before checksums).
+fn recorded_sum(meta: &CheckpointMeta, dir: &Path, file: &str) -> Result<Option<FileSum>> {
+    if meta.files.is_empty() {
+        return Ok(None);
+    }
+    match meta.files.get(file) {
+        Some(sum) => Ok(Some(sum.clone())),
+        None => Err(corrupt(
+            &dir.join(META_FILE),
+            format!("no checksum recorded for {file}"),
+        )),
+    }
+}
+
+/// Check every file of the checkpoint in `dir` against its recorded length and checksum (the marker, meta.json,
+/// the weights, every rank's optimizer state); the first mismatch is an error naming the file.
+pub fn verify(dir: &Path) -> Result<Integrity> {
+    let meta = load_meta(dir)?;
+    if meta.files.is_empty() {
+        return Ok(Integrity::Unrecorded);
+    }
+    for file in data_files(&meta) {
+        let path = dir.join(&file);
+        let want = recorded_sum(&meta, dir, &file)?.expect("files is not empty");
+        want.check(&path, &FileSum::of_file(&path)?)?;
+    }
+    Ok(Integrity::Verified)
+}
+
+/// Read a data file of a checkpoint, checked against its recorded sum when the checkpoint has them.
+fn read_checked(dir: &Path, file: &str) -> Result<Vec<u8>> {
+    let meta = load_meta(dir)?;
+    let path = dir.join(file);
+    let bytes = read_tensor_file(&path)?;
+    if let Some(want) = recorded_sum(&meta, dir, file)? {
+        want.check(&path, &FileSum::of_bytes(&bytes))?;
+    }
+    Ok(bytes)
 }
 
 fn read_tensor_file(path: &Path) -> Result<Vec<u8>> {
@@ -323,7 +417,7 @@ fn read_f32(st: &SafeTensors, path: &Path, name: &str, shape: &[usize], out: &mu
 /// Load the weights of a checkpoint into the contiguous parameter buffer of `model`.
 pub fn load_params(dir: &Path, model: &ModelConfig, params: &mut [f32]) -> Result<()> {
     let path = dir.join(MODEL_FILE);
-    let bytes = read_tensor_file(&path)?;
+    let bytes = read_checked(dir, MODEL_FILE)?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(&path, e))?;
     if params.len() as u64 != model.num_params() {
         bail!(
@@ -342,7 +436,7 @@ pub fn load_params(dir: &Path, model: &ModelConfig, params: &mut [f32]) -> Resul
 /// Load rank `rank`'s optimizer state into `out` (its length must be what the meta says).
 pub fn load_optim_state(dir: &Path, rank: usize, out: &mut [f32]) -> Result<()> {
     let path = dir.join(optim_file(rank));
-    let bytes = read_tensor_file(&path)?;
+    let bytes = read_checked(dir, &optim_file(rank))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(&path, e))?;
     let len = out.len();
     read_f32(&st, &path, "state", &[len], out)
@@ -370,6 +464,7 @@ mod tests {
                 world_size: 1,
                 state_lens: vec![5],
             },
+            files: BTreeMap::new(),
         }
     }
 
@@ -387,8 +482,30 @@ mod tests {
         let path = save(dir.path(), &meta(7), &p, &[&state]).unwrap();
         assert!(path.ends_with("checkpoints/step_000007"));
         assert_eq!(latest(dir.path()).unwrap(), Some(path.clone()));
-        let m = load_meta(&path).unwrap();
+        let mut m = load_meta(&path).unwrap();
+        // every data file recorded with its length (and checksum)
+        let lens: Vec<(String, u64)> = m.files.iter().map(|(f, s)| (f.clone(), s.len)).collect();
+        let on_disk = |f: &str| std::fs::metadata(path.join(f)).unwrap().len();
+        assert_eq!(
+            lens,
+            [
+                (MODEL_FILE.to_string(), on_disk(MODEL_FILE)),
+                (optim_file(0), on_disk(&optim_file(0)))
+            ]
+        );
+        assert_eq!(verify(&path).unwrap(), Integrity::Verified);
+        m.files.clear();
         assert_eq!(m, meta(7));
+        // no sidecar is left behind
+        let mut names: Vec<String> = std::fs::read_dir(&path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["COMPLETE", "meta.json", "model.safetensors", "optim_rank0.safetensors"]
+        );
         let mut q = vec![0.0f32; p.len()];
         load_params(&path, &tiny(), &mut q).unwrap();
         assert_eq!(p, q);
@@ -464,7 +581,7 @@ mod tests {
         m.optimizer.world_size = 2;
         m.optimizer.state_lens = vec![5, 5];
         let tmp = begin_save(dir.path(), 4).unwrap();
-        write_model_and_meta(&tmp, &m, &params(1.0)).unwrap();
+        write_model_file(&tmp, &m, &params(1.0)).unwrap();
         write_optim_state(&tmp, 0, &[1.0; 5]).unwrap();
         let e = finish_save(dir.path(), &m).unwrap_err();
         assert!(e.message.contains("optim_rank1.safetensors"), "{e}");
@@ -477,6 +594,77 @@ mod tests {
         // a rank whose partial folder does not exist (another machine's disk) says what the out dir must be
         let e = write_optim_state(&dir.path().join("elsewhere"), 3, &[0.0; 5]).unwrap_err();
         assert!(e.message.contains("share"), "{e}");
+    }
+
+    /// Flip a byte anywhere in any file of a checkpoint: `verify` and the loader that reads that file refuse
+    /// it with one line naming the file; the untouched copy verifies.
+    #[test]
+    fn a_flipped_byte_in_any_file_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = meta(4);
+        m.optimizer.world_size = 2;
+        m.optimizer.state_lens = vec![5, 3];
+        let tmp = begin_save(dir.path(), 4).unwrap();
+        write_optim_state(&tmp, 1, &[2.0; 3]).unwrap();
+        write_model_file(&tmp, &m, &params(1.0)).unwrap();
+        write_optim_state(&tmp, 0, &[1.0; 5]).unwrap();
+        let good = finish_save(dir.path(), &m).unwrap();
+        assert_eq!(verify(&good).unwrap(), Integrity::Verified);
+        let files = [
+            COMPLETE_MARKER,
+            META_FILE,
+            MODEL_FILE,
+            "optim_rank0.safetensors",
+            "optim_rank1.safetensors",
+        ];
+        for file in files {
+            let len = std::fs::metadata(good.join(file)).unwrap().len() as usize;
+            for at in [0, len / 2, len - 1] {
+                let bad = dir.path().join("bad");
+                let _ = std::fs::remove_dir_all(&bad);
+                std::fs::create_dir_all(&bad).unwrap();
+                for f in files {
+                    std::fs::copy(good.join(f), bad.join(f)).unwrap();
+                }
+                let mut bytes = std::fs::read(bad.join(file)).unwrap();
+                bytes[at] ^= 0x10;
+                std::fs::write(bad.join(file), &bytes).unwrap();
+                let named = bad.join(file).display().to_string();
+                let e = verify(&bad).unwrap_err();
+                assert!(e.message.contains(&named), "{file} byte {at}: {e}");
+                assert!(!e.message.contains('\n'), "{file} byte {at}: one line: {e}");
+                // the loaders refuse it too (the marker and meta.json are read by each)
+                let mut p = vec![0.0f32; tiny().num_params() as usize];
+                let loaded = match file {
+                    MODEL_FILE => load_params(&bad, &tiny(), &mut p),
+                    "optim_rank0.safetensors" => load_optim_state(&bad, 0, &mut [0.0; 5]),
+                    "optim_rank1.safetensors" => load_optim_state(&bad, 1, &mut [0.0; 3]),
+                    _ => load_meta(&bad).map(|_| ()),
+                };
+                let e = loaded.unwrap_err();
+                assert!(e.message.contains(&named), "load of {file} byte {at}: {e}");
+            }
+        }
+        assert_eq!(verify(&good).unwrap(), Integrity::Verified);
+    }
+
+    /// A checkpoint written before checksums (the marker holds the step alone, meta.json no `files`) loads,
+    /// and `verify` says it has nothing to check against.
+    #[test]
+    fn checkpoints_without_checksums_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = save(dir.path(), &meta(2), &params(1.0), &[&[3.0; 5]]).unwrap();
+        let mut old = load_meta(&path).unwrap();
+        old.files.clear();
+        std::fs::write(path.join(META_FILE), serde_json::to_string_pretty(&old).unwrap()).unwrap();
+        std::fs::write(path.join(COMPLETE_MARKER), "2\n").unwrap();
+        assert_eq!(verify(&path).unwrap(), Integrity::Unrecorded);
+        let mut q = vec![0.0f32; params(1.0).len()];
+        load_params(&path, &tiny(), &mut q).unwrap();
+        assert_eq!(q, params(1.0));
+        let mut st = [0.0f32; 5];
+        load_optim_state(&path, 0, &mut st).unwrap();
+        assert_eq!(st, [3.0; 5]);
     }
 
     #[test]
@@ -503,11 +691,11 @@ mod tests {
             e.message.contains("corrupt") && e.message.contains("--resume PATH"),
             "{e}"
         );
-        // garbage meta.json
-        std::fs::write(path.join(META_FILE), "{not json").unwrap();
-        assert!(load_meta(&path).unwrap_err().message.contains("corrupt"));
         // wrong state length
         let e = load_optim_state(&path, 0, &mut [0.0; 4]).unwrap_err();
         assert!(e.message.contains("expected F32 [4]"), "{e}");
+        // garbage meta.json
+        std::fs::write(path.join(META_FILE), "{not json").unwrap();
+        assert!(load_meta(&path).unwrap_err().message.contains("corrupt"));
     }
 }

@@ -6,6 +6,7 @@
 
 use clap::Parser;
 use nc_core::backend::cuda;
+use nc_core::checkpoint;
 use nc_core::config::{self, ModelConfig, PresetBatch};
 use nc_core::error::{NcError, Result};
 use nc_core::optim::adamw::AdamParams;
@@ -17,7 +18,7 @@ use nc_core::train::supervise::{self, SupervisorConfig};
 use nc_core::train::zero1::{HostRanks, RankCollective};
 use nc_core::train::zero1_nccl::NcclExchange;
 use nc_core::train::zero1_p2p::P2pExchange;
-use nc_core::train::{self, signal, transport, Resume, TrainConfig};
+use nc_core::train::{self, out_dir, signal, transport, Resume, TrainConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -105,7 +106,8 @@ struct Cli {
     /// Save a checkpoint every this many steps (always at the end and on Ctrl-C; 0: only those).
     #[arg(long, alias = "save_every", default_value_t = 0)]
     save_every: u64,
-    /// Name of the run, used for the default --out-dir runs/<model-tag> (default d<depth>).
+    /// Name of the run, used for the default --out-dir runs/<model-tag> (default d<depth>; a model narrower or
+    /// wider than nanochat's for its depth adds its width: the embedded default is d4-w128).
     #[arg(long, alias = "model_tag")]
     model_tag: Option<String>,
 
@@ -182,6 +184,72 @@ struct Cli {
     /// Price of one GPU-hour, for the cost estimate.
     #[arg(long)]
     usd_per_gpu_hour: Option<f64>,
+
+    // --- nanochat's base_train flags with no meaning here: accepted, each with a one-line note of what nc does
+    // instead, so a nanochat command line runs
+    /// nanochat's wandb run name; nc logs to <out-dir>/metrics.jsonl instead (accepted, with a note).
+    #[arg(long)]
+    run: Option<String>,
+    /// nanochat's device (cuda|cpu|mps); nc's is --backend (accepted, with a note).
+    #[arg(long, alias = "device_type")]
+    device_type: Option<String>,
+    /// nanochat's FP8 training; nc trains in fp32 or bf16 (--precision) (accepted, with a note).
+    #[arg(long)]
+    fp8: bool,
+    /// nanochat's FP8 scaling recipe (accepted, with a note).
+    #[arg(long, alias = "fp8_recipe")]
+    fp8_recipe: Option<String>,
+    /// nanochat's sliding-window pattern; nc attends over the full context in every layer (accepted, with a
+    /// note).
+    #[arg(long, alias = "window_pattern")]
+    window_pattern: Option<String>,
+    /// nanochat's resume step (-1: none): resumes <out-dir>/checkpoints/step_N, as --resume PATH does.
+    #[arg(long, alias = "resume_from_step", allow_negative_numbers = true)]
+    resume_from_step: Option<i64>,
+}
+
+/// One line for each of nanochat's flags that nc accepts without using: what nc does instead.
+fn nanochat_notes(cli: &Cli) -> Vec<String> {
+    let mut notes = Vec::new();
+    if let Some(r) = &cli.run {
+        notes.push(format!(
+            "--run {r}: nanochat's wandb run name; nc logs every step to <out-dir>/metrics.jsonl instead (name the \
+             folder with --model-tag or --out-dir)"
+        ));
+    }
+    if let Some(d) = &cli.device_type {
+        notes.push(format!(
+            "--device-type {d}: nanochat's device; nc picks it with --backend (cpu, cuda, or auto: now {})",
+            cli.backend
+        ));
+    }
+    if cli.fp8 || cli.fp8_recipe.is_some() {
+        notes.push(
+            "--fp8/--fp8-recipe: nc has no FP8 training; it trains in fp32 or bf16 (--precision bf16)".to_string(),
+        );
+    }
+    if let Some(w) = &cli.window_pattern {
+        notes.push(format!(
+            "--window-pattern {w}: nc has no sliding-window attention; every layer attends over the whole context \
+             (nanochat's pattern L)"
+        ));
+    }
+    if let Some(n) = cli.resume_from_step {
+        notes.push(if n < 0 {
+            format!("--resume-from-step {n}: no resume (nc's own flag: --resume [PATH])")
+        } else {
+            format!(
+                "--resume-from-step {n}: resumes checkpoints/step_{n:06} of the out dir (nc's own flag: --resume PATH)"
+            )
+        });
+    }
+    notes
+}
+
+fn print_notes(cli: &Cli) {
+    for n in nanochat_notes(cli) {
+        eprintln!("nc-train: note: {n}");
+    }
 }
 
 /// The embedded default run (no --data-dir): a 4-layer, 128-wide model on the embedded corpus.
@@ -344,6 +412,11 @@ fn print_ignoring_closed_pipe(text: &str) {
 }
 
 fn run(cli: Cli) -> Result<Outcome> {
+    // printed once: by this process, or by rank 0 where this one supervises ranks or is one (run_worker)
+    let ranks = std::env::var_os("RANK").is_some() || processes_to_start(&cli).ok().flatten().is_some();
+    if !ranks || cli.plan {
+        print_notes(&cli);
+    }
     check_common(&cli)?;
     if cli.plan {
         let plan = plan_from_flags(&cli)?;
@@ -368,6 +441,7 @@ fn run(cli: Cli) -> Result<Outcome> {
     // checked before any process starts, so a bad flag is one error, not one per rank
     let cfg = train_config_from_flags(&cli)?;
     let on_cuda = backend_is_cuda(&cli, &cfg)?;
+    out_dir::check_fresh_run(&cfg.out_dir, cfg.resume != Resume::No)?;
     if let Some(n) = processes_to_start(&cli)? {
         if on_cuda {
             // one process per GPU (NCCL refuses two ranks on one GPU), except that --comm ring may share GPUs:
@@ -386,7 +460,7 @@ fn run(cli: Cli) -> Result<Outcome> {
         })?;
         return Ok(Outcome::Code(code));
     }
-    signal::install_handlers();
+    signal::install_handlers(true);
     let summary = if on_cuda {
         // one GPU in --precision's scheme (bf16 engine, or strict f32); the device check comes before anything
         // is written
@@ -448,6 +522,9 @@ fn processes_to_start(cli: &Cli) -> Result<Option<usize>> {
 /// the environment; it meets the others at the rendezvous, checking that all run the same job, joins their
 /// collective and trains its share.
 fn run_worker(mut cli: Cli, env: WorkerEnv) -> Result<Outcome> {
+    if env.rank == 0 {
+        print_notes(&cli);
+    }
     if let Some(w) = cli.world_size {
         if w != env.world_size {
             return Err(NcError::new(format!(
@@ -469,7 +546,9 @@ fn run_worker(mut cli: Cli, env: WorkerEnv) -> Result<Outcome> {
     let mut cfg = train_config_from_flags(&cli)?;
     cfg.verbose = env.rank == 0;
     let on_cuda = backend_is_cuda(&cli, &cfg)?;
-    signal::install_handlers();
+    // every rank checks before the rendezvous, so none has written anything yet
+    out_dir::check_fresh_run(&cfg.out_dir, cfg.resume != Resume::No)?;
+    signal::install_handlers(env.rank == 0);
     let comm_flag = transport::CommFlag::parse(&cli.comm)?;
     let mut fingerprint = launch::fingerprint(&cfg, if on_cuda { "cuda" } else { "cpu" })?;
     fingerprint.push(("--comm".into(), cli.comm.clone()));
@@ -626,15 +705,21 @@ fn train_config_from_flags(cli: &Cli) -> Result<TrainConfig> {
         (_, n, _, _) => n,
     };
     let horizon = Horizon::from_flags(num_iterations, cli.target_flops, cli.target_param_data_ratio)?;
-    let model_tag = cli
-        .model_tag
-        .clone()
-        .unwrap_or_else(|| if embedded { "embedded".into() } else { model.model_tag() });
+    let model_tag = cli.model_tag.clone().unwrap_or_else(|| default_model_tag(&model));
     let out_dir = PathBuf::from(cli.out_dir.clone().unwrap_or_else(|| format!("runs/{model_tag}")));
-    let resume = match cli.resume.as_deref() {
-        None => Resume::No,
-        Some("latest") => Resume::Latest,
-        Some(p) => Resume::Path(PathBuf::from(p)),
+    let resume = match (cli.resume.as_deref(), cli.resume_from_step) {
+        (Some(_), Some(n)) if n >= 0 => {
+            return Err(NcError::new(
+                "--resume and --resume-from-step both say where to resume from; give one",
+            ))
+        }
+        // nanochat's spelling: the step's folder in this run's out dir
+        (None, Some(n)) if n >= 0 => {
+            Resume::Path(checkpoint::checkpoints_dir(&out_dir).join(checkpoint::step_dir_name(n as u64)))
+        }
+        (None, _) => Resume::No,
+        (Some("latest"), _) => Resume::Latest,
+        (Some(p), _) => Resume::Path(PathBuf::from(p)),
     };
     let recompute = Recompute::parse(&cli.recompute)?;
     Ok(TrainConfig {
@@ -682,6 +767,18 @@ fn train_config_from_flags(cli: &Cli) -> Result<TrainConfig> {
         profile_steps: cli.profile_steps.as_deref().map(parse_profile_steps).transpose()?,
         verbose: true,
     })
+}
+
+/// The default --model-tag, hence out dir: d<depth> as nanochat's, with the width added when it is not
+/// nanochat's for that depth (the embedded default, 4 layers 128 wide, is d4-w128), so the embedded default and
+/// `--depth 4` never share a folder.
+fn default_model_tag(model: &ModelConfig) -> String {
+    let standard = ModelConfig::from_depth(model.n_layer).is_ok_and(|m| m.n_embd == model.n_embd);
+    if standard {
+        model.model_tag()
+    } else {
+        format!("{}-w{}", model.model_tag(), model.n_embd)
+    }
 }
 
 /// `--profile-steps A:B`: the first and last step to capture, A <= B.
@@ -836,6 +933,19 @@ mod tests {
         assert!(!e.message.contains('\n'));
         assert!(train_config_from_flags(&parse(&["--depth", "4"])).is_ok());
         assert!(train_config_from_flags(&parse(&["--depth", "52", "--data-dir", "/data"])).is_ok());
+    }
+
+    /// The default out dir is runs/<tag>, the tag d<depth>, with the width when it is not nanochat's for that
+    /// depth: the embedded default (4 layers, 128 wide) and --depth 4 (256 wide) get different folders.
+    #[test]
+    fn default_out_dirs_are_per_model() {
+        let out = |args: &[&str]| train_config_from_flags(&parse(args)).unwrap().out_dir;
+        assert_eq!(out(&[]), PathBuf::from("runs/d4-w128"));
+        assert_eq!(out(&["--depth", "4"]), PathBuf::from("runs/d4"));
+        assert_eq!(out(&["--depth", "2"]), PathBuf::from("runs/d2"));
+        assert_eq!(out(&["--data-dir", "/data"]), PathBuf::from("runs/d20"));
+        assert_eq!(out(&["--model-tag", "mine"]), PathBuf::from("runs/mine"));
+        assert_eq!(out(&["--out-dir", "/x", "--model-tag", "mine"]), PathBuf::from("/x"));
     }
 
     #[test]

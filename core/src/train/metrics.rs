@@ -12,40 +12,25 @@ pub struct MetricsWriter {
     out: BufWriter<File>,
 }
 
-fn step_of(line: &str) -> Option<u64> {
-    serde_json::from_str::<serde_json::Value>(line)
-        .ok()?
-        .get("step")?
-        .as_u64()
-}
-
 impl MetricsWriter {
-    /// A fresh file for a new run; on resume from `resume_step`, the lines of steps before it are kept
-    /// (what a crashed run logged after its last checkpoint is dropped: those steps are run again).
-    pub fn open(out_dir: &Path, resume_step: Option<u64>) -> Result<Self> {
+    /// Open the out dir's metrics.jsonl for appending: it is never truncated, so nothing a run logged is lost,
+    /// not even by a resume that fails. A resumed run first writes a marker record (`"event": "resume"`, the
+    /// step and the checkpoint); steps a crashed run logged after its last checkpoint are logged again after
+    /// the marker, so readers take the last record of each step (`last_per_step`).
+    pub fn open(out_dir: &Path, resumed_from: Option<(u64, &Path)>) -> Result<Self> {
         let path = out_dir.join(METRICS_FILE);
         let err = |e: std::io::Error| NcError::new(format!("{}: {e}", path.display()));
-        let kept: Vec<String> = match resume_step {
-            Some(s) if path.exists() => fs::read_to_string(&path)
-                .map_err(err)?
-                .lines()
-                .filter(|l| step_of(l).is_some_and(|st| st < s))
-                .map(String::from)
-                .collect(),
-            _ => Vec::new(),
+        let file = OpenOptions::new().create(true).append(true).open(&path).map_err(err)?;
+        let mut w = MetricsWriter {
+            out: BufWriter::new(file),
+            path,
         };
-        let file = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .open(&path)
-            .map_err(err)?;
-        let mut out = BufWriter::new(file);
-        for l in kept {
-            writeln!(out, "{l}").map_err(err)?;
+        if let Some((step, checkpoint)) = resumed_from {
+            w.write(&serde_json::json!({
+                "event": "resume", "step": step, "checkpoint": checkpoint.display().to_string(),
+            }))?;
         }
-        out.flush().map_err(err)?;
-        Ok(MetricsWriter { path, out })
+        Ok(w)
     }
 
     pub fn write(&mut self, record: &serde_json::Value) -> Result<()> {
@@ -53,6 +38,22 @@ impl MetricsWriter {
         writeln!(self.out, "{record}").map_err(err)?;
         self.out.flush().map_err(err)
     }
+}
+
+/// The records of metrics.jsonl text that carry `key` (e.g. "raw_loss", "val_bpb"), the last one of each step,
+/// by step: what the run that reached each step last logged (a resumed run logs again the steps a crashed one
+/// logged after its last checkpoint). Lines that are not JSON objects with a step are skipped.
+pub fn last_per_step(text: &str, key: &str) -> Vec<(u64, serde_json::Value)> {
+    let mut by_step = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if let (Some(step), true) = (v.get("step").and_then(|s| s.as_u64()), v.get(key).is_some()) {
+            by_step.insert(step, v);
+        }
+    }
+    by_step.into_iter().collect()
 }
 
 /// Peak resident memory of this process (VmHWM), in bytes, where /proc says.
@@ -78,48 +79,81 @@ fn f32_flops_per_cycle() -> (f64, &'static str) {
     (8.0, "no wide FMA")
 }
 
-/// The CPU's dense f32 peak that MFU is stated against: threads x FLOPs per cycle of its widest FMA x the
-/// highest clock /proc/cpuinfo reports (3 GHz when it says nothing).
-pub fn cpu_peak_flops(threads: usize) -> (f64, String) {
-    let mhz = fs::read_to_string("/proc/cpuinfo")
+/// The highest clock of this machine's cores, in MHz: cpufreq's maximum where the kernel exposes it (a constant,
+/// so every process of a run states the same peak), else the highest "cpu MHz" of /proc/cpuinfo.
+fn max_clock_mhz() -> Option<f64> {
+    let cpufreq = fs::read_to_string("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
         .ok()
-        .and_then(|t| {
+        .and_then(|t| t.trim().parse::<f64>().ok())
+        .map(|khz| khz / 1e3);
+    cpufreq.or_else(|| {
+        fs::read_to_string("/proc/cpuinfo").ok().and_then(|t| {
             t.lines()
                 .filter(|l| l.starts_with("cpu MHz"))
                 .filter_map(|l| l.split(':').nth(1)?.trim().parse::<f64>().ok())
                 .reduce(f64::max)
         })
-        .unwrap_or(3000.0);
+    })
+}
+
+/// One rank's share of the CPU's dense f32 peak, which MFU is stated against: the machine's cores (those this
+/// process may run on) shared evenly by the `sharing` ranks on it x FLOPs per cycle of the widest FMA x the
+/// highest clock /proc/cpuinfo reports (3 GHz when it says nothing). A share of the cores, not of the rayon
+/// threads: the ranks of one machine together own its cores, so the peaks of all ranks add up to the
+/// machine's whatever the world size (nanochat's MFU: FLOPs of all ranks over the peak of all ranks).
+pub fn cpu_peak_flops(cores: usize, sharing: usize) -> (f64, String) {
+    let mhz = max_clock_mhz().unwrap_or(3000.0);
     let (per_cycle, isa) = f32_flops_per_cycle();
-    let peak = threads as f64 * per_cycle * mhz * 1e6;
-    let how = format!(
-        "{threads} threads x {per_cycle} f32 FLOP/cycle ({isa}) x {:.2} GHz",
-        mhz / 1e3
-    );
+    let (cores, sharing) = (cores.max(1), sharing.max(1));
+    let peak = cores as f64 / sharing as f64 * per_cycle * mhz * 1e6;
+    let share = if sharing > 1 {
+        format!("{cores} cores / {sharing} ranks")
+    } else {
+        format!("{cores} cores")
+    };
+    let how = format!("{share} x {per_cycle} f32 FLOP/cycle ({isa}) x {:.2} GHz", mhz / 1e3);
     (peak, how)
+}
+
+/// Model FLOPs utilization of a step (nanochat's definition): the model FLOPs of every rank (the step's tokens
+/// over all ranks x FLOPs per token) per second, over the peak of every rank (`world_size` x one rank's peak).
+pub fn mfu(flops_per_token: f64, tokens_per_step: usize, seconds: f64, peak_per_rank: f64, world_size: usize) -> f64 {
+    flops_per_token * tokens_per_step as f64 / seconds / (peak_per_rank * world_size.max(1) as f64)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Nothing is ever cut: a resume appends its marker and the steps again; the reader takes the last record
+    /// of each step.
     #[test]
-    fn resume_keeps_only_earlier_steps() {
+    fn resume_appends_and_readers_take_the_last_record_of_each_step() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = MetricsWriter::open(dir.path(), None).unwrap();
         for s in 0..5u64 {
-            w.write(&serde_json::json!({"step": s, "loss": 1.0})).unwrap();
+            w.write(&serde_json::json!({"step": s, "raw_loss": 1.0})).unwrap();
         }
         drop(w);
-        let mut w = MetricsWriter::open(dir.path(), Some(3)).unwrap();
-        w.write(&serde_json::json!({"step": 3, "loss": 2.0})).unwrap();
+        let before = fs::read_to_string(dir.path().join(METRICS_FILE)).unwrap();
+        let mut w = MetricsWriter::open(dir.path(), Some((3, Path::new("ck/step_000003")))).unwrap();
+        w.write(&serde_json::json!({"step": 3, "raw_loss": 2.0})).unwrap();
         drop(w);
         let text = fs::read_to_string(dir.path().join(METRICS_FILE)).unwrap();
-        let steps: Vec<u64> = text.lines().filter_map(step_of).collect();
-        assert_eq!(steps, vec![0, 1, 2, 3]);
-        assert!(text.lines().last().unwrap().contains("2.0"));
-        // a fresh run starts an empty file
+        assert!(text.starts_with(&before), "appended only:\n{text}");
+        let added: Vec<&str> = text[before.len()..].lines().collect();
+        assert_eq!(added.len(), 2, "{text}");
+        assert!(
+            added[0].contains("\"event\":\"resume\"") && added[0].contains("ck/step_000003"),
+            "{text}"
+        );
+        let losses: Vec<(u64, f64)> = last_per_step(&text, "raw_loss")
+            .iter()
+            .map(|(s, v)| (*s, v["raw_loss"].as_f64().unwrap()))
+            .collect();
+        assert_eq!(losses, [(0, 1.0), (1, 1.0), (2, 1.0), (3, 2.0), (4, 1.0)]);
+        // a fresh open appends too (the out dir check refuses fresh runs into a used folder before this)
         drop(MetricsWriter::open(dir.path(), None).unwrap());
-        assert_eq!(fs::read_to_string(dir.path().join(METRICS_FILE)).unwrap(), "");
+        assert_eq!(fs::read_to_string(dir.path().join(METRICS_FILE)).unwrap(), text);
     }
 }

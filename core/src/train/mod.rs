@@ -15,8 +15,10 @@
 
 pub mod buckets;
 pub mod data;
+pub mod estimate;
 pub mod launch;
 pub mod metrics;
+pub mod out_dir;
 pub mod reshard;
 pub mod signal;
 pub mod supervise;
@@ -46,7 +48,7 @@ use data::{DataSource, RunData};
 use metrics::MetricsWriter;
 use nc_comm::{Collective, ThreadRing};
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 use zero1::{HostRanks, RankCollective, Zero1};
 
@@ -218,21 +220,53 @@ fn sample<B: Backend>(model: &mut Gpt<B>, data: &RunData, max_new: usize, seed: 
     Ok(out)
 }
 
-/// The checkpoint to resume from, if any, with its meta checked against this run.
+/// Say that a checkpoint about to be loaded has no checksums to verify it against.
+fn note_integrity(dir: &Path, integrity: checkpoint::Integrity, say: &dyn Fn(String)) {
+    if integrity == checkpoint::Integrity::Unrecorded {
+        say(format!(
+            "note: {} has no checksums (saved before nc recorded them); loading it unverified",
+            dir.display()
+        ));
+    }
+}
+
+/// `--resume` alone: the newest complete checkpoint of the out dir whose files verify against their checksums,
+/// saying which newer ones it skipped and why.
+fn newest_that_verifies(out_dir: &Path, say: &dyn Fn(String)) -> Result<PathBuf> {
+    let found = checkpoint::list_complete(out_dir)?;
+    if found.is_empty() {
+        bail!(
+            "--resume: no complete checkpoint in {}; start without --resume, or give --resume PATH",
+            checkpoint::checkpoints_dir(out_dir).display()
+        );
+    }
+    for (_, dir) in found.iter().rev() {
+        match checkpoint::verify(dir) {
+            Ok(integrity) => {
+                note_integrity(dir, integrity, say);
+                return Ok(dir.clone());
+            }
+            Err(e) => say(format!("--resume: skipping {}: {e}", dir.display())),
+        }
+    }
+    bail!(
+        "--resume: none of the {} complete checkpoints in {} verifies (each is named above with its corrupt file); \
+         start a new run with another --out-dir",
+        found.len(),
+        checkpoint::checkpoints_dir(out_dir).display()
+    )
+}
+
+/// The checkpoint to resume from, if any, verified and with its meta checked against this run.
 fn resume_point(
     cfg: &TrainConfig,
     model: &ModelConfig,
     batch: &BatchPlan,
+    say: &dyn Fn(String),
 ) -> Result<Option<(PathBuf, CheckpointMeta)>> {
     let dir = match &cfg.resume {
         Resume::No => return Ok(None),
-        Resume::Latest => match checkpoint::latest(&cfg.out_dir)? {
-            Some(d) => d,
-            None => bail!(
-                "--resume: no complete checkpoint in {}; start without --resume, or give --resume PATH",
-                checkpoint::checkpoints_dir(&cfg.out_dir).display()
-            ),
-        },
+        Resume::Latest => newest_that_verifies(&cfg.out_dir, say)?,
         Resume::Path(p) => {
             if !p.is_dir() {
                 bail!(
@@ -240,6 +274,7 @@ fn resume_point(
                     p.display()
                 );
             }
+            note_integrity(p, checkpoint::verify(p)?, say);
             p.clone()
         }
     };
@@ -456,6 +491,7 @@ pub fn priced_precision(run: Precision, device: Precision) -> Precision {
 /// measured against.
 pub struct Device<B: Backend> {
     pub be: B,
+    /// This rank's peak; MFU divides the FLOPs of all ranks by the peaks of all ranks (world size x this).
     pub peak_flops: f64,
     pub peak_how: String,
     /// The memory the run's buffers live in, for `--recompute auto` (None: unknown), and its name for logs.
@@ -510,18 +546,19 @@ pub fn train_as_rank<B: Backend>(
     train_rank(cfg, rank, comm, device, MasterSharding::Owned)
 }
 
-/// A CPU rank of `world_size`, `sharing` of which run on this machine: the peak FLOP/s are of this rank's
-/// rayon threads (threads of one process share them: the whole machine's), and the ranks' replicas share the
-/// host's memory.
+/// A CPU rank of `world_size`, `sharing` of which run on this machine: its peak FLOP/s are its share of the
+/// machine's cores (`metrics::cpu_peak_flops`), and the ranks' replicas share the host's memory.
 pub fn cpu_device(world_size: usize, sharing: usize) -> Device<CpuBackend> {
-    let (peak_flops, how) = metrics::cpu_peak_flops(rayon::current_num_threads());
+    let sharing = sharing.clamp(1, world_size.max(1));
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let (peak_flops, how) = metrics::cpu_peak_flops(cores, sharing);
     Device {
         be: CpuBackend::new(),
         peak_flops,
         peak_how: format!("a CPU peak: {how}"),
         memory_bytes: plan::host_memory_bytes(),
         memory_name: "host memory".into(),
-        replicas_sharing_memory: sharing.clamp(1, world_size.max(1)),
+        replicas_sharing_memory: sharing,
         precision: Precision::Fp32,
     }
 }
@@ -631,7 +668,7 @@ fn train_rank<B: Backend>(
         train_seconds: 0.0,
     };
     let mut step = 0u64;
-    let resumed = resume_point(cfg, &model_cfg, &batch)?;
+    let resumed = resume_point(cfg, &model_cfg, &batch, &say)?;
     if let Some((dir, meta)) = &resumed {
         model.update_params_on_host(&mut mirror, |params| checkpoint::load_params(dir, &model_cfg, params))?;
         let old_world = meta.optimizer.world_size;
@@ -693,7 +730,8 @@ fn train_rank<B: Backend>(
     let mut metrics = if lead {
         std::fs::create_dir_all(&cfg.out_dir)
             .map_err(|e| NcError::new(format!("--out-dir {}: {e}", cfg.out_dir.display())))?;
-        Some(MetricsWriter::open(&cfg.out_dir, resume_step)?)
+        let from = resumed.as_ref().map(|(dir, m)| (m.step, dir.as_path()));
+        Some(MetricsWriter::open(&cfg.out_dir, from)?)
     } else {
         None
     };
@@ -716,15 +754,26 @@ fn train_rank<B: Backend>(
         cfg.precision.label()
     ));
     say(format!(
-        "batch {} x {} x {} ranks, grad accum {}, {} tokens/step; {} steps; MFU against {:.1} GFLOP/s ({peak_how})",
+        "batch {} x {} x {} ranks, grad accum {}, {} tokens/step; {} steps; MFU against {:.1} GFLOP/s ({world} \
+         rank(s) x {:.1}: {peak_how})",
         batch.device_batch_size,
         batch.seq_len,
         batch.world_size,
         batch.grad_accum,
         batch.total_batch_size,
         num_iterations,
+        peak * world as f64 / 1e9,
         peak / 1e9
     ));
+    // before the first step (and its evaluation): how long the steps will take, and a warning when minutes
+    for line in estimate::before_first_step(
+        flops_per_token,
+        &batch,
+        peak * world as f64,
+        num_iterations.saturating_sub(step),
+    ) {
+        say(line);
+    }
     // rank 0 evaluates the whole eval_tokens alone, and never more than one pass over the validation split
     let asked_eval_steps = (cfg.eval_tokens / batch.tokens_per_fwdbwd).max(1);
     let one_pass = data.val.steps_per_epoch();
@@ -809,6 +858,8 @@ fn train_rank<B: Backend>(
                         .map(|r| ShardLayout::new(&model_cfg, r, world).state_len)
                         .collect(),
                 },
+                // the save records every file's checksum
+                files: Default::default(),
             };
             // a sharded master is gathered tensor by tensor into rank 0's host copy (the others hold one
             // tensor at a time); otherwise rank 0 reads its own
@@ -843,8 +894,11 @@ fn train_rank<B: Backend>(
         if last_step || stop {
             summary.stopped_early = !last_step;
             if summary.stopped_early {
+                // --resume alone takes the newest checkpoint of the out dir that verifies: the one just saved
+                let saved = summary.last_checkpoint.as_ref().map(|p| p.display().to_string());
                 say(format!(
-                    "stopped at step {step} of {num_iterations}; continue with the same flags plus --resume"
+                    "stopped at step {step} of {num_iterations}; saved {}; continue with the same flags plus --resume",
+                    saved.unwrap_or_else(|| "nothing".into())
                 ));
             }
             break;
@@ -954,6 +1008,7 @@ fn train_rank<B: Backend>(
         drop(optimizer_range);
         drop(step_range);
         let dt = t0.elapsed().as_secs_f64();
+        let first_step_here = resume_step.unwrap_or(0) == step;
         // the first steps pay for warm-up; nanochat leaves the first 10 out of its total time
         if step > 10 || num_iterations <= 20 {
             state.train_seconds += dt;
@@ -961,7 +1016,8 @@ fn train_rank<B: Backend>(
         state.smooth_loss = EMA_BETA * state.smooth_loss + (1.0 - EMA_BETA) * loss as f64;
         let debiased = state.smooth_loss / (1.0 - EMA_BETA.powi(step as i32 + 1));
         let tok_per_sec = batch.total_batch_size as f64 / dt;
-        let mfu = flops_per_token * batch.total_batch_size as f64 / dt / peak;
+        // nanochat's MFU: the step's tokens are those of all ranks, so the peak is that of all ranks
+        let mfu = metrics::mfu(flops_per_token, batch.total_batch_size, dt, peak, world);
         say(format!(
             "step {:05}/{:05} ({:5.2}%) | loss: {debiased:.6} | grad norm: {grad_norm:.4} | lrm: {lr_mult:.2} | dt: {:.2}ms | tok/sec: {:.0} | mfu: {:.2} | total time: {:.2}m",
             step,
@@ -977,6 +1033,9 @@ fn train_rank<B: Backend>(
                 "step": step, "loss": debiased, "raw_loss": loss, "grad_norm": grad_norm, "lr_mult": lr_mult,
                 "dt_ms": dt * 1e3, "tok_per_sec": tok_per_sec, "mfu": mfu,
             }))?;
+        }
+        if first_step_here && step + 1 < num_iterations {
+            say(estimate::after_first_step(dt, num_iterations.saturating_sub(step + 1)));
         }
         summary.train_losses.push((step, loss));
         if cfg.profile_steps.is_some_and(|(_, last)| last == step) {
@@ -1044,7 +1103,7 @@ fn save_checkpoint(
     let mut written = checkpoint::write_optim_state(&partial, rank, optim_state).map(|_| ());
     if let (true, Ok(())) = (lead, &written) {
         let params = params.expect("rank 0 passes the parameters");
-        written = checkpoint::write_model_and_meta(&partial, meta, params);
+        written = checkpoint::write_model_file(&partial, meta, params);
     }
     if agree(written.is_err(), &mut comm)? {
         written?;

@@ -1,21 +1,36 @@
-//! SIGINT/SIGTERM: the first one asks the loop to save a checkpoint and stop between steps; a second one
-//! exits at once (the last complete checkpoint is intact: saves are atomic).
+//! SIGINT/SIGTERM: the first one asks the loop to save a checkpoint and stop between steps, and says so at once
+//! (a CPU step may take minutes); a second one exits at once (the last complete checkpoint is intact: saves are
+//! atomic).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Set by the signal handler; the training loop reads it between steps.
 static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
 
+/// Whether this process says what the first signal does (the process that logs: rank 0).
+static ANNOUNCE: AtomicBool = AtomicBool::new(false);
+
+/// What the first signal prints, from the handler itself: the loop may be minutes away from its next look.
+const STOPPING: &[u8] = b"\nnc-train: stopping: the run saves a checkpoint and stops after the current step (Ctrl-C \
+again quits at once, without saving)\n";
+
 extern "C" fn on_signal(_sig: libc::c_int) {
-    // Only async-signal-safe work here: an atomic swap, and _exit on the second signal.
+    // Only async-signal-safe work here: an atomic swap, write(2), and _exit on the second signal.
     if STOP_REQUESTED.swap(true, Ordering::SeqCst) {
         // SAFETY: _exit is async-signal-safe and ends the process without running destructors.
         unsafe { libc::_exit(130) };
     }
+    if ANNOUNCE.load(Ordering::SeqCst) {
+        // SAFETY: write(2) on stderr is async-signal-safe; a short or failed write only loses the message.
+        unsafe { libc::write(2, STOPPING.as_ptr() as *const libc::c_void, STOPPING.len()) };
+    }
 }
 
 /// Install the handlers for SIGINT and SIGTERM (the binary calls this once; tests drive the flag directly).
-pub fn install_handlers() {
+/// `announce`: the first signal prints at once that the run will save and stop (the process that logs; other
+/// ranks stay quiet so the message is printed once).
+pub fn install_handlers(announce: bool) {
+    ANNOUNCE.store(announce, Ordering::SeqCst);
     let handler = on_signal as extern "C" fn(libc::c_int);
     // SAFETY: the handler only touches an atomic and calls _exit; installing it has no other effect.
     unsafe {

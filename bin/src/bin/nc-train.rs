@@ -118,7 +118,9 @@ struct Cli {
     /// Where metrics.jsonl and checkpoints/ go (default runs/<model-tag>).
     #[arg(long, alias = "out_dir")]
     out_dir: Option<String>,
-    /// Resume from the latest complete checkpoint in --out-dir, or from the checkpoint folder given.
+    /// Resume from the newest checkpoint in --out-dir whose files verify against their checksums (saying which
+    /// newer ones it skipped), or from the checkpoint folder given. Without it, a run refuses an out dir that
+    /// already holds a run.
     #[arg(long, num_args = 0..=1, default_missing_value = "latest")]
     resume: Option<String>,
     /// Compute backend: cpu, cuda (GPUs, f32 or the bf16 engine per --precision; not yet verified on a GPU) or

@@ -240,18 +240,22 @@ fn newest_that_verifies(out_dir: &Path, say: &dyn Fn(String)) -> Result<PathBuf>
             checkpoint::checkpoints_dir(out_dir).display()
         );
     }
+    let mut newest_error = None;
     for (_, dir) in found.iter().rev() {
         match checkpoint::verify(dir) {
             Ok(integrity) => {
                 note_integrity(dir, integrity, say);
                 return Ok(dir.clone());
             }
-            Err(e) => say(format!("--resume: skipping {}: {e}", dir.display())),
+            Err(e) => {
+                say(format!("--resume: skipping {}: {e}", dir.display()));
+                newest_error.get_or_insert(e);
+            }
         }
     }
+    let e = newest_error.expect("every checkpoint failed to verify");
     bail!(
-        "--resume: none of the {} complete checkpoints in {} verifies (each is named above with its corrupt file); \
-         start a new run with another --out-dir",
+        "--resume: none of the {} complete checkpoints in {} verifies (the newest: {e})",
         found.len(),
         checkpoint::checkpoints_dir(out_dir).display()
     )

@@ -40,14 +40,20 @@ pub fn check_fresh_run(out_dir: &Path, resuming: bool) -> Result<()> {
     if resuming {
         return Ok(());
     }
-    match previous_run(out_dir)? {
-        None => Ok(()),
-        Some(what) => Err(NcError::new(format!(
-            "the out dir {} already holds a run ({what}); nothing was changed. Continue that run with the same \
-             flags plus --resume, or start a new one in another folder with --out-dir DIR or --model-tag NAME",
-            out_dir.display()
-        ))),
-    }
+    let Some(what) = previous_run(out_dir)? else {
+        return Ok(());
+    };
+    // a run that ended before its first checkpoint leaves nothing to resume: say so instead of --resume
+    let go_on = if checkpoint::latest(out_dir)?.is_some() {
+        "Continue that run with the same flags plus --resume"
+    } else {
+        "That run saved no complete checkpoint to --resume from (delete the folder to start over there)"
+    };
+    Err(NcError::new(format!(
+        "the out dir {} already holds a run ({what}); nothing was changed. {go_on}, or start a new one in another \
+         folder with --out-dir DIR or --model-tag NAME",
+        out_dir.display()
+    )))
 }
 
 #[cfg(test)]
@@ -67,7 +73,7 @@ mod tests {
         std::fs::write(d.join(METRICS_FILE), "{\"step\": 0}\n").unwrap();
         let e = check_fresh_run(d, false).unwrap_err();
         assert!(
-            e.message.contains(METRICS_FILE) && e.message.contains("--resume"),
+            e.message.contains(METRICS_FILE) && e.message.contains("no complete checkpoint to --resume"),
             "{e}"
         );
         assert!(
@@ -82,5 +88,9 @@ mod tests {
         }
         let e = check_fresh_run(d, false).unwrap_err();
         assert!(e.message.contains("step_000002 .. step_000004"), "{e}");
+        // a complete one can be resumed
+        std::fs::write(d.join("checkpoints/step_000004/COMPLETE"), "4\n").unwrap();
+        let e = check_fresh_run(d, false).unwrap_err();
+        assert!(e.message.contains("same flags plus --resume"), "{e}");
     }
 }

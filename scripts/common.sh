@@ -4,7 +4,8 @@
 # the last one in the folder held out for validation) this builds nc's binaries, downloads the shards the run
 # needs if the folder lacks them (`nc-data download`), trains the tokenizer, tokenizes the shards into token
 # shards, prints the plan, and trains. Every step that already has its output is skipped, so a script can be
-# re-run after an interruption (training then needs --resume, passed through). Each step starts only after the
+# re-run after an interruption (training then needs --resume, passed through: nc-train refuses a new run in an
+# out dir that holds one, so a re-run without it stops there with nothing changed). Each step starts only after the
 # one before it completed (a failed download stops the script before any training).
 #
 # Environment:

@@ -15,7 +15,7 @@
 #
 # Options:
 #   --steps A:B  steps to capture, inclusive (default 5:7; nc-train must run past B: give --num-iterations)
-#   --out DIR    where the report goes (default profile/, git-ignored)
+#   --out DIR    where the report goes (default profile/, git-ignored); the run's own files go to DIR/train
 #   --top N      kernels to list (default 15)
 #   --dry-run    print the commands and run nothing (no nsys or GPU needed)
 # Environment: NC_TRAIN (the nc-train binary; default gpu-check/nc-train if built by gpu_check.sh, else
@@ -80,8 +80,13 @@ if [ "$dry_run" = 0 ]; then
   mkdir -p "$out"
 fi
 
+# The profiled run writes its metrics and checkpoint into DIR/train, profile.sh's own folder, emptied first like
+# the report it overwrites: nc-train refuses a new run in a folder holding another's, so a default out dir
+# (runs/<tag>) would stop the second profile of the same flags, and could hold a real run of that model.
+# An --out-dir among the flags comes last and wins (nothing of it is deleted).
+run_cmd rm -rf "$out/train"
 run_cmd "$nsys" profile --trace=cuda,nvtx,osrt --capture-range=cudaProfilerApi --capture-range-end=stop \
-  --force-overwrite=true --output="$report" "$nc_train" --profile-steps "$steps" "$@"
+  --force-overwrite=true --output="$report" "$nc_train" --profile-steps "$steps" --out-dir "$out/train" "$@"
 
 # The kernel summary comes sorted by total time, largest first; keep the header and the top N rows.
 echo "== top $top kernels by total GPU time (steps $steps)"

@@ -623,3 +623,60 @@ fn nanochat_flags_are_accepted_with_a_note() {
         text(&out)
     );
 }
+
+/// scripts/profile.sh run twice with the same nc-train flags profiles both times (a stand-in nsys runs the
+/// command it is given on the CPU, without --profile-steps, and prints an empty kernel table): the profiled run
+/// writes into the profile folder's own train/, emptied by each call, not the model's default out dir under
+/// the repository, which a new run may not reuse (and which may hold a real run of that model).
+#[test]
+fn profile_sh_profiles_the_same_flags_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let nsys = dir.path().join("nsys");
+    std::fs::write(
+        &nsys,
+        r#"#!/usr/bin/env bash
+if [ "$1" = profile ]; then
+  shift; while [[ "$1" == --* ]]; do shift; done
+  # the CPU run cannot take --profile-steps (it starts CUDA's profiler): drop it and its value
+  cmd=(); while [ $# -gt 0 ]; do if [ "$1" = --profile-steps ]; then shift 2; else cmd+=("$1"); shift; fi; done
+  exec "${cmd[@]}"
+fi
+case "$*" in *cuda_gpu_kern_sum*) echo '"Time (%)","Total Time (ns)","Instances","Avg (ns)","Name"' ;; esac
+"#,
+    )
+    .unwrap();
+    let chmod = Command::new("chmod").arg("+x").arg(&nsys).status().unwrap();
+    assert!(chmod.success());
+    let flags = [
+        "--depth",
+        "2",
+        "--max-seq-len",
+        "64",
+        "--num-iterations",
+        "2",
+        "--eval-every",
+        "0",
+    ];
+    for attempt in 1..=2 {
+        let out = Command::new("bash")
+            .arg(root.join("scripts/profile.sh"))
+            .args(["--steps", "0:1", "--out"])
+            .arg(dir.path().join("prof"))
+            .arg("--")
+            .args(flags)
+            .env("NSYS", &nsys)
+            .env("NC_TRAIN", env!("CARGO_BIN_EXE_nc-train"))
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "profile {attempt}: {}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("(0 kernels in all)"),
+            "{}",
+            text(&out)
+        );
+        let saved = dir.path().join("prof/train/checkpoints/step_000002/COMPLETE");
+        assert!(saved.is_file(), "profile {attempt}: {}", text(&out));
+    }
+}

@@ -93,7 +93,7 @@ fn profile_dry_run_prints_the_nsys_commands() {
     let profile = stdout.lines().find(|l| l.contains(" profile ")).expect(&stdout);
     for part in [
         "--capture-range=cudaProfilerApi",
-        "nc-train --profile-steps 3:4 --backend cuda --depth 4",
+        "nc-train --profile-steps 3:4 --out-dir profile/train --backend cuda --depth 4",
     ] {
         assert!(profile.contains(part), "{part} missing: {profile}");
     }

@@ -86,6 +86,61 @@ inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 // The same for a test's host-side reference code, which the hooks would only slow down.
 #define EMU_HOST_ONLY __attribute__((no_sanitize_thread))
 
+// ---- a growable array for the scheduler's state --------------------------------------------------------------
+// Not std::vector: in a translation unit compiled with -fsanitize=thread every std::vector member function is
+// instrumented, and g++ does not inline an instrumented function into an uninstrumented (EMU_RT) one, so each
+// element access of the scheduler was an out-of-line call that called a hook that looked up a thread_local
+// (in the simulated driver, where the kernels live in a dlopen'ed library, __tls_get_addr): about half of a
+// barrier-heavy kernel's time (perf, rmsnorm). These members are EMU_RT and inline into the scheduler.
+// Elements are default-constructed at allocation and moved when the array grows.
+template <class T>
+struct EmuVec {
+    T* p = nullptr;
+    size_t n = 0, cap = 0;
+    EmuVec() = default;
+    EmuVec(const EmuVec&) = delete;
+    EmuVec& operator=(const EmuVec&) = delete;
+    EMU_RT EmuVec(EmuVec&& o) noexcept : p(o.p), n(o.n), cap(o.cap) { o.p = nullptr, o.n = o.cap = 0; }
+    EMU_RT EmuVec& operator=(EmuVec&& o) noexcept {
+        T* q = p;
+        p = o.p, n = o.n, cap = o.cap;
+        o.p = q, o.n = 0;
+        return *this;
+    }
+    EMU_RT ~EmuVec() { delete[] p; }
+    EMU_RT T& operator[](size_t i) { return p[i]; }
+    EMU_RT T* data() { return p; }
+    EMU_RT T* begin() { return p; }
+    EMU_RT T* end() { return p + n; }
+    EMU_RT size_t size() const { return n; }
+    EMU_RT bool empty() const { return n == 0; }
+    EMU_RT T& back() { return p[n - 1]; }
+    EMU_RT void pop_back() { n--; }
+    EMU_RT void clear() { n = 0; }
+    EMU_RT void reserve(size_t want) {
+        if (want <= cap) return;
+        T* q = new T[want];
+        for (size_t i = 0; i < n; i++) q[i] = static_cast<T&&>(p[i]);
+        delete[] p;
+        p = q;
+        cap = want;
+    }
+    EMU_RT void push_back(const T& v) {
+        if (n == cap) reserve(cap ? 2 * cap : 8);
+        p[n++] = v;
+    }
+    EMU_RT void resize(size_t m) {  // shrinking keeps the elements' storage; growing default-assigns the new ones
+        reserve(m);
+        for (size_t i = n; i < m; i++) p[i] = T{};
+        n = m;
+    }
+    EMU_RT void assign(size_t m, const T& v) {
+        reserve(m);
+        for (size_t i = 0; i < m; i++) p[i] = v;
+        n = m;
+    }
+};
+
 // ---- per-thread and per-block state -------------------------------------------------------------------------
 // One 16-byte cp.async copy in flight (emu_tc.h): issued into commit group `group`; lands after `delay` more
 // barriers of the issuing thread (UINT32_MAX: at the wait that completes its group).
@@ -113,7 +168,7 @@ struct EmuThread {
     State state = NOT_STARTED;
     unsigned tc_ops = 0;              // warp-collective tensor-core operations issued (emu_tc.h's slot parity)
     unsigned shfl_ops = 0;            // shuffles issued (the exchange buffer's parity)
-    std::vector<EmuCopy> copies;      // cp.async copies issued and not yet completed by a wait
+    EmuVec<EmuCopy> copies;           // cp.async copies issued and not yet completed by a wait
     uint64_t open_group = 0;          // the group cp.async copies join until the next commit
     uint64_t waited_group = 0;        // groups < waited_group are complete
     unsigned syncthreads_calls = 0, syncwarp_calls = 0, cp_wait_calls = 0;  // for emu_race.h's planted bugs
@@ -136,27 +191,30 @@ struct EmuBlock {
     void* call_ctx = nullptr;
     const char* kernel_name = nullptr;
     unsigned n = 0, n_warps = 0;
-    std::vector<EmuThread> threads;
-    std::vector<unsigned> ready;  // ring of runnable thread indices
+    EmuVec<EmuThread> threads;
+    EmuVec<unsigned> ready;  // ring of runnable thread indices
     unsigned ready_head = 0, ready_count = 0;
     unsigned live = 0, block_arrived = 0;
     uint64_t block_syncs = 0;  // __syncthreads completed in this block: the barrier interval of a report
-    std::vector<unsigned> warp_live, warp_arrived;
-    std::vector<uint8_t> warp_orders;  // the warp barrier under way is a __syncwarp (orders memory; emu_race.h)
-    std::vector<float> xchg;     // [parity][thread]: shuffles alternate between two buffers
-    std::vector<double> xchg64;
-    std::vector<EmuTcSlot> tc;  // [warp * 2 + parity]
+    EmuVec<unsigned> warp_live, warp_arrived;
+    EmuVec<uint8_t> warp_orders;  // the warp barrier under way is a __syncwarp (orders memory; emu_race.h)
+    EmuVec<float> xchg;           // [parity][thread]: shuffles alternate between two buffers
+    EmuVec<double> xchg64;
+    EmuVec<EmuTcSlot> tc;  // [warp * 2 + parity]
     uint64_t rng = 0;
     uint64_t launch_id = 0;
     bool shuffle = false;  // race mode: threads start, and run after a barrier, in a random order
     unsigned next_start = 0, start_first = 0, start_step = 1;  // threads start in order first + i step (mod n)
     EmuThread* cur = nullptr;
     EmuContext scheduler;
-    std::vector<std::unique_ptr<EmuFiber>> free_fibers;
+    EmuVec<EmuFiber*> free_fibers;  // owned
     EmuFiber* fresh = nullptr;  // a fiber about to run emu_fiber_main for the first time
     EmuFiber* dead = nullptr;   // a fiber that has run out of threads, for the scheduler to take back
     EmuRaceBlock* race = nullptr;   // set in race mode (emu_race.h)
     EmuRaceBlock* hooks = nullptr;  // set in race mode or with an access check: what the hooks consult
+    EMU_RT ~EmuBlock() {
+        for (EmuFiber* f : free_fibers) delete f;
+    }
 };
 inline thread_local EmuBlock* emu_block = nullptr;  // the block this OS thread is running
 
@@ -207,14 +265,14 @@ EMU_RT inline void emu_release(EmuBlock& b, EmuThread::State state, unsigned fir
 EMU_RT inline void emu_release_block(EmuBlock& b) {
     b.block_arrived = 0;
     b.block_syncs++;
-    std::fill(b.warp_arrived.begin(), b.warp_arrived.end(), 0u);
+    for (unsigned w = 0; w < b.n_warps; w++) b.warp_arrived[w] = 0;
     emu_race_block_barrier(b);
     emu_release(b, EmuThread::WAIT_BLOCK, 0, b.n);
 }
 EMU_RT inline void emu_release_warp(EmuBlock& b, unsigned w) {
     b.warp_arrived[w] = 0;
     if (b.warp_orders[w]) emu_race_warp_barrier(b, w);
-    emu_release(b, EmuThread::WAIT_WARP, w * 32, std::min(b.n, w * 32 + 32));
+    emu_release(b, EmuThread::WAIT_WARP, w * 32, b.n < w * 32 + 32 ? b.n : w * 32 + 32);  // not std::min: EmuVec
 }
 
 EMU_RT inline void emu_cp_land(EmuCopy& c) {
@@ -251,8 +309,8 @@ EMU_RT inline EmuFiber* emu_next_fiber(EmuBlock& b) {
         return th.fiber;
     }
     if (b.next_start < b.n) {
-        if (b.free_fibers.empty()) b.free_fibers.push_back(std::make_unique<EmuFiber>());
-        EmuFiber* f = b.free_fibers.back().release();
+        if (b.free_fibers.empty()) b.free_fibers.push_back(new EmuFiber);
+        EmuFiber* f = b.free_fibers.back();
         b.free_fibers.pop_back();
         emu_context_make(f->ctx, f->stack.lo(), f->stack.size(), emu_fiber_main);
         b.fresh = f;
@@ -345,7 +403,7 @@ EMU_RT inline void __syncwarp(unsigned = 0xffffffffu) {
 // their partner's value. A lane writes the same buffer again only two shuffles later, after the barrier of
 // the shuffle between, which every lane reaches only once it has read this one.
 template <class T>
-EMU_RT inline T emu_shfl_xor(std::vector<T>& xchg, T v, int off) {
+EMU_RT inline T emu_shfl_xor(EmuVec<T>& xchg, T v, int off) {
     EmuHooksOff hooks_off;
     EmuThread& th = *emu_block->cur;
     unsigned t = th.linear;
@@ -373,7 +431,7 @@ EMU_RT inline void emu_run_block(EmuBlock& b, dim3 bi) {
         b.start_step = (emu_rand(b) & 1) ? 1 : b.n - 1;
     }
     for (unsigned w = 0; w < b.n_warps; w++) {
-        b.warp_live[w] = std::min(32u, b.n - 32 * w);
+        b.warp_live[w] = b.n - 32 * w < 32 ? b.n - 32 * w : 32;  // not std::min: see EmuVec
         b.warp_arrived[w] = 0;
     }
     for (unsigned t = 0; t < b.n; t++) b.threads[t].state = EmuThread::NOT_STARTED;
@@ -382,7 +440,7 @@ EMU_RT inline void emu_run_block(EmuBlock& b, dim3 bi) {
     while (EmuFiber* f = emu_next_fiber(b)) {
         emu_context_switch(b.scheduler, f->ctx);
         if (b.dead) {
-            b.free_fibers.emplace_back(b.dead);
+            b.free_fibers.push_back(b.dead);
             b.dead = nullptr;
         }
     }

@@ -53,7 +53,7 @@ finish() {
 }
 
 build() {
-    local headers=("$driver"/*.h "$driver"/*.inc "$root/sim/include/ncsim.h")
+    local headers=("$driver"/*.h "$driver"/*.inc "$root/sim/include/ncsim.h" "$kernels/emu/emu_access.h")
     local objects=()
     if stale "$out/fnv1a" "$driver/tools/fnv1a.cpp"; then
         "$cxx" -O2 -o "$out/fnv1a" "$driver/tools/fnv1a.cpp"

@@ -34,6 +34,8 @@
 
 #include <string>
 
+#include "emu_access.h"
+
 // ---- switches ---------------------------------------------------------------------------------------------
 inline std::atomic<int> emu_race_override{-1};  // -1: NC_SIM_RACE decides; 0 / 1: emu_race_enable
 inline std::atomic<uint64_t> emu_race_count{0};
@@ -75,15 +77,32 @@ struct EmuRaceCell {
 
 // A check of every other access a kernel makes (global memory, as far as the kernel knows: not shared memory,
 // not the thread's own stack), for a checker such as the simulated driver's bounds check: called as
-// check(addr, bytes, is_write, kernel name) from the thread running the kernel, for code compiled with
+// check(addr, bytes, is_write, kernel name, passed) from the thread running the kernel, for code compiled with
 // -fsanitize=thread, race mode or not. Null (the default): no check.
-using EmuAccessCheck = void (*)(const void* addr, size_t bytes, int is_write, const char* kernel);
+//
+// The pass cache. A check that returns may set *passed to a byte range [lo, hi) around the access in which
+// every access would pass too (the simulated driver: the live allocation it found). When the check was
+// registered with an `epoch` counter, the emulator then lets later accesses inside that range pass without
+// calling the check, until the counter changes (the driver counts frees: a free may end any range). A few
+// ranges are kept per OS thread. Without an epoch every access calls the check (what a test that counts
+// accesses wants). Why: a kernel makes one check per load and store, and the driver's lookup takes a lock.
+using EmuAccessCheck = void (*)(const void* addr, size_t bytes, int is_write, const char* kernel,
+                                EmuAccessPassed* passed);
 inline std::atomic<EmuAccessCheck> emu_access_check{nullptr};
-inline void emu_set_access_check(EmuAccessCheck check) { emu_access_check.store(check); }
+inline std::atomic<const std::atomic<uint64_t>*> emu_access_epoch{nullptr};
+inline void emu_set_access_check(EmuAccessCheck check, const std::atomic<uint64_t>* epoch = nullptr) {
+    emu_access_epoch.store(epoch);
+    emu_access_check.store(check);
+}
 
 struct EmuRaceBlock {
     bool race_on = false;            // the block runs in race mode (b.race is set)
     EmuAccessCheck check = nullptr;  // emu_access_check when the block started
+    const std::atomic<uint64_t>* epoch = nullptr;  // emu_access_epoch when the block started: the pass cache's
+    static constexpr unsigned PASSED = 4;          // ranges the last checks passed, valid while *epoch reads
+    EmuAccessPassed passed[PASSED];                // passed_epoch (a range with lo == hi is empty)
+    uint64_t passed_epoch = 0;
+    unsigned passed_next = 0;  // the slot the next range replaces
     uintptr_t lo = 0;  // this OS thread's thread_local block of the module: [lo, lo + size)
     size_t size = 0;
     EmuRaceCell* cells = nullptr;
@@ -331,8 +350,25 @@ EMU_RT __attribute__((noinline)) inline void emu_check_outside(EmuRaceBlock& r, 
     if (!th || !th->fiber) return;
     uintptr_t off = reinterpret_cast<uintptr_t>(p) - reinterpret_cast<uintptr_t>(th->fiber->stack.base);
     if (off < EmuStack::SIZE) return;
+    uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    uint64_t epoch = 0;
+    if (r.epoch) {
+        epoch = r.epoch->load(std::memory_order_acquire);
+        if (epoch != r.passed_epoch) {  // something was freed since these ranges passed: forget them
+            for (EmuAccessPassed& e : r.passed) e = EmuAccessPassed{};
+            r.passed_epoch = epoch;
+        }
+        for (const EmuAccessPassed& e : r.passed)
+            if (a >= e.lo && a + n <= e.hi) return;
+    }
     EmuHooksOff hooks_off;  // the check's own accesses are not the kernel's
-    r.check(p, n, write, r.b->kernel_name);
+    EmuAccessPassed passed;
+    r.check(p, n, write, r.b->kernel_name, &passed);
+    // Remembered under the epoch read before the check: a free during the check makes the next access miss.
+    if (r.epoch && passed.lo <= a && a + n <= passed.hi && epoch == r.passed_epoch) {
+        r.passed[r.passed_next] = passed;
+        r.passed_next = (r.passed_next + 1) % EmuRaceBlock::PASSED;
+    }
 }
 
 EMU_RT inline void emu_race_access(const void* p, size_t n, bool write) {
@@ -373,7 +409,13 @@ EMU_RT inline void emu_race_block_start(EmuBlock& b) {
     EmuRaceBlock* r = emu_race_shadow(b);
     if (!r) return;
     r->race_on = race_on;
+    const std::atomic<uint64_t>* epoch = check ? emu_access_epoch.load(std::memory_order_relaxed) : nullptr;
+    if (check != r->check || epoch != r->epoch) {  // another checker: its ranges are not this one's
+        for (EmuAccessPassed& e : r->passed) e = EmuAccessPassed{};
+        r->passed_epoch = epoch ? epoch->load(std::memory_order_acquire) : 0;
+    }
     r->check = check;
+    r->epoch = epoch;
     r->b = &b;
     b.hooks = r;
     if (!race_on) return;

@@ -152,7 +152,7 @@ struct Seen2 {
     const char* other_addr = nullptr;
 };
 static Seen2 g_seen;
-static void record(const void* addr, size_t bytes, int is_write, const char* kernel) {
+static void record(const void* addr, size_t bytes, int is_write, const char* kernel, EmuAccessPassed*) {
     auto* p = static_cast<const char*>(addr);
     std::lock_guard<std::mutex> lock(g_seen.m);
     if (!is_write && p >= g_seen.in_lo && p + bytes <= g_seen.in_hi)
@@ -183,6 +183,44 @@ static void access_check() {
     }
 }
 
+// The pass cache (emu_race.h): a check that says which range it passed is asked again only for accesses
+// outside the ranges its OS thread remembers, or after its epoch counter changed.
+static std::atomic<uint64_t> g_epoch{0};
+static bool g_bump_epoch = false;  // every check ends every remembered range
+static void record_passing(const void* addr, size_t bytes, int is_write, const char* kernel, EmuAccessPassed* passed) {
+    record(addr, bytes, is_write, kernel, nullptr);
+    auto* p = static_cast<const char*>(addr);
+    if (p >= g_seen.in_lo && p + bytes <= g_seen.in_hi) *passed = {uintptr_t(g_seen.in_lo), uintptr_t(g_seen.in_hi)};
+    if (p >= g_seen.out_lo && p + bytes <= g_seen.out_hi)
+        *passed = {uintptr_t(g_seen.out_lo), uintptr_t(g_seen.out_hi)};
+    if (g_bump_epoch) g_epoch.fetch_add(1);
+}
+static void access_check_cached() {
+    const int n = 1000, blocks = 4;
+    std::vector<float> buf(n + 1, 1.0f), out(blocks);
+    for (int mode = 0; mode < 2; mode++) {  // 0: the cache answers; 1: the epoch moves at every check
+        g_seen.in_lo = (const char*)buf.data(), g_seen.in_hi = (const char*)(buf.data() + n);
+        g_seen.out_lo = (const char*)out.data(), g_seen.out_hi = (const char*)(out.data() + blocks);
+        g_seen.in_reads = g_seen.out_writes = g_seen.other = 0;
+        g_bump_epoch = mode == 1;
+        g_epoch.fetch_add(1);  // as a free between launches: what earlier launches passed is forgotten
+        emu_set_access_check(record_passing, &g_epoch);
+        launch(launch_sum, dim3{blocks}, dim3{64}, (const float*)buf.data(), out.data(), n, 1);
+        emu_set_access_check(nullptr);
+        // Each block's OS thread asks once for `in` (blocks may share an OS thread, so at most `blocks`).
+        bool calls_ok = mode == 0 ? g_seen.in_reads >= 1 && g_seen.in_reads <= blocks && g_seen.out_writes >= 1 &&
+                                        g_seen.out_writes <= blocks
+                                  : g_seen.in_reads == n && g_seen.out_writes == blocks;
+        bool ok = calls_ok && g_seen.other == 1 &&
+                  g_seen.other_addr == (const char*)(buf.data() + n);
+        if (!ok) failures++;
+        std::printf("%-58s %s %ld checks of %d reads in, %ld of %d writes out, %ld elsewhere\n",
+                    mode == 0 ? "pass cache: one check per range, past-end read seen"
+                              : "pass cache: a new epoch makes every access checked",
+                    ok ? "ok  " : "FAIL", g_seen.in_reads, n, g_seen.out_writes, blocks, g_seen.other);
+    }
+}
+
 // A real kernel with cp.async, ldmatrix and mma: every access the access check sees lies in one of the
 // buffers the launch passed (cp.async's global reads included), so a driver's bounds check has no false alarm.
 struct Ranges {
@@ -191,7 +229,7 @@ struct Ranges {
     long inside = 0, outside = 0;
 };
 static Ranges g_ranges;
-static void in_ranges(const void* addr, size_t bytes, int, const char*) {
+static void in_ranges(const void* addr, size_t bytes, int, const char*, EmuAccessPassed*) {
     auto* p = static_cast<const char*>(addr);
     std::lock_guard<std::mutex> lock(g_ranges.m);
     bool in = false;
@@ -225,6 +263,7 @@ int main() {
     concurrent();
     if (emu_race_instrumented()) {
         access_check();
+        access_check_cached();
         access_check_flash();
     } else {
         failures++;

@@ -47,5 +47,5 @@ inline const char* emu_running_kernel() { return emu_block ? emu_block->kernel_n
 // compiled with -fsanitize=thread, so the emulator sees each of their global accesses: emu.h).
 #define NCSIM_MODULE(module, hash, ...)                                                                       \
     static const bool ncsim_module_registered =                                                              \
-        (emu_set_access_check(&::sim::kernel_access_check),                                                  \
+        (emu_set_access_check(&::sim::kernel_access_check, ::sim::free_epoch()),                                                  \
          ::sim::register_module(#module, hash, {__VA_ARGS__}, &::sim::emu_running_kernel));

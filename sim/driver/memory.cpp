@@ -38,7 +38,7 @@ static size_t g_capacity = 0;
 static std::map<uint64_t, Allocation> g_live;   // by start
 static std::map<uint64_t, Allocation> g_freed;  // by start; until the range is handed out again
 static std::map<uintptr_t, size_t> g_pinned;    // pinned host memory: start -> bytes
-static std::atomic<uint64_t> g_frees{0};         // counts frees: invalidates the access check's caches
+static std::atomic<uint64_t> g_frees{0};         // counts frees: ends the emulator's pass cache (free_epoch)
 
 static size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
@@ -201,21 +201,17 @@ void check_tail(uint64_t ptr, const char* kernel) {
                   kernel, i, a.size, (unsigned long long)a.start, a.device);
 }
 
-// Called for every global access of every kernel: a per-thread cache of the last allocation hit answers almost
-// all of them without the lock (a free anywhere empties every cache).
-void kernel_access_check(const void* addr, size_t bytes, int is_write, const char* kernel) {
-    struct Hit {
-        uint64_t lo = 0, hi = 0, frees = ~0ull;
-    };
-    static thread_local Hit hit;
-    uint64_t p = uint64_t(addr), frees = g_frees.load(std::memory_order_acquire);
-    if (p >= hit.lo && p + bytes <= hit.hi && hit.frees == frees) return;
+// Called for a kernel's global accesses. The emulator remembers the allocation an access passed in
+// (`passed`) and lets later accesses inside it pass without calling here, until the next free (free_epoch):
+// so this runs about once per allocation a block touches, and may take the lock.
+void kernel_access_check(const void* addr, size_t bytes, int is_write, const char* kernel, EmuAccessPassed* passed) {
+    uint64_t p = uint64_t(addr);
     std::lock_guard<std::mutex> lock(g_mem);
     auto it = g_live.upper_bound(p);
     if (it != g_live.begin()) {
         const Allocation& a = std::prev(it)->second;
         if (p >= a.start && p + bytes <= a.start + a.size) {
-            hit = {a.start, a.start + a.size, frees};
+            *passed = {uintptr_t(a.start), uintptr_t(a.start + a.size)};
             return;
         }
     }
@@ -225,6 +221,8 @@ void kernel_access_check(const void* addr, size_t bytes, int is_write, const cha
     fault("kernel %s %s %zu bytes at 0x%llx, outside every live device allocation; %s", kernel ? kernel : "?",
           is_write ? "writes" : "reads", bytes, (unsigned long long)p, near);
 }
+
+const std::atomic<uint64_t>* free_epoch() { return &g_frees; }
 
 bool is_pinned_host(const void* p, size_t bytes) {
     std::lock_guard<std::mutex> lock(g_mem);

@@ -3,6 +3,7 @@
 // Nothing here is exported: the library exports only the documented cu* entry points and ncsim.h.
 #pragma once
 #include "cuda_abi.h"
+#include "../../kernels-ptx/emu/emu_access.h"
 #include <atomic>
 #include <condition_variable>
 #include <cstdarg>
@@ -70,8 +71,10 @@ bool is_pinned_host(const void* p, size_t bytes);
 void check_tail(uint64_t ptr_in_allocation, const char* kernel);
 void install_fault_handler();
 // The emulator's access check (emu_set_access_check): every global-memory access a kernel makes must lie inside
-// one live allocation; otherwise the run stops with the kernel, the address and the nearest allocation.
-void kernel_access_check(const void* addr, size_t bytes, int is_write, const char* kernel);
+// one live allocation; otherwise the run stops with the kernel, the address and the nearest allocation. It
+// sets *passed to the allocation, which the emulator may trust until free_epoch() changes (emu_race.h).
+void kernel_access_check(const void* addr, size_t bytes, int is_write, const char* kernel, EmuAccessPassed* passed);
+const std::atomic<uint64_t>* free_epoch();
 // The operation a thread is running, for the fault handler: set by stream workers and around kernels.
 void set_running(const char* what);
 const char* running();

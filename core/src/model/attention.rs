@@ -134,7 +134,7 @@ pub fn forward<B: Backend>(
 }
 
 /// Backward: `scr.dresid` holds dL/d(resid after this half); on return it holds dL/d(resid before it).
-/// Parameter grads accumulate into `grads`.
+/// Parameter grads accumulate into `grads`. The phases mirror the forward in reverse.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<B: Backend>(
     be: &B,
@@ -148,11 +148,36 @@ pub fn backward<B: Backend>(
     scr: &mut GradScratch<B>,
     rope: &B::Buf,
 ) {
-    let (n, d, qd, kvd, hd) = (s.n, s.d, s.qd, s.kvd, s.head_dim);
-    let wv = |off: usize, len: usize| View::<B>::at(params, off, len);
     scr.cast_dresid(be);
+    output_projection_backward(be, s, params, grads, w, a, scr);
+    attention_and_rotary_backward(be, s, batch, t, a, scr, rope);
+    qkv_projections_backward(be, s, params, grads, w, a, scr);
+    // The norm's grad joins the residual grad flowing past the branch.
+    norm::backward(
+        be,
+        all(&a.xn1),
+        all(&a.rstd1),
+        all(&scr.dxn),
+        s.n,
+        s.d,
+        all_mut(&mut scr.dresid),
+        true,
+    );
+}
+
+/// c_proj: `scr.dy` = dresid W; its weight grad accumulates dresid^T y.
+fn output_projection_backward<B: Backend>(
+    be: &B,
+    s: &LayerShapes,
+    params: &B::Buf,
+    grads: &mut B::Buf,
+    w: &BlockParams,
+    a: &LayerActs<B>,
+    scr: &mut GradScratch<B>,
+) {
+    let (n, d, qd) = (s.n, s.d, s.qd);
+    let wv = |off: usize, len: usize| View::<B>::at(params, off, len);
     let dres = gemm_input::<B>(&scr.dresid, &scr.dresid_cast);
-    // c_proj: dy = dresid W; dW += dresid^T y.
     be.matmul(
         n,
         qd,
@@ -175,6 +200,20 @@ pub fn backward<B: Backend>(
         ViewMut::at(grads, w.attn_proj, d * qd),
         true,
     );
+}
+
+/// Attention itself (dy -> the grads of q, k, v after rotary and QK-norm), then back through the fused
+/// rotary + QK-norm: `scr.dq`, `scr.dk`, `scr.dv` are the projections' output grads.
+fn attention_and_rotary_backward<B: Backend>(
+    be: &B,
+    s: &LayerShapes,
+    batch: usize,
+    t: usize,
+    a: &LayerActs<B>,
+    scr: &mut GradScratch<B>,
+    rope: &B::Buf,
+) {
+    let hd = s.head_dim;
     be.attention_backward(
         shape(s, batch, t),
         all(&a.q),
@@ -187,7 +226,7 @@ pub fn backward<B: Backend>(
         all_mut(&mut scr.dkn),
         all_mut(&mut scr.dv),
     );
-    // Through QK-norm and rotary (fused, the mirror of the forward): dq, dk are the projections' grads.
+    // Through QK-norm and rotary (fused, the mirror of the forward).
     be.rotary_qknorm_backward(
         all(&a.q),
         all(&a.rstd_q),
@@ -212,7 +251,20 @@ pub fn backward<B: Backend>(
         all(rope),
         all_mut(&mut scr.dk),
     );
-    // q, k, v projections: dW += dout^T xn1; dxn = sum of dout W.
+}
+
+/// q, k, v projections: their weight grads accumulate dout^T xn1; `scr.dxn` = the sum of dout W.
+fn qkv_projections_backward<B: Backend>(
+    be: &B,
+    s: &LayerShapes,
+    params: &B::Buf,
+    grads: &mut B::Buf,
+    w: &BlockParams,
+    a: &LayerActs<B>,
+    scr: &mut GradScratch<B>,
+) {
+    let (n, d, qd, kvd) = (s.n, s.d, s.qd, s.kvd);
+    let wv = |off: usize, len: usize| View::<B>::at(params, off, len);
     be.matmul(
         qd,
         d,
@@ -277,17 +329,6 @@ pub fn backward<B: Backend>(
         wv(w.c_v, kvd * d),
         false,
         all_mut(&mut scr.dxn),
-        true,
-    );
-    // The norm's grad joins the residual grad flowing past the branch.
-    norm::backward(
-        be,
-        all(&a.xn1),
-        all(&a.rstd1),
-        all(&scr.dxn),
-        n,
-        d,
-        all_mut(&mut scr.dresid),
         true,
     );
 }

@@ -301,21 +301,7 @@ impl NcclRing {
     /// # Safety
     /// As `reduce_in_place_f32`.
     pub unsafe fn broadcast_in_place_f32(&self, addr: u64, count: usize, root: usize) -> Result<(), CommError> {
-        let Some(comm) = self.comm()? else {
-            return Ok(());
-        };
-        let p = addr as *mut std::ffi::c_void;
-        result::broadcast(
-            p as *const _,
-            p,
-            count,
-            sys::ncclDataType_t::ncclFloat32,
-            root as i32,
-            comm,
-            self.raw_stream(),
-        )
-        .map(|_| ())
-        .map_err(|e| nccl_err(self.rank, "ncclBroadcast", e))
+        self.broadcast_in_place(addr, count, root, sys::ncclDataType_t::ncclFloat32, "ncclBroadcast")
     }
 
     /// Rank `root`'s `count` bf16 at `addr` to every rank's `addr`, in place (queued on this ring's stream):
@@ -325,21 +311,35 @@ impl NcclRing {
     /// `addr` must hold `count` bf16 (2 bytes each) in this ring's context, otherwise as
     /// `reduce_in_place_f32`.
     pub unsafe fn broadcast_in_place_bf16(&self, addr: u64, count: usize, root: usize) -> Result<(), CommError> {
+        self.broadcast_in_place(
+            addr,
+            count,
+            root,
+            sys::ncclDataType_t::ncclBfloat16,
+            "ncclBroadcast (bf16)",
+        )
+    }
+
+    /// The in-place broadcast of `count` elements of `dtype` behind both element types; `what` names it in
+    /// errors.
+    ///
+    /// # Safety
+    /// As `broadcast_in_place_f32`, for elements of `dtype`.
+    unsafe fn broadcast_in_place(
+        &self,
+        addr: u64,
+        count: usize,
+        root: usize,
+        dtype: sys::ncclDataType_t,
+        what: &str,
+    ) -> Result<(), CommError> {
         let Some(comm) = self.comm()? else {
             return Ok(());
         };
         let p = addr as *mut std::ffi::c_void;
-        result::broadcast(
-            p as *const _,
-            p,
-            count,
-            sys::ncclDataType_t::ncclBfloat16,
-            root as i32,
-            comm,
-            self.raw_stream(),
-        )
-        .map(|_| ())
-        .map_err(|e| nccl_err(self.rank, "ncclBroadcast (bf16)", e))
+        result::broadcast(p as *const _, p, count, dtype, root as i32, comm, self.raw_stream())
+            .map(|_| ())
+            .map_err(|e| nccl_err(self.rank, what, e))
     }
 
     /// `recv` (count c) gets rank `rank`'s sum of `send[rank * c..(rank + 1) * c]`; `send` holds
@@ -466,19 +466,7 @@ impl NcclRing {
         gather: bool,
         what: &str,
     ) -> Result<(), CommError> {
-        if bounds.world_size() != self.world_size || bounds.len() != buf.len() {
-            return Err(CommError {
-                message: format!(
-                    "rank {}: {what} called with bounds for {} ranks over {} elements, but the ring has {} ranks and \
-                     the buffer {} elements",
-                    self.rank,
-                    bounds.world_size(),
-                    bounds.len(),
-                    self.world_size,
-                    buf.len()
-                ),
-            });
-        }
+        bounds.check_call(self.rank, self.world_size, buf.len(), what)?;
         let n = self.world_size;
         let width = (0..n).map(|r| bounds.range(r).len()).max().unwrap_or(0);
         if n == 1 || width == 0 {

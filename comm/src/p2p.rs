@@ -147,14 +147,22 @@ pub fn agree_on_options(rdv: &mut Rendezvous, opts: &P2pOptions) -> Result<(), C
 pub trait P2pElem: DeviceRepr + ValidAsZeroBits + Copy + Default + Unpin {
     const BYTES: usize;
     const IS_BF16: bool;
+    /// The ring's kept device copy for host buffers of this type (the `Collective` methods' staging).
+    fn staging_buffer(ring: &mut P2pRing) -> &mut Option<CudaSlice<Self>>;
 }
 impl P2pElem for f32 {
     const BYTES: usize = 4;
     const IS_BF16: bool = false;
+    fn staging_buffer(ring: &mut P2pRing) -> &mut Option<CudaSlice<f32>> {
+        &mut ring.stage_f32
+    }
 }
 impl P2pElem for bf16 {
     const BYTES: usize = 2;
     const IS_BF16: bool = true;
+    fn staging_buffer(ring: &mut P2pRing) -> &mut Option<CudaSlice<bf16>> {
+        &mut ring.stage_bf16
+    }
 }
 
 fn cu(rank: usize, what: &str, r: sys::CUresult) -> Result<(), CommError> {
@@ -282,6 +290,111 @@ pub fn one_shot_fits(opts: &P2pOptions, len: usize, elem_bytes: usize) -> bool {
 }
 
 /// The kernels of `nc_kernels::p2p`, loaded once per ring.
+/// The ring's options as `join` accepts them; the message says which limit a value breaks.
+fn check_options(opts: &P2pOptions) -> Result<(), String> {
+    if !(1..=k::MAX_BLOCKS as usize).contains(&opts.blocks)
+        || opts.slots == 0
+        || opts.slot_bytes == 0
+        || !opts.slot_bytes.is_multiple_of(256)
+        || opts.slot_bytes >= 1 << 32
+    {
+        return Err(format!(
+            "P2P ring options need 1..={} blocks, >= 1 slot and slot_bytes a positive multiple of 256 below 4 GiB; got {opts:?}",
+            k::MAX_BLOCKS
+        ));
+    }
+    if opts.one_shot_bytes > MAX_ONE_SHOT_BYTES {
+        return Err(format!(
+            "a one-shot threshold of {} bytes is above the largest accepted, {MAX_ONE_SHOT_BYTES}",
+            opts.one_shot_bytes
+        ));
+    }
+    Ok(())
+}
+
+fn rank_error(rank: usize, message: String) -> CommError {
+    CommError {
+        message: format!("rank {rank}: {message}"),
+    }
+}
+
+/// This rank's side of the ring: its data and signal areas (zeroed), their IPC handles (64 bytes each, data
+/// then signal) for the peers to open, and the ring's kernels.
+fn set_up_own_side(
+    ctx: &Arc<CudaContext>,
+    rank: usize,
+    bytes: usize,
+) -> Result<(DeviceAlloc, DeviceAlloc, Vec<u8>, Kernels), CommError> {
+    let fail = |m: String| rank_error(rank, m);
+    ctx.bind_to_thread()
+        .map_err(|e| fail(format!("binding the CUDA context: {e:?}")))?;
+    let data = DeviceAlloc::zeroed(ctx, rank, bytes, "ring's data area")?;
+    let signal = DeviceAlloc::zeroed(ctx, rank, k::SIGNAL_U64S * 8, "ring's signal area")?;
+    let mut handles = Vec::with_capacity(128);
+    for alloc in [&data, &signal] {
+        let mut h = std::mem::MaybeUninit::<sys::CUipcMemHandle>::zeroed();
+        cu(rank, "cuIpcGetMemHandle", unsafe {
+            sys::cuIpcGetMemHandle(h.as_mut_ptr(), alloc.ptr)
+        })?;
+        let h = unsafe { h.assume_init() };
+        handles.extend(h.reserved.iter().map(|&c| c as u8));
+    }
+    let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(k::PTX)).map_err(|e| {
+        fail(format!(
+            "loading the p2p_ring PTX (nvcc 13.0; an older driver cannot JIT it): {e:?}"
+        ))
+    })?;
+    let f = |kernel: nc_kernels::Kernel| {
+        module
+            .load_function(kernel.name)
+            .map_err(|e| fail(format!("finding kernel {}: {e:?}", kernel.name)))
+    };
+    let kernels = Kernels {
+        rs_f32: f(k::REDUCE_SCATTER_F32)?,
+        rs_bf16: f(k::REDUCE_SCATTER_BF16)?,
+        ag: f(k::ALL_GATHER)?,
+        one_shot_f32: f(k::ONE_SHOT_F32)?,
+        one_shot_bf16: f(k::ONE_SHOT_BF16)?,
+    };
+    Ok((data, signal, handles, kernels))
+}
+
+/// Opens every peer's data and signal areas from the handles each rank sent ("ok:" then 128 bytes), filling
+/// `data[r]` and `signal[r]` (this rank's own areas at its index); the mappings go into `maps`, which the
+/// caller keeps, so what opened before a failure stays mapped until the ring or the caller lets it go.
+fn open_peer_areas(
+    rank: usize,
+    all: &[Vec<u8>],
+    (own_data, own_signal): (&DeviceAlloc, &DeviceAlloc),
+    (data, signal): (&mut [u64], &mut [u64]),
+    maps: &mut Vec<PeerMapping>,
+) -> Result<(), CommError> {
+    for (r, news) in all.iter().enumerate() {
+        if r == rank {
+            data[r] = own_data.ptr;
+            signal[r] = own_signal.ptr;
+            continue;
+        }
+        for (i, slot) in [&mut data[r], &mut signal[r]].into_iter().enumerate() {
+            let mut h = sys::CUipcMemHandle { reserved: [0; 64] };
+            for (d, s) in h.reserved.iter_mut().zip(&news[3 + 64 * i..3 + 64 * (i + 1)]) {
+                *d = *s as std::ffi::c_char;
+            }
+            let mut ptr = 0;
+            cu(rank, &format!("cuIpcOpenMemHandle of rank {r}'s area"), unsafe {
+                sys::cuIpcOpenMemHandle_v2(
+                    &mut ptr,
+                    h,
+                    sys::CUipcMem_flags_enum::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
+                )
+            })?;
+            maps.push(PeerMapping { ptr });
+            *slot = ptr;
+        }
+    }
+    Ok(())
+}
+
 struct Kernels {
     rs_f32: CudaFunction,
     rs_bf16: CudaFunction,
@@ -336,26 +449,8 @@ impl P2pRing {
     /// rank, with the same reason, when some pair of GPUs cannot reach each other (see `p2p_support`).
     pub fn join(rdv: &mut Rendezvous, stream: Arc<CudaStream>, opts: P2pOptions) -> Result<P2pRing, CommError> {
         let (rank, world_size) = (rdv.rank(), rdv.world_size());
-        let fail = |m: String| CommError {
-            message: format!("rank {rank}: {m}"),
-        };
-        if !(1..=k::MAX_BLOCKS as usize).contains(&opts.blocks)
-            || opts.slots == 0
-            || opts.slot_bytes == 0
-            || !opts.slot_bytes.is_multiple_of(256)
-            || opts.slot_bytes >= 1 << 32
-        {
-            return Err(fail(format!(
-                "P2P ring options need 1..={} blocks, >= 1 slot and slot_bytes a positive multiple of 256 below 4 GiB; got {opts:?}",
-                k::MAX_BLOCKS
-            )));
-        }
-        if opts.one_shot_bytes > MAX_ONE_SHOT_BYTES {
-            return Err(fail(format!(
-                "a one-shot threshold of {} bytes is above the largest accepted, {MAX_ONE_SHOT_BYTES}",
-                opts.one_shot_bytes
-            )));
-        }
+        let fail = |m: String| rank_error(rank, m);
+        check_options(&opts).map_err(fail)?;
         agree_on_options(rdv, &opts)?;
         let ctx = stream.context().clone();
         if let Some(why) = p2p_support(rdv, &ctx)? {
@@ -364,39 +459,7 @@ impl P2pRing {
         let slots_bytes = opts.blocks * opts.slots * opts.slot_bytes;
         let region = Self::region_bytes(&opts);
         // Set up this rank's side; report success or the error to everyone before anyone goes on.
-        let local = (|| -> Result<(DeviceAlloc, DeviceAlloc, Vec<u8>, Kernels), CommError> {
-            ctx.bind_to_thread()
-                .map_err(|e| fail(format!("binding the CUDA context: {e:?}")))?;
-            let data = DeviceAlloc::zeroed(&ctx, rank, slots_bytes + opts.blocks * region, "ring's data area")?;
-            let signal = DeviceAlloc::zeroed(&ctx, rank, k::SIGNAL_U64S * 8, "ring's signal area")?;
-            let mut handles = Vec::with_capacity(128);
-            for alloc in [&data, &signal] {
-                let mut h = std::mem::MaybeUninit::<sys::CUipcMemHandle>::zeroed();
-                cu(rank, "cuIpcGetMemHandle", unsafe {
-                    sys::cuIpcGetMemHandle(h.as_mut_ptr(), alloc.ptr)
-                })?;
-                let h = unsafe { h.assume_init() };
-                handles.extend(h.reserved.iter().map(|&c| c as u8));
-            }
-            let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(k::PTX)).map_err(|e| {
-                fail(format!(
-                    "loading the p2p_ring PTX (nvcc 13.0; an older driver cannot JIT it): {e:?}"
-                ))
-            })?;
-            let f = |kernel: nc_kernels::Kernel| {
-                module
-                    .load_function(kernel.name)
-                    .map_err(|e| fail(format!("finding kernel {}: {e:?}", kernel.name)))
-            };
-            let kernels = Kernels {
-                rs_f32: f(k::REDUCE_SCATTER_F32)?,
-                rs_bf16: f(k::REDUCE_SCATTER_BF16)?,
-                ag: f(k::ALL_GATHER)?,
-                one_shot_f32: f(k::ONE_SHOT_F32)?,
-                one_shot_bf16: f(k::ONE_SHOT_BF16)?,
-            };
-            Ok((data, signal, handles, kernels))
-        })();
+        let local = set_up_own_side(&ctx, rank, slots_bytes + opts.blocks * region);
         let news = match &local {
             Ok((_, _, handles, _)) => [b"ok:".as_slice(), handles].concat(),
             Err(e) => [b"no:".as_slice(), e.message.as_bytes()].concat(),
@@ -417,32 +480,13 @@ impl P2pRing {
         let mut maps = Vec::new();
         let mut data = vec![0; world_size];
         let mut signal = vec![0; world_size];
-        let opened = (|| -> Result<(), CommError> {
-            for (r, news) in all.iter().enumerate() {
-                if r == rank {
-                    data[r] = own_data.ptr;
-                    signal[r] = own_signal.ptr;
-                    continue;
-                }
-                for (i, slot) in [&mut data[r], &mut signal[r]].into_iter().enumerate() {
-                    let mut h = sys::CUipcMemHandle { reserved: [0; 64] };
-                    for (d, s) in h.reserved.iter_mut().zip(&news[3 + 64 * i..3 + 64 * (i + 1)]) {
-                        *d = *s as std::ffi::c_char;
-                    }
-                    let mut ptr = 0;
-                    cu(rank, &format!("cuIpcOpenMemHandle of rank {r}'s area"), unsafe {
-                        sys::cuIpcOpenMemHandle_v2(
-                            &mut ptr,
-                            h,
-                            sys::CUipcMem_flags_enum::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
-                        )
-                    })?;
-                    maps.push(PeerMapping { ptr });
-                    *slot = ptr;
-                }
-            }
-            Ok(())
-        })();
+        let opened = open_peer_areas(
+            rank,
+            &all,
+            (&own_data, &own_signal),
+            (&mut data, &mut signal),
+            &mut maps,
+        );
         let statuses = rdv.all_gather_bytes(opened.as_ref().err().map(|e| e.message.as_bytes()).unwrap_or(b""))?;
         if let Some((r, why)) = statuses.iter().enumerate().find(|(_, s)| !s.is_empty()) {
             return Err(fail(format!(
@@ -558,16 +602,7 @@ impl P2pRing {
     }
 
     fn check_bounds(&self, len: usize, bounds: &Bounds, what: &str) -> Result<(), CommError> {
-        if bounds.world_size() != self.world_size || bounds.len() != len {
-            return Err(self.err(format!(
-                "{what} called with bounds for {} ranks over {} elements, but the ring has {} ranks and the buffer {len} \
-                 elements",
-                bounds.world_size(),
-                bounds.len(),
-                self.world_size
-            )));
-        }
-        Ok(())
+        bounds.check_call(self.rank, self.world_size, len, what)
     }
 
     /// The cached device table for (phase, element size, pieces).
@@ -846,20 +881,23 @@ impl P2pRing {
     }
 
     /// Copies a host buffer to the kept staging buffer of its type, runs `op` on it, copies it back and
-    /// checks the error word.
+    /// checks the error word; `bounds`, where the collective has them, are checked first.
     fn staged<T: P2pElem>(
         &mut self,
         host: &mut [T],
+        bounds: Option<&Bounds>,
         what: &str,
-        pick: fn(&mut P2pRing) -> &mut Option<CudaSlice<T>>,
         op: impl FnOnce(&mut P2pRing, &mut CudaSlice<T>) -> Result<(), CommError>,
     ) -> Result<(), CommError> {
+        if let Some(bounds) = bounds {
+            self.check_bounds(host.len(), bounds, what)?;
+        }
         self.usable(what)?;
         if host.is_empty() {
             return Ok(());
         }
         let stream = self.stream.clone();
-        let mut stage = match pick(self).take() {
+        let mut stage = match T::staging_buffer(self).take() {
             Some(s) if s.len() == host.len() => s,
             _ => stream
                 .alloc_zeros::<T>(host.len())
@@ -875,7 +913,7 @@ impl P2pRing {
                 .map_err(|e| self.err(format!("{what}: copy to the host: {e:?}")))?;
             self.check()
         })();
-        *pick(self) = Some(stage);
+        *T::staging_buffer(self) = Some(stage);
         result
     }
 }
@@ -990,62 +1028,34 @@ impl Collective for P2pRing {
     }
 
     fn reduce_scatter_sum(&mut self, buf: &mut [f32], bounds: &Bounds) -> Result<(), CommError> {
-        self.check_bounds(buf.len(), bounds, "reduce_scatter_sum")?;
-        self.staged(
-            buf,
-            "reduce_scatter_sum",
-            |r| &mut r.stage_f32,
-            |r, s| r.reduce_scatter_device(s, bounds),
-        )
+        self.staged(buf, Some(bounds), "reduce_scatter_sum", |r, s| {
+            r.reduce_scatter_device(s, bounds)
+        })
     }
 
     fn all_gather(&mut self, buf: &mut [f32], bounds: &Bounds) -> Result<(), CommError> {
-        self.check_bounds(buf.len(), bounds, "all_gather")?;
-        self.staged(
-            buf,
-            "all_gather",
-            |r| &mut r.stage_f32,
-            |r, s| r.all_gather_device(s, bounds),
-        )
+        self.staged(buf, Some(bounds), "all_gather", |r, s| r.all_gather_device(s, bounds))
     }
 
     fn reduce_scatter_sum_bf16(&mut self, buf: &mut [bf16], bounds: &Bounds) -> Result<(), CommError> {
-        self.check_bounds(buf.len(), bounds, "reduce_scatter_sum_bf16")?;
-        self.staged(
-            buf,
-            "reduce_scatter_sum_bf16",
-            |r| &mut r.stage_bf16,
-            |r, s| r.reduce_scatter_device(s, bounds),
-        )
+        self.staged(buf, Some(bounds), "reduce_scatter_sum_bf16", |r, s| {
+            r.reduce_scatter_device(s, bounds)
+        })
     }
 
     fn all_gather_bf16(&mut self, buf: &mut [bf16], bounds: &Bounds) -> Result<(), CommError> {
-        self.check_bounds(buf.len(), bounds, "all_gather_bf16")?;
-        self.staged(
-            buf,
-            "all_gather_bf16",
-            |r| &mut r.stage_bf16,
-            |r, s| r.all_gather_device(s, bounds),
-        )
+        self.staged(buf, Some(bounds), "all_gather_bf16", |r, s| {
+            r.all_gather_device(s, bounds)
+        })
     }
 
     /// One-shot below `one_shot_bytes` (rank-order sum), ring above (the trait's order).
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
-        self.staged(
-            buf,
-            "all_reduce_sum",
-            |r| &mut r.stage_f32,
-            |r, s| r.all_reduce_device(s),
-        )
+        self.staged(buf, None, "all_reduce_sum", |r, s| r.all_reduce_device(s))
     }
 
     fn all_reduce_sum_bf16(&mut self, buf: &mut [bf16]) -> Result<(), CommError> {
-        self.staged(
-            buf,
-            "all_reduce_sum_bf16",
-            |r| &mut r.stage_bf16,
-            |r, s| r.all_reduce_device(s),
-        )
+        self.staged(buf, None, "all_reduce_sum_bf16", |r, s| r.all_reduce_device(s))
     }
 }
 

@@ -287,15 +287,7 @@ impl P2pTwin {
     }
 
     fn whole(&self, len: usize, bounds: &Bounds, what: &str) -> Result<[Piece; 1], CommError> {
-        if bounds.len() != len || bounds.world_size() != self.world_size {
-            return Err(self.err(format!(
-                "{what} called with bounds for {} ranks over {} elements, but the ring has {} ranks and the buffer \
-                 {len} elements",
-                bounds.world_size(),
-                bounds.len(),
-                self.world_size
-            )));
-        }
+        bounds.check_call(self.rank, self.world_size, len, what)?;
         Ok([Piece {
             start: 0,
             bounds: bounds.clone(),

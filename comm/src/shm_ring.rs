@@ -173,19 +173,7 @@ impl ShmRing {
                 message: format!("{what} on a ring that already failed: {}", e.message),
             });
         }
-        if bounds.world_size() != self.world_size || bounds.len() != len {
-            return Err(CommError {
-                message: format!(
-                    "rank {}: {what} called with bounds for {} ranks over {} elements, but the ring has {} ranks \
-                     and the buffer {len} elements",
-                    self.rank,
-                    bounds.world_size(),
-                    bounds.len(),
-                    self.world_size
-                ),
-            });
-        }
-        Ok(())
+        bounds.check_call(self.rank, self.world_size, len, what)
     }
 
     /// Runs one half of a ring collective over `buf`; `combine(mine, theirs)` applies a received slice.

@@ -43,20 +43,7 @@ impl ThreadRing {
     }
 
     fn check(&self, buf: &[f32], bounds: &Bounds, what: &str) -> Result<(), CommError> {
-        if bounds.world_size() != self.world_size || bounds.len() != buf.len() {
-            return Err(CommError {
-                message: format!(
-                    "rank {}: {what} called with bounds for {} ranks over {} elements, but the ring has {} \
-                     ranks and the buffer {} elements",
-                    self.rank,
-                    bounds.world_size(),
-                    bounds.len(),
-                    self.world_size,
-                    buf.len()
-                ),
-            });
-        }
-        Ok(())
+        bounds.check_call(self.rank, self.world_size, buf.len(), what)
     }
 
     fn send(&mut self, data: &[f32]) -> Result<(), CommError> {

@@ -26,6 +26,17 @@ pub struct LaunchDims {
     pub shared_bytes: u32,
 }
 
+impl LaunchDims {
+    /// `grid` blocks of `threads` threads (x only), no dynamic shared memory: the shape of every launch below.
+    pub const fn blocks(grid: (u32, u32, u32), threads: u32) -> LaunchDims {
+        LaunchDims {
+            grid,
+            block: (threads, 1, 1),
+            shared_bytes: 0,
+        }
+    }
+}
+
 /// The PTX text of each module, as checked in.
 pub mod ptx {
     pub const ELEMENTWISE: &str = include_str!("../ptx/elementwise.ptx");
@@ -84,20 +95,12 @@ pub const ELEMENTWISE_THREADS: u32 = 256;
 /// to 2^20 blocks (the kernels loop grid-stride past that). n = 0 still gets one block (which does nothing).
 pub fn elementwise_dims(n: u64) -> LaunchDims {
     let blocks = n.div_ceil(ELEMENTWISE_THREADS as u64).clamp(1, 1 << 20) as u32;
-    LaunchDims {
-        grid: (blocks, 1, 1),
-        block: (ELEMENTWISE_THREADS, 1, 1),
-        shared_bytes: 0,
-    }
+    LaunchDims::blocks((blocks, 1, 1), ELEMENTWISE_THREADS)
 }
 
 /// One block of `threads` threads per row, for `rows` rows (rows must be >= 1 and < 2^31).
 pub fn row_dims(rows: usize, threads: u32) -> LaunchDims {
-    LaunchDims {
-        grid: (rows.max(1) as u32, 1, 1),
-        block: (threads, 1, 1),
-        shared_bytes: 0,
-    }
+    LaunchDims::blocks((rows.max(1) as u32, 1, 1), threads)
 }
 
 /// Threads per block of the one-block-per-row kernels (embedding, rmsnorm, cross entropy).
@@ -134,15 +137,14 @@ pub const EMBEDDING_SORTED_THREADS: u32 = 256;
 /// Launch of `EMBEDDING_BACKWARD_SORTED_*`: grid (segments, ceil(d / 256)), 256 threads: one column per thread,
 /// so the most frequent id's row is spread over d / 256 blocks.
 pub fn embedding_sorted_dims(segments: usize, d: usize) -> LaunchDims {
-    LaunchDims {
-        grid: (
+    LaunchDims::blocks(
+        (
             grid_u32(segments, "embedding segments"),
             grid_u32(d.div_ceil(EMBEDDING_SORTED_THREADS as usize), "embedding column tiles"),
             1,
         ),
-        block: (EMBEDDING_SORTED_THREADS, 1, 1),
-        shared_bytes: 0,
-    }
+        EMBEDDING_SORTED_THREADS,
+    )
 }
 
 // ---- rmsnorm.cu: launch with `row_dims(rows, ROW_THREADS)`, one block per row.
@@ -219,66 +221,45 @@ fn attention_check(head_dim: usize) {
     );
 }
 
-/// A grid dimension as u32 (at least 1, so an empty launch is still well formed and does nothing).
-fn grid_dim(n: usize, what: &str) -> u32 {
-    u32::try_from(n.max(1)).unwrap_or_else(|_| panic!("attention launch: {what} = {n} does not fit a grid"))
-}
-
 /// Launch of `ATTENTION_FORWARD`: grid (ceil(tq / 16), n_head, batch), 128 threads, static shared memory.
 pub fn attention_forward_dims(batch: usize, n_head: usize, tq: usize, head_dim: usize) -> LaunchDims {
     attention_check(head_dim);
-    LaunchDims {
-        grid: (
-            grid_dim(tq.div_ceil(ATTENTION_FORWARD_ROWS), "query tiles"),
-            grid_dim(n_head, "n_head"),
-            grid_dim(batch, "batch"),
-        ),
-        block: (ATTENTION_THREADS, 1, 1),
-        shared_bytes: 0,
-    }
+    LaunchDims::blocks(
+        tiles_heads_batch((tq, ATTENTION_FORWARD_ROWS, "query tiles"), (n_head, "n_head"), batch),
+        ATTENTION_THREADS,
+    )
 }
 
 /// Launch of `ATTENTION_BACKWARD_DELTA`: grid ceil(batch t n_head / 8), 256 threads (a warp per row).
 pub fn attention_delta_dims(batch: usize, n_head: usize, t: usize, head_dim: usize) -> LaunchDims {
     attention_check(head_dim);
-    LaunchDims {
-        grid: (
-            grid_dim((batch * t * n_head).div_ceil(ATTENTION_DELTA_ROWS), "delta blocks"),
+    LaunchDims::blocks(
+        (
+            grid_u32((batch * t * n_head).div_ceil(ATTENTION_DELTA_ROWS), "delta blocks"),
             1,
             1,
         ),
-        block: (ATTENTION_DELTA_THREADS, 1, 1),
-        shared_bytes: 0,
-    }
+        ATTENTION_DELTA_THREADS,
+    )
 }
 
 /// Launch of `ATTENTION_BACKWARD_DKDV`: grid (ceil(t / 32), n_kv_head, batch), 128 threads, static shared
 /// memory.
 pub fn attention_dkdv_dims(batch: usize, n_kv_head: usize, t: usize, head_dim: usize) -> LaunchDims {
     attention_check(head_dim);
-    LaunchDims {
-        grid: (
-            grid_dim(t.div_ceil(ATTENTION_DKDV_KEYS), "key tiles"),
-            grid_dim(n_kv_head, "n_kv_head"),
-            grid_dim(batch, "batch"),
-        ),
-        block: (ATTENTION_THREADS, 1, 1),
-        shared_bytes: 0,
-    }
+    LaunchDims::blocks(
+        tiles_heads_batch((t, ATTENTION_DKDV_KEYS, "key tiles"), (n_kv_head, "n_kv_head"), batch),
+        ATTENTION_THREADS,
+    )
 }
 
 /// Launch of `ATTENTION_BACKWARD_DQ`: grid (ceil(t / 8), n_head, batch), 128 threads, static shared memory.
 pub fn attention_dq_dims(batch: usize, n_head: usize, t: usize, head_dim: usize) -> LaunchDims {
     attention_check(head_dim);
-    LaunchDims {
-        grid: (
-            grid_dim(t.div_ceil(ATTENTION_DQ_ROWS), "query tiles"),
-            grid_dim(n_head, "n_head"),
-            grid_dim(batch, "batch"),
-        ),
-        block: (ATTENTION_THREADS, 1, 1),
-        shared_bytes: 0,
-    }
+    LaunchDims::blocks(
+        tiles_heads_batch((t, ATTENTION_DQ_ROWS, "query tiles"), (n_head, "n_head"), batch),
+        ATTENTION_THREADS,
+    )
 }
 
 // ---- optim.cu: the optimizer's elementwise work and reductions (Muon's momentum, Newton-Schulz's axpby and
@@ -312,11 +293,7 @@ pub fn sum_squares_dims(n: u64) -> LaunchDims {
     let blocks = n
         .div_ceil(SUM_SQUARES_THREADS as u64)
         .clamp(1, SUM_SQUARES_MAX_BLOCKS as u64) as u32;
-    LaunchDims {
-        grid: (blocks, 1, 1),
-        block: (SUM_SQUARES_THREADS, 1, 1),
-        shared_bytes: 0,
-    }
+    LaunchDims::blocks((blocks, 1, 1), SUM_SQUARES_THREADS)
 }
 
 // ---- flash_attention.cu: causal attention with GQA on tensor cores (mma.sync m16n8k16 bf16, f32 softmax and
@@ -404,41 +381,26 @@ pub fn flash_kernels(head_dim: usize) -> Option<FlashKernels> {
 
 /// Launch of a flash forward: grid (ceil(tq / 64), n_head, batch), 128 threads, static shared memory.
 pub fn flash_forward_dims(batch: usize, n_head: usize, tq: usize) -> LaunchDims {
-    LaunchDims {
-        grid: (
-            grid_dim(tq.div_ceil(FLASH_FORWARD_ROWS), "query tiles"),
-            grid_dim(n_head, "n_head"),
-            grid_dim(batch, "batch"),
-        ),
-        block: (FLASH_THREADS, 1, 1),
-        shared_bytes: 0,
-    }
+    LaunchDims::blocks(
+        tiles_heads_batch((tq, FLASH_FORWARD_ROWS, "query tiles"), (n_head, "n_head"), batch),
+        FLASH_THREADS,
+    )
 }
 
 /// Launch of a flash dq kernel: grid (ceil(t / 64), n_head, batch), 128 threads, static shared memory.
 pub fn flash_dq_dims(batch: usize, n_head: usize, t: usize) -> LaunchDims {
-    LaunchDims {
-        grid: (
-            grid_dim(t.div_ceil(FLASH_DQ_ROWS), "query tiles"),
-            grid_dim(n_head, "n_head"),
-            grid_dim(batch, "batch"),
-        ),
-        block: (FLASH_THREADS, 1, 1),
-        shared_bytes: 0,
-    }
+    LaunchDims::blocks(
+        tiles_heads_batch((t, FLASH_DQ_ROWS, "query tiles"), (n_head, "n_head"), batch),
+        FLASH_THREADS,
+    )
 }
 
 /// Launch of a flash dk/dv kernel: grid (ceil(t / 64), n_kv_head, batch), 128 threads, static shared memory.
 pub fn flash_dkdv_dims(batch: usize, n_kv_head: usize, t: usize) -> LaunchDims {
-    LaunchDims {
-        grid: (
-            grid_dim(t.div_ceil(FLASH_DKDV_KEYS), "key tiles"),
-            grid_dim(n_kv_head, "n_kv_head"),
-            grid_dim(batch, "batch"),
-        ),
-        block: (FLASH_THREADS, 1, 1),
-        shared_bytes: 0,
-    }
+    LaunchDims::blocks(
+        tiles_heads_batch((t, FLASH_DKDV_KEYS, "key tiles"), (n_kv_head, "n_kv_head"), batch),
+        FLASH_THREADS,
+    )
 }
 
 // ==== The bf16 engine's kernels (issue 10). Storage types: `bf16*` is a device pointer to `__nv_bfloat16`
@@ -451,6 +413,20 @@ pub fn flash_dkdv_dims(batch: usize, n_kv_head: usize, t: usize) -> LaunchDims {
 /// A grid dimension as u32, at least 1 (an empty launch is well formed and does nothing).
 fn grid_u32(n: usize, what: &str) -> u32 {
     u32::try_from(n.max(1)).unwrap_or_else(|_| panic!("launch: {what} = {n} does not fit a grid"))
+}
+
+/// The attention kernels' grid: (ceil(rows / per_block) tiles, heads, batch), each at least 1; the names say
+/// which dimension overflowed.
+fn tiles_heads_batch(
+    (rows, per_block, tiles): (usize, usize, &str),
+    (heads, heads_name): (usize, &str),
+    batch: usize,
+) -> (u32, u32, u32) {
+    (
+        grid_u32(rows.div_ceil(per_block), tiles),
+        grid_u32(heads, heads_name),
+        grid_u32(batch, "batch"),
+    )
 }
 
 // ---- rmsnorm_bf16.cu: weightless rmsnorm with the cast to bf16 fused. Launch with `row_dims(rows, ROW_THREADS)`
@@ -532,11 +508,10 @@ pub fn qknorm_dims(units: usize, head_dim: usize) -> LaunchDims {
         head_dim.is_multiple_of(2) && (2..=QKNORM_MAX_HEAD_DIM).contains(&head_dim),
         "rotary_qknorm kernels take an even head_dim in 2..={QKNORM_MAX_HEAD_DIM}, got {head_dim}"
     );
-    LaunchDims {
-        grid: (grid_u32(units.div_ceil(QKNORM_WARPS as usize), "qknorm blocks"), 1, 1),
-        block: (32 * QKNORM_WARPS, 1, 1),
-        shared_bytes: 0,
-    }
+    LaunchDims::blocks(
+        (grid_u32(units.div_ceil(QKNORM_WARPS as usize), "qknorm blocks"), 1, 1),
+        32 * QKNORM_WARPS,
+    )
 }
 
 // ---- elementwise_bf16.cu: casts and relu^2 with the cast fused. Launch with `elementwise_bf16_dims(n)`
@@ -646,11 +621,7 @@ pub fn adamw_multi_dims(max_n: u64, count: usize) -> LaunchDims {
         "adamw_multi takes 1..={ADAMW_MAX_TENSORS} tensors per launch, got {count}"
     );
     let blocks = max_n.div_ceil(4 * ADAMW_MULTI_THREADS as u64).clamp(1, 4096) as u32;
-    LaunchDims {
-        grid: (blocks, count as u32, 1),
-        block: (ADAMW_MULTI_THREADS, 1, 1),
-        shared_bytes: 0,
-    }
+    LaunchDims::blocks((blocks, count as u32, 1), ADAMW_MULTI_THREADS)
 }
 
 // ---- newton_schulz.cu: Muon's Newton-Schulz on tensor cores, the non-GEMM pieces, batched over `batch`
@@ -694,11 +665,7 @@ pub fn ns_sum_squares_dims(batch: usize) -> LaunchDims {
         (1..=65535).contains(&batch),
         "newton_schulz: batch {batch} not in 1..=65535"
     );
-    LaunchDims {
-        grid: (NS_PARTS, batch as u32, 1),
-        block: (NS_THREADS, 1, 1),
-        shared_bytes: 0,
-    }
+    LaunchDims::blocks((NS_PARTS, batch as u32, 1), NS_THREADS)
 }
 
 /// Launch of `NS_NORMALIZE_BF16` / `MUON_APPLY_BF16` over `batch` matrices of n elements: grid
@@ -708,11 +675,10 @@ pub fn ns_elementwise_dims(n: u64, batch: usize) -> LaunchDims {
         (1..=65535).contains(&batch),
         "newton_schulz: batch {batch} not in 1..=65535"
     );
-    LaunchDims {
-        grid: (n.div_ceil(4 * NS_THREADS as u64).clamp(1, 1024) as u32, batch as u32, 1),
-        block: (NS_THREADS, 1, 1),
-        shared_bytes: 0,
-    }
+    LaunchDims::blocks(
+        (n.div_ceil(4 * NS_THREADS as u64).clamp(1, 1024) as u32, batch as u32, 1),
+        NS_THREADS,
+    )
 }
 
 /// Every kernel, for loading and for the tests that check each entry exists in its PTX.

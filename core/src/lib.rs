@@ -6,6 +6,7 @@ pub mod checkpoint_sums;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod model;
 pub mod nvtx;
 pub mod optim;

@@ -499,6 +499,53 @@ impl<B: Backend> Gpt<B> {
         Ok(())
     }
 
+    /// Forward only over `rows` sequences of `t` tokens (`inputs`, rows * t of them, at most `tokens()`; t at
+    /// most the rotary table's length), then the softcapped logits at the flat token positions of each
+    /// `(first, count)` span, span after span, into `out` (cleared first). For evaluations that read a few
+    /// positions per sequence (CORE's continuations): only those rows of logits are computed and downloaded.
+    pub fn forward_span_logits(
+        &mut self,
+        rows: usize,
+        t: usize,
+        inputs: &[u32],
+        spans: &[(usize, usize)],
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let (n, v) = (rows * t, self.cfg.vocab_size);
+        if rows == 0 || t == 0 || n > self.tokens() || t > self.cfg.sequence_len || inputs.len() != n {
+            bail!(
+                "forward_span_logits: {rows} rows x {t} tokens ({} inputs) do not fit this model (batch {} x seq {})",
+                inputs.len(),
+                self.batch,
+                self.seq
+            );
+        }
+        if let Some(&tok) = inputs.iter().find(|&&x| x as usize >= v) {
+            bail!("token {tok} is outside the vocabulary (size {v})");
+        }
+        if let Some(&(first, count)) = spans.iter().find(|&&(first, count)| first + count > n) {
+            bail!("forward_span_logits: span ({first}, {count}) ends past the {n} tokens fed");
+        }
+        for (dst, &x) in self.ids_host.iter_mut().zip(inputs) {
+            *dst = x as i32;
+        }
+        self.be.upload_ids(&mut self.ids, &self.ids_host[..n]);
+        self.forward_trunk(rows, t, None);
+        let chunk_rows = LossChunks::new(v, self.tokens()).max_rows();
+        out.clear();
+        for &(first, count) in spans {
+            let mut done = 0;
+            while done < count {
+                let r = (count - done).min(chunk_rows);
+                let at = out.len();
+                out.resize(at + r * v, 0.0);
+                self.logits_of_rows(first + done, r, &mut out[at..]);
+                done += r;
+            }
+        }
+        Ok(())
+    }
+
     /// KV-cached decoding through the model's own forward: feeds `tokens` (one sequence, continuing what `kv`
     /// holds), appends their keys and values to `kv`, and writes the softcapped logits at the last of them
     /// into `logits` (vocab values). A feed longer than the model's buffers (`tokens()`) runs in pieces.

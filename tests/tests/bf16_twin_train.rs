@@ -41,6 +41,7 @@ fn config(out_dir: &Path, precision: Precision, steps: u64) -> TrainConfig {
         precision,
         stop_at_step: None,
         profile_steps: None,
+        core_metric: Default::default(),
         verbose: false,
     }
 }

@@ -39,6 +39,7 @@ fn config(out_dir: &Path, world_size: usize, steps: u64) -> TrainConfig {
         precision: nc_core::plan::Precision::Fp32,
         stop_at_step: None,
         profile_steps: None,
+        core_metric: Default::default(),
         verbose: false,
     }
 }

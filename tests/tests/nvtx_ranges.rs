@@ -51,6 +51,7 @@ fn tiny_run(out_dir: &Path) -> TrainConfig {
         precision: Precision::Fp32,
         stop_at_step: None,
         profile_steps: None,
+        core_metric: Default::default(),
         verbose: false,
     }
 }

@@ -51,6 +51,7 @@ fn config(out_dir: &Path, world_size: usize, precision: Precision, grad_clip: f6
         precision,
         stop_at_step: None,
         profile_steps: None,
+        core_metric: Default::default(),
         verbose: false,
     }
 }

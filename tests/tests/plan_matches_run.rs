@@ -210,6 +210,7 @@ fn recompute_auto_prices_what_the_run_allocates() {
             precision,
             stop_at_step: None,
             profile_steps: None,
+            core_metric: Default::default(),
             verbose: false,
         };
         let run = train(&cfg).unwrap();

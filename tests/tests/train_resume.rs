@@ -41,6 +41,7 @@ fn tiny_config(out_dir: &Path, steps: u64) -> TrainConfig {
         precision: nc_core::plan::Precision::Fp32,
         stop_at_step: None,
         profile_steps: None,
+        core_metric: Default::default(),
         verbose: false,
     }
 }

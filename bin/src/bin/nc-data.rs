@@ -25,6 +25,7 @@ use nc_core::data::download::{
     MAX_SHARD,
 };
 use nc_core::data::download_retry::RetryPolicy;
+use nc_core::data::eval_bundle_download::{download_eval_bundle, resolve_bundle_url, BundleOutcome};
 use nc_core::data::inputs::expand_inputs;
 use nc_core::data::prep::{tokenize_to_shards, tokenizer_training_docs, TokenizeOptions, ValSplit};
 use nc_core::data::tokenizer_files::{format_tiktoken_ranks, write_atomic, META_FILE, PICKLE_FILE};
@@ -52,8 +53,18 @@ enum Command {
     #[command(after_help = DOWNLOAD_AFTER_HELP)]
     Download {
         /// Shards to download: shard_00000 .. shard_{N-1} (at most 1823).
-        #[arg(short = 'n', long = "num-files")]
-        num_files: usize,
+        #[arg(short = 'n', long = "num-files", required_unless_present = "eval_bundle")]
+        num_files: Option<usize>,
+        /// Also (or only, without -n) fetch nanochat's CORE eval bundle (eval_bundle.zip, ~160 MB) and unpack it
+        /// into $NANOCHAT_BASE_DIR/eval_bundle or ~/.cache/nanochat/eval_bundle; one already there is used as is.
+        #[arg(long)]
+        eval_bundle: bool,
+        /// --eval-bundle: where to unpack it instead (the eval_bundle folder itself).
+        #[arg(long)]
+        eval_bundle_dir: Option<PathBuf>,
+        /// --eval-bundle: the zip's URL (default: $NC_EVAL_BUNDLE_URL, else nanochat's).
+        #[arg(long)]
+        eval_bundle_url: Option<String>,
         /// Files downloaded at once.
         #[arg(short = 'w', long, default_value_t = 4)]
         workers: usize,
@@ -188,6 +199,30 @@ impl Progress for DownloadBar {
             self.pb.println(line);
         }
     }
+}
+
+/// `download --eval-bundle`: nanochat's CORE eval bundle into its folder (nc_core::data::eval_bundle_download).
+fn download_bundle(dir: Option<PathBuf>, url: Option<String>, retries: u32, retry_delay_ms: u64) -> Result<()> {
+    let dest = match dir {
+        Some(d) => d,
+        None => nc_core::eval::default_bundle_dir()?,
+    };
+    let url = resolve_bundle_url(url.as_deref())?;
+    let retry = RetryPolicy {
+        attempts: retries.max(1),
+        base_delay: Duration::from_millis(retry_delay_ms),
+        ..RetryPolicy::default()
+    };
+    match download_eval_bundle(&url, &dest, retry, &mut |line| eprintln!("{line}"))? {
+        BundleOutcome::AlreadyThere => println!("eval bundle: already in {} (used as is)", dest.display()),
+        BundleOutcome::Fetched { bytes, files } => {
+            println!(
+                "eval bundle: {bytes} bytes from {url}, {files} files unpacked into {}",
+                dest.display()
+            )
+        }
+    }
+    Ok(())
 }
 
 fn download(
@@ -372,12 +407,22 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Download {
             num_files,
+            eval_bundle,
+            eval_bundle_dir,
+            eval_bundle_url,
             workers,
             out,
             base_url,
             retries,
             retry_delay_ms,
-        } => download(num_files, workers, out, base_url, retries, retry_delay_ms)?,
+        } => {
+            if eval_bundle {
+                download_bundle(eval_bundle_dir, eval_bundle_url, retries, retry_delay_ms)?;
+            }
+            if let Some(n) = num_files {
+                download(n, workers, out, base_url, retries, retry_delay_ms)?;
+            }
+        }
         Command::Synth {
             out,
             vocab_size,

@@ -12,6 +12,7 @@ use nc_core::error::{NcError, Result};
 use nc_core::optim::adamw::AdamParams;
 use nc_core::optim::OptimConfig;
 use nc_core::plan::{self, BatchPlan, Horizon, Plan, PlanRequest, Precision, Recompute};
+use nc_core::train::core_metric::{CoreMetricConfig, NANOCHAT_CORE_METRIC_EVERY, NANOCHAT_CORE_METRIC_MAX_PER_TASK};
 use nc_core::train::data::DataSource;
 use nc_core::train::launch::{self, WorkerEnv};
 use nc_core::train::supervise::{self, SupervisorConfig};
@@ -106,6 +107,16 @@ struct Cli {
     /// Save a checkpoint every this many steps (always at the end and on Ctrl-C; 0: only those).
     #[arg(long, alias = "save_every", default_value_t = 0)]
     save_every: u64,
+    /// Evaluate the CORE metric every this many steps and at the last step (default 2000, nanochat's; without
+    /// --data-dir, never); -1 or 0: never. Off, with one line saying how to get it, when there is no eval bundle.
+    #[arg(long, alias = "core_metric_every", allow_negative_numbers = true)]
+    core_metric_every: Option<i64>,
+    /// Examples per task in the CORE estimate during training (nanochat's default; -1 or 0: all).
+    #[arg(long, alias = "core_metric_max_per_task", default_value_t = NANOCHAT_CORE_METRIC_MAX_PER_TASK as i64, allow_negative_numbers = true)]
+    core_metric_max_per_task: i64,
+    /// The CORE eval bundle folder (default $NANOCHAT_BASE_DIR/eval_bundle or ~/.cache/nanochat/eval_bundle).
+    #[arg(long)]
+    eval_bundle: Option<String>,
     /// Name of the run, used for the default --out-dir runs/<model-tag> (default d<depth>; a model narrower or
     /// wider than nanochat's for its depth adds its width: the embedded default is d4-w128).
     #[arg(long, alias = "model_tag")]
@@ -767,6 +778,14 @@ fn train_config_from_flags(cli: &Cli) -> Result<TrainConfig> {
         },
         stop_at_step: cli.stop_at_step,
         profile_steps: cli.profile_steps.as_deref().map(parse_profile_steps).transpose()?,
+        core_metric: CoreMetricConfig {
+            every: cli
+                .core_metric_every
+                .unwrap_or(if embedded { 0 } else { NANOCHAT_CORE_METRIC_EVERY as i64 })
+                .max(0) as u64,
+            max_per_task: cli.core_metric_max_per_task.max(0) as usize,
+            bundle: cli.eval_bundle.as_ref().map(PathBuf::from),
+        },
         verbose: true,
     })
 }

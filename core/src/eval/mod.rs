@@ -6,10 +6,14 @@
 //! - `render`: the prompt of each task type, as nanochat's Jinja templates render it.
 //! - `example`: one example from its item to its verdict (few-shot draw, tokens, scored span, decision).
 //! - `score`: batched scoring of the rows through the model's forward, on any backend.
+//! - `bpb`: loss and bits per byte over a loader (the training loop's validation and `nc-eval --bpb`).
+//! - `load`: a checkpoint for `nc-eval`: the folder, its weights, the run's tokenizer and data.
 //! - `run`: tasks, ranks striding the examples, accuracies, centered accuracies and CORE; JSON and CSV.
 
+pub mod bpb;
 pub mod bundle;
 pub mod example;
+pub mod load;
 pub mod pyrandom;
 pub mod render;
 pub mod run;

@@ -14,6 +14,7 @@
 //! the owners' weights are gathered.
 
 pub mod buckets;
+pub mod core_metric;
 pub mod data;
 pub mod estimate;
 pub mod launch;
@@ -107,6 +108,9 @@ pub struct TrainConfig {
     /// before step A and stops after step B (`Backend::profiler_capture`; scripts/profile.sh).
     #[serde(default)]
     pub profile_steps: Option<(u64, u64)>,
+    /// The CORE metric during training (`--core-metric-every`, `--core-metric-max-per-task`; off when every = 0).
+    #[serde(default)]
+    pub core_metric: core_metric::CoreMetricConfig,
     /// Print the log lines and samples (off in tests).
     pub verbose: bool,
 }
@@ -170,35 +174,11 @@ fn model_of(cfg: &TrainConfig, vocab: usize) -> Result<ModelConfig> {
 fn evaluate<B: Backend>(model: &mut Gpt<B>, data: &mut RunData, steps: usize, step: u64) -> Result<EvalResult> {
     let token_bytes = data.tokenizer.token_bytes().to_vec();
     data.val.reset();
-    let mut losses = vec![0.0f32; model.tokens()];
-    let (mut nats, mut counted) = (0.0f64, 0u64);
-    let (mut bpb_nats, mut bytes) = (0.0f64, 0u64);
-    for _ in 0..steps {
-        let batch = data.val.next_batch();
-        model.forward_losses(&batch.inputs, &batch.targets, &mut losses)?;
-        for (&l, &t) in losses.iter().zip(&batch.targets) {
-            if t < 0 {
-                continue;
-            }
-            nats += l as f64;
-            counted += 1;
-            let b = token_bytes.get(t as usize).copied().unwrap_or(0);
-            if b > 0 {
-                bpb_nats += l as f64;
-                bytes += b as u64;
-            }
-        }
-    }
-    let val_loss = if counted > 0 { nats / counted as f64 } else { f64::NAN };
-    let val_bpb = if bytes > 0 {
-        bpb_nats / (std::f64::consts::LN_2 * bytes as f64)
-    } else {
-        f64::NAN
-    };
+    let r = crate::eval::bpb::loss_and_bpb(model, &mut data.val, &token_bytes, steps)?;
     Ok(EvalResult {
         step,
-        val_loss,
-        val_bpb,
+        val_loss: r.loss,
+        val_bpb: r.bpb,
     })
 }
 
@@ -739,6 +719,8 @@ fn train_rank<B: Backend>(
     } else {
         None
     };
+    // Rank 0 alone evaluates CORE, as it does validation; without a bundle it is off, with one line.
+    let mut core = lead.then(|| core_metric::CoreMetric::new(&cfg.core_metric, &mut |l| say(l)));
 
     let flops_per_token = model_cfg.flops_per_token();
     say(format!(
@@ -833,6 +815,15 @@ fn train_rank<B: Backend>(
                 m.write(&serde_json::json!({"step": step, "val_loss": ev.val_loss, "val_bpb": ev.val_bpb}))?;
             }
             summary.evals.push(ev);
+        }
+        if let Some(core) = core.as_mut().filter(|c| c.due(step, last_step)) {
+            let _r = nvtx::range("core metric");
+            if let Some(res) = core.evaluate(&mut model, &data.tokenizer, &mut |l| say(l)) {
+                say(format!("step {step:05} | CORE metric: {:.4}", res.core_metric));
+                if let Some(m) = metrics.as_mut() {
+                    m.write(&core_metric::metrics_record(step, &res))?;
+                }
+            }
         }
         if lead && (last_step || (cfg.sample_every > 0 && step > 0 && step.is_multiple_of(cfg.sample_every))) {
             // the sampler reads the working weights: current after a step, not yet after loading a checkpoint

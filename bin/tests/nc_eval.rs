@@ -1,0 +1,185 @@
+//! The `nc-eval` binary and nc-train's CORE flags, end to end on the fixture of core/tests/core_e2e.rs:
+//! `--core --json` prints nanochat's keys with the values of the independent computation and writes the CSV
+//! and JSON beside the checkpoint; bad input is an error that says what to do; nc-train logs CORE to
+//! metrics.jsonl on nanochat's schedule, and is off with one line when there is no bundle.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../core/tests/fixtures/core_eval/e2e")
+}
+
+fn nc_eval(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nc-eval")).args(args).output().unwrap()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn core_json_equals_the_independent_computation_and_files_are_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("step_000400");
+    copy_dir(&fixture().join("checkpoint"), &ckpt);
+    let (bundle, tok) = (fixture().join("bundle"), fixture().join("tokenizer"));
+    let out = nc_eval(&[
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--core",
+        "--json",
+        "--eval-bundle",
+        bundle.to_str().unwrap(),
+        "--tokenizer",
+        tok.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let want: Value = serde_json::from_str(&std::fs::read_to_string(fixture().join("expected.json")).unwrap()).unwrap();
+    for key in ["results", "centered_results", "core_metric"] {
+        assert_eq!(got[key], want["all"][key], "{key}");
+    }
+    let saved: Value = serde_json::from_str(&std::fs::read_to_string(ckpt.join("core_eval.json")).unwrap()).unwrap();
+    assert_eq!(saved["core_metric"], want["all"]["core_metric"]);
+    let csv = std::fs::read_to_string(ckpt.join("core_eval.csv")).unwrap();
+    assert!(csv.starts_with("Task"), "{csv}");
+    assert_eq!(csv.lines().count(), 1 + 8 + 1, "{csv}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("30 rows beyond the training length"));
+}
+
+#[test]
+fn bad_input_is_an_error_that_says_what_to_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path().to_str().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (&["--checkpoint", t], "pass --core, --bpb or --sample"),
+        (&["--checkpoint", t, "--core"], "neither a complete checkpoint"),
+        (&["--checkpoint", "/nonexistent/run", "--bpb"], "no such folder"),
+        (&["--checkpoint", t, "--bpb", "--split", "test"], "use val or train"),
+    ];
+    for (args, says) in cases {
+        let out = nc_eval(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{args:?}: {err}");
+    }
+    let ckpt = tmp.path().join("ckpt");
+    copy_dir(&fixture().join("checkpoint"), &ckpt);
+    let tok = fixture().join("tokenizer");
+    let out = nc_eval(&[
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--core",
+        "--eval-bundle",
+        t,
+        "--tokenizer",
+        tok.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("nc-data download --eval-bundle"),
+        "{err}"
+    );
+}
+
+fn metrics(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn nc_train_logs_core_on_nanochats_schedule_or_says_why_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bundle = fixture().join("bundle");
+    let train = |out: &Path, bundle: &str| {
+        Command::new(env!("CARGO_BIN_EXE_nc-train"))
+            .args([
+                "--num-iterations",
+                "5",
+                "--core-metric-every",
+                "2",
+                "--core-metric-max-per-task",
+                "12",
+            ])
+            .args([
+                "--eval-bundle",
+                bundle,
+                "--out-dir",
+                out.to_str().unwrap(),
+                "--eval-every",
+                "0",
+            ])
+            .output()
+            .unwrap()
+    };
+    let run = tmp.path().join("run");
+    let out = train(&run, bundle.to_str().unwrap());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let steps: Vec<u64> = metrics(&run)
+        .iter()
+        .filter(|r| r.get("core_metric").is_some())
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        vec![2, 4, 5],
+        "every 2 steps after step 0, and the last: {stdout}"
+    );
+    let last = metrics(&run)
+        .into_iter()
+        .rfind(|r| r.get("core_metric").is_some())
+        .unwrap();
+    assert_eq!(last["centered_results"].as_object().unwrap().len(), 8);
+    assert_eq!(stdout.matches("CORE metric:").count(), 3, "{stdout}");
+    assert!(!stdout.contains("CORE metric failed"), "{stdout}");
+
+    let run = tmp.path().join("run2");
+    let out = train(&run, tmp.path().join("nowhere").to_str().unwrap());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.matches("CORE metric off").count(), 1, "{stdout}");
+    assert!(stdout.contains("nc-data download --eval-bundle"), "{stdout}");
+    assert!(metrics(&run).iter().all(|r| r.get("core_metric").is_none()));
+
+    // a bundle nanochat would also fail on (a task with fewer examples than its shots) does not end the run
+    let run = tmp.path().join("run3");
+    let out = Command::new(env!("CARGO_BIN_EXE_nc-train"))
+        .args([
+            "--num-iterations",
+            "4",
+            "--core-metric-every",
+            "2",
+            "--core-metric-max-per-task",
+            "4",
+        ])
+        .args([
+            "--eval-bundle",
+            bundle.to_str().unwrap(),
+            "--out-dir",
+            run.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        stdout
+            .matches("CORE metric failed, off for the rest of the run")
+            .count(),
+        1,
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("10 few-shot examples requested but the task has only 4"),
+        "{stdout}"
+    );
+}

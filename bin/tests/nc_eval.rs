@@ -183,3 +183,72 @@ fn nc_train_logs_core_on_nanochats_schedule_or_says_why_not() {
         "{stdout}"
     );
 }
+
+#[test]
+fn two_training_ranks_striding_give_the_core_of_one_rank_on_the_same_weights() {
+    // 2 ranks each evaluate half of every task's examples during training; nc-eval (one rank) evaluates them
+    // all on the checkpoint saved at that step. 512 positions: no row of the fixture bundle is cropped in
+    // training, so the two must agree exactly.
+    let tmp = tempfile::tempdir().unwrap();
+    let (run, bundle) = (tmp.path().join("run"), fixture().join("bundle"));
+    let out = Command::new(env!("CARGO_BIN_EXE_nc-train"))
+        .args(["--world-size", "2", "--num-iterations", "3", "--max-seq-len", "512"])
+        .args([
+            "--device-batch-size",
+            "2",
+            "--total-batch-size",
+            "2048",
+            "--eval-every",
+            "0",
+        ])
+        .args([
+            "--sample-every",
+            "0",
+            "--core-metric-every",
+            "3",
+            "--core-metric-max-per-task",
+            "12",
+        ])
+        .args([
+            "--eval-bundle",
+            bundle.to_str().unwrap(),
+            "--out-dir",
+            run.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let records: Vec<Value> = metrics(&run)
+        .into_iter()
+        .filter(|r| r.get("core_metric").is_some())
+        .collect();
+    assert_eq!(records.len(), 1, "{stdout}");
+    assert_eq!(
+        stdout.matches("CORE metric:").count(),
+        1,
+        "rank 0 alone logs it: {stdout}"
+    );
+    assert_eq!(records[0]["core_rows_cropped"], 0);
+
+    let one = nc_eval(&[
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--core",
+        "--max-per-task",
+        "12",
+        "--json",
+        "--eval-bundle",
+        bundle.to_str().unwrap(),
+    ]);
+    assert!(one.status.success(), "{}", String::from_utf8_lossy(&one.stderr));
+    let one: Value = serde_json::from_slice(&one.stdout).unwrap();
+    assert_eq!(records[0]["centered_results"], one["centered_results"]);
+    assert_eq!(records[0]["core_metric"], one["core_metric"]);
+    // not a vacuous match: some task is above zero
+    assert!(one["results"]
+        .as_object()
+        .unwrap()
+        .values()
+        .any(|v| v.as_f64().unwrap() > 0.0));
+}

@@ -152,7 +152,17 @@ fn two_ranks_striding_equal_one_rank() {
     let (_, r0) = run_core(Some(20), 0, 2);
     let (_, r1) = run_core(Some(20), 1, 2);
     assert!(per_task_one.is_empty(), "world size 1 reduces nothing");
-    for (t, (a, b)) in one.tasks.iter().zip(r0.iter().zip(&r1)) {
+    assert_eq!((r0.len(), r1.len()), (2 * one.tasks.len(), 2 * one.tasks.len()));
+    // two reductions per task: [failed, rows beyond, rows cropped], then the per-example results
+    for (t, (s0, s1)) in one.tasks.iter().zip(r0.iter().step_by(2).zip(r1.iter().step_by(2))) {
+        assert_eq!(s0[0] + s1[0], 0.0, "{}: no rank failed", t.label);
+        assert_eq!((s0[1] + s1[1]) as usize, t.beyond_train_len, "{}", t.label);
+    }
+    for (t, (a, b)) in one
+        .tasks
+        .iter()
+        .zip(r0.iter().skip(1).step_by(2).zip(r1.iter().skip(1).step_by(2)))
+    {
         // each example is evaluated by exactly one rank: the halves never overlap and sum to one rank's count
         let owned = |v: &Vec<f32>, rank: usize| v.iter().enumerate().all(|(i, &x)| x == 0.0 || i % 2 == rank);
         assert!(owned(a, 0) && owned(b, 1), "{}", t.label);
@@ -171,4 +181,32 @@ fn training_model_crops_long_rows_and_counts_them() {
     let data = task_examples(&bundle, task, None).unwrap();
     let (correct, beyond, cropped) = evaluate_examples(&mut FixedModel(&mut m), &tok, task, &data, 0, 1).unwrap();
     assert_eq!((beyond, cropped, correct.len()), (30, 30, 30));
+}
+
+#[test]
+fn a_rank_that_fails_a_task_fails_every_rank_instead_of_hanging() {
+    let (cfg, params) = weights();
+    let tok = load_tokenizer(&dir().join("tokenizer")).unwrap();
+    let bundle = EvalBundle::load(&dir().join("bundle")).unwrap();
+    let mut models = GrowingModel::new(cfg, 4 * cfg.sequence_len, Box::new(|c, b, s| model(c, b, s, &params)));
+    let opts = CoreOptions {
+        max_per_task: Some(4),
+        rank: 0,
+        world_size: 2,
+    };
+    // the reduction as rank 0 sees it when rank 1 failed the first task: rank 1 adds its failure flag to the
+    // status vector and then waits for nothing more
+    let mut calls = 0;
+    let mut other_rank_failed = |v: &mut [f32]| {
+        calls += 1;
+        if calls > 1 {
+            return Err(nc_core::error::NcError::new(
+                "rank 0 entered a reduction rank 1 never joins",
+            ));
+        }
+        v[0] += 1.0;
+        Ok(())
+    };
+    let err = evaluate_core(&mut models, &tok, &bundle, opts, &mut other_rank_failed, &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("animal_color: another rank failed"), "{err}");
 }

@@ -2,7 +2,8 @@
 //!
 //! - each task's examples shuffled with `random.Random(1337)`, then cut to `max_per_task`;
 //! - rank r of `world_size` evaluates examples r, r + world_size, ...; the per-example results are summed over
-//!   ranks (`reduce`) and the accuracy is their mean, in f32 as nanochat's float32 tensor mean gives it;
+//!   ranks (`reduce`, an all-reduce: every rank gets the whole result) and the accuracy is their mean, in f32
+//!   as nanochat's float32 tensor mean gives it;
 //! - centered accuracy `(acc - 0.01 * baseline) / (1 - 0.01 * baseline)`; CORE = the mean over tasks.
 //!
 //! Sequences longer than the model's training length: nanochat's own models evaluate them whole (its rotary
@@ -102,9 +103,9 @@ pub struct TaskResult {
     pub accuracy: f64,
     pub centered: f64,
     pub seconds: f64,
-    /// Rows longer than the training length (this rank's).
+    /// Rows longer than the training length (over all ranks).
     pub beyond_train_len: usize,
-    /// Of those, rows cropped to the model's positions (this rank's).
+    /// Of those, rows cropped to the model's positions (over all ranks).
     pub cropped: usize,
 }
 
@@ -190,6 +191,37 @@ pub fn centered_accuracy(accuracy: f64, random_baseline: f64) -> f64 {
     (accuracy - 0.01 * random_baseline) / (1.0 - 0.01 * random_baseline)
 }
 
+/// One task on one rank: per-example results (other ranks' examples 0) and row counts.
+struct TaskOutcome {
+    correct: Vec<f32>,
+    beyond: usize,
+    cropped: usize,
+}
+
+/// The task's outcome summed over the ranks, in two reductions: first [failed, beyond, cropped], then, when no
+/// rank failed, the per-example results. A rank that failed still joins the first one, so the others learn
+/// it and return an error too instead of waiting forever in the second (a rank's copy of the bundle may be
+/// damaged where the others' is not). The counts are exact in f32 below 2^24.
+fn sum_over_ranks(
+    outcome: Result<TaskOutcome>,
+    label: &str,
+    reduce: &mut dyn FnMut(&mut [f32]) -> Result<()>,
+) -> Result<TaskOutcome> {
+    let mut status = match &outcome {
+        Ok(o) => [0.0, o.beyond as f32, o.cropped as f32],
+        Err(_) => [1.0, 0.0, 0.0],
+    };
+    reduce(&mut status)?;
+    let mut o = outcome?;
+    if status[0] > 0.0 {
+        bail!("{label}: another rank failed to evaluate this task (its error is in its own log)");
+    }
+    reduce(&mut o.correct)?;
+    o.beyond = status[1] as usize;
+    o.cropped = status[2] as usize;
+    Ok(o)
+}
+
 /// Every task of the bundle. `reduce` sums a vector over ranks (nothing to do at world size 1); `on_task`
 /// sees each task's result as it is done (for printing).
 pub fn evaluate_core<B: Backend>(
@@ -206,17 +238,29 @@ pub fn evaluate_core<B: Backend>(
     let mut tasks = Vec::with_capacity(bundle.tasks.len());
     for task in &bundle.tasks {
         let t0 = Instant::now();
-        let data = task_examples(bundle, task, opts.max_per_task)?;
-        let (mut correct, beyond, cropped) = evaluate_examples(models, tok, task, &data, opts.rank, opts.world_size)?;
-        if opts.world_size > 1 {
-            reduce(&mut correct)?;
-        }
+        let outcome = task_examples(bundle, task, opts.max_per_task).and_then(|data| {
+            let (correct, beyond, cropped) = evaluate_examples(models, tok, task, &data, opts.rank, opts.world_size)?;
+            Ok(TaskOutcome {
+                correct,
+                beyond,
+                cropped,
+            })
+        });
+        let TaskOutcome {
+            correct,
+            beyond,
+            cropped,
+        } = if opts.world_size > 1 {
+            sum_over_ranks(outcome, &task.label, reduce)?
+        } else {
+            outcome?
+        };
         let accuracy = accuracy_of(&correct);
         let result = TaskResult {
             label: task.label.clone(),
             task_type: task.task_type,
             num_fewshot: task.num_fewshot,
-            examples: data.len(),
+            examples: correct.len(),
             accuracy,
             centered: centered_accuracy(accuracy, task.random_baseline),
             seconds: t0.elapsed().as_secs_f64(),

@@ -719,8 +719,12 @@ fn train_rank<B: Backend>(
     } else {
         None
     };
-    // Rank 0 alone evaluates CORE, as it does validation; without a bundle it is off, with one line.
-    let mut core = lead.then(|| core_metric::CoreMetric::new(&cfg.core_metric, &mut |l| say(l)));
+    // Every rank evaluates its share of CORE's examples (nanochat's striding); without a bundle on every rank it
+    // is off, with one line.
+    let mut core = core_metric::CoreMetric::new(&cfg.core_metric, &mut |l| say(l));
+    if let Some(z) = zero1.as_mut() {
+        core.agree(z.host(), &mut |l| say(l))?;
+    }
 
     let flops_per_token = model_cfg.flops_per_token();
     say(format!(
@@ -816,9 +820,10 @@ fn train_rank<B: Backend>(
             }
             summary.evals.push(ev);
         }
-        if let Some(core) = core.as_mut().filter(|c| c.due(step, last_step)) {
+        if core.due(step, last_step) {
             let _r = nvtx::range("core metric");
-            if let Some(res) = core.evaluate(&mut model, &data.tokenizer, &mut |l| say(l)) {
+            let comm = zero1.as_mut().map(|z| z.host() as &mut dyn nc_comm::Collective);
+            if let Some(res) = core.evaluate(&mut model, &data.tokenizer, comm, &mut |l| say(l)) {
                 say(format!("step {step:05} | CORE metric: {:.4}", res.core_metric));
                 if let Some(m) = metrics.as_mut() {
                     m.write(&core_metric::metrics_record(step, &res))?;

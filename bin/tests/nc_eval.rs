@@ -1,7 +1,8 @@
 //! The `nc-eval` binary and nc-train's CORE flags, end to end on the fixture of core/tests/core_e2e.rs:
 //! `--core --json` prints nanochat's keys with the values of the independent computation and writes the CSV
 //! and JSON beside the checkpoint; bad input is an error that says what to do; nc-train logs CORE to
-//! metrics.jsonl on nanochat's schedule, and is off with one line when there is no bundle.
+//! metrics.jsonl on nanochat's schedule, and is off with one line when there is no bundle; two training ranks
+//! give the one-rank CORE; --bpb and greedy --sample repeat the training run's own figures and samples.
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -251,4 +252,60 @@ fn two_training_ranks_striding_give_the_core_of_one_rank_on_the_same_weights() {
         .unwrap()
         .values()
         .any(|v| v.as_f64().unwrap() > 0.0));
+}
+
+#[test]
+fn bpb_and_greedy_samples_equal_the_training_runs_own_on_its_checkpoint() {
+    // nc-train evaluates validation bpb and prints greedy samples (24 tokens on the embedded corpus) at its
+    // last step, on the weights it saves there; nc-eval on that checkpoint, with the same validation batch
+    // (4 rows of 128 tokens) and greedy sampling, must print the same.
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_nc-train"))
+        .args(["--num-iterations", "20", "--dbs", "4", "--total-batch-size", "2048"])
+        .args([
+            "--eval-tokens",
+            "512",
+            "--eval-every",
+            "0",
+            "--out-dir",
+            run.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let last = metrics(&run)
+        .into_iter()
+        .rfind(|r| r["step"] == 20 && r.get("val_bpb").is_some())
+        .unwrap();
+    let want = format!(
+        "val loss {:.6} | bpb {:.6} | 512 tokens",
+        last["val_loss"].as_f64().unwrap(),
+        last["val_bpb"].as_f64().unwrap()
+    );
+    let run_dir = run.to_str().unwrap();
+    let bpb = nc_eval(&["--checkpoint", run_dir, "--bpb", "--batch-rows", "4", "--tokens", "512"]);
+    assert!(bpb.status.success(), "{}", String::from_utf8_lossy(&bpb.stderr));
+    assert_eq!(String::from_utf8_lossy(&bpb.stdout).trim_end(), want);
+
+    for prompt in ["The fox is", "2 + 3 ="] {
+        let trained = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("sample | ").filter(|s| s.starts_with(prompt)))
+            .unwrap_or_else(|| panic!("no sample of {prompt:?}: {stdout}"));
+        let args = [
+            "--checkpoint",
+            run_dir,
+            "--sample",
+            prompt,
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "24",
+        ];
+        let got = nc_eval(&args);
+        assert!(got.status.success(), "{}", String::from_utf8_lossy(&got.stderr));
+        assert_eq!(String::from_utf8_lossy(&got.stdout).trim_end(), trained, "{prompt}");
+    }
 }

@@ -1,7 +1,8 @@
 //! Every command shown in README.md and docs/*.md runs, under the convention written at the top of
 //! docs/README.md: each ```sh block is run by bash, the blocks of one file in order in one fresh sandbox folder,
 //! with the documented substitutions (prebuilt binaries for `cargo run`, tiny step counts for nc-train, `--plan`
-//! for GPU training without a CUDA driver, a local server for `nc-data download`). ```sh parse-only blocks are
+//! for GPU training without a CUDA driver, a local server for `nc-data download`, the tests' synthetic CORE
+//! bundle as its eval bundle). ```sh parse-only blocks are
 //! checked with `bash -n`. A shell fence spelled otherwise (```bash, ```console, a bare ```) is an error, so a
 //! command cannot hide from the test. The sandbox is laid out here; the stand-ins are small bash scripts.
 
@@ -219,6 +220,32 @@ fn served_shards() -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// The download server's `eval_bundle.zip`: the tests' synthetic CORE bundle (core/tests/fixtures/core_eval/e2e)
+/// laid out as nanochat's zip (every file under `eval_bundle/`).
+fn served_eval_bundle() -> (String, Vec<u8>) {
+    use std::io::Write as _;
+    fn add(w: &mut zip::ZipWriter<std::io::Cursor<Vec<u8>>>, dir: &Path, name: &str) {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+        entries.sort();
+        for path in entries {
+            let inner = format!("{name}/{}", path.file_name().unwrap().to_str().unwrap());
+            if path.is_dir() {
+                add(w, &path, &inner);
+            } else {
+                w.start_file(inner, zip::write::SimpleFileOptions::default()).unwrap();
+                w.write_all(&std::fs::read(&path).unwrap()).unwrap();
+            }
+        }
+    }
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    add(
+        &mut w,
+        &root().join("core/tests/fixtures/core_eval/e2e/bundle"),
+        "eval_bundle",
+    );
+    ("eval_bundle.zip".into(), w.finish().unwrap().into_inner())
+}
+
 /// Run the ```sh blocks of one markdown text in a fresh sandbox; the first failure is returned with its line.
 fn run_markdown(name: &str, markdown: &str, server: &TestServer) -> Result<usize, String> {
     let blocks = sh_blocks(markdown).map_err(|e| format!("{name}: {e}"))?;
@@ -238,6 +265,7 @@ fn run_markdown(name: &str, markdown: &str, server: &TestServer) -> Result<usize
             .env("HOME", dir.path().join("home"))
             .env("NANOCHAT_BASE_DIR", dir.path().join("nanochat"))
             .env("NC_DATA_BASE_URL", &server.base_url)
+            .env("NC_EVAL_BUNDLE_URL", format!("{}/eval_bundle.zip", server.base_url))
             .env("NC_DOCS_TRAIN_ARGS", TRAIN_ARGS)
             .env_remove("CARGO_TARGET_DIR")
             .output()
@@ -278,7 +306,9 @@ fn documentation_files() -> Vec<PathBuf> {
 
 #[test]
 fn every_documented_command_runs() {
-    let server = TestServer::start(&served_shards());
+    let mut served = served_shards();
+    served.push(served_eval_bundle());
+    let server = TestServer::start(&served);
     let mut failures = Vec::new();
     let mut ran = 0;
     // NC_DOCS_ONLY=NAME runs only the files whose path contains NAME (while writing one page).

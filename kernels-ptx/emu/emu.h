@@ -71,7 +71,22 @@ struct float4 {
     float x, y, z, w;
 };
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
-inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+struct EmuBlock;
+struct EmuRaceBlock;  // emu_race.h
+// The emulator's per-OS-thread state, in one thread_local: in the simulated driver the kernels live in a
+// dlopen'ed library, where each thread_local variable costs a call to __tls_get_addr per function that uses
+// it, and a barrier touched three of them (perf: ~15% of a step). One struct is one call per function.
+struct EmuTls {
+    dim3 thread_idx, block_idx, block_dim, grid_dim;
+    EmuBlock* block = nullptr;              // the block this OS thread is running
+    EmuRaceBlock* race_active = nullptr;    // what the hooks consult (emu_race.h)
+};
+inline thread_local EmuTls emu_tls;
+#define threadIdx (emu_tls.thread_idx)
+#define blockIdx (emu_tls.block_idx)
+#define blockDim (emu_tls.block_dim)
+#define gridDim (emu_tls.grid_dim)
+#define emu_block (emu_tls.block)
 #define __global__
 #define __device__
 #define __forceinline__ inline
@@ -184,8 +199,6 @@ struct EmuTcSlot {
     float bt[8][16];   // B[k][n], stored as [n][k]
 };
 
-struct EmuRaceBlock;  // emu_race.h
-
 struct EmuBlock {
     void (*call)(void*) = nullptr;  // runs the kernel with its arguments
     void* call_ctx = nullptr;
@@ -216,7 +229,6 @@ struct EmuBlock {
         for (EmuFiber* f : free_fibers) delete f;
     }
 };
-inline thread_local EmuBlock* emu_block = nullptr;  // the block this OS thread is running
 
 EMU_RT inline uint64_t emu_rand(EmuBlock& b) {  // splitmix64
     uint64_t z = (b.rng += 0x9e3779b97f4a7c15ull);
@@ -249,7 +261,8 @@ inline long emu_env_number(const char* var, long lo, long hi, long fallback) {
 // ---- scheduling -------------------------------------------------------------------------------------------
 EMU_RT inline void emu_make_ready(EmuBlock& b, unsigned t) {
     b.threads[t].state = EmuThread::READY;
-    b.ready[(b.ready_head + b.ready_count++) % b.n] = t;
+    unsigned slot = b.ready_head + b.ready_count++;  // a ring of n: no division (a barrier makes n of these)
+    b.ready[slot >= b.n ? slot - b.n : slot] = t;
 }
 // Makes the threads in `state` among [first, end) ready, in index order or (race mode) a random rotation and
 // direction of it, so that the order between barriers changes from interval to interval.
@@ -259,7 +272,7 @@ EMU_RT inline void emu_release(EmuBlock& b, EmuThread::State state, unsigned fir
         start = unsigned(emu_rand(b) % count);
         step = (emu_rand(b) & 1) ? 1 : count - 1;
     }
-    for (unsigned i = 0, j = start; i < count; i++, j = (j + step) % count)
+    for (unsigned i = 0, j = start; i < count; i++, j = j + step >= count ? j + step - count : j + step)
         if (b.threads[first + j].state == state) emu_make_ready(b, first + j);
 }
 EMU_RT inline void emu_release_block(EmuBlock& b) {
@@ -301,7 +314,7 @@ EMU_RT inline void emu_fiber_main();
 EMU_RT inline EmuFiber* emu_next_fiber(EmuBlock& b) {
     if (b.ready_count > 0) {
         EmuThread& th = b.threads[b.ready[b.ready_head]];
-        b.ready_head = (b.ready_head + 1) % b.n;
+        b.ready_head = b.ready_head + 1 == b.n ? 0 : b.ready_head + 1;
         b.ready_count--;
         th.state = EmuThread::RUNNING;
         b.cur = &th;

@@ -117,8 +117,8 @@ struct EmuRaceBlock {
 };
 // Set only while kernel code runs (emu.h's emu_fiber_main sets it around the kernel call; every emulator
 // function a kernel calls turns it off with EmuHooksOff), so the hooks see the kernel's own accesses, not the
-// emulator's (its std::vector code is instrumented too).
-inline thread_local EmuRaceBlock* emu_race_active = nullptr;
+// emulator's (the std code it calls is instrumented too). A field of emu.h's EmuTls.
+#define emu_race_active (emu_tls.race_active)
 struct EmuHooksOff {
     EmuRaceBlock* saved;
     EMU_RT EmuHooksOff() : saved(emu_race_active) { emu_race_active = nullptr; }
@@ -173,13 +173,8 @@ EMU_RT inline EmuRaceBlock* emu_race_shadow(EmuBlock& b) {
     r->size = f.size;
     r->module = f.name;
     r->cells = new EmuRaceCell[f.size];
-    emu_race_ignore(*r, &threadIdx, sizeof threadIdx);
-    emu_race_ignore(*r, &blockIdx, sizeof blockIdx);
-    emu_race_ignore(*r, &blockDim, sizeof blockDim);
-    emu_race_ignore(*r, &gridDim, sizeof gridDim);
-    emu_race_ignore(*r, &emu_block, sizeof emu_block);
+    emu_race_ignore(*r, &emu_tls, sizeof emu_tls);  // threadIdx, ..., emu_block, emu_race_active
     emu_race_ignore(*r, &b, sizeof b);
-    emu_race_ignore(*r, &emu_race_active, sizeof emu_race_active);
     emu_race_ignore(*r, &emu_race_anchor, sizeof emu_race_anchor);
     shadow = r;
     return shadow;
@@ -272,6 +267,7 @@ EMU_RT __attribute__((noinline)) inline void emu_race_report(EmuRaceBlock& r, Em
                                                             unsigned me, unsigned other) {
     emu_race_count.fetch_add(1);
     if (r.printed[(int)kind]++ >= 4) return;  // a missing barrier races on many bytes: a few reports say enough
+    EmuHooksOff hooks_off;  // called from a hook: the report's std::string work is not the kernel's access
     EmuBlock& b = *r.b;
     const char* what = "";
     switch (kind) {

@@ -132,6 +132,11 @@ fn bad_flags_are_one_line_errors() {
         (&["--precision", "fp16"], "not one of fp32, bf16"),
         (&["--tf32"], "needs --backend cuda"),
         (&["--depth", "52", "--dbs", "24"], "nc-data download"),
+        (&["--aspect-ratio", "8"], "need --depth"),
+        (
+            &["--depth", "20", "--aspect-ratio", "7", "--head-dim", "32"],
+            "model_dim 140, which must be a positive multiple of --head-dim 32",
+        ),
     ];
     let mut cases = cases.to_vec();
     // without a GPU, --backend cuda says what is missing and what to use instead
@@ -567,6 +572,19 @@ fn ctrl_c_during_a_long_step_answers_at_once() {
     assert!(said, "no message after Ctrl-C: {err:?}");
     assert!(running, "the run is still in its first step when the message comes");
     assert_eq!(code, Some(130));
+}
+
+/// --aspect-ratio and --head-dim shape a narrow model of a deep structure (for tracing a d20 or d52 step on the
+/// simulated GPU): --plan shows the model they make.
+#[test]
+fn aspect_ratio_and_head_dim_shape_the_model() {
+    let out = nc_train()
+        .args(["--plan", "--depth", "20", "--aspect-ratio", "8", "--head-dim", "32"])
+        .output()
+        .unwrap();
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert!(all.contains("depth 20  d 160  heads 5 (kv 5)"), "{all}");
 }
 
 /// nanochat's flags that mean nothing to nc are accepted, each with one note on stderr saying what nc does

@@ -279,7 +279,14 @@ SIM_API CUresult cuCtxGetApiVersion(CUcontext, unsigned* version) {
     return CUDA_SUCCESS;
 }
 
-// The profiler entry points do nothing on the simulator (there is no profiler to start), and succeed as they
-// do on a GPU when no profiler is attached.
-SIM_API CUresult cuProfilerStart() { return CUDA_SUCCESS; }
-SIM_API CUresult cuProfilerStop() { return CUDA_SUCCESS; }
+// There is no profiler to start; the entry points succeed, as they do on a GPU when none is attached, and
+// mark the trace (NC_SIM_TRACE): `nc-train --profile-steps A:B` calls them around steps A..B, so
+// scripts/sim_trace_summary.sh can count exactly what those steps asked of the device.
+SIM_API CUresult cuProfilerStart() {
+    trace("profiler", "start");
+    return CUDA_SUCCESS;
+}
+SIM_API CUresult cuProfilerStop() {
+    trace("profiler", "stop");
+    return CUDA_SUCCESS;
+}

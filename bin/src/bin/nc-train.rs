@@ -47,6 +47,13 @@ struct Cli {
     /// Key/value heads (grouped-query attention); must divide the number of heads (default: all heads).
     #[arg(long, alias = "n_kv_head")]
     n_kv_head: Option<usize>,
+    /// With --depth: model_dim = depth x this (default 64, nanochat's). With --head-dim, a narrow model of a deep
+    /// model's structure, e.g. to trace a d20 step on the simulated GPU (docs/simulated-gpu.md).
+    #[arg(long, alias = "aspect_ratio")]
+    aspect_ratio: Option<usize>,
+    /// With --depth: the head dimension (default 128); model_dim must be a multiple of it.
+    #[arg(long, alias = "head_dim")]
+    head_dim: Option<usize>,
     /// Context length in tokens (default 2048).
     #[arg(long, alias = "max_seq_len")]
     max_seq_len: Option<usize>,
@@ -302,9 +309,12 @@ fn total_batch_size(cli: &Cli) -> Option<usize> {
 }
 
 fn model_from_flags(cli: &Cli) -> Result<ModelConfig> {
+    let shaped = cli.aspect_ratio.is_some() || cli.head_dim.is_some();
     let mut model = match (&cli.preset, cli.depth) {
         (Some(_), Some(_)) => return Err(NcError::new("give --depth or --preset, not both")),
+        (_, None) if shaped => return Err(NcError::new("--aspect-ratio and --head-dim need --depth")),
         (Some(p), None) => ModelConfig::preset(p)?,
+        (None, Some(d)) if shaped => shaped_model(cli, d)?,
         (None, d) => ModelConfig::from_depth(d.unwrap_or(DEFAULT_DEPTH))?,
     };
     if let Some(kv) = cli.n_kv_head {
@@ -314,6 +324,29 @@ fn model_from_flags(cli: &Cli) -> Result<ModelConfig> {
         model = model.with_sequence_len(t)?;
     }
     Ok(model)
+}
+
+/// --depth with --aspect-ratio and/or --head-dim: model_dim = depth x aspect ratio, heads of head_dim.
+fn shaped_model(cli: &Cli, depth: usize) -> Result<ModelConfig> {
+    let aspect = cli.aspect_ratio.unwrap_or(config::ASPECT_RATIO);
+    let head_dim = cli.head_dim.unwrap_or(config::HEAD_DIM);
+    let n_embd = depth * aspect;
+    if depth == 0 || aspect == 0 || head_dim == 0 || !n_embd.is_multiple_of(head_dim) {
+        return Err(NcError::new(format!(
+            "--depth {depth} x --aspect-ratio {aspect} = model_dim {n_embd}, which must be a positive multiple of \
+             --head-dim {head_dim}; change one of them"
+        )));
+    }
+    let n_head = n_embd / head_dim;
+    ModelConfig::new(
+        depth,
+        n_embd,
+        n_head,
+        n_head,
+        head_dim,
+        config::DEFAULT_VOCAB_SIZE,
+        config::DEFAULT_SEQ_LEN,
+    )
 }
 
 fn check_common(cli: &Cli) -> Result<()> {
@@ -677,7 +710,8 @@ fn embedded_model() -> Result<ModelConfig> {
 /// nanochat's.
 fn train_config_from_flags(cli: &Cli) -> Result<TrainConfig> {
     let embedded = cli.data_dir.is_none();
-    let model = if embedded && cli.depth.is_none() && cli.preset.is_none() {
+    let shaped = cli.aspect_ratio.is_some() || cli.head_dim.is_some();
+    let model = if embedded && cli.depth.is_none() && cli.preset.is_none() && !shaped {
         let mut m = embedded_model()?;
         if let Some(kv) = cli.n_kv_head {
             m = m.with_kv_heads(kv)?;

@@ -44,8 +44,9 @@ inline const char* emu_running_kernel() { return emu_block ? emu_block->kernel_n
 
 #define NCSIM_KERNEL(ns, entry) ::sim::KernelBinding<&ns::entry>::make(#entry)
 // Registers the module's kernels, and the driver's bounds check as the emulator's access check (the kernels are
-// compiled with -fsanitize=thread, so the emulator sees each of their global accesses: emu.h).
+// compiled with -fsanitize=thread, so the emulator sees each of their global accesses: emu.h), with the count of
+// frees as the epoch of the emulator's pass cache (emu_race.h).
 #define NCSIM_MODULE(module, hash, ...)                                                                       \
     static const bool ncsim_module_registered =                                                              \
-        (emu_set_access_check(&::sim::kernel_access_check, ::sim::free_epoch()),                                                  \
+        (emu_set_access_check(&::sim::kernel_access_check, ::sim::free_epoch()),                             \
          ::sim::register_module(#module, hash, {__VA_ARGS__}, &::sim::emu_running_kernel));

@@ -2,6 +2,8 @@
 
 use nc_core::backend::{Backend, View, ViewMut};
 
+pub mod harness;
+
 /// A backend buffer holding `host`.
 pub fn to_backend<B: Backend>(be: &B, host: &[f32]) -> B::Buf {
     let mut buf = be.alloc(host.len());

@@ -4,45 +4,18 @@
 //! is the engine's: it steps bit for bit as the device path does.
 
 use nc_core::config::ModelConfig;
-use nc_core::optim::OptimConfig;
-use nc_core::plan::{Horizon, Precision, Recompute};
-use nc_core::train::data::DataSource;
-use nc_core::train::{train, Resume, RunSummary, TrainConfig};
+use nc_core::plan::Precision;
+use nc_core::train::{train, RunSummary, TrainConfig};
+use nc_tests::harness::{device_like_cpu, tiny_train_config};
 use std::path::Path;
 
 fn config(out_dir: &Path, precision: Precision, steps: u64) -> TrainConfig {
     TrainConfig {
         model: ModelConfig::new(2, 64, 2, 2, 32, 512, 32).unwrap(),
-        device_batch_size: 4,
-        total_batch_size: 2 * 4 * 32,
-        world_size: 1,
-        horizon: Horizon::Iterations(steps),
-        optim: OptimConfig::default(),
-        grad_clip: 1.0,
-        warmup_ratio: 0.0,
-        warmdown_ratio: 0.2,
-        final_lr_frac: 0.0,
-        eval_every: 0,
         eval_tokens: 8 * 4 * 32,
-        sample_every: 0,
-        save_every: 0,
-        sample_tokens: 4,
         model_tag: "twin".into(),
-        data: DataSource::Embedded {
-            vocab_size: 300,
-            train_chars: 60_000,
-            val_chars: 8_000,
-            seed: 7,
-        },
-        out_dir: out_dir.to_path_buf(),
-        resume: Resume::No,
-        seed: 42,
-        recompute: Recompute::None,
         precision,
-        stop_at_step: None,
-        profile_steps: None,
-        core_metric: Default::default(),
-        verbose: false,
+        ..tiny_train_config(out_dir, steps)
     }
 }
 
@@ -81,20 +54,11 @@ fn bf16_twin_learns_like_f32_but_not_identically() {
 /// (planted: the third loss differed).
 #[test]
 fn bf16_twin_steps_as_the_device_path_does() {
-    use nc_core::backend::device_like::DeviceLikeCpu;
-    use nc_core::train::{train_on, Device};
+    use nc_core::train::train_on;
     let dir = tempfile::tempdir().unwrap();
     let steps = 4;
     let twin = train(&config(&dir.path().join("twin"), Precision::Bf16, steps)).unwrap();
-    let device = Device {
-        be: DeviceLikeCpu::default(),
-        peak_flops: 1e9,
-        peak_how: "a test".into(),
-        memory_bytes: None,
-        memory_name: "test memory".into(),
-        replicas_sharing_memory: 1,
-        precision: Precision::Bf16,
-    };
+    let device = device_like_cpu(Precision::Bf16);
     let dev = train_on(&config(&dir.path().join("device"), Precision::Bf16, steps), device).unwrap();
     let bits =
         |s: &RunSummary| -> Vec<(u64, u32)> { s.train_losses.iter().map(|(st, l)| (*st, l.to_bits())).collect() };

@@ -1,46 +1,14 @@
 //! Data parallelism on the CPU (ranks as threads, ZeRO-1): two ranks with one micro-batch each train the
 //! same model as one rank accumulating two micro-batches, and a two-rank run resumes bit-exactly.
 
-use nc_core::config::ModelConfig;
-use nc_core::optim::OptimConfig;
-use nc_core::plan::Horizon;
-use nc_core::train::data::DataSource;
 use nc_core::train::{train, Resume, TrainConfig};
+use nc_tests::harness::{loss_gap, tiny_train_config};
 use std::path::Path;
 
 fn config(out_dir: &Path, world_size: usize, steps: u64) -> TrainConfig {
     TrainConfig {
-        model: ModelConfig::new(2, 32, 2, 2, 16, 512, 32).unwrap(),
-        device_batch_size: 4,
-        total_batch_size: 2 * 4 * 32,
         world_size,
-        horizon: Horizon::Iterations(steps),
-        optim: OptimConfig::default(),
-        grad_clip: 1.0,
-        warmup_ratio: 0.0,
-        warmdown_ratio: 0.2,
-        final_lr_frac: 0.0,
-        eval_every: 0,
-        eval_tokens: 4 * 32,
-        sample_every: 0,
-        save_every: 0,
-        sample_tokens: 4,
-        model_tag: "tiny".into(),
-        data: DataSource::Embedded {
-            vocab_size: 300,
-            train_chars: 60_000,
-            val_chars: 8_000,
-            seed: 7,
-        },
-        out_dir: out_dir.to_path_buf(),
-        resume: Resume::No,
-        seed: 42,
-        recompute: nc_core::plan::Recompute::None,
-        precision: nc_core::plan::Precision::Fp32,
-        stop_at_step: None,
-        profile_steps: None,
-        core_metric: Default::default(),
-        verbose: false,
+        ..tiny_train_config(out_dir, steps)
     }
 }
 
@@ -118,18 +86,6 @@ fn two_rank_resume_is_bit_exact() {
     other.total_batch_size *= 2;
     other.resume = Resume::Latest;
     assert!(train(&other).unwrap_err().message.contains("--total-batch-size"));
-}
-
-/// The largest relative difference between two loss curves over the same steps.
-fn loss_gap(a: &[(u64, f32)], b: &[(u64, f32)]) -> f64 {
-    assert_eq!(
-        a.iter().map(|x| x.0).collect::<Vec<_>>(),
-        b.iter().map(|x| x.0).collect::<Vec<_>>()
-    );
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| ((x.1 as f64 - y.1 as f64) / y.1 as f64).abs())
-        .fold(0.0, |m, d| if d.is_nan() { f64::INFINITY } else { m.max(d) })
 }
 
 /// How far a run resumed at another world size may drift from the run that never stopped. The two world

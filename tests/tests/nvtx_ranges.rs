@@ -10,10 +10,8 @@ use nc_core::backend::cpu::CpuBackend;
 use nc_core::config::ModelConfig;
 use nc_core::model::{self, Gpt};
 use nc_core::nvtx::{self, Event};
-use nc_core::optim::OptimConfig;
-use nc_core::plan::{Horizon, Precision, Recompute};
-use nc_core::train::data::DataSource;
-use nc_core::train::{train, Resume, TrainConfig};
+use nc_core::train::{train, TrainConfig};
+use nc_tests::harness::{embedded_corpus, tiny_train_config};
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -25,34 +23,12 @@ fn tiny_run(out_dir: &Path) -> TrainConfig {
         device_batch_size: 2,
         // two micro-steps per step
         total_batch_size: 2 * 2 * 16,
-        world_size: 1,
-        horizon: Horizon::Iterations(2),
-        optim: OptimConfig::default(),
-        grad_clip: 1.0,
-        warmup_ratio: 0.0,
-        warmdown_ratio: 0.2,
-        final_lr_frac: 0.0,
-        eval_every: 0,
         eval_tokens: 2 * 16,
-        sample_every: 0,
-        save_every: 0,
         sample_tokens: 2,
         model_tag: "nvtx".into(),
-        data: DataSource::Embedded {
-            vocab_size: 300,
-            train_chars: 20_000,
-            val_chars: 4_000,
-            seed: 3,
-        },
-        out_dir: out_dir.to_path_buf(),
-        resume: Resume::No,
+        data: embedded_corpus(20_000, 4_000, 3),
         seed: 5,
-        recompute: Recompute::None,
-        precision: Precision::Fp32,
-        stop_at_step: None,
-        profile_steps: None,
-        core_metric: Default::default(),
-        verbose: false,
+        ..tiny_train_config(out_dir, 2)
     }
 }
 

@@ -11,60 +11,24 @@
 
 use nc_comm::{P2pOptions, P2pTwin, ThreadRing};
 use nc_core::backend::device_like::DeviceLikeCpu;
-use nc_core::config::ModelConfig;
-use nc_core::optim::OptimConfig;
-use nc_core::plan::{Horizon, Precision, Recompute};
-use nc_core::train::data::DataSource;
+use nc_core::plan::Precision;
 use nc_core::train::zero1::{RankCollective, StagedRanks};
 use nc_core::train::zero1_p2p::{RingExchange, TwinRing};
-use nc_core::train::{train_as_rank, Device, Resume, RunSummary, TrainConfig};
+use nc_core::train::{train_as_rank, RunSummary, TrainConfig};
+use nc_tests::harness::{device_like_cpu, tiny_train_config};
 use std::path::Path;
 
 fn config(out_dir: &Path, world_size: usize, precision: Precision, grad_clip: f64) -> TrainConfig {
     TrainConfig {
-        model: ModelConfig::new(2, 32, 2, 2, 16, 512, 32).unwrap(),
         device_batch_size: 2,
         total_batch_size: 2 * 2 * 32 * world_size,
         world_size,
-        horizon: Horizon::Iterations(5),
-        optim: OptimConfig::default(),
         grad_clip,
-        warmup_ratio: 0.0,
-        warmdown_ratio: 0.2,
-        final_lr_frac: 0.0,
         eval_every: 4,
         eval_tokens: 2 * 2 * 32 * world_size,
-        sample_every: 0,
-        save_every: 0,
-        sample_tokens: 4,
         model_tag: "p2p".into(),
-        data: DataSource::Embedded {
-            vocab_size: 300,
-            train_chars: 60_000,
-            val_chars: 8_000,
-            seed: 7,
-        },
-        out_dir: out_dir.to_path_buf(),
-        resume: Resume::No,
-        seed: 42,
-        recompute: Recompute::None,
         precision,
-        stop_at_step: None,
-        profile_steps: None,
-        core_metric: Default::default(),
-        verbose: false,
-    }
-}
-
-fn device(precision: Precision) -> Device<DeviceLikeCpu> {
-    Device {
-        be: DeviceLikeCpu::default(),
-        peak_flops: 1e9,
-        peak_how: "a test".into(),
-        memory_bytes: None,
-        memory_name: "test memory".into(),
-        replicas_sharing_memory: 1,
-        precision,
+        ..tiny_train_config(out_dir, 5)
     }
 }
 
@@ -87,7 +51,7 @@ fn run(cfg: &TrainConfig, comms: Vec<Box<dyn RankCollective<DeviceLikeCpu>>>) ->
             .into_iter()
             .enumerate()
             .map(|(rank, comm)| {
-                scope.spawn(move || train_as_rank(cfg, rank, Some(comm), device(cfg.precision)).unwrap())
+                scope.spawn(move || train_as_rank(cfg, rank, Some(comm), device_like_cpu(cfg.precision)).unwrap())
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()

@@ -9,9 +9,9 @@ use nc_core::config::ModelConfig;
 use nc_core::model::{self, Gpt};
 use nc_core::optim::device::{DeviceOptimizer, DeviceOptions};
 use nc_core::optim::{OptimConfig, Optimizer};
-use nc_core::plan::{memory_per_gpu, Horizon, Precision, Recompute};
-use nc_core::train::data::DataSource;
-use nc_core::train::{train, Resume, TrainConfig};
+use nc_core::plan::{memory_per_gpu, Precision, Recompute};
+use nc_core::train::{train, TrainConfig};
+use nc_tests::harness::{embedded_corpus, tiny_train_config};
 
 #[test]
 fn fp32_plan_equals_the_run_buffers() {
@@ -180,38 +180,19 @@ fn multi_chunk_loss_workspace_is_priced_as_allocated() {
 fn recompute_auto_prices_what_the_run_allocates() {
     let dir = tempfile::tempdir().unwrap();
     for precision in [Precision::Bf16, Precision::Fp32] {
+        let out_dir = dir.path().join(precision.label().replace(' ', "_"));
         let cfg = TrainConfig {
             model: ModelConfig::new(2, 64, 2, 2, 32, 512, 32).unwrap(),
             device_batch_size: 2,
             total_batch_size: 2 * 32,
-            world_size: 1,
-            horizon: Horizon::Iterations(1),
-            optim: OptimConfig::default(),
-            grad_clip: 1.0,
-            warmup_ratio: 0.0,
-            warmdown_ratio: 0.2,
-            final_lr_frac: 0.0,
-            eval_every: 0,
             eval_tokens: 2 * 32,
-            sample_every: 0,
-            save_every: 0,
             sample_tokens: 2,
             model_tag: "auto".into(),
-            data: DataSource::Embedded {
-                vocab_size: 300,
-                train_chars: 20_000,
-                val_chars: 4_000,
-                seed: 7,
-            },
-            out_dir: dir.path().join(precision.label().replace(' ', "_")),
-            resume: Resume::No,
+            data: embedded_corpus(20_000, 4_000, 7),
             seed: 1,
             recompute: Recompute::Auto,
             precision,
-            stop_at_step: None,
-            profile_steps: None,
-            core_metric: Default::default(),
-            verbose: false,
+            ..tiny_train_config(&out_dir, 1)
         };
         let run = train(&cfg).unwrap();
         assert!(run.activation_bytes_allocated > 0);

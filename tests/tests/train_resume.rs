@@ -3,46 +3,17 @@
 
 use nc_core::checkpoint;
 use nc_core::config::ModelConfig;
-use nc_core::optim::OptimConfig;
-use nc_core::plan::Horizon;
 use nc_core::train::data::DataSource;
 use nc_core::train::{train, Resume, TrainConfig};
+use nc_tests::harness::{device_like_cpu, loss_gap, tiny_train_config};
 use std::path::Path;
 
 /// A 2-layer, 32-wide model on a small embedded corpus: a step takes milliseconds.
 fn tiny_config(out_dir: &Path, steps: u64) -> TrainConfig {
     TrainConfig {
-        model: ModelConfig::new(2, 32, 2, 2, 16, 512, 32).unwrap(),
-        device_batch_size: 4,
-        total_batch_size: 2 * 4 * 32,
-        world_size: 1,
-        horizon: Horizon::Iterations(steps),
-        optim: OptimConfig::default(),
-        grad_clip: 1.0,
-        warmup_ratio: 0.0,
-        warmdown_ratio: 0.2,
-        final_lr_frac: 0.0,
         eval_every: 3,
         eval_tokens: 2 * 4 * 32,
-        sample_every: 0,
-        save_every: 0,
-        sample_tokens: 4,
-        model_tag: "tiny".into(),
-        data: DataSource::Embedded {
-            vocab_size: 300,
-            train_chars: 60_000,
-            val_chars: 8_000,
-            seed: 7,
-        },
-        out_dir: out_dir.to_path_buf(),
-        resume: Resume::No,
-        seed: 42,
-        recompute: nc_core::plan::Recompute::None,
-        precision: nc_core::plan::Precision::Fp32,
-        stop_at_step: None,
-        profile_steps: None,
-        core_metric: Default::default(),
-        verbose: false,
+        ..tiny_train_config(out_dir, steps)
     }
 }
 
@@ -273,18 +244,6 @@ fn recompute_policies_train_identically_and_may_change_on_resume() {
     );
 }
 
-/// The largest relative difference between two runs' losses, step by step (the steps must match).
-fn loss_gap(a: &[(u64, f32)], b: &[(u64, f32)]) -> f64 {
-    assert_eq!(
-        a.iter().map(|x| x.0).collect::<Vec<_>>(),
-        b.iter().map(|x| x.0).collect::<Vec<_>>()
-    );
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| ((x.1 as f64 - y.1 as f64) / y.1 as f64).abs())
-        .fold(0.0, |m, d| if d.is_nan() { f64::INFINITY } else { m.max(d) })
-}
-
 /// The largest difference between two checkpoints' weights, relative to the largest weight.
 fn weight_gap(a: &Path, b: &Path) -> f64 {
     let model = checkpoint::load_meta(a).unwrap().model_config;
@@ -323,17 +282,8 @@ const DEVICE_WEIGHT_TOL: f64 = 2e-5;
 /// run within the same tolerances.
 #[test]
 fn device_path_trains_like_the_cpu_and_shares_its_checkpoints() {
-    use nc_core::backend::device_like::DeviceLikeCpu;
-    use nc_core::train::{train_on, Device, RunSummary};
-    let device = || Device {
-        be: DeviceLikeCpu::default(),
-        peak_flops: 1e9,
-        peak_how: "a test".into(),
-        memory_bytes: None,
-        memory_name: "test memory".into(),
-        replicas_sharing_memory: 1,
-        precision: nc_core::plan::Precision::Fp32,
-    };
+    use nc_core::train::{train_on, RunSummary};
+    let device = || device_like_cpu(nc_core::plan::Precision::Fp32);
     let n = 4u64;
     let cpu_dir = tempfile::tempdir().unwrap();
     let cpu = train(&tiny_config(cpu_dir.path(), 2 * n)).unwrap();
@@ -416,21 +366,12 @@ fn device_path_trains_like_the_cpu_and_shares_its_checkpoints() {
 /// per GPU), before anything is written.
 #[test]
 fn device_path_refuses_several_ranks_in_one_process() {
-    use nc_core::backend::device_like::DeviceLikeCpu;
-    use nc_core::train::{train_on, Device};
+    use nc_core::train::train_on;
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = tiny_config(dir.path(), 2);
     cfg.world_size = 2;
     cfg.total_batch_size = 2 * 4 * 32;
-    let device = Device {
-        be: DeviceLikeCpu::default(),
-        peak_flops: 1e9,
-        peak_how: "a test".into(),
-        memory_bytes: None,
-        memory_name: "test memory".into(),
-        replicas_sharing_memory: 1,
-        precision: nc_core::plan::Precision::Fp32,
-    };
+    let device = device_like_cpu(nc_core::plan::Precision::Fp32);
     let err = train_on(&cfg, device).unwrap_err().to_string();
     assert!(err.contains("--nproc-per-node 2"), "{err}");
     assert!(
@@ -449,16 +390,8 @@ fn device_path_refuses_several_ranks_in_one_process() {
 fn device_zero1_ranks_train_like_the_cpu_ranks() {
     use nc_core::backend::device_like::DeviceLikeCpu;
     use nc_core::train::zero1::{RankCollective, StagedRanks};
-    use nc_core::train::{train_as_rank, Device, RunSummary};
-    let device = || Device {
-        be: DeviceLikeCpu::default(),
-        peak_flops: 1e9,
-        peak_how: "a test".into(),
-        memory_bytes: None,
-        memory_name: "test memory".into(),
-        replicas_sharing_memory: 1,
-        precision: nc_core::plan::Precision::Fp32,
-    };
+    use nc_core::train::{train_as_rank, RunSummary};
+    let device = || device_like_cpu(nc_core::plan::Precision::Fp32);
     let steps = 6u64;
     for world in [2usize, 1] {
         let cpu_dir = tempfile::tempdir().unwrap();

@@ -1,8 +1,37 @@
 //! nc-tests: end-to-end tests live in tests/; this library holds the helpers several of them share.
 
+pub mod harness;
+pub mod sim;
+
+use nc_core::backend::cuda::{self, CudaBackend};
 use nc_core::backend::{Backend, View, ViewMut};
 
-pub mod harness;
+/// The CUDA backend on device 0 for a CUDA test of `suite` (its file's name, for the skip line), or None
+/// when the test must return at once. Where this process sees a device (a real GPU, or the simulated one in
+/// the child that `sim::run_this_test_simulated` starts) the test runs here. Without one, the test is run on
+/// the simulated GPU in a child process and has passed there when this returns None (a failure panics). With
+/// no simulated GPU either it is skipped with one line saying why, or fails under NC_REQUIRE_CUDA=1.
+pub fn cuda_backend_or_simulated(suite: &str) -> Option<CudaBackend> {
+    let why = if !cuda::driver_present() {
+        "the CUDA driver library (libcuda.so) is not installed"
+    } else if cuda::device_count() == 0 {
+        "the driver sees no device"
+    } else {
+        let be = CudaBackend::new(0)
+            .unwrap_or_else(|e| panic!("a CUDA device is visible but the CUDA backend failed to start: {e}"));
+        return Some(be);
+    };
+    match sim::run_this_test_simulated(&sim::BLAS_LIBRARIES) {
+        sim::Simulated::Passed => None,
+        sim::Simulated::Unavailable(no_sim) => {
+            if std::env::var_os("NC_REQUIRE_CUDA").is_some() {
+                panic!("NC_REQUIRE_CUDA is set but {why} (and no simulated GPU: {no_sim})");
+            }
+            eprintln!("no CUDA device: {why}, and no simulated GPU: {no_sim}; {suite} not run");
+            None
+        }
+    }
+}
 
 /// A backend buffer holding `host`.
 pub fn to_backend<B: Backend>(be: &B, host: &[f32]) -> B::Buf {

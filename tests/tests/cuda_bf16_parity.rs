@@ -2,8 +2,8 @@
 //! op by op on the storage combinations the bf16 layout makes, then a whole training step of a model whose
 //! attention runs on the flash kernels (head_dim 64), and the step's determinism on the device.
 //!
-//! Without a GPU every CUDA test prints "no CUDA device: ... not run" and passes (NC_REQUIRE_CUDA=1 makes that a
-//! failure); `the_harness_runs_clean_with_the_twin_as_device` runs the same bodies with the device-like CPU in
+//! Without a GPU every CUDA test runs on the simulated GPU in a child process (tests/src/sim.rs), or where that
+//! cannot be built prints "no CUDA device: ... not run" and passes (NC_REQUIRE_CUDA=1 makes that a failure); `the_harness_runs_clean_with_the_twin_as_device` runs the same bodies with the device-like CPU in
 //! the device's place everywhere, so the harness itself is exercised by CI.
 //!
 //! Tolerances (both sides round to bf16 at the same points; they differ only in f32 arithmetic order and, for
@@ -23,7 +23,7 @@
 
 use nc_core::backend::bf16::round_bf16;
 use nc_core::backend::cpu::{CpuBackend, CpuBuf, CpuIds};
-use nc_core::backend::cuda::{self, CudaBackend};
+use nc_core::backend::cuda::CudaBackend;
 use nc_core::backend::device_like::DeviceLikeCpu;
 use nc_core::backend::{AttnShape, Backend, Storage, View, ViewMut};
 use nc_core::config::RMSNORM_EPS;
@@ -34,22 +34,10 @@ use nc_core::ModelConfig;
 
 use Storage::{Bf16, F32};
 
-/// The CUDA backend on device 0, or None (with the skip line) where there is no driver or no device.
+/// The CUDA backend on device 0, or None where the test returns at once: it ran and passed on the simulated GPU
+/// in a child process, or there is no device of any kind (`nc_tests::cuda_backend_or_simulated`).
 fn gpu() -> Option<CudaBackend> {
-    let why = if !cuda::driver_present() {
-        "the CUDA driver library (libcuda.so) is not installed"
-    } else if cuda::device_count() == 0 {
-        "the driver sees no device"
-    } else {
-        let be = CudaBackend::new(0)
-            .unwrap_or_else(|e| panic!("a CUDA device is visible but the CUDA backend failed to start: {e}"));
-        return Some(be);
-    };
-    if std::env::var_os("NC_REQUIRE_CUDA").is_some() {
-        panic!("NC_REQUIRE_CUDA is set but {why}");
-    }
-    eprintln!("no CUDA device: {why}; cuda_bf16_parity not run");
-    None
+    nc_tests::cuda_backend_or_simulated("cuda_bf16_parity")
 }
 
 fn randn(rng: &mut Rng, len: usize, std: f64) -> Vec<f32> {

@@ -8,27 +8,20 @@
 //! element in emulation). 2e-2 here leaves room for the f32 reference's own error and fails on any wrong
 //! index, mask or rescale (those give O(1)). lse is f32 throughout: 1e-4 absolute.
 //!
-//! Skipped without a CUDA device (set NC_REQUIRE_CUDA=1 to make that a failure, as scripts/gpu_check.sh
-//! does). Not yet run on a GPU: unverified.
+//! Without a CUDA device it runs on the simulated GPU in a child process (tests/src/sim.rs), or is skipped where
+//! that cannot be built (set NC_REQUIRE_CUDA=1 to make that a failure, as scripts/gpu_check.sh does). Not yet run on a GPU: unverified.
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
 use nc_core::backend::cpu::CpuBackend;
-use nc_core::backend::cuda::{self, CudaBackend, FlashBackwardPtrs, FlashForwardPtrs};
+use nc_core::backend::cuda::{CudaBackend, FlashBackwardPtrs, FlashForwardPtrs};
 use nc_core::backend::{AttnShape, Backend, View, ViewMut};
 use nc_core::model::Rng;
 use std::sync::Arc;
 
 fn gpu() -> Option<(CudaBackend, Arc<CudaStream>)> {
-    if cuda::device_count() > 0 {
-        let be = CudaBackend::new(0).unwrap_or_else(|e| panic!("a CUDA device is visible but the backend failed: {e}"));
-        let ctx = CudaContext::new(0).expect("CUDA context");
-        return Some((be, ctx.default_stream()));
-    }
-    if std::env::var_os("NC_REQUIRE_CUDA").is_some() {
-        panic!("NC_REQUIRE_CUDA is set but there is no CUDA device");
-    }
-    eprintln!("no CUDA device: cuda_flash not run");
-    None
+    let be = nc_tests::cuda_backend_or_simulated("cuda_flash")?;
+    let ctx = CudaContext::new(0).expect("CUDA context");
+    Some((be, ctx.default_stream()))
 }
 
 fn to_bf16(x: f32) -> u16 {

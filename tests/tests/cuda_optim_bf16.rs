@@ -1,7 +1,8 @@
 //! The CUDA backend's bf16 optimizer ops (core/src/backend/cuda/optim_bf16.rs) against their CPU twin.
 //!
-//! Without a GPU every test prints "no CUDA device: ... not run" and passes (NC_REQUIRE_CUDA=1 makes that a
-//! failure, as the GPU check runs it). Tolerances, from where the two may round differently:
+//! Without a GPU every test runs on the simulated GPU in a child process (tests/src/sim.rs), or where that cannot
+//! be built prints "no CUDA device: ... not run" and passes (NC_REQUIRE_CUDA=1 makes that a failure, as the GPU
+//! check runs it). Tolerances, from where the two may round differently:
 //! - `muon_apply` and `adamw_multi`: bit for bit (the kernels round every f32 operation explicitly, as the
 //!   CPU does; the bf16 stores are round-to-nearest-even on both);
 //! - one Newton-Schulz iteration (`steps: 1`): the norm's f64 sum in another order (at most 2 n 2^-53
@@ -14,7 +15,7 @@
 
 use nc_core::backend::bf16::round_bf16;
 use nc_core::backend::cpu::{CpuBackend, CpuBuf};
-use nc_core::backend::cuda::{self, CudaBackend};
+use nc_core::backend::cuda::CudaBackend;
 use nc_core::backend::ns_bf16::NS_NORM_SCRATCH_PER_MATRIX;
 use nc_core::backend::{AdamwPiece, Backend, NsBatch, Storage, View, ViewMut};
 use nc_core::model::Rng;
@@ -23,20 +24,7 @@ use nc_core::optim::muon::{NS_COEFFS, NS_EPS};
 use nc_tests::{to_backend, to_host};
 
 fn gpu() -> Option<CudaBackend> {
-    let why = if !cuda::driver_present() {
-        "the CUDA driver library (libcuda.so) is not installed"
-    } else if cuda::device_count() == 0 {
-        "the driver sees no device"
-    } else {
-        let be = CudaBackend::new(0)
-            .unwrap_or_else(|e| panic!("a CUDA device is visible but the CUDA backend failed to start: {e}"));
-        return Some(be);
-    };
-    if std::env::var_os("NC_REQUIRE_CUDA").is_some() {
-        panic!("NC_REQUIRE_CUDA is set but {why}");
-    }
-    eprintln!("no CUDA device: {why}; cuda_optim_bf16 not run");
-    None
+    nc_tests::cuda_backend_or_simulated("cuda_optim_bf16")
 }
 
 fn randn(rng: &mut Rng, len: usize, std: f64) -> Vec<f32> {

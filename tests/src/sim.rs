@@ -31,8 +31,8 @@ pub enum Simulated {
     Unavailable(String),
 }
 
-/// The repository root: both crates that use this file sit one folder below it.
-fn repo_root() -> PathBuf {
+/// The repository root: every crate that uses this file sits one folder below it.
+pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("a crate folder has a parent")
@@ -47,10 +47,24 @@ enum Libraries {
     BuildFailed(String),
 }
 
-/// The folder of the simulated libraries, built once per process (`scripts/sim.sh --build` rebuilds only
-/// what is stale), or why there is none. A build that fails where g++ exists is a test failure, not a skip:
-/// CI has g++, and a broken simulator must not quietly turn every CUDA test into a skip.
-fn simulator_libraries() -> Result<PathBuf, String> {
+/// The folder of the simulated libraries (`target/sim`), built once per process (`scripts/sim.sh --build`
+/// rebuilds only what is stale), holding libcuda.so.1 and each of `also_needs`; or why there is none. A build
+/// that fails where g++ exists is a test failure, not a skip: CI has g++, and a broken simulator must not
+/// quietly turn every CUDA test into a skip. NC_TEST_SIM=0 turns the simulator off.
+pub fn simulator_libraries(also_needs: &[&str]) -> Result<PathBuf, String> {
+    if std::env::var(SWITCH_ENV).as_deref() == Ok("0") {
+        return Err(format!("{SWITCH_ENV}=0"));
+    }
+    let libs = built_libraries()?;
+    match also_needs.iter().find(|lib| !libs.join(lib).exists()) {
+        Some(missing) => Err(format!(
+            "the simulated GPU has no {missing} yet (scripts/sim.sh did not build one)"
+        )),
+        None => Ok(libs),
+    }
+}
+
+fn built_libraries() -> Result<PathBuf, String> {
     static BUILT: OnceLock<Libraries> = OnceLock::new();
     let libs = BUILT.get_or_init(|| {
         let root = repo_root();
@@ -115,18 +129,10 @@ pub fn run_this_test_simulated(also_needs: &[&str]) -> Simulated {
             "this is the simulated run ({CHILD_ENV} is set) and the simulated driver did not show a device"
         ));
     }
-    if std::env::var(SWITCH_ENV).as_deref() == Ok("0") {
-        return Simulated::Unavailable(format!("{SWITCH_ENV}=0"));
-    }
-    let libs = match simulator_libraries() {
+    let libs = match simulator_libraries(also_needs) {
         Ok(libs) => libs,
         Err(why) => return Simulated::Unavailable(why),
     };
-    if let Some(missing) = also_needs.iter().find(|lib| !libs.join(lib).exists()) {
-        return Simulated::Unavailable(format!(
-            "the simulated GPU has no {missing} yet (scripts/sim.sh did not build one)"
-        ));
-    }
     let test = this_test_name();
     let exe = std::env::current_exe().expect("the test binary's path");
     let library_path = match std::env::var_os("LD_LIBRARY_PATH") {

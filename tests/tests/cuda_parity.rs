@@ -996,8 +996,26 @@ fn attention_backward_training_shapes_on<D: Backend>(g: &D) {
             dk.gm(ko, kl),
             dv.gm(vo, kl),
         );
-        for (name, p, off, len) in [("dq", &dq, qo, ql), ("dk", &dk, ko, kl), ("dv", &dv, vo, kl)] {
-            let tol = rel_to_max(p.want(), off..off + len, 1e-4);
+        // A query row that sees one key has P = 1, so dS = dP - delta = dout.v - dout.out = 0 exactly (out = v):
+        // its dq, and that key's dk, are the rounding noise of two length-d dot products, each within
+        // d u sum|dout v| on either side, so the sides differ by up to 4 d u scale max|k| (or |q|) sum|dout v|.
+        // At T = 1 every row is like that: dq and dk are all noise, and a tolerance relative to their own
+        // largest value compares noise with noise (seen on the simulated GPU: dq 2.5e-7 against -2.5e-7).
+        let noise_floor = |other: &[f32]| {
+            let d = s.head_dim as f64;
+            let dot_terms = d * max_abs(&dout_body) * max_abs(&v_body);
+            4.0 * d * U * max_abs(other) * dot_terms / d.sqrt()
+        };
+        let single_key = s.tk == 1;
+        for (name, p, off, len, other) in [
+            ("dq", &dq, qo, ql, &k_body),
+            ("dk", &dk, ko, kl, &q_body),
+            ("dv", &dv, vo, kl, &v_body),
+        ] {
+            let mut tol = rel_to_max(p.want(), off..off + len, 1e-4);
+            if single_key && name != "dv" {
+                tol = tol.max(noise_floor(other));
+            }
             check(&format!("{what} {name}"), &p.got(g), p.want(), off..off + len, |_| tol);
         }
     }

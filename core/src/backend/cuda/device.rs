@@ -96,6 +96,7 @@ impl CudaBackend {
             CudaSource::new(ordinal).map_err(|e| NcError::new(e.to_string()))?,
             StreamId(stream.cu_stream() as u64),
             format!("cuda:{ordinal}"),
+            stream.clone(),
         )?;
 
         let mut modules = Vec::with_capacity(nc_kernels::MODULES.len() + ENGINE_MODULES.len());

@@ -15,11 +15,19 @@ use crate::error::{NcError, Result};
 use nc_alloc::{AllocatorConfig, CachingAllocator, DeviceBlock, MemorySource, StreamId};
 use std::sync::Arc;
 
+/// Whatever owns the stream (the backend's `Arc<CudaStream>`), kept alive by the memory.
+pub(crate) type StreamOwner = Arc<dyn std::any::Any + Send + Sync>;
+
 /// The allocator and the one stream every block of the backend is used on.
 pub(crate) struct DeviceMemory<S: MemorySource> {
     alloc: CachingAllocator<S>,
     stream: StreamId,
     device: String,
+    /// Keeps the stream alive until the allocator is gone (fields drop in order): buffers may outlive the
+    /// backend, and in the no-caching mode (`NC_NO_ALLOC_CACHE=1`) each free records an event on the stream,
+    /// which fails on a destroyed stream (found on the simulated GPU: a model's buffers freed after its
+    /// backend, each free refused with "invalid handle" and its memory leaked).
+    _stream_owner: Option<StreamOwner>,
 }
 
 /// One allocation, given back to the allocator when dropped.
@@ -56,15 +64,27 @@ pub(crate) fn buffer_bytes(elems: usize, elem_bytes: usize) -> Option<usize> {
 impl<S: MemorySource> DeviceMemory<S> {
     /// An allocator over `source` for work on `stream`; `device` names it in messages ("cuda:0"). Caching
     /// unless `NC_NO_ALLOC_CACHE=1` (a bad value is an error saying what to set).
-    pub(crate) fn new(source: S, stream: StreamId, device: String) -> Result<Arc<Self>> {
+    /// `stream_owner` is kept alive as long as the memory (see the field).
+    pub(crate) fn new(source: S, stream: StreamId, device: String, stream_owner: StreamOwner) -> Result<Arc<Self>> {
         let config = nc_alloc::config_from_env().map_err(|e| NcError::new(format!("{device}: {e}")))?;
-        Self::with_config(source, stream, device, config)
+        Self::with_config(source, stream, device, config, Some(stream_owner))
     }
 
-    fn with_config(source: S, stream: StreamId, device: String, config: AllocatorConfig) -> Result<Arc<Self>> {
+    fn with_config(
+        source: S,
+        stream: StreamId,
+        device: String,
+        config: AllocatorConfig,
+        stream_owner: Option<StreamOwner>,
+    ) -> Result<Arc<Self>> {
         let alloc = CachingAllocator::new(source, config)
             .map_err(|e| NcError::new(format!("{device}: starting the caching allocator failed: {e}")))?;
-        Ok(Arc::new(DeviceMemory { alloc, stream, device }))
+        Ok(Arc::new(DeviceMemory {
+            alloc,
+            stream,
+            device,
+            _stream_owner: stream_owner,
+        }))
     }
 
     /// Room for `elems` elements of `elem_bytes` bytes (uninitialized). `what` says what it is for, in the
@@ -113,7 +133,14 @@ mod tests {
 
     fn memory(capacity: usize) -> Arc<DeviceMemory<HostSource>> {
         let config = AllocatorConfig::default();
-        DeviceMemory::with_config(HostSource::unbacked(capacity), StreamId(7), "host:0".into(), config).unwrap()
+        DeviceMemory::with_config(
+            HostSource::unbacked(capacity),
+            StreamId(7),
+            "host:0".into(),
+            config,
+            None,
+        )
+        .unwrap()
     }
 
     #[test]

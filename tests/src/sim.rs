@@ -115,8 +115,11 @@ fn this_test_name() -> String {
     }
 }
 
-/// The stand-ins a test of the CUDA backend needs beside the driver (it opens cuBLAS and cuBLASLt at start).
-pub const BLAS_LIBRARIES: [&str; 2] = ["libcublas.so.13", "libcublasLt.so.13"];
+/// What a test of the CUDA backend needs beside the driver, under target/sim: cuBLAS and cuBLASLt (opened at
+/// start), and the emulation of the engine's own kernel module ns_norm (core/src/backend/cuda/kernels/, loaded
+/// at start; scripts/sim.sh generates one gen/kernels_MODULE.cpp per module it emulates). Until all are built
+/// the backend tests skip with a line saying which is missing, rather than fail on a half-built simulator.
+pub const BLAS_LIBRARIES: [&str; 3] = ["libcublas.so.13", "libcublasLt.so.13", "gen/kernels_ns_norm.cpp"];
 
 /// Re-run the calling test on the simulated GPU in a child process (see the module comment). Call it where
 /// the test found no CUDA device; `also_needs` names the stand-in libraries it needs beside libcuda.so.1

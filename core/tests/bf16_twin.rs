@@ -432,3 +432,236 @@ fn twin_grads_are_f32_and_close_to_the_f32_models() {
         assert!(diff > 0.0, "{}: bf16 grads equal the f32 ones", s.name);
     }
 }
+
+// ---- attention at a flash head_dim: P and dS rounded to bf16 where the device's flash kernels round them ----
+
+/// Where the attention reference rounds to bf16 before a product, besides its bf16 outputs.
+#[derive(Clone, Copy, Debug)]
+struct FlashRounding {
+    /// P before P V (forward) and P^T dout (dv).
+    p: bool,
+    /// dS before dS K (dq) and dS^T Q (dk).
+    ds: bool,
+}
+
+/// Keys per tile of the flash forward kernel (FWD_BK in kernels-ptx/cuda/flash_attention.cu): P is rounded
+/// relative to the running max of the keys up to the end of its tile.
+const FLASH_KEY_TILE: usize = 64;
+
+/// The scaled score of query row `i` (head `hh`) and key `j`, in f64, for `s` on bf16 inputs.
+fn score(s: &AttnShape, q: &[f32], k: &[f32], b: usize, hh: usize, i: usize, j: usize) -> f64 {
+    let d = s.head_dim;
+    let kvh = hh / (s.n_head / s.n_kv_head);
+    let qi = &q[((b * s.tq + i) * s.n_head + hh) * d..][..d];
+    let kj = &k[((b * s.tk + j) * s.n_kv_head + kvh) * d..][..d];
+    qi.iter().zip(kj).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>() / (d as f64).sqrt()
+}
+
+fn round_if(round: bool, x: f64) -> f64 {
+    if round {
+        round_bf16(x as f32) as f64
+    } else {
+        x
+    }
+}
+
+/// The flash forward in f64, written from the FlashAttention-2 algorithm: per 64-key tile, the running max
+/// m over the keys so far, P = exp(s - m) (rounded to bf16 when `r.p`) times V added to the output rescaled
+/// by exp(m_old - m), and the softmax sum l of the unrounded P; out = acc / l, rounded to bf16.
+fn flash_forward_reference(s: &AttnShape, q: &[f32], k: &[f32], v: &[f32], r: FlashRounding) -> Vec<f32> {
+    let d = s.head_dim;
+    let mut out = vec![0.0f32; s.q_len()];
+    for b in 0..s.batch {
+        for hh in 0..s.n_head {
+            let kvh = hh / (s.n_head / s.n_kv_head);
+            for i in 0..s.tq {
+                let visible = s.q_pos0 + i + 1;
+                let (mut m, mut l, mut acc) = (f64::NEG_INFINITY, 0.0f64, vec![0.0f64; d]);
+                for j0 in (0..visible).step_by(FLASH_KEY_TILE) {
+                    let keys = j0..visible.min(j0 + FLASH_KEY_TILE);
+                    let scores: Vec<f64> = keys.clone().map(|j| score(s, q, k, b, hh, i, j)).collect();
+                    let m_new = scores.iter().fold(m, |a, &x| a.max(x));
+                    let corr = (m - m_new).exp();
+                    l *= corr;
+                    acc.iter_mut().for_each(|a| *a *= corr);
+                    for (j, &sc) in keys.zip(&scores) {
+                        let p = (sc - m_new).exp();
+                        l += p;
+                        let vj = &v[((b * s.tk + j) * s.n_kv_head + kvh) * d..][..d];
+                        let p = round_if(r.p, p);
+                        acc.iter_mut().zip(vj).for_each(|(a, &x)| *a += p * x as f64);
+                    }
+                    m = m_new;
+                }
+                let o = &mut out[((b * s.tq + i) * s.n_head + hh) * d..][..d];
+                o.iter_mut()
+                    .zip(&acc)
+                    .for_each(|(o, a)| *o = round_bf16((a / l) as f32));
+            }
+        }
+    }
+    out
+}
+
+/// The flash backward in f64 (training shape), from the given bf16 out and f32 lse: P = exp(s - lse),
+/// dP = dout v^T, D = rowsum(dout * out), dS = P (dP - D) from the unrounded P; dv = P^T dout (P rounded when
+/// `r.p`), dq = scale dS k and dk = scale dS^T q (dS rounded when `r.ds`); each rounded to bf16.
+#[allow(clippy::too_many_arguments)]
+fn flash_backward_reference(
+    s: &AttnShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    r: FlashRounding,
+) -> [Vec<f32>; 3] {
+    let d = s.head_dim;
+    let scale = 1.0 / (d as f64).sqrt();
+    let (mut dq, mut dk, mut dv) = (
+        vec![0.0f64; s.q_len()],
+        vec![0.0f64; s.kv_len()],
+        vec![0.0f64; s.kv_len()],
+    );
+    for b in 0..s.batch {
+        for hh in 0..s.n_head {
+            let kvh = hh / (s.n_head / s.n_kv_head);
+            for i in 0..s.tq {
+                let qrow = ((b * s.tq + i) * s.n_head + hh) * d;
+                let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(&a, &c)| a as f64 * c as f64).sum::<f64>();
+                let delta = dot(&o[qrow..][..d], &dout[qrow..][..d]);
+                let lse_i = lse[(b * s.n_head + hh) * s.tq + i] as f64;
+                for j in 0..=i {
+                    let krow = ((b * s.tk + j) * s.n_kv_head + kvh) * d;
+                    let p = (score(s, q, k, b, hh, i, j) - lse_i).exp();
+                    let ds = p * (dot(&dout[qrow..][..d], &v[krow..][..d]) - delta);
+                    let (p, ds) = (round_if(r.p, p), round_if(r.ds, ds));
+                    for c in 0..d {
+                        dv[krow + c] += p * dout[qrow + c] as f64;
+                        dq[qrow + c] += scale * ds * k[krow + c] as f64;
+                        dk[krow + c] += scale * ds * q[qrow + c] as f64;
+                    }
+                }
+            }
+        }
+    }
+    [dq, dk, dv].map(|x| x.iter().map(|&y| round_bf16(y as f32)).collect())
+}
+
+/// Checks every bf16 value of `got` is within one bf16 ulp (plus `floor`, for values that cancel to near 0) of
+/// `want`'s, and returns how many differ at all.
+fn differing(what: &str, got: &[f32], want: &[f32], floor: f64) -> usize {
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let diff = (g as f64 - w as f64).abs();
+        assert!(
+            diff <= bf16_ulp(w as f64) + floor,
+            "{what}[{i}]: twin {g}, reference {w}"
+        );
+    }
+    count_differing(got, want)
+}
+
+fn count_differing(got: &[f32], want: &[f32]) -> usize {
+    got.iter().zip(want).filter(|(g, w)| g != w).count()
+}
+
+fn bf16_randn(rng: &mut TestRng, n: usize) -> Vec<f32> {
+    rand_vec(rng, n, 1.0).iter().map(|&v| round_bf16(v)).collect()
+}
+
+/// At head_dim 64 (a flash kernel's) with every tensor bf16, the twin's attention rounds exactly where the
+/// device's flash kernels round: P before P V in the forward (relative to the tile's running max), P before
+/// P^T dout and dS before dS K, dS^T Q in the backward. Its bf16 outputs equal the f64 reference with those
+/// rounding points bit for bit but for the rare value that f32 vs f64 arithmetic tips over a rounding
+/// midpoint (at most 1%), while leaving out any one of them moves a large share (at least 10%: the rounded P
+/// or dS is off by up to 2^-9 relative, about as much as the output's own rounding). Three key tiles, GQA,
+/// T not a multiple of the tile, and a KV-cache decode shape (forward only).
+#[test]
+fn twin_attention_at_a_flash_head_dim_rounds_p_and_ds_as_the_flash_kernels() {
+    let mut rng = TestRng(17);
+    let both = FlashRounding { p: true, ds: true };
+    let decode = AttnShape {
+        tq: 3,
+        tk: 150,
+        q_pos0: 147,
+        ..AttnShape::causal(1, 3, 2, 1, 64)
+    };
+    for s in [AttnShape::causal(1, 150, 2, 1, 64), decode] {
+        let (q, k, v) = (
+            bf16_randn(&mut rng, s.q_len()),
+            bf16_randn(&mut rng, s.kv_len()),
+            bf16_randn(&mut rng, s.kv_len()),
+        );
+        let be = CpuBackend::new();
+        let bf = |x: &[f32]| CpuBuf::with_storage(x.to_vec(), Storage::Bf16);
+        let (qb, kb, vb) = (bf(&q), bf(&k), bf(&v));
+        let mut ob = CpuBuf::with_storage(vec![0.0; s.q_len()], Storage::Bf16);
+        let mut lb = be.alloc(s.lse_len());
+        be.attention_forward(
+            s,
+            View::all(&qb),
+            View::all(&kb),
+            View::all(&vb),
+            ViewMut::all(&mut ob),
+            ViewMut::all(&mut lb),
+        );
+        let n = s.q_len();
+        let want = flash_forward_reference(&s, &q, &k, &v, both);
+        let near = differing(&format!("{s:?} out"), &ob.0, &want, 0.0);
+        let unrounded = flash_forward_reference(&s, &q, &k, &v, FlashRounding { p: false, ds: true });
+        let far = count_differing(&ob.0, &unrounded);
+        eprintln!("{s:?} out: {near} of {n} differ from the reference, {far} without P rounded");
+        assert!(
+            near * 100 <= n,
+            "{s:?} out: {near} of {n} differ from the flash reference"
+        );
+        assert!(
+            far * 10 >= n,
+            "{s:?} out: P rounded or not is not distinguishable ({far} of {n})"
+        );
+        if s.q_pos0 > 0 {
+            continue;
+        }
+        let dout = bf16_randn(&mut rng, s.q_len());
+        let db = bf(&dout);
+        let mut grads =
+            [s.q_len(), s.kv_len(), s.kv_len()].map(|len| CpuBuf::with_storage(vec![0.0; len], Storage::Bf16));
+        let [gq, gk, gv] = &mut grads;
+        be.attention_backward(
+            s,
+            View::all(&qb),
+            View::all(&kb),
+            View::all(&vb),
+            View::all(&ob),
+            View::all(&lb),
+            View::all(&db),
+            ViewMut::all(gq),
+            ViewMut::all(gk),
+            ViewMut::all(gv),
+        );
+        let reference = |r| flash_backward_reference(&s, &q, &k, &v, &ob.0, &lb.0, &dout, r);
+        let want = reference(both);
+        let no_p = reference(FlashRounding { p: false, ds: true });
+        let no_ds = reference(FlashRounding { p: true, ds: false });
+        // (name, twin, reference, the variant that must differ). dq and dk sum terms that cancel, and a dS that
+        // f32 vs f64 arithmetic tips over a rounding midpoint (dP - D cancels too) moves one term by 2^-8 of
+        // itself: a small value may be off by that, below 1e-3 of the largest
+        for (name, got, want, other, without) in [
+            ("dq", &grads[0].0, &want[0], &no_ds[0], "dS"),
+            ("dk", &grads[1].0, &want[1], &no_ds[1], "dS"),
+            ("dv", &grads[2].0, &want[2], &no_p[2], "P"),
+        ] {
+            let floor = 1e-3 * want.iter().fold(0.0f64, |m, &x| m.max((x as f64).abs()));
+            let near = differing(name, got, want, floor);
+            let far = count_differing(got, other);
+            let n = got.len();
+            eprintln!("{name}: {near} of {n} differ from the reference, {far} without {without} rounded");
+            assert!(near * 100 <= n, "{name}: {near} of {n} differ from the flash reference");
+            assert!(
+                far * 10 >= n,
+                "{name}: {without} rounded or not is not distinguishable ({far} of {n})"
+            );
+        }
+    }
+}

@@ -6,8 +6,9 @@
 //! cannot be built prints "no CUDA device: ... not run" and passes (NC_REQUIRE_CUDA=1 makes that a failure); `the_harness_runs_clean_with_the_twin_as_device` runs the same bodies with the device-like CPU in
 //! the device's place everywhere, so the harness itself is exercised by CI.
 //!
-//! Tolerances (both sides round to bf16 at the same points; they differ only in f32 arithmetic order and, for
-//! attention, in the flash kernels' bf16 probabilities):
+//! Tolerances (both sides round to bf16 at the same points, the flash kernels' bf16 P and dS included: the twin
+//! rounds them where the kernels do, core/src/backend/cpu/attention.rs; they differ only in f32 arithmetic
+//! order):
 //! - casts, fill, embedding lookup and its sorted backward, relu^2 and its backward, a mixed add: bit for bit
 //!   (the same f32 operations, one rounding, the same order);
 //! - everything else with a bf16 output: within one bf16 ulp of the twin's value plus the op's f32 tolerance,
@@ -15,11 +16,17 @@
 //!   rounding midpoint rarely; an extra or missing rounding point changes a quarter or more of them);
 //! - GEMM f32 outputs: 1e-6 sqrt(k) of the products' magnitude (as cuda_parity.rs); rmsnorm and QK-norm
 //!   statistics 1e-5 relative;
-//! - attention: 1 bf16 ulp plus 1e-2 of the output's largest magnitude (probabilities rounded to bf16 for the
-//!   P V product, relative error 2^-9 each, against the twin's f32 ones);
+//! - attention: 1 bf16 ulp plus 1e-3 of the output's largest magnitude, and the 3% rule: dq and dk sum terms
+//!   that cancel, and a dS that the two sides' f32 arithmetic puts on either side of a rounding midpoint
+//!   moves one term by 2^-8 of itself (core/tests/bf16_twin.rs measures the twin against an f64 reference
+//!   of the same rounding points: under 0.1% of values differ; leaving out the rounding of P or dS moves
+//!   36-41% of them). On the simulated GPU (2026-12-06) at most 0.6% differ (dq), the worst value at 0.27 of
+//!   the allowed;
 //! - the whole step: the engine's per-token losses and every gradient are at most a quarter as far from the
 //!   twin's as the twin's are from the strict f32 model's (the distance bf16 itself puts between two runs).
-//!   A first estimate until it has run on a GPU; the ratio is printed.
+//!   On the simulated GPU: 0.012 (losses) and 0.069 (gradients); with a twin that did not round P and dS it
+//!   was 0.74, so a missing rounding point fails here. Not yet run on a GPU, whose tensor cores may sum in
+//!   another order than the emulator's: the ratio is printed.
 
 use nc_core::backend::bf16::round_bf16;
 use nc_core::backend::cpu::{CpuBackend, CpuBuf, CpuIds};
@@ -101,7 +108,7 @@ fn exact<D: Backend>(what: &str, g: &D, p: &Pair<D>) {
 fn close<D: Backend>(what: &str, g: &D, p: &Pair<D>, tol: f64) {
     let got = p.got(g);
     let bf16 = D::storage(&p.dev) == Bf16;
-    let mut differ = 0;
+    let (mut differ, mut worst) = (0, 0.0f64);
     for (i, (&a, &b)) in got.iter().zip(&p.cpu.0).enumerate() {
         let allowed = tol + if bf16 { bf16_ulp(b as f64) } else { 0.0 };
         let diff = (a as f64 - b as f64).abs();
@@ -110,7 +117,12 @@ fn close<D: Backend>(what: &str, g: &D, p: &Pair<D>, tol: f64) {
             "{what}[{i}]: device {a}, twin {b}, allowed {allowed:e}"
         );
         differ += (a != b) as usize;
+        worst = worst.max(diff / allowed.max(f64::MIN_POSITIVE));
     }
+    eprintln!(
+        "{what}: {differ} of {} differ, worst {worst:.2} of the allowed",
+        got.len()
+    );
     if bf16 {
         assert!(
             differ * 100 <= 3 * got.len().max(1),
@@ -304,7 +316,7 @@ fn attention_on<D: Backend>(g: &D) {
         let mut lse = Pair::new(g, &vec![f32::NAN; s.lse_len()], F32);
         cpu.attention_forward(s, q.c(), k.c(), v.c(), o.cm(), lse.cm());
         g.attention_forward(s, q.d(), k.d(), v.d(), o.dm(), lse.dm());
-        close(&format!("{what} out"), g, &o, 1e-2 * max_abs(&o.cpu.0));
+        close(&format!("{what} out"), g, &o, 1e-3 * max_abs(&o.cpu.0));
         close(&format!("{what} lse"), g, &lse, 1e-4 * max_abs(&lse.cpu.0));
         if s.q_pos0 > 0 {
             continue;
@@ -340,7 +352,7 @@ fn attention_on<D: Backend>(g: &D) {
             dv.dm(),
         );
         for (name, p) in [("dq", &dq), ("dk", &dk), ("dv", &dv)] {
-            close(&format!("{what} {name}"), g, p, 1e-2 * max_abs(&p.cpu.0));
+            close(&format!("{what} {name}"), g, p, 1e-3 * max_abs(&p.cpu.0));
         }
     }
 }

@@ -3,18 +3,48 @@
 //! No (T x T) score matrix exists: each task holds one BQ x BK tile of scores at a time. The forward saves
 //! the log-sum-exp of each query row; the backward recomputes the probabilities tile by tile from it.
 //! Tile products run through `gemm` on the calling thread; parallelism is across tiles/heads.
+//!
+//! As the CPU twin of the bf16 engine it can also round where the device's flash kernels round
+//! (`ProbOperands::Bf16`): their second products run on tensor cores, which take bf16 operands, so the
+//! probabilities P (forward: P V; backward: P^T dO) and dS (dS K, dS^T Q) are rounded to bf16 first, as
+//! FlashAttention-2 does. What is rounded is exactly what the kernel rounds: in the forward, P relative to the
+//! running max of the keys up to the end of its 64-key tile (the kernel's tile is 64 keys too), with the
+//! softmax sum l taken over the unrounded values; in the backward, P = exp(scale s - lse) and dS = P (dP - D)
+//! from the unrounded P. The f32 path (`ProbOperands::F32`) is unchanged, bit for bit.
 
 use super::isa::isa_dispatched;
 use super::loss::{exp, lane_sum};
 use super::matmul::gemm_raw;
 use super::SendPtr;
+use crate::backend::bf16::round_slice_bf16;
 use crate::backend::AttnShape;
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
 const BQ: usize = 64;
+/// Keys per forward tile: also the flash forward kernel's (FWD_BK in flash_attention.cu), which the bf16
+/// rounding of P depends on (P is taken relative to the running max at the end of its tile).
 const BK: usize = 64;
+
+/// What the products after the softmax take as P and dS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbOperands {
+    /// f32 values (the CPU backend, and the device's f32 kernels).
+    F32,
+    /// Values rounded to bf16 (the device's bf16 flash kernels; see the module comment).
+    Bf16,
+}
+
+/// Rounds the first `bk` columns of the first `rows` rows of a tile of row stride `BK`, when the products
+/// take bf16 operands.
+fn round_tile(tile: &mut [f32], rows: usize, bk: usize, operands: ProbOperands) {
+    if operands == ProbOperands::Bf16 {
+        for r in 0..rows {
+            round_slice_bf16(&mut tile[r * BK..r * BK + bk]);
+        }
+    }
+}
 
 thread_local! {
     // Per-thread tile scratch, grown once and then reused (no allocation per step once warm).
@@ -101,7 +131,15 @@ fn lane_max(x: &[f32]) -> f32 {
     lanes.iter().fold(tail, |a, &b| a.max(b))
 }
 
-pub fn forward(s: AttnShape, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], lse: &mut [f32]) {
+pub fn forward(
+    s: AttnShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    lse: &mut [f32],
+    operands: ProbOperands,
+) {
     check(&s, q.len(), k.len(), v.len(), out.len(), lse.len());
     let AttnShape {
         batch,
@@ -174,6 +212,8 @@ pub fn forward(s: AttnShape, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], l
                             *a *= corr;
                         }
                     }
+                    // After the sums: l is the sum of the unrounded values, as the kernel's.
+                    round_tile(sc, bq, bk, operands);
                     // acc += P V (bq x d)
                     gemm_raw(
                         bq,
@@ -217,6 +257,7 @@ pub fn backward(
     dq: &mut [f32],
     dk: &mut [f32],
     dv: &mut [f32],
+    operands: ProbOperands,
 ) {
     check(&s, q.len(), k.len(), v.len(), out.len(), lse.len());
     assert!(
@@ -312,23 +353,6 @@ pub fn backward(
                                 let visible = (i0 + r + 1).saturating_sub(j0).min(bk);
                                 probs_row(&mut p[r * BK..r * BK + bk], visible, scale, *lse_h.add(i0 + r));
                             }
-                            // dV_j += P^T dO_i
-                            gemm_raw(
-                                bk,
-                                d,
-                                bq,
-                                p.as_ptr(),
-                                1,
-                                BK as isize,
-                                doptr,
-                                qrs,
-                                1,
-                                dvptr,
-                                krs,
-                                true,
-                                1.0,
-                                none,
-                            );
                             // dP = dO_i V_j^T
                             gemm_raw(
                                 bq,
@@ -351,6 +375,26 @@ pub fn backward(
                                 let di = dvec[g * t + i0 + r];
                                 ds_row(&p[r * BK..r * BK + bk], &mut ds[r * BK..r * BK + bk], di);
                             }
+                            // dV_j += P^T dO_i, after dS took the unrounded P (the order does not change the f32
+                            // path: the two use P independently).
+                            round_tile(p, bq, bk, operands);
+                            gemm_raw(
+                                bk,
+                                d,
+                                bq,
+                                p.as_ptr(),
+                                1,
+                                BK as isize,
+                                doptr,
+                                qrs,
+                                1,
+                                dvptr,
+                                krs,
+                                true,
+                                1.0,
+                                none,
+                            );
+                            round_tile(ds, bq, bk, operands);
                             // dQ_i += scale * dS K_j ; dK_j += scale * dS^T Q_i
                             gemm_raw(
                                 bq,

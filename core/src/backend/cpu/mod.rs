@@ -7,7 +7,8 @@
 //! are always bf16-representable. Every op computes in f32 exactly as for an F32 buffer and then, if its
 //! destination is Bf16, rounds what it wrote (`store`), which is the device's "f32 math, round on store";
 //! an accumulating op rounds old + new, the sum taken in f32. F32 buffers are never touched by rounding, so
-//! the f32 path is bit for bit what it was.
+//! the f32 path is bit for bit what it was. One op also rounds inside: attention on bf16 tensors at a flash
+//! head_dim rounds P and dS where the device's flash kernels do (`flash_operands`, attention.rs).
 
 mod attention;
 mod elementwise;
@@ -89,6 +90,24 @@ const ROUND_CHUNK: usize = 1 << 14;
 pub(crate) fn store(v: ViewMut<'_, CpuBackend>) {
     if v.buf.1 == Storage::Bf16 {
         sl_mut(v).par_chunks_mut(ROUND_CHUNK).for_each(round_slice_bf16);
+    }
+}
+
+/// How the device computes this attention's P and dS (cpu/attention.rs), so the twin rounds where it rounds:
+/// bf16 exactly where the CUDA backend takes its bf16 flash kernels (cuda/ops_bf16.rs, cuda/flash.rs): every
+/// tensor (storage, view offset) bf16 and lse f32, a head_dim the kernels are built for, and every view
+/// starting 16-byte aligned (a multiple of 8 bf16 elements; device buffers themselves start 512-aligned).
+/// Anything else runs the f32 kernels there, with f32 operands, as here.
+fn flash_operands(head_dim: usize, tensors: &[(Storage, usize)], lse: Storage) -> attention::ProbOperands {
+    let flash = nc_kernels::FLASH_HEAD_DIMS.contains(&head_dim)
+        && lse == Storage::F32
+        && tensors
+            .iter()
+            .all(|&(storage, off)| storage == Storage::Bf16 && off.is_multiple_of(8));
+    if flash {
+        attention::ProbOperands::Bf16
+    } else {
+        attention::ProbOperands::F32
     }
 }
 
@@ -280,7 +299,9 @@ impl Backend for CpuBackend {
         mut o: ViewMut<'_, Self>,
         mut lse: ViewMut<'_, Self>,
     ) {
-        attention::forward(shape, sl(q), sl(k), sl(v), out(&mut o), out(&mut lse));
+        let tensors = [(q.buf.1, q.off), (k.buf.1, k.off), (v.buf.1, v.off), (o.buf.1, o.off)];
+        let operands = flash_operands(shape.head_dim, &tensors, lse.buf.1);
+        attention::forward(shape, sl(q), sl(k), sl(v), out(&mut o), out(&mut lse), operands);
         store(o);
         store(lse);
     }
@@ -297,6 +318,17 @@ impl Backend for CpuBackend {
         mut dk: ViewMut<'_, Self>,
         mut dv: ViewMut<'_, Self>,
     ) {
+        let tensors = [
+            (q.buf.1, q.off),
+            (k.buf.1, k.off),
+            (v.buf.1, v.off),
+            (o.buf.1, o.off),
+            (dout.buf.1, dout.off),
+            (dq.buf.1, dq.off),
+            (dk.buf.1, dk.off),
+            (dv.buf.1, dv.off),
+        ];
+        let operands = flash_operands(shape.head_dim, &tensors, lse.buf.1);
         attention::backward(
             shape,
             sl(q),
@@ -308,6 +340,7 @@ impl Backend for CpuBackend {
             out(&mut dq),
             out(&mut dk),
             out(&mut dv),
+            operands,
         );
         store(dq);
         store(dk);

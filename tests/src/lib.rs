@@ -12,6 +12,25 @@ use nc_core::backend::{Backend, View, ViewMut};
 /// the simulated GPU in a child process and has passed there when this returns None (a failure panics). With
 /// no simulated GPU either it is skipped with one line saying why, or fails under NC_REQUIRE_CUDA=1.
 pub fn cuda_backend_or_simulated(suite: &str) -> Option<CudaBackend> {
+    match cuda_backend_or_simulated_with(suite, &[]) {
+        CudaRun::Here(be) => Some(be),
+        CudaRun::Simulated | CudaRun::Skipped => None,
+    }
+}
+
+/// Where a CUDA test runs (`cuda_backend_or_simulated_with`).
+pub enum CudaRun {
+    /// This process sees a device (a real GPU, or the simulated one in the child): run the test here.
+    Here(CudaBackend),
+    /// The test ran on the simulated GPU in a child process and passed there.
+    Simulated,
+    /// No device of any kind: skipped, with a line saying why.
+    Skipped,
+}
+
+/// `cuda_backend_or_simulated`, telling a test that ran in the simulated child from one that was skipped,
+/// and giving the child more environment (e.g. `NC_SIM_TRACE=FILE`, read once the child has exited).
+pub fn cuda_backend_or_simulated_with(suite: &str, env: &[(&str, &str)]) -> CudaRun {
     let why = if !cuda::driver_present() {
         "the CUDA driver library (libcuda.so) is not installed"
     } else if cuda::device_count() == 0 {
@@ -19,16 +38,16 @@ pub fn cuda_backend_or_simulated(suite: &str) -> Option<CudaBackend> {
     } else {
         let be = CudaBackend::new(0)
             .unwrap_or_else(|e| panic!("a CUDA device is visible but the CUDA backend failed to start: {e}"));
-        return Some(be);
+        return CudaRun::Here(be);
     };
-    match sim::run_this_test_simulated(&sim::BLAS_LIBRARIES) {
-        sim::Simulated::Passed => None,
+    match sim::run_this_test_simulated_with(&sim::BLAS_LIBRARIES, env) {
+        sim::Simulated::Passed => CudaRun::Simulated,
         sim::Simulated::Unavailable(no_sim) => {
             if std::env::var_os("NC_REQUIRE_CUDA").is_some() {
                 panic!("NC_REQUIRE_CUDA is set but {why} (and no simulated GPU: {no_sim})");
             }
             eprintln!("no CUDA device: {why}, and no simulated GPU: {no_sim}; {suite} not run");
-            None
+            CudaRun::Skipped
         }
     }
 }

@@ -127,6 +127,12 @@ pub const BLAS_LIBRARIES: [&str; 3] = ["libcublas.so.13", "libcublasLt.so.13", "
 /// stand-ins land one by one). Panics, with the child's output, when the child's test failed or did not
 /// run; prints the child's output when it passed.
 pub fn run_this_test_simulated(also_needs: &[&str]) -> Simulated {
+    run_this_test_simulated_with(also_needs, &[])
+}
+
+/// `run_this_test_simulated` with more environment for the child, e.g. `NC_SIM_TRACE=FILE` for a test that
+/// reads the simulated driver's trace of its run once the child has exited (the trace is complete then).
+pub fn run_this_test_simulated_with(also_needs: &[&str], env: &[(&str, &str)]) -> Simulated {
     if std::env::var_os(CHILD_ENV).is_some() {
         return Simulated::Unavailable(format!(
             "this is the simulated run ({CHILD_ENV} is set) and the simulated driver did not show a device"
@@ -148,6 +154,7 @@ pub fn run_this_test_simulated(also_needs: &[&str]) -> Simulated {
         .env("NC_REQUIRE_CUDA", "1")
         .env("NC_NO_ALLOC_CACHE", "1")
         .env(CHILD_ENV, "1")
+        .envs(env.iter().copied())
         .output()
         .unwrap_or_else(|e| panic!("starting {} for the simulated run: {e}", exe.display()));
     let text = format!(

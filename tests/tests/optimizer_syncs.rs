@@ -7,17 +7,20 @@
 //! the clip's gradient norm, which the log wants anyway. Newton-Schulz's per-matrix norm stays on the
 //! backend (`inverse_norm_into` and `scale_by_scalar`); reading it back instead costs one wait per matrix,
 //! which this test counts and refuses. The same holds on the bf16 path (`Precision::Bf16`: batched bf16
-//! Newton-Schulz, Muon's apply and the multi-tensor AdamW writing the working copy).
+//! Newton-Schulz, Muon's apply and the multi-tensor AdamW writing the working copy). And on the CUDA backend
+//! itself, counted by the simulated GPU's driver (its NC_SIM_TRACE trace) rather than by a wrapper.
 
 use nc_core::backend::cpu::{CpuBackend, CpuBuf};
+use nc_core::backend::cuda::CudaBackend;
 use nc_core::backend::{Backend, Storage, View};
 use nc_core::config::{ModelConfig, ParamKind};
 use nc_core::model::Rng;
 use nc_core::optim::device::{DeviceOptimizer, DeviceOptions};
 use nc_core::optim::OptimConfig;
 use nc_core::plan::Precision;
-use nc_tests::{to_backend, to_host};
+use nc_tests::{to_backend, to_host, CudaRun};
 use std::cell::Cell;
+use std::ffi::{c_char, CString};
 
 /// The CPU backend with host slices hidden and every host wait counted.
 #[derive(Default)]
@@ -159,6 +162,149 @@ fn one_bf16_optimizer_step_waits_for_the_device_once() {
                 "step {step}: {what} differ"
             );
         }
+    }
+}
+
+/// The same steps on the CUDA backend, each between two marks in the simulated driver's trace: `mark` is
+/// None on a real GPU (its driver keeps no trace), where the steps run and are not counted.
+fn cuda_steps(be: &CudaBackend, mark: Option<&dyn Fn(&str)>) {
+    let model = tiny();
+    let n = model.num_params() as usize;
+    let mut rng = Rng::new(7);
+    let p0: Vec<f32> = (0..n).map(|_| (rng.normal() * 0.1) as f32).collect();
+    for precision in [Precision::Fp32, Precision::Bf16] {
+        let opts = DeviceOptions {
+            precision,
+            ..DeviceOptions::default()
+        };
+        let mut opt = DeviceOptimizer::with_options(be, &model, OptimConfig::default(), opts).unwrap();
+        let mut params = to_backend(be, &p0);
+        let mut working = be.alloc_as(n, Storage::Bf16);
+        for step in 0..TRACED_STEPS {
+            let g: Vec<f32> = (0..n).map(|_| (rng.normal() * 0.05) as f32).collect();
+            let mut grads = to_backend(be, &g);
+            be.synchronize(); // the upload's waits stay outside the marks
+            mark.inspect(|m| m(&format!("begin {precision:?} step {step}")));
+            opt.clip(be, &mut grads, 1.0);
+            let working = (precision == Precision::Bf16).then_some(&mut working);
+            opt.step_writing(be, &mut params, &grads, working, 1.0, 0.9);
+            mark.inspect(|m| m(&format!("end {precision:?} step {step}")));
+        }
+        let got = to_host(be, &params);
+        assert!(got.iter().all(|x| x.is_finite()), "{precision:?}: params not finite");
+    }
+}
+
+/// Optimizer steps traced per precision.
+const TRACED_STEPS: usize = 3;
+
+/// The simulated driver's private trace entry (sim/include/ncsim.h), found in the libcuda.so.1 this process
+/// loaded (the simulated one in the child); None where the driver has none.
+fn simulated_trace_mark() -> Option<impl Fn(&str)> {
+    type NcsimTrace = unsafe extern "C" fn(*const c_char, *const c_char);
+    // SAFETY: opening a library the CUDA backend already loaded returns that same library (no initializer
+    // runs again); ncsim_trace has the signature ncsim.h declares.
+    let lib = unsafe { libloading::Library::new("libcuda.so.1") }.ok()?;
+    let trace: NcsimTrace = *unsafe { lib.get::<NcsimTrace>(b"ncsim_trace\0") }.ok()?;
+    Some(move |detail: &str| {
+        let _loaded = &lib;
+        let detail = CString::new(detail).expect("a mark without NUL");
+        // SAFETY: two NUL-terminated strings that outlive the call; the driver copies them.
+        unsafe { trace(c"test".as_ptr(), detail.as_ptr()) }
+    })
+}
+
+/// What the host did between a "begin" and an "end" mark of a trace.
+#[derive(Debug, Default)]
+struct Window {
+    what: String,
+    /// Host synchronizations (the trace's "sync": stream, context and event synchronizations, and copies the
+    /// host waits for) with device work queued since the previous one: the waits for the device.
+    waits: usize,
+    /// Synchronizations right after another with nothing queued between: they wait for nothing (e.g. the
+    /// backend's cuStreamSynchronize after a read-back into pageable memory, which the copy already waited for).
+    idle_syncs: usize,
+    read_backs: usize,
+    allocations: usize,
+}
+
+/// The marked windows of a finished trace (NC_SIM_TRACE's lines: number, kind, detail).
+fn marked_windows(trace: &str) -> Vec<Window> {
+    let mut windows = Vec::new();
+    let mut open: Option<Window> = None;
+    // The marks are placed right after a synchronization: nothing is queued when a window opens.
+    let mut queued = false;
+    for line in trace.lines().filter(|l| !l.starts_with('#')) {
+        let fields: Vec<&str> = line.split('\t').collect();
+        let (kind, detail) = (
+            fields.get(1).copied().unwrap_or(""),
+            fields.get(2).copied().unwrap_or(""),
+        );
+        if ["launch", "gemm", "h2d", "d2h", "d2d", "memset"].contains(&kind) {
+            queued = true;
+        }
+        match (kind, &mut open) {
+            ("test", None) if detail.starts_with("begin ") => {
+                queued = false;
+                open = Some(Window {
+                    what: detail["begin ".len()..].to_string(),
+                    ..Window::default()
+                })
+            }
+            ("test", Some(w)) if detail == format!("end {}", w.what) => windows.push(open.take().unwrap()),
+            ("test", _) => panic!("unexpected mark '{detail}' in the trace"),
+            ("sync", Some(w)) if queued => w.waits += 1,
+            ("sync", Some(w)) => w.idle_syncs += 1,
+            ("d2h", Some(w)) => w.read_backs += 1,
+            ("alloc", Some(w)) => w.allocations += 1,
+            _ => {}
+        }
+        if kind == "sync" {
+            queued = false;
+        }
+    }
+    windows
+}
+
+/// The count above, of real CUDA synchronizations: the CUDA backend's optimizer step (f32 and bf16), run on
+/// the simulated GPU with its trace on, makes the host wait for the device exactly once per step (the clip's
+/// gradient norm), as the simulated driver saw it: a synchronization with device work queued since the
+/// previous one (one right after another waits for nothing). On a real GPU the steps run uncounted.
+#[test]
+fn one_cuda_optimizer_step_synchronizes_once_on_the_simulated_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("trace.tsv");
+    let env = [("NC_SIM_TRACE", trace.to_str().expect("a UTF-8 temp path"))];
+    match nc_tests::cuda_backend_or_simulated_with("optimizer_syncs", &env) {
+        CudaRun::Here(be) => {
+            let mark = simulated_trace_mark();
+            if mark.is_none() {
+                eprintln!("a real GPU: its driver keeps no trace, so the steps run uncounted");
+            }
+            cuda_steps(&be, mark.as_ref().map(|m| m as &dyn Fn(&str)));
+        }
+        CudaRun::Simulated => {
+            let text = std::fs::read_to_string(&trace).expect("the simulated run's trace (NC_SIM_TRACE)");
+            let windows = marked_windows(&text);
+            assert_eq!(
+                windows.len(),
+                2 * TRACED_STEPS,
+                "marked steps in the trace: {windows:?}"
+            );
+            for w in &windows {
+                eprintln!(
+                    "{}: {} wait(s) for the device, {} idle synchronization(s), {} read-back(s), {} allocation(s)",
+                    w.what, w.waits, w.idle_syncs, w.read_backs, w.allocations
+                );
+                assert_eq!(
+                    w.waits, 1,
+                    "{}: the optimizer step made the host wait for the device {} times (1 allowed: the gradient \
+                     norm)",
+                    w.what, w.waits
+                );
+            }
+        }
+        CudaRun::Skipped => {}
     }
 }
 

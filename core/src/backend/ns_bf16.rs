@@ -217,11 +217,24 @@ mod tests {
     #[test]
     fn epilogue_agrees_across_levels() {
         use crate::backend::cpu::isa::{assert_same_bits, levels_here, test_values};
-        let (acc, c) = (test_values(1031, 1), test_values(1031, 2));
+        let (mut acc, mut c) = (test_values(1031, 1), test_values(1031, 2));
+        // Random values almost never sit where one rounding more or less shows through bf16, so a copy that
+        // contracted alpha acc + beta c into an FMA would pass on them alone: add the pairs where it shows.
+        let (alpha, beta) = (-4.775f32, 2.0315f32);
+        let (wa, wc) = (test_values(2_000_000, 3), test_values(2_000_000, 4));
+        let mut sensitive = 0;
+        for (&a, &cc) in wa.iter().zip(&wc) {
+            if round_bf16(alpha.mul_add(a, beta * cc)).to_bits() != round_bf16(alpha * a + beta * cc).to_bits() {
+                acc.push(a);
+                c.push(cc);
+                sensitive += 1;
+            }
+        }
+        assert!(sensitive >= 16, "only {sensitive} FMA-sensitive pairs found");
         let mut first: Option<(Vec<f32>, Vec<f32>)> = None;
         for level in levels_here() {
             let (mut d1, mut d2) = (vec![0.0; acc.len()], vec![0.0; acc.len()]);
-            epilogue_at(level, &acc, -4.775, Some((2.0315, &c)), &mut d1);
+            epilogue_at(level, &acc, alpha, Some((beta, &c)), &mut d1);
             epilogue_at(level, &acc, 1.0, None, &mut d2);
             match &first {
                 None => first = Some((d1, d2)),

@@ -290,7 +290,6 @@ pub fn backward(
         SendPtr(dv.as_mut_ptr()),
     );
     let (qrs, krs) = ((h * d) as isize, (hkv * d) as isize);
-    let none = Parallelism::None;
     // One task per (batch, kv head): it owns dk/dv of that kv head and dq of the query heads sharing it.
     (0..batch * hkv).into_par_iter().for_each(|task| {
         let (dqp, dkp, dvp) = (dqp, dkp, dvp);
@@ -329,111 +328,156 @@ pub fn backward(
                         // Query tiles that can see key j0 start at the tile holding row j0.
                         for i0 in ((j0 / BQ) * BQ..t).step_by(BQ) {
                             let bq = BQ.min(t - i0);
-                            let qptr = (qp as *const f32).add(q_row(i0, hh));
-                            let doptr = (dop as *const f32).add(q_row(i0, hh));
-                            let dqptr = dqp.0.add(q_row(i0, hh));
-                            // P = exp(scale * Q K^T - lse), causal-masked.
-                            gemm_raw(
-                                bq,
-                                bk,
-                                d,
-                                qptr,
-                                qrs,
-                                1,
-                                kptr,
-                                1,
-                                krs,
-                                p.as_mut_ptr(),
-                                BK as isize,
-                                false,
-                                1.0,
-                                none,
-                            );
-                            for r in 0..bq {
-                                let visible = (i0 + r + 1).saturating_sub(j0).min(bk);
-                                probs_row(&mut p[r * BK..r * BK + bk], visible, scale, *lse_h.add(i0 + r));
-                            }
-                            // dP = dO_i V_j^T
-                            gemm_raw(
-                                bq,
-                                bk,
-                                d,
-                                doptr,
-                                qrs,
-                                1,
-                                vptr,
-                                1,
-                                krs,
-                                ds.as_mut_ptr(),
-                                BK as isize,
-                                false,
-                                1.0,
-                                none,
-                            );
-                            // dS = P * (dP - D_i); the score scale is folded into the two products below.
-                            for r in 0..bq {
-                                let di = dvec[g * t + i0 + r];
-                                ds_row(&p[r * BK..r * BK + bk], &mut ds[r * BK..r * BK + bk], di);
-                            }
-                            // dV_j += P^T dO_i, after dS took the unrounded P (the order does not change the f32
-                            // path: the two use P independently).
-                            round_tile(p, bq, bk, operands);
-                            gemm_raw(
-                                bk,
-                                d,
-                                bq,
-                                p.as_ptr(),
-                                1,
-                                BK as isize,
-                                doptr,
-                                qrs,
-                                1,
-                                dvptr,
-                                krs,
-                                true,
-                                1.0,
-                                none,
-                            );
-                            round_tile(ds, bq, bk, operands);
-                            // dQ_i += scale * dS K_j ; dK_j += scale * dS^T Q_i
-                            gemm_raw(
-                                bq,
-                                d,
-                                bk,
-                                ds.as_ptr(),
-                                BK as isize,
-                                1,
-                                kptr,
-                                krs,
-                                1,
-                                dqptr,
-                                qrs,
-                                true,
-                                scale,
-                                none,
-                            );
-                            gemm_raw(
-                                bk,
-                                d,
-                                bq,
-                                ds.as_ptr(),
-                                1,
-                                BK as isize,
-                                qptr,
-                                qrs,
-                                1,
-                                dkptr,
-                                krs,
-                                true,
-                                scale,
-                                none,
-                            );
+                            let tile = TilePtrs {
+                                q: (qp as *const f32).add(q_row(i0, hh)),
+                                dout: (dop as *const f32).add(q_row(i0, hh)),
+                                dq: dqp.0.add(q_row(i0, hh)),
+                                k: kptr,
+                                v: vptr,
+                                dk: dkptr,
+                                dv: dvptr,
+                                q_stride: qrs,
+                                kv_stride: krs,
+                            };
+                            let lse_rows = std::slice::from_raw_parts(lse_h.add(i0), bq);
+                            let d_rows = &dvec[g * t + i0..g * t + i0 + bq];
+                            backward_tile(&tile, (i0, j0, bq, bk, d), lse_rows, d_rows, scale, operands, p, ds);
                         }
                     }
                 }
             }
         });
     });
+}
+
+/// One query head's rows i0..i0+bq and one kv head's rows j0..j0+bk of the backward's inputs and gradients.
+struct TilePtrs {
+    q: *const f32,
+    dout: *const f32,
+    dq: *mut f32,
+    k: *const f32,
+    v: *const f32,
+    dk: *mut f32,
+    dv: *mut f32,
+    q_stride: isize,
+    kv_stride: isize,
+}
+
+/// One (query tile, key tile) step of the backward: P from the saved lse, dP, dS, then dV, dQ and dK
+/// accumulated into the tile's rows. `lse_rows` and `d_rows` (D_i = rowsum(dO_i * O_i)) are the query rows'.
+///
+/// # Safety
+/// The pointers cover bq (query side) and bk (kv side) rows of d values at their strides, and no other thread
+/// writes the tile's dq, dk and dv rows meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward_tile(
+    tile: &TilePtrs,
+    (i0, j0, bq, bk, d): (usize, usize, usize, usize, usize),
+    lse_rows: &[f32],
+    d_rows: &[f32],
+    scale: f32,
+    operands: ProbOperands,
+    p: &mut [f32],
+    ds: &mut [f32],
+) {
+    let (qrs, krs) = (tile.q_stride, tile.kv_stride);
+    let none = Parallelism::None;
+    // P = exp(scale * Q K^T - lse), causal-masked.
+    gemm_raw(
+        bq,
+        bk,
+        d,
+        tile.q,
+        qrs,
+        1,
+        tile.k,
+        1,
+        krs,
+        p.as_mut_ptr(),
+        BK as isize,
+        false,
+        1.0,
+        none,
+    );
+    for r in 0..bq {
+        let visible = (i0 + r + 1).saturating_sub(j0).min(bk);
+        probs_row(&mut p[r * BK..r * BK + bk], visible, scale, lse_rows[r]);
+    }
+    // dP = dO_i V_j^T
+    gemm_raw(
+        bq,
+        bk,
+        d,
+        tile.dout,
+        qrs,
+        1,
+        tile.v,
+        1,
+        krs,
+        ds.as_mut_ptr(),
+        BK as isize,
+        false,
+        1.0,
+        none,
+    );
+    // dS = P * (dP - D_i); the score scale is folded into the two products below.
+    for r in 0..bq {
+        let di = d_rows[r];
+        ds_row(&p[r * BK..r * BK + bk], &mut ds[r * BK..r * BK + bk], di);
+    }
+    // dV_j += P^T dO_i, after dS took the unrounded P (the order does not change the f32
+    // path: the two use P independently).
+    round_tile(p, bq, bk, operands);
+    gemm_raw(
+        bk,
+        d,
+        bq,
+        p.as_ptr(),
+        1,
+        BK as isize,
+        tile.dout,
+        qrs,
+        1,
+        tile.dv,
+        krs,
+        true,
+        1.0,
+        none,
+    );
+    round_tile(ds, bq, bk, operands);
+    // dQ_i += scale * dS K_j ; dK_j += scale * dS^T Q_i
+    gemm_raw(
+        bq,
+        d,
+        bk,
+        ds.as_ptr(),
+        BK as isize,
+        1,
+        tile.k,
+        krs,
+        1,
+        tile.dq,
+        qrs,
+        true,
+        scale,
+        none,
+    );
+    gemm_raw(
+        bk,
+        d,
+        bq,
+        ds.as_ptr(),
+        1,
+        BK as isize,
+        tile.q,
+        qrs,
+        1,
+        tile.dk,
+        krs,
+        true,
+        scale,
+        none,
+    );
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 // The simulated machine's shape, from the environment: NC_SIM_DEVICES (default 1), NC_SIM_MEM (bytes per
-// device, default 4G; K, M, G suffixes are powers of 1024), NC_SIM_RACE=1 (race mode), NC_SIM_TRACE=FILE.
+// device, default 4G; K, M, G suffixes are powers of 1024), NC_SIM_RACE=1 (race mode), NC_SIM_TRACE=FILE, and the
+// planted bugs that show the checks work: NC_SIM_PLANT_SKIP_SYNCTHREADS=N.
 #include "state.h"
 #include <cerrno>
 #include <cstdlib>
@@ -52,6 +53,19 @@ bool load_config(Config& out) {
         c.race = r[0] == '1';
     }
     if (const char* t = std::getenv("NC_SIM_TRACE"); t && *t) c.trace_path = t;
+    // A planted bug, for the race checker's own test (tests/tests/sim_driver.rs): the N-th (0-based) __syncthreads
+    // of every thread of every kernel does nothing. The emulator reads the variable itself (kernel_registry.h sets
+    // emu_plant_skip_syncthreads when a module registers, before cuInit); here a bad value is refused.
+    if (const char* p = std::getenv("NC_SIM_PLANT_SKIP_SYNCTHREADS"); p && *p) {
+        char* end = nullptr;
+        long n = std::strtol(p, &end, 10);
+        if (*end != '\0' || n < 0 || n > 1000000) {
+            say("NC_SIM_PLANT_SKIP_SYNCTHREADS='%s': give the 0-based index of the __syncthreads every thread skips "
+                "(a planted bug for testing the race checker), or leave it unset", p);
+            return false;
+        }
+        c.plant_skip_syncthreads = int(n);
+    }
     g_config = c;
     out = c;
     return true;

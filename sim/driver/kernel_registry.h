@@ -7,6 +7,7 @@
 // which pointer parameters are reads (const T*) and which writes (T*).
 #pragma once
 #include "state.h"
+#include <cstdlib>
 #include <type_traits>
 #include <utility>
 
@@ -37,6 +38,16 @@ struct KernelBinding<F> {
     }
 };
 
+// NC_SIM_PLANT_SKIP_SYNCTHREADS as a number, -1 when unset or not a number (config.cpp says what is wrong with
+// it at cuInit, once; a message here would be printed once per module).
+inline int planted_skip_syncthreads() {
+    const char* text = std::getenv("NC_SIM_PLANT_SKIP_SYNCTHREADS");
+    if (!text || !*text) return -1;
+    char* end = nullptr;
+    long n = std::strtol(text, &end, 10);
+    return *end == '\0' && n >= 0 && n <= 1000000 ? int(n) : -1;
+}
+
 // The kernel the calling OS thread is running a block of, for the fault handler (nullptr: none).
 inline const char* emu_running_kernel() { return emu_block ? emu_block->kernel_name : nullptr; }
 
@@ -45,8 +56,11 @@ inline const char* emu_running_kernel() { return emu_block ? emu_block->kernel_n
 #define NCSIM_KERNEL(ns, entry) ::sim::KernelBinding<&ns::entry>::make(#entry)
 // Registers the module's kernels, and the driver's bounds check as the emulator's access check (the kernels are
 // compiled with -fsanitize=thread, so the emulator sees each of their global accesses: emu.h), with the count of
-// frees as the epoch of the emulator's pass cache (emu_race.h).
+// frees as the epoch of the emulator's pass cache (emu_race.h). NC_SIM_PLANT_SKIP_SYNCTHREADS=N plants a missing
+// __syncthreads in every kernel (emu_race.h's emu_plant_skip_syncthreads, one variable for all modules): read
+// here, at load, as the emulator reads NC_SIM_RACE itself; config.cpp refuses a bad value at cuInit.
 #define NCSIM_MODULE(module, hash, ...)                                                                       \
     static const bool ncsim_module_registered =                                                              \
         (emu_set_access_check(&::sim::kernel_access_check, ::sim::free_epoch()),                             \
+         emu_plant_skip_syncthreads = ::sim::planted_skip_syncthreads(),                                     \
          ::sim::register_module(#module, hash, {__VA_ARGS__}, &::sim::emu_running_kernel));

@@ -24,6 +24,7 @@ struct Config {
     size_t mem_bytes = 4ull << 30;     // NC_SIM_MEM, per device
     bool race = false;                 // NC_SIM_RACE=1
     std::string trace_path;            // NC_SIM_TRACE
+    int plant_skip_syncthreads = -1;   // NC_SIM_PLANT_SKIP_SYNCTHREADS (a planted bug; -1: off)
 };
 // Parses the environment; on a bad value prints what is wrong and what to do, and returns false.
 bool load_config(Config& out);

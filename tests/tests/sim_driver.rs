@@ -48,7 +48,13 @@ fn probe(scenario: &str, planted: bool, env: &[(&str, &str)]) -> Run {
     if planted {
         cmd.arg("planted");
     }
-    for var in ["NC_SIM_DEVICES", "NC_SIM_MEM", "NC_SIM_RACE", "NC_SIM_TRACE"] {
+    for var in [
+        "NC_SIM_DEVICES",
+        "NC_SIM_MEM",
+        "NC_SIM_RACE",
+        "NC_SIM_TRACE",
+        "NC_SIM_PLANT_SKIP_SYNCTHREADS",
+    ] {
         cmd.env_remove(var);
     }
     let lib = root().join("target/sim");
@@ -143,20 +149,60 @@ fn a_launch_argument_of_the_wrong_width_is_refused() {
 fn a_grid_one_block_short_leaves_poison_that_differs_from_the_cpu() {
     let full = probe("grid", false, &[]);
     clean(&full, "launched");
-    let err = |r: &Run| -> f64 {
-        let line = r
-            .stdout
-            .lines()
-            .find(|l| l.starts_with("max abs error vs CPU: "))
-            .expect("error line");
-        line.trim_start_matches("max abs error vs CPU: ")
-            .parse()
-            .expect("a number")
-    };
-    assert!(err(&full) < 1e-6, "{}", show(&full));
+    assert!(max_error_vs_cpu(&full) < 1e-6, "{}", show(&full));
     // The last row is never written: it keeps the allocation's NaN poison.
     let short = probe("grid", true, &[]);
-    assert!(err(&short).is_infinite(), "{}", show(&short));
+    assert!(max_error_vs_cpu(&short).is_infinite(), "{}", show(&short));
+}
+
+/// The "grid" scenario's error against the CPU, from its stdout.
+fn max_error_vs_cpu(r: &Run) -> f64 {
+    let line = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("max abs error vs CPU: "))
+        .unwrap_or_else(|| panic!("no error line:\n{}", show(r)));
+    line.trim_start_matches("max abs error vs CPU: ")
+        .parse()
+        .expect("a number")
+}
+
+#[test]
+fn a_removed_syncthreads_is_reported_as_a_shared_memory_race_in_race_mode() {
+    // nc_rmsnorm_forward_f32's block reduction: each warp's lane 0 writes its partial sum to shared memory,
+    // __syncthreads, warp 0 reads them. NC_SIM_PLANT_SKIP_SYNCTHREADS=0 makes every thread skip its first
+    // __syncthreads, as if it were deleted from the source.
+    let race = [("NC_SIM_RACE", "1")];
+    let r = probe("grid", false, &race);
+    clean(&r, "launched");
+    assert!(max_error_vs_cpu(&r) < 1e-6, "{}", show(&r));
+    let r = probe(
+        "grid",
+        false,
+        &[("NC_SIM_RACE", "1"), ("NC_SIM_PLANT_SKIP_SYNCTHREADS", "0")],
+    );
+    stopped(
+        &r,
+        &[
+            "emu race: kernel nc_rmsnorm_forward_f32",
+            "with no barrier between them",
+            "block_sum::partial",
+            "kernel nc_rmsnorm_forward_f32: the emulator reported",
+            "shared-memory race(s)",
+        ],
+    );
+    // Outside race mode the same bug shows in the numbers (sums read before every warp wrote its own).
+    let r = probe("grid", false, &[("NC_SIM_PLANT_SKIP_SYNCTHREADS", "0")]);
+    assert!(r.code == Some(0) && max_error_vs_cpu(&r) > 1e-2, "{}", show(&r));
+    // A bad value is refused at cuInit with what to write instead.
+    let r = probe("grid", false, &[("NC_SIM_PLANT_SKIP_SYNCTHREADS", "first")]);
+    assert!(
+        r.stdout.contains("init error: CUDA_ERROR_INVALID_VALUE")
+            && r.stderr.contains("NC_SIM_PLANT_SKIP_SYNCTHREADS='first'")
+            && r.stderr.matches("nc-sim:").count() == 1,
+        "{}",
+        show(&r)
+    );
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! `nc-data download --eval-bundle` (nc_core::data::eval_bundle_download) against a local HTTP server: the
+//! `nc-data download --eval-bundle` (nc_core::eval::bundle_download) against a local HTTP server: the
 //! bundle unpacked byte for byte into its folder, a bundle already there used as is (no request), resets and
 //! 5xx retried, a 404 final, and hostile archives (an entry climbing out with `..`, an absolute path, a
 //! symbolic link) refused with nothing written outside and nothing left under the final name.
@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use nc_core::data::download_retry::RetryPolicy;
-use nc_core::data::eval_bundle_download::{download_eval_bundle, BundleOutcome};
+use nc_core::eval::bundle_download::{download_eval_bundle, BundleOutcome};
 use support::http_server::{Fault, TestServer};
 use zip::write::SimpleFileOptions;
 

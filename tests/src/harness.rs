@@ -7,9 +7,9 @@
 
 use nc_core::backend::device_like::DeviceLikeCpu;
 use nc_core::config::ModelConfig;
+use nc_core::data::run_data::DataSource;
 use nc_core::optim::OptimConfig;
 use nc_core::plan::{Horizon, Precision, Recompute};
-use nc_core::train::data::DataSource;
 use nc_core::train::{Device, Resume, TrainConfig};
 use std::path::Path;
 

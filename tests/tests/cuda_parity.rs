@@ -37,6 +37,7 @@
 //! bit for bit (an op never writes past its view). Outputs that an op writes (not accumulates) start as NaN
 //! on both sides, so reading an output before writing it fails.
 
+use nc_core::backend::cpu::matmul_f64::matmul_f64;
 use nc_core::backend::cpu::{CpuBackend, CpuBuf, CpuIds};
 use nc_core::backend::cuda::CudaBackend;
 use nc_core::backend::device_like::DeviceLikeCpu;
@@ -248,17 +249,9 @@ fn product_magnitude(
     b_t: bool,
     c0: Option<&[f32]>,
 ) -> Vec<f64> {
-    let mut mag = vec![0.0f64; m * n];
-    for i in 0..m {
-        for j in 0..n {
-            let mut s = 0.0f64;
-            for p in 0..k {
-                let av = if a_t { a[p * m + i] } else { a[i * k + p] };
-                let bv = if b_t { b[j * k + p] } else { b[p * n + j] };
-                s += (av as f64 * bv as f64).abs();
-            }
-            mag[i * n + j] = s + c0.map_or(0.0, |c| (c[i * n + j] as f64).abs());
-        }
+    let mut mag = matmul_f64(m, n, k, a, a_t, b, b_t).magnitude;
+    if let Some(c0) = c0 {
+        mag.iter_mut().zip(c0).for_each(|(x, c)| *x += (*c as f64).abs());
     }
     mag
 }

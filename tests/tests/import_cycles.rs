@@ -169,6 +169,28 @@ fn find_cycle(graph: &BTreeMap<Module, BTreeSet<Module>>) -> Option<Vec<Module>>
     None
 }
 
+/// The graph between the crate's top-level folders: every module stands for the first component of its path
+/// (`backend::cpu::matmul` for `backend`; a top-level file such as `plan` for itself), and the edges inside
+/// one folder are dropped. A circle here is a circle between folders (`backend/` -> `optim/` -> `backend/`)
+/// even where the files themselves import in no circle.
+fn folder_graph(graph: &BTreeMap<Module, BTreeSet<Module>>) -> BTreeMap<Module, BTreeSet<Module>> {
+    let folder = |m: &Module| m[..m.len().min(1)].to_vec();
+    let mut folders: BTreeMap<Module, BTreeSet<Module>> = BTreeMap::new();
+    for (module, targets) in graph {
+        let from = folder(module);
+        let edges = folders.entry(from.clone()).or_default();
+        edges.extend(targets.iter().map(folder).filter(|to| *to != from));
+    }
+    folders
+}
+
+/// A circle of files, else of top-level folders, if there is one: (what kind, the circle).
+fn find_any_cycle(graph: &BTreeMap<Module, BTreeSet<Module>>) -> Option<(&'static str, Vec<Module>)> {
+    find_cycle(graph)
+        .map(|cycle| ("files", cycle))
+        .or_else(|| find_cycle(&folder_graph(graph)).map(|cycle| ("folders", cycle)))
+}
+
 fn show(cycle: &[Module]) -> String {
     let names: Vec<String> = cycle
         .iter()
@@ -184,10 +206,11 @@ fn no_library_crate_imports_in_a_circle() {
         let files = read_crate(&root.join(krate).join("src"));
         assert!(files.len() > 1, "{krate}/src: found {} source files", files.len());
         let graph = import_graph(&files);
-        if let Some(cycle) = find_cycle(&graph) {
+        if let Some((kind, cycle)) = find_any_cycle(&graph) {
             panic!(
-                "{krate}/src imports in a circle: {}. Move what they share to a leaf module they all import \
-                 (as core/src/precision.rs holds Precision for the planner, the model and the optimizer).",
+                "{krate}/src imports in a circle of {kind}: {}. Move what they share to a leaf module they all \
+                 import (as core/src/precision.rs holds Precision for the planner, the model and the optimizer), \
+                 or into the one that imports it.",
                 show(&cycle)
             );
         }
@@ -233,4 +256,17 @@ fn the_checker_finds_a_circle_through_grouped_and_inline_paths() {
     circle[4] = ("c", "use crate::a::{self};");
     let cycle = find_cycle(&import_graph(&tree(&circle))).expect("a -> b -> c -> a is a circle");
     assert_eq!(show(&cycle), "a -> b -> c -> a");
+
+    // No circle of files, but one of folders: a/x.rs -> b.rs -> a/y.rs, so a/ -> b -> a/.
+    let folders = [
+        ("", "pub mod a; pub mod b;"),
+        ("a", "pub mod x; pub mod y;"),
+        ("a::x", "use crate::b::Thing;"),
+        ("a::y", "pub struct Leaf;"),
+        ("b", "pub struct Thing(crate::a::y::Leaf);"),
+    ];
+    let graph = import_graph(&tree(&folders));
+    assert_eq!(find_cycle(&graph), None, "the files import in no circle");
+    let (kind, cycle) = find_any_cycle(&graph).expect("a/ -> b -> a/ is a circle of folders");
+    assert_eq!((kind, show(&cycle).as_str()), ("folders", "a -> b -> a"));
 }

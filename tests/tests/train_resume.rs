@@ -3,7 +3,7 @@
 
 use nc_core::checkpoint;
 use nc_core::config::ModelConfig;
-use nc_core::train::data::DataSource;
+use nc_core::data::run_data::DataSource;
 use nc_core::train::{train, Resume, TrainConfig};
 use nc_tests::harness::{device_like_cpu, loss_gap, tiny_train_config};
 use std::path::Path;
@@ -162,7 +162,7 @@ fn eval_tokens_beyond_the_split_evaluate_one_pass() {
     assert!(!probe.eval_capped && probe.eval_batches == 1);
     // one pass, counted on the validation loader itself: batches until it wraps
     let cfg = tiny_config(Path::new("unused"), 1);
-    let mut val = nc_core::train::data::load(&cfg.data, 0, 1, 4, 32).unwrap().val;
+    let mut val = nc_core::data::run_data::load(&cfg.data, 0, 1, 4, 32).unwrap().val;
     let one_pass = (0..).take_while(|_| val.next_batch().epoch == 0).count();
     assert!((3..1000).contains(&one_pass), "the split holds {one_pass} batches");
     let huge = run(1 << 20);

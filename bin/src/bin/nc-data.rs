@@ -25,12 +25,12 @@ use nc_core::data::download::{
     MAX_SHARD,
 };
 use nc_core::data::download_retry::RetryPolicy;
-use nc_core::data::eval_bundle_download::{download_eval_bundle, resolve_bundle_url, BundleOutcome};
 use nc_core::data::inputs::expand_inputs;
 use nc_core::data::prep::{tokenize_to_shards, tokenizer_training_docs, TokenizeOptions, ValSplit};
 use nc_core::data::tokenizer_files::{format_tiktoken_ranks, write_atomic, META_FILE, PICKLE_FILE};
 use nc_core::data::txt_docs::TxtDocs;
 use nc_core::data::{load_tokenizer, save_tokenizer, synth_dataset, write_data_dir, SynthConfig, Tokenizer};
+use nc_core::eval::bundle_download::{download_eval_bundle, resolve_bundle_url, BundleOutcome};
 use nc_core::{NcError, Result};
 
 #[derive(Parser)]
@@ -201,7 +201,7 @@ impl Progress for DownloadBar {
     }
 }
 
-/// `download --eval-bundle`: nanochat's CORE eval bundle into its folder (nc_core::data::eval_bundle_download).
+/// `download --eval-bundle`: nanochat's CORE eval bundle into its folder (nc_core::eval::bundle_download).
 fn download_bundle(dir: Option<PathBuf>, url: Option<String>, retries: u32, retry_delay_ms: u64) -> Result<()> {
     let dest = match dir {
         Some(d) => d,

@@ -167,7 +167,7 @@ fn sample<B: Backend>(cli: &Cli, m: &mut Gpt<B>, tok: &Tokenizer, prompt: &str) 
 fn bpb<B: Backend>(cli: &Cli, m: &mut Gpt<B>, meta: &nc_core::checkpoint::CheckpointMeta) -> Result<()> {
     let source = data_source(meta)?;
     let (batch, seq) = (cli.batch_rows, m.cfg.sequence_len);
-    let mut data = nc_core::train::data::load(&source, 0, 1, batch, seq)?;
+    let mut data = nc_core::data::run_data::load(&source, 0, 1, batch, seq)?;
     let loader = if cli.split == "val" {
         &mut data.val
     } else {

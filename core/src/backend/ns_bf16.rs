@@ -20,7 +20,7 @@
 
 use super::bf16::round_bf16;
 use super::optim_ops;
-use crate::optim::matmul::{matmul, Operand};
+use crate::backend::cpu::host_gemm::{matmul, Operand};
 
 /// A batch of same-shape matrices for one batched Newton-Schulz: `batch` row-major `rows x cols` matrices,
 /// back to back, and the iteration's constants.

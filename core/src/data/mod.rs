@@ -12,20 +12,21 @@
 //! - `fuzz_targets`: the bodies of the fuzz targets in `fuzz/`, also run by stable tests.
 //! - `synth`: the embedded corpus and a ready in-memory dataset.
 //! - `download`: fetching nanochat's FineWeb-Edu parquet shards (`nc-data download`); `download_retry`: when to try
-//!   again; `download_file`: temporary name, fsync, parquet check, rename; `eval_bundle_download`: nanochat's CORE
-//!   eval bundle (zip fetched, unpacked safely, renamed into place).
+//!   again; `download_file`: temporary name, fsync, parquet check, rename (also used by `eval::bundle_download`).
+//! - `run_data`: the data of a training run (tokenizer, train and validation loaders, sample prompts) from a
+//!   data directory or the embedded corpus; the training loop, `nc-eval` and the tests load it here.
 
 pub mod bpe_train;
 pub mod download;
 pub mod download_file;
 pub mod download_retry;
-pub mod eval_bundle_download;
 pub mod fuzz_targets;
 pub mod inputs;
 pub mod loader;
 pub mod pickle;
 pub mod prep;
 pub mod pretokenize;
+pub mod run_data;
 pub mod shard;
 pub mod shard_set;
 pub mod synth;

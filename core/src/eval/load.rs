@@ -4,9 +4,9 @@
 use crate::bail;
 use crate::checkpoint::{self, CheckpointMeta, COMPLETE_MARKER};
 use crate::config::ModelConfig;
+use crate::data::run_data::{self, DataSource};
 use crate::data::{load_tokenizer, Tokenizer};
 use crate::error::{NcError, Result};
-use crate::train::data::DataSource;
 use std::path::{Path, PathBuf};
 
 /// The checkpoint folder `path` names: itself when complete, else the latest complete one of the out dir.
@@ -52,7 +52,7 @@ pub fn tokenizer_for(meta: &CheckpointMeta, given: Option<&Path>, model: &ModelC
         None => match data_source(meta)? {
             DataSource::Dir(dir) => load_tokenizer(&dir.join("tokenizer"))
                 .map_err(|e| e.context("the run's tokenizer (pass --tokenizer DIR if the data moved)"))?,
-            source @ DataSource::Embedded { .. } => crate::train::data::load(&source, 0, 1, 1, 2)?.tokenizer,
+            source @ DataSource::Embedded { .. } => run_data::load(&source, 0, 1, 1, 2)?.tokenizer,
         },
     };
     if tok.vocab_size() != model.vocab_size {

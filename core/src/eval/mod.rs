@@ -2,7 +2,8 @@
 //! nanochat's `core_eval.py` and `base_eval.py` as of October 2025).
 //!
 //! - `pyrandom`: CPython's Mersenne Twister, `shuffle` and `sample` (nanochat's data order and few-shot draws).
-//! - `bundle`: the eval bundle folder (core.yaml, eval_meta_data.csv, eval_data/*.jsonl).
+//! - `bundle`: the eval bundle folder (core.yaml, eval_meta_data.csv, eval_data/*.jsonl); `bundle_download`:
+//!   fetching it (`nc-data download --eval-bundle`: zip fetched, unpacked safely, renamed into place).
 //! - `render`: the prompt of each task type, as nanochat's Jinja templates render it.
 //! - `example`: one example from its item to its verdict (few-shot draw, tokens, scored span, decision).
 //! - `score`: batched scoring of the rows through the model's forward, on any backend.
@@ -12,6 +13,7 @@
 
 pub mod bpb;
 pub mod bundle;
+pub mod bundle_download;
 pub mod example;
 pub mod load;
 pub mod pyrandom;

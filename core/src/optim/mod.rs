@@ -6,7 +6,6 @@
 pub mod adamw;
 pub mod clip;
 pub mod device;
-pub mod matmul;
 pub mod muon;
 pub mod schedule;
 pub mod shard;

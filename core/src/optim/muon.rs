@@ -8,7 +8,7 @@
 //! This host optimizer runs Newton-Schulz in f32 (the CPU's fp32 runs); a bf16 run, on any backend (the CPU
 //! twin included), takes `optim::device`'s batched bf16 Newton-Schulz.
 
-use super::matmul::{matmul, Operand};
+use crate::backend::cpu::host_gemm::{matmul, Operand};
 
 /// Coefficients of the quintic Newton-Schulz iteration (a, b, c).
 pub const NS_COEFFS: (f32, f32, f32) = (3.4445, -4.7750, 2.0315);

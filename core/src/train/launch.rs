@@ -4,8 +4,8 @@
 
 use crate::bail;
 use crate::checkpoint;
+use crate::data::run_data::DataSource;
 use crate::error::{NcError, Result};
-use crate::train::data::DataSource;
 use crate::train::{Resume, TrainConfig};
 pub use nc_comm::Collective;
 use nc_comm::{Bounds, CommError, Rendezvous, RendezvousConfig, ShmRing};

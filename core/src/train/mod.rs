@@ -15,7 +15,6 @@
 
 pub mod buckets;
 pub mod core_metric;
-pub mod data;
 pub mod estimate;
 pub mod launch;
 pub mod metrics;
@@ -35,6 +34,7 @@ use crate::backend::Backend;
 use crate::bail;
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::config::ModelConfig;
+use crate::data::run_data::{DataSource, RunData};
 use crate::error::{NcError, Result};
 use crate::model::Gpt;
 use crate::optim::device::{DeviceOptimizer, DeviceOptions};
@@ -42,7 +42,6 @@ use crate::optim::shard::ShardLayout;
 use crate::optim::{OptimConfig, Optimizer};
 use crate::plan::{self, BatchPlan, Horizon, Precision};
 use crate::sample::{Sampler, Sampling};
-use data::{DataSource, RunData};
 use nc_comm::{Collective, ThreadRing};
 use rank_loop::train_rank;
 use serde::{Deserialize, Serialize};

@@ -5,7 +5,6 @@
 //! (`log_step`). `RankRun` owns what the phases share.
 
 use super::core_metric::{self, CoreMetric, CoreMetricConfig};
-use super::data::{self, RunData};
 use super::metrics::{self, MetricsWriter};
 use super::zero1::{RankCollective, Zero1};
 use super::{
@@ -17,6 +16,7 @@ use crate::bail;
 use crate::checkpoint::{self, CheckpointMeta, OptimizerMeta};
 use crate::config::ModelConfig;
 use crate::data::loader::LoaderState;
+use crate::data::run_data::{self, RunData};
 use crate::error::{NcError, Result};
 use crate::model::{self, Gpt, HostMirror, MasterMap};
 use crate::nvtx;
@@ -120,7 +120,7 @@ impl<'a, B: Backend> RankRun<'a, B> {
             on: cfg.verbose && lead,
         };
         let world = cfg.world_size.max(1);
-        let data = data::load(&cfg.data, rank, world, cfg.device_batch_size, cfg.model.sequence_len)?;
+        let data = run_data::load(&cfg.data, rank, world, cfg.device_batch_size, cfg.model.sequence_len)?;
         let model_cfg = model_of(cfg, data.tokenizer.vocab_size())?;
         let batch = BatchPlan::new(
             cfg.device_batch_size,

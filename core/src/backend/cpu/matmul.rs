@@ -245,6 +245,7 @@ mod fma_path {
 
 #[cfg(test)]
 mod tests {
+    use super::super::matmul_f64::matmul_f64;
     use super::*;
 
     fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -255,32 +256,6 @@ mod tests {
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
-    }
-
-    /// C = op(A) op(B) [+ C] in f64, row-major.
-    fn reference(
-        m: usize,
-        n: usize,
-        k: usize,
-        a: &[f32],
-        a_t: bool,
-        b: &[f32],
-        b_t: bool,
-        c0: Option<&[f32]>,
-    ) -> Vec<f64> {
-        let mut c = vec![0.0f64; m * n];
-        for i in 0..m {
-            for j in 0..n {
-                let mut s = c0.map_or(0.0, |c0| c0[i * n + j] as f64);
-                for p in 0..k {
-                    let x = if a_t { a[p * m + i] } else { a[i * k + p] };
-                    let y = if b_t { b[j * k + p] } else { b[p * n + j] };
-                    s += x as f64 * y as f64;
-                }
-                c[i * n + j] = s;
-            }
-        }
-        c
     }
 
     /// Runs one GEMM through `gemm::gemm` (the crate's own dispatch: AVX-512 where the CPU has it) and through
@@ -365,22 +340,13 @@ mod tests {
                 let b = values(k * n, 3 * s as u64 + 2);
                 let c0 = values(m * n, 3 * s as u64 + 3);
                 let (wide, narrow) = both_paths(m, n, k, &a, a_t, &b, b_t, &c0, acc);
-                let exact = reference(m, n, k, &a, a_t, &b, b_t, None);
-                let abs = |x: &[f32], xt: bool, r: usize, c: usize| -> Vec<f32> {
-                    let mut o = vec![0.0; r * c];
-                    for i in 0..r {
-                        for j in 0..c {
-                            o[i * c + j] = if xt { x[j * r + i] } else { x[i * c + j] }.abs();
-                        }
-                    }
-                    o
-                };
-                let magnitude = reference(m, n, k, &abs(&a, a_t, m, k), false, &abs(&b, b_t, k, n), false, None);
+                let exact = matmul_f64(m, n, k, &a, a_t, &b, b_t);
                 for (name, got) in [("crate dispatch", &wide), ("AVX2 kernels", &narrow)] {
                     for i in 0..m * n {
                         let old = if acc { c0[i] as f64 } else { 0.0 };
-                        let want = old + 0.5 * exact[i];
-                        let bound = 4.0 * k as f64 * f32::EPSILON as f64 * (0.5 * magnitude[i] + old.abs()) + 1e-30;
+                        let want = old + 0.5 * exact.value[i];
+                        let bound =
+                            4.0 * k as f64 * f32::EPSILON as f64 * (0.5 * exact.magnitude[i] + old.abs()) + 1e-30;
                         let err = (got[i] as f64 - want).abs();
                         assert!(
                             err <= bound,

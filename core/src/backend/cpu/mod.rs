@@ -12,9 +12,11 @@
 
 mod attention;
 mod elementwise;
+pub mod host_gemm;
 pub mod isa;
 mod loss;
 pub(crate) mod matmul;
+pub mod matmul_f64;
 mod norm;
 
 use super::bf16::round_slice_bf16;

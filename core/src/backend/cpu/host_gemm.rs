@@ -1,9 +1,11 @@
-//! Row-major f32 matrix products for the optimizer (Muon's Newton-Schulz), through the `gemm` crate.
+//! Row-major f32 matrix products on host slices, `dst = alpha dst + beta op(lhs) op(rhs)`, through the same
+//! `gemm_f32` as the CPU backend's matmul.
 //!
-//! The optimizer keeps its own small wrapper so it does not depend on a backend: on the CPU it runs on the
-//! host copies of parameters and gradients.
+//! For code that holds plain slices rather than backend buffers: the host optimizer's Newton-Schulz
+//! (optim/muon.rs) and the bf16 Newton-Schulz reference (backend/ns_bf16.rs). It lives with the CPU GEMM, a
+//! leaf both import, so the optimizer and the backend folders do not import each other.
 
-use crate::backend::cpu::matmul::gemm_f32;
+use super::matmul::gemm_f32;
 use gemm::Parallelism;
 
 /// A row-major matrix operand: `data` holds `rows x cols` as stored; `transposed` reads it as its transpose.
@@ -82,29 +84,14 @@ pub fn matmul(dst: &mut [f32], alpha: f32, lhs: Operand, rhs: Operand, beta: f32
 
 #[cfg(test)]
 mod tests {
+    use super::super::matmul_f64::matmul_f64;
     use super::*;
 
-    fn naive(a: &[f32], ar: usize, ac: usize, at: bool, b: &[f32], br: usize, bc: usize, bt: bool) -> Vec<f32> {
-        let get = |d: &[f32], r: usize, c: usize, cols: usize, t: bool| {
-            if t {
-                d[c * cols + r]
-            } else {
-                d[r * cols + c]
-            }
-        };
-        let (m, k) = if at { (ac, ar) } else { (ar, ac) };
-        let n = if bt { br } else { bc };
-        let mut out = vec![0.0f32; m * n];
-        for i in 0..m {
-            for j in 0..n {
-                let mut s = 0.0f64;
-                for l in 0..k {
-                    s += get(a, i, l, ac, at) as f64 * get(b, l, j, bc, bt) as f64;
-                }
-                out[i * n + j] = s as f32;
-            }
-        }
-        out
+    /// The f64 product of the operands as read (their transposes applied), rounded to f32.
+    fn naive(lhs: Operand, rhs: Operand) -> Vec<f32> {
+        let ((m, k), (_, n)) = (lhs.shape(), rhs.shape());
+        let p = matmul_f64(m, n, k, lhs.data, lhs.transposed, rhs.data, rhs.transposed);
+        p.value.iter().map(|&x| x as f32).collect()
     }
 
     #[test]
@@ -114,21 +101,21 @@ mod tests {
         let c: Vec<f32> = (0..12).map(|i| (i as f32 * 0.7).sin()).collect(); // 4 x 3 (b^T is 4x5)
         let mut d = vec![0.0f32; 12];
         matmul(&mut d, 0.0, Operand::new(&a, 3, 5), Operand::new(&b, 5, 4), 1.0);
-        let e = naive(&a, 3, 5, false, &b, 5, 4, false);
+        let e = naive(Operand::new(&a, 3, 5), Operand::new(&b, 5, 4));
         d.iter()
             .zip(&e)
             .for_each(|(x, y)| assert!((x - y).abs() < 1e-5, "{x} {y}"));
         // a * a^T (3 x 3)
         let mut d = vec![0.0f32; 9];
         matmul(&mut d, 0.0, Operand::new(&a, 3, 5), Operand::new(&a, 3, 5).t(), 1.0);
-        let e = naive(&a, 3, 5, false, &a, 3, 5, true);
+        let e = naive(Operand::new(&a, 3, 5), Operand::new(&a, 3, 5).t());
         d.iter()
             .zip(&e)
             .for_each(|(x, y)| assert!((x - y).abs() < 1e-5, "{x} {y}"));
         // c^T (3 x 4) * b^T (4 x 5), accumulated onto 2 * ones with beta 0.5
         let mut d = vec![1.0f32; 15];
         matmul(&mut d, 2.0, Operand::new(&c, 4, 3).t(), Operand::new(&b, 5, 4).t(), 0.5);
-        let e = naive(&c, 4, 3, true, &b, 5, 4, true);
+        let e = naive(Operand::new(&c, 4, 3).t(), Operand::new(&b, 5, 4).t());
         d.iter()
             .zip(&e)
             .for_each(|(x, y)| assert!((x - (2.0 + 0.5 * y)).abs() < 1e-5, "{x} {y}"));

@@ -8,10 +8,10 @@
 //! place; an interrupted run leaves nothing under the final name. Entries whose path would leave the folder
 //! (absolute, `..`) and symbolic links are refused, so a hostile archive cannot write elsewhere.
 
+use super::bundle::CONFIG_FILE;
 use crate::bail;
 use crate::data::download_retry::{classify_status, sleep_unless_stopped, Failure, RetryPolicy};
 use crate::error::{NcError, Result};
-use crate::eval::bundle::CONFIG_FILE;
 use std::fs::{self, File};
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};

@@ -28,6 +28,8 @@ pub mod transport;
 pub mod zero1;
 pub mod zero1_nccl;
 pub mod zero1_p2p;
+#[cfg(test)]
+mod zero1_test_support;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;

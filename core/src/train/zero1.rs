@@ -351,21 +351,8 @@ mod tests {
     use crate::optim::schedule::muon_momentum;
     use crate::optim::{OptimConfig, Optimizer};
     use crate::train::sync::GradSync;
+    use crate::train::zero1_test_support::{batch, micro_steps, tiny};
     use nc_comm::ThreadRing;
-
-    fn tiny() -> ModelConfig {
-        ModelConfig::new(3, 32, 2, 2, 16, 64, 8).unwrap()
-    }
-
-    /// A micro-batch of rank `rank` at micro-step `k` of step `step` (every rank sees other tokens).
-    fn batch(cfg: &ModelConfig, n: usize, rank: usize, step: usize, k: usize) -> (Vec<u32>, Vec<i32>) {
-        let seed = (rank * 1000 + step * 10 + k) as u64;
-        let mut rng = crate::model::Rng::new(seed);
-        let toks: Vec<u32> = (0..=n)
-            .map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32)
-            .collect();
-        (toks[..n].to_vec(), toks[1..].iter().map(|&t| t as i32).collect())
-    }
 
     /// How a rank exchanges its gradient.
     #[derive(Clone, Copy, PartialEq)]
@@ -396,21 +383,8 @@ mod tests {
                         let mut losses = Vec::new();
                         for step in 0..steps {
                             model.zero_grads();
-                            let mut sum = 0.0f32;
-                            let scale = 1.0 / (accum * world) as f32;
-                            for k in 0..accum {
-                                let (x, y) = batch(&cfg, b * t, rank, step, k);
-                                sum += if how == Exchange::Bucketed && k + 1 == accum {
-                                    zero1.begin_reduce();
-                                    model
-                                        .forward_backward_hooked(&x, &y, scale, &mut |be, g, r| {
-                                            zero1.grads_ready(be, g, r)
-                                        })
-                                        .unwrap()
-                                } else {
-                                    model.forward_backward(&x, &y, scale).unwrap()
-                                };
-                            }
+                            let bucketed = how == Exchange::Bucketed;
+                            let sum = micro_steps(&mut model, &mut zero1, (rank, world), (step, accum), bucketed);
                             losses.push(sum);
                             let (be, params, grads) = model.backend_params_grads_mut();
                             match how {

@@ -291,18 +291,14 @@ mod tests {
     use super::*;
     use crate::backend::cpu::CpuBackend;
     use crate::backend::device_like::DeviceLikeCpu;
-    use crate::config::ModelConfig;
     use crate::model::{Gpt, Recompute};
     use crate::optim::schedule::muon_momentum;
     use crate::optim::{OptimConfig, Optimizer};
     use crate::train::buckets::{backward_buckets, tensor_splits};
     use crate::train::zero1::{HostRanks, Zero1};
+    use crate::train::zero1_test_support::{micro_steps, tiny};
     use nc_comm::schedule::sum_order;
     use nc_comm::{P2pOptions, ThreadRing};
-
-    fn tiny() -> ModelConfig {
-        ModelConfig::new(3, 32, 2, 2, 16, 64, 8).unwrap()
-    }
 
     /// Slices of 256 f32 (reduce-scatter) / 512 bf16 elements: every matrix of `tiny` takes several slices,
     /// so the tables pipeline within and across tensors. One-shot up to 64 bytes: the norm's and a loss's
@@ -315,14 +311,6 @@ mod tests {
             one_shot_bytes: 64,
             timeout: std::time::Duration::from_secs(60),
         }
-    }
-
-    fn batch(cfg: &ModelConfig, n: usize, rank: usize, step: usize, k: usize) -> (Vec<u32>, Vec<i32>) {
-        let mut rng = crate::model::Rng::new((rank * 1000 + step * 10 + k) as u64);
-        let toks: Vec<u32> = (0..=n)
-            .map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32)
-            .collect();
-        (toks[..n].to_vec(), toks[1..].iter().map(|&t| t as i32).collect())
     }
 
     #[derive(Clone, Copy, PartialEq, Debug)]
@@ -361,21 +349,7 @@ mod tests {
                         let (mut losses, mut norms) = (Vec::new(), Vec::new());
                         for step in 0..steps {
                             model.zero_grads();
-                            let mut sum = 0.0f32;
-                            let scale = 1.0 / (accum * world) as f32;
-                            for k in 0..accum {
-                                let (x, y) = batch(&cfg, b * t, rank, step, k);
-                                sum += if k + 1 == accum {
-                                    zero1.begin_reduce();
-                                    model
-                                        .forward_backward_hooked(&x, &y, scale, &mut |be, g, r| {
-                                            zero1.grads_ready(be, g, r)
-                                        })
-                                        .unwrap()
-                                } else {
-                                    model.forward_backward(&x, &y, scale).unwrap()
-                                };
-                            }
+                            let sum = micro_steps(&mut model, &mut zero1, (rank, world), (step, accum), true);
                             // this rank's loss, not an all-reduce: that is a host collective (below)
                             losses.push(sum);
                             let (be, params, grads) = model.backend_params_grads_mut();

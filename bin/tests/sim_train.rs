@@ -9,7 +9,9 @@
 //! - `--resume` from the step-10 checkpoint on the simulated device ends bit for bit where the straight run
 //!   did (losses of steps 10-19, the step-20 model and optimizer files);
 //! - a device too small for the run (NC_SIM_MEM) ends with the allocator's out-of-memory report and a
-//!   non-zero exit, and the checkpoint it was resuming from is intact (same bytes, nothing added);
+//!   non-zero exit, and the checkpoint it was resuming from is intact (same bytes, nothing added); so do an
+//!   injected out-of-memory and an injected kernel fault in the middle of the run (NC_SIM_FAIL_ALLOC,
+//!   NC_SIM_FAULT_KERNEL), each with one line naming the cause as the output's end;
 //! - the plan (`nc_core::plan::memory_per_gpu`, what `--plan` prints) prices what the bf16 run allocated (the
 //!   allocator's peak, less the cuBLASLt workspace the plan counts in its fixed per-process overhead) within 5%.
 //!
@@ -228,25 +230,27 @@ fn bf16_on_the_simulated_gpu_matches_its_twin_resumes_exactly_and_survives_an_oo
     let before = files(&step10);
     let resume = [&cuda[..], &["--out-dir", resumed.to_str().unwrap(), "--resume"]].concat();
     let oom = on_simulator(&resume, &[("NC_NO_ALLOC_CACHE", "1"), ("NC_SIM_MEM", "40M")]);
-    let log = text(&oom);
-    assert!(!oom.status.success(), "a run on a 40 MiB device must fail:\n{log}");
+    failed_cleanly(&oom, &["out of memory on cuda:0", "What to do"], &resumed, &before);
+    // Injected device failures (the simulator's fault injection) in the middle of a resumed run, each in a
+    // folder of its own (a failed run's log rows stay out of `resumed`'s metrics), each ending the run with
+    // one line naming the cause: every allocation from the 102nd on out of memory (the set-up and the step-10
+    // evaluation make about 96, each step 3 more, in this no-caching mode), and a faulted kernel (the
+    // optimizer's second launch: step 11's update), whose sticky error the next synchronization reports.
+    let injected = |name: &str, env: (&str, &str)| -> (Output, PathBuf) {
+        let out_dir = dir.path().join(name);
+        copy_folder(&step10, &out_dir.join("checkpoints/step_000010"));
+        let args = [&cuda[..], &["--out-dir", out_dir.to_str().unwrap(), "--resume"]].concat();
+        (on_simulator(&args, &[("NC_NO_ALLOC_CACHE", "1"), env]), out_dir)
+    };
+    let (oom, out_dir) = injected("injected_oom", ("NC_SIM_FAIL_ALLOC", "102"));
+    failed_cleanly(&oom, &["out of memory on cuda:0"], &out_dir, &before);
+    assert!(text(&oom).contains("out of memory, injected (NC_SIM_FAIL_ALLOC: allocation 102"));
+    let (fault, out_dir) = injected("injected_fault", ("NC_SIM_FAULT_KERNEL", "nc_adamw_multi_f32:2"));
+    failed_cleanly(&fault, &["CUDA_ERROR_ILLEGAL_ADDRESS"], &out_dir, &before);
+    let log = text(&fault);
     assert!(
-        log.contains("out of memory on cuda:0") && log.contains("What to do"),
-        "the failure is the allocator's out-of-memory report:\n{log}"
-    );
-    assert_eq!(
-        files(&step10),
-        before,
-        "the checkpoint the failed run resumed from changed"
-    );
-    let names: Vec<_> = std::fs::read_dir(resumed.join("checkpoints"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(
-        names,
-        vec![std::ffi::OsString::from("step_000010")],
-        "the failed run left a checkpoint behind"
+        log.contains("step 00010/") && !log.contains("step 00012/"),
+        "the fault came in step 11:\n{log}"
     );
 
     // The same resume on a device with room: bit for bit the straight run's steps 10-19 and final files.
@@ -269,6 +273,46 @@ fn bf16_on_the_simulated_gpu_matches_its_twin_resumes_exactly_and_survives_an_oo
     for ((name, a), (_, b)) in want.iter().zip(&got).filter(|((n, _), _)| n.ends_with(".safetensors")) {
         assert!(a == b, "{name} of the resumed run differs from the straight run's");
     }
+}
+
+/// A run resumed from `out_dir`'s step-10 checkpoint that a device failure stopped: a failed exit; nc-train's
+/// one line naming the cause (each of `cause`) ends its output (no cascade of warnings from destructors
+/// after it, no panic of the default kind); the checkpoint it resumed from holds the bytes it held `before`,
+/// and nothing was added beside it.
+fn failed_cleanly(out: &Output, cause: &[&str], out_dir: &Path, before: &[(String, Vec<u8>)]) {
+    let log = text(out);
+    assert!(!out.status.success(), "the run should have failed:\n{log}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    let first_of_report = stderr
+        .lines()
+        .find(|l| l.starts_with("nc-train: error: "))
+        .unwrap_or("");
+    assert!(
+        !first_of_report.is_empty() && stderr.matches("nc-train: error: ").count() == 1,
+        "one error line:\n{log}"
+    );
+    for word in cause {
+        assert!(stderr.contains(word), "the error names the cause ('{word}'):\n{log}");
+    }
+    assert!(
+        last.contains(" (at ") && !stderr.contains("panicked at") && !stderr.contains("warning:"),
+        "the error ends the output:\n{log}"
+    );
+    assert_eq!(
+        files(&out_dir.join("checkpoints/step_000010")),
+        before,
+        "the checkpoint the failed run resumed from changed"
+    );
+    let names: Vec<_> = std::fs::read_dir(out_dir.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        names,
+        vec![std::ffi::OsString::from("step_000010")],
+        "the failed run left a checkpoint behind"
+    );
 }
 
 /// The plan's memory of the run's model, batch and policy (what `--plan` prints for it; `--plan` itself only

@@ -1,6 +1,7 @@
 // The simulated machine's shape, from the environment: NC_SIM_DEVICES (default 1), NC_SIM_MEM (bytes per
 // device, default 4G; K, M, G suffixes are powers of 1024), NC_SIM_RACE=1 (race mode), NC_SIM_TRACE=FILE, and the
-// planted bugs that show the checks work: NC_SIM_PLANT_SKIP_SYNCTHREADS=N.
+// planted bugs that show the checks work: NC_SIM_PLANT_SKIP_SYNCTHREADS=N; fault injection (inject.cpp):
+// NC_SIM_FAIL_ALLOC=N[@D], NC_SIM_FAULT_KERNEL=NAME:N[@D].
 #include "state.h"
 #include <cerrno>
 #include <cstdlib>
@@ -27,12 +28,50 @@ static bool parse_size(const char* text, size_t& out) {
     return true;
 }
 
+// "N" or "N@D": a count from 1 and an optional device (-1 when absent); false on anything else.
+static bool parse_count_at_device(const char* text, uint64_t& count, int& device) {
+    char* end = nullptr;
+    errno = 0;
+    unsigned long long n = std::strtoull(text, &end, 10);
+    if (end == text || errno != 0 || text[0] == '-' || n == 0) return false;
+    device = -1;
+    if (*end == '@') {
+        const char* d = end + 1;
+        long v = std::strtol(d, &end, 10);
+        if (end == d || v < 0 || v >= kMaxDevices) return false;
+        device = int(v);
+    }
+    count = n;
+    return *end == '\0';
+}
+
+// The fault injection variables (inject.cpp).
+static bool load_injection(Config& c) {
+    if (const char* a = std::getenv("NC_SIM_FAIL_ALLOC"); a && *a) {
+        if (!parse_count_at_device(a, c.fail_alloc_at, c.fail_alloc_device)) {
+            say("NC_SIM_FAIL_ALLOC='%s': give N or N@DEVICE, the first cuMemAlloc (counting from 1) that fails with "
+                "out of memory, on DEVICE or any device (e.g. 40 or 40@1), or leave it unset", a);
+            return false;
+        }
+    }
+    if (const char* k = std::getenv("NC_SIM_FAULT_KERNEL"); k && *k) {
+        const char* colon = std::strrchr(k, ':');
+        if (!colon || colon == k || !parse_count_at_device(colon + 1, c.fault_kernel_at, c.fault_kernel_device)) {
+            say("NC_SIM_FAULT_KERNEL='%s': give KERNEL:N or KERNEL:N@DEVICE, the launch (counting from 1) of the "
+                "kernel that faults, on DEVICE or any device (e.g. nc_adamw_f32:3@1), or leave it unset", k);
+            return false;
+        }
+        c.fault_kernel.assign(k, colon);
+    }
+    return true;
+}
+
 bool load_config(Config& out) {
     Config c;
     if (const char* d = std::getenv("NC_SIM_DEVICES"); d && *d) {
         char* end = nullptr;
         long n = std::strtol(d, &end, 10);
-        if (*end != '\0' || n < 1 || n > 16) {
+        if (*end != '\0' || n < 1 || n > kMaxDevices) {
             say("NC_SIM_DEVICES='%s' is not a device count: give a number from 1 to 16 (default 1)", d);
             return false;
         }
@@ -66,6 +105,7 @@ bool load_config(Config& out) {
         }
         c.plant_skip_syncthreads = int(n);
     }
+    if (!load_injection(c)) return false;
     g_config = c;
     out = c;
     return true;

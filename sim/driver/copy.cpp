@@ -32,7 +32,7 @@ static CUresult htod(const char* entry, CUdeviceptr dst, const void* src, size_t
     SimStream* s = nullptr;
     if (CUresult r = enqueue(entry, stream, bytes_text(entry, n), run, {{dst, n, true}}, &s)) return r;
     trace("h2d", std::to_string(n), n);
-    if (sync) host_wait_stream(s, entry);
+    if (sync) return host_wait_stream(s, entry);
     return CUDA_SUCCESS;
 }
 
@@ -46,7 +46,7 @@ static CUresult dtoh(const char* entry, void* dst, CUdeviceptr src, size_t n, CU
     auto run = [dst, src, n] { std::memcpy(dst, reinterpret_cast<const void*>(src), n); };
     if (CUresult r = enqueue(entry, stream, bytes_text(entry, n), run, {{src, n, false}}, &s)) return r;
     trace("d2h", std::to_string(n), n);
-    if (sync || !is_pinned_host(dst, n)) host_wait_stream(s, sync ? entry : "cuMemcpyDtoHAsync into pageable memory");
+    if (sync || !is_pinned_host(dst, n)) return host_wait_stream(s, sync ? entry : "cuMemcpyDtoHAsync into pageable memory");
     return CUDA_SUCCESS;
 }
 
@@ -61,7 +61,7 @@ static CUresult dtod(const char* entry, CUdeviceptr dst, CUdeviceptr src, size_t
     if (CUresult r = enqueue(entry, stream, bytes_text(entry, n), run, {{src, n, false}, {dst, n, true}}, &s))
         return r;
     trace("d2d", std::to_string(n), n);
-    if (sync) host_wait_stream(s, entry);
+    if (sync) return host_wait_stream(s, entry);
     return CUDA_SUCCESS;
 }
 
@@ -90,7 +90,7 @@ static CUresult memset_n(const char* entry, CUdeviceptr dst, unsigned value, siz
     SimStream* s = nullptr;
     if (CUresult r = enqueue(entry, stream, bytes_text(entry, n), run, {{dst, n, true}}, &s)) return r;
     trace("memset", std::to_string(n), n);
-    if (sync) host_wait_stream(s, entry);
+    if (sync) return host_wait_stream(s, entry);
     return CUDA_SUCCESS;
 }
 

@@ -31,6 +31,7 @@ int context_device(SimContext* ctx) { return ctx ? ctx->device : -1; }
 CUresult need_context(const char* entry, SimContext** out) {
     if (!initialized()) return fail(CUDA_ERROR_NOT_INITIALIZED, "%s: cuInit has not succeeded", entry);
     if (!t_current) return fail(CUDA_ERROR_INVALID_CONTEXT, "%s: no context is current on this thread", entry);
+    if (CUresult r = sticky_error(t_current->device)) return r;  // a kernel faulted (inject.cpp)
     *out = t_current;
     return CUDA_SUCCESS;
 }
@@ -255,8 +256,7 @@ SIM_API CUresult cuCtxGetDevice(CUdevice* d) {
 SIM_API CUresult cuCtxSynchronize() {
     SimContext* c = nullptr;
     if (CUresult r = need_context("cuCtxSynchronize", &c)) return r;
-    host_wait_context(c, "cuCtxSynchronize");
-    return CUDA_SUCCESS;
+    return host_wait_context(c, "cuCtxSynchronize");
 }
 
 // Scheduling flags only change how the host waits; every wait here blocks on a condition variable.

@@ -18,6 +18,7 @@
 // Kernels of different streams run concurrently (the emulator runs the blocks of every launch on one pool of
 // OS threads); after a kernel, the slack bytes after the end of every allocation it could write are checked
 // (memory.cpp), and in race mode a shared-memory race the emulator reported inside it stops the run.
+// NC_SIM_FAULT_KERNEL (inject.cpp) picks a launch that faults instead of running, leaving the sticky error.
 #include "state.h"
 #include <cstring>
 
@@ -153,7 +154,10 @@ SIM_API CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned
     const RegisteredKernel* kernel = info.kernel;
     std::string what = info.name + " grid=(" + std::to_string(gx) + "," + std::to_string(gy) + "," +
                        std::to_string(gz) + ") block=" + std::to_string(bx);
-    auto run = [kernel, args, gx, gy, gz, bx, by, bz, written] {
+    int device = context_device(ctx);
+    uint64_t faulting_launch = inject_kernel_fault(info.name, device);  // NC_SIM_FAULT_KERNEL
+    auto run = [kernel, args, gx, gy, gz, bx, by, bz, written, device, faulting_launch] {
+        if (faulting_launch) return raise_kernel_fault(device, kernel->name, faulting_launch);
         const unsigned g[3] = {gx, gy, gz}, b[3] = {bx, by, bz};
         int races = kernel->run(kernel->name, args->pointers.data(), g, b);
         for (uint64_t p : written) check_tail(p, kernel->name);

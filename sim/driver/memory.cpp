@@ -293,6 +293,7 @@ SIM_API CUresult cuMemAlloc_v2(CUdeviceptr* out, size_t bytes) {
     if (!out) return CUDA_ERROR_INVALID_VALUE;
     SimContext* c = nullptr;
     if (CUresult r = need_context("cuMemAlloc", &c)) return r;
+    if (CUresult r = inject_alloc_failure(context_device(c), bytes)) return r;  // NC_SIM_FAIL_ALLOC
     CUresult r = allocate(context_device(c), bytes, *out);
     if (r == CUDA_SUCCESS) trace("alloc", std::to_string(bytes), bytes);
     return r;

@@ -25,7 +25,14 @@ struct Config {
     bool race = false;                 // NC_SIM_RACE=1
     std::string trace_path;            // NC_SIM_TRACE
     int plant_skip_syncthreads = -1;   // NC_SIM_PLANT_SKIP_SYNCTHREADS (a planted bug; -1: off)
+    // Fault injection (inject.cpp), off by default. -1 as a device: any.
+    uint64_t fail_alloc_at = 0;  // NC_SIM_FAIL_ALLOC=N[@D]: from the N-th cuMemAlloc on (0: off)
+    int fail_alloc_device = -1;
+    std::string fault_kernel;     // NC_SIM_FAULT_KERNEL=NAME:N[@D]: the N-th launch of NAME faults
+    uint64_t fault_kernel_at = 0;
+    int fault_kernel_device = -1;
 };
+constexpr int kMaxDevices = 16;  // NC_SIM_DEVICES' limit
 // Parses the environment; on a bad value prints what is wrong and what to do, and returns false.
 bool load_config(Config& out);
 const Config& config();
@@ -40,6 +47,16 @@ CUresult fail(CUresult code, const char* fmt, ...) __attribute__((format(printf,
 // Reports a device fault (what a GPU would raise as an illegal address, found by a check) and ends the process
 // with status 1, as compute-sanitizer stops a run.
 [[noreturn]] void fault(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+
+// ---- inject.cpp: fault injection (NC_SIM_FAIL_ALLOC, NC_SIM_FAULT_KERNEL) ----------------------------------
+// CUDA_ERROR_OUT_OF_MEMORY when NC_SIM_FAIL_ALLOC says this cuMemAlloc on `device` fails (it counts the calls).
+CUresult inject_alloc_failure(int device, size_t bytes);
+// For a launch of `kernel` on `device`: the launch's number (from 1) when NC_SIM_FAULT_KERNEL says it faults, else 0.
+uint64_t inject_kernel_fault(const std::string& kernel, int device);
+// Called when the faulting launch runs: says so, and breaks the device's context for good.
+void raise_kernel_fault(int device, const char* kernel, uint64_t launch);
+// CUDA_SUCCESS, or the sticky error every call on the device's context returns after a kernel fault.
+CUresult sticky_error(int device);
 
 // ---- device.cpp: devices and contexts ----------------------------------------------------------------------
 bool initialized();
@@ -95,10 +112,11 @@ CUresult enqueue(const char* entry, CUstream stream, std::string what, std::func
                  std::vector<Access> accesses, SimStream** resolved = nullptr);
 // Resolves a CUstream handle of the current context (0 and CU_STREAM_LEGACY are its legacy stream).
 CUresult resolve_stream(const char* entry, CUstream handle, SimStream** out);
-// Blocks until everything queued on `s` so far has run (a host synchronization).
-void host_wait_stream(SimStream* s, const char* why);
-// Blocks until every stream of the context has drained (cuCtxSynchronize, cuMemFree).
-void host_wait_context(SimContext* ctx, const char* why);
+// Blocks until everything queued on `s` so far has run (a host synchronization); returns the device's sticky
+// error when a kernel faulted (inject.cpp), as a synchronization on hardware reports it.
+CUresult host_wait_stream(SimStream* s, const char* why);
+// Blocks until every stream of the context has drained (cuCtxSynchronize, cuMemFree); the sticky error too.
+CUresult host_wait_context(SimContext* ctx, const char* why);
 SimStream* legacy_stream(SimContext* ctx);
 void destroy_context_streams(SimContext* ctx);
 

@@ -103,7 +103,9 @@ static void worker_loop(SimStream* s) {
         for (auto& [other, n] : op.waits) wait_progress(other, n);
         if (config().race) race_delay();
         set_running(op.what.c_str());
-        if (op.run) op.run();
+        // After a kernel fault the device runs nothing more (inject.cpp); the op still completes, so that nothing
+        // waiting for it hangs: the waiter gets the sticky error instead.
+        if (op.run && sticky_error(context_device(s->ctx)) == CUDA_SUCCESS) op.run();
         set_running(nullptr);
         {
             std::lock_guard<std::mutex> lock(g_progress);
@@ -192,7 +194,7 @@ CUresult enqueue(const char* entry, CUstream handle, std::string what, std::func
     return CUDA_SUCCESS;
 }
 
-void host_wait_stream(SimStream* s, const char* why) {
+CUresult host_wait_stream(SimStream* s, const char* why) {
     uint64_t n;
     Clock clock;
     {
@@ -206,9 +208,10 @@ void host_wait_stream(SimStream* s, const char* why) {
         clock_merge(g_host_clock, clock);
     }
     trace("sync", why);
+    return sticky_error(context_device(s->ctx));
 }
 
-void host_wait_context(SimContext* ctx, const char* why) {
+CUresult host_wait_context(SimContext* ctx, const char* why) {
     std::vector<std::pair<SimStream*, uint64_t>> targets;
     Clock clock;
     {
@@ -224,6 +227,7 @@ void host_wait_context(SimContext* ctx, const char* why) {
         clock_merge(g_host_clock, clock);
     }
     trace("sync", why);
+    return sticky_error(context_device(ctx));
 }
 
 static void stop_stream(SimStream* s) {
@@ -293,8 +297,7 @@ SIM_API CUresult cuStreamDestroy_v2(CUstream handle) {
 SIM_API CUresult cuStreamSynchronize(CUstream handle) {
     SimStream* s = nullptr;
     if (CUresult r = resolve_stream("cuStreamSynchronize", handle, &s)) return r;
-    host_wait_stream(s, "cuStreamSynchronize");
-    return CUDA_SUCCESS;
+    return host_wait_stream(s, "cuStreamSynchronize");
 }
 
 SIM_API CUresult cuStreamQuery(CUstream handle) {
@@ -310,7 +313,7 @@ SIM_API CUresult cuStreamQuery(CUstream handle) {
     if (!done(s, n)) return CUDA_ERROR_NOT_READY;
     std::lock_guard<std::mutex> lock(g_enqueue);
     clock_merge(g_host_clock, clock);
-    return CUDA_SUCCESS;
+    return sticky_error(context_device(s->ctx));
 }
 
 SIM_API CUresult cuStreamGetCtx(CUstream handle, CUcontext* ctx) {
@@ -399,7 +402,7 @@ SIM_API CUresult cuEventQuery(CUevent e) {
     if (s && !done(s, n)) return CUDA_ERROR_NOT_READY;
     std::lock_guard<std::mutex> lock(g_enqueue);
     clock_merge(g_host_clock, clock);
-    return CUDA_SUCCESS;
+    return s ? sticky_error(context_device(s->ctx)) : CUDA_SUCCESS;
 }
 
 SIM_API CUresult cuEventSynchronize(CUevent e) {
@@ -420,7 +423,7 @@ SIM_API CUresult cuEventSynchronize(CUevent e) {
         clock_merge(g_host_clock, clock);
     }
     trace("sync", "cuEventSynchronize");
-    return CUDA_SUCCESS;
+    return s ? sticky_error(context_device(s->ctx)) : CUDA_SUCCESS;
 }
 
 SIM_API CUresult cuEventElapsedTime(float* ms, CUevent start, CUevent end) {

@@ -855,7 +855,36 @@ fn parse_profile_steps(s: &str) -> Result<(u64, u64)> {
     Ok((a, b))
 }
 
+/// Every panic ends the process at once, with one line that names its cause. A panic here is a bug or a device
+/// that failed under the run (a CUDA error the backend cannot recover from: after a faulted kernel the device's
+/// context is broken and every later call fails, as after an out-of-memory the batch cannot proceed). Either
+/// way the run cannot go on and the checkpoints already saved are what is left (each is renamed into place only
+/// when complete). Unwinding would run the device's destructors, whose calls fail in turn and bury the cause
+/// under their warnings; a rank that hung on would leave the others waiting. RUST_BACKTRACE=1 adds the
+/// backtrace, before the line.
+fn end_run_on_panic() {
+    let backtrace = std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0");
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("a panic without a message");
+        if backtrace {
+            eprintln!("{}", std::backtrace::Backtrace::force_capture());
+        }
+        let at = info
+            .location()
+            .map(|l| format!(" (at {}:{})", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!("nc-train: error: {message}{at}");
+        std::process::exit(101);
+    }));
+}
+
 fn main() -> ExitCode {
+    end_run_on_panic();
     let cli = Cli::parse();
     match run(cli) {
         Ok(Outcome::Finished) => ExitCode::SUCCESS,

@@ -26,6 +26,7 @@ struct CublasHandle {
     uint64_t magic = MAGIC;
     cudaStream_t stream = nullptr;
     int math_mode = CUBLAS_DEFAULT_MATH;
+    int device = -1;  // the device whose context was current at create (destroy_in_wrong_context)
 };
 
 constexpr int VERSION = 130002;
@@ -60,6 +61,7 @@ NCSIM_BLAS_EXPORT int cublasCreate_v2(cublasHandle_t* handle) {
     if (!sim) return CUBLAS_STATUS_NOT_INITIALIZED;
     // No current context is no error: the real library's runtime would then use device 0's primary context.
     auto* h = new CublasHandle();
+    h->device = sim->current_device();
     {
         std::lock_guard<std::mutex> lock(handles_mutex);
         handles.push_back(h);
@@ -77,6 +79,9 @@ NCSIM_BLAS_EXPORT int cublasDestroy_v2(cublasHandle_t handle) {
         if (it == handles.end())
             return refuse(CUBLAS_STATUS_NOT_INITIALIZED, call, "handle %p is not a live cuBLAS handle",
                           static_cast<void*>(handle));
+        const Ncsim* sim = ncsim(call);
+        if (int status = destroy_in_wrong_context(call, h, h->device, sim ? sim->current_device() : -1))
+            return status;
         handles.erase(it);
     }
     delete h;

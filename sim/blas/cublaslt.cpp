@@ -31,7 +31,8 @@ constexpr uint64_t WORKSPACE_WANT = 1 << 20;
 constexpr uint64_t ALGO_MAGIC = 0x6e6373696d6c7461;  // "ncsimlta"
 
 struct LtHandle {
-    uint64_t unused = 0;  // the handle holds no state: every call says its stream
+    int device = -1;  // the device whose context was current at create (destroy_in_wrong_context); every call
+                      // says its stream, so the handle holds nothing else
 };
 
 struct LtDesc {
@@ -227,15 +228,23 @@ NCSIM_BLAS_EXPORT int cublasLtCreate(cublasLtHandle_t* handle) {
     if (!handle) return refuse(CUBLAS_STATUS_INVALID_VALUE, call, "handle is NULL");
     const Ncsim* sim = ncsim(call);
     if (!sim) return CUBLAS_STATUS_NOT_INITIALIZED;
-    auto* h = handles.add(new LtHandle());
+    auto* h = new LtHandle();
+    h->device = sim->current_device();
+    handles.add(h);
     *handle = reinterpret_cast<cublasLtHandle_t>(h);
     return CUBLAS_STATUS_SUCCESS;
 }
 
 NCSIM_BLAS_EXPORT int cublasLtDestroy(cublasLtHandle_t handle) {
-    if (!handles.remove(handle))
-        return refuse(CUBLAS_STATUS_NOT_INITIALIZED, "cublasLtDestroy", "handle %p is not a live cuBLASLt handle",
+    const char* call = "cublasLtDestroy";
+    auto* live = handles.find(handle);
+    if (!live)
+        return refuse(CUBLAS_STATUS_NOT_INITIALIZED, call, "handle %p is not a live cuBLASLt handle",
                       static_cast<void*>(handle));
+    const Ncsim* sim = ncsim(call);
+    if (int status = destroy_in_wrong_context(call, live, live->device, sim ? sim->current_device() : -1))
+        return status;
+    handles.remove(handle);
     delete reinterpret_cast<LtHandle*>(handle);
     return CUBLAS_STATUS_SUCCESS;
 }

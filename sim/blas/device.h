@@ -31,6 +31,19 @@ __attribute__((format(printf, 3, 4))) int refuse(int status, const char* call, c
     return status;
 }
 
+// A handle is made and destroyed in one device's context: its resources (workspace, streams, events) live on that
+// device, so cublasDestroy / cublasLtDestroy must run while the handle's context is current, or the real library
+// releases them in another device's context. The stand-ins refuse such a destroy with one line, as a check:
+// `made_on` is the device current at create (-1: none was, and the real library would use device 0's).
+int destroy_in_wrong_context(const char* call, const void* handle, int made_on, int now) {
+    int expected = made_on < 0 ? 0 : made_on;
+    if (now == expected) return 0;
+    return refuse(CUBLAS_STATUS_INVALID_VALUE, call, "handle %p was created in device %d's context, but the calling "
+                  "thread's current context is %s%d's: bind the handle's context before destroying it (a check of "
+                  "the simulated library; the real one would release the handle's resources in the wrong context)",
+                  handle, expected, now < 0 ? "no device's, not device " : "device ", now);
+}
+
 struct Ncsim {
     int (*check_range)(const void*, size_t, int, const char*) = nullptr;
     int (*enqueue)(void*, void (*)(void*), void*, const char*) = nullptr;

@@ -54,6 +54,8 @@ fn probe(scenario: &str, planted: bool, env: &[(&str, &str)]) -> Run {
         "NC_SIM_RACE",
         "NC_SIM_TRACE",
         "NC_SIM_PLANT_SKIP_SYNCTHREADS",
+        "NC_SIM_FAIL_ALLOC",
+        "NC_SIM_FAULT_KERNEL",
     ] {
         cmd.env_remove(var);
     }
@@ -309,6 +311,70 @@ fn memory_is_what_nc_sim_mem_says_and_more_is_out_of_memory() {
     );
     assert!(
         r.stderr.contains("NC_SIM_MEM='lots'") && r.stderr.contains("4G"),
+        "{}",
+        show(&r)
+    );
+}
+
+#[test]
+fn an_injected_kernel_fault_is_sticky_and_an_injected_oom_fails_every_later_allocation() {
+    // The "race" scenario: stream A fills x, stream B adds x into z, both synchronized. The first launch of
+    // nc_fill_f32 faults when it runs: its launch returns (asynchronous, as on hardware); the next call after
+    // the fault ran (the event record, the second launch or a synchronization, depending on how fast the stream
+    // worker got there) reports the illegal address, and so would every later call.
+    let r = probe("race", false, &[("NC_SIM_FAULT_KERNEL", "nc_fill_f32:1")]);
+    assert!(
+        r.code == Some(0)
+            && r.stdout.starts_with("launched\n")
+            && r.stdout.contains(" error: CUDA_ERROR_ILLEGAL_ADDRESS")
+            && !r.stdout.contains("z correct")
+            && r.stderr
+                .contains("kernel nc_fill_f32 (launch 1 of it on device 0) faulted"),
+        "{}",
+        show(&r)
+    );
+    // Another kernel's name, a later launch or another device: nothing happens.
+    for off in ["nc_add_inplace_f32:2", "nc_fill_f32:2", "nc_fill_f32:1@1"] {
+        clean(
+            &probe("race", false, &[("NC_SIM_FAULT_KERNEL", off)]),
+            "z correct: true",
+        );
+    }
+    // The second allocation (and every later one) is out of memory; on device 1 only, device 0 is unaffected.
+    let r = probe("race", false, &[("NC_SIM_FAIL_ALLOC", "2")]);
+    assert!(
+        r.stdout.contains("alloc error: CUDA_ERROR_OUT_OF_MEMORY")
+            && r.stderr
+                .contains("out of memory, injected (NC_SIM_FAIL_ALLOC: allocation 2"),
+        "{}",
+        show(&r)
+    );
+    clean(
+        &probe("race", false, &[("NC_SIM_FAIL_ALLOC", "2@1")]),
+        "z correct: true",
+    );
+    for (var, bad) in [("NC_SIM_FAIL_ALLOC", "0"), ("NC_SIM_FAULT_KERNEL", "nc_fill_f32")] {
+        let r = probe("race", false, &[(var, bad)]);
+        assert!(
+            r.stdout.contains("init error: CUDA_ERROR_INVALID_VALUE") && r.stderr.contains(&format!("{var}='{bad}'")),
+            "{}",
+            show(&r)
+        );
+    }
+}
+
+#[test]
+fn cublas_handles_are_destroyed_in_their_own_context() {
+    // Two of nc's CUDA backends on two simulated devices; the one on device 0 is dropped while device 1's
+    // context is current on the thread. The cuBLAS stand-ins refuse a destroy from another context (one line,
+    // and nc's teardown warns), so nothing on stderr means each handle went in its own context.
+    let r = probe("backends-across-devices", false, &[("NC_SIM_DEVICES", "2")]);
+    assert!(
+        r.code == Some(0)
+            && r.stdout.contains("dropped the device-0 backend")
+            && r.stdout.contains("dropped the device-1 backend")
+            && !r.stderr.contains("nc simulated cuBLAS")
+            && !r.stderr.contains("warning:"),
         "{}",
         show(&r)
     );

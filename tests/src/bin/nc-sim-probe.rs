@@ -330,10 +330,53 @@ fn copy_bounds(planted: bool) {
     println!("upload done");
 }
 
+/// Two CUDA backends of nc, on devices 0 and 1 (NC_SIM_DEVICES=2), each with its cuBLAS and cuBLASLt handles
+/// (an f32 and a bf16 GEMM); the backend on device 0 is dropped while device 1's context is current on this
+/// thread (the last one used). Its handles must be destroyed in device 0's context.
+fn backends_dropped_across_devices() {
+    use nc_core::backend::{Backend, Storage, View, ViewMut};
+    let gemms = |be: &nc_core::backend::cuda::CudaBackend| {
+        for storage in [Storage::F32, Storage::Bf16] {
+            let (a, b) = (be.alloc_as(64, storage), be.alloc_as(64, storage));
+            let mut c = be.alloc(64);
+            be.fill(ViewMut::all(&mut c), 0.0);
+            be.matmul(
+                8,
+                8,
+                8,
+                View::all(&a),
+                false,
+                View::all(&b),
+                false,
+                ViewMut::all(&mut c),
+                false,
+            );
+        }
+        be.synchronize();
+    };
+    let start = |ordinal| {
+        nc_core::backend::cuda::CudaBackend::new(ordinal).unwrap_or_else(|e| {
+            println!("backend {ordinal} error: {e}");
+            std::process::exit(0)
+        })
+    };
+    let first = start(0);
+    gemms(&first);
+    let second = start(1);
+    gemms(&second);
+    drop(first);
+    println!("dropped the device-0 backend");
+    drop(second);
+    println!("dropped the device-1 backend");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let scenario = args.get(1).map(String::as_str).unwrap_or("");
     let planted = args.get(2).map(String::as_str) == Some("planted");
+    if scenario == "backends-across-devices" {
+        return backends_dropped_across_devices(); // nc's backends make their own contexts
+    }
     start();
     match scenario {
         "modules" => modules(),

@@ -138,9 +138,18 @@ const _: () = {
 };
 
 // Finish queued work before the cuBLAS handle, modules, stream and context go (in field order): teardown
-// must not depend on cublasDestroy happening to synchronize the device.
+// must not depend on cublasDestroy happening to synchronize the device. The fields are destroyed on whatever
+// thread drops the backend, where another device's context may be current (a process with a backend per
+// device): cublasDestroy and cublasLtDestroy release the handle's resources in the current context, so ours is
+// made current first, explicitly (the stream's synchronize binds it too, but only as cudarc's detail).
 impl Drop for CudaBackend {
     fn drop(&mut self) {
+        if let Err(e) = self.ctx.bind_to_thread() {
+            eprintln!(
+                "warning: CUDA backend teardown: making cuda:{}'s context current: {e}",
+                self.ordinal
+            );
+        }
         let _ = self.stream.synchronize();
     }
 }

@@ -3,7 +3,8 @@
 # missing or older than their sources, then runs a command against them.
 #   scripts/sim.sh --build          build only
 #   scripts/sim.sh CMD ARGS...      build, then run CMD with LD_LIBRARY_PATH=target/sim (the unmodified binaries
-#                                   load libcuda.so.1, libcublas.so.13 and libcublasLt.so.13 from there)
+#                                   load libcuda.so.1, libcublas.so.13, libcublasLt.so.13 and libnccl.so from
+#                                   there)
 # Needs g++ with C++20 (no CUDA toolkit). Environment for the simulated machine: NC_SIM_DEVICES, NC_SIM_MEM,
 # NC_SIM_RACE, NC_SIM_TRACE (see the docs). NC_SIM_CXXFLAGS adds compiler flags (e.g. -g).
 set -euo pipefail
@@ -128,6 +129,17 @@ build() {
         fi
         ln -sf "$soname" "$out/${lib##*:}.so"
     done
+    # The NCCL stand-in (sim/nccl/): libnccl.so.2, and libnccl.so beside it (the name cudarc loads).
+    local nccl_sources=("$root"/sim/nccl/*.cpp)
+    if [[ -f "${nccl_sources[0]}" ]]; then
+        if stale "$out/libnccl.so.2" "${nccl_sources[@]}" "$root"/sim/nccl/*.h "$root/sim/include/ncsim.h" "$0"; then
+            echo "sim: building target/sim/libnccl.so.2" >&2
+            "$cxx" "${flags[@]}" -shared -Wl,-soname,libnccl.so.2 -I"$root/sim/include" \
+                -o "$out/libnccl.so.2.tmp.$$" "${nccl_sources[@]}" -ldl -lrt
+            mv -f "$out/libnccl.so.2.tmp.$$" "$out/libnccl.so.2"
+        fi
+        ln -sf libnccl.so.2 "$out/libnccl.so"
+    fi
 }
 
 # One build at a time (tests start several at once).

@@ -6,6 +6,7 @@
 //! The ring's chunk/step schedule lives in `schedule`, shared by every ring transport.
 
 pub mod nccl;
+mod nccl_watchdog;
 pub mod p2p;
 pub mod p2p_plan;
 pub mod p2p_twin;

@@ -25,27 +25,35 @@
 //!   engine's own allocator (not cudarc slices).
 //!
 //! The communicator is held raw (`ncclComm_t`), not as cudarc's `Comm`, because aborting it from another
-//! thread needs the handle: with more than one rank, `join` starts a watchdog thread that checks the
-//! rendezvous's `PeerWatch` every `WATCHDOG_PERIOD`; when a peer's process is gone it calls `ncclCommAbort`
-//! (which makes this rank's queued and blocked NCCL work return) and exits the process with
-//! `EXIT_PEER_GONE`, naming the dead rank on stderr. Without it a rank blocked in a collective whose peer
-//! died would wait forever (NCCL itself has no timeout). Dropping the ring stops the watchdog before the
-//! communicator is destroyed.
+//! thread needs the handle: with more than one rank, `join` starts a watchdog thread (`watchdog.rs`) that,
+//! every `WATCHDOG_PERIOD`, ends the run with one line naming this rank and the cause when
+//! - a peer's process is gone (the rendezvous's `PeerWatch`): exit code `EXIT_PEER_GONE`;
+//! - NCCL reports an asynchronous error (`ncclCommGetAsyncError`, with `ncclGetLastError`'s text): a failed
+//!   transport, a peer NCCL saw leave: `EXIT_NCCL_ERROR`;
+//! - a collective queued longer ago than the collective timeout has not completed (NC_COLLECTIVE_TIMEOUT: a
+//!   stuck peer, which NCCL itself never reports): `EXIT_COLLECTIVE_TIMEOUT`.
+//!
+//! Each time it first calls `ncclCommAbort`, which makes this rank's queued and blocked NCCL work return.
+//! Without it a rank blocked in a collective whose peer died or hangs would wait forever (NCCL has no
+//! timeout). Completion is counted by a host function queued on the stream after each group or ungrouped
+//! collective (`CollectiveClock`), not by event queries from the watchdog thread. Dropping the ring stops the
+//! watchdog before the communicator is destroyed.
 
+use crate::nccl_watchdog::{describe_result, CollectiveClock, SendComm, Watchdog, Watched};
 use crate::partition::{even_bounds, Bounds};
-use crate::rendezvous::PeerWatch;
 use crate::rendezvous::Rendezvous;
 use crate::{bf16, Collective, CommError};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
 use cudarc::nccl::{result, sys, NcclType};
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How often the watchdog looks at the rendezvous's peer watch.
-pub const WATCHDOG_PERIOD: Duration = Duration::from_millis(500);
-/// The exit code of a rank whose watchdog aborted NCCL because a peer died.
-pub const EXIT_PEER_GONE: i32 = 75;
+pub use crate::nccl_watchdog::{EXIT_COLLECTIVE_TIMEOUT, EXIT_NCCL_ERROR, EXIT_PEER_GONE, WATCHDOG_PERIOD};
+/// How long a collective may take by default before the watchdog ends the run (`NcclRing::join`): rank 0
+/// evaluates and saves while the others wait in the next collective, so it is long.
+pub const DEFAULT_COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(1800);
 
 /// What to tell a user whose NCCL cannot be loaded.
 pub const MISSING_NCCL: &str = "NCCL was not found: cudarc loads libnccl.so from the library path. Either \
@@ -67,6 +75,12 @@ pub struct NcclRing {
     comm: Option<RawComm>,
     stream: Arc<CudaStream>,
     watchdog: Option<Watchdog>,
+    /// Counts collectives queued and completed on the stream, for the watchdog's timeout (None without one).
+    clock: Option<&'static CollectiveClock>,
+    /// Open `group_start`s: collectives inside a group are counted once, at its `group_end`.
+    group_depth: Cell<u32>,
+    /// An NCCL call returned an error: the communicator is aborted on drop instead of destroyed.
+    failed: Cell<bool>,
 }
 
 /// An NCCL communicator handle; destroyed on drop (unless the watchdog aborted it).
@@ -85,68 +99,32 @@ impl Drop for RawComm {
     }
 }
 
-/// The handle, to move into the watchdog thread.
-struct SendComm(sys::ncclComm_t);
-// SAFETY: ncclCommAbort is documented as callable from another thread while the communicator is in use.
-unsafe impl Send for SendComm {}
-
-/// The thread that aborts NCCL when a peer dies; stopped (and joined) on drop.
-struct Watchdog {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Watchdog {
-    fn start(rank: usize, watch: PeerWatch, comm: SendComm, aborted: Arc<AtomicBool>) -> Result<Watchdog, CommError> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop_seen = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("nc-nccl-watchdog{rank}"))
-            .spawn(move || {
-                let comm = comm;
-                while !stop_seen.load(Ordering::Acquire) {
-                    if let Err(e) = watch.check() {
-                        aborted.store(true, Ordering::Release);
-                        eprintln!(
-                            "rank {rank}: {e}; aborting NCCL (ncclCommAbort) so no collective waits forever on it, \
-                             and exiting with code {EXIT_PEER_GONE}"
-                        );
-                        // SAFETY: the handle is live (the ring joins this thread before destroying it) and
-                        // `aborted` keeps the ring from destroying it afterwards.
-                        let _ = unsafe { result::comm_abort(comm.0) };
-                        std::process::exit(EXIT_PEER_GONE);
-                    }
-                    std::thread::sleep(WATCHDOG_PERIOD);
-                }
-            })
-            .map_err(|e| CommError {
-                message: format!("rank {rank}: starting the NCCL watchdog thread: {e}"),
-            })?;
-        Ok(Watchdog {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
 // SAFETY: see the module comment: NCCL communicators may be used from any thread, one call at a time,
 // which `&mut self` on every collective enforces; the context is bound before each call.
 unsafe impl Send for NcclRing {}
 
 impl Drop for NcclRing {
     fn drop(&mut self) {
-        // the watchdog first: it must never abort a communicator that is being destroyed
-        self.watchdog = None;
+        if let (true, Some(c)) = (self.failed.get(), &self.comm) {
+            // An NCCL call failed: the ranks' sequences of collectives no longer match, so what is queued may
+            // never complete. NCCL's rule: abort the communicator (its queued work returns), never destroy it.
+            if !c.aborted.swap(true, Ordering::AcqRel) {
+                // SAFETY: a live handle; `aborted` keeps RawComm from destroying it.
+                let _ = unsafe { result::comm_abort(c.comm) };
+            }
+        }
+        // The queued collectives finish with the watchdog still watching: a peer that dies meanwhile ends this
+        // process instead of leaving it waiting here. Then the watchdog stops, before the communicator is
+        // destroyed (it must never abort one that is being destroyed).
         let _ = self.stream.synchronize();
+        self.watchdog = None;
+    }
+}
+
+/// A failed NCCL call, with NCCL's own words for it (`comm` may be null: the call had none).
+fn call_err(rank: usize, what: &str, e: result::NcclError, comm: sys::ncclComm_t) -> CommError {
+    CommError {
+        message: format!("rank {rank}: NCCL {what} failed: {}", describe_result(e.0, comm)),
     }
 }
 
@@ -158,7 +136,18 @@ fn nccl_err(rank: usize, what: &str, e: impl std::fmt::Debug) -> CommError {
 
 impl NcclRing {
     /// Every rank calls it after the rendezvous, with the stream its collectives will run on (its GPU's).
+    /// Collectives may take up to `DEFAULT_COLLECTIVE_TIMEOUT`.
     pub fn join(rdv: &mut Rendezvous, stream: Arc<CudaStream>) -> Result<NcclRing, CommError> {
+        Self::join_with_timeout(rdv, stream, DEFAULT_COLLECTIVE_TIMEOUT)
+    }
+
+    /// `join`, with the time after which a collective that has not completed ends the run (the watchdog's;
+    /// nc-train's NC_COLLECTIVE_TIMEOUT).
+    pub fn join_with_timeout(
+        rdv: &mut Rendezvous,
+        stream: Arc<CudaStream>,
+        timeout: Duration,
+    ) -> Result<NcclRing, CommError> {
         let (rank, world_size) = (rdv.rank(), rdv.world_size());
         let have_nccl = nccl_available();
         // Every rank says whether it found NCCL, so a rank without it fails every rank, by name.
@@ -170,6 +159,9 @@ impl NcclRing {
                 comm: None,
                 stream,
                 watchdog: None,
+                clock: None,
+                group_depth: Cell::new(0),
+                failed: Cell::new(false),
             });
         }
         if let Some(r) = found.iter().position(|f| f.first() != Some(&1)) {
@@ -178,7 +170,7 @@ impl NcclRing {
             });
         }
         let id_bytes = if rank == 0 {
-            let id = result::get_uniqueid().map_err(|e| nccl_err(rank, "ncclGetUniqueId", e))?;
+            let id = result::get_uniqueid().map_err(|e| call_err(rank, "ncclGetUniqueId", e, std::ptr::null_mut()))?;
             rdv.broadcast_bytes(&id.internal.iter().map(|&c| c as u8).collect::<Vec<u8>>())?
         } else {
             rdv.broadcast_bytes(&[])?
@@ -207,14 +199,23 @@ impl NcclRing {
                 sys::ncclUniqueId { internal },
                 rank as i32,
             )
-            .map_err(|e| nccl_err(rank, "ncclCommInitRank", e))?;
+            .map_err(|e| call_err(rank, "ncclCommInitRank", e, std::ptr::null_mut()))?;
             handle.assume_init()
         };
         let aborted = Arc::new(AtomicBool::new(false));
-        let watchdog = if world_size > 1 {
-            Some(Watchdog::start(rank, rdv.watch(), SendComm(comm), aborted.clone())?)
+        let (watchdog, clock) = if world_size > 1 {
+            let clock = CollectiveClock::new();
+            let watched = Watched {
+                rank,
+                peers: rdv.watch(),
+                comm: SendComm(comm),
+                aborted: aborted.clone(),
+                clock,
+                timeout,
+            };
+            (Some(Watchdog::start(watched)?), Some(clock))
         } else {
-            None
+            (None, None)
         };
         Ok(NcclRing {
             rank,
@@ -222,6 +223,9 @@ impl NcclRing {
             comm: Some(RawComm { comm, aborted }),
             stream,
             watchdog,
+            clock,
+            group_depth: Cell::new(0),
+            failed: Cell::new(false),
         })
     }
 
@@ -242,7 +246,10 @@ impl NcclRing {
         };
         if c.aborted.load(Ordering::Acquire) {
             return Err(CommError {
-                message: format!("rank {}: NCCL was aborted because a peer died", self.rank),
+                message: format!(
+                    "rank {}: NCCL was aborted by the watchdog (its line says why)",
+                    self.rank
+                ),
             });
         }
         self.stream
@@ -256,17 +263,37 @@ impl NcclRing {
         self.stream.cu_stream() as sys::cudaStream_t
     }
 
+    /// Counts the collective (or group) just queued for the watchdog's timeout, unless inside a group (the
+    /// group counts once, at its end); passes `queued` through.
+    fn counted(&self, queued: Result<(), CommError>) -> Result<(), CommError> {
+        if queued.is_err() {
+            self.failed.set(true);
+        }
+        queued?;
+        match self.clock {
+            Some(clock) if self.group_depth.get() == 0 => clock
+                .mark(&self.stream)
+                .map_err(|e| nccl_err(self.rank, "queueing the completion count (cuLaunchHostFunc)", e)),
+            _ => Ok(()),
+        }
+    }
+
     /// Start an NCCL group: the calls up to `group_end` are launched together (one kernel per group).
     pub fn group_start(&self) -> Result<(), CommError> {
         if self.comm()?.is_some() {
-            result::group_start().map_err(|e| nccl_err(self.rank, "ncclGroupStart", e))?;
+            result::group_start().map_err(|e| call_err(self.rank, "ncclGroupStart", e, std::ptr::null_mut()))?;
+            self.group_depth.set(self.group_depth.get() + 1);
         }
         Ok(())
     }
 
     pub fn group_end(&self) -> Result<(), CommError> {
         if self.comm()?.is_some() {
-            result::group_end().map_err(|e| nccl_err(self.rank, "ncclGroupEnd", e))?;
+            self.group_depth.set(self.group_depth.get().saturating_sub(1));
+            let ended = result::group_end()
+                .map(|_| ())
+                .map_err(|e| call_err(self.rank, "ncclGroupEnd", e, std::ptr::null_mut()));
+            self.counted(ended)?;
         }
         Ok(())
     }
@@ -282,7 +309,7 @@ impl NcclRing {
             return Ok(());
         };
         let p = addr as *mut std::ffi::c_void;
-        result::reduce(
+        let queued = result::reduce(
             p as *const _,
             p,
             count,
@@ -293,7 +320,8 @@ impl NcclRing {
             self.raw_stream(),
         )
         .map(|_| ())
-        .map_err(|e| nccl_err(self.rank, "ncclReduce", e))
+        .map_err(|e| call_err(self.rank, "ncclReduce", e, comm));
+        self.counted(queued)
     }
 
     /// Rank `root`'s `count` f32 at `addr` to every rank's `addr`, in place (queued on this ring's stream).
@@ -337,9 +365,10 @@ impl NcclRing {
             return Ok(());
         };
         let p = addr as *mut std::ffi::c_void;
-        result::broadcast(p as *const _, p, count, dtype, root as i32, comm, self.raw_stream())
+        let queued = result::broadcast(p as *const _, p, count, dtype, root as i32, comm, self.raw_stream())
             .map(|_| ())
-            .map_err(|e| nccl_err(self.rank, what, e))
+            .map_err(|e| call_err(self.rank, what, e, comm));
+        self.counted(queued)
     }
 
     /// `recv` (count c) gets rank `rank`'s sum of `send[rank * c..(rank + 1) * c]`; `send` holds
@@ -366,7 +395,7 @@ impl NcclRing {
                 let (src, _src_done) = send.device_ptr(&self.stream);
                 let (dst, _dst_done) = recv.device_ptr_mut(&self.stream);
                 // SAFETY: both slices live on this ring's stream for at least the counts given.
-                unsafe {
+                let queued = unsafe {
                     result::reduce_scatter(
                         src as *const _,
                         dst as *mut _,
@@ -378,7 +407,8 @@ impl NcclRing {
                     )
                 }
                 .map(|_| ())
-                .map_err(|e| nccl_err(self.rank, "reduce_scatter", e))
+                .map_err(|e| call_err(self.rank, "reduce_scatter", e, c));
+                self.counted(queued)
             }
             None => self
                 .stream
@@ -410,7 +440,7 @@ impl NcclRing {
                 let (src, _src_done) = send.device_ptr(&self.stream);
                 let (dst, _dst_done) = recv.device_ptr_mut(&self.stream);
                 // SAFETY: both slices live on this ring's stream for at least the counts given.
-                unsafe {
+                let queued = unsafe {
                     result::all_gather(
                         src as *const _,
                         dst as *mut _,
@@ -421,7 +451,8 @@ impl NcclRing {
                     )
                 }
                 .map(|_| ())
-                .map_err(|e| nccl_err(self.rank, "all_gather", e))
+                .map_err(|e| call_err(self.rank, "all_gather", e, c));
+                self.counted(queued)
             }
             None => self
                 .stream
@@ -440,7 +471,7 @@ impl NcclRing {
                 let count = buf.len();
                 let (ptr, _done) = buf.device_ptr_mut(&self.stream);
                 // SAFETY: the buffer lives on this ring's stream for `count` elements.
-                unsafe {
+                let queued = unsafe {
                     result::all_reduce(
                         ptr as *const _,
                         ptr as *mut _,
@@ -452,7 +483,8 @@ impl NcclRing {
                     )
                 }
                 .map(|_| ())
-                .map_err(|e| nccl_err(self.rank, "all_reduce", e))
+                .map_err(|e| call_err(self.rank, "all_reduce", e, c));
+                self.counted(queued)
             }
             None => Ok(()),
         }

@@ -314,7 +314,8 @@ pub fn check_gpus_for_ranks(ranks: usize, visible_gpus: usize) -> Result<()> {
 /// without libnccl is an error on every rank naming the rank that lacks it and how to provide it
 /// (`nc_comm::nccl::MISSING_NCCL`). At world size 1 it still creates a one-rank communicator when NCCL is
 /// found (so a one-GPU machine checks launch, rendezvous and NCCL init), and is the identity without it.
-/// UNVERIFIED: not yet run on a GPU.
+/// A collective that has not completed after NC_COLLECTIVE_TIMEOUT seconds ends the run (the ring's watchdog).
+/// Run on the simulated GPU's NCCL stand-in (bin/tests/sim_multi_nccl.rs); not yet on a GPU.
 pub fn join_nccl(
     env: &WorkerEnv,
     rdv: &mut Rendezvous,
@@ -323,7 +324,9 @@ pub fn join_nccl(
     let stream =
         crate::train::zero1_nccl::NcclExchange::comm_stream(be).map_err(|e| e.context(format!("rank {}", env.rank)))?;
     crate::nvtx::name_cuda_stream(stream.cu_stream() as *mut std::ffi::c_void, "nc nccl");
-    nc_comm::NcclRing::join(rdv, stream).map_err(|e| comm_error(env, e))
+    // the watchdog ends the run when a collective has not completed in this time (a stuck peer)
+    let timeout = seconds_from_env("NC_COLLECTIVE_TIMEOUT", COLLECTIVE_TIMEOUT_S)?;
+    nc_comm::NcclRing::join_with_timeout(rdv, stream, timeout).map_err(|e| comm_error(env, e))
 }
 
 #[cfg(test)]

@@ -80,20 +80,22 @@ impl NcclExchange {
         let base = buf.device_addr();
         self.ring.group_start().map_err(nccl_error)?;
         let mut first_error = None;
-        for t in tensors {
+        // after a failed call, no further one: every rank must make the same calls in the same order, and the
+        // run ends on this error anyway
+        'tensors: for t in tensors {
             if t.range.end > buf.len() {
                 first_error = Some(NcError::new(format!(
                     "zero1: a tensor ends at element {} of a buffer of {}",
                     t.range.end,
                     buf.len()
                 )));
-                break;
+                break 'tensors;
             }
             for (owner, part) in t.parts() {
                 let addr = base + (part.start * element) as u64;
                 if let Err(e) = op(&self.ring, addr, part.len(), owner) {
                     first_error = Some(nccl_error(e));
-                    break;
+                    break 'tensors;
                 }
             }
         }

@@ -1,0 +1,533 @@
+//! nc-train with one process per rank over NCCL on simulated GPUs (issue 20; docs/simulated-gpu.md): the
+//! real binary, `--backend cuda --comm nccl --world-size N` with NC_SIM_DEVICES=N, each rank on its own
+//! simulated device, its collectives through the NCCL stand-in (sim/nccl/, shared memory between the ranks'
+//! processes), and its device ZeRO-1 exchange (core/src/train/zero1_nccl.rs) as it runs on a GPU node.
+//!
+//! - fp32: 2 and 3 ranks equal one process accumulating as many micro-batches, within processes.rs's LOSS_TOL
+//!   (1e-6 relative on every step's loss: the ranks' sum of the gradients rounds differently from one rank's
+//!   accumulation; a wrong owner, root, bucket or token moves the loss by 1e-3 or more); a world-2 checkpoint
+//!   resumes at world size 1 and 3 and continues the straight run's curve within the same tolerance;
+//! - bf16: 2 ranks (the bf16 working copy broadcast, each rank the f32 master of what it owns) equal one
+//!   process within processes.rs's BF16_LOSS_TOL;
+//! - failures, each ending every rank, never a hang: a rank killed (SIGKILL) while the other waits in a
+//!   collective (within 60 s, naming it, the last complete checkpoint untouched); a stuck rank (the stand-in's
+//!   NC_SIM_NCCL_STUCK) after NC_COLLECTIVE_TIMEOUT; an NCCL call that fails (NC_SIM_NCCL_FAIL) and a
+//!   collective that fails on the device (NC_SIM_NCCL_FAIL=R:N:async, seen through ncclCommGetAsyncError),
+//!   each with one line naming the rank and the cause.
+//!
+//! The model is processes.rs's (depth 2, width 128, 32-token sequences) for a few steps: each run costs
+//! seconds of CPU on the simulator. Without the simulator (no g++) each test prints why and passes.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+#[allow(dead_code)]
+#[path = "../../tests/src/sim.rs"]
+mod sim;
+
+/// As bin/tests/processes.rs (see there): fp32 ranks against one process, relative, per step.
+const LOSS_TOL: f64 = 1e-6;
+/// As bin/tests/processes.rs: bf16 ranks against one bf16 process.
+const BF16_LOSS_TOL: f64 = 5e-5;
+
+/// The simulator's libraries with the NCCL stand-in, or None (with the skip line).
+fn simulator() -> Option<PathBuf> {
+    let mut needs = sim::BLAS_LIBRARIES.to_vec();
+    needs.push("libnccl.so");
+    match sim::simulator_libraries(&needs) {
+        Ok(libs) => Some(libs),
+        Err(why) => {
+            eprintln!("no simulated GPU with NCCL: {why}; sim_multi_nccl not run");
+            None
+        }
+    }
+}
+
+/// nc-train on `devices` simulated GPUs (the stand-ins from `libs`), launcher variables of the test's own
+/// environment removed; the caller adds the flags.
+fn nc_train(libs: &Path, devices: usize) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_nc-train"));
+    for v in [
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    ] {
+        c.env_remove(v);
+    }
+    c.env("LD_LIBRARY_PATH", libs)
+        .env("NC_SIM_DEVICES", devices.to_string())
+        // every tensor its own driver allocation, so the stand-in's range checks see each one's bounds
+        .env("NC_NO_ALLOC_CACHE", "1");
+    c
+}
+
+/// The run: processes.rs's model, `dbs` sequences per rank and micro-step, `total` tokens a step.
+fn args(out: &Path, steps: u64, dbs: u64, total: u64) -> Vec<String> {
+    let s = |v: u64| v.to_string();
+    [
+        "--backend",
+        "cuda",
+        "--depth",
+        "2",
+        "--max-seq-len",
+        "32",
+        "--dbs",
+        &s(dbs),
+        "--total-batch-size",
+        &s(total),
+        "--eval-every",
+        "0",
+        "--eval-tokens",
+        "128",
+        "--num-iterations",
+        &s(steps),
+        "--out-dir",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect()
+}
+
+/// `--world-size N --comm nccl`, or nothing for one process.
+fn world(n: usize) -> Vec<String> {
+    if n == 1 {
+        vec![]
+    } else {
+        vec!["--world-size".into(), n.to_string(), "--comm".into(), "nccl".into()]
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn succeeded(cmd: &mut Command, what: &str) -> Output {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{what}: {}", text(&out));
+    out
+}
+
+/// (step, raw_loss), the last record of each step.
+fn losses(out_dir: &Path) -> Vec<(u64, f64)> {
+    let t = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
+    nc_core::train::metrics::last_per_step(&t, "raw_loss")
+        .into_iter()
+        .map(|(step, v)| (step, v["raw_loss"].as_f64().unwrap()))
+        .collect()
+}
+
+/// The largest relative difference of two curves over the same steps (infinite on a NaN).
+fn gap(a: &[(u64, f64)], b: &[(u64, f64)]) -> f64 {
+    assert_eq!(
+        a.iter().map(|x| x.0).collect::<Vec<_>>(),
+        b.iter().map(|x| x.0).collect::<Vec<_>>()
+    );
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| ((x.1 - y.1) / y.1).abs())
+        .fold(0.0, |m, d| if d.is_nan() { f64::INFINITY } else { m.max(d) })
+}
+
+/// fp32: one process accumulating 6 micro-batches, 2 ranks accumulating 3, 3 ranks accumulating 2 (2 sequences
+/// of 32 tokens each, 384 tokens a step) train the same curve; a world-2 run stopped at step 2 resumes at world
+/// size 1 and at 3 and continues it.
+#[test]
+fn fp32_ranks_over_nccl_match_one_process_and_resume_at_other_world_sizes() {
+    let Some(libs) = simulator() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, n: usize, extra: &[&str]| {
+        let out_dir = dir.path().join(name);
+        let out = succeeded(
+            nc_train(&libs, 3)
+                .args(args(&out_dir, 4, 2, 384))
+                .args(world(n))
+                .args(extra),
+            name,
+        );
+        (out_dir, out)
+    };
+    let (one, _) = run("one", 1, &[]);
+    let (two, out) = run("two", 2, &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("comm: NCCL (--comm nccl)") && stdout.contains("NCCL communicator initialized"),
+        "{}",
+        text(&out)
+    );
+    assert!(stdout.contains("x 2 ranks, grad accum 3"), "{}", text(&out));
+    let (three, out) = run("three", 3, &[]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("x 3 ranks, grad accum 2"),
+        "{}",
+        text(&out)
+    );
+    let want = losses(&one);
+    assert_eq!(want.len(), 4);
+    assert!(want[3].1 < want[0].1 - 0.3, "training should make progress: {want:?}");
+    for (what, got) in [("2 ranks", losses(&two)), ("3 ranks", losses(&three))] {
+        let g = gap(&got, &want);
+        eprintln!("fp32 over NCCL: {what} vs one process: {g:e}");
+        assert!(g <= LOSS_TOL, "{what} vs one process: {g:e}\n{got:?}\n{want:?}");
+    }
+    // a world-2 checkpoint resumed at world size 1 and 3
+    let straight = losses(&two);
+    for to in [1usize, 3] {
+        let d = dir.path().join(format!("2to{to}"));
+        let out = nc_train(&libs, 3)
+            .args(args(&d, 4, 2, 384))
+            .args(world(2))
+            .args(["--stop-at-step", "2"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(130), "{}", text(&out));
+        assert!(d.join("checkpoints/step_000002/COMPLETE").is_file());
+        let out = succeeded(
+            nc_train(&libs, 3)
+                .args(args(&d, 4, 2, 384))
+                .args(world(to))
+                .arg("--resume"),
+            "resume",
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("re-sharded"),
+            "2 -> {to}: {}",
+            text(&out)
+        );
+        let got = losses(&d);
+        let g = gap(&got, &straight);
+        eprintln!("fp32 over NCCL: resumed 2 -> {to} vs straight: {g:e}");
+        assert!(g <= LOSS_TOL, "2 -> {to}: {g:e}\n{got:?}\n{straight:?}");
+    }
+}
+
+/// bf16: 2 ranks (each the f32 master of what it owns; the bf16 working copy broadcast over NCCL) train as
+/// one bf16 process accumulating two micro-batches.
+#[test]
+fn bf16_ranks_over_nccl_match_one_process() {
+    let Some(libs) = simulator() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let bf16 = ["--precision", "bf16"];
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    succeeded(nc_train(&libs, 2).args(args(&one, 4, 4, 256)).args(bf16), "one process");
+    let out = succeeded(
+        nc_train(&libs, 2).args(args(&two, 4, 4, 256)).args(bf16).args(world(2)),
+        "two ranks",
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("rank 0 keeps the f32 master of the"),
+        "{}",
+        text(&out)
+    );
+    let (a, b) = (losses(&one), losses(&two));
+    assert_eq!(a.len(), 4);
+    assert!(a[3].1 < a[0].1 - 0.3, "training should make progress: {a:?}");
+    let g = gap(&b, &a);
+    eprintln!("bf16 over NCCL: two ranks vs one process: {g:e}");
+    assert!(g <= BF16_LOSS_TOL, "bf16 two ranks vs one: {g:e}\n{a:?}\n{b:?}");
+}
+
+// ---- failures -------------------------------------------------------------------------------------------
+
+/// The collective call (on each rank, counted by the stand-in) where the fault tests act: in step 3 or later
+/// of the run below (tens of calls a step), so the step-2 checkpoint is complete by then.
+const FAULT_CALL: u64 = 150;
+
+/// A 2-rank run that would go on for long, checkpointing every 2 steps, with `env` (the fault to inject);
+/// its stderr lines arrive on the receiver as they come (stdout is read and dropped).
+fn start_faulty_run(libs: &Path, out: &Path, env: &[(&str, &str)]) -> (Child, mpsc::Receiver<String>) {
+    let mut cmd = nc_train(libs, 2);
+    cmd.args(args(out, 100_000, 4, 256))
+        .args(world(2))
+        .args(["--save-every", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || for _ in BufReader::new(stdout).lines() {});
+    let stderr = child.stderr.take().unwrap();
+    let (send, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+            if send.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, lines)
+}
+
+/// Waits for a stderr line containing `needle` (at most `limit`); every line seen goes into `seen`.
+fn wait_for_line(lines: &mpsc::Receiver<String>, needle: &str, limit: Duration, seen: &mut Vec<String>) -> bool {
+    let t0 = Instant::now();
+    while let Some(left) = limit.checked_sub(t0.elapsed()) {
+        match lines.recv_timeout(left) {
+            Ok(line) => {
+                let hit = line.contains(needle);
+                seen.push(line);
+                if hit {
+                    return true;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+/// Waits for the child at most `limit` (killing it if it is still running then), then collects the rest of
+/// its stderr into `seen`.
+fn finish(
+    child: &mut Child,
+    lines: &mpsc::Receiver<String>,
+    limit: Duration,
+    seen: &mut Vec<String>,
+) -> Option<std::process::ExitStatus> {
+    let t0 = Instant::now();
+    let mut status = None;
+    while t0.elapsed() < limit {
+        if let Some(st) = child.try_wait().unwrap() {
+            status = Some(st);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(2)) {
+        seen.push(line);
+    }
+    status
+}
+
+/// The pids of the supervisor's children with their RANK.
+fn workers_of(supervisor: u32) -> Vec<(u32, usize)> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let ppid: u32 = after.split(' ').nth(1).unwrap().parse().unwrap();
+        if ppid != supervisor {
+            continue;
+        }
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let rank = env
+            .split(|&b| b == 0)
+            .filter_map(|kv| std::str::from_utf8(kv).ok()?.strip_prefix("RANK="))
+            .next()
+            .and_then(|r| r.parse().ok());
+        if let Some(r) = rank {
+            found.push((pid, r));
+        }
+    }
+    found
+}
+
+/// Every complete checkpoint under `out` with its files' bytes.
+fn complete_checkpoints(out: &Path) -> Vec<(String, Vec<(String, Vec<u8>)>)> {
+    let mut all = Vec::new();
+    let Ok(rd) = std::fs::read_dir(out.join("checkpoints")) else {
+        return all;
+    };
+    for d in rd.flatten() {
+        if !d.path().join("COMPLETE").is_file() {
+            continue;
+        }
+        let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(d.path())
+            .unwrap()
+            .flatten()
+            .map(|f| {
+                (
+                    f.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(f.path()).unwrap(),
+                )
+            })
+            .collect();
+        files.sort();
+        all.push((d.file_name().to_string_lossy().into_owned(), files));
+    }
+    all.sort();
+    all
+}
+
+/// SIGKILL of rank 1 while rank 0 waits for it in a collective (rank 1 held in collective FAULT_CALL by the
+/// stand-in, so rank 0 is inside it too): every rank ends within 60 s, rank 0 naming rank 1, and the
+/// checkpoints that were complete are untouched.
+#[test]
+fn a_rank_killed_in_a_collective_ends_every_rank_naming_it() {
+    let Some(libs) = simulator() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let stuck = format!("1:{FAULT_CALL}");
+    let (mut sup, lines) = start_faulty_run(&libs, dir.path(), &[("NC_SIM_NCCL_STUCK", &stuck)]);
+    let mut seen = Vec::new();
+    let held = wait_for_line(&lines, "will never complete", Duration::from_secs(300), &mut seen);
+    assert!(
+        held,
+        "rank 1 never reached collective {FAULT_CALL}:\n{}",
+        seen.join("\n")
+    );
+    let before = complete_checkpoints(dir.path());
+    assert!(
+        before.iter().any(|(name, _)| name == "step_000002"),
+        "the step-2 checkpoint is complete before the kill: {:?}",
+        before.iter().map(|c| &c.0).collect::<Vec<_>>()
+    );
+    let workers = workers_of(sup.id());
+    let victim = workers
+        .iter()
+        .find(|(_, r)| *r == 1)
+        .map(|w| w.0)
+        .expect("rank 1's pid");
+    let t0 = Instant::now();
+    // SAFETY: killing a process this test started (through the supervisor).
+    assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
+    let status = finish(&mut sup, &lines, Duration::from_secs(60), &mut seen);
+    let stderr = seen.join("\n");
+    let status = status.unwrap_or_else(|| panic!("the run did not end within 60 s of the kill:\n{stderr}"));
+    eprintln!("the run ended {:?} after the kill", t0.elapsed());
+    assert_eq!(status.code(), Some(137), "the first failure's code (SIGKILL)\n{stderr}");
+    assert!(
+        stderr.contains(&format!("rank 1 (pid {victim}) was killed by signal 9")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.lines().any(|l| l.starts_with("rank 0:") && l.contains("rank 1")),
+        "rank 0 names rank 1\n{stderr}"
+    );
+    assert!(!stderr.contains("killing it"), "rank 0 ended by itself\n{stderr}");
+    assert_eq!(
+        complete_checkpoints(dir.path()),
+        before,
+        "the complete checkpoints changed"
+    );
+}
+
+/// A rank stuck in a collective (NC_SIM_NCCL_STUCK: it never arrives, and nothing reports an error) ends the
+/// run once NC_COLLECTIVE_TIMEOUT has passed, not before, with the watchdog's line.
+#[test]
+fn a_stuck_rank_ends_the_run_after_the_collective_timeout() {
+    let Some(libs) = simulator() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let stuck = format!("1:{FAULT_CALL}");
+    // long enough for the legitimate waits of a loaded 2-core machine (a peer's start-up, a step run at a third
+    // of a core), short enough for CI
+    let timeout = 60;
+    let (mut sup, lines) = start_faulty_run(
+        &libs,
+        dir.path(),
+        &[
+            ("NC_SIM_NCCL_STUCK", &stuck),
+            ("NC_COLLECTIVE_TIMEOUT", &timeout.to_string()),
+        ],
+    );
+    let mut seen = Vec::new();
+    let held = wait_for_line(&lines, "will never complete", Duration::from_secs(300), &mut seen);
+    assert!(
+        held,
+        "rank 1 never reached collective {FAULT_CALL}:\n{}",
+        seen.join("\n")
+    );
+    let t0 = Instant::now();
+    let status = finish(&mut sup, &lines, Duration::from_secs(timeout + 60), &mut seen);
+    let took = t0.elapsed();
+    let stderr = seen.join("\n");
+    let status = status.unwrap_or_else(|| panic!("the stuck run did not end:\n{stderr}"));
+    assert_eq!(status.code(), Some(77), "the collective timeout's exit code\n{stderr}");
+    assert!(
+        stderr.contains(&format!("has not completed (NC_COLLECTIVE_TIMEOUT is {timeout} s)")),
+        "{stderr}"
+    );
+    assert!(
+        took >= Duration::from_secs(timeout - 2),
+        "ended after {took:?}, before the timeout\n{stderr}"
+    );
+}
+
+/// An NCCL call that fails on rank 1 (NC_SIM_NCCL_FAIL=1:N): rank 1 ends with one line naming itself and the
+/// call, rank 0 follows naming rank 1, within 60 s.
+#[test]
+fn a_failing_nccl_call_ends_every_rank_naming_it() {
+    let Some(libs) = simulator() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let fail = format!("1:{FAULT_CALL}");
+    let (mut sup, lines) = start_faulty_run(&libs, dir.path(), &[("NC_SIM_NCCL_FAIL", &fail)]);
+    let mut seen = Vec::new();
+    let status = finish(&mut sup, &lines, Duration::from_secs(300), &mut seen);
+    let stderr = seen.join("\n");
+    let status = status.unwrap_or_else(|| panic!("the run did not end:\n{stderr}"));
+    assert!(!status.success(), "{stderr}");
+    let rank1 = stderr
+        .lines()
+        .find(|l| l.contains("rank 1: NCCL") && l.contains("failed") && l.contains("ncclSystemError"))
+        .unwrap_or_else(|| panic!("rank 1's line names the failed call\n{stderr}"));
+    assert!(
+        (rank1.contains("ncclReduce") || rank1.contains("ncclBroadcast"))
+            && rank1.contains(&format!("NC_SIM_NCCL_FAIL={fail}")),
+        "the line names the call and the cause: {rank1}"
+    );
+    assert!(
+        stderr.lines().any(|l| l.starts_with("rank 0:") && l.contains("rank 1")),
+        "rank 0 names rank 1\n{stderr}"
+    );
+    assert!(!stderr.contains("killing it"), "every rank ended by itself\n{stderr}");
+    // after its failed call rank 1 made no other: the stand-in would have seen the ranks' calls differ
+    assert!(
+        !stderr.contains("collectives differ"),
+        "rank 1 went on calling NCCL\n{stderr}"
+    );
+}
+
+/// A collective that fails on rank 1's device (NC_SIM_NCCL_FAIL=1:N:async: accepted, then an asynchronous
+/// error and no completion, as NCCL reports a transport failure): rank 1's watchdog sees it through
+/// ncclCommGetAsyncError and ends the run with one line naming the rank and the error; rank 0 follows.
+#[test]
+fn an_asynchronous_nccl_error_ends_every_rank_naming_it() {
+    let Some(libs) = simulator() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let fail = format!("1:{FAULT_CALL}:async");
+    let (mut sup, lines) = start_faulty_run(&libs, dir.path(), &[("NC_SIM_NCCL_FAIL", &fail)]);
+    let mut seen = Vec::new();
+    let failed = wait_for_line(&lines, "asynchronous error", Duration::from_secs(300), &mut seen);
+    assert!(
+        failed,
+        "rank 1 never reached collective {FAULT_CALL}:\n{}",
+        seen.join("\n")
+    );
+    let status = finish(&mut sup, &lines, Duration::from_secs(60), &mut seen);
+    let stderr = seen.join("\n");
+    let status = status.unwrap_or_else(|| panic!("the run did not end within 60 s of the error:\n{stderr}"));
+    assert_eq!(status.code(), Some(76), "the asynchronous error's exit code\n{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("rank 1: NCCL reported an asynchronous error"))
+        .unwrap_or_else(|| panic!("rank 1's watchdog line\n{stderr}"));
+    assert!(
+        line.contains("ncclSystemError") && line.contains(&format!("NC_SIM_NCCL_FAIL={fail}")),
+        "{line}"
+    );
+    assert!(
+        stderr.lines().any(|l| l.starts_with("rank 0:") && l.contains("rank 1")),
+        "rank 0 names rank 1\n{stderr}"
+    );
+}

@@ -1,7 +1,7 @@
 //! Collectives over NCCL (through cudarc), for GPUs in one machine or many.
 //!
-//! UNVERIFIED: this file compiles here but has never run (no GPU, no libnccl on the machine it was written
-//! on). It is a first transport for the multi-process CUDA path, to be checked on the first GPU machine.
+//! Run on simulated GPUs over the simulator's NCCL stand-in (sim/nccl/, bin/tests/sim_multi_nccl.rs), not yet
+//! on a GPU with NVIDIA's NCCL: the first GPU machine checks it.
 //!
 //! Finding NCCL: cudarc loads `libnccl.so` (or `libnccl.so.<CUDA major>`), not the `libnccl.so.2` that the
 //! `nvidia-nccl-cu13` pip wheel ships. `nccl_available()` probes for it; `NcclRing::join` with more than

@@ -1,6 +1,7 @@
 //! The device side of ZeRO-1 (`zero1`): NCCL on a communication stream of the rank's GPU.
 //!
-//! UNVERIFIED: compiles here, never run on a GPU (no device and no libnccl on the machine that wrote it).
+//! Run on simulated GPUs over the simulator's NCCL stand-in (bin/tests/sim_multi_nccl.rs: 2 and 3 ranks equal
+//! one process within the processes tests' tolerance), not yet on a GPU.
 //!
 //! Streams and events, no host waits: when the backward reports a bucket ready, an event recorded on the
 //! compute stream (the backend's) makes the communication stream (the `NcclRing`'s, in the same context)

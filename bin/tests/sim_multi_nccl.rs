@@ -7,8 +7,8 @@
 //!   (1e-6 relative on every step's loss: the ranks' sum of the gradients rounds differently from one rank's
 //!   accumulation; a wrong owner, root, bucket or token moves the loss by 1e-3 or more); a world-2 checkpoint
 //!   resumes at world size 1 and 3 and continues the straight run's curve within the same tolerance;
-//! - bf16: 2 ranks (the bf16 working copy broadcast, each rank the f32 master of what it owns) equal one
-//!   process within processes.rs's BF16_LOSS_TOL;
+//! - bf16: 2 and 3 ranks (the bf16 working copy broadcast, each rank the f32 master of what it owns) equal
+//!   one process within processes.rs's BF16_LOSS_TOL;
 //! - failures, each ending every rank, never a hang: a rank killed (SIGKILL) while the other waits in a
 //!   collective (within 60 s, naming it, the last complete checkpoint untouched); a stuck rank (the stand-in's
 //!   NC_SIM_NCCL_STUCK) after NC_COLLECTIVE_TIMEOUT; an NCCL call that fails (NC_SIM_NCCL_FAIL) and a
@@ -212,30 +212,43 @@ fn fp32_ranks_over_nccl_match_one_process_and_resume_at_other_world_sizes() {
     }
 }
 
-/// bf16: 2 ranks (each the f32 master of what it owns; the bf16 working copy broadcast over NCCL) train as
-/// one bf16 process accumulating two micro-batches.
+/// bf16: 2 and 3 ranks (each the f32 master of what it owns; the bf16 working copy broadcast over NCCL) train as
+/// one bf16 process accumulating as many micro-batches (2 sequences of 32 tokens each, 384 tokens a step).
 #[test]
 fn bf16_ranks_over_nccl_match_one_process() {
     let Some(libs) = simulator() else { return };
     let dir = tempfile::tempdir().unwrap();
     let bf16 = ["--precision", "bf16"];
-    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
-    succeeded(nc_train(&libs, 2).args(args(&one, 4, 4, 256)).args(bf16), "one process");
-    let out = succeeded(
-        nc_train(&libs, 2).args(args(&two, 4, 4, 256)).args(bf16).args(world(2)),
-        "two ranks",
-    );
+    let run = |name: &str, n: usize| {
+        let out_dir = dir.path().join(name);
+        let out = succeeded(
+            nc_train(&libs, 3)
+                .args(args(&out_dir, 4, 2, 384))
+                .args(bf16)
+                .args(world(n)),
+            name,
+        );
+        (out_dir, out)
+    };
+    let (one, _) = run("one", 1);
+    let (two, out) = run("two", 2);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("rank 0 keeps the f32 master of the"),
         "{}",
         text(&out)
     );
-    let (a, b) = (losses(&one), losses(&two));
-    assert_eq!(a.len(), 4);
-    assert!(a[3].1 < a[0].1 - 0.3, "training should make progress: {a:?}");
-    let g = gap(&b, &a);
-    eprintln!("bf16 over NCCL: two ranks vs one process: {g:e}");
-    assert!(g <= BF16_LOSS_TOL, "bf16 two ranks vs one: {g:e}\n{a:?}\n{b:?}");
+    let (three, _) = run("three", 3);
+    let want = losses(&one);
+    assert_eq!(want.len(), 4);
+    assert!(want[3].1 < want[0].1 - 0.3, "training should make progress: {want:?}");
+    for (what, got) in [("2 ranks", losses(&two)), ("3 ranks", losses(&three))] {
+        let g = gap(&got, &want);
+        eprintln!("bf16 over NCCL: {what} vs one process: {g:e}");
+        assert!(
+            g <= BF16_LOSS_TOL,
+            "bf16 {what} vs one process: {g:e}\n{got:?}\n{want:?}"
+        );
+    }
 }
 
 // ---- failures -------------------------------------------------------------------------------------------

@@ -28,15 +28,20 @@ if [[ "$version" != "release 13.0" ]]; then
     exit 1
 fi
 
-# Writes ptx/<module>.ptx: the first line carries the FNV-1a 64 hash of the .cu file's exact bytes (16 hex
-# digits), then nvcc's PTX with the absolute paths of its .file lines made relative (so the checked-in PTX
+# Writes ptx/<module>.ptx: the first line carries the FNV-1a 64 hash (16 hex digits) of the .cu file's exact
+# bytes followed by those of each header it includes by `#include "NAME"` (cuda/NAME, in the order of the
+# lines: block_reduce.cuh, bf16_io.cuh), so a changed header makes its includers' PTX stale; then nvcc's PTX with the absolute paths of its .file lines made relative (so the checked-in PTX
 # does not depend on where the checkout or the toolchain lives; they only label -lineinfo's source lines).
 stamp() {  # stamp <src.cu> <nvcc output> <destination>
     python3 - "$1" "$2" "$3" "$here/cuda/" "$NVCC_DIR/" <<'PY'
 import sys
 src, raw, dst, cuda_dir, nvcc_dir = sys.argv[1:]
+import os, re
+data = open(src, "rb").read()
+for name in re.findall(rb'^#include "([^"]+)"', data, re.M):
+    data += open(os.path.join(os.path.dirname(src), name.decode()), "rb").read()
 h = 0xcbf29ce484222325
-for b in open(src, "rb").read():
+for b in data:
     h = ((h ^ b) * 0x100000001b3) & 0xffffffffffffffff
 text = open(raw).read().replace('"' + cuda_dir, '"kernels-ptx/cuda/').replace('"' + nvcc_dir, '"cuda-13.0/')
 open(dst, "w").write("// nc-source-fnv1a64: %016x\n" % h + text)

@@ -21,6 +21,7 @@
 #include <stdint.h>
 
 typedef __nv_bfloat16 bf16;
+#include "bf16_io.cuh"
 
 #define ADAMW_MAX_TENSORS 16
 
@@ -56,11 +57,6 @@ __device__ __forceinline__ float adamw_element(float p, float g, float& m, float
     v = vi;
     float denom = __fadd_rn(sqrtf(__fmul_rn(vi, inv_bc2)), eps);
     return __fsub_rn(__fmul_rn(p, decay), __fdiv_rn(__fmul_rn(step, mi), denom));
-}
-
-__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
-    return (unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(lo)) |
-           ((unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(hi)) << 16);
 }
 
 // (AdamwTable table [by value, 1024 bytes], i32 count, f32 beta1, f32 beta2, f32 eps): tensors 0..count of the

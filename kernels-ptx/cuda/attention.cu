@@ -17,6 +17,7 @@
 
 #include <math.h>
 #include <stddef.h>
+#include "block_reduce.cuh"
 
 #define MAX_D 128         // ATTENTION_MAX_HEAD_DIM in src/lib.rs
 #define KPAD (MAX_D + 4)  // row stride of tiles read one key per lane: lane j's float4 lands on banks 4j..4j+3
@@ -44,16 +45,6 @@
 #define DQ_BQ 8
 #define DQ_ROWS (DQ_BQ / DQ_WARPS)
 #define DQ_BK 32
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-    return v;
-}
 
 __device__ __forceinline__ float dot4(float4 a, float4 b) {
     return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;

@@ -13,47 +13,7 @@
 
 #include <math.h>
 #include <stddef.h>
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-    return v;
-}
-
-// Sum of v over the block, returned to every thread (blockDim.x a multiple of 32, up to 1024). The trailing
-// barrier makes back-to-back calls safe.
-__device__ float block_sum(float v) {
-    __shared__ float partial[32];
-    int lane = threadIdx.x & 31;
-    int warp = threadIdx.x >> 5;
-    int n_warps = (blockDim.x + 31) >> 5;
-    v = warp_sum(v);
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    v = lane < n_warps ? partial[lane] : 0.0f;
-    v = warp_sum(v);
-    __syncthreads();
-    return v;
-}
-
-// Max of v over the block, returned to every thread; same shape as block_sum.
-__device__ float block_max(float v) {
-    __shared__ float partial[32];
-    int lane = threadIdx.x & 31;
-    int warp = threadIdx.x >> 5;
-    int n_warps = (blockDim.x + 31) >> 5;
-    v = warp_max(v);
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    v = lane < n_warps ? partial[lane] : -INFINITY;
-    v = warp_max(v);
-    __syncthreads();
-    return v;
-}
+#include "block_reduce.cuh"
 
 __device__ __forceinline__ float softcap(float logit, float cap) {
     return cap * tanhf(logit / cap);

@@ -12,6 +12,7 @@
 #include <stdint.h>
 
 typedef __nv_bfloat16 bf16;
+#include "bf16_io.cuh"
 
 // out[i, :] = wte[ids[i], :] with wte (V, d). One block per row i; ids are assumed valid (the model checks
 // them on the host). A plain copy: the row of wte is read once, coalesced.
@@ -42,8 +43,6 @@ extern "C" __global__ void nc_embedding_backward_f32(const int* ids, const float
 // ---- bf16 lookups: out[i, :] = wte[ids[i], :] from the bf16 working copy of wte; the f32 output is exact,
 // the bf16 output a plain copy. One block per row; 16-byte accesses (8 bf16) when d % 8 == 0 and the pointers
 // are 16-byte aligned, scalar ones otherwise.
-
-__device__ __forceinline__ bool aligned16(const void* p) { return ((uintptr_t)p & 15u) == 0; }
 
 // (const i32* ids, const bf16* wte, f32* out, i32 n, i32 d)
 extern "C" __global__ void nc_embedding_forward_bf16_f32(const int* ids, const bf16* wte, float* out, int n, int d) {

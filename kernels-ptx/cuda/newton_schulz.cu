@@ -25,8 +25,10 @@
 #include <cuda_bf16.h>
 #include <stddef.h>
 #include <stdint.h>
+#include "block_reduce.cuh"
 
 typedef __nv_bfloat16 bf16;
+#include "bf16_io.cuh"
 
 #define NS_PARTS 64
 
@@ -39,29 +41,13 @@ __device__ __forceinline__ bool aligned(const void* p, unsigned bytes) { return 
 // (f64)g^2. The square of an f32 is exact in f64; the per-thread, warp and block order is fixed, so the
 // partials are deterministic. Any blockDim.x that is a multiple of 32 (<= 1024).
 extern "C" __global__ void nc_ns_sum_squares_f64(const float* g, unsigned long long n, double* partial) {
-    __shared__ double warp_sums[32];
     const float* x = g + (size_t)blockIdx.y * n;
     double acc = 0.0;
     for (size_t i = block_start(); i < n; i += block_stride()) {
         double v = (double)x[i];
         acc += v * v;
     }
-    int lane = threadIdx.x & 31;
-    int warp = threadIdx.x >> 5;
-    int n_warps = (blockDim.x + 31) >> 5;
-    for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
-    if (lane == 0) warp_sums[warp] = acc;
-    __syncthreads();
-    if (warp == 0) {
-        acc = lane < n_warps ? warp_sums[lane] : 0.0;
-        for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
-        if (lane == 0) partial[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = acc;
-    }
-}
-
-__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
-    return (unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(lo)) |
-           ((unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(hi)) << 16);
+    block_sum_f64_to(acc, &partial[(size_t)blockIdx.y * gridDim.x + blockIdx.x]);
 }
 
 // (const f32* g, u64 n, const f64* partial, i32 parts, f32 eps, bf16* x): for matrix b = blockIdx.y,

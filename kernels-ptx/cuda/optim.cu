@@ -11,6 +11,7 @@
 // default -prec-sqrt=true), as Rust's f32::sqrt is.
 
 #include <stddef.h>
+#include "block_reduce.cuh"
 
 // The first index of this thread and the grid-wide stride, both 64-bit (blockIdx.x * blockDim.x alone
 // would be computed in 32 bits).
@@ -52,23 +53,12 @@ extern "C" __global__ void nc_scale_f32(float* x, unsigned long long n, float a)
 // (it depends only on the grid), so the result is deterministic; the host adds the partials in index order.
 // f64 keeps a norm over 10^9 elements accurate to ~1e-7 relative whatever the order, where f32 would not.
 extern "C" __global__ void nc_sum_squares_f64(const float* x, unsigned long long n, double* partial) {
-    __shared__ double warp_sums[32];
     double acc = 0.0;
     for (size_t i = grid_start(); i < n; i += grid_stride()) {
         double v = (double)x[i];
         acc += v * v;
     }
-    int lane = threadIdx.x & 31;
-    int warp = threadIdx.x >> 5;
-    int n_warps = (blockDim.x + 31) >> 5;
-    for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
-    if (lane == 0) warp_sums[warp] = acc;
-    __syncthreads();
-    if (warp == 0) {
-        acc = lane < n_warps ? warp_sums[lane] : 0.0;
-        for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
-        if (lane == 0) partial[blockIdx.x] = acc;
-    }
+    block_sum_f64_to(acc, &partial[blockIdx.x]);
 }
 
 // Muon's momentum with nesterov, for i < n: b = buf + (1 - mu)(g - buf); buf = b; update = g + mu (b - g).

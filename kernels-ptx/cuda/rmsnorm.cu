@@ -6,27 +6,7 @@
 // Row offsets are 64-bit (rows * dim exceeds 2^31 for big batches). Mirrors core/src/backend/cpu/norm.rs.
 
 #include <stddef.h>
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    return v;
-}
-
-// Sum of v over the block, returned to every thread. Works for any blockDim.x that is a multiple of 32 (up
-// to 1024). The trailing barrier lets the caller call it again at once without racing on `partial`.
-__device__ float block_sum(float v) {
-    __shared__ float partial[32];
-    int lane = threadIdx.x & 31;
-    int warp = threadIdx.x >> 5;
-    int n_warps = (blockDim.x + 31) >> 5;
-    v = warp_sum(v);
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    v = lane < n_warps ? partial[lane] : 0.0f;
-    v = warp_sum(v);
-    __syncthreads();
-    return v;
-}
+#include "block_reduce.cuh"
 
 // y = x rstd, rstd = 1 / sqrt(mean(x^2) + eps), saved per row for the backward. One block per row.
 // 1/sqrtf (both correctly rounded) rather than rsqrtf, to agree with the CPU's 1 / sqrt to the last bit

@@ -12,67 +12,10 @@
 #include <cuda_bf16.h>
 #include <stddef.h>
 #include <stdint.h>
+#include "block_reduce.cuh"
 
 typedef __nv_bfloat16 bf16;
-
-// ---- storage: one element, or 8 consecutive elements through 16-byte accesses (p must be 16-byte aligned).
-
-__device__ __forceinline__ float load1(const float* p) { return *p; }
-__device__ __forceinline__ float load1(const bf16* p) { return __bfloat162float(*p); }
-__device__ __forceinline__ void store1(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store1(bf16* p, float v) { *p = __float2bfloat16_rn(v); }
-
-__device__ __forceinline__ void load8(const float* p, float v[8]) {
-    float4 a = reinterpret_cast<const float4*>(p)[0];
-    float4 b = reinterpret_cast<const float4*>(p)[1];
-    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-}
-// A bf16 is the high half of the f32 with the same bits, so widening is a shift (exact).
-__device__ __forceinline__ void load8(const bf16* p, float v[8]) {
-    uint4 u = *reinterpret_cast<const uint4*>(p);
-    unsigned w[4] = {u.x, u.y, u.z, u.w};
-    for (int k = 0; k < 4; k++) {
-        v[2 * k] = __uint_as_float(w[k] << 16);
-        v[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
-    }
-}
-__device__ __forceinline__ void store8(float* p, const float v[8]) {
-    reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
-    reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
-}
-__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
-    return (unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(lo)) |
-           ((unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(hi)) << 16);
-}
-__device__ __forceinline__ void store8(bf16* p, const float v[8]) {
-    *reinterpret_cast<uint4*>(p) =
-        make_uint4(pack_bf16x2(v[0], v[1]), pack_bf16x2(v[2], v[3]), pack_bf16x2(v[4], v[5]), pack_bf16x2(v[6], v[7]));
-}
-
-__device__ __forceinline__ bool aligned16(const void* p) { return ((uintptr_t)p & 15u) == 0; }
-
-// ---- block reduction
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    return v;
-}
-
-// Sum of v over the block, returned to every thread (blockDim.x a multiple of 32). The trailing barrier lets
-// the caller reduce again at once without racing on `partial`.
-__device__ float block_sum(float v) {
-    __shared__ float partial[32];
-    int lane = threadIdx.x & 31;
-    int warp = threadIdx.x >> 5;
-    int n_warps = (blockDim.x + 31) >> 5;
-    v = warp_sum(v);
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    v = lane < n_warps ? partial[lane] : 0.0f;
-    v = warp_sum(v);
-    __syncthreads();
-    return v;
-}
+#include "bf16_io.cuh"
 
 // ---- forward: y = bf16(x rstd), rstd = 1 / sqrtf(mean(x^2) + eps) kept in f32 for the backward.
 

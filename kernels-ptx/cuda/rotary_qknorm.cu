@@ -18,16 +18,13 @@
 #include <cuda_bf16.h>
 #include <stddef.h>
 #include <stdint.h>
+#include "block_reduce.cuh"
 
 typedef __nv_bfloat16 bf16;
+#include "bf16_io.cuh"
 
 #define QKNORM_WARPS 8
 #define QKNORM_MAX_HEAD_DIM 256
-
-__device__ __forceinline__ float load1(const float* p) { return *p; }
-__device__ __forceinline__ float load1(const bf16* p) { return __bfloat162float(*p); }
-__device__ __forceinline__ void store1(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store1(bf16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 // Two consecutive elements (p aligned to their joint size).
 __device__ __forceinline__ void load2(const float* p, float v[2]) {
@@ -67,11 +64,6 @@ __device__ __forceinline__ void store_pair(T* p, int j0, int half, bool vec, con
 }
 
 __device__ __forceinline__ bool aligned(const void* p, unsigned bytes) { return ((uintptr_t)p & (bytes - 1)) == 0; }
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    return v;
-}
 
 // ---- forward: r = rotary(x) (skipped with a null table); rstd = 1 / sqrtf(mean(r^2) + eps); y = bf16(r rstd).
 // The rotation is the CPU's: (a, b) = (x[j], x[j + D/2]) become (a c + b s, -a s + b c).

@@ -15,9 +15,23 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
     h
 }
 
+fn read(path: &str) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("reading {path}: {e}"))
+}
+
+/// What the stamp hashes: the module's `.cu` followed by each header it includes as `#include "NAME"`
+/// (`cuda/NAME`, in the order of the lines), as build_ptx.sh and scripts/sim.sh hash it, so that a changed
+/// shared header (block_reduce.cuh) makes the PTX of every module including it stale.
 fn source(module: &str) -> Vec<u8> {
-    let path = format!("{}/cuda/{module}.cu", env!("CARGO_MANIFEST_DIR"));
-    std::fs::read(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"))
+    let dir = format!("{}/cuda", env!("CARGO_MANIFEST_DIR"));
+    let cu = read(&format!("{dir}/{module}.cu"));
+    let mut bytes = cu.clone();
+    for line in String::from_utf8_lossy(&cu).lines() {
+        if let Some(name) = line.strip_prefix("#include \"").and_then(|rest| rest.split('"').next()) {
+            bytes.extend(read(&format!("{dir}/{name}")));
+        }
+    }
+    bytes
 }
 
 #[test]
@@ -34,7 +48,7 @@ fn every_ptx_was_generated_from_the_current_source() {
         let first = ptx.lines().next().unwrap_or("");
         assert_eq!(
             first, want,
-            "ptx/{module}.ptx is stale or missing: cuda/{module}.cu changed since its PTX was generated; {REGENERATE}"
+            "ptx/{module}.ptx is stale or missing: cuda/{module}.cu or a header it includes changed since its PTX was generated; {REGENERATE}"
         );
     }
 }

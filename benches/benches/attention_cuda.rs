@@ -48,20 +48,15 @@ struct Tensors {
     backward: FlashBackwardPtrs,
 }
 
-/// bf16 bits of values spread over [-2, 2) (a fixed LCG: the speed does not depend on the values, only on
-/// their being finite and the softmax not degenerate).
+/// bf16 bits of values spread over [-2, 2) (the speed does not depend on the values, only on their being finite
+/// and the softmax not degenerate).
 fn bf16_data(n: usize) -> Vec<u16> {
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    (0..n)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let x = ((state >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0;
-            let bits = x.to_bits();
-            ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16 // round to nearest even
-        })
-        .collect()
+    let values = nc_benches::lcg_values(n, 0x2545_f491_4f6c_dd1d);
+    let to_bf16 = |x: f32| {
+        let bits = (2.0 * x).to_bits();
+        ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16 // round to nearest even
+    };
+    values.into_iter().map(to_bf16).collect()
 }
 
 fn alloc(stream: &Arc<CudaStream>, s: &AttnShape) -> Result<Tensors, cudarc::driver::DriverError> {

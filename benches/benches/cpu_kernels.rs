@@ -4,7 +4,8 @@
 //!
 //! Run: cargo bench -p nc-benches --bench cpu_kernels
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput};
 use nc_core::backend::cpu::{CpuBackend, CpuIds};
 use nc_core::backend::{AttnShape, Backend, View, ViewMut};
 use nc_core::config::{LOGIT_SOFTCAP, RMSNORM_EPS};
@@ -41,27 +42,7 @@ fn matmuls(c: &mut Criterion) {
             ("bwd dX c_fc = dY W", n, d, 4 * d, false, false),
             ("bwd dW c_fc = dY^T X", 4 * d, d, n, true, false),
         ];
-        for (label, m, nn, k, at, bt) in shapes {
-            let a = filled(&be, m * k, 1);
-            let b = filled(&be, k * nn, 2);
-            let mut out = be.alloc(m * nn);
-            g.throughput(Throughput::Elements(2 * (m * nn * k) as u64));
-            g.bench_function(BenchmarkId::new(label, format!("d{d} {m}x{nn}x{k}")), |bench| {
-                bench.iter(|| {
-                    be.matmul(
-                        m,
-                        nn,
-                        k,
-                        View::all(&a),
-                        at,
-                        View::all(&b),
-                        bt,
-                        ViewMut::all(&mut out),
-                        false,
-                    )
-                })
-            });
-        }
+        bench_matmuls(&mut g, &be, &format!("d{d} "), &shapes);
     }
     // The lm_head chunk (1024 rows at vocab 65536, d 256: `LossChunks`): logits = x W^T, dX = dL W, dW = dL^T x.
     let (rows, vocab, d) = (nc_core::model::loss_chunk_rows(65536, TOKENS), 65536usize, 256usize);
@@ -70,28 +51,30 @@ fn matmuls(c: &mut Criterion) {
         ("lm_head bwd dX = dL W", rows, d, vocab, false, false),
         ("lm_head bwd dW = dL^T x", vocab, d, rows, true, false),
     ];
-    for (label, m, nn, k, at, bt) in shapes {
-        let a = filled(&be, m * k, 1);
-        let b = filled(&be, k * nn, 2);
+    bench_matmuls(&mut g, &be, "", &shapes);
+    g.finish();
+}
+
+/// One benchmark per (label, m, n, k, a_t, b_t): C (m x n) = op(A) op(B), throughput in FLOPs; `id` prefixes
+/// the shape in the benchmark's name.
+fn bench_matmuls(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    be: &CpuBackend,
+    id: &str,
+    shapes: &[(&str, usize, usize, usize, bool, bool)],
+) {
+    for &(label, m, nn, k, at, bt) in shapes {
+        let a = filled(be, m * k, 1);
+        let b = filled(be, k * nn, 2);
         let mut out = be.alloc(m * nn);
         g.throughput(Throughput::Elements(2 * (m * nn * k) as u64));
-        g.bench_function(BenchmarkId::new(label, format!("{m}x{nn}x{k}")), |bench| {
+        g.bench_function(BenchmarkId::new(label, format!("{id}{m}x{nn}x{k}")), |bench| {
             bench.iter(|| {
-                be.matmul(
-                    m,
-                    nn,
-                    k,
-                    View::all(&a),
-                    at,
-                    View::all(&b),
-                    bt,
-                    ViewMut::all(&mut out),
-                    false,
-                )
+                let (a, b, c) = (View::all(&a), View::all(&b), ViewMut::all(&mut out));
+                be.matmul(m, nn, k, a, at, b, bt, c, false)
             })
         });
     }
-    g.finish();
 }
 
 fn attention(c: &mut Criterion) {

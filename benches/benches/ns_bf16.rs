@@ -31,17 +31,9 @@ fn ns(batch: usize, rows: usize, cols: usize) -> NsBatch {
     }
 }
 
-/// Values spread over [-1, 1) from a fixed LCG (the speed does not depend on them).
+/// Values spread over [-1, 1) (the speed does not depend on them).
 fn data(n: usize) -> Vec<f32> {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    (0..n)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
+    nc_benches::lcg_values(n, 0x9e37_79b9_7f4a_7c15)
 }
 
 /// Mean seconds of `iters` runs of `f` after one warm-up, `sync` called after the warm-up and after the runs.

@@ -8,6 +8,7 @@
 //! table says where the time goes. Then every matmul shape the step issued is re-run alone (same gemm,
 //! same threads): their total FLOPs over their total time is "gemm's own GFLOP/s" for this model.
 
+use nc_benches::usize_flag;
 use nc_core::backend::cpu::{CpuBackend, CpuIds};
 use nc_core::backend::{AttnShape, Backend, View, ViewMut};
 use nc_core::model::{Gpt, Recompute};
@@ -277,27 +278,14 @@ impl nc_core::backend::delegate::Delegate for Timed {
     }
 }
 
-fn arg(args: &[String], name: &str, default: usize) -> usize {
-    match args.iter().position(|a| a == name) {
-        Some(i) => match args.get(i + 1).and_then(|s| s.parse().ok()) {
-            Some(v) => v,
-            None => {
-                eprintln!("{name} needs a positive integer");
-                std::process::exit(2);
-            }
-        },
-        None => default,
-    }
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let vocab = arg(&args, "--vocab", 65536);
-    let batch = arg(&args, "--batch", 2);
-    let seq = arg(&args, "--seq", 512);
-    let steps = arg(&args, "--steps", 5);
-    let threads = arg(&args, "--threads", 0);
-    let depth = arg(&args, "--depth", 4);
+    let vocab = usize_flag(&args, "--vocab", 65536);
+    let batch = usize_flag(&args, "--batch", 2);
+    let seq = usize_flag(&args, "--seq", 512);
+    let steps = usize_flag(&args, "--steps", 5);
+    let threads = usize_flag(&args, "--threads", 0);
+    let depth = usize_flag(&args, "--depth", 4);
     let policy = match args
         .iter()
         .position(|a| a == "--recompute")

@@ -27,6 +27,7 @@
 //! - f32 MFU divides by the non-tensor-core FP32 peak in NVIDIA's datasheets (see `F32_PEAKS`): the ceiling
 //!   of the strict-f32 GEMMs this backend runs.
 
+use nc_benches::usize_flag;
 use nc_core::backend::cuda::{device_count, CudaBackend};
 use nc_core::backend::Backend;
 use nc_core::model::Gpt;
@@ -54,19 +55,6 @@ const F32_PEAKS: &[(&str, f64, &str)] = &[
 const GRAD_CLIP: f64 = 1.0;
 
 const MIB: f64 = 1048576.0;
-
-fn arg(args: &[String], name: &str, default: usize) -> usize {
-    match args.iter().position(|a| a == name) {
-        Some(i) => match args.get(i + 1).and_then(|s| s.parse().ok()) {
-            Some(v) => v,
-            None => {
-                eprintln!("{name} needs a non-negative integer");
-                std::process::exit(2);
-            }
-        },
-        None => default,
-    }
-}
 
 /// The bf16 peak from the planner's table: the first of its GPU names found in the driver's name.
 /// Returns (planner name, FLOP/s); None for a GPU the planner does not know.
@@ -107,13 +95,13 @@ fn mib(x: Option<(f64, f64)>) -> String {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let depth = arg(&args, "--depth", 20);
-    let dbs = arg(&args, "--dbs", 8);
-    let seq = arg(&args, "--seq", 2048);
-    let vocab = arg(&args, "--vocab", 65536);
-    let steps = arg(&args, "--steps", 5).max(1);
-    let warmup = arg(&args, "--warmup", 2);
-    let ordinal = arg(&args, "--device", 0);
+    let depth = usize_flag(&args, "--depth", 20);
+    let dbs = usize_flag(&args, "--dbs", 8);
+    let seq = usize_flag(&args, "--seq", 2048);
+    let vocab = usize_flag(&args, "--vocab", 65536);
+    let steps = usize_flag(&args, "--steps", 5).max(1);
+    let warmup = usize_flag(&args, "--warmup", 2);
+    let ordinal = usize_flag(&args, "--device", 0);
     let with_optimizer = args.iter().any(|a| a == "--optimizer");
     let tf32 = args.iter().any(|a| a == "--tf32");
     let precision = match args.iter().position(|a| a == "--precision") {
@@ -128,7 +116,7 @@ fn main() {
         },
     };
     let prec_name = if precision == Precision::Bf16 { "bf16" } else { "fp32" };
-    let opt_steps = arg(&args, "--opt-steps", 1).max(1);
+    let opt_steps = usize_flag(&args, "--opt-steps", 1).max(1);
     let policy = match args.iter().position(|a| a == "--recompute") {
         None => Recompute::None,
         Some(i) => match args.get(i + 1).map(String::as_str) {

@@ -4,7 +4,8 @@ pub mod harness;
 pub mod sim;
 
 use nc_core::backend::cuda::{self, CudaBackend};
-use nc_core::backend::{Backend, View, ViewMut};
+use nc_core::backend::ns_bf16::NS_NORM_SCRATCH_PER_MATRIX;
+use nc_core::backend::{Backend, NsBatch, Storage, View, ViewMut};
 
 /// The CUDA backend on device 0 for a CUDA test of `suite` (its file's name, for the skip line), or None
 /// when the test must return at once. Where this process sees a device (a real GPU, or the simulated one in
@@ -64,6 +65,28 @@ pub fn to_host<B: Backend>(be: &B, buf: &B::Buf) -> Vec<f32> {
     let mut out = vec![0.0f32; B::buf_len(buf)];
     be.download(View::all(buf), &mut out);
     out
+}
+
+/// `Backend::newton_schulz_bf16` of the `ns.batch` matrices `g` on a backend, with the scratch a device uses;
+/// the result on the host (the CUDA bf16 optimizer test and the bf16 Newton-Schulz test share it).
+pub fn newton_schulz_bf16_on<B: Backend>(be: &B, ns: &NsBatch, g: &[f32]) -> Vec<f32> {
+    let (n, sq) = (ns.batch * ns.numel(), ns.batch * ns.gram_numel());
+    let gb = to_backend(be, g);
+    let mut x = be.alloc_as(n, Storage::Bf16);
+    let mut x_tmp = be.alloc_as(n, Storage::Bf16);
+    let mut gram = be.alloc_as(sq, Storage::Bf16);
+    let mut poly = be.alloc_as(sq, Storage::Bf16);
+    let mut norms = be.alloc(ns.batch * NS_NORM_SCRATCH_PER_MATRIX);
+    be.newton_schulz_bf16(
+        ns,
+        View::all(&gb),
+        ViewMut::all(&mut x),
+        ViewMut::all(&mut x_tmp),
+        ViewMut::all(&mut gram),
+        ViewMut::all(&mut poly),
+        ViewMut::all(&mut norms),
+    );
+    to_host(be, &x)
 }
 
 /// max |got - want| / max |want - before|: an optimizer's error relative to the size of the change it made

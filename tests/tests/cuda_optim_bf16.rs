@@ -16,12 +16,11 @@
 use nc_core::backend::bf16::round_bf16;
 use nc_core::backend::cpu::{CpuBackend, CpuBuf};
 use nc_core::backend::cuda::CudaBackend;
-use nc_core::backend::ns_bf16::NS_NORM_SCRATCH_PER_MATRIX;
 use nc_core::backend::{AdamwPiece, Backend, NsBatch, Storage, View, ViewMut};
 use nc_core::model::Rng;
 use nc_core::optim::adamw::{adamw_step, AdamParams};
 use nc_core::optim::muon::{NS_COEFFS, NS_EPS};
-use nc_tests::{to_backend, to_host};
+use nc_tests::{newton_schulz_bf16_on, to_backend, to_host};
 
 fn gpu() -> Option<CudaBackend> {
     nc_tests::cuda_backend_or_simulated("cuda_optim_bf16")
@@ -29,27 +28,6 @@ fn gpu() -> Option<CudaBackend> {
 
 fn randn(rng: &mut Rng, len: usize, std: f64) -> Vec<f32> {
     (0..len).map(|_| (rng.normal() * std) as f32).collect()
-}
-
-/// `newton_schulz_bf16` on a backend; the result on the host.
-fn newton_schulz<B: Backend>(be: &B, ns: &NsBatch, g: &[f32]) -> Vec<f32> {
-    let (n, sq) = (ns.batch * ns.numel(), ns.batch * ns.gram_numel());
-    let gb = to_backend(be, g);
-    let mut x = be.alloc_as(n, Storage::Bf16);
-    let mut x_tmp = be.alloc_as(n, Storage::Bf16);
-    let mut gram = be.alloc_as(sq, Storage::Bf16);
-    let mut poly = be.alloc_as(sq, Storage::Bf16);
-    let mut norms = be.alloc(ns.batch * NS_NORM_SCRATCH_PER_MATRIX);
-    be.newton_schulz_bf16(
-        ns,
-        View::all(&gb),
-        ViewMut::all(&mut x),
-        ViewMut::all(&mut x_tmp),
-        ViewMut::all(&mut gram),
-        ViewMut::all(&mut poly),
-        ViewMut::all(&mut norms),
-    );
-    to_host(be, &x)
 }
 
 #[test]
@@ -69,8 +47,8 @@ fn newton_schulz_bf16_matches_the_twin() {
                 steps,
                 eps: NS_EPS,
             };
-            let got = newton_schulz(&g, &ns, &grad);
-            let want = newton_schulz(&cpu, &ns, &grad);
+            let got = newton_schulz_bf16_on(&g, &ns, &grad);
+            let want = newton_schulz_bf16_on(&cpu, &ns, &grad);
             assert!(got.iter().all(|&v| v == round_bf16(v)), "the device's X is not bf16");
             for b in 0..batch {
                 let (gm, wm) = (&got[b * n..(b + 1) * n], &want[b * n..(b + 1) * n]);

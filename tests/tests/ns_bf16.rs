@@ -19,9 +19,9 @@
 //!    normalization or a wrong coefficient moves the result by far more (checked by hand when this was written).
 
 use nc_core::backend::bf16::{is_bf16, round_bf16};
-use nc_core::backend::cpu::{CpuBackend, CpuBuf};
-use nc_core::backend::ns_bf16::{iteration, NsHostScratch, NS_NORM_SCRATCH_PER_MATRIX};
-use nc_core::backend::{Backend, NsBatch, Storage, View, ViewMut};
+use nc_core::backend::cpu::CpuBackend;
+use nc_core::backend::ns_bf16::{iteration, NsHostScratch};
+use nc_core::backend::NsBatch;
 use nc_core::model::Rng;
 use nc_core::optim::muon::{NS_COEFFS, NS_EPS, NS_STEPS};
 
@@ -44,24 +44,7 @@ fn batched(g: &[f32], batch: usize, rows: usize, cols: usize) -> Vec<f32> {
         steps: NS_STEPS,
         eps: NS_EPS,
     };
-    let n = batch * rows * cols;
-    let sq = batch * ns.gram_numel();
-    let gb = CpuBuf::f32(g.to_vec());
-    let mut x = be.alloc_as(n, Storage::Bf16);
-    let mut x_tmp = be.alloc_as(n, Storage::Bf16);
-    let mut gram = be.alloc_as(sq, Storage::Bf16);
-    let mut poly = be.alloc_as(sq, Storage::Bf16);
-    let mut norms = be.alloc(batch * NS_NORM_SCRATCH_PER_MATRIX);
-    be.newton_schulz_bf16(
-        &ns,
-        View::all(&gb),
-        ViewMut::all(&mut x),
-        ViewMut::all(&mut x_tmp),
-        ViewMut::all(&mut gram),
-        ViewMut::all(&mut poly),
-        ViewMut::all(&mut norms),
-    );
-    x.0
+    nc_tests::newton_schulz_bf16_on(&be, &ns, g)
 }
 
 /// Row-major f64 product of op(a) (m x k) and op(b) (k x n).

@@ -1,5 +1,6 @@
 //! nc-tests: end-to-end tests live in tests/; this library holds the helpers several of them share.
 
+pub mod fixtures;
 pub mod harness;
 pub mod sim;
 

@@ -236,26 +236,6 @@ fn copies_fill_and_empty_buffers_on<D: Backend>(g: &D) {
     let _ = g.alloc_ids(0);
 }
 
-/// Per element of C (m x n), sum_p |op(A)_ip op(B)_pj|, plus |C0_ij| when accumulating: the magnitude the
-/// rounding error of the dot product scales with.
-#[allow(clippy::too_many_arguments)]
-fn product_magnitude(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    a_t: bool,
-    b: &[f32],
-    b_t: bool,
-    c0: Option<&[f32]>,
-) -> Vec<f64> {
-    let mut mag = matmul_f64(m, n, k, a, a_t, b, b_t).magnitude;
-    if let Some(c0) = c0 {
-        mag.iter_mut().zip(c0).for_each(|(x, c)| *x += (*c as f64).abs());
-    }
-    mag
-}
-
 #[test]
 fn matmul_every_transpose_accumulate_and_offset() {
     if let Some(g) = gpu() {
@@ -305,7 +285,12 @@ fn matmul_every_transpose_accumulate_and_offset_on<D: Backend>(g: &D) {
                         c.gm(co, m * n),
                         accumulate,
                     );
-                    let mag = product_magnitude(m, n, k, &a_body, a_t, &b_body, b_t, accumulate.then_some(&c_body));
+                    // Per element of C, sum_p |op(A)_ip op(B)_pj| (plus |C0_ij| when accumulating): the magnitude
+                    // the rounding error of the dot product scales with.
+                    let mut mag = matmul_f64(m, n, k, &a_body, a_t, &b_body, b_t).magnitude;
+                    if accumulate {
+                        mag.iter_mut().zip(&c_body).for_each(|(x, c)| *x += (*c as f64).abs());
+                    }
                     let scale = 1e-6 * (k.max(1) as f64).sqrt();
                     check(&what, &c.got(g), c.want(), co..co + m * n, |i| scale * mag[i - co]);
                 }

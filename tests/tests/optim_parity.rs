@@ -14,26 +14,10 @@ use nc_core::optim::device::{adamw_update_on, muon_update_on, DeviceOptimizer, M
 use nc_core::optim::muon::{muon_update, NsWorkspace};
 use nc_core::optim::schedule::{muon_momentum, LrSchedule};
 use nc_core::optim::{OptimConfig, Optimizer};
+use nc_tests::fixtures::{f32s, fixture};
 use nc_tests::{change_error, to_backend, to_host};
 use safetensors::SafeTensors;
 use std::collections::HashMap;
-use std::path::PathBuf;
-
-fn fixture(name: &str) -> Vec<u8> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("reference/fixtures")
-        .join(name);
-    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
-fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
-    let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
-    assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
-    t.data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
-}
 
 fn metadata(bytes: &[u8]) -> HashMap<String, String> {
     let (_, meta) = SafeTensors::read_metadata(bytes).unwrap();

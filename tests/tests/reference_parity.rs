@@ -8,27 +8,11 @@ use nc_core::backend::cpu::CpuBackend;
 use nc_core::model::{Gpt, Recompute};
 use nc_core::sample::Sampler;
 use nc_core::ModelConfig;
+use nc_tests::fixtures::{f32s, fixture};
 use safetensors::SafeTensors;
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 const TOL: f64 = 1e-5;
-
-fn fixture(name: &str) -> Vec<u8> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("reference/fixtures")
-        .join(name);
-    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
-fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
-    let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
-    assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
-    t.data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
-}
 
 fn i32s(st: &SafeTensors, name: &str) -> Vec<i32> {
     let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));

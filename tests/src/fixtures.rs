@@ -1,0 +1,23 @@
+//! The JAX reference's fixtures (tests/reference/fixtures/*.safetensors), as reference_parity.rs and
+//! optim_parity.rs read them.
+
+use safetensors::SafeTensors;
+use std::path::PathBuf;
+
+/// The bytes of fixture `name`.
+pub fn fixture(name: &str) -> Vec<u8> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("reference/fixtures")
+        .join(name);
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// Tensor `name` of a fixture, which must be f32.
+pub fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
+    let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
+    t.data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}

@@ -5,9 +5,9 @@
 //! comm/tests/p2p_emu.rs). To be checked with scripts/gpu_check.sh's `p2p` step.
 //!
 //! Each rank allocates with cuMemAlloc (not the stream-ordered pool, which IPC cannot export) a data area
-//! (ring slots, then a one-shot area) and a signal area (flags, zeroed), exports both with
-//! cuIpcGetMemHandle, exchanges the handles through the rendezvous and opens every peer's with
-//! cuIpcOpenMemHandle. Before that every rank checks, for every peer, that its GPU is visible here and that
+//! (ring slots, then a one-shot area) and a signal area (flags), zeroes both and waits for the zeros to land,
+//! exports both with cuIpcGetMemHandle, exchanges the handles through the rendezvous and opens every peer's
+//! with cuIpcOpenMemHandle. Before that every rank checks, for every peer, that its GPU is visible here and that
 //! cuDeviceCanAccessPeer says yes (or that it is the same GPU: IPC between processes on one device works,
 //! which is how the ring is tested on a one-GPU machine); every rank learns every rank's verdict, so all
 //! agree on whether the ring can run (`p2p_support`).
@@ -330,6 +330,11 @@ fn set_up_own_side(
         .map_err(|e| fail(format!("binding the CUDA context: {e:?}")))?;
     let data = DeviceAlloc::zeroed(ctx, rank, bytes, "ring's data area")?;
     let signal = DeviceAlloc::zeroed(ctx, rank, k::SIGNAL_U64S * 8, "ring's signal area")?;
+    // cuMemsetD8 on device memory may return before it runs: the zeros must be in memory before any peer can
+    // open the handles (a peer reading a stale flag would take a slot's old bytes for data), and before this
+    // rank's own kernels run on the ring's (non-blocking) stream.
+    ctx.synchronize()
+        .map_err(|e| fail(format!("synchronizing after zeroing the ring's areas: {e:?}")))?;
     let mut handles = Vec::with_capacity(128);
     for alloc in [&data, &signal] {
         let mut h = std::mem::MaybeUninit::<sys::CUipcMemHandle>::zeroed();

@@ -559,8 +559,69 @@ inline EmuPool& emu_pool() {
     return *pool;
 }
 
-// Runs call(call_ctx) as every thread of every block of the grid; returns when all have finished.
-inline void emu_launch(const char* name, void (*call)(void*), void* call_ctx, dim3 grid, dim3 block) {
+// Resident launches: every block of the grid at once, each on an OS thread of its own (kept for later
+// launches), for kernels whose blocks wait on blocks of other processes (the simulated driver's P2P ring): a
+// GPU keeps such a kernel's few blocks resident together, while the pool above runs a few blocks at a time.
+struct EmuResidentWorker {
+    std::mutex m;
+    std::condition_variable cv;
+    EmuJob* job = nullptr;
+    unsigned index = 0;
+};
+inline std::mutex emu_resident_m;
+inline std::vector<EmuResidentWorker*> emu_resident_idle;
+
+inline void emu_resident_main(EmuResidentWorker* w) {
+    std::unique_lock<std::mutex> lock(w->m);
+    for (;;) {
+        w->cv.wait(lock, [&] { return w->job != nullptr; });
+        EmuJob* job = w->job;
+        unsigned index = w->index;
+        lock.unlock();
+        emu_run_job_block(*job, index);
+        lock.lock();
+        w->job = nullptr;
+        {
+            std::lock_guard<std::mutex> idle(emu_resident_m);
+            emu_resident_idle.push_back(w);
+        }
+        EmuPool& pool = emu_pool();
+        std::lock_guard<std::mutex> done(pool.m);
+        if (++job->done == job->total) pool.finished.notify_all();  // the last touch of *job
+    }
+}
+
+// Blocks 1.. on resident workers, block 0 on the calling thread.
+inline void emu_launch_resident(EmuJob& job) {
+    for (unsigned i = 1; i < job.total; i++) {
+        EmuResidentWorker* w = nullptr;
+        {
+            std::lock_guard<std::mutex> lock(emu_resident_m);
+            if (!emu_resident_idle.empty()) {
+                w = emu_resident_idle.back();
+                emu_resident_idle.pop_back();
+            }
+        }
+        if (!w) {
+            w = new EmuResidentWorker;  // never destroyed, as the pool's workers
+            std::thread(emu_resident_main, w).detach();
+        }
+        std::lock_guard<std::mutex> lock(w->m);
+        w->job = &job;
+        w->index = i;
+        w->cv.notify_one();
+    }
+    emu_run_job_block(job, 0);
+    EmuPool& pool = emu_pool();
+    std::unique_lock<std::mutex> lock(pool.m);
+    job.done++;
+    pool.finished.wait(lock, [&] { return job.done == job.total; });
+}
+
+// Runs call(call_ctx) as every thread of every block of the grid; returns when all have finished. `resident`:
+// every block at once (emu_launch_resident).
+inline void emu_launch(const char* name, void (*call)(void*), void* call_ctx, dim3 grid, dim3 block,
+                       bool resident = false) {
     unsigned n = block.x * block.y * block.z;
     if (n == 0 || n > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0) {
         std::fprintf(stderr, "emu: kernel %s launched with grid (%u,%u,%u) block (%u,%u,%u): the block must have "
@@ -578,6 +639,7 @@ inline void emu_launch(const char* name, void (*call)(void*), void* call_ctx, di
     job.total = grid.x * grid.y * grid.z;
     job.id = pool.launches.fetch_add(1) + 1;
     job.seed = emu_race_seed() + 0x9e3779b97f4a7c15ull * job.id;
+    if (resident) return emu_launch_resident(job);
     std::unique_lock<std::mutex> lock(pool.m);
     pool.jobs.push_back(&job);
     pool.work.notify_all();
@@ -609,12 +671,16 @@ inline const char* emu_kernel_name(const void* fn) {
 }
 
 template <class F, class... A>
-void launch_named(const char* name, F f, dim3 grid, dim3 block, A... args) {
+void launch_named_as(bool resident, const char* name, F f, dim3 grid, dim3 block, A... args) {
     // Every thread calls the kernel with its own copies of the arguments. Not instrumented: reading the
     // captured arguments on the launching thread's stack is not the kernel's access.
     auto run = [&]() EMU_RT { f(args...); };
     using Run = decltype(run);
-    emu_launch(name, [](void* r) { (*static_cast<Run*>(r))(); }, &run, grid, block);
+    emu_launch(name, [](void* r) { (*static_cast<Run*>(r))(); }, &run, grid, block, resident);
+}
+template <class F, class... A>
+void launch_named(const char* name, F f, dim3 grid, dim3 block, A... args) {
+    launch_named_as(false, name, f, grid, block, args...);
 }
 template <class F, class... A>
 void launch(F f, dim3 grid, dim3 block, A... args) {
@@ -623,13 +689,15 @@ void launch(F f, dim3 grid, dim3 block, A... args) {
     launch_named(emu_kernel_name(fn), f, grid, block, args...);
 }
 template <class... P, size_t... I>
-void emu_launch_params(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, void** params,
+void emu_launch_params(bool resident, const char* name, void (*kernel)(P...), dim3 grid, dim3 block, void** params,
                        std::index_sequence<I...>) {
-    launch_named(name, kernel, grid, block, *static_cast<std::remove_cv_t<P>*>(params[I])...);
+    launch_named_as(resident, name, kernel, grid, block, *static_cast<std::remove_cv_t<P>*>(params[I])...);
 }
+// `resident`: every block at once (emu_launch_resident).
 template <class... P>
-void launch_params(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, void** params) {
-    emu_launch_params(name, kernel, grid, block, params, std::index_sequence_for<P...>{});
+void launch_params(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, void** params,
+                   bool resident = false) {
+    emu_launch_params(resident, name, kernel, grid, block, params, std::index_sequence_for<P...>{});
 }
 
 // The round-to-nearest intrinsics: one IEEE operation each (g++ in ISO C++ mode without -march contracts

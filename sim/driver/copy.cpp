@@ -3,6 +3,9 @@
 // driver documents it for each:
 //   - cuMemcpyHtoD / DtoH / DtoD and cuMemsetD* (no Async): queued on the legacy default stream, and the call
 //     returns when done (a simplification: the driver may return before a device-side memset or DtoD ends);
+//     in race mode a memset returns at once, as the driver allows ("asynchronous with respect to the host"
+//     for device memory), so work that relies on it without a synchronization is reported (the P2P ring's
+//     flags, zeroed before their IPC handles go out: ipc.cpp's export check, comm/src/p2p.rs);
 //   - cuMemcpyHtoDAsync from pageable memory: the source is copied to a staging buffer before the call
 //     returns, so the caller may reuse it at once; from pinned memory (cuMemAllocHost): read when the copy runs;
 //   - cuMemcpyDtoHAsync into pageable memory: returns only once the copy is done (synchronous for the host);
@@ -90,7 +93,7 @@ static CUresult memset_n(const char* entry, CUdeviceptr dst, unsigned value, siz
     SimStream* s = nullptr;
     if (CUresult r = enqueue(entry, stream, bytes_text(entry, n), run, {{dst, n, true}}, &s)) return r;
     trace("memset", std::to_string(n), n);
-    if (sync) return host_wait_stream(s, entry);
+    if (sync && !config().race) return host_wait_stream(s, entry);
     return CUDA_SUCCESS;
 }
 

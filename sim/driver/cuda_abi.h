@@ -19,6 +19,10 @@ typedef SimEvent* CUevent;
 typedef SimModule* CUmodule;
 typedef SimFunction* CUfunction;
 typedef void (*CUhostFn)(void* user_data);
+// CUDA IPC's opaque handle (CUipcMemHandle): 64 bytes, passed by value.
+struct CUipcMemHandle {
+    char reserved[64];
+};
 
 enum : int {
     CUDA_SUCCESS = 0,
@@ -32,6 +36,7 @@ enum : int {
     CUDA_ERROR_INVALID_IMAGE = 200,
     CUDA_ERROR_INVALID_CONTEXT = 201,
     CUDA_ERROR_NO_BINARY_FOR_GPU = 209,
+    CUDA_ERROR_PEER_ACCESS_UNSUPPORTED = 217,
     CUDA_ERROR_INVALID_PTX = 218,
     CUDA_ERROR_UNSUPPORTED_PTX_VERSION = 222,
     CUDA_ERROR_INVALID_SOURCE = 300,
@@ -41,6 +46,8 @@ enum : int {
     CUDA_ERROR_NOT_READY = 600,
     CUDA_ERROR_ILLEGAL_ADDRESS = 700,
     CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES = 701,
+    CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED = 704,
+    CUDA_ERROR_PEER_ACCESS_NOT_ENABLED = 705,
     CUDA_ERROR_LAUNCH_FAILED = 719,
     CUDA_ERROR_NOT_PERMITTED = 800,
     CUDA_ERROR_NOT_SUPPORTED = 801,

@@ -58,7 +58,7 @@ SIM_API CUresult cuInit(unsigned flags) {
     if (flags != 0) return fail(CUDA_ERROR_INVALID_VALUE, "cuInit: flags must be 0, got %u", flags);
     std::call_once(g_init_once, [] {
         Config c;
-        if (!load_config(c)) {
+        if (!load_config(c) || !ipc_init()) {
             g_init_result = CUDA_ERROR_INVALID_VALUE;
             return;
         }
@@ -137,14 +137,7 @@ SIM_API CUresult cuDeviceGetByPCIBusId(CUdevice* d, const char* id) {
     return fail(CUDA_ERROR_INVALID_DEVICE, "cuDeviceGetByPCIBusId: no simulated device has bus id '%s'", id);
 }
 
-// Peer access is not simulated (cuCtxEnablePeerAccess is unsupported), so no device can reach another.
-SIM_API CUresult cuDeviceCanAccessPeer(int* can, CUdevice d, CUdevice peer) {
-    if (!can) return CUDA_ERROR_INVALID_VALUE;
-    if (CUresult r = check_device("cuDeviceCanAccessPeer", d)) return r;
-    if (CUresult r = check_device("cuDeviceCanAccessPeer", peer)) return r;
-    *can = 0;
-    return CUDA_SUCCESS;
-}
+// cuDeviceCanAccessPeer and cuCtxEnablePeerAccess: ipc.cpp.
 
 SIM_API CUresult cuDeviceGetAttribute(int* value, int attribute, CUdevice d) {
     if (!value) return CUDA_ERROR_INVALID_VALUE;

@@ -21,15 +21,17 @@ constexpr ParamKind param_kind() {
         return ParamKind::Value;
 }
 
-template <auto F>
+template <auto F, bool Resident>
 struct KernelBinding;
 
-template <class... A, void (*F)(A...)>
-struct KernelBinding<F> {
+// Resident: every block of a launch runs at once (emu.h's resident launch), for the P2P ring's kernels, whose
+// blocks wait on other processes' blocks.
+template <class... A, void (*F)(A...), bool Resident>
+struct KernelBinding<F, Resident> {
     static int run(const char* name, void** params, const unsigned grid[3], const unsigned block[3]) {
         uint64_t races = emu_race_reports();
         // The one place the driver calls the emulator.
-        launch_params(name, F, dim3{grid[0], grid[1], grid[2]}, dim3{block[0], block[1], block[2]}, params);
+        launch_params(name, F, dim3{grid[0], grid[1], grid[2]}, dim3{block[0], block[1], block[2]}, params, Resident);
         return int(emu_race_reports() - races);
     }
     static RegisteredKernel make(const char* name) {
@@ -53,7 +55,8 @@ inline const char* emu_running_kernel() { return emu_block ? emu_block->kernel_n
 
 }  // namespace sim
 
-#define NCSIM_KERNEL(ns, entry) ::sim::KernelBinding<&ns::entry>::make(#entry)
+#define NCSIM_KERNEL(ns, entry) ::sim::KernelBinding<&ns::entry, false>::make(#entry)
+#define NCSIM_RESIDENT_KERNEL(ns, entry) ::sim::KernelBinding<&ns::entry, true>::make(#entry)
 // Registers the module's kernels, and the driver's bounds check as the emulator's access check (the kernels are
 // compiled with -fsanitize=thread, so the emulator sees each of their global accesses: emu.h), with the count of
 // frees as the epoch of the emulator's pass cache (emu_race.h). NC_SIM_PLANT_SKIP_SYNCTHREADS=N plants a missing

@@ -11,11 +11,19 @@
 //     and f64, and 2147450879 as an i32 (an id no vocabulary has), so reading unwritten memory shows up;
 //   - the SIGSEGV handler names the operation running, the address and the nearest allocation, then exits 1.
 // Copies, memsets and ncsim_check_range check their exact byte ranges (check_range).
+//
+// Shared between processes (CUDA IPC, ipc.cpp): each device's region is a MAP_SHARED mapping of one memfd as
+// large as the region, so an allocation is the same pages of that file in whichever process maps them. A
+// peer maps the file's pages of an exported allocation (through /proc/PID/fd/N) into a free range of its own
+// device's region; they then count as an allocation there (`imported`), so its bounds, guard page and
+// use-after-close checks are those of any allocation. A free punches the pages out of the file.
 #include "state.h"
 #include <algorithm>
+#include <cerrno>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
+#include <fcntl.h>
 #include <set>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -30,6 +38,7 @@ constexpr uint8_t kPoison[2] = {0xff, 0x7f};
 struct Region {
     uint64_t base = 0, end = 0, next = 0;  // next: bump pointer of never-used address space
     size_t used = 0;                        // bytes allocated (each rounded up to 256), against NC_SIM_MEM
+    int fd = -1;                            // the memfd behind [base, end): offset = address - base
 };
 
 static std::mutex g_mem;
@@ -49,11 +58,18 @@ void memory_init(int devices, size_t bytes_per_device) {
     std::lock_guard<std::mutex> lock(g_mem);
     g_capacity = bytes_per_device;
     for (int d = 0; d < devices; d++) {
-        void* p = mmap(nullptr, kRegionBytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        // The file is sparse: only the pages allocations touch take memory.
+        std::string name = "nc-sim-device-" + std::to_string(d);
+        int fd = memfd_create(name.c_str(), MFD_CLOEXEC);
+        if (fd < 0 || ftruncate(fd, off_t(kRegionBytes)) != 0)
+            fault("creating the shared memory file of device %d (memfd_create, %zu GiB sparse) failed: %s", d,
+                  kRegionBytes >> 30, strerror(errno));
+        void* p = mmap(nullptr, kRegionBytes, PROT_NONE, MAP_SHARED | MAP_NORESERVE, fd, 0);
         if (p == MAP_FAILED) fault("reserving %zu GiB of address space for device %d failed", kRegionBytes >> 30, d);
         Region r;
         r.base = r.next = uint64_t(p);
         r.end = r.base + kRegionBytes;
+        r.fd = fd;
         g_regions.push_back(r);
     }
 }
@@ -123,11 +139,16 @@ static CUresult release(uint64_t ptr, const char* entry) {
                     (unsigned long long)ptr);
     }
     Allocation a = it->second;
+    if (a.imported)
+        return fail(CUDA_ERROR_INVALID_VALUE, "%s(0x%llx): this is another process's allocation opened with "
+                    "cuIpcOpenMemHandle; close it with cuIpcCloseMemHandle", entry, (unsigned long long)ptr);
     g_live.erase(it);
     size_t pages = span_pages(a.size);
-    void* lo = reinterpret_cast<void*>(a.start / kPage * kPage);
-    madvise(lo, pages, MADV_DONTNEED);
-    mprotect(lo, pages, PROT_NONE);
+    uint64_t lo = a.start / kPage * kPage;
+    const Region& r = g_regions[size_t(a.device)];
+    // Give the pages back (a peer that still maps them reads zeros, as it reads garbage on a GPU).
+    fallocate(r.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off_t(lo - r.base), off_t(pages));
+    mprotect(reinterpret_cast<void*>(lo), pages, PROT_NONE);
     a.live = false;
     g_frees.fetch_add(1);
     g_freed[a.start] = a;
@@ -135,6 +156,68 @@ static CUresult release(uint64_t ptr, const char* entry) {
     // until the region wraps around.
     if (g_freed.size() > 200000) g_freed.erase(g_freed.begin());
     g_regions[size_t(a.device)].used -= round_up(a.size, kAlign);
+    return CUDA_SUCCESS;
+}
+
+bool export_allocation(uint64_t ptr, IpcExport& out) {
+    std::lock_guard<std::mutex> lock(g_mem);
+    auto it = g_live.find(ptr);
+    if (it == g_live.end() || it->second.imported) return false;
+    const Allocation& a = it->second;
+    const Region& r = g_regions[size_t(a.device)];
+    uint64_t lo = a.start / kPage * kPage;
+    out.fd = r.fd;
+    out.file_offset = lo - r.base;
+    out.pages_bytes = span_pages(a.size);
+    out.start_offset = a.start - lo;
+    out.size = a.size;
+    out.device = a.device;
+    return true;
+}
+
+CUresult import_mapping(int device, int fd, const IpcExport& e, uint64_t& out) {
+    std::lock_guard<std::mutex> lock(g_mem);
+    Region& r = g_regions[size_t(device)];
+    uint64_t at;
+    if (!take_space(r, e.pages_bytes, at))
+        return fail(CUDA_ERROR_OUT_OF_MEMORY, "cuIpcOpenMemHandle: no address space left on device %d", device);
+    void* p = mmap(reinterpret_cast<void*>(at), e.pages_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd,
+                   off_t(e.file_offset));
+    if (p == MAP_FAILED) {
+        // Put the reservation back (MAP_FIXED may have replaced it before failing).
+        mmap(reinterpret_cast<void*>(at), e.pages_bytes, PROT_NONE, MAP_SHARED | MAP_FIXED | MAP_NORESERVE, r.fd,
+             off_t(at - r.base));
+        return fail(CUDA_ERROR_INVALID_HANDLE, "cuIpcOpenMemHandle: mapping the peer's %zu bytes failed: %s",
+                    e.pages_bytes, strerror(errno));
+    }
+    Allocation a;
+    a.start = at + e.start_offset;
+    a.size = e.size;
+    a.device = device;
+    a.live = true;
+    a.imported = true;
+    g_live[a.start] = a;
+    out = a.start;
+    return CUDA_SUCCESS;
+}
+
+CUresult close_import(uint64_t ptr) {
+    std::lock_guard<std::mutex> lock(g_mem);
+    auto it = g_live.find(ptr);
+    if (it == g_live.end() || !it->second.imported)
+        return fail(CUDA_ERROR_INVALID_VALUE, "cuIpcCloseMemHandle(0x%llx): not a pointer cuIpcOpenMemHandle returned "
+                    "(or already closed)", (unsigned long long)ptr);
+    Allocation a = it->second;
+    g_live.erase(it);
+    uint64_t lo = a.start / kPage * kPage;
+    const Region& r = g_regions[size_t(a.device)];
+    // The range becomes this device's reserved, inaccessible address space again: a later access faults and
+    // is reported as a use of a closed (freed) mapping.
+    mmap(reinterpret_cast<void*>(lo), span_pages(a.size), PROT_NONE, MAP_SHARED | MAP_FIXED | MAP_NORESERVE, r.fd,
+         off_t(lo - r.base));
+    a.live = false;
+    g_frees.fetch_add(1);
+    g_freed[a.start] = a;
     return CUDA_SUCCESS;
 }
 

@@ -68,6 +68,19 @@ void race_check(int stream_id, uint64_t seq, const Clock& clock, const std::stri
 
 void race_forget(uint64_t start, size_t) { g_records.erase(start); }
 
+bool race_unwaited_write_locked(uint64_t start, size_t bytes, const Clock& host, std::string& what) {
+    Allocation alloc;
+    if (!find_allocation(start, alloc) || !alloc.live) return false;
+    auto it = g_records.find(alloc.start);
+    if (it == g_records.end()) return false;
+    for (const Record& r : it->second) {
+        if (!r.write || r.hi <= start || start + bytes <= r.lo || entry(host, r.stream) >= r.seq) continue;
+        what = "\"" + r.what + "\" (stream " + std::to_string(r.stream) + ", op " + std::to_string(r.seq) + ")";
+        return true;
+    }
+    return false;
+}
+
 void race_delay() {
     static thread_local std::mt19937 rng(std::random_device{}());
     std::uniform_int_distribution<int> us(0, 2000);

@@ -72,8 +72,23 @@ struct Allocation {
     size_t size = 0;     // bytes asked for
     int device = -1;
     bool live = false;
+    bool imported = false;  // another process's allocation opened with cuIpcOpenMemHandle (ipc.cpp)
 };
 void memory_init(int devices, size_t bytes_per_device);
+// What a peer needs to map an allocation (ipc.cpp): the device's shared memory file, where the allocation's
+// pages lie in it, and where the allocation starts in its first page.
+struct IpcExport {
+    int fd = -1;
+    uint64_t file_offset = 0, pages_bytes = 0, start_offset = 0, size = 0;
+    int device = -1;
+};
+// False unless ptr is the start of a live allocation of this process.
+bool export_allocation(uint64_t ptr, IpcExport& out);
+// Maps the exporter's pages (`fd`: the exporter's file, opened here) into free address space of `device`,
+// registered as a live allocation (imported) of e.size bytes; its start in *out.
+CUresult import_mapping(int device, int fd, const IpcExport& e, uint64_t& out);
+// Unmaps an imported allocation (its start); a later access is reported as a use of closed memory.
+CUresult close_import(uint64_t ptr);
 // The allocation (live or freed) that contains [ptr, ptr + bytes), or that starts nearest before ptr; false
 // when ptr lies in no simulated device's memory.
 bool find_allocation(uint64_t ptr, Allocation& out);
@@ -100,6 +115,10 @@ const char* running();
 // run blocks of any launch): set by the first registered kernel module.
 void set_kernel_name_source(const char* (*current_kernel)());
 
+// ---- ipc.cpp: CUDA IPC and peer access -------------------------------------------------------------------------
+// Reads NC_SIM_PEER (at cuInit); on a bad value says what to write and returns false.
+bool ipc_init();
+
 // ---- stream.cpp: streams, events, host synchronization -----------------------------------------------------
 struct Access {
     uint64_t start;
@@ -117,6 +136,9 @@ CUresult resolve_stream(const char* entry, CUstream handle, SimStream** out);
 CUresult host_wait_stream(SimStream* s, const char* why);
 // Blocks until every stream of the context has drained (cuCtxSynchronize, cuMemFree); the sticky error too.
 CUresult host_wait_context(SimContext* ctx, const char* why);
+// Race mode: whether work that writes [start, start + bytes) was queued and the host has not waited for it
+// (no synchronization since), and which; before an IPC export (ipc.cpp).
+bool host_unwaited_write(uint64_t start, size_t bytes, std::string& what);
 SimStream* legacy_stream(SimContext* ctx);
 void destroy_context_streams(SimContext* ctx);
 
@@ -131,6 +153,9 @@ void race_check(int stream_id, uint64_t seq, const Clock& clock, const std::stri
                 const std::vector<Access>& accesses);
 // Drops what the checker remembers about [start, start + bytes) (freed memory).
 void race_forget(uint64_t start, size_t bytes);
+// Whether a write to [start, start + bytes) was queued that `host` (the host's clock) is not ordered after,
+// and which (called with the enqueue lock held).
+bool race_unwaited_write_locked(uint64_t start, size_t bytes, const Clock& host, std::string& what);
 // A random delay before an operation runs, so that stream workers interleave differently from run to run.
 void race_delay();
 // The elementwise minimum of the host's clock and every live stream's clock (called with the enqueue lock held).

@@ -59,7 +59,10 @@ namespace sim {
 
 static std::mutex g_enqueue;  // host-side order: queues' seq numbers, clocks, stream lists
 static std::mutex g_progress;
-static std::condition_variable g_progress_cv;
+// Never destroyed: a process may exit (std::exit from another thread: nc's P2P watchdog when a peer died)
+// while a host thread waits on it for a stream that will never finish, and glibc's destructor of a condition
+// variable waits for its waiters, so a static one would hang the exit forever.
+static std::condition_variable& g_progress_cv = *new std::condition_variable;
 static Clock g_host_clock;
 static std::map<SimContext*, std::vector<SimStream*>> g_context_streams;  // live streams, legacy included
 static std::map<SimContext*, SimStream*> g_legacy;
@@ -228,6 +231,11 @@ CUresult host_wait_context(SimContext* ctx, const char* why) {
     }
     trace("sync", why);
     return sticky_error(context_device(ctx));
+}
+
+bool host_unwaited_write(uint64_t start, size_t bytes, std::string& what) {
+    std::lock_guard<std::mutex> lock(g_enqueue);
+    return race_unwaited_write_locked(start, bytes, g_host_clock, what);
 }
 
 static void stop_stream(SimStream* s) {

@@ -494,6 +494,19 @@ fn rank_main(args: &Args) -> Result<(), String> {
     let mut rdv = Rendezvous::join(&cfg, &[]).map_err(|e| e.message)?;
     let ctx = CudaContext::new(device).map_err(|e| format!("rank {rank}: GPU {device}: {e:?}"))?;
     let stream = ctx.new_stream().map_err(|e| format!("rank {rank}: a stream: {e:?}"))?;
+    // The simulated GPU (docs/simulated-gpu.md) names itself so: its checks are real, its times are not.
+    let device_name = ctx.name().unwrap_or_else(|e| format!("(name unknown: {e:?})"));
+    let simulated = device_name.contains("simulated");
+    if rank == 0 {
+        println!(
+            "device: {device_name}{}",
+            if simulated {
+                " (a simulated device: the checks are real; the times are the emulation's CPU times, not a GPU's)"
+            } else {
+                ""
+            }
+        );
+    }
     let opts = P2pOptions {
         timeout: args.timeout,
         ..P2pOptions::default()
@@ -570,6 +583,9 @@ fn rank_main(args: &Args) -> Result<(), String> {
     bench.run::<bf16>(args)?;
     if rank == 0 {
         println!("(GB/s = 1e9 bytes/s; rank 0's mean time per call; bus bandwidth as nccl-tests defines it)");
+        if simulated {
+            println!("(simulated device: these times are not GPU times and say nothing about NVLink)");
+        }
     }
     if args.crossover_max > 0 && n > 1 {
         // a second ring whose one-shot area holds the largest size timed
@@ -594,7 +610,9 @@ fn rank_main(args: &Args) -> Result<(), String> {
             println!(
                 "crossover: suggested NC_P2P_ONE_SHOT_BYTES={both} (the smaller of the two; {} ranks{})",
                 n,
-                if gpus < n {
+                if simulated {
+                    ", on a simulated device: not a GPU's figure"
+                } else if gpus < n {
                     ", sharing GPUs: not NVLink's figure"
                 } else {
                     ""

@@ -1,8 +1,9 @@
 //! The peer-to-peer ring: nc's own reduce-scatter, all-gather and all-reduce between the GPUs of one node,
 //! over CUDA IPC (kernels-ptx/cuda/p2p_ring.cu).
 //!
-//! UNVERIFIED: compiled here, never run on a GPU (the kernels ran only in the CPU emulation,
-//! comm/tests/p2p_emu.rs). To be checked with scripts/gpu_check.sh's `p2p` step.
+//! UNVERIFIED on a GPU: never run on one. It runs, host code and kernels, across processes on simulated
+//! devices (the simulator's CUDA IPC: comm/tests/sim_p2p.rs, bin/tests/sim_multi_ring.rs), and the kernels
+//! in the CPU emulation (comm/tests/p2p_emu.rs). To be checked with scripts/gpu_check.sh's `p2p` step.
 //!
 //! Each rank allocates with cuMemAlloc (not the stream-ordered pool, which IPC cannot export) a data area
 //! (ring slots, then a one-shot area) and a signal area (flags), zeroes both and waits for the zeros to land,

@@ -1,7 +1,8 @@
 //! The device side of ZeRO-1 (`zero1`) over nc's own peer-to-peer ring (`nc_comm::P2pRing`, CUDA IPC between
 //! the GPUs of one node), and its host twin.
 //!
-//! UNVERIFIED on a GPU: `P2pDevice` compiles here, never ran on one. What CI runs is the same exchange over
+//! UNVERIFIED on a GPU: `P2pDevice` never ran on one; it trains on simulated devices across processes
+//! (bin/tests/sim_multi_ring.rs: 2 and 3 ranks against one process). What CI also runs is the same exchange over
 //! `TwinRing` (the ring's host twin, `nc_comm::P2pTwin`, which runs the very plan tables the kernels get),
 //! checked bit for bit against `HostRanks` in the tests below.
 //!

@@ -40,10 +40,17 @@
 #              at the same total batch: train losses compared (correctness, not NVLink speed)
 # Adding a step: one LIMIT entry, one line above, one arm in `run`'s case (and DEFAULT_STEPS only if the default
 # run still sums to <= 480 s).
+#
+# On the simulated GPU (docs/simulated-gpu.md): `scripts/sim.sh scripts/gpu_check.sh run` runs the same steps
+# against the stand-in libraries, to try the script and the binaries without a GPU (tests/tests/scripts.rs does,
+# end to end). The script knows the simulated driver by the ncsim_ functions it exports (NVIDIA's has none) and
+# then: leaves the library path alone (no real cuBLAS in front of the stand-ins), shows the simulator instead of
+# nvidia-smi, trains and benchmarks a model sized for the emulator (`train`: T 64, 6 steps; `bench`: depth 2,
+# T 64) under eight times the time limits, and marks every line of every step's output as not a GPU figure.
 # Carry gpu-check/ (a few tens of MiB, stripped) with the device tool's `carry`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-BIN_DIR=gpu-check
+BIN_DIR=${GPU_CHECK_BIN_DIR:-gpu-check}  # where `build` puts the binaries and `run` finds them
 
 # Seconds each step may take in all (its parts share it). The default run's must sum to <= DEFAULT_BUDGET.
 DEFAULT_STEPS=(info alloc parity train bench)
@@ -74,13 +81,16 @@ plan() {
 build() {
   mkdir -p "$BIN_DIR"
   # cargo prints the test executables as JSON; keep the ones the GPU needs, stripped of debug info to travel light.
+  # Everything with the release profile (the benches with `cargo build --release`, not `cargo bench`, whose bench
+  # profile would compile every dependency again), so a workspace that was built or tested with --release has
+  # them already.
   local exes
   cargo build --release -p nc-train --bin nc-train || { echo "gpu_check build: cargo failed" >&2; exit 1; }
   cp target/release/nc-train "$BIN_DIR/nc-train"
   cargo build --release -p nc-comm --bin nc-p2p-bench && cp target/release/nc-p2p-bench "$BIN_DIR/nc-p2p-bench"
   strip --strip-debug "$BIN_DIR/nc-train" 2>/dev/null || true
   exes=$( (cargo test --release --no-run --message-format=json -p nc-alloc --test cuda_smoke -p nc-tests --test cuda_parity -p nc-tests --test cuda_flash -p nc-tests --test cuda_bf16_parity &&
-    cargo bench --no-run --message-format=json -p nc-benches --bench step_cuda --bench attention_cuda) |
+    cargo build --release --message-format=json -p nc-benches --bench step_cuda --bench attention_cuda) |
     python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
@@ -122,6 +132,7 @@ FAILED=()
 step() {
   local name=$1 limit=$2
   shift 2
+  [ "$SIM" -eq 0 ] || limit=$((limit * 8))  # the emulator is slow (the header says why)
   local left=$((GROUP_END - SECONDS))
   [ "$limit" -le "$left" ] || limit=$left
   if [ "$limit" -le 0 ]; then
@@ -129,13 +140,34 @@ step() {
     FAILED+=("$name-skipped")
     return
   fi
-  echo "== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  local shown="$*"
+  echo "== $name (limit ${limit}s): ${shown//$'\n'/\\n}" | tee -a "$LOG"  # one line, even for a python3 -c script
   local t0=$SECONDS
-  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+  if [ "$SIM" -eq 1 ]; then
+    timeout "$limit" "$@" 2>&1 | sed -u "s/^/$SIM_TAG /" | tee -a "$LOG"
+  else
+    timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+  fi
   local rc=${PIPESTATUS[0]}
   echo "== $name: exit $rc after $((SECONDS - t0))s" | tee -a "$LOG"
   [ "$rc" -eq 0 ] || FAILED+=("$name")
 }
+
+# True when the libcuda.so.1 the binaries will load is the simulated one: the first on LD_LIBRARY_PATH that
+# exists (the one the loader takes) holds the simulator's private ncsim_ entry points.
+simulated_driver() {
+  local d dirs
+  IFS=: read -ra dirs <<<"${LD_LIBRARY_PATH:-}"
+  for d in "${dirs[@]}"; do
+    [ -n "$d" ] && [ -e "$d/libcuda.so.1" ] || continue
+    grep -q ncsim_current_device "$d/libcuda.so.1" && SIM_LIBS=$d && return 0
+    return 1
+  done
+  return 1
+}
+SIM=0
+SIM_LIBS=""
+SIM_TAG="[simulated GPU: not a GPU figure]"
 
 # cudarc opens libcublas.so / libcublas.so.13 with dlopen: put every folder that holds one (the CUDA toolkit's,
 # or the nvidia-cublas wheel of the image's PyTorch) on the library path, and say which.
@@ -179,12 +211,26 @@ run() {
     fi
   done
   export PYTHONUNBUFFERED=1
-  cuda_library_path
+  # the model sizes of `train` and `bench`: nanochat's on a GPU, the emulator's on the simulated one
+  local train_size=() bench_size=(--depth 20 --dbs 16 --steps 5)
+  if simulated_driver; then
+    SIM=1
+    for s in "${!LIMIT[@]}"; do LIMIT[$s]=$((LIMIT[$s] * 8)); done
+    train_size=(--max-seq-len 64 --dbs 4 --num-iterations 6 --eval-every 3 --eval-tokens 1024)
+    bench_size=(--depth 2 --dbs 2 --seq 64 --vocab 512 --steps 1 --warmup 1)
+    echo "gpu_check: on the simulated GPU ($SIM_LIBS): results check the binaries and the CUDA path on the CPU; every time, throughput and MFU below is the emulator's, $SIM_TAG" | tee -a "$LOG"
+  else
+    cuda_library_path
+  fi
   for s in "${steps[@]}"; do
     group "$s"
     case "$s" in
       info)
+        if [ "$SIM" -eq 1 ]; then
+          step info 15 bash -c "echo 'simulated GPU: stand-in libcuda.so.1, libcublas.so.13, libcublasLt.so.13 in $SIM_LIBS (docs/simulated-gpu.md)'; ls -l '$SIM_LIBS'/lib*.so.*; g++ --version | head -n 1"
+        else
         step info 15 bash -c 'nvidia-smi; (nvcc --version || true); (ldconfig -p | grep -E "libcuda.so|libcublas" || true); python3 -c "import torch; print(\"torch\", torch.__version__, torch.version.cuda)"'
+        fi
         ;;
       alloc) need_bin cuda_smoke && step alloc 40 "$BIN_DIR/cuda_smoke" --nocapture ;;
       parity)
@@ -215,8 +261,8 @@ run() {
         if need_bin nc-train; then
           local tw
           tw=$(mktemp -d)
-          step train-twin 70 "$BIN_DIR/nc-train" --backend cpu --precision bf16 --num-iterations 20 --eval-every 10 --out-dir "$tw/twin"
-          step train-cuda-bf16 40 "$BIN_DIR/nc-train" --backend cuda --precision bf16 --num-iterations 20 --eval-every 10 --out-dir "$tw/cuda"
+          step train-twin 70 "$BIN_DIR/nc-train" --backend cpu --precision bf16 --num-iterations 20 --eval-every 10 "${train_size[@]}" --out-dir "$tw/twin"
+          step train-cuda-bf16 40 "$BIN_DIR/nc-train" --backend cuda --precision bf16 --num-iterations 20 --eval-every 10 "${train_size[@]}" --out-dir "$tw/cuda"
           step train-compare 10 python3 -c '
 import json, sys
 def run(d):
@@ -264,7 +310,7 @@ sys.exit(0 if abs(cpu - cuda) <= 2e-3 * cpu else 1)' "$w/cpu" "$w/cuda"
       bench)
         # nanochat's d20 step on the bf16 engine (its MFU is the number the issue asks for)
         need_bin step_cuda &&
-          step bench-d20-bf16 150 bash -c "set -o pipefail; NC_REQUIRE_CUDA=1 '$BIN_DIR/step_cuda' --depth 20 --dbs 16 --steps 5 --optimizer --precision bf16 | tee -a '$out/step_cuda.txt'"
+          step bench-d20-bf16 150 bash -c "set -o pipefail; NC_REQUIRE_CUDA=1 '$BIN_DIR/step_cuda' ${bench_size[*]} --optimizer --precision bf16 | tee -a '$out/step_cuda.txt'"
         ;;
       bench-f32)
         if need_bin step_cuda; then
@@ -336,7 +382,11 @@ sys.exit(0 if gaps[0] <= 1e-5 and max(gaps) <= 1e-3 else 1)' "$rt/one" "$rt/two"
     echo "gpu_check: FAILED: ${FAILED[*]} (log: $LOG)" | tee -a "$LOG"
     exit 1
   fi
-  echo "gpu_check: all steps passed (log: $LOG)" | tee -a "$LOG"
+  if [ "$SIM" -eq 1 ]; then
+    echo "gpu_check: all steps passed on the simulated GPU, not on a GPU: no figure above is a GPU figure (log: $LOG)" | tee -a "$LOG"
+  else
+    echo "gpu_check: all steps passed (log: $LOG)" | tee -a "$LOG"
+  fi
 }
 
 case "${1:-}" in

@@ -1,7 +1,8 @@
 //! The shell scripts parse (`bash -n`), and what can be checked of them without a GPU is: gpu_check.sh's default
 //! run fits its 480 s share of a 15-minute lease and rejects an unknown step before running anything;
 //! profile.sh builds the nsys commands around `nc-train --profile-steps` and turns `nsys stats`' kernel table
-//! into its top-N list (with a stand-in nsys).
+//! into its top-N list (with a stand-in nsys); and gpu_check.sh's `build` and default `run`, end to end, on the
+//! simulated GPU (docs/simulated-gpu.md).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -150,4 +151,91 @@ esac
     assert_eq!(first, ["61.5", "1.235", "40", "30.9", "gemm_bf16_big"], "{stdout}");
     assert!(rows[1].ends_with("flash_fwd"), "{stdout}");
     assert!(stdout.contains("(3 kernels in all)"), "{stdout}");
+}
+
+/// `scripts/gpu_check.sh build`, then `scripts/sim.sh scripts/gpu_check.sh run` (the default steps: info alloc
+/// parity train bench) on the simulated GPU, as on a GPU machine but with models sized for the emulator: every
+/// step passes, the script says it ran on the simulated device, and every line a step printed is marked as not
+/// a GPU figure. Without the simulator (no g++) it says why and passes.
+///
+/// Ignored in the default run: cargo started from inside `cargo test` (the script's `build`) saw different
+/// fingerprints and rebuilt nc-train and the test binaries (about 10 minutes on the loaded 2-core machine, and
+/// the outer build's artifacts thrashed). Run it alone: `cargo test --release -p nc-tests --test scripts --
+/// --ignored` (measured: passes; the `run` part alone takes 31 CPU-s).
+#[test]
+#[ignore = "runs cargo inside cargo test, which rebuilds the workspace; run with --ignored"]
+fn gpu_check_runs_its_default_steps_on_the_simulated_gpu() {
+    if let Err(why) = nc_tests::sim::simulator_libraries(&nc_tests::sim::BLAS_LIBRARIES) {
+        eprintln!("no simulated GPU: {why}; gpu_check's end-to-end run not tested");
+        return;
+    }
+    let bins = tempfile::tempdir().unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    // The build reuses this cargo build's artifacts (the same profile): seconds, except the two benches.
+    let out = run(Command::new("bash")
+        .args(["scripts/gpu_check.sh", "build"])
+        .env("GPU_CHECK_BIN_DIR", bins.path()));
+    assert!(
+        out.status.success(),
+        "gpu_check build:\n{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let out = run(Command::new("bash")
+        .args(["scripts/sim.sh", "bash", "scripts/gpu_check.sh", "run"])
+        .env("GPU_CHECK_BIN_DIR", bins.path())
+        .env("OUT", out_dir.path())
+        .env_remove("NC_SIM_TRACE"));
+    let log = std::fs::read_to_string(out_dir.path().join("gpu_check.log")).unwrap_or_default();
+    let all = format!("{}{}\nlog:\n{log}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "gpu_check run on the simulated GPU failed:\n{all}"
+    );
+    assert!(log.starts_with("gpu_check: on the simulated GPU"), "{all}");
+    assert!(
+        log.contains("all steps passed on the simulated GPU, not on a GPU"),
+        "{all}"
+    );
+    for part in [
+        "info",
+        "alloc",
+        "train-twin",
+        "train-cuda-bf16",
+        "train-compare",
+        "bench-d20-bf16",
+    ] {
+        assert!(
+            log.contains(&format!("== {part}: exit 0 after")),
+            "{part} did not pass:\n{all}"
+        );
+    }
+    assert!(log.contains("== parity:") && log.contains("== parity-bf16:"), "{all}");
+    assert!(!log.contains(": exit 1") && !log.contains("skipped"), "{all}");
+    // Between a part's "== NAME (limit" and "== NAME: exit" lines, everything it printed carries the mark.
+    let mut inside = false;
+    let mut marked = 0;
+    for line in log.lines() {
+        if line.starts_with("== ") {
+            inside = line.contains(" (limit ");
+            continue;
+        }
+        if inside {
+            assert!(
+                line.starts_with("[simulated GPU: not a GPU figure] "),
+                "an unmarked line: {line}\n{all}"
+            );
+            marked += 1;
+        }
+    }
+    assert!(
+        log.contains("[simulated GPU: not a GPU figure] ") && marked > 20,
+        "{all}"
+    );
+    // The benchmark's figures are there, marked (it ran, and its MFU line is the emulator's).
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with("[simulated GPU: not a GPU figure] ") && l.contains("MFU bf16")),
+        "{all}"
+    );
 }

@@ -14,6 +14,9 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+#[path = "support/procs.rs"]
+mod procs;
+use procs::workers_of;
 
 const LOSS_TOL: f64 = 1e-6;
 
@@ -308,35 +311,6 @@ fn bf16_processes_match_one_process_and_resume_at_world_size_one() {
     let g = gap(&got, &b);
     eprintln!("bf16: resumed 2 -> 1 vs two processes throughout: {g:e}");
     assert!(g <= BF16_LOSS_TOL, "bf16 resume 2 -> 1: {g:e}\n{got:?}\n{b:?}");
-}
-
-/// The pids of the supervisor's children and their RANK.
-fn workers_of(supervisor: u32) -> Vec<(u32, usize)> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // the fields after the command's closing parenthesis: state, ppid, ...
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        let ppid: u32 = after.split(' ').nth(1).unwrap().parse().unwrap();
-        if ppid != supervisor {
-            continue;
-        }
-        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-        let rank = env
-            .split(|&b| b == 0)
-            .filter_map(|kv| std::str::from_utf8(kv).ok()?.strip_prefix("RANK="))
-            .next()
-            .and_then(|r| r.parse().ok());
-        if let Some(r) = rank {
-            found.push((pid, r));
-        }
-    }
-    found
 }
 
 /// Start the supervisor with two workers training for long; return it once rank 0 logged step 3, with the

@@ -23,6 +23,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+#[path = "support/procs.rs"]
+mod procs;
+use procs::{files, workers_of};
 
 #[allow(dead_code)]
 #[path = "../../tests/src/sim.rs"]
@@ -329,34 +332,6 @@ fn finish(
     status
 }
 
-/// The pids of the supervisor's children with their RANK.
-fn workers_of(supervisor: u32) -> Vec<(u32, usize)> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        let ppid: u32 = after.split(' ').nth(1).unwrap().parse().unwrap();
-        if ppid != supervisor {
-            continue;
-        }
-        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-        let rank = env
-            .split(|&b| b == 0)
-            .filter_map(|kv| std::str::from_utf8(kv).ok()?.strip_prefix("RANK="))
-            .next()
-            .and_then(|r| r.parse().ok());
-        if let Some(r) = rank {
-            found.push((pid, r));
-        }
-    }
-    found
-}
-
 /// Every complete checkpoint under `out` with its files' bytes.
 fn complete_checkpoints(out: &Path) -> Vec<(String, Vec<(String, Vec<u8>)>)> {
     let mut all = Vec::new();
@@ -367,18 +342,7 @@ fn complete_checkpoints(out: &Path) -> Vec<(String, Vec<(String, Vec<u8>)>)> {
         if !d.path().join("COMPLETE").is_file() {
             continue;
         }
-        let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(d.path())
-            .unwrap()
-            .flatten()
-            .map(|f| {
-                (
-                    f.file_name().to_string_lossy().into_owned(),
-                    std::fs::read(f.path()).unwrap(),
-                )
-            })
-            .collect();
-        files.sort();
-        all.push((d.file_name().to_string_lossy().into_owned(), files));
+        all.push((d.file_name().to_string_lossy().into_owned(), files(&d.path())));
     }
     all.sort();
     all

@@ -23,6 +23,9 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+#[path = "support/procs.rs"]
+mod procs;
+use procs::{files, workers_of};
 
 #[allow(dead_code)]
 #[path = "../../tests/src/sim.rs"]
@@ -233,50 +236,6 @@ fn auto_without_peer_access_picks_nccl_and_says_why() {
         "{line}\n{}",
         text(&out)
     );
-}
-
-/// Every file of a checkpoint folder with its bytes.
-fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
-        .map(|e| {
-            let e = e.unwrap();
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
-        .collect();
-    v.sort();
-    v
-}
-
-/// The supervisor's children (the workers) and their RANK.
-fn workers_of(supervisor: u32) -> Vec<(u32, usize)> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        let ppid: u32 = after.split(' ').nth(1).unwrap().parse().unwrap();
-        if ppid != supervisor {
-            continue;
-        }
-        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-        let rank = env
-            .split(|&b| b == 0)
-            .filter_map(|kv| std::str::from_utf8(kv).ok()?.strip_prefix("RANK="))
-            .next()
-            .and_then(|r| r.parse().ok());
-        if let Some(r) = rank {
-            found.push((pid, r));
-        }
-    }
-    found
 }
 
 fn wait_at_most(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {

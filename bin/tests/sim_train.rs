@@ -23,6 +23,9 @@ use nc_core::plan::{memory_per_gpu, Precision, Recompute};
 use nc_core::ModelConfig;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+#[path = "support/procs.rs"]
+mod procs;
+use procs::files;
 
 #[allow(dead_code)]
 #[path = "../../tests/src/sim.rs"]
@@ -178,22 +181,6 @@ fn fp32_on_the_simulated_gpu_matches_the_cpu_backend() {
         "the start-up line names the simulated device:\n{log}"
     );
     compare_curves("fp32", &cpu, &gpu, 1e-5, 2e-3);
-}
-
-/// Every file of a checkpoint folder, by name, with its bytes.
-fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
-        .map(|e| {
-            let e = e.unwrap();
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
-        .collect();
-    v.sort();
-    v
 }
 
 fn copy_folder(from: &Path, to: &Path) {

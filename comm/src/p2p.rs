@@ -979,7 +979,8 @@ impl Drop for P2pRing {
 
 /// Exits the process (code `nccl::EXIT_PEER_GONE`, naming the rank) when the rendezvous reports a peer's
 /// process gone: a kernel waiting on a dead peer would otherwise spin until its timeout (minutes: it must
-/// outlast rank 0's evaluations and checkpoints). Checked every `nccl::WATCHDOG_PERIOD`.
+/// outlast rank 0's evaluations and checkpoints). Checked every `nccl::WATCHDOG_PERIOD`. It exits through
+/// `nccl_watchdog::exit_now` (no exit handlers: a broken driver's can hang or crash and lose the code).
 struct Watchdog {
     stop: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -1000,7 +1001,7 @@ impl Watchdog {
                              so exiting with code {}",
                             crate::nccl::EXIT_PEER_GONE
                         );
-                        std::process::exit(crate::nccl::EXIT_PEER_GONE);
+                        crate::nccl_watchdog::exit_now(crate::nccl::EXIT_PEER_GONE);
                     }
                     std::thread::sleep(crate::nccl::WATCHDOG_PERIOD);
                 }

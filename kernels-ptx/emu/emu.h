@@ -82,6 +82,12 @@ struct EmuTls {
     EmuRaceBlock* race_active = nullptr;    // what the hooks consult (emu_race.h)
 };
 inline thread_local EmuTls emu_tls;
+// The same state, for code that runs on a fiber (the kernels and the emulator functions they call): found from
+// the fiber's stack (emu_fiber.h's EmuFiberTop), without a thread_local lookup. Off a fiber, emu_tls itself.
+__attribute__((no_sanitize_thread, always_inline)) inline EmuTls& emu_here() {
+    EmuFiberTop* top = emu_fiber_top();
+    return top ? *static_cast<EmuTls*>(top->owner) : emu_tls;
+}
 #define threadIdx (emu_tls.thread_idx)
 #define blockIdx (emu_tls.block_idx)
 #define blockDim (emu_tls.block_dim)
@@ -203,7 +209,9 @@ struct EmuBlock {
     void (*call)(void*) = nullptr;  // runs the kernel with its arguments
     void* call_ctx = nullptr;
     const char* kernel_name = nullptr;
+    EmuTls* tls = nullptr;  // the emu_tls of the OS thread running this block (the scheduler's, off the fibers)
     unsigned n = 0, n_warps = 0;
+    dim3 shape{0, 0, 0};  // the block dimensions the threads' idx were computed for
     EmuVec<EmuThread> threads;
     EmuVec<unsigned> ready;  // ring of runnable thread indices
     unsigned ready_head = 0, ready_count = 0;
@@ -217,7 +225,7 @@ struct EmuBlock {
     uint64_t rng = 0;
     uint64_t launch_id = 0;
     bool shuffle = false;  // race mode: threads start, and run after a barrier, in a random order
-    unsigned next_start = 0, start_first = 0, start_step = 1;  // threads start in order first + i step (mod n)
+    unsigned next_start = 0, start_at = 0, start_step = 1;  // threads start at start_at, then + step (mod n)
     EmuThread* cur = nullptr;
     EmuContext scheduler;
     EmuVec<EmuFiber*> free_fibers;  // owned
@@ -318,11 +326,14 @@ EMU_RT inline EmuFiber* emu_next_fiber(EmuBlock& b) {
         b.ready_count--;
         th.state = EmuThread::RUNNING;
         b.cur = &th;
-        threadIdx = th.idx;
+        b.tls->thread_idx = th.idx;
         return th.fiber;
     }
     if (b.next_start < b.n) {
-        if (b.free_fibers.empty()) b.free_fibers.push_back(new EmuFiber);
+        if (b.free_fibers.empty()) {
+            b.free_fibers.push_back(new EmuFiber);
+            b.free_fibers.back()->stack.top()->owner = b.tls;  // a block's fibers run only on its OS thread
+        }
         EmuFiber* f = b.free_fibers.back();
         b.free_fibers.pop_back();
         emu_context_make(f->ctx, f->stack.lo(), f->stack.size(), emu_fiber_main);
@@ -341,8 +352,7 @@ EMU_RT inline void emu_yield(EmuBlock& b, EmuThread& th) {
     emu_context_switch(me->ctx, next ? next->ctx : b.scheduler);
 }
 
-EMU_RT inline void emu_arrive_block() {
-    EmuBlock& b = *emu_block;
+EMU_RT inline void emu_arrive_block(EmuBlock& b) {
     EmuThread& th = *b.cur;
     emu_cp_tick(th);
     th.state = EmuThread::WAIT_BLOCK;
@@ -351,8 +361,7 @@ EMU_RT inline void emu_arrive_block() {
 }
 // A warp-wide barrier: a __syncwarp (orders_memory) or the synchronisation inside a shuffle or a tensor-core
 // operation, which makes the lanes wait for each other but does not order their memory accesses.
-EMU_RT inline void emu_arrive_warp(bool orders_memory) {
-    EmuBlock& b = *emu_block;
+EMU_RT inline void emu_arrive_warp(EmuBlock& b, bool orders_memory) {
     EmuThread& th = *b.cur;
     emu_cp_tick(th);
     unsigned w = th.linear / 32;
@@ -377,24 +386,25 @@ EMU_RT inline void emu_thread_exit(EmuBlock& b, EmuThread& th) {
 // barrier keeps this fiber (the call below returns only when that thread ends). When no thread is left to
 // start, the fiber hands itself to the scheduler to be reused.
 EMU_RT inline void emu_fiber_main() {
-    EmuBlock& b = *emu_block;
+    EmuTls& tls = emu_here();
+    EmuBlock& b = *tls.block;
     EmuFiber* me = b.fresh;
     while (b.next_start < b.n) {
-        unsigned t = (b.start_first + (uint64_t)b.next_start++ * b.start_step) % b.n;
+        b.next_start++;
+        unsigned t = b.start_at;  // the next in a rotation of 0..n-1, forwards or backwards (step 1 or n - 1)
+        b.start_at = t + b.start_step >= b.n ? t + b.start_step - b.n : t + b.start_step;
         EmuThread& th = b.threads[t];
         th.fiber = me;
-        th.linear = t;
-        th.idx = {t % blockDim.x, (t / blockDim.x) % blockDim.y, t / (blockDim.x * blockDim.y)};
         th.state = EmuThread::RUNNING;
         th.tc_ops = th.shfl_ops = 0;
         th.copies.clear();
         th.open_group = th.waited_group = 0;
         th.syncthreads_calls = th.syncwarp_calls = th.cp_wait_calls = 0;
         b.cur = &th;
-        threadIdx = th.idx;
-        emu_race_active = b.hooks;  // the kernel's accesses are checked (emu_race.h), the emulator's are not
+        tls.thread_idx = th.idx;
+        tls.race_active = b.hooks;  // the kernel's accesses are checked (emu_race.h), the emulator's are not
         b.call(b.call_ctx);
-        emu_race_active = nullptr;
+        tls.race_active = nullptr;
         emu_thread_exit(b, b.threads[t]);
     }
     b.dead = me;
@@ -405,28 +415,35 @@ EMU_RT inline void emu_fiber_main() {
 // The n-th call of a thread does nothing when a test plants that bug (emu_race.h).
 EMU_RT inline bool emu_planted_skip(unsigned& calls, int plant) { return plant >= 0 && calls++ == (unsigned)plant; }
 EMU_RT inline void __syncthreads() {
-    EmuHooksOff off;
-    if (!emu_planted_skip(emu_block->cur->syncthreads_calls, emu_plant_skip_syncthreads)) emu_arrive_block();
+    EmuTls& tls = emu_here();
+    EmuHooksOff off(tls);
+    EmuBlock& b = *tls.block;
+    if (!emu_planted_skip(b.cur->syncthreads_calls, emu_plant_skip_syncthreads)) emu_arrive_block(b);
 }
 EMU_RT inline void __syncwarp(unsigned = 0xffffffffu) {
-    EmuHooksOff off;
-    if (!emu_planted_skip(emu_block->cur->syncwarp_calls, emu_plant_skip_syncwarp)) emu_arrive_warp(true);
+    EmuTls& tls = emu_here();
+    EmuHooksOff off(tls);
+    EmuBlock& b = *tls.block;
+    if (!emu_planted_skip(b.cur->syncwarp_calls, emu_plant_skip_syncwarp)) emu_arrive_warp(b, true);
 }
 // One warp barrier per shuffle: the lanes write this shuffle's buffer (of two, alternating), meet, and read
 // their partner's value. A lane writes the same buffer again only two shuffles later, after the barrier of
 // the shuffle between, which every lane reaches only once it has read this one.
 template <class T>
-EMU_RT inline T emu_shfl_xor(EmuVec<T>& xchg, T v, int off) {
-    EmuHooksOff hooks_off;
-    EmuThread& th = *emu_block->cur;
+EMU_RT inline T emu_shfl_xor(EmuVec<T> EmuBlock::*xchg_of, T v, int off) {
+    EmuTls& tls = emu_here();
+    EmuHooksOff hooks_off(tls);
+    EmuBlock& b = *tls.block;
+    EmuThread& th = *b.cur;
+    EmuVec<T>& xchg = b.*xchg_of;
     unsigned t = th.linear;
     T* buf = xchg.data() + (th.shfl_ops++ & 1) * (xchg.size() / 2);
     buf[t] = v;
-    emu_arrive_warp(false);
+    emu_arrive_warp(b, false);
     return buf[(t & ~31u) + ((t & 31u) ^ unsigned(off & 31))];
 }
-EMU_RT inline float __shfl_xor_sync(unsigned, float v, int off) { return emu_shfl_xor(emu_block->xchg, v, off); }
-EMU_RT inline double __shfl_xor_sync(unsigned, double v, int off) { return emu_shfl_xor(emu_block->xchg64, v, off); }
+EMU_RT inline float __shfl_xor_sync(unsigned, float v, int off) { return emu_shfl_xor(&EmuBlock::xchg, v, off); }
+EMU_RT inline double __shfl_xor_sync(unsigned, double v, int off) { return emu_shfl_xor(&EmuBlock::xchg64, v, off); }
 
 // Runs every thread of block `bi` to its end on the calling OS thread.
 EMU_RT inline void emu_run_block(EmuBlock& b, dim3 bi) {
@@ -437,10 +454,10 @@ EMU_RT inline void emu_run_block(EmuBlock& b, dim3 bi) {
     b.ready_head = 0;
     b.ready_count = 0;
     b.next_start = 0;
-    b.start_first = 0;
+    b.start_at = 0;
     b.start_step = 1;
     if (b.shuffle && b.n > 1) {  // a random rotation and direction of the thread order
-        b.start_first = unsigned(emu_rand(b) % b.n);
+        b.start_at = unsigned(emu_rand(b) % b.n);
         b.start_step = (emu_rand(b) & 1) ? 1 : b.n - 1;
     }
     for (unsigned w = 0; w < b.n_warps; w++) {
@@ -520,6 +537,15 @@ EMU_RT inline void emu_run_job_block(EmuJob& job, unsigned index) {
         b.xchg64.assign(2 * b.n_warps * 32, 0.0);
         b.tc.resize(b.n_warps * 2);
     }
+    if (b.shape.x != job.block.x || b.shape.y != job.block.y || b.shape.z != job.block.z) {
+        // Each thread's index, once per block shape rather than once per thread start (three divisions).
+        for (unsigned t = 0; t < n; t++) {
+            b.threads[t].linear = t;
+            b.threads[t].idx = {t % job.block.x, (t / job.block.x) % job.block.y, t / (job.block.x * job.block.y)};
+        }
+        b.shape = job.block;
+    }
+    b.tls = &emu_tls;
     b.call = job.call;
     b.call_ctx = job.call_ctx;
     b.kernel_name = job.name;

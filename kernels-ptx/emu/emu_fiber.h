@@ -8,6 +8,9 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <atomic>
+#include <mutex>
+#include <vector>
 #include <sys/mman.h>
 
 // Not instrumented when compiled with -fsanitize=thread (emu_race.h's hooks call into these).
@@ -72,24 +75,105 @@ EMU_FIBER_RT inline void emu_context_make(EmuContext& ctx, char* lo, size_t size
 EMU_FIBER_RT inline void emu_context_switch(EmuContext& from, EmuContext& to) { swapcontext(&from.uc, &to.uc); }
 #endif
 
-// One fiber stack: reserved, not committed (pages appear as the fiber touches them), with a guard page below
-// so that an overflow faults instead of writing into the next stack.
+// ---- fiber stacks, and finding the running fiber's state from its stack ---------------------------------------
+// Every fiber stack is EmuStack::SIZE bytes at a SIZE-aligned address inside one region reserved once, and holds
+// a small header (EmuFiberTop) at its top. Code running on a fiber finds its state from its own stack pointer:
+// inside the region, round up to the stack's top, read the header. Why not a thread_local: in the simulated
+// driver the kernels live in a dlopen'ed library, where every thread_local access is a call to __tls_get_addr,
+// and the scheduler and the access hooks made several per barrier and per load (perf: ~16% of a training step).
+// Outside the region (an OS thread's own stack) the lookup says "not on a fiber". The header (and so the stack
+// below it) sits 64 bytes lower per stack, over 64 steps: at the same offset of SIZE-aligned stacks, every
+// header would fall into one cache set, and a block's 256 fibers would evict each other's at every barrier.
+struct EmuFiberTop {
+    void* owner;  // what the fiber's user put there (emu.h: the OS thread's EmuTls)
+};
+
+struct EmuStackRegion {
+    static constexpr size_t STACKS = 65536;  // 16 GiB of address space, none of it committed until used
+    std::mutex m;
+    std::vector<char*> free_list;  // stacks given back (their pages released), reused first
+    size_t next = 0;  // stacks handed out from the region so far
+};
+// The region's first byte and size; written once (the first stack), before any fiber can run.
+inline std::atomic<uintptr_t> emu_stacks_lo{0};
+inline std::atomic<size_t> emu_stacks_bytes{0};
+
+// The header of the stack holding address `a` (inside the region).
+EMU_FIBER_RT inline EmuFiberTop* emu_stack_top(uintptr_t a);
+
 struct EmuStack {
-    static constexpr size_t SIZE = 256 * 1024;
+    static constexpr size_t SIZE = 256 * 1024;  // a power of two: the top is found by rounding up
     static constexpr size_t GUARD = 4096;
-    char* base = nullptr;  // the guard page; the usable stack is [base + GUARD, base + SIZE)
-    EmuStack() {
-        void* m = mmap(nullptr, SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-        if (m == MAP_FAILED) {
-            std::fprintf(stderr, "emu: cannot map a %zu-byte fiber stack\n", SIZE);
-            std::abort();
-        }
-        base = static_cast<char*>(m);
-        mprotect(base, GUARD, PROT_NONE);
-    }
+    static constexpr size_t LINE = 64, COLORS = 64;  // the header is 1..COLORS lines below the top
+    char* base = nullptr;  // the guard page; the usable stack is [base + GUARD, top())
+    EmuStack();
     EmuStack(const EmuStack&) = delete;
     EmuStack& operator=(const EmuStack&) = delete;
-    ~EmuStack() { munmap(base, SIZE); }
+    ~EmuStack();
     EMU_FIBER_RT char* lo() const { return base + GUARD; }
-    EMU_FIBER_RT size_t size() const { return SIZE - GUARD; }
+    EMU_FIBER_RT size_t size() const { return reinterpret_cast<char*>(top()) - lo(); }
+    EMU_FIBER_RT EmuFiberTop* top() const { return emu_stack_top(reinterpret_cast<uintptr_t>(base)); }
 };
+
+inline EmuStackRegion& emu_stack_region() {
+    static EmuStackRegion* region = [] {
+        size_t bytes = EmuStackRegion::STACKS * EmuStack::SIZE;
+        // PROT_NONE and MAP_NORESERVE: address space only; a stack's pages are made usable when it is taken.
+        void* m = mmap(nullptr, bytes + EmuStack::SIZE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (m == MAP_FAILED) {
+            std::fprintf(stderr, "emu: cannot reserve %zu bytes of address space for fiber stacks\n", bytes);
+            std::abort();
+        }
+        uintptr_t lo = (reinterpret_cast<uintptr_t>(m) + EmuStack::SIZE - 1) & ~(uintptr_t)(EmuStack::SIZE - 1);
+        emu_stacks_bytes.store(bytes);
+        emu_stacks_lo.store(lo);
+        return new EmuStackRegion;  // never destroyed: fibers may outlive static destruction
+    }();
+    return *region;
+}
+
+inline EmuStack::EmuStack() {
+    EmuStackRegion& r = emu_stack_region();
+    std::lock_guard<std::mutex> lock(r.m);
+    if (!r.free_list.empty()) {
+        base = r.free_list.back();
+        r.free_list.pop_back();
+        return;
+    }
+    if (r.next == EmuStackRegion::STACKS) {
+        std::fprintf(stderr, "emu: more than %zu fiber stacks at once\n", EmuStackRegion::STACKS);
+        std::abort();
+    }
+    base = reinterpret_cast<char*>(emu_stacks_lo.load() + r.next++ * SIZE);
+    // The guard page below stays PROT_NONE, so an overflow faults instead of writing into the next stack.
+    if (mprotect(base + GUARD, SIZE - GUARD, PROT_READ | PROT_WRITE) != 0) {
+        std::fprintf(stderr, "emu: cannot map a %zu-byte fiber stack\n", SIZE);
+        std::abort();
+    }
+}
+
+inline EmuStack::~EmuStack() {
+    madvise(base + GUARD, SIZE - GUARD, MADV_DONTNEED);  // its pages go back; the addresses stay usable
+    EmuStackRegion& r = emu_stack_region();
+    std::lock_guard<std::mutex> lock(r.m);
+    r.free_list.push_back(base);
+}
+
+EMU_FIBER_RT __attribute__((always_inline)) inline EmuFiberTop* emu_stack_top(uintptr_t a) {
+    uintptr_t index = (a - emu_stacks_lo.load(std::memory_order_relaxed)) / EmuStack::SIZE;
+    uintptr_t end = (a | (EmuStack::SIZE - 1)) + 1;
+    return reinterpret_cast<EmuFiberTop*>(end - (1 + index % EmuStack::COLORS) * EmuStack::LINE);
+}
+
+// The header of the fiber stack the caller runs on, or null when it runs on an OS thread's own stack.
+EMU_FIBER_RT __attribute__((always_inline)) inline EmuFiberTop* emu_fiber_top() {
+#if defined(__x86_64__)
+    uintptr_t sp;
+    asm("movq %%rsp, %0" : "=r"(sp));
+#else
+    uintptr_t sp = reinterpret_cast<uintptr_t>(__builtin_frame_address(0));
+#endif
+    uintptr_t off = sp - emu_stacks_lo.load(std::memory_order_relaxed);
+    if (off >= emu_stacks_bytes.load(std::memory_order_relaxed)) return nullptr;
+    return emu_stack_top(sp);
+}

@@ -119,10 +119,12 @@ struct EmuRaceBlock {
 // function a kernel calls turns it off with EmuHooksOff), so the hooks see the kernel's own accesses, not the
 // emulator's (the std code it calls is instrumented too). A field of emu.h's EmuTls.
 #define emu_race_active (emu_tls.race_active)
+// On a fiber, pass the emu_here() the caller already has: that saves finding it again.
 struct EmuHooksOff {
+    EmuTls& tls;
     EmuRaceBlock* saved;
-    EMU_RT EmuHooksOff() : saved(emu_race_active) { emu_race_active = nullptr; }
-    EMU_RT ~EmuHooksOff() { emu_race_active = saved; }
+    EMU_RT explicit EmuHooksOff(EmuTls& t = emu_here()) : tls(t), saved(t.race_active) { t.race_active = nullptr; }
+    EMU_RT ~EmuHooksOff() { tls.race_active = saved; }
 };
 inline thread_local char emu_race_anchor = 0;                 // locates this module's thread_local block
 
@@ -367,8 +369,11 @@ EMU_RT __attribute__((noinline)) inline void emu_check_outside(EmuRaceBlock& r, 
     }
 }
 
+// Kernel code runs only on fibers, so an access made off a fiber is the emulator's or the host's: not checked.
 EMU_RT inline void emu_race_access(const void* p, size_t n, bool write) {
-    EmuRaceBlock* r = emu_race_active;
+    EmuFiberTop* top = emu_fiber_top();
+    if (!top) return;
+    EmuRaceBlock* r = static_cast<EmuTls*>(top->owner)->race_active;
     if (!r) return;
     uintptr_t off = reinterpret_cast<uintptr_t>(p) - r->lo;
     if (off < r->size) {
@@ -379,7 +384,9 @@ EMU_RT inline void emu_race_access(const void* p, size_t n, bool write) {
 }
 // Atomics do not race with each other: only the access check sees them.
 EMU_RT inline void emu_atomic_access(const volatile void* p, size_t n) {
-    EmuRaceBlock* r = emu_race_active;
+    EmuFiberTop* top = emu_fiber_top();
+    if (!top) return;
+    EmuRaceBlock* r = static_cast<EmuTls*>(top->owner)->race_active;
     if (!r || !r->check) return;
     const void* a = const_cast<const void*>(p);
     if (reinterpret_cast<uintptr_t>(a) - r->lo >= r->size) emu_check_outside(*r, a, n, true);

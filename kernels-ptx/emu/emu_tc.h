@@ -49,9 +49,9 @@
 #include <deque>
 
 // -- per-warp exchange of operands, two alternating slots (emu.h's EmuTcSlot, per block) -----------------------
-EMU_RT inline EmuTcSlot& emu_tc_slot() {
-    EmuThread& th = *emu_block->cur;
-    return emu_block->tc[(th.linear / 32) * 2 + (th.tc_ops++ & 1)];
+EMU_RT inline EmuTcSlot& emu_tc_slot(EmuBlock& b) {
+    EmuThread& th = *b.cur;
+    return b.tc[(th.linear / 32) * 2 + (th.tc_ops++ & 1)];
 }
 
 // bf16 -> f32 is exact: the 16 bits are the top half of the f32.
@@ -81,13 +81,15 @@ EMU_RT inline float emu_b_element(const EmuTcSlot& s, int k, int n) {
 
 // d = A B + c for one m16n8k16 tile; every lane of the warp calls it with its own fragments.
 EMU_RT inline void emu_mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
-    EmuHooksOff off;
-    EmuTcSlot& s = emu_tc_slot();
-    int lane = threadIdx.x % 32;
+    EmuTls& tls = emu_here();
+    EmuHooksOff off(tls);
+    EmuBlock& blk = *tls.block;
+    EmuTcSlot& s = emu_tc_slot(blk);
+    int lane = tls.thread_idx.x % 32;
     for (int i = 0; i < 4; i++) s.a[lane][i] = a[i];
     for (int i = 0; i < 2; i++) s.b[lane][i] = b[i];
     s.decoded = false;
-    emu_arrive_warp(false);
+    emu_arrive_warp(blk, false);
     if (!s.decoded) {  // the warp's operands as matrices, once per operation rather than once per lane
         for (int row = 0; row < 16; row++)
             for (int k = 0; k < 16; k++) s.af[row][k] = emu_a_element(s, row, k);
@@ -110,12 +112,14 @@ EMU_RT inline void emu_mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const 
 // ldmatrix .x<n_mat> (1, 2 or 4) [.trans]: `row_addr` is this lane's row address (16-byte aligned shared
 // memory), r[0..n_mat) receive the fragments.
 EMU_RT inline void emu_ldmatrix(uint32_t* r, int n_mat, bool trans, const void* row_addr) {
-    EmuHooksOff off;
-    EmuTcSlot& s = emu_tc_slot();
-    int lane = threadIdx.x % 32;
+    EmuTls& tls = emu_here();
+    EmuHooksOff off(tls);
+    EmuBlock& blk = *tls.block;
+    EmuTcSlot& s = emu_tc_slot(blk);
+    int lane = tls.thread_idx.x % 32;
     s.addr[lane] = row_addr;
-    if (lane < 8 * n_mat) emu_race_ldmatrix_row(*emu_block, row_addr);
-    emu_arrive_warp(false);
+    if (lane < 8 * n_mat) emu_race_ldmatrix_row(blk, row_addr);
+    emu_arrive_warp(blk, false);
     for (int m = 0; m < n_mat; m++)
         for (int j = 0; j < 8; j++)
             assert((reinterpret_cast<uintptr_t>(s.addr[8 * m + j]) & 15) == 0 && "ldmatrix row address not 16-byte aligned");
@@ -140,21 +144,25 @@ EMU_RT inline void emu_ldmatrix(uint32_t* r, int n_mat, bool trans, const void* 
 // are legal on the device, so a kernel that reads a tile before waiting for it, or copies into a buffer other
 // warps still read, reads wrong data here; the race mode (emu_race.h) also reports the read itself.
 EMU_RT inline void emu_cp_async_16(void* dst_shared, const void* src_global, bool valid) {
-    EmuHooksOff off;
+    EmuTls& tls = emu_here();
+    EmuHooksOff off(tls);
     assert((reinterpret_cast<uintptr_t>(dst_shared) & 15) == 0 && "cp.async destination not 16-byte aligned");
     assert((!valid || (reinterpret_cast<uintptr_t>(src_global) & 15) == 0) && "cp.async source not 16-byte aligned");
-    EmuThread& th = *emu_block->cur;
-    uint64_t r = emu_rand(*emu_block);
+    EmuBlock& blk = *tls.block;
+    EmuThread& th = *blk.cur;
+    uint64_t r = emu_rand(blk);
     uint32_t delay = (r & 1) ? UINT32_MAX : uint32_t((r >> 1) % 16);
     th.copies.push_back({dst_shared, valid ? src_global : nullptr, th.open_group, delay, false});
-    emu_race_cp_issue(*emu_block, th, dst_shared, valid ? src_global : nullptr);
+    emu_race_cp_issue(blk, th, dst_shared, valid ? src_global : nullptr);
 }
-EMU_RT inline void emu_cp_async_commit() { emu_block->cur->open_group++; }  // no std code: no EmuHooksOff
+EMU_RT inline void emu_cp_async_commit() { emu_here().block->cur->open_group++; }  // no std code: no EmuHooksOff
 // Completes the oldest committed groups until at most `pending` remain in flight: their copies that have not
 // landed yet land now.
 EMU_RT inline void emu_cp_async_wait(int pending) {
-    EmuHooksOff off;
-    EmuThread& th = *emu_block->cur;
+    EmuTls& tls = emu_here();
+    EmuHooksOff off(tls);
+    EmuBlock& blk = *tls.block;
+    EmuThread& th = *blk.cur;
     if (emu_planted_skip(th.cp_wait_calls, emu_plant_skip_cp_wait)) return;
     if ((uint64_t)pending >= th.open_group) return;
     uint64_t complete = th.open_group - (uint64_t)pending;  // groups < complete are done after this wait
@@ -165,7 +173,7 @@ EMU_RT inline void emu_cp_async_wait(int pending) {
     for (size_t i = 0; i < n; i++) {
         if (c[i].group < complete) {
             emu_cp_land(c[i]);
-            emu_race_cp_complete(*emu_block, th, c[i].dst);
+            emu_race_cp_complete(blk, th, c[i].dst);
         } else {
             c[kept++] = c[i];
         }

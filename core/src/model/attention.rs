@@ -1,6 +1,7 @@
 //! The attention half of a block: x += c_proj(attn(rotary+QK-norm(q, k), v)) with q, k, v = linear(rmsnorm(x)).
 
 use super::kv_cache::KvLayer;
+use super::linear::Linear;
 use super::{all, all_mut, gemm_input, head, head_mut, norm, BlockParams, GradScratch, LayerActs, LayerShapes};
 use crate::backend::{AttnShape, Backend, View, ViewMut};
 use crate::config::RMSNORM_EPS;
@@ -41,64 +42,21 @@ pub fn forward<B: Backend>(
         head_mut(&mut a.rstd1, n),
     );
     let xn1 = head::<B>(&a.xn1, n * d);
-    be.matmul(
-        n,
-        qd,
-        d,
-        xn1,
-        false,
-        View::at(params, w.c_q, qd * d),
-        true,
-        head_mut(&mut scr.dq, n * qd),
-        false,
-    );
-    be.matmul(
-        n,
-        kvd,
-        d,
-        xn1,
-        false,
-        View::at(params, w.c_k, kvd * d),
-        true,
-        head_mut(&mut scr.dk, n * kvd),
-        false,
-    );
-    be.matmul(
-        n,
-        kvd,
-        d,
-        xn1,
-        false,
-        View::at(params, w.c_v, kvd * d),
-        true,
-        head_mut(&mut a.v, n * kvd),
-        false,
-    );
+    Linear::new(n, qd, d, w.c_q).forward(be, params, xn1, head_mut(&mut scr.dq, n * qd), false);
+    Linear::new(n, kvd, d, w.c_k).forward(be, params, xn1, head_mut(&mut scr.dk, n * kvd), false);
+    Linear::new(n, kvd, d, w.c_v).forward(be, params, xn1, head_mut(&mut a.v, n * kvd), false);
     // Rotary, then QK-norm (rmsnorm over the head dim), as one fused op: the rotated value is not stored.
-    be.rotary_qknorm_forward(
-        head_mut(&mut scr.dq, n * qd),
-        batch,
-        t,
-        h,
-        hd,
-        pos0,
-        all(rope),
-        RMSNORM_EPS,
-        head_mut(&mut a.q, n * qd),
-        head_mut(&mut a.rstd_q, n * h),
-    );
-    be.rotary_qknorm_forward(
-        head_mut(&mut scr.dk, n * kvd),
-        batch,
-        t,
-        hkv,
-        hd,
-        pos0,
-        all(rope),
-        RMSNORM_EPS,
-        head_mut(&mut a.k, n * kvd),
-        head_mut(&mut a.rstd_k, n * hkv),
-    );
+    // For q's heads, then k's: `x` (pre-rotary) -> `y`, with the QK-norm rstd per (token, head).
+    let rotary_qknorm = |x: &mut B::Buf, heads: usize, y: &mut B::Buf, rstd: &mut B::Buf| {
+        let (x, y, rstd) = (
+            head_mut(x, n * heads * hd),
+            head_mut(y, n * heads * hd),
+            head_mut(rstd, n * heads),
+        );
+        be.rotary_qknorm_forward(x, batch, t, heads, hd, pos0, all(rope), RMSNORM_EPS, y, rstd)
+    };
+    rotary_qknorm(&mut scr.dq, h, &mut a.q, &mut a.rstd_q);
+    rotary_qknorm(&mut scr.dk, hkv, &mut a.k, &mut a.rstd_k);
     let (q, y, lse) = (
         head(&a.q, n * qd),
         head_mut(&mut a.y, n * qd),
@@ -120,17 +78,7 @@ pub fn forward<B: Backend>(
         }
     }
     // Residual add fused into c_proj's GEMM (accumulate).
-    be.matmul(
-        n,
-        d,
-        qd,
-        head(&a.y, n * qd),
-        false,
-        View::at(params, w.attn_proj, d * qd),
-        true,
-        head_mut(resid, n * d),
-        true,
-    );
+    Linear::new(n, d, qd, w.attn_proj).forward(be, params, head(&a.y, n * qd), head_mut(resid, n * d), true);
 }
 
 /// Backward: `scr.dresid` holds dL/d(resid after this half); on return it holds dL/d(resid before it).
@@ -148,58 +96,17 @@ pub fn backward<B: Backend>(
     scr: &mut GradScratch<B>,
     rope: &B::Buf,
 ) {
+    // c_proj: `scr.dy` = dresid W; its weight grad accumulates dresid^T y.
     scr.cast_dresid(be);
-    output_projection_backward(be, s, params, grads, w, a, scr);
+    let dres = all(gemm_input::<B>(&scr.dresid, &scr.dresid_cast));
+    let proj = Linear::new(s.n, s.d, s.qd, w.attn_proj);
+    proj.backward_input(be, params, dres, all_mut(&mut scr.dy), false);
+    proj.backward_weight(be, dres, all(&a.y), grads);
     attention_and_rotary_backward(be, s, batch, t, a, scr, rope);
     qkv_projections_backward(be, s, params, grads, w, a, scr);
     // The norm's grad joins the residual grad flowing past the branch.
-    norm::backward(
-        be,
-        all(&a.xn1),
-        all(&a.rstd1),
-        all(&scr.dxn),
-        s.n,
-        s.d,
-        all_mut(&mut scr.dresid),
-        true,
-    );
-}
-
-/// c_proj: `scr.dy` = dresid W; its weight grad accumulates dresid^T y.
-fn output_projection_backward<B: Backend>(
-    be: &B,
-    s: &LayerShapes,
-    params: &B::Buf,
-    grads: &mut B::Buf,
-    w: &BlockParams,
-    a: &LayerActs<B>,
-    scr: &mut GradScratch<B>,
-) {
-    let (n, d, qd) = (s.n, s.d, s.qd);
-    let wv = |off: usize, len: usize| View::<B>::at(params, off, len);
-    let dres = gemm_input::<B>(&scr.dresid, &scr.dresid_cast);
-    be.matmul(
-        n,
-        qd,
-        d,
-        all(dres),
-        false,
-        wv(w.attn_proj, d * qd),
-        false,
-        all_mut(&mut scr.dy),
-        false,
-    );
-    be.matmul(
-        d,
-        qd,
-        n,
-        all(dres),
-        true,
-        all(&a.y),
-        false,
-        ViewMut::at(grads, w.attn_proj, d * qd),
-        true,
-    );
+    let (xn1, rstd1, dxn) = (all(&a.xn1), all(&a.rstd1), all(&scr.dxn));
+    be.rmsnorm_backward(xn1, rstd1, dxn, s.n, s.d, all_mut(&mut scr.dresid), true);
 }
 
 /// Attention itself (dy -> the grads of q, k, v after rotary and QK-norm), then back through the fused
@@ -226,31 +133,13 @@ fn attention_and_rotary_backward<B: Backend>(
         all_mut(&mut scr.dkn),
         all_mut(&mut scr.dv),
     );
-    // Through QK-norm and rotary (fused, the mirror of the forward).
-    be.rotary_qknorm_backward(
-        all(&a.q),
-        all(&a.rstd_q),
-        all(&scr.dqn),
-        batch,
-        t,
-        s.n_head,
-        hd,
-        0,
-        all(rope),
-        all_mut(&mut scr.dq),
-    );
-    be.rotary_qknorm_backward(
-        all(&a.k),
-        all(&a.rstd_k),
-        all(&scr.dkn),
-        batch,
-        t,
-        s.n_kv_head,
-        hd,
-        0,
-        all(rope),
-        all_mut(&mut scr.dk),
-    );
+    // Through QK-norm and rotary (fused, the mirror of the forward), for q's heads, then k's.
+    let (h, hkv) = (s.n_head, s.n_kv_head);
+    let back = |y: View<'_, B>, rstd: View<'_, B>, dy: View<'_, B>, heads: usize, dx: ViewMut<'_, B>| {
+        be.rotary_qknorm_backward(y, rstd, dy, batch, t, heads, hd, 0, all(rope), dx)
+    };
+    back(all(&a.q), all(&a.rstd_q), all(&scr.dqn), h, all_mut(&mut scr.dq));
+    back(all(&a.k), all(&a.rstd_k), all(&scr.dkn), hkv, all_mut(&mut scr.dk));
 }
 
 /// q, k, v projections: their weight grads accumulate dout^T xn1; `scr.dxn` = the sum of dout W.
@@ -264,71 +153,16 @@ fn qkv_projections_backward<B: Backend>(
     scr: &mut GradScratch<B>,
 ) {
     let (n, d, qd, kvd) = (s.n, s.d, s.qd, s.kvd);
-    let wv = |off: usize, len: usize| View::<B>::at(params, off, len);
-    be.matmul(
-        qd,
-        d,
-        n,
-        all(&scr.dq),
-        true,
-        all(&a.xn1),
-        false,
-        ViewMut::at(grads, w.c_q, qd * d),
-        true,
+    let (q, k, v) = (
+        Linear::new(n, qd, d, w.c_q),
+        Linear::new(n, kvd, d, w.c_k),
+        Linear::new(n, kvd, d, w.c_v),
     );
-    be.matmul(
-        kvd,
-        d,
-        n,
-        all(&scr.dk),
-        true,
-        all(&a.xn1),
-        false,
-        ViewMut::at(grads, w.c_k, kvd * d),
-        true,
-    );
-    be.matmul(
-        kvd,
-        d,
-        n,
-        all(&scr.dv),
-        true,
-        all(&a.xn1),
-        false,
-        ViewMut::at(grads, w.c_v, kvd * d),
-        true,
-    );
-    be.matmul(
-        n,
-        d,
-        qd,
-        all(&scr.dq),
-        false,
-        wv(w.c_q, qd * d),
-        false,
-        all_mut(&mut scr.dxn),
-        false,
-    );
-    be.matmul(
-        n,
-        d,
-        kvd,
-        all(&scr.dk),
-        false,
-        wv(w.c_k, kvd * d),
-        false,
-        all_mut(&mut scr.dxn),
-        true,
-    );
-    be.matmul(
-        n,
-        d,
-        kvd,
-        all(&scr.dv),
-        false,
-        wv(w.c_v, kvd * d),
-        false,
-        all_mut(&mut scr.dxn),
-        true,
-    );
+    q.backward_weight(be, all(&scr.dq), all(&a.xn1), grads);
+    k.backward_weight(be, all(&scr.dk), all(&a.xn1), grads);
+    v.backward_weight(be, all(&scr.dv), all(&a.xn1), grads);
+    // dxn sums the three projections' input grads: the first writes, the others add.
+    q.backward_input(be, params, all(&scr.dq), all_mut(&mut scr.dxn), false);
+    k.backward_input(be, params, all(&scr.dk), all_mut(&mut scr.dxn), true);
+    v.backward_input(be, params, all(&scr.dv), all_mut(&mut scr.dxn), true);
 }

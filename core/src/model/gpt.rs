@@ -595,16 +595,8 @@ impl<B: Backend> Gpt<B> {
         let (be, n, d) = (&self.be, s.n, s.d);
         let weights = gemm_input::<B>(&self.params, &self.working);
         let scr = &mut self.scratch;
-        norm::backward(
-            be,
-            all(&self.xf),
-            all(&self.rstdf),
-            all(&scr.dxn),
-            n,
-            d,
-            all_mut(&mut scr.dresid),
-            false,
-        );
+        let (y, rstd, dy) = (all(&self.xf), all(&self.rstdf), all(&scr.dxn));
+        be.rmsnorm_backward(y, rstd, dy, n, d, all_mut(&mut scr.dresid), false);
         for l in (0..self.cfg.n_layer).rev() {
             let _r = nvtx::range_with(|| format!("layer {l} bwd"));
             let w = &self.blocks[l];
@@ -655,16 +647,8 @@ impl<B: Backend> Gpt<B> {
             hook(be, &mut self.grads, GradsReady::Layer(l));
         }
         // x0 = rmsnorm(emb): dL/d(emb) into dxn, then scatter into wte's grad.
-        norm::backward(
-            be,
-            all(&self.x0),
-            all(&self.rstd0),
-            all(&scr.dresid),
-            n,
-            d,
-            all_mut(&mut scr.dxn),
-            false,
-        );
+        let (y, rstd, dy) = (all(&self.x0), all(&self.rstd0), all(&scr.dresid));
+        be.rmsnorm_backward(y, rstd, dy, n, d, all_mut(&mut scr.dxn), false);
         let dwte = ViewMut::at(&mut self.grads, self.wte_off, self.cfg.vocab_size * d);
         embedding::backward(be, &self.ids, n, all(&scr.dxn), d, dwte);
         hook(be, &mut self.grads, GradsReady::Wte);
@@ -690,29 +674,8 @@ impl<B: Backend> Gpt<B> {
         self.forward_trunk(self.batch, self.seq, None);
         drop(fwd);
         let loss_range = nvtx::range("loss");
-        let (n, d, v) = (self.tokens(), self.cfg.n_embd, self.cfg.vocab_size);
         let scale = if counted == 0 { 0.0 } else { loss_scale / counted as f32 };
-        let grad = loss::LossGrad {
-            scale,
-            grads: &mut self.grads,
-            dxf: &mut self.scratch.dxn,
-        };
-        let weights = gemm_input::<B>(&self.params, &self.working);
-        loss::forward_backward(
-            &self.be,
-            n,
-            d,
-            v,
-            LossChunks::new(v, n),
-            weights,
-            self.lm_head_off,
-            &self.xf,
-            &self.targets,
-            &mut self.logits_ws,
-            &mut self.dlogits_cast,
-            &mut self.losses,
-            Some(grad),
-        );
+        self.lm_head_loss(Some(scale));
         drop(loss_range);
         hook(&self.be, &mut self.grads, GradsReady::LmHead);
         let bwd = nvtx::range("backward");
@@ -738,25 +701,28 @@ impl<B: Backend> Gpt<B> {
         }
         self.load_batch(inputs, targets)?;
         self.forward_trunk(self.batch, self.seq, None);
-        let (n, d, v) = (self.tokens(), self.cfg.n_embd, self.cfg.vocab_size);
-        let weights = gemm_input::<B>(&self.params, &self.working);
-        loss::forward_backward(
-            &self.be,
-            n,
-            d,
-            v,
-            LossChunks::new(v, n),
-            weights,
-            self.lm_head_off,
-            &self.xf,
-            &self.targets,
-            &mut self.logits_ws,
-            &mut self.dlogits_cast,
-            &mut self.losses,
-            None,
-        );
+        self.lm_head_loss(None);
         self.be.download(all(&self.losses), out);
         Ok(())
+    }
+
+    /// lm_head, softcap and cross-entropy over the micro-batch the trunk just ran: per-token losses into
+    /// `self.losses`; with `grad_scale` (d(scaled mean loss)/d(each loss)), the backward as well: lm_head's
+    /// grad accumulates and `scratch.dxn` = dL/d(xf).
+    fn lm_head_loss(&mut self, grad_scale: Option<f32>) {
+        let (n, d, v) = (self.tokens(), self.cfg.n_embd, self.cfg.vocab_size);
+        let grad = grad_scale.map(|scale| loss::LossGrad {
+            scale,
+            grads: &mut self.grads,
+            dxf: &mut self.scratch.dxn,
+        });
+        let weights = gemm_input::<B>(&self.params, &self.working);
+        let chunks = LossChunks::new(v, n);
+        let (xf, targets, off) = (&self.xf, &self.targets, self.lm_head_off);
+        let (logits, cast, losses) = (&mut self.logits_ws, &mut self.dlogits_cast, &mut self.losses);
+        loss::forward_backward(
+            &self.be, n, d, v, chunks, weights, off, xf, targets, logits, cast, losses, grad,
+        );
     }
 
     /// Every activation buffer this model allocated (everything but params, the working copy, grads, the

@@ -4,6 +4,7 @@
 //! has K = vocab, the logits and dxf GEMMs have M >= 1024, and the cross-entropy runs on >= 1024 rows per
 //! launch. (The logits GEMM's K is d, the model width, which no chunking changes.)
 
+use super::linear::Linear;
 use super::{gemm_input, LossChunks};
 use crate::backend::{Backend, View, ViewMut};
 use crate::config::LOGIT_SOFTCAP;
@@ -35,21 +36,11 @@ pub fn forward_backward<B: Backend>(
     losses: &mut B::Buf,
     mut grad: Option<LossGrad<'_, B>>,
 ) {
-    let w = View::<B>::at(params, lm_head_off, vocab * d);
     assert_eq!(chunks.tokens, n, "the loss chunks are for another micro-batch");
     for (c0, rows) in chunks.iter() {
+        let lm_head = Linear::new(rows, vocab, d, lm_head_off);
         let x = View::<B>::at(xf, c0 * d, rows * d);
-        be.matmul(
-            rows,
-            vocab,
-            d,
-            x,
-            false,
-            w,
-            true,
-            ViewMut::at(logits_ws, 0, rows * vocab),
-            false,
-        );
+        lm_head.forward(be, params, x, ViewMut::at(logits_ws, 0, rows * vocab), false);
         be.softcap_cross_entropy(
             ViewMut::at(logits_ws, 0, rows * vocab),
             rows,
@@ -69,28 +60,8 @@ pub fn forward_backward<B: Backend>(
                 );
             }
             let dlogits = View::<B>::at(gemm_input::<B>(logits_ws, dlogits_cast), 0, rows * vocab);
-            be.matmul(
-                rows,
-                d,
-                vocab,
-                dlogits,
-                false,
-                w,
-                false,
-                ViewMut::at(g.dxf, c0 * d, rows * d),
-                false,
-            );
-            be.matmul(
-                vocab,
-                d,
-                rows,
-                dlogits,
-                true,
-                x,
-                false,
-                ViewMut::at(g.grads, lm_head_off, vocab * d),
-                true,
-            );
+            lm_head.backward_input(be, params, dlogits, ViewMut::at(g.dxf, c0 * d, rows * d), false);
+            lm_head.backward_weight(be, dlogits, x, g.grads);
         }
     }
 }

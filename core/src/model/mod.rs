@@ -9,6 +9,7 @@ pub mod embedding;
 pub mod gpt;
 pub mod init;
 pub mod kv_cache;
+pub mod linear;
 pub mod loss;
 pub mod master;
 pub mod mlp;

@@ -10,7 +10,7 @@
 
 use nc_benches::usize_flag;
 use nc_core::backend::cpu::{CpuBackend, CpuIds};
-use nc_core::backend::{AttnShape, Backend, View, ViewMut};
+use nc_core::backend::{AttnShape, Backend, Rotation, View, ViewMut};
 use nc_core::model::{Gpt, Recompute};
 use nc_core::ModelConfig;
 use std::cell::RefCell;
@@ -149,7 +149,7 @@ impl nc_core::backend::delegate::Delegate for Timed {
             self.inner.rmsnorm_backward(y, rstd, dy, rows, dim, dx, accumulate)
         })
     }
-    fn rotary_forward(
+    fn rotary(
         &self,
         x: ViewMut<'_, CpuBackend>,
         batch: usize,
@@ -158,23 +158,10 @@ impl nc_core::backend::delegate::Delegate for Timed {
         head_dim: usize,
         pos0: usize,
         table: View<'_, CpuBackend>,
+        rotation: Rotation,
     ) {
         self.time("rotary", 0.0, || {
-            self.inner.rotary_forward(x, batch, t, heads, head_dim, pos0, table)
-        })
-    }
-    fn rotary_backward(
-        &self,
-        dx: ViewMut<'_, CpuBackend>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
-        table: View<'_, CpuBackend>,
-    ) {
-        self.time("rotary", 0.0, || {
-            self.inner.rotary_backward(dx, batch, t, heads, head_dim, pos0, table)
+            self.inner.rotary(x, batch, t, heads, head_dim, pos0, table, rotation)
         })
     }
     fn attention_forward(

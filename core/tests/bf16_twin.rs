@@ -10,7 +10,7 @@ mod common;
 use common::TestRng;
 use nc_core::backend::bf16::{is_bf16, round_bf16};
 use nc_core::backend::cpu::{CpuBackend, CpuBuf};
-use nc_core::backend::{AttnShape, Backend, Storage, View, ViewMut};
+use nc_core::backend::{AttnShape, Backend, Rotation, Storage, View, ViewMut};
 use nc_core::config::{RMSNORM_EPS, ROPE_BASE};
 use nc_core::model::{Gpt, Recompute};
 use nc_core::plan::Precision;
@@ -123,7 +123,8 @@ fn ops_into_bf16_match_rounded_references() {
     let tb = CpuBuf::f32(table);
     let rot = |st: Storage| {
         run_into(st, &q, |be, x| {
-            be.rotary_forward(ViewMut::all(x), batch, t, heads, hd, 0, View::all(&tb))
+            let table = View::all(&tb);
+            be.rotary(ViewMut::all(x), batch, t, heads, hd, 0, table, Rotation::Forward)
         })
     };
     assert_bf16_output(

@@ -41,7 +41,7 @@ use nc_core::backend::cpu::matmul_f64::matmul_f64;
 use nc_core::backend::cpu::{CpuBackend, CpuBuf, CpuIds};
 use nc_core::backend::cuda::CudaBackend;
 use nc_core::backend::device_like::DeviceLikeCpu;
-use nc_core::backend::{AdamwStep, AttnShape, Backend, Storage, View, ViewMut};
+use nc_core::backend::{AdamwStep, AttnShape, Backend, Rotation, Storage, View, ViewMut};
 use nc_core::model::init::rotary_table;
 use nc_core::model::{Gpt, HostMirror, Recompute, Rng};
 use nc_core::ModelConfig;
@@ -467,6 +467,12 @@ fn rotary_forward_then_backward() {
     }
 }
 
+/// `Backend::rotary` with its five sizes in one array, so each side's call is one line.
+fn rotate<B: Backend>(be: &B, x: ViewMut<'_, B>, dims: [usize; 5], table: View<'_, B>, rotation: Rotation) {
+    let [batch, t, heads, head_dim, pos0] = dims;
+    be.rotary(x, batch, t, heads, head_dim, pos0, table, rotation);
+}
+
 fn rotary_forward_then_backward_on<D: Backend>(g: &D) {
     let cpu = CpuBackend::new();
     let mut rng = Rng::new(5);
@@ -474,6 +480,7 @@ fn rotary_forward_then_backward_on<D: Backend>(g: &D) {
         [(2, 7, 3, 16, 0, 16), (2, 7, 3, 16, 5, 16), (1, 3, 2, 128, 60, 64)]
     {
         let what = format!("rotary b{batch} t{t} h{heads} d{head_dim} pos0 {pos0}");
+        let dims = [batch, t, heads, head_dim, pos0];
         let len = batch * t * heads * head_dim;
         let half = head_dim / 2;
         let table_host = rotary_table(max_pos, head_dim);
@@ -489,8 +496,8 @@ fn rotary_forward_then_backward_on<D: Backend>(g: &D) {
         };
 
         let mut x = Pair::new(g, &guarded(&mut rng, xo, &x_body, 3));
-        cpu.rotary_forward(x.cm(xo, len), batch, t, heads, head_dim, pos0, table.cv(to, tv));
-        g.rotary_forward(x.gm(xo, len), batch, t, heads, head_dim, pos0, table.gv(to, tv));
+        rotate(&cpu, x.cm(xo, len), dims, table.cv(to, tv), Rotation::Forward);
+        rotate(g, x.gm(xo, len), dims, table.gv(to, tv), Rotation::Forward);
         let xw = x.want().to_vec();
         check(&format!("{what} forward"), &x.got(g), &xw, xo..xo + len, |i| {
             4.0 * U * pair_mag(&x_body, i - xo)
@@ -499,8 +506,8 @@ fn rotary_forward_then_backward_on<D: Backend>(g: &D) {
         // Backward from the same input on both sides (the CPU's forward output).
         let rotated = xw[xo..xo + len].to_vec();
         let mut dx = Pair::new(g, &xw);
-        cpu.rotary_backward(dx.cm(xo, len), batch, t, heads, head_dim, pos0, table.cv(to, tv));
-        g.rotary_backward(dx.gm(xo, len), batch, t, heads, head_dim, pos0, table.gv(to, tv));
+        rotate(&cpu, dx.cm(xo, len), dims, table.cv(to, tv), Rotation::Inverse);
+        rotate(g, dx.gm(xo, len), dims, table.gv(to, tv), Rotation::Inverse);
         let got = dx.got(g);
         check(&format!("{what} backward"), &got, dx.want(), xo..xo + len, |i| {
             4.0 * U * pair_mag(&rotated, i - xo)
@@ -1399,7 +1406,7 @@ impl nc_core::backend::delegate::Delegate for OtherRounding {
         }
     }
     /// The pair's two products fused into one multiply-add each.
-    fn rotary_forward(
+    fn rotary(
         &self,
         x: ViewMut<'_, CpuBackend>,
         batch: usize,
@@ -1408,20 +1415,10 @@ impl nc_core::backend::delegate::Delegate for OtherRounding {
         head_dim: usize,
         pos0: usize,
         table: View<'_, CpuBackend>,
+        rotation: Rotation,
     ) {
-        other_rotary(sl_mut(x), batch, t, heads, head_dim, pos0, sl(table), 1.0);
-    }
-    fn rotary_backward(
-        &self,
-        dx: ViewMut<'_, CpuBackend>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
-        table: View<'_, CpuBackend>,
-    ) {
-        other_rotary(sl_mut(dx), batch, t, heads, head_dim, pos0, sl(table), -1.0);
+        let sin_sign = if rotation == Rotation::Inverse { -1.0 } else { 1.0 };
+        other_rotary(sl_mut(x), batch, t, heads, head_dim, pos0, sl(table), sin_sign);
     }
     /// libm's tanh and exp, the row max as the shift, sums in warp-reduction order.
     fn softcap_cross_entropy(

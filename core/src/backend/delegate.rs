@@ -15,7 +15,7 @@
 //! it: with both traits in scope, a call such as `w.alloc(n)` would be ambiguous between the two (inside the
 //! impl block it is in scope, so an override calls the wrapper's own ops as `Backend::alloc(self, n)`).
 
-use super::{AdamwPiece, AdamwStep, AttnShape, Backend, MemoryReport, NsBatch, Storage, View, ViewMut};
+use super::{AdamwPiece, AdamwStep, AttnShape, Backend, MemoryReport, NsBatch, Rotation, Storage, View, ViewMut};
 use crate::error::Result;
 
 /// The wrapped backend's buffer type.
@@ -110,7 +110,7 @@ pub trait Delegate: Sized {
     ) {
         self.inner().rmsnorm_backward(y, rstd, dy, rows, dim, dx, accumulate)
     }
-    fn rotary_forward(
+    fn rotary(
         &self,
         x: InMut<'_, Self>,
         batch: usize,
@@ -119,20 +119,9 @@ pub trait Delegate: Sized {
         head_dim: usize,
         pos0: usize,
         table: In<'_, Self>,
+        rotation: Rotation,
     ) {
-        self.inner().rotary_forward(x, batch, t, heads, head_dim, pos0, table)
-    }
-    fn rotary_backward(
-        &self,
-        dx: InMut<'_, Self>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
-        table: In<'_, Self>,
-    ) {
-        self.inner().rotary_backward(dx, batch, t, heads, head_dim, pos0, table)
+        self.inner().rotary(x, batch, t, heads, head_dim, pos0, table, rotation)
     }
     fn rotary_qknorm_forward(
         &self,
@@ -403,7 +392,7 @@ impl<D: Delegate> Backend for D {
     ) {
         Delegate::rmsnorm_backward(self, iv(y), iv(rstd), iv(dy), rows, dim, im(dx), accumulate)
     }
-    fn rotary_forward(
+    fn rotary(
         &self,
         x: ViewMut<'_, Self>,
         batch: usize,
@@ -412,20 +401,9 @@ impl<D: Delegate> Backend for D {
         head_dim: usize,
         pos0: usize,
         table: View<'_, Self>,
+        rotation: Rotation,
     ) {
-        Delegate::rotary_forward(self, im(x), batch, t, heads, head_dim, pos0, iv(table))
-    }
-    fn rotary_backward(
-        &self,
-        dx: ViewMut<'_, Self>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
-        table: View<'_, Self>,
-    ) {
-        Delegate::rotary_backward(self, im(dx), batch, t, heads, head_dim, pos0, iv(table))
+        Delegate::rotary(self, im(x), batch, t, heads, head_dim, pos0, iv(table), rotation)
     }
     fn rotary_qknorm_forward(
         &self,

@@ -195,6 +195,13 @@ pub struct MemoryReport {
     pub summary: String,
 }
 
+/// Which way `Backend::rotary` turns: by +angle (the forward) or by -angle (its transpose, the backward).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rotation {
+    Forward,
+    Inverse,
+}
+
 /// The operations of nanochat's GPT. Shapes are in elements; `rows x dim` means `rows` contiguous rows.
 pub trait Backend {
     /// A buffer of f32 values (logically); the backend decides the storage.
@@ -283,9 +290,10 @@ pub trait Backend {
 
     /// In-place rotary embedding, half-split layout, on x (B, T, heads, D): for row t (absolute position
     /// pos0 + t), x1 = x[..D/2], x2 = x[D/2..]: (x1 cos + x2 sin, -x1 sin + x2 cos). `table` holds cos then
-    /// sin, each (max_pos, D/2), row p = angle(p, j).
+    /// sin, each (max_pos, D/2), row p = angle(p, j). `Rotation::Inverse` rotates by -angle: rotary is
+    /// orthogonal, so that is its transpose, the backward of a gradient.
     #[allow(clippy::too_many_arguments)]
-    fn rotary_forward(
+    fn rotary(
         &self,
         x: ViewMut<'_, Self>,
         batch: usize,
@@ -294,18 +302,7 @@ pub trait Backend {
         head_dim: usize,
         pos0: usize,
         table: View<'_, Self>,
-    );
-    /// In-place transpose rotation of a gradient (rotary is orthogonal: backward rotates by -angle).
-    #[allow(clippy::too_many_arguments)]
-    fn rotary_backward(
-        &self,
-        dx: ViewMut<'_, Self>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
-        table: View<'_, Self>,
+        rotation: Rotation,
     );
 
     /// Rotary then QK-norm, fused: y = rmsnorm(rotary(x)) over each head (rows = batch t heads of
@@ -585,7 +582,7 @@ pub fn rotary_qknorm_forward_unfused<B: Backend + ?Sized>(
     rstd: ViewMut<'_, B>,
 ) {
     let len = x.len;
-    be.rotary_forward(x.sub(0, len), batch, t, heads, head_dim, pos0, table);
+    be.rotary(x.sub(0, len), batch, t, heads, head_dim, pos0, table, Rotation::Forward);
     be.rmsnorm_forward(x.view(), batch * t * heads, head_dim, eps, y, rstd);
 }
 
@@ -607,7 +604,7 @@ pub fn rotary_qknorm_backward_unfused<B: Backend + ?Sized>(
 ) {
     let len = dx.len;
     be.rmsnorm_backward(y, rstd, dy, batch * t * heads, head_dim, dx.sub(0, len), false);
-    be.rotary_backward(dx, batch, t, heads, head_dim, pos0, table);
+    be.rotary(dx, batch, t, heads, head_dim, pos0, table, Rotation::Inverse);
 }
 
 /// A view's values copied to a new host vector (the optimizer ops' default implementations).

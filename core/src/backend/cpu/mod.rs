@@ -20,7 +20,7 @@ pub mod matmul_f64;
 mod norm;
 
 use super::bf16::round_slice_bf16;
-use super::{optim_ops, AdamwStep, AttnShape, Backend, Storage, View, ViewMut};
+use super::{optim_ops, AdamwStep, AttnShape, Backend, Rotation, Storage, View, ViewMut};
 use rayon::prelude::*;
 
 /// f32 values in host memory and the storage they stand for (Bf16: every value is bf16-representable).
@@ -210,7 +210,7 @@ impl Backend for CpuBackend {
         store(dx);
     }
 
-    fn rotary_forward(
+    fn rotary(
         &self,
         mut x: ViewMut<'_, Self>,
         batch: usize,
@@ -219,22 +219,11 @@ impl Backend for CpuBackend {
         head_dim: usize,
         pos0: usize,
         table: View<'_, Self>,
+        rotation: Rotation,
     ) {
-        norm::rotary(out(&mut x), batch, t, heads, head_dim, pos0, sl(table), false);
+        let inverse = rotation == Rotation::Inverse;
+        norm::rotary(out(&mut x), batch, t, heads, head_dim, pos0, sl(table), inverse);
         store(x);
-    }
-    fn rotary_backward(
-        &self,
-        mut dx: ViewMut<'_, Self>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
-        table: View<'_, Self>,
-    ) {
-        norm::rotary(out(&mut dx), batch, t, heads, head_dim, pos0, sl(table), true);
-        store(dx);
     }
 
     /// The twin of the CUDA kernel (rotary_qknorm.cu): the rotated value stays f32 between the two steps and

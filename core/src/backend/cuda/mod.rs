@@ -36,7 +36,7 @@ mod optim_bf16;
 pub use device::{device_count, driver_present};
 pub use flash::{flash_backward_launches, flash_forward_launch, FlashBackwardPtrs, FlashForwardPtrs, FlashLaunch};
 
-use super::{bf16, AdamwStep, AttnShape, Backend, MemoryReport, Storage, View, ViewMut};
+use super::{bf16, AdamwStep, AttnShape, Backend, MemoryReport, Rotation, Storage, View, ViewMut};
 use blas::Sgemm;
 use cudarc::driver::{result as driver, CudaContext, CudaStream};
 use launch::{count, int, Arg, Kernels};
@@ -566,7 +566,7 @@ impl Backend for CudaBackend {
         self.launch(nc_kernels::RMSNORM_BACKWARD, one_block_per_row(rows), &args);
     }
 
-    fn rotary_forward(
+    fn rotary(
         &self,
         x: ViewMut<'_, Self>,
         batch: usize,
@@ -575,27 +575,17 @@ impl Backend for CudaBackend {
         head_dim: usize,
         pos0: usize,
         table: View<'_, Self>,
-    ) {
-        if x.buf.storage == Storage::Bf16 {
-            return self.rotary_widened(x, batch, t, heads, head_dim, pos0, table, 1.0);
-        }
-        self.rotary(x, batch, t, heads, head_dim, pos0, table, 1.0);
-    }
-    fn rotary_backward(
-        &self,
-        dx: ViewMut<'_, Self>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
-        table: View<'_, Self>,
+        rotation: Rotation,
     ) {
         // The transpose of a rotation is the rotation by the opposite angle: the same kernel, sin negated.
-        if dx.buf.storage == Storage::Bf16 {
-            return self.rotary_widened(dx, batch, t, heads, head_dim, pos0, table, -1.0);
+        let sin_sign = match rotation {
+            Rotation::Forward => 1.0,
+            Rotation::Inverse => -1.0,
+        };
+        if x.buf.storage == Storage::Bf16 {
+            return self.rotary_widened(x, batch, t, heads, head_dim, pos0, table, sin_sign);
         }
-        self.rotary(dx, batch, t, heads, head_dim, pos0, table, -1.0);
+        self.rotary_f32(x, batch, t, heads, head_dim, pos0, table, sin_sign);
     }
 
     /// The fused kernel (rotary_qknorm.cu) when y is bf16 (the rotated value stays f32: the CPU twin's
@@ -1013,7 +1003,7 @@ impl Backend for CudaBackend {
 impl CudaBackend {
     /// Rotary in place on x (batch, t, heads, head_dim); sin_sign +1 rotates forward, -1 back.
     #[allow(clippy::too_many_arguments)]
-    fn rotary(
+    fn rotary_f32(
         &self,
         x: ViewMut<'_, Self>,
         batch: usize,

@@ -279,7 +279,7 @@ impl CudaBackend {
         self.launch(kernel, one_block_per_row(rows), &args);
     }
 
-    /// `rotary_forward` / `rotary_backward` on a bf16 x: widened, rotated by the f32 kernel, cast back (one
+    /// `rotary` on a bf16 x: widened, rotated by the f32 kernel, cast back (one
     /// rounding, on store). The model's bf16 path uses the fused rotary + QK-norm instead.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn rotary_widened(
@@ -297,7 +297,7 @@ impl CudaBackend {
         let table = table_w.as_ref().map_or(table, all);
         let mut w = self.f32_destination(&x, true, "rotary");
         match w.as_mut() {
-            Some(w) => self.rotary(all_mut(w), batch, t, heads, head_dim, pos0, table, sin_sign),
+            Some(w) => self.rotary_f32(all_mut(w), batch, t, heads, head_dim, pos0, table, sin_sign),
             None => unreachable!("rotary_widened is called for a Bf16 x"),
         }
         self.store_destination(w, x);

@@ -9,7 +9,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use nc_core::data::bpe_train::train_merges;
 use nc_core::data::pretokenize::SplitPattern;
 use nc_core::data::tokenizer_files::parse_tiktoken_ranks;
-use nc_core::data::{Tokenizer, SPECIAL_TOKENS};
+use nc_core::data::Tokenizer;
 
 const REPEAT: usize = 8;
 const TRAIN_MERGES: usize = 2048 - 256;
@@ -39,13 +39,7 @@ fn tokenizer_benches(c: &mut Criterion) {
     let docs = bench_docs();
     let bytes: usize = docs.iter().map(|d| d.len()).sum();
     let ranks = parse_tiktoken_ranks(&fixture("rustbpe_ranks.tiktoken")).unwrap();
-    let n = ranks.len() as u32;
-    let specials = SPECIAL_TOKENS
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.to_string(), n + i as u32))
-        .collect();
-    let tok = Tokenizer::from_ranks(ranks, specials, SplitPattern::NANOCHAT).unwrap();
+    let tok = Tokenizer::with_nanochat_specials(ranks, SplitPattern::NANOCHAT).unwrap();
 
     let mut g = c.benchmark_group("tokenizer");
     g.sample_size(10);

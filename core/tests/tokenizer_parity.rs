@@ -8,7 +8,7 @@ use nc_core::data::bpe_train::train_merges;
 use nc_core::data::pickle::load_tiktoken_pickle;
 use nc_core::data::pretokenize::SplitPattern;
 use nc_core::data::tokenizer_files::{format_tiktoken_ranks, parse_tiktoken_ranks};
-use nc_core::data::{load_tokenizer, save_tokenizer, Tokenizer, SPECIAL_TOKENS};
+use nc_core::data::{load_tokenizer, save_tokenizer, Tokenizer};
 use serde_json::Value;
 
 fn fixture(name: &str) -> PathBuf {
@@ -27,14 +27,7 @@ fn reference_ranks() -> Vec<Vec<u8>> {
 
 /// The tokenizer tiktoken used: rustbpe's ranks plus nanochat's specials.
 fn reference_tokenizer() -> Tokenizer {
-    let ranks = reference_ranks();
-    let n = ranks.len() as u32;
-    let specials = SPECIAL_TOKENS
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.to_string(), n + i as u32))
-        .collect();
-    Tokenizer::from_ranks(ranks, specials, SplitPattern::NANOCHAT).unwrap()
+    Tokenizer::with_nanochat_specials(reference_ranks(), SplitPattern::NANOCHAT).unwrap()
 }
 
 fn ids(v: &Value) -> Vec<u32> {

@@ -111,6 +111,11 @@ impl Tokenizer {
             bytes.extend_from_slice(&ranks[b as usize]);
             ranks.push(bytes);
         }
+        Tokenizer::with_nanochat_specials(ranks, pattern)
+    }
+
+    /// `from_ranks` with nanochat's special tokens (`SPECIAL_TOKENS`) numbered right after the ranks.
+    pub fn with_nanochat_specials(ranks: Vec<Vec<u8>>, pattern: SplitPattern) -> Result<Tokenizer> {
         let n = ranks.len() as u32;
         let specials = SPECIAL_TOKENS
             .iter()

@@ -252,25 +252,23 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx2_rows_match_baseline_bit_for_bit() {
-        if CpuIsa::detected() < CpuIsa::Avx2 {
-            eprintln!("no AVX2+FMA on this CPU: nothing to compare");
-            return;
-        }
-        compare_with_baseline(super::row_avx2);
+        compare_with_baseline(CpuIsa::Avx2, "AVX2+FMA", super::row_avx2);
     }
 
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx512_rows_match_baseline_bit_for_bit() {
-        if CpuIsa::detected() < CpuIsa::Avx512 {
-            eprintln!("no AVX-512 F on this CPU: nothing to compare");
-            return;
-        }
-        compare_with_baseline(super::row_avx512);
+        compare_with_baseline(CpuIsa::Avx512, "AVX-512 F", super::row_avx512);
     }
 
+    /// `wide` (the row kernel built for `isa`) against the baseline build; nothing to compare (a message)
+    /// where this CPU lacks `isa`.
     #[cfg(target_arch = "x86_64")]
-    fn compare_with_baseline(wide: super::RowFn) {
+    fn compare_with_baseline(isa: CpuIsa, isa_name: &str, wide: super::RowFn) {
+        if CpuIsa::detected() < isa {
+            eprintln!("no {isa_name} on this CPU: nothing to compare");
+            return;
+        }
         let cap = crate::config::LOGIT_SOFTCAP;
         for (k, &vocab) in [1usize, 3, 8, 13, 16, 17, 31, 32, 33, 47, 100, 257, 1000, 4099, 65536]
             .iter()

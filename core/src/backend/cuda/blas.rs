@@ -156,7 +156,7 @@ impl Drop for Sgemm {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     //! The mapping checked on the host: a plain column-major sgemm (what cuBLAS computes, by its
     //! definition) run with `sgemm_call`'s arguments must match the CPU backend's row-major matmul.
 
@@ -191,7 +191,8 @@ mod tests {
         }
     }
 
-    fn values(len: usize, seed: u32) -> Vec<f32> {
+    /// Values in [-1, 1) from an index hash (no RNG state to thread through); blas_lt's tests use them too.
+    pub(in crate::backend::cuda) fn values(len: usize, seed: u32) -> Vec<f32> {
         (0..len)
             .map(|i| {
                 let x = (i as u32)

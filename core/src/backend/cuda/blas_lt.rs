@@ -500,6 +500,7 @@ mod tests {
 
     use super::*;
     use crate::backend::cpu::{CpuBackend, CpuBuf};
+    use crate::backend::cuda::blas::tests::values;
     use crate::backend::{Backend, View, ViewMut};
 
     fn key(m: usize, n: usize, k: usize, a_t: bool, b_t: bool, accumulate: bool) -> GemmKey {
@@ -562,17 +563,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        (0..len)
-            .map(|i| {
-                let x = (i as u32)
-                    .wrapping_mul(2_654_435_761)
-                    .wrapping_add(seed.wrapping_mul(40_503));
-                (x % 1000) as f32 / 500.0 - 1.0
-            })
-            .collect()
     }
 
     #[test]

@@ -13,19 +13,24 @@
 //!   collective (within 60 s, naming it, the last complete checkpoint untouched); a stuck rank (the stand-in's
 //!   NC_SIM_NCCL_STUCK) after NC_COLLECTIVE_TIMEOUT; an NCCL call that fails (NC_SIM_NCCL_FAIL) and a
 //!   collective that fails on the device (NC_SIM_NCCL_FAIL=R:N:async, seen through ncclCommGetAsyncError),
-//!   each with one line naming the rank and the cause.
+//!   an out-of-memory and a faulted kernel on one rank's device (NC_SIM_FAIL_ALLOC, NC_SIM_FAULT_KERNEL;
+//!   support/rank_faults.rs), each with one line naming the rank and the cause.
 //!
 //! The model is processes.rs's (depth 2, width 128, 32-token sequences) for a few steps: each run costs
 //! seconds of CPU on the simulator. Without the simulator (no g++) each test prints why and passes.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 #[path = "support/procs.rs"]
 mod procs;
-use procs::{files, workers_of};
+use procs::workers_of;
+#[path = "support/rank_faults.rs"]
+mod rank_faults;
+use rank_faults::{
+    complete_checkpoints, finish, injected_failure_on_rank_1_ends_every_rank, spawn_reading_stderr, wait_for_line,
+};
 
 #[allow(dead_code)]
 #[path = "../../tests/src/sim.rs"]
@@ -260,92 +265,22 @@ fn bf16_ranks_over_nccl_match_one_process() {
 /// of the run below (tens of calls a step), so the step-2 checkpoint is complete by then.
 const FAULT_CALL: u64 = 150;
 
-/// A 2-rank run that would go on for long, checkpointing every 2 steps, with `env` (the fault to inject);
-/// its stderr lines arrive on the receiver as they come (stdout is read and dropped).
-fn start_faulty_run(libs: &Path, out: &Path, env: &[(&str, &str)]) -> (Child, mpsc::Receiver<String>) {
+/// A 2-rank run that would go on for long, checkpointing every `save_every` steps, with `env` (the fault to
+/// inject).
+fn faulty_run(libs: &Path, out: &Path, save_every: u64, env: &[(&str, &str)]) -> Command {
     let mut cmd = nc_train(libs, 2);
     cmd.args(args(out, 100_000, 4, 256))
         .args(world(2))
-        .args(["--save-every", "2"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .args(["--save-every", &save_every.to_string()]);
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || for _ in BufReader::new(stdout).lines() {});
-    let stderr = child.stderr.take().unwrap();
-    let (send, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
-            if send.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    (child, lines)
+    cmd
 }
 
-/// Waits for a stderr line containing `needle` (at most `limit`); every line seen goes into `seen`.
-fn wait_for_line(lines: &mpsc::Receiver<String>, needle: &str, limit: Duration, seen: &mut Vec<String>) -> bool {
-    let t0 = Instant::now();
-    while let Some(left) = limit.checked_sub(t0.elapsed()) {
-        match lines.recv_timeout(left) {
-            Ok(line) => {
-                let hit = line.contains(needle);
-                seen.push(line);
-                if hit {
-                    return true;
-                }
-            }
-            Err(_) => return false,
-        }
-    }
-    false
-}
-
-/// Waits for the child at most `limit` (killing it if it is still running then), then collects the rest of
-/// its stderr into `seen`.
-fn finish(
-    child: &mut Child,
-    lines: &mpsc::Receiver<String>,
-    limit: Duration,
-    seen: &mut Vec<String>,
-) -> Option<std::process::ExitStatus> {
-    let t0 = Instant::now();
-    let mut status = None;
-    while t0.elapsed() < limit {
-        if let Some(st) = child.try_wait().unwrap() {
-            status = Some(st);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    if status.is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    while let Ok(line) = lines.recv_timeout(Duration::from_secs(2)) {
-        seen.push(line);
-    }
-    status
-}
-
-/// Every complete checkpoint under `out` with its files' bytes.
-fn complete_checkpoints(out: &Path) -> Vec<(String, Vec<(String, Vec<u8>)>)> {
-    let mut all = Vec::new();
-    let Ok(rd) = std::fs::read_dir(out.join("checkpoints")) else {
-        return all;
-    };
-    for d in rd.flatten() {
-        if !d.path().join("COMPLETE").is_file() {
-            continue;
-        }
-        all.push((d.file_name().to_string_lossy().into_owned(), files(&d.path())));
-    }
-    all.sort();
-    all
+/// `faulty_run` checkpointing every 2 steps, started, its stderr lines arriving on the receiver as they come.
+fn start_faulty_run(libs: &Path, out: &Path, env: &[(&str, &str)]) -> (Child, mpsc::Receiver<String>) {
+    spawn_reading_stderr(&mut faulty_run(libs, out, 2, env))
 }
 
 /// SIGKILL of rank 1 while rank 0 waits for it in a collective (rank 1 held in collective FAULT_CALL by the
@@ -506,5 +441,42 @@ fn an_asynchronous_nccl_error_ends_every_rank_naming_it() {
     assert!(
         stderr.lines().any(|l| l.starts_with("rank 0:") && l.contains("rank 1")),
         "rank 0 names rank 1\n{stderr}"
+    );
+}
+
+/// An out-of-memory on rank 1's device in the middle of the run (NC_SIM_FAIL_ALLOC=150@1: set-up makes about
+/// 70 allocations on each device, each step about 20 in this no-caching mode, NCCL's host-staged collectives
+/// included; so in step 5, after the step-3 checkpoint): rank 1 ends with one line naming itself and the
+/// out-of-memory, the others follow naming it, within 60 s (`injected_failure_on_rank_1_ends_every_rank`).
+#[test]
+fn an_out_of_memory_on_one_rank_ends_every_rank_naming_it() {
+    let Some(libs) = simulator() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    injected_failure_on_rank_1_ends_every_rank(
+        &mut faulty_run(&libs, dir.path(), 3, &[("NC_SIM_FAIL_ALLOC", "150@1")]),
+        dir.path(),
+        "on device 1: out of memory, injected (NC_SIM_FAIL_ALLOC",
+        "out of memory",
+    );
+}
+
+/// A kernel that faults on rank 1's device in the middle of the run (NC_SIM_FAULT_KERNEL: the 6th embedding
+/// forward there, step 5's after the start's evaluation and steps 1-4; after the step-3 checkpoint): the
+/// device's context is broken, rank 1 ends with one line naming itself and the sticky error, the others
+/// follow naming it, within 60 s.
+#[test]
+fn a_kernel_fault_on_one_rank_ends_every_rank_naming_it() {
+    let Some(libs) = simulator() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    injected_failure_on_rank_1_ends_every_rank(
+        &mut faulty_run(
+            &libs,
+            dir.path(),
+            3,
+            &[("NC_SIM_FAULT_KERNEL", "nc_embedding_forward_f32:6@1")],
+        ),
+        dir.path(),
+        "on device 1) faulted: an illegal memory access, injected",
+        "CUDA_ERROR_ILLEGAL_ADDRESS",
     );
 }

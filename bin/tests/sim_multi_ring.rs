@@ -14,6 +14,9 @@
 //!   the simulator's NCCL stand-in is another task's).
 //! - `kill -9` of rank 1 during a run: every rank ends within 60 s, rank 0 by itself naming rank 1, and the
 //!   last complete checkpoint is byte for byte what it was.
+//! - an out-of-memory and a faulted kernel on rank 1's device in the middle of a run (NC_SIM_FAIL_ALLOC,
+//!   NC_SIM_FAULT_KERNEL): every rank ends within 60 s, rank 1 with one line naming itself and the cause
+//!   (support/rank_faults.rs).
 //!
 //! The model is processes.rs's (depth 2, width 128, 32-token sequences, 4 a micro-step, 256 tokens a step) for
 //! 4 steps: each simulated run is 5-10 s of wall time on 2 busy cores. Without the simulator (no g++, or
@@ -26,6 +29,9 @@ use std::time::{Duration, Instant};
 #[path = "support/procs.rs"]
 mod procs;
 use procs::{files, workers_of};
+#[path = "support/rank_faults.rs"]
+mod rank_faults;
+use rank_faults::injected_failure_on_rank_1_ends_every_rank;
 
 #[allow(dead_code)]
 #[path = "../../tests/src/sim.rs"]
@@ -308,4 +314,46 @@ fn a_rank_killed_during_the_ring_ends_every_rank_naming_it() {
     );
     assert_eq!(files(&ck), before, "the last complete checkpoint is intact");
     eprintln!("the run ended {took:?} after the kill");
+}
+
+/// A 2-rank run over the ring that would go on for long, checkpointing every 3 steps, with `env` (the fault).
+fn faulty_ring_run(out: &Path, env: &[(&str, &str)]) -> Command {
+    let mut a = args(out, 100_000, 256);
+    a.extend(["--world-size", "2", "--comm", "ring", "--save-every", "3"].map(String::from));
+    nc_train(&a, 2, env)
+}
+
+/// An out-of-memory on rank 1's device in step 5, after the step-3 checkpoint (NC_SIM_FAIL_ALLOC=84@1: in the
+/// no-caching mode set-up makes about 70 allocations on each device and each step 3, the embedding backward's
+/// index arrays; the ring itself allocates nothing per step): the allocator's report on one line that names
+/// rank 1, every rank ended within 60 s.
+#[test]
+fn an_out_of_memory_on_one_rank_ends_every_rank_naming_it() {
+    if simulator().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    injected_failure_on_rank_1_ends_every_rank(
+        &mut faulty_ring_run(dir.path(), &[("NC_NO_ALLOC_CACHE", "1"), ("NC_SIM_FAIL_ALLOC", "84@1")]),
+        dir.path(),
+        "on device 1: out of memory, injected (NC_SIM_FAIL_ALLOC",
+        "out of memory on cuda:1",
+    );
+}
+
+/// A kernel that faults on rank 1's device in step 5 (the 6th embedding forward there: the start's evaluation,
+/// steps 1-4, then step 5's), after the step-3 checkpoint: the sticky error on one line that names rank 1,
+/// every rank ended within 60 s.
+#[test]
+fn a_kernel_fault_on_one_rank_ends_every_rank_naming_it() {
+    if simulator().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    injected_failure_on_rank_1_ends_every_rank(
+        &mut faulty_ring_run(dir.path(), &[("NC_SIM_FAULT_KERNEL", "nc_embedding_forward_f32:6@1")]),
+        dir.path(),
+        "on device 1) faulted: an illegal memory access, injected",
+        "CUDA_ERROR_ILLEGAL_ADDRESS",
+    );
 }

@@ -855,15 +855,45 @@ fn parse_profile_steps(s: &str) -> Result<(u64, u64)> {
     Ok((a, b))
 }
 
-/// Every panic ends the process at once, with one line that names its cause. A panic here is a bug or a device
-/// that failed under the run (a CUDA error the backend cannot recover from: after a faulted kernel the device's
-/// context is broken and every later call fails, as after an out-of-memory the batch cannot proceed). Either
-/// way the run cannot go on and the checkpoints already saved are what is left (each is renamed into place only
-/// when complete). Unwinding would run the device's destructors, whose calls fail in turn and bury the cause
-/// under their warnings; a rank that hung on would leave the others waiting. RUST_BACKTRACE=1 adds the
+/// This process's rank when a launcher started it as one rank of several (RANK; this binary's supervisor sets
+/// it for its workers), for its error line.
+fn rank_of_this_process() -> Option<String> {
+    std::env::var("RANK").ok().filter(|r| !r.trim().is_empty())
+}
+
+/// The line that ends a failed run. In a rank of several processes, whose lines interleave with the other
+/// ranks' in one terminal or log, the error is one line that starts with the rank: a message of several lines
+/// (the allocator's out-of-memory report and its advice) is joined, so that no part of it stands without the
+/// rank and the output's last line names the rank and the cause. One process keeps the message's own lines.
+fn error_line(message: &str, rank: Option<&str>) -> String {
+    let Some(rank) = rank else {
+        return format!("nc-train: error: {message}");
+    };
+    let joined = message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    if joined.starts_with(&format!("rank {rank}:")) {
+        format!("nc-train: error: {joined}")
+    } else {
+        format!("nc-train: error: rank {rank}: {joined}")
+    }
+}
+
+/// Every panic ends the process at once, with one line that names its cause (and the rank, in a rank of
+/// several processes: `error_line`). A panic here is a bug or a device that failed under the run (a CUDA
+/// error the backend cannot recover from: after a faulted kernel the device's context is broken and every
+/// later call fails, as after an out-of-memory the batch cannot proceed). Either way the run cannot go on and
+/// the checkpoints already saved are what is left (each is renamed into place only when complete). Unwinding
+/// would run the device's destructors, whose calls fail in turn and bury the cause under their warnings; a
+/// rank that hung on would leave the others waiting. The process ends with `_exit`, not `exit`: exit handlers
+/// of a driver whose context faulted can hang or crash and lose the code. RUST_BACKTRACE=1 adds the
 /// backtrace, before the line.
 fn end_run_on_panic() {
     let backtrace = std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0");
+    let rank = rank_of_this_process();
     std::panic::set_hook(Box::new(move |info| {
         let payload = info.payload();
         let message = payload
@@ -878,8 +908,11 @@ fn end_run_on_panic() {
             .location()
             .map(|l| format!(" (at {}:{})", l.file(), l.line()))
             .unwrap_or_default();
-        eprintln!("nc-train: error: {message}{at}");
-        std::process::exit(101);
+        eprintln!("{}{at}", error_line(message, rank.as_deref()));
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        // SAFETY: _exit ends the process at once; nothing after it runs.
+        unsafe { libc::_exit(101) }
     }));
 }
 
@@ -892,7 +925,7 @@ fn main() -> ExitCode {
         Ok(Outcome::Stopped) => ExitCode::from(130),
         Ok(Outcome::Code(c)) => ExitCode::from(c.clamp(0, 255) as u8),
         Err(e) => {
-            eprintln!("nc-train: error: {e}");
+            eprintln!("{}", error_line(&e.message, rank_of_this_process().as_deref()));
             ExitCode::FAILURE
         }
     }
@@ -904,6 +937,28 @@ mod tests {
 
     fn parse(args: &[&str]) -> Cli {
         Cli::try_parse_from(std::iter::once("nc-train").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn a_rank_ends_with_one_line_naming_it_and_the_cause() {
+        let report = "out of memory on cuda:1: tried to allocate 244 B\nWhat to do: lower the device batch size";
+        assert_eq!(
+            error_line(report, Some("1")),
+            "nc-train: error: rank 1: out of memory on cuda:1: tried to allocate 244 B What to do: lower the device \
+             batch size"
+        );
+        // the rank already named (the worker's errors carry it): not twice
+        assert_eq!(
+            error_line("rank 1: NCCL ncclReduce failed", Some("1")),
+            "nc-train: error: rank 1: NCCL ncclReduce failed"
+        );
+        // another rank named first is the cause, not this rank's name
+        assert_eq!(
+            error_line("rank 10: x", Some("1")),
+            "nc-train: error: rank 1: rank 10: x"
+        );
+        // one process: the message's own lines
+        assert_eq!(error_line(report, None), format!("nc-train: error: {report}"));
     }
 
     #[test]

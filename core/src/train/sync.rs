@@ -20,10 +20,18 @@ pub struct GradSync {
     owned: Vec<Range<usize>>,
 }
 
+/// A transport's error as the run's. Its message starts with the rank that saw it ("rank R: ..."), kept first,
+/// and names the peer when a peer caused it; a CUDA error of this rank's own (out of memory in a staged copy)
+/// names none, as it is this rank's failure, not another's.
 pub(crate) fn comm_err(e: nc_comm::CommError) -> NcError {
-    NcError::new(format!(
-        "collective failed: {e} (another rank stopped with an error; see its message)"
-    ))
+    let ranked = e
+        .message
+        .split_once(": ")
+        .filter(|(who, _)| who.strip_prefix("rank ").is_some_and(|r| r.parse::<usize>().is_ok()));
+    match ranked {
+        Some((who, what)) => NcError::new(format!("{who}: collective failed: {what}")),
+        None => NcError::new(format!("collective failed: {}", e.message)),
+    }
 }
 
 impl GradSync {

@@ -1,7 +1,7 @@
 // A CPU emulation of the CUDA subset the kernels of ../cuda use, fast enough to run nc's real kernels in a
 // simulated GPU: the threads of a block are fibers (emu_fiber.h) that switch only at barriers
-// (__syncthreads, __syncwarp, shuffles and emu_tc.h's warp-wide tensor-core operations), so a thread that
-// meets no barrier runs start to finish with no switch; the blocks of a launch run on a small pool of OS
+// (__syncthreads, __syncwarp, emu_tc.h's warp-wide tensor-core operations) and at a shuffle whose partner's
+// value is not there yet, so a thread that meets no barrier runs start to finish with no switch; the blocks of a launch run on a small pool of OS
 // threads (NC_SIM_THREADS, default the core count; the launching thread is one of them).
 //
 // The launch API (used by the tests here and by the simulated driver, sim/driver/):
@@ -86,12 +86,17 @@ inline thread_local EmuTls emu_tls;
 // the fiber's stack (emu_fiber.h's EmuFiberTop), without a thread_local lookup. Off a fiber, emu_tls itself.
 __attribute__((no_sanitize_thread, always_inline)) inline EmuTls& emu_here() {
     EmuFiberTop* top = emu_fiber_top();
-    return top ? *static_cast<EmuTls*>(top->owner) : emu_tls;
+    return top ? *static_cast<EmuTls*>(emu_quiet_load(&top->owner)) : emu_tls;
 }
-#define threadIdx (emu_tls.thread_idx)
-#define blockIdx (emu_tls.block_idx)
-#define blockDim (emu_tls.block_dim)
-#define gridDim (emu_tls.grid_dim)
+// What kernel code reads as threadIdx, blockIdx, blockDim and gridDim: a copy, loaded without the access hook
+// (emu_quiet_load). Read-only; the emulator sets the fields of emu_tls.
+__attribute__((no_sanitize_thread, always_inline)) inline dim3 emu_quiet_dim3(const dim3& d) {
+    return dim3{emu_quiet_load(&d.x), emu_quiet_load(&d.y), emu_quiet_load(&d.z)};
+}
+#define threadIdx (emu_quiet_dim3(emu_here().thread_idx))
+#define blockIdx (emu_quiet_dim3(emu_here().block_idx))
+#define blockDim (emu_quiet_dim3(emu_here().block_dim))
+#define gridDim (emu_quiet_dim3(emu_here().grid_dim))
 #define emu_block (emu_tls.block)
 #define __global__
 #define __device__
@@ -182,13 +187,19 @@ struct EmuFiber {
 };
 
 struct EmuThread {
-    enum State : uint8_t { NOT_STARTED, RUNNING, READY, WAIT_BLOCK, WAIT_WARP, DONE };
+    // WAIT_SHFL_VALUE: at a shuffle, for the partner's value; WAIT_SHFL_TAKEN: at a shuffle, for the partner
+    // to take this lane's previous value before it is replaced (emu_shfl_xor).
+    enum State : uint8_t { NOT_STARTED, RUNNING, READY, WAIT_BLOCK, WAIT_WARP, WAIT_SHFL_VALUE, WAIT_SHFL_TAKEN, DONE };
     EmuFiber* fiber = nullptr;  // the fiber running this thread, from its start to its end
     dim3 idx;
     unsigned linear = 0;
     State state = NOT_STARTED;
     unsigned tc_ops = 0;              // warp-collective tensor-core operations issued (emu_tc.h's slot parity)
-    unsigned shfl_ops = 0;            // shuffles issued (the exchange buffer's parity)
+    unsigned shfl_written = 0;        // shuffles issued: values this lane has offered
+    unsigned shfl_taken = 0;          // of those, how many its partner has read
+    unsigned shfl_mask = 0;           // the lane mask of its last shuffle (its partner: lane ^ mask)
+    uint64_t shfl_out = 0;            // the bits of its last value, until the partner has taken them
+    uint64_t shfl_in = 0;             // the partner's value, handed over while this lane waited
     EmuVec<EmuCopy> copies;           // cp.async copies issued and not yet completed by a wait
     uint64_t open_group = 0;          // the group cp.async copies join until the next commit
     uint64_t waited_group = 0;        // groups < waited_group are complete
@@ -218,9 +229,8 @@ struct EmuBlock {
     unsigned live = 0, block_arrived = 0;
     uint64_t block_syncs = 0;  // __syncthreads completed in this block: the barrier interval of a report
     EmuVec<unsigned> warp_live, warp_arrived;
+    EmuVec<unsigned> warp_shfl_waiting;  // lanes waiting at a shuffle (emu_shfl_exchange), per warp
     EmuVec<uint8_t> warp_orders;  // the warp barrier under way is a __syncwarp (orders memory; emu_race.h)
-    EmuVec<float> xchg;           // [parity][thread]: shuffles alternate between two buffers
-    EmuVec<double> xchg64;
     EmuVec<EmuTcSlot> tc;  // [warp * 2 + parity]
     uint64_t rng = 0;
     uint64_t launch_id = 0;
@@ -371,6 +381,7 @@ EMU_RT inline void emu_arrive_warp(EmuBlock& b, bool orders_memory) {
     emu_yield(b, th);
 }
 
+EMU_RT inline void emu_shfl_partner_exit(EmuBlock& b, EmuThread& gone);
 // A thread that has returned from the kernel: the barriers it no longer takes part in may now be complete.
 EMU_RT inline void emu_thread_exit(EmuBlock& b, EmuThread& th) {
     unsigned w = th.linear / 32;
@@ -378,6 +389,7 @@ EMU_RT inline void emu_thread_exit(EmuBlock& b, EmuThread& th) {
     th.fiber = nullptr;
     b.live--;
     b.warp_live[w]--;
+    emu_shfl_partner_exit(b, th);
     if (b.block_arrived > 0 && b.block_arrived == b.live) emu_release_block(b);
     if (b.warp_arrived[w] > 0 && b.warp_arrived[w] == b.warp_live[w]) emu_release_warp(b, w);
 }
@@ -396,7 +408,7 @@ EMU_RT inline void emu_fiber_main() {
         EmuThread& th = b.threads[t];
         th.fiber = me;
         th.state = EmuThread::RUNNING;
-        th.tc_ops = th.shfl_ops = 0;
+        th.tc_ops = th.shfl_written = th.shfl_taken = th.shfl_mask = 0;
         th.copies.clear();
         th.open_group = th.waited_group = 0;
         th.syncthreads_calls = th.syncwarp_calls = th.cp_wait_calls = 0;
@@ -426,28 +438,90 @@ EMU_RT inline void __syncwarp(unsigned = 0xffffffffu) {
     EmuBlock& b = *tls.block;
     if (!emu_planted_skip(b.cur->syncwarp_calls, emu_plant_skip_syncwarp)) emu_arrive_warp(b, true);
 }
-// One warp barrier per shuffle: the lanes write this shuffle's buffer (of two, alternating), meet, and read
-// their partner's value. A lane writes the same buffer again only two shuffles later, after the barrier of
-// the shuffle between, which every lane reaches only once it has read this one.
+// A shuffle without a warp barrier: each lane waits only for its partner (dataflow), so most lanes pass most
+// shuffles without giving the CPU away (a warp_sum's five shuffles: ~110 fiber switches per warp instead of
+// 192). A lane offers its value (shfl_out) and takes its partner's: at once when the partner has offered this
+// shuffle's value, else it waits and the partner hands the value over when it offers it. A lane offers its
+// next value only once its partner has taken the previous one (else it waits), so one value per lane is
+// enough. The partner of lane t is t ^ mask for every lane of the warp (the kernels' reductions): a shuffle
+// whose lanes use different masks is not emulated and stops the run. A partner that has returned (or does
+// not exist) leaves its last value, as undefined on the device as here.
+EMU_RT inline void emu_shfl_wait(EmuBlock& b, EmuThread& th, EmuThread::State state) {
+    th.state = state;
+    b.warp_shfl_waiting[th.linear / 32]++;
+    emu_yield(b, th);
+}
+EMU_RT inline void emu_shfl_wake(EmuBlock& b, unsigned t) {
+    b.warp_shfl_waiting[t / 32]--;
+    emu_make_ready(b, t);
+}
+EMU_RT inline void emu_shfl_partner_exit(EmuBlock& b, EmuThread& gone) {
+    unsigned first = gone.linear & ~31u, end = b.n < first + 32 ? b.n : first + 32;  // not std::min: EmuVec
+    for (unsigned u = first; u < end && b.warp_shfl_waiting[first / 32] > 0; u++) {
+        EmuThread& th = b.threads[u];
+        bool waits_on_it = (th.linear ^ th.shfl_mask) == gone.linear;
+        if (th.state == EmuThread::WAIT_SHFL_VALUE && waits_on_it) {
+            th.shfl_in = gone.shfl_out;
+            emu_shfl_wake(b, u);
+        } else if (th.state == EmuThread::WAIT_SHFL_TAKEN && waits_on_it) {
+            emu_shfl_wake(b, u);
+        }
+    }
+}
+[[noreturn]] EMU_RT inline void emu_shfl_nonuniform(EmuBlock& b, unsigned lane, unsigned mask, unsigned other) {
+    std::fprintf(stderr, "emu: kernel %s: lanes %u and %u shuffle with different xor masks (%u and %u); the emulator "
+                 "needs one mask per shuffle across the warp\n", b.kernel_name, lane, lane ^ mask, mask, other);
+    std::abort();
+}
+EMU_RT inline uint64_t emu_shfl_exchange(EmuBlock& b, EmuThread& th, uint64_t bits, unsigned mask) {
+    unsigned t = th.linear;
+    if (th.shfl_taken < th.shfl_written) {  // the partner of the last shuffle has not taken that value yet
+        unsigned reader = t ^ th.shfl_mask;
+        if (reader < b.n && b.threads[reader].state != EmuThread::DONE) emu_shfl_wait(b, th, EmuThread::WAIT_SHFL_TAKEN);
+    }
+    unsigned k = th.shfl_written++;  // this is the lane's shuffle number k
+    th.shfl_out = bits;
+    th.shfl_mask = mask;
+    unsigned p = t ^ mask;
+    if (p >= b.n) return 0;  // no such lane
+    EmuThread& partner = b.threads[p];
+    if (partner.state == EmuThread::DONE) return partner.shfl_out;
+    if (partner.state == EmuThread::WAIT_SHFL_VALUE && partner.shfl_written == k + 1) {  // it waits for this value
+        if (partner.shfl_mask != mask) emu_shfl_nonuniform(b, t, mask, partner.shfl_mask);
+        partner.shfl_in = bits;
+        th.shfl_taken = k + 1;
+        emu_shfl_wake(b, p);
+    }
+    if (partner.shfl_written == k + 1) {  // its value of shuffle k is there: take it
+        if (partner.shfl_mask != mask) emu_shfl_nonuniform(b, t, mask, partner.shfl_mask);
+        partner.shfl_taken = k + 1;
+        if (partner.state == EmuThread::WAIT_SHFL_TAKEN) emu_shfl_wake(b, p);
+        return partner.shfl_out;
+    }
+    if (partner.shfl_written > k + 1) emu_shfl_nonuniform(b, t, mask, partner.shfl_mask);
+    emu_shfl_wait(b, th, EmuThread::WAIT_SHFL_VALUE);
+    return th.shfl_in;
+}
 template <class T>
-EMU_RT inline T emu_shfl_xor(EmuVec<T> EmuBlock::*xchg_of, T v, int off) {
+EMU_RT inline T emu_shfl_xor(T v, int off) {
     EmuTls& tls = emu_here();
     EmuHooksOff hooks_off(tls);
     EmuBlock& b = *tls.block;
     EmuThread& th = *b.cur;
-    EmuVec<T>& xchg = b.*xchg_of;
-    unsigned t = th.linear;
-    T* buf = xchg.data() + (th.shfl_ops++ & 1) * (xchg.size() / 2);
-    buf[t] = v;
-    emu_arrive_warp(b, false);
-    return buf[(t & ~31u) + ((t & 31u) ^ unsigned(off & 31))];
+    emu_cp_tick(th);  // a shuffle is one of the thread's synchronisation points (cp.async landing times)
+    uint64_t bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    bits = emu_shfl_exchange(b, th, bits, unsigned(off & 31));
+    T out;
+    std::memcpy(&out, &bits, sizeof(T));
+    return out;
 }
-EMU_RT inline float __shfl_xor_sync(unsigned, float v, int off) { return emu_shfl_xor(&EmuBlock::xchg, v, off); }
-EMU_RT inline double __shfl_xor_sync(unsigned, double v, int off) { return emu_shfl_xor(&EmuBlock::xchg64, v, off); }
+EMU_RT inline float __shfl_xor_sync(unsigned, float v, int off) { return emu_shfl_xor(v, off); }
+EMU_RT inline double __shfl_xor_sync(unsigned, double v, int off) { return emu_shfl_xor(v, off); }
 
 // Runs every thread of block `bi` to its end on the calling OS thread.
 EMU_RT inline void emu_run_block(EmuBlock& b, dim3 bi) {
-    blockIdx = bi;
+    emu_tls.block_idx = bi;
     b.live = b.n;
     b.block_arrived = 0;
     b.block_syncs = 0;
@@ -463,8 +537,12 @@ EMU_RT inline void emu_run_block(EmuBlock& b, dim3 bi) {
     for (unsigned w = 0; w < b.n_warps; w++) {
         b.warp_live[w] = b.n - 32 * w < 32 ? b.n - 32 * w : 32;  // not std::min: see EmuVec
         b.warp_arrived[w] = 0;
+        b.warp_shfl_waiting[w] = 0;
     }
-    for (unsigned t = 0; t < b.n; t++) b.threads[t].state = EmuThread::NOT_STARTED;
+    for (unsigned t = 0; t < b.n; t++) {  // a lane not started yet has offered no shuffle value in this block
+        b.threads[t].state = EmuThread::NOT_STARTED;
+        b.threads[t].shfl_written = b.threads[t].shfl_taken = 0;
+    }
     b.cur = nullptr;
     emu_race_block_start(b);
     while (EmuFiber* f = emu_next_fiber(b)) {
@@ -478,7 +556,9 @@ EMU_RT inline void emu_run_block(EmuBlock& b, dim3 bi) {
         unsigned at_block = 0, at_warp = 0;
         for (unsigned t = 0; t < b.n; t++) {
             at_block += b.threads[t].state == EmuThread::WAIT_BLOCK;
-            at_warp += b.threads[t].state == EmuThread::WAIT_WARP;
+            at_warp += b.threads[t].state == EmuThread::WAIT_WARP ||
+                       b.threads[t].state == EmuThread::WAIT_SHFL_VALUE ||
+                       b.threads[t].state == EmuThread::WAIT_SHFL_TAKEN;
         }
         std::fprintf(stderr,
                      "emu: kernel %s block (%u,%u,%u) deadlocked: %u threads wait at __syncthreads, %u at a warp "
@@ -532,9 +612,8 @@ EMU_RT inline void emu_run_job_block(EmuJob& job, unsigned index) {
         b.ready.assign(n, 0);
         b.warp_live.assign(b.n_warps, 0);
         b.warp_arrived.assign(b.n_warps, 0);
+        b.warp_shfl_waiting.assign(b.n_warps, 0);
         b.warp_orders.assign(b.n_warps, 0);
-        b.xchg.assign(2 * b.n_warps * 32, 0.0f);
-        b.xchg64.assign(2 * b.n_warps * 32, 0.0);
         b.tc.resize(b.n_warps * 2);
     }
     if (b.shape.x != job.block.x || b.shape.y != job.block.y || b.shape.z != job.block.z) {
@@ -553,8 +632,8 @@ EMU_RT inline void emu_run_job_block(EmuJob& job, unsigned index) {
     b.launch_id = job.id;
     b.shuffle = emu_race_enabled();
     dim3 bi{index % job.grid.x, (index / job.grid.x) % job.grid.y, index / (job.grid.x * job.grid.y)};
-    blockDim = job.block;
-    gridDim = job.grid;
+    emu_tls.block_dim = job.block;
+    emu_tls.grid_dim = job.grid;
     emu_block = &b;
     emu_run_block(b, bi);
     emu_block = nullptr;

@@ -94,6 +94,21 @@ struct EmuStackRegion {
     std::vector<char*> free_list;  // stacks given back (their pages released), reused first
     size_t next = 0;  // stacks handed out from the region so far
 };
+// A plain load of 4 or 8 bytes that -fsanitize=thread does not instrument (inline asm): kernel code reads the
+// emulator's own state (threadIdx, blockDim, ...) through it, since after inlining g++ instruments even an
+// uninstrumented function's loads, and each would be a call to the access hook (emu_race.h).
+template <class T>
+__attribute__((no_sanitize_thread, always_inline)) inline T emu_quiet_load(const T* p) {
+    static_assert(sizeof(T) == 4 || sizeof(T) == 8, "4- or 8-byte loads");
+#if defined(__x86_64__)
+    T v;
+    asm("mov %1, %0" : "=r"(v) : "m"(*p));
+    return v;
+#else
+    return *p;
+#endif
+}
+
 // The region's first byte and size; written once (the first stack), before any fiber can run.
 inline std::atomic<uintptr_t> emu_stacks_lo{0};
 inline std::atomic<size_t> emu_stacks_bytes{0};
@@ -160,7 +175,8 @@ inline EmuStack::~EmuStack() {
 }
 
 EMU_FIBER_RT __attribute__((always_inline)) inline EmuFiberTop* emu_stack_top(uintptr_t a) {
-    uintptr_t index = (a - emu_stacks_lo.load(std::memory_order_relaxed)) / EmuStack::SIZE;
+    static_assert(sizeof(std::atomic<uintptr_t>) == sizeof(uintptr_t), "emu_fiber_top reads the atomics plainly");
+    uintptr_t index = (a - emu_quiet_load(reinterpret_cast<const uintptr_t*>(&emu_stacks_lo))) / EmuStack::SIZE;
     uintptr_t end = (a | (EmuStack::SIZE - 1)) + 1;
     return reinterpret_cast<EmuFiberTop*>(end - (1 + index % EmuStack::COLORS) * EmuStack::LINE);
 }
@@ -173,7 +189,8 @@ EMU_FIBER_RT __attribute__((always_inline)) inline EmuFiberTop* emu_fiber_top() 
 #else
     uintptr_t sp = reinterpret_cast<uintptr_t>(__builtin_frame_address(0));
 #endif
-    uintptr_t off = sp - emu_stacks_lo.load(std::memory_order_relaxed);
-    if (off >= emu_stacks_bytes.load(std::memory_order_relaxed)) return nullptr;
+    // Plain loads of values written once before any fiber ran (the region's creation happens-before the fiber).
+    uintptr_t off = sp - emu_quiet_load(reinterpret_cast<const uintptr_t*>(&emu_stacks_lo));
+    if (off >= emu_quiet_load(reinterpret_cast<const size_t*>(&emu_stacks_bytes))) return nullptr;
     return emu_stack_top(sp);
 }

@@ -13,9 +13,9 @@
 //
 // What is a race. Every byte of shared memory keeps its last write (thread, block interval, warp interval)
 // and its readers in the current interval. A block interval is the stretch between two __syncthreads of the
-// block; a warp interval is the stretch between two __syncwarp (or __syncthreads) of one warp. Shuffles,
-// mma and ldmatrix synchronise a warp's lanes but do not order their memory accesses (as on the device), so
-// they do not end an interval. Two accesses to a byte by different threads, at least one a write, race when
+// block; a warp interval is the stretch between two __syncwarp (or __syncthreads) of one warp. Shuffles (here
+// a lane waits only for its partner's value), mma and ldmatrix do not order memory accesses (as on the
+// device), so they do not end an interval. Two accesses to a byte by different threads, at least one a write, race when
 // they fall in the same block interval and either the threads are in different warps or in the same warp
 // interval. Since the check compares intervals, not timings, it does not depend on the order the fibers ran
 // in; the order is shuffled anyway (emu.h), so a race also tends to change the numbers. Also reported: a
@@ -342,13 +342,11 @@ EMU_RT __attribute__((noinline)) inline void emu_race_check(EmuRaceBlock& r, siz
     }
 }
 
-// An access outside shared memory: to the access check unless it is on the running thread's stack.
+// An access outside shared memory: to the access check unless it is on a fiber's stack (the kernel's own
+// locals; emu_fiber.h's region holds every fiber stack, so no lookup of the running thread is needed).
 EMU_RT __attribute__((noinline)) inline void emu_check_outside(EmuRaceBlock& r, const void* p, size_t n, bool write) {
-    EmuThread* th = r.b->cur;
-    if (!th || !th->fiber) return;
-    uintptr_t off = reinterpret_cast<uintptr_t>(p) - reinterpret_cast<uintptr_t>(th->fiber->stack.base);
-    if (off < EmuStack::SIZE) return;
     uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    if (a - emu_stacks_lo.load(std::memory_order_relaxed) < emu_stacks_bytes.load(std::memory_order_relaxed)) return;
     uint64_t epoch = 0;
     if (r.epoch) {
         epoch = r.epoch->load(std::memory_order_acquire);

@@ -31,12 +31,7 @@ extern "C" fn on_signal(_sig: libc::c_int) {
 /// ranks stay quiet so the message is printed once).
 pub fn install_handlers(announce: bool) {
     ANNOUNCE.store(announce, Ordering::SeqCst);
-    let handler = on_signal as extern "C" fn(libc::c_int);
-    // SAFETY: the handler only touches an atomic and calls _exit; installing it has no other effect.
-    unsafe {
-        libc::signal(libc::SIGINT, handler as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
-    }
+    on_int_and_term(on_signal);
 }
 
 /// Whether a stop was asked for (by a signal or by `request_stop`).
@@ -63,15 +58,20 @@ extern "C" fn on_supervisor_signal(_sig: libc::c_int) {
 
 /// The supervisor's SIGINT/SIGTERM handlers: count, for `signals_received`.
 pub fn install_supervisor_handlers() {
-    let handler = on_supervisor_signal as extern "C" fn(libc::c_int);
-    // SAFETY: the handler only touches an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, handler as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
-    }
+    on_int_and_term(on_supervisor_signal);
 }
 
 /// How many SIGINT/SIGTERM the supervisor has received so far.
 pub fn signals_received() -> usize {
     SUPERVISOR_SIGNALS.load(Ordering::SeqCst)
+}
+
+/// Install `handler` for SIGINT and SIGTERM. The handlers given here (`on_signal`, `on_supervisor_signal`)
+/// only touch atomics and call `_exit`: async-signal-safe.
+fn on_int_and_term(handler: extern "C" fn(libc::c_int)) {
+    // SAFETY: installing a handler has no other effect; what it does when called is safe (above).
+    unsafe {
+        libc::signal(libc::SIGINT, handler as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
+    }
 }

@@ -12,11 +12,11 @@
 //! softmax sum l taken over the unrounded values; in the backward, P = exp(scale s - lse) and dS = P (dP - D)
 //! from the unrounded P. The f32 path (`ProbOperands::F32`) is unchanged, bit for bit.
 
+use super::bf16_slice::round_slice_bf16;
 use super::isa::isa_dispatched;
 use super::loss::{exp, lane_sum};
 use super::matmul::gemm_raw;
 use super::SendPtr;
-use crate::backend::bf16::round_slice_bf16;
 use crate::backend::AttnShape;
 use gemm::Parallelism;
 use rayon::prelude::*;

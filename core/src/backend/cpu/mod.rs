@@ -11,6 +11,7 @@
 //! head_dim rounds P and dS where the device's flash kernels do (`flash_operands`, attention.rs).
 
 mod attention;
+mod bf16_slice;
 mod elementwise;
 pub mod host_gemm;
 pub mod isa;
@@ -19,8 +20,8 @@ pub(crate) mod matmul;
 pub mod matmul_f64;
 mod norm;
 
-use super::bf16::round_slice_bf16;
 use super::{optim_ops, AdamwStep, AttnShape, Backend, Rotation, Storage, View, ViewMut};
+use bf16_slice::round_slice_bf16;
 use rayon::prelude::*;
 
 /// f32 values in host memory and the storage they stand for (Bf16: every value is bf16-representable).

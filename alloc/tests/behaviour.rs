@@ -16,6 +16,12 @@ fn unbacked(capacity: usize) -> CachingAllocator<HostSource> {
     CachingAllocator::new(HostSource::unbacked(capacity), AllocatorConfig::default()).unwrap()
 }
 
+/// The state of the first block of the segment at `addr`, from a snapshot.
+fn first_block_state(a: &CachingAllocator<HostSource>, addr: u64) -> BlockState {
+    let snap = a.snapshot();
+    snap.iter().find(|s| s.addr == addr).expect("a segment at addr").blocks[0].state
+}
+
 #[test]
 fn a_freed_block_is_reused_without_a_new_segment() {
     let a = unbacked(1 << 30);
@@ -104,15 +110,11 @@ fn another_stream_waits_for_the_event_covering_the_free() {
     // S's free (merged back into its segment) is waiting on that event: counted as active.
     assert_eq!(a.stats().active_bytes, 4096 + 2 * MIB);
     a.process_events().unwrap();
-    let snap = a.snapshot();
-    let s_seg = snap.iter().find(|s| s.addr == addr).unwrap();
-    assert_eq!(
-        s_seg.blocks[0].state,
-        BlockState::Free {
-            owner: Some(S),
-            waiting: true
-        }
-    );
+    let free_for_s = |waiting| BlockState::Free {
+        owner: Some(S),
+        waiting,
+    };
+    assert_eq!(first_block_state(&a, addr), free_for_s(true));
     // S itself may still reuse it at once.
     let again = a.allocate(4096, S).unwrap();
     assert_eq!(again.addr(), addr);
@@ -120,16 +122,8 @@ fn another_stream_waits_for_the_event_covering_the_free() {
     // Once the device passes the event, the block is anyone's.
     a.with_source(|s| assert!(s.complete_oldest_event(S)));
     a.process_events().unwrap();
-    let snap = a.snapshot();
-    let s_seg = snap.iter().find(|s| s.addr == addr).unwrap();
     // The free after the event is not covered by it, so the segment's first block stays S's.
-    assert_eq!(
-        s_seg.blocks[0].state,
-        BlockState::Free {
-            owner: Some(S),
-            waiting: false
-        }
-    );
+    assert_eq!(first_block_state(&a, addr), free_for_s(false));
     a.free(t1);
     a.check_consistency().unwrap();
 }

@@ -6,8 +6,9 @@
 //! `TrainConfig { eval_every: 3, ..tiny_train_config(dir, 10) }`.
 
 use nc_core::backend::device_like::DeviceLikeCpu;
-use nc_core::config::ModelConfig;
+use nc_core::config::{ModelConfig, ParamKind};
 use nc_core::data::run_data::DataSource;
+use nc_core::optim::shard::ShardLayout;
 use nc_core::optim::OptimConfig;
 use nc_core::plan::{Horizon, Precision, Recompute};
 use nc_core::train::{Device, Resume, TrainConfig};
@@ -81,4 +82,9 @@ pub fn loss_gap(a: &[(u64, f32)], b: &[(u64, f32)]) -> f64 {
         .zip(b)
         .map(|(x, y)| ((x.1 as f64 - y.1 as f64) / y.1 as f64).abs())
         .fold(0.0, |m, d| if d.is_nan() { f64::INFINITY } else { m.max(d) })
+}
+
+/// How many Muon matrices (`ParamKind::Matrix` segments) a shard layout holds.
+pub fn muon_matrices(layout: &ShardLayout) -> usize {
+    layout.segments.iter().filter(|s| s.kind == ParamKind::Matrix).count()
 }

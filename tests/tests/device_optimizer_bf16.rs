@@ -22,6 +22,7 @@ use nc_core::optim::muon::{shape_scale, NS_COEFFS, NS_EPS, NS_STEPS};
 use nc_core::optim::shard::ShardLayout;
 use nc_core::optim::OptimConfig;
 use nc_core::plan::Precision;
+use nc_tests::harness::muon_matrices;
 
 /// Square, tall and wide matrices, several of each shape per layer.
 fn tiny() -> ModelConfig {
@@ -126,12 +127,7 @@ fn bf16_steps_equal_the_per_matrix_composition_and_write_the_working_copy() {
     for cap in [usize::MAX, 1] {
         let mut opt = DeviceOptimizer::with_options(&be, &model, OptimConfig::default(), bf16_opts(0, 1, cap)).unwrap();
         let calls = opt.ns_groups().len();
-        let matrices = opt
-            .layout()
-            .segments
-            .iter()
-            .filter(|s| s.kind == ParamKind::Matrix)
-            .count();
+        let matrices = muon_matrices(opt.layout());
         if cap == 1 {
             assert_eq!(calls, matrices);
         } else {

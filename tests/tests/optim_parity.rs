@@ -24,6 +24,19 @@ fn metadata(bytes: &[u8]) -> HashMap<String, String> {
     meta.metadata().clone().unwrap_or_default()
 }
 
+/// The AdamW fixture's hyperparameters, learning rate and step number (its metadata).
+fn adamw_fixture_settings(bytes: &[u8]) -> (AdamParams, f32, u64) {
+    let meta = metadata(bytes);
+    let get = |k: &str| -> f32 { meta[k].parse().unwrap() };
+    let h = AdamParams {
+        beta1: get("beta1"),
+        beta2: get("beta2"),
+        eps: get("eps"),
+        weight_decay: get("weight_decay"),
+    };
+    (h, get("lr"), meta["step"].parse().unwrap())
+}
+
 #[test]
 fn muon_step_matches_reference() {
     let bytes = fixture("muon_step.safetensors");
@@ -55,19 +68,11 @@ fn muon_step_matches_reference() {
 fn adamw_step_matches_reference() {
     let bytes = fixture("adamw_step.safetensors");
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let meta = metadata(&bytes);
-    let get = |k: &str| -> f32 { meta[k].parse().unwrap() };
-    let h = AdamParams {
-        beta1: get("beta1"),
-        beta2: get("beta2"),
-        eps: get("eps"),
-        weight_decay: get("weight_decay"),
-    };
-    let t: u64 = meta["step"].parse().unwrap();
+    let (h, lr, t) = adamw_fixture_settings(&bytes);
     let mut p = f32s(&st, "param");
     let before = p.clone();
     let (mut m, mut v) = (f32s(&st, "m"), f32s(&st, "v"));
-    adamw_update(&mut p, &f32s(&st, "grad"), &mut m, &mut v, get("lr"), t, &h);
+    adamw_update(&mut p, &f32s(&st, "grad"), &mut m, &mut v, lr, t, &h);
     let e = change_error(&p, &f32s(&st, "param_out"), &before);
     assert!(e < 1e-5, "param error {e:e} of the update");
     for (got, name) in [(&m, "m_out"), (&v, "v_out")] {
@@ -229,15 +234,7 @@ fn device_muon_step_matches_reference_on_both_backends() {
 fn device_adamw_step_matches_reference<B: Backend>(be: B) {
     let bytes = fixture("adamw_step.safetensors");
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let meta = metadata(&bytes);
-    let get = |k: &str| -> f32 { meta[k].parse().unwrap() };
-    let h = AdamParams {
-        beta1: get("beta1"),
-        beta2: get("beta2"),
-        eps: get("eps"),
-        weight_decay: get("weight_decay"),
-    };
-    let t: u64 = meta["step"].parse().unwrap();
+    let (h, lr, t) = adamw_fixture_settings(&bytes);
     let before = f32s(&st, "param");
     let mut p = to_backend(&be, &before);
     let (mut m, mut v) = (to_backend(&be, &f32s(&st, "m")), to_backend(&be, &f32s(&st, "v")));
@@ -248,7 +245,7 @@ fn device_adamw_step_matches_reference<B: Backend>(be: B) {
         View::all(&g),
         ViewMut::all(&mut m),
         ViewMut::all(&mut v),
-        get("lr"),
+        lr,
         t,
         &h,
     );

@@ -13,11 +13,12 @@
 use nc_core::backend::cpu::{CpuBackend, CpuBuf};
 use nc_core::backend::cuda::CudaBackend;
 use nc_core::backend::{Backend, Storage, View};
-use nc_core::config::{ModelConfig, ParamKind};
+use nc_core::config::ModelConfig;
 use nc_core::model::Rng;
 use nc_core::optim::device::{DeviceOptimizer, DeviceOptions};
 use nc_core::optim::OptimConfig;
 use nc_core::plan::Precision;
+use nc_tests::harness::muon_matrices;
 use nc_tests::{to_backend, to_host, CudaRun};
 use std::cell::Cell;
 use std::ffi::{c_char, CString};
@@ -79,12 +80,7 @@ fn one_optimizer_step_waits_for_the_device_once() {
     let mut cpu_params = to_backend(&cpu, &p0);
     let mut opt = DeviceOptimizer::new(&be, &model, OptimConfig::default()).unwrap();
     let mut cpu_opt = DeviceOptimizer::new(&cpu, &model, OptimConfig::default()).unwrap();
-    let matrices = opt
-        .layout()
-        .segments
-        .iter()
-        .filter(|s| s.kind == ParamKind::Matrix)
-        .count();
+    let matrices = muon_matrices(opt.layout());
     assert!(
         matrices >= 8,
         "the model should have several Muon matrices, has {matrices}"

@@ -13,14 +13,17 @@ use nc_core::plan::{memory_per_gpu, Precision, Recompute};
 use nc_core::train::{train, TrainConfig};
 use nc_tests::harness::{embedded_corpus, tiny_train_config};
 
+/// Each recompute policy as the planner names it and as the model does.
+const POLICIES: [(Recompute, model::Recompute); 3] = [
+    (Recompute::None, model::Recompute::None),
+    (Recompute::Selective, model::Recompute::Selective),
+    (Recompute::Full, model::Recompute::Full),
+];
+
 #[test]
 fn fp32_plan_equals_the_run_buffers() {
     let m = ModelConfig::new(3, 64, 4, 2, 16, 300, 32).unwrap();
-    for (policy, engine) in [
-        (Recompute::None, model::Recompute::None),
-        (Recompute::Selective, model::Recompute::Selective),
-        (Recompute::Full, model::Recompute::Full),
-    ] {
+    for (policy, engine) in POLICIES {
         let batch = 3;
         let gpt = Gpt::new(CpuBackend::new(), m, batch, m.sequence_len, engine).unwrap();
         let opt = Optimizer::new(&m, OptimConfig::default(), 0, 1).unwrap();
@@ -47,11 +50,7 @@ fn fp32_plan_equals_the_run_buffers() {
 #[test]
 fn bf16_plan_equals_the_twins_buffers() {
     let m = ModelConfig::new(3, 64, 4, 2, 16, 300, 32).unwrap();
-    for (policy, engine) in [
-        (Recompute::None, model::Recompute::None),
-        (Recompute::Selective, model::Recompute::Selective),
-        (Recompute::Full, model::Recompute::Full),
-    ] {
+    for (policy, engine) in POLICIES {
         let batch = 3;
         let gpt = Gpt::with_precision(CpuBackend::new(), m, batch, m.sequence_len, engine, Precision::Bf16).unwrap();
         let plan = memory_per_gpu(&m, batch, 1, Precision::Bf16, policy);

@@ -465,30 +465,23 @@ mod tests {
         let a = CpuBuf::f32(values(m * k, 1));
         let b = CpuBuf::f32(values(k * n, 2));
         let old: Vec<f32> = values(m * n + 3, 3).iter().map(|&x| round_bf16(x)).collect();
+        let accumulate_into = |c: &mut CpuBuf| {
+            be.matmul(
+                m,
+                n,
+                k,
+                View::all(&a),
+                false,
+                View::all(&b),
+                false,
+                ViewMut::at(c, 3, m * n),
+                true,
+            )
+        };
         let mut want = CpuBuf::f32(old.clone());
-        be.matmul(
-            m,
-            n,
-            k,
-            View::all(&a),
-            false,
-            View::all(&b),
-            false,
-            ViewMut::at(&mut want, 3, m * n),
-            true,
-        );
+        accumulate_into(&mut want);
         let mut got = CpuBuf::with_storage(old.clone(), Storage::Bf16);
-        be.matmul(
-            m,
-            n,
-            k,
-            View::all(&a),
-            false,
-            View::all(&b),
-            false,
-            ViewMut::at(&mut got, 3, m * n),
-            true,
-        );
+        accumulate_into(&mut got);
         let want: Vec<f32> = want.0.iter().map(|&x| round_bf16(x)).collect();
         assert_eq!(got.0, want);
         assert_eq!(got.0[..3], old[..3]);

@@ -37,14 +37,48 @@ fn adamw_fixture_settings(bytes: &[u8]) -> (AdamParams, f32, u64) {
     (h, get("lr"), meta["step"].parse().unwrap())
 }
 
+/// The Muon fixture's two matrices: (tag of its tensors, rows, cols).
+const MUON_MATRICES: [(&str, usize, usize); 2] = [("tall", 48, 24), ("wide", 24, 48)];
+
+/// The Muon fixture's learning rate and momentum (its metadata).
+fn muon_fixture_settings(bytes: &[u8]) -> (f32, f32) {
+    let meta = metadata(bytes);
+    (meta["lr"].parse().unwrap(), meta["momentum"].parse().unwrap())
+}
+
+/// A Muon step's outputs against the fixture's `{tag}.param_out` (the update's relative error) and
+/// `{tag}.buf_out` (the momentum, absolutely).
+fn check_muon_outputs(st: &SafeTensors, tag: &str, p: &[f32], buf: &[f32], before: &[f32]) {
+    let e = change_error(p, &f32s(st, &format!("{tag}.param_out")), before);
+    assert!(e < 1e-5, "{tag}: param error {e:e} of the update");
+    let want_buf = f32s(st, &format!("{tag}.buf_out"));
+    let eb = buf
+        .iter()
+        .zip(&want_buf)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(eb < 1e-6, "{tag}: momentum error {eb:e}");
+}
+
+/// An AdamW step's outputs against the fixture's `param_out` (the update's relative error), `m_out` and
+/// `v_out` (relative to each one's largest value).
+fn check_adamw_outputs(st: &SafeTensors, p: &[f32], m: &[f32], v: &[f32], before: &[f32]) {
+    let e = change_error(p, &f32s(st, "param_out"), before);
+    assert!(e < 1e-5, "param error {e:e} of the update");
+    for (got, name) in [(m, "m_out"), (v, "v_out")] {
+        let want = f32s(st, name);
+        let scale = want.iter().fold(0.0f32, |a, b| a.max(b.abs()));
+        let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(err <= 1e-6 * scale, "{name}: {err:e} of {scale:e}");
+    }
+}
+
 #[test]
 fn muon_step_matches_reference() {
     let bytes = fixture("muon_step.safetensors");
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let meta = metadata(&bytes);
-    let lr: f32 = meta["lr"].parse().unwrap();
-    let mu: f32 = meta["momentum"].parse().unwrap();
-    for (tag, rows, cols) in [("tall", 48usize, 24usize), ("wide", 24, 48)] {
+    let (lr, mu) = muon_fixture_settings(&bytes);
+    for (tag, rows, cols) in MUON_MATRICES {
         let mut p = f32s(&st, &format!("{tag}.param"));
         let before = p.clone();
         let g = f32s(&st, &format!("{tag}.grad"));
@@ -52,15 +86,7 @@ fn muon_step_matches_reference() {
         let mut upd = vec![0.0; rows * cols];
         let mut ws = NsWorkspace::for_shapes([(rows, cols)].into_iter());
         muon_update(&mut p, &g, &mut buf, &mut upd, rows, cols, lr, mu, &mut ws);
-        let e = change_error(&p, &f32s(&st, &format!("{tag}.param_out")), &before);
-        assert!(e < 1e-5, "{tag}: param error {e:e} of the update");
-        let want_buf = f32s(&st, &format!("{tag}.buf_out"));
-        let eb = buf
-            .iter()
-            .zip(&want_buf)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
-        assert!(eb < 1e-6, "{tag}: momentum error {eb:e}");
+        check_muon_outputs(&st, &tag, &p, &buf, &before);
     }
 }
 
@@ -73,14 +99,7 @@ fn adamw_step_matches_reference() {
     let before = p.clone();
     let (mut m, mut v) = (f32s(&st, "m"), f32s(&st, "v"));
     adamw_update(&mut p, &f32s(&st, "grad"), &mut m, &mut v, lr, t, &h);
-    let e = change_error(&p, &f32s(&st, "param_out"), &before);
-    assert!(e < 1e-5, "param error {e:e} of the update");
-    for (got, name) in [(&m, "m_out"), (&v, "v_out")] {
-        let want = f32s(&st, name);
-        let scale = want.iter().fold(0.0f32, |a, b| a.max(b.abs()));
-        let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        assert!(err <= 1e-6 * scale, "{name}: {err:e} of {scale:e}");
-    }
+    check_adamw_outputs(&st, &p, &m, &v, &before);
 }
 
 #[test]
@@ -193,10 +212,8 @@ fn five_optimizer_steps_match_reference() {
 fn device_muon_step_matches_reference<B: Backend>(be: B) {
     let bytes = fixture("muon_step.safetensors");
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let meta = metadata(&bytes);
-    let lr: f32 = meta["lr"].parse().unwrap();
-    let mu: f32 = meta["momentum"].parse().unwrap();
-    for (tag, rows, cols) in [("tall", 48usize, 24usize), ("wide", 24, 48)] {
+    let (lr, mu) = muon_fixture_settings(&bytes);
+    for (tag, rows, cols) in MUON_MATRICES {
         let before = f32s(&st, &format!("{tag}.param"));
         let mut p = to_backend(&be, &before);
         let g = to_backend(&be, &f32s(&st, &format!("{tag}.grad")));
@@ -213,15 +230,7 @@ fn device_muon_step_matches_reference<B: Backend>(be: B) {
             mu,
             &mut scratch,
         );
-        let e = change_error(&to_host(&be, &p), &f32s(&st, &format!("{tag}.param_out")), &before);
-        assert!(e < 1e-5, "{tag}: param error {e:e} of the update");
-        let want_buf = f32s(&st, &format!("{tag}.buf_out"));
-        let eb = to_host(&be, &buf)
-            .iter()
-            .zip(&want_buf)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
-        assert!(eb < 1e-6, "{tag}: momentum error {eb:e}");
+        check_muon_outputs(&st, &tag, &to_host(&be, &p), &to_host(&be, &buf), &before);
     }
 }
 
@@ -249,14 +258,7 @@ fn device_adamw_step_matches_reference<B: Backend>(be: B) {
         t,
         &h,
     );
-    let e = change_error(&to_host(&be, &p), &f32s(&st, "param_out"), &before);
-    assert!(e < 1e-5, "param error {e:e} of the update");
-    for (got, name) in [(to_host(&be, &m), "m_out"), (to_host(&be, &v), "v_out")] {
-        let want = f32s(&st, name);
-        let scale = want.iter().fold(0.0f32, |a, b| a.max(b.abs()));
-        let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        assert!(err <= 1e-6 * scale, "{name}: {err:e} of {scale:e}");
-    }
+    check_adamw_outputs(&st, &to_host(&be, &p), &to_host(&be, &m), &to_host(&be, &v), &before);
 }
 
 #[test]

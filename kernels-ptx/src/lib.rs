@@ -71,22 +71,284 @@ pub const MODULES: [(&str, &str); 13] = [
     ("newton_schulz", ptx::NEWTON_SCHULZ),
 ];
 
-const fn kernel(module: &'static str, ptx: &'static str, name: &'static str) -> Kernel {
-    Kernel { module, ptx, name }
+/// The PTX text of `module` in `MODULES`, at compile time: a kernel that names a module `MODULES` does not list
+/// fails to build (a const evaluation panic), so a kernel's module and PTX cannot disagree.
+const fn module_ptx(module: &str) -> &'static str {
+    let mut i = 0;
+    while i < MODULES.len() {
+        if str_eq(MODULES[i].0, module) {
+            return MODULES[i].1;
+        }
+        i += 1;
+    }
+    panic!("a kernel names a module that MODULES does not list")
 }
 
-// ---- elementwise.cu: launch with `elementwise_dims(n)`; every kernel loops grid-stride over n elements.
+/// `a == b` for a const fn (`str`'s `==` is not const).
+const fn str_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
 
-/// (f32* x, u64 n, f32 value): x[i] = value.
-pub const FILL: Kernel = kernel("elementwise", ptx::ELEMENTWISE, "nc_fill_f32");
-/// (f32* x, const f32* y, u64 n): x[i] += y[i].
-pub const ADD_INPLACE: Kernel = kernel("elementwise", ptx::ELEMENTWISE, "nc_add_inplace_f32");
-/// (const f32* u, f32* h, u64 n): h[i] = relu(u[i])^2.
-pub const RELU2_FORWARD: Kernel = kernel("elementwise", ptx::ELEMENTWISE, "nc_relu2_forward_f32");
-/// (const f32* u, f32* dh, u64 n): dh[i] *= 2 relu(u[i]).
-pub const RELU2_BACKWARD: Kernel = kernel("elementwise", ptx::ELEMENTWISE, "nc_relu2_backward_f32");
-/// (f32* z, u64 n, f32 cap): z[i] = cap tanh(z[i] / cap).
-pub const SOFTCAP: Kernel = kernel("elementwise", ptx::ELEMENTWISE, "nc_softcap_f32");
+/// The kernel table: one line a kernel, `NAME: "module", "entry";`, its doc comment above it. Each line becomes
+/// `pub const NAME: Kernel`, and `ALL` lists every line, so a kernel cannot be declared and left out of loading.
+macro_rules! kernels {
+    ($($(#[$doc:meta])* $name:ident: $module:literal, $entry:literal;)*) => {
+        $(
+            $(#[$doc])*
+            pub const $name: Kernel = Kernel { module: $module, ptx: module_ptx($module), name: $entry };
+        )*
+
+        /// Every kernel, for loading and for the tests that check each entry exists in its PTX.
+        pub const ALL: [Kernel; [$(stringify!($name)),*].len()] = [$($name),*];
+    };
+}
+
+kernels! {
+    // ---- elementwise.cu: launch with `elementwise_dims(n)`; every kernel loops grid-stride over n elements.
+    /// (f32* x, u64 n, f32 value): x[i] = value.
+    FILL: "elementwise", "nc_fill_f32";
+    /// (f32* x, const f32* y, u64 n): x[i] += y[i].
+    ADD_INPLACE: "elementwise", "nc_add_inplace_f32";
+    /// (const f32* u, f32* h, u64 n): h[i] = relu(u[i])^2.
+    RELU2_FORWARD: "elementwise", "nc_relu2_forward_f32";
+    /// (const f32* u, f32* dh, u64 n): dh[i] *= 2 relu(u[i]).
+    RELU2_BACKWARD: "elementwise", "nc_relu2_backward_f32";
+    /// (f32* z, u64 n, f32 cap): z[i] = cap tanh(z[i] / cap).
+    SOFTCAP: "elementwise", "nc_softcap_f32";
+
+    // ---- embedding.cu: launch with `row_dims(n, ROW_THREADS)`, one block per token row.
+    /// (const i32* ids, const f32* wte, f32* out, i32 n, i32 d): out[i, :] = wte[ids[i], :].
+    EMBEDDING_FORWARD: "embedding", "nc_embedding_forward_f32";
+    /// (const i32* ids, const f32* dout, f32* dwte, i32 n, i32 d): dwte[ids[i], :] += dout[i, :] (atomic adds,
+    /// so the order of repeated ids' additions is not fixed). Superseded by `EMBEDDING_BACKWARD_SORTED_F32`.
+    EMBEDDING_BACKWARD: "embedding", "nc_embedding_backward_f32";
+    /// (const i32* ids, const bf16* wte, f32* out, i32 n, i32 d): out[i, :] = wte[ids[i], :] from the bf16 working
+    /// copy (exact widening). Launch with `row_dims(n, ROW_THREADS)`.
+    EMBEDDING_FORWARD_BF16_F32: "embedding", "nc_embedding_forward_bf16_f32";
+    /// (const i32* ids, const bf16* wte, bf16* out, i32 n, i32 d): the same into a bf16 output (a copy).
+    EMBEDDING_FORWARD_BF16_BF16: "embedding", "nc_embedding_forward_bf16_bf16";
+    /// (const i32* order, const i32* seg_start, const i32* seg_id, i32 segments, const f32* dout, f32* dwte, i32 d):
+    /// the deterministic embedding backward from the step's inverse index (`EmbeddingIndex`, built on the host
+    /// from the batch's ids and uploaded with them): for each segment s, with id = seg_id[s] and positions
+    /// order[seg_start[s]..seg_start[s + 1]] (ascending), dwte[id, c] = ((dwte[id, c] + dout[p0, c]) + dout[p1, c])
+    /// and so on, in f32: the CPU backend's order, so the same bits on every run and on both backends. No atomics;
+    /// each row of dwte has one writer. Launch with `embedding_sorted_dims(segments, d)`.
+    EMBEDDING_BACKWARD_SORTED_F32: "embedding", "nc_embedding_backward_sorted_f32";
+    /// (const i32* order, const i32* seg_start, const i32* seg_id, i32 segments, const bf16* dout, f32* dwte,
+    /// i32 d): the same with a bf16 dout (widened exactly), dwte f32.
+    EMBEDDING_BACKWARD_SORTED_BF16: "embedding", "nc_embedding_backward_sorted_bf16";
+
+    // ---- rmsnorm.cu: launch with `row_dims(rows, ROW_THREADS)`, one block per row.
+    /// (const f32* x, f32* y, f32* rstd, i32 rows, i32 dim, f32 eps): y = x rstd, rstd = 1/sqrt(mean(x^2) + eps).
+    RMSNORM_FORWARD: "rmsnorm", "nc_rmsnorm_forward_f32";
+    /// (const f32* y, const f32* rstd, const f32* dy, f32* dx, i32 rows, i32 dim, i32 accumulate):
+    /// g = rstd (dy - y mean(dy y)); dx = g, or dx += g when accumulate != 0.
+    RMSNORM_BACKWARD: "rmsnorm", "nc_rmsnorm_backward_f32";
+
+    // ---- rotary.cu: launch with `elementwise_dims(rows * heads * head_dim / 2)`.
+    /// (f32* x, const f32* table, i32 rows, i32 t, i32 heads, i32 head_dim, i32 pos0, i32 max_pos, f32 sin_sign):
+    /// in place on x (rows = batch t, heads, head_dim); row r is at position p = pos0 + r % t; for j < D/2,
+    /// c = table[p D/2 + j], s = sin_sign table[max_pos D/2 + p D/2 + j] (the table holds cos then sin, each
+    /// (max_pos, D/2)); x1 = x[j], x2 = x[j + D/2] become (x1 c + x2 s, -x1 s + x2 c). sin_sign is +1 for the
+    /// forward and -1 for the backward (the transpose rotation).
+    ROTARY: "rotary", "nc_rotary_f32";
+
+    // ---- cross_entropy.cu: launch with `row_dims(rows, ROW_THREADS)`, one block per row.
+    /// (f32* logits, const i32* targets, f32* losses, i32 rows, i32 vocab, f32 cap, f32 grad_scale,
+    /// i32 want_grad): for row r, z = cap tanh(logits / cap); losses[r] = logsumexp(z) - z[targets[r]], or 0
+    /// when targets[r] == -1. When want_grad != 0 the row of logits becomes
+    /// grad_scale (softmax(z) - onehot(target)) (1 - (z/cap)^2), all zeros for an ignored target; otherwise it
+    /// becomes z (also in ignored rows, which the CPU backend leaves raw: no caller reads those rows).
+    SOFTCAP_CROSS_ENTROPY: "cross_entropy", "nc_softcap_cross_entropy_f32";
+
+    // ---- attention.cu: causal attention with GQA over q (B, Tq, H, D), k and v (B, Tk, Hkv, D), row-major;
+    // query row i is at position q_pos0 + i and sees keys 0..=q_pos0 + i; query head h reads kv head
+    // h / (H / Hkv). head_dim <= ATTENTION_MAX_HEAD_DIM. No kernel holds a Tq x Tk score matrix.
+    /// (const f32* q, const f32* k, const f32* v, f32* out, f32* lse, i32 batch, i32 tq, i32 tk, i32 n_head,
+    /// i32 n_kv_head, i32 head_dim, i32 q_pos0, f32 scale): out (B, Tq, H, D) = softmax(scale q k^T) v over
+    /// the causal keys, lse (B, H, Tq) = log-sum-exp of each row's scaled scores. Launch with
+    /// `attention_forward_dims`.
+    ATTENTION_FORWARD: "attention", "nc_attention_forward_f32";
+    /// (const f32* out, const f32* dout, f32* delta, i32 batch, i32 t, i32 n_head, i32 head_dim):
+    /// delta (B, H, T) = rowsum(dout * out) per (batch, head, row). Launch with `attention_delta_dims`.
+    ATTENTION_BACKWARD_DELTA: "attention", "nc_attention_backward_delta_f32";
+    /// (const f32* q, const f32* k, const f32* v, const f32* lse, const f32* delta, const f32* dout, f32* dk,
+    /// f32* dv, i32 batch, i32 t, i32 n_head, i32 n_kv_head, i32 head_dim, f32 scale): writes dk and dv
+    /// (B, T, Hkv, D), summing over the query heads of each kv head inside the kernel (no atomics). Training
+    /// shape only (Tq = Tk = t, q_pos0 = 0). Launch with `attention_dkdv_dims`.
+    ATTENTION_BACKWARD_DKDV: "attention", "nc_attention_backward_dkdv_f32";
+    /// (const f32* q, const f32* k, const f32* v, const f32* lse, const f32* delta, const f32* dout, f32* dq,
+    /// i32 batch, i32 t, i32 n_head, i32 n_kv_head, i32 head_dim, f32 scale): writes dq (B, T, H, D).
+    /// Launch with `attention_dq_dims`.
+    ATTENTION_BACKWARD_DQ: "attention", "nc_attention_backward_dq_f32";
+
+    // ---- optim.cu: the optimizer's elementwise work and reductions (Muon's momentum, Newton-Schulz's axpby and
+    // norm, AdamW, clipping), the same formulas in the same order as core/src/backend/optim_ops.rs. Launch the
+    // elementwise ones with `elementwise_dims(n)` (grid-stride loops).
+    /// (const f32* x, f32* y, u64 n, f32 a, f32 b): y[i] = a x[i] + b y[i]; when b == 0, y[i] = a x[i] without
+    /// reading y.
+    AXPBY: "optim", "nc_axpby_f32";
+    /// (f32* x, u64 n, f32 a): x[i] *= a.
+    SCALE: "optim", "nc_scale_f32";
+    /// (const f32* x, u64 n, f64* partial): block b writes partial[b] = the sum over the elements it visits
+    /// (grid-stride) of (double)x^2, accumulated in f64. Launch with `sum_squares_dims(n)`; the caller adds the
+    /// grid.x partials in index order (deterministic).
+    SUM_SQUARES: "optim", "nc_sum_squares_f64";
+    /// (const f32* g, f32* buf, f32* update, u64 n, f32 mu): b = buf + (1 - mu)(g - buf); buf = b;
+    /// update = g + mu (b - g).
+    MUON_MOMENTUM: "optim", "nc_muon_momentum_f32";
+    /// (f32* p, const f32* g, f32* m, f32* v, u64 n, f32 beta1, f32 beta2, f32 eps, f32 decay, f32 step,
+    /// f32 inv_bc2): mi = m + (1 - beta1)(g - m); vi = v + (1 - beta2)(g g - v); m = mi; v = vi;
+    /// p = p decay - step mi / (sqrtf(vi inv_bc2) + eps).
+    ADAMW: "optim", "nc_adamw_f32";
+
+    // ---- flash_attention.cu: causal attention with GQA on tensor cores (mma.sync m16n8k16 bf16, f32 softmax and
+    // accumulation), bf16 q/k/v/out/gradients, f32 lse/delta, same layouts and positions as attention.cu above.
+    // One entry per head dimension (64 and 128: `flash_kernels`). Every pointer must be 16-byte aligned (rows are
+    // moved in 16-byte chunks), which holds when each tensor starts at a multiple of 8 elements. Static shared
+    // memory only (figures in README.md), so `shared_bytes` is 0.
+    /// (const bf16* q, const bf16* k, const bf16* v, bf16* out, f32* lse, i32 batch, i32 tq, i32 tk, i32 n_head,
+    /// i32 n_kv_head, i32 q_pos0, f32 scale): out (B, Tq, H, D) = softmax(scale q k^T) v over the causal keys,
+    /// lse (B, H, Tq). Training (q_pos0 = 0, tq = tk) and KV-cache decoding (a few rows, q_pos0 > 0) alike.
+    /// Launch with `flash_forward_dims`.
+    FLASH_FORWARD_D128: "flash_attention", "nc_flash_forward_d128_bf16";
+    /// As `FLASH_FORWARD_D128` for head_dim 64.
+    FLASH_FORWARD_D64: "flash_attention", "nc_flash_forward_d64_bf16";
+    /// (const bf16* q, const bf16* k, const bf16* v, const bf16* out, const bf16* dout, const f32* lse,
+    /// f32* delta, bf16* dq, i32 batch, i32 t, i32 n_head, i32 n_kv_head, f32 scale): training shape (tq = tk = t,
+    /// q_pos0 = 0). Writes dq (B, T, H, D) and delta (B, H, T) = rowsum(dout * out), which `FLASH_BACKWARD_DKDV_*`
+    /// reads: launch this one first. Launch with `flash_dq_dims`.
+    FLASH_BACKWARD_DQ_D128: "flash_attention", "nc_flash_backward_dq_d128_bf16";
+    /// As `FLASH_BACKWARD_DQ_D128` for head_dim 64.
+    FLASH_BACKWARD_DQ_D64: "flash_attention", "nc_flash_backward_dq_d64_bf16";
+    /// (const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const f32* lse, const f32* delta,
+    /// bf16* dk, bf16* dv, i32 batch, i32 t, i32 n_head, i32 n_kv_head, f32 scale): writes dk, dv (B, T, Hkv, D),
+    /// each summed over its group's query heads inside one block (no atomics: deterministic). Launch with
+    /// `flash_dkdv_dims`, after `FLASH_BACKWARD_DQ_*` (which writes delta).
+    FLASH_BACKWARD_DKDV_D128: "flash_attention", "nc_flash_backward_dkdv_d128_bf16";
+    /// As `FLASH_BACKWARD_DKDV_D128` for head_dim 64.
+    FLASH_BACKWARD_DKDV_D64: "flash_attention", "nc_flash_backward_dkdv_d64_bf16";
+
+    // ==== The bf16 engine's kernels (issue 10). Storage types: `bf16*` is a device pointer to `__nv_bfloat16`
+    // (2 bytes, the high half of an f32). Every store into bf16 is round-to-nearest-even of the kernel's f32 result
+    // (`__float2bfloat16_rn`, NaN stays NaN); every bf16 read is widened exactly; all arithmetic is f32 (statistics
+    // and reductions included) unless a kernel says f64. Where a kernel has an input-type variant the entry name
+    // says which (`_f32` / `_bf16`, or `dy_<type>_dx_<type>`). None of these has run on a GPU yet (unverified): the
+    // CPU emulation (emu/test_bf16.cpp) checks them against f64 or bit-exact float references.
+
+    // ---- rmsnorm_bf16.cu: weightless rmsnorm with the cast to bf16 fused. Launch with `row_dims(rows, ROW_THREADS)`
+    // (one block per row; any multiple of 32 threads works). 16-byte loads when dim % 8 == 0 and the pointers are
+    // 16-byte aligned, scalar otherwise.
+    /// (const f32* x, bf16* y, f32* rstd, i32 rows, i32 dim, f32 eps): rstd[r] = 1 / sqrtf(mean(x_r^2) + eps) (f32,
+    /// sum in f32), y_r = bf16(x_r rstd[r]). For the f32 residual stream.
+    RMSNORM_FORWARD_F32_BF16: "rmsnorm_bf16", "nc_rmsnorm_forward_f32_bf16";
+    /// (const bf16* x, bf16* y, f32* rstd, i32 rows, i32 dim, f32 eps): the same from a bf16 residual stream.
+    RMSNORM_FORWARD_BF16_BF16: "rmsnorm_bf16", "nc_rmsnorm_forward_bf16_bf16";
+    /// (const bf16* y, const f32* rstd, const bf16* dy, f32* dx, i32 rows, i32 dim, i32 accumulate): from the saved
+    /// bf16 output y (as the CPU's rmsnorm_backward, which also works from y): g = rstd (dy - y mean(dy y)) in f32;
+    /// dx = g, or dx = dx + g when accumulate != 0. The engine's choice for the residual stream's gradient (f32,
+    /// accumulated: the norm's gradient adds to the one flowing past it).
+    RMSNORM_BACKWARD_DY_BF16_DX_F32: "rmsnorm_bf16", "nc_rmsnorm_backward_dy_bf16_dx_f32";
+    /// As `RMSNORM_BACKWARD_DY_BF16_DX_F32` with a bf16 dx: dx = bf16(g), or bf16(dx + g) with the sum in f32.
+    RMSNORM_BACKWARD_DY_BF16_DX_BF16: "rmsnorm_bf16", "nc_rmsnorm_backward_dy_bf16_dx_bf16";
+    /// As `RMSNORM_BACKWARD_DY_BF16_DX_F32` with an f32 dy (a GEMM that wrote f32).
+    RMSNORM_BACKWARD_DY_F32_DX_F32: "rmsnorm_bf16", "nc_rmsnorm_backward_dy_f32_dx_f32";
+    /// As `RMSNORM_BACKWARD_DY_BF16_DX_BF16` with an f32 dy.
+    RMSNORM_BACKWARD_DY_F32_DX_BF16: "rmsnorm_bf16", "nc_rmsnorm_backward_dy_f32_dx_bf16";
+
+    // ---- rotary_qknorm.cu: rotary then QK-norm (the model's order: SPEC.md, model/attention.rs), fused, each way.
+    // x is (rows = batch t, heads, head_dim); row r is at position p = pos0 + r % t; table = [cos (max_pos, D/2) |
+    // sin (max_pos, D/2)] f32, or null for no rotation (then these are the per-head rmsnorm alone). head_dim even,
+    // <= QKNORM_MAX_HEAD_DIM. Launch with `qknorm_dims(rows * heads, head_dim)`: one warp per (row, head).
+    /// (const f32* x, bf16* y, f32* rstd, const f32* table, i32 rows, i32 t, i32 heads, i32 head_dim, i32 pos0,
+    /// i32 max_pos, f32 eps): per (row, head): (a, b) = (x[j], x[j + D/2]) rotate to r = (a c + b s, -a s + b c)
+    /// (c, s at the row's position; the CPU's rotary), kept in f32 (not rounded); rstd[r heads + h] =
+    /// 1 / sqrtf(mean(r^2) + eps); y = bf16(r rstd). y is what attention reads and the backward saves.
+    ROTARY_QKNORM_FORWARD_F32: "rotary_qknorm", "nc_rotary_qknorm_forward_f32";
+    /// As `ROTARY_QKNORM_FORWARD_F32` from a bf16 x (the q/k projection GEMM writing bf16).
+    ROTARY_QKNORM_FORWARD_BF16: "rotary_qknorm", "nc_rotary_qknorm_forward_bf16";
+    /// (const bf16* y, const f32* rstd, const f32* dy, f32* dx, const f32* table, i32 rows, i32 t, i32 heads,
+    /// i32 head_dim, i32 pos0, i32 max_pos): dy is the gradient of y; g = rstd (dy - y mean(dy y)) (the norm's
+    /// backward from the saved y), then the transpose rotation (g1, g2) -> (g1 c + g2 (-s), -g1 (-s) + g2 c) (the
+    /// CPU's rotary_backward); dx, the gradient of the projection's output, is written (not added).
+    ROTARY_QKNORM_BACKWARD_DY_F32_DX_F32: "rotary_qknorm", "nc_rotary_qknorm_backward_dy_f32_dx_f32";
+    /// As `ROTARY_QKNORM_BACKWARD_DY_F32_DX_F32`, dy f32, dx bf16.
+    ROTARY_QKNORM_BACKWARD_DY_F32_DX_BF16: "rotary_qknorm", "nc_rotary_qknorm_backward_dy_f32_dx_bf16";
+    /// As `ROTARY_QKNORM_BACKWARD_DY_F32_DX_F32`, dy bf16, dx f32.
+    ROTARY_QKNORM_BACKWARD_DY_BF16_DX_F32: "rotary_qknorm", "nc_rotary_qknorm_backward_dy_bf16_dx_f32";
+    /// As `ROTARY_QKNORM_BACKWARD_DY_F32_DX_F32`, dy bf16, dx bf16 (the input of the q/k weight-gradient GEMMs).
+    ROTARY_QKNORM_BACKWARD_DY_BF16_DX_BF16: "rotary_qknorm", "nc_rotary_qknorm_backward_dy_bf16_dx_bf16";
+
+    // ---- elementwise_bf16.cu: casts and relu^2 with the cast fused. Launch with `elementwise_bf16_dims(n)`
+    // (8 elements per thread per step through 16-byte accesses when every pointer is 16-byte aligned; a scalar
+    // tail). relu^2 is a kernel, not a cuBLASLt epilogue: no epilogue computes relu^2 or 2 relu(u) (see the .cu).
+    /// (const f32* src, bf16* dst, u64 n): dst = bf16(src).
+    CAST_F32_TO_BF16: "elementwise_bf16", "nc_cast_f32_to_bf16";
+    /// (const bf16* src, f32* dst, u64 n): dst = src widened (exact).
+    CAST_BF16_TO_F32: "elementwise_bf16", "nc_cast_bf16_to_f32";
+    /// (const f32* u, bf16* h, u64 n): h = bf16(relu(u)^2) (the square of the clamped f32 value).
+    RELU2_FORWARD_F32_TO_BF16: "elementwise_bf16", "nc_relu2_forward_f32_to_bf16";
+    /// (const bf16* u, bf16* h, u64 n): the same from a bf16 u (the c_fc GEMM writing bf16, u saved for backward).
+    RELU2_FORWARD_BF16_TO_BF16: "elementwise_bf16", "nc_relu2_forward_bf16_to_bf16";
+    /// (const bf16* u, const bf16* dh, bf16* du, u64 n): du = bf16(dh (2 relu(u))), the factor formed first (the
+    /// CPU's rounding order); du may be dh (in place). du is the input of the c_fc weight-gradient GEMMs.
+    RELU2_BACKWARD_U_BF16_DH_BF16: "elementwise_bf16", "nc_relu2_backward_u_bf16_dh_bf16";
+    /// (const bf16* u, const f32* dh, bf16* du, u64 n): as above with an f32 dh.
+    RELU2_BACKWARD_U_BF16_DH_F32: "elementwise_bf16", "nc_relu2_backward_u_bf16_dh_f32";
+    /// (const f32* u, const bf16* dh, bf16* du, u64 n): as above with an f32 u.
+    RELU2_BACKWARD_U_F32_DH_BF16: "elementwise_bf16", "nc_relu2_backward_u_f32_dh_bf16";
+    /// (const f32* u, const f32* dh, bf16* du, u64 n): as above with f32 u and dh.
+    RELU2_BACKWARD_U_F32_DH_F32: "elementwise_bf16", "nc_relu2_backward_u_f32_dh_f32";
+
+    // ---- adamw_multi.cu: AdamW over up to ADAMW_MAX_TENSORS tensors in one launch, the table passed by value.
+    /// (AdamwTable table, i32 count, f32 beta1, f32 beta2, f32 eps): for tensors 0..count, per element, exactly
+    /// `ADAMW`'s arithmetic (mi = m + (1 - beta1)(g - m); vi = v + (1 - beta2)(g g - v); m = mi; v = vi;
+    /// p = p decay - step mi / (sqrtf(vi inv_bc2) + eps), each op round-to-nearest, no fma: bit for bit the CPU's
+    /// optim_ops::adamw), then p_bf16 = bf16(p) when the tensor has a copy. Launch with `adamw_multi_dims`.
+    ADAMW_MULTI: "adamw_multi", "nc_adamw_multi_f32";
+
+    // ---- newton_schulz.cu: Muon's Newton-Schulz on tensor cores, the non-GEMM pieces, batched over `batch`
+    // same-shape matrices of n = rows cols elements; no host read-back. One Muon update of a batch:
+    //   1. momentum into G (batch, n) f32 contiguous: `MUON_MOMENTUM` per matrix (its update pointer offset b n);
+    //   2. `NS_SUM_SQUARES` into partial (batch, NS_PARTS) f64;
+    //   3. `NS_NORMALIZE_BF16`: X = bf16(G / (||G||_F + eps)), the norm from the partials, on the device;
+    //   4. NS_STEPS iterations, GEMMs only (cuBLASLt strided-batched, bf16 A/B/D, f32 compute), the quintic's a, b,
+    //      c in alpha/beta, so NO kernel runs inside the iteration (wide orientation; a tall matrix iterates
+    //      Y = X^T as core/src/optim/device.rs does):
+    //        A  = X X^T            alpha 1, beta 0
+    //        B  = c (A A) + b A    alpha c, beta b, C = A, D = B (C != D: cuBLASLt reads C, writes D)
+    //        X' = B X + a X        alpha 1, beta a, C = X, D = X' (ping-pong buffer)
+    //   5. `MUON_APPLY_BF16`: p = -lr shape_scale X + p (f32 master) and the bf16 working copy.
+    // Casts, if the engine needs them around this: `CAST_F32_TO_BF16` / `CAST_BF16_TO_F32`.
+    /// (const f32* g, u64 n, f64* partial): matrix b = blockIdx.y is g[b n..(b + 1) n); block (j, b) writes
+    /// partial[b gridDim.x + j] = its grid-stride elements' sum of (f64)g^2 (deterministic order). Launch with
+    /// `ns_sum_squares_dims(batch)`.
+    NS_SUM_SQUARES: "newton_schulz", "nc_ns_sum_squares_f64";
+    /// (const f32* g, u64 n, const f64* partial, i32 parts, f32 eps, bf16* x): per matrix b: total = the sum of
+    /// partial[b parts..(b + 1) parts] in index order (f64); norm = (f32)sqrt(total); inv = 1 / (norm + eps) (f32,
+    /// rounded ops); x[b n + i] = bf16(g[b n + i] inv). parts = NS_PARTS (the sum's grid.x). Launch with
+    /// `ns_elementwise_dims(n, batch)`.
+    NS_NORMALIZE_BF16: "newton_schulz", "nc_ns_normalize_bf16";
+    /// (const bf16* x, u64 n, f32* p, u64 p_stride, bf16* p_bf16, u64 pb_stride, f32 a): per matrix b:
+    /// P = p + b p_stride, X = x + b n: P[i] = a X[i] + P[i] (product rounded, then the sum: the CPU's
+    /// axpby(a, X, 1, P)); p_bf16[b pb_stride + i] = bf16(P[i]) unless p_bf16 is null. Strides in elements (the same
+    /// matrix of consecutive layers sits at a constant stride in the parameter buffer). Launch with
+    /// `ns_elementwise_dims(n, batch)`.
+    MUON_APPLY_BF16: "newton_schulz", "nc_muon_apply_bf16";
+}
+
+// ---- elementwise.cu launch geometry.
 
 /// Threads per block of the elementwise kernels.
 pub const ELEMENTWISE_THREADS: u32 = 256;
@@ -106,30 +368,7 @@ pub fn row_dims(rows: usize, threads: u32) -> LaunchDims {
 /// Threads per block of the one-block-per-row kernels (embedding, rmsnorm, cross entropy).
 pub const ROW_THREADS: u32 = 256;
 
-// ---- embedding.cu: launch with `row_dims(n, ROW_THREADS)`, one block per token row.
-
-/// (const i32* ids, const f32* wte, f32* out, i32 n, i32 d): out[i, :] = wte[ids[i], :].
-pub const EMBEDDING_FORWARD: Kernel = kernel("embedding", ptx::EMBEDDING, "nc_embedding_forward_f32");
-/// (const i32* ids, const f32* dout, f32* dwte, i32 n, i32 d): dwte[ids[i], :] += dout[i, :] (atomic adds,
-/// so the order of repeated ids' additions is not fixed). Superseded by `EMBEDDING_BACKWARD_SORTED_F32`.
-pub const EMBEDDING_BACKWARD: Kernel = kernel("embedding", ptx::EMBEDDING, "nc_embedding_backward_f32");
-/// (const i32* ids, const bf16* wte, f32* out, i32 n, i32 d): out[i, :] = wte[ids[i], :] from the bf16 working
-/// copy (exact widening). Launch with `row_dims(n, ROW_THREADS)`.
-pub const EMBEDDING_FORWARD_BF16_F32: Kernel = kernel("embedding", ptx::EMBEDDING, "nc_embedding_forward_bf16_f32");
-/// (const i32* ids, const bf16* wte, bf16* out, i32 n, i32 d): the same into a bf16 output (a copy).
-pub const EMBEDDING_FORWARD_BF16_BF16: Kernel = kernel("embedding", ptx::EMBEDDING, "nc_embedding_forward_bf16_bf16");
-/// (const i32* order, const i32* seg_start, const i32* seg_id, i32 segments, const f32* dout, f32* dwte, i32 d):
-/// the deterministic embedding backward from the step's inverse index (`EmbeddingIndex`, built on the host
-/// from the batch's ids and uploaded with them): for each segment s, with id = seg_id[s] and positions
-/// order[seg_start[s]..seg_start[s + 1]] (ascending), dwte[id, c] = ((dwte[id, c] + dout[p0, c]) + dout[p1, c])
-/// and so on, in f32: the CPU backend's order, so the same bits on every run and on both backends. No atomics;
-/// each row of dwte has one writer. Launch with `embedding_sorted_dims(segments, d)`.
-pub const EMBEDDING_BACKWARD_SORTED_F32: Kernel =
-    kernel("embedding", ptx::EMBEDDING, "nc_embedding_backward_sorted_f32");
-/// (const i32* order, const i32* seg_start, const i32* seg_id, i32 segments, const bf16* dout, f32* dwte,
-/// i32 d): the same with a bf16 dout (widened exactly), dwte f32.
-pub const EMBEDDING_BACKWARD_SORTED_BF16: Kernel =
-    kernel("embedding", ptx::EMBEDDING, "nc_embedding_backward_sorted_bf16");
+// ---- embedding.cu launch geometry.
 
 /// Threads per block of the sorted embedding backward.
 pub const EMBEDDING_SORTED_THREADS: u32 = 256;
@@ -147,56 +386,10 @@ pub fn embedding_sorted_dims(segments: usize, d: usize) -> LaunchDims {
     )
 }
 
-// ---- rmsnorm.cu: launch with `row_dims(rows, ROW_THREADS)`, one block per row.
-
-/// (const f32* x, f32* y, f32* rstd, i32 rows, i32 dim, f32 eps): y = x rstd, rstd = 1/sqrt(mean(x^2) + eps).
-pub const RMSNORM_FORWARD: Kernel = kernel("rmsnorm", ptx::RMSNORM, "nc_rmsnorm_forward_f32");
-/// (const f32* y, const f32* rstd, const f32* dy, f32* dx, i32 rows, i32 dim, i32 accumulate):
-/// g = rstd (dy - y mean(dy y)); dx = g, or dx += g when accumulate != 0.
-pub const RMSNORM_BACKWARD: Kernel = kernel("rmsnorm", ptx::RMSNORM, "nc_rmsnorm_backward_f32");
-
-// ---- rotary.cu: launch with `elementwise_dims(rows * heads * head_dim / 2)`.
-
-/// (f32* x, const f32* table, i32 rows, i32 t, i32 heads, i32 head_dim, i32 pos0, i32 max_pos, f32 sin_sign):
-/// in place on x (rows = batch t, heads, head_dim); row r is at position p = pos0 + r % t; for j < D/2,
-/// c = table[p D/2 + j], s = sin_sign table[max_pos D/2 + p D/2 + j] (the table holds cos then sin, each
-/// (max_pos, D/2)); x1 = x[j], x2 = x[j + D/2] become (x1 c + x2 s, -x1 s + x2 c). sin_sign is +1 for the
-/// forward and -1 for the backward (the transpose rotation).
-pub const ROTARY: Kernel = kernel("rotary", ptx::ROTARY, "nc_rotary_f32");
-
-// ---- cross_entropy.cu: launch with `row_dims(rows, ROW_THREADS)`, one block per row.
-
-/// (f32* logits, const i32* targets, f32* losses, i32 rows, i32 vocab, f32 cap, f32 grad_scale,
-/// i32 want_grad): for row r, z = cap tanh(logits / cap); losses[r] = logsumexp(z) - z[targets[r]], or 0
-/// when targets[r] == -1. When want_grad != 0 the row of logits becomes
-/// grad_scale (softmax(z) - onehot(target)) (1 - (z/cap)^2), all zeros for an ignored target; otherwise it
-/// becomes z (also in ignored rows, which the CPU backend leaves raw: no caller reads those rows).
-pub const SOFTCAP_CROSS_ENTROPY: Kernel = kernel("cross_entropy", ptx::CROSS_ENTROPY, "nc_softcap_cross_entropy_f32");
-
-// ---- attention.cu: causal attention with GQA over q (B, Tq, H, D), k and v (B, Tk, Hkv, D), row-major;
-// query row i is at position q_pos0 + i and sees keys 0..=q_pos0 + i; query head h reads kv head
-// h / (H / Hkv). head_dim <= ATTENTION_MAX_HEAD_DIM. No kernel holds a Tq x Tk score matrix.
+// ---- attention.cu launch geometry.
 
 /// The largest head dimension the attention kernels accept.
 pub const ATTENTION_MAX_HEAD_DIM: usize = 128;
-
-/// (const f32* q, const f32* k, const f32* v, f32* out, f32* lse, i32 batch, i32 tq, i32 tk, i32 n_head,
-/// i32 n_kv_head, i32 head_dim, i32 q_pos0, f32 scale): out (B, Tq, H, D) = softmax(scale q k^T) v over
-/// the causal keys, lse (B, H, Tq) = log-sum-exp of each row's scaled scores. Launch with
-/// `attention_forward_dims`.
-pub const ATTENTION_FORWARD: Kernel = kernel("attention", ptx::ATTENTION, "nc_attention_forward_f32");
-/// (const f32* out, const f32* dout, f32* delta, i32 batch, i32 t, i32 n_head, i32 head_dim):
-/// delta (B, H, T) = rowsum(dout * out) per (batch, head, row). Launch with `attention_delta_dims`.
-pub const ATTENTION_BACKWARD_DELTA: Kernel = kernel("attention", ptx::ATTENTION, "nc_attention_backward_delta_f32");
-/// (const f32* q, const f32* k, const f32* v, const f32* lse, const f32* delta, const f32* dout, f32* dk,
-/// f32* dv, i32 batch, i32 t, i32 n_head, i32 n_kv_head, i32 head_dim, f32 scale): writes dk and dv
-/// (B, T, Hkv, D), summing over the query heads of each kv head inside the kernel (no atomics). Training
-/// shape only (Tq = Tk = t, q_pos0 = 0). Launch with `attention_dkdv_dims`.
-pub const ATTENTION_BACKWARD_DKDV: Kernel = kernel("attention", ptx::ATTENTION, "nc_attention_backward_dkdv_f32");
-/// (const f32* q, const f32* k, const f32* v, const f32* lse, const f32* delta, const f32* dout, f32* dq,
-/// i32 batch, i32 t, i32 n_head, i32 n_kv_head, i32 head_dim, f32 scale): writes dq (B, T, H, D).
-/// Launch with `attention_dq_dims`.
-pub const ATTENTION_BACKWARD_DQ: Kernel = kernel("attention", ptx::ATTENTION, "nc_attention_backward_dq_f32");
 
 /// Query rows per block of `ATTENTION_FORWARD` (4 warps of 4 rows; keys stream in tiles of 32).
 pub const ATTENTION_FORWARD_ROWS: usize = 16;
@@ -262,26 +455,7 @@ pub fn attention_dq_dims(batch: usize, n_head: usize, t: usize, head_dim: usize)
     )
 }
 
-// ---- optim.cu: the optimizer's elementwise work and reductions (Muon's momentum, Newton-Schulz's axpby and
-// norm, AdamW, clipping), the same formulas in the same order as core/src/backend/optim_ops.rs. Launch the
-// elementwise ones with `elementwise_dims(n)` (grid-stride loops).
-
-/// (const f32* x, f32* y, u64 n, f32 a, f32 b): y[i] = a x[i] + b y[i]; when b == 0, y[i] = a x[i] without
-/// reading y.
-pub const AXPBY: Kernel = kernel("optim", ptx::OPTIM, "nc_axpby_f32");
-/// (f32* x, u64 n, f32 a): x[i] *= a.
-pub const SCALE: Kernel = kernel("optim", ptx::OPTIM, "nc_scale_f32");
-/// (const f32* x, u64 n, f64* partial): block b writes partial[b] = the sum over the elements it visits
-/// (grid-stride) of (double)x^2, accumulated in f64. Launch with `sum_squares_dims(n)`; the caller adds the
-/// grid.x partials in index order (deterministic).
-pub const SUM_SQUARES: Kernel = kernel("optim", ptx::OPTIM, "nc_sum_squares_f64");
-/// (const f32* g, f32* buf, f32* update, u64 n, f32 mu): b = buf + (1 - mu)(g - buf); buf = b;
-/// update = g + mu (b - g).
-pub const MUON_MOMENTUM: Kernel = kernel("optim", ptx::OPTIM, "nc_muon_momentum_f32");
-/// (f32* p, const f32* g, f32* m, f32* v, u64 n, f32 beta1, f32 beta2, f32 eps, f32 decay, f32 step,
-/// f32 inv_bc2): mi = m + (1 - beta1)(g - m); vi = v + (1 - beta2)(g g - v); m = mi; v = vi;
-/// p = p decay - step mi / (sqrtf(vi inv_bc2) + eps).
-pub const ADAMW: Kernel = kernel("optim", ptx::OPTIM, "nc_adamw_f32");
+// ---- optim.cu launch geometry.
 
 /// Threads per block of `SUM_SQUARES`, and the most blocks it is launched with (the partials buffer the
 /// caller provides holds this many f64).
@@ -296,46 +470,7 @@ pub fn sum_squares_dims(n: u64) -> LaunchDims {
     LaunchDims::blocks((blocks, 1, 1), SUM_SQUARES_THREADS)
 }
 
-// ---- flash_attention.cu: causal attention with GQA on tensor cores (mma.sync m16n8k16 bf16, f32 softmax and
-// accumulation), bf16 q/k/v/out/gradients, f32 lse/delta, same layouts and positions as attention.cu above.
-// One entry per head dimension (64 and 128: `flash_kernels`). Every pointer must be 16-byte aligned (rows are
-// moved in 16-byte chunks), which holds when each tensor starts at a multiple of 8 elements. Static shared
-// memory only (figures in README.md), so `shared_bytes` is 0.
-
-/// (const bf16* q, const bf16* k, const bf16* v, bf16* out, f32* lse, i32 batch, i32 tq, i32 tk, i32 n_head,
-/// i32 n_kv_head, i32 q_pos0, f32 scale): out (B, Tq, H, D) = softmax(scale q k^T) v over the causal keys,
-/// lse (B, H, Tq). Training (q_pos0 = 0, tq = tk) and KV-cache decoding (a few rows, q_pos0 > 0) alike.
-/// Launch with `flash_forward_dims`.
-pub const FLASH_FORWARD_D128: Kernel = kernel("flash_attention", ptx::FLASH_ATTENTION, "nc_flash_forward_d128_bf16");
-/// As `FLASH_FORWARD_D128` for head_dim 64.
-pub const FLASH_FORWARD_D64: Kernel = kernel("flash_attention", ptx::FLASH_ATTENTION, "nc_flash_forward_d64_bf16");
-/// (const bf16* q, const bf16* k, const bf16* v, const bf16* out, const bf16* dout, const f32* lse,
-/// f32* delta, bf16* dq, i32 batch, i32 t, i32 n_head, i32 n_kv_head, f32 scale): training shape (tq = tk = t,
-/// q_pos0 = 0). Writes dq (B, T, H, D) and delta (B, H, T) = rowsum(dout * out), which `FLASH_BACKWARD_DKDV_*`
-/// reads: launch this one first. Launch with `flash_dq_dims`.
-pub const FLASH_BACKWARD_DQ_D128: Kernel = kernel(
-    "flash_attention",
-    ptx::FLASH_ATTENTION,
-    "nc_flash_backward_dq_d128_bf16",
-);
-/// As `FLASH_BACKWARD_DQ_D128` for head_dim 64.
-pub const FLASH_BACKWARD_DQ_D64: Kernel =
-    kernel("flash_attention", ptx::FLASH_ATTENTION, "nc_flash_backward_dq_d64_bf16");
-/// (const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const f32* lse, const f32* delta,
-/// bf16* dk, bf16* dv, i32 batch, i32 t, i32 n_head, i32 n_kv_head, f32 scale): writes dk, dv (B, T, Hkv, D),
-/// each summed over its group's query heads inside one block (no atomics: deterministic). Launch with
-/// `flash_dkdv_dims`, after `FLASH_BACKWARD_DQ_*` (which writes delta).
-pub const FLASH_BACKWARD_DKDV_D128: Kernel = kernel(
-    "flash_attention",
-    ptx::FLASH_ATTENTION,
-    "nc_flash_backward_dkdv_d128_bf16",
-);
-/// As `FLASH_BACKWARD_DKDV_D128` for head_dim 64.
-pub const FLASH_BACKWARD_DKDV_D64: Kernel = kernel(
-    "flash_attention",
-    ptx::FLASH_ATTENTION,
-    "nc_flash_backward_dkdv_d64_bf16",
-);
+// ---- flash_attention.cu launch geometry.
 
 /// Threads per block of every flash kernel (4 warps; `flash_attention.cu` assumes it).
 pub const FLASH_THREADS: u32 = 128;
@@ -403,12 +538,7 @@ pub fn flash_dkdv_dims(batch: usize, n_kv_head: usize, t: usize) -> LaunchDims {
     )
 }
 
-// ==== The bf16 engine's kernels (issue 10). Storage types: `bf16*` is a device pointer to `__nv_bfloat16`
-// (2 bytes, the high half of an f32). Every store into bf16 is round-to-nearest-even of the kernel's f32 result
-// (`__float2bfloat16_rn`, NaN stays NaN); every bf16 read is widened exactly; all arithmetic is f32 (statistics
-// and reductions included) unless a kernel says f64. Where a kernel has an input-type variant the entry name
-// says which (`_f32` / `_bf16`, or `dy_<type>_dx_<type>`). None of these has run on a GPU yet (unverified): the
-// CPU emulation (emu/test_bf16.cpp) checks them against f64 or bit-exact float references.
+// ---- Grid helpers shared by the launch geometries above and below.
 
 /// A grid dimension as u32, at least 1 (an empty launch is well formed and does nothing).
 fn grid_u32(n: usize, what: &str) -> u32 {
@@ -429,77 +559,12 @@ fn tiles_heads_batch(
     )
 }
 
-// ---- rmsnorm_bf16.cu: weightless rmsnorm with the cast to bf16 fused. Launch with `row_dims(rows, ROW_THREADS)`
-// (one block per row; any multiple of 32 threads works). 16-byte loads when dim % 8 == 0 and the pointers are
-// 16-byte aligned, scalar otherwise.
-
-/// (const f32* x, bf16* y, f32* rstd, i32 rows, i32 dim, f32 eps): rstd[r] = 1 / sqrtf(mean(x_r^2) + eps) (f32,
-/// sum in f32), y_r = bf16(x_r rstd[r]). For the f32 residual stream.
-pub const RMSNORM_FORWARD_F32_BF16: Kernel = kernel("rmsnorm_bf16", ptx::RMSNORM_BF16, "nc_rmsnorm_forward_f32_bf16");
-/// (const bf16* x, bf16* y, f32* rstd, i32 rows, i32 dim, f32 eps): the same from a bf16 residual stream.
-pub const RMSNORM_FORWARD_BF16_BF16: Kernel = kernel("rmsnorm_bf16", ptx::RMSNORM_BF16, "nc_rmsnorm_forward_bf16_bf16");
-/// (const bf16* y, const f32* rstd, const bf16* dy, f32* dx, i32 rows, i32 dim, i32 accumulate): from the saved
-/// bf16 output y (as the CPU's rmsnorm_backward, which also works from y): g = rstd (dy - y mean(dy y)) in f32;
-/// dx = g, or dx = dx + g when accumulate != 0. The engine's choice for the residual stream's gradient (f32,
-/// accumulated: the norm's gradient adds to the one flowing past it).
-pub const RMSNORM_BACKWARD_DY_BF16_DX_F32: Kernel =
-    kernel("rmsnorm_bf16", ptx::RMSNORM_BF16, "nc_rmsnorm_backward_dy_bf16_dx_f32");
-/// As `RMSNORM_BACKWARD_DY_BF16_DX_F32` with a bf16 dx: dx = bf16(g), or bf16(dx + g) with the sum in f32.
-pub const RMSNORM_BACKWARD_DY_BF16_DX_BF16: Kernel =
-    kernel("rmsnorm_bf16", ptx::RMSNORM_BF16, "nc_rmsnorm_backward_dy_bf16_dx_bf16");
-/// As `RMSNORM_BACKWARD_DY_BF16_DX_F32` with an f32 dy (a GEMM that wrote f32).
-pub const RMSNORM_BACKWARD_DY_F32_DX_F32: Kernel =
-    kernel("rmsnorm_bf16", ptx::RMSNORM_BF16, "nc_rmsnorm_backward_dy_f32_dx_f32");
-/// As `RMSNORM_BACKWARD_DY_BF16_DX_BF16` with an f32 dy.
-pub const RMSNORM_BACKWARD_DY_F32_DX_BF16: Kernel =
-    kernel("rmsnorm_bf16", ptx::RMSNORM_BF16, "nc_rmsnorm_backward_dy_f32_dx_bf16");
-
-// ---- rotary_qknorm.cu: rotary then QK-norm (the model's order: SPEC.md, model/attention.rs), fused, each way.
-// x is (rows = batch t, heads, head_dim); row r is at position p = pos0 + r % t; table = [cos (max_pos, D/2) |
-// sin (max_pos, D/2)] f32, or null for no rotation (then these are the per-head rmsnorm alone). head_dim even,
-// <= QKNORM_MAX_HEAD_DIM. Launch with `qknorm_dims(rows * heads, head_dim)`: one warp per (row, head).
+// ---- rotary_qknorm.cu launch geometry.
 
 /// Warps (one (row, head) each) per block of the rotary_qknorm kernels.
 pub const QKNORM_WARPS: u32 = 8;
 /// The largest head_dim the rotary_qknorm kernels take (each lane holds up to 4 pairs in registers).
 pub const QKNORM_MAX_HEAD_DIM: usize = 256;
-
-/// (const f32* x, bf16* y, f32* rstd, const f32* table, i32 rows, i32 t, i32 heads, i32 head_dim, i32 pos0,
-/// i32 max_pos, f32 eps): per (row, head): (a, b) = (x[j], x[j + D/2]) rotate to r = (a c + b s, -a s + b c)
-/// (c, s at the row's position; the CPU's rotary), kept in f32 (not rounded); rstd[r heads + h] =
-/// 1 / sqrtf(mean(r^2) + eps); y = bf16(r rstd). y is what attention reads and the backward saves.
-pub const ROTARY_QKNORM_FORWARD_F32: Kernel =
-    kernel("rotary_qknorm", ptx::ROTARY_QKNORM, "nc_rotary_qknorm_forward_f32");
-/// As `ROTARY_QKNORM_FORWARD_F32` from a bf16 x (the q/k projection GEMM writing bf16).
-pub const ROTARY_QKNORM_FORWARD_BF16: Kernel =
-    kernel("rotary_qknorm", ptx::ROTARY_QKNORM, "nc_rotary_qknorm_forward_bf16");
-/// (const bf16* y, const f32* rstd, const f32* dy, f32* dx, const f32* table, i32 rows, i32 t, i32 heads,
-/// i32 head_dim, i32 pos0, i32 max_pos): dy is the gradient of y; g = rstd (dy - y mean(dy y)) (the norm's
-/// backward from the saved y), then the transpose rotation (g1, g2) -> (g1 c + g2 (-s), -g1 (-s) + g2 c) (the
-/// CPU's rotary_backward); dx, the gradient of the projection's output, is written (not added).
-pub const ROTARY_QKNORM_BACKWARD_DY_F32_DX_F32: Kernel = kernel(
-    "rotary_qknorm",
-    ptx::ROTARY_QKNORM,
-    "nc_rotary_qknorm_backward_dy_f32_dx_f32",
-);
-/// As `ROTARY_QKNORM_BACKWARD_DY_F32_DX_F32`, dy f32, dx bf16.
-pub const ROTARY_QKNORM_BACKWARD_DY_F32_DX_BF16: Kernel = kernel(
-    "rotary_qknorm",
-    ptx::ROTARY_QKNORM,
-    "nc_rotary_qknorm_backward_dy_f32_dx_bf16",
-);
-/// As `ROTARY_QKNORM_BACKWARD_DY_F32_DX_F32`, dy bf16, dx f32.
-pub const ROTARY_QKNORM_BACKWARD_DY_BF16_DX_F32: Kernel = kernel(
-    "rotary_qknorm",
-    ptx::ROTARY_QKNORM,
-    "nc_rotary_qknorm_backward_dy_bf16_dx_f32",
-);
-/// As `ROTARY_QKNORM_BACKWARD_DY_F32_DX_F32`, dy bf16, dx bf16 (the input of the q/k weight-gradient GEMMs).
-pub const ROTARY_QKNORM_BACKWARD_DY_BF16_DX_BF16: Kernel = kernel(
-    "rotary_qknorm",
-    ptx::ROTARY_QKNORM,
-    "nc_rotary_qknorm_backward_dy_bf16_dx_bf16",
-);
 
 /// Launch of the rotary_qknorm kernels over `units` = rows * heads (row, head) pairs: QKNORM_WARPS warps per
 /// block, ceil(units / QKNORM_WARPS) blocks. Panics on an odd head_dim or one over QKNORM_MAX_HEAD_DIM.
@@ -514,58 +579,14 @@ pub fn qknorm_dims(units: usize, head_dim: usize) -> LaunchDims {
     )
 }
 
-// ---- elementwise_bf16.cu: casts and relu^2 with the cast fused. Launch with `elementwise_bf16_dims(n)`
-// (8 elements per thread per step through 16-byte accesses when every pointer is 16-byte aligned; a scalar
-// tail). relu^2 is a kernel, not a cuBLASLt epilogue: no epilogue computes relu^2 or 2 relu(u) (see the .cu).
-
-/// (const f32* src, bf16* dst, u64 n): dst = bf16(src).
-pub const CAST_F32_TO_BF16: Kernel = kernel("elementwise_bf16", ptx::ELEMENTWISE_BF16, "nc_cast_f32_to_bf16");
-/// (const bf16* src, f32* dst, u64 n): dst = src widened (exact).
-pub const CAST_BF16_TO_F32: Kernel = kernel("elementwise_bf16", ptx::ELEMENTWISE_BF16, "nc_cast_bf16_to_f32");
-/// (const f32* u, bf16* h, u64 n): h = bf16(relu(u)^2) (the square of the clamped f32 value).
-pub const RELU2_FORWARD_F32_TO_BF16: Kernel = kernel(
-    "elementwise_bf16",
-    ptx::ELEMENTWISE_BF16,
-    "nc_relu2_forward_f32_to_bf16",
-);
-/// (const bf16* u, bf16* h, u64 n): the same from a bf16 u (the c_fc GEMM writing bf16, u saved for backward).
-pub const RELU2_FORWARD_BF16_TO_BF16: Kernel = kernel(
-    "elementwise_bf16",
-    ptx::ELEMENTWISE_BF16,
-    "nc_relu2_forward_bf16_to_bf16",
-);
-/// (const bf16* u, const bf16* dh, bf16* du, u64 n): du = bf16(dh (2 relu(u))), the factor formed first (the
-/// CPU's rounding order); du may be dh (in place). du is the input of the c_fc weight-gradient GEMMs.
-pub const RELU2_BACKWARD_U_BF16_DH_BF16: Kernel = kernel(
-    "elementwise_bf16",
-    ptx::ELEMENTWISE_BF16,
-    "nc_relu2_backward_u_bf16_dh_bf16",
-);
-/// (const bf16* u, const f32* dh, bf16* du, u64 n): as above with an f32 dh.
-pub const RELU2_BACKWARD_U_BF16_DH_F32: Kernel = kernel(
-    "elementwise_bf16",
-    ptx::ELEMENTWISE_BF16,
-    "nc_relu2_backward_u_bf16_dh_f32",
-);
-/// (const f32* u, const bf16* dh, bf16* du, u64 n): as above with an f32 u.
-pub const RELU2_BACKWARD_U_F32_DH_BF16: Kernel = kernel(
-    "elementwise_bf16",
-    ptx::ELEMENTWISE_BF16,
-    "nc_relu2_backward_u_f32_dh_bf16",
-);
-/// (const f32* u, const f32* dh, bf16* du, u64 n): as above with f32 u and dh.
-pub const RELU2_BACKWARD_U_F32_DH_F32: Kernel = kernel(
-    "elementwise_bf16",
-    ptx::ELEMENTWISE_BF16,
-    "nc_relu2_backward_u_f32_dh_f32",
-);
+// ---- elementwise_bf16.cu launch geometry.
 
 /// Launch of an elementwise_bf16 kernel over n elements: `elementwise_dims(ceil(n / 8))`.
 pub fn elementwise_bf16_dims(n: u64) -> LaunchDims {
     elementwise_dims(n.div_ceil(8))
 }
 
-// ---- adamw_multi.cu: AdamW over up to ADAMW_MAX_TENSORS tensors in one launch, the table passed by value.
+// ---- adamw_multi.cu launch geometry.
 
 /// Descriptors per `ADAMW_MULTI` launch (more tensors: more launches).
 pub const ADAMW_MAX_TENSORS: usize = 16;
@@ -604,12 +625,6 @@ pub struct AdamwTable {
     pub tensors: [AdamwTensor; ADAMW_MAX_TENSORS],
 }
 
-/// (AdamwTable table, i32 count, f32 beta1, f32 beta2, f32 eps): for tensors 0..count, per element, exactly
-/// `ADAMW`'s arithmetic (mi = m + (1 - beta1)(g - m); vi = v + (1 - beta2)(g g - v); m = mi; v = vi;
-/// p = p decay - step mi / (sqrtf(vi inv_bc2) + eps), each op round-to-nearest, no fma: bit for bit the CPU's
-/// optim_ops::adamw), then p_bf16 = bf16(p) when the tensor has a copy. Launch with `adamw_multi_dims`.
-pub const ADAMW_MULTI: Kernel = kernel("adamw_multi", ptx::ADAMW_MULTI, "nc_adamw_multi_f32");
-
 /// Threads per block of `ADAMW_MULTI`; each takes 4 elements per step.
 pub const ADAMW_MULTI_THREADS: u32 = 256;
 
@@ -624,40 +639,12 @@ pub fn adamw_multi_dims(max_n: u64, count: usize) -> LaunchDims {
     LaunchDims::blocks((blocks, count as u32, 1), ADAMW_MULTI_THREADS)
 }
 
-// ---- newton_schulz.cu: Muon's Newton-Schulz on tensor cores, the non-GEMM pieces, batched over `batch`
-// same-shape matrices of n = rows cols elements; no host read-back. One Muon update of a batch:
-//   1. momentum into G (batch, n) f32 contiguous: `MUON_MOMENTUM` per matrix (its update pointer offset b n);
-//   2. `NS_SUM_SQUARES` into partial (batch, NS_PARTS) f64;
-//   3. `NS_NORMALIZE_BF16`: X = bf16(G / (||G||_F + eps)), the norm from the partials, on the device;
-//   4. NS_STEPS iterations, GEMMs only (cuBLASLt strided-batched, bf16 A/B/D, f32 compute), the quintic's a, b,
-//      c in alpha/beta, so NO kernel runs inside the iteration (wide orientation; a tall matrix iterates
-//      Y = X^T as core/src/optim/device.rs does):
-//        A  = X X^T            alpha 1, beta 0
-//        B  = c (A A) + b A    alpha c, beta b, C = A, D = B (C != D: cuBLASLt reads C, writes D)
-//        X' = B X + a X        alpha 1, beta a, C = X, D = X' (ping-pong buffer)
-//   5. `MUON_APPLY_BF16`: p = -lr shape_scale X + p (f32 master) and the bf16 working copy.
-// Casts, if the engine needs them around this: `CAST_F32_TO_BF16` / `CAST_BF16_TO_F32`.
+// ---- newton_schulz.cu launch geometry.
 
 /// Blocks per matrix of `NS_SUM_SQUARES` (the partial buffer holds batch NS_PARTS f64).
 pub const NS_PARTS: u32 = 64;
 /// Threads per block of the newton_schulz kernels.
 pub const NS_THREADS: u32 = 256;
-
-/// (const f32* g, u64 n, f64* partial): matrix b = blockIdx.y is g[b n..(b + 1) n); block (j, b) writes
-/// partial[b gridDim.x + j] = its grid-stride elements' sum of (f64)g^2 (deterministic order). Launch with
-/// `ns_sum_squares_dims(batch)`.
-pub const NS_SUM_SQUARES: Kernel = kernel("newton_schulz", ptx::NEWTON_SCHULZ, "nc_ns_sum_squares_f64");
-/// (const f32* g, u64 n, const f64* partial, i32 parts, f32 eps, bf16* x): per matrix b: total = the sum of
-/// partial[b parts..(b + 1) parts] in index order (f64); norm = (f32)sqrt(total); inv = 1 / (norm + eps) (f32,
-/// rounded ops); x[b n + i] = bf16(g[b n + i] inv). parts = NS_PARTS (the sum's grid.x). Launch with
-/// `ns_elementwise_dims(n, batch)`.
-pub const NS_NORMALIZE_BF16: Kernel = kernel("newton_schulz", ptx::NEWTON_SCHULZ, "nc_ns_normalize_bf16");
-/// (const bf16* x, u64 n, f32* p, u64 p_stride, bf16* p_bf16, u64 pb_stride, f32 a): per matrix b:
-/// P = p + b p_stride, X = x + b n: P[i] = a X[i] + P[i] (product rounded, then the sum: the CPU's
-/// axpby(a, X, 1, P)); p_bf16[b pb_stride + i] = bf16(P[i]) unless p_bf16 is null. Strides in elements (the same
-/// matrix of consecutive layers sits at a constant stride in the parameter buffer). Launch with
-/// `ns_elementwise_dims(n, batch)`.
-pub const MUON_APPLY_BF16: Kernel = kernel("newton_schulz", ptx::NEWTON_SCHULZ, "nc_muon_apply_bf16");
 
 /// Launch of `NS_SUM_SQUARES` over `batch` matrices: grid (NS_PARTS, batch), NS_THREADS threads.
 pub fn ns_sum_squares_dims(batch: usize) -> LaunchDims {
@@ -680,64 +667,6 @@ pub fn ns_elementwise_dims(n: u64, batch: usize) -> LaunchDims {
         NS_THREADS,
     )
 }
-
-/// Every kernel, for loading and for the tests that check each entry exists in its PTX.
-pub const ALL: [Kernel; 54] = [
-    FILL,
-    ADD_INPLACE,
-    RELU2_FORWARD,
-    RELU2_BACKWARD,
-    SOFTCAP,
-    EMBEDDING_FORWARD,
-    EMBEDDING_BACKWARD,
-    RMSNORM_FORWARD,
-    RMSNORM_BACKWARD,
-    ROTARY,
-    SOFTCAP_CROSS_ENTROPY,
-    ATTENTION_FORWARD,
-    ATTENTION_BACKWARD_DELTA,
-    ATTENTION_BACKWARD_DKDV,
-    ATTENTION_BACKWARD_DQ,
-    AXPBY,
-    SCALE,
-    SUM_SQUARES,
-    MUON_MOMENTUM,
-    ADAMW,
-    FLASH_FORWARD_D128,
-    FLASH_FORWARD_D64,
-    FLASH_BACKWARD_DQ_D128,
-    FLASH_BACKWARD_DQ_D64,
-    FLASH_BACKWARD_DKDV_D128,
-    FLASH_BACKWARD_DKDV_D64,
-    EMBEDDING_FORWARD_BF16_F32,
-    EMBEDDING_FORWARD_BF16_BF16,
-    EMBEDDING_BACKWARD_SORTED_F32,
-    EMBEDDING_BACKWARD_SORTED_BF16,
-    RMSNORM_FORWARD_F32_BF16,
-    RMSNORM_FORWARD_BF16_BF16,
-    RMSNORM_BACKWARD_DY_BF16_DX_F32,
-    RMSNORM_BACKWARD_DY_BF16_DX_BF16,
-    RMSNORM_BACKWARD_DY_F32_DX_F32,
-    RMSNORM_BACKWARD_DY_F32_DX_BF16,
-    ROTARY_QKNORM_FORWARD_F32,
-    ROTARY_QKNORM_FORWARD_BF16,
-    ROTARY_QKNORM_BACKWARD_DY_F32_DX_F32,
-    ROTARY_QKNORM_BACKWARD_DY_F32_DX_BF16,
-    ROTARY_QKNORM_BACKWARD_DY_BF16_DX_F32,
-    ROTARY_QKNORM_BACKWARD_DY_BF16_DX_BF16,
-    CAST_F32_TO_BF16,
-    CAST_BF16_TO_F32,
-    RELU2_FORWARD_F32_TO_BF16,
-    RELU2_FORWARD_BF16_TO_BF16,
-    RELU2_BACKWARD_U_BF16_DH_BF16,
-    RELU2_BACKWARD_U_BF16_DH_F32,
-    RELU2_BACKWARD_U_F32_DH_BF16,
-    RELU2_BACKWARD_U_F32_DH_F32,
-    ADAMW_MULTI,
-    NS_SUM_SQUARES,
-    NS_NORMALIZE_BF16,
-    MUON_APPLY_BF16,
-];
 
 mod embedding_index;
 pub mod p2p;

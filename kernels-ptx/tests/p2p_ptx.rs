@@ -2,24 +2,14 @@
 //! generated from the current `cuda/p2p_ring.cu`, targets compute_80 with an ISA the driver takes, has exactly
 //! the documented entries with their parameter lists, and the Rust constants equal the source's `#define`s.
 
+mod support;
+
 use nc_kernels::p2p;
-
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
-fn source() -> String {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/cuda/p2p_ring.cu");
-    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"))
-}
+use support::{define, entry_params, fnv1a64, source};
 
 #[test]
 fn p2p_ptx_was_generated_from_the_current_source() {
-    let want = format!("// nc-source-fnv1a64: {:016x}", fnv1a64(source().as_bytes()));
+    let want = format!("// nc-source-fnv1a64: {:016x}", fnv1a64(&source("p2p_ring")));
     assert_eq!(
         p2p::PTX.lines().next().unwrap_or(""),
         want,
@@ -29,31 +19,13 @@ fn p2p_ptx_was_generated_from_the_current_source() {
     assert!(p2p::PTX.lines().any(|l| l.trim() == ".version 9.0"));
 }
 
-/// Parameter letters of `.visible .entry name(` in the PTX: p for .u64 (pointer or u64), i for .u32/.s32.
-fn entry_params(name: &str) -> Option<String> {
-    let head = format!(".visible .entry {name}(");
-    let start = p2p::PTX.find(&head)? + head.len();
-    let body = &p2p::PTX[start..start + p2p::PTX[start..].find(')')?];
-    Some(
-        body.lines()
-            .map(str::trim)
-            .filter(|l| l.starts_with(".param"))
-            .map(|l| match l.split_whitespace().nth(1) {
-                Some(".u64") => 'p',
-                Some(".u32") | Some(".s32") => 'i',
-                other => panic!("{name}: unexpected parameter type {other:?} in `{l}`"),
-            })
-            .collect(),
-    )
-}
-
 #[test]
 fn p2p_entries_have_the_documented_parameters_and_no_others_exist() {
     for (k, letters) in p2p::ALL {
         assert_eq!(k.ptx, p2p::PTX);
         let want: String = letters.chars().map(|c| if c == 'u' { 'p' } else { c }).collect();
         assert_eq!(
-            entry_params(k.name).unwrap_or_else(|| panic!("no entry {}", k.name)),
+            entry_params(p2p::PTX, k.name).unwrap_or_else(|| panic!("no entry {}", k.name)),
             want,
             "{}",
             k.name
@@ -63,18 +35,9 @@ fn p2p_entries_have_the_documented_parameters_and_no_others_exist() {
     assert_eq!(entries, p2p::ALL.len(), "p2p_ring.ptx has entries that p2p::ALL lacks");
 }
 
-fn define(src: &str, name: &str) -> String {
-    let head = format!("#define {name} ");
-    let line = src
-        .lines()
-        .find(|l| l.starts_with(&head))
-        .unwrap_or_else(|| panic!("p2p_ring.cu has no `{head}...`"));
-    line[head.len()..].trim().to_string()
-}
-
 #[test]
 fn p2p_constants_match_the_kernel_source() {
-    let src = source();
+    let src = String::from_utf8(source("p2p_ring")).expect("p2p_ring.cu is UTF-8");
     let int = |name: &str| -> usize {
         define(&src, name)
             .parse()

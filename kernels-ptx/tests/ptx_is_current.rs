@@ -2,37 +2,12 @@
 //! (its first line carries the source's FNV-1a 64 hash), declares every kernel of the contract with the
 //! documented parameter list, targets what the driver accepts, and the launch-dimension helpers are sane.
 
+mod support;
+
 use nc_kernels::*;
+use support::{entry_params, fnv1a64, source};
 
 const REGENERATE: &str = "run kernels-ptx/build_ptx.sh (see kernels-ptx/README.md) and commit the regenerated ptx/";
-
-/// FNV-1a 64 of the bytes, the hash build_ptx.sh stamps.
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
-fn read(path: &str) -> Vec<u8> {
-    std::fs::read(path).unwrap_or_else(|e| panic!("reading {path}: {e}"))
-}
-
-/// What the stamp hashes: the module's `.cu` followed by each header it includes as `#include "NAME"`
-/// (`cuda/NAME`, in the order of the lines), as build_ptx.sh and scripts/sim.sh hash it, so that a changed
-/// shared header (block_reduce.cuh) makes the PTX of every module including it stale.
-fn source(module: &str) -> Vec<u8> {
-    let dir = format!("{}/cuda", env!("CARGO_MANIFEST_DIR"));
-    let cu = read(&format!("{dir}/{module}.cu"));
-    let mut bytes = cu.clone();
-    for line in String::from_utf8_lossy(&cu).lines() {
-        if let Some(name) = line.strip_prefix("#include \"").and_then(|rest| rest.split('"').next()) {
-            bytes.extend(read(&format!("{dir}/{name}")));
-        }
-    }
-    bytes
-}
 
 #[test]
 fn fnv1a64_matches_known_values() {
@@ -126,34 +101,6 @@ fn signature(name: &str) -> &'static str {
     }
 }
 
-/// The parameter types of entry `name` in `ptx`, as signature letters (p and u both read as p: PTX does
-/// not tell a pointer from a u64, so u is mapped to p before comparing).
-fn entry_params(ptx: &str, name: &str) -> Option<String> {
-    let head = format!(".visible .entry {name}(");
-    let start = ptx.find(&head)? + head.len();
-    let body = &ptx[start..start + ptx[start..].find(')')?];
-    Some(
-        body.lines()
-            .map(str::trim)
-            .filter(|l| l.starts_with(".param"))
-            .map(|l| match l.split_whitespace().nth(1) {
-                Some(".u64") => 'p',
-                Some(".u32") | Some(".s32") => 'i',
-                Some(".f32") => 'f',
-                Some(".align") => {
-                    let want = format!("[{}]", std::mem::size_of::<AdamwTable>());
-                    assert!(
-                        l.contains(".align 8 .b8") && l.trim_end_matches(',').ends_with(&want),
-                        "{name}: a by-value parameter other than the 8-aligned {want} AdamwTable: `{l}`"
-                    );
-                    't'
-                }
-                other => panic!("{name}: unexpected parameter type {other:?} in `{l}`"),
-            })
-            .collect(),
-    )
-}
-
 #[test]
 fn every_kernel_is_an_entry_of_its_module_with_the_documented_parameters() {
     for k in ALL {
@@ -196,30 +143,44 @@ fn every_kernel_is_an_entry_of_its_module_with_the_documented_parameters() {
 /// square of an f32, is exact.
 #[test]
 fn the_optimizer_kernels_round_like_the_cpu() {
+    assert_rounds_like_the_cpu("optim", ptx::OPTIM, 15, &["mul", "add", "div"], &["sqrt.rn.f32"]);
+}
+
+/// The checks of a module whose kernels promise the CPU's roundings: no f32 fma; nothing approximate or
+/// flushing; no `<base>.f32` without a rounding mode for each of `unrounded`; every sqrt one of `sqrts`; at
+/// least `min_rn` `.rn` f32 ops (fewer: the PTX is not what this test was written for).
+fn assert_rounds_like_the_cpu(module: &str, text: &str, min_rn: usize, unrounded: &[&str], sqrts: &[&str]) {
     let mut seen_rn = 0;
-    for line in ptx::OPTIM.lines().map(str::trim) {
+    for line in text.lines().map(str::trim) {
         let op = line.split_whitespace().next().unwrap_or("");
         assert!(
             !(op.starts_with("fma.") && op.ends_with(".f32")),
-            "optim.ptx fuses a multiply-add: `{line}`"
+            "{module}.ptx fuses a multiply-add: `{line}`"
         );
         assert!(
             !op.contains(".approx") && !op.contains(".ftz"),
-            "optim.ptx has an approximate or flushing op: `{line}`"
+            "{module}.ptx has an approximate or flushing op: `{line}`"
         );
-        for base in ["mul", "add", "div"] {
-            if op == format!("{base}.f32") {
-                panic!("optim.ptx has `{line}` without a rounding mode (contractible)");
-            }
+        for base in unrounded {
+            assert!(
+                op != format!("{base}.f32"),
+                "{module}.ptx has `{line}` without a rounding mode (contractible)"
+            );
         }
         if op.ends_with(".rn.f32") {
             seen_rn += 1;
         }
         if op.starts_with("sqrt.") {
-            assert_eq!(op, "sqrt.rn.f32", "optim.ptx: sqrtf must be correctly rounded");
+            assert!(
+                sqrts.contains(&op),
+                "{module}.ptx: `{line}`: sqrt must be correctly rounded"
+            );
         }
     }
-    assert!(seen_rn >= 15, "optim.ptx: only {seen_rn} .rn f32 ops; {REGENERATE}");
+    assert!(
+        seen_rn >= min_rn,
+        "{module}.ptx: only {seen_rn} .rn f32 ops; {REGENERATE}"
+    );
 }
 
 /// Static shared memory of each entry: its own `.shared` declarations plus the module-level ones.
@@ -263,15 +224,13 @@ fn static_shared_memory_fits_without_an_opt_in() {
     assert_eq!(dkdv, ATTENTION_MAX_STATIC_SHARED_BYTES as usize, "update the constant");
 }
 
-/// The value of `#define NAME <integer>` in attention.cu.
+/// The value of `#define NAME <integer>` in `src`.
 fn define(src: &str, name: &str) -> usize {
-    let head = format!("#define {name} ");
-    let line = src
-        .lines()
-        .find(|l| l.starts_with(&head))
-        .unwrap_or_else(|| panic!("attention.cu has no `{head}<integer>`"));
-    let value = line[head.len()..].split_whitespace().next().unwrap();
-    value.parse().unwrap_or_else(|_| panic!("`{line}`: not an integer"))
+    let value = support::define(src, name);
+    let first = value.split_whitespace().next().unwrap_or("");
+    first
+        .parse()
+        .unwrap_or_else(|_| panic!("#define {name} {value}: not an integer"))
 }
 
 #[test]
@@ -307,6 +266,25 @@ fn sane(d: LaunchDims, what: &str) {
         d.shared_bytes < 48 * 1024,
         "{what}: {} bytes of dynamic shared memory",
         d.shared_bytes
+    );
+}
+
+/// A tiled launch: sane, `threads` threads a block, grid.x tiles of `per_tile` covering `rows`, grid.y the
+/// heads and grid.z the batch.
+fn assert_tiles(
+    what: &str,
+    d: LaunchDims,
+    threads: u32,
+    (rows, per_tile): (usize, usize),
+    heads_batch: (usize, usize),
+) {
+    sane(d, what);
+    assert_eq!(d.block.0, threads, "{what}: threads");
+    assert!(d.grid.0 as usize * per_tile >= rows, "{what}: rows");
+    assert_eq!(
+        (d.grid.1 as usize, d.grid.2 as usize),
+        heads_batch,
+        "{what}: heads, batch"
     );
 }
 
@@ -349,17 +327,16 @@ fn launch_dims_are_sane_and_cover_every_row_and_tile() {
     for (b, t, h, hkv, d) in shapes {
         let what = format!("shape b {b} t {t} h {h} hkv {hkv} d {d}");
         let f = attention_forward_dims(b, h, t, d);
-        sane(f, &what);
-        assert_eq!(f.block.0, ATTENTION_THREADS);
-        assert!(f.grid.0 as usize * ATTENTION_FORWARD_ROWS >= t, "{what}: forward rows");
+        assert_tiles(
+            &format!("{what} forward"),
+            f,
+            ATTENTION_THREADS,
+            (t, ATTENTION_FORWARD_ROWS),
+            (h, b),
+        );
         assert!(
             (f.grid.0 as usize - 1) * ATTENTION_FORWARD_ROWS < t.max(1),
             "{what}: forward has idle tiles"
-        );
-        assert_eq!(
-            (f.grid.1 as usize, f.grid.2 as usize),
-            (h, b),
-            "{what}: forward heads/batch"
         );
 
         let dl = attention_delta_dims(b, h, t, d);
@@ -371,23 +348,20 @@ fn launch_dims_are_sane_and_cover_every_row_and_tile() {
         );
 
         let kv = attention_dkdv_dims(b, hkv, t, d);
-        sane(kv, &what);
-        assert_eq!(kv.block.0, ATTENTION_THREADS);
-        assert!(kv.grid.0 as usize * ATTENTION_DKDV_KEYS >= t, "{what}: dkdv keys");
-        assert_eq!(
-            (kv.grid.1 as usize, kv.grid.2 as usize),
+        assert_tiles(
+            &format!("{what} dkdv"),
+            kv,
+            ATTENTION_THREADS,
+            (t, ATTENTION_DKDV_KEYS),
             (hkv, b),
-            "{what}: dkdv kv heads/batch"
         );
-
         let dq = attention_dq_dims(b, h, t, d);
-        sane(dq, &what);
-        assert_eq!(dq.block.0, ATTENTION_THREADS);
-        assert!(dq.grid.0 as usize * ATTENTION_DQ_ROWS >= t, "{what}: dq rows");
-        assert_eq!(
-            (dq.grid.1 as usize, dq.grid.2 as usize),
+        assert_tiles(
+            &format!("{what} dq"),
+            dq,
+            ATTENTION_THREADS,
+            (t, ATTENTION_DQ_ROWS),
             (h, b),
-            "{what}: dq heads/batch"
         );
     }
 }
@@ -444,27 +418,32 @@ fn flash_dims_are_sane_and_cover_every_row() {
     ] {
         let what = format!("flash b {b} tq {tq} h {h}");
         let f = flash_forward_dims(b, h, tq);
-        sane(f, &what);
-        assert_eq!(f.block.0, FLASH_THREADS);
-        assert_eq!(f.shared_bytes, 0, "{what}: static shared memory only");
-        assert!(f.grid.0 as usize * FLASH_FORWARD_ROWS >= tq, "{what}: rows");
+        assert_tiles(
+            &format!("{what} forward"),
+            f,
+            FLASH_THREADS,
+            (tq, FLASH_FORWARD_ROWS),
+            (h, b),
+        );
         assert!((f.grid.0 as usize - 1) * FLASH_FORWARD_ROWS < tq, "{what}: idle tiles");
-        assert_eq!((f.grid.1 as usize, f.grid.2 as usize), (h, b), "{what}");
         let dq = flash_dq_dims(b, h, tq);
-        sane(dq, &what);
-        assert_eq!(dq.shared_bytes, 0);
-        assert!(dq.grid.0 as usize * FLASH_DQ_ROWS >= tq, "{what}: dq rows");
-        assert_eq!((dq.grid.1 as usize, dq.grid.2 as usize), (h, b), "{what}");
+        assert_tiles(&format!("{what} dq"), dq, FLASH_THREADS, (tq, FLASH_DQ_ROWS), (h, b));
         let hkv = if h % 2 == 0 { h / 2 } else { h };
         let kv = flash_dkdv_dims(b, hkv, tq);
-        sane(kv, &what);
-        assert_eq!(kv.shared_bytes, 0);
-        assert!(kv.grid.0 as usize * FLASH_DKDV_KEYS >= tq, "{what}: dkdv keys");
+        assert_tiles(
+            &format!("{what} dkdv"),
+            kv,
+            FLASH_THREADS,
+            (tq, FLASH_DKDV_KEYS),
+            (hkv, b),
+        );
         assert!(
             (kv.grid.0 as usize - 1) * FLASH_DKDV_KEYS < tq,
             "{what}: dkdv idle tiles"
         );
-        assert_eq!((kv.grid.1 as usize, kv.grid.2 as usize), (hkv, b), "{what}");
+        for dims in [f, dq, kv] {
+            assert_eq!(dims.shared_bytes, 0, "{what}: static shared memory only");
+        }
     }
 }
 /// The bf16 engine's optimizer kernels (multi-tensor AdamW, Newton-Schulz's normalize and apply) promise the
@@ -476,37 +455,8 @@ fn the_bf16_optimizer_kernels_round_like_the_cpu() {
         ("adamw_multi", ptx::ADAMW_MULTI, 10),
         ("newton_schulz", ptx::NEWTON_SCHULZ, 4),
     ] {
-        let mut seen_rn = 0;
-        for line in text.lines().map(str::trim) {
-            let op = line.split_whitespace().next().unwrap_or("");
-            assert!(
-                !(op.starts_with("fma.") && op.ends_with(".f32")),
-                "{module}.ptx fuses a multiply-add: `{line}`"
-            );
-            assert!(
-                !op.contains(".approx") && !op.contains(".ftz"),
-                "{module}.ptx has an approximate or flushing op: `{line}`"
-            );
-            for base in ["mul", "add", "sub", "div"] {
-                assert!(
-                    op != format!("{base}.f32"),
-                    "{module}.ptx has `{line}` without a rounding mode (contractible)"
-                );
-            }
-            if op.ends_with(".rn.f32") {
-                seen_rn += 1;
-            }
-            if op.starts_with("sqrt.") {
-                assert!(
-                    op == "sqrt.rn.f32" || op == "sqrt.rn.f64",
-                    "{module}.ptx: sqrt must be correctly rounded"
-                );
-            }
-        }
-        assert!(
-            seen_rn >= min_rn,
-            "{module}.ptx: only {seen_rn} .rn f32 ops; {REGENERATE}"
-        );
+        let unrounded = ["mul", "add", "sub", "div"];
+        assert_rounds_like_the_cpu(module, text, min_rn, &unrounded, &["sqrt.rn.f32", "sqrt.rn.f64"]);
     }
 }
 

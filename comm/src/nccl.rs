@@ -46,6 +46,7 @@ use crate::{bf16, Collective, CommError};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
 use cudarc::nccl::{result, sys, NcclType};
 use std::cell::Cell;
+use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -120,6 +121,9 @@ impl Drop for NcclRing {
         self.watchdog = None;
     }
 }
+
+/// What one of cudarc's raw NCCL calls returns.
+type NcclCallResult = Result<result::NcclStatus, result::NcclError>;
 
 /// A failed NCCL call, with NCCL's own words for it (`comm` may be null: the call had none).
 fn call_err(rank: usize, what: &str, e: result::NcclError, comm: sys::ncclComm_t) -> CommError {
@@ -378,43 +382,12 @@ impl NcclRing {
         send: &CudaSlice<T>,
         recv: &mut CudaSlice<T>,
     ) -> Result<(), CommError> {
-        if send.len() != recv.len() * self.world_size {
-            return Err(CommError {
-                message: format!(
-                    "rank {}: reduce_scatter_device: send has {} elements, expected {} x {} ranks",
-                    self.rank,
-                    send.len(),
-                    recv.len(),
-                    self.world_size
-                ),
-            });
-        }
-        match self.comm()? {
-            Some(c) => {
-                let count = recv.len();
-                let (src, _src_done) = send.device_ptr(&self.stream);
-                let (dst, _dst_done) = recv.device_ptr_mut(&self.stream);
-                // SAFETY: both slices live on this ring's stream for at least the counts given.
-                let queued = unsafe {
-                    result::reduce_scatter(
-                        src as *const _,
-                        dst as *mut _,
-                        count,
-                        T::as_nccl_type(),
-                        sys::ncclRedOp_t::ncclSum,
-                        c,
-                        self.raw_stream(),
-                    )
-                }
-                .map(|_| ())
-                .map_err(|e| call_err(self.rank, "reduce_scatter", e, c));
-                self.counted(queued)
-            }
-            None => self
-                .stream
-                .memcpy_dtod(send, recv)
-                .map_err(|e| nccl_err(self.rank, "copy", e)),
-        }
+        self.check_counts("reduce_scatter_device", ("send", send.len()), recv.len())?;
+        let count = recv.len();
+        // SAFETY (of the call): both slices live on this ring's stream for at least the counts given.
+        self.send_recv(send, recv, "reduce_scatter", |src, dst, c, stream| unsafe {
+            result::reduce_scatter(src, dst, count, T::as_nccl_type(), sys::ncclRedOp_t::ncclSum, c, stream)
+        })
     }
 
     /// `recv` (world_size * c elements) gets every rank's `send` (c elements) in rank order.
@@ -423,35 +396,43 @@ impl NcclRing {
         send: &CudaSlice<T>,
         recv: &mut CudaSlice<T>,
     ) -> Result<(), CommError> {
-        if recv.len() != send.len() * self.world_size {
-            return Err(CommError {
-                message: format!(
-                    "rank {}: all_gather_device: recv has {} elements, expected {} x {} ranks",
-                    self.rank,
-                    recv.len(),
-                    send.len(),
-                    self.world_size
-                ),
-            });
+        self.check_counts("all_gather_device", ("recv", recv.len()), send.len())?;
+        let count = send.len();
+        // SAFETY (of the call): both slices live on this ring's stream for at least the counts given.
+        self.send_recv(send, recv, "all_gather", |src, dst, c, stream| unsafe {
+            result::all_gather(src, dst, count, T::as_nccl_type(), c, stream)
+        })
+    }
+
+    /// Err unless `whole` (named, with its length) holds `part` elements for each rank.
+    fn check_counts(&self, what: &str, (whole, whole_len): (&str, usize), part: usize) -> Result<(), CommError> {
+        if whole_len == part * self.world_size {
+            return Ok(());
         }
+        Err(CommError {
+            message: format!(
+                "rank {}: {what}: {whole} has {whole_len} elements, expected {part} x {} ranks",
+                self.rank, self.world_size
+            ),
+        })
+    }
+
+    /// Enqueues `call(src, dst, comm, stream)`, an NCCL collective from `send` into `recv`, on the ring's
+    /// stream; without NCCL (one rank) copies `send` into `recv` (the counts are checked: they are equal).
+    fn send_recv<T: DeviceRepr>(
+        &self,
+        send: &CudaSlice<T>,
+        recv: &mut CudaSlice<T>,
+        what: &str,
+        call: impl FnOnce(*const c_void, *mut c_void, sys::ncclComm_t, sys::cudaStream_t) -> NcclCallResult,
+    ) -> Result<(), CommError> {
         match self.comm()? {
             Some(c) => {
-                let count = send.len();
                 let (src, _src_done) = send.device_ptr(&self.stream);
                 let (dst, _dst_done) = recv.device_ptr_mut(&self.stream);
-                // SAFETY: both slices live on this ring's stream for at least the counts given.
-                let queued = unsafe {
-                    result::all_gather(
-                        src as *const _,
-                        dst as *mut _,
-                        count,
-                        T::as_nccl_type(),
-                        c,
-                        self.raw_stream(),
-                    )
-                }
-                .map(|_| ())
-                .map_err(|e| call_err(self.rank, "all_gather", e, c));
+                let queued = call(src as *const _, dst as *mut _, c, self.raw_stream())
+                    .map(|_| ())
+                    .map_err(|e| call_err(self.rank, what, e, c));
                 self.counted(queued)
             }
             None => self

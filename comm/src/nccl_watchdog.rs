@@ -179,35 +179,50 @@ pub(crate) fn exit_now(code: i32) -> ! {
 }
 
 impl Watchdog {
-    pub(crate) fn start(w: Watched) -> Result<Watchdog, CommError> {
+    /// Starts the thread `name`: until the watchdog is dropped, every `WATCHDOG_PERIOD` it calls `end`, which
+    /// returns an exit code once the run must end (after saying why); the process then ends with that code
+    /// (`exit_now`). The NCCL ring's watchdog is `start`; the peer-to-peer ring's (p2p.rs) only watches peers.
+    pub(crate) fn spawn(
+        rank: usize,
+        name: String,
+        mut end: impl FnMut() -> Option<i32> + Send + 'static,
+    ) -> Result<Watchdog, CommError> {
         let stop = Arc::new(AtomicBool::new(false));
         let stop_seen = stop.clone();
-        let rank = w.rank;
         let thread = std::thread::Builder::new()
-            .name(format!("nc-nccl-watchdog{rank}"))
+            .name(name.clone())
             .spawn(move || {
                 while !stop_seen.load(Ordering::Acquire) {
-                    if let Some((why, code)) = verdict(&w) {
-                        w.aborted.store(true, Ordering::Release);
-                        eprintln!(
-                            "rank {}: {why}; aborting NCCL (ncclCommAbort) so no collective waits forever, and \
-                             exiting with code {code}",
-                            w.rank
-                        );
-                        // SAFETY: the handle is live (the ring joins this thread before destroying it) and
-                        // `aborted` keeps the ring from destroying it afterwards.
-                        let _ = unsafe { result::comm_abort(w.comm.0) };
+                    if let Some(code) = end() {
                         exit_now(code);
                     }
                     std::thread::sleep(WATCHDOG_PERIOD);
                 }
             })
             .map_err(|e| CommError {
-                message: format!("rank {rank}: starting the NCCL watchdog thread: {e}"),
+                message: format!("rank {rank}: starting the watchdog thread {name}: {e}"),
             })?;
         Ok(Watchdog {
             stop,
             thread: Some(thread),
+        })
+    }
+
+    /// The NCCL ring's watchdog: on a `verdict`, aborts the communicator and ends the process.
+    pub(crate) fn start(w: Watched) -> Result<Watchdog, CommError> {
+        let rank = w.rank;
+        Watchdog::spawn(rank, format!("nc-nccl-watchdog{rank}"), move || {
+            let (why, code) = verdict(&w)?;
+            w.aborted.store(true, Ordering::Release);
+            eprintln!(
+                "rank {}: {why}; aborting NCCL (ncclCommAbort) so no collective waits forever, and exiting with \
+                 code {code}",
+                w.rank
+            );
+            // SAFETY: the handle is live (the ring joins this thread before destroying it) and `aborted` keeps
+            // the ring from destroying it afterwards.
+            let _ = unsafe { result::comm_abort(w.comm.0) };
+            Some(code)
         })
     }
 }

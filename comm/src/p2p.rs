@@ -24,6 +24,7 @@
 //! rounded once by the owner; the one-shot all-reduce (messages up to `P2pOptions::one_shot_bytes`) sums in
 //! rank order 0..n-1. Both give the same bits on every rank; they differ from each other in the last bits.
 
+use crate::nccl_watchdog::Watchdog;
 use crate::p2p_plan::{counts, encode_pieces, last_step, one_shot_region_bytes, pieces_span, slice_elems, Piece};
 use crate::partition::{even_bounds, Bounds};
 use crate::rendezvous::Rendezvous;
@@ -31,8 +32,8 @@ use crate::schedule::Phase;
 use crate::{bf16, Collective, CommError};
 use cudarc::driver::sys;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
-    ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchArgs, LaunchConfig,
+    PushKernelArg, ValidAsZeroBits,
 };
 use nc_kernels::p2p as k;
 use std::collections::HashMap;
@@ -78,18 +79,21 @@ pub const ONE_SHOT_ENV: &str = "NC_P2P_ONE_SHOT_BYTES";
 /// The largest one-shot threshold accepted: the one-shot area is this big on every rank.
 pub const MAX_ONE_SHOT_BYTES: usize = 64 << 20;
 
-/// Parses a one-shot threshold: "262144", "256K", "1M" (K = KiB, M = MiB); 0 turns the one-shot path off.
-pub fn parse_one_shot_bytes(value: &str) -> Result<usize, String> {
-    let v = value.trim();
+/// A byte count: a whole number, or one with a K, M or G suffix (KiB, MiB, GiB; either case); None for
+/// anything else or a count past usize. The callers bound it and say what they expected.
+pub fn parse_byte_count(v: &str) -> Option<usize> {
     let (digits, mult) = match v.chars().last() {
         Some('K') | Some('k') => (&v[..v.len() - 1], 1usize << 10),
         Some('M') | Some('m') => (&v[..v.len() - 1], 1 << 20),
+        Some('G') | Some('g') => (&v[..v.len() - 1], 1 << 30),
         _ => (v, 1),
     };
-    digits
-        .parse::<usize>()
-        .ok()
-        .and_then(|d| d.checked_mul(mult))
+    digits.parse::<usize>().ok().and_then(|d| d.checked_mul(mult))
+}
+
+/// Parses a one-shot threshold: "262144", "256K", "1M" (K = KiB, M = MiB); 0 turns the one-shot path off.
+pub fn parse_one_shot_bytes(value: &str) -> Result<usize, String> {
+    parse_byte_count(value.trim())
         .filter(|&b| b <= MAX_ONE_SHOT_BYTES)
         .ok_or_else(|| {
             format!(
@@ -401,6 +405,42 @@ fn open_peer_areas(
     Ok(())
 }
 
+/// The arguments both ring kernels (reduce-scatter, all-gather) end with, in `nc_kernels::p2p`'s order: this
+/// rank's and the previous rank's data slots, the three signal areas, the sequence numbers, the slot layout,
+/// the neighbours and the timeout.
+struct RingArgs {
+    my_data: u64,
+    prev_data: u64,
+    my_signal: u64,
+    prev_signal: u64,
+    next_signal: u64,
+    send_seq: u64,
+    recv_seq: u64,
+    slots: i32,
+    slot_bytes: u64,
+    prev_rank: i32,
+    next_rank: i32,
+    timeout_ns: u64,
+}
+
+impl RingArgs {
+    /// Appends the arguments to a launch whose kernel-specific ones are already pushed.
+    fn push<'a>(&'a self, b: &mut LaunchArgs<'a>) {
+        b.arg(&self.my_data)
+            .arg(&self.prev_data)
+            .arg(&self.my_signal)
+            .arg(&self.prev_signal)
+            .arg(&self.next_signal);
+        b.arg(&self.send_seq)
+            .arg(&self.recv_seq)
+            .arg(&self.slots)
+            .arg(&self.slot_bytes)
+            .arg(&self.prev_rank)
+            .arg(&self.next_rank)
+            .arg(&self.timeout_ns);
+    }
+}
+
 struct Kernels {
     rs_f32: CudaFunction,
     rs_bf16: CudaFunction,
@@ -509,7 +549,7 @@ impl P2pRing {
             .clone_htod(&table)
             .map_err(|e| fail(format!("uploading the peer table: {e:?}")))?;
         let watchdog = if world_size > 1 {
-            Some(Watchdog::start(rank, rdv.watch())?)
+            Some(start_watchdog(rank, rdv.watch())?)
         } else {
             None
         };
@@ -648,16 +688,46 @@ impl P2pRing {
         Ok(())
     }
 
-    fn ring_args(&self) -> [u64; 5] {
+    /// The checks before a pieces collective (the ring is usable, the pieces lie in the span), then its plan
+    /// uploaded: (plan address, sends, receives), or None when this rank has nothing to send or receive.
+    fn checked_plan(
+        &mut self,
+        phase: Phase,
+        elem: usize,
+        span_len: usize,
+        pieces: &[Piece],
+        what: &str,
+    ) -> Result<Option<(u64, u64, u64)>, CommError> {
+        self.usable(what)?;
+        self.check_pieces(span_len, pieces, what)?;
+        let (plan, sends, recvs) = self.plan(phase, elem, pieces)?;
+        Ok((sends + recvs > 0).then_some((plan, sends, recvs)))
+    }
+
+    /// The ring arguments both ring kernels end with, as of now (the sequence numbers before this launch).
+    fn ring_args(&self) -> RingArgs {
         let next = (self.rank + 1) % self.world_size;
         let prev = (self.rank + self.world_size - 1) % self.world_size;
-        [
-            self.data[self.rank],
-            self.data[prev],
-            self.signal[self.rank],
-            self.signal[prev],
-            self.signal[next],
-        ]
+        RingArgs {
+            my_data: self.data[self.rank],
+            prev_data: self.data[prev],
+            my_signal: self.signal[self.rank],
+            prev_signal: self.signal[prev],
+            next_signal: self.signal[next],
+            send_seq: self.send_seq,
+            recv_seq: self.recv_seq,
+            slots: self.opts.slots as i32,
+            slot_bytes: self.opts.slot_bytes as u64,
+            prev_rank: prev as i32,
+            next_rank: next as i32,
+            timeout_ns: self.opts.timeout.as_nanos().min(u64::MAX as u128) as u64,
+        }
+    }
+
+    /// After a ring kernel was enqueued: its sends and receives move the sequence numbers on.
+    fn advance(&mut self, sends: u64, recvs: u64) {
+        self.send_seq += sends;
+        self.recv_seq += recvs;
     }
 
     fn launch_config(&self) -> LaunchConfig {
@@ -676,7 +746,25 @@ impl P2pRing {
         buf: &mut CudaSlice<T>,
         bounds: &Bounds,
     ) -> Result<(), CommError> {
-        self.check_bounds(buf.len(), bounds, "reduce_scatter_device")?;
+        self.whole_buffer(buf, bounds, "reduce_scatter_device", Self::reduce_scatter_pieces::<T>)
+    }
+
+    /// Ring all-gather of `buf` in place, enqueued on the ring's stream: afterwards every rank's
+    /// `buf[bounds.range(r)]` is rank r's.
+    pub fn all_gather_device<T: P2pElem>(&mut self, buf: &mut CudaSlice<T>, bounds: &Bounds) -> Result<(), CommError> {
+        self.whole_buffer(buf, bounds, "all_gather_device", Self::all_gather_pieces::<T>)
+    }
+
+    /// Runs `pieces_op` (`reduce_scatter_pieces` or `all_gather_pieces`) on the whole of `buf` as one piece
+    /// split by `bounds`.
+    fn whole_buffer<T: P2pElem>(
+        &mut self,
+        buf: &mut CudaSlice<T>,
+        bounds: &Bounds,
+        what: &str,
+        pieces_op: unsafe fn(&mut P2pRing, u64, usize, &[Piece]) -> Result<(), CommError>,
+    ) -> Result<(), CommError> {
+        self.check_bounds(buf.len(), bounds, what)?;
         let stream = self.stream.clone();
         let len = buf.len();
         let (ptr, _sync) = buf.device_ptr_mut(&stream);
@@ -686,22 +774,7 @@ impl P2pRing {
         }];
         // SAFETY: `ptr` addresses `len` elements of T of the ring's context; `_sync` records the use of `buf`
         // on the ring's stream when it drops, after the launch.
-        unsafe { self.reduce_scatter_pieces::<T>(ptr, len, &whole) }
-    }
-
-    /// Ring all-gather of `buf` in place, enqueued on the ring's stream: afterwards every rank's
-    /// `buf[bounds.range(r)]` is rank r's.
-    pub fn all_gather_device<T: P2pElem>(&mut self, buf: &mut CudaSlice<T>, bounds: &Bounds) -> Result<(), CommError> {
-        self.check_bounds(buf.len(), bounds, "all_gather_device")?;
-        let stream = self.stream.clone();
-        let len = buf.len();
-        let (ptr, _sync) = buf.device_ptr_mut(&stream);
-        let whole = [Piece {
-            start: 0,
-            bounds: bounds.clone(),
-        }];
-        // SAFETY: as in reduce_scatter_device.
-        unsafe { self.all_gather_pieces::<T>(ptr, len, &whole) }
+        unsafe { pieces_op(self, ptr, len, &whole) }
     }
 
     /// Ring reduce-scatter of several tensors of one span of device memory, one launch for all of them,
@@ -720,12 +793,16 @@ impl P2pRing {
         span_len: usize,
         pieces: &[Piece],
     ) -> Result<(), CommError> {
-        self.usable("reduce_scatter_pieces")?;
-        self.check_pieces(span_len, pieces, "reduce_scatter_pieces")?;
-        let (plan, sends, recvs) = self.plan(Phase::ReduceScatter, T::BYTES, pieces)?;
-        if sends + recvs == 0 {
+        let Some((plan, sends, recvs)) = self.checked_plan(
+            Phase::ReduceScatter,
+            T::BYTES,
+            span_len,
+            pieces,
+            "reduce_scatter_pieces",
+        )?
+        else {
             return Ok(());
-        }
+        };
         // bf16 partials live in an f32 scratch indexed like the span: as long as the last piece's end.
         let scratch = pieces.last().map_or(0, Piece::end);
         if T::IS_BF16 && self.work.as_ref().is_none_or(|w| w.len() < scratch) {
@@ -736,15 +813,8 @@ impl P2pRing {
                     .map_err(|e| self.err(format!("allocating the f32 partials: {e:?}")))?,
             );
         }
-        let [my_data, prev_data, my_signal, prev_signal, next_signal] = self.ring_args();
+        let ring = self.ring_args();
         let n_ops = ((sends + recvs) as i32, last_step(self.world_size) as i32);
-        let (slots, slot_bytes) = (self.opts.slots as i32, self.opts.slot_bytes as u64);
-        let (prev, next) = (
-            ((self.rank + self.world_size - 1) % self.world_size) as i32,
-            ((self.rank + 1) % self.world_size) as i32,
-        );
-        let timeout = self.opts.timeout.as_nanos().min(u64::MAX as u128) as u64;
-        let (seq_s, seq_r) = (self.send_seq, self.recv_seq);
         let cfg = self.launch_config();
         let stream = self.stream.clone();
         let work_ptr = match &mut self.work {
@@ -763,24 +833,12 @@ impl P2pRing {
             .arg(&base)
             .arg(&work_ptr)
             .arg(&base);
-        b.arg(&my_data)
-            .arg(&prev_data)
-            .arg(&my_signal)
-            .arg(&prev_signal)
-            .arg(&next_signal);
-        b.arg(&seq_s)
-            .arg(&seq_r)
-            .arg(&slots)
-            .arg(&slot_bytes)
-            .arg(&prev)
-            .arg(&next)
-            .arg(&timeout);
+        ring.push(&mut b);
         // SAFETY: the arguments follow nc_kernels::p2p's documented list; the plan's ranges lie within the
         // pieces, which lie within the caller's span (checked) and the f32 scratch (sized to the last piece's
         // end); peers' areas were opened at join.
         unsafe { b.launch(cfg) }.map_err(|e| self.err(format!("launching the reduce-scatter kernel: {e:?}")))?;
-        self.send_seq += sends;
-        self.recv_seq += recvs;
+        self.advance(sends, recvs);
         Ok(())
     }
 
@@ -796,42 +854,22 @@ impl P2pRing {
         span_len: usize,
         pieces: &[Piece],
     ) -> Result<(), CommError> {
-        self.usable("all_gather_pieces")?;
-        self.check_pieces(span_len, pieces, "all_gather_pieces")?;
-        let (plan, sends, recvs) = self.plan(Phase::AllGather, T::BYTES, pieces)?;
-        if sends + recvs == 0 {
+        let Some((plan, sends, recvs)) =
+            self.checked_plan(Phase::AllGather, T::BYTES, span_len, pieces, "all_gather_pieces")?
+        else {
             return Ok(());
-        }
-        let [my_data, prev_data, my_signal, prev_signal, next_signal] = self.ring_args();
+        };
+        let ring = self.ring_args();
         let n_ops = (sends + recvs) as i32;
         let elem = T::BYTES as i32;
-        let (slots, slot_bytes) = (self.opts.slots as i32, self.opts.slot_bytes as u64);
-        let (prev, next) = (
-            ((self.rank + self.world_size - 1) % self.world_size) as i32,
-            ((self.rank + 1) % self.world_size) as i32,
-        );
-        let timeout = self.opts.timeout.as_nanos().min(u64::MAX as u128) as u64;
-        let (seq_s, seq_r) = (self.send_seq, self.recv_seq);
         let cfg = self.launch_config();
         let stream = self.stream.clone();
         let mut b = stream.launch_builder(&self.kernels.ag);
         b.arg(&plan).arg(&n_ops).arg(&base).arg(&elem);
-        b.arg(&my_data)
-            .arg(&prev_data)
-            .arg(&my_signal)
-            .arg(&prev_signal)
-            .arg(&next_signal);
-        b.arg(&seq_s)
-            .arg(&seq_r)
-            .arg(&slots)
-            .arg(&slot_bytes)
-            .arg(&prev)
-            .arg(&next)
-            .arg(&timeout);
+        ring.push(&mut b);
         // SAFETY: as for reduce_scatter_pieces.
         unsafe { b.launch(cfg) }.map_err(|e| self.err(format!("launching the all-gather kernel: {e:?}")))?;
-        self.send_seq += sends;
-        self.recv_seq += recvs;
+        self.advance(sends, recvs);
         Ok(())
     }
 
@@ -981,48 +1019,16 @@ impl Drop for P2pRing {
 /// process gone: a kernel waiting on a dead peer would otherwise spin until its timeout (minutes: it must
 /// outlast rank 0's evaluations and checkpoints). Checked every `nccl::WATCHDOG_PERIOD`. It exits through
 /// `nccl_watchdog::exit_now` (no exit handlers: a broken driver's can hang or crash and lose the code).
-struct Watchdog {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Watchdog {
-    fn start(rank: usize, watch: crate::rendezvous::PeerWatch) -> Result<Watchdog, CommError> {
-        use std::sync::atomic::Ordering;
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stop_seen = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("nc-p2p-watchdog{rank}"))
-            .spawn(move || {
-                while !stop_seen.load(Ordering::Acquire) {
-                    if let Err(e) = watch.check() {
-                        eprintln!(
-                            "rank {rank}: {e}; the peer-to-peer ring's kernels would wait for it until their timeout, \
-                             so exiting with code {}",
-                            crate::nccl::EXIT_PEER_GONE
-                        );
-                        crate::nccl_watchdog::exit_now(crate::nccl::EXIT_PEER_GONE);
-                    }
-                    std::thread::sleep(crate::nccl::WATCHDOG_PERIOD);
-                }
-            })
-            .map_err(|e| CommError {
-                message: format!("rank {rank}: starting the peer-to-peer ring's watchdog thread: {e}"),
-            })?;
-        Ok(Watchdog {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+fn start_watchdog(rank: usize, watch: crate::rendezvous::PeerWatch) -> Result<Watchdog, CommError> {
+    Watchdog::spawn(rank, format!("nc-p2p-watchdog{rank}"), move || {
+        let e = watch.check().err()?;
+        eprintln!(
+            "rank {rank}: {e}; the peer-to-peer ring's kernels would wait for it until their timeout, so exiting \
+             with code {}",
+            crate::nccl::EXIT_PEER_GONE
+        );
+        Some(crate::nccl::EXIT_PEER_GONE)
+    })
 }
 
 impl Collective for P2pRing {

@@ -187,34 +187,21 @@ impl ShmRing {
         combine: fn(&mut [T], &[T]),
     ) -> Result<(), CommError> {
         self.check_call(buf.len(), bounds, what)?;
-        let result = self.run_plan(phase, buf, bounds, what, combine);
+        let elem = std::mem::size_of::<T>();
+        let tag = tag_of(phase, elem);
+        let plan = ring_plan(phase, bounds, self.rank, self.seg.slot_bytes / elem);
+        let result = plan.into_iter().try_for_each(|op| match op {
+            RingOp::Send { elems, .. } => self.send_slice(tag, elems.start, &buf[elems], what),
+            RingOp::Recv { elems, .. } => {
+                let start = elems.start;
+                self.recv_slice(tag, start, &mut buf[elems], what, combine)
+            }
+        });
         if let Err(e) = &result {
             self.seg.record(self.rank).state.store(STATE_FAILED, Ordering::Release);
             self.broken = Some(e.clone());
         }
         result
-    }
-
-    fn run_plan<T: Pod>(
-        &mut self,
-        phase: Phase,
-        buf: &mut [T],
-        bounds: &Bounds,
-        what: &str,
-        combine: fn(&mut [T], &[T]),
-    ) -> Result<(), CommError> {
-        let elem = std::mem::size_of::<T>();
-        let tag = tag_of(phase, elem);
-        for op in ring_plan(phase, bounds, self.rank, self.seg.slot_bytes / elem) {
-            match op {
-                RingOp::Send { elems, .. } => self.send_slice(tag, elems.start, &buf[elems], what)?,
-                RingOp::Recv { elems, .. } => {
-                    let start = elems.start;
-                    self.recv_slice(tag, start, &mut buf[elems], what, combine)?
-                }
-            }
-        }
-        Ok(())
     }
 
     /// Publishes `data` (elements `start..` of the buffer) as this rank's next slice.

@@ -74,6 +74,28 @@ impl ThreadRing {
         Ok(msg)
     }
 
+    /// Runs one half of a ring collective over `buf`: each step sends one chunk to the next rank and applies
+    /// the chunk received from the previous one with `combine(mine, theirs)`.
+    fn run(
+        &mut self,
+        phase: Phase,
+        buf: &mut [f32],
+        bounds: &Bounds,
+        what: &str,
+        combine: fn(&mut [f32], &[f32]),
+    ) -> Result<(), CommError> {
+        self.check(buf, bounds, what)?;
+        let n = self.world_size;
+        for step in 0..steps(n) {
+            let (send_chunk, recv_chunk) = step_chunks(phase, n, self.rank, step);
+            self.send(&buf[bounds.range(send_chunk)])?;
+            let incoming = self.recv(bounds.range(recv_chunk).len())?;
+            combine(&mut buf[bounds.range(recv_chunk)], &incoming);
+            self.spare.push(incoming);
+        }
+        Ok(())
+    }
+
     fn peer_gone(&self, what: &str, peer: usize) -> CommError {
         CommError {
             message: format!("rank {}: cannot {what} rank {peer}: that rank has exited", self.rank),
@@ -91,33 +113,25 @@ impl Collective for ThreadRing {
     }
 
     fn reduce_scatter_sum(&mut self, buf: &mut [f32], bounds: &Bounds) -> Result<(), CommError> {
-        self.check(buf, bounds, "reduce_scatter_sum")?;
-        let n = self.world_size;
-        for step in 0..steps(n) {
-            let (send_chunk, recv_chunk) = step_chunks(Phase::ReduceScatter, n, self.rank, step);
-            self.send(&buf[bounds.range(send_chunk)])?;
-            let incoming = self.recv(bounds.range(recv_chunk).len())?;
-            // Every chunk is summed in ring order from its start (schedule::sum_order); IEEE addition is
-            // commutative, so the operand order within one addition does not matter.
-            for (mine, theirs) in buf[bounds.range(recv_chunk)].iter_mut().zip(&incoming) {
-                *mine += *theirs;
-            }
-            self.spare.push(incoming);
-        }
-        Ok(())
+        // Every chunk is summed in ring order from its start (schedule::sum_order); IEEE addition is
+        // commutative, so the operand order within one addition does not matter.
+        self.run(
+            Phase::ReduceScatter,
+            buf,
+            bounds,
+            "reduce_scatter_sum",
+            |mine, theirs| {
+                for (m, t) in mine.iter_mut().zip(theirs) {
+                    *m += *t;
+                }
+            },
+        )
     }
 
     fn all_gather(&mut self, buf: &mut [f32], bounds: &Bounds) -> Result<(), CommError> {
-        self.check(buf, bounds, "all_gather")?;
-        let n = self.world_size;
-        for step in 0..steps(n) {
-            let (send_chunk, recv_chunk) = step_chunks(Phase::AllGather, n, self.rank, step);
-            self.send(&buf[bounds.range(send_chunk)])?;
-            let incoming = self.recv(bounds.range(recv_chunk).len())?;
-            buf[bounds.range(recv_chunk)].copy_from_slice(&incoming);
-            self.spare.push(incoming);
-        }
-        Ok(())
+        self.run(Phase::AllGather, buf, bounds, "all_gather", |mine, theirs| {
+            mine.copy_from_slice(theirs)
+        })
     }
 }
 

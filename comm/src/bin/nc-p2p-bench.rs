@@ -33,6 +33,7 @@
 
 use cudarc::driver::DevicePtrMut;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use nc_comm::p2p::parse_byte_count;
 use nc_comm::schedule::sum_order;
 use nc_comm::{
     bf16, even_bounds, nccl_available, Bounds, NcclRing, P2pOptions, P2pRing, Piece, Rendezvous, RendezvousConfig,
@@ -51,16 +52,7 @@ struct Args {
 }
 
 fn parse_bytes(flag: &str, v: &str) -> Result<usize, String> {
-    let (digits, mult) = match v.chars().last() {
-        Some('K') | Some('k') => (&v[..v.len() - 1], 1 << 10),
-        Some('M') | Some('m') => (&v[..v.len() - 1], 1 << 20),
-        Some('G') | Some('g') => (&v[..v.len() - 1], 1 << 30),
-        _ => (v, 1),
-    };
-    digits
-        .parse::<usize>()
-        .ok()
-        .and_then(|d| d.checked_mul(mult))
+    parse_byte_count(v)
         .filter(|&b| b > 0)
         .ok_or_else(|| format!("{flag} {v:?}: expected a positive byte count like 8, 64K, 256M, 1G"))
 }
@@ -270,6 +262,13 @@ impl Elem for bf16 {
     }
 }
 
+/// The rank whose chunk of `bounds` holds element i.
+fn owner(bounds: &Bounds, i: usize) -> usize {
+    (0..bounds.world_size())
+        .find(|&c| bounds.range(c).contains(&i))
+        .unwrap()
+}
+
 fn inputs<T: Elem>(r: usize, len: usize) -> Vec<T> {
     (0..len).map(|i| T::from_f32(input(r, i))).collect()
 }
@@ -289,6 +288,16 @@ impl Rank {
     fn download<T: Elem>(&mut self, dev: &CudaSlice<T>) -> Result<Vec<T>, String> {
         self.ring.check().map_err(|e| e.message)?;
         self.stream.clone_dtoh(dev).map_err(|e| format!("download: {e:?}"))
+    }
+    /// Uploads this rank's inputs (`len` elements), runs `op` on them and downloads the result.
+    fn run_on_inputs<T: Elem>(
+        &mut self,
+        len: usize,
+        op: impl FnOnce(&mut P2pRing, &mut CudaSlice<T>) -> Result<(), nc_comm::CommError>,
+    ) -> Result<Vec<T>, String> {
+        let mut buf = self.upload(&inputs::<T>(self.rank, len))?;
+        op(&mut self.ring, &mut buf).map_err(|e| e.message)?;
+        self.download(&buf)
     }
     /// Compares the elements `which` of `got` with `want(i)`, bit for bit; prints the first difference.
     fn compare<T: Elem>(&mut self, what: &str, got: &[T], which: std::ops::Range<usize>, want: impl Fn(usize) -> T) {
@@ -327,9 +336,7 @@ impl Rank {
             T::from_f32(order.fold(first, |a, r| a + T::from_f32(input(r, i)).to_f32()))
         };
         for len in [1, 7, 1000, threshold] {
-            let mut buf = self.upload(&inputs::<T>(self.rank, len))?;
-            self.ring.all_reduce_device(&mut buf).map_err(|e| e.message)?;
-            let got = self.download(&buf)?;
+            let got = self.run_on_inputs::<T>(len, |ring, buf| ring.all_reduce_device(buf))?;
             self.compare(
                 &format!("one-shot all-reduce {} n{n} len {len}", T::NAME),
                 &got,
@@ -342,11 +349,7 @@ impl Rank {
             ("uneven", 2 * slice + 13, uneven(2 * slice + 13, n)),
             ("even 4M", (1 << 22) + 3, even_bounds((1 << 22) + 3, n)),
         ] {
-            let mut buf = self.upload(&inputs::<T>(self.rank, len))?;
-            self.ring
-                .reduce_scatter_device(&mut buf, &bounds)
-                .map_err(|e| e.message)?;
-            let got = self.download(&buf)?;
+            let got = self.run_on_inputs::<T>(len, |ring, buf| ring.reduce_scatter_device(buf, &bounds))?;
             let mine = bounds.range(self.rank);
             let me = self.rank;
             self.compare(
@@ -356,29 +359,23 @@ impl Rank {
                 |i| ring_order(me, i),
             );
             // all-gather of each owner's chunk of its own input
-            let mut buf = self.upload(&inputs::<T>(self.rank, len))?;
-            self.ring.all_gather_device(&mut buf, &bounds).map_err(|e| e.message)?;
-            let got = self.download(&buf)?;
-            let owner = |i: usize| (0..n).find(|&c| bounds.range(c).contains(&i)).unwrap();
+            let got = self.run_on_inputs::<T>(len, |ring, buf| ring.all_gather_device(buf, &bounds))?;
             self.compare(
                 &format!("ring all-gather {} n{n} len {len} {label}", T::NAME),
                 &got,
                 0..len,
-                |i| T::from_f32(input(owner(i), i)),
+                |i| T::from_f32(input(owner(&bounds, i), i)),
             );
         }
         self.check_bucket::<T>(slice)?;
         let len = 2 * threshold + 9;
         let bounds = even_bounds(len, n);
-        let mut buf = self.upload(&inputs::<T>(self.rank, len))?;
-        self.ring.all_reduce_device(&mut buf).map_err(|e| e.message)?;
-        let got = self.download(&buf)?;
-        let owner = |i: usize| (0..n).find(|&c| bounds.range(c).contains(&i)).unwrap();
+        let got = self.run_on_inputs::<T>(len, |ring, buf| ring.all_reduce_device(buf))?;
         self.compare(
             &format!("ring all-reduce {} n{n} len {len}", T::NAME),
             &got,
             0..len,
-            |i| ring_order(owner(i), i),
+            |i| ring_order(owner(&bounds, i), i),
         );
         Ok(())
     }

@@ -125,13 +125,13 @@ build() {
         mv -f "$out/libcuda.so.1.tmp.$$" "$out/libcuda.so.1"
     fi
     ln -sf libcuda.so.1 "$out/libcuda.so"
-    # The cuBLAS stand-ins (sim/blas/), when they exist: each its own library, using ncsim.h.
+    # The cuBLAS stand-ins (sim/blas/), when they exist: each its own library, using ncsim_client.h.
     local lib soname
     for lib in cublas:libcublas cublaslt:libcublasLt; do
         src="$root/sim/blas/${lib%%:*}.cpp"
         soname="${lib##*:}.so.13"
         [[ -f "$src" ]] || continue
-        if stale "$out/$soname" "$src" "$root"/sim/blas/*.h "$root/sim/include/ncsim.h" "$0"; then
+        if stale "$out/$soname" "$src" "$root"/sim/blas/*.h "$root"/sim/include/*.h "$0"; then
             echo "sim: building target/sim/$soname" >&2
             "$cxx" "${flags[@]}" -shared -Wl,-soname,"$soname" -I"$root/sim/include" -I"$root/sim/blas" \
                 -o "$out/$soname.tmp.$$" "$src" -ldl
@@ -142,7 +142,7 @@ build() {
     # The NCCL stand-in (sim/nccl/): libnccl.so.2, and libnccl.so beside it (the name cudarc loads).
     local nccl_sources=("$root"/sim/nccl/*.cpp)
     if [[ -f "${nccl_sources[0]}" ]]; then
-        if stale "$out/libnccl.so.2" "${nccl_sources[@]}" "$root"/sim/nccl/*.h "$root/sim/include/ncsim.h" "$0"; then
+        if stale "$out/libnccl.so.2" "${nccl_sources[@]}" "$root"/sim/nccl/*.h "$root"/sim/include/*.h "$0"; then
             echo "sim: building target/sim/libnccl.so.2" >&2
             "$cxx" "${flags[@]}" -shared -Wl,-soname,libnccl.so.2 -I"$root/sim/include" \
                 -o "$out/libnccl.so.2.tmp.$$" "${nccl_sources[@]}" -ldl -lrt

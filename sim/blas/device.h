@@ -1,5 +1,5 @@
 // How the simulated cuBLAS / cuBLASLt reach the simulated device: the ncsim_* functions of the already-loaded
-// simulated driver (sim/include/ncsim.h), found on first use, and `submit`,
+// simulated driver (sim/include/ncsim_client.h), and `submit`,
 // which checks, declares, traces and queues one GEMM on a stream, as a kernel launch would be queued.
 // Header-only: each library compiles its own copy.
 #pragma once
@@ -12,7 +12,7 @@
 
 #include "blas_api.h"
 #include "gemm.h"
-#include "ncsim.h"
+#include "ncsim_client.h"
 
 namespace {
 
@@ -44,49 +44,15 @@ int destroy_in_wrong_context(const char* call, const void* handle, int made_on, 
                   handle, expected, now < 0 ? "no device's, not device " : "device ", now);
 }
 
-struct Ncsim {
-    int (*check_range)(const void*, size_t, int, const char*) = nullptr;
-    int (*enqueue)(void*, void (*)(void*), void*, const char*) = nullptr;
-    void (*declare_access)(const void*, size_t, int) = nullptr;
-    void (*trace)(const char*, const char*) = nullptr;
-    int (*current_device)(void) = nullptr;
-};
-
-// One ncsim_* function: from the global scope (a process linked against the driver, or one that opened it
-// with RTLD_GLOBAL, as the tests open their fake), else from the already-loaded libcuda.so.1 itself. cudarc
-// opens the driver with dlopen's default RTLD_LOCAL, so in nc its symbols are not in the global scope, and
-// dlsym(RTLD_DEFAULT, ...) alone does not find them; RTLD_NOLOAD returns the loaded copy and never loads one.
-void* ncsim_symbol(const char* name) {
-    if (void* f = dlsym(RTLD_DEFAULT, name)) return f;
-    static void* driver = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_NOLOAD);
-    return driver ? dlsym(driver, name) : nullptr;
-}
-
-// The driver's functions, or null (with one stderr line) when the loaded libcuda.so.1 is not the simulated
-// one: these libraries only run on the simulated device.
+// The driver's functions (sim/include/ncsim_client.h), or null with one stderr line when the loaded
+// libcuda.so.1 is not the simulated one: these libraries only run on the simulated device.
 const Ncsim* ncsim(const char* call) {
-    static Ncsim functions;
-    static bool found = false;
-    static std::once_flag once;
-    std::call_once(once, [] {
-        functions.check_range =
-            reinterpret_cast<decltype(functions.check_range)>(ncsim_symbol("ncsim_check_range"));
-        functions.enqueue = reinterpret_cast<decltype(functions.enqueue)>(ncsim_symbol("ncsim_enqueue"));
-        functions.declare_access =
-            reinterpret_cast<decltype(functions.declare_access)>(ncsim_symbol("ncsim_declare_access"));
-        functions.trace = reinterpret_cast<decltype(functions.trace)>(ncsim_symbol("ncsim_trace"));
-        functions.current_device =
-            reinterpret_cast<decltype(functions.current_device)>(ncsim_symbol("ncsim_current_device"));
-        found = functions.check_range && functions.enqueue && functions.declare_access && functions.trace &&
-                functions.current_device;
-    });
-    if (!found) {
+    const Ncsim* functions = ncsim_functions();
+    if (!functions)
         refuse(CUBLAS_STATUS_NOT_INITIALIZED, call,
                "the simulated cuBLAS needs the simulated driver (ncsim_* not found in the loaded libcuda.so.1); "
                "run through scripts/sim.sh, or put NVIDIA's cuBLAS on LD_LIBRARY_PATH for a real GPU");
-        return nullptr;
-    }
-    return &functions;
+    return functions;
 }
 
 // Bytes spanned by `batch` column-major matrices of rows x cols (rows, cols >= 1) with leading dimension ld

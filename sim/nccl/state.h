@@ -14,6 +14,7 @@
 #include <string>
 
 #include "nccl_abi.h"
+#include "ncsim_client.h"
 
 namespace nccl {
 
@@ -104,13 +105,6 @@ bool faults_valid();
 Fault fault_for(int rank, uint64_t call);
 
 // ---- ncsim.cpp: the simulated driver ----------------------------------------------------------------------
-struct Ncsim {
-    int (*check_range)(const void*, size_t, int, const char*) = nullptr;
-    int (*enqueue)(void*, void (*)(void*), void*, const char*) = nullptr;
-    void (*declare_access)(const void*, size_t, int) = nullptr;
-    void (*trace)(const char*, const char*) = nullptr;
-    int (*current_device)(void) = nullptr;
-};
 // The driver's functions, or nullptr (with a line naming `call`) when the loaded libcuda.so.1 is not the
 // simulated one.
 const Ncsim* ncsim(const char* call);

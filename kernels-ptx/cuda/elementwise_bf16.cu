@@ -21,20 +21,32 @@ typedef __nv_bfloat16 bf16;
 
 __device__ __forceinline__ size_t grid_start() { return (size_t)blockIdx.x * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ size_t grid_stride() { return (size_t)gridDim.x * blockDim.x; }
+
+// The walk of every kernel here over n elements, grid-stride: when `aligned`, 8 consecutive elements a step
+// (`eight(i)` takes i..i + 8, through 16-byte accesses) up to n rounded down to 8; then the rest (all of them when
+// not aligned) one a step (`one(i)`).
+template <typename Eight, typename One>
+__device__ __forceinline__ void walk(unsigned long long n, bool aligned, Eight eight, One one) {
+    size_t head = 0;
+    if (aligned) {
+        head = n / 8 * 8;
+        for (size_t i = grid_start() * 8; i < head; i += grid_stride() * 8) eight(i);
+    }
+    for (size_t i = head + grid_start(); i < n; i += grid_stride()) one(i);
+}
+
 // ---- casts: dst[i] = src[i] converted (f32 -> bf16 rounds to nearest even, NaN stays NaN; bf16 -> f32 exact).
 
 template <typename Src, typename Dst>
 __device__ void cast(const Src* src, Dst* dst, unsigned long long n) {
-    size_t head = 0;
-    if (aligned16(src) && aligned16(dst)) {
-        head = n / 8 * 8;
-        for (size_t i = grid_start() * 8; i < head; i += grid_stride() * 8) {
+    walk(
+        n, aligned16(src) && aligned16(dst),
+        [&](size_t i) {
             float v[8];
             load8(src + i, v);
             store8(dst + i, v);
-        }
-    }
-    for (size_t i = head + grid_start(); i < n; i += grid_stride()) store1(dst + i, load1(src + i));
+        },
+        [&](size_t i) { store1(dst + i, load1(src + i)); });
 }
 
 // (const f32* src, bf16* dst, u64 n)
@@ -46,10 +58,9 @@ extern "C" __global__ void nc_cast_bf16_to_f32(const bf16* src, float* dst, unsi
 
 template <typename In>
 __device__ void relu2_forward(const In* u, bf16* h, unsigned long long n) {
-    size_t head = 0;
-    if (aligned16(u) && aligned16(h)) {
-        head = n / 8 * 8;
-        for (size_t i = grid_start() * 8; i < head; i += grid_stride() * 8) {
+    walk(
+        n, aligned16(u) && aligned16(h),
+        [&](size_t i) {
             float v[8];
             load8(u + i, v);
             for (int k = 0; k < 8; k++) {
@@ -57,12 +68,11 @@ __device__ void relu2_forward(const In* u, bf16* h, unsigned long long n) {
                 v[k] = r * r;
             }
             store8(h + i, v);
-        }
-    }
-    for (size_t i = head + grid_start(); i < n; i += grid_stride()) {
-        float r = fmaxf(load1(u + i), 0.0f);
-        store1(h + i, r * r);
-    }
+        },
+        [&](size_t i) {
+            float r = fmaxf(load1(u + i), 0.0f);
+            store1(h + i, r * r);
+        });
 }
 
 // (const In* u, bf16* h, u64 n); In is the c_fc GEMM's output type (the name says which).
@@ -79,20 +89,16 @@ extern "C" __global__ void nc_relu2_forward_bf16_to_bf16(const bf16* u, bf16* h,
 
 template <typename U, typename Dh>
 __device__ void relu2_backward(const U* u, const Dh* dh, bf16* du, unsigned long long n) {
-    size_t head = 0;
-    if (aligned16(u) && aligned16(dh) && aligned16(du)) {
-        head = n / 8 * 8;
-        for (size_t i = grid_start() * 8; i < head; i += grid_stride() * 8) {
+    walk(
+        n, aligned16(u) && aligned16(dh) && aligned16(du),
+        [&](size_t i) {
             float a[8], g[8];
             load8(u + i, a);
             load8(dh + i, g);
             for (int k = 0; k < 8; k++) g[k] = g[k] * (2.0f * fmaxf(a[k], 0.0f));
             store8(du + i, g);
-        }
-    }
-    for (size_t i = head + grid_start(); i < n; i += grid_stride()) {
-        store1(du + i, load1(dh + i) * (2.0f * fmaxf(load1(u + i), 0.0f)));
-    }
+        },
+        [&](size_t i) { store1(du + i, load1(dh + i) * (2.0f * fmaxf(load1(u + i), 0.0f))); });
 }
 
 // (const U* u, const Dh* dh, bf16* du, u64 n): the name gives u's storage, then dh's.

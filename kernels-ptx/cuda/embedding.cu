@@ -44,42 +44,46 @@ extern "C" __global__ void nc_embedding_backward_f32(const int* ids, const float
 // the bf16 output a plain copy. One block per row; 16-byte accesses (8 bf16) when d % 8 == 0 and the pointers
 // are 16-byte aligned, scalar ones otherwise.
 
-// (const i32* ids, const bf16* wte, f32* out, i32 n, i32 d)
-extern "C" __global__ void nc_embedding_forward_bf16_f32(const int* ids, const bf16* wte, float* out, int n, int d) {
+// 8 bf16 of a row into the output, 16-byte accesses: widened exactly into f32, or copied into bf16.
+__device__ __forceinline__ void lookup8(const bf16* src, float* dst) {
+    uint4 u = *reinterpret_cast<const uint4*>(src);
+    unsigned w[4] = {u.x, u.y, u.z, u.w};
+    float v[8];
+    for (int k = 0; k < 4; k++) {
+        v[2 * k] = __uint_as_float(w[k] << 16);  // a bf16 is the high half of the f32 with its bits
+        v[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+    }
+    reinterpret_cast<float4*>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+__device__ __forceinline__ void lookup8(const bf16* src, bf16* dst) {
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+}
+// One bf16 into the output (the scalar path).
+__device__ __forceinline__ void lookup1(const bf16* src, float* dst) { *dst = __bfloat162float(*src); }
+__device__ __forceinline__ void lookup1(const bf16* src, bf16* dst) { *dst = *src; }
+
+template <typename Out>
+__device__ void embedding_forward_bf16(const int* ids, const bf16* wte, Out* out, int n, int d) {
     int i = blockIdx.x;
     if (i >= n) return;
     const bf16* src = wte + (size_t)ids[i] * d;
-    float* dst = out + (size_t)i * d;
+    Out* dst = out + (size_t)i * d;
     if (d % 8 == 0 && aligned16(wte) && aligned16(out)) {
-        for (int c = threadIdx.x * 8; c < d; c += blockDim.x * 8) {
-            uint4 u = *reinterpret_cast<const uint4*>(src + c);
-            unsigned w[4] = {u.x, u.y, u.z, u.w};
-            float v[8];
-            for (int k = 0; k < 4; k++) {
-                v[2 * k] = __uint_as_float(w[k] << 16);  // a bf16 is the high half of the f32 with its bits
-                v[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
-            }
-            reinterpret_cast<float4*>(dst + c)[0] = make_float4(v[0], v[1], v[2], v[3]);
-            reinterpret_cast<float4*>(dst + c)[1] = make_float4(v[4], v[5], v[6], v[7]);
-        }
+        for (int c = threadIdx.x * 8; c < d; c += blockDim.x * 8) lookup8(src + c, dst + c);
     } else {
-        for (int c = threadIdx.x; c < d; c += blockDim.x) dst[c] = __bfloat162float(src[c]);
+        for (int c = threadIdx.x; c < d; c += blockDim.x) lookup1(src + c, dst + c);
     }
+}
+
+// (const i32* ids, const bf16* wte, f32* out, i32 n, i32 d)
+extern "C" __global__ void nc_embedding_forward_bf16_f32(const int* ids, const bf16* wte, float* out, int n, int d) {
+    embedding_forward_bf16(ids, wte, out, n, d);
 }
 
 // (const i32* ids, const bf16* wte, bf16* out, i32 n, i32 d)
 extern "C" __global__ void nc_embedding_forward_bf16_bf16(const int* ids, const bf16* wte, bf16* out, int n, int d) {
-    int i = blockIdx.x;
-    if (i >= n) return;
-    const bf16* src = wte + (size_t)ids[i] * d;
-    bf16* dst = out + (size_t)i * d;
-    if (d % 8 == 0 && aligned16(wte) && aligned16(out)) {
-        for (int c = threadIdx.x * 8; c < d; c += blockDim.x * 8) {
-            *reinterpret_cast<uint4*>(dst + c) = *reinterpret_cast<const uint4*>(src + c);
-        }
-    } else {
-        for (int c = threadIdx.x; c < d; c += blockDim.x) dst[c] = src[c];
-    }
+    embedding_forward_bf16(ids, wte, out, n, d);
 }
 
 // ---- deterministic backward. The inverse index of the step's ids (built once per batch, on the host where

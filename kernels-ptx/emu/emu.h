@@ -443,8 +443,9 @@ EMU_RT inline void __syncwarp(unsigned = 0xffffffffu) {
 // 192). A lane offers its value (shfl_out) and takes its partner's: at once when the partner has offered this
 // shuffle's value, else it waits and the partner hands the value over when it offers it. A lane offers its
 // next value only once its partner has taken the previous one (else it waits), so one value per lane is
-// enough. The partner of lane t is t ^ mask for every lane of the warp (the kernels' reductions): a shuffle
-// whose lanes use different masks is not emulated and stops the run. A partner that has returned (or does
+// enough. Values pass between partners, so lane t ^ mask must use the same mask as lane t (the kernels'
+// reductions use one mask per shuffle): a shuffle where partners' masks differ is not emulated and stops the
+// run. A partner that has returned (or does
 // not exist) leaves its last value, as undefined on the device as here.
 EMU_RT inline void emu_shfl_wait(EmuBlock& b, EmuThread& th, EmuThread::State state) {
     th.state = state;

@@ -7,6 +7,10 @@
 #include "emu.h"
 #include "emu_tc.h"
 #include <random>
+#include <signal.h>
+#include <string>
+#include <sys/wait.h>
+#include <unistd.h>
 
 static int failures = 0;
 static void report(const char* what, long bad, long total) {
@@ -223,6 +227,42 @@ static void check_shfl() {
     report("shfl.xor 1..16, two warps", bad, 64 * 5);
 }
 
+// A shuffle in which a lane's partner uses another xor mask (lane 0 reads lane 1, which reads lane 2) is not
+// emulated (emu.h's emu_shfl_exchange: values pass between partners): the run stops with a line naming the
+// kernel and both masks instead of returning a wrong value. Run in a child process, since it aborts; its
+// stderr comes back through a pipe.
+static void shfl_mixed_masks_kernel() {
+    unsigned lane = threadIdx.x % 32;
+    sh_got[threadIdx.x][0] = __shfl_xor_sync(0xffffffffu, (float)lane, lane % 2 ? 3 : 1);
+}
+static void check_shfl_mixed_masks_stop() {
+    int fds[2];
+    if (pipe(fds) != 0) {
+        report("shfl.xor with mixed masks stops the run (no pipe)", 1, 1);
+        return;
+    }
+    fflush(stdout);
+    pid_t child = fork();
+    if (child == 0) {
+        dup2(fds[1], 2);
+        close(fds[0]);
+        launch_named("shfl_mixed_masks", shfl_mixed_masks_kernel, dim3{1, 1, 1}, dim3{32, 1, 1});
+        _exit(0);  // not reached when the emulator stops the run
+    }
+    close(fds[1]);
+    std::string err;
+    char buf[512];
+    for (ssize_t n; (n = read(fds[0], buf, sizeof buf)) > 0;) err.append(buf, size_t(n));
+    close(fds[0]);
+    int status = 0;
+    waitpid(child, &status, 0);
+    bool stopped = WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT;
+    bool says = err.find("kernel shfl_mixed_masks") != std::string::npos &&
+                err.find("different xor masks") != std::string::npos;
+    if (!stopped || !says) printf("  child status %d, stderr: %s\n", status, err.c_str());
+    report("shfl.xor with mixed masks stops the run, naming the kernel", !(stopped && says), 1);
+}
+
 int main() {
     check_mma("mma m16n8k16 bf16, C ~ N(0,1)", 1.0f);
     check_mma("mma m16n8k16 bf16, C ~ N(0,1000) (C dominates)", 1000.0f);
@@ -232,6 +272,7 @@ int main() {
     check_ldmatrix_feeds_mma();
     check_cp_async();
     check_shfl();
+    check_shfl_mixed_masks_stop();
     failures += emu_race_summary();  // run.sh runs every program in race mode
     printf("%d failures\n", failures);
     return failures != 0;

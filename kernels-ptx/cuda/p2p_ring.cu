@@ -177,6 +177,55 @@ __device__ __forceinline__ void block_part(u64 len, u64* lo, u64* hi) {
     *hi = min(*lo + per, len);
 }
 
+// A block's end of the ring's links, one slice at a time: slot k of block b is data + (b * slots + k % slots) *
+// slot_bytes of its owner's data area. A receive waits for the previous rank's SENT flag, reads its slot and
+// releases this rank's CONSUMED flag; a send waits (once the slots have wrapped) for the next rank's CONSUMED
+// flag, fills this rank's slot and releases SENT. The flags count slices: after slice k, k + 1.
+struct RingLink {
+    int b;
+    u64 deadline;
+    char* my_data;
+    const char* prev_data;
+    u64* my_signal;
+    const u64* prev_signal;
+    const u64* next_signal;
+    u64 send_seq, recv_seq;
+    int slots;
+    u64 slot_bytes;
+    int prev_rank, next_rank;
+
+    // Waits until the previous rank has sent its next slice, then points `slot` at it; false after a timeout
+    // (the error word says why: the kernel ends).
+    __device__ __forceinline__ bool wait_recv(const char** slot) {
+        const u64 k = recv_seq++;
+        if (!wait_flag(flag_of((u64*)prev_signal, b, P2P_SENT), k + 1, deadline, my_signal, prev_rank, P2P_SENT))
+            return false;
+        *slot = prev_data + ((u64)b * slots + k % slots) * slot_bytes;
+        return true;
+    }
+    // After the block has read the slice: the previous rank may reuse its slot.
+    __device__ __forceinline__ void release_recv() {
+        __syncthreads();
+        if (threadIdx.x == 0) flag_release(flag_of(my_signal, b, P2P_CONSUMED), recv_seq);
+    }
+    // Waits until the next rank has read what this rank's next slot held, then points `slot` at it; false after
+    // a timeout.
+    __device__ __forceinline__ bool wait_send(char** slot) {
+        const u64 k = send_seq++;
+        if (k >= (u64)slots &&
+            !wait_flag(flag_of((u64*)next_signal, b, P2P_CONSUMED), k + 1 - slots, deadline, my_signal, next_rank,
+                       P2P_CONSUMED))
+            return false;
+        *slot = my_data + ((u64)b * slots + k % slots) * slot_bytes;
+        return true;
+    }
+    // After the block has filled the slot: the next rank may read it.
+    __device__ __forceinline__ void release_send() {
+        __syncthreads();
+        if (threadIdx.x == 0) flag_release(flag_of(my_signal, b, P2P_SENT), send_seq);
+    }
+};
+
 // ---- reduce-scatter
 
 // Send: slot <- this rank's partial of elements [start, start + count) (its own input at step 0, the f32
@@ -228,15 +277,15 @@ __device__ void rs_recv(const T* in, float* work, T* out, const float* peer_slot
 
 // One rank's reduce-scatter, one launch: grid = blocks (<= P2P_MAX_BLOCKS), P2P_THREADS threads. `in`, `work`
 // and `out` may alias (f32 runs in place with all three the caller's buffer; bf16 reads `in`, keeps partials
-// in the f32 `work` of the same length and writes its owned chunk, rounded once, to `out`). Slot k of block b
-// is my_data + (b * slots + k % slots) * slot_bytes; it holds slot_bytes / 4 f32.
+// in the f32 `work` of the same length and writes its owned chunk, rounded once, to `out`). A slot (`RingLink`)
+// holds slot_bytes / 4 f32.
 template <class T>
 __device__ void ring_reduce_scatter(const u64* plan, int n_ops, int last_step, const T* in, float* work, T* out,
                                     char* my_data, const char* prev_data, u64* my_signal, const u64* prev_signal,
                                     const u64* next_signal, u64 send_seq, u64 recv_seq, int slots, u64 slot_bytes,
                                     int prev_rank, int next_rank, u64 timeout_ns) {
-    const int b = blockIdx.x;
-    const u64 deadline = now_ns() + timeout_ns;
+    RingLink link = {(int)blockIdx.x, now_ns() + timeout_ns, my_data, prev_data, my_signal, prev_signal, next_signal,
+                     send_seq, recv_seq, slots, slot_bytes, prev_rank, next_rank};
     for (int i = 0; i < n_ops; i++) {
         const u64 start = plan[2 * i], word = plan[2 * i + 1];
         const u64 len = word & 0xffffffffull;
@@ -244,23 +293,15 @@ __device__ void ring_reduce_scatter(const u64* plan, int n_ops, int last_step, c
         u64 lo, hi;
         block_part(len, &lo, &hi);
         if (word & P2P_OP_RECV) {
-            const u64 k = recv_seq++;
-            if (!wait_flag(flag_of((u64*)prev_signal, b, P2P_SENT), k + 1, deadline, my_signal, prev_rank, P2P_SENT))
-                return;
-            const float* peer_slot = (const float*)(prev_data + ((u64)b * slots + k % slots) * slot_bytes);
-            rs_recv(in, work, out, peer_slot, start + lo, hi - lo, step == last_step);
-            __syncthreads();
-            if (threadIdx.x == 0) flag_release(flag_of(my_signal, b, P2P_CONSUMED), k + 1);
+            const char* peer_slot;
+            if (!link.wait_recv(&peer_slot)) return;
+            rs_recv(in, work, out, (const float*)peer_slot, start + lo, hi - lo, step == last_step);
+            link.release_recv();
         } else {
-            const u64 k = send_seq++;
-            if (k >= (u64)slots &&
-                !wait_flag(flag_of((u64*)next_signal, b, P2P_CONSUMED), k + 1 - slots, deadline, my_signal, next_rank,
-                           P2P_CONSUMED))
-                return;
-            float* slot = (float*)(my_data + ((u64)b * slots + k % slots) * slot_bytes);
-            rs_send(in, work, slot, start + lo, hi - lo, step == 0);
-            __syncthreads();
-            if (threadIdx.x == 0) flag_release(flag_of(my_signal, b, P2P_SENT), k + 1);
+            char* slot;
+            if (!link.wait_send(&slot)) return;
+            rs_send(in, work, (float*)slot, start + lo, hi - lo, step == 0);
+            link.release_send();
         }
     }
 }
@@ -314,8 +355,8 @@ extern "C" __global__ void __launch_bounds__(P2P_THREADS, 1)
                       const char* prev_data, u64* my_signal, const u64* prev_signal, const u64* next_signal,
                       u64 send_seq, u64 recv_seq, int slots, u64 slot_bytes, int prev_rank, int next_rank,
                       u64 timeout_ns) {
-    const int b = blockIdx.x;
-    const u64 deadline = now_ns() + timeout_ns;
+    RingLink link = {(int)blockIdx.x, now_ns() + timeout_ns, my_data, prev_data, my_signal, prev_signal, next_signal,
+                     send_seq, recv_seq, slots, slot_bytes, prev_rank, next_rank};
     for (int i = 0; i < n_ops; i++) {
         const u64 start = plan[2 * i], word = plan[2 * i + 1];
         u64 lo, hi;
@@ -323,21 +364,15 @@ extern "C" __global__ void __launch_bounds__(P2P_THREADS, 1)
         unsigned char* mine = buf + (start + lo) * elem_bytes;
         const u64 bytes = (hi - lo) * elem_bytes;
         if (word & P2P_OP_RECV) {
-            const u64 k = recv_seq++;
-            if (!wait_flag(flag_of((u64*)prev_signal, b, P2P_SENT), k + 1, deadline, my_signal, prev_rank, P2P_SENT))
-                return;
-            copy_bytes(mine, (const unsigned char*)prev_data + ((u64)b * slots + k % slots) * slot_bytes, bytes, false);
-            __syncthreads();
-            if (threadIdx.x == 0) flag_release(flag_of(my_signal, b, P2P_CONSUMED), k + 1);
+            const char* peer_slot;
+            if (!link.wait_recv(&peer_slot)) return;
+            copy_bytes(mine, (const unsigned char*)peer_slot, bytes, false);
+            link.release_recv();
         } else {
-            const u64 k = send_seq++;
-            if (k >= (u64)slots &&
-                !wait_flag(flag_of((u64*)next_signal, b, P2P_CONSUMED), k + 1 - slots, deadline, my_signal, next_rank,
-                           P2P_CONSUMED))
-                return;
-            copy_bytes((unsigned char*)my_data + ((u64)b * slots + k % slots) * slot_bytes, mine, bytes, true);
-            __syncthreads();
-            if (threadIdx.x == 0) flag_release(flag_of(my_signal, b, P2P_SENT), k + 1);
+            char* slot;
+            if (!link.wait_send(&slot)) return;
+            copy_bytes((unsigned char*)slot, mine, bytes, true);
+            link.release_send();
         }
     }
 }

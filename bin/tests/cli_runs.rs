@@ -3,10 +3,34 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
+#[path = "support/procs.rs"]
+mod procs;
+use procs::spawn_until;
+#[path = "support/runs.rs"]
+mod runs;
+use runs::{assert_stdout_has, stopped_at_step, succeeded, text};
 
 fn nc_train() -> Command {
     Command::new(env!("CARGO_BIN_EXE_nc-train"))
+}
+
+/// The embedded default run for `steps` steps into `out`, saving every `save_every` steps (0: only at the end),
+/// evaluating only at the start and the end.
+fn embedded_run(out: &Path, steps: u64, save_every: u64) -> Vec<String> {
+    let (steps, save_every) = (steps.to_string(), save_every.to_string());
+    [
+        "--num-iterations",
+        &steps,
+        "--save-every",
+        &save_every,
+        "--eval-every",
+        "0",
+        "--out-dir",
+        out.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// `cargo run --release --bin nc-train` with no arguments: trains the small model on the embedded corpus,
@@ -59,39 +83,14 @@ fn sigint_saves_and_resume_continues() {
         "--out-dir",
         out_dir.to_str().unwrap(),
     ];
-    let mut child = nc_train()
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let mut seen = Vec::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        let go = line.starts_with("step 00003/");
-        seen.push(line);
-        if go {
-            break;
-        }
-    }
+    let (mut child, mut seen, lines) = spawn_until(nc_train().args(args), "step 00003/");
     // SAFETY: sending a signal to our own child process.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
     seen.extend(lines.map(|l| l.unwrap()));
     let status = child.wait().unwrap();
     let text = seen.join("\n");
     assert_eq!(status.code(), Some(130), "{text}");
-    let stopped = text
-        .lines()
-        .find(|l| l.starts_with("stopped at step "))
-        .unwrap_or_else(|| panic!("{text}"));
-    let step: u64 = stopped["stopped at step ".len()..]
-        .split(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let (stopped, step) = stopped_at_step(text.lines()).unwrap_or_else(|| panic!("{text}"));
     assert!(step >= 4, "{stopped}");
     let ckpt = out_dir.join(format!("checkpoints/step_{step:06}"));
     assert!(ckpt.join("COMPLETE").is_file(), "{text}");
@@ -223,15 +222,6 @@ fn sigkill_mid_save_leaves_a_loadable_checkpoint() {
     eprintln!("kills that left a partial save behind: {partial_seen} of 4");
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 /// Every file under `dir` with its bytes: a folder's state, to show a run changed nothing there.
 fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     let mut files = BTreeMap::new();
@@ -293,11 +283,7 @@ fn default_out_dirs_are_per_model_and_the_stop_hint_resumes_its_run() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", text(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains(&format!("resumed from {saved} at step 2")),
-        "{}",
-        text(&out)
-    );
+    assert_stdout_has(&out, &format!("resumed from {saved} at step 2"));
 }
 
 /// A fresh run (no --resume) into an out dir holding a run is refused with one line naming the folder and the
@@ -308,20 +294,12 @@ fn default_out_dirs_are_per_model_and_the_stop_hint_resumes_its_run() {
 fn a_fresh_run_into_a_used_out_dir_is_refused_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let x = dir.path().join("x");
-    let base = [
-        "--num-iterations",
-        "2",
-        "--eval-every",
-        "0",
-        "--out-dir",
-        x.to_str().unwrap(),
-    ];
-    let out = nc_train().args(base).output().unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    let base = embedded_run(&x, 2, 0);
+    succeeded(nc_train().args(&base), "the first run");
     let before = snapshot(&x);
     let others: [&[&str]; 3] = [&[], &["--depth", "2", "--max-seq-len", "128"], &["--world-size", "2"]];
     for extra in others {
-        let out = nc_train().args(base).args(extra).output().unwrap();
+        let out = nc_train().args(&base).args(extra).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{extra:?}: {}", text(&out));
         assert_eq!(err.trim_end().lines().count(), 1, "{extra:?}: one line: {err}");
@@ -350,18 +328,8 @@ fn a_fresh_run_into_a_used_out_dir_is_refused_and_changes_nothing() {
 fn a_failed_resume_keeps_every_metrics_line() {
     let dir = tempfile::tempdir().unwrap();
     let x = dir.path().join("x");
-    let base = [
-        "--num-iterations",
-        "6",
-        "--save-every",
-        "2",
-        "--eval-every",
-        "0",
-        "--out-dir",
-        x.to_str().unwrap(),
-    ];
-    let out = nc_train().args(base).output().unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    let base = embedded_run(&x, 6, 2);
+    succeeded(nc_train().args(&base), "the first run");
     let metrics = x.join("metrics.jsonl");
     let before = std::fs::read_to_string(&metrics).unwrap();
     let ck2 = x.join("checkpoints/step_000002");
@@ -374,7 +342,7 @@ fn a_failed_resume_keeps_every_metrics_line() {
         "1e30",
     ];
     let out = nc_train()
-        .args(base)
+        .args(&base)
         .args(lrs)
         .args(["--resume", ck2.to_str().unwrap()])
         .output()
@@ -396,7 +364,7 @@ fn a_failed_resume_keeps_every_metrics_line() {
     );
     // refused before training: another batch size than the checkpoint's
     let out = nc_train()
-        .args(base)
+        .args(&base)
         .args(["--total-batch-size", "4096", "--resume", ck2.to_str().unwrap()])
         .output()
         .unwrap();
@@ -411,18 +379,8 @@ fn a_failed_resume_keeps_every_metrics_line() {
 fn resume_refuses_a_corrupt_checkpoint_and_falls_back_to_the_newest_good_one() {
     let dir = tempfile::tempdir().unwrap();
     let x = dir.path().join("x");
-    let base = [
-        "--num-iterations",
-        "4",
-        "--save-every",
-        "2",
-        "--eval-every",
-        "0",
-        "--out-dir",
-        x.to_str().unwrap(),
-    ];
-    let out = nc_train().args(base).output().unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    let base = embedded_run(&x, 4, 2);
+    succeeded(nc_train().args(&base), "the first run");
     let newest = x.join("checkpoints/step_000004");
     let flip = |path: &Path| {
         let mut b = std::fs::read(path).unwrap();
@@ -438,7 +396,7 @@ fn resume_refuses_a_corrupt_checkpoint_and_falls_back_to_the_newest_good_one() {
         }
         flip(&copy.join(file));
         let out = nc_train()
-            .args(base)
+            .args(&base)
             .args(["--resume", copy.to_str().unwrap()])
             .output()
             .unwrap();
@@ -448,7 +406,7 @@ fn resume_refuses_a_corrupt_checkpoint_and_falls_back_to_the_newest_good_one() {
         assert!(err.contains(&copy.join(file).display().to_string()), "{file}: {err}");
     }
     flip(&newest.join("model.safetensors"));
-    let out = nc_train().args(base).arg("--resume").output().unwrap();
+    let out = nc_train().args(&base).arg("--resume").output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let skipped = format!(
@@ -622,11 +580,7 @@ fn nanochat_flags_are_accepted_with_a_note() {
             "{flag}: {notes:?}"
         );
     }
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("depth 4"),
-        "{}",
-        text(&out)
-    );
+    assert_stdout_has(&out, "depth 4");
     // --resume-from-step N: the out dir's step_N, as --resume PATH (refused here: there is none)
     let dir = tempfile::tempdir().unwrap();
     let out = nc_train()
@@ -689,11 +643,7 @@ case "$*" in *cuda_gpu_kern_sum*) echo '"Time (%)","Total Time (ns)","Instances"
             .output()
             .unwrap();
         assert!(out.status.success(), "profile {attempt}: {}", text(&out));
-        assert!(
-            String::from_utf8_lossy(&out.stdout).contains("(0 kernels in all)"),
-            "{}",
-            text(&out)
-        );
+        assert_stdout_has(&out, "(0 kernels in all)");
         let saved = dir.path().join("prof/train/checkpoints/step_000002/COMPLETE");
         assert!(saved.is_file(), "profile {attempt}: {}", text(&out));
     }

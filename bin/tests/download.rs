@@ -84,6 +84,17 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `nc-data download -n N --out OUT --base-url URL` with `extra` flags: (succeeded, stdout and stderr).
+fn download(n: usize, out: &Path, base_url: &str, extra: &[&str]) -> (bool, String) {
+    let n = n.to_string();
+    let args = [
+        &["download", "-n", &n, "--out", s(out), "--base-url", base_url][..],
+        extra,
+    ]
+    .concat();
+    nc_data(&args, &[])
+}
+
 #[test]
 fn downloads_exact_bytes_and_a_second_run_fetches_nothing() {
     let shards = make_shards(5, 1);
@@ -222,22 +233,7 @@ fn a_404_fails_at_once_with_one_line_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("base_data");
     // shard_00003 does not exist on the server: it must be asked for once, not retried.
-    let (ok, text) = nc_data(
-        &[
-            "download",
-            "-n",
-            "4",
-            "--workers",
-            "1",
-            "--out",
-            s(&out),
-            "--base-url",
-            &server.base_url,
-            "--retry-delay-ms",
-            "1",
-        ],
-        &[],
-    );
+    let (ok, text) = download(4, &out, &server.base_url, &["--workers", "1", "--retry-delay-ms", "1"]);
     assert!(!ok, "{text}");
     assert_eq!(server.gets_of(&shard_name(3)), 1, "{text}");
     let lines: Vec<&str> = text
@@ -253,20 +249,7 @@ fn a_404_fails_at_once_with_one_line_naming_the_file() {
     // A permanent failure stops the run: files after it are not started (here with one worker, in order).
     server.always(&shard_name(0), Fault::Status(404));
     let out2 = dir.path().join("second");
-    let (ok, text) = nc_data(
-        &[
-            "download",
-            "-n",
-            "3",
-            "--workers",
-            "1",
-            "--out",
-            s(&out2),
-            "--base-url",
-            &server.base_url,
-        ],
-        &[],
-    );
+    let (ok, text) = download(3, &out2, &server.base_url, &["--workers", "1"]);
     assert!(!ok && text.contains("not started 2"), "{text}");
     // shard_00001 was asked for once, by the first run above; this run never asked.
     assert_eq!(server.gets_of(&shard_name(1)), 1, "{text}");
@@ -346,10 +329,7 @@ fn downloaded_files_feed_train_tokenizer_and_tokenize_unchanged() {
 
     // A second run finds everything complete and asks the server for nothing.
     let gets = server.gets().len();
-    let (ok, text) = nc_data(
-        &["download", "-n", "3", "--out", s(&base), "--base-url", &server.base_url],
-        &[],
-    );
+    let (ok, text) = download(3, &base, &server.base_url, &[]);
     assert!(ok && text.contains("fetched 0") && text.contains("skipped 3"), "{text}");
     assert_eq!(server.gets().len(), gets);
 }
@@ -383,10 +363,7 @@ fn ctrl_c_mid_file_leaves_no_final_file_and_the_next_run_completes_it() {
     assert!(!out.join(shard_name(0)).exists(), "a partial file got its final name");
 
     server.clear(&shard_name(0));
-    let (ok, text) = nc_data(
-        &["download", "-n", "1", "--out", s(&out), "--base-url", &server.base_url],
-        &[],
-    );
+    let (ok, text) = download(1, &out, &server.base_url, &[]);
     assert!(ok && text.contains("fetched 1"), "{text}");
     assert_exact(&out, &shards);
     assert_eq!(
@@ -402,33 +379,11 @@ fn a_second_download_into_the_same_folder_stops_at_once() {
     let server = TestServer::start(&shards);
     let dir = tempfile::tempdir().unwrap();
     let held = lock_folder(dir.path()).unwrap();
-    let (ok, text) = nc_data(
-        &[
-            "download",
-            "-n",
-            "1",
-            "--out",
-            s(dir.path()),
-            "--base-url",
-            &server.base_url,
-        ],
-        &[],
-    );
+    let (ok, text) = download(1, dir.path(), &server.base_url, &[]);
     assert!(!ok && text.contains("another nc-data download is writing to"), "{text}");
     assert!(server.gets().is_empty());
     drop(held);
-    let (ok, text) = nc_data(
-        &[
-            "download",
-            "-n",
-            "1",
-            "--out",
-            s(dir.path()),
-            "--base-url",
-            &server.base_url,
-        ],
-        &[],
-    );
+    let (ok, text) = download(1, dir.path(), &server.base_url, &[]);
     assert!(ok, "{text}");
     assert_exact(dir.path(), &shards);
 }

@@ -16,6 +16,23 @@ fn nc_eval(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_nc-eval")).args(args).output().unwrap()
 }
 
+/// nc-eval with `args`, after it succeeded (else panics with its stderr).
+fn nc_eval_ok(args: &[&str]) -> Output {
+    let out = nc_eval(args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// nc-train with `args`; its stdout, after it succeeded (else panics with its stderr).
+fn nc_train_ok(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_nc-train"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
@@ -30,7 +47,7 @@ fn core_json_equals_the_independent_computation_and_files_are_written() {
     let ckpt = tmp.path().join("step_000400");
     copy_dir(&fixture().join("checkpoint"), &ckpt);
     let (bundle, tok) = (fixture().join("bundle"), fixture().join("tokenizer"));
-    let out = nc_eval(&[
+    let out = nc_eval_ok(&[
         "--checkpoint",
         ckpt.to_str().unwrap(),
         "--core",
@@ -40,7 +57,6 @@ fn core_json_equals_the_independent_computation_and_files_are_written() {
         "--tokenizer",
         tok.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let got: Value = serde_json::from_slice(&out.stdout).unwrap();
     let want: Value = serde_json::from_str(&std::fs::read_to_string(fixture().join("expected.json")).unwrap()).unwrap();
     for key in ["results", "centered_results", "core_metric"] {
@@ -101,30 +117,23 @@ fn nc_train_logs_core_on_nanochats_schedule_or_says_why_not() {
     let tmp = tempfile::tempdir().unwrap();
     let bundle = fixture().join("bundle");
     let train = |out: &Path, bundle: &str| {
-        Command::new(env!("CARGO_BIN_EXE_nc-train"))
-            .args([
-                "--num-iterations",
-                "5",
-                "--core-metric-every",
-                "2",
-                "--core-metric-max-per-task",
-                "12",
-            ])
-            .args([
-                "--eval-bundle",
-                bundle,
-                "--out-dir",
-                out.to_str().unwrap(),
-                "--eval-every",
-                "0",
-            ])
-            .output()
-            .unwrap()
+        nc_train_ok(&[
+            "--num-iterations",
+            "5",
+            "--core-metric-every",
+            "2",
+            "--core-metric-max-per-task",
+            "12",
+            "--eval-bundle",
+            bundle,
+            "--out-dir",
+            out.to_str().unwrap(),
+            "--eval-every",
+            "0",
+        ])
     };
     let run = tmp.path().join("run");
-    let out = train(&run, bundle.to_str().unwrap());
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = train(&run, bundle.to_str().unwrap());
     let steps: Vec<u64> = metrics(&run)
         .iter()
         .filter(|r| r.get("core_metric").is_some())
@@ -144,34 +153,25 @@ fn nc_train_logs_core_on_nanochats_schedule_or_says_why_not() {
     assert!(!stdout.contains("CORE metric failed"), "{stdout}");
 
     let run = tmp.path().join("run2");
-    let out = train(&run, tmp.path().join("nowhere").to_str().unwrap());
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = train(&run, tmp.path().join("nowhere").to_str().unwrap());
     assert_eq!(stdout.matches("CORE metric off").count(), 1, "{stdout}");
     assert!(stdout.contains("nc-data download --eval-bundle"), "{stdout}");
     assert!(metrics(&run).iter().all(|r| r.get("core_metric").is_none()));
 
     // a bundle nanochat would also fail on (a task with fewer examples than its shots) does not end the run
     let run = tmp.path().join("run3");
-    let out = Command::new(env!("CARGO_BIN_EXE_nc-train"))
-        .args([
-            "--num-iterations",
-            "4",
-            "--core-metric-every",
-            "2",
-            "--core-metric-max-per-task",
-            "4",
-        ])
-        .args([
-            "--eval-bundle",
-            bundle.to_str().unwrap(),
-            "--out-dir",
-            run.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = nc_train_ok(&[
+        "--num-iterations",
+        "4",
+        "--core-metric-every",
+        "2",
+        "--core-metric-max-per-task",
+        "4",
+        "--eval-bundle",
+        bundle.to_str().unwrap(),
+        "--out-dir",
+        run.to_str().unwrap(),
+    ]);
     assert_eq!(
         stdout
             .matches("CORE metric failed, off for the rest of the run")
@@ -192,34 +192,30 @@ fn two_training_ranks_striding_give_the_core_of_one_rank_on_the_same_weights() {
     // training, so the two must agree exactly.
     let tmp = tempfile::tempdir().unwrap();
     let (run, bundle) = (tmp.path().join("run"), fixture().join("bundle"));
-    let out = Command::new(env!("CARGO_BIN_EXE_nc-train"))
-        .args(["--world-size", "2", "--num-iterations", "3", "--max-seq-len", "512"])
-        .args([
-            "--device-batch-size",
-            "2",
-            "--total-batch-size",
-            "2048",
-            "--eval-every",
-            "0",
-        ])
-        .args([
-            "--sample-every",
-            "0",
-            "--core-metric-every",
-            "3",
-            "--core-metric-max-per-task",
-            "12",
-        ])
-        .args([
-            "--eval-bundle",
-            bundle.to_str().unwrap(),
-            "--out-dir",
-            run.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = nc_train_ok(&[
+        "--world-size",
+        "2",
+        "--num-iterations",
+        "3",
+        "--max-seq-len",
+        "512",
+        "--device-batch-size",
+        "2",
+        "--total-batch-size",
+        "2048",
+        "--eval-every",
+        "0",
+        "--sample-every",
+        "0",
+        "--core-metric-every",
+        "3",
+        "--core-metric-max-per-task",
+        "12",
+        "--eval-bundle",
+        bundle.to_str().unwrap(),
+        "--out-dir",
+        run.to_str().unwrap(),
+    ]);
     let records: Vec<Value> = metrics(&run)
         .into_iter()
         .filter(|r| r.get("core_metric").is_some())
@@ -232,7 +228,7 @@ fn two_training_ranks_striding_give_the_core_of_one_rank_on_the_same_weights() {
     );
     assert_eq!(records[0]["core_rows_cropped"], 0);
 
-    let one = nc_eval(&[
+    let one = nc_eval_ok(&[
         "--checkpoint",
         run.to_str().unwrap(),
         "--core",
@@ -242,7 +238,6 @@ fn two_training_ranks_striding_give_the_core_of_one_rank_on_the_same_weights() {
         "--eval-bundle",
         bundle.to_str().unwrap(),
     ]);
-    assert!(one.status.success(), "{}", String::from_utf8_lossy(&one.stderr));
     let one: Value = serde_json::from_slice(&one.stdout).unwrap();
     assert_eq!(records[0]["centered_results"], one["centered_results"]);
     assert_eq!(records[0]["core_metric"], one["core_metric"]);
@@ -261,20 +256,20 @@ fn bpb_and_greedy_samples_equal_the_training_runs_own_on_its_checkpoint() {
     // (4 rows of 128 tokens) and greedy sampling, must print the same.
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
-    let out = Command::new(env!("CARGO_BIN_EXE_nc-train"))
-        .args(["--num-iterations", "20", "--dbs", "4", "--total-batch-size", "2048"])
-        .args([
-            "--eval-tokens",
-            "512",
-            "--eval-every",
-            "0",
-            "--out-dir",
-            run.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = nc_train_ok(&[
+        "--num-iterations",
+        "20",
+        "--dbs",
+        "4",
+        "--total-batch-size",
+        "2048",
+        "--eval-tokens",
+        "512",
+        "--eval-every",
+        "0",
+        "--out-dir",
+        run.to_str().unwrap(),
+    ]);
     let last = metrics(&run)
         .into_iter()
         .rfind(|r| r["step"] == 20 && r.get("val_bpb").is_some())
@@ -285,8 +280,7 @@ fn bpb_and_greedy_samples_equal_the_training_runs_own_on_its_checkpoint() {
         last["val_bpb"].as_f64().unwrap()
     );
     let run_dir = run.to_str().unwrap();
-    let bpb = nc_eval(&["--checkpoint", run_dir, "--bpb", "--batch-rows", "4", "--tokens", "512"]);
-    assert!(bpb.status.success(), "{}", String::from_utf8_lossy(&bpb.stderr));
+    let bpb = nc_eval_ok(&["--checkpoint", run_dir, "--bpb", "--batch-rows", "4", "--tokens", "512"]);
     assert_eq!(String::from_utf8_lossy(&bpb.stdout).trim_end(), want);
 
     for prompt in ["The fox is", "2 + 3 ="] {
@@ -304,8 +298,7 @@ fn bpb_and_greedy_samples_equal_the_training_runs_own_on_its_checkpoint() {
             "--max-tokens",
             "24",
         ];
-        let got = nc_eval(&args);
-        assert!(got.status.success(), "{}", String::from_utf8_lossy(&got.stderr));
+        let got = nc_eval_ok(&args);
         assert_eq!(String::from_utf8_lossy(&got.stdout).trim_end(), trained, "{prompt}");
     }
 }

@@ -20,7 +20,7 @@
 //! seconds of CPU on the simulator. Without the simulator (no g++) each test prints why and passes.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 #[path = "support/procs.rs"]
@@ -28,47 +28,35 @@ mod procs;
 use procs::workers_of;
 #[path = "support/rank_faults.rs"]
 mod rank_faults;
+#[path = "support/runs.rs"]
+mod runs;
+#[path = "support/sim_libs.rs"]
+mod sim_libs;
 use rank_faults::{
-    complete_checkpoints, finish, injected_failure_on_rank_1_ends_every_rank, spawn_reading_stderr, wait_for_line,
+    assert_none_was_killed, assert_rank_0_names_rank_1, complete_checkpoints, finish,
+    injected_failure_on_rank_1_ends_every_rank, spawn_reading_stderr, wait_for_line,
 };
+use runs::{
+    assert_curves_close, assert_stdout_has, losses, small_run, succeeded, text, without_launch_vars, BF16_LOSS_TOL,
+    LOSS_TOL,
+};
+use sim_libs::simulator_with;
 
 #[allow(dead_code)]
 #[path = "../../tests/src/sim.rs"]
 mod sim;
 
-/// As bin/tests/processes.rs (see there): fp32 ranks against one process, relative, per step.
-const LOSS_TOL: f64 = 1e-6;
-/// As bin/tests/processes.rs: bf16 ranks against one bf16 process.
-const BF16_LOSS_TOL: f64 = 5e-5;
-
 /// The simulator's libraries with the NCCL stand-in, or None (with the skip line).
 fn simulator() -> Option<PathBuf> {
-    let mut needs = sim::BLAS_LIBRARIES.to_vec();
-    needs.push("libnccl.so");
-    match sim::simulator_libraries(&needs) {
-        Ok(libs) => Some(libs),
-        Err(why) => {
-            eprintln!("no simulated GPU with NCCL: {why}; sim_multi_nccl not run");
-            None
-        }
-    }
+    simulator_with("libnccl.so", "sim_multi_nccl")
 }
 
 /// nc-train on `devices` simulated GPUs (the stand-ins from `libs`), launcher variables of the test's own
 /// environment removed; the caller adds the flags.
 fn nc_train(libs: &Path, devices: usize) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_nc-train"));
-    for v in [
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "LOCAL_WORLD_SIZE",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-    ] {
-        c.env_remove(v);
-    }
-    c.env("LD_LIBRARY_PATH", libs)
+    without_launch_vars(&mut c)
+        .env("LD_LIBRARY_PATH", libs)
         .env("NC_SIM_DEVICES", devices.to_string())
         // every tensor its own driver allocation, so the stand-in's range checks see each one's bounds
         .env("NC_NO_ALLOC_CACHE", "1");
@@ -77,30 +65,7 @@ fn nc_train(libs: &Path, devices: usize) -> Command {
 
 /// The run: processes.rs's model, `dbs` sequences per rank and micro-step, `total` tokens a step.
 fn args(out: &Path, steps: u64, dbs: u64, total: u64) -> Vec<String> {
-    let s = |v: u64| v.to_string();
-    [
-        "--backend",
-        "cuda",
-        "--depth",
-        "2",
-        "--max-seq-len",
-        "32",
-        "--dbs",
-        &s(dbs),
-        "--total-batch-size",
-        &s(total),
-        "--eval-every",
-        "0",
-        "--eval-tokens",
-        "128",
-        "--num-iterations",
-        &s(steps),
-        "--out-dir",
-        out.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect()
+    small_run("cuda", out, steps, dbs, total)
 }
 
 /// `--world-size N --comm nccl`, or nothing for one process.
@@ -110,42 +75,6 @@ fn world(n: usize) -> Vec<String> {
     } else {
         vec!["--world-size".into(), n.to_string(), "--comm".into(), "nccl".into()]
     }
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn succeeded(cmd: &mut Command, what: &str) -> Output {
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{what}: {}", text(&out));
-    out
-}
-
-/// (step, raw_loss), the last record of each step.
-fn losses(out_dir: &Path) -> Vec<(u64, f64)> {
-    let t = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
-    nc_core::train::metrics::last_per_step(&t, "raw_loss")
-        .into_iter()
-        .map(|(step, v)| (step, v["raw_loss"].as_f64().unwrap()))
-        .collect()
-}
-
-/// The largest relative difference of two curves over the same steps (infinite on a NaN).
-fn gap(a: &[(u64, f64)], b: &[(u64, f64)]) -> f64 {
-    assert_eq!(
-        a.iter().map(|x| x.0).collect::<Vec<_>>(),
-        b.iter().map(|x| x.0).collect::<Vec<_>>()
-    );
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| ((x.1 - y.1) / y.1).abs())
-        .fold(0.0, |m, d| if d.is_nan() { f64::INFINITY } else { m.max(d) })
 }
 
 /// fp32: one process accumulating 6 micro-batches, 2 ranks accumulating 3, 3 ranks accumulating 2 (2 sequences
@@ -176,18 +105,12 @@ fn fp32_ranks_over_nccl_match_one_process_and_resume_at_other_world_sizes() {
     );
     assert!(stdout.contains("x 2 ranks, grad accum 3"), "{}", text(&out));
     let (three, out) = run("three", 3, &[]);
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("x 3 ranks, grad accum 2"),
-        "{}",
-        text(&out)
-    );
+    assert_stdout_has(&out, "x 3 ranks, grad accum 2");
     let want = losses(&one);
     assert_eq!(want.len(), 4);
     assert!(want[3].1 < want[0].1 - 0.3, "training should make progress: {want:?}");
     for (what, got) in [("2 ranks", losses(&two)), ("3 ranks", losses(&three))] {
-        let g = gap(&got, &want);
-        eprintln!("fp32 over NCCL: {what} vs one process: {g:e}");
-        assert!(g <= LOSS_TOL, "{what} vs one process: {g:e}\n{got:?}\n{want:?}");
+        assert_curves_close(&format!("fp32 over NCCL: {what} vs one process"), &got, &want, LOSS_TOL);
     }
     // a world-2 checkpoint resumed at world size 1 and 3
     let straight = losses(&two);
@@ -214,9 +137,12 @@ fn fp32_ranks_over_nccl_match_one_process_and_resume_at_other_world_sizes() {
             text(&out)
         );
         let got = losses(&d);
-        let g = gap(&got, &straight);
-        eprintln!("fp32 over NCCL: resumed 2 -> {to} vs straight: {g:e}");
-        assert!(g <= LOSS_TOL, "2 -> {to}: {g:e}\n{got:?}\n{straight:?}");
+        assert_curves_close(
+            &format!("fp32 over NCCL: resumed 2 -> {to} vs straight"),
+            &got,
+            &straight,
+            LOSS_TOL,
+        );
     }
 }
 
@@ -240,21 +166,17 @@ fn bf16_ranks_over_nccl_match_one_process() {
     };
     let (one, _) = run("one", 1);
     let (two, out) = run("two", 2);
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("rank 0 keeps the f32 master of the"),
-        "{}",
-        text(&out)
-    );
+    assert_stdout_has(&out, "rank 0 keeps the f32 master of the");
     let (three, _) = run("three", 3);
     let want = losses(&one);
     assert_eq!(want.len(), 4);
     assert!(want[3].1 < want[0].1 - 0.3, "training should make progress: {want:?}");
     for (what, got) in [("2 ranks", losses(&two)), ("3 ranks", losses(&three))] {
-        let g = gap(&got, &want);
-        eprintln!("bf16 over NCCL: {what} vs one process: {g:e}");
-        assert!(
-            g <= BF16_LOSS_TOL,
-            "bf16 {what} vs one process: {g:e}\n{got:?}\n{want:?}"
+        assert_curves_close(
+            &format!("bf16 over NCCL: {what} vs one process"),
+            &got,
+            &want,
+            BF16_LOSS_TOL,
         );
     }
 }
@@ -278,6 +200,17 @@ fn faulty_run(libs: &Path, out: &Path, save_every: u64, env: &[(&str, &str)]) ->
     cmd
 }
 
+/// Waits (at most 300 s) for the stand-in's stderr line `needle` saying that rank 1 reached collective
+/// FAULT_CALL; every line seen goes into `seen`.
+fn rank_1_reached_the_fault_call(lines: &mpsc::Receiver<String>, needle: &str, seen: &mut Vec<String>) {
+    let reached = wait_for_line(lines, needle, Duration::from_secs(300), seen);
+    assert!(
+        reached,
+        "rank 1 never reached collective {FAULT_CALL}:\n{}",
+        seen.join("\n")
+    );
+}
+
 /// `faulty_run` checkpointing every 2 steps, started, its stderr lines arriving on the receiver as they come.
 fn start_faulty_run(libs: &Path, out: &Path, env: &[(&str, &str)]) -> (Child, mpsc::Receiver<String>) {
     spawn_reading_stderr(&mut faulty_run(libs, out, 2, env))
@@ -293,12 +226,7 @@ fn a_rank_killed_in_a_collective_ends_every_rank_naming_it() {
     let stuck = format!("1:{FAULT_CALL}");
     let (mut sup, lines) = start_faulty_run(&libs, dir.path(), &[("NC_SIM_NCCL_STUCK", &stuck)]);
     let mut seen = Vec::new();
-    let held = wait_for_line(&lines, "will never complete", Duration::from_secs(300), &mut seen);
-    assert!(
-        held,
-        "rank 1 never reached collective {FAULT_CALL}:\n{}",
-        seen.join("\n")
-    );
+    rank_1_reached_the_fault_call(&lines, "will never complete", &mut seen);
     let before = complete_checkpoints(dir.path());
     assert!(
         before.iter().any(|(name, _)| name == "step_000002"),
@@ -323,11 +251,8 @@ fn a_rank_killed_in_a_collective_ends_every_rank_naming_it() {
         stderr.contains(&format!("rank 1 (pid {victim}) was killed by signal 9")),
         "{stderr}"
     );
-    assert!(
-        stderr.lines().any(|l| l.starts_with("rank 0:") && l.contains("rank 1")),
-        "rank 0 names rank 1\n{stderr}"
-    );
-    assert!(!stderr.contains("killing it"), "rank 0 ended by itself\n{stderr}");
+    assert_rank_0_names_rank_1(&stderr);
+    assert_none_was_killed(&stderr);
     assert_eq!(
         complete_checkpoints(dir.path()),
         before,
@@ -354,12 +279,7 @@ fn a_stuck_rank_ends_the_run_after_the_collective_timeout() {
         ],
     );
     let mut seen = Vec::new();
-    let held = wait_for_line(&lines, "will never complete", Duration::from_secs(300), &mut seen);
-    assert!(
-        held,
-        "rank 1 never reached collective {FAULT_CALL}:\n{}",
-        seen.join("\n")
-    );
+    rank_1_reached_the_fault_call(&lines, "will never complete", &mut seen);
     let t0 = Instant::now();
     let status = finish(&mut sup, &lines, Duration::from_secs(timeout + 60), &mut seen);
     let took = t0.elapsed();
@@ -398,11 +318,8 @@ fn a_failing_nccl_call_ends_every_rank_naming_it() {
             && rank1.contains(&format!("NC_SIM_NCCL_FAIL={fail}")),
         "the line names the call and the cause: {rank1}"
     );
-    assert!(
-        stderr.lines().any(|l| l.starts_with("rank 0:") && l.contains("rank 1")),
-        "rank 0 names rank 1\n{stderr}"
-    );
-    assert!(!stderr.contains("killing it"), "every rank ended by itself\n{stderr}");
+    assert_rank_0_names_rank_1(&stderr);
+    assert_none_was_killed(&stderr);
     // after its failed call rank 1 made no other: the stand-in would have seen the ranks' calls differ
     assert!(
         !stderr.contains("collectives differ"),
@@ -420,12 +337,7 @@ fn an_asynchronous_nccl_error_ends_every_rank_naming_it() {
     let fail = format!("1:{FAULT_CALL}:async");
     let (mut sup, lines) = start_faulty_run(&libs, dir.path(), &[("NC_SIM_NCCL_FAIL", &fail)]);
     let mut seen = Vec::new();
-    let failed = wait_for_line(&lines, "asynchronous error", Duration::from_secs(300), &mut seen);
-    assert!(
-        failed,
-        "rank 1 never reached collective {FAULT_CALL}:\n{}",
-        seen.join("\n")
-    );
+    rank_1_reached_the_fault_call(&lines, "asynchronous error", &mut seen);
     let status = finish(&mut sup, &lines, Duration::from_secs(60), &mut seen);
     let stderr = seen.join("\n");
     let status = status.unwrap_or_else(|| panic!("the run did not end within 60 s of the error:\n{stderr}"));
@@ -438,10 +350,7 @@ fn an_asynchronous_nccl_error_ends_every_rank_naming_it() {
         line.contains("ncclSystemError") && line.contains(&format!("NC_SIM_NCCL_FAIL={fail}")),
         "{line}"
     );
-    assert!(
-        stderr.lines().any(|l| l.starts_with("rank 0:") && l.contains("rank 1")),
-        "rank 0 names rank 1\n{stderr}"
-    );
+    assert_rank_0_names_rank_1(&stderr);
 }
 
 /// An out-of-memory on rank 1's device in the middle of the run (NC_SIM_FAIL_ALLOC=150@1: set-up makes about

@@ -22,67 +22,38 @@
 //! 4 steps: each simulated run is 5-10 s of wall time on 2 busy cores. Without the simulator (no g++, or
 //! NC_TEST_SIM=0) each test prints why and passes.
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 #[path = "support/procs.rs"]
 mod procs;
-use procs::{files, workers_of};
+use procs::{files, kill_rank_1, spawn_until, Killed};
 #[path = "support/rank_faults.rs"]
 mod rank_faults;
 use rank_faults::injected_failure_on_rank_1_ends_every_rank;
+#[path = "support/runs.rs"]
+mod runs;
+#[path = "support/sim_libs.rs"]
+mod sim_libs;
+use runs::{
+    assert_curves_close, assert_stdout_has, losses, small_run, succeeded, text, without_launch_vars, BF16_LOSS_TOL,
+    LOSS_TOL,
+};
+use sim_libs::simulator_with;
 
 #[allow(dead_code)]
 #[path = "../../tests/src/sim.rs"]
 mod sim;
 
-/// processes.rs's tolerances: ranks sum their gradients in the ring after the backward, one process
-/// accumulates them during it, so the weights differ in the last bits; a wrong token, step or stale
-/// gradient moves the loss by 1e-3 or more.
-const LOSS_TOL: f64 = 1e-6;
-const BF16_LOSS_TOL: f64 = 5e-5;
-
 /// The simulator with the P2P ring's emulated module and the cuBLAS stand-ins, or None (with the skip line).
 fn simulator() -> Option<PathBuf> {
-    let mut needs = sim::BLAS_LIBRARIES.to_vec();
-    needs.push("gen/kernels_p2p_ring.cpp");
-    match sim::simulator_libraries(&needs) {
-        Ok(libs) => Some(libs),
-        Err(why) => {
-            eprintln!("no simulated GPU: {why}; sim_multi_ring not run");
-            None
-        }
-    }
+    simulator_with("gen/kernels_p2p_ring.cpp", "sim_multi_ring")
 }
 
 /// The run: `steps` steps of `tokens` tokens (32-token sequences, 4 a micro-step on each rank).
 fn args(out: &Path, steps: u64, tokens: usize) -> Vec<String> {
-    let tokens = tokens.to_string();
-    let steps = steps.to_string();
-    let a = [
-        "--backend",
-        "cuda",
-        "--depth",
-        "2",
-        "--max-seq-len",
-        "32",
-        "--dbs",
-        "4",
-        "--total-batch-size",
-        &tokens,
-        "--eval-every",
-        "0",
-        "--eval-tokens",
-        "128",
-        "--sample-every",
-        "0",
-        "--num-iterations",
-        &steps,
-        "--out-dir",
-        out.to_str().unwrap(),
-    ];
-    a.iter().map(|s| s.to_string()).collect()
+    let mut a = small_run("cuda", out, steps, 4, tokens as u64);
+    a.extend(["--sample-every", "0"].map(String::from));
+    a
 }
 
 /// nc-train under scripts/sim.sh with `args` on `devices` simulated devices and extra environment.
@@ -93,58 +64,13 @@ fn nc_train(args: &[String], devices: usize, env: &[(&str, &str)]) -> Command {
         .args(args)
         .env("NC_SIM_DEVICES", devices.to_string());
     // a test process may itself run under a launcher's variables, or the simulator's: the runs set their own
-    for v in [
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "LOCAL_WORLD_SIZE",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "NC_SIM_PEER",
-        "NC_SIM_RACE",
-    ] {
-        cmd.env_remove(v);
-    }
+    without_launch_vars(&mut cmd)
+        .env_remove("NC_SIM_PEER")
+        .env_remove("NC_SIM_RACE");
     for (k, v) in env {
         cmd.env(k, v);
     }
     cmd
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn run_ok(what: &str, cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("starting scripts/sim.sh");
-    assert!(out.status.success(), "{what} failed:\n{}", text(&out));
-    out
-}
-
-/// (step, raw_loss) of metrics.jsonl, the last record of each step.
-fn losses(out_dir: &Path) -> Vec<(u64, f64)> {
-    let t = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
-    nc_core::train::metrics::last_per_step(&t, "raw_loss")
-        .into_iter()
-        .map(|(step, v)| (step, v["raw_loss"].as_f64().unwrap()))
-        .collect()
-}
-
-/// The largest relative loss difference over the steps (infinite for a NaN).
-fn gap(a: &[(u64, f64)], b: &[(u64, f64)]) -> f64 {
-    assert_eq!(
-        a.iter().map(|x| x.0).collect::<Vec<_>>(),
-        b.iter().map(|x| x.0).collect::<Vec<_>>()
-    );
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| ((x.1 - y.1) / y.1).abs())
-        .fold(0.0, |m, d| if d.is_nan() { f64::INFINITY } else { m.max(d) })
 }
 
 /// `world` ranks over the ring against one process accumulating `world` micro-batches of the same tokens.
@@ -153,14 +79,14 @@ fn ring_matches_one_process(what: &str, world: usize, devices: usize, extra: &[&
     let (one, many) = (dir.path().join("one"), dir.path().join("many"));
     let tokens = 128 * world;
     let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-    run_ok(
-        &format!("{what}: one process"),
+    succeeded(
         &mut nc_train(&[args(&one, 4, tokens), extra.clone()].concat(), 1, &[]),
+        &format!("{what}: one process"),
     );
     let world_flag = vec!["--world-size".to_string(), world.to_string()];
-    let out = run_ok(
-        &format!("{what}: {world} processes"),
+    let out = succeeded(
         &mut nc_train(&[args(&many, 4, tokens), extra, world_flag].concat(), devices, &[]),
+        &format!("{what}: {world} processes"),
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -170,9 +96,7 @@ fn ring_matches_one_process(what: &str, world: usize, devices: usize, extra: &[&
     );
     let (a, b) = (losses(&one), losses(&many));
     assert_eq!(a.len(), 4, "{what}: the one process's steps");
-    let g = gap(&b, &a);
-    eprintln!("{what}: {world} processes vs one: largest relative loss difference {g:e} (limit {tol:e})");
-    assert!(g <= tol, "{what}: {world} processes vs one: {g:e}\n{a:?}\n{b:?}");
+    assert_curves_close(&format!("{what}: {world} processes vs one"), &b, &a, tol);
     assert!(a[3].1 < a[0].1 - 0.3, "{what}: training should make progress: {a:?}");
     out
 }
@@ -203,11 +127,7 @@ fn bf16_two_ranks_over_the_ring_match_one_process() {
         &["--comm", "ring", "--precision", "bf16"],
         BF16_LOSS_TOL,
     );
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("comm: peer-to-peer ring"),
-        "{}",
-        text(&out)
-    );
+    assert_stdout_has(&out, "comm: peer-to-peer ring");
 }
 
 #[test]
@@ -216,11 +136,7 @@ fn fp32_three_ranks_two_sharing_a_device_match_one_process() {
         return;
     }
     let out = ring_matches_one_process("fp32 3 ranks on 2 devices", 3, 2, &["--comm", "ring"], LOSS_TOL);
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("3 ranks share 2 GPU(s)"),
-        "{}",
-        text(&out)
-    );
+    assert_stdout_has(&out, "3 ranks share 2 GPU(s)");
 }
 
 #[test]
@@ -244,18 +160,6 @@ fn auto_without_peer_access_picks_nccl_and_says_why() {
     );
 }
 
-fn wait_at_most(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let t0 = Instant::now();
-    while t0.elapsed() < limit {
-        if let Some(st) = child.try_wait().unwrap() {
-            return Some(st);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    None
-}
-
 #[test]
 fn a_rank_killed_during_the_ring_ends_every_rank_naming_it() {
     if simulator().is_none() {
@@ -265,37 +169,20 @@ fn a_rank_killed_during_the_ring_ends_every_rank_naming_it() {
     let mut a = args(dir.path(), 100_000, 256);
     a.extend(["--world-size", "2", "--comm", "ring", "--save-every", "2"].map(String::from));
     // scripts/sim.sh execs nc-train, so the child is the supervisor itself
-    let mut sup = nc_train(&a, 2, &[])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(sup.stdout.take().unwrap()).lines();
-    let mut seen = Vec::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        let go = line.starts_with("step 00003/");
-        seen.push(line);
-        if go {
-            break;
-        }
-    }
+    let (mut sup, seen, _rest) = spawn_until(&mut nc_train(&a, 2, &[]), "step 00003/");
     let ck = dir.path().join("checkpoints/step_000002");
     assert!(
         ck.join("COMPLETE").is_file(),
         "the step-2 checkpoint is complete\n{seen:?}"
     );
     let before = files(&ck);
-    let workers = workers_of(sup.id());
-    assert_eq!(workers.len(), 2, "{workers:?}\n{seen:?}");
-    let (victim, _) = *workers.iter().find(|(_, r)| *r == 1).unwrap();
-    let t0 = Instant::now();
-    // SAFETY: killing a process this test started (through the supervisor).
-    assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
-    let status = wait_at_most(&mut sup, Duration::from_secs(60)).expect("the supervisor exits within 60 s");
-    let took = t0.elapsed();
-    let mut stderr = String::new();
-    sup.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    let Killed {
+        victim,
+        status,
+        took,
+        stderr,
+        ..
+    } = kill_rank_1(&mut sup, &seen);
     assert!(!status.success(), "{stderr}");
     assert!(
         stderr.contains(&format!("rank 1 (pid {victim}) was killed by signal 9")),

@@ -26,6 +26,9 @@ use std::process::{Command, Output};
 #[path = "support/procs.rs"]
 mod procs;
 use procs::files;
+#[path = "support/runs.rs"]
+mod runs;
+use runs::text;
 
 #[allow(dead_code)]
 #[path = "../../tests/src/sim.rs"]
@@ -84,14 +87,6 @@ fn on_simulator(args: &[&str], env: &[(&str, &str)]) -> Output {
         cmd.env(k, v);
     }
     cmd.output().expect("starting scripts/sim.sh")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn assert_succeeded(what: &str, out: &Output) {

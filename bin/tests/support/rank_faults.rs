@@ -91,6 +91,19 @@ pub fn complete_checkpoints(out: &Path) -> Vec<(String, Vec<(String, Vec<u8>)>)>
     all
 }
 
+/// Panics unless rank 0 ended with a line of its own naming rank 1 (its watchdog's, or its failed collective's).
+pub fn assert_rank_0_names_rank_1(stderr: &str) {
+    assert!(
+        stderr.lines().any(|l| l.starts_with("rank 0:") && l.contains("rank 1")),
+        "rank 0 names rank 1\n{stderr}"
+    );
+}
+
+/// Panics if the supervisor had to kill a rank that outlived its grace: every rank must end by itself.
+pub fn assert_none_was_killed(stderr: &str) {
+    assert!(!stderr.contains("killing it"), "every rank ended by itself\n{stderr}");
+}
+
 /// The 2-rank run `cmd` (its supervisor; out dir `out`), with a device failure injected on rank 1 that the
 /// simulator announces with a stderr line containing `injected`, after the run's first checkpoint: within 60 s
 /// of that line every rank has ended by itself (none killed by the supervisor's grace), the supervisor
@@ -157,13 +170,8 @@ pub fn injected_failure_on_rank_1_ends_every_rank(cmd: &mut Command, out: &Path,
         first.starts_with("nc-train: supervisor: rank 1 (pid ") && first.contains("exited with code"),
         "the supervisor names rank 1 first: {first}\n{stderr}"
     );
-    assert!(
-        stderr
-            .lines()
-            .any(|l| l.starts_with("rank 0: ") && l.contains("rank 1")),
-        "rank 0 names rank 1\n{stderr}"
-    );
-    assert!(!stderr.contains("killing it"), "every rank ended by itself\n{stderr}");
+    assert_rank_0_names_rank_1(&stderr);
+    assert_none_was_killed(&stderr);
     assert!(
         complete_checkpoints(out) == before,
         "the complete checkpoints {names:?} changed, or one was added"

@@ -184,23 +184,63 @@ fn inputs(c: &Case, seed: u64) -> Inputs {
     }
 }
 
-/// Runs the fused forward on Bf16 buffers: (y, rstd).
-fn fused_forward(be: &CpuBackend, c: &Case, inp: &Inputs) -> (CpuBuf, CpuBuf) {
-    let mut x = inp.x.clone();
-    let (mut y, mut rstd) = (be.alloc_as(c.len(), Storage::Bf16), be.alloc(c.units()));
-    be.rotary_qknorm_forward(
+/// Which implementation runs: the backend's fused op, or the trait's default of two unfused calls.
+#[derive(Clone, Copy)]
+enum Path {
+    Fused,
+    Unfused,
+}
+
+/// The forward by `path` from `x` (copied: the op uses it as scratch) into a new y stored as `st` and an f32
+/// rstd: (y, rstd).
+fn forward(be: &CpuBackend, path: Path, c: &Case, x: &CpuBuf, table: &CpuBuf, st: Storage) -> (CpuBuf, CpuBuf) {
+    let mut x = x.clone();
+    let (mut y, mut rstd) = (be.alloc_as(c.len(), st), be.alloc(c.units()));
+    let (xv, tv, yv, rv) = (
         ViewMut::all(&mut x),
-        c.batch,
-        c.t,
-        c.heads,
-        c.hd,
-        c.pos0,
-        View::all(&inp.table),
-        RMSNORM_EPS,
+        View::all(table),
         ViewMut::all(&mut y),
         ViewMut::all(&mut rstd),
     );
+    let (b, t, h, hd, p0) = (c.batch, c.t, c.heads, c.hd, c.pos0);
+    match path {
+        Path::Fused => be.rotary_qknorm_forward(xv, b, t, h, hd, p0, tv, RMSNORM_EPS, yv, rv),
+        Path::Unfused => rotary_qknorm_forward_unfused(be, xv, b, t, h, hd, p0, tv, RMSNORM_EPS, yv, rv),
+    }
     (y, rstd)
+}
+
+/// The backward by `path` into a new dx stored as `st`.
+#[allow(clippy::too_many_arguments)]
+fn backward(
+    be: &CpuBackend,
+    path: Path,
+    c: &Case,
+    y: &CpuBuf,
+    rstd: &CpuBuf,
+    dy: &CpuBuf,
+    table: &CpuBuf,
+    st: Storage,
+) -> CpuBuf {
+    let mut dx = be.alloc_as(c.len(), st);
+    let (yv, rv, dyv, tv, dxv) = (
+        View::all(y),
+        View::all(rstd),
+        View::all(dy),
+        View::all(table),
+        ViewMut::all(&mut dx),
+    );
+    let (b, t, h, hd, p0) = (c.batch, c.t, c.heads, c.hd, c.pos0);
+    match path {
+        Path::Fused => be.rotary_qknorm_backward(yv, rv, dyv, b, t, h, hd, p0, tv, dxv),
+        Path::Unfused => rotary_qknorm_backward_unfused(be, yv, rv, dyv, b, t, h, hd, p0, tv, dxv),
+    }
+    dx
+}
+
+/// Runs the fused forward on Bf16 buffers: (y, rstd).
+fn fused_forward(be: &CpuBackend, c: &Case, inp: &Inputs) -> (CpuBuf, CpuBuf) {
+    forward(be, Path::Fused, c, &inp.x, &inp.table, Storage::Bf16)
 }
 
 #[test]
@@ -217,21 +257,7 @@ fn fused_forward_rounds_only_the_normalized_output() {
         assert_rounds_once(&format!("case {i} forward y"), &y.0, &want_y);
 
         // The old two ops round the rotated value into the bf16 scratch first: the check must see it.
-        let mut x = inp.x.clone();
-        let (mut y2, mut rstd2) = (be.alloc_as(c.len(), Storage::Bf16), be.alloc(c.units()));
-        rotary_qknorm_forward_unfused(
-            &be,
-            ViewMut::all(&mut x),
-            c.batch,
-            c.t,
-            c.heads,
-            c.hd,
-            c.pos0,
-            View::all(&inp.table),
-            RMSNORM_EPS,
-            ViewMut::all(&mut y2),
-            ViewMut::all(&mut rstd2),
-        );
+        let (y2, _) = forward(&be, Path::Unfused, c, &inp.x, &inp.table, Storage::Bf16);
         assert_detects_double_rounding(&format!("case {i} two-op forward"), &y2.0, &want_y);
     }
 }
@@ -242,37 +268,12 @@ fn fused_backward_rounds_only_the_projection_gradient() {
     for (i, c) in CASES.iter().enumerate() {
         let inp = inputs(c, 200 + i as u64);
         let (y, rstd) = fused_forward(&be, c, &inp);
-        let mut dx = be.alloc_as(c.len(), Storage::Bf16);
-        be.rotary_qknorm_backward(
-            View::all(&y),
-            View::all(&rstd),
-            View::all(&inp.dy),
-            c.batch,
-            c.t,
-            c.heads,
-            c.hd,
-            c.pos0,
-            View::all(&inp.table),
-            ViewMut::all(&mut dx),
-        );
+        let dx = backward(&be, Path::Fused, c, &y, &rstd, &inp.dy, &inp.table, Storage::Bf16);
         let want = reference_backward(c, &y.0, &rstd.0, &inp.dy.0, &inp.table.0);
         assert_rounds_once(&format!("case {i} backward dx"), &dx.0, &want);
 
         // The old two ops round g into the bf16 dx before rotating it.
-        let mut dx2 = be.alloc_as(c.len(), Storage::Bf16);
-        rotary_qknorm_backward_unfused(
-            &be,
-            View::all(&y),
-            View::all(&rstd),
-            View::all(&inp.dy),
-            c.batch,
-            c.t,
-            c.heads,
-            c.hd,
-            c.pos0,
-            View::all(&inp.table),
-            ViewMut::all(&mut dx2),
-        );
+        let dx2 = backward(&be, Path::Unfused, c, &y, &rstd, &inp.dy, &inp.table, Storage::Bf16);
         assert_detects_double_rounding(&format!("case {i} two-op backward"), &dx2.0, &want);
     }
 }
@@ -285,66 +286,19 @@ fn on_f32_buffers_the_fused_op_is_the_two_ops_exactly() {
     let mut rng = TestRng(3);
     let x0: Vec<f32> = (0..c.len()).map(|_| rng.normal() as f32).collect();
     let dy: Vec<f32> = (0..c.len()).map(|_| rng.normal() as f32).collect();
-    let (table, dy) = (CpuBuf::f32(rotary_table(c.max_pos(), c.hd)), CpuBuf::f32(dy));
+    let (table, dy, x) = (
+        CpuBuf::f32(rotary_table(c.max_pos(), c.hd)),
+        CpuBuf::f32(dy),
+        CpuBuf::f32(x0),
+    );
 
-    let mut x = CpuBuf::f32(x0.clone());
-    let (mut y, mut rstd) = (be.alloc(c.len()), be.alloc(c.units()));
-    be.rotary_qknorm_forward(
-        ViewMut::all(&mut x),
-        c.batch,
-        c.t,
-        c.heads,
-        c.hd,
-        c.pos0,
-        View::all(&table),
-        RMSNORM_EPS,
-        ViewMut::all(&mut y),
-        ViewMut::all(&mut rstd),
-    );
-    let mut x2 = CpuBuf::f32(x0);
-    let (mut y2, mut rstd2) = (be.alloc(c.len()), be.alloc(c.units()));
-    rotary_qknorm_forward_unfused(
-        &be,
-        ViewMut::all(&mut x2),
-        c.batch,
-        c.t,
-        c.heads,
-        c.hd,
-        c.pos0,
-        View::all(&table),
-        RMSNORM_EPS,
-        ViewMut::all(&mut y2),
-        ViewMut::all(&mut rstd2),
-    );
+    let (y, rstd) = forward(&be, Path::Fused, c, &x, &table, Storage::F32);
+    let (y2, rstd2) = forward(&be, Path::Unfused, c, &x, &table, Storage::F32);
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&y.0), bits(&y2.0));
     assert_eq!(bits(&rstd.0), bits(&rstd2.0));
 
-    let (mut dx, mut dx2) = (be.alloc(c.len()), be.alloc(c.len()));
-    be.rotary_qknorm_backward(
-        View::all(&y),
-        View::all(&rstd),
-        View::all(&dy),
-        c.batch,
-        c.t,
-        c.heads,
-        c.hd,
-        c.pos0,
-        View::all(&table),
-        ViewMut::all(&mut dx),
-    );
-    rotary_qknorm_backward_unfused(
-        &be,
-        View::all(&y),
-        View::all(&rstd),
-        View::all(&dy),
-        c.batch,
-        c.t,
-        c.heads,
-        c.hd,
-        c.pos0,
-        View::all(&table),
-        ViewMut::all(&mut dx2),
-    );
+    let dx = backward(&be, Path::Fused, c, &y, &rstd, &dy, &table, Storage::F32);
+    let dx2 = backward(&be, Path::Unfused, c, &y, &rstd, &dy, &table, Storage::F32);
     assert_eq!(bits(&dx.0), bits(&dx2.0));
 }

@@ -280,6 +280,13 @@ impl CudaBackend {
     }
 }
 
+/// Whether a two-operand elementwise op takes its bf16 path (either operand stored bf16) rather than the
+/// f32 kernel; the operands must be one length (`what`: the op and its operands, for the message).
+fn either_bf16(what: &str, a: View<'_, CudaBackend>, b: View<'_, CudaBackend>) -> bool {
+    assert_eq!(a.len, b.len, "CUDA {what} lengths differ");
+    a.buf.storage == Storage::Bf16 || b.buf.storage == Storage::Bf16
+}
+
 /// `len` elements of a view, checked (the model passes views at least as long as the shapes need).
 fn need(what: &str, have: usize, want: usize) {
     assert!(
@@ -767,31 +774,29 @@ impl Backend for CudaBackend {
     }
 
     fn relu2_forward(&self, u: View<'_, Self>, h: ViewMut<'_, Self>) {
-        assert_eq!(u.len, h.len, "CUDA relu2_forward: u and h lengths differ");
-        if u.buf.storage == Storage::Bf16 || h.buf.storage == Storage::Bf16 {
+        if either_bf16("relu2_forward: u and h", u, h.view()) {
             return self.relu2_forward_bf16(u, h);
         }
         let n = h.len;
-        let args = [self.ptr(u), self.ptr_mut(h), count(n)];
-        self.elementwise(nc_kernels::RELU2_FORWARD, n, &args);
+        self.elementwise(nc_kernels::RELU2_FORWARD, n, &[self.ptr(u), self.ptr_mut(h), count(n)]);
     }
     fn relu2_backward(&self, u: View<'_, Self>, dh_to_du: ViewMut<'_, Self>) {
-        assert_eq!(u.len, dh_to_du.len, "CUDA relu2_backward: u and dh lengths differ");
-        if u.buf.storage == Storage::Bf16 || dh_to_du.buf.storage == Storage::Bf16 {
+        if either_bf16("relu2_backward: u and dh", u, dh_to_du.view()) {
             return self.relu2_backward_bf16(u, dh_to_du);
         }
         let n = u.len;
-        let args = [self.ptr(u), self.ptr_mut(dh_to_du), count(n)];
-        self.elementwise(nc_kernels::RELU2_BACKWARD, n, &args);
+        self.elementwise(
+            nc_kernels::RELU2_BACKWARD,
+            n,
+            &[self.ptr(u), self.ptr_mut(dh_to_du), count(n)],
+        );
     }
     fn add_inplace(&self, x: ViewMut<'_, Self>, y: View<'_, Self>) {
-        assert_eq!(x.len, y.len, "CUDA add_inplace: x and y lengths differ");
-        if x.buf.storage == Storage::Bf16 || y.buf.storage == Storage::Bf16 {
+        if either_bf16("add_inplace: x and y", x.view(), y) {
             return self.add_inplace_widened(x, y);
         }
         let n = x.len;
-        let args = [self.ptr_mut(x), self.ptr(y), count(n)];
-        self.elementwise(nc_kernels::ADD_INPLACE, n, &args);
+        self.elementwise(nc_kernels::ADD_INPLACE, n, &[self.ptr_mut(x), self.ptr(y), count(n)]);
     }
 
     fn softcap_cross_entropy(

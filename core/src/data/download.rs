@@ -32,14 +32,20 @@ pub fn shard_name(index: usize) -> String {
 
 /// nanochat's folder for the shards: `$NANOCHAT_BASE_DIR/base_data`, by default `~/.cache/nanochat/base_data`.
 pub fn default_out_dir() -> Result<PathBuf> {
+    nanochat_subdir("base_data", "folder", "--out DIR")
+}
+
+/// nanochat's folder `sub`: `$NANOCHAT_BASE_DIR/<sub>`, by default `~/.cache/nanochat/<sub>`. With neither
+/// variable set, an error naming the default `what` there is none of and the `flag` that names one.
+pub fn nanochat_subdir(sub: &str, what: &str, flag: &str) -> Result<PathBuf> {
     if let Some(base) = std::env::var_os("NANOCHAT_BASE_DIR").filter(|v| !v.is_empty()) {
-        return Ok(PathBuf::from(base).join("base_data"));
+        return Ok(PathBuf::from(base).join(sub));
     }
     match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
-        Some(home) => Ok(PathBuf::from(home).join(".cache/nanochat/base_data")),
-        None => Err(NcError::new(
-            "HOME is not set, so there is no default folder: pass --out DIR",
-        )),
+        Some(home) => Ok(PathBuf::from(home).join(".cache/nanochat").join(sub)),
+        None => Err(NcError::new(format!(
+            "HOME is not set, so there is no default {what}: pass {flag}"
+        ))),
     }
 }
 

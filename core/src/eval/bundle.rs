@@ -38,15 +38,7 @@ pub struct EvalBundle {
 
 /// nanochat's bundle folder: `$NANOCHAT_BASE_DIR/eval_bundle`, by default `~/.cache/nanochat/eval_bundle`.
 pub fn default_bundle_dir() -> Result<PathBuf> {
-    if let Some(base) = std::env::var_os("NANOCHAT_BASE_DIR").filter(|v| !v.is_empty()) {
-        return Ok(PathBuf::from(base).join("eval_bundle"));
-    }
-    match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
-        Some(home) => Ok(PathBuf::from(home).join(".cache/nanochat/eval_bundle")),
-        None => Err(NcError::new(
-            "HOME is not set, so there is no default eval bundle folder: pass --eval-bundle DIR",
-        )),
-    }
+    crate::data::download::nanochat_subdir("eval_bundle", "eval bundle folder", "--eval-bundle DIR")
 }
 
 /// The line that tells a user how to get the bundle.

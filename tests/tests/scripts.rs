@@ -184,9 +184,24 @@ fn built_by_cargo(name: &str) -> Option<PathBuf> {
         .map(|(_, path)| path)
 }
 
+/// Whether `binary` (the bench, which embeds the kernels' PTX) is older than a file of kernels-ptx/ptx/: it may
+/// then embed PTX whose source stamp the simulated driver refuses (`cargo test` rebuilds tests but not
+/// benches, so a bench left from before a kernel change is stale).
+fn built_before_the_ptx(binary: &Path) -> bool {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let Some(built) = modified(binary) else { return false };
+    std::fs::read_dir(root().join("kernels-ptx/ptx"))
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| modified(&e.path()))
+        .any(|ptx| ptx > built)
+}
+
 /// A GPU_CHECK_BIN_DIR of links to the binaries this cargo build made (the script's `build` step would run
 /// cargo inside cargo test, whose other package selection resolves other features and rebuilds the workspace:
-/// ~10 minutes here). Returns the default steps whose binaries are all there, and a line per missing one.
+/// ~10 minutes here). Returns the default steps whose binaries are all there and current, and a line per missing
+/// or stale one.
 fn link_gpu_check_binaries(dir: &Path) -> (Vec<&'static str>, Vec<String>) {
     let mut steps = Vec::new();
     let mut missing = Vec::new();
@@ -194,6 +209,14 @@ fn link_gpu_check_binaries(dir: &Path) -> (Vec<&'static str>, Vec<String>) {
         let mut all = true;
         for name in names {
             match built_by_cargo(name) {
+                // cargo test rebuilds the test binaries and nc-train, not the bench
+                Some(path) if step == "bench" && built_before_the_ptx(&path) => {
+                    missing.push(format!(
+                        "{step} needs {name}, built before the PTX it embeds changed (rebuild it: cargo build \
+                         --release --workspace --all-targets; cargo test does not rebuild benches)"
+                    ));
+                    all = false;
+                }
                 Some(path) => std::os::unix::fs::symlink(&path, dir.join(name)).unwrap(),
                 None => {
                     missing.push(format!("{step} needs {name}, which this build has not made"));

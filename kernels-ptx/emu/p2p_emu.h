@@ -50,6 +50,7 @@ inline unsigned __float_as_uint(float f) {
     return u;
 }
 using std::min;
+#include "p2p_emu_common.h"  // now_ns, peer_load (after uint4)
 
 // A store held back until a release: where, and up to 16 bytes.
 struct PendingStore {
@@ -120,14 +121,6 @@ inline unsigned long long flag_acquire(const unsigned long long* flag) {
     std::this_thread::yield();  // emulated ranks outnumber the cores
     return v;
 }
-inline unsigned long long now_ns() {
-    return (unsigned long long)std::chrono::duration_cast<std::chrono::nanoseconds>(
-               std::chrono::steady_clock::now().time_since_epoch())
-        .count();
-}
-inline uint4 peer_load(const uint4* p) { return *p; }
-inline float peer_load(const float* p) { return *p; }
-inline unsigned short peer_load(const unsigned short* p) { return *p; }
 
 // Runs `body(rank)` as `ranks` concurrent launches of `blocks` x `threads`. `late_rank` (or -1) starts
 // `late_ms` after the others: a slow peer, so a reader that does not really wait reads stale data.

@@ -111,16 +111,7 @@ EMU_RT inline unsigned long long flag_acquire(const unsigned long long* flag) {
     return v;
 }
 
-EMU_RT inline unsigned long long now_ns() {
-    return (unsigned long long)std::chrono::duration_cast<std::chrono::nanoseconds>(
-               std::chrono::steady_clock::now().time_since_epoch())
-        .count();
-}
-
-// Loads of a peer's slot: plain loads (the kernel orders them after its acquire and barrier).
-inline uint4 peer_load(const uint4* p) { return *p; }
-inline float peer_load(const float* p) { return *p; }
-inline unsigned short peer_load(const unsigned short* p) { return *p; }
+#include "p2p_emu_common.h"  // now_ns, peer_load (uint4 is emu.h's)
 
 // Every thread gets whether any thread's predicate was non-zero. Three barriers: thread 0 clears the block's
 // word only once every thread has read the previous result, and reads happen only once every thread has set it.

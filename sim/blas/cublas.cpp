@@ -31,17 +31,8 @@ struct CublasHandle {
 
 constexpr int VERSION = 130002;
 
-// Live handles, so a destroyed or made-up handle is refused instead of read.
-std::mutex handles_mutex;
-std::vector<CublasHandle*> handles;
-
-CublasHandle* live(cublasHandle_t h) {
-    auto* handle = reinterpret_cast<CublasHandle*>(h);
-    std::lock_guard<std::mutex> lock(handles_mutex);
-    for (CublasHandle* x : handles)
-        if (x == handle) return handle;
-    return nullptr;
-}
+constexpr const char* LIBRARY = "cuBLAS";
+Registry<CublasHandle> handles;
 
 bool ranges_overlap(const Access& x, const Access& y) {
     auto x0 = reinterpret_cast<uintptr_t>(x.ptr), y0 = reinterpret_cast<uintptr_t>(y.ptr);
@@ -55,37 +46,11 @@ bool valid_op(int op) {
 }  // namespace
 
 NCSIM_BLAS_EXPORT int cublasCreate_v2(cublasHandle_t* handle) {
-    const char* call = "cublasCreate_v2";
-    if (!handle) return refuse(CUBLAS_STATUS_INVALID_VALUE, call, "handle is NULL");
-    const Ncsim* sim = ncsim(call);
-    if (!sim) return CUBLAS_STATUS_NOT_INITIALIZED;
-    // No current context is no error: the real library's runtime would then use device 0's primary context.
-    auto* h = new CublasHandle();
-    h->device = sim->current_device();
-    {
-        std::lock_guard<std::mutex> lock(handles_mutex);
-        handles.push_back(h);
-    }
-    *handle = reinterpret_cast<cublasHandle_t>(h);
-    return CUBLAS_STATUS_SUCCESS;
+    return create_handle("cublasCreate_v2", handles, handle);
 }
 
 NCSIM_BLAS_EXPORT int cublasDestroy_v2(cublasHandle_t handle) {
-    const char* call = "cublasDestroy_v2";
-    auto* h = reinterpret_cast<CublasHandle*>(handle);
-    {
-        std::lock_guard<std::mutex> lock(handles_mutex);
-        auto it = std::find(handles.begin(), handles.end(), h);
-        if (it == handles.end())
-            return refuse(CUBLAS_STATUS_NOT_INITIALIZED, call, "handle %p is not a live cuBLAS handle",
-                          static_cast<void*>(handle));
-        const Ncsim* sim = ncsim(call);
-        if (int status = destroy_in_wrong_context(call, h, h->device, sim ? sim->current_device() : -1))
-            return status;
-        handles.erase(it);
-    }
-    delete h;
-    return CUBLAS_STATUS_SUCCESS;
+    return destroy_handle("cublasDestroy_v2", handles, handle, LIBRARY);
 }
 
 NCSIM_BLAS_EXPORT int cublasGetVersion_v2(cublasHandle_t handle, int* version) {
@@ -96,20 +61,18 @@ NCSIM_BLAS_EXPORT int cublasGetVersion_v2(cublasHandle_t handle, int* version) {
 }
 
 NCSIM_BLAS_EXPORT int cublasSetStream_v2(cublasHandle_t handle, cudaStream_t stream) {
-    CublasHandle* h = live(handle);
-    if (!h)
-        return refuse(CUBLAS_STATUS_NOT_INITIALIZED, "cublasSetStream_v2", "handle %p is not a live cuBLAS handle",
-                      static_cast<void*>(handle));
+    int status = 0;
+    CublasHandle* h = live_handle(handles, handle, LIBRARY, "cublasSetStream_v2", &status);
+    if (!h) return status;
     h->stream = stream;
     return CUBLAS_STATUS_SUCCESS;
 }
 
 NCSIM_BLAS_EXPORT int cublasSetMathMode(cublasHandle_t handle, int mode) {
     const char* call = "cublasSetMathMode";
-    CublasHandle* h = live(handle);
-    if (!h)
-        return refuse(CUBLAS_STATUS_NOT_INITIALIZED, call, "handle %p is not a live cuBLAS handle",
-                      static_cast<void*>(handle));
+    int status = 0;
+    CublasHandle* h = live_handle(handles, handle, LIBRARY, call, &status);
+    if (!h) return status;
     int base = mode & ~CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION;
     if (base == CUBLAS_TENSOR_OP_MATH)
         return refuse(CUBLAS_STATUS_NOT_SUPPORTED, call,
@@ -125,10 +88,9 @@ NCSIM_BLAS_EXPORT int cublasSgemm_v2(cublasHandle_t handle, int transa, int tran
                                      const float* alpha, const float* A, int lda, const float* B, int ldb,
                                      const float* beta, float* C, int ldc) {
     const char* call = "cublasSgemm_v2";
-    CublasHandle* h = live(handle);
-    if (!h)
-        return refuse(CUBLAS_STATUS_NOT_INITIALIZED, call, "handle %p is not a live cuBLAS handle",
-                      static_cast<void*>(handle));
+    int status = 0;
+    CublasHandle* h = live_handle(handles, handle, LIBRARY, call, &status);
+    if (!h) return status;
     if (!valid_op(transa)) return refuse(CUBLAS_STATUS_INVALID_VALUE, call, "transa = %d is not an operation", transa);
     if (!valid_op(transb)) return refuse(CUBLAS_STATUS_INVALID_VALUE, call, "transb = %d is not an operation", transb);
     if (m < 0 || n < 0 || k < 0)

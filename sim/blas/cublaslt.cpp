@@ -18,8 +18,6 @@
 //   the preference promised (256 bytes by default), and cublasLtMatmul refuses pointers less aligned.
 // Checks the real library does not make, because on a GPU the result would be undefined: D overlapping A or
 // B, C overlapping D other than exactly (in place), batches of D overlapping each other.
-#include <unordered_set>
-
 #include "device.h"
 
 namespace {
@@ -56,27 +54,7 @@ struct LtPref {
     uint32_t align[4] = {256, 256, 256, 256};  // A, B, C, D
 };
 
-// Live objects of one kind, so a destroyed or made-up handle is refused instead of read.
-template <class T>
-struct Registry {
-    std::mutex mutex;
-    std::unordered_set<T*> live;
-    T* add(T* x) {
-        std::lock_guard<std::mutex> lock(mutex);
-        live.insert(x);
-        return x;
-    }
-    T* find(const void* x) {
-        std::lock_guard<std::mutex> lock(mutex);
-        auto it = live.find(static_cast<T*>(const_cast<void*>(x)));
-        return it == live.end() ? nullptr : *it;
-    }
-    bool remove(const void* x) {
-        std::lock_guard<std::mutex> lock(mutex);
-        return live.erase(static_cast<T*>(const_cast<void*>(x))) == 1;
-    }
-};
-
+constexpr const char* LIBRARY = "cuBLASLt";
 Registry<LtHandle> handles;
 Registry<LtDesc> descs;
 Registry<LtLayout> layouts;
@@ -111,6 +89,12 @@ Elem elem_of(int type) {
     return type == CUDA_R_16BF ? Elem::Bf16 : Elem::F32;
 }
 
+// The objects a matmul or heuristic query names.
+struct MatmulObjects {
+    LtDesc* desc = nullptr;
+    LtLayout *a = nullptr, *b = nullptr, *c = nullptr, *d = nullptr;
+};
+
 // The problem the descriptor and layouts describe, checked as cublasLtMatmul and the heuristic check it.
 struct Problem {
     Gemm g;  // sizes, types, ops, lds and strides; pointers and scalars are filled in by cublasLtMatmul
@@ -134,8 +118,9 @@ int check_layout(const char* call, const char* name, const LtLayout& l) {
     return CUBLAS_STATUS_SUCCESS;
 }
 
-int resolve(const char* call, const LtDesc& desc, const LtLayout& a, const LtLayout& b, const LtLayout& c,
-            const LtLayout& d, Problem* out) {
+int resolve(const char* call, const MatmulObjects& objects, Problem* out) {
+    const LtDesc& desc = *objects.desc;
+    const LtLayout &a = *objects.a, &b = *objects.b, &c = *objects.c, &d = *objects.d;
     if (!supported_compute(desc.compute))
         return refuse(CUBLAS_STATUS_NOT_SUPPORTED, call, "compute type %d is not implemented", desc.compute);
     if (desc.scale_type != CUDA_R_32F)
@@ -217,6 +202,28 @@ T* lookup(Registry<T>& registry, const void* x, const char* call, const char* wh
     return found;
 }
 
+// Destroys a live descriptor, layout or preference.
+template <class T>
+int destroy_object(Registry<T>& registry, const void* x, const char* call, const char* what) {
+    if (!registry.remove(x)) return refuse(CUBLAS_STATUS_INVALID_VALUE, call, "%s %p is not live", what, x);
+    delete static_cast<T*>(const_cast<void*>(x));
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+// The descriptor and the layouts of a matmul or heuristic query, checked live in this order (C's is D's when
+// NULL); the first one that is not live is refused.
+int lookup_matmul(const char* call, const void* desc, const void* a, const void* b, const void* c, const void* d,
+                  MatmulObjects* out) {
+    int status = 0;
+    MatmulObjects& o = *out;
+    o.desc = lookup(descs, desc, call, "descriptor", &status);
+    o.a = o.desc ? lookup(layouts, a, call, "A layout", &status) : nullptr;
+    o.b = o.a ? lookup(layouts, b, call, "B layout", &status) : nullptr;
+    o.d = o.b ? lookup(layouts, d, call, "D layout", &status) : nullptr;
+    o.c = !o.d ? nullptr : c ? lookup(layouts, c, call, "C layout", &status) : o.d;
+    return status;
+}
+
 }  // namespace
 
 NCSIM_BLAS_EXPORT size_t cublasLtGetVersion(void) {
@@ -224,29 +231,11 @@ NCSIM_BLAS_EXPORT size_t cublasLtGetVersion(void) {
 }
 
 NCSIM_BLAS_EXPORT int cublasLtCreate(cublasLtHandle_t* handle) {
-    const char* call = "cublasLtCreate";
-    if (!handle) return refuse(CUBLAS_STATUS_INVALID_VALUE, call, "handle is NULL");
-    const Ncsim* sim = ncsim(call);
-    if (!sim) return CUBLAS_STATUS_NOT_INITIALIZED;
-    auto* h = new LtHandle();
-    h->device = sim->current_device();
-    handles.add(h);
-    *handle = reinterpret_cast<cublasLtHandle_t>(h);
-    return CUBLAS_STATUS_SUCCESS;
+    return create_handle("cublasLtCreate", handles, handle);
 }
 
 NCSIM_BLAS_EXPORT int cublasLtDestroy(cublasLtHandle_t handle) {
-    const char* call = "cublasLtDestroy";
-    auto* live = handles.find(handle);
-    if (!live)
-        return refuse(CUBLAS_STATUS_NOT_INITIALIZED, call, "handle %p is not a live cuBLASLt handle",
-                      static_cast<void*>(handle));
-    const Ncsim* sim = ncsim(call);
-    if (int status = destroy_in_wrong_context(call, live, live->device, sim ? sim->current_device() : -1))
-        return status;
-    handles.remove(handle);
-    delete reinterpret_cast<LtHandle*>(handle);
-    return CUBLAS_STATUS_SUCCESS;
+    return destroy_handle("cublasLtDestroy", handles, handle, LIBRARY);
 }
 
 NCSIM_BLAS_EXPORT int cublasLtMatmulDescCreate(cublasLtMatmulDesc_t* desc, int compute_type, int scale_type) {
@@ -263,11 +252,7 @@ NCSIM_BLAS_EXPORT int cublasLtMatmulDescCreate(cublasLtMatmulDesc_t* desc, int c
 }
 
 NCSIM_BLAS_EXPORT int cublasLtMatmulDescDestroy(cublasLtMatmulDesc_t desc) {
-    if (!descs.remove(desc))
-        return refuse(CUBLAS_STATUS_INVALID_VALUE, "cublasLtMatmulDescDestroy", "descriptor %p is not live",
-                      static_cast<void*>(desc));
-    delete reinterpret_cast<LtDesc*>(desc);
-    return CUBLAS_STATUS_SUCCESS;
+    return destroy_object(descs, desc, "cublasLtMatmulDescDestroy", "descriptor");
 }
 
 NCSIM_BLAS_EXPORT int cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t desc, int attr, const void* buf,
@@ -334,11 +319,7 @@ NCSIM_BLAS_EXPORT int cublasLtMatrixLayoutCreate(cublasLtMatrixLayout_t* layout,
 }
 
 NCSIM_BLAS_EXPORT int cublasLtMatrixLayoutDestroy(cublasLtMatrixLayout_t layout) {
-    if (!layouts.remove(layout))
-        return refuse(CUBLAS_STATUS_INVALID_VALUE, "cublasLtMatrixLayoutDestroy", "layout %p is not live",
-                      static_cast<void*>(layout));
-    delete reinterpret_cast<LtLayout*>(layout);
-    return CUBLAS_STATUS_SUCCESS;
+    return destroy_object(layouts, layout, "cublasLtMatrixLayoutDestroy", "layout");
 }
 
 NCSIM_BLAS_EXPORT int cublasLtMatrixLayoutSetAttribute(cublasLtMatrixLayout_t layout, int attr, const void* buf,
@@ -384,11 +365,7 @@ NCSIM_BLAS_EXPORT int cublasLtMatmulPreferenceCreate(cublasLtMatmulPreference_t*
 }
 
 NCSIM_BLAS_EXPORT int cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreference_t pref) {
-    if (!prefs.remove(pref))
-        return refuse(CUBLAS_STATUS_INVALID_VALUE, "cublasLtMatmulPreferenceDestroy", "preference %p is not live",
-                      static_cast<void*>(pref));
-    delete reinterpret_cast<LtPref*>(pref);
-    return CUBLAS_STATUS_SUCCESS;
+    return destroy_object(prefs, pref, "cublasLtMatmulPreferenceDestroy", "preference");
 }
 
 NCSIM_BLAS_EXPORT int cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t pref, int attr,
@@ -420,22 +397,17 @@ NCSIM_BLAS_EXPORT int cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t handle, cu
                                                      cublasLtMatmulPreference_t pref, int requested,
                                                      cublasLtMatmulHeuristicResult_t* results, int* returned) {
     const char* call = "cublasLtMatmulAlgoGetHeuristic";
-    if (!handles.find(handle))
-        return refuse(CUBLAS_STATUS_NOT_INITIALIZED, call, "handle %p is not a live cuBLASLt handle",
-                      static_cast<void*>(handle));
+    int status = 0;
+    if (!live_handle(handles, handle, LIBRARY, call, &status)) return status;
     if (requested <= 0) return refuse(CUBLAS_STATUS_INVALID_VALUE, call, "requestedAlgoCount = %d <= 0", requested);
     if (!results || !returned) return refuse(CUBLAS_STATUS_INVALID_VALUE, call, "a result pointer is NULL");
     *returned = 0;
-    int status = 0;
-    LtDesc* de = lookup(descs, desc, call, "descriptor", &status);
-    LtLayout* la = de ? lookup(layouts, a, call, "A layout", &status) : nullptr;
-    LtLayout* lb = la ? lookup(layouts, b, call, "B layout", &status) : nullptr;
-    LtLayout* ld = lb ? lookup(layouts, d, call, "D layout", &status) : nullptr;
-    LtLayout* lc = !ld ? nullptr : c ? lookup(layouts, c, call, "C layout", &status) : ld;
-    LtPref* pr = lc ? lookup(prefs, pref, call, "preference", &status) : nullptr;
+    MatmulObjects o;
+    if ((status = lookup_matmul(call, desc, a, b, c, d, &o))) return status;
+    LtPref* pr = lookup(prefs, pref, call, "preference", &status);
     if (!pr) return status;
     Problem problem;
-    if ((status = resolve(call, *de, *la, *lb, *lc, *ld, &problem))) return status;
+    if ((status = resolve(call, o, &problem))) return status;
     cublasLtMatmulAlgo_t algos[2];
     int count = std::min(candidate_algos(*pr, algos), requested);
     // Plausible figures: 128 x 128 output tiles spread over an H100's 132 SMs.
@@ -500,19 +472,15 @@ NCSIM_BLAS_EXPORT int cublasLtMatmul(cublasLtHandle_t handle, cublasLtMatmulDesc
                                      const cublasLtMatmulAlgo_t* algo, void* workspace, size_t workspace_bytes,
                                      cudaStream_t stream) {
     const char* call = "cublasLtMatmul";
-    if (!handles.find(handle))
-        return refuse(CUBLAS_STATUS_NOT_INITIALIZED, call, "handle %p is not a live cuBLASLt handle",
-                      static_cast<void*>(handle));
     int status = 0;
-    LtDesc* de = lookup(descs, desc, call, "descriptor", &status);
-    LtLayout* la = de ? lookup(layouts, a_layout, call, "A layout", &status) : nullptr;
-    LtLayout* lb = la ? lookup(layouts, b_layout, call, "B layout", &status) : nullptr;
-    LtLayout* ld = lb ? lookup(layouts, d_layout, call, "D layout", &status) : nullptr;
-    LtLayout* lc = !ld ? nullptr : c_layout ? lookup(layouts, c_layout, call, "C layout", &status) : ld;
-    if (!lc) return status;
+    if (!live_handle(handles, handle, LIBRARY, call, &status)) return status;
+    MatmulObjects o;
+    if ((status = lookup_matmul(call, desc, a_layout, b_layout, c_layout, d_layout, &o))) return status;
+    const LtDesc* de = o.desc;
+    const LtLayout *la = o.a, *lb = o.b, *lc = o.c, *ld = o.d;
     if (!alpha || !beta) return refuse(CUBLAS_STATUS_INVALID_VALUE, call, "alpha or beta is NULL");
     Problem problem;
-    if ((status = resolve(call, *de, *la, *lb, *lc, *ld, &problem))) return status;
+    if ((status = resolve(call, o, &problem))) return status;
     Gemm& g = problem.g;
     const Ncsim* sim = ncsim(call);
     if (!sim) return CUBLAS_STATUS_NOT_INITIALIZED;

@@ -9,6 +9,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <mutex>
+#include <unordered_set>
 
 #include "blas_api.h"
 #include "gemm.h"
@@ -53,6 +54,77 @@ const Ncsim* ncsim(const char* call) {
                "the simulated cuBLAS needs the simulated driver (ncsim_* not found in the loaded libcuda.so.1); "
                "run through scripts/sim.sh, or put NVIDIA's cuBLAS on LD_LIBRARY_PATH for a real GPU");
     return functions;
+}
+
+// Live objects of one kind (a library's handles; cuBLASLt's descriptors, layouts and preferences), so a destroyed
+// or made-up one is refused instead of read.
+template <class T>
+struct Registry {
+    static constexpr int NOT_LIVE = -1;
+    std::mutex mutex;
+    std::unordered_set<T*> live;
+    T* add(T* x) {
+        std::lock_guard<std::mutex> lock(mutex);
+        live.insert(x);
+        return x;
+    }
+    T* find(const void* x) {
+        std::lock_guard<std::mutex> lock(mutex);
+        auto it = live.find(static_cast<T*>(const_cast<void*>(x)));
+        return it == live.end() ? nullptr : *it;
+    }
+    bool remove(const void* x) {
+        std::lock_guard<std::mutex> lock(mutex);
+        return live.erase(static_cast<T*>(const_cast<void*>(x))) == 1;
+    }
+    // Removes x when it is live and `check(x)` returns 0, under one lock, so that two destroys of one object
+    // cannot both pass; NOT_LIVE when x is not live, else check's status.
+    template <class Check>
+    int remove_checked(const void* x, Check check) {
+        std::lock_guard<std::mutex> lock(mutex);
+        auto it = live.find(static_cast<T*>(const_cast<void*>(x)));
+        if (it == live.end()) return NOT_LIVE;
+        if (int status = check(*it)) return status;
+        live.erase(it);
+        return 0;
+    }
+};
+
+// A library handle (`H`: cuBLAS's or cuBLASLt's, with an `int device`) made in the current device's context.
+template <class H, class Out>
+int create_handle(const char* call, Registry<H>& handles, Out* out) {
+    if (!out) return refuse(CUBLAS_STATUS_INVALID_VALUE, call, "handle is NULL");
+    const Ncsim* sim = ncsim(call);
+    if (!sim) return CUBLAS_STATUS_NOT_INITIALIZED;
+    // No current context is no error: the real library's runtime would then use device 0's primary context.
+    auto* h = new H();
+    h->device = sim->current_device();
+    handles.add(h);
+    *out = reinterpret_cast<Out>(h);
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+// The live handle `handle` of `library` ("cuBLAS", "cuBLASLt"), or null with *status set after one line.
+template <class H>
+H* live_handle(Registry<H>& handles, const void* handle, const char* library, const char* call, int* status) {
+    H* h = handles.find(handle);
+    if (!h)
+        *status = refuse(CUBLAS_STATUS_NOT_INITIALIZED, call, "handle %p is not a live %s handle", handle, library);
+    return h;
+}
+
+// Destroys a live handle, in the context it was made in (destroy_in_wrong_context).
+template <class H>
+int destroy_handle(const char* call, Registry<H>& handles, const void* handle, const char* library) {
+    int status = handles.remove_checked(handle, [&](H* h) {
+        const Ncsim* sim = ncsim(call);
+        return destroy_in_wrong_context(call, h, h->device, sim ? sim->current_device() : -1);
+    });
+    if (status == Registry<H>::NOT_LIVE)
+        return refuse(CUBLAS_STATUS_NOT_INITIALIZED, call, "handle %p is not a live %s handle", handle, library);
+    if (status) return status;
+    delete static_cast<H*>(const_cast<void*>(handle));
+    return CUBLAS_STATUS_SUCCESS;
 }
 
 // Bytes spanned by `batch` column-major matrices of rows x cols (rows, cols >= 1) with leading dimension ld

@@ -36,6 +36,8 @@
 #include <cstring>
 #include <vector>
 
+#include "ncsim_bf16.h"
+
 namespace {
 
 enum class Elem { F32, Bf16 };
@@ -46,22 +48,6 @@ size_t elem_bytes(Elem e) {
 
 const char* elem_name(Elem e) {
     return e == Elem::F32 ? "f32" : "bf16";
-}
-
-float bf16_to_f32(uint16_t h) {
-    uint32_t bits = uint32_t(h) << 16;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-}
-
-uint16_t f32_to_bf16_rne(float f) {
-    uint32_t bits;
-    std::memcpy(&bits, &f, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fff;
-    // Round to nearest even on the 16 bits dropped; overflow carries into the exponent (to inf) as it should.
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return uint16_t(bits >> 16);
 }
 
 float round_to_tf32(float f) {
@@ -100,14 +86,14 @@ struct Gemm {
 
 float load(const void* base, Elem type, int64_t index) {
     if (type == Elem::F32) return static_cast<const float*>(base)[index];
-    return bf16_to_f32(static_cast<const uint16_t*>(base)[index]);
+    return ncsim_bf16::bf16_to_f32(static_cast<const uint16_t*>(base)[index]);
 }
 
 void store(void* base, Elem type, int64_t index, float v) {
     if (type == Elem::F32)
         static_cast<float*>(base)[index] = v;
     else
-        static_cast<uint16_t*>(base)[index] = f32_to_bf16_rne(v);
+        static_cast<uint16_t*>(base)[index] = ncsim_bf16::f32_to_bf16_canonical_nan(v);
 }
 
 constexpr int MR = 8;      // rows of op(A) per register tile
@@ -121,35 +107,34 @@ float operand_at(const Operand& x, const void* base, int64_t row, int64_t col) {
     return load(base, x.type, index);
 }
 
-// Rows [i0, i0 + rows) of op(A), all k columns, as slivers of MR rows: out[s*k*MR + p*MR + r]. Rows past the
-// end are zero (their results are never stored).
-void pack_a(const Operand& a, const void* base, int64_t i0, int64_t rows, int64_t k, bool tf32, float* out) {
-    for (int64_t s = 0; s * MR < rows; s++) {
-        float* sliver = out + s * k * MR;
-        for (int r = 0; r < MR; r++) {
-            int64_t i = i0 + s * MR + r;
-            bool live = s * MR + r < rows;
+// Rows [i0, i0 + rows) of op(X), all k columns, as slivers of W rows: out[s*k*W + p*W + r]. Rows past the end
+// are zero (their results are never stored).
+template <int W>
+void pack_rows(const Operand& x, const void* base, int64_t i0, int64_t rows, int64_t k, bool tf32, float* out) {
+    for (int64_t s = 0; s * W < rows; s++) {
+        float* sliver = out + s * k * W;
+        for (int r = 0; r < W; r++) {
+            int64_t i = i0 + s * W + r;
+            bool live = s * W + r < rows;
             for (int64_t p = 0; p < k; p++) {
-                float v = live ? operand_at(a, base, i, p) : 0.0f;
-                sliver[p * MR + r] = tf32 ? round_to_tf32(v) : v;
+                float v = live ? operand_at(x, base, i, p) : 0.0f;
+                sliver[p * W + r] = tf32 ? round_to_tf32(v) : v;
             }
         }
     }
 }
 
-// Columns [j0, j0 + cols) of op(B), all k rows, as slivers of NR columns: out[s*k*NR + p*NR + c].
+// Rows [i0, i0 + rows) of op(A) as slivers of MR rows.
+void pack_a(const Operand& a, const void* base, int64_t i0, int64_t rows, int64_t k, bool tf32, float* out) {
+    pack_rows<MR>(a, base, i0, rows, k, tf32, out);
+}
+
+// Columns [j0, j0 + cols) of op(B), all k rows, as slivers of NR columns: out[s*k*NR + p*NR + c]. The columns
+// of op(B) are the rows of op(B)^T, which is the same stored matrix read with the other transpose.
 void pack_b(const Operand& b, const void* base, int64_t j0, int64_t cols, int64_t k, bool tf32, float* out) {
-    for (int64_t s = 0; s * NR < cols; s++) {
-        float* sliver = out + s * k * NR;
-        for (int c = 0; c < NR; c++) {
-            int64_t j = j0 + s * NR + c;
-            bool live = s * NR + c < cols;
-            for (int64_t p = 0; p < k; p++) {
-                float v = live ? operand_at(b, base, p, j) : 0.0f;
-                sliver[p * NR + c] = tf32 ? round_to_tf32(v) : v;
-            }
-        }
-    }
+    Operand b_transposed = b;
+    b_transposed.trans = !b.trans;
+    pack_rows<NR>(b_transposed, base, j0, cols, k, tf32, out);
 }
 
 typedef float v4f __attribute__((vector_size(16)));

@@ -52,20 +52,32 @@ void fault(const char* fmt, ...) {
 
 }  // namespace sim
 
-SIM_API CUresult cuGetErrorName(CUresult error, const char** out) {
+// The table of every CUresult (error_codes.inc), for both lookups.
+struct ErrorCode {
+    CUresult value;
+    const char* name;
+    const char* text;
+};
+#define SIM_ERROR_ROW(value, name, text) {value, name, text},
+static const ErrorCode kErrorCodes[] = {SIM_ERROR_CODES(SIM_ERROR_ROW)};
+
+// *out = the `field` of `error`'s row; CUDA_ERROR_INVALID_VALUE (and *out = NULL) for a value not in the table.
+static CUresult describe(CUresult error, const char** out, const char* ErrorCode::*field) {
     if (!out) return CUDA_ERROR_INVALID_VALUE;
-#define SIM_NAME_CASE(value, name, text) \
-    case value: *out = name; return CUDA_SUCCESS;
-    switch (error) { SIM_ERROR_CODES(SIM_NAME_CASE) }
+    for (const ErrorCode& code : kErrorCodes) {
+        if (code.value == error) {
+            *out = code.*field;
+            return CUDA_SUCCESS;
+        }
+    }
     *out = nullptr;
     return CUDA_ERROR_INVALID_VALUE;
 }
 
+SIM_API CUresult cuGetErrorName(CUresult error, const char** out) {
+    return describe(error, out, &ErrorCode::name);
+}
+
 SIM_API CUresult cuGetErrorString(CUresult error, const char** out) {
-    if (!out) return CUDA_ERROR_INVALID_VALUE;
-#define SIM_TEXT_CASE(value, name, text) \
-    case value: *out = text; return CUDA_SUCCESS;
-    switch (error) { SIM_ERROR_CODES(SIM_TEXT_CASE) }
-    *out = nullptr;
-    return CUDA_ERROR_INVALID_VALUE;
+    return describe(error, out, &ErrorCode::text);
 }

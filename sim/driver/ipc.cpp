@@ -19,14 +19,12 @@
 
 namespace sim {
 
-// The handle's bytes: a magic word, then the fields (little-endian, as written by this same library).
+// The handle's bytes: a magic word, the exporter's pid, then where the allocation is in its file (as written
+// by this same library: the layout only has to agree with itself).
 struct HandleBytes {
     char magic[8];  // "ncsimipc"
     int32_t pid;
-    int32_t fd;
-    uint64_t file_offset, pages_bytes, start_offset, size;
-    int32_t device;
-    uint32_t spare;
+    IpcExport where;  // `fd` is the exporter's descriptor number, to be opened through /proc/PID/fd
 };
 static_assert(sizeof(HandleBytes) <= sizeof(CUipcMemHandle), "the handle must fit CUDA's 64 bytes");
 static const char kMagic[8] = {'n', 'c', 's', 'i', 'm', 'i', 'p', 'c'};
@@ -110,15 +108,10 @@ SIM_API CUresult cuIpcGetMemHandle(CUipcMemHandle* handle, CUdeviceptr ptr) {
               "opens the handle may read the bytes before they land; synchronize before exporting",
               (unsigned long long)ptr, (unsigned long long)e.size, pending.c_str());
     HandleBytes h;
-    std::memset(&h, 0, sizeof h);
+    std::memset(static_cast<void*>(&h), 0, sizeof h);  // padding included: the handle's bytes are all defined
     std::memcpy(h.magic, kMagic, sizeof kMagic);
     h.pid = int32_t(getpid());
-    h.fd = e.fd;
-    h.file_offset = e.file_offset;
-    h.pages_bytes = e.pages_bytes;
-    h.start_offset = e.start_offset;
-    h.size = e.size;
-    h.device = e.device;
+    h.where = e;
     std::memset(handle->reserved, 0, sizeof handle->reserved);
     std::memcpy(handle->reserved, &h, sizeof h);
     trace("ipc-export", std::to_string(e.size), e.size);
@@ -135,33 +128,27 @@ SIM_API CUresult cuIpcOpenMemHandle_v2(CUdeviceptr* out, CUipcMemHandle handle, 
                     "(1), got %u", flags);
     HandleBytes h;
     std::memcpy(&h, handle.reserved, sizeof h);
-    if (std::memcmp(h.magic, kMagic, sizeof kMagic) != 0 || h.pages_bytes == 0 || h.size > h.pages_bytes)
+    const IpcExport& e = h.where;
+    if (std::memcmp(h.magic, kMagic, sizeof kMagic) != 0 || e.pages_bytes == 0 || e.size > e.pages_bytes)
         return fail(CUDA_ERROR_INVALID_VALUE, "cuIpcOpenMemHandle: not a handle from this simulator's "
                     "cuIpcGetMemHandle");
     if (h.pid == int32_t(getpid()))
         return fail(CUDA_ERROR_INVALID_CONTEXT, "cuIpcOpenMemHandle: the handle was exported by this process (the "
                     "driver opens only other processes' handles)");
     int me = context_device(c);
-    if (h.device != me && !peers_allowed())
+    if (e.device != me && !peers_allowed())
         return fail(CUDA_ERROR_PEER_ACCESS_UNSUPPORTED, "cuIpcOpenMemHandle: the memory is on device %d, this context "
-                    "on device %d, and peer access is off (NC_SIM_PEER=0)", h.device, me);
-    std::string path = "/proc/" + std::to_string(h.pid) + "/fd/" + std::to_string(h.fd);
+                    "on device %d, and peer access is off (NC_SIM_PEER=0)", e.device, me);
+    std::string path = "/proc/" + std::to_string(h.pid) + "/fd/" + std::to_string(e.fd);
     int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
     if (fd < 0)
         return fail(CUDA_ERROR_INVALID_HANDLE, "cuIpcOpenMemHandle: opening %s failed (%s): has process %d, which "
                     "exported the handle, ended?", path.c_str(), strerror(errno), h.pid);
-    IpcExport e;
-    e.fd = h.fd;
-    e.file_offset = h.file_offset;
-    e.pages_bytes = h.pages_bytes;
-    e.start_offset = h.start_offset;
-    e.size = h.size;
-    e.device = h.device;
     uint64_t at = 0;
     CUresult r = import_mapping(me, fd, e, at);
     close(fd);  // the mapping keeps the file
     if (r == CUDA_SUCCESS) *out = at;
-    if (r == CUDA_SUCCESS) trace("ipc-open", std::to_string(h.size), h.size);
+    if (r == CUDA_SUCCESS) trace("ipc-open", std::to_string(e.size), e.size);
     return r;
 }
 

@@ -18,6 +18,7 @@
 #include <cstring>
 #include <vector>
 
+#include "ncsim_bf16.h"
 #include "state.h"
 
 namespace nccl {
@@ -58,47 +59,31 @@ struct Op {
     cudaStream_t stream = nullptr;
 };
 
-static float bf16_to_f32(uint16_t h) {
-    uint32_t u = uint32_t(h) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
+// One rank-order sum per element (see the top of the file): out[i] = the sum over ranks of slot_p[offset + i],
+// with `add` the element type's addition.
+template <class T, class Add>
+static void sum_slots_as(const Comm* c, size_t offset_bytes, size_t len, unsigned char* out, Add add) {
+    for (size_t i = 0; i < len; i++) {
+        T acc;
+        std::memcpy(&acc, slot_of(c, 0) + offset_bytes + sizeof(T) * i, sizeof(T));
+        for (int p = 1; p < c->nranks; p++) {
+            T x;
+            std::memcpy(&x, slot_of(c, p) + offset_bytes + sizeof(T) * i, sizeof(T));
+            acc = add(acc, x);
+        }
+        std::memcpy(out + sizeof(T) * i, &acc, sizeof(T));
+    }
 }
 
-// Round to nearest even; a NaN stays a (quiet) NaN.
-static uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return uint16_t(u >> 16);
-}
-
-// out[i] = the sum over ranks of slot_p[offset + i], in rank order (see the top of the file).
+// out[i] = the sum over ranks of slot_p[offset + i], in rank order: f32 additions, or for bf16 each partial sum
+// rounded to bf16 (nearest even; a NaN stays a quiet NaN of the same sign).
 static void sum_slots(const Comm* c, size_t offset_bytes, size_t len, int dtype, unsigned char* out) {
-    const int n = c->nranks;
     if (dtype == ncclFloat32) {
-        for (size_t i = 0; i < len; i++) {
-            float acc;
-            std::memcpy(&acc, slot_of(c, 0) + offset_bytes + 4 * i, 4);
-            for (int p = 1; p < n; p++) {
-                float x;
-                std::memcpy(&x, slot_of(c, p) + offset_bytes + 4 * i, 4);
-                acc = acc + x;
-            }
-            std::memcpy(out + 4 * i, &acc, 4);
-        }
+        sum_slots_as<float>(c, offset_bytes, len, out, [](float acc, float x) { return acc + x; });
     } else {
-        for (size_t i = 0; i < len; i++) {
-            uint16_t acc;
-            std::memcpy(&acc, slot_of(c, 0) + offset_bytes + 2 * i, 2);
-            for (int p = 1; p < n; p++) {
-                uint16_t x;
-                std::memcpy(&x, slot_of(c, p) + offset_bytes + 2 * i, 2);
-                acc = f32_to_bf16(bf16_to_f32(acc) + bf16_to_f32(x));
-            }
-            std::memcpy(out + 2 * i, &acc, 2);
-        }
+        sum_slots_as<uint16_t>(c, offset_bytes, len, out, [](uint16_t acc, uint16_t x) {
+            return ncsim_bf16::f32_to_bf16_quiet_nan(ncsim_bf16::bf16_to_f32(acc) + ncsim_bf16::bf16_to_f32(x));
+        });
     }
 }
 

@@ -212,26 +212,23 @@ NCCL_API ncclResult_t ncclCommGetAsyncError(ncclComm_t comm, ncclResult_t* async
     return ncclSuccess;
 }
 
-NCCL_API ncclResult_t ncclCommCount(ncclComm_t comm, int* count) {
-    Comm* c = live_comm(comm, "ncclCommCount");
+// The queries of one of a live communicator's fields: *out = c->*field. `out_name` names the parameter.
+static ncclResult_t query(ncclComm_t comm, const char* call, int* out, const char* out_name, int Comm::*field) {
+    Comm* c = live_comm(comm, call);
     if (!c) return ncclInvalidArgument;
-    if (!count) return refuse(ncclInvalidArgument, "ncclCommCount: count is NULL");
-    *count = c->nranks;
+    if (!out) return refuse(ncclInvalidArgument, "%s: %s is NULL", call, out_name);
+    *out = c->*field;
     return ncclSuccess;
+}
+
+NCCL_API ncclResult_t ncclCommCount(ncclComm_t comm, int* count) {
+    return query(comm, "ncclCommCount", count, "count", &Comm::nranks);
 }
 
 NCCL_API ncclResult_t ncclCommUserRank(ncclComm_t comm, int* rank) {
-    Comm* c = live_comm(comm, "ncclCommUserRank");
-    if (!c) return ncclInvalidArgument;
-    if (!rank) return refuse(ncclInvalidArgument, "ncclCommUserRank: rank is NULL");
-    *rank = c->rank;
-    return ncclSuccess;
+    return query(comm, "ncclCommUserRank", rank, "rank", &Comm::rank);
 }
 
 NCCL_API ncclResult_t ncclCommCuDevice(ncclComm_t comm, int* device) {
-    Comm* c = live_comm(comm, "ncclCommCuDevice");
-    if (!c) return ncclInvalidArgument;
-    if (!device) return refuse(ncclInvalidArgument, "ncclCommCuDevice: device is NULL");
-    *device = c->device;
-    return ncclSuccess;
+    return query(comm, "ncclCommCuDevice", device, "device", &Comm::device);
 }

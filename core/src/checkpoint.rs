@@ -468,6 +468,14 @@ mod tests {
         }
     }
 
+    /// `meta(step)` of a run whose optimizer state is sharded over one rank per entry of `state_lens`.
+    fn sharded_meta(step: u64, state_lens: &[usize]) -> CheckpointMeta {
+        let mut m = meta(step);
+        m.optimizer.world_size = state_lens.len();
+        m.optimizer.state_lens = state_lens.to_vec();
+        m
+    }
+
     fn params(seed: f32) -> Vec<f32> {
         (0..tiny().num_params() as usize)
             .map(|i| (i as f32 * 0.01 + seed).sin())
@@ -577,9 +585,7 @@ mod tests {
     #[test]
     fn a_save_is_complete_only_with_every_ranks_file() {
         let dir = tempfile::tempdir().unwrap();
-        let mut m = meta(4);
-        m.optimizer.world_size = 2;
-        m.optimizer.state_lens = vec![5, 5];
+        let m = sharded_meta(4, &[5, 5]);
         let tmp = begin_save(dir.path(), 4).unwrap();
         write_model_file(&tmp, &m, &params(1.0)).unwrap();
         write_optim_state(&tmp, 0, &[1.0; 5]).unwrap();
@@ -601,9 +607,7 @@ mod tests {
     #[test]
     fn a_flipped_byte_in_any_file_is_refused_naming_it() {
         let dir = tempfile::tempdir().unwrap();
-        let mut m = meta(4);
-        m.optimizer.world_size = 2;
-        m.optimizer.state_lens = vec![5, 3];
+        let m = sharded_meta(4, &[5, 3]);
         let tmp = begin_save(dir.path(), 4).unwrap();
         write_optim_state(&tmp, 1, &[2.0; 3]).unwrap();
         write_model_file(&tmp, &m, &params(1.0)).unwrap();

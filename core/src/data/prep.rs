@@ -456,11 +456,8 @@ mod tests {
     fn training_docs_are_capped_and_stop_after_max_chars() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("d.jsonl");
-        std::fs::write(
-            &p,
-            "{\"text\": \"ééééé\"}\n{\"text\": \"abc\"}\n{\"text\": \"xyz\"}\n{\"text\": \"q\"}\n",
-        )
-        .unwrap();
+        let docs = ["ééééé", "abc", "xyz", "q"];
+        std::fs::write(&p, docs.map(|d| format!("{{\"text\": \"{d}\"}}\n")).concat()).unwrap();
         let t = tokenizer_training_docs(std::slice::from_ref(&p), TxtDocs::File, 6, 4, &|_| {}).unwrap();
         // 4 (capped) + 3 = 7 > 6: stop after the second document, keeping it whole.
         assert_eq!(t.docs, vec!["éééé".to_string(), "abc".to_string()]);

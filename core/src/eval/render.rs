@@ -102,15 +102,29 @@ pub fn gold_index(item: &Value, options: usize) -> Result<usize> {
     }
 }
 
-/// Multiple choice: one prompt per choice.
-pub fn render_mc(item: &Value, delimiter: &str, fewshot: &[&Value]) -> Result<Vec<String>> {
+/// The few-shot examples as every task type's template writes them: for each, its context part, the
+/// delimiter, its answer part and a blank line (`example` gives the two parts).
+fn fewshot_head(
+    fewshot: &[&Value],
+    delimiter: &str,
+    example: impl Fn(&Value) -> Result<(String, String)>,
+) -> Result<String> {
     let mut head = String::new();
     for ex in fewshot {
-        head += &text_field(ex, "query")?;
+        let (context, answer) = example(ex)?;
+        head += &context;
         head += delimiter;
-        head += &gold_entry(ex, "choices")?;
+        head += &answer;
         head += "\n\n";
     }
+    Ok(head)
+}
+
+/// Multiple choice: one prompt per choice.
+pub fn render_mc(item: &Value, delimiter: &str, fewshot: &[&Value]) -> Result<Vec<String>> {
+    let mut head = fewshot_head(fewshot, delimiter, |ex| {
+        Ok((text_field(ex, "query")?, gold_entry(ex, "choices")?))
+    })?;
     head += &text_field(item, "query")?;
     head += delimiter;
     list_field(item, "choices")?
@@ -121,13 +135,9 @@ pub fn render_mc(item: &Value, delimiter: &str, fewshot: &[&Value]) -> Result<Ve
 
 /// Schema: one prompt per context option, all ending in the same continuation.
 pub fn render_schema(item: &Value, delimiter: &str, fewshot: &[&Value]) -> Result<Vec<String>> {
-    let mut head = String::new();
-    for ex in fewshot {
-        head += &gold_entry(ex, "context_options")?;
-        head += delimiter;
-        head += &text_field(ex, "continuation")?;
-        head += "\n\n";
-    }
+    let head = fewshot_head(fewshot, delimiter, |ex| {
+        Ok((gold_entry(ex, "context_options")?, text_field(ex, "continuation")?))
+    })?;
     let tail = format!("{delimiter}{}", text_field(item, "continuation")?);
     list_field(item, "context_options")?
         .iter()
@@ -137,13 +147,12 @@ pub fn render_schema(item: &Value, delimiter: &str, fewshot: &[&Value]) -> Resul
 
 /// Language modeling: [prompt without the continuation (stripped), prompt with it].
 pub fn render_lm(item: &Value, delimiter: &str, fewshot: &[&Value]) -> Result<Vec<String>> {
-    let mut head = String::new();
-    for ex in fewshot {
-        head += python_strip(&text_field(ex, "context")?);
-        head += delimiter;
-        head += &text_field(ex, "continuation")?;
-        head += "\n\n";
-    }
+    let mut head = fewshot_head(fewshot, delimiter, |ex| {
+        Ok((
+            python_strip(&text_field(ex, "context")?).to_string(),
+            text_field(ex, "continuation")?,
+        ))
+    })?;
     head += python_strip(&text_field(item, "context")?);
     head += delimiter;
     let with = format!("{head}{}", text_field(item, "continuation")?);

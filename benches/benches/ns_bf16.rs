@@ -15,21 +15,10 @@
 
 use nc_core::backend::cpu::{CpuBackend, CpuBuf};
 use nc_core::backend::cuda::{device_count, CudaBackend};
-use nc_core::backend::ns_bf16::NS_NORM_SCRATCH_PER_MATRIX;
-use nc_core::backend::{Backend, NsBatch, Storage, View, ViewMut};
-use nc_core::optim::muon::{newton_schulz5, NsWorkspace, NS_COEFFS, NS_EPS, NS_STEPS};
+use nc_core::backend::{Backend, NsBatch, View, ViewMut};
+use nc_core::optim::muon::{muon_ns_batch as ns, newton_schulz5, NsWorkspace};
+use nc_core::optim::ns_bf16_buffers::NsBf16Buffers;
 use std::time::Instant;
-
-fn ns(batch: usize, rows: usize, cols: usize) -> NsBatch {
-    NsBatch {
-        batch,
-        rows,
-        cols,
-        coeffs: NS_COEFFS,
-        steps: NS_STEPS,
-        eps: NS_EPS,
-    }
-}
 
 /// Values spread over [-1, 1) (the speed does not depend on them).
 fn data(n: usize) -> Vec<f32> {
@@ -48,41 +37,25 @@ fn time(iters: usize, sync: &dyn Fn(), mut f: impl FnMut()) -> f64 {
     t0.elapsed().as_secs_f64() / iters as f64
 }
 
-/// The whole batched call's buffers on a backend.
+/// The whole batched call's input (the momentum updates, f32) and buffers on a backend.
 struct Buffers<B: Backend> {
     g: B::Buf,
-    x: B::Buf,
-    x_tmp: B::Buf,
-    gram: B::Buf,
-    poly: B::Buf,
-    norms: B::Buf,
+    ns: NsBf16Buffers<B>,
 }
 
 impl<B: Backend> Buffers<B> {
     fn new(be: &B, s: &NsBatch) -> Self {
-        let (n, sq) = (s.batch * s.numel(), s.batch * s.gram_numel());
+        let n = s.batch * s.numel();
         let mut g = be.alloc(n);
         be.upload(ViewMut::all(&mut g), &data(n));
         Buffers {
             g,
-            x: be.alloc_as(n, Storage::Bf16),
-            x_tmp: be.alloc_as(n, Storage::Bf16),
-            gram: be.alloc_as(sq, Storage::Bf16),
-            poly: be.alloc_as(sq, Storage::Bf16),
-            norms: be.alloc(s.batch * NS_NORM_SCRATCH_PER_MATRIX),
+            ns: NsBf16Buffers::for_call(be, s),
         }
     }
 
     fn run(&mut self, be: &B, s: &NsBatch) {
-        be.newton_schulz_bf16(
-            s,
-            View::all(&self.g),
-            ViewMut::all(&mut self.x),
-            ViewMut::all(&mut self.x_tmp),
-            ViewMut::all(&mut self.gram),
-            ViewMut::all(&mut self.poly),
-            ViewMut::all(&mut self.norms),
-        );
+        self.ns.run(be, s, View::all(&self.g));
     }
 }
 
@@ -110,10 +83,10 @@ fn gpu(iters: usize) {
         let gemms = time(iters, &sync, || {
             be.newton_schulz_gemms_bf16(
                 &s,
-                ViewMut::all(&mut b.x),
-                ViewMut::all(&mut b.x_tmp),
-                ViewMut::all(&mut b.gram),
-                ViewMut::all(&mut b.poly),
+                ViewMut::all(&mut b.ns.x),
+                ViewMut::all(&mut b.ns.x_tmp),
+                ViewMut::all(&mut b.ns.gram),
+                ViewMut::all(&mut b.ns.poly),
             )
         });
         // per iteration: A (short^2 long), A A (short^3), B X (short^2 long), 2 flops a multiply-add

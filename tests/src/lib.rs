@@ -5,8 +5,8 @@ pub mod harness;
 pub mod sim;
 
 use nc_core::backend::cuda::{self, CudaBackend};
-use nc_core::backend::ns_bf16::NS_NORM_SCRATCH_PER_MATRIX;
-use nc_core::backend::{Backend, NsBatch, Storage, View, ViewMut};
+use nc_core::backend::{Backend, NsBatch, View, ViewMut};
+use nc_core::optim::ns_bf16_buffers::NsBf16Buffers;
 
 /// The CUDA backend on device 0 for a CUDA test of `suite` (its file's name, for the skip line), or None
 /// when the test must return at once. Where this process sees a device (a real GPU, or the simulated one in
@@ -71,23 +71,20 @@ pub fn to_host<B: Backend>(be: &B, buf: &B::Buf) -> Vec<f32> {
 /// `Backend::newton_schulz_bf16` of the `ns.batch` matrices `g` on a backend, with the scratch a device uses;
 /// the result on the host (the CUDA bf16 optimizer test and the bf16 Newton-Schulz test share it).
 pub fn newton_schulz_bf16_on<B: Backend>(be: &B, ns: &NsBatch, g: &[f32]) -> Vec<f32> {
-    let (n, sq) = (ns.batch * ns.numel(), ns.batch * ns.gram_numel());
     let gb = to_backend(be, g);
-    let mut x = be.alloc_as(n, Storage::Bf16);
-    let mut x_tmp = be.alloc_as(n, Storage::Bf16);
-    let mut gram = be.alloc_as(sq, Storage::Bf16);
-    let mut poly = be.alloc_as(sq, Storage::Bf16);
-    let mut norms = be.alloc(ns.batch * NS_NORM_SCRATCH_PER_MATRIX);
-    be.newton_schulz_bf16(
-        ns,
-        View::all(&gb),
-        ViewMut::all(&mut x),
-        ViewMut::all(&mut x_tmp),
-        ViewMut::all(&mut gram),
-        ViewMut::all(&mut poly),
-        ViewMut::all(&mut norms),
-    );
-    to_host(be, &x)
+    let mut buffers = NsBf16Buffers::for_call(be, ns);
+    buffers.run(be, ns, View::all(&gb));
+    to_host(be, &buffers.x)
+}
+
+/// The largest |a - b| over two slices of the same length; infinite where a difference is NaN (`f32::max`
+/// alone would drop it, and a NaN result would read as no error at all).
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) })
 }
 
 /// max |got - want| / max |want - before|: an optimizer's error relative to the size of the change it made

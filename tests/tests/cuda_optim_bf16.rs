@@ -14,12 +14,12 @@
 //!   unrounded f64 result; two legitimate bf16 evaluations differ by less than that).
 
 use nc_core::backend::bf16::round_bf16;
-use nc_core::backend::cpu::{CpuBackend, CpuBuf};
+use nc_core::backend::cpu::CpuBackend;
 use nc_core::backend::cuda::CudaBackend;
 use nc_core::backend::{AdamwPiece, Backend, NsBatch, Storage, View, ViewMut};
 use nc_core::model::Rng;
 use nc_core::optim::adamw::{adamw_step, AdamParams};
-use nc_core::optim::muon::{NS_COEFFS, NS_EPS};
+use nc_core::optim::muon::muon_ns_batch;
 use nc_tests::{newton_schulz_bf16_on, to_backend, to_host};
 
 fn gpu() -> Option<CudaBackend> {
@@ -40,12 +40,8 @@ fn newton_schulz_bf16_matches_the_twin() {
         let grad = randn(&mut rng, batch * n, 0.02);
         for steps in [1, 5] {
             let ns = NsBatch {
-                batch,
-                rows,
-                cols,
-                coeffs: NS_COEFFS,
                 steps,
-                eps: NS_EPS,
+                ..muon_ns_batch(batch, rows, cols)
             };
             let got = newton_schulz_bf16_on(&g, &ns, &grad);
             let want = newton_schulz_bf16_on(&cpu, &ns, &grad);
@@ -89,33 +85,21 @@ fn muon_apply_and_adamw_multi_match_the_cpu_to_the_bit() {
     let n = 3000;
     let x: Vec<f32> = randn(&mut rng, n, 0.05).iter().map(|&v| round_bf16(v)).collect();
     let p0 = randn(&mut rng, n + 17, 0.1);
-    let apply = |be_cpu: bool| {
-        if be_cpu {
-            let xb = CpuBuf::with_storage(x.clone(), Storage::Bf16);
-            let mut p = CpuBuf::f32(p0.clone());
-            let mut w = cpu.alloc_as(n + 17, Storage::Bf16);
-            cpu.muon_apply(
-                View::all(&xb),
-                -0.0123,
-                ViewMut::at(&mut p, 17, n),
-                Some(ViewMut::at(&mut w, 17, n)),
-            );
-            (p.0, w.0)
-        } else {
-            let mut xb = g.alloc_as(n, Storage::Bf16);
-            g.upload(ViewMut::all(&mut xb), &x);
-            let mut p = to_backend(&g, &p0);
-            let mut w = g.alloc_as(n + 17, Storage::Bf16);
-            g.muon_apply(
-                View::all(&xb),
-                -0.0123,
-                ViewMut::at(&mut p, 17, n),
-                Some(ViewMut::at(&mut w, 17, n)),
-            );
-            (to_host(&g, &p), to_host(&g, &w))
-        }
-    };
-    let (want, got) = (apply(true), apply(false));
+    fn apply<B: Backend>(be: &B, x: &[f32], p0: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let n = x.len();
+        let mut xb = be.alloc_as(n, Storage::Bf16);
+        be.upload(ViewMut::all(&mut xb), x);
+        let mut p = to_backend(be, p0);
+        let mut w = be.alloc_as(n + 17, Storage::Bf16);
+        be.muon_apply(
+            View::all(&xb),
+            -0.0123,
+            ViewMut::at(&mut p, 17, n),
+            Some(ViewMut::at(&mut w, 17, n)),
+        );
+        (to_host(be, &p), to_host(be, &w))
+    }
+    let (want, got) = (apply(&cpu, &x, &p0), apply(&g, &x, &p0));
     assert!(
         want.0.iter().zip(&got.0).all(|(a, b)| a.to_bits() == b.to_bits()),
         "muon_apply: master differs"

@@ -13,12 +13,12 @@ use nc_core::backend::bf16::round_bf16;
 use nc_core::backend::cpu::{CpuBackend, CpuBuf};
 use nc_core::backend::ns_bf16::newton_schulz_bf16;
 use nc_core::backend::optim_ops::muon_momentum;
-use nc_core::backend::{Backend, NsBatch, Storage};
+use nc_core::backend::{Backend, Storage};
 use nc_core::config::{ModelConfig, ParamKind};
 use nc_core::model::{Gpt, Recompute, Rng};
 use nc_core::optim::adamw::{adam_lr_scale, adamw_update};
 use nc_core::optim::device::{DeviceOptimizer, DeviceOptions};
-use nc_core::optim::muon::{shape_scale, NS_COEFFS, NS_EPS, NS_STEPS};
+use nc_core::optim::muon::{muon_ns_batch, shape_scale};
 use nc_core::optim::shard::ShardLayout;
 use nc_core::optim::OptimConfig;
 use nc_core::plan::Precision;
@@ -31,6 +31,17 @@ fn tiny() -> ModelConfig {
 
 fn normal(n: usize, rng: &mut Rng, scale: f64) -> Vec<f32> {
     (0..n).map(|_| (rng.normal() * scale) as f32).collect()
+}
+
+/// What the step tests start from: (`tiny()`, its parameter count, the CPU backend, the starting parameters,
+/// `steps` gradients), the parameters and gradients drawn in that order from seed `seed`.
+fn start(steps: usize, seed: u64) -> (ModelConfig, usize, CpuBackend, Vec<f32>, Vec<Vec<f32>>) {
+    let model = tiny();
+    let n = model.num_params() as usize;
+    let mut rng = Rng::new(seed);
+    let p0 = normal(n, &mut rng, 0.05);
+    let grads = (0..steps).map(|_| normal(n, &mut rng, 0.01)).collect();
+    (model, n, CpuBackend::new(), p0, grads)
 }
 
 fn bf16_opts(rank: usize, world_size: usize, ns_batch_max_elems: usize) -> DeviceOptions {
@@ -90,16 +101,8 @@ impl Expected {
                 ParamKind::Matrix => {
                     let mut update = vec![0.0f32; seg.len];
                     muon_momentum(g, &mut self.momentum[i], &mut update, mu);
-                    let ns = NsBatch {
-                        batch: 1,
-                        rows: seg.rows,
-                        cols: seg.cols,
-                        coeffs: NS_COEFFS,
-                        steps: NS_STEPS,
-                        eps: NS_EPS,
-                    };
                     let mut x = vec![0.0f32; seg.len];
-                    newton_schulz_bf16(&ns, &update, &mut x);
+                    newton_schulz_bf16(&muon_ns_batch(1, seg.rows, seg.cols), &update, &mut x);
                     let a = -(lr * shape_scale(seg.rows, seg.cols));
                     p.iter_mut().zip(&x).for_each(|(p, &x)| *p += a * x);
                 }
@@ -117,12 +120,7 @@ fn same_bits(a: &[f32], b: &[f32]) -> bool {
 
 #[test]
 fn bf16_steps_equal_the_per_matrix_composition_and_write_the_working_copy() {
-    let model = tiny();
-    let n = model.num_params() as usize;
-    let be = CpuBackend::new();
-    let mut rng = Rng::new(17);
-    let p0 = normal(n, &mut rng, 0.05);
-    let grads: Vec<Vec<f32>> = (0..3).map(|_| normal(n, &mut rng, 0.01)).collect();
+    let (model, n, be, p0, grads) = start(3, 17);
     // one call per shape, and one matrix per call
     for cap in [usize::MAX, 1] {
         let mut opt = DeviceOptimizer::with_options(&be, &model, OptimConfig::default(), bf16_opts(0, 1, cap)).unwrap();
@@ -154,12 +152,7 @@ fn bf16_steps_equal_the_per_matrix_composition_and_write_the_working_copy() {
 
 #[test]
 fn ranks_stepping_their_own_segments_equal_one_rank() {
-    let model = tiny();
-    let n = model.num_params() as usize;
-    let be = CpuBackend::new();
-    let mut rng = Rng::new(23);
-    let p0 = normal(n, &mut rng, 0.05);
-    let grads: Vec<Vec<f32>> = (0..2).map(|_| normal(n, &mut rng, 0.01)).collect();
+    let (model, n, be, p0, grads) = start(2, 23);
     let run = |world: usize| {
         let mut opts: Vec<_> = (0..world)
             .map(|r| {

@@ -21,9 +21,8 @@
 use nc_core::backend::bf16::{is_bf16, round_bf16};
 use nc_core::backend::cpu::CpuBackend;
 use nc_core::backend::ns_bf16::{iteration, NsHostScratch};
-use nc_core::backend::NsBatch;
 use nc_core::model::Rng;
-use nc_core::optim::muon::{NS_COEFFS, NS_EPS, NS_STEPS};
+use nc_core::optim::muon::{muon_ns_batch, NS_COEFFS, NS_STEPS};
 
 /// SPEC.md section 4's quintic, written here independently of the code under test.
 const SPEC_COEFFS: (f64, f64, f64) = (3.4445, -4.7750, 2.0315);
@@ -36,15 +35,7 @@ fn random(n: usize, seed: u64) -> Vec<f32> {
 /// The batched op on the CPU backend, with the scratch a device would use.
 fn batched(g: &[f32], batch: usize, rows: usize, cols: usize) -> Vec<f32> {
     let be = CpuBackend::new();
-    let ns = NsBatch {
-        batch,
-        rows,
-        cols,
-        coeffs: NS_COEFFS,
-        steps: NS_STEPS,
-        eps: NS_EPS,
-    };
-    nc_tests::newton_schulz_bf16_on(&be, &ns, g)
+    nc_tests::newton_schulz_bf16_on(&be, &muon_ns_batch(batch, rows, cols), g)
 }
 
 /// Row-major f64 product of op(a) (m x k) and op(b) (k x n).

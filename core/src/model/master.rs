@@ -115,15 +115,12 @@ impl MasterMap {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn tiny() -> ModelConfig {
-        ModelConfig::new(3, 64, 2, 2, 32, 100, 16).unwrap()
-    }
+    use crate::optim::shard::layout_test_model;
 
     /// Each rank's map packs exactly its segments; over the ranks every parameter is held once.
     #[test]
     fn owned_maps_pack_each_ranks_segments_and_cover_the_model_once() {
-        let m = tiny();
+        let m = layout_test_model();
         let n = m.num_params() as usize;
         for world in [1usize, 2, 3, 8] {
             let mut held = vec![0u8; n];
@@ -152,7 +149,7 @@ mod tests {
 
     #[test]
     fn locate_refuses_what_another_rank_holds() {
-        let m = tiny();
+        let m = layout_test_model();
         let map = MasterMap::owned(&m, 1, 3);
         let specs = m.param_specs();
         // wte rows are split in slices of 34 rows: rank 1 holds rows 34..68, not row 0 nor the whole tensor

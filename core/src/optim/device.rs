@@ -26,11 +26,11 @@
 
 use super::adamw::{adam_lr_scale, adamw_step, AdamParams};
 use super::clip::clip_factor;
-use super::muon::{shape_scale, NS_COEFFS, NS_EPS, NS_STEPS};
+use super::muon::{muon_ns_batch, shape_scale, NS_COEFFS, NS_EPS, NS_STEPS};
+use super::ns_bf16_buffers::{ns_bf16_buffer_bytes, NsBf16Buffers};
 use super::shard::{Segment, ShardLayout};
 use super::{check_state_len, OptimConfig};
-use crate::backend::ns_bf16::NS_NORM_SCRATCH_PER_MATRIX;
-use crate::backend::{AdamwPiece, Backend, NsBatch, Storage, View, ViewMut};
+use crate::backend::{AdamwPiece, Backend, Storage, View, ViewMut};
 use crate::bail;
 use crate::config::{ModelConfig, ParamKind};
 use crate::error::Result;
@@ -272,18 +272,11 @@ struct Bf16Scratch<B: Backend> {
     groups: Vec<NsGroup>,
     /// The call's momentum updates, (batch, rows x cols) f32, back to back.
     g: B::Buf,
-    /// The iterate and its ping-pong partner (Bf16).
-    x: B::Buf,
-    x_tmp: B::Buf,
-    /// A and b A + c A A per matrix (Bf16).
-    gram: B::Buf,
-    poly: B::Buf,
-    /// The norms' partial sums (f32 elements holding f64s on a device).
-    norms: B::Buf,
+    ns: NsBf16Buffers<B>,
 }
 
-/// Elements of each bf16-path scratch buffer for these calls: (g, x, x_tmp, gram, poly, norms).
-fn bf16_scratch_lens(groups: &[NsGroup]) -> [usize; 6] {
+/// The largest of these calls: (matrix elements, Gram elements, matrices), each over the whole batch.
+fn largest_ns_call(groups: &[NsGroup]) -> (usize, usize, usize) {
     let numel = groups
         .iter()
         .map(|g| g.members.len() * g.rows * g.cols)
@@ -295,7 +288,7 @@ fn bf16_scratch_lens(groups: &[NsGroup]) -> [usize; 6] {
         .max()
         .unwrap_or(0);
     let batch = groups.iter().map(|g| g.members.len()).max().unwrap_or(0);
-    [numel, numel, numel, gram, gram, batch * NS_NORM_SCRATCH_PER_MATRIX]
+    (numel, gram, batch)
 }
 
 /// Bytes of Muon scratch a device optimizer allocates on the rank that needs the most, at these options'
@@ -307,8 +300,8 @@ pub fn muon_scratch_bytes(model: &ModelConfig, world_size: usize, precision: Pre
         Precision::Bf16 => (0..world_size)
             .map(|r| {
                 let layout = ShardLayout::new(model, r, world_size);
-                let [g, x, xt, gram, poly, norms] = bf16_scratch_lens(&ns_groups(&layout.segments, NS_BATCH_MAX_ELEMS));
-                4 * (g + norms) + 2 * (x + xt + gram + poly)
+                let (numel, gram, batch) = largest_ns_call(&ns_groups(&layout.segments, NS_BATCH_MAX_ELEMS));
+                Storage::F32.bytes_per_element() * numel + ns_bf16_buffer_bytes(numel, gram, batch)
             })
             .max()
             .unwrap_or(0),
@@ -351,13 +344,9 @@ impl<B: Backend> DeviceOptimizer<B> {
 
     /// Bytes of Muon scratch this optimizer allocated, each buffer at its storage's size on a device.
     pub fn scratch_bytes(&self) -> usize {
-        let bytes = |b: &B::Buf| B::buf_len(b) * B::storage(b).bytes_per_element();
         let f32_path = 4 * self.scratch.elements();
         let bf16_path = self.bf16.as_ref().map_or(0, |s| {
-            [&s.g, &s.x, &s.x_tmp, &s.gram, &s.poly, &s.norms]
-                .iter()
-                .map(|b| bytes(b))
-                .sum()
+            B::buf_len(&s.g) * B::storage(&s.g).bytes_per_element() + s.ns.bytes()
         });
         f32_path + bf16_path
     }
@@ -387,26 +376,15 @@ impl<B: Backend> DeviceOptimizer<B> {
                 off
             })
             .collect();
-        let muon_shapes = || {
-            layout
-                .segments
-                .iter()
-                .filter(|s| s.kind == ParamKind::Matrix)
-                .map(|s| (s.rows, s.cols))
-        };
         let (scratch, bf16) = match opts.precision {
-            Precision::Fp32 | Precision::Fp32Gpu => (MuonScratch::for_shapes(be, muon_shapes()), None),
+            Precision::Fp32 | Precision::Fp32Gpu => (MuonScratch::for_shapes(be, layout.muon_shapes()), None),
             Precision::Bf16 => {
                 let groups = ns_groups(&layout.segments, opts.ns_batch_max_elems);
-                let [g, x, x_tmp, gram, poly, norms] = bf16_scratch_lens(&groups);
+                let (numel, gram, batch) = largest_ns_call(&groups);
                 let bf16 = Bf16Scratch {
                     groups,
-                    g: be.alloc(g),
-                    x: be.alloc_as(x, Storage::Bf16),
-                    x_tmp: be.alloc_as(x_tmp, Storage::Bf16),
-                    gram: be.alloc_as(gram, Storage::Bf16),
-                    poly: be.alloc_as(poly, Storage::Bf16),
-                    norms: be.alloc(norms),
+                    g: be.alloc(numel),
+                    ns: NsBf16Buffers::new(be, numel, gram, batch),
                 };
                 (MuonScratch::for_shapes(be, std::iter::empty()), Some(bf16))
             }
@@ -568,29 +546,21 @@ impl<B: Backend> DeviceOptimizer<B> {
                     momentum,
                 );
             }
-            let ns = NsBatch {
-                batch,
-                rows: group.rows,
-                cols: group.cols,
-                coeffs: NS_COEFFS,
-                steps: NS_STEPS,
-                eps: NS_EPS,
-            };
-            let sq = batch * ns.gram_numel();
-            be.newton_schulz_bf16(
-                &ns,
+            s.ns.run(
+                be,
+                &muon_ns_batch(batch, group.rows, group.cols),
                 View::at(&s.g, 0, batch * n),
-                ViewMut::at(&mut s.x, 0, batch * n),
-                ViewMut::at(&mut s.x_tmp, 0, batch * n),
-                ViewMut::at(&mut s.gram, 0, sq),
-                ViewMut::at(&mut s.poly, 0, sq),
-                ViewMut::at(&mut s.norms, 0, batch * NS_NORM_SCRATCH_PER_MATRIX),
             );
             let a = -(lr * shape_scale(group.rows, group.cols));
             for (b, &i) in group.members.iter().enumerate() {
                 let seg = &self.layout.segments[i];
                 let w = working.as_deref_mut().map(|w| ViewMut::at(w, seg.start, n));
-                be.muon_apply(View::at(&s.x, b * n, n), a, ViewMut::at(params, self.param_at[i], n), w);
+                be.muon_apply(
+                    View::at(&s.ns.x, b * n, n),
+                    a,
+                    ViewMut::at(params, self.param_at[i], n),
+                    w,
+                );
             }
         }
     }

@@ -7,6 +7,7 @@ pub mod adamw;
 pub mod clip;
 pub mod device;
 pub mod muon;
+pub mod ns_bf16_buffers;
 pub mod schedule;
 pub mod shard;
 
@@ -78,15 +79,8 @@ impl Optimizer {
             bail!("rank {rank} is not in a world of size {world_size}");
         }
         let layout = ShardLayout::new(model, rank, world_size);
-        let muon_shapes = || {
-            layout
-                .segments
-                .iter()
-                .filter(|s| s.kind == ParamKind::Matrix)
-                .map(|s| (s.rows, s.cols))
-        };
-        let ns = NsWorkspace::for_shapes(muon_shapes());
-        let max_numel = muon_shapes().map(|(r, c)| r * c).max().unwrap_or(0);
+        let ns = NsWorkspace::for_shapes(layout.muon_shapes());
+        let max_numel = layout.muon_shapes().map(|(r, c)| r * c).max().unwrap_or(0);
         Ok(Optimizer {
             config,
             state: vec![0.0; layout.state_len],

@@ -9,12 +9,26 @@
 //! twin included), takes `optim::device`'s batched bf16 Newton-Schulz.
 
 use crate::backend::cpu::host_gemm::{matmul, Operand};
+use crate::backend::NsBatch;
 
 /// Coefficients of the quintic Newton-Schulz iteration (a, b, c).
 pub const NS_COEFFS: (f32, f32, f32) = (3.4445, -4.7750, 2.0315);
 pub const NS_STEPS: usize = 5;
 /// Added to the Frobenius norm before normalizing, so a zero gradient stays zero.
 pub const NS_EPS: f32 = 1e-7;
+
+/// One batched Newton-Schulz call (`Backend::newton_schulz_bf16`) of `batch` rows x cols matrices with Muon's
+/// iteration: these coefficients, steps and epsilon.
+pub fn muon_ns_batch(batch: usize, rows: usize, cols: usize) -> NsBatch {
+    NsBatch {
+        batch,
+        rows,
+        cols,
+        coeffs: NS_COEFFS,
+        steps: NS_STEPS,
+        eps: NS_EPS,
+    }
+}
 
 /// Scratch for Newton-Schulz, sized once for the largest matrix the optimizer owns (nothing is allocated
 /// per step).
@@ -69,11 +83,7 @@ pub fn newton_schulz5(g: &mut [f32], rows: usize, cols: usize, ws: &mut NsWorksp
     );
     let x = &mut ws.x[..n_el];
     if transposed {
-        for r in 0..rows {
-            for c in 0..cols {
-                x[c * rows + r] = g[r * cols + c];
-            }
-        }
+        transpose_into(g, rows, cols, x);
     } else {
         x.copy_from_slice(g);
     }
@@ -98,13 +108,19 @@ pub fn newton_schulz5(g: &mut [f32], rows: usize, cols: usize, ws: &mut NsWorksp
     }
 
     if transposed {
-        for r in 0..rows {
-            for c in 0..cols {
-                g[r * cols + c] = x[c * rows + r];
-            }
-        }
+        // x is the cols x rows transpose: transposing it back gives the rows x cols result.
+        transpose_into(x, cols, rows, g);
     } else {
         g.copy_from_slice(x);
+    }
+}
+
+/// `dst` (cols x rows, row-major) = the transpose of `src` (rows x cols, row-major).
+fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    for r in 0..rows {
+        for c in 0..cols {
+            dst[c * rows + r] = src[r * cols + c];
+        }
     }
 }
 

@@ -101,6 +101,15 @@ impl ShardLayout {
             .collect()
     }
 
+    /// (rows, cols) of every Muon matrix this rank owns, in canonical order: what the optimizers size their
+    /// Newton-Schulz scratch by.
+    pub fn muon_shapes(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.segments
+            .iter()
+            .filter(|s| s.kind == ParamKind::Matrix)
+            .map(|s| (s.rows, s.cols))
+    }
+
     /// Optimizer-state elements of the rank that holds the most (what each GPU must reserve).
     pub fn max_state_len(model: &ModelConfig, world_size: usize) -> usize {
         (0..world_size)
@@ -113,15 +122,7 @@ impl ShardLayout {
     /// whose owned matrices need the most: what either optimizer allocates once, at construction.
     pub fn max_muon_scratch_elems(model: &ModelConfig, world_size: usize) -> usize {
         (0..world_size)
-            .map(|r| {
-                let layout = ShardLayout::new(model, r, world_size);
-                let shapes = layout
-                    .segments
-                    .iter()
-                    .filter(|s| s.kind == ParamKind::Matrix)
-                    .map(|s| (s.rows, s.cols));
-                crate::optim::muon::scratch_elems(shapes)
-            })
+            .map(|r| crate::optim::muon::scratch_elems(ShardLayout::new(model, r, world_size).muon_shapes()))
             .max()
             .unwrap_or(0)
     }
@@ -149,17 +150,21 @@ pub fn row_slice(rows: usize, rank: usize, world_size: usize) -> (usize, usize) 
     (r0, r1)
 }
 
+/// Three layers of width 64 (two heads of 32), vocabulary 100, sequence 16: the model the layout tests walk
+/// (these segments, the master map of `model::master`, the gradient buckets of `train::buckets`), small
+/// enough to check element by element, with every kind of tensor.
+#[cfg(test)]
+pub(crate) fn layout_test_model() -> ModelConfig {
+    ModelConfig::new(3, 64, 2, 2, 32, 100, 16).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn tiny() -> ModelConfig {
-        ModelConfig::new(3, 64, 2, 2, 32, 100, 16).unwrap()
-    }
-
     #[test]
     fn world_one_owns_everything_in_order() {
-        let m = tiny();
+        let m = layout_test_model();
         let l = ShardLayout::new(&m, 0, 1);
         assert_eq!(l.segments.len(), m.param_specs().len());
         let covered: usize = l.segments.iter().map(|s| s.len).sum();
@@ -171,7 +176,7 @@ mod tests {
 
     #[test]
     fn ranks_partition_the_parameters_exactly() {
-        let m = tiny();
+        let m = layout_test_model();
         for world in [2usize, 3, 8] {
             let mut owner = vec![0u32; m.num_params() as usize];
             for r in 0..world {

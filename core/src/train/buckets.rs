@@ -113,15 +113,11 @@ pub fn largest_bucket_elems(model: &ModelConfig) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::optim::shard::ShardLayout;
-
-    fn tiny() -> ModelConfig {
-        ModelConfig::new(3, 64, 2, 2, 32, 100, 16).unwrap()
-    }
+    use crate::optim::shard::{layout_test_model, ShardLayout};
 
     #[test]
     fn buckets_cover_every_tensor_once_in_backward_order() {
-        let m = tiny();
+        let m = layout_test_model();
         let b = backward_buckets(&m);
         let order: Vec<GradsReady> = b.iter().map(|b| b.ready).collect();
         assert_eq!(
@@ -149,7 +145,7 @@ mod tests {
     /// The splits give each rank exactly the segments `ShardLayout` says it updates.
     #[test]
     fn splits_agree_with_the_optimizer_shards() {
-        let m = tiny();
+        let m = layout_test_model();
         for world in [1usize, 2, 3, 8] {
             let splits = tensor_splits(&m, world);
             for r in 0..world {

@@ -259,6 +259,15 @@ fn bf16_storage_of_every_buffer_is_the_documented_scheme() {
     assert_eq!(m.allocated_weight_bytes().1, 0);
 }
 
+/// A forward's random inputs from seed `seed`: `random_params`, then `n` token ids and `n` targets.
+fn random_case(cfg: &ModelConfig, n: usize, seed: u64) -> (Vec<f32>, Vec<u32>, Vec<i32>) {
+    let mut rng = TestRng(seed);
+    let params = random_params(cfg, &mut rng);
+    let inputs = (0..n).map(|_| rng.below(cfg.vocab_size) as u32).collect();
+    let targets = (0..n).map(|_| rng.below(cfg.vocab_size) as i32).collect();
+    (params, inputs, targets)
+}
+
 /// Random non-zero weights (the real init zeroes lm_head and the c_proj's, which would hide half the model).
 fn random_params(cfg: &ModelConfig, rng: &mut TestRng) -> Vec<f32> {
     let mut p = vec![0.0f32; cfg.num_params() as usize];
@@ -355,11 +364,8 @@ fn distance(a: &[f32], b: &[f64]) -> f64 {
 fn twin_forward_has_exactly_the_reference_rounding_points() {
     let cfg = small_cfg();
     let (b, t) = (2, 16);
-    let mut rng = TestRng(11);
-    let params = random_params(&cfg, &mut rng);
     let n = b * t;
-    let inputs: Vec<u32> = (0..n).map(|_| rng.below(cfg.vocab_size) as u32).collect();
-    let mut targets: Vec<i32> = (0..n).map(|_| rng.below(cfg.vocab_size) as i32).collect();
+    let (params, inputs, mut targets) = random_case(&cfg, n, 11);
     targets[5] = -1;
 
     let losses = |precision: Precision| {
@@ -396,11 +402,7 @@ fn twin_forward_has_exactly_the_reference_rounding_points() {
 fn twin_grads_are_f32_and_close_to_the_f32_models() {
     let cfg = small_cfg();
     let (b, t) = (2, 16);
-    let mut rng = TestRng(5);
-    let params = random_params(&cfg, &mut rng);
-    let n = b * t;
-    let inputs: Vec<u32> = (0..n).map(|_| rng.below(cfg.vocab_size) as u32).collect();
-    let targets: Vec<i32> = (0..n).map(|_| rng.below(cfg.vocab_size) as i32).collect();
+    let (params, inputs, targets) = random_case(&cfg, b * t, 5);
     let grads = |precision: Precision| {
         let mut m = Gpt::with_precision(CpuBackend::new(), cfg, b, t, Recompute::Selective, precision).unwrap();
         m.params_mut().copy_from_slice(&params);

@@ -18,6 +18,7 @@ use nc_core::backend::cpu::CpuBackend;
 use nc_core::backend::cuda::{CudaBackend, FlashBackwardPtrs, FlashForwardPtrs};
 use nc_core::backend::{AttnShape, Backend, View, ViewMut};
 use nc_core::model::Rng;
+use nc_tests::max_abs_diff;
 use std::sync::Arc;
 
 fn gpu() -> Option<(CudaBackend, Arc<CudaStream>)> {
@@ -128,11 +129,7 @@ fn check(s: AttnShape, be: &CudaBackend, stream: &Arc<CudaStream>, rng: &mut Rng
     let e = rel_err(&out, &cpu_read(&cpu, &cout));
     assert!(e < 2e-2, "{s:?}: forward out relative error {e}");
     let lse_want = cpu_read(&cpu, &clse);
-    let worst = lse
-        .iter()
-        .zip(&lse_want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let worst = max_abs_diff(&lse, &lse_want);
     assert!(worst < 1e-4, "{s:?}: lse off by {worst}");
     if s.tq != s.tk || s.q_pos0 != 0 {
         return;

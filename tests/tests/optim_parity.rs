@@ -15,7 +15,7 @@ use nc_core::optim::muon::{muon_update, NsWorkspace};
 use nc_core::optim::schedule::{muon_momentum, LrSchedule};
 use nc_core::optim::{OptimConfig, Optimizer};
 use nc_tests::fixtures::{f32s, fixture};
-use nc_tests::{change_error, to_backend, to_host};
+use nc_tests::{change_error, max_abs_diff, to_backend, to_host};
 use safetensors::SafeTensors;
 use std::collections::HashMap;
 
@@ -52,11 +52,7 @@ fn check_muon_outputs(st: &SafeTensors, tag: &str, p: &[f32], buf: &[f32], befor
     let e = change_error(p, &f32s(st, &format!("{tag}.param_out")), before);
     assert!(e < 1e-5, "{tag}: param error {e:e} of the update");
     let want_buf = f32s(st, &format!("{tag}.buf_out"));
-    let eb = buf
-        .iter()
-        .zip(&want_buf)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let eb = max_abs_diff(buf, &want_buf);
     assert!(eb < 1e-6, "{tag}: momentum error {eb:e}");
 }
 
@@ -68,7 +64,7 @@ fn check_adamw_outputs(st: &SafeTensors, p: &[f32], m: &[f32], v: &[f32], before
     for (got, name) in [(m, "m_out"), (v, "v_out")] {
         let want = f32s(st, name);
         let scale = want.iter().fold(0.0f32, |a, b| a.max(b.abs()));
-        let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let err = max_abs_diff(got, &want);
         assert!(err <= 1e-6 * scale, "{name}: {err:e} of {scale:e}");
     }
 }

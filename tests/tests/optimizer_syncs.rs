@@ -70,92 +70,76 @@ fn tiny() -> ModelConfig {
 
 #[test]
 fn one_optimizer_step_waits_for_the_device_once() {
-    let model = tiny();
-    let n = model.num_params() as usize;
-    let mut rng = Rng::new(5);
-    let p0: Vec<f32> = (0..n).map(|_| (rng.normal() * 0.1) as f32).collect();
-    let be = Counting::default();
-    let cpu = CpuBackend::new();
-    let mut params = to_backend(&be, &p0);
-    let mut cpu_params = to_backend(&cpu, &p0);
-    let mut opt = DeviceOptimizer::new(&be, &model, OptimConfig::default()).unwrap();
-    let mut cpu_opt = DeviceOptimizer::new(&cpu, &model, OptimConfig::default()).unwrap();
-    let matrices = muon_matrices(opt.layout());
-    assert!(
-        matrices >= 8,
-        "the model should have several Muon matrices, has {matrices}"
-    );
-    for step in 0..3 {
-        let g: Vec<f32> = (0..n).map(|_| (rng.normal() * 0.05) as f32).collect();
-        let mut grads = to_backend(&be, &g);
-        let mut cpu_grads = to_backend(&cpu, &g);
-        be.waits.set(0);
-        let norm = opt.clip(&be, &mut grads, 1.0);
-        opt.step(&be, &mut params, &grads, 1.0, 0.9);
-        assert_eq!(
-            be.waits.get(),
-            1,
-            "step {step}: the optimizer step waited for the device {} times (1 allowed: the gradient norm)",
-            be.waits.get()
-        );
-        // The counted path computes what the plain CPU path does, to the bit.
-        let cpu_norm = cpu_opt.clip(&cpu, &mut cpu_grads, 1.0);
-        cpu_opt.step(&cpu, &mut cpu_params, &cpu_grads, 1.0, 0.9);
-        assert_eq!(norm.to_bits(), cpu_norm.to_bits());
-        let (got, want) = (to_host(&be, &params), to_host(&cpu, &cpu_params));
+    counted_steps_wait_once(Precision::Fp32, 5, |opt| {
+        let matrices = muon_matrices(opt.layout());
         assert!(
-            got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
-            "step {step}: params differ"
+            matrices >= 8,
+            "the model should have several Muon matrices, has {matrices}"
         );
-    }
+    });
 }
 
 /// The bf16 path (batched Newton-Schulz, apply and multi-tensor AdamW writing the working copy) waits once too.
 #[test]
 fn one_bf16_optimizer_step_waits_for_the_device_once() {
+    counted_steps_wait_once(Precision::Bf16, 6, |opt| {
+        assert!(
+            opt.ns_groups().iter().any(|g| g.members.len() > 1),
+            "the model should have batched Newton-Schulz calls"
+        );
+    });
+}
+
+/// Three optimizer steps at `precision` as the training loop runs them on a device (clip, then step; the bf16
+/// path writes the model's working copy), on `Counting`: each waits for the device once, and computes what
+/// the plain CPU path does, to the bit. `check_model` first looks at the counted optimizer: what the test
+/// needs of the model at this precision.
+fn counted_steps_wait_once(precision: Precision, seed: u64, check_model: impl Fn(&DeviceOptimizer<Counting>)) {
     let model = tiny();
     let n = model.num_params() as usize;
-    let mut rng = Rng::new(6);
+    let mut rng = Rng::new(seed);
     let p0: Vec<f32> = (0..n).map(|_| (rng.normal() * 0.1) as f32).collect();
     let be = Counting::default();
     let cpu = CpuBackend::new();
     let opts = DeviceOptions {
-        precision: Precision::Bf16,
+        precision,
         ..DeviceOptions::default()
     };
     let mut params = to_backend(&be, &p0);
     let mut cpu_params = to_backend(&cpu, &p0);
-    let mut working = be.alloc_as(n, Storage::Bf16);
-    let mut cpu_working = cpu.alloc_as(n, Storage::Bf16);
+    // The f32 path's GEMMs read the master itself: no working copy.
+    let bf16 = precision == Precision::Bf16;
+    let mut working = bf16.then(|| be.alloc_as(n, Storage::Bf16));
+    let mut cpu_working = bf16.then(|| cpu.alloc_as(n, Storage::Bf16));
     let mut opt = DeviceOptimizer::with_options(&be, &model, OptimConfig::default(), opts).unwrap();
     let mut cpu_opt = DeviceOptimizer::with_options(&cpu, &model, OptimConfig::default(), opts).unwrap();
-    assert!(
-        opt.ns_groups().iter().any(|g| g.members.len() > 1),
-        "the model should have batched Newton-Schulz calls"
-    );
+    check_model(&opt);
     for step in 0..3 {
         let g: Vec<f32> = (0..n).map(|_| (rng.normal() * 0.05) as f32).collect();
         let mut grads = to_backend(&be, &g);
         let mut cpu_grads = to_backend(&cpu, &g);
         be.waits.set(0);
         let norm = opt.clip(&be, &mut grads, 1.0);
-        opt.step_writing(&be, &mut params, &grads, Some(&mut working), 1.0, 0.9);
+        opt.step_writing(&be, &mut params, &grads, working.as_mut(), 1.0, 0.9);
         assert_eq!(
             be.waits.get(),
             1,
-            "step {step}: the bf16 optimizer step waited for the device {} times (1 allowed: the gradient norm)",
+            "{precision:?} step {step}: the optimizer step waited for the device {} times (1 allowed: the \
+             gradient norm)",
             be.waits.get()
         );
+        // The counted path computes what the plain CPU path does, to the bit.
         let cpu_norm = cpu_opt.clip(&cpu, &mut cpu_grads, 1.0);
-        cpu_opt.step_writing(&cpu, &mut cpu_params, &cpu_grads, Some(&mut cpu_working), 1.0, 0.9);
+        cpu_opt.step_writing(&cpu, &mut cpu_params, &cpu_grads, cpu_working.as_mut(), 1.0, 0.9);
         assert_eq!(norm.to_bits(), cpu_norm.to_bits());
-        for (what, got, want) in [
-            ("params", to_host(&be, &params), to_host(&cpu, &cpu_params)),
-            ("working copy", to_host(&be, &working), to_host(&cpu, &cpu_working)),
-        ] {
+        let mut compared = vec![("params", to_host(&be, &params), to_host(&cpu, &cpu_params))];
+        if let (Some(w), Some(cpu_w)) = (&working, &cpu_working) {
+            compared.push(("working copy", to_host(&be, w), to_host(&cpu, cpu_w)));
+        }
+        for (what, got, want) in compared {
             assert!(
                 got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "step {step}: {what} differ"
+                "{precision:?} step {step}: {what} differ"
             );
         }
     }

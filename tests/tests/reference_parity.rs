@@ -8,20 +8,11 @@ use nc_core::backend::cpu::CpuBackend;
 use nc_core::model::{Gpt, Recompute};
 use nc_core::sample::Sampler;
 use nc_core::ModelConfig;
-use nc_tests::fixtures::{f32s, fixture};
+use nc_tests::fixtures::{f32s, fixture, i32s};
 use safetensors::SafeTensors;
 use std::collections::HashMap;
 
 const TOL: f64 = 1e-5;
-
-fn i32s(st: &SafeTensors, name: &str) -> Vec<i32> {
-    let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
-    assert_eq!(t.dtype(), safetensors::Dtype::I32, "{name}");
-    t.data()
-        .chunks_exact(4)
-        .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
-}
 
 fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len());

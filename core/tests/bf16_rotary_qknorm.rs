@@ -238,17 +238,20 @@ fn backward(
     dx
 }
 
-/// Runs the fused forward on Bf16 buffers: (y, rstd).
-fn fused_forward(be: &CpuBackend, c: &Case, inp: &Inputs) -> (CpuBuf, CpuBuf) {
-    forward(be, Path::Fused, c, &inp.x, &inp.table, Storage::Bf16)
+/// Each case's inputs (seed `seed0` + the case's index) and the fused forward on them in Bf16 buffers:
+/// (index, case, inputs, y, rstd).
+fn fused_forwards(be: &CpuBackend, seed0: u64) -> impl Iterator<Item = (usize, &Case, Inputs, CpuBuf, CpuBuf)> + '_ {
+    CASES.iter().enumerate().map(move |(i, c)| {
+        let inp = inputs(c, seed0 + i as u64);
+        let (y, rstd) = forward(be, Path::Fused, c, &inp.x, &inp.table, Storage::Bf16);
+        (i, c, inp, y, rstd)
+    })
 }
 
 #[test]
 fn fused_forward_rounds_only_the_normalized_output() {
     let be = CpuBackend::new();
-    for (i, c) in CASES.iter().enumerate() {
-        let inp = inputs(c, 100 + i as u64);
-        let (y, rstd) = fused_forward(&be, c, &inp);
+    for (i, c, inp, y, rstd) in fused_forwards(&be, 100) {
         let (want_y, want_rstd) = reference_forward(c, &inp.x.0, &inp.table.0);
         assert_eq!(CpuBackend::storage(&rstd), Storage::F32);
         for (u, (&g, &w)) in rstd.0.iter().zip(&want_rstd).enumerate() {
@@ -265,9 +268,7 @@ fn fused_forward_rounds_only_the_normalized_output() {
 #[test]
 fn fused_backward_rounds_only_the_projection_gradient() {
     let be = CpuBackend::new();
-    for (i, c) in CASES.iter().enumerate() {
-        let inp = inputs(c, 200 + i as u64);
-        let (y, rstd) = fused_forward(&be, c, &inp);
+    for (i, c, inp, y, rstd) in fused_forwards(&be, 200) {
         let dx = backward(&be, Path::Fused, c, &y, &rstd, &inp.dy, &inp.table, Storage::Bf16);
         let want = reference_backward(c, &y.0, &rstd.0, &inp.dy.0, &inp.table.0);
         assert_rounds_once(&format!("case {i} backward dx"), &dx.0, &want);

@@ -41,6 +41,9 @@
 typedef __nv_bfloat16 bf16;
 typedef unsigned long long u64;
 
+// load1 / store1 / load8 / store8 of f32 or bf16 storage, aligned16 (the bf16 kernels' one copy).
+#include "bf16_io.cuh"
+
 #define P2P_THREADS 512
 #define P2P_MAX_BLOCKS 16
 // u64s between two flags: one 64-byte line each, so a poller never shares a line with another flag.
@@ -88,42 +91,6 @@ __device__ __forceinline__ float peer_load1(const bf16* p) {
     return __uint_as_float((unsigned)peer_load(reinterpret_cast<const unsigned short*>(p)) << 16);
 }
 
-__device__ __forceinline__ bool p2p_aligned16(const void* p) { return ((uintptr_t)p & 15u) == 0; }
-
-__device__ __forceinline__ float widen1(const float* p) { return *p; }
-__device__ __forceinline__ float widen1(const bf16* p) { return __bfloat162float(*p); }
-__device__ __forceinline__ void narrow1(float* p, float v) { *p = v; }
-__device__ __forceinline__ void narrow1(bf16* p, float v) { *p = __float2bfloat16_rn(v); }
-
-__device__ __forceinline__ void widen8(const float* p, float v[8]) {
-    uint4 a = reinterpret_cast<const uint4*>(p)[0];
-    uint4 b = reinterpret_cast<const uint4*>(p)[1];
-    v[0] = __uint_as_float(a.x), v[1] = __uint_as_float(a.y), v[2] = __uint_as_float(a.z);
-    v[3] = __uint_as_float(a.w), v[4] = __uint_as_float(b.x), v[5] = __uint_as_float(b.y);
-    v[6] = __uint_as_float(b.z), v[7] = __uint_as_float(b.w);
-}
-__device__ __forceinline__ void widen8(const bf16* p, float v[8]) {
-    uint4 u = *reinterpret_cast<const uint4*>(p);
-    unsigned w[4] = {u.x, u.y, u.z, u.w};
-    for (int k = 0; k < 4; k++) {
-        v[2 * k] = __uint_as_float(w[k] << 16);  // a bf16 is the high half of an f32 with its bits
-        v[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
-    }
-}
-__device__ __forceinline__ void narrow8(float* p, const float v[8]) {
-    reinterpret_cast<uint4*>(p)[0] = make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]),
-                                                __float_as_uint(v[2]), __float_as_uint(v[3]));
-    reinterpret_cast<uint4*>(p)[1] = make_uint4(__float_as_uint(v[4]), __float_as_uint(v[5]),
-                                                __float_as_uint(v[6]), __float_as_uint(v[7]));
-}
-__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
-    return (unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(lo)) |
-           ((unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(hi)) << 16);
-}
-__device__ __forceinline__ void narrow8(bf16* p, const float v[8]) {
-    *reinterpret_cast<uint4*>(p) =
-        make_uint4(pack_bf16x2(v[0], v[1]), pack_bf16x2(v[2], v[3]), pack_bf16x2(v[4], v[5]), pack_bf16x2(v[6], v[7]));
-}
 // Eight f32 of a slot this rank publishes / of a peer's slot.
 __device__ __forceinline__ void publish8(float* slot, const float v[8]) {
     publish(reinterpret_cast<uint4*>(slot), make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]),
@@ -234,19 +201,19 @@ struct RingLink {
 template <class T>
 __device__ void rs_send(const T* in, const float* work, float* slot, u64 start, u64 count, bool first_step) {
     const u64 groups = count / 8;
-    const bool vec = p2p_aligned16(in + start) && p2p_aligned16(work + start);
+    const bool vec = aligned16(in + start) && aligned16(work + start);
     u64 done = 0;
     if (vec) {
         for (u64 g = threadIdx.x; g < groups; g += blockDim.x) {
             float v[8];
-            if (first_step) widen8(in + start + 8 * g, v);
-            else widen8(work + start + 8 * g, v);
+            if (first_step) load8(in + start + 8 * g, v);
+            else load8(work + start + 8 * g, v);
             publish8(slot + 8 * g, v);
         }
         done = groups * 8;
     }
     for (u64 i = done + threadIdx.x; i < count; i += blockDim.x) {
-        float v = first_step ? widen1(in + start + i) : work[start + i];
+        float v = first_step ? load1(in + start + i) : work[start + i];
         publish(slot + i, v);
     }
 }
@@ -255,22 +222,22 @@ template <class T>
 __device__ void rs_recv(const T* in, float* work, T* out, const float* peer_slot, u64 start, u64 count,
                         bool last_step) {
     const u64 groups = count / 8;
-    const bool vec = p2p_aligned16(in + start) && p2p_aligned16(work + start) && p2p_aligned16(out + start);
+    const bool vec = aligned16(in + start) && aligned16(work + start) && aligned16(out + start);
     u64 done = 0;
     if (vec) {
         for (u64 g = threadIdx.x; g < groups; g += blockDim.x) {
             float theirs[8], mine[8];
             peer8(peer_slot + 8 * g, theirs);
-            widen8(in + start + 8 * g, mine);
+            load8(in + start + 8 * g, mine);
             for (int k = 0; k < 8; k++) mine[k] = theirs[k] + mine[k];
-            if (last_step) narrow8(out + start + 8 * g, mine);
-            else narrow8(work + start + 8 * g, mine);
+            if (last_step) store8(out + start + 8 * g, mine);
+            else store8(work + start + 8 * g, mine);
         }
         done = groups * 8;
     }
     for (u64 i = done + threadIdx.x; i < count; i += blockDim.x) {
-        float v = peer_load1(peer_slot + i) + widen1(in + start + i);
-        if (last_step) narrow1(out + start + i, v);
+        float v = peer_load1(peer_slot + i) + load1(in + start + i);
+        if (last_step) store1(out + start + i, v);
         else work[start + i] = v;
     }
 }
@@ -330,7 +297,7 @@ extern "C" __global__ void __launch_bounds__(P2P_THREADS, 1)
 // into this rank's slot, a receive copies the previous rank's slot into `buf`. `bytes` is even.
 
 __device__ void copy_bytes(unsigned char* dst, const unsigned char* src, u64 bytes, bool to_slot) {
-    const bool vec = p2p_aligned16(dst) && p2p_aligned16(src);
+    const bool vec = aligned16(dst) && aligned16(src);
     u64 done = 0;
     if (vec) {
         const u64 vecs = bytes / 16;
@@ -397,7 +364,7 @@ __device__ void one_shot(const T* in, T* out, u64 n, const u64* peers, int n_ran
             return;
     }
     T* mine = (T*)((char*)peers[rank] + (u64)b * region_bytes);
-    const bool vec_in = p2p_aligned16(in + lo);
+    const bool vec_in = aligned16(in + lo);
     u64 done = 0;
     if (vec_in) {
         const u64 vecs = (hi - lo) * sizeof(T) / 16;
@@ -416,18 +383,18 @@ __device__ void one_shot(const T* in, T* out, u64 n, const u64* peers, int n_ran
     const u64 count = hi - lo;
     // This rank's own term comes from `in` (the same thread reads in[i] before it writes out[i], so `in` may
     // be `out`), the peers' from their regions.
-    const bool vec = vec_in && p2p_aligned16(out + lo);
+    const bool vec = vec_in && aligned16(out + lo);
     done = 0;
     if (vec) {
         for (u64 g = threadIdx.x; g < count / 8; g += blockDim.x) {
             float acc[8], term[8];
             for (int p = 0; p < n_ranks; p++) {
                 const T* theirs = (const T*)((const char*)peers[p] + (u64)b * region_bytes) + 8 * g;
-                if (p == rank) widen8(in + lo + 8 * g, term);
+                if (p == rank) load8(in + lo + 8 * g, term);
                 else peer8(theirs, term);
                 for (int k = 0; k < 8; k++) acc[k] = p == 0 ? term[k] : acc[k] + term[k];
             }
-            narrow8(out + lo + 8 * g, acc);
+            store8(out + lo + 8 * g, acc);
         }
         done = count / 8 * 8;
     }
@@ -435,10 +402,10 @@ __device__ void one_shot(const T* in, T* out, u64 n, const u64* peers, int n_ran
         float acc = 0.0f;
         for (int p = 0; p < n_ranks; p++) {
             const T* theirs = (const T*)((const char*)peers[p] + (u64)b * region_bytes);
-            float term = p == rank ? widen1(in + lo + i) : peer_load1(theirs + i);
+            float term = p == rank ? load1(in + lo + i) : peer_load1(theirs + i);
             acc = p == 0 ? term : acc + term;
         }
-        narrow1(out + lo + i, acc);
+        store1(out + lo + i, acc);
     }
     __syncthreads();
     if (threadIdx.x == 0) flag_release(flag_of(my_signal, b, P2P_DONE), epoch);

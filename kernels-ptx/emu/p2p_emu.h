@@ -39,6 +39,8 @@ inline dim3 blockDim, gridDim;
 
 struct __align__(16) uint4 { unsigned x, y, z, w; };
 inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
+struct __align__(16) float4 { float x, y, z, w; };  // bf16_io.cuh's 16-byte f32 accesses
+inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 inline float __uint_as_float(unsigned u) {
     float f;
     std::memcpy(&f, &u, 4);

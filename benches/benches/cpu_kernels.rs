@@ -7,7 +7,7 @@
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput};
 use nc_core::backend::cpu::{CpuBackend, CpuIds};
-use nc_core::backend::{AttnShape, Backend, View, ViewMut};
+use nc_core::backend::{AttnShape, Backend, Gemm, View, ViewMut};
 use nc_core::config::{LOGIT_SOFTCAP, RMSNORM_EPS};
 use std::time::Duration;
 
@@ -71,7 +71,7 @@ fn bench_matmuls(
         g.bench_function(BenchmarkId::new(label, format!("{id}{m}x{nn}x{k}")), |bench| {
             bench.iter(|| {
                 let (a, b, c) = (View::all(&a), View::all(&b), ViewMut::all(&mut out));
-                be.matmul(m, nn, k, a, at, b, bt, c, false)
+                be.matmul(Gemm::nn(m, nn, k).transposed(at, bt), a, b, c)
             })
         });
     }
@@ -207,15 +207,10 @@ fn loss_chunk(c: &mut Criterion) {
         |bench| {
             bench.iter(|| {
                 be.matmul(
-                    rows,
-                    vocab,
-                    d,
+                    Gemm::nt(rows, vocab, d),
                     View::all(&x),
-                    false,
                     View::all(&w),
-                    true,
                     ViewMut::all(&mut logits),
-                    false,
                 );
                 be.softcap_cross_entropy(
                     ViewMut::all(&mut logits),
@@ -228,27 +223,13 @@ fn loss_chunk(c: &mut Criterion) {
                     Some(1.0),
                 );
                 be.matmul(
-                    rows,
-                    d,
-                    vocab,
+                    Gemm::nn(rows, d, vocab),
                     View::all(&logits),
-                    false,
                     View::all(&w),
-                    false,
                     ViewMut::all(&mut dx),
-                    false,
                 );
-                be.matmul(
-                    vocab,
-                    d,
-                    rows,
-                    View::all(&logits),
-                    true,
-                    View::all(&x),
-                    false,
-                    ViewMut::all(&mut dw),
-                    true,
-                );
+                let dw_shape = Gemm::tn(vocab, d, rows).accumulating(true);
+                be.matmul(dw_shape, View::all(&logits), View::all(&x), ViewMut::all(&mut dw));
             })
         },
     );

@@ -10,7 +10,7 @@
 
 use nc_benches::usize_flag;
 use nc_core::backend::cpu::{CpuBackend, CpuIds};
-use nc_core::backend::{AttnShape, Backend, Rotation, View, ViewMut};
+use nc_core::backend::{AttnShape, Backend, Gemm, Rotation, View, ViewMut};
 use nc_core::model::{Gpt, Recompute};
 use nc_core::ModelConfig;
 use std::cell::RefCell;
@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 struct Stats {
     /// op name -> (time, calls, flops)
     ops: BTreeMap<&'static str, (Duration, u64, f64)>,
-    /// (m, n, k, a_t, b_t) of every matmul of a step, in order.
-    shapes: Vec<(usize, usize, usize, bool, bool)>,
+    /// The shape of every matmul of a step, in order.
+    shapes: Vec<Gemm>,
     record_shapes: bool,
 }
 
@@ -75,30 +75,16 @@ impl nc_core::backend::delegate::Delegate for Timed {
     fn copy(&self, src: View<'_, CpuBackend>, dst: ViewMut<'_, CpuBackend>) {
         self.time("fill/copy", 0.0, || self.inner.copy(src, dst))
     }
-    fn matmul(
-        &self,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: View<'_, CpuBackend>,
-        a_t: bool,
-        b: View<'_, CpuBackend>,
-        b_t: bool,
-        c: ViewMut<'_, CpuBackend>,
-        accumulate: bool,
-    ) {
+    fn matmul(&self, shape: Gemm, a: View<'_, CpuBackend>, b: View<'_, CpuBackend>, c: ViewMut<'_, CpuBackend>) {
         if self.stats.borrow().record_shapes {
-            self.stats.borrow_mut().shapes.push((m, n, k, a_t, b_t));
+            self.stats.borrow_mut().shapes.push(shape);
         }
-        let name = if [m, n, k].contains(&self.vocab) {
+        let name = if [shape.m, shape.n, shape.k].contains(&self.vocab) {
             "matmul (lm_head)"
         } else {
             "matmul (blocks)"
         };
-        let flops = 2.0 * (m * n * k) as f64;
-        self.time(name, flops, || {
-            self.inner.matmul(m, n, k, a, a_t, b, b_t, c, accumulate)
-        })
+        self.time(name, shape.flops(), || self.inner.matmul(shape, a, b, c))
     }
     fn embedding_forward(
         &self,
@@ -340,28 +326,20 @@ fn main() {
     let be = CpuBackend::new();
     let maxlen = shapes
         .iter()
-        .map(|&(m, nn, k, _, _)| (m * k).max(k * nn).max(m * nn))
+        .map(|s| s.a_len().max(s.b_len()).max(s.c_len()))
         .max()
         .unwrap_or(0);
     // Zero-filled inputs: gemm's speed does not depend on the values.
     let (a, b) = (be.alloc(maxlen), be.alloc(maxlen));
     let mut c = be.alloc(maxlen);
-    let gemm_flops: f64 = shapes.iter().map(|&(m, nn, k, _, _)| 2.0 * (m * nn * k) as f64).sum();
+    let gemm_flops: f64 = shapes.iter().map(Gemm::flops).sum();
     let mut gemm_s = f64::INFINITY;
     for _ in 0..steps {
         let t0 = Instant::now();
-        for &(m, nn, k, at, bt) in &shapes {
-            be.matmul(
-                m,
-                nn,
-                k,
-                View::at(&a, 0, m * k),
-                at,
-                View::at(&b, 0, k * nn),
-                bt,
-                ViewMut::at(&mut c, 0, m * nn),
-                false,
-            );
+        for s in &shapes {
+            // Written, not accumulated, whatever the step did (the same work but for reading C).
+            let (a, b) = (View::at(&a, 0, s.a_len()), View::at(&b, 0, s.b_len()));
+            be.matmul(s.accumulating(false), a, b, ViewMut::at(&mut c, 0, s.c_len()));
         }
         gemm_s = gemm_s.min(t0.elapsed().as_secs_f64());
     }

@@ -10,7 +10,7 @@ mod common;
 use common::TestRng;
 use nc_core::backend::bf16::{is_bf16, round_bf16};
 use nc_core::backend::cpu::{CpuBackend, CpuBuf};
-use nc_core::backend::{AttnShape, Backend, Rotation, Storage, View, ViewMut};
+use nc_core::backend::{AttnShape, Backend, Gemm, Rotation, Storage, View, ViewMut};
 use nc_core::config::{RMSNORM_EPS, ROPE_BASE};
 use nc_core::model::{Gpt, Recompute};
 use nc_core::plan::Precision;
@@ -73,17 +73,7 @@ fn ops_into_bf16_match_rounded_references() {
     let (xb, wb) = (CpuBuf::f32(x.clone()), CpuBuf::f32(w.clone()));
     let mm = |st: Storage| {
         run_into(st, &vec![0.0; n * dout], |be, o| {
-            be.matmul(
-                n,
-                dout,
-                din,
-                View::all(&xb),
-                false,
-                View::all(&wb),
-                true,
-                ViewMut::all(o),
-                false,
-            )
+            be.matmul(Gemm::nt(n, dout, din), View::all(&xb), View::all(&wb), ViewMut::all(o))
         })
     };
     let reference = common::linear(&to64(&x), &to64(&w), n, din, dout);

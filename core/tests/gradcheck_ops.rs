@@ -6,7 +6,7 @@ mod common;
 
 use common::TestRng;
 use nc_core::backend::cpu::{CpuBackend, CpuBuf, CpuIds};
-use nc_core::backend::{AttnShape, Backend, Rotation, View, ViewMut};
+use nc_core::backend::{AttnShape, Backend, Gemm, Rotation, View, ViewMut};
 use nc_core::config::RMSNORM_EPS;
 use proptest::prelude::*;
 
@@ -94,7 +94,8 @@ proptest! {
         let b = rand_vec(&mut rng, k * n, 1.0);
         let c0 = rand_vec(&mut rng, m * n, 1.0);
         let (ab, bb, mut cb) = (buf(&a), buf(&b), buf(&c0));
-        be.matmul(m, n, k, View::all(&ab), a_t, View::all(&bb), b_t, ViewMut::all(&mut cb), acc);
+        let shape = Gemm::nn(m, n, k).transposed(a_t, b_t).accumulating(acc);
+        be.matmul(shape, View::all(&ab), View::all(&bb), ViewMut::all(&mut cb));
         let mut want = vec![0.0f64; m * n];
         for i in 0..m {
             for j in 0..n {

@@ -5,7 +5,7 @@
 
 use nc_core::backend::cpu::CpuBackend;
 use nc_core::backend::device_like::{DeviceLikeCpu, Launch};
-use nc_core::backend::{Backend, View, ViewMut};
+use nc_core::backend::{Backend, Gemm, View, ViewMut};
 use nc_core::config::{ModelConfig, LOGIT_SOFTCAP};
 use nc_core::model::{loss, Gpt, LossChunks, Recompute, Rng, LOSS_MIN_CHUNK_ROWS};
 
@@ -87,12 +87,12 @@ fn the_model_runs_every_loss_gemm_and_launch_on_at_least_1024_rows() {
     for l in &launches {
         match *l {
             // dW(lm_head) += dlogits^T x: K is the chunk's tokens.
-            Launch::Matmul { m, n, k, .. } if m == vocab && n == d => {
+            Launch::Matmul(Gemm { m, n, k, .. }) if m == vocab && n == d => {
                 assert!(k >= LOSS_MIN_CHUNK_ROWS, "lm_head weight-gradient GEMM with K = {k}");
                 weight_grads += 1;
             }
             // logits = x W^T (K = d) and dxf = dlogits W (K = vocab): M is the chunk's tokens.
-            Launch::Matmul { m, n, k, .. } if n == vocab || k == vocab => {
+            Launch::Matmul(Gemm { m, n, k, .. }) if n == vocab || k == vocab => {
                 assert!(m >= LOSS_MIN_CHUNK_ROWS, "lm_head GEMM {m} x {n} x {k}");
             }
             Launch::CrossEntropy { rows, .. } => {

@@ -32,7 +32,7 @@ use nc_core::backend::bf16::round_bf16;
 use nc_core::backend::cpu::{CpuBackend, CpuBuf, CpuIds};
 use nc_core::backend::cuda::CudaBackend;
 use nc_core::backend::device_like::DeviceLikeCpu;
-use nc_core::backend::{AttnShape, Backend, Storage, View, ViewMut};
+use nc_core::backend::{AttnShape, Backend, Gemm, Storage, View, ViewMut};
 use nc_core::config::RMSNORM_EPS;
 use nc_core::model::init::rotary_table;
 use nc_core::model::{Gpt, HostMirror, Recompute, Rng};
@@ -207,8 +207,9 @@ fn matmuls_on<D: Backend>(g: &D) {
         for (at, bt) in [(false, false), (true, false), (false, true)] {
             let (pa, pb) = (Pair::new(g, &a, sa), Pair::new(g, &b, sb));
             let mut c = Pair::new(g, &randn(&mut rng, m * n, 1.0), sc);
-            cpu.matmul(m, n, k, pa.c(), at, pb.c(), bt, c.cm(), acc);
-            g.matmul(m, n, k, pa.d(), at, pb.d(), bt, c.dm(), acc);
+            let shape = Gemm::nn(m, n, k).transposed(at, bt).accumulating(acc);
+            cpu.matmul(shape, pa.c(), pb.c(), c.cm());
+            g.matmul(shape, pa.d(), pb.d(), c.dm());
             close(
                 &format!("matmul {sa:?} x {sb:?} -> {sc:?} accumulate {acc} a_t {at} b_t {bt}"),
                 g,

@@ -41,7 +41,7 @@ use nc_core::backend::cpu::matmul_f64::matmul_f64;
 use nc_core::backend::cpu::{CpuBackend, CpuBuf, CpuIds};
 use nc_core::backend::cuda::CudaBackend;
 use nc_core::backend::device_like::DeviceLikeCpu;
-use nc_core::backend::{AdamwStep, AttnShape, Backend, Rotation, Storage, View, ViewMut};
+use nc_core::backend::{AdamwStep, AttnShape, Backend, Gemm, Rotation, Storage, View, ViewMut};
 use nc_core::model::init::rotary_table;
 use nc_core::model::{Gpt, HostMirror, Recompute, Rng};
 use nc_core::ModelConfig;
@@ -221,17 +221,7 @@ fn copies_fill_and_empty_buffers_on<D: Backend>(g: &D) {
     g.upload(ViewMut::all(&mut empty), &[]);
     g.download(View::all(&empty), &mut []);
     g.fill(p.gm(5, 0), 9.0);
-    g.matmul(
-        0,
-        4,
-        3,
-        p.gv(0, 0),
-        false,
-        p.gv(0, 12),
-        false,
-        ViewMut::all(&mut empty),
-        false,
-    );
+    g.matmul(Gemm::nn(0, 4, 3), p.gv(0, 0), p.gv(0, 12), ViewMut::all(&mut empty));
     exact("empty ops", &p.got(g), p.want(), 0..0);
     let _ = g.alloc_ids(0);
 }
@@ -263,28 +253,9 @@ fn matmul_every_transpose_accumulate_and_offset_on<D: Backend>(g: &D) {
                     let a = Pair::new(g, &guarded(&mut rng, ao, &a_body, 4));
                     let b = Pair::new(g, &guarded(&mut rng, bo, &b_body, 6));
                     let mut c = Pair::new(g, &guarded(&mut rng, co, &c_body, 8));
-                    cpu.matmul(
-                        m,
-                        n,
-                        k,
-                        a.cv(ao, m * k),
-                        a_t,
-                        b.cv(bo, k * n),
-                        b_t,
-                        c.cm(co, m * n),
-                        accumulate,
-                    );
-                    g.matmul(
-                        m,
-                        n,
-                        k,
-                        a.gv(ao, m * k),
-                        a_t,
-                        b.gv(bo, k * n),
-                        b_t,
-                        c.gm(co, m * n),
-                        accumulate,
-                    );
+                    let shape = Gemm::nn(m, n, k).transposed(a_t, b_t).accumulating(accumulate);
+                    cpu.matmul(shape, a.cv(ao, m * k), b.cv(bo, k * n), c.cm(co, m * n));
+                    g.matmul(shape, a.gv(ao, m * k), b.gv(bo, k * n), c.gm(co, m * n));
                     // Per element of C, sum_p |op(A)_ip op(B)_pj| (plus |C0_ij| when accumulating): the magnitude
                     // the rounding error of the dot product scales with.
                     let mut mag = matmul_f64(m, n, k, &a_body, a_t, &b_body, b_t).magnitude;
@@ -1324,18 +1295,15 @@ impl nc_core::backend::delegate::Delegate for OtherRounding {
     }
 
     /// Dot products with fused multiply-adds, summed from the last term to the first.
-    fn matmul(
-        &self,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: View<'_, CpuBackend>,
-        a_t: bool,
-        b: View<'_, CpuBackend>,
-        b_t: bool,
-        c: ViewMut<'_, CpuBackend>,
-        accumulate: bool,
-    ) {
+    fn matmul(&self, shape: Gemm, a: View<'_, CpuBackend>, b: View<'_, CpuBackend>, c: ViewMut<'_, CpuBackend>) {
+        let Gemm {
+            m,
+            n,
+            k,
+            a_t,
+            b_t,
+            accumulate,
+        } = shape;
         let (a, b, c) = (sl(a), sl(b), sl_mut(c));
         for i in 0..m {
             for j in 0..n {

@@ -20,7 +20,7 @@
 
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 use nc_core::backend::cpu::{CpuBackend, CpuBuf};
-use nc_core::backend::{Backend, Storage, View, ViewMut};
+use nc_core::backend::{Backend, Gemm, Storage, View, ViewMut};
 use std::ffi::{c_int, c_void};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -383,17 +383,8 @@ fn cpu_row_major(
     let cpu = CpuBackend::new();
     let (abuf, bbuf) = (CpuBuf::f32(a.to_vec()), CpuBuf::f32(b.to_vec()));
     let mut prod = CpuBuf::f32(vec![0.0; m * n]);
-    cpu.matmul(
-        m,
-        n,
-        k,
-        View::all(&abuf),
-        a_t,
-        View::all(&bbuf),
-        b_t,
-        ViewMut::all(&mut prod),
-        false,
-    );
+    let shape = Gemm::nn(m, n, k).transposed(a_t, b_t);
+    cpu.matmul(shape, View::all(&abuf), View::all(&bbuf), ViewMut::all(&mut prod));
     prod.0.iter().zip(c).map(|(p, old)| alpha * p + beta * old).collect()
 }
 

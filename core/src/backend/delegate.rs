@@ -15,7 +15,7 @@
 //! it: with both traits in scope, a call such as `w.alloc(n)` would be ambiguous between the two (inside the
 //! impl block it is in scope, so an override calls the wrapper's own ops as `Backend::alloc(self, n)`).
 
-use super::{AdamwPiece, AdamwStep, AttnShape, Backend, MemoryReport, NsBatch, Rotation, Storage, View, ViewMut};
+use super::{AdamwPiece, AdamwStep, AttnShape, Backend, Gemm, MemoryReport, NsBatch, Rotation, Storage, View, ViewMut};
 use crate::error::Result;
 
 /// The wrapped backend's buffer type.
@@ -67,19 +67,8 @@ pub trait Delegate: Sized {
     fn copy(&self, src: In<'_, Self>, dst: InMut<'_, Self>) {
         self.inner().copy(src, dst)
     }
-    fn matmul(
-        &self,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: In<'_, Self>,
-        a_t: bool,
-        b: In<'_, Self>,
-        b_t: bool,
-        c: InMut<'_, Self>,
-        accumulate: bool,
-    ) {
-        self.inner().matmul(m, n, k, a, a_t, b, b_t, c, accumulate)
+    fn matmul(&self, shape: Gemm, a: In<'_, Self>, b: In<'_, Self>, c: InMut<'_, Self>) {
+        self.inner().matmul(shape, a, b, c)
     }
     fn embedding_forward(&self, ids: &Ids<Self>, n: usize, wte: In<'_, Self>, d: usize, out: InMut<'_, Self>) {
         self.inner().embedding_forward(ids, n, wte, d, out)
@@ -349,19 +338,8 @@ impl<D: Delegate> Backend for D {
     fn copy(&self, src: View<'_, Self>, dst: ViewMut<'_, Self>) {
         Delegate::copy(self, iv(src), im(dst))
     }
-    fn matmul(
-        &self,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: View<'_, Self>,
-        a_t: bool,
-        b: View<'_, Self>,
-        b_t: bool,
-        c: ViewMut<'_, Self>,
-        accumulate: bool,
-    ) {
-        Delegate::matmul(self, m, n, k, iv(a), a_t, iv(b), b_t, im(c), accumulate)
+    fn matmul(&self, shape: Gemm, a: View<'_, Self>, b: View<'_, Self>, c: ViewMut<'_, Self>) {
+        Delegate::matmul(self, shape, iv(a), iv(b), im(c))
     }
     fn embedding_forward(&self, ids: &Self::Ids, n: usize, wte: View<'_, Self>, d: usize, out: ViewMut<'_, Self>) {
         Delegate::embedding_forward(self, ids, n, iv(wte), d, im(out))

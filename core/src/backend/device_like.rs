@@ -4,7 +4,7 @@
 //! through download and upload) and compare it with the CPU path.
 
 use super::cpu::{CpuBackend, CpuBuf, CpuIds};
-use super::{Backend, View, ViewMut};
+use super::{Backend, Gemm, View, ViewMut};
 
 /// The CPU backend with its host access hidden (`host_slice` answers None, as a device's does). The second
 /// field, when set, records the shape of every GEMM and cross-entropy launch (tests that pin launch shapes).
@@ -17,13 +17,8 @@ pub type LaunchLog = std::sync::Arc<std::sync::Mutex<Vec<Launch>>>;
 /// One recorded launch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Launch {
-    /// C (m x n) (+)= A (m x k) B (k x n).
-    Matmul {
-        m: usize,
-        n: usize,
-        k: usize,
-        accumulate: bool,
-    },
+    /// One `matmul` of this shape.
+    Matmul(Gemm),
     /// One `softcap_cross_entropy` over `rows` rows of `vocab` logits.
     CrossEntropy { rows: usize, vocab: usize },
 }
@@ -54,20 +49,9 @@ impl super::delegate::Delegate for DeviceLikeCpu {
     fn host_slice_mut(_: &mut CpuBuf) -> Option<&mut [f32]> {
         None
     }
-    fn matmul(
-        &self,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: View<'_, CpuBackend>,
-        a_t: bool,
-        b: View<'_, CpuBackend>,
-        b_t: bool,
-        c: ViewMut<'_, CpuBackend>,
-        accumulate: bool,
-    ) {
-        self.record(Launch::Matmul { m, n, k, accumulate });
-        self.0.matmul(m, n, k, a, a_t, b, b_t, c, accumulate)
+    fn matmul(&self, shape: Gemm, a: View<'_, CpuBackend>, b: View<'_, CpuBackend>, c: ViewMut<'_, CpuBackend>) {
+        self.record(Launch::Matmul(shape));
+        self.0.matmul(shape, a, b, c)
     }
     fn softcap_cross_entropy(
         &self,

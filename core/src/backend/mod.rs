@@ -21,9 +21,11 @@ pub mod delegate;
 pub mod device_like;
 pub mod ns_bf16;
 pub mod optim_ops;
+pub mod shapes;
 
 pub use ns_bf16::NsBatch;
 pub use optim_ops::AdamwStep;
+pub use shapes::{AttnShape, Gemm};
 
 /// One tensor of a multi-tensor AdamW (`Backend::adamw_multi`): where it sits in the parameter buffer (its
 /// gradient sits at the same offset of the gradient buffer), in the moment buffers (m and v share offsets)
@@ -140,45 +142,6 @@ impl<'a, B: Backend + ?Sized> ViewMut<'a, B> {
     }
 }
 
-/// Shapes of one causal attention call. q is (B, Tq, H, D), k and v are (B, Tk, Hkv, D), all row-major;
-/// query row i sits at absolute position `q_pos0 + i` and sees keys 0..=q_pos0+i (Tk >= q_pos0 + Tq).
-/// Training uses Tq = Tk = T, q_pos0 = 0; KV-cached decoding uses Tq = new tokens, Tk = cache length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AttnShape {
-    pub batch: usize,
-    pub tq: usize,
-    pub tk: usize,
-    pub n_head: usize,
-    pub n_kv_head: usize,
-    pub head_dim: usize,
-    pub q_pos0: usize,
-}
-
-impl AttnShape {
-    /// Training shape: full causal self-attention over T positions.
-    pub fn causal(batch: usize, t: usize, n_head: usize, n_kv_head: usize, head_dim: usize) -> Self {
-        AttnShape {
-            batch,
-            tq: t,
-            tk: t,
-            n_head,
-            n_kv_head,
-            head_dim,
-            q_pos0: 0,
-        }
-    }
-    pub fn q_len(&self) -> usize {
-        self.batch * self.tq * self.n_head * self.head_dim
-    }
-    pub fn kv_len(&self) -> usize {
-        self.batch * self.tk * self.n_kv_head * self.head_dim
-    }
-    /// Length of the log-sum-exp buffer: one per (batch, head, query row).
-    pub fn lse_len(&self) -> usize {
-        self.batch * self.n_head * self.tq
-    }
-}
-
 /// A device allocator's sizes at the end of a run (`Backend::memory_report`): what `nc-train` prints and
 /// writes to metrics.jsonl. Peaks are since the backend started.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -242,22 +205,10 @@ pub trait Backend {
     /// dst = src (same length).
     fn copy(&self, src: View<'_, Self>, dst: ViewMut<'_, Self>);
 
-    /// C (m x n) = op(A) op(B) [+ C if accumulate], row-major. op(A) is m x k: A is stored m x k, or k x m
-    /// when `a_t`; op(B) is k x n: B is stored k x n, or n x k when `b_t`.
-    /// A linear layer y = x W^T with W (out, in) is `matmul(N, out, in, x, false, W, true, y, false)`.
-    #[allow(clippy::too_many_arguments)]
-    fn matmul(
-        &self,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: View<'_, Self>,
-        a_t: bool,
-        b: View<'_, Self>,
-        b_t: bool,
-        c: ViewMut<'_, Self>,
-        accumulate: bool,
-    );
+    /// C = op(A) op(B) [+ C] in the shape `shape` says (see `Gemm`), row-major; the views hold at least
+    /// `shape.a_len()`, `b_len()` and `c_len()` values. A linear layer y = x W^T with W (out, in) is
+    /// `matmul(Gemm::nt(N, out, in), x, W, y)`.
+    fn matmul(&self, shape: Gemm, a: View<'_, Self>, b: View<'_, Self>, c: ViewMut<'_, Self>);
 
     /// out (N x d) = wte[ids] with wte (V x d). Ids are assumed valid (< V) (the model checks them).
     fn embedding_forward(&self, ids: &Self::Ids, n: usize, wte: View<'_, Self>, d: usize, out: ViewMut<'_, Self>);

@@ -16,7 +16,7 @@ use super::{
     Storages,
 };
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{Backend, Storage, View, ViewMut};
+use crate::backend::{Backend, Gemm, Storage, View, ViewMut};
 use crate::bail;
 use crate::config::{ModelConfig, ParamSpec, LOGIT_SOFTCAP};
 use crate::error::{NcError, Result};
@@ -474,7 +474,7 @@ impl<B: Backend> Gpt<B> {
         let x = View::at(&self.xf, r0 * d, rows * d);
         let w = View::at(weights, self.lm_head_off, v * d);
         let logits = ViewMut::at(&mut self.logits_ws, 0, rows * v);
-        self.be.matmul(rows, v, d, x, false, w, true, logits, false);
+        self.be.matmul(Gemm::nt(rows, v, d), x, w, logits);
         self.be
             .softcap(ViewMut::at(&mut self.logits_ws, 0, rows * v), LOGIT_SOFTCAP);
         self.be.download(View::at(&self.logits_ws, 0, rows * v), out);

@@ -3,7 +3,7 @@
 //! activations are (rows x width), row-major. Every projection (q, k, v, both c_proj, c_fc, lm_head) goes
 //! through here, so the transposes and the weight's extent are written once.
 
-use crate::backend::{Backend, View, ViewMut};
+use crate::backend::{Backend, Gemm, View, ViewMut};
 
 /// One linear layer applied to `rows` tokens.
 #[derive(Debug, Clone, Copy)]
@@ -27,17 +27,8 @@ impl Linear {
 
     /// y (rows x out) = x W^T; added into y with `accumulate` (a residual add fused into the GEMM).
     pub fn forward<B: Backend>(&self, be: &B, params: &B::Buf, x: View<'_, B>, y: ViewMut<'_, B>, accumulate: bool) {
-        be.matmul(
-            self.rows,
-            self.out,
-            self.inp,
-            x,
-            false,
-            self.weight(params),
-            true,
-            y,
-            accumulate,
-        );
+        let shape = Gemm::nt(self.rows, self.out, self.inp).accumulating(accumulate);
+        be.matmul(shape, x, self.weight(params), y);
     }
 
     /// dx (rows x inp) = dy W; added into dx with `accumulate` (several projections read the same input).
@@ -49,22 +40,13 @@ impl Linear {
         dx: ViewMut<'_, B>,
         accumulate: bool,
     ) {
-        be.matmul(
-            self.rows,
-            self.inp,
-            self.out,
-            dy,
-            false,
-            self.weight(params),
-            false,
-            dx,
-            accumulate,
-        );
+        let shape = Gemm::nn(self.rows, self.inp, self.out).accumulating(accumulate);
+        be.matmul(shape, dy, self.weight(params), dx);
     }
 
     /// dW += dy^T x: parameter grads always accumulate (over micro-batches and loss chunks).
     pub fn backward_weight<B: Backend>(&self, be: &B, dy: View<'_, B>, x: View<'_, B>, grads: &mut B::Buf) {
         let dw = ViewMut::at(grads, self.off, self.out * self.inp);
-        be.matmul(self.out, self.inp, self.rows, dy, true, x, false, dw, true);
+        be.matmul(Gemm::tn(self.out, self.inp, self.rows).accumulating(true), dy, x, dw);
     }
 }

@@ -30,7 +30,7 @@ use super::muon::{muon_ns_batch, shape_scale, NS_COEFFS, NS_EPS, NS_STEPS};
 use super::ns_bf16_buffers::{ns_bf16_buffer_bytes, NsBf16Buffers};
 use super::shard::{Segment, ShardLayout};
 use super::{check_state_len, OptimConfig};
-use crate::backend::{AdamwPiece, Backend, Storage, View, ViewMut};
+use crate::backend::{AdamwPiece, Backend, Gemm, Storage, View, ViewMut};
 use crate::bail;
 use crate::config::{ModelConfig, ParamKind};
 use crate::error::Result;
@@ -116,24 +116,19 @@ pub fn newton_schulz5_on<B: Backend>(be: &B, rows: usize, cols: usize, s: &mut M
             let gram = ViewMut::at(&mut s.gram, 0, sq);
             if tall {
                 // A = Y^T Y: (cols x rows)(rows x cols)
-                be.matmul(cols, cols, rows, x, true, x, false, gram, false);
+                be.matmul(Gemm::tn(cols, cols, rows), x, x, gram);
             } else {
                 // A = X X^T: (rows x cols)(cols x rows)
-                be.matmul(rows, rows, cols, x, false, x, true, gram, false);
+                be.matmul(Gemm::nt(rows, rows, cols), x, x, gram);
             }
         }
         // B = A A, then B = b A + c B (the trait's matmul has no alpha, so the scaling is a separate axpby).
         let gram = View::at(&s.gram, 0, sq);
         be.matmul(
-            short,
-            short,
-            short,
+            Gemm::nn(short, short, short),
             gram,
-            false,
             gram,
-            false,
             ViewMut::at(&mut s.poly, 0, sq),
-            false,
         );
         be.axpby(cb, gram, cc, ViewMut::at(&mut s.poly, 0, sq));
         {
@@ -143,10 +138,10 @@ pub fn newton_schulz5_on<B: Backend>(be: &B, rows: usize, cols: usize, s: &mut M
             if tall {
                 // Y B^T: (rows x cols)(cols x cols). B is symmetric in exact arithmetic, but its rounded
                 // value need not be: X' = a X + B X transposes to Y' = a Y + Y B^T, so take B^T literally.
-                be.matmul(rows, cols, cols, x, false, poly, true, x_next, false);
+                be.matmul(Gemm::nt(rows, cols, cols), x, poly, x_next);
             } else {
                 // B X: (rows x rows)(rows x cols)
-                be.matmul(rows, cols, rows, poly, false, x, false, x_next, false);
+                be.matmul(Gemm::nn(rows, cols, rows), poly, x, x_next);
             }
             // X_next = a X + X_next
             be.axpby(ca, x, 1.0, ViewMut::at(&mut s.x_next, 0, n_el));

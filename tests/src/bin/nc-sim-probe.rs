@@ -337,23 +337,13 @@ fn copy_bounds(planted: bool) {
 /// (an f32 and a bf16 GEMM); the backend on device 0 is dropped while device 1's context is current on this
 /// thread (the last one used). Its handles must be destroyed in device 0's context.
 fn backends_dropped_across_devices() {
-    use nc_core::backend::{Backend, Storage, View, ViewMut};
+    use nc_core::backend::{Backend, Gemm, Storage, View, ViewMut};
     let gemms = |be: &nc_core::backend::cuda::CudaBackend| {
         for storage in [Storage::F32, Storage::Bf16] {
             let (a, b) = (be.alloc_as(64, storage), be.alloc_as(64, storage));
             let mut c = be.alloc(64);
             be.fill(ViewMut::all(&mut c), 0.0);
-            be.matmul(
-                8,
-                8,
-                8,
-                View::all(&a),
-                false,
-                View::all(&b),
-                false,
-                ViewMut::all(&mut c),
-                false,
-            );
+            be.matmul(Gemm::nn(8, 8, 8), View::all(&a), View::all(&b), ViewMut::all(&mut c));
         }
         be.synchronize();
     };

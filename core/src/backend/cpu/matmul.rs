@@ -6,6 +6,7 @@
 //! itself, the ones an AVX2 machine runs.
 
 use super::isa::{self, CpuIsa};
+use crate::backend::Gemm;
 use gemm::{gemm, Parallelism};
 
 /// Below this many multiply-adds a GEMM runs on the calling thread: splitting it costs more than it saves
@@ -13,21 +14,10 @@ use gemm::{gemm, Parallelism};
 const PARALLEL_MIN_WORK: usize = 1 << 18;
 
 /// C (m x n) = op(A) op(B) [+ C]; see `Backend::matmul`. `threads` 0 = rayon's pool size.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul(
-    threads: usize,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    a_t: bool,
-    b: &[f32],
-    b_t: bool,
-    c: &mut [f32],
-    accumulate: bool,
-) {
+pub fn matmul(threads: usize, shape: Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
+    let Gemm { m, n, k, .. } = shape;
     assert!(
-        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
+        a.len() >= shape.a_len() && b.len() >= shape.b_len() && c.len() >= shape.c_len(),
         "matmul {m}x{n}x{k}: views too short"
     );
     let par = if m * n * k >= PARALLEL_MIN_WORK {
@@ -36,47 +26,34 @@ pub fn matmul(
         Parallelism::None
     };
     // SAFETY: the asserts above bound every index the strides below can reach.
-    unsafe {
-        gemm_strided(
-            m,
-            n,
-            k,
-            a.as_ptr(),
-            a_t,
-            b.as_ptr(),
-            b_t,
-            c.as_mut_ptr(),
-            n,
-            accumulate,
-            1.0,
-            par,
-        )
-    };
+    unsafe { gemm_strided(shape, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), n, 1.0, par) };
 }
 
 /// C (m x n, row stride ldc) = [C +] beta * op(A) op(B) with A, B dense row-major (m x k / k x m,
 /// k x n / n x k). Kernels that work on strided tiles call `gemm_raw` directly.
 ///
 /// # Safety
-/// The pointers must cover the dense extents implied by the shapes (and ldc for C).
-#[allow(clippy::too_many_arguments)]
+/// The pointers must cover the dense extents implied by the shape (and ldc for C).
 pub unsafe fn gemm_strided(
-    m: usize,
-    n: usize,
-    k: usize,
+    shape: Gemm,
     a: *const f32,
-    a_t: bool,
     b: *const f32,
-    b_t: bool,
     c: *mut f32,
     ldc: usize,
-    accumulate: bool,
     beta: f32,
     par: Parallelism,
 ) {
+    let Gemm {
+        m,
+        n,
+        k,
+        a_t,
+        b_t,
+        accumulate,
+    } = shape;
     // (row stride, col stride) of op(A) and op(B).
-    let (a_rs, a_cs) = if a_t { (1, m as isize) } else { (k as isize, 1) };
-    let (b_rs, b_cs) = if b_t { (1, k as isize) } else { (n as isize, 1) };
+    let (a_rs, a_cs) = op_strides(m, k, a_t);
+    let (b_rs, b_cs) = op_strides(k, n, b_t);
     gemm_raw(
         m,
         n,
@@ -93,6 +70,16 @@ pub unsafe fn gemm_strided(
         beta,
         par,
     );
+}
+
+/// (row stride, column stride) of op(X), an r x c operand stored dense row-major as r x c, or as c x r when
+/// `transposed`.
+fn op_strides(rows: usize, cols: usize, transposed: bool) -> (isize, isize) {
+    if transposed {
+        (1, rows as isize)
+    } else {
+        (cols as isize, 1)
+    }
 }
 
 /// C = [C +] beta * A B with explicit (row, col) strides for A (m x k), B (k x n) and C's row stride.
@@ -261,20 +248,16 @@ mod tests {
     /// Runs one GEMM through `gemm::gemm` (the crate's own dispatch: AVX-512 where the CPU has it) and through
     /// the directly called AVX2 + FMA kernels.
     #[cfg(target_arch = "x86_64")]
-    #[allow(clippy::too_many_arguments)]
-    fn both_paths(
-        m: usize,
-        n: usize,
-        k: usize,
-        a: &[f32],
-        a_t: bool,
-        b: &[f32],
-        b_t: bool,
-        c0: &[f32],
-        acc: bool,
-    ) -> (Vec<f32>, Vec<f32>) {
-        let (a_rs, a_cs) = if a_t { (1, m as isize) } else { (k as isize, 1) };
-        let (b_rs, b_cs) = if b_t { (1, k as isize) } else { (n as isize, 1) };
+    fn both_paths(shape: Gemm, a: &[f32], b: &[f32], c0: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let Gemm {
+            m,
+            n,
+            k,
+            accumulate: acc,
+            ..
+        } = shape;
+        let (a_rs, a_cs) = op_strides(m, k, shape.a_t);
+        let (b_rs, b_cs) = op_strides(k, n, shape.b_t);
         let (mut wide, mut narrow) = (c0.to_vec(), c0.to_vec());
         let simd = <fma_path::V3 as fma_path::MixedSimd<f32, f32, f32, f32>>::try_new().expect("AVX2 + FMA");
         // SAFETY: dense operands of the stated shapes; C is m x n, row stride n.
@@ -339,7 +322,8 @@ mod tests {
                 let a = values(m * k, 3 * s as u64 + 1);
                 let b = values(k * n, 3 * s as u64 + 2);
                 let c0 = values(m * n, 3 * s as u64 + 3);
-                let (wide, narrow) = both_paths(m, n, k, &a, a_t, &b, b_t, &c0, acc);
+                let shape = Gemm::nn(m, n, k).transposed(a_t, b_t).accumulating(acc);
+                let (wide, narrow) = both_paths(shape, &a, &b, &c0);
                 let exact = matmul_f64(m, n, k, &a, a_t, &b, b_t);
                 for (name, got) in [("crate dispatch", &wide), ("AVX2 kernels", &narrow)] {
                     for i in 0..m * n {

@@ -20,7 +20,7 @@ pub(crate) mod matmul;
 pub mod matmul_f64;
 mod norm;
 
-use super::{optim_ops, AdamwStep, AttnShape, Backend, Rotation, Storage, View, ViewMut};
+use super::{optim_ops, AdamwStep, AttnShape, Backend, Gemm, Rotation, Storage, View, ViewMut};
 use bf16_slice::round_slice_bf16;
 use rayon::prelude::*;
 
@@ -159,19 +159,8 @@ impl Backend for CpuBackend {
         store(dst);
     }
 
-    fn matmul(
-        &self,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: View<'_, Self>,
-        a_t: bool,
-        b: View<'_, Self>,
-        b_t: bool,
-        mut c: ViewMut<'_, Self>,
-        accumulate: bool,
-    ) {
-        matmul::matmul(self.threads, m, n, k, sl(a), a_t, sl(b), b_t, out(&mut c), accumulate);
+    fn matmul(&self, shape: Gemm, a: View<'_, Self>, b: View<'_, Self>, mut c: ViewMut<'_, Self>) {
+        matmul::matmul(self.threads, shape, sl(a), sl(b), out(&mut c));
         store(c);
     }
 
@@ -467,15 +456,10 @@ mod tests {
         let old: Vec<f32> = values(m * n + 3, 3).iter().map(|&x| round_bf16(x)).collect();
         let accumulate_into = |c: &mut CpuBuf| {
             be.matmul(
-                m,
-                n,
-                k,
+                Gemm::nn(m, n, k).accumulating(true),
                 View::all(&a),
-                false,
                 View::all(&b),
-                false,
                 ViewMut::at(c, 3, m * n),
-                true,
             )
         };
         let mut want = CpuBuf::f32(old.clone());

@@ -14,6 +14,7 @@
 //! into C; beta = 0 overwrites it without reading it (stale NaNs in C do not leak, as on the CPU).
 
 use super::libs::{check, check_major, Cublas};
+use crate::backend::Gemm;
 use crate::error::Result;
 use cudarc::cublas::sys::{cublasHandle_t, cublasMath_t, cublasOperation_t};
 
@@ -39,10 +40,18 @@ fn as_int(v: usize, what: &str) -> i32 {
     i32::try_from(v).unwrap_or_else(|_| panic!("matmul: {what} = {v} does not fit cuBLAS's 32-bit int"))
 }
 
-/// The sgemm that computes the row-major `Backend::matmul(m, n, k, a, a_t, b, b_t, c, accumulate)`.
+/// The sgemm that computes the row-major `Backend::matmul(shape, a, b, c)`.
 /// m, n and k must be at least 1 (the caller handles empty products). Leading dimensions are at least 1
 /// as cuBLAS requires, which they are whenever m, n, k are.
-pub(crate) fn sgemm_call(m: usize, n: usize, k: usize, a_t: bool, b_t: bool, accumulate: bool) -> SgemmCall {
+pub(crate) fn sgemm_call(shape: Gemm) -> SgemmCall {
+    let Gemm {
+        m,
+        n,
+        k,
+        a_t,
+        b_t,
+        accumulate,
+    } = shape;
     assert!(m > 0 && n > 0 && k > 0, "sgemm_call: empty product {m}x{n}x{k}");
     let (op_first, ld_first) = if b_t {
         (cublasOperation_t::CUBLAS_OP_T, k)
@@ -215,18 +224,9 @@ pub(super) mod tests {
                     let c0 = values(m * n, 3);
                     let mut want = CpuBuf::f32(c0.clone());
                     let (abuf, bbuf) = (CpuBuf::f32(a.clone()), CpuBuf::f32(b.clone()));
-                    cpu.matmul(
-                        m,
-                        n,
-                        k,
-                        View::all(&abuf),
-                        a_t,
-                        View::all(&bbuf),
-                        b_t,
-                        ViewMut::all(&mut want),
-                        accumulate,
-                    );
-                    let call = sgemm_call(m, n, k, a_t, b_t, accumulate);
+                    let shape = Gemm::nn(m, n, k).transposed(a_t, b_t).accumulating(accumulate);
+                    cpu.matmul(shape, View::all(&abuf), View::all(&bbuf), ViewMut::all(&mut want));
+                    let call = sgemm_call(shape);
                     let mut got = c0.clone();
                     // cuBLAS's first operand is the row-major B, its second the row-major A.
                     reference_sgemm(&call, &b, &a, &mut got);
@@ -247,7 +247,7 @@ pub(super) mod tests {
         for (m, n, k) in [(1, 1, 1), (3, 9, 4), (64, 2, 130)] {
             for a_t in [false, true] {
                 for b_t in [false, true] {
-                    let c = sgemm_call(m, n, k, a_t, b_t, false);
+                    let c = sgemm_call(Gemm::nn(m, n, k).transposed(a_t, b_t));
                     let rows_first = if c.op_first == cublasOperation_t::CUBLAS_OP_N {
                         c.m
                     } else {

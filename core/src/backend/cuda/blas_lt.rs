@@ -21,6 +21,7 @@
 
 use super::libs::{check, CublasLt, Status};
 use super::memory::Block;
+use crate::backend::Gemm;
 use crate::error::{NcError, Result};
 use cudarc::cublaslt::sys as lt;
 use nc_alloc::CudaSource;
@@ -58,16 +59,11 @@ pub(crate) fn alignment(addr: u64) -> u32 {
 /// Everything a plan depends on. Sizes and strides in elements, row-major as `Backend::matmul` says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct GemmKey {
-    pub m: usize,
-    pub n: usize,
-    pub k: usize,
-    pub a_t: bool,
-    pub b_t: bool,
+    /// Sizes and transposes of each product; `accumulate`: whether C is read (beta != 0).
+    pub shape: Gemm,
     pub a: Elem,
     pub b: Elem,
     pub c: Elem,
-    /// Whether C is read (beta != 0).
-    pub accumulate: bool,
     /// 1 for a single product; strides are then unused (0).
     pub batch: usize,
     pub stride_a: usize,
@@ -122,13 +118,14 @@ pub(crate) fn lt_call(key: &GemmKey) -> Result<LtCall> {
             key.a, key.b, key.c
         )));
     }
-    if key.batch == 0 || key.m == 0 || key.n == 0 || key.k == 0 {
+    let Gemm { m, n, k, .. } = key.shape;
+    if key.batch == 0 || m == 0 || n == 0 || k == 0 {
         return Err(NcError::new(format!(
-            "cuBLASLt GEMM: empty product {}x{}x{} batch {}",
-            key.m, key.n, key.k, key.batch
+            "cuBLASLt GEMM: empty product {m}x{n}x{k} batch {}",
+            key.batch
         )));
     }
-    let s = super::blas::sgemm_call(key.m, key.n, key.k, key.a_t, key.b_t, key.accumulate);
+    let s = super::blas::sgemm_call(key.shape);
     let (big_m, big_n, big_k) = (s.m as u64, s.n as u64, s.k as u64);
     let op = |o: cudarc::cublas::sys::cublasOperation_t| match o {
         cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N => 0,
@@ -299,32 +296,14 @@ impl LtPlanner {
         Ok(layout)
     }
 
-    /// Run a planned GEMM: D = alpha op(A) op(B) + beta C with C = D (in place). Addresses are the row-major
-    /// A, B and C of the key, already offset to their views.
+    /// Run a planned GEMM: D = alpha op(A) op(B) + beta C, C and D in the same layout (C may be D itself, in
+    /// place; Newton-Schulz reads C from one buffer and writes D to another, optim_bf16.rs). Addresses are the
+    /// row-major A, B, C and D of the key, already offset to their views.
     ///
     /// # Safety
     /// The addresses must hold the extents the key implies, in the key's element types, on `stream`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn run(
-        &self,
-        plan: &LtPlan,
-        alpha: f32,
-        a: u64,
-        b: u64,
-        beta: f32,
-        c: u64,
-        stream: *mut c_void,
-    ) -> Result<()> {
-        self.run_cd(plan, alpha, a, b, beta, c, c, stream)
-    }
-
-    /// `run` with C read from one address and D written to another (same layout): D = alpha op(A) op(B) +
-    /// beta C. Newton-Schulz folds its polynomial into these (optim_bf16.rs).
-    ///
-    /// # Safety
-    /// As `run`, for C and D both.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn run_cd(
         &self,
         plan: &LtPlan,
         alpha: f32,
@@ -503,17 +482,12 @@ mod tests {
     use crate::backend::cuda::blas::tests::values;
     use crate::backend::{Backend, View, ViewMut};
 
-    fn key(m: usize, n: usize, k: usize, a_t: bool, b_t: bool, accumulate: bool) -> GemmKey {
+    fn key(shape: Gemm) -> GemmKey {
         GemmKey {
-            m,
-            n,
-            k,
-            a_t,
-            b_t,
+            shape,
             a: Elem::Bf16,
             b: Elem::Bf16,
             c: Elem::F32,
-            accumulate,
             batch: 1,
             stride_a: 0,
             stride_b: 0,
@@ -585,23 +559,14 @@ mod tests {
                                 CpuBuf::f32(b[i * sb..i * sb + k * n].to_vec()),
                             );
                             let mut prod = CpuBuf::f32(vec![0.0; m * n]);
-                            cpu.matmul(
-                                m,
-                                n,
-                                k,
-                                View::all(&ab),
-                                a_t,
-                                View::all(&bb),
-                                b_t,
-                                ViewMut::all(&mut prod),
-                                false,
-                            );
+                            let shape = Gemm::nn(m, n, k).transposed(a_t, b_t);
+                            cpu.matmul(shape, View::all(&ab), View::all(&bb), ViewMut::all(&mut prod));
                             for (j, p) in prod.0.iter().enumerate() {
                                 let w = &mut want[i * sc + j];
                                 *w = alpha * p + if beta == 0.0 { 0.0 } else { beta * *w };
                             }
                         }
-                        let mut kk = key(m, n, k, a_t, b_t, beta != 0.0);
+                        let mut kk = key(Gemm::nn(m, n, k).transposed(a_t, b_t).accumulating(beta != 0.0));
                         (kk.batch, kk.stride_a, kk.stride_b, kk.stride_c) = (batch, sa, sb, sc);
                         let call = lt_call(&kk).unwrap();
                         let mut got = c0.clone();
@@ -621,20 +586,20 @@ mod tests {
 
     #[test]
     fn unsupported_types_and_empty_products_are_errors() {
-        let mut k = key(2, 2, 2, false, false, false);
+        let mut k = key(Gemm::nn(2, 2, 2));
         k.a = Elem::F32; // f32 x bf16: cuBLASLt has no such kernel
         assert!(lt_call(&k)
             .unwrap_err()
             .to_string()
             .contains("not a supported combination"));
-        let (mut all_f32, mut bf16_out) = (k, key(2, 2, 2, false, false, false));
+        let (mut all_f32, mut bf16_out) = (k, key(Gemm::nn(2, 2, 2)));
         (all_f32.b, all_f32.c) = (Elem::F32, Elem::F32);
         assert!(lt_call(&all_f32).is_ok());
         bf16_out.c = Elem::Bf16;
         assert!(lt_call(&bf16_out).is_ok());
         (all_f32.c) = Elem::Bf16; // f32 inputs into bf16: not supported either
         assert!(lt_call(&all_f32).is_err());
-        assert!(lt_call(&key(0, 2, 2, false, false, false)).is_err());
+        assert!(lt_call(&key(Gemm::nn(0, 2, 2))).is_err());
     }
 
     #[test]
@@ -668,7 +633,7 @@ mod tests {
             planned: vec![],
             fail: false,
         });
-        let (k1, k2) = (key(4, 8, 16, false, true, false), key(4, 8, 16, false, true, true));
+        let (k1, k2) = (key(Gemm::nt(4, 8, 16)), key(Gemm::nt(4, 8, 16).accumulating(true)));
         let mut k3 = k1;
         k3.align_a = 2; // the same shape with a less aligned pointer needs its own plan
         for _ in 0..5 {
@@ -685,7 +650,7 @@ mod tests {
             "the plan made for k2 is the one returned for k2"
         );
         let mut k4 = k1;
-        k4.m = 5;
+        k4.shape.m = 5;
         cache.planner.fail = true;
         assert!(cache.get(&k4).is_err());
         cache.planner.fail = false;

@@ -36,13 +36,13 @@ mod optim_bf16;
 pub use device::{device_count, driver_present};
 pub use flash::{flash_backward_launches, flash_forward_launch, FlashBackwardPtrs, FlashForwardPtrs, FlashLaunch};
 
-use super::{bf16, AdamwStep, AttnShape, Backend, MemoryReport, Rotation, Storage, View, ViewMut};
+use super::{bf16, AdamwStep, AttnShape, Backend, Gemm, MemoryReport, Rotation, Storage, View, ViewMut};
 use blas::Sgemm;
 use cudarc::driver::{result as driver, CudaContext, CudaStream};
 use launch::{count, int, Arg, Kernels};
 use memory::{Block, DeviceMemory};
 use nc_alloc::CudaSource;
-use parking_lot::Mutex;
+use parking_lot::{MappedMutexGuard, Mutex, MutexGuard};
 use std::sync::Arc;
 
 /// f32 values in device memory: a block of the backend's caching allocator. `len` is the logical length;
@@ -213,34 +213,17 @@ impl CudaBackend {
     /// `Backend::matmul` with a Bf16 operand, on cuBLASLt: f32 accumulation, the output rounded to bf16
     /// when C is Bf16, beta = 1 to accumulate. Inputs must be both Bf16 (cuBLASLt has no mixed-input
     /// kernel); a mixed call stops with a message (the model does not make one under the bf16 layout).
-    #[allow(clippy::too_many_arguments)]
-    fn matmul_lt(
-        &self,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: View<'_, Self>,
-        a_t: bool,
-        b: View<'_, Self>,
-        b_t: bool,
-        c: ViewMut<'_, Self>,
-        accumulate: bool,
-    ) {
+    fn matmul_lt(&self, shape: Gemm, a: View<'_, Self>, b: View<'_, Self>, c: ViewMut<'_, Self>) {
         let elem = |s: Storage| match s {
             Storage::F32 => blas_lt::Elem::F32,
             Storage::Bf16 => blas_lt::Elem::Bf16,
         };
         let (pa, pb, pc) = (self.addr_any(a), self.addr_any(b), self.addr_any(c.view()));
         let key = blas_lt::GemmKey {
-            m,
-            n,
-            k,
-            a_t,
-            b_t,
+            shape,
             a: elem(a.buf.storage),
             b: elem(b.buf.storage),
             c: elem(c.buf.storage),
-            accumulate,
             batch: 1,
             stride_a: 0,
             stride_b: 0,
@@ -249,22 +232,29 @@ impl CudaBackend {
             align_b: blas_lt::alignment(pb),
             align_c: blas_lt::alignment(pc),
         };
-        self.bind();
-        let mut lt = self.lt.lock();
-        if lt.is_none() {
-            let planner = blas_lt::load_with_workspace(&self.memory)
-                .unwrap_or_else(|e| panic!("CUDA device {}: {e}", self.ordinal));
-            *lt = Some(blas_lt::PlanCache::new(planner));
-        }
-        let cache = lt.as_mut().expect("initialized above");
+        let beta = if shape.accumulate { 1.0 } else { 0.0 };
+        let Gemm { m, n, k, .. } = shape;
+        let mut cache = self.lt_plans();
         let (planner, plan) = cache
             .get(&key)
             .unwrap_or_else(|e| panic!("CUDA matmul {m}x{n}x{k}: {e}"));
-        let beta = if accumulate { 1.0 } else { 0.0 };
         // SAFETY: the views were checked (by `need` in matmul and addr_any) to hold the key's extents in
         // their storages, which are the key's element types.
-        unsafe { planner.run(plan, 1.0, pa, pb, beta, pc, self.stream.cu_stream() as *mut _) }
+        unsafe { planner.run(plan, 1.0, pa, pb, beta, pc, pc, self.stream.cu_stream() as *mut _) }
             .unwrap_or_else(|e| panic!("CUDA matmul {m}x{n}x{k}: {e}"));
+    }
+
+    /// The cuBLASLt plan cache (cuBLASLt and its workspace opened on first use), with this device's context
+    /// current for the GEMM the caller runs next.
+    fn lt_plans(&self) -> MappedMutexGuard<'_, blas_lt::PlanCache<blas_lt::LtPlanner>> {
+        self.bind();
+        MutexGuard::map(self.lt.lock(), |lt| {
+            lt.get_or_insert_with(|| {
+                let planner = blas_lt::load_with_workspace(&self.memory)
+                    .unwrap_or_else(|e| panic!("CUDA device {}: {e}", self.ordinal));
+                blas_lt::PlanCache::new(planner)
+            })
+        })
     }
 
     /// One of the cast kernels over n elements from `from` to `to` (raw addresses of checked views).
@@ -447,21 +437,13 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn matmul(
-        &self,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: View<'_, Self>,
-        a_t: bool,
-        b: View<'_, Self>,
-        b_t: bool,
-        mut c: ViewMut<'_, Self>,
-        accumulate: bool,
-    ) {
-        need("matmul A", a.len, m * k);
-        need("matmul B", b.len, k * n);
-        need("matmul C", c.len, m * n);
+    fn matmul(&self, shape: Gemm, a: View<'_, Self>, b: View<'_, Self>, mut c: ViewMut<'_, Self>) {
+        need("matmul A", a.len, shape.a_len());
+        need("matmul B", b.len, shape.b_len());
+        need("matmul C", c.len, shape.c_len());
+        let Gemm {
+            m, n, k, accumulate, ..
+        } = shape;
         if m == 0 || n == 0 {
             return;
         }
@@ -474,11 +456,11 @@ impl Backend for CudaBackend {
         }
         match (a.buf.storage, b.buf.storage, c.buf.storage) {
             (Storage::F32, Storage::F32, Storage::F32) => {}
-            (Storage::Bf16, Storage::Bf16, _) => return self.matmul_lt(m, n, k, a, a_t, b, b_t, c, accumulate),
+            (Storage::Bf16, Storage::Bf16, _) => return self.matmul_lt(shape, a, b, c),
             // cuBLASLt has no mixed-input kernel: the bf16 layout never makes one (ops_bf16.rs).
-            _ => return self.matmul_widened(m, n, k, a, a_t, b, b_t, c, accumulate),
+            _ => return self.matmul_widened(shape, a, b, c),
         }
-        let call = blas::sgemm_call(m, n, k, a_t, b_t, accumulate);
+        let call = blas::sgemm_call(shape);
         let (first, second, out) = (self.addr(b), self.addr(a), self.addr_mut(c));
         // cuBLAS works in whatever context is current on this thread; make it ours.
         self.bind();

@@ -23,7 +23,7 @@
 
 use super::launch::{count, int, Arg};
 use super::{one_block_per_row, CudaBackend, CudaBuf, CudaIds, I32_BYTES};
-use crate::backend::{bf16, AttnShape, Backend, Storage, View, ViewMut};
+use crate::backend::{bf16, AttnShape, Backend, Gemm, Storage, View, ViewMut};
 use cudarc::driver::{result as driver, sys};
 use nc_kernels::{EmbeddingIndex, Kernel};
 
@@ -107,29 +107,17 @@ impl CudaBackend {
     /// `matmul` for the storage combinations cuBLASLt cannot take (one bf16 operand, or f32 operands into a
     /// bf16 C): bf16 operands widened into f32 scratch (exact), sgemm, and for a bf16 C the f32 result (with
     /// its old values when accumulating) cast back: round(old + A B) with the sum in f32, the contract.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn matmul_widened(
-        &self,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: View<'_, Self>,
-        a_t: bool,
-        b: View<'_, Self>,
-        b_t: bool,
-        c: ViewMut<'_, Self>,
-        accumulate: bool,
-    ) {
-        let (a, b) = (a.sub(0, m * k), b.sub(0, k * n));
+    pub(super) fn matmul_widened(&self, shape: Gemm, a: View<'_, Self>, b: View<'_, Self>, c: ViewMut<'_, Self>) {
+        let (a, b) = (a.sub(0, shape.a_len()), b.sub(0, shape.b_len()));
         let mut c = c;
-        let mut c = c.sub(0, m * n);
+        let mut c = c.sub(0, shape.c_len());
         let (wa, wb) = (self.widened(a, "matmul"), self.widened(b, "matmul"));
-        let mut wc = self.f32_destination(&c, accumulate, "matmul");
+        let mut wc = self.f32_destination(&c, shape.accumulate, "matmul");
         let a = wa.as_ref().map_or(a, all);
         let b = wb.as_ref().map_or(b, all);
         match wc.as_mut() {
-            Some(w) => self.matmul(m, n, k, a, a_t, b, b_t, all_mut(w), accumulate),
-            None => self.matmul(m, n, k, a, a_t, b, b_t, c.sub(0, m * n), accumulate),
+            Some(w) => self.matmul(shape, a, b, all_mut(w)),
+            None => self.matmul(shape, a, b, c.sub(0, shape.c_len())),
         }
         self.store_destination(wc, c);
     }

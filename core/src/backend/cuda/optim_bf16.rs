@@ -28,7 +28,7 @@
 use super::blas_lt::{self, Elem, GemmKey};
 use super::launch::{count, Arg};
 use super::{CudaBackend, CudaBuf};
-use crate::backend::{AdamwPiece, Backend, NsBatch, Storage, View, ViewMut};
+use crate::backend::{AdamwPiece, Backend, Gemm, NsBatch, Storage, View, ViewMut};
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use nc_kernels::{AdamwTable, AdamwTensor, ADAMW_MAX_TENSORS};
 
@@ -62,31 +62,24 @@ fn batch_alignment(op: Operand, batch: usize) -> u32 {
 
 impl CudaBackend {
     /// D = alpha op(A) op(B) + beta C over `batch` matrices, all bf16, f32 compute, on cuBLASLt with the
-    /// backend's plan cache. C is read only when beta != 0 (it may be D itself, or another buffer).
+    /// backend's plan cache. C is read only when beta != 0 (it may be D itself, or another buffer); `shape`'s
+    /// own `accumulate` is not read (beta says it).
     #[allow(clippy::too_many_arguments)]
     fn gemm_bf16_batched(
         &self,
-        (m, n, k): (usize, usize, usize),
+        shape: Gemm,
         batch: usize,
-        a: Operand,
-        a_t: bool,
-        b: Operand,
-        b_t: bool,
+        (a, b): (Operand, Operand),
         alpha: f32,
         beta: f32,
         c: Operand,
         d: u64,
     ) {
         let key = GemmKey {
-            m,
-            n,
-            k,
-            a_t,
-            b_t,
+            shape: shape.accumulating(beta != 0.0),
             a: Elem::Bf16,
             b: Elem::Bf16,
             c: Elem::Bf16,
-            accumulate: beta != 0.0,
             batch,
             stride_a: a.stride,
             stride_b: b.stride,
@@ -95,31 +88,15 @@ impl CudaBackend {
             align_b: batch_alignment(b, batch),
             align_c: batch_alignment(c, batch).min(batch_alignment(Operand { addr: d, ..c }, batch)),
         };
-        self.bind();
-        let mut lt = self.lt.lock();
-        if lt.is_none() {
-            let planner = blas_lt::load_with_workspace(&self.memory)
-                .unwrap_or_else(|e| panic!("CUDA device {}: {e}", self.ordinal));
-            *lt = Some(blas_lt::PlanCache::new(planner));
-        }
-        let cache = lt.as_mut().expect("initialized above");
+        let Gemm { m, n, k, .. } = shape;
+        let mut cache = self.lt_plans();
         let (planner, plan) = cache
             .get(&key)
             .unwrap_or_else(|e| panic!("CUDA Newton-Schulz GEMM {m}x{n}x{k} batch {batch}: {e}"));
+        let stream = self.stream.cu_stream() as *mut _;
         // SAFETY: the caller checked that every operand's view holds `batch` matrices at its stride, in bf16.
-        unsafe {
-            planner.run_cd(
-                plan,
-                alpha,
-                a.addr,
-                b.addr,
-                beta,
-                c.addr,
-                d,
-                self.stream.cu_stream() as *mut _,
-            )
-        }
-        .unwrap_or_else(|e| panic!("CUDA Newton-Schulz GEMM {m}x{n}x{k} batch {batch}: {e}"));
+        unsafe { planner.run(plan, alpha, a.addr, b.addr, beta, c.addr, d, stream) }
+            .unwrap_or_else(|e| panic!("CUDA Newton-Schulz GEMM {m}x{n}x{k} batch {batch}: {e}"));
     }
 
     /// `Backend::newton_schulz_bf16` (see the module comment).
@@ -255,12 +232,9 @@ impl CudaBackend {
             if ns.tall() {
                 // A = Y^T Y (cols x cols)
                 self.gemm_bf16_batched(
-                    (cols, cols, rows),
+                    Gemm::tn(cols, cols, rows),
                     batch,
-                    x_op,
-                    true,
-                    x_op,
-                    false,
+                    (x_op, x_op),
                     1.0,
                     0.0,
                     gram_op,
@@ -269,12 +243,9 @@ impl CudaBackend {
             } else {
                 // A = X X^T (rows x rows)
                 self.gemm_bf16_batched(
-                    (rows, rows, cols),
+                    Gemm::nt(rows, rows, cols),
                     batch,
-                    x_op,
-                    false,
-                    x_op,
-                    true,
+                    (x_op, x_op),
                     1.0,
                     0.0,
                     gram_op,
@@ -282,36 +253,14 @@ impl CudaBackend {
                 );
             }
             // B = c (A A) + b A
-            let shape = (short, short, short);
-            self.gemm_bf16_batched(shape, batch, gram_op, false, gram_op, false, cc, cb, gram_op, poly_addr);
+            let square = Gemm::nn(short, short, short);
+            self.gemm_bf16_batched(square, batch, (gram_op, gram_op), cc, cb, gram_op, poly_addr);
             if ns.tall() {
                 // Y' = Y B^T + a Y (rows x cols)
-                self.gemm_bf16_batched(
-                    (rows, cols, cols),
-                    batch,
-                    x_op,
-                    false,
-                    poly_op,
-                    true,
-                    1.0,
-                    ca,
-                    x_op,
-                    other,
-                );
+                self.gemm_bf16_batched(Gemm::nt(rows, cols, cols), batch, (x_op, poly_op), 1.0, ca, x_op, other);
             } else {
                 // X' = B X + a X (rows x cols)
-                self.gemm_bf16_batched(
-                    (rows, cols, rows),
-                    batch,
-                    poly_op,
-                    false,
-                    x_op,
-                    false,
-                    1.0,
-                    ca,
-                    x_op,
-                    other,
-                );
+                self.gemm_bf16_batched(Gemm::nn(rows, cols, rows), batch, (poly_op, x_op), 1.0, ca, x_op, other);
             }
             std::mem::swap(&mut cur, &mut other);
         }

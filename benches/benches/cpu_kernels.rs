@@ -6,7 +6,7 @@
 
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput};
-use nc_core::backend::cpu::{CpuBackend, CpuIds};
+use nc_core::backend::cpu::{CpuBackend, CpuBuf, CpuIds};
 use nc_core::backend::{AttnShape, Backend, Gemm, View, ViewMut};
 use nc_core::config::{LOGIT_SOFTCAP, RMSNORM_EPS};
 use std::time::Duration;
@@ -26,12 +26,41 @@ fn filled(be: &CpuBackend, n: usize, seed: u32) -> nc_core::backend::cpu::CpuBuf
     b
 }
 
+/// A criterion benchmark group measuring wall time.
+type Group<'a> = BenchmarkGroup<'a, WallTime>;
+
+/// How a group samples: `samples` samples, measured for `measure` after `warm_up`.
+struct Sampling {
+    samples: usize,
+    measure: Duration,
+    warm_up: Duration,
+}
+
+/// GEMMs, attention and the loss chunk: milliseconds an iteration.
+const LONG_OPS: Sampling = Sampling {
+    samples: 10,
+    measure: Duration::from_secs(3),
+    warm_up: Duration::from_millis(500),
+};
+
+/// rmsnorm: well under a millisecond an iteration.
+const SHORT_OPS: Sampling = Sampling {
+    samples: 20,
+    measure: Duration::from_secs(2),
+    warm_up: Duration::from_millis(300),
+};
+
+fn group<'a>(c: &'a mut Criterion, name: &str, sampling: Sampling) -> Group<'a> {
+    let mut g = c.benchmark_group(name);
+    g.sample_size(sampling.samples)
+        .measurement_time(sampling.measure)
+        .warm_up_time(sampling.warm_up);
+    g
+}
+
 fn matmuls(c: &mut Criterion) {
     let be = CpuBackend::new();
-    let mut g = c.benchmark_group("cpu_matmul");
-    g.sample_size(10)
-        .measurement_time(Duration::from_secs(3))
-        .warm_up_time(Duration::from_millis(500));
+    let mut g = group(c, "cpu_matmul", LONG_OPS);
     for d in [256usize, 512] {
         let n = TOKENS;
         // (label, m, n, k, a_t, b_t): forward x W^T, backward dX = dY W, dW = dY^T X.
@@ -57,12 +86,7 @@ fn matmuls(c: &mut Criterion) {
 
 /// One benchmark per (label, m, n, k, a_t, b_t): C (m x n) = op(A) op(B), throughput in FLOPs; `id` prefixes
 /// the shape in the benchmark's name.
-fn bench_matmuls(
-    g: &mut BenchmarkGroup<'_, WallTime>,
-    be: &CpuBackend,
-    id: &str,
-    shapes: &[(&str, usize, usize, usize, bool, bool)],
-) {
+fn bench_matmuls(g: &mut Group<'_>, be: &CpuBackend, id: &str, shapes: &[(&str, usize, usize, usize, bool, bool)]) {
     for &(label, m, nn, k, at, bt) in shapes {
         let a = filled(be, m * k, 1);
         let b = filled(be, k * nn, 2);
@@ -79,10 +103,7 @@ fn bench_matmuls(
 
 fn attention(c: &mut Criterion) {
     let be = CpuBackend::new();
-    let mut g = c.benchmark_group("cpu_attention");
-    g.sample_size(10)
-        .measurement_time(Duration::from_secs(3))
-        .warm_up_time(Duration::from_millis(500));
+    let mut g = group(c, "cpu_attention", LONG_OPS);
     // d 256 = 2 heads of 128 (and d 512 = 4 heads), batch 2 x 512, causal.
     for heads in [2usize, 4] {
         let s = AttnShape::causal(2, 512, heads, heads, 128);
@@ -131,10 +152,7 @@ fn attention(c: &mut Criterion) {
 
 fn rmsnorm(c: &mut Criterion) {
     let be = CpuBackend::new();
-    let mut g = c.benchmark_group("cpu_rmsnorm");
-    g.sample_size(20)
-        .measurement_time(Duration::from_secs(2))
-        .warm_up_time(Duration::from_millis(300));
+    let mut g = group(c, "cpu_rmsnorm", SHORT_OPS);
     for d in [256usize, 512] {
         let x = filled(&be, TOKENS * d, 7);
         let dy = filled(&be, TOKENS * d, 8);
@@ -169,14 +187,18 @@ fn rmsnorm(c: &mut Criterion) {
     g.finish();
 }
 
+/// The loss over a chunk's `rows x vocab` logits as the model runs it: softcap, cross-entropy, and the
+/// gradient in place of the logits (scale 1).
+fn softcap_ce(be: &CpuBackend, logits: &mut CpuBuf, losses: &mut CpuBuf, targets: &CpuIds, rows: usize, vocab: usize) {
+    let (logits, losses) = (ViewMut::all(logits), ViewMut::all(losses));
+    be.softcap_cross_entropy(logits, rows, vocab, LOGIT_SOFTCAP, targets, 0, losses, Some(1.0));
+}
+
 /// One chunk of the chunked loss as the model runs it: logits = x W^T, softcap + CE (+ grad), dX = dL W,
 /// dW += dL^T x. Rows per chunk as the model picks them for vocab 65536 (`LossChunks`: 1024).
 fn loss_chunk(c: &mut Criterion) {
     let be = CpuBackend::new();
-    let mut g = c.benchmark_group("cpu_loss_chunk");
-    g.sample_size(10)
-        .measurement_time(Duration::from_secs(3))
-        .warm_up_time(Duration::from_millis(500));
+    let mut g = group(c, "cpu_loss_chunk", LONG_OPS);
     let (vocab, d) = (65536usize, 256usize);
     let rows = nc_core::model::loss_chunk_rows(vocab, TOKENS);
     let x = filled(&be, rows * d, 9);
@@ -187,20 +209,7 @@ fn loss_chunk(c: &mut Criterion) {
     g.throughput(Throughput::Elements(rows as u64));
     g.bench_function(
         BenchmarkId::new("softcap+CE fwd+bwd only", format!("{rows}x{vocab}")),
-        |bench| {
-            bench.iter(|| {
-                be.softcap_cross_entropy(
-                    ViewMut::all(&mut logits),
-                    rows,
-                    vocab,
-                    LOGIT_SOFTCAP,
-                    &targets,
-                    0,
-                    ViewMut::all(&mut losses),
-                    Some(1.0),
-                )
-            })
-        },
+        |bench| bench.iter(|| softcap_ce(&be, &mut logits, &mut losses, &targets, rows, vocab)),
     );
     g.bench_function(
         BenchmarkId::new("lm_head chunk: 3 GEMMs + softcap+CE", format!("{rows}x{vocab}x{d}")),
@@ -212,16 +221,7 @@ fn loss_chunk(c: &mut Criterion) {
                     View::all(&w),
                     ViewMut::all(&mut logits),
                 );
-                be.softcap_cross_entropy(
-                    ViewMut::all(&mut logits),
-                    rows,
-                    vocab,
-                    LOGIT_SOFTCAP,
-                    &targets,
-                    0,
-                    ViewMut::all(&mut losses),
-                    Some(1.0),
-                );
+                softcap_ce(&be, &mut logits, &mut losses, &targets, rows, vocab);
                 be.matmul(
                     Gemm::nn(rows, d, vocab),
                     View::all(&logits),

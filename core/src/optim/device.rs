@@ -111,17 +111,14 @@ pub fn newton_schulz5_on<B: Backend>(be: &B, rows: usize, cols: usize, s: &mut M
     let (ca, cb, cc) = NS_COEFFS;
     let sq = short * short;
     for _ in 0..NS_STEPS {
-        {
-            let x = View::at(&s.x, 0, n_el);
-            let gram = ViewMut::at(&mut s.gram, 0, sq);
-            if tall {
-                // A = Y^T Y: (cols x rows)(rows x cols)
-                be.matmul(Gemm::tn(cols, cols, rows), x, x, gram);
-            } else {
-                // A = X X^T: (rows x cols)(cols x rows)
-                be.matmul(Gemm::nt(rows, rows, cols), x, x, gram);
-            }
-        }
+        let x = View::at(&s.x, 0, n_el);
+        // A = Y^T Y, (cols x rows)(rows x cols), when tall; A = X X^T, (rows x cols)(cols x rows), when wide.
+        let gram_shape = if tall {
+            Gemm::tn(cols, cols, rows)
+        } else {
+            Gemm::nt(rows, rows, cols)
+        };
+        be.matmul(gram_shape, x, x, ViewMut::at(&mut s.gram, 0, sq));
         // B = A A, then B = b A + c B (the trait's matmul has no alpha, so the scaling is a separate axpby).
         let gram = View::at(&s.gram, 0, sq);
         be.matmul(
@@ -131,21 +128,18 @@ pub fn newton_schulz5_on<B: Backend>(be: &B, rows: usize, cols: usize, s: &mut M
             ViewMut::at(&mut s.poly, 0, sq),
         );
         be.axpby(cb, gram, cc, ViewMut::at(&mut s.poly, 0, sq));
-        {
-            let x = View::at(&s.x, 0, n_el);
-            let poly = View::at(&s.poly, 0, sq);
-            let x_next = ViewMut::at(&mut s.x_next, 0, n_el);
-            if tall {
-                // Y B^T: (rows x cols)(cols x cols). B is symmetric in exact arithmetic, but its rounded
-                // value need not be: X' = a X + B X transposes to Y' = a Y + Y B^T, so take B^T literally.
-                be.matmul(Gemm::nt(rows, cols, cols), x, poly, x_next);
-            } else {
-                // B X: (rows x rows)(rows x cols)
-                be.matmul(Gemm::nn(rows, cols, rows), poly, x, x_next);
-            }
-            // X_next = a X + X_next
-            be.axpby(ca, x, 1.0, ViewMut::at(&mut s.x_next, 0, n_el));
+        let poly = View::at(&s.poly, 0, sq);
+        let x_next = ViewMut::at(&mut s.x_next, 0, n_el);
+        if tall {
+            // Y B^T: (rows x cols)(cols x cols). B is symmetric in exact arithmetic, but its rounded
+            // value need not be: X' = a X + B X transposes to Y' = a Y + Y B^T, so take B^T literally.
+            be.matmul(Gemm::nt(rows, cols, cols), x, poly, x_next);
+        } else {
+            // B X: (rows x rows)(rows x cols)
+            be.matmul(Gemm::nn(rows, cols, rows), poly, x, x_next);
         }
+        // X_next = a X + X_next
+        be.axpby(ca, x, 1.0, ViewMut::at(&mut s.x_next, 0, n_el));
         std::mem::swap(&mut s.x, &mut s.x_next);
     }
 }

@@ -1,7 +1,7 @@
 //! Data parallelism on the CPU (ranks as threads, ZeRO-1): two ranks with one micro-batch each train the
 //! same model as one rank accumulating two micro-batches, and a two-rank run resumes bit-exactly.
 
-use nc_core::train::{train, Resume, TrainConfig};
+use nc_core::train::{train, Resume, RunSummary, TrainConfig};
 use nc_tests::harness::{loss_gap, tiny_train_config};
 use std::path::Path;
 
@@ -26,6 +26,28 @@ fn weights(dir: &Path) -> Vec<f32> {
         );
     }
     out
+}
+
+/// A 6-step run of `from` ranks stopped after step 3 into `dir`, then resumed there by `to` ranks (`make` builds
+/// both configs: `config` or `config_bf16`): the losses of the two parts joined, and the resumed run (its
+/// checkpoint holds the final weights). Checks that the first part stopped early and the second began at step 3.
+fn stop_at_3_and_resume(
+    make: fn(&Path, usize, u64) -> TrainConfig,
+    dir: &Path,
+    from: usize,
+    to: usize,
+) -> (Vec<(u64, f32)>, RunSummary) {
+    let mut cfg = make(dir, from, 6);
+    cfg.stop_at_step = Some(3);
+    let first = train(&cfg).unwrap();
+    assert!(first.stopped_early);
+    let mut cfg = make(dir, to, 6);
+    cfg.resume = Resume::Latest;
+    let second = train(&cfg).unwrap();
+    assert_eq!(second.train_losses.first().map(|l| l.0), Some(3));
+    let mut resumed = first.train_losses;
+    resumed.extend(second.train_losses.iter().copied());
+    (resumed, second)
 }
 
 #[test]
@@ -66,19 +88,8 @@ fn two_rank_resume_is_bit_exact() {
     let straight_dir = tempfile::tempdir().unwrap();
     let straight = train(&config(straight_dir.path(), 2, 6)).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(dir.path(), 2, 6);
-    cfg.stop_at_step = Some(3);
-    let first = train(&cfg).unwrap();
-    assert!(first.stopped_early);
-    cfg.stop_at_step = None;
-    cfg.resume = Resume::Latest;
-    let second = train(&cfg).unwrap();
-    let got: Vec<u32> = first
-        .train_losses
-        .iter()
-        .chain(&second.train_losses)
-        .map(|(_, l)| l.to_bits())
-        .collect();
+    let (resumed, _) = stop_at_3_and_resume(config, dir.path(), 2, 2);
+    let got: Vec<u32> = resumed.iter().map(|(_, l)| l.to_bits()).collect();
     let want: Vec<u32> = straight.train_losses.iter().map(|(_, l)| l.to_bits()).collect();
     assert_eq!(got, want);
     // resuming with another total batch is refused (another world size is not: see below)
@@ -126,16 +137,7 @@ fn resume_at_another_world_size_continues_the_curve() {
     );
     for (from, to) in [(2usize, 1usize), (1, 2)] {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = config(dir.path(), from, 6);
-        cfg.stop_at_step = Some(3);
-        let first = train(&cfg).unwrap();
-        assert!(first.stopped_early);
-        let mut cfg = config(dir.path(), to, 6);
-        cfg.resume = Resume::Latest;
-        let second = train(&cfg).unwrap();
-        assert_eq!(second.train_losses.first().map(|l| l.0), Some(3));
-        let mut resumed = first.train_losses.clone();
-        resumed.extend(second.train_losses.iter().copied());
+        let (resumed, second) = stop_at_3_and_resume(config, dir.path(), from, to);
         let gap = loss_gap(&resumed, &straight[from - 1]);
         let w = weights(second.last_checkpoint.as_ref().unwrap());
         let weight_gap = wgap(&w, &final_weights[from - 1]);
@@ -151,7 +153,7 @@ fn resume_at_another_world_size_continues_the_curve() {
             straight[from - 1]
         );
         // and the resumed part is not a copy of the first: training went on
-        assert!(second.train_losses.last().unwrap().1 < first.train_losses[0].1);
+        assert!(second.train_losses.last().unwrap().1 < resumed[0].1);
     }
     eprintln!("one rank vs two ranks: {:e}", loss_gap(&straight[0], &straight[1]));
 }
@@ -178,7 +180,7 @@ fn bf16_sharded_master_equals_the_full_master_bit_for_bit() {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let sharded = train(&config_bf16(a.path(), world, 4)).unwrap();
         let full = nc_core::train::train_with_full_master(&config_bf16(b.path(), world, 4)).unwrap();
-        let bits = |r: &nc_core::train::RunSummary| r.train_losses.iter().map(|l| l.1.to_bits()).collect::<Vec<_>>();
+        let bits = |r: &RunSummary| r.train_losses.iter().map(|l| l.1.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&sharded), bits(&full), "world {world}: losses");
         assert!(
             sharded.train_losses[3].1 < sharded.train_losses[0].1,
@@ -206,7 +208,7 @@ fn bf16_sharded_master_equals_the_full_master_bit_for_bit() {
 /// another world size (2 -> 1, 1 -> 2, 3 -> 2) within the tolerances above.
 #[test]
 fn bf16_sharded_master_resumes_at_the_same_and_at_another_world_size() {
-    let straight: Vec<(tempfile::TempDir, nc_core::train::RunSummary)> = [1usize, 2, 3]
+    let straight: Vec<(tempfile::TempDir, RunSummary)> = [1usize, 2, 3]
         .iter()
         .map(|&w| {
             let d = tempfile::tempdir().unwrap();
@@ -216,16 +218,7 @@ fn bf16_sharded_master_resumes_at_the_same_and_at_another_world_size() {
         .collect();
     for (from, to) in [(2usize, 2usize), (2, 1), (1, 2), (3, 2)] {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = config_bf16(dir.path(), from, 6);
-        cfg.stop_at_step = Some(3);
-        let first = train(&cfg).unwrap();
-        assert!(first.stopped_early);
-        let mut cfg = config_bf16(dir.path(), to, 6);
-        cfg.resume = Resume::Latest;
-        let second = train(&cfg).unwrap();
-        assert_eq!(second.train_losses.first().map(|l| l.0), Some(3));
-        let mut resumed = first.train_losses.clone();
-        resumed.extend(second.train_losses.iter().copied());
+        let (resumed, second) = stop_at_3_and_resume(config_bf16, dir.path(), from, to);
         let reference = &straight[from - 1].1;
         let w = weights(second.last_checkpoint.as_ref().unwrap());
         let w_ref = weights(reference.last_checkpoint.as_ref().unwrap());
@@ -247,7 +240,7 @@ fn bf16_sharded_master_resumes_at_the_same_and_at_another_world_size() {
             weight_gap <= BF16_CROSS_WORLD_WEIGHT_TOL,
             "{from} -> {to}: weights differ by {weight_gap:e}"
         );
-        assert!(second.train_losses.last().unwrap().1 < first.train_losses[0].1);
+        assert!(second.train_losses.last().unwrap().1 < resumed[0].1);
     }
 }
 

@@ -4,7 +4,7 @@
 use nc_core::checkpoint;
 use nc_core::config::ModelConfig;
 use nc_core::data::run_data::DataSource;
-use nc_core::train::{train, Resume, TrainConfig};
+use nc_core::train::{train, Resume, RunSummary, TrainConfig};
 use nc_tests::harness::{device_like_cpu, loss_gap, tiny_train_config};
 use std::path::Path;
 
@@ -15,6 +15,27 @@ fn tiny_config(out_dir: &Path, steps: u64) -> TrainConfig {
         eval_tokens: 2 * 4 * 32,
         ..tiny_train_config(out_dir, steps)
     }
+}
+
+/// Trains `cfg` with `first` until `stop` (stopping there with a save), then resumes the latest checkpoint with
+/// `second` to the end: both runs' summaries. `first` and `second` are the paths the halves run on (`train`, or
+/// `train_on` a device), each given the config it must run.
+fn stop_and_resume(
+    mut cfg: TrainConfig,
+    stop: u64,
+    first: &dyn Fn(&TrainConfig) -> RunSummary,
+    second: &dyn Fn(&TrainConfig) -> RunSummary,
+) -> (RunSummary, RunSummary) {
+    cfg.stop_at_step = Some(stop);
+    let stopped = first(&cfg);
+    cfg.stop_at_step = None;
+    cfg.resume = Resume::Latest;
+    (stopped, second(&cfg))
+}
+
+/// `train` for `stop_and_resume`, which gets the result (every run here must succeed).
+fn on_cpu(cfg: &TrainConfig) -> RunSummary {
+    train(cfg).unwrap()
 }
 
 fn read(p: &Path) -> Vec<u8> {
@@ -32,16 +53,11 @@ fn resume_is_bit_exact() {
     assert!(!straight.stopped_early);
 
     let split_dir = tempfile::tempdir().unwrap();
-    let mut cfg = tiny_config(split_dir.path(), 2 * n);
-    cfg.stop_at_step = Some(n);
-    let first = train(&cfg).unwrap();
+    let (first, second) = stop_and_resume(tiny_config(split_dir.path(), 2 * n), n, &on_cpu, &on_cpu);
     assert!(first.stopped_early);
     assert_eq!(first.final_step, n);
     let ckpt = first.last_checkpoint.clone().unwrap();
     assert!(ckpt.ends_with("checkpoints/step_000005"));
-    cfg.stop_at_step = None;
-    cfg.resume = Resume::Latest;
-    let second = train(&cfg).unwrap();
     assert!(!second.stopped_early);
 
     let mut resumed: Vec<(u64, u32)> = first.train_losses.iter().map(|(s, l)| (*s, l.to_bits())).collect();
@@ -223,15 +239,18 @@ fn recompute_policies_train_identically_and_may_change_on_resume() {
     let none = train(&tiny_config(none_dir.path(), 2 * n)).unwrap();
 
     let mixed_dir = tempfile::tempdir().unwrap();
-    let mut cfg = tiny_config(mixed_dir.path(), 2 * n);
-    cfg.recompute = Recompute::Full;
-    cfg.stop_at_step = Some(n);
-    let first = train(&cfg).unwrap();
+    let cfg = TrainConfig {
+        recompute: Recompute::Full,
+        ..tiny_config(mixed_dir.path(), 2 * n)
+    };
+    let selective = |c: &TrainConfig| {
+        on_cpu(&TrainConfig {
+            recompute: Recompute::Selective,
+            ..c.clone()
+        })
+    };
+    let (first, second) = stop_and_resume(cfg, n, &on_cpu, &selective);
     assert!(first.stopped_early);
-    cfg.recompute = Recompute::Selective;
-    cfg.stop_at_step = None;
-    cfg.resume = Resume::Latest;
-    let second = train(&cfg).unwrap();
 
     let mut mixed: Vec<(u64, u32)> = first.train_losses.iter().map(|(s, l)| (*s, l.to_bits())).collect();
     mixed.extend(second.train_losses.iter().map(|(s, l)| (*s, l.to_bits())));
@@ -282,8 +301,9 @@ const DEVICE_WEIGHT_TOL: f64 = 2e-5;
 /// run within the same tolerances.
 #[test]
 fn device_path_trains_like_the_cpu_and_shares_its_checkpoints() {
-    use nc_core::train::{train_on, RunSummary};
+    use nc_core::train::train_on;
     let device = || device_like_cpu(nc_core::plan::Precision::Fp32);
+    let on_device = |c: &TrainConfig| train_on(c, device()).unwrap();
     let n = 4u64;
     let cpu_dir = tempfile::tempdir().unwrap();
     let cpu = train(&tiny_config(cpu_dir.path(), 2 * n)).unwrap();
@@ -319,12 +339,7 @@ fn device_path_trains_like_the_cpu_and_shares_its_checkpoints() {
 
     // the device path resumes its own checkpoint bit-exactly
     let split_dir = tempfile::tempdir().unwrap();
-    let mut cfg = tiny_config(split_dir.path(), 2 * n);
-    cfg.stop_at_step = Some(n);
-    let first = train_on(&cfg, device()).unwrap();
-    cfg.stop_at_step = None;
-    cfg.resume = Resume::Latest;
-    let second = train_on(&cfg, device()).unwrap();
+    let (first, second) = stop_and_resume(tiny_config(split_dir.path(), 2 * n), n, &on_device, &on_device);
     let mut split = bits(&first);
     split.extend(bits(&second));
     assert_eq!(split, bits(&dev), "the device path's resume is not bit-exact");
@@ -337,12 +352,7 @@ fn device_path_trains_like_the_cpu_and_shares_its_checkpoints() {
 
     // a device-path checkpoint resumed on the CPU
     let mixed_dir = tempfile::tempdir().unwrap();
-    let mut cfg = tiny_config(mixed_dir.path(), 2 * n);
-    cfg.stop_at_step = Some(n);
-    let first = train_on(&cfg, device()).unwrap();
-    cfg.stop_at_step = None;
-    cfg.resume = Resume::Latest;
-    let second = train(&cfg).unwrap();
+    let (first, second) = stop_and_resume(tiny_config(mixed_dir.path(), 2 * n), n, &on_device, &on_cpu);
     let mut mixed = first.train_losses.clone();
     mixed.extend(second.train_losses.iter().copied());
     assert_eq!(bits(&first), bits(&dev)[..n as usize]);
@@ -350,12 +360,7 @@ fn device_path_trains_like_the_cpu_and_shares_its_checkpoints() {
 
     // and a CPU checkpoint resumed on the device path
     let back_dir = tempfile::tempdir().unwrap();
-    let mut cfg = tiny_config(back_dir.path(), 2 * n);
-    cfg.stop_at_step = Some(n);
-    let first = train(&cfg).unwrap();
-    cfg.stop_at_step = None;
-    cfg.resume = Resume::Latest;
-    let second = train_on(&cfg, device()).unwrap();
+    let (first, second) = stop_and_resume(tiny_config(back_dir.path(), 2 * n), n, &on_cpu, &on_device);
     assert_eq!(bits(&first), bits(&cpu)[..n as usize]);
     let mut back = first.train_losses.clone();
     back.extend(second.train_losses.iter().copied());
@@ -389,8 +394,8 @@ fn device_path_refuses_several_ranks_in_one_process() {
 #[test]
 fn device_zero1_ranks_train_like_the_cpu_ranks() {
     use nc_core::backend::device_like::DeviceLikeCpu;
+    use nc_core::train::train_as_rank;
     use nc_core::train::zero1::{RankCollective, StagedRanks};
-    use nc_core::train::{train_as_rank, RunSummary};
     let device = || device_like_cpu(nc_core::plan::Precision::Fp32);
     let steps = 6u64;
     for world in [2usize, 1] {

@@ -86,6 +86,32 @@ fn clean(r: &Run, line: &str) {
     );
 }
 
+/// The call was refused: `error` (the failing call and its CUDA error) on stdout, every one of `words` on stderr.
+fn refused(r: &Run, error: &str, words: &[&str]) {
+    assert!(r.stdout.contains(error), "missing '{error}' on stdout:\n{}", show(r));
+    for w in words {
+        assert!(r.stderr.contains(w), "missing '{w}' on stderr:\n{}", show(r));
+    }
+}
+
+/// SCENARIO's correct variant runs cleanly to `line`; its planted variant is refused (see `refused`).
+fn planted_is_refused(scenario: &str, line: &str, error: &str, words: &[&str]) {
+    clean(&probe(scenario, false, &[]), line);
+    refused(&probe(scenario, true, &[]), error, words);
+}
+
+/// A bad value of the simulator's setting `var` is refused at cuInit with the setting as written (and what to
+/// write instead); the run, for what else its message must say.
+fn bad_setting(scenario: &str, var: &str, value: &str) -> Run {
+    let r = probe(scenario, false, &[(var, value)]);
+    refused(
+        &r,
+        "init error: CUDA_ERROR_INVALID_VALUE",
+        &[&format!("{var}='{value}'")],
+    );
+    r
+}
+
 /// The planted variant was stopped by a device fault report (exit status 1) containing every one of `words`.
 fn stopped(r: &Run, words: &[&str]) {
     assert_eq!(r.code, Some(1), "{}", show(r));
@@ -110,32 +136,12 @@ fn every_entry_of_every_ptx_has_an_emulated_kernel_the_p2p_ring_included() {
 
 #[test]
 fn a_launch_argument_of_the_wrong_width_is_refused() {
-    clean(&probe("wrong-width", false, &[]), "fill correct: true");
-    // A u32 where the kernel reads a u64: the high half comes from the neighbouring float.
-    let r = probe("wrong-width", true, &[]);
-    assert!(
-        r.stdout.contains("launch error: CUDA_ERROR_INVALID_VALUE"),
-        "{}",
-        show(&r)
-    );
-    assert!(
-        r.stderr.contains("nc_fill_f32") && r.stderr.contains("parameter 1"),
-        "{}",
-        show(&r)
-    );
-    // The packed-buffer launch path knows the size: 16 bytes where the PTX's parameters take 20.
-    clean(&probe("wrong-width-extra", false, &[]), "fill correct: true");
-    let r = probe("wrong-width-extra", true, &[]);
-    assert!(
-        r.stdout.contains("launch error: CUDA_ERROR_INVALID_VALUE"),
-        "{}",
-        show(&r)
-    );
-    assert!(
-        r.stderr.contains("nc_fill_f32") && r.stderr.contains("16 bytes"),
-        "{}",
-        show(&r)
-    );
+    // A u32 where the kernel reads a u64: the high half comes from the neighbouring float; the packed-buffer
+    // launch path knows the size: 16 bytes where the PTX's parameters take 20.
+    for (scenario, says) in [("wrong-width", "parameter 1"), ("wrong-width-extra", "16 bytes")] {
+        let error = "launch error: CUDA_ERROR_INVALID_VALUE";
+        planted_is_refused(scenario, "fill correct: true", error, &["nc_fill_f32", says]);
+    }
 }
 
 #[test]
@@ -188,14 +194,8 @@ fn a_removed_syncthreads_is_reported_as_a_shared_memory_race_in_race_mode() {
     let r = probe("grid", false, &[("NC_SIM_PLANT_SKIP_SYNCTHREADS", "0")]);
     assert!(r.code == Some(0) && max_error_vs_cpu(&r) > 1e-2, "{}", show(&r));
     // A bad value is refused at cuInit with what to write instead.
-    let r = probe("grid", false, &[("NC_SIM_PLANT_SKIP_SYNCTHREADS", "first")]);
-    assert!(
-        r.stdout.contains("init error: CUDA_ERROR_INVALID_VALUE")
-            && r.stderr.contains("NC_SIM_PLANT_SKIP_SYNCTHREADS='first'")
-            && r.stderr.matches("nc-sim:").count() == 1,
-        "{}",
-        show(&r)
-    );
+    let r = bad_setting("grid", "NC_SIM_PLANT_SKIP_SYNCTHREADS", "first");
+    assert_eq!(r.stderr.matches("nc-sim:").count(), 1, "{}", show(&r));
 }
 
 #[test]
@@ -267,18 +267,8 @@ fn a_missing_stream_wait_is_reported_as_a_race_in_race_mode() {
 
 #[test]
 fn a_ptx_whose_stamp_differs_from_the_emulated_source_is_refused() {
-    clean(&probe("stamp", false, &[]), "module loaded");
-    let r = probe("stamp", true, &[]);
-    assert!(
-        r.stdout.contains("load error: CUDA_ERROR_INVALID_IMAGE"),
-        "{}",
-        show(&r)
-    );
-    assert!(
-        r.stderr.contains("module 'elementwise'") && r.stderr.contains("disagree"),
-        "{}",
-        show(&r)
-    );
+    let words = ["module 'elementwise'", "disagree"];
+    planted_is_refused("stamp", "module loaded", "load error: CUDA_ERROR_INVALID_IMAGE", &words);
 }
 
 #[test]
@@ -287,24 +277,14 @@ fn memory_is_what_nc_sim_mem_says_and_more_is_out_of_memory() {
     let r = probe("oom", false, &mem);
     clean(&r, "second allocation ok");
     assert!(r.stdout.contains("total 67108864 free 67108864") && r.stdout.contains("free after 48 MiB: 16777216"));
-    let r = probe("oom", true, &mem);
-    assert!(
-        r.stdout.contains("second alloc error: CUDA_ERROR_OUT_OF_MEMORY"),
-        "{}",
-        show(&r)
+    refused(
+        &probe("oom", true, &mem),
+        "second alloc error: CUDA_ERROR_OUT_OF_MEMORY",
+        &[],
     );
     // A bad setting is an error that says what to write instead, not a crash.
-    let r = probe("oom", false, &[("NC_SIM_MEM", "lots")]);
-    assert!(
-        r.stdout.contains("init error: CUDA_ERROR_INVALID_VALUE"),
-        "{}",
-        show(&r)
-    );
-    assert!(
-        r.stderr.contains("NC_SIM_MEM='lots'") && r.stderr.contains("4G"),
-        "{}",
-        show(&r)
-    );
+    let r = bad_setting("oom", "NC_SIM_MEM", "lots");
+    assert!(r.stderr.contains("4G"), "{}", show(&r));
 }
 
 #[test]
@@ -314,13 +294,10 @@ fn an_injected_kernel_fault_is_sticky_and_an_injected_oom_fails_every_later_allo
     // the fault ran (the event record, the second launch or a synchronization, depending on how fast the stream
     // worker got there) reports the illegal address, and so would every later call.
     let r = probe("race", false, &[("NC_SIM_FAULT_KERNEL", "nc_fill_f32:1")]);
+    let fault = "kernel nc_fill_f32 (launch 1 of it on device 0) faulted";
+    refused(&r, " error: CUDA_ERROR_ILLEGAL_ADDRESS", &[fault]);
     assert!(
-        r.code == Some(0)
-            && r.stdout.starts_with("launched\n")
-            && r.stdout.contains(" error: CUDA_ERROR_ILLEGAL_ADDRESS")
-            && !r.stdout.contains("z correct")
-            && r.stderr
-                .contains("kernel nc_fill_f32 (launch 1 of it on device 0) faulted"),
+        r.code == Some(0) && r.stdout.starts_with("launched\n") && !r.stdout.contains("z correct"),
         "{}",
         show(&r)
     );
@@ -332,25 +309,17 @@ fn an_injected_kernel_fault_is_sticky_and_an_injected_oom_fails_every_later_allo
         );
     }
     // The second allocation (and every later one) is out of memory; on device 1 only, device 0 is unaffected.
-    let r = probe("race", false, &[("NC_SIM_FAIL_ALLOC", "2")]);
-    assert!(
-        r.stdout.contains("alloc error: CUDA_ERROR_OUT_OF_MEMORY")
-            && r.stderr
-                .contains("out of memory, injected (NC_SIM_FAIL_ALLOC: allocation 2"),
-        "{}",
-        show(&r)
+    refused(
+        &probe("race", false, &[("NC_SIM_FAIL_ALLOC", "2")]),
+        "alloc error: CUDA_ERROR_OUT_OF_MEMORY",
+        &["out of memory, injected (NC_SIM_FAIL_ALLOC: allocation 2"],
     );
     clean(
         &probe("race", false, &[("NC_SIM_FAIL_ALLOC", "2@1")]),
         "z correct: true",
     );
     for (var, bad) in [("NC_SIM_FAIL_ALLOC", "0"), ("NC_SIM_FAULT_KERNEL", "nc_fill_f32")] {
-        let r = probe("race", false, &[(var, bad)]);
-        assert!(
-            r.stdout.contains("init error: CUDA_ERROR_INVALID_VALUE") && r.stderr.contains(&format!("{var}='{bad}'")),
-            "{}",
-            show(&r)
-        );
+        bad_setting("race", var, bad);
     }
 }
 

@@ -260,23 +260,32 @@ cublasLtHandle_t lt = nullptr;
 void* workspace = nullptr;
 constexpr size_t WORKSPACE = 32 << 20;
 
-// Heuristic (workspace limit 32 MiB) and matmul, as nc calls them; returns the matmul's status.
-int lt_matmul(cublasLtMatmulDesc_t desc, const Mat& a, const Mat& b, const Mat& c, const Mat& d, float alpha,
-              float beta, void* stream = nullptr) {
-    cublasLtMatrixLayout_t la = layout_of(a), lb = layout_of(b), lc = layout_of(c), ld = layout_of(d);
+// The heuristic's one algorithm for `desc` on these layouts, with the workspace limit of 32 MiB, as nc asks
+// for it: the heuristic's status; the algorithm in `result`, how many it found in `found`.
+int heuristic(cublasLtMatmulDesc_t desc, cublasLtMatrixLayout_t la, cublasLtMatrixLayout_t lb,
+              cublasLtMatrixLayout_t lc, cublasLtMatrixLayout_t ld, cublasLtMatmulHeuristicResult_t* result,
+              int* found) {
     cublasLtMatmulPreference_t pref = nullptr;
     cublasLtMatmulPreferenceCreate(&pref);
     uint64_t limit = WORKSPACE;
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &limit, 8);
+    int s = cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, lc, ld, pref, 1, result, found);
+    cublasLtMatmulPreferenceDestroy(pref);
+    return s;
+}
+
+// Heuristic and matmul, as nc calls them; returns the matmul's status.
+int lt_matmul(cublasLtMatmulDesc_t desc, const Mat& a, const Mat& b, const Mat& c, const Mat& d, float alpha,
+              float beta, void* stream = nullptr) {
+    cublasLtMatrixLayout_t la = layout_of(a), lb = layout_of(b), lc = layout_of(c), ld = layout_of(d);
     cublasLtMatmulHeuristicResult_t result{};
     int found = 0;
-    int s = cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, lc, ld, pref, 1, &result, &found);
+    int s = heuristic(desc, la, lb, lc, ld, &result, &found);
     if (s == 0) {
         CHECK(found == 1 && result.state == 0 && result.workspaceSize <= WORKSPACE, "heuristic: %d found", found);
         s = cublasLtMatmul(lt, desc, &alpha, a.dev, la, b.dev, lb, &beta, c.dev, lc, d.dev, ld, &result.algo,
                            workspace, WORKSPACE, stream);
     }
-    cublasLtMatmulPreferenceDestroy(pref);
     for (auto l : {la, lb, lc, ld}) cublasLtMatrixLayoutDestroy(l);
     return s;
 }
@@ -427,13 +436,9 @@ void beta_zero_declarations_async_trace() {
     Mat d = make_mat(CUDA_R_32F, 5, 3, 2, 0, 0, false);
     cublasLtMatmulDesc_t desc = desc_of(CUBLAS_COMPUTE_32F, 1, 0);
     cublasLtMatrixLayout_t la = layout_of(a), lb = layout_of(b), ld = layout_of(d);
-    cublasLtMatmulPreference_t pref = nullptr;
-    cublasLtMatmulPreferenceCreate(&pref);
-    uint64_t limit = WORKSPACE;
-    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &limit, 8);
     cublasLtMatmulHeuristicResult_t r{};
     int found = 0;
-    CHECK(cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, ld, ld, pref, 1, &r, &found) == 0, "heuristic");
+    CHECK(heuristic(desc, la, lb, ld, ld, &r, &found) == 0, "heuristic");
     float alpha = 1.0f, beta = 0.0f;
     // C is an address no allocation holds: with beta = 0 it must be neither checked nor read.
     const void* nowhere = reinterpret_cast<const void*>(uintptr_t(0x1000));
@@ -474,7 +479,6 @@ void beta_zero_declarations_async_trace() {
     p.ta = true, p.m = 5, p.n = 3, p.k = 4, p.batch = 2, p.alpha = 1.0f, p.beta = 0.0f;
     Mat poison_before = make_mat(CUDA_R_32F, 5, 3, 2, 0, 0, false);
     compare("beta = 0, async, alpha reused", p, a, b, d, d, poison_before.bytes());
-    cublasLtMatmulPreferenceDestroy(pref);
     for (auto l : {la, lb, ld}) cublasLtMatrixLayoutDestroy(l);
     cublasLtMatmulDescDestroy(desc);
     for (void* x : {a.dev, b.dev, d.dev, poison_before.dev}) fake_free(x);

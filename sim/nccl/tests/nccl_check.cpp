@@ -278,6 +278,19 @@ void refusals(ncclComm_t comm) {
     fake_free(a);
 }
 
+// Polls `comm`'s asynchronous error every 20 ms, `tries` times at most, until there is one: it must be `want`,
+// with a last error that contains `says` (`who`: whose error, for the check's line).
+void expect_async_error(ncclComm_t comm, int tries, ncclResult_t want, const char* says, const char* who) {
+    ncclResult_t err = ncclSuccess;
+    for (int i = 0; i < tries && err == ncclSuccess; i++) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        ncclCommGetAsyncError(comm, &err);
+    }
+    check(err == want, "%s: asynchronous error %d, want %d", who, int(err), int(want));
+    check(std::strstr(ncclGetLastError(comm), says) != nullptr, "%s: the error says '%s': %s", who, says,
+          ncclGetLastError(comm));
+}
+
 // Ranks 0 and 1 broadcast from different roots: both get ncclInvalidUsage naming the calls; an abort from
 // another thread releases the blocked stream. Rank 2 stays out (it checks the same from the other side below).
 void mismatch(ncclComm_t comm, int rank) {
@@ -285,14 +298,7 @@ void mismatch(ncclComm_t comm, int rank) {
     run_and_expect_success(ncclBroadcast(a, a, 16, ncclFloat32, rank, comm, STREAM), "ncclBroadcast (mismatched)");
     std::atomic<bool> released{false};
     std::thread aborter([&] {
-        ncclResult_t err = ncclSuccess;
-        for (int i = 0; i < 300 && err == ncclSuccess; i++) {
-            std::this_thread::sleep_for(std::chrono::milliseconds(20));
-            ncclCommGetAsyncError(comm, &err);
-        }
-        check(err == ncclInvalidUsage, "ranks whose calls differ get ncclInvalidUsage (%d)", int(err));
-        check(std::strstr(ncclGetLastError(comm), "collectives differ") != nullptr, "the error says so: %s",
-              ncclGetLastError(comm));
+        expect_async_error(comm, 300, ncclInvalidUsage, "collectives differ", "ranks whose calls differ");
         check(!released.load(), "the mismatched broadcast did not complete");
         run_and_expect_success(ncclCommAbort(comm), "ncclCommAbort");
     });
@@ -312,14 +318,7 @@ void dead_peer(ncclComm_t comm, int rank) {
     void* a = fake_alloc(64);
     run_and_expect_success(ncclAllReduce(a, a, 16, ncclFloat32, ncclSum, comm, STREAM), "ncclAllReduce");
     std::thread aborter([&] {
-        ncclResult_t err = ncclSuccess;
-        for (int i = 0; i < 500 && err == ncclSuccess; i++) {
-            std::this_thread::sleep_for(std::chrono::milliseconds(20));
-            ncclCommGetAsyncError(comm, &err);
-        }
-        check(err == ncclRemoteError, "a peer that exited is ncclRemoteError (%d)", int(err));
-        check(std::strstr(ncclGetLastError(comm), "rank 2") != nullptr, "the error names rank 2: %s",
-              ncclGetLastError(comm));
+        expect_async_error(comm, 500, ncclRemoteError, "rank 2", "a peer that exited");
         ncclCommAbort(comm);
     });
     fake_sync();

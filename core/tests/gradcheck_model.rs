@@ -76,35 +76,33 @@ fn check(case: &Case, policy: Recompute, seed: u64) {
     }
 }
 
+/// MHA (2 kv heads) and GQA (1), and both recompute policies: (kv heads, policy, seed) a case.
 #[test]
-fn model_grads_match_finite_differences_mha() {
-    check(&tiny(2), Recompute::None, 1);
+fn model_grads_match_finite_differences() {
+    let cases = [
+        (2, Recompute::None, 1),
+        (1, Recompute::None, 2),
+        (1, Recompute::Full, 3),
+        (2, Recompute::Selective, 5),
+    ];
+    for (kv_heads, policy, seed) in cases {
+        check(&tiny(kv_heads), policy, seed);
+    }
 }
 
-#[test]
-fn model_grads_match_finite_differences_gqa() {
-    check(&tiny(1), Recompute::None, 2);
-}
-
-#[test]
-fn model_grads_match_finite_differences_full_recompute() {
-    check(&tiny(1), Recompute::Full, 3);
-}
-
-#[test]
-fn model_grads_match_finite_differences_selective_recompute() {
-    check(&tiny(2), Recompute::Selective, 5);
+/// Every (kv heads, policy) pair of `kv_heads` and `policies`.
+fn pairs(kv_heads: &[usize], policies: &[Recompute]) -> Vec<(usize, Recompute)> {
+    kv_heads
+        .iter()
+        .flat_map(|&kv| policies.iter().map(move |&policy| (kv, policy)))
+        .collect()
 }
 
 /// Selective and full recomputation give the grads of keeping everything, bit for bit, over two
 /// accumulated micro-batches (so a stale recompute buffer from the first call would show in the second).
 #[test]
 fn recompute_gives_identical_grads() {
-    for (kv, policy) in [
-        (1, Recompute::Full),
-        (1, Recompute::Selective),
-        (2, Recompute::Selective),
-    ] {
+    for (kv, policy) in pairs(&[1, 2], &[Recompute::Full, Recompute::Selective]) {
         let case = tiny(kv);
         let (mut a, inputs, targets) = random_model(&case, Recompute::None, 7);
         let (mut b, _, _) = random_model(&case, policy, 7);
@@ -180,14 +178,7 @@ fn bad_batches_are_errors() {
 
 #[test]
 fn activation_layout_is_what_the_model_allocates() {
-    for (kv, policy) in [
-        (2, Recompute::None),
-        (1, Recompute::None),
-        (2, Recompute::Selective),
-        (1, Recompute::Selective),
-        (2, Recompute::Full),
-        (1, Recompute::Full),
-    ] {
+    for (kv, policy) in pairs(&[2, 1], &[Recompute::None, Recompute::Selective, Recompute::Full]) {
         let cfg = ModelConfig::new(3, 32, 2, kv, 16, 37, 16).unwrap();
         let m = Gpt::new(CpuBackend::new(), cfg, 2, 16, policy).unwrap();
         let layout = nc_core::model::activation_layout(&cfg, 2, 16, policy);

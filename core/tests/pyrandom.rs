@@ -4,29 +4,46 @@
 //! its pool/set threshold with the populations nanochat's few-shot draw uses.
 
 use nc_core::eval::pyrandom::PyRandom;
-use serde_json::Value;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
 
-fn fixture() -> Value {
+/// The fixture's cases under `key` (each a JSON object with the fields of `T`).
+fn cases<T: DeserializeOwned>(key: &str) -> Vec<T> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/core_eval/pyrandom.json");
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    Vec::<T>::deserialize(&fixture[key]).unwrap()
 }
 
-fn as_usizes(v: &Value) -> Vec<usize> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as usize)
-        .collect()
+/// The first `values.len()` 32-bit outputs of CPython's generator seeded with `seed`.
+#[derive(Deserialize)]
+struct Stream {
+    seed: u64,
+    values: Vec<u32>,
+}
+
+/// `random.Random(seed).shuffle(list(range(n)))`.
+#[derive(Deserialize)]
+struct Shuffle {
+    seed: u64,
+    n: usize,
+    result: Vec<usize>,
+}
+
+/// `random.Random(seed).sample(population, k)` with population `0..n` less `excluded` (a few-shot draw).
+#[derive(Deserialize)]
+struct Sample {
+    seed: u64,
+    n: usize,
+    excluded: usize,
+    k: usize,
+    result: Vec<usize>,
 }
 
 #[test]
 fn raw_stream_equals_cpython() {
-    let f = fixture();
-    let cases = f["u32"].as_array().unwrap();
+    let cases: Vec<Stream> = cases("u32");
     assert_eq!(cases.len(), 7);
-    for case in cases {
-        let seed = case["seed"].as_u64().unwrap();
-        let want: Vec<u32> = as_usizes(&case["values"]).into_iter().map(|x| x as u32).collect();
+    for Stream { seed, values: want } in cases {
         let mut r = PyRandom::new(seed);
         let got: Vec<u32> = (0..want.len()).map(|_| r.getrandbits(32)).collect();
         assert_eq!(got, want, "seed {seed}");
@@ -35,29 +52,27 @@ fn raw_stream_equals_cpython() {
 
 #[test]
 fn shuffle_equals_cpython() {
-    let f = fixture();
-    for case in f["shuffle"].as_array().unwrap() {
-        let (seed, n) = (case["seed"].as_u64().unwrap(), case["n"].as_u64().unwrap() as usize);
+    for Shuffle { seed, n, result } in cases("shuffle") {
         let mut x: Vec<usize> = (0..n).collect();
         PyRandom::new(seed).shuffle(&mut x);
-        assert_eq!(x, as_usizes(&case["result"]), "seed {seed} n {n}");
+        assert_eq!(x, result, "seed {seed} n {n}");
     }
 }
 
 #[test]
 fn sample_equals_cpython_on_both_methods() {
-    let f = fixture();
-    let cases = f["sample"].as_array().unwrap();
+    let cases: Vec<Sample> = cases("sample");
     assert_eq!(cases.len(), 12);
-    for case in cases {
-        let seed = case["seed"].as_u64().unwrap();
-        let (n, idx, k) = (
-            case["n"].as_u64().unwrap() as usize,
-            case["excluded"].as_u64().unwrap() as usize,
-            case["k"].as_u64().unwrap() as usize,
-        );
-        let population: Vec<usize> = (0..n).filter(|&i| i != idx).collect();
+    for Sample {
+        seed,
+        n,
+        excluded,
+        k,
+        result,
+    } in cases
+    {
+        let population: Vec<usize> = (0..n).filter(|&i| i != excluded).collect();
         let got = PyRandom::new(seed).sample(&population, k);
-        assert_eq!(got, as_usizes(&case["result"]), "seed {seed} n {n} k {k}");
+        assert_eq!(got, result, "seed {seed} n {n} k {k}");
     }
 }

@@ -9,6 +9,7 @@ use nc_core::data::pickle::load_tiktoken_pickle;
 use nc_core::data::pretokenize::SplitPattern;
 use nc_core::data::tokenizer_files::{format_tiktoken_ranks, parse_tiktoken_ranks};
 use nc_core::data::{load_tokenizer, save_tokenizer, Tokenizer};
+use serde::Deserialize;
 use serde_json::Value;
 
 fn fixture(name: &str) -> PathBuf {
@@ -30,12 +31,9 @@ fn reference_tokenizer() -> Tokenizer {
     Tokenizer::with_nanochat_specials(reference_ranks(), SplitPattern::NANOCHAT).unwrap()
 }
 
+/// A fixture's list of token ids.
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    Vec::<u32>::deserialize(v).unwrap()
 }
 
 #[test]

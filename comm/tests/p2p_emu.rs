@@ -14,6 +14,9 @@ use nc_comm::{even_bounds, Bounds};
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
+#[path = "../../kernels-ptx/tests/support/emu_run.rs"]
+mod emu_run;
+use emu_run::{gxx_present, output_text};
 
 struct Case {
     label: String,
@@ -186,9 +189,7 @@ fn cases() -> Vec<Case> {
 
 #[test]
 fn p2p_kernels_match_host_reductions_in_the_cpu_emulation() {
-    let gxx = Command::new("g++").arg("--version").output();
-    if !matches!(gxx, Ok(ref o) if o.status.success()) {
-        eprintln!("no g++: the peer-to-peer kernels' CPU emulation was not run");
+    if !gxx_present("the peer-to-peer kernels' CPU emulation") {
         return;
     }
     let kernels = concat!(env!("CARGO_MANIFEST_DIR"), "/../kernels-ptx");
@@ -222,11 +223,7 @@ fn p2p_kernels_match_host_reductions_in_the_cpu_emulation() {
         .unwrap();
     child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = output_text(&out);
     assert!(out.status.success(), "the emulation reported failures:\n{text}");
     assert!(text.contains(&format!("{} cases\n0 failures", cases.len())), "{text}");
     for c in &cases {

@@ -97,24 +97,17 @@ fn assert_all_checks_pass(what: &str, out: &Output, min_checks: usize) {
 /// 13 checks a type (4 one-shot, 3 x 2 ring, 2 bucket, 1 ring all-reduce), f32 and bf16.
 const CHECKS: usize = 26;
 
+/// Two ranks on two devices, and three (ranks 0 and 2 sharing device 0), with the bench's line of where they ran.
 #[test]
-fn two_ranks_on_two_simulated_devices_pass_every_check() {
+fn two_ranks_and_three_on_two_simulated_devices_pass_every_check() {
     if simulator().is_none() {
         return;
     }
-    let out = bench(2, &[("NC_SIM_DEVICES", "2")]);
-    assert_all_checks_pass("2 ranks, 2 devices", &out, CHECKS);
-    assert!(text(&out).contains("2 ranks on 2 GPU(s)"), "{}", text(&out));
-}
-
-#[test]
-fn three_ranks_two_sharing_a_device_pass_every_check() {
-    if simulator().is_none() {
-        return;
+    for (nproc, placed) in [(2, "2 ranks on 2 GPU(s)"), (3, "3 ranks on 2 GPU(s) (shared")] {
+        let out = bench(nproc, &[("NC_SIM_DEVICES", "2")]);
+        assert_all_checks_pass(&format!("{nproc} ranks, 2 devices"), &out, CHECKS);
+        assert!(text(&out).contains(placed), "{}", text(&out));
     }
-    let out = bench(3, &[("NC_SIM_DEVICES", "2")]);
-    assert_all_checks_pass("3 ranks, 2 devices", &out, CHECKS);
-    assert!(text(&out).contains("3 ranks on 2 GPU(s) (shared"), "{}", text(&out));
 }
 
 #[test]

@@ -121,6 +121,23 @@ static void check_ldmatrix_any(int n, bool trans) {
     report(what, bad, WARPS * 32 * n);
 }
 
+// One ldmatrix of `n` matrices (.trans or not) in every warp, lane l's row address at tile row `row(l)`, 16-byte
+// chunk `chunk(l)`; counts the registers that differ from the mma fragment `want(w, l, i)` (element i of warp w's
+// lane l: register r holds elements 2r and 2r + 1) and reports them under `what`.
+template <class Row, class Chunk, class Want>
+static void check_fragment(const char* what, int n, bool trans, Row row, Chunk chunk, Want want) {
+    for (int w = 0; w < WARPS; w++)
+        for (int lane = 0; lane < 32; lane++) l_row[w][lane] = row(lane), l_chunk[w][lane] = chunk(lane);
+    l_n = n, l_trans = trans;
+    launch(ldmatrix_kernel, dim3{1, 1, 1}, dim3{32 * WARPS, 1, 1});
+    long bad = 0;
+    for (int w = 0; w < WARPS; w++)
+        for (int lane = 0; lane < 32; lane++)
+            for (int r = 0; r < n; r++)
+                if (L_got[w][lane][r] != pack(want(w, lane, 2 * r), want(w, lane, 2 * r + 1))) bad++;
+    report(what, bad, WARPS * 32 * n);
+}
+
 // The uses the kernels make of ldmatrix produce the mma operand layouts of the ISA's mma tables:
 //   x4 over a row-major 16x16 tile (lane l: row l % 16, column 8 (l / 16)) = the A fragment;
 //   x2 over B^T stored row-major (8 rows n x 16 k; lane l: row l % 8, column 8 (l / 8)) = the B fragment;
@@ -128,61 +145,24 @@ static void check_ldmatrix_any(int n, bool trans) {
 //   x1: lanes 8..31 pass addresses that must be ignored.
 static void check_ldmatrix_feeds_mma() {
     fill_tile();
-    long bad = 0;
     // A: rows 0..15, columns 16..31 of the tile (chunks 2, 3).
-    for (int w = 0; w < WARPS; w++)
-        for (int lane = 0; lane < 32; lane++) l_row[w][lane] = lane % 16, l_chunk[w][lane] = 2 + lane / 16;
-    l_n = 4, l_trans = 0;
-    launch(ldmatrix_kernel, dim3{1, 1, 1}, dim3{32 * WARPS, 1, 1});
-    for (int w = 0; w < WARPS; w++)
-        for (int lane = 0; lane < 32; lane++)
-            for (int r = 0; r < 4; r++) {
-                auto At = [&](int i) { return tile[w][a_row(lane, i)][16 + a_col(lane, i)]; };
-                if (L_got[w][lane][r] != pack(At(2 * r), At(2 * r + 1))) bad++;
-            }
-    report("ldmatrix x4 of a row-major tile = mma A fragment", bad, WARPS * 32 * 4);
-
+    check_fragment("ldmatrix x4 of a row-major tile = mma A fragment", 4, false,
+                   [](int lane) { return lane % 16; }, [](int lane) { return 2 + lane / 16; },
+                   [](int w, int lane, int i) { return tile[w][a_row(lane, i)][16 + a_col(lane, i)]; });
     // B from B^T row-major: B[k][n] = tile[4 + n][8 + k].
-    bad = 0;
-    for (int w = 0; w < WARPS; w++)
-        for (int lane = 0; lane < 32; lane++) l_row[w][lane] = 4 + lane % 8, l_chunk[w][lane] = 1 + (lane / 8) % 2;
-    l_n = 2, l_trans = 0;
-    launch(ldmatrix_kernel, dim3{1, 1, 1}, dim3{32 * WARPS, 1, 1});
-    for (int w = 0; w < WARPS; w++)
-        for (int lane = 0; lane < 32; lane++)
-            for (int r = 0; r < 2; r++) {
-                auto Bt = [&](int i) { return tile[w][4 + b_col(lane, i)][8 + b_row(lane, i)]; };
-                if (L_got[w][lane][r] != pack(Bt(2 * r), Bt(2 * r + 1))) bad++;
-            }
-    report("ldmatrix x2 of B^T row-major = mma B fragment", bad, WARPS * 32 * 2);
-
+    check_fragment("ldmatrix x2 of B^T row-major = mma B fragment", 2, false,
+                   [](int lane) { return 4 + lane % 8; }, [](int lane) { return 1 + (lane / 8) % 2; },
+                   [](int w, int lane, int i) { return tile[w][4 + b_col(lane, i)][8 + b_row(lane, i)]; });
     // B row-major through .trans: B[k][n] = tile[k + 3][n + 40].
-    bad = 0;
-    for (int w = 0; w < WARPS; w++)
-        for (int lane = 0; lane < 32; lane++) l_row[w][lane] = 3 + lane % 16, l_chunk[w][lane] = 5;
-    l_n = 2, l_trans = 1;
-    launch(ldmatrix_kernel, dim3{1, 1, 1}, dim3{32 * WARPS, 1, 1});
-    for (int w = 0; w < WARPS; w++)
-        for (int lane = 0; lane < 32; lane++)
-            for (int r = 0; r < 2; r++) {
-                auto Bk = [&](int i) { return tile[w][3 + b_row(lane, i)][40 + b_col(lane, i)]; };
-                if (L_got[w][lane][r] != pack(Bk(2 * r), Bk(2 * r + 1))) bad++;
-            }
-    report("ldmatrix x2.trans of B row-major = mma B fragment", bad, WARPS * 32 * 2);
-
-    // x1: only lanes 0..7's addresses count.
-    bad = 0;
-    for (int w = 0; w < WARPS; w++)
-        for (int lane = 0; lane < 32; lane++)
-            l_row[w][lane] = lane < 8 ? 20 + lane : (int)(rng() % 32), l_chunk[w][lane] = lane < 8 ? 6 : rng() % 8;
-    l_n = 1, l_trans = 0;
-    launch(ldmatrix_kernel, dim3{1, 1, 1}, dim3{32 * WARPS, 1, 1});
-    for (int w = 0; w < WARPS; w++)
-        for (int lane = 0; lane < 32; lane++) {
-            int g = lane / 4, t = lane % 4;
-            if (L_got[w][lane][0] != pack(tile[w][20 + g][48 + 2 * t], tile[w][20 + g][48 + 2 * t + 1])) bad++;
-        }
-    report("ldmatrix x1 reads lanes 0-7's addresses only", bad, WARPS * 32);
+    check_fragment("ldmatrix x2.trans of B row-major = mma B fragment", 2, true,
+                   [](int lane) { return 3 + lane % 16; }, [](int) { return 5; },
+                   [](int w, int lane, int i) { return tile[w][3 + b_row(lane, i)][40 + b_col(lane, i)]; });
+    // x1: only lanes 0..7's addresses count (rows 20..27, chunk 6: the A fragment's first register of columns
+    // 48..55); the other lanes pass random ones.
+    check_fragment("ldmatrix x1 reads lanes 0-7's addresses only", 1, false,
+                   [](int lane) { return lane < 8 ? 20 + lane : (int)(rng() % 32); },
+                   [](int lane) { return lane < 8 ? 6 : (int)(rng() % 8); },
+                   [](int w, int lane, int i) { return tile[w][20 + lane / 4][48 + 2 * (lane % 4) + i]; });
 }
 
 // ---- cp.async ------------------------------------------------------------------------------------------------

@@ -5,21 +5,18 @@
 //! barrier placement without a GPU. Skipped, with a note, where g++ is missing.
 
 use std::process::Command;
+#[path = "support/emu_run.rs"]
+mod emu_run;
+use emu_run::{gxx_present, output_text};
 
 #[test]
 fn kernels_pass_their_cpu_emulation() {
-    let gxx = Command::new("g++").arg("--version").output();
-    if !matches!(gxx, Ok(ref o) if o.status.success()) {
-        eprintln!("no g++: the kernels' CPU emulation check was not run");
+    if !gxx_present("the kernels' CPU emulation check") {
         return;
     }
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/emu/run.sh");
     let out = Command::new("bash").arg(script).output().expect("running bash");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = output_text(&out);
     assert!(out.status.success(), "emu/run.sh failed:\n{text}");
     assert!(text.contains("\n0 failures"), "emu/run.sh reported failures:\n{text}");
     // every kernel family was checked

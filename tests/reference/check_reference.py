@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import checks  # noqa: E402
 import model  # noqa: E402
 import optim  # noqa: E402
 import st_io  # noqa: E402
@@ -33,13 +34,7 @@ import eval_checkpoint  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
-failures = []
-
-
-def check(ok, what):
-    print(("ok   " if ok else "FAIL ") + what)
-    if not ok:
-        failures.append(what)
+check = checks.check
 
 
 def loop_logits(cfg, params, idx):
@@ -139,30 +134,33 @@ def check_forward_and_grads():
         check(worst < 1e-5, f"jax.grad == finite differences, H={cfg.n_head} Hkv={cfg.n_kv_head}: worst rel {worst:.2e}")
 
 
-def check_model_fixture(name):
-    t, meta = st_io.read(os.path.join(FIXTURES, name))
-    cfg = model.Config(
-        int(meta["n_layer"]), int(meta["n_embd"]), int(meta["n_head"]), int(meta["n_kv_head"]),
-        int(meta["head_dim"]), int(meta["vocab_size"]), int(meta["sequence_len"]),
-    )
-    check(float(meta["rmsnorm_eps"]) == float(np.finfo(np.float32).eps), f"{name}: rmsnorm_eps is f32 epsilon")
-    params = {n: jnp.asarray(t[n].astype(np.float64)) for n, _ in model.param_shapes(cfg)}
-    check(len(t) == 2 * len(params) + 5, f"{name}: holds params, grads, idx, targets, loss, prompt, logits_last only")
-    loss, grads = model.loss_and_grads(cfg, params, jnp.asarray(t["idx"]), jnp.asarray(t["targets"]))
-    check(abs(float(loss) - float(t["loss"][0])) < 1e-6, f"{name}: loss reproduces ({float(loss):.6f})")
-    worst = max(
-        float(np.max(np.abs(np.asarray(g) - t["grad." + n])) / np.max(np.abs(t["grad." + n]))) for n, g in grads.items()
-    )
-    check(worst < 1e-6, f"{name}: every gradient reproduces (worst {worst:.1e})")
-    smallest = min(float(np.max(np.abs(t["grad." + n]))) for n in grads)
-    check(smallest > 1e-4, f"{name}: no gradient is trivially zero (smallest max|g| {smallest:.2e})")
-    ll = np.asarray(model.logits(cfg, params, jnp.asarray(t["prompt"])[None, :])[0, -1])
-    check(np.max(np.abs(ll - t["logits_last"])) < 1e-5, f"{name}: logits_last reproduces")
-    # logits_last is not the same as the last-position logits of a longer sequence with the prompt as prefix
-    # only by accident: causality means extending the prompt must not change it.
-    longer = jnp.asarray(np.concatenate([t["prompt"], t["idx"][0, :3]]))[None, :]
-    ll2 = np.asarray(model.logits(cfg, params, longer)[0, len(t["prompt"]) - 1])
-    check(np.max(np.abs(ll2 - ll)) < 1e-10, f"{name}: forward is causal (future tokens do not change logits)")
+def check_model_fixtures():
+    for name in ["tiny_mha.safetensors", "tiny_gqa.safetensors"]:
+        t, meta = st_io.read(os.path.join(FIXTURES, name))
+        cfg = model.Config(
+            int(meta["n_layer"]), int(meta["n_embd"]), int(meta["n_head"]), int(meta["n_kv_head"]),
+            int(meta["head_dim"]), int(meta["vocab_size"]), int(meta["sequence_len"]),
+        )
+        check(float(meta["rmsnorm_eps"]) == float(np.finfo(np.float32).eps), f"{name}: rmsnorm_eps is f32 epsilon")
+        params = {n: jnp.asarray(t[n].astype(np.float64)) for n, _ in model.param_shapes(cfg)}
+        check(len(t) == 2 * len(params) + 5,
+              f"{name}: holds params, grads, idx, targets, loss, prompt, logits_last only")
+        loss, grads = model.loss_and_grads(cfg, params, jnp.asarray(t["idx"]), jnp.asarray(t["targets"]))
+        check(abs(float(loss) - float(t["loss"][0])) < 1e-6, f"{name}: loss reproduces ({float(loss):.6f})")
+        worst = max(
+            float(np.max(np.abs(np.asarray(g) - t["grad." + n])) / np.max(np.abs(t["grad." + n])))
+            for n, g in grads.items()
+        )
+        check(worst < 1e-6, f"{name}: every gradient reproduces (worst {worst:.1e})")
+        smallest = min(float(np.max(np.abs(t["grad." + n]))) for n in grads)
+        check(smallest > 1e-4, f"{name}: no gradient is trivially zero (smallest max|g| {smallest:.2e})")
+        ll = np.asarray(model.logits(cfg, params, jnp.asarray(t["prompt"])[None, :])[0, -1])
+        check(np.max(np.abs(ll - t["logits_last"])) < 1e-5, f"{name}: logits_last reproduces")
+        # logits_last is not the same as the last-position logits of a longer sequence with the prompt as prefix
+        # only by accident: causality means extending the prompt must not change it.
+        longer = jnp.asarray(np.concatenate([t["prompt"], t["idx"][0, :3]]))[None, :]
+        ll2 = np.asarray(model.logits(cfg, params, longer)[0, len(t["prompt"]) - 1])
+        check(np.max(np.abs(ll2 - ll)) < 1e-10, f"{name}: forward is causal (future tokens do not change logits)")
 
 
 def check_optim_fixtures():
@@ -280,13 +278,7 @@ def check_eval_checkpoint():
 
 
 def main():
-    check_forward_and_grads()
-    check_model_fixture("tiny_mha.safetensors")
-    check_model_fixture("tiny_gqa.safetensors")
-    check_optim_fixtures()
-    check_eval_checkpoint()
-    print(f"{len(failures)} failed")
-    sys.exit(1 if failures else 0)
+    checks.run([check_forward_and_grads, check_model_fixtures, check_optim_fixtures, check_eval_checkpoint])
 
 
 if __name__ == "__main__":

@@ -17,17 +17,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import checks  # noqa: E402
 import st_io  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 EPS = float(np.finfo(np.float32).eps)
-failures = []
-
-
-def check(ok, what):
-    print(("ok   " if ok else "FAIL ") + what)
-    if not ok:
-        failures.append(what)
+check = checks.check
 
 
 def rel(a, b):
@@ -69,21 +64,22 @@ def torch_logits(meta, w, idx):
     return 15.0 * torch.tanh(F.linear(x, w["lm_head.weight"]) / 15.0)
 
 
-def check_model(name):
-    t, meta = st_io.read(os.path.join(FIXTURES, name))
-    w = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in t.items()
-         if k.endswith(".weight") and not k.startswith("grad.")}
-    idx = torch.tensor(t["idx"], dtype=torch.long)
-    targets = torch.tensor(t["targets"], dtype=torch.long)
-    z = torch_logits(meta, w, idx)
-    loss = F.cross_entropy(z.view(-1, z.size(-1)), targets.view(-1), ignore_index=-1)
-    loss.backward()
-    check(abs(loss.item() - float(t["loss"][0])) < 1e-6, f"torch {name}: loss {loss.item():.6f}")
-    worst = max(rel(w[k].grad.numpy(), t["grad." + k]) for k in w)
-    check(worst < 1e-6, f"torch {name}: autograd grads match (worst rel {worst:.1e})")
-    with torch.no_grad():
-        last = torch_logits(meta, w, torch.tensor(t["prompt"], dtype=torch.long)[None])[0, -1]
-    check(rel(last.numpy(), t["logits_last"]) < 1e-6, f"torch {name}: logits_last matches")
+def check_models():
+    for name in ["tiny_mha.safetensors", "tiny_gqa.safetensors"]:
+        t, meta = st_io.read(os.path.join(FIXTURES, name))
+        w = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in t.items()
+             if k.endswith(".weight") and not k.startswith("grad.")}
+        idx = torch.tensor(t["idx"], dtype=torch.long)
+        targets = torch.tensor(t["targets"], dtype=torch.long)
+        z = torch_logits(meta, w, idx)
+        loss = F.cross_entropy(z.view(-1, z.size(-1)), targets.view(-1), ignore_index=-1)
+        loss.backward()
+        check(abs(loss.item() - float(t["loss"][0])) < 1e-6, f"torch {name}: loss {loss.item():.6f}")
+        worst = max(rel(w[k].grad.numpy(), t["grad." + k]) for k in w)
+        check(worst < 1e-6, f"torch {name}: autograd grads match (worst rel {worst:.1e})")
+        with torch.no_grad():
+            last = torch_logits(meta, w, torch.tensor(t["prompt"], dtype=torch.long)[None])[0, -1]
+        check(rel(last.numpy(), t["logits_last"]) < 1e-6, f"torch {name}: logits_last matches")
 
 
 def torch_adamw_step(param, grad, m, v, step_before, lr, betas, eps, wd):
@@ -171,13 +167,7 @@ def check_five_steps():
 
 def main():
     torch.set_default_dtype(torch.float64)
-    check_model("tiny_mha.safetensors")
-    check_model("tiny_gqa.safetensors")
-    check_adamw()
-    check_muon()
-    check_five_steps()
-    print(f"{len(failures)} failed")
-    sys.exit(1 if failures else 0)
+    checks.run([check_models, check_adamw, check_muon, check_five_steps])
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 //! riding out resets, truncated bodies and 5xx answers, failing at once on a 404, never leaving a partial file
 //! under a final name, and downloaded files feeding `train-tokenizer` and `tokenize` as they are.
 
+#[path = "support/nc_data_cli.rs"]
+mod nc_data_cli;
 mod support;
 
 use std::path::{Path, PathBuf};
@@ -14,6 +16,7 @@ use nc_core::data::download_retry::RetryPolicy;
 use nc_core::data::list_shards;
 use nc_core::data::prep::write_parquet_texts;
 use nc_core::data::synth::documents;
+use nc_data_cli::{nc_data, s, tokenize, train_tokenizer};
 use support::http_server::{Fault, TestServer};
 
 /// `n` real parquet shards in nanochat's layout (a `text` column, zstd), as (name, bytes).
@@ -29,6 +32,14 @@ fn make_shards(n: usize, seed: u64) -> Vec<(String, Vec<u8>)> {
             (name, std::fs::read(&path).unwrap())
         })
         .collect()
+}
+
+/// A test's setting: `n` shards made from `seed` (`make_shards`), a local server serving them, and an empty
+/// temporary folder.
+fn served(n: usize, seed: u64) -> (Vec<(String, Vec<u8>)>, TestServer, tempfile::TempDir) {
+    let shards = make_shards(n, seed);
+    let server = TestServer::start(&shards);
+    (shards, server, tempfile::tempdir().unwrap())
 }
 
 /// Short waits and timeouts so failing attempts cost milliseconds.
@@ -68,22 +79,6 @@ fn assert_exact(dir: &Path, shards: &[(String, Vec<u8>)]) {
     }
 }
 
-fn nc_data(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_nc-data"))
-        .args(args)
-        // The caller's NC_DATA_BASE_URL must not leak in; a test that wants one passes it in `env`.
-        .env_remove("NC_DATA_BASE_URL")
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// `nc-data download -n N --out OUT --base-url URL` with `extra` flags: (succeeded, stdout and stderr).
 fn download(n: usize, out: &Path, base_url: &str, extra: &[&str]) -> (bool, String) {
     let n = n.to_string();
@@ -97,9 +92,7 @@ fn download(n: usize, out: &Path, base_url: &str, extra: &[&str]) -> (bool, Stri
 
 #[test]
 fn downloads_exact_bytes_and_a_second_run_fetches_nothing() {
-    let shards = make_shards(5, 1);
-    let server = TestServer::start(&shards);
-    let dir = tempfile::tempdir().unwrap();
+    let (shards, server, dir) = served(5, 1);
     let cfg = fast_config(5, dir.path(), &server);
 
     let first = download_shards(&cfg, &Quiet).unwrap();
@@ -123,8 +116,7 @@ fn downloads_exact_bytes_and_a_second_run_fetches_nothing() {
 
 #[test]
 fn resets_truncation_corruption_and_5xx_are_survived_exactly() {
-    let shards = make_shards(6, 2);
-    let server = TestServer::start(&shards);
+    let (shards, server, dir) = served(6, 2);
     let half = |i: usize| shards[i].1.len() / 2;
     server.queue(
         &shard_name(0),
@@ -137,7 +129,6 @@ fn resets_truncation_corruption_and_5xx_are_survived_exactly() {
     );
     server.queue(&shard_name(3), &[Fault::TruncateNoLength { after: half(3) }]);
     server.queue(&shard_name(4), &[Fault::Garbage]);
-    let dir = tempfile::tempdir().unwrap();
 
     let summary = download_shards(&fast_config(6, dir.path(), &server), &Quiet).unwrap();
     assert!(summary.all_complete(), "{:?}", summary.outcomes);
@@ -152,8 +143,7 @@ fn resets_truncation_corruption_and_5xx_are_survived_exactly() {
 
 #[test]
 fn a_file_that_never_arrives_whole_is_never_under_its_final_name() {
-    let shards = make_shards(4, 3);
-    let server = TestServer::start(&shards);
+    let (shards, server, dir) = served(4, 3);
     server.always(
         &shard_name(1),
         Fault::Truncate {
@@ -167,7 +157,6 @@ fn a_file_that_never_arrives_whole_is_never_under_its_final_name() {
         },
     );
     server.always(&shard_name(3), Fault::Garbage);
-    let dir = tempfile::tempdir().unwrap();
     let cfg = fast_config(4, dir.path(), &server);
 
     let summary = download_shards(&cfg, &Quiet).unwrap();
@@ -207,9 +196,7 @@ fn a_file_that_never_arrives_whole_is_never_under_its_final_name() {
 
 #[test]
 fn a_corrupt_final_file_is_fetched_again_and_stale_temps_are_removed() {
-    let shards = make_shards(3, 4);
-    let server = TestServer::start(&shards);
-    let dir = tempfile::tempdir().unwrap();
+    let (shards, server, dir) = served(3, 4);
     // A cut-off file under a final name (written by some other tool) and temporary files of a killed run.
     std::fs::write(dir.path().join(shard_name(1)), &shards[1].1[..shards[1].1.len() / 2]).unwrap();
     std::fs::write(dir.path().join("shard_00002.parquet.tmp"), b"half of something").unwrap();
@@ -228,9 +215,7 @@ fn a_corrupt_final_file_is_fetched_again_and_stale_temps_are_removed() {
 
 #[test]
 fn a_404_fails_at_once_with_one_line_naming_the_file() {
-    let shards = make_shards(3, 5);
-    let server = TestServer::start(&shards);
-    let dir = tempfile::tempdir().unwrap();
+    let (shards, server, dir) = served(3, 5);
     let out = dir.path().join("base_data");
     // shard_00003 does not exist on the server: it must be asked for once, not retried.
     let (ok, text) = download(4, &out, &server.base_url, &["--workers", "1", "--retry-delay-ms", "1"]);
@@ -261,9 +246,7 @@ fn a_404_fails_at_once_with_one_line_naming_the_file() {
 
 #[test]
 fn downloaded_files_feed_train_tokenizer_and_tokenize_unchanged() {
-    let shards = make_shards(3, 6);
-    let server = TestServer::start(&shards);
-    let dir = tempfile::tempdir().unwrap();
+    let (shards, server, dir) = served(3, 6);
     let base = dir.path().join("base_data");
     // The base URL from the environment variable this time.
     let (ok, text) = nc_data(
@@ -289,26 +272,12 @@ fn downloaded_files_feed_train_tokenizer_and_tokenize_unchanged() {
     }
     let make = |src: &Path, data: &Path| -> Vec<PathBuf> {
         let inputs: Vec<PathBuf> = (0..3).map(|i| src.join(shard_name(i))).collect();
+        let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
         let tok = data.join("tokenizer");
-        let (ok, text) = nc_data(
-            &[
-                "train-tokenizer",
-                "--input",
-                s(&inputs[0]),
-                s(&inputs[1]),
-                "--vocab-size",
-                "300",
-                "--out",
-                s(&tok),
-            ],
-            &[],
-        );
+        let (ok, text) = train_tokenizer(&inputs[..2], 300, &tok, &[]);
         assert!(ok, "{text}");
-        let mut args = vec!["tokenize", "--input"];
-        args.extend(inputs.iter().map(|p| s(p)));
         let out = data.join("shards");
-        args.extend(["--tokenizer", s(&tok), "--out", s(&out)]);
-        let (ok, text) = nc_data(&args, &[]);
+        let (ok, text) = tokenize(&inputs, &tok, &out, &[]);
         assert!(ok, "{text}");
         assert!(text.contains("shards: "), "{text}");
         let mut files = list_shards(&out, "train").unwrap();
@@ -336,11 +305,9 @@ fn downloaded_files_feed_train_tokenizer_and_tokenize_unchanged() {
 
 #[test]
 fn ctrl_c_mid_file_leaves_no_final_file_and_the_next_run_completes_it() {
-    let shards = make_shards(1, 7);
-    let server = TestServer::start(&shards);
+    let (shards, server, dir) = served(1, 7);
     let half = shards[0].1.len() / 2;
     server.always(&shard_name(0), Fault::Stall { after: half });
-    let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("base_data");
     let temp = out.join("shard_00000.parquet.tmp");
     let mut child = Command::new(env!("CARGO_BIN_EXE_nc-data"))
@@ -375,9 +342,7 @@ fn ctrl_c_mid_file_leaves_no_final_file_and_the_next_run_completes_it() {
 
 #[test]
 fn a_second_download_into_the_same_folder_stops_at_once() {
-    let shards = make_shards(1, 9);
-    let server = TestServer::start(&shards);
-    let dir = tempfile::tempdir().unwrap();
+    let (shards, server, dir) = served(1, 9);
     let held = lock_folder(dir.path()).unwrap();
     let (ok, text) = download(1, dir.path(), &server.base_url, &[]);
     assert!(!ok && text.contains("another nc-data download is writing to"), "{text}");
@@ -432,9 +397,7 @@ fn prepare_data(want: usize, parquet: &Path, data: &Path, server: &TestServer) -
 
 #[test]
 fn the_run_scripts_download_what_they_need_before_tokenizing() {
-    let shards = make_shards(6, 8);
-    let server = TestServer::start(&shards);
-    let dir = tempfile::tempdir().unwrap();
+    let (shards, server, dir) = served(6, 8);
     let parquet = dir.path().join("base_data");
     let data = dir.path().join("data");
     let stamp = data.join("shards/parquet_inputs.txt");

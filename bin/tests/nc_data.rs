@@ -1,19 +1,15 @@
 //! nc-data end to end: nanochat-layout parquet files (written here with the parquet crate), jsonl and txt.
 
 use std::path::Path;
-use std::process::Command;
+#[path = "support/nc_data_cli.rs"]
+mod nc_data_cli;
+use nc_data_cli::{nc_data, s, tokenize, train_tokenizer};
 
 use nc_core::data::prep::{read_documents, write_parquet_texts};
 use nc_core::data::synth::documents;
 use nc_core::data::txt_docs::TxtDocs;
 use nc_core::data::{list_shards, load_tokenizer, Shard};
 use parquet::file::reader::{FileReader, SerializedFileReader};
-
-fn nc_data(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_nc-data")).args(args).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
-}
 
 fn all_tokens(paths: &[std::path::PathBuf], vocab: usize) -> Vec<u32> {
     let mut out = Vec::new();
@@ -22,10 +18,6 @@ fn all_tokens(paths: &[std::path::PathBuf], vocab: usize) -> Vec<u32> {
         s.read_into(0, s.len(), &mut out);
     }
     out
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]
@@ -61,34 +53,30 @@ fn parquet_in_nanochat_layout_to_tokenizer_and_shards() {
 
     let tokdir = dir.path().join("data/tokenizer");
     let shards = dir.path().join("data/shards");
-    let (ok, out) = nc_data(&[
-        "--threads",
-        "2",
-        "train-tokenizer",
-        "--input",
-        s(&files[0]),
-        s(&files[1]),
-        "--vocab-size",
-        "400",
-        "--out",
-        s(&tokdir),
-    ]);
+    let (ok, out) = nc_data(
+        &[
+            "--threads",
+            "2",
+            "train-tokenizer",
+            "--input",
+            s(&files[0]),
+            s(&files[1]),
+            "--vocab-size",
+            "400",
+            "--out",
+            s(&tokdir),
+        ],
+        &[],
+    );
     assert!(ok, "{out}");
     assert!(out.contains("tokenizer: 400 tokens"), "{out}");
     let tok = load_tokenizer(&tokdir).unwrap();
-    let (ok, out) = nc_data(&[
-        "tokenize",
-        "--input",
-        s(&files[0]),
-        s(&files[1]),
-        s(&files[2]),
-        "--tokenizer",
-        s(&tokdir),
-        "--out",
-        s(&shards),
-        "--shard-tokens",
-        "100000",
-    ]);
+    let (ok, out) = tokenize(
+        &[&files[0], &files[1], &files[2]],
+        &tokdir,
+        &shards,
+        &["--shard-tokens", "100000"],
+    );
     assert!(ok, "{out}");
     assert!(
         out.contains(&format!("documents: {} train, 200 val", a.len() + b.len())),
@@ -108,7 +96,10 @@ fn parquet_in_nanochat_layout_to_tokenizer_and_shards() {
 
     // Export to tiktoken's format.
     let exported = dir.path().join("ranks.tiktoken");
-    let (ok, out) = nc_data(&["export-tiktoken", "--tokenizer", s(&tokdir), "--out", s(&exported)]);
+    let (ok, out) = nc_data(
+        &["export-tiktoken", "--tokenizer", s(&tokdir), "--out", s(&exported)],
+        &[],
+    );
     assert!(ok, "{out}");
     assert_eq!(
         std::fs::read(&exported).unwrap(),
@@ -129,30 +120,10 @@ fn jsonl_and_txt_inputs_and_clear_errors() {
     let txt = dir.path().join("one.txt");
     std::fs::write(&txt, "A whole file is one document.\nEven with lines.").unwrap();
     let tokdir = dir.path().join("tok");
-    let (ok, out) = nc_data(&[
-        "train-tokenizer",
-        "--input",
-        s(&jsonl),
-        s(&txt),
-        "--vocab-size",
-        "300",
-        "--out",
-        s(&tokdir),
-    ]);
+    let (ok, out) = train_tokenizer(&[&jsonl, &txt], 300, &tokdir, &[]);
     assert!(ok, "{out}");
     let shards = dir.path().join("shards");
-    let (ok, out) = nc_data(&[
-        "tokenize",
-        "--input",
-        s(&jsonl),
-        s(&txt),
-        "--tokenizer",
-        s(&tokdir),
-        "--out",
-        s(&shards),
-        "--val-docs",
-        "3",
-    ]);
+    let (ok, out) = tokenize(&[&jsonl, &txt], &tokdir, &shards, &["--val-docs", "3"]);
     assert!(ok, "{out}");
     let tok = load_tokenizer(&tokdir).unwrap();
     let val = all_tokens(&list_shards(&shards, "val").unwrap(), tok.vocab_size());
@@ -170,49 +141,28 @@ fn jsonl_and_txt_inputs_and_clear_errors() {
     let bad = dir.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"text\": \"ok\"}\n{\"body\": 1}\n").unwrap();
     let fresh = dir.path().join("tok2");
-    let (ok, out) = nc_data(&[
-        "train-tokenizer",
-        "--input",
-        s(&bad),
-        "--vocab-size",
-        "300",
-        "--out",
-        s(&fresh),
-    ]);
+    let (ok, out) = train_tokenizer(&[&bad], 300, &fresh, &[]);
     assert!(
         !ok && out.contains("bad.jsonl") && out.contains("line 2: no string field \"text\""),
         "{out}"
     );
     std::fs::write(dir.path().join("x.csv"), "a,b").unwrap();
-    let (ok, out) = nc_data(&[
-        "train-tokenizer",
-        "--input",
-        s(&dir.path().join("x.csv")),
-        "--out",
-        s(&fresh),
-    ]);
+    let (ok, out) = nc_data(
+        &[
+            "train-tokenizer",
+            "--input",
+            s(&dir.path().join("x.csv")),
+            "--out",
+            s(&fresh),
+        ],
+        &[],
+    );
     assert!(!ok && out.contains("unknown input type"), "{out}");
     let notpq = dir.path().join("fake.parquet");
     std::fs::write(&notpq, "not parquet at all").unwrap();
-    let (ok, out) = nc_data(&[
-        "tokenize",
-        "--input",
-        s(&notpq),
-        "--tokenizer",
-        s(&tokdir),
-        "--out",
-        s(&shards),
-    ]);
+    let (ok, out) = tokenize(&[&notpq], &tokdir, &shards, &[]);
     assert!(!ok && out.contains("fake.parquet") && out.contains("parquet"), "{out}");
-    let (ok, out) = nc_data(&[
-        "tokenize",
-        "--input",
-        s(&txt),
-        "--tokenizer",
-        s(&dir.path().join("none")),
-        "--out",
-        s(&shards),
-    ]);
+    let (ok, out) = tokenize(&[&txt], &dir.path().join("none"), &shards, &[]);
     assert!(!ok && out.contains("nc-data train-tokenizer"), "{out}");
 }
 
@@ -237,17 +187,7 @@ fn one_multi_paragraph_txt_file_becomes_a_training_and_a_validation_split() {
     let cuts: Vec<usize> = docs.iter().map(|d| d.chars().count().saturating_sub(cap)).collect();
     let docs_cut = cuts.iter().filter(|&&c| c > 0).count();
     assert!(docs_cut > 0 && docs_cut < docs.len());
-    let (ok, out) = nc_data(&[
-        "train-tokenizer",
-        "--input",
-        s(&book),
-        "--vocab-size",
-        "300",
-        "--doc-cap",
-        "200",
-        "--out",
-        s(&tokdir),
-    ]);
+    let (ok, out) = train_tokenizer(&[&book], 300, &tokdir, &["--doc-cap", "200"]);
     assert!(ok, "{out}");
     assert!(
         out.contains(&format!(
@@ -263,15 +203,7 @@ fn one_multi_paragraph_txt_file_becomes_a_training_and_a_validation_split() {
     assert!(out.contains(&cut_line), "{cut_line}\n{out}");
 
     let shards = dir.path().join("shards");
-    let (ok, out) = nc_data(&[
-        "tokenize",
-        "--input",
-        s(&book),
-        "--tokenizer",
-        s(&tokdir),
-        "--out",
-        s(&shards),
-    ]);
+    let (ok, out) = tokenize(&[&book], &tokdir, &shards, &[]);
     assert!(ok, "{out}");
     // The default split of one input: its last 1% of documents.
     let n_val = (docs.len() / 100).max(1);
@@ -297,15 +229,7 @@ fn folders_empty_inputs_and_used_outputs() {
     std::fs::write(corpus.join("sub/c.txt"), "not read").unwrap();
     std::fs::write(corpus.join("notes.md"), "not read").unwrap();
     let tokdir = d.join("tok");
-    let (ok, out) = nc_data(&[
-        "train-tokenizer",
-        "--input",
-        s(&corpus),
-        "--vocab-size",
-        "300",
-        "--out",
-        s(&tokdir),
-    ]);
+    let (ok, out) = train_tokenizer(&[&corpus], 300, &tokdir, &[]);
     assert!(ok, "{out}");
     assert!(
         out.contains("2 input files (skipped 1 other files and 1 subfolders"),
@@ -316,57 +240,30 @@ fn folders_empty_inputs_and_used_outputs() {
         "{out}"
     );
     let shards = d.join("shards");
-    let tokenize = |tok: &Path, extra: &[&str]| {
-        let mut args = vec![
-            "tokenize",
-            "--input",
-            s(&corpus),
-            "--tokenizer",
-            s(tok),
-            "--out",
-            s(&shards),
-        ];
-        args.extend_from_slice(extra);
-        nc_data(&args)
-    };
-    let (ok, out) = tokenize(&tokdir, &[]);
+    // every tokenize of the corpus into `shards`, with the tokenizer TOK and EXTRA flags
+    let tokenize_corpus = |tok: &Path, extra: &[&str]| tokenize(&[&corpus], tok, &shards, extra);
+    let (ok, out) = tokenize_corpus(&tokdir, &[]);
     assert!(ok, "{out}");
     assert_eq!(decode_split(&tokdir, &shards, "train"), with_bos(&a));
     assert_eq!(decode_split(&tokdir, &shards, "val"), with_bos(&b));
     // Again with the same tokenizer and split: replaced, saying so.
-    let (ok, out) = tokenize(&tokdir, &[]);
+    let (ok, out) = tokenize_corpus(&tokdir, &[]);
     assert!(ok && out.contains("(same tokenizer and split)"), "{out}");
     // Another tokenizer: refused, then replaced with --replace.
     let tok2 = d.join("tok2");
-    let (ok, out) = nc_data(&[
-        "train-tokenizer",
-        "--input",
-        s(&corpus),
-        "--vocab-size",
-        "290",
-        "--out",
-        s(&tok2),
-    ]);
+    let (ok, out) = train_tokenizer(&[&corpus], 290, &tok2, &[]);
     assert!(ok, "{out}");
-    let (ok, out) = tokenize(&tok2, &[]);
+    let (ok, out) = tokenize_corpus(&tok2, &[]);
     assert!(
         !ok && out.contains("another tokenizer") && out.contains("--replace"),
         "{out}"
     );
     assert_eq!(decode_split(&tokdir, &shards, "val"), with_bos(&b));
-    let (ok, out) = tokenize(&tok2, &["--replace"]);
+    let (ok, out) = tokenize_corpus(&tok2, &["--replace"]);
     assert!(ok, "{out}");
     assert_eq!(decode_split(&tok2, &shards, "val"), with_bos(&b));
     // A tokenizer is not overwritten without --replace.
-    let (ok, out) = nc_data(&[
-        "train-tokenizer",
-        "--input",
-        s(&corpus),
-        "--vocab-size",
-        "280",
-        "--out",
-        s(&tok2),
-    ]);
+    let (ok, out) = train_tokenizer(&[&corpus], 280, &tok2, &[]);
     assert!(!ok && out.contains("holds a tokenizer already"), "{out}");
     assert_eq!(load_tokenizer(&tok2).unwrap().vocab_size(), 290);
 
@@ -376,25 +273,9 @@ fn folders_empty_inputs_and_used_outputs() {
     let blank = d.join("blank.txt");
     std::fs::write(&blank, "\n  \n\n").unwrap();
     let none = d.join("none");
-    let (ok, out) = nc_data(&[
-        "train-tokenizer",
-        "--input",
-        s(&empty),
-        "--vocab-size",
-        "300",
-        "--out",
-        s(&none),
-    ]);
+    let (ok, out) = train_tokenizer(&[&empty], 300, &none, &[]);
     assert!(!ok && out.contains("empty.txt: no text in it"), "{out}");
-    let (ok, out) = nc_data(&[
-        "tokenize",
-        "--input",
-        s(&blank),
-        "--tokenizer",
-        s(&tokdir),
-        "--out",
-        s(&none),
-    ]);
+    let (ok, out) = tokenize(&[&blank], &tokdir, &none, &[]);
     assert!(!ok && out.contains("blank.txt: no text in it"), "{out}");
     assert!(!none.exists());
 }

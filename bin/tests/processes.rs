@@ -62,6 +62,35 @@ fn by_hand(rank: usize, world: usize, port: u16, args: &[String]) -> Command {
     c
 }
 
+/// Ranks 0 and 1 of two started by hand at once with the run's flags `args` and then `extra(rank)`: their
+/// outputs, once both ended.
+fn two_ranks_by_hand(args: &[String], extra: impl Fn(usize) -> Vec<String>) -> Vec<Output> {
+    let port = free_port();
+    let children: Vec<Child> = (0..2)
+        .map(|r| {
+            by_hand(r, 2, port, args)
+                .args(extra(r))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    children.into_iter().map(|c| c.wait_with_output().unwrap()).collect()
+}
+
+/// The 6-step run in `two` (two ranks) has the loss curve of the one in `one` (one process) within `tol`, and
+/// the one-process run learned.
+fn two_match_one(what: &str, one: &Path, two: &Path, tol: f64) {
+    let (a, b) = (losses(one), losses(two));
+    assert_eq!(a.len(), 6);
+    assert_curves_close(what, &b, &a, tol);
+    assert!(
+        a.last().unwrap().1 < a[0].1 - 0.3,
+        "training should make progress: {a:?}"
+    );
+}
+
 fn checkpoint_files(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
@@ -91,13 +120,7 @@ fn two_processes_match_one_with_accumulation() {
         text(&out)
     );
     assert!(stdout.contains("x 2 ranks, grad accum 1"), "{}", text(&out));
-    let (a, b) = (losses(&one), losses(&two));
-    assert_eq!(a.len(), 6);
-    assert_curves_close("two processes vs one", &b, &a, LOSS_TOL);
-    assert!(
-        a.last().unwrap().1 < a[0].1 - 0.3,
-        "training should make progress: {a:?}"
-    );
+    two_match_one("two processes vs one", &one, &two, LOSS_TOL);
     let files = checkpoint_files(&two.join("checkpoints/step_000006"));
     assert_eq!(
         files,
@@ -205,13 +228,7 @@ fn bf16_processes_match_one_process_and_resume_at_world_size_one() {
     assert!(out.status.success(), "{}", text(&out));
     // the sharded-master path ran: rank 0 keeps half of the f32 master
     assert_stdout_has(&out, "rank 0 keeps the f32 master of the 262144 of 524288");
-    let (a, b) = (losses(&one), losses(&two));
-    assert_eq!(a.len(), 6);
-    assert_curves_close("bf16 two processes vs one", &b, &a, BF16_LOSS_TOL);
-    assert!(
-        a.last().unwrap().1 < a[0].1 - 0.3,
-        "training should make progress: {a:?}"
-    );
+    two_match_one("bf16 two processes vs one", &one, &two, BF16_LOSS_TOL);
 
     let out = run(nc_train()
         .args(args(&resumed, 6))
@@ -229,7 +246,7 @@ fn bf16_processes_match_one_process_and_resume_at_world_size_one() {
         text(&out)
     );
     let got = losses(&resumed);
-    assert_curves_close("bf16 resume 2 -> 1", &got, &b, BF16_LOSS_TOL);
+    assert_curves_close("bf16 resume 2 -> 1", &got, &losses(&two), BF16_LOSS_TOL);
 }
 
 /// Start the supervisor with two workers training for long; return it once rank 0 logged step 3, with the
@@ -307,17 +324,7 @@ fn sigterm_to_the_supervisor_saves_every_rank() {
 fn ranks_started_by_hand_with_torchrun_variables() {
     let dir = tempfile::tempdir().unwrap();
     let a = args(&dir.path().join("hand"), 4);
-    let port = free_port();
-    let children: Vec<Child> = (0..2)
-        .map(|r| {
-            by_hand(r, 2, port, &a)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    let outs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    let outs = two_ranks_by_hand(&a, |_| vec![]);
     for o in &outs {
         assert!(o.status.success(), "{}", text(o));
     }
@@ -339,20 +346,8 @@ fn ranks_started_by_hand_with_torchrun_variables() {
 fn ranks_with_different_flags_refuse_to_start() {
     let dir = tempfile::tempdir().unwrap();
     let a = args(&dir.path().join("x"), 4);
-    let port = free_port();
-    let children: Vec<Child> = (0..2)
-        .map(|r| {
-            by_hand(r, 2, port, &a)
-                .args(["--seed", &(r + 1).to_string()])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
     let t0 = Instant::now();
-    for c in children {
-        let o = c.wait_with_output().unwrap();
+    for o in two_ranks_by_hand(&a, |r| vec!["--seed".into(), (r + 1).to_string()]) {
         assert_eq!(o.status.code(), Some(1), "{}", text(&o));
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains("--seed"), "{err}");

@@ -5,6 +5,7 @@
 //! implements it between processes of one machine, after the ranks met through a `Rendezvous` (TCP).
 //! The ring's chunk/step schedule lives in `schedule`, shared by every ring transport.
 
+mod member;
 pub mod nccl;
 mod nccl_watchdog;
 pub mod p2p;
@@ -20,6 +21,7 @@ mod thread_ring;
 mod wire;
 
 pub use half::bf16;
+pub use member::Member;
 pub use nccl::{nccl_available, NcclRing};
 pub use p2p::{p2p_support, P2pOptions, P2pRing};
 pub use p2p_plan::Piece;
@@ -52,8 +54,16 @@ impl std::error::Error for CommError {}
 /// Results are bit-identical on every rank: each element is summed once, in a fixed rank order, by the
 /// rank that owns it, and then copied.
 pub trait Collective: Send {
-    fn rank(&self) -> usize;
-    fn world_size(&self) -> usize;
+    /// Which rank this is, of how many.
+    fn member(&self) -> Member;
+
+    fn rank(&self) -> usize {
+        self.member().rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.member().world_size
+    }
 
     /// After the call, `buf[bounds.range(rank)]` on each rank holds the sum over ranks of that range.
     /// Other elements of `buf` hold partial sums (unspecified).

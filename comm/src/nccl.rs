@@ -42,7 +42,7 @@
 use crate::nccl_watchdog::{describe_result, CollectiveClock, SendComm, Watchdog, Watched};
 use crate::partition::{even_bounds, Bounds};
 use crate::rendezvous::Rendezvous;
-use crate::{bf16, Collective, CommError};
+use crate::{bf16, Collective, CommError, Member};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
 use cudarc::nccl::{result, sys, NcclType};
 use std::cell::Cell;
@@ -71,8 +71,7 @@ pub fn nccl_available() -> bool {
 /// One rank's NCCL communicator, or nothing at world size 1 without NCCL (every collective is then the
 /// identity, which is exact for one rank).
 pub struct NcclRing {
-    rank: usize,
-    world_size: usize,
+    member: Member,
     comm: Option<RawComm>,
     stream: Arc<CudaStream>,
     watchdog: Option<Watchdog>,
@@ -158,8 +157,7 @@ impl NcclRing {
         let found = rdv.all_gather_bytes(&[have_nccl as u8])?;
         if world_size == 1 && !have_nccl {
             return Ok(NcclRing {
-                rank,
-                world_size,
+                member: Member { rank, world_size },
                 comm: None,
                 stream,
                 watchdog: None,
@@ -222,8 +220,7 @@ impl NcclRing {
             (None, None)
         };
         Ok(NcclRing {
-            rank,
-            world_size,
+            member: Member { rank, world_size },
             comm: Some(RawComm { comm, aborted }),
             stream,
             watchdog,
@@ -252,14 +249,14 @@ impl NcclRing {
             return Err(CommError {
                 message: format!(
                     "rank {}: NCCL was aborted by the watchdog (its line says why)",
-                    self.rank
+                    self.member.rank
                 ),
             });
         }
         self.stream
             .context()
             .bind_to_thread()
-            .map_err(|e| nccl_err(self.rank, "binding the CUDA context", e))?;
+            .map_err(|e| nccl_err(self.member.rank, "binding the CUDA context", e))?;
         Ok(Some(c.comm))
     }
 
@@ -277,7 +274,7 @@ impl NcclRing {
         match self.clock {
             Some(clock) if self.group_depth.get() == 0 => clock
                 .mark(&self.stream)
-                .map_err(|e| nccl_err(self.rank, "queueing the completion count (cuLaunchHostFunc)", e)),
+                .map_err(|e| nccl_err(self.member.rank, "queueing the completion count (cuLaunchHostFunc)", e)),
             _ => Ok(()),
         }
     }
@@ -285,7 +282,7 @@ impl NcclRing {
     /// Start an NCCL group: the calls up to `group_end` are launched together (one kernel per group).
     pub fn group_start(&self) -> Result<(), CommError> {
         if self.comm()?.is_some() {
-            result::group_start().map_err(|e| call_err(self.rank, "ncclGroupStart", e, std::ptr::null_mut()))?;
+            result::group_start().map_err(|e| call_err(self.member.rank, "ncclGroupStart", e, std::ptr::null_mut()))?;
             self.group_depth.set(self.group_depth.get() + 1);
         }
         Ok(())
@@ -296,7 +293,7 @@ impl NcclRing {
             self.group_depth.set(self.group_depth.get().saturating_sub(1));
             let ended = result::group_end()
                 .map(|_| ())
-                .map_err(|e| call_err(self.rank, "ncclGroupEnd", e, std::ptr::null_mut()));
+                .map_err(|e| call_err(self.member.rank, "ncclGroupEnd", e, std::ptr::null_mut()));
             self.counted(ended)?;
         }
         Ok(())
@@ -324,7 +321,7 @@ impl NcclRing {
             self.raw_stream(),
         )
         .map(|_| ())
-        .map_err(|e| call_err(self.rank, "ncclReduce", e, comm));
+        .map_err(|e| call_err(self.member.rank, "ncclReduce", e, comm));
         self.counted(queued)
     }
 
@@ -371,7 +368,7 @@ impl NcclRing {
         let p = addr as *mut std::ffi::c_void;
         let queued = result::broadcast(p as *const _, p, count, dtype, root as i32, comm, self.raw_stream())
             .map(|_| ())
-            .map_err(|e| call_err(self.rank, what, e, comm));
+            .map_err(|e| call_err(self.member.rank, what, e, comm));
         self.counted(queued)
     }
 
@@ -406,13 +403,13 @@ impl NcclRing {
 
     /// Err unless `whole` (named, with its length) holds `part` elements for each rank.
     fn check_counts(&self, what: &str, (whole, whole_len): (&str, usize), part: usize) -> Result<(), CommError> {
-        if whole_len == part * self.world_size {
+        if whole_len == part * self.member.world_size {
             return Ok(());
         }
         Err(CommError {
             message: format!(
                 "rank {}: {what}: {whole} has {whole_len} elements, expected {part} x {} ranks",
-                self.rank, self.world_size
+                self.member.rank, self.member.world_size
             ),
         })
     }
@@ -432,13 +429,13 @@ impl NcclRing {
                 let (dst, _dst_done) = recv.device_ptr_mut(&self.stream);
                 let queued = call(src as *const _, dst as *mut _, c, self.raw_stream())
                     .map(|_| ())
-                    .map_err(|e| call_err(self.rank, what, e, c));
+                    .map_err(|e| call_err(self.member.rank, what, e, c));
                 self.counted(queued)
             }
             None => self
                 .stream
                 .memcpy_dtod(send, recv)
-                .map_err(|e| nccl_err(self.rank, "copy", e)),
+                .map_err(|e| nccl_err(self.member.rank, "copy", e)),
         }
     }
 
@@ -464,7 +461,7 @@ impl NcclRing {
                     )
                 }
                 .map(|_| ())
-                .map_err(|e| call_err(self.rank, "all_reduce", e, c));
+                .map_err(|e| call_err(self.member.rank, "all_reduce", e, c));
                 self.counted(queued)
             }
             None => Ok(()),
@@ -479,14 +476,14 @@ impl NcclRing {
         gather: bool,
         what: &str,
     ) -> Result<(), CommError> {
-        bounds.check_call(self.rank, self.world_size, buf.len(), what)?;
-        let n = self.world_size;
+        bounds.check_call(self.member, buf.len(), what)?;
+        let n = self.member.world_size;
         let width = (0..n).map(|r| bounds.range(r).len()).max().unwrap_or(0);
         if n == 1 || width == 0 {
             return Ok(());
         }
-        let err = |e| nccl_err(self.rank, what, e);
-        let mine = bounds.range(self.rank);
+        let err = |e| nccl_err(self.member.rank, what, e);
+        let mine = bounds.range(self.member.rank);
         if gather {
             let mut own = vec![T::default(); width];
             own[..mine.len()].copy_from_slice(&buf[mine]);
@@ -527,12 +524,8 @@ fn unpad<T: Copy>(all: &[T], bounds: &Bounds, width: usize, buf: &mut [T]) {
 }
 
 impl Collective for NcclRing {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-
-    fn world_size(&self) -> usize {
-        self.world_size
+    fn member(&self) -> Member {
+        self.member
     }
 
     fn reduce_scatter_sum(&mut self, buf: &mut [f32], bounds: &Bounds) -> Result<(), CommError> {
@@ -548,7 +541,7 @@ impl Collective for NcclRing {
     }
 
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
-        let bounds = even_bounds(buf.len(), self.world_size);
+        let bounds = even_bounds(buf.len(), self.member.world_size);
         self.reduce_scatter_sum(buf, &bounds)?;
         self.all_gather(buf, &bounds)
     }

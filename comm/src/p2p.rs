@@ -29,7 +29,7 @@ use crate::p2p_plan::{counts, encode_pieces, last_step, one_shot_region_bytes, p
 use crate::partition::{even_bounds, Bounds};
 use crate::rendezvous::Rendezvous;
 use crate::schedule::Phase;
-use crate::{bf16, Collective, CommError};
+use crate::{bf16, Collective, CommError, Member};
 use cudarc::driver::sys;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchArgs, LaunchConfig,
@@ -458,8 +458,7 @@ struct Plan {
 
 /// One rank's end of the GPU peer-to-peer ring.
 pub struct P2pRing {
-    rank: usize,
-    world_size: usize,
+    member: Member,
     opts: P2pOptions,
     stream: Arc<CudaStream>,
     kernels: Kernels,
@@ -554,8 +553,7 @@ impl P2pRing {
             None
         };
         Ok(P2pRing {
-            rank,
-            world_size,
+            member: Member { rank, world_size },
             opts,
             stream,
             kernels,
@@ -598,7 +596,7 @@ impl P2pRing {
 
     fn err(&self, m: String) -> CommError {
         CommError {
-            message: format!("rank {}: {m}", self.rank),
+            message: format!("rank {}: {m}", self.member.rank),
         }
     }
 
@@ -624,10 +622,10 @@ impl P2pRing {
             .synchronize()
             .map_err(|e| self.err(format!("the ring's stream failed: {e:?}")))?;
         let mut word = 0u64;
-        cu(self.rank, "reading the error word", unsafe {
+        cu(self.member.rank, "reading the error word", unsafe {
             sys::cuMemcpyDtoH_v2(
                 &mut word as *mut u64 as *mut std::ffi::c_void,
-                self.signal[self.rank] + (k::ERROR_WORD * 8) as u64,
+                self.signal[self.member.rank] + (k::ERROR_WORD * 8) as u64,
                 8,
             )
         })?;
@@ -648,21 +646,21 @@ impl P2pRing {
     }
 
     fn check_bounds(&self, len: usize, bounds: &Bounds, what: &str) -> Result<(), CommError> {
-        bounds.check_call(self.rank, self.world_size, len, what)
+        bounds.check_call(self.member, len, what)
     }
 
     /// The cached device table for (phase, element size, pieces).
     fn plan(&mut self, phase: Phase, elem: usize, pieces: &[Piece]) -> Result<(u64, u64, u64), CommError> {
-        let mut shape = Vec::with_capacity(pieces.len() * (self.world_size + 2));
+        let mut shape = Vec::with_capacity(pieces.len() * (self.member.world_size + 2));
         for p in pieces {
             shape.push(p.start);
-            shape.extend((0..self.world_size).map(|r| p.bounds.range(r).start));
+            shape.extend((0..self.member.world_size).map(|r| p.bounds.range(r).start));
             shape.push(p.bounds.len());
         }
         let key = (phase as u8, elem, shape);
         if !self.plans.contains_key(&key) {
             let slice = slice_elems(phase, elem, self.opts.blocks, self.opts.slot_bytes);
-            let table = encode_pieces(phase, pieces, self.rank, slice);
+            let table = encode_pieces(phase, pieces, self.member.rank, slice);
             let (sends, recvs) = counts(&table);
             // An empty table (one rank) still gets a device buffer, so the pointer is valid.
             let upload = if table.is_empty() { vec![0u64; 2] } else { table };
@@ -679,7 +677,7 @@ impl P2pRing {
 
     /// Checks `pieces` against a span of `span_len` elements: their span, or the error.
     fn check_pieces(&self, span_len: usize, pieces: &[Piece], what: &str) -> Result<(), CommError> {
-        let end = pieces_span(pieces, self.world_size).map_err(|m| self.err(format!("{what}: {m}")))?;
+        let end = pieces_span(pieces, self.member.world_size).map_err(|m| self.err(format!("{what}: {m}")))?;
         if end > span_len {
             return Err(self.err(format!(
                 "{what}: the pieces reach element {end} of a span of {span_len} elements"
@@ -706,12 +704,12 @@ impl P2pRing {
 
     /// The ring arguments both ring kernels end with, as of now (the sequence numbers before this launch).
     fn ring_args(&self) -> RingArgs {
-        let next = (self.rank + 1) % self.world_size;
-        let prev = (self.rank + self.world_size - 1) % self.world_size;
+        let next = self.member.next();
+        let prev = self.member.prev();
         RingArgs {
-            my_data: self.data[self.rank],
+            my_data: self.data[self.member.rank],
             prev_data: self.data[prev],
-            my_signal: self.signal[self.rank],
+            my_signal: self.signal[self.member.rank],
             prev_signal: self.signal[prev],
             next_signal: self.signal[next],
             send_seq: self.send_seq,
@@ -814,7 +812,7 @@ impl P2pRing {
             );
         }
         let ring = self.ring_args();
-        let n_ops = ((sends + recvs) as i32, last_step(self.world_size) as i32);
+        let n_ops = ((sends + recvs) as i32, last_step(self.member.world_size) as i32);
         let cfg = self.launch_config();
         let stream = self.stream.clone();
         let work_ptr = match &mut self.work {
@@ -891,7 +889,7 @@ impl P2pRing {
             )));
         }
         let n = buf.len() as u64;
-        let (ranks, rank) = (self.world_size as i32, self.rank as i32);
+        let (ranks, rank) = (self.member.world_size as i32, self.member.rank as i32);
         let (epoch, region) = (self.epoch, Self::region_bytes(&self.opts) as u64);
         let timeout = self.opts.timeout.as_nanos().min(u64::MAX as u128) as u64;
         let cfg = self.launch_config();
@@ -918,7 +916,7 @@ impl P2pRing {
         if self.uses_one_shot(buf.len(), T::BYTES) {
             self.one_shot_device(buf)
         } else {
-            let bounds = even_bounds(buf.len(), self.world_size);
+            let bounds = even_bounds(buf.len(), self.member.world_size);
             self.reduce_scatter_device(buf, &bounds)?;
             self.all_gather_device(buf, &bounds)
         }
@@ -977,18 +975,18 @@ impl P2pRing {
     /// memory. A peer that is gone or stuck ends the wait at the deadline (it reads nothing any more, or its
     /// own kernel times out).
     fn drain(&self) {
-        if self.world_size < 2 || self.broken.is_some() {
+        if self.member.world_size < 2 || self.broken.is_some() {
             return;
         }
         const CONSUMED: usize = 1;
         const DONE: usize = 3;
-        let next = (self.rank + 1) % self.world_size;
+        let next = self.member.next();
         let deadline = std::time::Instant::now() + DRAIN_TIMEOUT;
         let settled = |ring: &P2pRing| {
             (0..ring.opts.blocks).all(|b| {
                 ring.read_flag(ring.signal[next], b, CONSUMED)
                     .is_none_or(|v| v >= ring.send_seq)
-                    && (0..ring.world_size).filter(|&p| p != ring.rank).all(|p| {
+                    && (0..ring.member.world_size).filter(|&p| p != ring.member.rank).all(|p| {
                         ring.read_flag(ring.signal[p], b, DONE)
                             .is_none_or(|v| v + 1 >= ring.epoch)
                     })
@@ -1032,12 +1030,8 @@ fn start_watchdog(rank: usize, watch: crate::rendezvous::PeerWatch) -> Result<Wa
 }
 
 impl Collective for P2pRing {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-
-    fn world_size(&self) -> usize {
-        self.world_size
+    fn member(&self) -> Member {
+        self.member
     }
 
     fn reduce_scatter_sum(&mut self, buf: &mut [f32], bounds: &Bounds) -> Result<(), CommError> {

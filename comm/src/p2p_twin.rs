@@ -23,7 +23,8 @@ use crate::p2p::{one_shot_fits, P2pOptions};
 use crate::p2p_plan::{encode_pieces, last_step, pieces_span, slice_elems, Piece};
 use crate::partition::{even_bounds, Bounds};
 use crate::schedule::Phase;
-use crate::{bf16, Collective, CommError};
+use crate::thread_ring::ring_links;
+use crate::{bf16, Collective, CommError, Member};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use nc_kernels::p2p::OP_RECV;
 
@@ -95,8 +96,7 @@ struct Message {
 
 /// One rank's end of the twin ring. Create all ranks with `P2pTwin::new` and move each to its own thread.
 pub struct P2pTwin {
-    rank: usize,
-    world_size: usize,
+    member: Member,
     opts: P2pOptions,
     to_next: Sender<Message>,
     from_prev: Receiver<Message>,
@@ -109,17 +109,14 @@ impl P2pTwin {
     /// size of the tables, slots the depth of each link, one_shot_bytes the one-shot threshold, timeout the
     /// longest wait on a neighbour).
     pub fn new(world_size: usize, opts: P2pOptions) -> Vec<P2pTwin> {
-        assert!(world_size >= 1, "a ring has at least one rank");
         assert!(opts.slots >= 1, "a link holds at least one slot");
-        let (senders, receivers): (Vec<_>, Vec<_>) = (0..world_size).map(|_| bounded(opts.slots)).unzip();
-        let mut receivers: Vec<Option<Receiver<Message>>> = receivers.into_iter().map(Some).collect();
-        (0..world_size)
-            .map(|rank| P2pTwin {
-                rank,
-                world_size,
+        ring_links(world_size, || bounded(opts.slots))
+            .into_iter()
+            .map(|(member, to_next, from_prev)| P2pTwin {
+                member,
                 opts,
-                to_next: senders[(rank + 1) % world_size].clone(),
-                from_prev: receivers[rank].take().expect("each receiver is taken once"),
+                to_next,
+                from_prev,
                 work: Vec::new(),
             })
             .collect()
@@ -131,12 +128,12 @@ impl P2pTwin {
 
     fn err(&self, m: String) -> CommError {
         CommError {
-            message: format!("rank {} (P2P twin): {m}", self.rank),
+            message: format!("rank {} (P2P twin): {m}", self.member.rank),
         }
     }
 
     fn send(&self, m: Message) -> Result<(), CommError> {
-        let next = (self.rank + 1) % self.world_size;
+        let next = self.member.next();
         self.to_next.send_timeout(m, self.opts.timeout).map_err(|_| {
             self.err(format!(
                 "rank {next} did not take a slice within {:?}",
@@ -147,7 +144,7 @@ impl P2pTwin {
 
     /// The next message, checked to belong to operation (start, len, step).
     fn recv(&self, start: u64, len: u64, step: u64) -> Result<Payload, CommError> {
-        let prev = (self.rank + self.world_size - 1) % self.world_size;
+        let prev = self.member.prev();
         let m = self
             .from_prev
             .recv_timeout(self.opts.timeout)
@@ -166,19 +163,19 @@ impl P2pTwin {
     }
 
     fn table(&self, phase: Phase, elem_bytes: usize, span: usize, pieces: &[Piece]) -> Result<Vec<u64>, CommError> {
-        let end = pieces_span(pieces, self.world_size).map_err(|m| self.err(m))?;
+        let end = pieces_span(pieces, self.member.world_size).map_err(|m| self.err(m))?;
         if end > span {
             return Err(self.err(format!("the pieces reach element {end} of a span of {span}")));
         }
         let slice = slice_elems(phase, elem_bytes, self.opts.blocks, self.opts.slot_bytes);
-        Ok(encode_pieces(phase, pieces, self.rank, slice))
+        Ok(encode_pieces(phase, pieces, self.member.rank, slice))
     }
 
     /// `P2pRing::reduce_scatter_pieces` on a host span: each piece's owned range ends with the sum over
     /// ranks; f32: the rest of each piece holds partials; bf16: it is untouched.
     pub fn reduce_scatter_pieces<T: TwinElem>(&mut self, span: &mut [T], pieces: &[Piece]) -> Result<(), CommError> {
         let table = self.table(Phase::ReduceScatter, T::BYTES, span.len(), pieces)?;
-        let last = last_step(self.world_size) as u64;
+        let last = last_step(self.member.world_size) as u64;
         if !T::IN_PLACE && self.work.len() < span.len() {
             self.work.resize(span.len(), 0.0);
         }
@@ -244,9 +241,9 @@ impl P2pTwin {
     /// The one-shot all-reduce: every rank's copy, summed in rank order 0..n-1 in f32, rounded once. (Copies
     /// travel around the ring here; on the GPU every rank reads every peer's area.)
     fn one_shot<T: TwinElem>(&mut self, buf: &mut [T]) -> Result<(), CommError> {
-        let n = self.world_size;
+        let n = self.member.world_size;
         let mut copies: Vec<Option<Vec<T>>> = vec![None; n];
-        copies[self.rank] = Some(buf.to_vec());
+        copies[self.member.rank] = Some(buf.to_vec());
         let len = buf.len() as u64;
         let mut forward = buf.to_vec();
         for k in 1..n {
@@ -259,7 +256,7 @@ impl P2pTwin {
             let got = T::unwrap(self.recv(0, len, u64::MAX)?)
                 .ok_or_else(|| self.err("a one-shot all-reduce received elements of another type".into()))?;
             forward = got.clone();
-            copies[(self.rank + n - k) % n] = Some(got);
+            copies[(self.member.rank + n - k) % n] = Some(got);
         }
         for (i, out) in buf.iter_mut().enumerate() {
             let mut acc = 0.0f32;
@@ -279,7 +276,7 @@ impl P2pTwin {
         } else {
             let whole = [Piece {
                 start: 0,
-                bounds: even_bounds(buf.len(), self.world_size),
+                bounds: even_bounds(buf.len(), self.member.world_size),
             }];
             self.reduce_scatter_pieces(buf, &whole)?;
             self.all_gather_pieces(buf, &whole)
@@ -287,7 +284,7 @@ impl P2pTwin {
     }
 
     fn whole(&self, len: usize, bounds: &Bounds, what: &str) -> Result<[Piece; 1], CommError> {
-        bounds.check_call(self.rank, self.world_size, len, what)?;
+        bounds.check_call(self.member, len, what)?;
         Ok([Piece {
             start: 0,
             bounds: bounds.clone(),
@@ -297,11 +294,8 @@ impl P2pTwin {
 
 /// The host collectives of `P2pRing` (its `Collective` implementation, without the staging copies).
 impl Collective for P2pTwin {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-    fn world_size(&self) -> usize {
-        self.world_size
+    fn member(&self) -> Member {
+        self.member
     }
     fn reduce_scatter_sum(&mut self, buf: &mut [f32], bounds: &Bounds) -> Result<(), CommError> {
         let whole = self.whole(buf.len(), bounds, "reduce_scatter_sum")?;

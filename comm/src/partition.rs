@@ -1,6 +1,6 @@
 //! How a buffer is split among ranks: rank r owns the contiguous range `bounds[r]..bounds[r + 1]`.
 
-use crate::CommError;
+use crate::{CommError, Member};
 use std::ops::Range;
 
 /// `world_size + 1` non-decreasing offsets from 0 to the buffer length.
@@ -33,9 +33,10 @@ impl Bounds {
         self.offsets[rank]..self.offsets[rank + 1]
     }
 
-    /// That these bounds were made for a ring of `world_size` ranks and a buffer of `len` elements: the error
-    /// every collective's `what` (on rank `rank`) returns otherwise, before it moves anything.
-    pub fn check_call(&self, rank: usize, world_size: usize, len: usize, what: &str) -> Result<(), CommError> {
+    /// That these bounds were made for the caller's ring (`at`) and a buffer of `len` elements: the error every
+    /// collective's `what` returns otherwise, before it moves anything.
+    pub fn check_call(&self, at: Member, len: usize, what: &str) -> Result<(), CommError> {
+        let Member { rank, world_size } = at;
         if self.world_size() != world_size || self.len() != len {
             return Err(CommError {
                 message: format!(
@@ -74,20 +75,21 @@ mod tests {
     #[test]
     fn a_call_with_bounds_of_another_world_or_buffer_is_refused_naming_both() {
         let bounds = even_bounds(10, 2);
-        assert_eq!(bounds.check_call(1, 2, 10, "all_gather"), Ok(()));
-        let other_world = bounds.check_call(1, 3, 10, "all_gather").unwrap_err();
+        let at = |rank, world_size| Member { rank, world_size };
+        assert_eq!(bounds.check_call(at(1, 2), 10, "all_gather"), Ok(()));
+        let other_world = bounds.check_call(at(1, 3), 10, "all_gather").unwrap_err();
         assert_eq!(
             other_world.message,
             "rank 1: all_gather called with bounds for 2 ranks over 10 elements, but the ring has 3 ranks and the \
              buffer 10 elements"
         );
-        let other_buffer = bounds.check_call(0, 2, 11, "reduce_scatter_sum").unwrap_err();
+        let other_buffer = bounds.check_call(at(0, 2), 11, "reduce_scatter_sum").unwrap_err();
         assert!(
             other_buffer.message.contains("the buffer 11 elements"),
             "{}",
             other_buffer.message
         );
-        assert!(bounds.check_call(0, 2, 9, "x").is_err() && bounds.check_call(0, 1, 10, "x").is_err());
+        assert!(bounds.check_call(at(0, 2), 9, "x").is_err() && bounds.check_call(at(0, 1), 10, "x").is_err());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::rendezvous::{PeerWatch, Rendezvous};
 use crate::schedule::{ring_plan, Phase, RingOp};
 use crate::shm_flags::{own_identity, Waiter};
 use crate::shm_segment::{Segment, SlotHeader, SLOT_HEADER_BYTES, STATE_FAILED, STATE_JOINED, STATE_LEFT};
-use crate::{Collective, CommError};
+use crate::{Collective, CommError, Member};
 use bytemuck::Pod;
 use half::bf16;
 use std::path::PathBuf;
@@ -43,8 +43,7 @@ impl Default for ShmRingOptions {
 
 /// One rank's end of a shared-memory ring.
 pub struct ShmRing {
-    rank: usize,
-    world_size: usize,
+    member: Member,
     timeout: Duration,
     seg: Segment,
     watch: PeerWatch,
@@ -146,8 +145,7 @@ impl ShmRing {
             }
         }
         Ok(ShmRing {
-            rank,
-            world_size,
+            member: Member { rank, world_size },
             timeout,
             seg,
             watch: rdv.watch(),
@@ -161,7 +159,7 @@ impl ShmRing {
     fn waiter(&self) -> Waiter<'_> {
         Waiter {
             seg: &self.seg,
-            rank: self.rank,
+            rank: self.member.rank,
             timeout: self.timeout,
             watch: Some(&self.watch),
         }
@@ -173,7 +171,7 @@ impl ShmRing {
                 message: format!("{what} on a ring that already failed: {}", e.message),
             });
         }
-        bounds.check_call(self.rank, self.world_size, len, what)
+        bounds.check_call(self.member, len, what)
     }
 
     /// Runs one half of a ring collective over `buf`; `combine(mine, theirs)` applies a received slice.
@@ -189,7 +187,7 @@ impl ShmRing {
         self.check_call(buf.len(), bounds, what)?;
         let elem = std::mem::size_of::<T>();
         let tag = tag_of(phase, elem);
-        let plan = ring_plan(phase, bounds, self.rank, self.seg.slot_bytes / elem);
+        let plan = ring_plan(phase, bounds, self.member.rank, self.seg.slot_bytes / elem);
         let result = plan.into_iter().try_for_each(|op| match op {
             RingOp::Send { elems, .. } => self.send_slice(tag, elems.start, &buf[elems], what),
             RingOp::Recv { elems, .. } => {
@@ -198,7 +196,10 @@ impl ShmRing {
             }
         });
         if let Err(e) = &result {
-            self.seg.record(self.rank).state.store(STATE_FAILED, Ordering::Release);
+            self.seg
+                .record(self.member.rank)
+                .state
+                .store(STATE_FAILED, Ordering::Release);
             self.broken = Some(e.clone());
         }
         result
@@ -208,7 +209,7 @@ impl ShmRing {
     fn send_slice<T: Pod>(&mut self, tag: u64, start: usize, data: &[T], what: &str) -> Result<(), CommError> {
         let slots = self.seg.slots as u64;
         let seq = self.next_send;
-        let next = (self.rank + 1) % self.world_size;
+        let next = self.member.next();
         if seq >= slots {
             // The slot last held slice seq - slots: wait until the next rank has read it.
             let w = self.waiter();
@@ -216,7 +217,7 @@ impl ShmRing {
                 format!("finish reading slice {} in {what}", seq - slots)
             })?;
         }
-        let slot = self.seg.slot(self.rank, (seq % slots) as usize);
+        let slot = self.seg.slot(self.member.rank, (seq % slots) as usize);
         let bytes: &[u8] = bytemuck::cast_slice(data);
         debug_assert!(bytes.len() <= self.seg.slot_bytes);
         // Only this rank writes its slots, and the next rank reads this one only after the release below.
@@ -229,7 +230,7 @@ impl ShmRing {
             });
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), slot.add(SLOT_HEADER_BYTES), bytes.len());
         }
-        self.seg.record(self.rank).sent.store(seq + 1, Ordering::Release);
+        self.seg.record(self.member.rank).sent.store(seq + 1, Ordering::Release);
         self.next_send += 1;
         Ok(())
     }
@@ -245,7 +246,7 @@ impl ShmRing {
     ) -> Result<(), CommError> {
         let slots = self.seg.slots as u64;
         let seq = self.next_recv;
-        let prev = (self.rank + self.world_size - 1) % self.world_size;
+        let prev = self.member.prev();
         let w = self.waiter();
         w.wait_for(&self.seg.record(prev).sent, seq + 1, prev, &|| {
             format!("send slice {seq} in {what}")
@@ -261,7 +262,7 @@ impl ShmRing {
                     "rank {}: in {what}, rank {prev} sent slice {} (kind {:#x}, elements {}..+{}) where slice {seq} \
                      (kind {tag:#x}, elements {start}..+{}) was expected: the ranks called different collectives \
                      or passed different bounds",
-                    self.rank,
+                    self.member.rank,
                     header.seq,
                     header.tag,
                     header.start,
@@ -272,7 +273,10 @@ impl ShmRing {
         }
         let theirs = unsafe { std::slice::from_raw_parts(slot.add(SLOT_HEADER_BYTES) as *const T, mine.len()) };
         combine(mine, theirs);
-        self.seg.record(self.rank).consumed.store(seq + 1, Ordering::Release);
+        self.seg
+            .record(self.member.rank)
+            .consumed
+            .store(seq + 1, Ordering::Release);
         self.next_recv += 1;
         Ok(())
     }
@@ -291,12 +295,8 @@ fn copy<T: Pod>(mine: &mut [T], theirs: &[T]) {
 }
 
 impl Collective for ShmRing {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-
-    fn world_size(&self) -> usize {
-        self.world_size
+    fn member(&self) -> Member {
+        self.member
     }
 
     fn reduce_scatter_sum(&mut self, buf: &mut [f32], bounds: &Bounds) -> Result<(), CommError> {
@@ -321,7 +321,7 @@ impl Collective for ShmRing {
             add_f32,
         );
         if result.is_ok() {
-            let mine = bounds.range(self.rank);
+            let mine = bounds.range(self.member.rank);
             for (b, w) in buf[mine.clone()].iter_mut().zip(&wide[mine]) {
                 *b = bf16::from_f32(*w);
             }
@@ -338,7 +338,7 @@ impl Collective for ShmRing {
 
 impl Drop for ShmRing {
     fn drop(&mut self) {
-        let state = &self.seg.record(self.rank).state;
+        let state = &self.seg.record(self.member.rank).state;
         if state.load(Ordering::Relaxed) != STATE_FAILED {
             state.store(STATE_LEFT, Ordering::Release);
         }

@@ -10,40 +10,54 @@
 
 use crate::partition::Bounds;
 use crate::schedule::{step_chunks, steps, Phase};
-use crate::{Collective, CommError};
+use crate::{Collective, CommError, Member};
 use crossbeam_channel::{unbounded, Receiver, Sender};
 
 /// One rank's end of an in-process ring. Create all ranks with `ThreadRing::new(n)` and move each to its
 /// own thread.
 pub struct ThreadRing {
-    rank: usize,
-    world_size: usize,
+    member: Member,
     to_next: Sender<Vec<f32>>,
     from_prev: Receiver<Vec<f32>>,
     /// Buffers that came back around the ring, reused for sends so steady state allocates nothing.
     spare: Vec<Vec<f32>>,
 }
 
+/// The links of a ring of `world_size` ranks in one process: for each rank, in rank order, its place, the
+/// sender to the next rank and the receiver from the previous one. `channel` makes one link (bounded or not).
+pub(crate) fn ring_links<M>(
+    world_size: usize,
+    channel: impl Fn() -> (Sender<M>, Receiver<M>),
+) -> Vec<(Member, Sender<M>, Receiver<M>)> {
+    assert!(world_size >= 1, "a ring has at least one rank");
+    // Channel r carries messages into rank r, so rank r sends on channel r+1.
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..world_size).map(|_| channel()).unzip();
+    receivers
+        .into_iter()
+        .enumerate()
+        .map(|(rank, from_prev)| {
+            let member = Member { rank, world_size };
+            (member, senders[member.next()].clone(), from_prev)
+        })
+        .collect()
+}
+
 impl ThreadRing {
     /// The `n` ranks of a ring, in rank order.
     pub fn new(world_size: usize) -> Vec<ThreadRing> {
-        assert!(world_size >= 1, "a ring has at least one rank");
-        let (senders, receivers): (Vec<_>, Vec<_>) = (0..world_size).map(|_| unbounded()).unzip();
-        // Channel r carries messages into rank r, so rank r sends on channel r+1.
-        let mut receivers: Vec<Option<Receiver<Vec<f32>>>> = receivers.into_iter().map(Some).collect();
-        (0..world_size)
-            .map(|rank| ThreadRing {
-                rank,
-                world_size,
-                to_next: senders[(rank + 1) % world_size].clone(),
-                from_prev: receivers[rank].take().expect("each receiver is taken once"),
+        ring_links(world_size, unbounded)
+            .into_iter()
+            .map(|(member, to_next, from_prev)| ThreadRing {
+                member,
+                to_next,
+                from_prev,
                 spare: Vec::new(),
             })
             .collect()
     }
 
     fn check(&self, buf: &[f32], bounds: &Bounds, what: &str) -> Result<(), CommError> {
-        bounds.check_call(self.rank, self.world_size, buf.len(), what)
+        bounds.check_call(self.member, buf.len(), what)
     }
 
     fn send(&mut self, data: &[f32]) -> Result<(), CommError> {
@@ -52,11 +66,11 @@ impl ThreadRing {
         msg.extend_from_slice(data);
         self.to_next
             .send(msg)
-            .map_err(|_| self.peer_gone("send to", (self.rank + 1) % self.world_size))
+            .map_err(|_| self.peer_gone("send to", self.member.next()))
     }
 
     fn recv(&mut self, expected_len: usize) -> Result<Vec<f32>, CommError> {
-        let prev = (self.rank + self.world_size - 1) % self.world_size;
+        let prev = self.member.prev();
         let msg = self
             .from_prev
             .recv()
@@ -66,7 +80,7 @@ impl ThreadRing {
                 message: format!(
                     "rank {}: received {} elements from rank {prev}, expected {expected_len}; the ranks called \
                      different collectives or passed different bounds",
-                    self.rank,
+                    self.member.rank,
                     msg.len()
                 ),
             });
@@ -85,9 +99,9 @@ impl ThreadRing {
         combine: fn(&mut [f32], &[f32]),
     ) -> Result<(), CommError> {
         self.check(buf, bounds, what)?;
-        let n = self.world_size;
+        let n = self.member.world_size;
         for step in 0..steps(n) {
-            let (send_chunk, recv_chunk) = step_chunks(phase, n, self.rank, step);
+            let (send_chunk, recv_chunk) = step_chunks(phase, n, self.member.rank, step);
             self.send(&buf[bounds.range(send_chunk)])?;
             let incoming = self.recv(bounds.range(recv_chunk).len())?;
             combine(&mut buf[bounds.range(recv_chunk)], &incoming);
@@ -98,18 +112,17 @@ impl ThreadRing {
 
     fn peer_gone(&self, what: &str, peer: usize) -> CommError {
         CommError {
-            message: format!("rank {}: cannot {what} rank {peer}: that rank has exited", self.rank),
+            message: format!(
+                "rank {}: cannot {what} rank {peer}: that rank has exited",
+                self.member.rank
+            ),
         }
     }
 }
 
 impl Collective for ThreadRing {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-
-    fn world_size(&self) -> usize {
-        self.world_size
+    fn member(&self) -> Member {
+        self.member
     }
 
     fn reduce_scatter_sum(&mut self, buf: &mut [f32], bounds: &Bounds) -> Result<(), CommError> {

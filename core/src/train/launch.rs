@@ -8,7 +8,7 @@ use crate::data::run_data::DataSource;
 use crate::error::{NcError, Result};
 use crate::train::{Resume, TrainConfig};
 pub use nc_comm::Collective;
-use nc_comm::{Bounds, CommError, Rendezvous, RendezvousConfig, ShmRing};
+use nc_comm::{Bounds, CommError, Member, Rendezvous, RendezvousConfig, ShmRing};
 use std::path::Path;
 use std::time::Duration;
 
@@ -214,11 +214,8 @@ pub struct ProcessRing {
 }
 
 impl Collective for ProcessRing {
-    fn rank(&self) -> usize {
-        self.ring.rank()
-    }
-    fn world_size(&self) -> usize {
-        self.ring.world_size()
+    fn member(&self) -> Member {
+        self.ring.member()
     }
     fn reduce_scatter_sum(&mut self, buf: &mut [f32], bounds: &Bounds) -> std::result::Result<(), CommError> {
         self.ring.reduce_scatter_sum(buf, bounds)

@@ -32,13 +32,22 @@ use crate::optim::clip::clip_factor;
 use crate::optim::shard::ShardLayout;
 use crate::train::buckets::{backward_buckets, tensor_splits, Bucket, TensorSplit};
 use crate::train::sync::comm_err;
-use nc_comm::{bf16, Collective};
+use nc_comm::{bf16, Collective, Member};
 use std::ops::Range;
 
 /// The collectives a data-parallel rank needs on its backend's buffers.
 pub trait RankCollective<B: Backend>: Send {
-    fn rank(&self) -> usize;
-    fn world_size(&self) -> usize;
+    /// Which rank this is, of how many.
+    fn member(&self) -> Member;
+
+    fn rank(&self) -> usize {
+        self.member().rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.member().world_size
+    }
+
     /// Sum each tensor over the ranks into the part its owner holds (`TensorSplit::parts`); what other
     /// ranks hold of it afterwards is unspecified. On a device this is queued behind the work already
     /// queued on the compute stream and returns at once.
@@ -74,11 +83,8 @@ fn host_buffer<B: Backend>(buf: &mut B::Buf) -> Result<&mut [f32]> {
 }
 
 impl<B: Backend> RankCollective<B> for HostRanks {
-    fn rank(&self) -> usize {
-        self.ring.rank()
-    }
-    fn world_size(&self) -> usize {
-        self.ring.world_size()
+    fn member(&self) -> Member {
+        self.ring.member()
     }
     fn reduce_to_owners(&mut self, _be: &B, grads: &mut B::Buf, tensors: &[&TensorSplit]) -> Result<()> {
         let g = host_buffer::<B>(grads)?;
@@ -129,11 +135,8 @@ impl StagedRanks {
 }
 
 impl<B: Backend> RankCollective<B> for StagedRanks {
-    fn rank(&self) -> usize {
-        self.ring.rank()
-    }
-    fn world_size(&self) -> usize {
-        self.ring.world_size()
+    fn member(&self) -> Member {
+        self.ring.member()
     }
     fn reduce_to_owners(&mut self, be: &B, grads: &mut B::Buf, tensors: &[&TensorSplit]) -> Result<()> {
         let rank = self.ring.rank();

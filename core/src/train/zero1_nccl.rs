@@ -30,7 +30,7 @@ use crate::error::{NcError, Result};
 use crate::train::buckets::TensorSplit;
 use crate::train::zero1::RankCollective;
 use cudarc::driver::CudaStream;
-use nc_comm::{Collective, CommError, NcclRing};
+use nc_comm::{Collective, CommError, Member, NcclRing};
 use std::sync::Arc;
 
 /// A rank's NCCL ring with the stream it runs on (created in the backend's context, separate from its
@@ -110,11 +110,8 @@ impl NcclExchange {
 }
 
 impl RankCollective<CudaBackend> for NcclExchange {
-    fn rank(&self) -> usize {
-        self.ring.rank()
-    }
-    fn world_size(&self) -> usize {
-        self.ring.world_size()
+    fn member(&self) -> Member {
+        self.ring.member()
     }
 
     fn reduce_to_owners(&mut self, be: &CudaBackend, grads: &mut CudaBuf, tensors: &[&TensorSplit]) -> Result<()> {

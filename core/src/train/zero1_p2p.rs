@@ -31,14 +31,14 @@ use crate::error::{NcError, Result};
 use crate::train::buckets::TensorSplit;
 use crate::train::sync::comm_err;
 use crate::train::zero1::RankCollective;
-use nc_comm::{bf16, Collective, P2pRing, P2pTwin, Piece};
+use nc_comm::{bf16, Collective, Member, P2pRing, P2pTwin, Piece};
 use std::ops::Range;
 
 /// What `RingExchange` needs of a ring: collectives over several tensors ("pieces") of one span of a
 /// backend buffer, every rank passing the same pieces.
 pub trait PieceRing<B: Backend>: Send {
-    fn rank(&self) -> usize;
-    fn world_size(&self) -> usize;
+    /// Which rank this is, of how many.
+    fn member(&self) -> Member;
     /// Each piece's owned range (elements `span.start + piece.start + bounds.range(rank)` of `buf`) ends with
     /// the sum over ranks; the rest of the pieces is unspecified. Queued behind `wait_for_compute` on a device.
     fn reduce_scatter(&mut self, be: &B, buf: &mut B::Buf, span: Range<usize>, pieces: &[Piece]) -> Result<()>;
@@ -87,11 +87,8 @@ pub fn tensor_pieces(tensors: &[&TensorSplit], buf_len: usize) -> Result<(Range<
 }
 
 impl<B: Backend, R: PieceRing<B>> RankCollective<B> for RingExchange<R> {
-    fn rank(&self) -> usize {
-        self.ring.rank()
-    }
-    fn world_size(&self) -> usize {
-        self.ring.world_size()
+    fn member(&self) -> Member {
+        self.ring.member()
     }
 
     fn reduce_to_owners(&mut self, be: &B, grads: &mut B::Buf, tensors: &[&TensorSplit]) -> Result<()> {
@@ -142,11 +139,8 @@ fn p2p_error(e: nc_comm::CommError) -> NcError {
 }
 
 impl PieceRing<CudaBackend> for P2pDevice {
-    fn rank(&self) -> usize {
-        Collective::rank(&self.ring)
-    }
-    fn world_size(&self) -> usize {
-        Collective::world_size(&self.ring)
+    fn member(&self) -> Member {
+        self.ring.member()
     }
 
     fn reduce_scatter(
@@ -264,11 +258,8 @@ impl TwinRing {
 }
 
 impl<B: Backend> PieceRing<B> for TwinRing {
-    fn rank(&self) -> usize {
-        self.twin.rank()
-    }
-    fn world_size(&self) -> usize {
-        self.twin.world_size()
+    fn member(&self) -> Member {
+        self.twin.member()
     }
     fn reduce_scatter(&mut self, be: &B, buf: &mut B::Buf, span: Range<usize>, pieces: &[Piece]) -> Result<()> {
         self.exchange(be, buf, span, pieces, true)

@@ -20,7 +20,7 @@
 //! seconds of CPU on the simulator. Without the simulator (no g++) each test prints why and passes.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, Command, ExitStatus};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 #[path = "support/procs.rs"]
@@ -211,9 +211,37 @@ fn rank_1_reached_the_fault_call(lines: &mpsc::Receiver<String>, needle: &str, s
     );
 }
 
-/// `faulty_run` checkpointing every 2 steps, started, its stderr lines arriving on the receiver as they come.
-fn start_faulty_run(libs: &Path, out: &Path, env: &[(&str, &str)]) -> (Child, mpsc::Receiver<String>) {
-    spawn_reading_stderr(&mut faulty_run(libs, out, 2, env))
+/// How a fault test's run ended: its exit status, its stderr lines joined, and how long it took to end after the
+/// test acted.
+struct Ended {
+    status: ExitStatus,
+    stderr: String,
+    after: Duration,
+}
+
+/// `faulty_run` checkpointing every 2 steps with `env` (the fault), started; waits for the stand-in's stderr line
+/// `reached` saying that rank 1 reached collective FAULT_CALL (None: no wait), lets `act` act on the supervisor,
+/// then gives the run `limit` to end (panics if it did not).
+fn run_into_the_fault(
+    libs: &Path,
+    out: &Path,
+    env: &[(&str, &str)],
+    reached: Option<&str>,
+    act: impl FnOnce(&Child),
+    limit: Duration,
+) -> Ended {
+    let (mut sup, lines) = spawn_reading_stderr(&mut faulty_run(libs, out, 2, env));
+    let mut seen = Vec::new();
+    if let Some(needle) = reached {
+        rank_1_reached_the_fault_call(&lines, needle, &mut seen);
+    }
+    act(&sup);
+    let t0 = Instant::now();
+    let status = finish(&mut sup, &lines, limit, &mut seen);
+    let after = t0.elapsed();
+    let stderr = seen.join("\n");
+    let status = status.unwrap_or_else(|| panic!("the run did not end within {limit:?}:\n{stderr}"));
+    Ended { status, stderr, after }
 }
 
 /// SIGKILL of rank 1 while rank 0 waits for it in a collective (rank 1 held in collective FAULT_CALL by the
@@ -224,28 +252,34 @@ fn a_rank_killed_in_a_collective_ends_every_rank_naming_it() {
     let Some(libs) = simulator() else { return };
     let dir = tempfile::tempdir().unwrap();
     let stuck = format!("1:{FAULT_CALL}");
-    let (mut sup, lines) = start_faulty_run(&libs, dir.path(), &[("NC_SIM_NCCL_STUCK", &stuck)]);
-    let mut seen = Vec::new();
-    rank_1_reached_the_fault_call(&lines, "will never complete", &mut seen);
-    let before = complete_checkpoints(dir.path());
-    assert!(
-        before.iter().any(|(name, _)| name == "step_000002"),
-        "the step-2 checkpoint is complete before the kill: {:?}",
-        before.iter().map(|c| &c.0).collect::<Vec<_>>()
+    let (mut before, mut victim) = (Vec::new(), 0);
+    let kill_rank_1 = |sup: &Child| {
+        before = complete_checkpoints(dir.path());
+        assert!(
+            before.iter().any(|(name, _)| name == "step_000002"),
+            "the step-2 checkpoint is complete before the kill: {:?}",
+            before.iter().map(|c| &c.0).collect::<Vec<_>>()
+        );
+        let workers = workers_of(sup.id());
+        victim = workers
+            .iter()
+            .find(|(_, r)| *r == 1)
+            .map(|w| w.0)
+            .expect("rank 1's pid");
+        // SAFETY: killing a process this test started (through the supervisor).
+        assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
+    };
+    let stuck_env = [("NC_SIM_NCCL_STUCK", stuck.as_str())];
+    let limit = Duration::from_secs(60);
+    let Ended { status, stderr, after } = run_into_the_fault(
+        &libs,
+        dir.path(),
+        &stuck_env,
+        Some("will never complete"),
+        kill_rank_1,
+        limit,
     );
-    let workers = workers_of(sup.id());
-    let victim = workers
-        .iter()
-        .find(|(_, r)| *r == 1)
-        .map(|w| w.0)
-        .expect("rank 1's pid");
-    let t0 = Instant::now();
-    // SAFETY: killing a process this test started (through the supervisor).
-    assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
-    let status = finish(&mut sup, &lines, Duration::from_secs(60), &mut seen);
-    let stderr = seen.join("\n");
-    let status = status.unwrap_or_else(|| panic!("the run did not end within 60 s of the kill:\n{stderr}"));
-    eprintln!("the run ended {:?} after the kill", t0.elapsed());
+    eprintln!("the run ended {after:?} after the kill");
     assert_eq!(status.code(), Some(137), "the first failure's code (SIGKILL)\n{stderr}");
     assert!(
         stderr.contains(&format!("rank 1 (pid {victim}) was killed by signal 9")),
@@ -270,21 +304,16 @@ fn a_stuck_rank_ends_the_run_after_the_collective_timeout() {
     // long enough for the legitimate waits of a loaded 2-core machine (a peer's start-up, a step run at a third
     // of a core), short enough for CI
     let timeout = 60;
-    let (mut sup, lines) = start_faulty_run(
-        &libs,
-        dir.path(),
-        &[
-            ("NC_SIM_NCCL_STUCK", &stuck),
-            ("NC_COLLECTIVE_TIMEOUT", &timeout.to_string()),
-        ],
-    );
-    let mut seen = Vec::new();
-    rank_1_reached_the_fault_call(&lines, "will never complete", &mut seen);
-    let t0 = Instant::now();
-    let status = finish(&mut sup, &lines, Duration::from_secs(timeout + 60), &mut seen);
-    let took = t0.elapsed();
-    let stderr = seen.join("\n");
-    let status = status.unwrap_or_else(|| panic!("the stuck run did not end:\n{stderr}"));
+    let env = [
+        ("NC_SIM_NCCL_STUCK", stuck.as_str()),
+        ("NC_COLLECTIVE_TIMEOUT", &timeout.to_string()),
+    ];
+    let limit = Duration::from_secs(timeout + 60);
+    let Ended {
+        status,
+        stderr,
+        after: took,
+    } = run_into_the_fault(&libs, dir.path(), &env, Some("will never complete"), |_| {}, limit);
     assert_eq!(status.code(), Some(77), "the collective timeout's exit code\n{stderr}");
     assert!(
         stderr.contains(&format!("has not completed (NC_COLLECTIVE_TIMEOUT is {timeout} s)")),
@@ -303,11 +332,9 @@ fn a_failing_nccl_call_ends_every_rank_naming_it() {
     let Some(libs) = simulator() else { return };
     let dir = tempfile::tempdir().unwrap();
     let fail = format!("1:{FAULT_CALL}");
-    let (mut sup, lines) = start_faulty_run(&libs, dir.path(), &[("NC_SIM_NCCL_FAIL", &fail)]);
-    let mut seen = Vec::new();
-    let status = finish(&mut sup, &lines, Duration::from_secs(300), &mut seen);
-    let stderr = seen.join("\n");
-    let status = status.unwrap_or_else(|| panic!("the run did not end:\n{stderr}"));
+    let env = [("NC_SIM_NCCL_FAIL", fail.as_str())];
+    let Ended { status, stderr, .. } =
+        run_into_the_fault(&libs, dir.path(), &env, None, |_| {}, Duration::from_secs(300));
     assert!(!status.success(), "{stderr}");
     let rank1 = stderr
         .lines()
@@ -335,12 +362,10 @@ fn an_asynchronous_nccl_error_ends_every_rank_naming_it() {
     let Some(libs) = simulator() else { return };
     let dir = tempfile::tempdir().unwrap();
     let fail = format!("1:{FAULT_CALL}:async");
-    let (mut sup, lines) = start_faulty_run(&libs, dir.path(), &[("NC_SIM_NCCL_FAIL", &fail)]);
-    let mut seen = Vec::new();
-    rank_1_reached_the_fault_call(&lines, "asynchronous error", &mut seen);
-    let status = finish(&mut sup, &lines, Duration::from_secs(60), &mut seen);
-    let stderr = seen.join("\n");
-    let status = status.unwrap_or_else(|| panic!("the run did not end within 60 s of the error:\n{stderr}"));
+    let env = [("NC_SIM_NCCL_FAIL", fail.as_str())];
+    let limit = Duration::from_secs(60);
+    let Ended { status, stderr, .. } =
+        run_into_the_fault(&libs, dir.path(), &env, Some("asynchronous error"), |_| {}, limit);
     assert_eq!(status.code(), Some(76), "the asynchronous error's exit code\n{stderr}");
     let line = stderr
         .lines()

@@ -10,7 +10,7 @@
 
 use nc_benches::usize_flag;
 use nc_core::backend::cpu::{CpuBackend, CpuIds};
-use nc_core::backend::{AttnShape, Backend, Gemm, Rotation, View, ViewMut};
+use nc_core::backend::{AttnShape, Backend, Gemm, Heads, Rotation, View, ViewMut};
 use nc_core::model::{Gpt, Recompute};
 use nc_core::ModelConfig;
 use std::cell::RefCell;
@@ -135,20 +135,8 @@ impl nc_core::backend::delegate::Delegate for Timed {
             self.inner.rmsnorm_backward(y, rstd, dy, rows, dim, dx, accumulate)
         })
     }
-    fn rotary(
-        &self,
-        x: ViewMut<'_, CpuBackend>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
-        table: View<'_, CpuBackend>,
-        rotation: Rotation,
-    ) {
-        self.time("rotary", 0.0, || {
-            self.inner.rotary(x, batch, t, heads, head_dim, pos0, table, rotation)
-        })
+    fn rotary(&self, x: ViewMut<'_, CpuBackend>, shape: Heads, table: View<'_, CpuBackend>, rotation: Rotation) {
+        self.time("rotary", 0.0, || self.inner.rotary(x, shape, table, rotation))
     }
     fn attention_forward(
         &self,
@@ -216,19 +204,14 @@ impl nc_core::backend::delegate::Delegate for Timed {
     fn rotary_qknorm_forward(
         &self,
         x: ViewMut<'_, CpuBackend>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
+        shape: Heads,
         table: View<'_, CpuBackend>,
         eps: f32,
         y: ViewMut<'_, CpuBackend>,
         rstd: ViewMut<'_, CpuBackend>,
     ) {
         self.time("rotary+qk-norm", 0.0, || {
-            self.inner
-                .rotary_qknorm_forward(x, batch, t, heads, head_dim, pos0, table, eps, y, rstd)
+            self.inner.rotary_qknorm_forward(x, shape, table, eps, y, rstd)
         })
     }
     fn rotary_qknorm_backward(
@@ -236,17 +219,12 @@ impl nc_core::backend::delegate::Delegate for Timed {
         y: View<'_, CpuBackend>,
         rstd: View<'_, CpuBackend>,
         dy: View<'_, CpuBackend>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
+        shape: Heads,
         table: View<'_, CpuBackend>,
         dx: ViewMut<'_, CpuBackend>,
     ) {
         self.time("rotary+qk-norm", 0.0, || {
-            self.inner
-                .rotary_qknorm_backward(y, rstd, dy, batch, t, heads, head_dim, pos0, table, dx)
+            self.inner.rotary_qknorm_backward(y, rstd, dy, shape, table, dx)
         })
     }
 }

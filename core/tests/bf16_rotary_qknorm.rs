@@ -15,7 +15,7 @@ use common::TestRng;
 use nc_core::backend::bf16::{is_bf16, round_bf16};
 use nc_core::backend::cpu::{CpuBackend, CpuBuf};
 use nc_core::backend::{
-    rotary_qknorm_backward_unfused, rotary_qknorm_forward_unfused, Backend, Storage, View, ViewMut,
+    rotary_qknorm_backward_unfused, rotary_qknorm_forward_unfused, Backend, Heads, Storage, View, ViewMut,
 };
 use nc_core::config::RMSNORM_EPS;
 use nc_core::model::init::rotary_table;
@@ -53,6 +53,9 @@ const CASES: [Case; 3] = [
 ];
 
 impl Case {
+    fn shape(&self) -> Heads {
+        Heads::new(self.batch, self.t, self.heads, self.hd).from_position(self.pos0)
+    }
     fn len(&self) -> usize {
         self.batch * self.t * self.heads * self.hd
     }
@@ -202,10 +205,10 @@ fn forward(be: &CpuBackend, path: Path, c: &Case, x: &CpuBuf, table: &CpuBuf, st
         ViewMut::all(&mut y),
         ViewMut::all(&mut rstd),
     );
-    let (b, t, h, hd, p0) = (c.batch, c.t, c.heads, c.hd, c.pos0);
+    let shape = c.shape();
     match path {
-        Path::Fused => be.rotary_qknorm_forward(xv, b, t, h, hd, p0, tv, RMSNORM_EPS, yv, rv),
-        Path::Unfused => rotary_qknorm_forward_unfused(be, xv, b, t, h, hd, p0, tv, RMSNORM_EPS, yv, rv),
+        Path::Fused => be.rotary_qknorm_forward(xv, shape, tv, RMSNORM_EPS, yv, rv),
+        Path::Unfused => rotary_qknorm_forward_unfused(be, xv, shape, tv, RMSNORM_EPS, yv, rv),
     }
     (y, rstd)
 }
@@ -230,10 +233,10 @@ fn backward(
         View::all(table),
         ViewMut::all(&mut dx),
     );
-    let (b, t, h, hd, p0) = (c.batch, c.t, c.heads, c.hd, c.pos0);
+    let shape = c.shape();
     match path {
-        Path::Fused => be.rotary_qknorm_backward(yv, rv, dyv, b, t, h, hd, p0, tv, dxv),
-        Path::Unfused => rotary_qknorm_backward_unfused(be, yv, rv, dyv, b, t, h, hd, p0, tv, dxv),
+        Path::Fused => be.rotary_qknorm_backward(yv, rv, dyv, shape, tv, dxv),
+        Path::Unfused => rotary_qknorm_backward_unfused(be, yv, rv, dyv, shape, tv, dxv),
     }
     dx
 }

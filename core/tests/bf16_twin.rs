@@ -10,7 +10,7 @@ mod common;
 use common::TestRng;
 use nc_core::backend::bf16::{is_bf16, round_bf16};
 use nc_core::backend::cpu::{CpuBackend, CpuBuf};
-use nc_core::backend::{AttnShape, Backend, Gemm, Rotation, Storage, View, ViewMut};
+use nc_core::backend::{AttnShape, Backend, Gemm, Heads, Rotation, Storage, View, ViewMut};
 use nc_core::config::{RMSNORM_EPS, ROPE_BASE};
 use nc_core::model::{Gpt, Recompute};
 use nc_core::plan::Precision;
@@ -114,7 +114,12 @@ fn ops_into_bf16_match_rounded_references() {
     let rot = |st: Storage| {
         run_into(st, &q, |be, x| {
             let table = View::all(&tb);
-            be.rotary(ViewMut::all(x), batch, t, heads, hd, 0, table, Rotation::Forward)
+            be.rotary(
+                ViewMut::all(x),
+                Heads::new(batch, t, heads, hd),
+                table,
+                Rotation::Forward,
+            )
         })
     };
     assert_bf16_output(

@@ -6,7 +6,7 @@ mod common;
 
 use common::TestRng;
 use nc_core::backend::cpu::{CpuBackend, CpuBuf, CpuIds};
-use nc_core::backend::{AttnShape, Backend, Gemm, Rotation, View, ViewMut};
+use nc_core::backend::{AttnShape, Backend, Gemm, Heads, Rotation, View, ViewMut};
 use nc_core::config::RMSNORM_EPS;
 use proptest::prelude::*;
 
@@ -137,11 +137,12 @@ proptest! {
         let x = rand_vec(&mut rng, n, 1.0);
         let table = buf(&nc_core::model::init::rotary_table(pos0 + t, hd));
         let mut xb = buf(&x);
-        be.rotary(ViewMut::all(&mut xb), batch, t, heads, hd, pos0, View::all(&table), Rotation::Forward);
+        let shape = Heads::new(batch, t, heads, hd).from_position(pos0);
+        be.rotary(ViewMut::all(&mut xb), shape, View::all(&table), Rotation::Forward);
         assert_close("rotary", &xb.0, &common::rotary(&to64(&x), t, heads, hd, pos0), 1e-6);
         let cot = rand_vec(&mut rng, n, 1.0);
         let mut gb = buf(&cot);
-        be.rotary(ViewMut::all(&mut gb), batch, t, heads, hd, pos0, View::all(&table), Rotation::Inverse);
+        be.rotary(ViewMut::all(&mut gb), shape, View::all(&table), Rotation::Inverse);
         check_grad("rotary", |x| common::rotary(x, t, heads, hd, pos0), &x, &to64(&cot), &gb.0, &mut rng);
     }
 

@@ -32,7 +32,7 @@ use nc_core::backend::bf16::round_bf16;
 use nc_core::backend::cpu::{CpuBackend, CpuBuf, CpuIds};
 use nc_core::backend::cuda::CudaBackend;
 use nc_core::backend::device_like::DeviceLikeCpu;
-use nc_core::backend::{AttnShape, Backend, Gemm, Storage, View, ViewMut};
+use nc_core::backend::{AttnShape, Backend, Gemm, Heads, Storage, View, ViewMut};
 use nc_core::config::RMSNORM_EPS;
 use nc_core::model::init::rotary_table;
 use nc_core::model::{Gpt, HostMirror, Recompute, Rng};
@@ -257,36 +257,15 @@ fn norms_on<D: Backend>(g: &D) {
         let mut y = Pair::new(g, &vec![f32::NAN; len], Bf16);
         let mut r = Pair::new(g, &vec![f32::NAN; units], F32);
         let what = format!("rotary_qknorm {batch}x{t}x{heads}x{hd} pos0 {pos0}");
-        cpu.rotary_qknorm_forward(
-            x.cm(),
-            batch,
-            t,
-            heads,
-            hd,
-            pos0,
-            table.c(),
-            RMSNORM_EPS,
-            y.cm(),
-            r.cm(),
-        );
-        g.rotary_qknorm_forward(
-            x.dm(),
-            batch,
-            t,
-            heads,
-            hd,
-            pos0,
-            table.d(),
-            RMSNORM_EPS,
-            y.dm(),
-            r.dm(),
-        );
+        let shape = Heads::new(batch, t, heads, hd).from_position(pos0);
+        cpu.rotary_qknorm_forward(x.cm(), shape, table.c(), RMSNORM_EPS, y.cm(), r.cm());
+        g.rotary_qknorm_forward(x.dm(), shape, table.d(), RMSNORM_EPS, y.dm(), r.dm());
         close(&format!("{what} forward y"), g, &y, 2e-5);
         close(&format!("{what} forward rstd"), g, &r, 1e-5 * max_abs(&r.cpu.0));
         let dy = Pair::new(g, &randn(&mut rng, len, 1.0), Bf16);
         let mut dx = Pair::new(g, &vec![f32::NAN; len], Bf16);
-        cpu.rotary_qknorm_backward(y.c(), r.c(), dy.c(), batch, t, heads, hd, pos0, table.c(), dx.cm());
-        g.rotary_qknorm_backward(y.d(), r.d(), dy.d(), batch, t, heads, hd, pos0, table.d(), dx.dm());
+        cpu.rotary_qknorm_backward(y.c(), r.c(), dy.c(), shape, table.c(), dx.cm());
+        g.rotary_qknorm_backward(y.d(), r.d(), dy.d(), shape, table.d(), dx.dm());
         let tol = 1e-6 * (hd as f64).sqrt() * 4.0 * max_abs(&r.cpu.0);
         close(&format!("{what} backward dx"), g, &dx, tol);
     }

@@ -41,7 +41,7 @@ use nc_core::backend::cpu::matmul_f64::matmul_f64;
 use nc_core::backend::cpu::{CpuBackend, CpuBuf, CpuIds};
 use nc_core::backend::cuda::CudaBackend;
 use nc_core::backend::device_like::DeviceLikeCpu;
-use nc_core::backend::{AdamwStep, AttnShape, Backend, Gemm, Rotation, Storage, View, ViewMut};
+use nc_core::backend::{AdamwStep, AttnShape, Backend, Gemm, Heads, Rotation, Storage, View, ViewMut};
 use nc_core::model::init::rotary_table;
 use nc_core::model::{Gpt, HostMirror, Recompute, Rng};
 use nc_core::ModelConfig;
@@ -438,12 +438,6 @@ fn rotary_forward_then_backward() {
     }
 }
 
-/// `Backend::rotary` with its five sizes in one array, so each side's call is one line.
-fn rotate<B: Backend>(be: &B, x: ViewMut<'_, B>, dims: [usize; 5], table: View<'_, B>, rotation: Rotation) {
-    let [batch, t, heads, head_dim, pos0] = dims;
-    be.rotary(x, batch, t, heads, head_dim, pos0, table, rotation);
-}
-
 fn rotary_forward_then_backward_on<D: Backend>(g: &D) {
     let cpu = CpuBackend::new();
     let mut rng = Rng::new(5);
@@ -451,7 +445,7 @@ fn rotary_forward_then_backward_on<D: Backend>(g: &D) {
         [(2, 7, 3, 16, 0, 16), (2, 7, 3, 16, 5, 16), (1, 3, 2, 128, 60, 64)]
     {
         let what = format!("rotary b{batch} t{t} h{heads} d{head_dim} pos0 {pos0}");
-        let dims = [batch, t, heads, head_dim, pos0];
+        let shape = Heads::new(batch, t, heads, head_dim).from_position(pos0);
         let len = batch * t * heads * head_dim;
         let half = head_dim / 2;
         let table_host = rotary_table(max_pos, head_dim);
@@ -467,8 +461,8 @@ fn rotary_forward_then_backward_on<D: Backend>(g: &D) {
         };
 
         let mut x = Pair::new(g, &guarded(&mut rng, xo, &x_body, 3));
-        rotate(&cpu, x.cm(xo, len), dims, table.cv(to, tv), Rotation::Forward);
-        rotate(g, x.gm(xo, len), dims, table.gv(to, tv), Rotation::Forward);
+        cpu.rotary(x.cm(xo, len), shape, table.cv(to, tv), Rotation::Forward);
+        g.rotary(x.gm(xo, len), shape, table.gv(to, tv), Rotation::Forward);
         let xw = x.want().to_vec();
         check(&format!("{what} forward"), &x.got(g), &xw, xo..xo + len, |i| {
             4.0 * U * pair_mag(&x_body, i - xo)
@@ -477,8 +471,8 @@ fn rotary_forward_then_backward_on<D: Backend>(g: &D) {
         // Backward from the same input on both sides (the CPU's forward output).
         let rotated = xw[xo..xo + len].to_vec();
         let mut dx = Pair::new(g, &xw);
-        rotate(&cpu, dx.cm(xo, len), dims, table.cv(to, tv), Rotation::Inverse);
-        rotate(g, dx.gm(xo, len), dims, table.gv(to, tv), Rotation::Inverse);
+        cpu.rotary(dx.cm(xo, len), shape, table.cv(to, tv), Rotation::Inverse);
+        g.rotary(dx.gm(xo, len), shape, table.gv(to, tv), Rotation::Inverse);
         let got = dx.got(g);
         check(&format!("{what} backward"), &got, dx.want(), xo..xo + len, |i| {
             4.0 * U * pair_mag(&rotated, i - xo)
@@ -1374,19 +1368,9 @@ impl nc_core::backend::delegate::Delegate for OtherRounding {
         }
     }
     /// The pair's two products fused into one multiply-add each.
-    fn rotary(
-        &self,
-        x: ViewMut<'_, CpuBackend>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
-        table: View<'_, CpuBackend>,
-        rotation: Rotation,
-    ) {
+    fn rotary(&self, x: ViewMut<'_, CpuBackend>, shape: Heads, table: View<'_, CpuBackend>, rotation: Rotation) {
         let sin_sign = if rotation == Rotation::Inverse { -1.0 } else { 1.0 };
-        other_rotary(sl_mut(x), batch, t, heads, head_dim, pos0, sl(table), sin_sign);
+        other_rotary(sl_mut(x), shape, sl(table), sin_sign);
     }
     /// libm's tanh and exp, the row max as the shift, sums in warp-reduction order.
     fn softcap_cross_entropy(
@@ -1460,11 +1444,7 @@ impl nc_core::backend::delegate::Delegate for OtherRounding {
     fn rotary_qknorm_forward(
         &self,
         x: ViewMut<'_, CpuBackend>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
+        shape: Heads,
         table: View<'_, CpuBackend>,
         eps: f32,
         y: ViewMut<'_, CpuBackend>,
@@ -1474,11 +1454,7 @@ impl nc_core::backend::delegate::Delegate for OtherRounding {
         nc_core::backend::rotary_qknorm_forward_unfused(
             self,
             om::<Self>(x),
-            batch,
-            t,
-            heads,
-            head_dim,
-            pos0,
+            shape,
             ov::<Self>(table),
             eps,
             om::<Self>(y),
@@ -1490,11 +1466,7 @@ impl nc_core::backend::delegate::Delegate for OtherRounding {
         y: View<'_, CpuBackend>,
         rstd: View<'_, CpuBackend>,
         dy: View<'_, CpuBackend>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
+        shape: Heads,
         table: View<'_, CpuBackend>,
         dx: ViewMut<'_, CpuBackend>,
     ) {
@@ -1504,31 +1476,18 @@ impl nc_core::backend::delegate::Delegate for OtherRounding {
             ov::<Self>(y),
             ov::<Self>(rstd),
             ov::<Self>(dy),
-            batch,
-            t,
-            heads,
-            head_dim,
-            pos0,
+            shape,
             ov::<Self>(table),
             om::<Self>(dx),
         )
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn other_rotary(
-    x: &mut [f32],
-    batch: usize,
-    t: usize,
-    heads: usize,
-    head_dim: usize,
-    pos0: usize,
-    table: &[f32],
-    sin_sign: f32,
-) {
+fn other_rotary(x: &mut [f32], shape: Heads, table: &[f32], sin_sign: f32) {
+    let (t, heads, head_dim, pos0) = (shape.t, shape.heads, shape.head_dim, shape.pos0);
     let half = head_dim / 2;
     let max_pos = table.len() / (2 * half);
-    for row in 0..batch * t * heads {
+    for row in 0..shape.rows() {
         let p = pos0 + (row / heads) % t;
         for j in 0..half {
             let (c, s) = (table[p * half + j], sin_sign * table[max_pos * half + p * half + j]);

@@ -15,7 +15,9 @@
 //! it: with both traits in scope, a call such as `w.alloc(n)` would be ambiguous between the two (inside the
 //! impl block it is in scope, so an override calls the wrapper's own ops as `Backend::alloc(self, n)`).
 
-use super::{AdamwPiece, AdamwStep, AttnShape, Backend, Gemm, MemoryReport, NsBatch, Rotation, Storage, View, ViewMut};
+use super::{
+    AdamwPiece, AdamwStep, AttnShape, Backend, Gemm, Heads, MemoryReport, NsBatch, Rotation, Storage, View, ViewMut,
+};
 use crate::error::Result;
 
 /// The wrapped backend's buffer type.
@@ -99,50 +101,30 @@ pub trait Delegate: Sized {
     ) {
         self.inner().rmsnorm_backward(y, rstd, dy, rows, dim, dx, accumulate)
     }
-    fn rotary(
-        &self,
-        x: InMut<'_, Self>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
-        table: In<'_, Self>,
-        rotation: Rotation,
-    ) {
-        self.inner().rotary(x, batch, t, heads, head_dim, pos0, table, rotation)
+    fn rotary(&self, x: InMut<'_, Self>, shape: Heads, table: In<'_, Self>, rotation: Rotation) {
+        self.inner().rotary(x, shape, table, rotation)
     }
     fn rotary_qknorm_forward(
         &self,
         x: InMut<'_, Self>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
+        shape: Heads,
         table: In<'_, Self>,
         eps: f32,
         y: InMut<'_, Self>,
         rstd: InMut<'_, Self>,
     ) {
-        self.inner()
-            .rotary_qknorm_forward(x, batch, t, heads, head_dim, pos0, table, eps, y, rstd)
+        self.inner().rotary_qknorm_forward(x, shape, table, eps, y, rstd)
     }
     fn rotary_qknorm_backward(
         &self,
         y: In<'_, Self>,
         rstd: In<'_, Self>,
         dy: In<'_, Self>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
+        shape: Heads,
         table: In<'_, Self>,
         dx: InMut<'_, Self>,
     ) {
-        self.inner()
-            .rotary_qknorm_backward(y, rstd, dy, batch, t, heads, head_dim, pos0, table, dx)
+        self.inner().rotary_qknorm_backward(y, rstd, dy, shape, table, dx)
     }
     fn attention_forward(
         &self,
@@ -370,72 +352,30 @@ impl<D: Delegate> Backend for D {
     ) {
         Delegate::rmsnorm_backward(self, iv(y), iv(rstd), iv(dy), rows, dim, im(dx), accumulate)
     }
-    fn rotary(
-        &self,
-        x: ViewMut<'_, Self>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
-        table: View<'_, Self>,
-        rotation: Rotation,
-    ) {
-        Delegate::rotary(self, im(x), batch, t, heads, head_dim, pos0, iv(table), rotation)
+    fn rotary(&self, x: ViewMut<'_, Self>, shape: Heads, table: View<'_, Self>, rotation: Rotation) {
+        Delegate::rotary(self, im(x), shape, iv(table), rotation)
     }
     fn rotary_qknorm_forward(
         &self,
         x: ViewMut<'_, Self>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
+        shape: Heads,
         table: View<'_, Self>,
         eps: f32,
         y: ViewMut<'_, Self>,
         rstd: ViewMut<'_, Self>,
     ) {
-        Delegate::rotary_qknorm_forward(
-            self,
-            im(x),
-            batch,
-            t,
-            heads,
-            head_dim,
-            pos0,
-            iv(table),
-            eps,
-            im(y),
-            im(rstd),
-        )
+        Delegate::rotary_qknorm_forward(self, im(x), shape, iv(table), eps, im(y), im(rstd))
     }
     fn rotary_qknorm_backward(
         &self,
         y: View<'_, Self>,
         rstd: View<'_, Self>,
         dy: View<'_, Self>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
+        shape: Heads,
         table: View<'_, Self>,
         dx: ViewMut<'_, Self>,
     ) {
-        Delegate::rotary_qknorm_backward(
-            self,
-            iv(y),
-            iv(rstd),
-            iv(dy),
-            batch,
-            t,
-            heads,
-            head_dim,
-            pos0,
-            iv(table),
-            im(dx),
-        )
+        Delegate::rotary_qknorm_backward(self, iv(y), iv(rstd), iv(dy), shape, iv(table), im(dx))
     }
     fn attention_forward(
         &self,

@@ -25,7 +25,7 @@ pub mod shapes;
 
 pub use ns_bf16::NsBatch;
 pub use optim_ops::AdamwStep;
-pub use shapes::{AttnShape, Gemm};
+pub use shapes::{AttnShape, Gemm, Heads};
 
 /// One tensor of a multi-tensor AdamW (`Backend::adamw_multi`): where it sits in the parameter buffer (its
 /// gradient sits at the same offset of the gradient buffer), in the moment buffers (m and v share offsets)
@@ -239,24 +239,13 @@ pub trait Backend {
         accumulate: bool,
     );
 
-    /// In-place rotary embedding, half-split layout, on x (B, T, heads, D): for row t (absolute position
-    /// pos0 + t), x1 = x[..D/2], x2 = x[D/2..]: (x1 cos + x2 sin, -x1 sin + x2 cos). `table` holds cos then
+    /// In-place rotary embedding, half-split layout, on x (B, T, heads, D) (see `Heads`): for row t (absolute
+    /// position pos0 + t), x1 = x[..D/2], x2 = x[D/2..]: (x1 cos + x2 sin, -x1 sin + x2 cos). `table` holds cos then
     /// sin, each (max_pos, D/2), row p = angle(p, j). `Rotation::Inverse` rotates by -angle: rotary is
     /// orthogonal, so that is its transpose, the backward of a gradient.
-    #[allow(clippy::too_many_arguments)]
-    fn rotary(
-        &self,
-        x: ViewMut<'_, Self>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
-        table: View<'_, Self>,
-        rotation: Rotation,
-    );
+    fn rotary(&self, x: ViewMut<'_, Self>, shape: Heads, table: View<'_, Self>, rotation: Rotation);
 
-    /// Rotary then QK-norm, fused: y = rmsnorm(rotary(x)) over each head (rows = batch t heads of
+    /// Rotary then QK-norm, fused: y = rmsnorm(rotary(x)) over each head (`shape.rows()` rows of
     /// `head_dim`), rstd per (row, head). x (B, T, heads, D) is the projection's output and serves as scratch:
     /// its contents afterwards are unspecified (the default rotates it in place). The rotated value is an
     /// intermediate: a backend with narrow storage keeps it in f32 and rounds only y (the CUDA kernel and the
@@ -265,17 +254,13 @@ pub trait Backend {
     fn rotary_qknorm_forward(
         &self,
         x: ViewMut<'_, Self>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
+        shape: Heads,
         table: View<'_, Self>,
         eps: f32,
         y: ViewMut<'_, Self>,
         rstd: ViewMut<'_, Self>,
     ) {
-        rotary_qknorm_forward_unfused(self, x, batch, t, heads, head_dim, pos0, table, eps, y, rstd)
+        rotary_qknorm_forward_unfused(self, x, shape, table, eps, y, rstd)
     }
     /// Backward of `rotary_qknorm_forward` from its saved y and rstd: dx (written, not added) = the
     /// transpose rotation of the norm's input gradient. That gradient is an intermediate too (f32 on a
@@ -286,15 +271,11 @@ pub trait Backend {
         y: View<'_, Self>,
         rstd: View<'_, Self>,
         dy: View<'_, Self>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
+        shape: Heads,
         table: View<'_, Self>,
         dx: ViewMut<'_, Self>,
     ) {
-        rotary_qknorm_backward_unfused(self, y, rstd, dy, batch, t, heads, head_dim, pos0, table, dx)
+        rotary_qknorm_backward_unfused(self, y, rstd, dy, shape, table, dx)
     }
 
     /// Causal softmax attention with GQA (see `AttnShape`), scale 1/sqrt(D). Writes out (B, Tq, H, D) and
@@ -522,19 +503,15 @@ pub trait Backend {
 pub fn rotary_qknorm_forward_unfused<B: Backend + ?Sized>(
     be: &B,
     mut x: ViewMut<'_, B>,
-    batch: usize,
-    t: usize,
-    heads: usize,
-    head_dim: usize,
-    pos0: usize,
+    shape: Heads,
     table: View<'_, B>,
     eps: f32,
     y: ViewMut<'_, B>,
     rstd: ViewMut<'_, B>,
 ) {
     let len = x.len;
-    be.rotary(x.sub(0, len), batch, t, heads, head_dim, pos0, table, Rotation::Forward);
-    be.rmsnorm_forward(x.view(), batch * t * heads, head_dim, eps, y, rstd);
+    be.rotary(x.sub(0, len), shape, table, Rotation::Forward);
+    be.rmsnorm_forward(x.view(), shape.rows(), shape.head_dim, eps, y, rstd);
 }
 
 /// `Backend::rotary_qknorm_backward`'s default, two calls: the norm's backward into dx, then the transpose
@@ -545,17 +522,13 @@ pub fn rotary_qknorm_backward_unfused<B: Backend + ?Sized>(
     y: View<'_, B>,
     rstd: View<'_, B>,
     dy: View<'_, B>,
-    batch: usize,
-    t: usize,
-    heads: usize,
-    head_dim: usize,
-    pos0: usize,
+    shape: Heads,
     table: View<'_, B>,
     mut dx: ViewMut<'_, B>,
 ) {
     let len = dx.len;
-    be.rmsnorm_backward(y, rstd, dy, batch * t * heads, head_dim, dx.sub(0, len), false);
-    be.rotary(dx, batch, t, heads, head_dim, pos0, table, Rotation::Inverse);
+    be.rmsnorm_backward(y, rstd, dy, shape.rows(), shape.head_dim, dx.sub(0, len), false);
+    be.rotary(dx, shape, table, Rotation::Inverse);
 }
 
 /// A view's values copied to a new host vector (the optimizer ops' default implementations).

@@ -101,3 +101,39 @@ impl Gemm {
         2.0 * (self.m * self.n * self.k) as f64
     }
 }
+
+/// The shape of a rotary (or rotary + QK-norm) call on x (B, T, heads, D), row-major: row t of each
+/// sequence is at absolute position `pos0 + t` (0 in training; the cache length when decoding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heads {
+    pub batch: usize,
+    pub t: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub pos0: usize,
+}
+
+impl Heads {
+    /// `batch` sequences of `t` positions from 0, `heads` heads of `head_dim` each.
+    pub fn new(batch: usize, t: usize, heads: usize, head_dim: usize) -> Self {
+        Heads {
+            batch,
+            t,
+            heads,
+            head_dim,
+            pos0: 0,
+        }
+    }
+    /// This shape with its first position at `pos0`.
+    pub fn from_position(self, pos0: usize) -> Self {
+        Heads { pos0, ..self }
+    }
+    /// Rows of `head_dim` values (one per position and head): what the per-head norm runs over.
+    pub fn rows(&self) -> usize {
+        self.batch * self.t * self.heads
+    }
+    /// Elements of x.
+    pub fn numel(&self) -> usize {
+        self.rows() * self.head_dim
+    }
+}

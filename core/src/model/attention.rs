@@ -3,7 +3,7 @@
 use super::kv_cache::KvLayer;
 use super::linear::Linear;
 use super::{all, all_mut, gemm_input, head, head_mut, norm, BlockParams, GradScratch, LayerActs, LayerShapes};
-use crate::backend::{AttnShape, Backend, View, ViewMut};
+use crate::backend::{AttnShape, Backend, Heads, View, ViewMut};
 use crate::config::RMSNORM_EPS;
 
 fn shape(s: &LayerShapes, batch: usize, t: usize) -> AttnShape {
@@ -53,7 +53,8 @@ pub fn forward<B: Backend>(
             head_mut(y, n * heads * hd),
             head_mut(rstd, n * heads),
         );
-        be.rotary_qknorm_forward(x, batch, t, heads, hd, pos0, all(rope), RMSNORM_EPS, y, rstd)
+        let shape = Heads::new(batch, t, heads, hd).from_position(pos0);
+        be.rotary_qknorm_forward(x, shape, all(rope), RMSNORM_EPS, y, rstd)
     };
     rotary_qknorm(&mut scr.dq, h, &mut a.q, &mut a.rstd_q);
     rotary_qknorm(&mut scr.dk, hkv, &mut a.k, &mut a.rstd_k);
@@ -136,7 +137,7 @@ fn attention_and_rotary_backward<B: Backend>(
     // Through QK-norm and rotary (fused, the mirror of the forward), for q's heads, then k's.
     let (h, hkv) = (s.n_head, s.n_kv_head);
     let back = |y: View<'_, B>, rstd: View<'_, B>, dy: View<'_, B>, heads: usize, dx: ViewMut<'_, B>| {
-        be.rotary_qknorm_backward(y, rstd, dy, batch, t, heads, hd, 0, all(rope), dx)
+        be.rotary_qknorm_backward(y, rstd, dy, Heads::new(batch, t, heads, hd), all(rope), dx)
     };
     back(all(&a.q), all(&a.rstd_q), all(&scr.dqn), h, all_mut(&mut scr.dq));
     back(all(&a.k), all(&a.rstd_k), all(&scr.dkn), hkv, all_mut(&mut scr.dk));

@@ -20,7 +20,7 @@ pub(crate) mod matmul;
 pub mod matmul_f64;
 mod norm;
 
-use super::{optim_ops, AdamwStep, AttnShape, Backend, Gemm, Rotation, Storage, View, ViewMut};
+use super::{optim_ops, AdamwStep, AttnShape, Backend, Gemm, Heads, Rotation, Storage, View, ViewMut};
 use bf16_slice::round_slice_bf16;
 use rayon::prelude::*;
 
@@ -200,19 +200,9 @@ impl Backend for CpuBackend {
         store(dx);
     }
 
-    fn rotary(
-        &self,
-        mut x: ViewMut<'_, Self>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
-        table: View<'_, Self>,
-        rotation: Rotation,
-    ) {
+    fn rotary(&self, mut x: ViewMut<'_, Self>, shape: Heads, table: View<'_, Self>, rotation: Rotation) {
         let inverse = rotation == Rotation::Inverse;
-        norm::rotary(out(&mut x), batch, t, heads, head_dim, pos0, sl(table), inverse);
+        norm::rotary(out(&mut x), shape, sl(table), inverse);
         store(x);
     }
 
@@ -221,32 +211,27 @@ impl Backend for CpuBackend {
     fn rotary_qknorm_forward(
         &self,
         mut x: ViewMut<'_, Self>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
+        shape: Heads,
         table: View<'_, Self>,
         eps: f32,
         mut y: ViewMut<'_, Self>,
         mut rstd: ViewMut<'_, Self>,
     ) {
-        let rows = batch * t * heads;
         let rotated_copy;
         let rotated: &[f32] = match x.buf.1 {
             Storage::F32 => {
-                norm::rotary(out(&mut x), batch, t, heads, head_dim, pos0, sl(table), false);
+                norm::rotary(out(&mut x), shape, sl(table), false);
                 sl(x.view())
             }
             // A Bf16 x must keep bf16 values, so the f32 rotation goes to a temporary.
             Storage::Bf16 => {
                 let mut r = sl(x.view()).to_vec();
-                norm::rotary(&mut r, batch, t, heads, head_dim, pos0, sl(table), false);
+                norm::rotary(&mut r, shape, sl(table), false);
                 rotated_copy = r;
                 &rotated_copy
             }
         };
-        norm::rmsnorm_forward(rotated, rows, head_dim, eps, out(&mut y), out(&mut rstd));
+        norm::rmsnorm_forward(rotated, shape.rows(), shape.head_dim, eps, out(&mut y), out(&mut rstd));
         store(y);
         store(rstd);
     }
@@ -257,17 +242,13 @@ impl Backend for CpuBackend {
         y: View<'_, Self>,
         rstd: View<'_, Self>,
         dy: View<'_, Self>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
+        shape: Heads,
         table: View<'_, Self>,
         mut dx: ViewMut<'_, Self>,
     ) {
         let g = out(&mut dx);
-        norm::rmsnorm_backward(sl(y), sl(rstd), sl(dy), batch * t * heads, head_dim, g, false);
-        norm::rotary(g, batch, t, heads, head_dim, pos0, sl(table), true);
+        norm::rmsnorm_backward(sl(y), sl(rstd), sl(dy), shape.rows(), shape.head_dim, g, false);
+        norm::rotary(g, shape, sl(table), true);
         store(dx);
     }
 

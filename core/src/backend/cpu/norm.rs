@@ -2,6 +2,7 @@
 
 use super::elementwise::ROWS_PER_TASK;
 use super::isa::isa_dispatched;
+use crate::backend::Heads;
 use rayon::prelude::*;
 
 pub fn rmsnorm_forward(x: &[f32], rows: usize, dim: usize, eps: f32, y: &mut [f32], rstd: &mut [f32]) {
@@ -75,17 +76,8 @@ pub fn rmsnorm_backward(
 
 /// Rotary on x (batch, t, heads, head_dim), in place; `inverse` rotates by the opposite angle (backward).
 /// table = [cos (max_pos, half) | sin (max_pos, half)].
-#[allow(clippy::too_many_arguments)]
-pub fn rotary(
-    x: &mut [f32],
-    batch: usize,
-    t: usize,
-    heads: usize,
-    head_dim: usize,
-    pos0: usize,
-    table: &[f32],
-    inverse: bool,
-) {
+pub fn rotary(x: &mut [f32], shape: Heads, table: &[f32], inverse: bool) {
+    let (t, heads, head_dim, pos0) = (shape.t, shape.heads, shape.head_dim, shape.pos0);
     let half = head_dim / 2;
     let max_pos = table.len() / (2 * half);
     assert!(
@@ -95,7 +87,7 @@ pub fn rotary(
     );
     let (cos, sin) = table.split_at(max_pos * half);
     let row = heads * head_dim;
-    x[..batch * t * row]
+    x[..shape.numel()]
         .par_chunks_mut(row)
         .enumerate()
         .for_each(|(bt, xrow)| {

@@ -36,7 +36,7 @@ mod optim_bf16;
 pub use device::{device_count, driver_present};
 pub use flash::{flash_backward_launches, flash_forward_launch, FlashBackwardPtrs, FlashForwardPtrs, FlashLaunch};
 
-use super::{bf16, AdamwStep, AttnShape, Backend, Gemm, MemoryReport, Rotation, Storage, View, ViewMut};
+use super::{bf16, AdamwStep, AttnShape, Backend, Gemm, Heads, MemoryReport, Rotation, Storage, View, ViewMut};
 use blas::Sgemm;
 use cudarc::driver::{result as driver, CudaContext, CudaStream};
 use launch::{count, int, Arg, Kernels};
@@ -555,26 +555,16 @@ impl Backend for CudaBackend {
         self.launch(nc_kernels::RMSNORM_BACKWARD, one_block_per_row(rows), &args);
     }
 
-    fn rotary(
-        &self,
-        x: ViewMut<'_, Self>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
-        table: View<'_, Self>,
-        rotation: Rotation,
-    ) {
+    fn rotary(&self, x: ViewMut<'_, Self>, shape: Heads, table: View<'_, Self>, rotation: Rotation) {
         // The transpose of a rotation is the rotation by the opposite angle: the same kernel, sin negated.
         let sin_sign = match rotation {
             Rotation::Forward => 1.0,
             Rotation::Inverse => -1.0,
         };
         if x.buf.storage == Storage::Bf16 {
-            return self.rotary_widened(x, batch, t, heads, head_dim, pos0, table, sin_sign);
+            return self.rotary_widened(x, shape, table, sin_sign);
         }
-        self.rotary_f32(x, batch, t, heads, head_dim, pos0, table, sin_sign);
+        self.rotary_f32(x, shape, table, sin_sign);
     }
 
     /// The fused kernel (rotary_qknorm.cu) when y is bf16 (the rotated value stays f32: the CPU twin's
@@ -582,11 +572,7 @@ impl Backend for CudaBackend {
     fn rotary_qknorm_forward(
         &self,
         x: ViewMut<'_, Self>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
+        shape: Heads,
         table: View<'_, Self>,
         eps: f32,
         mut y: ViewMut<'_, Self>,
@@ -594,29 +580,25 @@ impl Backend for CudaBackend {
     ) {
         let (yl, rl) = (y.len, rstd.len);
         let (y_sub, rstd_sub) = (y.sub(0, yl), rstd.sub(0, rl));
-        if self.rotary_qknorm_forward_fused(x.view(), batch, t, heads, head_dim, pos0, table, eps, y_sub, rstd_sub) {
+        if self.rotary_qknorm_forward_fused(x.view(), shape, table, eps, y_sub, rstd_sub) {
             return;
         }
-        super::rotary_qknorm_forward_unfused(self, x, batch, t, heads, head_dim, pos0, table, eps, y, rstd)
+        super::rotary_qknorm_forward_unfused(self, x, shape, table, eps, y, rstd)
     }
     fn rotary_qknorm_backward(
         &self,
         y: View<'_, Self>,
         rstd: View<'_, Self>,
         dy: View<'_, Self>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
+        shape: Heads,
         table: View<'_, Self>,
         mut dx: ViewMut<'_, Self>,
     ) {
         let len = dx.len;
-        if self.rotary_qknorm_backward_fused(y, rstd, dy, batch, t, heads, head_dim, pos0, table, dx.sub(0, len)) {
+        if self.rotary_qknorm_backward_fused(y, rstd, dy, shape, table, dx.sub(0, len)) {
             return;
         }
-        super::rotary_qknorm_backward_unfused(self, y, rstd, dy, batch, t, heads, head_dim, pos0, table, dx)
+        super::rotary_qknorm_backward_unfused(self, y, rstd, dy, shape, table, dx)
     }
 
     fn attention_forward(
@@ -989,18 +971,8 @@ impl Backend for CudaBackend {
 
 impl CudaBackend {
     /// Rotary in place on x (batch, t, heads, head_dim); sin_sign +1 rotates forward, -1 back.
-    #[allow(clippy::too_many_arguments)]
-    fn rotary_f32(
-        &self,
-        x: ViewMut<'_, Self>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
-        table: View<'_, Self>,
-        sin_sign: f32,
-    ) {
+    fn rotary_f32(&self, x: ViewMut<'_, Self>, shape: Heads, table: View<'_, Self>, sin_sign: f32) {
+        let (batch, t, heads, head_dim, pos0) = (shape.batch, shape.t, shape.heads, shape.head_dim, shape.pos0);
         assert!(
             head_dim >= 2 && head_dim.is_multiple_of(2),
             "rotary: head_dim {head_dim} must be even and positive"

@@ -23,7 +23,7 @@
 
 use super::launch::{count, int, Arg};
 use super::{one_block_per_row, CudaBackend, CudaBuf, CudaIds, I32_BYTES};
-use crate::backend::{bf16, AttnShape, Backend, Gemm, Storage, View, ViewMut};
+use crate::backend::{bf16, AttnShape, Backend, Gemm, Heads, Storage, View, ViewMut};
 use cudarc::driver::{result as driver, sys};
 use nc_kernels::{EmbeddingIndex, Kernel};
 
@@ -269,23 +269,12 @@ impl CudaBackend {
 
     /// `rotary` on a bf16 x: widened, rotated by the f32 kernel, cast back (one
     /// rounding, on store). The model's bf16 path uses the fused rotary + QK-norm instead.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn rotary_widened(
-        &self,
-        x: ViewMut<'_, Self>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
-        table: View<'_, Self>,
-        sin_sign: f32,
-    ) {
+    pub(super) fn rotary_widened(&self, x: ViewMut<'_, Self>, shape: Heads, table: View<'_, Self>, sin_sign: f32) {
         let table_w = self.widened(table, "rotary table");
         let table = table_w.as_ref().map_or(table, all);
         let mut w = self.f32_destination(&x, true, "rotary");
         match w.as_mut() {
-            Some(w) => self.rotary_f32(all_mut(w), batch, t, heads, head_dim, pos0, table, sin_sign),
+            Some(w) => self.rotary_f32(all_mut(w), shape, table, sin_sign),
             None => unreachable!("rotary_widened is called for a Bf16 x"),
         }
         self.store_destination(w, x);
@@ -297,16 +286,13 @@ impl CudaBackend {
     pub(super) fn rotary_qknorm_forward_fused(
         &self,
         x: View<'_, Self>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
+        shape: Heads,
         table: View<'_, Self>,
         eps: f32,
         y: ViewMut<'_, Self>,
         rstd: ViewMut<'_, Self>,
     ) -> bool {
+        let (batch, t, heads, head_dim, pos0) = (shape.batch, shape.t, shape.heads, shape.head_dim, shape.pos0);
         let kernel = match (x.buf.storage, y.buf.storage, rstd.buf.storage, table.buf.storage) {
             (Storage::F32, Storage::Bf16, Storage::F32, Storage::F32) => nc_kernels::ROTARY_QKNORM_FORWARD_F32,
             (Storage::Bf16, Storage::Bf16, Storage::F32, Storage::F32) => nc_kernels::ROTARY_QKNORM_FORWARD_BF16,
@@ -347,14 +333,11 @@ impl CudaBackend {
         y: View<'_, Self>,
         rstd: View<'_, Self>,
         dy: View<'_, Self>,
-        batch: usize,
-        t: usize,
-        heads: usize,
-        head_dim: usize,
-        pos0: usize,
+        shape: Heads,
         table: View<'_, Self>,
         dx: ViewMut<'_, Self>,
     ) -> bool {
+        let (batch, t, heads, head_dim, pos0) = (shape.batch, shape.t, shape.heads, shape.head_dim, shape.pos0);
         use Storage::{Bf16, F32};
         if (y.buf.storage, rstd.buf.storage, table.buf.storage) != (Bf16, F32, F32)
             || !head_dim.is_multiple_of(2)

@@ -73,13 +73,8 @@ impl super::delegate::Delegate for DeviceLikeCpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::tests::values;
     use crate::backend::AdamwStep;
-
-    fn data(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 16777216.0) - 0.5)
-            .collect()
-    }
 
     fn buf<B: Backend>(be: &B, xs: &[f32]) -> B::Buf {
         let mut b = be.alloc(xs.len());
@@ -98,14 +93,14 @@ mod tests {
     fn run_ops<B: Backend>(be: &B) -> (Vec<Vec<f32>>, f64) {
         let n = 37;
         let (mut p, g, mut m, mut v) = (
-            buf(be, &data(n + 5, 1)),
-            buf(be, &data(n + 5, 2)),
-            buf(be, &data(n + 5, 3)),
-            buf(be, &data(n + 5, 4)),
+            buf(be, &values(n + 5, 1)),
+            buf(be, &values(n + 5, 2)),
+            buf(be, &values(n + 5, 3)),
+            buf(be, &values(n + 5, 4)),
         );
         let mut u = buf(be, &vec![f32::NAN; n + 5]);
         // v must be non-negative for AdamW
-        let vs: Vec<f32> = data(n + 5, 4).iter().map(|x| x * x).collect();
+        let vs: Vec<f32> = values(n + 5, 4).iter().map(|x| x * x).collect();
         be.upload(ViewMut::all(&mut v), &vs);
         be.muon_momentum(
             View::at(&g, 3, n),
@@ -152,6 +147,6 @@ mod tests {
             assert_eq!(a, b, "buffer {i} differs");
         }
         // and the ops did something: p changed from its initial values
-        assert_ne!(cpu[0], data(42, 1));
+        assert_ne!(cpu[0], values(42, 1));
     }
 }

@@ -385,11 +385,12 @@ impl Backend for CpuBackend {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::backend::bf16::{is_bf16, round_bf16};
 
-    fn values(n: usize, seed: u32) -> Vec<f32> {
+    /// Values in [-0.5, 0.5) from an index hash (no RNG state to thread through); device_like's tests use them.
+    pub(crate) fn values(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
             .map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 16777216.0) - 0.5)
             .collect()

@@ -33,15 +33,40 @@ pub use thread_ring::ThreadRing;
 
 use std::fmt;
 
-/// A collective failed: a peer is gone or the call was malformed. Says which rank saw it.
+/// A collective failed: a peer is gone or the call was malformed. Says which rank saw it, where one did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommError {
-    pub message: String,
+    /// The rank that saw the failure; None before a rank is known (a malformed RANK, a shared-memory file).
+    pub rank: Option<usize>,
+    /// What failed, without the rank.
+    pub reason: String,
 }
 
+impl CommError {
+    /// A failure rank `rank` saw.
+    pub fn at(rank: usize, reason: impl Into<String>) -> Self {
+        CommError {
+            rank: Some(rank),
+            reason: reason.into(),
+        }
+    }
+
+    /// A failure no rank is known for.
+    pub fn unranked(reason: impl Into<String>) -> Self {
+        CommError {
+            rank: None,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// "rank R: reason", or the reason alone: one line a rank's output can be told apart by.
 impl fmt::Display for CommError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
+        match self.rank {
+            Some(rank) => write!(f, "rank {rank}: {}", self.reason),
+            None => f.write_str(&self.reason),
+        }
     }
 }
 

@@ -126,15 +126,11 @@ type NcclCallResult = Result<result::NcclStatus, result::NcclError>;
 
 /// A failed NCCL call, with NCCL's own words for it (`comm` may be null: the call had none).
 fn call_err(rank: usize, what: &str, e: result::NcclError, comm: sys::ncclComm_t) -> CommError {
-    CommError {
-        message: format!("rank {rank}: NCCL {what} failed: {}", describe_result(e.0, comm)),
-    }
+    CommError::at(rank, format!("NCCL {what} failed: {}", describe_result(e.0, comm)))
 }
 
 fn nccl_err(rank: usize, what: &str, e: impl std::fmt::Debug) -> CommError {
-    CommError {
-        message: format!("rank {rank}: NCCL {what} failed: {e:?}"),
-    }
+    CommError::at(rank, format!("NCCL {what} failed: {e:?}"))
 }
 
 impl NcclRing {
@@ -167,9 +163,7 @@ impl NcclRing {
             });
         }
         if let Some(r) = found.iter().position(|f| f.first() != Some(&1)) {
-            return Err(CommError {
-                message: format!("rank {rank}: rank {r} cannot run NCCL: {MISSING_NCCL}"),
-            });
+            return Err(CommError::at(rank, format!("rank {r} cannot run NCCL: {MISSING_NCCL}")));
         }
         let id_bytes = if rank == 0 {
             let id = result::get_uniqueid().map_err(|e| call_err(rank, "ncclGetUniqueId", e, std::ptr::null_mut()))?;
@@ -182,11 +176,11 @@ impl NcclRing {
             .map(|&b| b as std::ffi::c_char)
             .collect::<Vec<_>>()
             .try_into()
-            .map_err(|_| CommError {
-                message: format!(
-                    "rank {rank}: the NCCL unique id from rank 0 has {} bytes, not 128",
-                    id_bytes.len()
-                ),
+            .map_err(|_| {
+                CommError::at(
+                    rank,
+                    format!("the NCCL unique id from rank 0 has {} bytes, not 128", id_bytes.len()),
+                )
             })?;
         stream
             .context()
@@ -246,12 +240,10 @@ impl NcclRing {
             return Ok(None);
         };
         if c.aborted.load(Ordering::Acquire) {
-            return Err(CommError {
-                message: format!(
-                    "rank {}: NCCL was aborted by the watchdog (its line says why)",
-                    self.member.rank
-                ),
-            });
+            return Err(CommError::at(
+                self.member.rank,
+                "NCCL was aborted by the watchdog (its line says why)",
+            ));
         }
         self.stream
             .context()
@@ -406,12 +398,13 @@ impl NcclRing {
         if whole_len == part * self.member.world_size {
             return Ok(());
         }
-        Err(CommError {
-            message: format!(
-                "rank {}: {what}: {whole} has {whole_len} elements, expected {part} x {} ranks",
-                self.member.rank, self.member.world_size
+        Err(CommError::at(
+            self.member.rank,
+            format!(
+                "{what}: {whole} has {whole_len} elements, expected {part} x {} ranks",
+                self.member.world_size
             ),
-        })
+        ))
     }
 
     /// Enqueues `call(src, dst, comm, stream)`, an NCCL collective from `send` into `recv`, on the ring's

@@ -148,7 +148,7 @@ fn async_error(comm: sys::ncclComm_t) -> Option<String> {
 /// Why the run must end now (the line, the exit code), or None.
 fn verdict(w: &Watched) -> Option<(String, i32)> {
     if let Err(e) = w.peers.check() {
-        return Some((e.message, EXIT_PEER_GONE));
+        return Some((e.to_string(), EXIT_PEER_GONE));
     }
     if let Some(e) = async_error(w.comm.0) {
         return Some((e, EXIT_NCCL_ERROR));
@@ -199,9 +199,7 @@ impl Watchdog {
                     std::thread::sleep(WATCHDOG_PERIOD);
                 }
             })
-            .map_err(|e| CommError {
-                message: format!("rank {rank}: starting the watchdog thread {name}: {e}"),
-            })?;
+            .map_err(|e| CommError::at(rank, format!("starting the watchdog thread {name}: {e}")))?;
         Ok(Watchdog {
             stop,
             thread: Some(thread),

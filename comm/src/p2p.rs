@@ -110,7 +110,7 @@ impl P2pOptions {
         match std::env::var(ONE_SHOT_ENV) {
             Err(_) => Ok(self),
             Ok(v) => Ok(P2pOptions {
-                one_shot_bytes: parse_one_shot_bytes(&v).map_err(|message| CommError { message })?,
+                one_shot_bytes: parse_one_shot_bytes(&v).map_err(CommError::unranked)?,
                 ..self
             }),
         }
@@ -137,14 +137,15 @@ pub fn agree_on_options(rdv: &mut Rendezvous, opts: &P2pOptions) -> Result<(), C
         .find(|(_, o)| o.as_slice() != theirs[0].as_slice())
     {
         None => Ok(()),
-        Some((r, other)) => Err(CommError {
-            message: format!(
-                "rank {rank}: rank {r} runs the peer-to-peer ring with other options ({}) than rank 0 ({}); every \
+        Some((r, other)) => Err(CommError::at(
+            rank,
+            format!(
+                "rank {r} runs the peer-to-peer ring with other options ({}) than rank 0 ({}); every \
                  rank must see the same {ONE_SHOT_ENV}",
                 String::from_utf8_lossy(other),
                 String::from_utf8_lossy(&theirs[0])
             ),
-        }),
+        )),
     }
 }
 
@@ -171,9 +172,8 @@ impl P2pElem for bf16 {
 }
 
 fn cu(rank: usize, what: &str, r: sys::CUresult) -> Result<(), CommError> {
-    r.result().map_err(|e| CommError {
-        message: format!("rank {rank}: {what} failed: {e:?}"),
-    })
+    r.result()
+        .map_err(|e| CommError::at(rank, format!("{what} failed: {e:?}")))
 }
 
 /// Device memory from cuMemAlloc (exportable through IPC), freed on drop.
@@ -257,9 +257,8 @@ fn local_verdict(rank: usize, ctx: &Arc<CudaContext>, bus_ids: &[Vec<u8>]) -> Op
 /// rank must call it (it goes through the rendezvous), with the context of its GPU.
 pub fn p2p_support(rdv: &mut Rendezvous, ctx: &Arc<CudaContext>) -> Result<Option<String>, CommError> {
     let rank = rdv.rank();
-    ctx.bind_to_thread().map_err(|e| CommError {
-        message: format!("rank {rank}: binding the CUDA context: {e:?}"),
-    })?;
+    ctx.bind_to_thread()
+        .map_err(|e| CommError::at(rank, format!("binding the CUDA context: {e:?}")))?;
     let mut id = [0 as std::ffi::c_char; 64];
     let bus = unsafe { sys::cuDeviceGetPCIBusId(id.as_mut_ptr(), id.len() as i32, ctx.cu_device()) };
     let mine: Vec<u8> = if bus.result().is_ok() {
@@ -318,9 +317,7 @@ fn check_options(opts: &P2pOptions) -> Result<(), String> {
 }
 
 fn rank_error(rank: usize, message: String) -> CommError {
-    CommError {
-        message: format!("rank {rank}: {message}"),
-    }
+    CommError::at(rank, message)
 }
 
 /// This rank's side of the ring: its data and signal areas (zeroed), their IPC handles (64 bytes each, data
@@ -507,7 +504,7 @@ impl P2pRing {
         let local = set_up_own_side(&ctx, rank, slots_bytes + opts.blocks * region);
         let news = match &local {
             Ok((_, _, handles, _)) => [b"ok:".as_slice(), handles].concat(),
-            Err(e) => [b"no:".as_slice(), e.message.as_bytes()].concat(),
+            Err(e) => [b"no:".as_slice(), e.to_string().as_bytes()].concat(),
         };
         let all = rdv.all_gather_bytes(&news)?;
         if let Some((r, bad)) = all
@@ -532,7 +529,8 @@ impl P2pRing {
             (&mut data, &mut signal),
             &mut maps,
         );
-        let statuses = rdv.all_gather_bytes(opened.as_ref().err().map(|e| e.message.as_bytes()).unwrap_or(b""))?;
+        let why = opened.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+        let statuses = rdv.all_gather_bytes(why.as_bytes())?;
         if let Some((r, why)) = statuses.iter().enumerate().find(|(_, s)| !s.is_empty()) {
             return Err(fail(format!(
                 "rank {r} could not open its peers' buffers: {}",
@@ -595,17 +593,12 @@ impl P2pRing {
     }
 
     fn err(&self, m: String) -> CommError {
-        CommError {
-            message: format!("rank {}: {m}", self.member.rank),
-        }
+        CommError::at(self.member.rank, m)
     }
 
     fn usable(&self, what: &str) -> Result<(), CommError> {
         match &self.broken {
-            Some(e) => Err(self.err(format!(
-                "{what} on a peer-to-peer ring that already failed: {}",
-                e.message
-            ))),
+            Some(e) => Err(self.err(format!("{what} on a peer-to-peer ring that already failed: {e}"))),
             None => self
                 .stream
                 .context()
@@ -1122,9 +1115,9 @@ mod tests {
         for (rank, r) in results.iter().enumerate() {
             let e = r.as_ref().unwrap_err();
             assert!(
-                e.message
+                e.reason
                     .contains("rank 2 runs the peer-to-peer ring with other options")
-                    && e.message.contains("one_shot_bytes 1048576"),
+                    && e.reason.contains("one_shot_bytes 1048576"),
                 "rank {rank}: {e}"
             );
         }

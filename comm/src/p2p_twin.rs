@@ -127,9 +127,7 @@ impl P2pTwin {
     }
 
     fn err(&self, m: String) -> CommError {
-        CommError {
-            message: format!("rank {} (P2P twin): {m}", self.member.rank),
-        }
+        CommError::at(self.member.rank, format!("P2P twin: {m}"))
     }
 
     fn send(&self, m: Message) -> Result<(), CommError> {
@@ -501,7 +499,7 @@ mod tests {
                 .err()
         });
         assert!(
-            errors.iter().flatten().any(|e| e.message.contains("different plans")),
+            errors.iter().flatten().any(|e| e.reason.contains("different plans")),
             "{errors:?}"
         );
     }
@@ -515,8 +513,8 @@ mod tests {
             bounds: even_bounds(len, 1),
         };
         let e = ring.reduce_scatter_pieces(&mut buf, &[p(0, 10), p(5, 10)]).unwrap_err();
-        assert!(e.message.contains("without overlap"), "{e}");
+        assert!(e.reason.contains("without overlap"), "{e}");
         let e = ring.all_gather_pieces(&mut buf, &[p(25, 10)]).unwrap_err();
-        assert!(e.message.contains("span of 30"), "{e}");
+        assert!(e.reason.contains("span of 30"), "{e}");
     }
 }

@@ -38,14 +38,15 @@ impl Bounds {
     pub fn check_call(&self, at: Member, len: usize, what: &str) -> Result<(), CommError> {
         let Member { rank, world_size } = at;
         if self.world_size() != world_size || self.len() != len {
-            return Err(CommError {
-                message: format!(
-                    "rank {rank}: {what} called with bounds for {} ranks over {} elements, but the ring has \
+            return Err(CommError::at(
+                rank,
+                format!(
+                    "{what} called with bounds for {} ranks over {} elements, but the ring has \
                      {world_size} ranks and the buffer {len} elements",
                     self.world_size(),
-                    self.len(),
+                    self.len()
                 ),
-            });
+            ));
         }
         Ok(())
     }
@@ -78,17 +79,14 @@ mod tests {
         let at = |rank, world_size| Member { rank, world_size };
         assert_eq!(bounds.check_call(at(1, 2), 10, "all_gather"), Ok(()));
         let other_world = bounds.check_call(at(1, 3), 10, "all_gather").unwrap_err();
+        assert_eq!(other_world.rank, Some(1));
         assert_eq!(
-            other_world.message,
+            other_world.to_string(),
             "rank 1: all_gather called with bounds for 2 ranks over 10 elements, but the ring has 3 ranks and the \
              buffer 10 elements"
         );
         let other_buffer = bounds.check_call(at(0, 2), 11, "reduce_scatter_sum").unwrap_err();
-        assert!(
-            other_buffer.message.contains("the buffer 11 elements"),
-            "{}",
-            other_buffer.message
-        );
+        assert!(other_buffer.reason.contains("the buffer 11 elements"), "{other_buffer}");
         assert!(bounds.check_call(at(0, 2), 9, "x").is_err() && bounds.check_call(at(0, 1), 10, "x").is_err());
     }
 

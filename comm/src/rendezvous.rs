@@ -55,15 +55,13 @@ impl PeerWatch {
             return Ok(());
         }
         let first = self.first.lock().unwrap_or_else(|e| e.into_inner());
-        Err(first.clone().unwrap_or_else(|| CommError {
-            message: "a peer is gone".into(),
-        }))
+        Err(first.clone().unwrap_or_else(|| CommError::unranked("a peer is gone")))
     }
 
     fn mark(&self, message: String) {
         let mut first = self.first.lock().unwrap_or_else(|e| e.into_inner());
         if first.is_none() {
-            *first = Some(CommError { message });
+            *first = Some(CommError::unranked(message));
         }
         self.gone.store(true, Ordering::Release);
     }
@@ -98,12 +96,10 @@ impl Rendezvous {
     pub fn join(cfg: &RendezvousConfig, fingerprint: &[(String, String)]) -> Result<Rendezvous, CommError> {
         let address = format!("{}:{}", cfg.master_addr, cfg.master_port);
         if cfg.world_size == 0 || cfg.rank >= cfg.world_size {
-            return Err(CommError {
-                message: format!(
-                    "rank {} of world size {} is not a valid rank (RANK must be below WORLD_SIZE)",
-                    cfg.rank, cfg.world_size
-                ),
-            });
+            return Err(CommError::unranked(format!(
+                "rank {} of world size {} is not a valid rank (RANK must be below WORLD_SIZE)",
+                cfg.rank, cfg.world_size
+            )));
         }
         let mut rdv = Rendezvous {
             rank: cfg.rank,
@@ -207,9 +203,7 @@ impl Rendezvous {
     }
 
     fn error(&self, what: String) -> CommError {
-        CommError {
-            message: format!("rank {}: {what}", self.rank),
-        }
+        CommError::at(self.rank, what)
     }
 
     /// Rank 0: accepts connections until every rank said Hello or the time is up, then answers all.
@@ -472,12 +466,7 @@ impl Rendezvous {
         let l = &self.links[link];
         let mut w = l.writer.lock().unwrap_or_else(|e| e.into_inner());
         write_frame(&mut *w, kind, payload).map_err(|e| {
-            let why = self
-                .watch
-                .check()
-                .err()
-                .map(|g| format!(" ({})", g.message))
-                .unwrap_or_default();
+            let why = self.watch.check().err().map(|g| format!(" ({g})")).unwrap_or_default();
             self.error(format!("cannot send to rank {}: {e}{why}", l.peer))
         })
     }
@@ -505,7 +494,7 @@ impl Rendezvous {
                     .watch
                     .check()
                     .err()
-                    .map(|g| g.message)
+                    .map(|g| g.to_string())
                     .unwrap_or_else(|| "it closed".into());
                 Err(self.error(format!("{op}: the connection to rank {} ended: {why}", l.peer)))
             }
@@ -680,7 +669,7 @@ mod tests {
         });
         let e = results[1].clone().unwrap_err();
         assert!(
-            e.message.contains("Broadcast") && e.message.contains("different rendezvous operations"),
+            e.reason.contains("Broadcast") && e.reason.contains("different rendezvous operations"),
             "{e}"
         );
     }
@@ -688,7 +677,7 @@ mod tests {
     #[test]
     fn a_rank_outside_the_world_is_refused_before_connecting() {
         let e = Rendezvous::join(&config(3, 3, free_port()), &[]).err().unwrap();
-        assert!(e.message.contains("RANK must be below WORLD_SIZE"), "{e}");
+        assert!(e.reason.contains("RANK must be below WORLD_SIZE"), "{e}");
     }
 
     #[test]
@@ -730,7 +719,7 @@ mod tests {
         assert_eq!(read_frame(&mut s).unwrap().kind, Kind::Welcome);
         drop(s);
         let e = rank0.join().unwrap().unwrap_err();
-        assert!(e.message.contains("rank 1 is gone"), "{e}");
+        assert!(e.reason.contains("rank 1 is gone"), "{e}");
     }
 
     #[test]

@@ -92,9 +92,7 @@ impl Waiter<'_> {
                 .record(self.rank)
                 .blame
                 .store(culprit as u64 + 1, Ordering::Release);
-            Err(CommError {
-                message: format!("rank {}: {why}", self.rank),
-            })
+            Err(CommError::at(self.rank, why))
         };
         for r in others() {
             let rec = self.seg.record(r);
@@ -113,7 +111,7 @@ impl Waiter<'_> {
         }
         if let Some(w) = self.watch {
             if let Err(e) = w.check() {
-                return fail(awaited, e.message);
+                return fail(awaited, e.to_string());
             }
         }
         if self.seg.record(awaited).state.load(Ordering::Acquire) == STATE_LEFT {
@@ -167,7 +165,8 @@ impl Waiter<'_> {
                         Ok(())
                     } else {
                         Err(CommError {
-                            message: format!("{} (while waiting for rank {peer} to {})", e.message, what()),
+                            rank: e.rank,
+                            reason: format!("{} (while waiting for rank {peer} to {})", e.reason, what()),
                         })
                     };
                 }
@@ -177,15 +176,15 @@ impl Waiter<'_> {
                     .record(self.rank)
                     .blame
                     .store(peer as u64 + 1, Ordering::Release);
-                return Err(CommError {
-                    message: format!(
-                        "rank {}: waited {:?} for rank {peer}, which is alive but did not {}; did the ranks call \
+                return Err(CommError::at(
+                    self.rank,
+                    format!(
+                        "waited {:?} for rank {peer}, which is alive but did not {}; did the ranks call \
                          different collectives?",
-                        self.rank,
                         self.timeout,
                         what()
                     ),
-                });
+                ));
             }
             if now.duration_since(start) < YIELD_FOR {
                 thread::yield_now();

@@ -83,9 +83,7 @@ impl ShmRing {
     ) -> Result<ShmRing, CommError> {
         let rank = rdv.rank();
         let world_size = rdv.world_size();
-        let fail = |message: String| CommError {
-            message: format!("rank {rank}: {message}"),
-        };
+        let fail = |message: String| CommError::at(rank, message);
         let name_ok = !name.is_empty()
             && name.len() <= 200
             && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
@@ -105,10 +103,10 @@ impl ShmRing {
             let created = Segment::create(&path, world_size, opts.slots, opts.slot_bytes);
             let news = match &created {
                 Ok(_) => [b"ok:".as_slice(), path.as_os_str().as_encoded_bytes()].concat(),
-                Err(e) => [b"no:".as_slice(), e.message.as_bytes()].concat(),
+                Err(e) => [b"no:".as_slice(), e.to_string().as_bytes()].concat(),
             };
             rdv.broadcast_bytes(&news)?;
-            created.map_err(|e| fail(e.message))?
+            created.map_err(|e| fail(e.to_string()))?
         } else {
             let news = rdv.broadcast_bytes(&[])?;
             let text = String::from_utf8_lossy(&news[3.min(news.len())..]).into_owned();
@@ -121,8 +119,8 @@ impl ShmRing {
                 Ok(seg) => seg,
                 Err(e) => {
                     // Tell the others before leaving, so they fail naming this rank instead of waiting.
-                    let _ = rdv.all_gather_bytes(e.message.as_bytes());
-                    return Err(fail(e.message));
+                    let _ = rdv.all_gather_bytes(e.to_string().as_bytes());
+                    return Err(fail(e.to_string()));
                 }
             }
         };
@@ -167,9 +165,10 @@ impl ShmRing {
 
     fn check_call(&self, len: usize, bounds: &Bounds, what: &str) -> Result<(), CommError> {
         if let Some(e) = &self.broken {
-            return Err(CommError {
-                message: format!("{what} on a ring that already failed: {}", e.message),
-            });
+            // the first failure names the rank that saw it
+            return Err(CommError::unranked(format!(
+                "{what} on a ring that already failed: {e}"
+            )));
         }
         bounds.check_call(self.member, len, what)
     }
@@ -257,19 +256,19 @@ impl ShmRing {
         let header = unsafe { (slot as *const SlotHeader).read() };
         let expected = (seq, tag, start as u64, mine.len() as u64);
         if (header.seq, header.tag, header.start, header.len) != expected {
-            return Err(CommError {
-                message: format!(
-                    "rank {}: in {what}, rank {prev} sent slice {} (kind {:#x}, elements {}..+{}) where slice {seq} \
+            return Err(CommError::at(
+                self.member.rank,
+                format!(
+                    "in {what}, rank {prev} sent slice {} (kind {:#x}, elements {}..+{}) where slice {seq} \
                      (kind {tag:#x}, elements {start}..+{}) was expected: the ranks called different collectives \
                      or passed different bounds",
-                    self.member.rank,
                     header.seq,
                     header.tag,
                     header.start,
                     header.len,
                     mine.len()
                 ),
-            });
+            ));
         }
         let theirs = unsafe { std::slice::from_raw_parts(slot.add(SLOT_HEADER_BYTES) as *const T, mine.len()) };
         combine(mine, theirs);

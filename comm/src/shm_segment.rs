@@ -95,7 +95,7 @@ fn layout(world_size: usize, slots: usize, slot_bytes: usize) -> (usize, usize) 
 }
 
 fn err(message: String) -> CommError {
-    CommError { message }
+    CommError::unranked(message)
 }
 
 impl Segment {

@@ -76,14 +76,14 @@ impl ThreadRing {
             .recv()
             .map_err(|_| self.peer_gone("receive from", prev))?;
         if msg.len() != expected_len {
-            return Err(CommError {
-                message: format!(
-                    "rank {}: received {} elements from rank {prev}, expected {expected_len}; the ranks called \
+            return Err(CommError::at(
+                self.member.rank,
+                format!(
+                    "received {} elements from rank {prev}, expected {expected_len}; the ranks called \
                      different collectives or passed different bounds",
-                    self.member.rank,
                     msg.len()
                 ),
-            });
+            ));
         }
         Ok(msg)
     }
@@ -111,12 +111,10 @@ impl ThreadRing {
     }
 
     fn peer_gone(&self, what: &str, peer: usize) -> CommError {
-        CommError {
-            message: format!(
-                "rank {}: cannot {what} rank {peer}: that rank has exited",
-                self.member.rank
-            ),
-        }
+        CommError::at(
+            self.member.rank,
+            format!("cannot {what} rank {peer}: that rank has exited"),
+        )
     }
 }
 
@@ -238,7 +236,7 @@ mod tests {
         let mut rings = ThreadRing::new(1);
         let mut buf = vec![0.0f32; 10];
         let err = rings[0].reduce_scatter_sum(&mut buf, &even_bounds(9, 1)).unwrap_err();
-        assert!(err.message.contains("buffer 10 elements"), "{err}");
+        assert!(err.reason.contains("buffer 10 elements"), "{err}");
     }
 
     #[test]
@@ -249,6 +247,6 @@ mod tests {
         let mut survivor = survivor;
         let mut buf = vec![1.0f32; 8];
         let err = survivor.all_reduce_sum(&mut buf).unwrap_err();
-        assert!(err.message.contains("has exited"), "{err}");
+        assert!(err.reason.contains("has exited"), "{err}");
     }
 }

@@ -203,11 +203,14 @@ fn write_meta(tmp: &Path, meta: &CheckpointMeta) -> Result<FileSum> {
 /// file's path.
 pub fn write_optim_state(partial: &Path, rank: usize, state: &[f32]) -> Result<PathBuf> {
     if !partial.is_dir() {
-        bail!(
-            "rank {rank}: the checkpoint folder {} does not exist here; with ranks on several machines the out dir \
-             must be one folder all of them share (a network filesystem)",
-            partial.display()
-        );
+        return Err(NcError::at_rank(
+            rank,
+            format!(
+                "the checkpoint folder {} does not exist here; with ranks on several machines the out dir must be \
+                 one folder all of them share (a network filesystem)",
+                partial.display()
+            ),
+        ));
     }
     let path = partial.join(optim_file(rank));
     let view = TensorView::new(Dtype::F32, vec![state.len()], f32_bytes(state))

@@ -476,13 +476,7 @@ fn run(cli: Cli) -> Result<Outcome> {
     }
     if let Some(env) = WorkerEnv::from_env()? {
         let rank = env.rank;
-        return run_worker(cli, env).map_err(|e| {
-            if e.message.starts_with("rank ") {
-                e
-            } else {
-                e.context(format!("rank {rank}"))
-            }
-        });
+        return run_worker(cli, env).map_err(|e| e.with_rank(rank));
     }
     // checked before any process starts, so a bad flag is one error, not one per rank
     let cfg = train_config_from_flags(&cli)?;
@@ -865,21 +859,23 @@ fn rank_of_this_process() -> Option<String> {
 /// ranks' in one terminal or log, the error is one line that starts with the rank: a message of several lines
 /// (the allocator's out-of-memory report and its advice) is joined, so that no part of it stands without the
 /// rank and the output's last line names the rank and the cause. One process keeps the message's own lines.
-fn error_line(message: &str, rank: Option<&str>) -> String {
+fn error_line(e: &NcError, rank: Option<&str>) -> String {
     let Some(rank) = rank else {
-        return format!("nc-train: error: {message}");
+        return format!("nc-train: error: {e}");
     };
-    let joined = message
+    // the error seen by this process's rank (a worker's errors carry it) names it once; another rank it names
+    // is part of the cause
+    let cause = match e.rank {
+        Some(seen_by) if seen_by.to_string() == rank => e.message.clone(),
+        _ => e.to_string(),
+    };
+    let joined = cause
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
         .join(" ");
-    if joined.starts_with(&format!("rank {rank}:")) {
-        format!("nc-train: error: {joined}")
-    } else {
-        format!("nc-train: error: rank {rank}: {joined}")
-    }
+    format!("nc-train: error: rank {rank}: {joined}")
 }
 
 /// Every panic ends the process at once, with one line that names its cause (and the rank, in a rank of
@@ -908,7 +904,7 @@ fn end_run_on_panic() {
             .location()
             .map(|l| format!(" (at {}:{})", l.file(), l.line()))
             .unwrap_or_default();
-        eprintln!("{}{at}", error_line(message, rank.as_deref()));
+        eprintln!("{}{at}", error_line(&NcError::new(message), rank.as_deref()));
         use std::io::Write;
         let _ = std::io::stdout().flush();
         // SAFETY: _exit ends the process at once; nothing after it runs.
@@ -925,7 +921,7 @@ fn main() -> ExitCode {
         Ok(Outcome::Stopped) => ExitCode::from(130),
         Ok(Outcome::Code(c)) => ExitCode::from(c.clamp(0, 255) as u8),
         Err(e) => {
-            eprintln!("{}", error_line(&e.message, rank_of_this_process().as_deref()));
+            eprintln!("{}", error_line(&e, rank_of_this_process().as_deref()));
             ExitCode::FAILURE
         }
     }
@@ -942,23 +938,30 @@ mod tests {
     #[test]
     fn a_rank_ends_with_one_line_naming_it_and_the_cause() {
         let report = "out of memory on cuda:1: tried to allocate 244 B\nWhat to do: lower the device batch size";
+        let joined = "out of memory on cuda:1: tried to allocate 244 B What to do: lower the device batch size";
         assert_eq!(
-            error_line(report, Some("1")),
-            "nc-train: error: rank 1: out of memory on cuda:1: tried to allocate 244 B What to do: lower the device \
-             batch size"
+            error_line(&NcError::new(report), Some("1")),
+            format!("nc-train: error: rank 1: {joined}")
         );
         // the rank already named (the worker's errors carry it): not twice
         assert_eq!(
-            error_line("rank 1: NCCL ncclReduce failed", Some("1")),
-            "nc-train: error: rank 1: NCCL ncclReduce failed"
+            error_line(&NcError::at_rank(1, report), Some("1")),
+            format!("nc-train: error: rank 1: {joined}")
         );
         // another rank named first is the cause, not this rank's name
         assert_eq!(
-            error_line("rank 10: x", Some("1")),
+            error_line(&NcError::at_rank(10, "x"), Some("1")),
             "nc-train: error: rank 1: rank 10: x"
         );
-        // one process: the message's own lines
-        assert_eq!(error_line(report, None), format!("nc-train: error: {report}"));
+        // one process: the message's own lines, after the rank of the thread that saw it, if any
+        assert_eq!(
+            error_line(&NcError::new(report), None),
+            format!("nc-train: error: {report}")
+        );
+        assert_eq!(
+            error_line(&NcError::at_rank(1, report), None),
+            format!("nc-train: error: rank 1: {report}")
+        );
     }
 
     #[test]

@@ -93,11 +93,11 @@ fn run() -> Result<(), String> {
         master_port: env_var("MASTER_PORT")?,
         timeout: args.timeout,
     };
-    let mut rdv = Rendezvous::join(&cfg, &args.fingerprint).map_err(|e| e.message)?;
+    let mut rdv = Rendezvous::join(&cfg, &args.fingerprint).map_err(|e| e.to_string())?;
     if args.watch {
         println!("watching");
         loop {
-            rdv.check_peers().map_err(|e| e.message)?;
+            rdv.check_peers().map_err(|e| e.to_string())?;
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -105,14 +105,14 @@ fn run() -> Result<(), String> {
         .name
         .clone()
         .unwrap_or_else(|| format!("check-{}", cfg.master_port));
-    let mut ring = ShmRing::join_with(&mut rdv, &name, args.timeout, args.opts).map_err(|e| e.message)?;
+    let mut ring = ShmRing::join_with(&mut rdv, &name, args.timeout, args.opts).map_err(|e| e.to_string())?;
     if args.looping {
         let mut buf = vec![1.0f32; 4096];
-        ring.all_reduce_sum(&mut buf).map_err(|e| e.message)?;
+        ring.all_reduce_sum(&mut buf).map_err(|e| e.to_string())?;
         println!("running");
         std::io::stdout().flush().map_err(|e| e.to_string())?;
         loop {
-            ring.all_reduce_sum(&mut buf).map_err(|e| e.message)?;
+            ring.all_reduce_sum(&mut buf).map_err(|e| e.to_string())?;
         }
     }
     match (&args.input, &args.out) {
@@ -136,7 +136,7 @@ fn run_on_file(ring: &mut ShmRing, args: &Args, input: &str, out: &str) -> Resul
         None => even_bounds(values.len(), ring.world_size()),
     };
     let mine = bounds.range(ring.rank());
-    let err = |e: nc_comm::CommError| e.message;
+    let err = |e: nc_comm::CommError| e.to_string();
     let mut result: Vec<u8> = Vec::new();
     let put_f32 = |v: &[f32], result: &mut Vec<u8>| result.extend(v.iter().flat_map(|x| x.to_le_bytes()));
 
@@ -192,7 +192,7 @@ fn self_check(ring: &mut ShmRing) -> Result<(), String> {
             }
         }
         let mut buf = inputs[rank].clone();
-        ring.all_reduce_sum(&mut buf).map_err(|e| e.message)?;
+        ring.all_reduce_sum(&mut buf).map_err(|e| e.to_string())?;
         if let Some(i) = (0..len).find(|&i| buf[i].to_bits() != expected[i].to_bits()) {
             return Err(format!(
                 "f32 all-reduce of {len}: element {i} is {} but should be {}",
@@ -201,6 +201,6 @@ fn self_check(ring: &mut ShmRing) -> Result<(), String> {
         }
         println!("rank {rank}: f32 all-reduce of {len} elements over {n} ranks OK");
     }
-    ring.barrier().map_err(|e| e.message)?;
+    ring.barrier().map_err(|e| e.to_string())?;
     Ok(())
 }

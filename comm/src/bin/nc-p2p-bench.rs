@@ -286,7 +286,7 @@ impl Rank {
         self.stream.clone_htod(host).map_err(|e| format!("upload: {e:?}"))
     }
     fn download<T: Elem>(&mut self, dev: &CudaSlice<T>) -> Result<Vec<T>, String> {
-        self.ring.check().map_err(|e| e.message)?;
+        self.ring.check().map_err(|e| e.to_string())?;
         self.stream.clone_dtoh(dev).map_err(|e| format!("download: {e:?}"))
     }
     /// Uploads this rank's inputs (`len` elements), runs `op` on them and downloads the result.
@@ -296,7 +296,7 @@ impl Rank {
         op: impl FnOnce(&mut P2pRing, &mut CudaSlice<T>) -> Result<(), nc_comm::CommError>,
     ) -> Result<Vec<T>, String> {
         let mut buf = self.upload(&inputs::<T>(self.rank, len))?;
-        op(&mut self.ring, &mut buf).map_err(|e| e.message)?;
+        op(&mut self.ring, &mut buf).map_err(|e| e.to_string())?;
         self.download(&buf)
     }
     /// Compares the elements `which` of `got` with `want(i)`, bit for bit; prints the first difference.
@@ -418,7 +418,7 @@ impl Rank {
                 }
             };
             drop(sync);
-            r.map_err(|e| e.message)?;
+            r.map_err(|e| e.to_string())?;
             let got = self.download(&buf)?;
             let me = self.rank;
             let what = if gather { "all-gather" } else { "reduce-scatter" };
@@ -488,7 +488,7 @@ fn rank_main(args: &Args) -> Result<(), String> {
         master_port,
         timeout: Duration::from_secs(120),
     };
-    let mut rdv = Rendezvous::join(&cfg, &[]).map_err(|e| e.message)?;
+    let mut rdv = Rendezvous::join(&cfg, &[]).map_err(|e| e.to_string())?;
     let ctx = CudaContext::new(device).map_err(|e| format!("rank {rank}: GPU {device}: {e:?}"))?;
     let stream = ctx.new_stream().map_err(|e| format!("rank {rank}: a stream: {e:?}"))?;
     // The simulated GPU (docs/simulated-gpu.md) names itself so: its checks are real, its times are not.
@@ -509,8 +509,8 @@ fn rank_main(args: &Args) -> Result<(), String> {
         ..P2pOptions::default()
     }
     .with_env_overrides()
-    .map_err(|e| e.message)?;
-    let ring = P2pRing::join(&mut rdv, stream.clone(), opts).map_err(|e| e.message)?;
+    .map_err(|e| e.to_string())?;
+    let ring = P2pRing::join(&mut rdv, stream.clone(), opts).map_err(|e| e.to_string())?;
     if rank == 0 {
         println!(
             "ring: {} blocks x {} slots x {} KiB; one-shot all-reduce up to {} bytes",
@@ -531,7 +531,7 @@ fn rank_main(args: &Args) -> Result<(), String> {
     me.check_type::<bf16>()?;
     let all = rdv
         .all_gather_bytes(&(me.failures as u64).to_le_bytes())
-        .map_err(|e| e.message)?;
+        .map_err(|e| e.to_string())?;
     let failures: u64 = all
         .iter()
         .map(|b| u64::from_le_bytes(b[..8].try_into().unwrap_or([0; 8])))
@@ -556,7 +556,7 @@ fn rank_main(args: &Args) -> Result<(), String> {
         None
     };
     let nccl = match nccl_skip {
-        None => Some(NcclRing::join(&mut rdv, stream.clone()).map_err(|e| e.message)?),
+        None => Some(NcclRing::join(&mut rdv, stream.clone()).map_err(|e| e.to_string())?),
         Some(_) => None,
     };
     if rank == 0 {
@@ -590,7 +590,7 @@ fn rank_main(args: &Args) -> Result<(), String> {
             one_shot_bytes: args.crossover_max,
             ..opts
         };
-        bench.crossover = Some(P2pRing::join(&mut bench.rdv, stream.clone(), xopts).map_err(|e| e.message)?);
+        bench.crossover = Some(P2pRing::join(&mut bench.rdv, stream.clone(), xopts).map_err(|e| e.to_string())?);
         let f = bench.crossover_sizes::<f32>(args)?;
         let b = bench.crossover_sizes::<bf16>(args)?;
         if rank == 0 {
@@ -705,7 +705,7 @@ impl Bench {
             self.call(op, nccl, &mut buf, &mut part_buf, &bounds)?;
         }
         stream.synchronize().map_err(err)?;
-        self.rdv.barrier().map_err(|e| e.message)?;
+        self.rdv.barrier().map_err(|e| e.to_string())?;
         let started = Instant::now();
         for _ in 0..iters {
             self.call(op, nccl, &mut buf, &mut part_buf, &bounds)?;
@@ -713,9 +713,9 @@ impl Bench {
         stream.synchronize().map_err(err)?;
         let secs = started.elapsed().as_secs_f64() / iters as f64;
         if !nccl {
-            self.me.ring.check().map_err(|e| e.message)?;
+            self.me.ring.check().map_err(|e| e.to_string())?;
             if let Some(x) = self.crossover.as_mut() {
-                x.check().map_err(|e| e.message)?;
+                x.check().map_err(|e| e.to_string())?;
             }
         }
         Ok(secs)
@@ -743,7 +743,7 @@ impl Bench {
             let decided = self
                 .rdv
                 .broadcast_bytes(&[u8::from(one_shot < ring)])
-                .map_err(|e| e.message)?;
+                .map_err(|e| e.to_string())?;
             let one_shot_wins = decided.first() == Some(&1);
             if one_shot_wins && !lost {
                 last_win = Some(bytes);
@@ -793,6 +793,6 @@ impl Bench {
                 }
             }
         };
-        r.map_err(|e| e.message)
+        r.map_err(|e| e.to_string())
     }
 }

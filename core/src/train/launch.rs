@@ -244,13 +244,9 @@ impl Collective for ProcessRing {
     }
 }
 
-/// A transport's error, saying which rank saw it (the transports' own messages mostly do already).
+/// A transport's error, saying which rank saw it: this one (the transports' own errors mostly say so already).
 fn comm_error(env: &WorkerEnv, e: CommError) -> NcError {
-    if e.message.starts_with(&format!("rank {}:", env.rank)) {
-        NcError::new(e.message)
-    } else {
-        NcError::new(format!("rank {}: {}", env.rank, e.message))
-    }
+    NcError::from(e).with_rank(env.rank)
 }
 
 /// Meet the other ranks at MASTER_ADDR:MASTER_PORT and check that they run the same job. Every rank calls
@@ -270,13 +266,14 @@ pub fn rendezvous(env: &WorkerEnv, fingerprint: &[(String, String)]) -> Result<R
 /// rank joins the ring over it. All ranks must be on this machine.
 pub fn join_cpu_ring(env: &WorkerEnv, mut rdv: Rendezvous) -> Result<ProcessRing> {
     if env.local_world_size != env.world_size {
-        bail!(
-            "rank {}: --backend cpu runs its ranks on one machine (a shared-memory ring), but WORLD_SIZE={} and \
-             LOCAL_WORLD_SIZE={}; start all ranks on one machine",
+        return Err(NcError::at_rank(
             env.rank,
-            env.world_size,
-            env.local_world_size
-        );
+            format!(
+                "--backend cpu runs its ranks on one machine (a shared-memory ring), but WORLD_SIZE={} and \
+                 LOCAL_WORLD_SIZE={}; start all ranks on one machine",
+                env.world_size, env.local_world_size
+            ),
+        ));
     }
     let timeout = seconds_from_env("NC_COLLECTIVE_TIMEOUT", COLLECTIVE_TIMEOUT_S)?;
     // unique per run: rank 0's process id and the rendezvous port
@@ -318,8 +315,7 @@ pub fn join_nccl(
     rdv: &mut Rendezvous,
     be: &crate::backend::cuda::CudaBackend,
 ) -> Result<nc_comm::NcclRing> {
-    let stream =
-        crate::train::zero1_nccl::NcclExchange::comm_stream(be).map_err(|e| e.context(format!("rank {}", env.rank)))?;
+    let stream = crate::train::zero1_nccl::NcclExchange::comm_stream(be).map_err(|e| e.with_rank(env.rank))?;
     crate::nvtx::name_cuda_stream(stream.cu_stream() as *mut std::ffi::c_void, "nc nccl");
     // the watchdog ends the run when a collective has not completed in this time (a stuck peer)
     let timeout = seconds_from_env("NC_COLLECTIVE_TIMEOUT", COLLECTIVE_TIMEOUT_S)?;

@@ -601,6 +601,8 @@ fn save_checkpoint(
             None => Ok(failed),
         }
     };
+    // another rank's failure, told by this one (that rank's own line says why)
+    let elsewhere = |what: &str| NcError::at_rank(rank, format!("{what} of step {}; see its error", meta.step));
     let begun = if lead {
         checkpoint::begin_save(&cfg.out_dir, meta.step).map(Some)
     } else {
@@ -608,10 +610,7 @@ fn save_checkpoint(
     };
     if agree(begun.is_err(), &mut comm)? {
         begun?;
-        bail!(
-            "rank {rank}: rank 0 could not start the checkpoint of step {}; see its error",
-            meta.step
-        );
+        return Err(elsewhere("rank 0 could not start the checkpoint"));
     }
     let partial = checkpoint::partial_dir(&cfg.out_dir, meta.step);
     let mut written = checkpoint::write_optim_state(&partial, rank, optim_state).map(|_| ());
@@ -621,10 +620,7 @@ fn save_checkpoint(
     }
     if agree(written.is_err(), &mut comm)? {
         written?;
-        bail!(
-            "rank {rank}: another rank could not write its part of the checkpoint of step {}; see its error",
-            meta.step
-        );
+        return Err(elsewhere("another rank could not write its part of the checkpoint"));
     }
     if lead {
         return checkpoint::finish_save(&cfg.out_dir, meta).map(Some);

@@ -20,17 +20,20 @@ pub struct GradSync {
     owned: Vec<Range<usize>>,
 }
 
-/// A transport's error as the run's. Its message starts with the rank that saw it ("rank R: ..."), kept first,
-/// and names the peer when a peer caused it; a CUDA error of this rank's own (out of memory in a staged copy)
-/// names none, as it is this rank's failure, not another's.
+/// A transport's error as the run's, keeping the rank that saw it (first on the line), and the peer it names
+/// when a peer caused it; a CUDA error of this rank's own (out of memory in a staged copy) names none, as it
+/// is this rank's failure, not another's.
 pub(crate) fn comm_err(e: nc_comm::CommError) -> NcError {
-    let ranked = e
-        .message
-        .split_once(": ")
-        .filter(|(who, _)| who.strip_prefix("rank ").is_some_and(|r| r.parse::<usize>().is_ok()));
-    match ranked {
-        Some((who, what)) => NcError::new(format!("{who}: collective failed: {what}")),
-        None => NcError::new(format!("collective failed: {}", e.message)),
+    NcError::from(e).context("collective failed")
+}
+
+/// A device collective's error (NCCL, the peer-to-peer ring), keeping the rank that saw it: what went wrong
+/// on the device is often a peer's failure, which that peer's own line tells.
+pub(crate) fn device_comm_err(e: nc_comm::CommError) -> NcError {
+    let e = NcError::from(e);
+    NcError {
+        message: format!("{} (see the other ranks' messages)", e.message),
+        ..e
     }
 }
 

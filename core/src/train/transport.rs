@@ -208,15 +208,15 @@ pub fn p2p_options() -> Result<nc_comm::P2pOptions> {
         timeout: std::time::Duration::from_secs(1800),
         ..nc_comm::P2pOptions::default()
     };
-    opts.with_env_overrides().map_err(|e| NcError::new(e.message))
+    opts.with_env_overrides().map_err(NcError::from)
 }
 
 /// The P2P verdict of this run's ranks (`nc_comm::p2p_support` on GPU `gpu`'s primary context): every rank
 /// calls it, as `choose_transport`'s probe.
 pub fn probe_p2p(rank: usize, gpu: usize, rdv: &mut nc_comm::Rendezvous) -> Result<Option<String>> {
     let ctx = cudarc::driver::CudaContext::new(gpu)
-        .map_err(|e| NcError::new(format!("rank {rank}: GPU {gpu} for the P2P probe: {e:?}")))?;
-    nc_comm::p2p_support(rdv, &ctx).map_err(|e| NcError::new(e.message))
+        .map_err(|e| NcError::at_rank(rank, format!("GPU {gpu} for the P2P probe: {e:?}")))?;
+    nc_comm::p2p_support(rdv, &ctx).map_err(NcError::from)
 }
 
 /// Joins the peer-to-peer ring on a new stream in the backend's context (its own communication stream, so
@@ -227,10 +227,9 @@ pub fn join_p2p(
     rdv: &mut nc_comm::Rendezvous,
     opts: nc_comm::P2pOptions,
 ) -> Result<nc_comm::P2pRing> {
-    let stream =
-        crate::train::zero1_nccl::NcclExchange::comm_stream(be).map_err(|e| e.context(format!("rank {rank}")))?;
+    let stream = crate::train::zero1_nccl::NcclExchange::comm_stream(be).map_err(|e| e.with_rank(rank))?;
     crate::nvtx::name_cuda_stream(stream.cu_stream() as *mut std::ffi::c_void, "nc p2p ring");
-    nc_comm::P2pRing::join(rdv, stream, opts).map_err(|e| NcError::new(e.message))
+    nc_comm::P2pRing::join(rdv, stream, opts).map_err(NcError::from)
 }
 
 #[cfg(test)]

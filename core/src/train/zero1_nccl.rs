@@ -28,6 +28,7 @@ use crate::backend::Storage;
 use crate::bail;
 use crate::error::{NcError, Result};
 use crate::train::buckets::TensorSplit;
+use crate::train::sync::device_comm_err;
 use crate::train::zero1::RankCollective;
 use cudarc::driver::CudaStream;
 use nc_comm::{Collective, CommError, Member, NcclRing};
@@ -37,10 +38,6 @@ use std::sync::Arc;
 /// compute stream).
 pub struct NcclExchange {
     ring: NcclRing,
-}
-
-fn nccl_error(e: CommError) -> NcError {
-    NcError::new(format!("{e} (see the other ranks' messages)"))
 }
 
 fn driver_error(what: &str, e: impl std::fmt::Debug) -> NcError {
@@ -79,7 +76,7 @@ impl NcclExchange {
     ) -> Result<()> {
         let element = buf.storage_kind().bytes_per_element();
         let base = buf.device_addr();
-        self.ring.group_start().map_err(nccl_error)?;
+        self.ring.group_start().map_err(device_comm_err)?;
         let mut first_error = None;
         // after a failed call, no further one: every rank must make the same calls in the same order, and the
         // run ends on this error anyway
@@ -95,13 +92,13 @@ impl NcclExchange {
             for (owner, part) in t.parts() {
                 let addr = base + (part.start * element) as u64;
                 if let Err(e) = op(&self.ring, addr, part.len(), owner) {
-                    first_error = Some(nccl_error(e));
+                    first_error = Some(device_comm_err(e));
                     break 'tensors;
                 }
             }
         }
         // a started group is always ended, also after an error
-        let ended = self.ring.group_end().map_err(nccl_error);
+        let ended = self.ring.group_end().map_err(device_comm_err);
         match first_error {
             Some(e) => Err(e),
             None => ended,

@@ -29,7 +29,7 @@ use crate::backend::cuda::{CudaBackend, CudaBuf};
 use crate::backend::{Backend, Storage, View, ViewMut};
 use crate::error::{NcError, Result};
 use crate::train::buckets::TensorSplit;
-use crate::train::sync::comm_err;
+use crate::train::sync::{comm_err, device_comm_err};
 use crate::train::zero1::RankCollective;
 use nc_comm::{bf16, Collective, Member, P2pRing, P2pTwin, Piece};
 use std::ops::Range;
@@ -134,10 +134,6 @@ impl P2pExchange {
     }
 }
 
-fn p2p_error(e: nc_comm::CommError) -> NcError {
-    NcError::new(format!("{e} (see the other ranks' messages)"))
-}
-
 impl PieceRing<CudaBackend> for P2pDevice {
     fn member(&self) -> Member {
         self.ring.member()
@@ -164,7 +160,7 @@ impl PieceRing<CudaBackend> for P2pDevice {
                 }
             }
         }
-        .map_err(p2p_error)
+        .map_err(device_comm_err)
     }
 
     fn all_gather(&mut self, _be: &CudaBackend, buf: &mut CudaBuf, span: Range<usize>, pieces: &[Piece]) -> Result<()> {
@@ -182,11 +178,11 @@ impl PieceRing<CudaBackend> for P2pDevice {
                 }
             }
         }
-        .map_err(p2p_error)
+        .map_err(device_comm_err)
     }
 
     fn wait_for_compute(&mut self, be: &CudaBackend) -> Result<()> {
-        self.ring.wait_for(be.stream()).map_err(p2p_error)
+        self.ring.wait_for(be.stream()).map_err(device_comm_err)
     }
 
     fn join_compute(&mut self, be: &CudaBackend) -> Result<()> {
